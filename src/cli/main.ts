@@ -1,0 +1,365 @@
+/**
+ * The `till` command: runs the broker headless and drives it over the control channel.
+ * Exit 0 on success; otherwise a one-line error on stderr and exit 1 (2 for usage errors).
+ */
+import { spawn } from 'node:child_process';
+import { constants } from 'node:os';
+import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { ControlClient, NotRunningError } from '../core/control';
+import { CredentialList, checkCredentialName } from '../core/credentials';
+import type { KeySummary, TillEvent } from '../core/events';
+import { defaultHome, readConfig, tillPaths, type TillPaths } from '../core/home';
+import { describePolicy, formatDuration } from '../core/policy';
+import { ProviderRegistry } from '../core/providers';
+import { TillService, type IssuedKey, type IssueInput } from '../core/service';
+import { KeychainVault } from '../core/vault';
+import { readSecret } from './secretInput';
+
+class UsageError extends Error {}
+
+const VERSION = '0.1.0';
+
+const ISSUE_OPTIONS = {
+  uses: { type: 'string' },
+  ttl: { type: 'string' },
+  rpm: { type: 'string' },
+  concurrency: { type: 'string' },
+  models: { type: 'string' },
+  methods: { type: 'string' },
+  paths: { type: 'string' },
+  label: { type: 'string' },
+} as const satisfies ParseArgsConfig['options'];
+
+const ISSUE_HELP = `  --uses N            billable calls allowed (default: unlimited)
+  --ttl 30m           lifetime: 90s, 30m, 2h, 7d (default: none)
+  --rpm N             requests per minute
+  --concurrency N     requests in flight at once
+  --models a,b        allowed models (* wildcards)
+  --methods GET,POST  allowed HTTP methods
+  --paths '/v1/chat/*'  allowed paths (* wildcards), in the provider's own API paths
+  --label TEXT        a name to recognise the key by`;
+
+const HELP: Record<string, string> = {
+  main: `till ${VERSION}: scoped, limited, revocable keys for AI agents; your real keys stay in the OS keychain.
+
+Usage: till <command> [options]
+
+Commands:
+  serve                 run the broker in the foreground
+  credential add|ls|rm  manage real credentials (kept in the OS keychain)
+  issue                 issue a till key
+  ls                    list till keys
+  revoke                revoke a key, or all
+  watch                 print live events
+  exec                  run a command with fresh till keys, revoked when it exits
+
+Run \`till <command> --help\` for a command's options. TILL_HOME selects the data folder.`,
+  serve: `Usage: till serve [--port N]
+
+Runs the broker on 127.0.0.1 in the foreground and prints its URL. Stop it with Ctrl-C.
+  --port N   port to listen on (default: config.json's port, else 8455)`,
+  credential: `Usage:
+  till credential add <provider> [--name NAME]   the secret is read from stdin or a hidden prompt, never from arguments
+  till credential ls [--json]
+  till credential rm <name>`,
+  issue: `Usage: till issue <provider|credential> [options] [--json]
+
+Issues a till key bound to one credential and prints it once.
+${ISSUE_HELP}
+  --json              print {"id","key","provider","baseUrl","env","policy"}`,
+  ls: `Usage: till ls [--json]
+
+Lists till keys with their state, use and expiry.`,
+  revoke: `Usage: till revoke <id> | --all
+
+Revokes keys at once, ending their requests and streams in flight.`,
+  watch: `Usage: till watch [--json]
+
+Prints the broker's events, one per line, until interrupted.`,
+  exec: `Usage: till exec [<provider|credential>…] [options] -- <command…>
+
+Issues a fresh key for each named provider or credential (default: every stored credential),
+runs the command with their env vars, and revokes the keys when it exits.
+${ISSUE_HELP}`,
+};
+
+function parse<T extends NonNullable<ParseArgsConfig['options']>>(args: string[], options: T) {
+  try {
+    return parseArgs({ args, options: { ...options, help: { type: 'boolean', short: 'h' } }, allowPositionals: true, strict: true });
+  } catch (err) {
+    throw new UsageError((err as Error).message);
+  }
+}
+
+function int(value: string | undefined, name: string): number | undefined {
+  if (value === undefined) return undefined;
+  if (!/^\d+$/.test(value)) throw new UsageError(`--${name} needs a whole number, got "${value}"`);
+  return Number(value);
+}
+
+function csv(value: string | undefined): string[] | undefined {
+  return value === undefined ? undefined : value.split(',');
+}
+
+function issueInput(target: string, v: Partial<Record<keyof typeof ISSUE_OPTIONS, string | undefined>>): IssueInput {
+  const input: IssueInput = { target };
+  const uses = int(v.uses, 'uses');
+  if (uses !== undefined) input.uses = uses;
+  if (v.ttl !== undefined) input.ttl = v.ttl;
+  const rpm = int(v.rpm, 'rpm');
+  if (rpm !== undefined) input.rpm = rpm;
+  const concurrency = int(v.concurrency, 'concurrency');
+  if (concurrency !== undefined) input.concurrency = concurrency;
+  if (v.models !== undefined) input.models = csv(v.models);
+  if (v.methods !== undefined) input.methods = csv(v.methods);
+  if (v.paths !== undefined) input.paths = csv(v.paths);
+  if (v.label !== undefined) input.label = v.label;
+  return input;
+}
+
+function out(line = ''): void {
+  process.stdout.write(line + '\n');
+}
+
+function time(at: number): string {
+  return new Date(at).toTimeString().slice(0, 8);
+}
+
+function usage(key: KeySummary): string {
+  const used = key.used.activations ?? 0;
+  return key.policy.maxActivations === undefined ? `${used}` : `${used}/${key.policy.maxActivations}`;
+}
+
+function expiry(key: KeySummary): string {
+  if (key.policy.expiresAt === undefined) return 'never';
+  const left = key.policy.expiresAt - Date.now();
+  return left > 0 ? `in ${formatDuration(left)}` : 'expired';
+}
+
+/** One readable line per event, for `till watch` and `till serve`. */
+export function formatEvent(e: TillEvent): string {
+  const t = time(e.at);
+  switch (e.type) {
+    case 'request.finished': {
+      const r = e.request;
+      return `${t} ${e.status} ${r.method} /${r.provider}${r.path}${r.model ? ` ${r.model}` : ''} ${e.latencyMs}ms key ${r.keyId} "${r.label}"${e.aborted ? ` (${e.aborted})` : ''}`;
+    }
+    case 'request.denied': {
+      const r = e.request;
+      return `${t} ${e.status} ${r.method} /${r.provider}${r.path} denied (${e.code}): ${e.reason}${r.keyId ? ` key ${r.keyId}` : ''}`;
+    }
+    case 'request.started':
+      return `${t} ... ${e.request.method} /${e.request.provider}${e.request.path} key ${e.request.keyId}`;
+    case 'limit.near':
+      return `${t} key ${e.key.id} "${e.key.label}" at ${e.used} of ${e.limit} ${e.meter}`;
+    default:
+      return `${t} ${e.type.replace('key.', 'key ')}: ${e.key.id} "${e.key.label}" (${e.key.provider}, ${usage(e.key)} calls)`;
+  }
+}
+
+function printIssued(k: IssuedKey): void {
+  out(`Issued till key ${k.id} "${k.label}" for ${k.credential} (${k.provider}): ${describePolicy(k.policy)}`);
+  out(`  key:      ${k.key}`);
+  out(`  base URL: ${k.baseUrl}`);
+  out('');
+  for (const [name, value] of Object.entries(k.env)) out(`export ${name}=${value}`);
+  out('');
+  out('The key is shown only now; `till revoke ' + k.id + '` ends it.');
+}
+
+async function serve(args: string[], paths: TillPaths): Promise<void> {
+  const { values } = parse(args, { port: { type: 'string' } });
+  if (values.help) return out(HELP.serve);
+  const port = int(values.port, 'port');
+  const service = await TillService.start({ home: paths.home, port, log: (line) => process.stderr.write(`till: ${line}\n`) });
+  out(`Till broker listening on ${service.url}`);
+  out(`data folder: ${paths.home}`);
+  service.events.on((e) => {
+    if (e.type !== 'request.started') out(formatEvent(e));
+  });
+  await new Promise<void>((resolve) => {
+    const stop = () => resolve();
+    process.once('SIGINT', stop);
+    process.once('SIGTERM', stop);
+  });
+  await service.close();
+}
+
+async function notifyBroker(paths: TillPaths, name: string): Promise<void> {
+  try {
+    await new ControlClient(paths).request('POST', '/credentials', { name });
+  } catch (err) {
+    if (!(err instanceof NotRunningError)) throw err;
+  }
+}
+
+async function credential(args: string[], paths: TillPaths): Promise<void> {
+  const [sub, ...rest] = args;
+  const { values, positionals } = parse(rest, { name: { type: 'string' }, json: { type: 'boolean' } });
+  if (values.help || !sub || sub === '--help' || sub === '-h') return out(HELP.credential);
+  const list = new CredentialList(paths.credentials);
+  if (sub === 'ls') {
+    const all = list.all();
+    if (values.json) return out(JSON.stringify(all));
+    if (all.length === 0) return out('no credentials: add one with `till credential add <provider>`');
+    for (const c of all) out(`${c.name.padEnd(20)} ${c.provider.padEnd(14)} added ${new Date(c.addedAt).toISOString().slice(0, 10)}`);
+    return;
+  }
+  if (sub === 'add') {
+    const [providerId] = positionals;
+    if (!providerId || positionals.length > 1) throw new UsageError('usage: till credential add <provider> [--name NAME]');
+    const config = readConfig(paths);
+    const provider = new ProviderRegistry(config.providers, config.upstreams).get(providerId);
+    if (!provider) throw new Error(`unknown provider "${providerId}"; known: ${new ProviderRegistry(config.providers).all().map((p) => p.id).join(', ')}`);
+    const name = values.name ?? provider.id;
+    checkCredentialName(name);
+    const secret = await readSecret(`${provider.displayName} API key for "${name}" (input hidden): `);
+    if (!secret) throw new Error('no secret given: pipe it on stdin or type it at the prompt');
+    if (/\s/.test(secret)) throw new Error('the secret contains whitespace: paste only the key');
+    if (secret.startsWith('till_')) throw new Error('that is a till key, not a real credential');
+    await new KeychainVault({ service: paths.keychainService }).set(name, secret);
+    list.put({ name, provider: provider.id, addedAt: Date.now() });
+    await notifyBroker(paths, name);
+    return out(`stored credential "${name}" (${provider.displayName}) in the OS keychain`);
+  }
+  if (sub === 'rm') {
+    const [name] = positionals;
+    if (!name || positionals.length > 1) throw new UsageError('usage: till credential rm <name>');
+    if (!list.get(name)) throw new Error(`no credential named "${name}"`);
+    await new KeychainVault({ service: paths.keychainService }).delete(name);
+    list.remove(name);
+    await notifyBroker(paths, name);
+    return out(`removed credential "${name}" from the OS keychain (keys bound to it stop working)`);
+  }
+  throw new UsageError(`unknown subcommand "credential ${sub}": use add, ls or rm`);
+}
+
+async function issue(args: string[], paths: TillPaths): Promise<void> {
+  const { values, positionals } = parse(args, { ...ISSUE_OPTIONS, json: { type: 'boolean' } });
+  if (values.help) return out(HELP.issue);
+  const [target] = positionals;
+  if (!target || positionals.length > 1) throw new UsageError('usage: till issue <provider|credential> [options]');
+  const issued = (await new ControlClient(paths).request('POST', '/keys', issueInput(target, values))) as IssuedKey;
+  if (values.json) return out(JSON.stringify(issued));
+  printIssued(issued);
+}
+
+async function ls(args: string[], paths: TillPaths): Promise<void> {
+  const { values } = parse(args, { json: { type: 'boolean' } });
+  if (values.help) return out(HELP.ls);
+  const keys = (await new ControlClient(paths).request('GET', '/keys')) as KeySummary[];
+  if (values.json) return out(JSON.stringify(keys));
+  if (keys.length === 0) return out('no till keys: issue one with `till issue <provider>`');
+  out(`${'ID'.padEnd(11)} ${'STATE'.padEnd(9)} ${'PROVIDER'.padEnd(12)} ${'USED'.padEnd(9)} ${'EXPIRES'.padEnd(12)} LABEL`);
+  for (const k of keys) out(`${k.id.padEnd(11)} ${k.state.padEnd(9)} ${k.provider.padEnd(12)} ${usage(k).padEnd(9)} ${expiry(k).padEnd(12)} ${k.label}`);
+}
+
+async function revoke(args: string[], paths: TillPaths): Promise<void> {
+  const { values, positionals } = parse(args, { all: { type: 'boolean' } });
+  if (values.help) return out(HELP.revoke);
+  if (values.all === (positionals.length > 0) || positionals.length > 1) throw new UsageError('usage: till revoke <id> | --all');
+  const path = values.all ? '/keys' : `/keys/${encodeURIComponent(positionals[0]!)}`;
+  const { revoked } = (await new ControlClient(paths).request('DELETE', path)) as { revoked: number };
+  out(values.all ? `revoked ${revoked} key${revoked === 1 ? '' : 's'}` : revoked ? `revoked ${positionals[0]}` : `${positionals[0]} was already revoked`);
+}
+
+async function watch(args: string[], paths: TillPaths): Promise<void> {
+  const { values } = parse(args, { json: { type: 'boolean' } });
+  if (values.help) return out(HELP.watch);
+  const abort = new AbortController();
+  process.once('SIGINT', () => abort.abort());
+  process.once('SIGTERM', () => abort.abort());
+  await new ControlClient(paths).stream('/events', (e) => out(values.json ? JSON.stringify(e) : formatEvent(e as TillEvent)), abort.signal);
+}
+
+async function exec(args: string[], paths: TillPaths): Promise<number> {
+  const dash = args.indexOf('--');
+  const { values, positionals } = parse(dash < 0 ? args : args.slice(0, dash), ISSUE_OPTIONS);
+  if (values.help) {
+    out(HELP.exec);
+    return 0;
+  }
+  const command = dash < 0 ? [] : args.slice(dash + 1);
+  if (command.length === 0) throw new UsageError('usage: till exec [<provider|credential>…] [options] -- <command…>');
+  const targets = positionals.length > 0 ? positionals : new CredentialList(paths.credentials).all().map((c) => c.name);
+  if (targets.length === 0) throw new Error('no credentials: add one with `till credential add <provider>`');
+  const client = new ControlClient(paths);
+  const issued: IssuedKey[] = [];
+  const revokeAll = () => Promise.allSettled(issued.map((k) => client.request('DELETE', `/keys/${k.id}`)));
+  try {
+    for (const target of targets) {
+      const input = issueInput(target, values);
+      input.label ??= `exec ${command[0]}`;
+      issued.push((await client.request('POST', '/keys', input)) as IssuedKey);
+    }
+  } catch (err) {
+    await revokeAll();
+    throw err;
+  }
+  const env = { ...process.env };
+  for (const k of issued) Object.assign(env, k.env);
+  const child = spawn(command[0]!, command.slice(1), { stdio: 'inherit', env });
+  const forward = (signal: NodeJS.Signals) => child.kill(signal);
+  process.on('SIGINT', forward);
+  process.on('SIGTERM', forward);
+  const code = await new Promise<number>((resolve) => {
+    child.on('error', (err) => {
+      process.stderr.write(`till: cannot run ${command[0]}: ${err.message}\n`);
+      resolve(127);
+    });
+    child.on('exit', (status, signal) => resolve(status ?? 128 + (signal ? (constants.signals[signal] ?? 0) : 0)));
+  });
+  await revokeAll();
+  return code;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  const paths = tillPaths(defaultHome());
+  try {
+    switch (command) {
+      case undefined:
+      case 'help':
+      case '--help':
+      case '-h':
+        out(HELP.main);
+        return 0;
+      case '--version':
+      case '-v':
+        out(VERSION);
+        return 0;
+      case 'serve':
+        await serve(rest, paths);
+        return 0;
+      case 'credential':
+      case 'credentials':
+        await credential(rest, paths);
+        return 0;
+      case 'issue':
+        await issue(rest, paths);
+        return 0;
+      case 'ls':
+        await ls(rest, paths);
+        return 0;
+      case 'revoke':
+        await revoke(rest, paths);
+        return 0;
+      case 'watch':
+        await watch(rest, paths);
+        return 0;
+      case 'exec':
+        return await exec(rest, paths);
+      default:
+        throw new UsageError(`unknown command "${command}": see \`till --help\``);
+    }
+  } catch (err) {
+    process.stderr.write(`till: ${(err as Error).message.split('\n')[0]}\n`);
+    return err instanceof UsageError ? 2 : 1;
+  }
+}
+
+if (require.main === module) {
+  main(process.argv.slice(2)).then((code) => {
+    process.exitCode = code;
+  });
+}

@@ -1,0 +1,77 @@
+/**
+ * The audit log: one JSON line per request, no secrets, bounded in size.
+ *
+ * Lines are buffered and written once per event-loop turn, so a busy broker makes one write
+ * for many requests. The file rotates to `<name>.1` at `maxBytes`; two generations are kept.
+ */
+import { closeSync, existsSync, mkdirSync, openSync, renameSync, statSync, writeSync } from 'node:fs';
+import { dirname } from 'node:path';
+import type { DenialCode } from './events';
+
+export interface AuditRecord {
+  time: string;
+  keyId?: string;
+  label?: string;
+  provider: string;
+  method: string;
+  path: string;
+  model?: string;
+  status: number;
+  latencyMs: number;
+  denial?: DenialCode;
+  reason?: string;
+}
+
+export interface AuditOptions {
+  /** Size at which the file rotates. Default: 10 MiB. */
+  maxBytes?: number;
+}
+
+export class AuditLog {
+  private fd: number;
+  private size: number;
+  private pending: string[] = [];
+  private scheduled = false;
+  private readonly maxBytes: number;
+
+  constructor(
+    readonly file: string,
+    options: AuditOptions = {},
+  ) {
+    this.maxBytes = options.maxBytes ?? 10 * 1024 * 1024;
+    mkdirSync(dirname(file), { recursive: true, mode: 0o700 });
+    this.size = existsSync(file) ? statSync(file).size : 0;
+    this.fd = openSync(file, 'a', 0o600);
+  }
+
+  append(record: AuditRecord): void {
+    this.pending.push(JSON.stringify(record) + '\n');
+    if (!this.scheduled) {
+      this.scheduled = true;
+      setImmediate(() => this.flush());
+    }
+  }
+
+  flush(): void {
+    this.scheduled = false;
+    if (this.pending.length === 0 || this.fd < 0) return;
+    const text = this.pending.join('');
+    this.pending = [];
+    if (this.size + text.length > this.maxBytes && this.size > 0) this.rotate();
+    writeSync(this.fd, text);
+    this.size += Buffer.byteLength(text);
+  }
+
+  private rotate(): void {
+    closeSync(this.fd);
+    renameSync(this.file, `${this.file}.1`);
+    this.fd = openSync(this.file, 'a', 0o600);
+    this.size = 0;
+  }
+
+  close(): void {
+    this.flush();
+    if (this.fd >= 0) closeSync(this.fd);
+    this.fd = -1;
+  }
+}

@@ -1,0 +1,472 @@
+/**
+ * The broker: an HTTP server on 127.0.0.1 that takes requests carrying a till key, checks
+ * them, swaps in the real credential and streams the upstream's answer back unbuffered.
+ *
+ * Routes: `/<provider><path>`, e.g. `/openai/v1/chat/completions`. The path after the
+ * provider id is in the provider's own namespace (see {@link Provider.basePath}).
+ */
+import * as http from 'node:http';
+import * as https from 'node:https';
+import type { AddressInfo } from 'node:net';
+import type { AuditLog } from './audit';
+import { denialBody, denialEvent, type Denial } from './denial';
+import type { RequestInfo, TillEvents } from './events';
+import type { Admission, TillKeys } from './keys';
+import type { KeyRecord } from './ledger';
+import { scopeViolation } from './policy';
+import { isFreeRoute, KEY_HEADERS, KEY_QUERY_PARAMS, type Provider, type ProviderRegistry } from './providers';
+import { looksLikeTillKey } from './tillKey';
+import type { Vault } from './vault';
+import { VaultError } from './vault';
+
+/** The broker's default port: T-I-L-L on a phone keypad. */
+export const DEFAULT_PORT = 8455;
+
+export interface BrokerOptions {
+  keys: TillKeys;
+  vault: Vault;
+  providers: ProviderRegistry;
+  events: TillEvents;
+  audit?: AuditLog;
+  /** Port on 127.0.0.1; 0 picks a free one. Default: {@link DEFAULT_PORT}. */
+  port?: number;
+  /** Largest request body accepted. Default: 32 MiB (the largest provider limit for JSON requests). */
+  maxBodyBytes?: number;
+  /** Largest request head (request line + headers). Default: 32 KiB. */
+  maxHeaderBytes?: number;
+  /** Time a client has to send its headers. Default: 10 s. */
+  headersTimeoutMs?: number;
+  /** Time a client has to send its whole request. Default: 60 s. */
+  requestTimeoutMs?: number;
+  /** Time an upstream may stay silent (before or during a response). Default: 10 min: long reasoning is slow. */
+  upstreamIdleTimeoutMs?: number;
+  /** Where diagnostic lines go. Never given a secret. */
+  log?: (line: string) => void;
+}
+
+// Headers that describe one connection, not the message; content-length is set per side.
+const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'proxy-authorization', 'proxy-authenticate', 'te', 'trailer', 'trailers', 'transfer-encoding', 'upgrade', 'host', 'content-length']);
+const STRIPPED_REQUEST = new Set<string>([...HOP_BY_HOP, ...KEY_HEADERS, 'origin', 'referer', 'cookie']);
+const LOOPBACK_HOSTS = new Set(['127.0.0.1', 'localhost', '[::1]', '::1']);
+
+let requestCounter = 0;
+
+/** A till key found in a request, or why none could be used. */
+function findTillKey(req: http.IncomingMessage, query: URLSearchParams): string | Denial {
+  const found = new Set<string>();
+  let other = false;
+  const consider = (value: string | undefined) => {
+    if (!value) return;
+    const v = value.trim();
+    if (looksLikeTillKey(v)) found.add(v);
+    else other = true;
+  };
+  const auth = req.headers.authorization;
+  if (auth) consider(auth.replace(/^(bearer|token)\s+/i, ''));
+  for (const name of KEY_HEADERS) if (name !== 'authorization') consider(req.headers[name] as string | undefined);
+  for (const name of KEY_QUERY_PARAMS) for (const v of query.getAll(name)) consider(v);
+  if (found.size > 1) return { status: 400, code: 'malformed_key', message: 'the request carries two different till keys' };
+  const [key] = found;
+  if (key) return key;
+  if (other) {
+    return { status: 401, code: 'missing_key', message: 'the broker accepts only till keys (till_…); this request carries some other key, which was not forwarded' };
+  }
+  return { status: 401, code: 'missing_key', message: 'no till key: send it the way the provider expects its API key (e.g. Authorization: Bearer till_…)' };
+}
+
+function hostIsLoopback(host: string | undefined): boolean {
+  if (!host) return false;
+  const name = host.startsWith('[') ? host.slice(0, host.indexOf(']') + 1) : host.split(':')[0]!;
+  return LOOPBACK_HOSTS.has(name.toLowerCase());
+}
+
+function modelOf(provider: Provider, path: string, body: Buffer | undefined, contentType: string | undefined): string | undefined | Error {
+  if (provider.modelFromPath) {
+    const m = provider.modelFromPath.exec(path);
+    if (m) return decodeURIComponent(m[1]!);
+  }
+  if (!body || body.length === 0 || !contentType?.includes('json')) return undefined;
+  try {
+    const parsed: unknown = JSON.parse(body.toString('utf8'));
+    const model = parsed && typeof parsed === 'object' ? (parsed as { model?: unknown }).model : undefined;
+    return typeof model === 'string' ? model : undefined;
+  } catch {
+    return new Error('the request body is not valid JSON');
+  }
+}
+
+/** The local broker. */
+export class Broker {
+  private server: http.Server | undefined;
+  private readonly agents = {
+    'http:': new http.Agent({ keepAlive: true, maxSockets: 256, noDelay: true } as http.AgentOptions),
+    'https:': new https.Agent({ keepAlive: true, maxSockets: 256, noDelay: true } as https.AgentOptions),
+  };
+  private readonly secrets = new Map<string, string>();
+  private readonly options: Required<Omit<BrokerOptions, 'audit' | 'log'>> & Pick<BrokerOptions, 'audit' | 'log'>;
+  private port = 0;
+
+  constructor(options: BrokerOptions) {
+    this.options = {
+      port: DEFAULT_PORT,
+      maxBodyBytes: 32 * 1024 * 1024,
+      maxHeaderBytes: 32 * 1024,
+      headersTimeoutMs: 10_000,
+      requestTimeoutMs: 60_000,
+      upstreamIdleTimeoutMs: 600_000,
+      ...options,
+    };
+  }
+
+  /** `http://127.0.0.1:<port>` once listening. */
+  get url(): string {
+    return `http://127.0.0.1:${this.port}`;
+  }
+
+  /** The base URL a client of `provider` should use, e.g. `http://127.0.0.1:8455/openai/v1`. */
+  baseUrlFor(provider: Provider): string {
+    return `${this.url}/${provider.id}${provider.basePath}`;
+  }
+
+  /** Starts listening on 127.0.0.1. Rejects with a clear message when the port is taken. */
+  async start(): Promise<string> {
+    const o = this.options;
+    const server = http.createServer({
+      maxHeaderSize: o.maxHeaderBytes,
+      headersTimeout: o.headersTimeoutMs,
+      requestTimeout: o.requestTimeoutMs,
+      noDelay: true,
+      keepAliveTimeout: 5_000,
+    });
+    server.on('request', (req, res) => this.handle(req, res));
+    server.on('clientError', (err: NodeJS.ErrnoException, socket) => {
+      if (!socket.writable) return socket.destroy();
+      const status = err.code === 'HPE_HEADER_OVERFLOW' ? 431 : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400;
+      const text = status === 431 ? 'till: request headers too large' : status === 408 ? 'till: request timed out' : 'till: bad request';
+      socket.end(`HTTP/1.1 ${status} ${http.STATUS_CODES[status]}\r\nContent-Type: text/plain\r\nContent-Length: ${text.length}\r\nConnection: close\r\n\r\n${text}`);
+    });
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', (err: NodeJS.ErrnoException) => {
+        reject(err.code === 'EADDRINUSE' ? new Error(`port ${o.port} on 127.0.0.1 is already in use (another program, or another till broker): choose another with --port`) : err);
+      });
+      server.listen(o.port, '127.0.0.1', () => resolve());
+    });
+    this.server = server;
+    this.port = (server.address() as AddressInfo).port;
+    return this.url;
+  }
+
+  /** Forgets cached secrets (after a credential was replaced or removed). */
+  forgetCredential(name?: string): void {
+    if (name === undefined) this.secrets.clear();
+    else this.secrets.delete(name);
+  }
+
+  async close(): Promise<void> {
+    const server = this.server;
+    this.server = undefined;
+    if (!server) return;
+    await new Promise<void>((resolve) => {
+      server.close(() => resolve());
+      server.closeAllConnections();
+    });
+    this.agents['http:'].destroy();
+    this.agents['https:'].destroy();
+  }
+
+  private log(line: string): void {
+    this.options.log?.(line);
+  }
+
+  private async secretFor(name: string): Promise<string> {
+    const cached = this.secrets.get(name);
+    if (cached !== undefined) return cached;
+    const secret = await this.options.vault.get(name);
+    this.secrets.set(name, secret);
+    return secret;
+  }
+
+  private handle(req: http.IncomingMessage, res: http.ServerResponse): void {
+    const started = performance.now();
+    const method = req.method ?? 'GET';
+    const rawUrl = req.url ?? '/';
+    const q = rawUrl.indexOf('?');
+    const rawPath = q < 0 ? rawUrl : rawUrl.slice(0, q);
+    const query = new URLSearchParams(q < 0 ? '' : rawUrl.slice(q + 1));
+    const slash = rawPath.indexOf('/', 1);
+    const providerId = slash < 0 ? rawPath.slice(1) : rawPath.slice(1, slash);
+    const path = slash < 0 ? '/' : rawPath.slice(slash);
+    const provider = this.options.providers.get(providerId);
+    const info: RequestInfo = { requestId: String(++requestCounter), keyId: '', label: '', provider: provider?.id ?? providerId, method, path, billable: false };
+
+    const deny = (denial: Denial, key?: KeyRecord) => {
+      if (key) {
+        info.keyId = key.id;
+        info.label = key.label;
+      }
+      this.sendDenial(res, provider?.id, denial);
+      req.resume();
+      const reason = denial.message;
+      this.options.events.emit({ type: 'request.denied', at: Date.now(), request: { ...info }, status: denial.status, reason, code: denial.code });
+      this.audit(info, denial.status, started, denial);
+    };
+
+    // Attack: DNS rebinding. A web page on evil.example whose name now resolves to 127.0.0.1
+    // sends Host: evil.example; only loopback names are ours.
+    if (!hostIsLoopback(req.headers.host)) {
+      return deny({ status: 403, code: 'forbidden_host', message: 'the Host header is not a loopback name (DNS rebinding protection)' });
+    }
+    // Attack: a web page using the broker through the user's browser. Browsers always mark
+    // cross-site and CORS requests with Origin or Sec-Fetch-*; SDKs and agents never do.
+    if (req.headers.origin !== undefined || req.headers['sec-fetch-site'] !== undefined || req.headers['sec-fetch-mode'] !== undefined) {
+      return deny({ status: 403, code: 'browser_origin', message: 'requests from web browsers are refused: the broker serves local programs only' });
+    }
+    if (!provider) {
+      return deny({ status: 404, code: 'unknown_provider', message: `no provider "${providerId}": use ${this.url}/<provider>/…, e.g. ${this.url}/openai/v1` });
+    }
+    if (!path.startsWith(provider.basePath) || (provider.basePath && path.length > provider.basePath.length && path[provider.basePath.length] !== '/')) {
+      return deny({ status: 404, code: 'bad_request', message: `${path} is outside the ${provider.displayName} API: use the base URL ${this.baseUrlFor(provider)}` });
+    }
+    const presented = findTillKey(req, query);
+    if (typeof presented !== 'string') return deny(presented);
+    const auth = this.options.keys.authenticate(presented);
+    if ('status' in auth) return deny(auth);
+    const key = auth;
+    info.keyId = key.id;
+    info.label = key.label;
+    if (key.provider !== provider.id) {
+      return deny({ status: 403, code: 'wrong_provider', message: `till key "${key.label}" is for ${key.provider}, not ${provider.id}` }, key);
+    }
+    const billable = !isFreeRoute(provider, method, path);
+    info.billable = billable;
+    const early = scopeViolation({ ...key.policy, models: undefined }, method, path, undefined, billable);
+    if (early) return deny({ status: 403, code: 'out_of_scope', message: early }, key);
+
+    const declared = Number(req.headers['content-length'] ?? 0);
+    if (declared > this.options.maxBodyBytes) {
+      res.setHeader('connection', 'close');
+      return deny({ status: 413, code: 'too_large', message: `request body of ${declared} bytes is over the broker's limit of ${this.options.maxBodyBytes}` }, key);
+    }
+
+    const hasBody = req.headers['content-length'] !== undefined || req.headers['transfer-encoding'] !== undefined;
+    const contentType = req.headers['content-type'];
+    // JSON bodies are read whole (they are small next to the answers) so the model can be
+    // checked and logged; anything else (uploads) streams through.
+    const readWhole = hasBody && (contentType === undefined || contentType.includes('json'));
+    const proceed = (body: Buffer | undefined) => {
+      const model = modelOf(provider, path, body, contentType);
+      if (model instanceof Error) {
+        if (key.policy.models) return deny({ status: 400, code: 'bad_request', message: `${model.message}, so its model cannot be checked` }, key);
+      } else if (model !== undefined) {
+        info.model = model;
+      }
+      const late = scopeViolation(key.policy, method, path, info.model, billable);
+      if (late) return deny({ status: 403, code: 'out_of_scope', message: late }, key);
+      this.forward(req, res, provider, key, info, query, body, readWhole ? undefined : hasBody, started, deny);
+    };
+    if (!readWhole) return proceed(undefined);
+    const chunks: Buffer[] = [];
+    let size = 0;
+    let over = false;
+    req.on('data', (chunk: Buffer) => {
+      if (over) return;
+      size += chunk.length;
+      if (size > this.options.maxBodyBytes) {
+        over = true;
+        res.setHeader('connection', 'close');
+        deny({ status: 413, code: 'too_large', message: `request body is over the broker's limit of ${this.options.maxBodyBytes} bytes` }, key);
+        return;
+      }
+      chunks.push(chunk);
+    });
+    req.on('end', () => {
+      if (!over) proceed(chunks.length === 1 ? chunks[0] : Buffer.concat(chunks));
+    });
+    req.on('error', () => undefined);
+  }
+
+  private forward(
+    req: http.IncomingMessage,
+    res: http.ServerResponse,
+    provider: Provider,
+    key: KeyRecord,
+    info: RequestInfo,
+    query: URLSearchParams,
+    body: Buffer | undefined,
+    streamBody: boolean | undefined,
+    started: number,
+    deny: (d: Denial, key?: KeyRecord) => void,
+  ): void {
+    if (provider.needsUpstream) {
+      return deny({ status: 502, code: 'upstream_unreachable', message: `${provider.displayName} has no upstream set: set TILL_UPSTREAM_${provider.id.toUpperCase().replace(/-/g, '_')} to your endpoint` }, key);
+    }
+    let upstreamReq: http.ClientRequest | undefined;
+    let admission: Admission | undefined;
+    let ended = false;
+    let sseBoundary = true;
+    let isSse = false;
+    const finish = (status: number, aborted?: string) => {
+      if (ended) return;
+      ended = true;
+      admission?.done();
+      const latencyMs = Math.round((performance.now() - started) * 10) / 10;
+      this.options.events.emit({ type: 'request.finished', at: Date.now(), request: info, status, latencyMs, ...(aborted ? { aborted } : {}) });
+      this.audit(info, status, started, undefined, aborted);
+    };
+    const flight = {
+      cut: (denial: Denial) => {
+        upstreamReq?.destroy();
+        if (!res.headersSent) {
+          this.sendDenial(res, provider.id, denial);
+        } else if (isSse && sseBoundary && !res.writableEnded) {
+          res.end(denialEvent(provider.id, denial));
+        } else {
+          res.destroy();
+        }
+        finish(res.statusCode, denial.code);
+      },
+    };
+
+    const go = (secret: string) => {
+      if (res.writableEnded || res.destroyed) return;
+      const admitted = this.options.keys.admit(key, info.billable, flight);
+      if ('status' in admitted) return deny(admitted, key);
+      admission = admitted;
+      this.options.events.emit({ type: 'request.started', at: Date.now(), request: info });
+
+      const target = new URL(provider.baseUrl + info.path.slice(provider.basePath.length));
+      for (const name of KEY_QUERY_PARAMS) query.delete(name);
+      const headers: http.OutgoingHttpHeaders = {};
+      const connectionTokens = (req.headers.connection ?? '').toLowerCase().split(',').map((s) => s.trim());
+      for (const [name, value] of Object.entries(req.headers)) {
+        if (value === undefined || STRIPPED_REQUEST.has(name) || connectionTokens.includes(name) || name.startsWith('sec-')) continue;
+        headers[name] = value;
+      }
+      for (const [name, value] of Object.entries(provider.defaultHeaders ?? {})) if (headers[name] === undefined) headers[name] = value;
+      const placement = provider.placement;
+      if (placement.kind === 'bearer') headers.authorization = `Bearer ${secret}`;
+      else if (placement.kind === 'header') headers[placement.name] = secret;
+      else query.set(placement.name, secret);
+      const search = query.toString();
+      if (body) headers['content-length'] = body.length;
+      else if (streamBody && req.headers['content-length'] !== undefined) headers['content-length'] = req.headers['content-length'];
+
+      const transport = target.protocol === 'https:' ? https : http;
+      const upstream = transport.request({
+        protocol: target.protocol,
+        hostname: target.hostname,
+        port: target.port,
+        method: info.method,
+        path: target.pathname + (search ? `?${search}` : ''),
+        headers,
+        agent: this.agents[target.protocol as 'http:' | 'https:'],
+        timeout: this.options.upstreamIdleTimeoutMs,
+      });
+      upstreamReq = upstream;
+      // Once connected and the whole request is on the wire, the upstream may bill it.
+      let connected = false;
+      let sent = false;
+      upstream.on('socket', (socket) => {
+        if (socket.connecting) socket.once('connect', () => (connected = true));
+        else connected = true;
+      });
+      upstream.on('finish', () => {
+        if (!connected) return;
+        sent = true;
+        admission?.reachedUpstream();
+      });
+      upstream.on('timeout', () => upstream.destroy(new Error(`the upstream sent nothing for ${this.options.upstreamIdleTimeoutMs / 1000} s`)));
+      upstream.on('error', (err: NodeJS.ErrnoException) => {
+        if (ended) return;
+        if (!res.headersSent) {
+          const where = `${target.protocol}//${target.host}`;
+          const detail = err.code ?? err.message;
+          this.log(`upstream ${where} failed: ${detail}`);
+          if (!sent) {
+            // Never reached the upstream: give the activation back.
+            admission?.done();
+            admission = undefined;
+          }
+          this.sendDenial(res, provider.id, { status: 502, code: 'upstream_unreachable', message: `cannot reach ${provider.displayName} at ${where} (${detail})` });
+          finish(502, 'upstream_error');
+        } else {
+          res.destroy();
+          finish(res.statusCode, 'upstream_error');
+        }
+      });
+      upstream.on('response', (upRes) => {
+        admission?.reachedUpstream();
+        const out: http.OutgoingHttpHeaders = {};
+        for (const [name, value] of Object.entries(upRes.headers)) {
+          if (value !== undefined && !HOP_BY_HOP.has(name)) out[name] = value;
+        }
+        if (upRes.headers['content-length'] !== undefined) out['content-length'] = upRes.headers['content-length'];
+        isSse = (upRes.headers['content-type'] ?? '').includes('text/event-stream');
+        res.writeHead(upRes.statusCode ?? 502, out);
+        upRes.on('data', (chunk: Buffer) => {
+          if (isSse) {
+            const n = chunk.length;
+            sseBoundary = n >= 2 ? (chunk[n - 1] === 10 && (chunk[n - 2] === 10 || chunk[n - 2] === 13)) : sseBoundary && chunk[0] === 10;
+          }
+          if (!res.write(chunk)) upRes.pause();
+        });
+        res.on('drain', () => upRes.resume());
+        upRes.on('end', () => {
+          res.end();
+          finish(upRes.statusCode ?? 502);
+        });
+        upRes.on('error', () => {
+          res.destroy();
+          finish(upRes.statusCode ?? 502, 'upstream_error');
+        });
+      });
+      // The client went away: stop the upstream (and its bill) too.
+      res.on('close', () => {
+        if (!res.writableFinished) {
+          upstream.destroy();
+          finish(res.statusCode, 'client_closed');
+        }
+      });
+      if (body) upstream.end(body);
+      else if (streamBody) req.pipe(upstream);
+      else upstream.end();
+    };
+
+    const cached = this.secrets.get(key.credential);
+    if (cached !== undefined) return go(cached);
+    this.secretFor(key.credential).then(go, (err: unknown) => {
+      const message = err instanceof VaultError ? err.message : `the credential could not be read (${(err as Error).message})`;
+      this.log(`credential "${key.credential}": ${message}`);
+      deny({ status: 503, code: 'credential_unavailable', message: `credential "${key.credential}" unavailable: ${message}` }, key);
+    });
+  }
+
+  private sendDenial(res: http.ServerResponse, providerId: string | undefined, denial: Denial): void {
+    if (res.headersSent) {
+      res.destroy();
+      return;
+    }
+    const body = JSON.stringify(denialBody(providerId, denial));
+    const headers: http.OutgoingHttpHeaders = { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), 'x-till-denial': denial.code };
+    if (denial.retryAfter !== undefined) headers['retry-after'] = String(denial.retryAfter);
+    res.writeHead(denial.status, headers);
+    res.end(body);
+  }
+
+  private audit(info: RequestInfo, status: number, started: number, denial?: Denial, aborted?: string): void {
+    const audit = this.options.audit;
+    if (!audit) return;
+    audit.append({
+      time: new Date().toISOString(),
+      ...(info.keyId ? { keyId: info.keyId, label: info.label } : {}),
+      provider: info.provider,
+      method: info.method,
+      path: info.path,
+      ...(info.model !== undefined ? { model: info.model } : {}),
+      status,
+      latencyMs: Math.round((performance.now() - started) * 10) / 10,
+      ...(denial ? { denial: denial.code, reason: denial.message } : {}),
+      ...(aborted && !denial ? { reason: aborted } : {}),
+    });
+  }
+}

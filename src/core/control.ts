@@ -1,0 +1,206 @@
+/**
+ * The control channel: how `till issue/ls/revoke/watch` and other VS Code windows talk to
+ * the one broker of this OS user. HTTP over a unix socket (a named pipe on Windows) in the
+ * owner-only data folder, plus a bearer token from a 0600 file, so only the same OS user
+ * can open it. Binding the socket is also the lock that keeps a second broker off the ledger.
+ */
+import { randomBytes } from 'node:crypto';
+import { chmodSync, existsSync, readFileSync, renameSync, unlinkSync, writeFileSync } from 'node:fs';
+import * as http from 'node:http';
+import { connect } from 'node:net';
+import type { TillPaths } from './home';
+
+/** Thrown when another broker already serves this data folder. */
+export class AlreadyRunningError extends Error {
+  constructor(readonly url: string | undefined) {
+    super(`a Till broker is already running for this data folder${url ? ` at ${url}` : ''}`);
+    this.name = 'AlreadyRunningError';
+  }
+}
+
+/** Thrown by the client when no broker answers. */
+export class NotRunningError extends Error {
+  constructor(home: string) {
+    super(`no Till broker is running for ${home}: start one with \`till serve\` (or open VS Code with Till)`);
+    this.name = 'NotRunningError';
+  }
+}
+
+/** A control request that failed, with the broker's message. */
+export class ControlError extends Error {
+  constructor(
+    readonly status: number,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'ControlError';
+  }
+}
+
+/** Handles one control request; throw {@link ControlError} for a refusal. */
+export type ControlRoute = (body: unknown, params: string[]) => unknown | Promise<unknown>;
+
+/** Streams server-sent lines to a client until it leaves; returns the cleanup. */
+export type ControlStream = (send: (value: unknown) => void) => () => void;
+
+export interface ControlRoutes {
+  routes: Record<string, ControlRoute>;
+  streams: Record<string, ControlStream>;
+}
+
+function isAlive(socketPath: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = connect(socketPath);
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
+}
+
+/** The broker side. `claim()` first (it is the lock), `serve()` once the broker is up. */
+export class ControlServer {
+  private server: http.Server | undefined;
+  private token = '';
+  private handlers: ControlRoutes | undefined;
+
+  constructor(private readonly paths: TillPaths) {}
+
+  /** Takes the socket, or throws {@link AlreadyRunningError}. */
+  async claim(): Promise<void> {
+    if (process.platform !== 'win32' && existsSync(this.paths.socket)) {
+      if (await isAlive(this.paths.socket)) throw new AlreadyRunningError(await this.peerUrl());
+      unlinkSync(this.paths.socket); // left by a broker that was killed
+    }
+    this.token = randomBytes(32).toString('hex');
+    const server = http.createServer((req, res) => void this.handle(req, res));
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', (err: NodeJS.ErrnoException) => reject(err.code === 'EADDRINUSE' ? new AlreadyRunningError(undefined) : err));
+      server.listen(this.paths.socket, () => resolve());
+    });
+    if (process.platform !== 'win32') chmodSync(this.paths.socket, 0o600);
+    const tmp = `${this.paths.token}.tmp`;
+    writeFileSync(tmp, this.token, { mode: 0o600 });
+    renameSync(tmp, this.paths.token);
+    this.server = server;
+  }
+
+  private async peerUrl(): Promise<string | undefined> {
+    try {
+      const status = (await new ControlClient(this.paths).request('GET', '/status')) as { url?: string };
+      return status.url;
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** Starts answering requests. */
+  serve(handlers: ControlRoutes): void {
+    this.handlers = handlers;
+  }
+
+  private async handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+    const reply = (status: number, value: unknown) => {
+      const body = JSON.stringify(value);
+      res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
+      res.end(body);
+    };
+    if (req.headers.authorization !== `Bearer ${this.token}`) return reply(401, { error: 'bad control token' });
+    if (!this.handlers) return reply(503, { error: 'the broker is starting' });
+    const url = new URL(req.url ?? '/', 'http://control');
+    const [, first = '', ...params] = url.pathname.split('/');
+    const route = `${req.method} /${first}`;
+    const stream = this.handlers.streams[route];
+    if (stream) {
+      res.writeHead(200, { 'content-type': 'application/x-ndjson' });
+      res.flushHeaders();
+      const stop = stream((value) => res.write(JSON.stringify(value) + '\n'));
+      res.on('close', stop);
+      return;
+    }
+    const handler = this.handlers.routes[route];
+    if (!handler) return reply(404, { error: `no control route ${route}` });
+    let text = '';
+    for await (const chunk of req) {
+      text += chunk;
+      if (text.length > 1_000_000) return reply(413, { error: 'control request too large' });
+    }
+    try {
+      const body: unknown = text ? JSON.parse(text) : undefined;
+      reply(200, (await handler(body, params.map(decodeURIComponent))) ?? {});
+    } catch (err) {
+      reply(err instanceof ControlError ? err.status : 500, { error: (err as Error).message });
+    }
+  }
+
+  async close(): Promise<void> {
+    const server = this.server;
+    this.server = undefined;
+    if (!server) return;
+    await new Promise<void>((resolve) => {
+      server.close(() => resolve());
+      server.closeAllConnections();
+    });
+    try {
+      unlinkSync(this.paths.token);
+    } catch {
+      // already gone
+    }
+  }
+}
+
+/** The client side, for the `till` command and other VS Code windows. */
+export class ControlClient {
+  constructor(private readonly paths: TillPaths) {}
+
+  private token(): string {
+    try {
+      return readFileSync(this.paths.token, 'utf8').trim();
+    } catch {
+      throw new NotRunningError(this.paths.home);
+    }
+  }
+
+  private open(method: string, path: string, body?: unknown): Promise<http.IncomingMessage> {
+    const token = this.token();
+    return new Promise((resolve, reject) => {
+      const req = http.request({ socketPath: this.paths.socket, method, path, headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' } }, resolve);
+      req.on('error', (err: NodeJS.ErrnoException) => {
+        reject(err.code === 'ENOENT' || err.code === 'ECONNREFUSED' ? new NotRunningError(this.paths.home) : err);
+      });
+      req.end(body === undefined ? undefined : JSON.stringify(body));
+    });
+  }
+
+  /** One request; resolves with the parsed answer or rejects with {@link ControlError}. */
+  async request(method: string, path: string, body?: unknown): Promise<unknown> {
+    const res = await this.open(method, path, body);
+    let text = '';
+    for await (const chunk of res) text += chunk;
+    const value = (text ? JSON.parse(text) : {}) as { error?: string };
+    if ((res.statusCode ?? 500) >= 400) throw new ControlError(res.statusCode ?? 500, value.error ?? `control request failed (${res.statusCode})`);
+    return value;
+  }
+
+  /** Calls `onValue` for each streamed line until `signal` aborts or the broker goes away. */
+  async stream(path: string, onValue: (value: unknown) => void, signal?: AbortSignal): Promise<void> {
+    const res = await this.open('GET', path);
+    if ((res.statusCode ?? 500) >= 400) throw new ControlError(res.statusCode ?? 500, `control stream ${path} failed (${res.statusCode})`);
+    signal?.addEventListener('abort', () => res.destroy());
+    let buffer = '';
+    await new Promise<void>((resolve) => {
+      res.on('data', (chunk: Buffer) => {
+        buffer += chunk.toString('utf8');
+        let nl: number;
+        while ((nl = buffer.indexOf('\n')) >= 0) {
+          const line = buffer.slice(0, nl);
+          buffer = buffer.slice(nl + 1);
+          if (line) onValue(JSON.parse(line));
+        }
+      });
+      res.on('close', () => resolve());
+      res.on('error', () => resolve());
+    });
+  }
+}

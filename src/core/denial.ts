@@ -1,0 +1,70 @@
+/**
+ * Errors an agent gets from the broker, in the provider's own error shape so its SDK raises
+ * the usual error type, with a message a person understands. A message never holds a key.
+ */
+import type { DenialCode } from './events';
+
+/** A refusal with its HTTP status, reason code and message. */
+export interface Denial {
+  status: number;
+  code: DenialCode;
+  message: string;
+  /** Seconds after which a retry may succeed (429). */
+  retryAfter?: number;
+}
+
+type Shape = 'openai' | 'anthropic' | 'google' | 'github' | 'cohere';
+
+const SHAPES: Record<string, Shape> = { anthropic: 'anthropic', gemini: 'google', github: 'github', cohere: 'cohere' };
+
+const ANTHROPIC_TYPES: Record<number, string> = {
+  400: 'invalid_request_error',
+  401: 'authentication_error',
+  403: 'permission_error',
+  404: 'not_found_error',
+  413: 'request_too_large',
+  429: 'rate_limit_error',
+};
+const GOOGLE_STATUS: Record<number, string> = {
+  400: 'INVALID_ARGUMENT',
+  401: 'UNAUTHENTICATED',
+  403: 'PERMISSION_DENIED',
+  404: 'NOT_FOUND',
+  413: 'INVALID_ARGUMENT',
+  429: 'RESOURCE_EXHAUSTED',
+};
+const OPENAI_TYPES: Record<number, string> = {
+  400: 'invalid_request_error',
+  401: 'invalid_request_error',
+  403: 'permission_error',
+  404: 'invalid_request_error',
+  413: 'invalid_request_error',
+  429: 'rate_limit_error',
+};
+
+function shapeOf(providerId: string | undefined): Shape {
+  return (providerId && SHAPES[providerId]) || 'openai';
+}
+
+/** The JSON body of a denial for a provider. */
+export function denialBody(providerId: string | undefined, denial: Denial): object {
+  const message = `till: ${denial.message}`;
+  switch (shapeOf(providerId)) {
+    case 'anthropic':
+      return { type: 'error', error: { type: ANTHROPIC_TYPES[denial.status] ?? 'api_error', message } };
+    case 'google':
+      return { error: { code: denial.status, message, status: GOOGLE_STATUS[denial.status] ?? 'UNAVAILABLE' } };
+    case 'github':
+      return { message, documentation_url: 'https://github.com/till', status: String(denial.status) };
+    case 'cohere':
+      return { message };
+    case 'openai':
+      return { error: { message, type: OPENAI_TYPES[denial.status] ?? 'api_error', param: null, code: `till_${denial.code}` } };
+  }
+}
+
+/** The same denial as one SSE event, to end a stream that is already under way. */
+export function denialEvent(providerId: string | undefined, denial: Denial): string {
+  const data = JSON.stringify(denialBody(providerId, denial));
+  return shapeOf(providerId) === 'anthropic' ? `event: error\ndata: ${data}\n\n` : `data: ${data}\n\n`;
+}

@@ -1,0 +1,94 @@
+/**
+ * Typed events the broker emits, for `till watch` now and the VS Code views later.
+ * Events carry ids, labels and numbers; never a key or a credential.
+ */
+import { EventEmitter } from 'node:events';
+import type { Amounts } from './policy';
+import type { KeyState } from './ledger';
+
+/** A key as shown to people and tools: everything but its hash. */
+export interface KeySummary {
+  id: string;
+  label: string;
+  provider: string;
+  credential: string;
+  createdAt: number;
+  state: KeyState;
+  policy: import('./policy').Policy;
+  used: Amounts;
+  reserved: Amounts;
+  /** What is left of each limited meter. */
+  remaining: Amounts;
+  inFlight: number;
+  revokedAt?: number;
+}
+
+export interface RequestInfo {
+  requestId: string;
+  keyId: string;
+  label: string;
+  provider: string;
+  method: string;
+  path: string;
+  model?: string;
+  billable: boolean;
+}
+
+export type TillEvent =
+  | { type: 'key.issued'; at: number; key: KeySummary }
+  | { type: 'key.revoked'; at: number; key: KeySummary }
+  | { type: 'key.exhausted'; at: number; key: KeySummary }
+  | { type: 'key.expired'; at: number; key: KeySummary }
+  | { type: 'limit.near'; at: number; key: KeySummary; meter: string; used: number; limit: number }
+  | { type: 'request.started'; at: number; request: RequestInfo }
+  | { type: 'request.finished'; at: number; request: RequestInfo; status: number; latencyMs: number; aborted?: string }
+  | { type: 'request.denied'; at: number; request: Partial<RequestInfo> & { provider: string; method: string; path: string }; status: number; reason: string; code: DenialCode };
+
+export type TillEventType = TillEvent['type'];
+
+/** Machine-readable denial reasons, also used in audit records. */
+export type DenialCode =
+  | 'missing_key'
+  | 'malformed_key'
+  | 'unknown_key'
+  | 'revoked'
+  | 'expired'
+  | 'exhausted'
+  | 'rate_limited'
+  | 'concurrency'
+  | 'out_of_scope'
+  | 'wrong_provider'
+  | 'bad_request'
+  | 'forbidden_host'
+  | 'browser_origin'
+  | 'too_large'
+  | 'credential_unavailable'
+  | 'upstream_unreachable'
+  | 'unknown_provider';
+
+/** A typed event bus. Listeners that throw do not break the broker. */
+export class TillEvents {
+  private readonly emitter = new EventEmitter();
+
+  constructor() {
+    this.emitter.setMaxListeners(0);
+  }
+
+  emit(event: TillEvent): void {
+    if (this.emitter.listenerCount('event') === 0) return;
+    this.emitter.emit('event', event);
+  }
+
+  /** Subscribes to every event; returns the unsubscribe function. */
+  on(listener: (event: TillEvent) => void): () => void {
+    const safe = (e: TillEvent) => {
+      try {
+        listener(e);
+      } catch {
+        // a view's bug must not stop the broker
+      }
+    };
+    this.emitter.on('event', safe);
+    return () => this.emitter.off('event', safe);
+  }
+}

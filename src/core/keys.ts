@@ -1,0 +1,245 @@
+/**
+ * Till keys at run time: issue, authenticate, rate and concurrency limits, reservations,
+ * revocation of in-flight requests, and the key events. The HTTP broker asks; this decides.
+ */
+import type { Denial } from './denial';
+import type { KeySummary, TillEvents } from './events';
+import { isRefusal, keyState, type KeyRecord, type Ledger, type Reservation } from './ledger';
+import { limitsOf, type Amounts, type Meter, type Policy } from './policy';
+import { hashTillKey, makeTillKey, newKeyId, parseTillKey, tillKeyMatches } from './tillKey';
+
+/** Something in flight for a key that revocation must end. */
+export interface InFlight {
+  /** Ends the request at once, telling the client why when it still can. */
+  cut(denial: Denial): void;
+}
+
+/** A request admitted by {@link TillKeys.admit}: release it exactly once with `done`. */
+export interface Admission {
+  key: KeyRecord;
+  reservation?: Reservation;
+  /** Marks the request as having reached the upstream (its reservation becomes spending). */
+  reachedUpstream(): void;
+  /** Ends the request's hold on the key: settles or releases, and frees its concurrency slot. */
+  done(): void;
+}
+
+export interface IssueRequest {
+  provider: string;
+  credential: string;
+  label?: string;
+  policy: Policy;
+}
+
+const NEAR = 0.8;
+const MINUTE = 60_000;
+
+function fmt(n: number): string {
+  return Number.isInteger(n) ? String(n) : n.toFixed(2);
+}
+
+/** Issues, checks and limits till keys over a {@link Ledger}. */
+export class TillKeys {
+  private readonly inFlight = new Map<string, Set<InFlight>>();
+  private readonly recent = new Map<string, number[]>();
+  private readonly announced = new Map<string, Set<string>>();
+  private expiryTimer: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly ledger: Ledger,
+    private readonly events: TillEvents,
+    private readonly now: () => number = Date.now,
+  ) {
+    this.scheduleExpiry();
+  }
+
+  /** Issues a key. Returns the full key: the only time it exists outside the client. */
+  issue(request: IssueRequest): { key: string; record: KeyRecord } {
+    const id = newKeyId();
+    const key = makeTillKey(id);
+    const record: KeyRecord = {
+      id,
+      hash: hashTillKey(key),
+      label: request.label?.trim() || `${request.provider} key`,
+      provider: request.provider,
+      credential: request.credential,
+      createdAt: this.now(),
+      policy: request.policy,
+      used: {},
+    };
+    this.ledger.addKey(record);
+    this.events.emit({ type: 'key.issued', at: record.createdAt, key: this.summary(record) });
+    this.scheduleExpiry();
+    return { key, record };
+  }
+
+  /** Revokes a key and ends its in-flight requests and streams. */
+  revoke(id: string): boolean {
+    if (!this.ledger.revoke(id, this.now())) return false;
+    const record = this.ledger.get(id)!;
+    for (const flight of [...(this.inFlight.get(id) ?? [])]) {
+      flight.cut({ status: 401, code: 'revoked', message: `till key "${record.label}" was revoked` });
+    }
+    this.events.emit({ type: 'key.revoked', at: this.now(), key: this.summary(record) });
+    return true;
+  }
+
+  /** Revokes every key that is not revoked yet; returns how many. */
+  revokeAll(): number {
+    let n = 0;
+    for (const key of this.ledger.keys()) if (this.revoke(key.id)) n++;
+    return n;
+  }
+
+  get(id: string): KeyRecord | undefined {
+    return this.ledger.get(id);
+  }
+
+  list(): KeySummary[] {
+    return this.ledger.keys().map((k) => this.summary(k));
+  }
+
+  summary(key: KeyRecord): KeySummary {
+    const limits = limitsOf(key.policy);
+    const reserved = this.ledger.reserved(key.id);
+    const remaining: Amounts = {};
+    for (const meter of Object.keys(limits) as Meter[]) {
+      remaining[meter] = Math.max(0, limits[meter]! - (key.used[meter] ?? 0) - (reserved[meter] ?? 0));
+    }
+    const summary: KeySummary = {
+      id: key.id,
+      label: key.label,
+      provider: key.provider,
+      credential: key.credential,
+      createdAt: key.createdAt,
+      state: keyState(key, this.now()),
+      policy: key.policy,
+      used: { activations: 0, ...key.used },
+      reserved: { ...reserved },
+      remaining,
+      inFlight: this.inFlight.get(key.id)?.size ?? 0,
+    };
+    if (key.revokedAt !== undefined) summary.revokedAt = key.revokedAt;
+    return summary;
+  }
+
+  /**
+   * Finds the key a presented till key names and checks it is usable. Constant-time hash
+   * comparison; the denial never contains the presented value.
+   */
+  authenticate(presented: string): KeyRecord | Denial {
+    const parsed = parseTillKey(presented);
+    if (!parsed.ok) return { status: 400, code: 'malformed_key', message: parsed.reason };
+    const key = this.ledger.get(parsed.id);
+    // Hash even when the id is unknown, so timing says nothing about which ids exist.
+    const matches = tillKeyMatches(presented, key?.hash ?? '0'.repeat(64));
+    if (!key || !matches) return { status: 401, code: 'unknown_key', message: 'unknown till key: it was never issued by this broker, or its ledger was replaced' };
+    const state = keyState(key, this.now());
+    if (state === 'revoked') return { status: 401, code: 'revoked', message: `till key "${key.label}" was revoked` };
+    if (state === 'expired') return { status: 401, code: 'expired', message: `till key "${key.label}" expired at ${new Date(key.policy.expiresAt!).toISOString()}` };
+    return key;
+  }
+
+  /**
+   * Admits one request under the key's rate, concurrency and spending limits, atomically:
+   * nothing else runs between the checks and the holds. Billable requests reserve one
+   * activation; `flight` is what revocation will cut.
+   */
+  admit(key: KeyRecord, billable: boolean, flight: InFlight): Admission | Denial {
+    const policy = key.policy;
+    const now = this.now();
+    const flights = this.inFlight.get(key.id) ?? new Set<InFlight>();
+    if (policy.concurrency !== undefined && flights.size >= policy.concurrency) {
+      return { status: 429, code: 'concurrency', message: `till key "${key.label}" allows ${policy.concurrency} requests at once and ${flights.size} are in flight`, retryAfter: 1 };
+    }
+    if (policy.rpm !== undefined) {
+      const times = this.recent.get(key.id) ?? [];
+      while (times.length > 0 && times[0]! <= now - MINUTE) times.shift();
+      if (times.length >= policy.rpm) {
+        const retryAfter = Math.max(1, Math.ceil((times[0]! + MINUTE - now) / 1000));
+        return { status: 429, code: 'rate_limited', message: `till key "${key.label}" is limited to ${policy.rpm} requests per minute; retry in ${retryAfter} s`, retryAfter };
+      }
+      times.push(now);
+      this.recent.set(key.id, times);
+    }
+    let reservation: Reservation | undefined;
+    if (billable) {
+      const result = this.ledger.reserve(key.id, { activations: 1 });
+      if (isRefusal(result)) {
+        const held = result.reserved > 0 ? ` (${fmt(result.reserved)} more in flight)` : '';
+        return { status: 429, code: 'exhausted', message: `till key exhausted: ${fmt(result.used)} of ${fmt(result.limit)} activations used${held}` };
+      }
+      reservation = result;
+    }
+    flights.add(flight);
+    this.inFlight.set(key.id, flights);
+    let reached = false;
+    let finished = false;
+    return {
+      key,
+      reservation,
+      reachedUpstream: () => {
+        reached = true;
+      },
+      done: () => {
+        if (finished) return;
+        finished = true;
+        flights.delete(flight);
+        if (!reservation) return;
+        if (reached) {
+          this.ledger.settle(reservation);
+          this.afterSpend(key);
+        } else {
+          this.ledger.release(reservation);
+        }
+      },
+    };
+  }
+
+  /** Announces crossing 80 % and 100 % of a limit, once each per key. */
+  private afterSpend(key: KeyRecord): void {
+    const limits = limitsOf(key.policy);
+    for (const meter of Object.keys(limits) as Meter[]) {
+      const used = key.used[meter] ?? 0;
+      const limit = limits[meter]!;
+      if (used >= limit) {
+        if (this.once(key.id, `${meter}:100`)) this.events.emit({ type: 'key.exhausted', at: this.now(), key: this.summary(key) });
+      } else if (used >= limit * NEAR && this.once(key.id, `${meter}:80`)) {
+        this.events.emit({ type: 'limit.near', at: this.now(), key: this.summary(key), meter, used, limit });
+      }
+    }
+  }
+
+  private once(keyId: string, mark: string): boolean {
+    let marks = this.announced.get(keyId);
+    if (!marks) this.announced.set(keyId, (marks = new Set()));
+    if (marks.has(mark)) return false;
+    marks.add(mark);
+    return true;
+  }
+
+  /** One timer for the next expiry, so `key.expired` arrives when it happens, not at the next request. */
+  private scheduleExpiry(): void {
+    clearTimeout(this.expiryTimer);
+    const now = this.now();
+    let next = Infinity;
+    for (const key of this.ledger.keys()) {
+      const at = key.policy.expiresAt;
+      if (at === undefined || key.revokedAt !== undefined) continue;
+      if (at <= now) {
+        if (this.once(key.id, 'expired')) this.events.emit({ type: 'key.expired', at: now, key: this.summary(key) });
+      } else {
+        next = Math.min(next, at);
+      }
+    }
+    if (next !== Infinity) {
+      // setTimeout overflows above 2^31-1 ms; re-check at least daily.
+      this.expiryTimer = setTimeout(() => this.scheduleExpiry(), Math.min(next - now + 5, 86_400_000));
+      this.expiryTimer.unref();
+    }
+  }
+
+  close(): void {
+    clearTimeout(this.expiryTimer);
+  }
+}

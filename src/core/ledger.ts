@@ -1,0 +1,292 @@
+/**
+ * The ledger: till keys, their counters and state, kept durable across crashes.
+ *
+ * One append-only journal file of checksummed JSON lines, replayed at open and compacted
+ * into a fresh file by atomic rename. Every change is written (one `write(2)`) before it is
+ * acknowledged, so `kill -9` at any moment loses nothing acknowledged: the OS already holds
+ * the bytes. A reservation that was open when the process died may have reached the
+ * upstream, so at the next open it counts as spent: after a crash a key can lose a call it
+ * never made, but it can never serve more than its limit.
+ */
+import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, writeSync } from 'node:fs';
+import { dirname } from 'node:path';
+import { crc32 } from 'node:zlib';
+import { limitsOf, type Amounts, type Meter, type Policy } from './policy';
+
+/** A till key as stored. Never holds the key itself, only its hash. */
+export interface KeyRecord {
+  id: string;
+  hash: string;
+  label: string;
+  provider: string;
+  /** Name of the credential the key is bound to. */
+  credential: string;
+  createdAt: number;
+  policy: Policy;
+  revokedAt?: number;
+  /** Spent amounts, settled from finished requests. */
+  used: Amounts;
+}
+
+/** Derived, never stored: what a person would call the key's state. */
+export type KeyState = 'active' | 'exhausted' | 'expired' | 'revoked';
+
+export function keyState(key: KeyRecord, now = Date.now()): KeyState {
+  if (key.revokedAt !== undefined) return 'revoked';
+  if (key.policy.expiresAt !== undefined && now >= key.policy.expiresAt) return 'expired';
+  const limits = limitsOf(key.policy);
+  for (const meter of Object.keys(limits) as Meter[]) {
+    if ((key.used[meter] ?? 0) >= limits[meter]!) return 'exhausted';
+  }
+  return 'active';
+}
+
+/** A hold on part of a key's limits for one request in flight. */
+export interface Reservation {
+  readonly id: number;
+  readonly keyId: string;
+  readonly amounts: Amounts;
+}
+
+/** Why a reservation was refused: the meter, and how much is used and held. */
+export interface ReserveRefusal {
+  meter: Meter;
+  limit: number;
+  used: number;
+  reserved: number;
+}
+
+/** Thrown when the ledger file cannot be trusted. The file is left as it is. */
+export class LedgerCorruptError extends Error {
+  constructor(
+    readonly file: string,
+    readonly line: number,
+    detail: string,
+  ) {
+    super(`the ledger ${file} is damaged at line ${line} (${detail}). Till left it untouched: restore it from a backup, or move it aside to start with no keys`);
+    this.name = 'LedgerCorruptError';
+  }
+}
+
+type Entry =
+  | { t: 'head'; v: 1 }
+  | { t: 'key'; key: KeyRecord }
+  | { t: 'res'; r: number; k: string; a: Amounts }
+  | { t: 'set'; r: number; u: Amounts }
+  | { t: 'rel'; r: number }
+  | { t: 'rev'; k: string; at: number };
+
+function encode(entry: Entry): string {
+  const json = JSON.stringify(entry);
+  return `${crc32(json).toString(16).padStart(8, '0')} ${json}\n`;
+}
+
+function add(target: Amounts, amounts: Amounts, sign: 1 | -1): void {
+  for (const meter of Object.keys(amounts) as Meter[]) {
+    target[meter] = (target[meter] ?? 0) + sign * amounts[meter]!;
+  }
+}
+
+export interface LedgerOptions {
+  /** Journal entries after which the file is rewritten compactly. Default: 50,000. */
+  compactAfter?: number;
+}
+
+/** The durable store of keys and counters. Single writer: the broker process. */
+export class Ledger {
+  private readonly keysById = new Map<string, KeyRecord>();
+  private readonly reservedByKey = new Map<string, Amounts>();
+  private readonly open = new Map<number, Reservation>();
+  private nextReservation = 1;
+  private fd: number;
+  private entries = 0;
+  private readonly compactAfter: number;
+
+  private constructor(
+    readonly file: string,
+    options: LedgerOptions,
+  ) {
+    this.compactAfter = options.compactAfter ?? 50_000;
+    this.fd = -1;
+  }
+
+  /** Opens (or creates) the ledger at `file`. Throws {@link LedgerCorruptError} on damage. */
+  static open(file: string, options: LedgerOptions = {}): Ledger {
+    const ledger = new Ledger(file, options);
+    mkdirSync(dirname(file), { recursive: true, mode: 0o700 });
+    if (existsSync(file)) ledger.replay(readFileSync(file, 'utf8'));
+    // Reservations open at the last stop may have reached the upstream: count them as spent.
+    for (const res of ledger.open.values()) {
+      const key = ledger.keysById.get(res.keyId);
+      if (key) add(key.used, res.amounts, 1);
+    }
+    ledger.open.clear();
+    ledger.reservedByKey.clear();
+    ledger.compact();
+    return ledger;
+  }
+
+  private replay(text: string): void {
+    if (text.length > 0 && !text.endsWith('\n')) {
+      throw new LedgerCorruptError(this.file, text.split('\n').length, 'the last record is cut short');
+    }
+    const lines = text.split('\n');
+    lines.pop();
+    if (lines.length === 0) throw new LedgerCorruptError(this.file, 1, 'the file is empty; a ledger always starts with a header');
+    lines.forEach((line, i) => {
+      const n = i + 1;
+      const space = line.indexOf(' ');
+      const json = line.slice(space + 1);
+      if (space !== 8 || crc32(json).toString(16).padStart(8, '0') !== line.slice(0, 8)) {
+        throw new LedgerCorruptError(this.file, n, 'checksum mismatch');
+      }
+      let entry: Entry;
+      try {
+        entry = JSON.parse(json) as Entry;
+      } catch {
+        throw new LedgerCorruptError(this.file, n, 'not JSON');
+      }
+      if (n === 1 && entry.t !== 'head') throw new LedgerCorruptError(this.file, n, 'no header: this is not a Till ledger');
+      if (entry.t === 'head' && entry.v !== 1) throw new LedgerCorruptError(this.file, n, `unknown ledger version ${String(entry.v)}`);
+      this.apply(entry);
+    });
+  }
+
+  private apply(entry: Entry): void {
+    switch (entry.t) {
+      case 'head':
+        return;
+      case 'key':
+        this.keysById.set(entry.key.id, entry.key);
+        return;
+      case 'rev': {
+        const key = this.keysById.get(entry.k);
+        if (key && key.revokedAt === undefined) key.revokedAt = entry.at;
+        return;
+      }
+      case 'res': {
+        const res = { id: entry.r, keyId: entry.k, amounts: entry.a };
+        this.open.set(res.id, res);
+        this.nextReservation = Math.max(this.nextReservation, res.id + 1);
+        add(this.reservedFor(res.keyId), res.amounts, 1);
+        return;
+      }
+      case 'set':
+      case 'rel': {
+        const res = this.open.get(entry.r);
+        if (!res) return;
+        this.open.delete(entry.r);
+        add(this.reservedFor(res.keyId), res.amounts, -1);
+        const key = this.keysById.get(res.keyId);
+        if (key && entry.t === 'set') add(key.used, entry.u, 1);
+        return;
+      }
+    }
+  }
+
+  private reservedFor(keyId: string): Amounts {
+    let r = this.reservedByKey.get(keyId);
+    if (!r) this.reservedByKey.set(keyId, (r = {}));
+    return r;
+  }
+
+  private write(entry: Entry, sync = false): void {
+    writeSync(this.fd, encode(entry));
+    if (sync) fsyncSync(this.fd);
+    if (++this.entries >= this.compactAfter) this.compact();
+  }
+
+  /** Rewrites the journal as the current state, through a temporary file and an atomic rename. */
+  compact(): void {
+    const tmp = `${this.file}.tmp`;
+    const fd = openSync(tmp, 'w', 0o600);
+    let text = encode({ t: 'head', v: 1 });
+    for (const key of this.keysById.values()) text += encode({ t: 'key', key });
+    for (const res of this.open.values()) text += encode({ t: 'res', r: res.id, k: res.keyId, a: res.amounts });
+    writeSync(fd, text);
+    fsyncSync(fd);
+    closeSync(fd);
+    renameSync(tmp, this.file);
+    if (this.fd >= 0) closeSync(this.fd);
+    this.fd = openSync(this.file, 'a', 0o600);
+    this.entries = 0;
+  }
+
+  keys(): KeyRecord[] {
+    return [...this.keysById.values()];
+  }
+
+  get(id: string): KeyRecord | undefined {
+    return this.keysById.get(id);
+  }
+
+  /** Amounts held by requests in flight. */
+  reserved(id: string): Amounts {
+    return this.reservedByKey.get(id) ?? {};
+  }
+
+  /** Records a newly issued key (synced to disk: an issued key must survive a power cut too). */
+  addKey(key: KeyRecord): void {
+    if (this.keysById.has(key.id)) throw new Error(`key id ${key.id} exists`);
+    this.keysById.set(key.id, key);
+    this.write({ t: 'key', key }, true);
+  }
+
+  /** Revokes a key. Returns false when it was already revoked or is unknown. */
+  revoke(id: string, at = Date.now()): boolean {
+    const key = this.keysById.get(id);
+    if (!key || key.revokedAt !== undefined) return false;
+    key.revokedAt = at;
+    this.write({ t: 'rev', k: id, at }, true);
+    return true;
+  }
+
+  /**
+   * Atomically holds `amounts` against the key's limits. Returns the reservation, or why not.
+   * Synchronous on purpose: no other request can run between the check and the hold.
+   */
+  reserve(keyId: string, amounts: Amounts): Reservation | ReserveRefusal {
+    const key = this.keysById.get(keyId);
+    if (!key) throw new Error(`unknown key ${keyId}`);
+    const limits = limitsOf(key.policy);
+    const reserved = this.reservedFor(keyId);
+    for (const meter of Object.keys(amounts) as Meter[]) {
+      const limit = limits[meter];
+      if (limit === undefined) continue;
+      const used = key.used[meter] ?? 0;
+      const held = reserved[meter] ?? 0;
+      if (used + held + amounts[meter]! > limit) return { meter, limit, used, reserved: held };
+    }
+    const res: Reservation = { id: this.nextReservation++, keyId, amounts };
+    this.write({ t: 'res', r: res.id, k: keyId, a: amounts });
+    this.open.set(res.id, res);
+    add(reserved, amounts, 1);
+    return res;
+  }
+
+  /** Turns a reservation into spending of `actual` (by default, what was reserved). */
+  settle(res: Reservation, actual: Amounts = res.amounts): void {
+    if (!this.open.delete(res.id)) return;
+    this.write({ t: 'set', r: res.id, u: actual });
+    add(this.reservedFor(res.keyId), res.amounts, -1);
+    const key = this.keysById.get(res.keyId);
+    if (key) add(key.used, actual, 1);
+  }
+
+  /** Gives a reservation back: the request never reached the upstream. */
+  release(res: Reservation): void {
+    if (!this.open.delete(res.id)) return;
+    this.write({ t: 'rel', r: res.id });
+    add(this.reservedFor(res.keyId), res.amounts, -1);
+  }
+
+  close(): void {
+    if (this.fd >= 0) closeSync(this.fd);
+    this.fd = -1;
+  }
+}
+
+/** True when a value is a refusal rather than a reservation. */
+export function isRefusal(value: Reservation | ReserveRefusal): value is ReserveRefusal {
+  return 'meter' in value && 'limit' in value;
+}

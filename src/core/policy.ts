@@ -1,0 +1,143 @@
+/**
+ * A till key's policy: its limits and its scope. Limits that are spent (activations now,
+ * tokens and spend later) are "meters" so that one reservation mechanism covers them all.
+ */
+import { matchPattern } from './providers';
+
+/** Something a limit is counted in. Token and spend meters join this union later. */
+export type Meter = 'activations';
+export type Amounts = Partial<Record<Meter, number>>;
+
+export interface Policy {
+  /** Billable requests allowed. Default: unlimited. */
+  maxActivations?: number;
+  /** Epoch ms after which the key stops working. Default: never. */
+  expiresAt?: number;
+  /** Requests per minute (all requests, billable or not). Default: unlimited. */
+  rpm?: number;
+  /** Requests in flight at once. Default: unlimited. */
+  concurrency?: number;
+  /** Allowed HTTP methods, upper case. Default: all. */
+  methods?: string[];
+  /** Allowed path patterns in the provider's namespace, e.g. `/v1/chat/*`. Default: all. */
+  paths?: string[];
+  /** Allowed models (patterns), from the JSON body's `model` or the path. Default: all. */
+  models?: string[];
+}
+
+/** What a user asks for at issue: durations as text (`30m`) or ms. */
+export interface PolicyInput {
+  uses?: number;
+  ttl?: string | number;
+  rpm?: number;
+  concurrency?: number;
+  methods?: string[];
+  paths?: string[];
+  models?: string[];
+}
+
+const UNITS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000, w: 604_800_000 };
+
+/** Parses `90s`, `30m`, `1h30m`, `7d`; a bare number is seconds. */
+export function parseDuration(text: string): number {
+  const trimmed = text.trim();
+  if (/^\d+$/.test(trimmed)) return Number(trimmed) * 1000;
+  const parts = [...trimmed.matchAll(/(\d+(?:\.\d+)?)(ms|s|m|h|d|w)/g)];
+  if (parts.length === 0 || parts.map((p) => p[0]).join('') !== trimmed) {
+    throw new Error(`"${text}" is not a duration: use e.g. 90s, 30m, 2h, 7d`);
+  }
+  return parts.reduce((sum, p) => sum + Number(p[1]) * UNITS[p[2]!]!, 0);
+}
+
+function positiveInt(value: number | undefined, name: string): number | undefined {
+  if (value === undefined) return undefined;
+  if (!Number.isSafeInteger(value) || value < 1) throw new Error(`${name} must be a whole number of at least 1 (got ${value})`);
+  return value;
+}
+
+function list(values: string[] | undefined, name: string, check?: (v: string) => boolean): string[] | undefined {
+  if (values === undefined) return undefined;
+  const cleaned = values.map((v) => v.trim()).filter(Boolean);
+  if (cleaned.length === 0) throw new Error(`${name} needs at least one value`);
+  for (const v of cleaned) if (check && !check(v)) throw new Error(`${name}: "${v}" is not valid`);
+  return cleaned;
+}
+
+/** Validates what a user asked for and turns it into a policy. Throws with a readable message. */
+export function buildPolicy(input: PolicyInput, now = Date.now()): Policy {
+  const policy: Policy = {};
+  const uses = positiveInt(input.uses, 'uses');
+  if (uses !== undefined) policy.maxActivations = uses;
+  if (input.ttl !== undefined) {
+    const ms = typeof input.ttl === 'number' ? input.ttl : parseDuration(input.ttl);
+    if (!(ms > 0)) throw new Error('ttl must be longer than zero');
+    policy.expiresAt = now + ms;
+  }
+  const rpm = positiveInt(input.rpm, 'rpm');
+  if (rpm !== undefined) policy.rpm = rpm;
+  const concurrency = positiveInt(input.concurrency, 'concurrency');
+  if (concurrency !== undefined) policy.concurrency = concurrency;
+  const methods = list(input.methods, 'methods', (m) => /^[A-Za-z]+$/.test(m));
+  if (methods) policy.methods = methods.map((m) => m.toUpperCase());
+  const paths = list(input.paths, 'paths', (p) => p.startsWith('/') || p === '*');
+  if (paths) policy.paths = paths;
+  const models = list(input.models, 'models');
+  if (models) policy.models = models;
+  return policy;
+}
+
+/** The limit of each meter under a policy; a missing meter is unlimited. */
+export function limitsOf(policy: Policy): Amounts {
+  return policy.maxActivations === undefined ? {} : { activations: policy.maxActivations };
+}
+
+/**
+ * Checks a request against the policy's scope. Returns why it is out of scope, or undefined.
+ * `model` is undefined when the request names none; a models scope then refuses it only for
+ * billable requests (listing models names none and is fine).
+ */
+export function scopeViolation(policy: Policy, method: string, path: string, model: string | undefined, billable: boolean): string | undefined {
+  if (policy.methods && !policy.methods.includes(method)) {
+    return `method ${method} is not allowed for this till key (allowed: ${policy.methods.join(', ')})`;
+  }
+  if (policy.paths && !policy.paths.some((p) => matchPattern(p, path))) {
+    return `path ${path} is not allowed for this till key (allowed: ${policy.paths.join(', ')})`;
+  }
+  if (policy.models) {
+    if (model === undefined) {
+      if (billable) return `this till key is limited to models ${policy.models.join(', ')} and the request names no model`;
+    } else if (!policy.models.some((p) => matchPattern(p, model))) {
+      return `model ${model} is not allowed for this till key (allowed: ${policy.models.join(', ')})`;
+    }
+  }
+  return undefined;
+}
+
+/** A one-line description of a policy, for `till ls`, tooltips and logs. */
+export function describePolicy(policy: Policy, now = Date.now()): string {
+  const parts: string[] = [];
+  parts.push(policy.maxActivations === undefined ? 'unlimited calls' : `${policy.maxActivations} calls`);
+  if (policy.expiresAt !== undefined) parts.push(policy.expiresAt > now ? `expires in ${formatDuration(policy.expiresAt - now)}` : 'expired');
+  if (policy.rpm !== undefined) parts.push(`${policy.rpm}/min`);
+  if (policy.concurrency !== undefined) parts.push(`${policy.concurrency} at once`);
+  if (policy.methods) parts.push(policy.methods.join(','));
+  if (policy.paths) parts.push(policy.paths.join(','));
+  if (policy.models) parts.push(`models ${policy.models.join(',')}`);
+  return parts.join(', ');
+}
+
+/** `1h 5m`, `42s`: the largest two units. */
+export function formatDuration(ms: number): string {
+  const s = Math.max(0, Math.round(ms / 1000));
+  const units: [string, number][] = [['d', 86400], ['h', 3600], ['m', 60], ['s', 1]];
+  const parts: string[] = [];
+  let rest = s;
+  for (const [name, size] of units) {
+    if (rest >= size || (parts.length === 0 && size === 1)) {
+      parts.push(`${Math.floor(rest / size)}${name}`);
+      rest %= size;
+    }
+    if (parts.length === 2) break;
+  }
+  return parts.join(' ');
+}

@@ -1,0 +1,172 @@
+/**
+ * One running Till: the broker, its ledger, audit log, keys and control channel, for one
+ * data folder. `till serve` runs it in the foreground; the VS Code extension hosts it in its
+ * extension host.
+ */
+import { mkdirSync } from 'node:fs';
+import { AuditLog } from './audit';
+import { Broker } from './broker';
+import { ControlError, ControlServer } from './control';
+import { CredentialList, type CredentialInfo } from './credentials';
+import { TillEvents, type KeySummary } from './events';
+import { readConfig, tillPaths, type TillPaths } from './home';
+import { TillKeys } from './keys';
+import { Ledger } from './ledger';
+import { buildPolicy, type Policy, type PolicyInput } from './policy';
+import { ProviderRegistry, type Provider } from './providers';
+import { KeychainVault, VaultError, type Vault } from './vault';
+
+export interface ServiceOptions {
+  home: string;
+  /** Broker port; overrides config.json. Default: config.json's, else 8455. */
+  port?: number;
+  /** Environment for upstream overrides. Default: process.env. */
+  env?: NodeJS.ProcessEnv;
+  vault?: Vault;
+  log?: (line: string) => void;
+  /** Broker limits and timeouts, for tests and the settings. */
+  broker?: Partial<Pick<import('./broker').BrokerOptions, 'maxBodyBytes' | 'maxHeaderBytes' | 'headersTimeoutMs' | 'requestTimeoutMs' | 'upstreamIdleTimeoutMs'>>;
+}
+
+/** What a control client sends to issue a key. */
+export interface IssueInput extends PolicyInput {
+  /** A provider id (when it has exactly one credential) or a credential name. */
+  target: string;
+  label?: string;
+}
+
+/** What issuing a key returns: the only time the full key is given out. */
+export interface IssuedKey {
+  id: string;
+  key: string;
+  provider: string;
+  credential: string;
+  label: string;
+  baseUrl: string;
+  env: Record<string, string>;
+  policy: Policy;
+}
+
+/** The env vars that point a provider's SDKs and agents at the broker with a till key. */
+export function envFor(provider: Provider, key: string, baseUrl: string): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const name of provider.keyEnv) env[name] = key;
+  for (const name of provider.baseUrlEnv) env[name] = baseUrl;
+  return env;
+}
+
+export class TillService {
+  private constructor(
+    readonly paths: TillPaths,
+    readonly events: TillEvents,
+    readonly broker: Broker,
+    readonly keys: TillKeys,
+    readonly providers: ProviderRegistry,
+    readonly credentials: CredentialList,
+    private readonly ledger: Ledger,
+    private readonly audit: AuditLog,
+    private readonly control: ControlServer,
+    private readonly vault: Vault,
+  ) {}
+
+  /** Claims the data folder, opens the ledger, starts the broker and the control channel. */
+  static async start(options: ServiceOptions): Promise<TillService> {
+    const paths = tillPaths(options.home);
+    mkdirSync(paths.home, { recursive: true, mode: 0o700 });
+    const config = readConfig(paths);
+    const providers = new ProviderRegistry(config.providers, config.upstreams, options.env);
+    const control = new ControlServer(paths);
+    await control.claim();
+    let ledger: Ledger | undefined;
+    let audit: AuditLog | undefined;
+    try {
+      ledger = Ledger.open(paths.ledger);
+      audit = new AuditLog(paths.audit);
+      const vault = options.vault ?? new KeychainVault({ service: paths.keychainService });
+      const events = new TillEvents();
+      const keys = new TillKeys(ledger, events);
+      const broker = new Broker({ keys, vault, providers, events, audit, port: options.port ?? config.port, log: options.log, maxBodyBytes: config.maxBodyBytes, ...options.broker });
+      await broker.start();
+      const service = new TillService(paths, events, broker, keys, providers, new CredentialList(paths.credentials), ledger, audit, control, vault);
+      control.serve(service.controlRoutes());
+      return service;
+    } catch (err) {
+      ledger?.close();
+      audit?.close();
+      await control.close();
+      throw err;
+    }
+  }
+
+  get url(): string {
+    return this.broker.url;
+  }
+
+  private resolveCredential(target: string): CredentialInfo {
+    const named = this.credentials.get(target);
+    if (named) return named;
+    if (!this.providers.get(target)) {
+      throw new ControlError(404, `"${target}" is neither a credential nor a provider; see \`till credential ls\``);
+    }
+    const all = this.credentials.forProvider(target);
+    if (all.length === 0) throw new ControlError(404, `no credential for ${target}: add one with \`till credential add ${target}\``);
+    if (all.length > 1) throw new ControlError(409, `${target} has ${all.length} credentials (${all.map((c) => c.name).join(', ')}): name one`);
+    return all[0]!;
+  }
+
+  /** Issues a key. Checks first that the credential can be read, so a locked keychain shows now, not at the first request. */
+  async issue(input: IssueInput): Promise<IssuedKey> {
+    const credential = this.resolveCredential(input.target);
+    const provider = this.providers.get(credential.provider);
+    if (!provider) throw new ControlError(404, `credential ${credential.name} is for unknown provider ${credential.provider}`);
+    let policy: Policy;
+    try {
+      policy = buildPolicy(input);
+    } catch (err) {
+      throw new ControlError(400, (err as Error).message);
+    }
+    try {
+      await this.vault.get(credential.name);
+    } catch (err) {
+      throw new ControlError(503, err instanceof VaultError ? err.message : `the keychain failed: ${(err as Error).message}`);
+    }
+    const { key, record } = this.keys.issue({ provider: provider.id, credential: credential.name, label: input.label, policy });
+    const baseUrl = this.broker.baseUrlFor(provider);
+    return { id: record.id, key, provider: provider.id, credential: credential.name, label: record.label, baseUrl, env: envFor(provider, key, baseUrl), policy };
+  }
+
+  list(): KeySummary[] {
+    return this.keys.list();
+  }
+
+  private controlRoutes() {
+    return {
+      routes: {
+        'GET /status': () => ({ url: this.url, pid: process.pid, home: this.paths.home, keys: this.list().filter((k) => k.state === 'active').length }),
+        'POST /keys': (body: unknown) => this.issue(body as IssueInput),
+        'GET /keys': () => this.list(),
+        'DELETE /keys': (_: unknown, params: string[]) => {
+          const [id] = params;
+          if (id === undefined || id === '') return { revoked: this.keys.revokeAll() };
+          if (!this.keys.get(id)) throw new ControlError(404, `no till key with id ${id}`);
+          return { revoked: this.keys.revoke(id) ? 1 : 0 };
+        },
+        'POST /credentials': (body: unknown) => {
+          this.broker.forgetCredential((body as { name?: string } | undefined)?.name);
+          return {};
+        },
+      },
+      streams: {
+        'GET /events': (send: (value: unknown) => void) => this.events.on(send),
+      },
+    };
+  }
+
+  async close(): Promise<void> {
+    this.keys.close();
+    await this.control.close();
+    await this.broker.close();
+    this.audit.close();
+    this.ledger.close();
+  }
+}

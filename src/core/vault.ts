@@ -1,0 +1,113 @@
+/**
+ * The vault: credentials in the OS keychain (Keychain on macOS, Credential Manager on
+ * Windows, Secret Service on Linux) through @napi-rs/keyring. Never a plaintext file.
+ *
+ * Keychains misbehave in ways a broker must survive: a locked one, none at all, one that
+ * hangs on an unlock prompt nobody sees. Every call here is serialized, has a timeout, and
+ * fails with a {@link VaultError} whose message says what to do.
+ */
+import { AsyncEntry } from '@napi-rs/keyring';
+
+export type VaultErrorKind = 'missing' | 'locked' | 'unavailable' | 'timeout';
+
+export class VaultError extends Error {
+  constructor(
+    readonly kind: VaultErrorKind,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'VaultError';
+  }
+}
+
+/** Where credentials are kept. The keychain in production; the interface lets the editor offer its own secret storage. */
+export interface Vault {
+  /** The secret of a credential. Throws {@link VaultError} (`missing`, `locked`, …). */
+  get(name: string): Promise<string>;
+  set(name: string, secret: string): Promise<void>;
+  /** Returns false when there was nothing to delete. */
+  delete(name: string): Promise<boolean>;
+}
+
+export interface KeychainVaultOptions {
+  /** Keychain service name. Default: `till`. */
+  service?: string;
+  /** Per-call timeout in ms. Default: 5000. */
+  timeoutMs?: number;
+}
+
+const UNAVAILABLE_HINT =
+  process.platform === 'linux'
+    ? 'no OS keychain is reachable (Secret Service over D-Bus). Start one (gnome-keyring, or KeePassXC with Secret Service on) in this session and retry'
+    : 'the OS keychain is not reachable from this process';
+
+function classify(err: unknown): VaultError {
+  const text = err instanceof Error ? err.message : String(err);
+  if (/lock|unlock|prompt|dismissed/i.test(text)) {
+    return new VaultError('locked', 'the OS keychain is locked: unlock it (log in to the desktop session, or unlock the "login" keyring) and retry');
+  }
+  return new VaultError('unavailable', `${UNAVAILABLE_HINT}. Till never falls back to a plain file. (${text.replace(/\s+/g, ' ').slice(0, 200)})`);
+}
+
+/** Credentials in the OS keychain. One entry object per account, reused; one call at a time. */
+export class KeychainVault implements Vault {
+  private readonly entries = new Map<string, AsyncEntry>();
+  private queue: Promise<unknown> = Promise.resolve();
+  private readonly service: string;
+  private readonly timeoutMs: number;
+
+  constructor(options: KeychainVaultOptions = {}) {
+    this.service = options.service ?? 'till';
+    this.timeoutMs = options.timeoutMs ?? 5000;
+  }
+
+  private entry(name: string): AsyncEntry {
+    let entry = this.entries.get(name);
+    if (!entry) {
+      // Pinned to Secret Service: the library's Linux default silently falls back to the kernel keyring.
+      entry = new AsyncEntry(this.service, name, { linux: { store: 'secret-service' } });
+      this.entries.set(name, entry);
+    }
+    return entry;
+  }
+
+  private call<T>(name: string, op: (entry: AsyncEntry, signal: AbortSignal) => Promise<T>): Promise<T> {
+    const run = async () => {
+      const abort = new AbortController();
+      let timer: NodeJS.Timeout | undefined;
+      const timeout = new Promise<never>((_, reject) => {
+        timer = setTimeout(() => {
+          abort.abort();
+          reject(new VaultError('timeout', `the OS keychain did not answer within ${this.timeoutMs / 1000} s: it may be locked and waiting for an unlock prompt`));
+        }, this.timeoutMs);
+      });
+      try {
+        const attempt = (async () => op(this.entry(name), abort.signal))().catch((err: unknown) => {
+          throw err instanceof VaultError ? err : classify(err);
+        });
+        return await Promise.race([attempt, timeout]);
+      } finally {
+        clearTimeout(timer);
+      }
+    };
+    const result = this.queue.then(run, run);
+    this.queue = result.catch(() => undefined);
+    return result;
+  }
+
+  async get(name: string): Promise<string> {
+    const secret = await this.call(name, (e, signal) => e.getPassword(signal));
+    if (secret === null || secret === undefined) {
+      throw new VaultError('missing', `credential "${name}" is not in the OS keychain: add it again with \`till credential add\``);
+    }
+    return secret;
+  }
+
+  async set(name: string, secret: string): Promise<void> {
+    await this.call(name, (e, signal) => e.setPassword(secret, signal));
+  }
+
+  async delete(name: string): Promise<boolean> {
+    return this.call(name, (e, signal) => e.deleteCredential(signal));
+  }
+}

@@ -1,0 +1,1 @@
+// The usage view's script: arrives with the VS Code extension issue.

@@ -1,0 +1,705 @@
+/**
+ * Fake upstream provider APIs for tests: real HTTP servers on 127.0.0.1 that answer like OpenAI,
+ * Anthropic, Gemini and the GitHub REST API do (auth headers, error bodies, usage and streaming
+ * shapes; see ../shared/PROVIDERS.md). They never reach the network.
+ *
+ * Determinism, so tests can assert exact numbers:
+ * - input tokens = fakeTokenCount(request body) = ceil(UTF-8 bytes of the body / 4), at least 1;
+ * - the answer is fakeAnswer(n): n text chunks, one output token each, where
+ *   n = min(streamChunks, the request's max-tokens field if any). When the limit cuts the answer,
+ *   the provider's "length" stop reason is reported.
+ */
+import { randomBytes } from 'node:crypto';
+import { createServer, type IncomingHttpHeaders, type IncomingMessage, type ServerResponse } from 'node:http';
+import type { AddressInfo, Socket } from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
+
+export interface ReceivedRequest {
+  method: string;
+  /** Path including the query string. */
+  path: string;
+  headers: IncomingHttpHeaders;
+  body: string;
+}
+
+export interface Upstream {
+  /** Origin, e.g. http://127.0.0.1:PORT (no trailing slash). */
+  url: string;
+  /** Every request that passed auth (or needed none, like Anthropic's `HEAD /`), in arrival order. */
+  received: ReceivedRequest[];
+  /** Requests refused for a bad or missing credential. */
+  rejected: ReceivedRequest[];
+  /** Number of requests currently being served (open responses). */
+  inFlight(): number;
+  /**
+   * Responses the client closed before the server had ended them: streams cut mid-way and
+   * requests left hanging by `hang: true`.
+   */
+  abortedStreams(): number;
+  /** Resolves when the Nth request (1-based, authenticated) has arrived. */
+  waitForRequests(n: number, timeoutMs?: number): Promise<void>;
+  /** Closes the server and destroys all open sockets. */
+  close(): Promise<void>;
+}
+
+export interface UpstreamOptions {
+  /** The ONLY credential accepted. */
+  credential: string;
+  /** Delay between SSE events in ms (default 0). */
+  streamDelayMs?: number;
+  /** Number of content chunks in a streamed answer (default 5). */
+  streamChunks?: number;
+  /**
+   * If set, the server accepts (authenticated) requests but never answers (to test timeouts/aborts).
+   * Bad credentials are still refused at once, and Anthropic still refuses a missing anthropic-version.
+   */
+  hang?: boolean;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic content
+
+const WORDS = ['Hello', ' from', ' a', ' fake', ' upstream'];
+
+/** The text chunks of an answer of `chunks` tokens ("Hello from a fake upstream" for 5). */
+export function fakeAnswerChunks(chunks: number): string[] {
+  return Array.from({ length: chunks }, (_, i) => WORDS[i] ?? ` word${i}`);
+}
+
+/** The whole answer text of `chunks` tokens. */
+export function fakeAnswer(chunks: number): string {
+  return fakeAnswerChunks(chunks).join('');
+}
+
+/** Input tokens every fixture reports for a request body: ceil(UTF-8 bytes / 4), at least 1. */
+export function fakeTokenCount(body: string): number {
+  return Math.max(1, Math.ceil(Buffer.byteLength(body) / 4));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared machinery
+
+type Json = Record<string, unknown>;
+
+interface Exchange {
+  req: IncomingMessage;
+  res: ServerResponse;
+  method: string;
+  url: URL;
+  body: string;
+  opts: Required<UpstreamOptions>;
+}
+
+/** An error answer: status and JSON body. */
+class Refusal {
+  constructor(
+    readonly status: number,
+    readonly body: unknown,
+  ) {}
+}
+
+interface Route {
+  method: string;
+  path: RegExp;
+  /** Served without a credential (and without the provider's other header checks). */
+  open?: boolean;
+  handle(ex: Exchange, match: RegExpExecArray): void | Promise<void>;
+}
+
+interface Provider {
+  /** null when the credential is right, else the refusal to send. */
+  authenticate(ex: Exchange): Refusal | null;
+  /** Checks made after auth on non-open routes (e.g. a required version header). */
+  precheck?(ex: Exchange): Refusal | null;
+  /** Headers set on every response (request ids, rate limits). */
+  headers?(ex: Exchange, accepted: boolean): Record<string, string>;
+  routes: Route[];
+  notFound(ex: Exchange): Refusal;
+}
+
+function sendJson(res: ServerResponse, status: number, body: unknown): void {
+  const text = JSON.stringify(body);
+  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) });
+  res.end(text);
+}
+
+const sendRefusal = (ex: Exchange, r: Refusal): void => sendJson(ex.res, r.status, r.body);
+
+const sseData = (data: unknown, eol = '\n'): string =>
+  `data: ${typeof data === 'string' ? data : JSON.stringify(data)}${eol}${eol}`;
+/** A named SSE event whose `event:` line repeats the payload's `type`. */
+type TypedEvent = { type: string } & Json;
+const sseEvent = (event: TypedEvent): string => `event: ${event.type}\ndata: ${JSON.stringify(event)}\n\n`;
+
+/**
+ * Writes frames one res.write at a time, streamDelayMs apart, and stops as soon as the client
+ * has gone (the core counts that as an aborted stream).
+ */
+async function writeStream(ex: Exchange, frames: string[], contentType = 'text/event-stream; charset=utf-8'): Promise<void> {
+  const { res } = ex;
+  res.writeHead(200, { 'content-type': contentType, 'cache-control': 'no-cache', connection: 'keep-alive' });
+  res.flushHeaders();
+  for (const [i, frame] of frames.entries()) {
+    if (i > 0 && ex.opts.streamDelayMs > 0) await sleep(ex.opts.streamDelayMs);
+    if (res.destroyed) return;
+    if (!res.write(frame)) {
+      await new Promise<void>((resolve) => {
+        res.once('drain', resolve);
+        res.once('close', resolve);
+      });
+    }
+  }
+  if (!res.destroyed) res.end();
+}
+
+function parseObject(body: string): Json | null {
+  try {
+    const value: unknown = JSON.parse(body);
+    return value !== null && typeof value === 'object' && !Array.isArray(value) ? (value as Json) : null;
+  } catch {
+    return null;
+  }
+}
+
+const str = (v: unknown): string | undefined => (typeof v === 'string' ? v : undefined);
+const num = (v: unknown): number | undefined => (typeof v === 'number' && Number.isFinite(v) ? v : undefined);
+const obj = (v: unknown): Json => (v !== null && typeof v === 'object' && !Array.isArray(v) ? (v as Json) : {});
+const header = (ex: Exchange, name: string): string | undefined => {
+  const v = ex.req.headers[name];
+  return Array.isArray(v) ? v[0] : v;
+};
+/** The token of `Authorization: <scheme> <token>` when the scheme is one of `schemes`. */
+function authToken(ex: Exchange, schemes: string[]): string | undefined {
+  const m = /^(\S+)\s+(.+)$/.exec(header(ex, 'authorization') ?? '');
+  return m && schemes.includes(m[1]!.toLowerCase()) ? m[2]!.trim() : undefined;
+}
+const newId = (prefix: string): string => `${prefix}${randomBytes(12).toString('hex')}`;
+const nowSeconds = (): number => Math.floor(Date.now() / 1000);
+
+/** Number of answer chunks given the configured count and an optional max-tokens limit. */
+function answerLength(ex: Exchange, limit: unknown): { n: number; truncated: boolean } {
+  const max = num(limit);
+  const n = max === undefined ? ex.opts.streamChunks : Math.max(0, Math.min(ex.opts.streamChunks, Math.floor(max)));
+  return { n, truncated: n < ex.opts.streamChunks };
+}
+
+async function startUpstream(options: UpstreamOptions, provider: Provider): Promise<Upstream> {
+  const opts: Required<UpstreamOptions> = { streamDelayMs: 0, streamChunks: 5, hang: false, ...options };
+  const received: ReceivedRequest[] = [];
+  const rejected: ReceivedRequest[] = [];
+  const sockets = new Set<Socket>();
+  const waiters = new Set<{ n: number; resolve(): void; reject(err: Error): void }>();
+  let inFlight = 0;
+  let aborted = 0;
+  let closing = false;
+
+  const server = createServer((req, res) => {
+    inFlight++;
+    res.on('close', () => {
+      inFlight--;
+      if (!res.writableEnded && !closing) aborted++;
+    });
+    void serve(req, res).catch((err: unknown) => {
+      if (!res.headersSent) sendJson(res, 500, { error: { message: `fixture error: ${String(err)}` } });
+      else res.destroy();
+    });
+  });
+  server.on('connection', (socket) => {
+    sockets.add(socket);
+    socket.on('close', () => sockets.delete(socket));
+  });
+
+  async function serve(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const chunks: Buffer[] = [];
+    try {
+      for await (const chunk of req) chunks.push(chunk as Buffer);
+    } catch {
+      return; // the client went away while sending
+    }
+    const body = Buffer.concat(chunks).toString('utf8');
+    const method = req.method ?? 'GET';
+    const ex: Exchange = { req, res, method, url: new URL(req.url ?? '/', 'http://127.0.0.1'), body, opts };
+    const record: ReceivedRequest = { method, path: req.url ?? '/', headers: req.headers, body };
+
+    let found: { route: Route; match: RegExpExecArray } | undefined;
+    for (const route of provider.routes) {
+      const match = route.method === method ? route.path.exec(ex.url.pathname) : null;
+      if (match) {
+        found = { route, match };
+        break;
+      }
+    }
+    const open = found?.route.open === true;
+    const refusal = open ? null : provider.authenticate(ex);
+    for (const [name, value] of Object.entries(provider.headers?.(ex, !refusal) ?? {})) res.setHeader(name, value);
+    if (refusal) {
+      rejected.push(record);
+      return sendRefusal(ex, refusal);
+    }
+    received.push(record);
+    for (const w of waiters) if (received.length >= w.n) w.resolve();
+    const failure = open ? null : provider.precheck?.(ex);
+    if (failure) return sendRefusal(ex, failure);
+    if (opts.hang) return; // accepted, never answered
+    if (!found) return sendRefusal(ex, provider.notFound(ex));
+    await found.route.handle(ex, found.match);
+  }
+
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => resolve());
+  });
+  const { port } = server.address() as AddressInfo;
+
+  return {
+    url: `http://127.0.0.1:${port}`,
+    received,
+    rejected,
+    inFlight: () => inFlight,
+    abortedStreams: () => aborted,
+    waitForRequests(n, timeoutMs = 5_000) {
+      if (received.length >= n) return Promise.resolve();
+      return new Promise<void>((resolve, reject) => {
+        const waiter = {
+          n,
+          resolve: () => settle(() => resolve()),
+          reject: (err: Error) => settle(() => reject(err)),
+        };
+        const timer = setTimeout(
+          () => waiter.reject(new Error(`upstream: ${received.length} of ${n} requests arrived within ${timeoutMs} ms`)),
+          timeoutMs,
+        );
+        function settle(fn: () => void) {
+          clearTimeout(timer);
+          waiters.delete(waiter);
+          fn();
+        }
+        waiters.add(waiter);
+      });
+    },
+    close() {
+      if (closing) return Promise.resolve();
+      closing = true;
+      for (const w of waiters) w.reject(new Error('upstream closed'));
+      return new Promise<void>((resolve) => {
+        server.close(() => resolve());
+        for (const socket of sockets) socket.destroy();
+      });
+    },
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// OpenAI (clients use baseURL `${url}/v1`)
+
+const openAIError = (status: number, message: string, code: string | null = null, param: string | null = null): Refusal =>
+  new Refusal(status, { error: { message, type: 'invalid_request_error', param, code } });
+
+/** Masks a key as OpenAI's error messages do: a few leading and trailing characters only. */
+export function maskKey(key: string): string {
+  if (key.length < 12) return '*'.repeat(Math.max(3, key.length));
+  const shown = key.length >= 20 ? 6 : 3;
+  return `${key.slice(0, shown)}${'*'.repeat(key.length - shown - 4)}${key.slice(-4)}`;
+}
+
+const OPENAI_MODELS = ['gpt-5', 'gpt-5-mini', 'gpt-4.1', 'gpt-4o-mini', 'text-embedding-3-small'];
+const openAIModel = (id: string) => ({ id, object: 'model', created: 1_700_000_000, owned_by: 'system' });
+const FINGERPRINT = 'fp_till_fake';
+
+/** Parses an OpenAI request body, or the refusal OpenAI sends for it. */
+function openAIBody(ex: Exchange, required: string): Json | Refusal {
+  const body = parseObject(ex.body);
+  if (!body)
+    return openAIError(400, "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)");
+  if (typeof body.model !== 'string') return openAIError(400, 'you must provide a model parameter');
+  if (body[required] === undefined) return openAIError(400, `Missing required parameter: '${required}'.`, 'missing_required_parameter', required);
+  return body;
+}
+
+function chatCompletions(ex: Exchange): void | Promise<void> {
+  const body = openAIBody(ex, 'messages');
+  if (body instanceof Refusal) return sendRefusal(ex, body);
+  const model = body.model as string;
+  const { n, truncated } = answerLength(ex, body.max_completion_tokens ?? body.max_tokens);
+  const finish_reason = truncated ? 'length' : 'stop';
+  const prompt = fakeTokenCount(ex.body);
+  const usage = {
+    prompt_tokens: prompt,
+    completion_tokens: n,
+    total_tokens: prompt + n,
+    prompt_tokens_details: { cached_tokens: 0, audio_tokens: 0 },
+    completion_tokens_details: { reasoning_tokens: 0, audio_tokens: 0, accepted_prediction_tokens: 0, rejected_prediction_tokens: 0 },
+  };
+  const base = { id: newId('chatcmpl-'), created: nowSeconds(), model, service_tier: 'default', system_fingerprint: FINGERPRINT };
+
+  if (body.stream !== true) {
+    return sendJson(ex.res, 200, {
+      ...base,
+      object: 'chat.completion',
+      choices: [{ index: 0, message: { role: 'assistant', content: fakeAnswer(n), refusal: null, annotations: [] }, logprobs: null, finish_reason }],
+      usage,
+    });
+  }
+  const includeUsage = obj(body.stream_options).include_usage === true;
+  const chunk = (choices: unknown[]) => ({ ...base, object: 'chat.completion.chunk', choices, ...(includeUsage ? { usage: null } : {}) });
+  const choice = (delta: Json, finish: string | null = null) => ({ index: 0, delta, logprobs: null, finish_reason: finish });
+  const frames = [
+    chunk([choice({ role: 'assistant', content: '', refusal: null })]),
+    ...fakeAnswerChunks(n).map((content) => chunk([choice({ content })])),
+    chunk([choice({}, finish_reason)]),
+    ...(includeUsage ? [{ ...base, object: 'chat.completion.chunk', choices: [], usage }] : []),
+  ].map((c) => sseData(c));
+  return writeStream(ex, [...frames, sseData('[DONE]')]);
+}
+
+function responses(ex: Exchange): void | Promise<void> {
+  const body = openAIBody(ex, 'input');
+  if (body instanceof Refusal) return sendRefusal(ex, body);
+  const { n, truncated } = answerLength(ex, body.max_output_tokens);
+  const input = fakeTokenCount(ex.body);
+  const usage = {
+    input_tokens: input,
+    input_tokens_details: { cached_tokens: 0 },
+    output_tokens: n,
+    output_tokens_details: { reasoning_tokens: 0 },
+    total_tokens: input + n,
+  };
+  const text = fakeAnswer(n);
+  const msgId = newId('msg_');
+  const part = (t: string) => ({ type: 'output_text', annotations: [], logprobs: [], text: t });
+  const message = (status: string, content: unknown[]) => ({ id: msgId, type: 'message', status, role: 'assistant', content });
+  const response = (status: string, output: unknown[], u: unknown) => ({
+    id: responseId,
+    object: 'response',
+    created_at: createdAt,
+    status,
+    background: false,
+    error: null,
+    incomplete_details: status === 'incomplete' ? { reason: 'max_output_tokens' } : null,
+    instructions: body.instructions ?? null,
+    max_output_tokens: body.max_output_tokens ?? null,
+    model: body.model,
+    output,
+    parallel_tool_calls: true,
+    previous_response_id: body.previous_response_id ?? null,
+    reasoning: { effort: null, summary: null },
+    store: body.store ?? true,
+    temperature: body.temperature ?? 1,
+    text: { format: { type: 'text' } },
+    tool_choice: 'auto',
+    tools: [],
+    top_p: body.top_p ?? 1,
+    truncation: 'disabled',
+    usage: u,
+    user: null,
+    metadata: body.metadata ?? {},
+  });
+  const responseId = newId('resp_');
+  const createdAt = nowSeconds();
+  const finalStatus = truncated ? 'incomplete' : 'completed';
+  const final = response(finalStatus, [message(finalStatus, [part(text)])], usage);
+
+  if (body.stream !== true) return sendJson(ex.res, 200, final);
+  const at = { item_id: msgId, output_index: 0, content_index: 0 };
+  const events: TypedEvent[] = [
+    { type: 'response.created', response: response('in_progress', [], null) },
+    { type: 'response.in_progress', response: response('in_progress', [], null) },
+    { type: 'response.output_item.added', output_index: 0, item: message('in_progress', []) },
+    { type: 'response.content_part.added', ...at, part: part('') },
+    ...fakeAnswerChunks(n).map((delta) => ({ type: 'response.output_text.delta', ...at, delta, logprobs: [] })),
+    { type: 'response.output_text.done', ...at, text, logprobs: [] },
+    { type: 'response.content_part.done', ...at, part: part(text) },
+    { type: 'response.output_item.done', output_index: 0, item: message(finalStatus, [part(text)]) },
+    { type: `response.${finalStatus}`, response: final },
+  ];
+  return writeStream(ex, events.map((e, sequence_number) => sseEvent({ ...e, sequence_number })));
+}
+
+const openAI: Provider = {
+  authenticate(ex) {
+    const key = authToken(ex, ['bearer']);
+    if (key === ex.opts.credential) return null;
+    if (!key)
+      return openAIError(401, "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY). You can obtain an API key from https://platform.openai.com/account/api-keys.");
+    return openAIError(401, `Incorrect API key provided: ${maskKey(key)}. You can find your API key at https://platform.openai.com/account/api-keys.`, 'invalid_api_key');
+  },
+  headers: () => ({ 'x-request-id': newId('req_'), 'openai-version': '2020-10-01' }),
+  routes: [
+    { method: 'GET', path: /^\/v1\/models$/, handle: (ex) => sendJson(ex.res, 200, { object: 'list', data: OPENAI_MODELS.map(openAIModel) }) },
+    {
+      method: 'GET',
+      path: /^\/v1\/models\/([^/]+)$/,
+      handle: (ex, m) => {
+        const id = decodeURIComponent(m[1]!);
+        if (OPENAI_MODELS.includes(id)) return sendJson(ex.res, 200, openAIModel(id));
+        sendRefusal(ex, openAIError(404, `The model '${id}' does not exist`, 'model_not_found', 'model'));
+      },
+    },
+    { method: 'POST', path: /^\/v1\/chat\/completions$/, handle: chatCompletions },
+    { method: 'POST', path: /^\/v1\/responses$/, handle: responses },
+  ],
+  notFound: (ex) => openAIError(404, `Invalid URL (${ex.method} ${ex.url.pathname})`),
+};
+
+export const startOpenAIUpstream = (opts: UpstreamOptions): Promise<Upstream> => startUpstream(opts, openAI);
+
+// ---------------------------------------------------------------------------------------------
+// Anthropic (clients use baseURL `${url}`)
+
+const anthropicError = (status: number, type: string, message: string): Refusal => new Refusal(status, { type: 'error', error: { type, message } });
+
+const ANTHROPIC_MODELS = [
+  { id: 'claude-opus-5', display_name: 'Claude Opus 5', created_at: '2026-01-01T00:00:00Z' },
+  { id: 'claude-sonnet-5', display_name: 'Claude Sonnet 5', created_at: '2026-01-01T00:00:00Z' },
+  { id: 'claude-haiku-4-5-20251001', display_name: 'Claude Haiku 4.5', created_at: '2025-10-01T00:00:00Z' },
+].map((m) => ({ type: 'model', ...m }));
+
+/** Parses a Messages API body, or the refusal Anthropic sends for it. */
+function anthropicBody(ex: Exchange, required: string[]): Json | Refusal {
+  const body = parseObject(ex.body);
+  if (!body) return anthropicError(400, 'invalid_request_error', 'There was an issue with the format of your request body: invalid JSON');
+  const missing = required.find((field) => body[field] === undefined);
+  if (missing) return anthropicError(400, 'invalid_request_error', `${missing}: Field required`);
+  return body;
+}
+
+function messages(ex: Exchange): void | Promise<void> {
+  const body = anthropicBody(ex, ['model', 'max_tokens', 'messages']);
+  if (body instanceof Refusal) return sendRefusal(ex, body);
+  const { n, truncated } = answerLength(ex, body.max_tokens);
+  const stop_reason = truncated ? 'max_tokens' : 'end_turn';
+  const usage = (output_tokens: number) => ({
+    input_tokens: fakeTokenCount(ex.body),
+    cache_creation_input_tokens: 0,
+    cache_read_input_tokens: 0,
+    cache_creation: { ephemeral_5m_input_tokens: 0, ephemeral_1h_input_tokens: 0 },
+    output_tokens,
+    service_tier: 'standard',
+  });
+  const message = { id: newId('msg_'), type: 'message', role: 'assistant', model: body.model };
+
+  if (body.stream !== true) {
+    return sendJson(ex.res, 200, { ...message, content: [{ type: 'text', text: fakeAnswer(n) }], stop_reason, stop_sequence: null, usage: usage(n) });
+  }
+  const events: TypedEvent[] = [
+    { type: 'message_start', message: { ...message, content: [], stop_reason: null, stop_sequence: null, usage: usage(1) } },
+    { type: 'content_block_start', index: 0, content_block: { type: 'text', text: '' } },
+    { type: 'ping' },
+    ...fakeAnswerChunks(n).map((text) => ({ type: 'content_block_delta', index: 0, delta: { type: 'text_delta', text } })),
+    { type: 'content_block_stop', index: 0 },
+    { type: 'message_delta', delta: { stop_reason, stop_sequence: null }, usage: { output_tokens: n } },
+    { type: 'message_stop' },
+  ];
+  return writeStream(ex, events.map(sseEvent));
+}
+
+const anthropic: Provider = {
+  authenticate(ex) {
+    const apiKey = header(ex, 'x-api-key');
+    const bearer = authToken(ex, ['bearer']);
+    if (apiKey === ex.opts.credential || bearer === ex.opts.credential) return null;
+    if (apiKey !== undefined) return anthropicError(401, 'authentication_error', 'invalid x-api-key');
+    if (bearer !== undefined) return anthropicError(401, 'authentication_error', 'Invalid bearer token');
+    return anthropicError(401, 'authentication_error', 'x-api-key header is required');
+  },
+  precheck: (ex) => (header(ex, 'anthropic-version') ? null : anthropicError(400, 'invalid_request_error', 'anthropic-version: header is required')),
+  headers: () => ({ 'request-id': newId('req_') }),
+  routes: [
+    // Claude Code's warm-up: answered without a credential, like the real API root.
+    { method: 'HEAD', path: /^\/$/, open: true, handle: (ex) => void ex.res.writeHead(200, { 'content-type': 'text/plain' }).end() },
+    { method: 'POST', path: /^\/v1\/messages$/, handle: messages },
+    {
+      method: 'POST',
+      path: /^\/v1\/messages\/count_tokens$/,
+      handle: (ex) => {
+        const body = anthropicBody(ex, ['model', 'messages']);
+        if (body instanceof Refusal) return sendRefusal(ex, body);
+        sendJson(ex.res, 200, { input_tokens: fakeTokenCount(ex.body) });
+      },
+    },
+    {
+      method: 'GET',
+      path: /^\/v1\/models$/,
+      handle: (ex) =>
+        sendJson(ex.res, 200, { data: ANTHROPIC_MODELS, has_more: false, first_id: ANTHROPIC_MODELS[0]?.id ?? null, last_id: ANTHROPIC_MODELS.at(-1)?.id ?? null }),
+    },
+    {
+      method: 'GET',
+      path: /^\/v1\/models\/([^/]+)$/,
+      handle: (ex, m) => {
+        const model = ANTHROPIC_MODELS.find((x) => x.id === decodeURIComponent(m[1]!));
+        if (model) return sendJson(ex.res, 200, model);
+        sendRefusal(ex, anthropicError(404, 'not_found_error', `model: ${decodeURIComponent(m[1]!)}`));
+      },
+    },
+  ],
+  notFound: () => anthropicError(404, 'not_found_error', 'Not Found'),
+};
+
+export const startAnthropicUpstream = (opts: UpstreamOptions): Promise<Upstream> => startUpstream(opts, anthropic);
+
+// ---------------------------------------------------------------------------------------------
+// Google Gemini (clients use `${url}/v1beta/...`)
+
+const googleError = (code: number, status: string, message: string, details?: unknown[]): Refusal =>
+  new Refusal(code, { error: { code, message, status, ...(details ? { details } : {}) } });
+
+const GEMINI_MODELS = ['gemini-2.5-pro', 'gemini-2.5-flash', 'gemini-2.5-flash-lite'];
+const geminiModel = (id: string) => ({
+  name: `models/${id}`,
+  version: '001',
+  displayName: id,
+  inputTokenLimit: 1_048_576,
+  outputTokenLimit: 65_536,
+  supportedGenerationMethods: ['generateContent', 'countTokens', 'createCachedContent', 'batchGenerateContent'],
+});
+
+function gemini(ex: Exchange, m: RegExpExecArray): void | Promise<void> {
+  const model = decodeURIComponent(m[2]!);
+  const action = m[3]!;
+  const body = parseObject(ex.body);
+  if (!body) return sendRefusal(ex, googleError(400, 'INVALID_ARGUMENT', 'Invalid JSON payload received. Unexpected token.'));
+  const prompt = fakeTokenCount(ex.body);
+  const promptTokensDetails = [{ modality: 'TEXT', tokenCount: prompt }];
+  if (action === 'countTokens') return sendJson(ex.res, 200, { totalTokens: prompt, promptTokensDetails });
+  if (body.contents === undefined)
+    return sendRefusal(ex, googleError(400, 'INVALID_ARGUMENT', '* GenerateContentRequest.contents: contents is not specified\n'));
+
+  const { n, truncated } = answerLength(ex, obj(body.generationConfig).maxOutputTokens);
+  const finishReason = truncated ? 'MAX_TOKENS' : 'STOP';
+  const responseId = newId('');
+  const reply = (text: string, produced: number, finished: boolean) => ({
+    candidates: [{ content: { parts: [{ text }], role: 'model' }, ...(finished ? { finishReason } : {}), index: 0 }],
+    usageMetadata: { promptTokenCount: prompt, candidatesTokenCount: produced, totalTokenCount: prompt + produced, promptTokensDetails },
+    modelVersion: model,
+    responseId,
+  });
+  if (action === 'generateContent') return sendJson(ex.res, 200, reply(fakeAnswer(n), n, true));
+
+  // streamGenerateContent: usageMetadata in every chunk, cumulative.
+  const chunks = fakeAnswerChunks(n).map((text, i) => reply(text, i + 1, i === n - 1));
+  if (chunks.length === 0) chunks.push(reply('', 0, true));
+  if (ex.url.searchParams.get('alt') === 'sse') return writeStream(ex, chunks.map((c) => sseData(c, '\r\n')));
+  // Without alt=sse the stream is one JSON array, written element by element.
+  const parts = chunks.map((c, i) => `${i === 0 ? '[' : ',\r\n'}${JSON.stringify(c)}`);
+  return writeStream(ex, [...parts, ']'], 'application/json; charset=UTF-8');
+}
+
+const geminiProvider: Provider = {
+  authenticate(ex) {
+    const keys = [header(ex, 'x-goog-api-key'), ex.url.searchParams.get('key') ?? undefined].filter((k): k is string => k !== undefined);
+    if (keys.includes(ex.opts.credential)) return null;
+    if (keys.length === 0)
+      return googleError(403, 'PERMISSION_DENIED', "Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.");
+    return googleError(400, 'INVALID_ARGUMENT', 'API key not valid. Please pass a valid API key.', [
+      { '@type': 'type.googleapis.com/google.rpc.ErrorInfo', reason: 'API_KEY_INVALID', domain: 'googleapis.com', metadata: { service: 'generativelanguage.googleapis.com' } },
+    ]);
+  },
+  routes: [
+    { method: 'GET', path: /^\/(v1beta|v1)\/models$/, handle: (ex) => sendJson(ex.res, 200, { models: GEMINI_MODELS.map(geminiModel) }) },
+    {
+      method: 'GET',
+      path: /^\/(v1beta|v1)\/models\/([^/:]+)$/,
+      handle: (ex, m) => {
+        const id = decodeURIComponent(m[2]!);
+        if (GEMINI_MODELS.includes(id)) return sendJson(ex.res, 200, geminiModel(id));
+        sendRefusal(ex, googleError(404, 'NOT_FOUND', `models/${id} is not found for API version ${m[1]}`));
+      },
+    },
+    { method: 'POST', path: /^\/(v1beta|v1)\/models\/([^/:]+):(generateContent|streamGenerateContent|countTokens)$/, handle: gemini },
+  ],
+  notFound: () => googleError(404, 'NOT_FOUND', 'Requested entity was not found.'),
+};
+
+export const startGeminiUpstream = (opts: UpstreamOptions): Promise<Upstream> => startUpstream(opts, geminiProvider);
+
+// ---------------------------------------------------------------------------------------------
+// GitHub REST (clients use `${url}` as the API root)
+
+const githubError = (status: number, message: string, documentation_url = 'https://docs.github.com/rest'): Refusal =>
+  new Refusal(status, { message, documentation_url, status: String(status) });
+
+const githubUser = (login: string, id: number) => ({
+  login,
+  id,
+  node_id: Buffer.from(`04:User${id}`).toString('base64'),
+  type: 'User',
+  site_admin: false,
+  url: `https://api.github.com/users/${login}`,
+  html_url: `https://github.com/${login}`,
+});
+
+function startGitHub(opts: UpstreamOptions): Promise<Upstream> {
+  const limit = 5_000;
+  const reset = nowSeconds() + 3_600;
+  let used = 0;
+  let issueNumber = 0;
+  const me = githubUser('till-test', 1);
+  const repo = (owner: string, name: string) => ({
+    id: 1_000 + name.length,
+    node_id: Buffer.from(`010:Repository${owner}/${name}`).toString('base64'),
+    name,
+    full_name: `${owner}/${name}`,
+    private: false,
+    owner: githubUser(owner, 2),
+    html_url: `https://github.com/${owner}/${name}`,
+    url: `https://api.github.com/repos/${owner}/${name}`,
+    default_branch: 'main',
+    visibility: 'public',
+  });
+  const rate = () => ({ limit, used, remaining: limit - used, reset, resource: 'core' });
+
+  const provider: Provider = {
+    authenticate(ex) {
+      const token = authToken(ex, ['bearer', 'token']);
+      if (token === ex.opts.credential) return null;
+      return token === undefined ? githubError(401, 'Requires authentication') : githubError(401, 'Bad credentials');
+    },
+    headers(ex, accepted) {
+      if (accepted && ex.url.pathname !== '/rate_limit') used++;
+      const r = accepted ? rate() : { limit: 60, used: 1, remaining: 59, reset, resource: 'core' };
+      return {
+        'x-ratelimit-limit': String(r.limit),
+        'x-ratelimit-remaining': String(r.remaining),
+        'x-ratelimit-used': String(r.used),
+        'x-ratelimit-reset': String(r.reset),
+        'x-ratelimit-resource': r.resource,
+        'x-github-request-id': newId('').slice(0, 20).toUpperCase(),
+        'x-github-api-version-selected': header(ex, 'x-github-api-version') ?? '2022-11-28',
+      };
+    },
+    routes: [
+      { method: 'GET', path: /^\/user$/, handle: (ex) => sendJson(ex.res, 200, me) },
+      { method: 'GET', path: /^\/rate_limit$/, handle: (ex) => sendJson(ex.res, 200, { resources: { core: rate() }, rate: rate() }) },
+      { method: 'GET', path: /^\/repos\/([^/]+)\/([^/]+)$/, handle: (ex, m) => sendJson(ex.res, 200, repo(m[1]!, m[2]!)) },
+      {
+        method: 'POST',
+        path: /^\/repos\/([^/]+)\/([^/]+)\/issues$/,
+        handle: (ex, m) => {
+          const body = parseObject(ex.body);
+          if (!body) return sendRefusal(ex, githubError(400, 'Problems parsing JSON', 'https://docs.github.com/rest/issues/issues#create-an-issue'));
+          if (typeof body.title !== 'string' && typeof body.title !== 'number')
+            return sendRefusal(ex, githubError(422, 'Invalid request.\n\n"title" wasn\'t supplied.', 'https://docs.github.com/rest/issues/issues#create-an-issue'));
+          const number = ++issueNumber;
+          const full = `${m[1]}/${m[2]}`;
+          sendJson(ex.res, 201, {
+            id: 10_000 + number,
+            number,
+            title: String(body.title),
+            body: str(body.body) ?? null,
+            state: 'open',
+            user: me,
+            labels: [],
+            url: `https://api.github.com/repos/${full}/issues/${number}`,
+            html_url: `https://github.com/${full}/issues/${number}`,
+            created_at: new Date().toISOString(),
+          });
+        },
+      },
+    ],
+    notFound: () => githubError(404, 'Not Found'),
+  };
+  return startUpstream(opts, provider);
+}
+
+export const startGitHubUpstream = (opts: UpstreamOptions): Promise<Upstream> => startGitHub(opts);
