@@ -216,9 +216,10 @@ export class Broker {
     if (!hostIsLoopback(req.headers.host)) {
       return deny({ status: 403, code: 'forbidden_host', message: 'the Host header is not a loopback name (DNS rebinding protection)' });
     }
-    // Attack: a web page using the broker through the user's browser. Browsers always mark
-    // cross-site and CORS requests with Origin or Sec-Fetch-*; SDKs and agents never do.
-    if (req.headers.origin !== undefined || req.headers['sec-fetch-site'] !== undefined || req.headers['sec-fetch-mode'] !== undefined) {
+    // Attack: a web page using the broker through the user's browser. Browsers mark their
+    // requests with Sec-Fetch-Site and cross-origin ones with Origin. (Node's fetch sends
+    // Sec-Fetch-Mode too, so that header alone proves nothing.)
+    if (req.headers.origin !== undefined || req.headers['sec-fetch-site'] !== undefined) {
       return deny({ status: 403, code: 'browser_origin', message: 'requests from web browsers are refused: the broker serves local programs only' });
     }
     if (!provider) {

@@ -1,9 +1,32 @@
-import type { TestProject } from 'vitest/node';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { startPrivateKeyring } from './keyring';
 
-/** One private keychain for the whole run; every worker and every spawned `till` reaches it via the env. */
-export default async function setup(_project: TestProject) {
+const CREDENTIAL_MARKER = 'REALCRED';
+
+function filesUnder(dir: string): string[] {
+  return readdirSync(dir).flatMap((name) => {
+    const path = join(dir, name);
+    const st = statSync(path, { throwIfNoEntry: false });
+    if (!st) return [];
+    return st.isDirectory() ? filesUnder(path) : st.isFile() ? [path] : [];
+  });
+}
+
+/**
+ * One private keychain and one scratch root for the whole run. At the end, every file the
+ * suite wrote (ledgers, audit logs, broker and CLI output) is scanned for any fake real
+ * credential: finding one fails the run.
+ */
+export default async function setup() {
   const keyring = await startPrivateKeyring();
-  Object.assign(process.env, keyring.env);
-  return () => keyring.stop();
+  const root = mkdtempSync(join(tmpdir(), 'till-test-'));
+  Object.assign(process.env, keyring.env, { TILL_TEST_ROOT: root });
+  return () => {
+    keyring.stop();
+    const leaks = filesUnder(root).filter((f) => readFileSync(f).includes(CREDENTIAL_MARKER));
+    if (leaks.length > 0) throw new Error(`a real credential was written to: ${leaks.join(', ')}`);
+    if (!process.env.TILL_KEEP_TEST_ROOT) rmSync(root, { recursive: true, force: true });
+  };
 }

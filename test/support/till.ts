@@ -1,0 +1,139 @@
+/**
+ * Test harness for Till: data folders, credentials in the (private) real keychain, an
+ * in-process broker, and the built `till` command. Everything a test writes goes under
+ * TILL_TEST_ROOT, which the global teardown scans for leaked credentials.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { appendFileSync, mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { CredentialList } from '../../src/core/credentials';
+import { tillPaths } from '../../src/core/home';
+import { TillService, type ServiceOptions } from '../../src/core/service';
+import { KeychainVault } from '../../src/core/vault';
+
+export const TILL_JS = resolve(__dirname, '../../dist/till.js');
+
+/** Marker in every fake real credential, so a leak scan can find any of them anywhere. */
+export const CREDENTIAL_MARKER = 'REALCRED';
+
+export function testRoot(): string {
+  const root = process.env.TILL_TEST_ROOT;
+  if (!root) throw new Error('TILL_TEST_ROOT is not set: run the tests through vitest (globalSetup)');
+  return root;
+}
+
+/** A fresh fake "real" credential, e.g. `sk-REALCRED-openai-3f9a…`. */
+export function fakeCredential(label: string): string {
+  return `sk-${CREDENTIAL_MARKER}-${label}-${randomBytes(12).toString('hex')}`;
+}
+
+/** A fresh data folder under the test root. */
+export function tempHome(): string {
+  mkdirSync(join(testRoot(), 'homes'), { recursive: true });
+  return mkdtempSync(join(testRoot(), 'homes', 'h-'));
+}
+
+/** A log file under the test root (scanned at the end). */
+export function logFile(name: string): string {
+  mkdirSync(join(testRoot(), 'logs'), { recursive: true });
+  return join(testRoot(), 'logs', `${name}-${randomBytes(4).toString('hex')}.log`);
+}
+
+/** Stores a credential the way `till credential add` does: secret in the keychain, name in credentials.json. */
+export async function addCredential(home: string, name: string, provider: string, secret: string): Promise<void> {
+  const paths = tillPaths(home);
+  await new KeychainVault({ service: paths.keychainService }).set(name, secret);
+  new CredentialList(paths.credentials).put({ name, provider, addedAt: Date.now() });
+}
+
+/** Writes config.json in a data folder. */
+export function writeConfig(home: string, config: object): void {
+  writeFileSync(join(home, 'config.json'), JSON.stringify(config));
+}
+
+/** Starts Till in this process on a free port, logging to a scanned file. */
+export async function startTill(options: Partial<ServiceOptions> & { home: string }): Promise<TillService> {
+  const log = logFile('broker');
+  return TillService.start({ port: 0, log: (line) => appendFileSync(log, line + '\n'), ...options });
+}
+
+export interface RunResult {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs the built `till` command with a data folder; output is also kept in a scanned log. */
+export function runTill(args: string[], options: { home: string; input?: string; env?: NodeJS.ProcessEnv; timeoutMs?: number }): Promise<RunResult> {
+  return new Promise((resolvePromise, reject) => {
+    const child = spawn(process.execPath, [TILL_JS, ...args], {
+      env: { ...process.env, ...options.env, TILL_HOME: options.home },
+      stdio: ['pipe', 'pipe', 'pipe'],
+    });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (c) => (stdout += c));
+    child.stderr.on('data', (c) => (stderr += c));
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`till ${args.join(' ')} did not finish within ${options.timeoutMs ?? 15_000} ms\nstdout: ${stdout}\nstderr: ${stderr}`));
+    }, options.timeoutMs ?? 15_000);
+    child.on('close', (code) => {
+      clearTimeout(timer);
+      appendFileSync(logFile('cli'), `$ till ${args.join(' ')}\n${stdout}${stderr}`);
+      resolvePromise({ code, stdout, stderr });
+    });
+    child.stdin.end(options.input ?? '');
+  });
+}
+
+export interface ServeProcess {
+  url: string;
+  child: ChildProcess;
+  /** Everything the process printed so far. */
+  output(): string;
+  /** Sends a signal and waits for the exit. */
+  stop(signal?: NodeJS.Signals): Promise<void>;
+}
+
+/** Runs `till serve` in a child process and waits for its URL. */
+export function spawnServe(home: string, options: { port?: number; env?: NodeJS.ProcessEnv } = {}): Promise<ServeProcess> {
+  const log = logFile('serve');
+  const child = spawn(process.execPath, [TILL_JS, 'serve', '--port', String(options.port ?? 0)], {
+    env: { ...process.env, ...options.env, TILL_HOME: home },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let text = '';
+  const onData = (c: Buffer) => {
+    text += c;
+    appendFileSync(log, c);
+  };
+  child.stdout!.on('data', onData);
+  child.stderr!.on('data', onData);
+  const exited = new Promise<void>((r) => child.once('exit', () => r()));
+  return new Promise((resolvePromise, reject) => {
+    const timer = setTimeout(() => reject(new Error(`till serve did not start within 10 s: ${text}`)), 10_000);
+    const check = () => {
+      const m = /listening on (http:\/\/127\.0\.0\.1:\d+)/.exec(text);
+      if (m) {
+        clearTimeout(timer);
+        child.stdout!.off('data', check);
+        resolvePromise({
+          url: m[1]!,
+          child,
+          output: () => text,
+          stop: async (signal = 'SIGTERM') => {
+            if (child.exitCode === null && child.signalCode === null) child.kill(signal);
+            await exited;
+          },
+        });
+      }
+    };
+    child.stdout!.on('data', check);
+    child.once('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`till serve exited with ${code}: ${text}`));
+    });
+  });
+}
