@@ -74,6 +74,21 @@ function findTillKey(req: http.IncomingMessage, query: URLSearchParams): string 
   return { status: 401, code: 'missing_key', message: 'no till key: send it the way the provider expects its API key (e.g. Authorization: Bearer till_…)' };
 }
 
+const canonicalCache = new Map<string, boolean>();
+
+/** True when a path means exactly what it says: no dot segments, backslashes or encoded slashes. */
+function isCanonicalPath(path: string): boolean {
+  if (!/[.%\\]/.test(path)) return true;
+  if (/%2f|%5c|\\/i.test(path)) return false;
+  let ok = canonicalCache.get(path);
+  if (ok === undefined) {
+    ok = new URL(path, 'http://x').pathname === path;
+    if (canonicalCache.size > 1000) canonicalCache.clear();
+    canonicalCache.set(path, ok);
+  }
+  return ok;
+}
+
 function hostIsLoopback(host: string | undefined): boolean {
   if (!host) return false;
   const name = host.startsWith('[') ? host.slice(0, host.indexOf(']') + 1) : host.split(':')[0]!;
@@ -225,6 +240,11 @@ export class Broker {
     if (!provider) {
       return deny({ status: 404, code: 'unknown_provider', message: `no provider "${providerId}": use ${this.url}/<provider>/…, e.g. ${this.url}/openai/v1` });
     }
+    // Attack: escaping a path scope. `/v1/chat/../../admin` (or `%2e%2e`, or an encoded slash
+    // an upstream may decode) matches `/v1/chat/*` as text but reaches another route.
+    if (!isCanonicalPath(path)) {
+      return deny({ status: 400, code: 'bad_request', message: 'the request path has dot segments, backslashes or encoded slashes; send it in canonical form' });
+    }
     if (!path.startsWith(provider.basePath) || (provider.basePath && path.length > provider.basePath.length && path[provider.basePath.length] !== '/')) {
       return deny({ status: 404, code: 'bad_request', message: `${path} is outside the ${provider.displayName} API: use the base URL ${this.baseUrlFor(provider)}` });
     }
@@ -353,16 +373,24 @@ export class Broker {
       else if (streamBody && req.headers['content-length'] !== undefined) headers['content-length'] = req.headers['content-length'];
 
       const transport = target.protocol === 'https:' ? https : http;
-      const upstream = transport.request({
-        protocol: target.protocol,
-        hostname: target.hostname,
-        port: target.port,
-        method: info.method,
-        path: target.pathname + (search ? `?${search}` : ''),
-        headers,
-        agent: this.agents[target.protocol as 'http:' | 'https:'],
-        timeout: this.options.upstreamIdleTimeoutMs,
-      });
+      let upstream: http.ClientRequest;
+      try {
+        upstream = transport.request({
+          protocol: target.protocol,
+          hostname: target.hostname,
+          port: target.port,
+          method: info.method,
+          path: target.pathname + (search ? `?${search}` : ''),
+          headers,
+          agent: this.agents[target.protocol as 'http:' | 'https:'],
+          timeout: this.options.upstreamIdleTimeoutMs,
+        });
+      } catch (err) {
+        // A header Node will not send (it was accepted on the way in, but not valid on the way out).
+        admission.done();
+        admission = undefined;
+        return deny({ status: 400, code: 'bad_request', message: `the request cannot be forwarded: ${(err as Error).message}` }, key);
+      }
       upstreamReq = upstream;
       // Once connected and the whole request is on the wire, the upstream may bill it.
       let connected = false;
@@ -429,7 +457,19 @@ export class Broker {
         }
       });
       if (body) upstream.end(body);
-      else if (streamBody) req.pipe(upstream);
+      else if (streamBody) {
+        let size = 0;
+        req.on('data', (chunk: Buffer) => {
+          size += chunk.length;
+          if (size > this.options.maxBodyBytes && !ended) {
+            upstream.destroy();
+            res.setHeader('connection', 'close');
+            this.sendDenial(res, provider.id, { status: 413, code: 'too_large', message: `request body is over the broker's limit of ${this.options.maxBodyBytes} bytes` });
+            finish(413, 'too_large');
+          }
+        });
+        req.pipe(upstream);
+      }
       else upstream.end();
     };
 
