@@ -257,7 +257,7 @@ async function ls(args: string[], paths: TillPaths): Promise<void> {
 async function revoke(args: string[], paths: TillPaths): Promise<void> {
   const { values, positionals } = parse(args, { all: { type: 'boolean' } });
   if (values.help) return out(HELP.revoke);
-  if (values.all === (positionals.length > 0) || positionals.length > 1) throw new UsageError('usage: till revoke <id> | --all');
+  if (Boolean(values.all) === (positionals.length > 0) || positionals.length > 1) throw new UsageError('usage: till revoke <id> | --all');
   const path = values.all ? '/keys' : `/keys/${encodeURIComponent(positionals[0]!)}`;
   const { revoked } = (await new ControlClient(paths).request('DELETE', path)) as { revoked: number };
   out(values.all ? `revoked ${revoked} key${revoked === 1 ? '' : 's'}` : revoked ? `revoked ${positionals[0]}` : `${positionals[0]} was already revoked`);

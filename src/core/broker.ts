@@ -98,7 +98,14 @@ function hostIsLoopback(host: string | undefined): boolean {
 function modelOf(provider: Provider, path: string, body: Buffer | undefined, contentType: string | undefined): string | undefined | Error {
   if (provider.modelFromPath) {
     const m = provider.modelFromPath.exec(path);
-    if (m) return decodeURIComponent(m[1]!);
+    if (m) {
+      // A stray `%` would make decodeURIComponent throw inside a request handler: the whole broker would go down.
+      try {
+        return decodeURIComponent(m[1]!);
+      } catch {
+        return new Error('the model in the request path is not valid percent-encoding');
+      }
+    }
   }
   if (!body || body.length === 0 || !contentType?.includes('json')) return undefined;
   try {
@@ -117,7 +124,9 @@ export class Broker {
     'http:': new http.Agent({ keepAlive: true, maxSockets: 256, noDelay: true } as http.AgentOptions),
     'https:': new https.Agent({ keepAlive: true, maxSockets: 256, noDelay: true } as https.AgentOptions),
   };
-  private readonly secrets = new Map<string, string>();
+  /** Credential reads, shared by every request that needs one (a burst reads the keychain once). */
+  private readonly secrets = new Map<string, Promise<string>>();
+  private readonly cachedSecrets = new Map<string, string>();
   private readonly options: Required<Omit<BrokerOptions, 'audit' | 'log'>> & Pick<BrokerOptions, 'audit' | 'log'>;
   private port = 0;
 
@@ -150,6 +159,9 @@ export class Broker {
       maxHeaderSize: o.maxHeaderBytes,
       headersTimeout: o.headersTimeoutMs,
       requestTimeout: o.requestTimeoutMs,
+      // Node checks both timeouts only every connectionsCheckingInterval (default 30 s), which
+      // would let a slowloris client hold a connection for up to 30 s past either limit.
+      connectionsCheckingInterval: Math.max(10, Math.floor(Math.min(4_000, ...[o.headersTimeoutMs, o.requestTimeoutMs].filter((t) => t > 0)) / 4)),
       noDelay: true,
       keepAliveTimeout: 5_000,
     });
@@ -173,8 +185,13 @@ export class Broker {
 
   /** Forgets cached secrets (after a credential was replaced or removed). */
   forgetCredential(name?: string): void {
-    if (name === undefined) this.secrets.clear();
-    else this.secrets.delete(name);
+    if (name === undefined) {
+      this.secrets.clear();
+      this.cachedSecrets.clear();
+    } else {
+      this.secrets.delete(name);
+      this.cachedSecrets.delete(name);
+    }
   }
 
   async close(): Promise<void> {
@@ -193,12 +210,22 @@ export class Broker {
     this.options.log?.(line);
   }
 
-  private async secretFor(name: string): Promise<string> {
-    const cached = this.secrets.get(name);
-    if (cached !== undefined) return cached;
-    const secret = await this.options.vault.get(name);
-    this.secrets.set(name, secret);
-    return secret;
+  private secretFor(name: string): Promise<string> {
+    let pending = this.secrets.get(name);
+    if (!pending) {
+      pending = this.options.vault.get(name);
+      this.secrets.set(name, pending);
+      pending.then(
+        (secret) => {
+          if (this.secrets.get(name) === pending) this.cachedSecrets.set(name, secret);
+        },
+        // A failed read is not cached: the next request asks the keychain again (it may be unlocked by then).
+        () => {
+          if (this.secrets.get(name) === pending) this.secrets.delete(name);
+        },
+      );
+    }
+    return pending;
   }
 
   private handle(req: http.IncomingMessage, res: http.ServerResponse): void {
@@ -473,7 +500,8 @@ export class Broker {
       else upstream.end();
     };
 
-    const cached = this.secrets.get(key.credential);
+    // The cached secret is used synchronously: no await between admission and forwarding.
+    const cached = this.cachedSecrets.get(key.credential);
     if (cached !== undefined) return go(cached);
     this.secretFor(key.credential).then(go, (err: unknown) => {
       const message = err instanceof VaultError ? err.message : `the credential could not be read (${(err as Error).message})`;

@@ -148,6 +148,11 @@ export class TillKeys {
   admit(key: KeyRecord, billable: boolean, flight: InFlight): Admission | Denial {
     const policy = key.policy;
     const now = this.now();
+    // The key was authenticated before the body was read and the credential fetched: a
+    // revocation (or expiry) acknowledged in between must still stop this request.
+    const state = keyState(key, now);
+    if (state === 'revoked') return { status: 401, code: 'revoked', message: `till key "${key.label}" was revoked` };
+    if (state === 'expired') return { status: 401, code: 'expired', message: `till key "${key.label}" expired at ${new Date(key.policy.expiresAt!).toISOString()}` };
     const flights = this.inFlight.get(key.id) ?? new Set<InFlight>();
     if (policy.concurrency !== undefined && flights.size >= policy.concurrency) {
       return { status: 429, code: 'concurrency', message: `till key "${key.label}" allows ${policy.concurrency} requests at once and ${flights.size} are in flight`, retryAfter: 1 };

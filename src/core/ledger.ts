@@ -87,6 +87,17 @@ function add(target: Amounts, amounts: Amounts, sign: 1 | -1): void {
   }
 }
 
+/** Makes a rename durable across a power cut (a no-op where folders cannot be opened: Windows). */
+function syncFolder(folder: string): void {
+  if (process.platform === 'win32') return;
+  const fd = openSync(folder, 'r');
+  try {
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
+
 export interface LedgerOptions {
   /** Journal entries after which the file is rewritten compactly. Default: 50,000. */
   compactAfter?: number;
@@ -193,7 +204,16 @@ export class Ledger {
   private write(entry: Entry, sync = false): void {
     writeSync(this.fd, encode(entry));
     if (sync) fsyncSync(this.fd);
-    if (++this.entries >= this.compactAfter) this.compact();
+    this.entries++;
+  }
+
+  /**
+   * Compacts when the journal is long. Called by each change only once its in-memory state is
+   * updated: compacting inside `write` would snapshot the state from before the entry just
+   * written (a settle's spending, a new reservation) and lose it from the file.
+   */
+  private compactIfDue(): void {
+    if (this.entries >= this.compactAfter) this.compact();
   }
 
   /** Rewrites the journal as the current state, through a temporary file and an atomic rename. */
@@ -207,6 +227,7 @@ export class Ledger {
     fsyncSync(fd);
     closeSync(fd);
     renameSync(tmp, this.file);
+    syncFolder(dirname(this.file));
     if (this.fd >= 0) closeSync(this.fd);
     this.fd = openSync(this.file, 'a', 0o600);
     this.entries = 0;
@@ -230,6 +251,7 @@ export class Ledger {
     if (this.keysById.has(key.id)) throw new Error(`key id ${key.id} exists`);
     this.keysById.set(key.id, key);
     this.write({ t: 'key', key }, true);
+    this.compactIfDue();
   }
 
   /** Revokes a key. Returns false when it was already revoked or is unknown. */
@@ -238,6 +260,7 @@ export class Ledger {
     if (!key || key.revokedAt !== undefined) return false;
     key.revokedAt = at;
     this.write({ t: 'rev', k: id, at }, true);
+    this.compactIfDue();
     return true;
   }
 
@@ -261,6 +284,7 @@ export class Ledger {
     this.write({ t: 'res', r: res.id, k: keyId, a: amounts });
     this.open.set(res.id, res);
     add(reserved, amounts, 1);
+    this.compactIfDue();
     return res;
   }
 
@@ -271,6 +295,7 @@ export class Ledger {
     add(this.reservedFor(res.keyId), res.amounts, -1);
     const key = this.keysById.get(res.keyId);
     if (key) add(key.used, actual, 1);
+    this.compactIfDue();
   }
 
   /** Gives a reservation back: the request never reached the upstream. */
@@ -278,6 +303,7 @@ export class Ledger {
     if (!this.open.delete(res.id)) return;
     this.write({ t: 'rel', r: res.id });
     add(this.reservedFor(res.keyId), res.amounts, -1);
+    this.compactIfDue();
   }
 
   close(): void {
