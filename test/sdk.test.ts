@@ -196,3 +196,18 @@ describe('other providers through the broker', () => {
     expect(((await post.json()) as { message: string }).message).toContain('method POST is not allowed');
   });
 });
+
+describe('retries', () => {
+  it('an exhausted key fails at once: the SDK is told not to retry (x-should-retry: false)', async () => {
+    const issued = await service.issue({ target: 'openai', uses: 1 });
+    const client = new OpenAI({ apiKey: issued.key, baseURL: issued.baseUrl, maxRetries: 3 });
+    await client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'one' }] });
+    const before = openaiUp.received.length;
+    const started = Date.now();
+    const err = await client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'two' }] }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(OpenAI.RateLimitError);
+    // Three retries with the SDK's backoff would take well over a second.
+    expect(Date.now() - started).toBeLessThan(500);
+    expect(openaiUp.received.length).toBe(before);
+  });
+});

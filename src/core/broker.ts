@@ -129,6 +129,8 @@ export class Broker {
   private readonly cachedSecrets = new Map<string, string>();
   private readonly options: Required<Omit<BrokerOptions, 'audit' | 'log'>> & Pick<BrokerOptions, 'audit' | 'log'>;
   private port = 0;
+  /** Ends each admitted request still open; close() runs them so no reservation outlives the ledger. */
+  private readonly open = new Set<() => void>();
 
   constructor(options: BrokerOptions) {
     this.options = {
@@ -198,6 +200,9 @@ export class Broker {
     const server = this.server;
     this.server = undefined;
     if (!server) return;
+    // Settle or release in-flight requests now, while the ledger is still open (their sockets'
+    // close events would otherwise arrive after the service has closed it).
+    for (const stop of [...this.open]) stop();
     await new Promise<void>((resolve) => {
       server.close(() => resolve());
       server.closeAllConnections();
@@ -353,9 +358,15 @@ export class Broker {
     let ended = false;
     let sseBoundary = true;
     let isSse = false;
+    const stop = () => {
+      upstreamReq?.destroy();
+      res.destroy();
+      finish(res.statusCode, 'broker_closed');
+    };
     const finish = (status: number, aborted?: string) => {
       if (ended) return;
       ended = true;
+      this.open.delete(stop);
       admission?.done();
       const latencyMs = Math.round((performance.now() - started) * 10) / 10;
       this.options.events.emit({ type: 'request.finished', at: Date.now(), request: info, status, latencyMs, ...(aborted ? { aborted } : {}) });
@@ -419,6 +430,7 @@ export class Broker {
         return deny({ status: 400, code: 'bad_request', message: `the request cannot be forwarded: ${(err as Error).message}` }, key);
       }
       upstreamReq = upstream;
+      this.open.add(stop);
       // Once connected and the whole request is on the wire, the upstream may bill it.
       let connected = false;
       let sent = false;
@@ -518,6 +530,9 @@ export class Broker {
     const body = JSON.stringify(denialBody(providerId, denial));
     const headers: http.OutgoingHttpHeaders = { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), 'x-till-denial': denial.code };
     if (denial.retryAfter !== undefined) headers['retry-after'] = String(denial.retryAfter);
+    // SDKs (openai, anthropic) retry 429 and 5xx unless told not to: retrying an exhausted,
+    // revoked or out-of-scope key only delays the error the agent needs to see.
+    else if (denial.status < 500) headers['x-should-retry'] = 'false';
     res.writeHead(denial.status, headers);
     res.end(body);
   }
