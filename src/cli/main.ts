@@ -4,6 +4,7 @@
  */
 import { spawn } from 'node:child_process';
 import { constants } from 'node:os';
+import { basename } from 'node:path';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { ControlClient, NotRunningError } from '../core/control';
 import { CredentialList, checkCredentialName } from '../core/credentials';
@@ -289,7 +290,7 @@ async function exec(args: string[], paths: TillPaths): Promise<number> {
   try {
     for (const target of targets) {
       const input = issueInput(target, values);
-      input.label ??= `exec ${command[0]}`;
+      input.label ??= `exec ${basename(command[0]!)}`;
       issued.push((await client.request('POST', '/keys', input)) as IssuedKey);
     }
   } catch (err) {
