@@ -230,8 +230,11 @@ describe('a locked keychain', () => {
       { op: 'get', name: 'openai' },
       { op: 'set', name: 'spare', secret: fakeCredential('spare') },
       { op: 'delete', name: 'openai' },
+      // Never stored: a locked keychain may answer "nothing" for it, which must still read as locked.
+      { op: 'get', name: 'never-stored' },
     ]);
     expect(locked.ms).toBeLessThan(10_000);
+    expectFailure(locked.outcomes[3], 'locked', /the OS keychain is locked/);
     expectFailure(locked.outcomes[0], 'locked', /^the OS keychain is locked: unlock it .* and retry$/);
     expectFailure(locked.outcomes[1], 'locked', /the OS keychain is locked/);
     expectFailure(locked.outcomes[2], 'locked', /the OS keychain is locked/);

@@ -98,9 +98,23 @@ export class KeychainVault implements Vault {
   async get(name: string): Promise<string> {
     const secret = await this.call(name, (e, signal) => e.getPassword(signal));
     if (secret === null || secret === undefined) {
+      // Some Secret Service providers answer "nothing" while locked instead of failing.
+      if (await this.isLocked()) throw classify(new Error('locked'));
       throw new VaultError('missing', `credential "${name}" is not in the OS keychain: add it again with \`till credential add\``);
     }
     return secret;
+  }
+
+  /** A write fails on a locked keychain even where a read only comes back empty. */
+  private async isLocked(): Promise<boolean> {
+    const probe = '.till-lock-probe';
+    try {
+      await this.call(probe, (e, signal) => e.setPassword('probe', signal));
+      await this.call(probe, (e, signal) => e.deleteCredential(signal));
+      return false;
+    } catch (err) {
+      return err instanceof VaultError && (err.kind === 'locked' || err.kind === 'timeout');
+    }
   }
 
   async set(name: string, secret: string): Promise<void> {
