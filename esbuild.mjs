@@ -1,4 +1,5 @@
-// Bundles the extension entry, the `till` command, the webview script and the benchmark.
+// Bundles the extension entry, the `till` command, the webview script, the benchmark and the
+// real-VS-Code test suite with its runner.
 // The keychain binding is native (N-API) and stays external: it ships in node_modules.
 import * as esbuild from 'esbuild';
 
@@ -18,6 +19,11 @@ const builds = [
   { ...common, entryPoints: { till: 'src/cli/main.ts' }, outdir: 'dist', banner: { js: '#!/usr/bin/env node' } },
   { ...common, entryPoints: { bench: 'bench/run.ts' }, outdir: 'dist' },
   { ...common, platform: 'browser', format: 'iife', target: 'es2022', entryPoints: { webview: 'src/webview/main.ts' }, outdir: 'dist' },
+  // Tests inside a real VS Code (test/vscode/README.md): the suite runs in the extension host
+  // (mocha bundled in), the runner under plain Node drives code-server and Chromium.
+  // Mocha's parallel mode (never used here) resolves worker files at run time: not a problem.
+  { ...common, entryPoints: { 'test/suite': 'test/vscode/suite/index.ts' }, outdir: 'dist', logOverride: { 'require-resolve-not-external': 'silent' } },
+  { ...common, entryPoints: { 'test/run': 'test/vscode/run.ts' }, outdir: 'dist', external: [...common.external, 'playwright-core'] },
 ];
 
 if (watch) {

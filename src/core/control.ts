@@ -5,7 +5,7 @@
  * can open it. Binding the socket is also the lock that keeps a second broker off the ledger.
  */
 import { randomBytes } from 'node:crypto';
-import { chmodSync, existsSync, readFileSync, renameSync, unlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, readFileSync, renameSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
 import * as http from 'node:http';
 import { connect } from 'node:net';
 import type { TillPaths } from './home';
@@ -79,7 +79,19 @@ export class ControlServer {
       server.once('error', (err: NodeJS.ErrnoException) => reject(err.code === 'EADDRINUSE' ? new AlreadyRunningError(undefined) : err));
       server.listen(this.paths.socket, () => resolve());
     });
-    if (process.platform !== 'win32') chmodSync(this.paths.socket, 0o600);
+    if (process.platform !== 'win32') {
+      chmodSync(this.paths.socket, 0o600);
+      // Two would-be brokers may both find a dead broker's socket: one can unlink the socket the
+      // other has just bound. The one whose socket is gone after a moment steps back.
+      const ino = statSync(this.paths.socket).ino;
+      await new Promise((r) => setTimeout(r, 100));
+      if (statSync(this.paths.socket, { throwIfNoEntry: false })?.ino !== ino) {
+        // Not close(): closing unlinks the path, which is now the other broker's socket.
+        server.removeAllListeners('request');
+        server.unref();
+        throw new AlreadyRunningError(undefined);
+      }
+    }
     const tmp = `${this.paths.token}.tmp`;
     writeFileSync(tmp, this.token, { mode: 0o600 });
     renameSync(tmp, this.paths.token);

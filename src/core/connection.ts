@@ -1,0 +1,171 @@
+/**
+ * One broker per OS user, many users of it: a connection either hosts the broker in this
+ * process or attaches to the one already running, over the control channel. When the host
+ * goes away, attached connections race to take over (the control socket is the lock) and the
+ * losers attach to the winner, from the same ledger, so no key or count is lost.
+ *
+ * VS Code windows use this; so could any other long-lived front end.
+ */
+import { AlreadyRunningError, ControlClient, NotRunningError } from './control';
+import type { KeySummary, TillEvent } from './events';
+import { tillPaths, type TillPaths } from './home';
+import { TillService, type IssuedKey, type IssueInput, type ServiceOptions } from './service';
+
+/** Whether this process hosts the broker, uses another's, or has none (yet). */
+export type TillRole = 'host' | 'attached' | 'down';
+
+export interface ConnectionOptions extends ServiceOptions {
+  /** Delay between takeover attempts in ms. Default: 250. */
+  retryMs?: number;
+  /** Whether this connection may start a broker itself. Default: true. */
+  mayHost?: boolean;
+}
+
+/** A live link to this user's broker, hosted here or elsewhere. */
+export class TillConnection {
+  private service: TillService | undefined;
+  private readonly client: ControlClient;
+  private readonly paths: TillPaths;
+  private readonly eventListeners = new Set<(e: TillEvent) => void>();
+  private readonly roleListeners = new Set<(role: TillRole) => void>();
+  private stopStream: AbortController | undefined;
+  private disposed = false;
+  private connecting: Promise<void> | undefined;
+  private unsubscribeService: (() => void) | undefined;
+  role: TillRole = 'down';
+  /** The broker's URL, once known. */
+  url: string | undefined;
+
+  constructor(private readonly options: ConnectionOptions) {
+    this.paths = tillPaths(options.home);
+    this.client = new ControlClient(this.paths);
+  }
+
+  /** Hosts or attaches; resolves once either worked (or throws why neither could). */
+  connect(): Promise<void> {
+    this.connecting ??= this.establish().finally(() => (this.connecting = undefined));
+    return this.connecting;
+  }
+
+  private async establish(): Promise<void> {
+    for (;;) {
+      if (this.disposed) return;
+      try {
+        await this.attach();
+        return;
+      } catch (err) {
+        if (!(err instanceof NotRunningError) || this.options.mayHost === false) throw err;
+      }
+      try {
+        await this.host();
+        return;
+      } catch (err) {
+        // Someone else won the race: attach to them on the next turn.
+        if (!(err instanceof AlreadyRunningError)) throw err;
+      }
+      await new Promise((r) => setTimeout(r, this.options.retryMs ?? 250));
+    }
+  }
+
+  private async host(): Promise<void> {
+    const service = await TillService.start(this.options);
+    if (this.disposed) {
+      await service.close();
+      return;
+    }
+    this.service = service;
+    this.url = service.url;
+    this.unsubscribeService = service.events.on((e) => this.deliver(e));
+    this.setRole('host');
+  }
+
+  private async attach(): Promise<void> {
+    const status = (await this.client.request('GET', '/status')) as { url: string };
+    this.url = status.url;
+    const abort = new AbortController();
+    this.stopStream = abort;
+    const ended = this.client.stream('/events', (e) => this.deliver(e as TillEvent), abort.signal);
+    this.setRole('attached');
+    void ended.then(() => this.lost(abort), () => this.lost(abort));
+  }
+
+  /** The host went away (or we stopped listening): take over or re-attach. */
+  private lost(abort: AbortController): void {
+    if (this.disposed || abort.signal.aborted || this.stopStream !== abort) return;
+    this.setRole('down');
+    this.connect().catch(() => this.setRole('down'));
+  }
+
+  private deliver(e: TillEvent): void {
+    for (const l of this.eventListeners) {
+      try {
+        l(e);
+      } catch {
+        // a listener's bug must not stop the others
+      }
+    }
+  }
+
+  private setRole(role: TillRole): void {
+    if (this.role === role) return;
+    this.role = role;
+    for (const l of this.roleListeners) l(role);
+  }
+
+  onEvent(listener: (e: TillEvent) => void): () => void {
+    this.eventListeners.add(listener);
+    return () => this.eventListeners.delete(listener);
+  }
+
+  onRole(listener: (role: TillRole) => void): () => void {
+    this.roleListeners.add(listener);
+    return () => this.roleListeners.delete(listener);
+  }
+
+  private async ready(): Promise<void> {
+    if (this.role === 'down') await this.connect();
+  }
+
+  async issue(input: IssueInput): Promise<IssuedKey> {
+    await this.ready();
+    if (this.service) return this.service.issue(input);
+    return (await this.client.request('POST', '/keys', input)) as IssuedKey;
+  }
+
+  async list(): Promise<KeySummary[]> {
+    await this.ready();
+    if (this.service) return this.service.list();
+    return (await this.client.request('GET', '/keys')) as KeySummary[];
+  }
+
+  /** Revokes one key; returns whether it was live. */
+  async revoke(id: string): Promise<boolean> {
+    await this.ready();
+    if (this.service) return this.service.keys.revoke(id);
+    return ((await this.client.request('DELETE', `/keys/${encodeURIComponent(id)}`)) as { revoked: number }).revoked > 0;
+  }
+
+  async revokeAll(): Promise<number> {
+    await this.ready();
+    if (this.service) return this.service.keys.revokeAll();
+    return ((await this.client.request('DELETE', '/keys')) as { revoked: number }).revoked;
+  }
+
+  /** Tells the broker a credential changed, so it drops what it cached. */
+  async credentialChanged(name: string): Promise<void> {
+    if (this.role === 'down') return;
+    if (this.service) return this.service.broker.forgetCredential(name);
+    await this.client.request('POST', '/credentials', { name });
+  }
+
+  async dispose(): Promise<void> {
+    this.disposed = true;
+    this.stopStream?.abort();
+    this.stopStream = undefined;
+    this.unsubscribeService?.();
+    const service = this.service;
+    this.service = undefined;
+    this.setRole('down');
+    await service?.close();
+  }
+}
