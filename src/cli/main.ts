@@ -7,7 +7,7 @@ import { constants } from 'node:os';
 import { basename } from 'node:path';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { ControlClient, NotRunningError } from '../core/control';
-import { CredentialList, checkCredentialName } from '../core/credentials';
+import { CredentialList, CredentialStore, checkCredentialName } from '../core/credentials';
 import type { KeySummary, TillEvent } from '../core/events';
 import { defaultHome, readConfig, tillPaths, type TillPaths } from '../core/home';
 import { describePolicy, formatDuration } from '../core/policy';
@@ -198,9 +198,9 @@ async function credential(args: string[], paths: TillPaths): Promise<void> {
   const [sub, ...rest] = args;
   const { values, positionals } = parse(rest, { name: { type: 'string' }, json: { type: 'boolean' } });
   if (values.help || !sub || sub === '--help' || sub === '-h') return out(HELP.credential);
-  const list = new CredentialList(paths.credentials);
+  const store = new CredentialStore(paths.credentials, new KeychainVault({ service: paths.keychainService }));
   if (sub === 'ls') {
-    const all = list.all();
+    const all = store.all();
     if (values.json) return out(JSON.stringify(all));
     if (all.length === 0) return out('no credentials: add one with `till credential add <provider>`');
     for (const c of all) out(`${c.name.padEnd(20)} ${c.provider.padEnd(14)} added ${new Date(c.addedAt).toISOString().slice(0, 10)}`);
@@ -216,19 +216,14 @@ async function credential(args: string[], paths: TillPaths): Promise<void> {
     checkCredentialName(name);
     const secret = await readSecret(`${provider.displayName} API key for "${name}" (input hidden): `);
     if (!secret) throw new Error('no secret given: pipe it on stdin or type it at the prompt');
-    if (/\s/.test(secret)) throw new Error('the secret contains whitespace: paste only the key');
-    if (secret.startsWith('till_')) throw new Error('that is a till key, not a real credential');
-    await new KeychainVault({ service: paths.keychainService }).set(name, secret);
-    list.put({ name, provider: provider.id, addedAt: Date.now() });
+    await store.add(provider.id, secret, name);
     await notifyBroker(paths, name);
     return out(`stored credential "${name}" (${provider.displayName}) in the OS keychain`);
   }
   if (sub === 'rm') {
     const [name] = positionals;
     if (!name || positionals.length > 1) throw new UsageError('usage: till credential rm <name>');
-    if (!list.get(name)) throw new Error(`no credential named "${name}"`);
-    await new KeychainVault({ service: paths.keychainService }).delete(name);
-    list.remove(name);
+    await store.remove(name);
     await notifyBroker(paths, name);
     return out(`removed credential "${name}" from the OS keychain (keys bound to it stop working)`);
   }

@@ -9,7 +9,7 @@
 import { AlreadyRunningError, ControlClient, NotRunningError } from './control';
 import type { KeySummary, TillEvent } from './events';
 import { tillPaths, type TillPaths } from './home';
-import { TillService, type IssuedKey, type IssueInput, type ServiceOptions } from './service';
+import { TillService, type IssuedKey, type IssueInput, type RequestRecord, type ServiceOptions } from './service';
 
 /** Whether this process hosts the broker, uses another's, or has none (yet). */
 export type TillRole = 'host' | 'attached' | 'down';
@@ -136,6 +136,13 @@ export class TillConnection {
     await this.ready();
     if (this.service) return this.service.list();
     return (await this.client.request('GET', '/keys')) as KeySummary[];
+  }
+
+  /** The last ended requests, oldest first (for views that open after they happened). */
+  async recent(): Promise<RequestRecord[]> {
+    await this.ready();
+    if (this.service) return this.service.recent();
+    return (await this.client.request('GET', '/requests')) as RequestRecord[];
   }
 
   /** Revokes one key; returns whether it was live. */

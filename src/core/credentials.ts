@@ -63,3 +63,47 @@ export class CredentialList {
     renameSync(tmp, this.file);
   }
 }
+
+/** Refuses what is clearly not a real credential, before it reaches the keychain. */
+export function checkSecret(secret: string): void {
+  if (!secret) throw new Error('no secret given');
+  if (/\s/.test(secret)) throw new Error('the secret contains whitespace: paste only the key');
+  if (secret.startsWith('till_')) throw new Error('that is a till key, not a real credential');
+  if (secret.length > 16 * 1024) throw new Error('the secret is longer than 16 KiB');
+}
+
+/**
+ * Adding and removing credentials, for the `till` command and the editor alike: the secret
+ * goes to the vault, the name to the list. The broker must be told afterwards (it caches).
+ */
+export class CredentialStore {
+  readonly list: CredentialList;
+
+  constructor(
+    file: string,
+    private readonly vault: import('./vault').Vault,
+  ) {
+    this.list = new CredentialList(file);
+  }
+
+  all(): CredentialInfo[] {
+    return this.list.all();
+  }
+
+  /** Stores a credential for a provider under `name` (default: the provider id). */
+  async add(provider: string, secret: string, name = provider): Promise<CredentialInfo> {
+    checkCredentialName(name);
+    checkSecret(secret);
+    await this.vault.set(name, secret);
+    const info = { name, provider, addedAt: Date.now() };
+    this.list.put(info);
+    return info;
+  }
+
+  /** Removes a credential from the vault and the list; keys bound to it stop working. */
+  async remove(name: string): Promise<void> {
+    if (!this.list.get(name)) throw new Error(`no credential named "${name}"`);
+    await this.vault.delete(name);
+    this.list.remove(name);
+  }
+}

@@ -8,7 +8,7 @@ import { AuditLog } from './audit';
 import { Broker } from './broker';
 import { ControlError, ControlServer } from './control';
 import { CredentialList, type CredentialInfo } from './credentials';
-import { TillEvents, type KeySummary } from './events';
+import { TillEvents, type KeySummary, type TillEvent } from './events';
 import { readConfig, tillPaths, type TillPaths } from './home';
 import { TillKeys } from './keys';
 import { Ledger } from './ledger';
@@ -55,7 +55,15 @@ export function envFor(provider: Provider, key: string, baseUrl: string): Record
   return env;
 }
 
+/** A request that ended (served or denied), as kept for views that open later. */
+export type RequestRecord = Extract<TillEvent, { type: 'request.finished' | 'request.denied' }>;
+
+/** How many ended requests the service remembers for late-opening views. */
+const RECENT_REQUESTS = 200;
+
 export class TillService {
+  private readonly recentRequests: RequestRecord[] = [];
+
   private constructor(
     readonly paths: TillPaths,
     readonly events: TillEvents,
@@ -67,7 +75,18 @@ export class TillService {
     private readonly audit: AuditLog,
     private readonly control: ControlServer,
     private readonly vault: Vault,
-  ) {}
+  ) {
+    events.on((e) => {
+      if (e.type !== 'request.finished' && e.type !== 'request.denied') return;
+      this.recentRequests.push(e);
+      if (this.recentRequests.length > RECENT_REQUESTS) this.recentRequests.shift();
+    });
+  }
+
+  /** The last ended requests, oldest first. */
+  recent(): RequestRecord[] {
+    return [...this.recentRequests];
+  }
 
   /** Claims the data folder, opens the ledger, starts the broker and the control channel. */
   static async start(options: ServiceOptions): Promise<TillService> {
@@ -145,6 +164,7 @@ export class TillService {
         'GET /status': () => ({ url: this.url, pid: process.pid, home: this.paths.home, keys: this.list().filter((k) => k.state === 'active').length }),
         'POST /keys': (body: unknown) => this.issue(body as IssueInput),
         'GET /keys': () => this.list(),
+        'GET /requests': () => this.recent(),
         'DELETE /keys': (_: unknown, params: string[]) => {
           const [id] = params;
           if (id === undefined || id === '') return { revoked: this.keys.revokeAll() };
