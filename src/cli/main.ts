@@ -103,7 +103,7 @@ function csv(value: string | undefined): string[] | undefined {
 }
 
 function issueInput(target: string, v: Partial<Record<keyof typeof ISSUE_OPTIONS, string | undefined>>): IssueInput {
-  const input: IssueInput = { target };
+  const input: IssueInput = { target, owner: 'cli' };
   const uses = int(v.uses, 'uses');
   if (uses !== undefined) input.uses = uses;
   if (v.ttl !== undefined) input.ttl = v.ttl;

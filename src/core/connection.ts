@@ -93,7 +93,19 @@ export class TillConnection {
   private lost(abort: AbortController): void {
     if (this.disposed || abort.signal.aborted || this.stopStream !== abort) return;
     this.setRole('down');
-    this.connect().catch(() => this.setRole('down'));
+    void this.reconnect();
+  }
+
+  /** Keeps trying until it hosts or attaches again (a failure here is usually passing). */
+  private async reconnect(): Promise<void> {
+    for (let delay = this.options.retryMs ?? 250; !this.disposed && this.role === 'down'; delay = Math.min(delay * 2, 5000)) {
+      try {
+        await this.connect();
+      } catch (err) {
+        this.options.log?.(`reconnecting to the broker failed: ${(err as Error).message}`);
+        await new Promise((r) => setTimeout(r, delay));
+      }
+    }
   }
 
   private deliver(e: TillEvent): void {

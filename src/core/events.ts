@@ -21,6 +21,8 @@ export interface KeySummary {
   remaining: Amounts;
   inFlight: number;
   revokedAt?: number;
+  /** Who asked for the key (`vscode:<session>`, `cli`, …). */
+  owner?: string;
 }
 
 export interface RequestInfo {

@@ -28,6 +28,8 @@ export interface IssueRequest {
   provider: string;
   credential: string;
   label?: string;
+  /** Who asked for the key (e.g. `vscode:<session>`, `cli`), so the right window notifies about it. */
+  owner?: string;
   policy: Policy;
 }
 
@@ -67,6 +69,7 @@ export class TillKeys {
       policy: request.policy,
       used: {},
     };
+    if (request.owner) record.owner = request.owner;
     this.ledger.addKey(record);
     this.events.emit({ type: 'key.issued', at: record.createdAt, key: this.summary(record) });
     this.scheduleExpiry();
@@ -120,6 +123,7 @@ export class TillKeys {
       inFlight: this.inFlight.get(key.id)?.size ?? 0,
     };
     if (key.revokedAt !== undefined) summary.revokedAt = key.revokedAt;
+    if (key.owner !== undefined) summary.owner = key.owner;
     return summary;
   }
 

@@ -22,6 +22,8 @@ export interface KeyRecord {
   /** Name of the credential the key is bound to. */
   credential: string;
   createdAt: number;
+  /** Who asked for the key (`vscode:<session>`, `cli`, …). */
+  owner?: string;
   policy: Policy;
   revokedAt?: number;
   /** Spent amounts, settled from finished requests. */

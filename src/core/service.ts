@@ -33,6 +33,8 @@ export interface IssueInput extends PolicyInput {
   /** A provider id (when it has exactly one credential) or a credential name. */
   target: string;
   label?: string;
+  /** Who asks (`vscode:<session>`, `cli`, …). */
+  owner?: string;
 }
 
 /** What issuing a key returns: the only time the full key is given out. */
@@ -149,7 +151,7 @@ export class TillService {
     } catch (err) {
       throw new ControlError(503, err instanceof VaultError ? err.message : `the keychain failed: ${(err as Error).message}`);
     }
-    const { key, record } = this.keys.issue({ provider: provider.id, credential: credential.name, label: input.label, policy });
+    const { key, record } = this.keys.issue({ provider: provider.id, credential: credential.name, label: input.label, owner: input.owner, policy });
     const baseUrl = this.broker.baseUrlFor(provider);
     return { id: record.id, key, provider: provider.id, credential: credential.name, label: record.label, baseUrl, env: envFor(provider, key, baseUrl), policy };
   }

@@ -1,13 +1,166 @@
 /**
- * The VS Code entry point. The extension UI arrives with its own issue; for now activation
- * only registers nothing and stays cheap, as activation must.
+ * The VS Code entry point. Activation only registers: the broker starts (or is attached to)
+ * when a credential exists or a key is issued. The extension adapts VS Code to the core and
+ * shows what the core emits; it holds no policy logic.
  */
-import type * as vscode from 'vscode';
+import * as vscode from 'vscode';
+import type { TillConnection, TillRole } from '../core/connection';
+import type { KeySummary, TillEvent } from '../core/events';
+import { AgentTerminals } from './agentTerminals';
+import { registerCommands } from './commands';
+import { AGENT_TERMINAL_PROFILE, CONTEXT, KEYS_VIEW, SETTINGS, USAGE_VIEW } from './constants';
+import { KeysTreeProvider } from './keysTree';
+import { DisposableStore } from './lifecycle';
+import { Notifier } from './notifier';
+import type { Prompter } from './prompter';
+import { TillSession } from './session';
+import { TillStatusBar } from './statusBar';
+import { TerminalEnv } from './terminalEnv';
+import { UsageViewProvider, type UsageSource } from './usageView';
 
-export function activate(_context: vscode.ExtensionContext): void {
-  // Registration only: the broker starts when first needed.
+/** What `activate` returns: for other extensions and for the extension-host tests. */
+export interface TillApi {
+  readonly session: TillSession;
+  /** The live connection (it changes on "Till: Restart Broker"). */
+  connection(): TillConnection;
+  /** Replaces the prompter (tests answer the questions with a script). */
+  setPrompter(prompter: Prompter): void;
+  /** Resolves once the broker is reachable (started or attached). */
+  ready(): Promise<void>;
+  /** The key ids this window put into terminal env vars. */
+  terminalKeyIds(): string[];
 }
 
-export function deactivate(): void {
-  // nothing to dispose yet
+let store: DisposableStore | undefined;
+let session: TillSession | undefined;
+
+export function activate(context: vscode.ExtensionContext): TillApi {
+  const started = performance.now();
+  store = new DisposableStore();
+  context.subscriptions.push(store);
+  const log = store.add(vscode.window.createOutputChannel('Till', { log: true }));
+  try {
+    return wire(context, store, log, started);
+  } catch (err) {
+    const message = (err as Error).message;
+    log.error(`activation failed: ${message}`);
+    void vscode.window.showErrorMessage(`Till could not start: ${message}`, 'Show Log').then((c) => c && log.show());
+    throw err;
+  }
+}
+
+function sessionRef(s: TillSession): void {
+  session = s;
+}
+
+function wire(context: vscode.ExtensionContext, store: DisposableStore, log: vscode.LogOutputChannel, started: number): TillApi {
+  const session = store.add(new TillSession(log));
+  sessionRef(session);
+  const tree = store.add(new KeysTreeProvider(session));
+  store.add(vscode.window.createTreeView(KEYS_VIEW, { treeDataProvider: tree, showCollapseAll: false }));
+  const status = store.add(new TillStatusBar(session));
+  const terminals = store.add(new TerminalEnv(session, context.environmentVariableCollection));
+  const agents = store.add(new AgentTerminals(session));
+  const notifier = new Notifier(session);
+  // The view follows whichever connection is current (it changes on "Till: Restart Broker").
+  const sourceEvents = new Set<(e: TillEvent) => void>();
+  const sourceRoles = new Set<(r: TillRole) => void>();
+  const source: UsageSource = {
+    list: () => session.connection.list(),
+    recent: () => session.connection.recent(),
+    revoke: (id) => session.connection.revoke(id),
+    revokeAll: () => session.connection.revokeAll(),
+    onEvent: (l) => (sourceEvents.add(l), () => sourceEvents.delete(l)),
+    onRole: (l) => (sourceRoles.add(l), () => sourceRoles.delete(l)),
+    get url() {
+      return session.connection.url;
+    },
+    get role() {
+      return session.connection.role;
+    },
+  };
+  const usage = store.add(new UsageViewProvider(context.extensionUri, source));
+  store.add(vscode.window.registerWebviewViewProvider(USAGE_VIEW, usage, { webviewOptions: { retainContextWhenHidden: false } }));
+  store.add(vscode.window.registerTerminalProfileProvider(AGENT_TERMINAL_PROFILE, { provideTerminalProfile: () => agents.profile() }));
+  registerCommands(store, { session, tree, agents });
+
+  const hasCredentials = () => session.credentials.all().length > 0;
+  const refreshViews = () => {
+    tree.refresh();
+    void vscode.commands.executeCommand('setContext', CONTEXT.hasCredential, hasCredentials());
+  };
+  const onTreeLoaded = tree.onDidChangeTreeData(() => status.update(tree.current() as KeySummary[]));
+  store.add(onTreeLoaded);
+
+  /** Follows a connection's events and role; replaced on restart. */
+  let unfollow: (() => void) | undefined;
+  const follow = (connection: TillConnection) => {
+    unfollow?.();
+    const offEvent = connection.onEvent((e) => {
+      tree.refresh();
+      for (const l of sourceEvents) l(e);
+      terminals.handle(e);
+      notifier.handle(e, () => tree.current());
+    });
+    const offRole = connection.onRole((role) => {
+      for (const l of sourceRoles) l(role);
+      log.info(role === 'host' ? `broker running in this window at ${connection.url}` : role === 'attached' ? `attached to the broker at ${connection.url}` : 'broker connection lost');
+      refreshViews();
+      status.update(tree.current());
+      if (role !== 'down') void terminals.sync();
+    });
+    unfollow = () => {
+      offEvent();
+      offRole();
+    };
+  };
+  follow(session.connection);
+  store.add(() => unfollow?.());
+  store.add(session.onConnectionChanged(follow));
+
+  let readyPromise: Promise<void> | undefined;
+  const ready = () => {
+    readyPromise ??= session.connection.connect().catch((err: unknown) => {
+      readyPromise = undefined;
+      const message = (err as Error).message;
+      log.error(`broker: ${message}`);
+      void vscode.window.showErrorMessage(`Till: the broker could not start: ${message}`, 'Show Log').then((c) => c && log.show());
+      throw err;
+    });
+    return readyPromise;
+  };
+  store.add(
+    session.onCredentialsChanged(() => {
+      refreshViews();
+      if (hasCredentials()) void ready().then(() => terminals.sync(), () => undefined);
+      else void terminals.sync();
+    }),
+  );
+  store.add(
+    vscode.workspace.onDidChangeConfiguration((e) => {
+      if (e.affectsConfiguration(`${SETTINGS.section}.terminal`)) void terminals.sync();
+    }),
+  );
+
+  refreshViews();
+  // The broker starts only when there is something to broker.
+  if (hasCredentials()) void ready().catch(() => undefined);
+  log.info(`activated in ${(performance.now() - started).toFixed(1)} ms; data folder ${session.paths.home}`);
+
+  return {
+    session,
+    connection: () => session.connection,
+    setPrompter: (p) => (session.prompter = p),
+    ready,
+    terminalKeyIds: () => terminals.keyIds(),
+  };
+}
+
+/** Revokes this window's terminal keys, then stops (or detaches from) the broker. */
+export async function deactivate(): Promise<void> {
+  const closing = store;
+  store = undefined;
+  closing?.dispose();
+  await session?.closed;
+  session = undefined;
 }

@@ -1,1 +1,512 @@
-// The usage view's script: arrives with the VS Code extension issue.
+/// <reference lib="dom" />
+/**
+ * The Usage view's page: plain DOM, no framework. Host messages only update the model; one
+ * repaint per animation frame draws it, so a burst of requests costs one paint. Everything is
+ * built with createElement/textContent (never innerHTML), and styles come from media/usage.css
+ * (the CSP allows no inline style; bar widths are set through CSSOM, which it allows).
+ */
+import type { TillRole } from '../core/connection';
+import type { KeySummary, TillEvent } from '../core/events';
+import type { RequestRecord } from '../core/service';
+import { recordKey, type HostMessage, type PageCommand, type PageMessage } from './messages';
+
+interface VsCodeApi {
+  postMessage(message: PageMessage): void;
+  getState(): unknown;
+  setState(state: unknown): void;
+}
+declare function acquireVsCodeApi(): VsCodeApi;
+
+const vscode = acquireVsCodeApi();
+const MINUTE = 60_000;
+/** Minutes the charts cover. */
+const SPAN = 30;
+/** Requests kept for charts and counts (as the host does). */
+const HISTORY = 2000;
+/** Rows in the requests table. */
+const ROWS = 50;
+
+type State = KeySummary['state'];
+const STATE_ORDER: Record<State, number> = { active: 0, exhausted: 1, expired: 2, revoked: 3 };
+
+const model = {
+  loaded: false,
+  keys: new Map<string, KeySummary>(),
+  records: [] as RequestRecord[],
+  seen: new Set<string>(),
+  truncated: false,
+  role: 'down' as TillRole,
+  brokerUrl: undefined as string | undefined,
+  error: undefined as string | undefined,
+  /** Keys whose revoke was asked for and not yet seen through. */
+  revoking: new Set<string>(),
+  showRevoked: (vscode.getState() as { showRevoked?: boolean } | undefined)?.showRevoked === true,
+};
+
+const app = document.getElementById('app')!;
+const announcer = document.getElementById('announce')!;
+
+// ---- messages -------------------------------------------------------------------------------
+
+function send(message: PageMessage): void {
+  vscode.postMessage(message);
+}
+
+window.addEventListener('message', (ev: MessageEvent<unknown>) => {
+  const msg = ev.data as HostMessage | null;
+  if (typeof msg !== 'object' || msg === null || typeof msg.type !== 'string') return;
+  switch (msg.type) {
+    case 'state':
+      model.loaded = true;
+      setKeys(msg.keys);
+      model.records = [];
+      model.seen.clear();
+      model.truncated = msg.truncated;
+      addRecords(msg.recent);
+      model.role = msg.role;
+      model.brokerUrl = msg.brokerUrl;
+      model.error = msg.error;
+      model.revoking.clear();
+      break;
+    case 'keys':
+      setKeys(msg.keys);
+      break;
+    case 'event':
+      applyEvent(msg.event);
+      break;
+    case 'role':
+      model.role = msg.role;
+      model.brokerUrl = msg.brokerUrl;
+      break;
+  }
+  schedule();
+});
+
+function setKeys(keys: KeySummary[]): void {
+  model.keys = new Map(keys.map((k) => [k.id, k]));
+  for (const id of model.revoking) if ((model.keys.get(id)?.state ?? 'revoked') === 'revoked') model.revoking.delete(id);
+}
+
+function applyEvent(e: TillEvent): void {
+  switch (e.type) {
+    case 'request.finished':
+    case 'request.denied':
+      addRecords([e]);
+      break;
+    case 'key.issued':
+    case 'key.revoked':
+    case 'key.exhausted':
+    case 'key.expired':
+    case 'limit.near': {
+      model.keys.set(e.key.id, e.key);
+      if (e.type === 'key.revoked') model.revoking.delete(e.key.id);
+      const what = { 'key.issued': 'issued', 'key.revoked': 'revoked', 'key.exhausted': 'used up', 'key.expired': 'expired', 'limit.near': '' }[e.type];
+      if (what) announcer.textContent = `Till key ${e.key.label} ${what}.`;
+      break;
+    }
+    case 'request.started':
+      break;
+  }
+}
+
+/** Adds requests once each, keeping them oldest first and at most HISTORY. */
+function addRecords(records: RequestRecord[]): void {
+  let unordered = false;
+  for (const r of records) {
+    const key = recordKey(r);
+    if (model.seen.has(key)) continue;
+    model.seen.add(key);
+    const last = model.records[model.records.length - 1];
+    if (last && last.at > r.at) unordered = true;
+    model.records.push(r);
+  }
+  if (unordered) model.records.sort((a, b) => a.at - b.at);
+  if (model.records.length > HISTORY) {
+    for (const r of model.records.splice(0, model.records.length - HISTORY)) model.seen.delete(recordKey(r));
+    model.truncated = true;
+  }
+}
+
+// ---- scheduling -----------------------------------------------------------------------------
+
+let frame = 0;
+function schedule(): void {
+  if (frame === 0) frame = requestAnimationFrame(render);
+}
+// Time left and the charts' minutes move on their own.
+setInterval(schedule, 15_000);
+
+// ---- DOM helpers ----------------------------------------------------------------------------
+
+type Child = Node | string | number | false | null | undefined;
+type Attrs = Record<string, string | number | boolean | undefined | ((ev: Event) => void)>;
+
+function h<K extends keyof HTMLElementTagNameMap>(tag: K, attrs: Attrs = {}, ...children: Child[]): HTMLElementTagNameMap[K] {
+  return fill(document.createElement(tag), attrs, children);
+}
+
+function s<K extends keyof SVGElementTagNameMap>(tag: K, attrs: Attrs = {}, ...children: Child[]): SVGElementTagNameMap[K] {
+  return fill(document.createElementNS('http://www.w3.org/2000/svg', tag), attrs, children);
+}
+
+function fill<E extends Element>(el: E, attrs: Attrs, children: Child[]): E {
+  for (const [name, value] of Object.entries(attrs)) {
+    if (value === undefined || value === false) continue;
+    if (typeof value === 'function') el.addEventListener(name.slice(2), value);
+    else el.setAttribute(name, value === true ? '' : String(value));
+  }
+  for (const c of children) if (c !== false && c !== null && c !== undefined) el.append(typeof c === 'number' ? String(c) : c);
+  return el;
+}
+
+// ---- formatting -----------------------------------------------------------------------------
+
+const num = new Intl.NumberFormat();
+const pad = (n: number) => String(n).padStart(2, '0');
+
+function clock(at: number, seconds = true): string {
+  const d = new Date(at);
+  return `${pad(d.getHours())}:${pad(d.getMinutes())}${seconds ? `:${pad(d.getSeconds())}` : ''}`;
+}
+
+function span(ms: number): string {
+  const m = Math.round(ms / MINUTE);
+  if (m < 1) return 'less than a minute';
+  if (m < 60) return `${m} min`;
+  const hours = Math.floor(m / 60);
+  if (hours < 48) return m % 60 === 0 || hours >= 10 ? `${hours} h` : `${hours} h ${m % 60} min`;
+  return `${Math.floor(hours / 24)} days`;
+}
+
+function latency(ms: number): string {
+  return ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(ms < 10_000 ? 1 : 0)} s`;
+}
+
+function plural(n: number, word: string): string {
+  return `${num.format(n)} ${word}${n === 1 ? '' : 's'}`;
+}
+
+/** The state to show: an active key past its expiry is expired even before the broker says so. */
+function stateOf(k: KeySummary, now: number): State {
+  return k.state === 'active' && k.policy.expiresAt !== undefined && k.policy.expiresAt <= now ? 'expired' : k.state;
+}
+
+// ---- numbers --------------------------------------------------------------------------------
+
+interface Series {
+  served: number[];
+  denied: number[];
+}
+const series = (): Series => ({ served: new Array<number>(SPAN).fill(0), denied: new Array<number>(SPAN).fill(0) });
+
+interface Stats {
+  total: Series;
+  byKey: Map<string, Series>;
+  servedToday: number;
+  deniedToday: number;
+  /** Today's counts may miss requests older than what is kept. */
+  todayPartial: boolean;
+  firstMinute: number;
+}
+
+function stats(now: number): Stats {
+  const firstMinute = Math.floor(now / MINUTE) - SPAN + 1;
+  const midnight = new Date(now).setHours(0, 0, 0, 0);
+  const out: Stats = { total: series(), byKey: new Map(), servedToday: 0, deniedToday: 0, todayPartial: false, firstMinute };
+  const since = Math.min(midnight, firstMinute * MINUTE);
+  const recs = model.records;
+  for (let i = recs.length - 1; i >= 0; i--) {
+    const r = recs[i]!;
+    if (r.at < since) break;
+    const denied = r.type === 'request.denied';
+    if (r.at >= midnight) {
+      if (denied) out.deniedToday++;
+      else out.servedToday++;
+    }
+    const slot = Math.floor(r.at / MINUTE) - firstMinute;
+    if (slot < 0 || slot >= SPAN) continue;
+    const field = denied ? 'denied' : 'served';
+    out.total[field][slot]!++;
+    const keyId = r.request.keyId;
+    if (keyId) {
+      let ks = out.byKey.get(keyId);
+      if (!ks) out.byKey.set(keyId, (ks = series()));
+      ks[field][slot]!++;
+    }
+  }
+  const oldest = recs[0];
+  out.todayPartial = model.truncated && oldest !== undefined && oldest.at >= midnight;
+  return out;
+}
+
+/** A round ceiling for a chart's scale: 1, 2, 5, 10, 20, 50… */
+function niceMax(n: number): number {
+  if (n <= 1) return 1;
+  const p = 10 ** Math.floor(Math.log10(n));
+  return ([1, 2, 5, 10].map((m) => m * p).find((v) => v >= n) ?? 10 * p);
+}
+
+// ---- rendering ------------------------------------------------------------------------------
+
+function render(): void {
+  frame = 0;
+  const now = Date.now();
+  const focused = (document.activeElement as HTMLElement | null)?.dataset.focus;
+  const keys = [...model.keys.values()].map((k) => ({ key: k, state: stateOf(k, now) }));
+  keys.sort((a, b) => STATE_ORDER[a.state] - STATE_ORDER[b.state] || b.key.createdAt - a.key.createdAt);
+  const st = stats(now);
+
+  const children: Child[] = [header(keys.some((k) => k.state !== 'revoked'))];
+  if (model.error) children.push(h('p', { class: 'banner error', role: 'alert' }, model.error));
+  if (!model.loaded) {
+    children.push(h('p', { class: 'loading' }, 'Loading usage…'));
+  } else if (keys.length === 0 && model.records.length === 0) {
+    children.push(emptyState());
+  } else {
+    children.push(totals(keys.map((k) => k.state), st), chart(st));
+    const live = keys.filter((k) => k.state !== 'revoked');
+    const revoked = keys.filter((k) => k.state === 'revoked');
+    children.push(
+      h('section', { class: 'section', 'aria-labelledby': 'keys-h' },
+        h('h2', { id: 'keys-h' }, 'Keys', h('span', { class: 'count' }, live.length)),
+        live.length > 0 ? h('ul', { class: 'cards' }, ...live.map((k) => card(k.key, k.state, st, now))) : keys.length === 0 ? emptyState() : h('p', { class: 'muted' }, 'No live keys.'),
+        revoked.length > 0 && revokedList(revoked.map((k) => k.key), st, now),
+      ),
+      requests(),
+    );
+  }
+  app.replaceChildren(...children.filter((c): c is Node | string => c !== false && c !== null && c !== undefined).map((c) => (typeof c === 'number' ? String(c) : c)));
+  app.removeAttribute('aria-busy');
+  if (focused) app.querySelector<HTMLElement>(`[data-focus="${CSS.escape(focused)}"]`)?.focus();
+}
+
+function header(anyLive: boolean): HTMLElement {
+  const role = model.role;
+  const text = !model.loaded ? 'Connecting…' : role === 'host' ? 'Broker running in this window' : role === 'attached' ? 'Broker running in another window' : 'Broker not running';
+  return h('header', { class: 'top' },
+    h('div', { class: `broker ${role}` },
+      h('span', { class: 'dot', 'aria-hidden': 'true' }),
+      h('span', { class: 'status-text' }, text),
+      model.brokerUrl && role !== 'down' ? h('span', { class: 'url', title: 'Broker address' }, model.brokerUrl.replace(/^https?:\/\//, '')) : null,
+    ),
+    h('button', {
+      class: 'button danger',
+      type: 'button',
+      'data-focus': 'revoke-all',
+      'aria-label': 'Revoke all till keys',
+      title: 'Revoke every till key (asks first)',
+      disabled: !anyLive,
+      onclick: () => send({ type: 'revokeAll' }),
+    }, 'Revoke All'),
+  );
+}
+
+function emptyState(): HTMLElement {
+  const command = (id: PageCommand) => () => send({ type: 'command', id });
+  return h('div', { class: 'empty' },
+    h('div', { class: 'empty-icon', 'aria-hidden': 'true' }, keyIcon()),
+    h('h2', {}, 'No till keys yet'),
+    h('p', {}, 'A till key gives an agent scoped, limited, revocable access to one of your API keys. The real key stays in your OS keychain.'),
+    h('button', { class: 'button primary', type: 'button', 'data-focus': 'issue', onclick: command('till.issueKey') }, 'Issue a Till Key'),
+    h('p', { class: 'muted small' },
+      'No credential yet? ',
+      h('button', { class: 'link', type: 'button', 'data-focus': 'add-credential', onclick: command('till.addCredential') }, 'Add one first'),
+      '. From a terminal: ', h('code', {}, 'till issue openai --uses 50 --ttl 1h'),
+    ),
+  );
+}
+
+function keyIcon(): SVGSVGElement {
+  return s('svg', { viewBox: '0 0 24 24', width: 32, height: 32 },
+    s('circle', { cx: 8, cy: 12, r: 4.5, class: 'icon-stroke' }),
+    s('path', { d: 'M12.5 12H21M18 12v3.5M21 12v2.5', class: 'icon-stroke' }),
+  );
+}
+
+function totals(states: State[], st: Stats): HTMLElement {
+  const active = states.filter((x) => x === 'active').length;
+  const activations = [...model.keys.values()].reduce((sum, k) => sum + (k.used.activations ?? 0), 0);
+  const partial = st.todayPartial ? '+' : '';
+  const last = (xs: number[]) => xs.reduce((a, b) => a + b, 0);
+  const tile = (label: string, value: string, sub: string, title: string, cls = '') =>
+    h('div', { class: `tile ${cls}`, title }, h('dt', {}, label), h('dd', {}, h('span', { class: 'value' }, value), h('span', { class: 'sub' }, sub)));
+  return h('dl', { class: 'totals' },
+    tile('Active keys', num.format(active), `of ${num.format(states.length)}`, 'Keys that can still be used, of all keys in the ledger'),
+    tile('Calls today', num.format(st.servedToday) + partial, `${num.format(last(st.total.served))} in ${SPAN} min`, 'Requests the broker forwarded today (counted from the requests this window has seen)'),
+    tile('Activations', num.format(activations), 'used, all keys', 'Billable requests counted against keys, from the ledger'),
+    tile('Denials today', num.format(st.deniedToday) + partial, `${num.format(last(st.total.denied))} in ${SPAN} min`, 'Requests the broker refused today', st.deniedToday > 0 ? 'alert' : ''),
+  );
+}
+
+/** Bars per minute, served stacked under denied; `height` in viewBox units. */
+function bars(series: Series, firstMinute: number, height: number, withTitles: boolean): { svg: SVGSVGElement; peak: number } {
+  const step = 10;
+  const width = SPAN * step;
+  const peak = Math.max(0, ...series.served.map((v, i) => v + series.denied[i]!));
+  const scale = niceMax(peak);
+  const svg = s('svg', { class: 'bars', viewBox: `0 0 ${width} ${height}`, preserveAspectRatio: 'none', 'aria-hidden': 'true' });
+  for (let i = 0; i < SPAN; i++) {
+    const served = series.served[i]!;
+    const denied = series.denied[i]!;
+    const x = i * step + 1;
+    const g = s('g', {});
+    const hs = (served / scale) * height;
+    const hd = (denied / scale) * height;
+    // a hairline for empty minutes keeps the time axis visible
+    if (served + denied === 0) g.append(s('rect', { class: 'zero', x, y: height - 1, width: step - 2, height: 1 }));
+    if (served > 0) g.append(s('rect', { class: 'served', x, y: height - hs, width: step - 2, height: hs }));
+    if (denied > 0) g.append(s('rect', { class: 'denied', x, y: height - hs - hd, width: step - 2, height: hd }));
+    if (withTitles) {
+      // a full-height hit area so the tooltip shows over empty minutes too
+      g.append(s('rect', { class: 'hit', x: i * step, y: 0, width: step, height }, s('title', {}, `${clock((firstMinute + i) * MINUTE, false)}: ${plural(served, 'call')}${denied ? `, ${num.format(denied)} denied` : ''}`)));
+    }
+    svg.append(g);
+  }
+  return { svg, peak };
+}
+
+function chart(st: Stats): HTMLElement {
+  const { svg, peak } = bars(st.total, st.firstMinute, 60, true);
+  const served = st.total.served.reduce((a, b) => a + b, 0);
+  const denied = st.total.denied.reduce((a, b) => a + b, 0);
+  return h('section', { class: 'section chart', 'aria-labelledby': 'chart-h' },
+    h('div', { class: 'chart-head' },
+      h('h2', { id: 'chart-h' }, 'Calls per minute'),
+      h('span', { class: 'legend' },
+        h('span', { class: 'swatch served', 'aria-hidden': 'true' }), 'served',
+        h('span', { class: 'swatch denied', 'aria-hidden': 'true' }), 'denied',
+      ),
+    ),
+    h('figure', {
+      class: 'plot',
+      role: 'img',
+      'aria-label': `Last ${SPAN} minutes: ${plural(served, 'call')} served, ${num.format(denied)} denied, at most ${num.format(peak)} in one minute.`,
+    },
+      h('span', { class: 'peak', 'aria-hidden': 'true' }, peak > 0 ? `${num.format(peak)}/min` : ''),
+      svg,
+      h('figcaption', { class: 'axis', 'aria-hidden': 'true' }, h('span', {}, `${SPAN} min ago`), h('span', {}, 'now')),
+    ),
+  );
+}
+
+function card(k: KeySummary, state: State, st: Stats, now: number): HTMLElement {
+  const limit = k.policy.maxActivations;
+  const used = k.used.activations ?? 0;
+  const reserved = k.reserved.activations ?? 0;
+  const revoking = model.revoking.has(k.id);
+  const keySeries = st.byKey.get(k.id) ?? series();
+  const spark = bars(keySeries, st.firstMinute, 20, false);
+  const recentCalls = keySeries.served.reduce((a, b) => a + b, 0);
+
+  let meter: Node;
+  if (limit !== undefined) {
+    const left = Math.max(0, limit - used);
+    const fillEl = h('div', { class: 'fill' });
+    const heldEl = h('div', { class: 'held' });
+    const pct = (n: number) => `${Math.min(100, (n / Math.max(1, limit)) * 100)}%`;
+    // CSSOM, not a style attribute: the CSP allows the first and blocks the second.
+    fillEl.style.width = pct(used);
+    heldEl.style.width = pct(Math.min(reserved, left));
+    const level = used >= limit ? 'full' : used / limit >= 0.8 ? 'near' : '';
+    meter = h('div', { class: 'usage' },
+      h('div', { class: `meter ${level}`, role: 'meter', 'aria-label': `Activations used by ${k.label}`, 'aria-valuemin': 0, 'aria-valuemax': limit, 'aria-valuenow': used, 'aria-valuetext': `${used} of ${limit} used, ${left} left` }, fillEl, heldEl),
+      h('div', { class: 'usage-text' },
+        h('span', {}, h('strong', {}, num.format(used)), ` / ${num.format(limit)} calls`),
+        h('span', { class: left === 0 ? 'left none' : 'left' }, `${num.format(left)} left`),
+      ),
+    );
+  } else {
+    meter = h('div', { class: 'usage' },
+      h('div', { class: 'meter unlimited', 'aria-hidden': 'true' }),
+      h('div', { class: 'usage-text' }, h('span', {}, h('strong', {}, num.format(used)), ' calls'), h('span', { class: 'left' }, 'no limit')),
+    );
+  }
+
+  const expires = k.policy.expiresAt;
+  const time =
+    state === 'revoked' ? `revoked${k.revokedAt ? ` ${clock(k.revokedAt, false)}` : ''}` : expires === undefined ? 'no expiry' : expires > now ? `${span(expires - now)} left` : `expired ${span(now - expires)} ago`;
+  const facts: Child[] = [h('span', { title: expires ? `Expires ${new Date(expires).toLocaleString()}` : undefined }, time)];
+  if (k.inFlight > 0) facts.push(h('span', { class: 'inflight' }, `${num.format(k.inFlight)} in flight`));
+
+  return h('li', { class: `card ${state}` },
+    h('div', { class: 'card-head' },
+      h('span', { class: 'label', title: k.label }, k.label),
+      h('span', { class: `badge ${state}` }, state),
+    ),
+    h('div', { class: 'meta' },
+      h('span', { class: 'provider' }, k.provider),
+      k.credential !== k.provider && h('span', { title: 'Credential' }, k.credential),
+      h('span', { class: 'id', title: 'Key id' }, k.id),
+    ),
+    meter,
+    state !== 'revoked' && spark.peak > 0 &&
+      h('div', { class: 'spark', title: `Calls per minute, last ${SPAN} min` }, spark.svg, h('span', {}, `${num.format(recentCalls)} / ${SPAN} min`)),
+    h('div', { class: 'card-foot' },
+      h('div', { class: 'facts' }, ...facts),
+      state !== 'revoked' &&
+        h('button', {
+          class: 'button secondary small',
+          type: 'button',
+          'data-focus': `revoke:${k.id}`,
+          'aria-label': `Revoke till key ${k.label}`,
+          disabled: revoking,
+          onclick: () => {
+            model.revoking.add(k.id);
+            send({ type: 'revoke', id: k.id });
+            schedule();
+          },
+        }, revoking ? 'Revoking…' : 'Revoke'),
+    ),
+  );
+}
+
+function revokedList(keys: KeySummary[], st: Stats, now: number): HTMLElement {
+  const details = h('details', { class: 'revoked-list', open: model.showRevoked },
+    h('summary', {}, `Revoked (${keys.length})`),
+    h('ul', { class: 'cards' }, ...keys.map((k) => card(k, 'revoked', st, now))),
+  );
+  details.addEventListener('toggle', () => {
+    model.showRevoked = details.open;
+    vscode.setState({ showRevoked: model.showRevoked });
+  });
+  return details;
+}
+
+function requests(): HTMLElement {
+  const rows = model.records.slice(-ROWS).reverse();
+  const section = h('section', { class: 'section', 'aria-labelledby': 'req-h' }, h('h2', { id: 'req-h' }, 'Recent requests', h('span', { class: 'count' }, rows.length)));
+  if (rows.length === 0) {
+    section.append(h('p', { class: 'muted' }, 'No requests yet. They show here as agents make them.'));
+    return section;
+  }
+  section.append(
+    h('table', { class: 'requests' },
+      h('thead', {}, h('tr', {},
+        h('th', { scope: 'col', class: 'time' }, 'Time'),
+        h('th', { scope: 'col' }, 'Request'),
+        h('th', { scope: 'col', class: 'num' }, 'Status'),
+        h('th', { scope: 'col', class: 'num' }, 'Latency'),
+      )),
+      h('tbody', {}, ...rows.map(row)),
+    ),
+  );
+  return section;
+}
+
+function row(r: RequestRecord): HTMLElement {
+  const q = r.request;
+  const denied = r.type === 'request.denied';
+  const failed = !denied && (r.status >= 400 || r.aborted !== undefined);
+  const detail = [q.model, q.label || (denied ? undefined : q.keyId)].filter(Boolean).join(' · ');
+  return h('tr', { class: denied ? 'denied' : failed ? 'failed' : '', title: denied ? `Denied: ${r.reason}` : r.aborted ? `Ended early: ${r.aborted}` : undefined },
+    h('td', { class: 'time' }, clock(r.at)),
+    h('td', { class: 'req' },
+      h('div', { class: 'line' }, h('span', { class: 'method' }, q.method), ' ', h('span', { class: 'path' }, q.path)),
+      (detail || denied) && h('div', { class: 'detail' }, denied ? h('span', { class: 'reason' }, r.code.replace(/_/g, ' ')) : null, denied && detail ? ' · ' : '', detail),
+    ),
+    h('td', { class: 'num status' }, String(r.status)),
+    h('td', { class: 'num' }, denied ? '—' : latency(r.latencyMs)),
+  );
+}
+
+send({ type: 'ready' });

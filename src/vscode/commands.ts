@@ -1,0 +1,254 @@
+/**
+ * The command table: every command the extension declares, in one place, registered by one
+ * registrar that pushes each disposable to the extension's subscriptions.
+ *
+ * Commands accept optional arguments so scripts and tests can skip the questions; without
+ * them they ask through the session's prompter.
+ */
+import * as vscode from 'vscode';
+import type { KeySummary } from '../core/events';
+import { parseDuration, type PolicyInput } from '../core/policy';
+import { ProviderRegistry } from '../core/providers';
+import type { IssuedKey, IssueInput } from '../core/service';
+import type { AgentTerminals } from './agentTerminals';
+import { COMMANDS, SETTINGS, VIEW_CONTAINER } from './constants';
+import type { KeysTreeProvider } from './keysTree';
+import type { DisposableStore } from './lifecycle';
+import type { TillSession } from './session';
+
+export interface CommandDeps {
+  session: TillSession;
+  tree: KeysTreeProvider;
+  agents: AgentTerminals;
+}
+
+/** Presets offered by Issue Key; "Custom…" asks for each limit. */
+const PRESETS: { label: string; policy: PolicyInput }[] = [
+  { label: '50 calls, 1 hour', policy: { uses: 50, ttl: '1h' } },
+  { label: '200 calls, 8 hours', policy: { uses: 200, ttl: '8h' } },
+  { label: '10 calls, 15 minutes', policy: { uses: 10, ttl: '15m' } },
+  { label: '1,000 calls, 1 day', policy: { uses: 1000, ttl: '1d' } },
+];
+
+type TreeArg = { kind: 'key'; key: KeySummary } | undefined;
+
+function keyIdOf(arg: unknown): string | undefined {
+  if (typeof arg === 'string') return arg;
+  const node = arg as TreeArg;
+  return node?.kind === 'key' ? node.key.id : undefined;
+}
+
+function providers(): ProviderRegistry {
+  return new ProviderRegistry([], {}, {});
+}
+
+function numberOrUndefined(text: string): number | undefined {
+  return text.trim() === '' ? undefined : Number(text.trim());
+}
+
+function listOrUndefined(text: string): string[] | undefined {
+  const items = text.split(',').map((s) => s.trim()).filter(Boolean);
+  return items.length ? items : undefined;
+}
+
+async function addCredential(deps: CommandDeps, args?: { provider?: string; secret?: string; name?: string }): Promise<string | undefined> {
+  const { session } = deps;
+  const p = session.prompter;
+  const provider =
+    args?.provider ??
+    (await p.pick(
+      'Till: Add Credential',
+      providers().all().map((pr) => ({ label: pr.displayName, description: pr.id, detail: pr.keyEnv.join(', '), value: pr.id })),
+      'Which provider is the key for?',
+    ));
+  if (!provider) return undefined;
+  const info = providers().get(provider);
+  if (!info) throw new Error(`unknown provider "${provider}"`);
+  const taken = new Set(session.credentials.all().map((c) => c.name));
+  const name = args?.name ?? (taken.has(provider) ? await p.input('Till: Credential name', { value: `${provider}-2`, prompt: `A credential named "${provider}" exists: name this one` }) : provider);
+  if (!name) return undefined;
+  const secret = args?.secret ?? (await p.input(`Till: ${info.displayName} API key`, { password: true, prompt: 'Stored in the OS keychain; never shown again, never put in a terminal.' }));
+  if (!secret) return undefined;
+  await session.credentials.add(provider, secret.trim(), name);
+  session.credentialsChanged(name);
+  if (session.connection.role === 'down') await session.connection.connect();
+  void p.message('info', `Till: stored "${name}" (${info.displayName}) in the OS keychain.`, []);
+  return name;
+}
+
+async function removeCredential(deps: CommandDeps, args?: { name?: string }): Promise<void> {
+  const { session } = deps;
+  const all = session.credentials.all();
+  if (all.length === 0) {
+    void session.prompter.message('info', 'Till: there are no credentials to remove.', []);
+    return;
+  }
+  const name = args?.name ?? (await session.prompter.pick('Till: Remove Credential', all.map((c) => ({ label: c.name, description: c.provider, value: c.name }))));
+  if (!name) return;
+  if (!args?.name) {
+    const ok = await session.prompter.message('warning', `Remove "${name}" from the OS keychain? Till keys bound to it stop working.`, ['Remove'], true);
+    if (ok !== 'Remove') return;
+  }
+  await session.credentials.remove(name);
+  session.credentialsChanged(name);
+}
+
+async function askPolicy(deps: CommandDeps): Promise<PolicyInput | undefined> {
+  const p = deps.session.prompter;
+  const defaults = deps.session.policySetting(SETTINGS.issuePolicy);
+  const choice = await p.pick(
+    'Till: Issue Key: limits',
+    [
+      ...PRESETS.map((pr) => ({ label: pr.label, value: pr.policy as PolicyInput | 'custom' })),
+      { label: 'Custom…', description: 'uses, lifetime, rate, models, paths', value: 'custom' as const },
+    ],
+    'How much may this key do?',
+  );
+  if (choice !== 'custom') return choice;
+  const uses = await p.input('Till: calls allowed', { value: defaults.uses?.toString() ?? '', prompt: 'Billable calls; empty for unlimited', validate: (v) => (v.trim() === '' || /^\d+$/.test(v.trim()) ? undefined : 'a whole number, or empty') });
+  if (uses === undefined) return undefined;
+  const ttl = await p.input('Till: lifetime', { value: String(defaults.ttl ?? '1h'), prompt: 'e.g. 30m, 8h, 7d; empty for no expiry', validate: (v) => { if (!v.trim()) return undefined; try { parseDuration(v); return undefined; } catch (err) { return (err as Error).message; } } });
+  if (ttl === undefined) return undefined;
+  const rpm = await p.input('Till: requests per minute', { prompt: 'Empty for no rate limit', validate: (v) => (v.trim() === '' || /^\d+$/.test(v.trim()) ? undefined : 'a whole number, or empty') });
+  if (rpm === undefined) return undefined;
+  const models = await p.input('Till: allowed models', { prompt: 'Comma-separated, * wildcards (e.g. gpt-4o*, claude-*); empty for any' });
+  if (models === undefined) return undefined;
+  const paths = await p.input('Till: allowed paths', { prompt: "Comma-separated, * wildcards (e.g. /v1/chat/*); empty for any" });
+  if (paths === undefined) return undefined;
+  const policy: PolicyInput = {};
+  const n = numberOrUndefined(uses);
+  if (n !== undefined) policy.uses = n;
+  if (ttl.trim()) policy.ttl = ttl.trim();
+  const r = numberOrUndefined(rpm);
+  if (r !== undefined) policy.rpm = r;
+  const m = listOrUndefined(models);
+  if (m) policy.models = m;
+  const pa = listOrUndefined(paths);
+  if (pa) policy.paths = pa;
+  return policy;
+}
+
+/** `export NAME=value` lines for a shell, or `NAME=value` for a .env file. */
+export function envText(key: IssuedKey, style: 'shell' | 'dotenv'): string {
+  return Object.entries(key.env)
+    .map(([name, value]) => (style === 'shell' ? `export ${name}=${value}` : `${name}=${value}`))
+    .join('\n');
+}
+
+async function issueKey(deps: CommandDeps, args?: Partial<IssueInput>): Promise<IssuedKey | undefined> {
+  const { session } = deps;
+  const p = session.prompter;
+  let credentials = session.credentials.all();
+  if (credentials.length === 0 && !args?.target) {
+    const go = await p.message('info', 'Till: add a credential (a real API key, kept in the OS keychain) before issuing till keys.', ['Add Credential']);
+    if (go !== 'Add Credential') return undefined;
+    if (!(await addCredential(deps))) return undefined;
+    credentials = session.credentials.all();
+  }
+  const target =
+    args?.target ??
+    (credentials.length === 1 ? credentials[0]!.name : await p.pick('Till: Issue Key: credential', credentials.map((c) => ({ label: c.name, description: c.provider, value: c.name })), 'Which credential does the key stand in for?'));
+  if (!target) return undefined;
+  const policy = args?.target ? args : await askPolicy(deps);
+  if (!policy) return undefined;
+  const provider = session.credentials.all().find((c) => c.name === target)?.provider ?? target;
+  const label = args?.label ?? (args?.target ? undefined : await p.input('Till: Issue Key: label', { value: `${provider} agent`, prompt: 'A name to recognise the key by' }));
+  if (label === undefined && !args?.target) return undefined;
+  const issued = await session.connection.issue({ ...policy, target, label, owner: session.owner });
+  deps.tree.refresh();
+  if (!args?.target) void offerCopies(deps, issued);
+  return issued;
+}
+
+/** Shows the key once, with copy buttons, until dismissed. */
+async function offerCopies(deps: CommandDeps, issued: IssuedKey): Promise<void> {
+  const text = `Till key "${issued.label}" issued. It is shown only now: copy what you need.`;
+  for (let i = 0; i < 10; i++) {
+    const choice = await deps.session.prompter.message('info', text, ['Copy Key', 'Copy as env', 'Copy Base URL']);
+    if (choice === 'Copy Key') await vscode.env.clipboard.writeText(issued.key);
+    else if (choice === 'Copy as env') await vscode.env.clipboard.writeText(envText(issued, 'shell'));
+    else if (choice === 'Copy Base URL') await vscode.env.clipboard.writeText(issued.baseUrl);
+    else return;
+    vscode.window.setStatusBarMessage(`Till: copied ${choice.replace('Copy ', '').toLowerCase()}`, 3000);
+  }
+}
+
+async function revokeKey(deps: CommandDeps, arg?: unknown): Promise<boolean> {
+  const { session } = deps;
+  let id = keyIdOf(arg);
+  if (!id) {
+    const live = (await session.connection.list()).filter((k) => k.state === 'active');
+    if (live.length === 0) {
+      void session.prompter.message('info', 'Till: no live keys to revoke.', []);
+      return false;
+    }
+    id = await session.prompter.pick('Till: Revoke Key', live.map((k) => ({ label: k.label, description: `${k.provider} · ${k.id}`, value: k.id })));
+    if (!id) return false;
+  }
+  const revoked = await session.connection.revoke(id);
+  deps.tree.refresh();
+  return revoked;
+}
+
+async function revokeAll(deps: CommandDeps): Promise<number> {
+  const { session } = deps;
+  const ok = await session.prompter.message('warning', 'Revoke every till key now? Agents using them stop at once, streams included.', ['Revoke All'], true);
+  if (ok !== 'Revoke All') return 0;
+  const n = await session.connection.revokeAll();
+  deps.tree.refresh();
+  void session.prompter.message('info', `Till: revoked ${n} key${n === 1 ? '' : 's'}.`, []);
+  return n;
+}
+
+/** Every command, by id. */
+export function commandTable(deps: CommandDeps): Record<(typeof COMMANDS)[keyof typeof COMMANDS], (...args: unknown[]) => unknown> {
+  const { session } = deps;
+  return {
+    [COMMANDS.addCredential]: (args) => addCredential(deps, args as Parameters<typeof addCredential>[1]),
+    [COMMANDS.removeCredential]: (args) => removeCredential(deps, args as Parameters<typeof removeCredential>[1]),
+    [COMMANDS.issueKey]: (args) => issueKey(deps, args as Partial<IssueInput> | undefined),
+    [COMMANDS.revokeKey]: (arg) => revokeKey(deps, arg),
+    [COMMANDS.revokeAll]: () => revokeAll(deps),
+    [COMMANDS.copyKeyId]: async (arg) => {
+      const id = keyIdOf(arg);
+      if (id) await vscode.env.clipboard.writeText(id);
+    },
+    [COMMANDS.copyBaseUrl]: async (arg) => {
+      const node = arg as TreeArg;
+      const provider = node?.kind === 'key' ? node.key.provider : undefined;
+      const url = session.connection.url;
+      if (url) await vscode.env.clipboard.writeText(provider ? `${url}/${provider}${providers().get(provider)?.basePath ?? ''}` : url);
+    },
+    [COMMANDS.openAgentTerminal]: () => deps.agents.open(),
+    [COMMANDS.showAuditLog]: async () => {
+      const doc = await vscode.workspace.openTextDocument(vscode.Uri.file(session.paths.audit));
+      await vscode.window.showTextDocument(doc, { preview: true });
+    },
+    [COMMANDS.restartBroker]: async () => {
+      await session.restart();
+      deps.tree.refresh();
+      void session.prompter.message('info', session.connection.role === 'host' ? `Till: broker restarted at ${session.connection.url}.` : `Till: reconnected to the broker at ${session.connection.url} (it runs in another window or \`till serve\`).`, []);
+    },
+    [COMMANDS.showBrokerLog]: () => session.log.show(),
+    [COMMANDS.refresh]: () => deps.tree.refresh(),
+    [COMMANDS.focusSidebar]: () => vscode.commands.executeCommand(`workbench.view.extension.${VIEW_CONTAINER}`),
+  };
+}
+
+/** Registers the table; each command reports its failure instead of failing silently. */
+export function registerCommands(store: DisposableStore, deps: CommandDeps): void {
+  for (const [id, run] of Object.entries(commandTable(deps))) {
+    store.add(
+      vscode.commands.registerCommand(id, async (...args: unknown[]) => {
+        try {
+          return await run(...args);
+        } catch (err) {
+          const message = (err as Error).message;
+          deps.session.log.error(`${id}: ${message}`);
+          void vscode.window.showErrorMessage(`Till: ${message}`);
+          return undefined;
+        }
+      }),
+    );
+  }
+}

@@ -1,0 +1,40 @@
+/** Every id the extension declares in package.json, in one place. */
+export const EXTENSION_ID = 'till.till';
+
+export const VIEW_CONTAINER = 'till';
+export const KEYS_VIEW = 'till.keys';
+export const USAGE_VIEW = 'till.usage';
+export const AGENT_TERMINAL_PROFILE = 'till.agentTerminal';
+
+export const COMMANDS = {
+  addCredential: 'till.addCredential',
+  removeCredential: 'till.removeCredential',
+  issueKey: 'till.issueKey',
+  revokeKey: 'till.revokeKey',
+  revokeAll: 'till.revokeAll',
+  copyKeyId: 'till.copyKeyId',
+  copyBaseUrl: 'till.copyBaseUrl',
+  openAgentTerminal: 'till.openAgentTerminal',
+  showAuditLog: 'till.showAuditLog',
+  restartBroker: 'till.restartBroker',
+  showBrokerLog: 'till.showBrokerLog',
+  refresh: 'till.refresh',
+  focusSidebar: 'till.focusSidebar',
+} as const;
+
+export const CONTEXT = {
+  /** `till.hasCredential`: drives the welcome view. */
+  hasCredential: 'till.hasCredential',
+  hasKey: 'till.hasKey',
+} as const;
+
+export const SETTINGS = {
+  section: 'till',
+  terminalInject: 'terminal.inject',
+  terminalProviders: 'terminal.providers',
+  terminalPolicy: 'terminal.policy',
+  issuePolicy: 'issue.defaultPolicy',
+  brokerPort: 'broker.port',
+  upstreams: 'upstreams',
+  notifications: 'notifications.enabled',
+} as const;

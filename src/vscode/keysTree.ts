@@ -1,0 +1,115 @@
+/**
+ * The "Keys" tree: one item per till key, live keys first, ended ones (exhausted, expired,
+ * revoked) in a group of their own. Refreshed from broker events.
+ */
+import * as vscode from 'vscode';
+import type { KeySummary } from '../core/events';
+import { describePolicy, formatDuration } from '../core/policy';
+import { CONTEXT } from './constants';
+import type { TillSession } from './session';
+
+type Node = { kind: 'key'; key: KeySummary } | { kind: 'ended'; keys: KeySummary[] };
+
+function usage(key: KeySummary): string {
+  const used = key.used.activations ?? 0;
+  return key.policy.maxActivations === undefined ? `${used} calls` : `${used}/${key.policy.maxActivations}`;
+}
+
+function timeLeft(key: KeySummary, now: number): string | undefined {
+  if (key.policy.expiresAt === undefined) return undefined;
+  const left = key.policy.expiresAt - now;
+  return left > 0 ? `${formatDuration(left)} left` : 'expired';
+}
+
+const STATE_ICON: Record<KeySummary['state'], [string, string]> = {
+  active: ['key', 'charts.green'],
+  exhausted: ['circle-slash', 'charts.orange'],
+  expired: ['watch', 'disabledForeground'],
+  revoked: ['close', 'charts.red'],
+};
+
+export class KeysTreeProvider implements vscode.TreeDataProvider<Node>, vscode.Disposable {
+  private readonly changed = new vscode.EventEmitter<Node | undefined>();
+  readonly onDidChangeTreeData = this.changed.event;
+  private keys: KeySummary[] = [];
+  private pending: NodeJS.Timeout | undefined;
+  private readonly ticker: NodeJS.Timeout;
+
+  constructor(private readonly session: TillSession) {
+    // Time left changes without events.
+    this.ticker = setInterval(() => this.refresh(), 30_000);
+  }
+
+  /** Re-reads the keys, at most once per 100 ms however many events arrive. */
+  refresh(): void {
+    if (this.pending) return;
+    this.pending = setTimeout(() => {
+      this.pending = undefined;
+      void this.load();
+    }, 100);
+  }
+
+  private async load(): Promise<void> {
+    try {
+      this.keys = this.session.connection.role === 'down' ? [] : await this.session.connection.list();
+    } catch (err) {
+      this.session.log.warn(`could not list keys: ${(err as Error).message}`);
+      this.keys = [];
+    }
+    void vscode.commands.executeCommand('setContext', CONTEXT.hasKey, this.keys.length > 0);
+    this.changed.fire(undefined);
+  }
+
+  /** The keys as last loaded (for commands that pick one). */
+  current(): KeySummary[] {
+    return this.keys;
+  }
+
+  getChildren(node?: Node): Node[] {
+    if (node?.kind === 'ended') return node.keys.map((key) => ({ kind: 'key', key }));
+    if (node) return [];
+    const byNewest = [...this.keys].sort((a, b) => b.createdAt - a.createdAt);
+    const live = byNewest.filter((k) => k.state === 'active').map((key): Node => ({ kind: 'key', key }));
+    const ended = byNewest.filter((k) => k.state !== 'active');
+    return ended.length > 0 ? [...live, { kind: 'ended', keys: ended }] : live;
+  }
+
+  getTreeItem(node: Node): vscode.TreeItem {
+    if (node.kind === 'ended') {
+      const item = new vscode.TreeItem(`Ended (${node.keys.length})`, vscode.TreeItemCollapsibleState.Collapsed);
+      item.contextValue = 'till.endedGroup';
+      item.iconPath = new vscode.ThemeIcon('history');
+      return item;
+    }
+    const key = node.key;
+    const now = Date.now();
+    const item = new vscode.TreeItem(key.label, vscode.TreeItemCollapsibleState.None);
+    item.id = key.id;
+    const parts = [key.provider, usage(key)];
+    const left = timeLeft(key, now);
+    if (key.state === 'active' && left) parts.push(left);
+    if (key.state !== 'active') parts.push(key.state);
+    item.description = parts.join(' · ');
+    const [icon, color] = STATE_ICON[key.state];
+    item.iconPath = new vscode.ThemeIcon(icon, new vscode.ThemeColor(color));
+    item.contextValue = key.state === 'active' ? 'till.key.active' : 'till.key.ended';
+    const tip = new vscode.MarkdownString(undefined, true);
+    tip.appendMarkdown(`**${escape(key.label)}** \`${key.id}\`\n\n`);
+    tip.appendMarkdown(`${escape(key.provider)} · credential \`${escape(key.credential)}\` · **${key.state}**\n\n`);
+    tip.appendMarkdown(`Policy: ${escape(describePolicy(key.policy, now))}\n\n`);
+    tip.appendMarkdown(`Used ${usage(key)}; ${key.reserved.activations ?? 0} reserved; ${key.inFlight} in flight\n\n`);
+    tip.appendMarkdown(`Issued ${new Date(key.createdAt).toLocaleString()}`);
+    item.tooltip = tip;
+    return item;
+  }
+
+  dispose(): void {
+    clearInterval(this.ticker);
+    clearTimeout(this.pending);
+    this.changed.dispose();
+  }
+}
+
+function escape(text: string): string {
+  return text.replace(/[\\`*_{}[\]()#+\-.!|<>]/g, '\\$&');
+}

@@ -1,0 +1,89 @@
+/**
+ * What every part of the extension shares: the connection to this user's broker, the
+ * credential store, settings turned into core options, the log, and the prompter.
+ */
+import * as vscode from 'vscode';
+import { TillConnection } from '../core/connection';
+import { CredentialStore } from '../core/credentials';
+import { defaultHome, tillPaths, type TillPaths } from '../core/home';
+import { buildPolicy, type PolicyInput } from '../core/policy';
+import { upstreamEnvVar } from '../core/providers';
+import { DEFAULT_PORT } from '../core/broker';
+import { KeychainVault } from '../core/vault';
+import { SETTINGS } from './constants';
+import { vscodePrompter, type Prompter } from './prompter';
+
+export class TillSession implements vscode.Disposable {
+  readonly paths: TillPaths;
+  readonly credentials: CredentialStore;
+  /** This window, as the owner recorded on the keys it issues. */
+  readonly owner = `vscode:${vscode.env.sessionId}`;
+  prompter: Prompter = vscodePrompter;
+  connection: TillConnection;
+  private readonly credentialListeners = new Set<() => void>();
+  private readonly pending = new Set<Promise<unknown>>();
+  /** Resolves once the session has closed its connection (deactivate waits for it). */
+  closed: Promise<void> = Promise.resolve();
+  private readonly connectionListeners = new Set<(c: TillConnection) => void>();
+
+  constructor(readonly log: vscode.LogOutputChannel) {
+    this.paths = tillPaths(defaultHome());
+    this.credentials = new CredentialStore(this.paths.credentials, new KeychainVault({ service: this.paths.keychainService }));
+    this.connection = this.newConnection();
+  }
+
+  private newConnection(): TillConnection {
+    const config = vscode.workspace.getConfiguration(SETTINGS.section);
+    // Upstream overrides are read only from user (application) settings: a workspace must not
+    // be able to send credentials elsewhere. package.json declares them application-scoped.
+    const upstreams = config.inspect<Record<string, string>>(SETTINGS.upstreams)?.globalValue ?? {};
+    const env: NodeJS.ProcessEnv = { ...process.env };
+    for (const [id, url] of Object.entries(upstreams)) if (typeof url === 'string' && url) env[upstreamEnvVar(id)] = url;
+    const port = config.inspect<number>(SETTINGS.brokerPort)?.globalValue ?? DEFAULT_PORT;
+    return new TillConnection({ home: this.paths.home, port, env, log: (line) => this.log.info(line) });
+  }
+
+  /** Stops this window's broker (if it hosts one) and connects again with fresh settings. */
+  async restart(): Promise<void> {
+    const old = this.connection;
+    this.connection = this.newConnection();
+    await old.dispose();
+    for (const l of this.connectionListeners) l(this.connection);
+    await this.connection.connect();
+  }
+
+  /** Called with the new connection after a restart. */
+  onConnectionChanged(listener: (c: TillConnection) => void): vscode.Disposable {
+    this.connectionListeners.add(listener);
+    return new vscode.Disposable(() => this.connectionListeners.delete(listener));
+  }
+
+  onCredentialsChanged(listener: () => void): vscode.Disposable {
+    this.credentialListeners.add(listener);
+    return new vscode.Disposable(() => this.credentialListeners.delete(listener));
+  }
+
+  credentialsChanged(name: string): void {
+    void this.connection.credentialChanged(name).catch(() => undefined);
+    for (const l of this.credentialListeners) l();
+  }
+
+  /** A policy from the settings, validated (a bad setting is reported, not silently used). */
+  policySetting(key: typeof SETTINGS.terminalPolicy | typeof SETTINGS.issuePolicy): PolicyInput {
+    const input = vscode.workspace.getConfiguration(SETTINGS.section).get<PolicyInput>(key) ?? {};
+    buildPolicy(input);
+    return input;
+  }
+
+  /** Revokes a key without waiting; the session waits for it before it closes the broker. */
+  revokeLater(id: string): void {
+    const p = this.connection.revoke(id).catch(() => false);
+    this.pending.add(p);
+    void p.finally(() => this.pending.delete(p));
+  }
+
+  dispose(): void {
+    const connection = this.connection;
+    this.closed = Promise.allSettled([...this.pending]).then(() => connection.dispose());
+  }
+}

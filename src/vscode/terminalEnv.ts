@@ -1,0 +1,96 @@
+/**
+ * Integrated terminals get, for each stored credential, the provider's key and base-URL
+ * variables holding a till key issued for this window (never the credential). The variables
+ * are not persisted: the keys die with the window.
+ */
+import * as vscode from 'vscode';
+import type { TillEvent } from '../core/events';
+import type { IssuedKey } from '../core/service';
+import { SETTINGS } from './constants';
+import type { TillSession } from './session';
+
+export class TerminalEnv implements vscode.Disposable {
+  /** Our terminal key per provider. */
+  private readonly keys = new Map<string, IssuedKey>();
+  private syncing: Promise<void> = Promise.resolve();
+
+  constructor(
+    private readonly session: TillSession,
+    private readonly collection: vscode.GlobalEnvironmentVariableCollection,
+  ) {
+    collection.persistent = false;
+    this.describe();
+  }
+
+  private describe(): void {
+    const providers = [...this.keys.keys()];
+    this.collection.description = providers.length
+      ? `Till: till keys and the local broker's URL for ${providers.join(', ')}. Your real API keys never reach a terminal.`
+      : 'Till: no till keys in terminals (add a credential to get some).';
+  }
+
+  /** Brings the variables in line with the credentials and settings. Serialized. */
+  sync(): Promise<void> {
+    this.syncing = this.syncing.then(() => this.doSync()).catch((err: unknown) => this.session.log.error(`terminal keys: ${(err as Error).message}`));
+    return this.syncing;
+  }
+
+  private wanted(): Map<string, string> {
+    const config = vscode.workspace.getConfiguration(SETTINGS.section);
+    const byProvider = new Map<string, string>();
+    if (!config.get<boolean>(SETTINGS.terminalInject, true)) return byProvider;
+    const only = config.get<string[]>(SETTINGS.terminalProviders, []);
+    for (const c of this.session.credentials.all()) {
+      if (only.length > 0 && !only.includes(c.provider)) continue;
+      if (!byProvider.has(c.provider)) byProvider.set(c.provider, c.name);
+    }
+    return byProvider;
+  }
+
+  private async doSync(): Promise<void> {
+    const wanted = this.wanted();
+    for (const [provider, key] of [...this.keys]) {
+      if (wanted.get(provider) !== key.credential) await this.drop(provider, true);
+    }
+    for (const [provider, credential] of wanted) {
+      if (!this.keys.has(provider)) await this.issue(provider, credential);
+    }
+    this.describe();
+  }
+
+  private async issue(provider: string, credential: string): Promise<void> {
+    const folder = vscode.workspace.name ?? 'window';
+    const key = await this.session.connection.issue({ ...this.session.policySetting(SETTINGS.terminalPolicy), target: credential, label: `terminals · ${folder}`, owner: this.session.owner });
+    this.keys.set(provider, key);
+    for (const [name, value] of Object.entries(key.env)) this.collection.replace(name, value);
+  }
+
+  private async drop(provider: string, revoke: boolean): Promise<void> {
+    const key = this.keys.get(provider);
+    if (!key) return;
+    this.keys.delete(provider);
+    for (const name of Object.keys(key.env)) this.collection.delete(name);
+    if (revoke) this.session.revokeLater(key.id);
+  }
+
+  /** Ended keys are replaced (new terminals get a fresh one); a revoked key is not brought back. */
+  handle(e: TillEvent): void {
+    if (e.type !== 'key.exhausted' && e.type !== 'key.expired' && e.type !== 'key.revoked') return;
+    const entry = [...this.keys].find(([, k]) => k.id === e.key.id);
+    if (!entry) return;
+    const [provider] = entry;
+    void this.drop(provider, false).then(() => (e.type === 'key.revoked' ? this.describe() : this.sync()));
+  }
+
+  /** The key ids this window put into terminals. */
+  keyIds(): string[] {
+    return [...this.keys.values()].map((k) => k.id);
+  }
+
+  dispose(): void {
+    const ids = this.keyIds();
+    this.keys.clear();
+    this.collection.clear();
+    for (const id of ids) this.session.revokeLater(id);
+  }
+}

@@ -1,0 +1,314 @@
+/**
+ * The Usage view: a sidebar webview with live calls per key and in total, remaining
+ * activations, the last requests, and revoke buttons.
+ *
+ * The host only relays: it pushes each event as it comes and a fresh key list after it (one
+ * `list()` in flight at a time, so a burst costs a few reads, not one per request); the page
+ * coalesces what arrives into one repaint per animation frame. Nothing is posted while the view
+ * is hidden; becoming visible again sends a fresh `state`. Every message from the page is
+ * untrusted: ids are checked, commands come from a fixed allow-list, and Revoke All asks here.
+ */
+import { randomBytes } from 'node:crypto';
+import * as vscode from 'vscode';
+import type { TillRole } from '../core/connection';
+import type { KeySummary, TillEvent } from '../core/events';
+import type { RequestRecord } from '../core/service';
+import { recordKey, type HostMessage, type PageCommand, type PageMessage } from '../webview/messages';
+import { COMMANDS, USAGE_VIEW } from './constants';
+
+/** What the view reads from the broker. `TillConnection` satisfies it. */
+export interface UsageSource {
+  list(): Promise<KeySummary[]>;
+  recent(): Promise<RequestRecord[]>;
+  onEvent(listener: (e: TillEvent) => void): () => void;
+  onRole(listener: (r: TillRole) => void): () => void;
+  revoke(id: string): Promise<boolean>;
+  revokeAll(): Promise<number>;
+  readonly url: string | undefined;
+  readonly role: TillRole;
+}
+
+/** Ended requests the view remembers (newest kept): a busy day's worth, still cheap to post once. */
+const HISTORY = 2000;
+/** How many requests the service hands to late-opening views (service.ts keeps 200). */
+const SERVICE_RECENT = 200;
+const PAGE_COMMANDS: ReadonlySet<string> = new Set<PageCommand>([COMMANDS.issueKey, COMMANDS.addCredential]);
+const REVOKE_ALL = 'Revoke All';
+
+export class UsageViewProvider implements vscode.WebviewViewProvider, vscode.Disposable {
+  static readonly viewType = USAGE_VIEW;
+
+  private view: vscode.WebviewView | undefined;
+  private viewDisposables: vscode.Disposable[] = [];
+  private readonly unsubscribe: (() => void)[] = [];
+  private disposed = false;
+
+  private readonly history: RequestRecord[] = [];
+  private readonly seen = new Set<string>();
+  private truncated = false;
+
+  /** Each key read gets a number; an answer older than one already posted is not posted. */
+  private readSeq = 0;
+  private postedSeq = 0;
+  private keysReading = false;
+  private keysStale = false;
+
+  constructor(
+    private readonly extensionUri: vscode.Uri,
+    private readonly source: UsageSource,
+  ) {
+    this.unsubscribe.push(
+      source.onEvent((e) => this.onEvent(e)),
+      source.onRole((role) => this.onRole(role)),
+    );
+  }
+
+  resolveWebviewView(webviewView: vscode.WebviewView, _context: vscode.WebviewViewResolveContext, _token: vscode.CancellationToken): void {
+    if (this.disposed) return;
+    this.disposeView();
+    this.view = webviewView;
+    const webview = webviewView.webview;
+    const dist = vscode.Uri.joinPath(this.extensionUri, 'dist');
+    const media = vscode.Uri.joinPath(this.extensionUri, 'media');
+    webview.options = { enableScripts: true, enableCommandUris: false, localResourceRoots: [dist, media] };
+    webview.html = usageHtml({
+      cspSource: webview.cspSource,
+      nonce: randomBytes(18).toString('base64'),
+      scriptUri: webview.asWebviewUri(vscode.Uri.joinPath(dist, 'webview.js')).toString(),
+      styleUri: webview.asWebviewUri(vscode.Uri.joinPath(media, 'usage.css')).toString(),
+    });
+    this.viewDisposables = [
+      webview.onDidReceiveMessage((m: unknown) => void this.onMessage(m)),
+      // A hidden view's page is torn down (no retainContextWhenHidden); when it is shown again it
+      // sends `ready`, and this covers the case where VS Code kept it.
+      webviewView.onDidChangeVisibility(() => {
+        if (webviewView.visible) void this.pushState();
+      }),
+      webviewView.onDidDispose(() => {
+        if (this.view === webviewView) this.disposeView();
+      }),
+    ];
+  }
+
+  dispose(): void {
+    if (this.disposed) return;
+    this.disposed = true;
+    this.disposeView();
+    while (this.unsubscribe.length > 0) this.unsubscribe.pop()!();
+  }
+
+  private disposeView(): void {
+    this.view = undefined;
+    const disposables = this.viewDisposables;
+    this.viewDisposables = [];
+    while (disposables.length > 0) disposables.pop()!.dispose();
+  }
+
+  private get visibleView(): vscode.WebviewView | undefined {
+    return !this.disposed && this.view?.visible ? this.view : undefined;
+  }
+
+  private post(message: HostMessage): void {
+    void this.visibleView?.webview.postMessage(message);
+  }
+
+  private onEvent(e: TillEvent): void {
+    if (e.type === 'request.finished' || e.type === 'request.denied') this.remember([e]);
+    if (!this.visibleView) return;
+    if (e.type !== 'request.started') this.post({ type: 'event', event: e });
+    // Denials change no counter; everything else may (reservations, settlements, key states).
+    if (e.type !== 'request.denied') this.refreshKeys();
+  }
+
+  private onRole(role: TillRole): void {
+    if (!this.visibleView) return;
+    // Reading keys while down would start a broker (or race a takeover): say so, wait for the next role.
+    if (role === 'down') this.post({ type: 'role', role, brokerUrl: undefined });
+    else void this.pushState();
+  }
+
+  /** Adds ended requests to the history, once each, oldest first, dropping the oldest beyond HISTORY. */
+  private remember(records: RequestRecord[]): void {
+    let unordered = false;
+    for (const r of records) {
+      const key = recordKey(r);
+      if (this.seen.has(key)) continue;
+      this.seen.add(key);
+      const last = this.history[this.history.length - 1];
+      if (last && last.at > r.at) unordered = true;
+      this.history.push(r);
+    }
+    if (unordered) this.history.sort((a, b) => a.at - b.at);
+    while (this.history.length > HISTORY) {
+      this.seen.delete(recordKey(this.history.shift()!));
+      this.truncated = true;
+    }
+  }
+
+  /** Reads keys and posts them; while a read runs, further calls just ask for one more read after it. */
+  private refreshKeys(): void {
+    if (this.keysReading) {
+      this.keysStale = true;
+      return;
+    }
+    this.keysReading = true;
+    const seq = ++this.readSeq;
+    this.source
+      .list()
+      .then(
+        (keys) => {
+          if (seq <= this.postedSeq) return;
+          this.postedSeq = seq;
+          this.post({ type: 'keys', keys });
+        },
+        () => undefined, // the next event or `state` tries again; a failing read is shown by `state`
+      )
+      .finally(() => {
+        this.keysReading = false;
+        if (this.keysStale && this.visibleView) {
+          this.keysStale = false;
+          this.refreshKeys();
+        }
+      });
+  }
+
+  /** Reads everything and posts a `state`. */
+  private async pushState(): Promise<void> {
+    if (!this.visibleView) return;
+    const seq = ++this.readSeq;
+    let keys: KeySummary[] = [];
+    let error: string | undefined;
+    try {
+      const [list, recent] = await Promise.all([this.source.list(), this.source.recent()]);
+      keys = list;
+      // The service keeps only its last requests: a full batch we had not seen means older ones are gone.
+      const first = recent[0];
+      if (recent.length >= SERVICE_RECENT && first && !this.seen.has(recordKey(first))) this.truncated = true;
+      this.remember(recent);
+    } catch (err) {
+      error = `Till could not read its keys: ${errorText(err)}`;
+    }
+    if (!this.visibleView) return;
+    this.post({ type: 'state', keys, recent: [...this.history], truncated: this.truncated, brokerUrl: this.source.url, role: this.source.role, now: Date.now(), ...(error ? { error } : {}) });
+    // A `keys` read that started later already landed: read again so the page ends up current.
+    if (seq < this.postedSeq) this.refreshKeys();
+    else this.postedSeq = seq;
+  }
+
+  private async onMessage(raw: unknown): Promise<void> {
+    const message = parsePageMessage(raw);
+    if (!message) return;
+    switch (message.type) {
+      case 'ready':
+        return this.pushState();
+      case 'revoke':
+        return this.revoke(message.id);
+      case 'revokeAll':
+        return this.revokeAll();
+      case 'command':
+        return this.runCommand(message.id);
+    }
+  }
+
+  private async revoke(id: string): Promise<void> {
+    try {
+      if (!(await this.source.revoke(id))) void vscode.window.showInformationMessage(`Till key ${id} was already revoked.`);
+    } catch (err) {
+      void vscode.window.showErrorMessage(`Till could not revoke key ${id}: ${errorText(err)}`);
+    }
+    // Clears the page's "Revoking…" whatever happened.
+    await this.pushState();
+  }
+
+  private async revokeAll(): Promise<void> {
+    try {
+      const live = (await this.source.list()).filter((k) => k.state !== 'revoked');
+      if (live.length === 0) {
+        void vscode.window.showInformationMessage('There are no till keys to revoke.');
+        return;
+      }
+      const active = live.filter((k) => k.state === 'active').length;
+      const n = live.length;
+      const choice = await vscode.window.showWarningMessage(
+        `Revoke all ${n} till key${n === 1 ? '' : 's'}?`,
+        {
+          modal: true,
+          detail: `${active} ${active === 1 ? 'is' : 'are'} still active. Agents using them are refused at once, requests in flight included. This cannot be undone.`,
+        },
+        REVOKE_ALL,
+      );
+      if (choice !== REVOKE_ALL) return;
+      const revoked = await this.source.revokeAll();
+      void vscode.window.showInformationMessage(`Revoked ${revoked} till key${revoked === 1 ? '' : 's'}.`);
+    } catch (err) {
+      void vscode.window.showErrorMessage(`Till could not revoke all keys: ${errorText(err)}`);
+    } finally {
+      await this.pushState();
+    }
+  }
+
+  private async runCommand(id: string): Promise<void> {
+    if (!PAGE_COMMANDS.has(id)) return;
+    try {
+      await vscode.commands.executeCommand(id);
+    } catch (err) {
+      void vscode.window.showErrorMessage(`Till: ${errorText(err)}`);
+    }
+  }
+}
+
+/** Checks a message from the page; anything unexpected is dropped. */
+function parsePageMessage(raw: unknown): PageMessage | undefined {
+  if (typeof raw !== 'object' || raw === null) return undefined;
+  const m = raw as Record<string, unknown>;
+  switch (m.type) {
+    case 'ready':
+    case 'revokeAll':
+      return { type: m.type };
+    case 'revoke':
+      return typeof m.id === 'string' && /^[A-Za-z0-9_-]{1,64}$/.test(m.id) ? { type: 'revoke', id: m.id } : undefined;
+    case 'command':
+      return typeof m.id === 'string' && PAGE_COMMANDS.has(m.id) ? { type: 'command', id: m.id as PageCommand } : undefined;
+    default:
+      return undefined;
+  }
+}
+
+function errorText(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}
+
+/** What the page's HTML is made from. */
+export interface UsageHtmlParts {
+  /** `webview.cspSource`. */
+  cspSource: string;
+  /** A fresh random nonce per page. */
+  nonce: string;
+  /** Webview URIs of dist/webview.js and media/usage.css. */
+  scriptUri: string;
+  styleUri: string;
+}
+
+/** The page's whole HTML: the one place markup, CSP and resource URIs are put together. */
+export function usageHtml({ cspSource, nonce, scriptUri, styleUri }: UsageHtmlParts): string {
+  const csp = [`default-src 'none'`, `style-src ${cspSource}`, `script-src 'nonce-${nonce}'`, `img-src ${cspSource} data:`].join('; ');
+  return `<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="UTF-8">
+<meta http-equiv="Content-Security-Policy" content="${escapeAttr(csp)}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="stylesheet" href="${escapeAttr(styleUri)}">
+<title>Till usage</title>
+</head>
+<body>
+<main id="app" aria-busy="true"><p class="loading">Loading usage…</p></main>
+<div id="announce" class="sr-only" role="status" aria-live="polite"></div>
+<script nonce="${escapeAttr(nonce)}" src="${escapeAttr(scriptUri)}"></script>
+</body>
+</html>`;
+}
+
+function escapeAttr(value: string): string {
+  return value.replace(/&/g, '&amp;').replace(/"/g, '&quot;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
+}

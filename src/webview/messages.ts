@@ -1,0 +1,43 @@
+/**
+ * Messages between the Usage view's page and the extension host. Both sides import this file,
+ * so a change to the protocol is a type error on both sides at once.
+ *
+ * Nothing here carries a secret: keys travel as `KeySummary` and requests as `RequestRecord`,
+ * neither of which holds a till key or a credential. Keep it that way.
+ */
+import type { TillRole } from '../core/connection';
+import type { KeySummary, TillEvent } from '../core/events';
+import type { RequestRecord } from '../core/service';
+import type { COMMANDS } from '../vscode/constants';
+
+/** Host → page. */
+export type HostMessage =
+  /**
+   * Everything the page needs to draw from scratch: sent after `ready`, when the view becomes
+   * visible again and when the broker comes back. `recent` is oldest first; `truncated` says
+   * older requests were dropped (so "today" counts are lower bounds); `error` says why `keys`
+   * could not be read.
+   */
+  | { type: 'state'; keys: KeySummary[]; recent: RequestRecord[]; truncated: boolean; brokerUrl: string | undefined; role: TillRole; now: number; error?: string }
+  /** One live event, sent only while the view is visible (`request.started` is not sent: the `keys` after it carry its effect). */
+  | { type: 'event'; event: TillEvent }
+  /** A fresh key list after events changed counters; never older than an earlier `keys` or `state`. */
+  | { type: 'keys'; keys: KeySummary[] }
+  /** The broker went away or came back; a `state` follows when it is back. */
+  | { type: 'role'; role: TillRole; brokerUrl: string | undefined };
+
+/** The only commands the page may ask the host to run; the host checks again against its own list. */
+export type PageCommand = typeof COMMANDS.issueKey | typeof COMMANDS.addCredential;
+
+/** Page → host. The host treats every field as untrusted input. */
+export type PageMessage =
+  | { type: 'ready' }
+  | { type: 'revoke'; id: string }
+  /** Asks; the host confirms with a modal dialog before revoking anything. */
+  | { type: 'revokeAll' }
+  | { type: 'command'; id: PageCommand };
+
+/** Identifies one ended request across `state` and `event` messages, so neither side counts it twice. */
+export function recordKey(r: RequestRecord): string {
+  return `${r.type}|${r.request.requestId ?? ''}|${r.at}`;
+}
