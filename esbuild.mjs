@@ -10,7 +10,7 @@ const common = {
   target: 'node20',
   format: 'cjs',
   sourcemap: true,
-  external: ['vscode', '@napi-rs/keyring', 'bufferutil', 'utf-8-validate'],
+  external: ['vscode', '@napi-rs/keyring', '@napi-rs/keyring-*', 'bufferutil', 'utf-8-validate'],
   logLevel: 'warning',
 };
 

@@ -63,7 +63,7 @@ const TARGETS = {
 const BUNDLES = ['dist/extension.js', 'dist/till.js', 'dist/webview.js'];
 const DOCS = ['README.md', 'CHANGELOG.md', 'LICENSE'];
 /** Bare imports a bundle may leave to run time: vscode, the keychain binding, ws's optional speedups. */
-const EXTERNAL_OK = new Set(['vscode', KEYRING]);
+const EXTERNAL_OK = new Set(['vscode', KEYRING, `${KEYRING}-win32-x64-msvc`]);
 const EXTERNAL_OPTIONAL = new Set(['bufferutil', 'utf-8-validate']);
 
 const say = (msg) => console.log(`[package] ${msg}`);

@@ -67,7 +67,7 @@ const VAULT_JS = buildSync({
   platform: 'node',
   format: 'cjs',
   target: 'node20',
-  external: ['@napi-rs/keyring'],
+  external: ['@napi-rs/keyring', '@napi-rs/keyring-*'],
   write: false,
 }).outputFiles[0]!.text;
 

@@ -6,7 +6,27 @@
  * hangs on an unlock prompt nobody sees. Every call here is serialized, has a timeout, and
  * fails with a {@link VaultError} whose message says what to do.
  */
-import { AsyncEntry } from '@napi-rs/keyring';
+import type { AsyncEntry } from '@napi-rs/keyring';
+
+type KeyringBinding = typeof import('@napi-rs/keyring');
+let binding: KeyringBinding | undefined;
+
+/**
+ * Loads the native binding on first use, so a machine where it cannot load gets a clear
+ * keychain error instead of a failed activation.
+ */
+function keyring(): KeyringBinding {
+  if (binding) return binding;
+  try {
+    binding = require('@napi-rs/keyring') as KeyringBinding;
+  } catch (err) {
+    // In Electron on Windows the loader sees node_target_type "shared_library" and looks only
+    // for the GNU build; the VSIX ships the MSVC one, which loads fine when asked directly.
+    if (process.platform !== 'win32' || process.arch !== 'x64') throw err;
+    binding = require('@napi-rs/keyring-win32-x64-msvc') as KeyringBinding;
+  }
+  return binding;
+}
 
 export type VaultErrorKind = 'missing' | 'locked' | 'unavailable' | 'timeout';
 
@@ -65,7 +85,7 @@ export class KeychainVault implements Vault {
     let entry = this.entries.get(name);
     if (!entry) {
       // Pinned to Secret Service: the library's Linux default silently falls back to the kernel keyring.
-      entry = new AsyncEntry(this.service, name, { linux: { store: 'secret-service' } });
+      entry = new (keyring().AsyncEntry)(this.service, name, { linux: { store: 'secret-service' } });
       this.entries.set(name, entry);
     }
     return entry;

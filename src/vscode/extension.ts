@@ -29,6 +29,8 @@ export interface TillApi {
   ready(): Promise<void>;
   /** The key ids this window put into terminal env vars. */
   terminalKeyIds(): string[];
+  /** The Keys tree's data, as VS Code sees it. */
+  readonly tree: Pick<vscode.TreeDataProvider<unknown>, 'getChildren' | 'getTreeItem'>;
 }
 
 let store: DisposableStore | undefined;
@@ -153,6 +155,7 @@ function wire(context: vscode.ExtensionContext, store: DisposableStore, log: vsc
     setPrompter: (p) => (session.prompter = p),
     ready,
     terminalKeyIds: () => terminals.keyIds(),
+    tree: tree as Pick<vscode.TreeDataProvider<unknown>, 'getChildren' | 'getTreeItem'>,
   };
 }
 

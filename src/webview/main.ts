@@ -1,4 +1,3 @@
-/// <reference lib="dom" />
 /**
  * The Usage view's page: plain DOM, no framework. Host messages only update the model; one
  * repaint per animation frame draws it, so a burst of requests costs one paint. Everything is
@@ -9,6 +8,44 @@ import type { TillRole } from '../core/connection';
 import type { KeySummary, TillEvent } from '../core/events';
 import type { RequestRecord } from '../core/service';
 import { recordKey, type HostMessage, type PageCommand, type PageMessage } from './messages';
+
+// ---- the browser APIs this page uses ---------------------------------------------------------
+// Declared here, module-scoped, rather than through `/// <reference lib="dom" />`: that directive
+// adds the DOM types to the whole program (tsconfig checks everything as Node code) and changed
+// type inference in other files. These are the few members the page touches.
+
+interface PageEvent {
+  readonly type: string;
+}
+interface PageMessageEvent extends PageEvent {
+  readonly data: unknown;
+}
+interface El {
+  textContent: string | null;
+  readonly dataset: Record<string, string | undefined>;
+  setAttribute(name: string, value: string): void;
+  removeAttribute(name: string): void;
+  addEventListener(type: string, listener: (ev: PageEvent) => void): void;
+  append(...nodes: (El | string)[]): void;
+  replaceChildren(...nodes: (El | string)[]): void;
+  querySelector(selectors: string): El | null;
+  focus(): void;
+}
+interface HtmlEl extends El {
+  readonly style: { width: string };
+}
+interface DetailsEl extends HtmlEl {
+  open: boolean;
+}
+declare const document: {
+  readonly activeElement: El | null;
+  getElementById(id: string): HtmlEl | null;
+  createElement(tag: string): HtmlEl;
+  createElementNS(namespace: string, tag: string): El;
+};
+declare const window: { addEventListener(type: 'message', listener: (ev: PageMessageEvent) => void): void };
+declare const CSS: { escape(value: string): string };
+declare function requestAnimationFrame(callback: () => void): number;
 
 interface VsCodeApi {
   postMessage(message: PageMessage): void;
@@ -52,7 +89,7 @@ function send(message: PageMessage): void {
   vscode.postMessage(message);
 }
 
-window.addEventListener('message', (ev: MessageEvent<unknown>) => {
+window.addEventListener('message', (ev) => {
   const msg = ev.data as HostMessage | null;
   if (typeof msg !== 'object' || msg === null || typeof msg.type !== 'string') return;
   switch (msg.type) {
@@ -138,18 +175,20 @@ setInterval(schedule, 15_000);
 
 // ---- DOM helpers ----------------------------------------------------------------------------
 
-type Child = Node | string | number | false | null | undefined;
-type Attrs = Record<string, string | number | boolean | undefined | ((ev: Event) => void)>;
+type Child = El | string | number | false | null | undefined;
+type Attrs = Record<string, string | number | boolean | undefined | ((ev: PageEvent) => void)>;
 
-function h<K extends keyof HTMLElementTagNameMap>(tag: K, attrs: Attrs = {}, ...children: Child[]): HTMLElementTagNameMap[K] {
+/** An HTML element with attributes (`onclick` and the like become listeners) and children. */
+function h(tag: string, attrs: Attrs = {}, ...children: Child[]): HtmlEl {
   return fill(document.createElement(tag), attrs, children);
 }
 
-function s<K extends keyof SVGElementTagNameMap>(tag: K, attrs: Attrs = {}, ...children: Child[]): SVGElementTagNameMap[K] {
+/** The same for SVG. */
+function s(tag: string, attrs: Attrs = {}, ...children: Child[]): El {
   return fill(document.createElementNS('http://www.w3.org/2000/svg', tag), attrs, children);
 }
 
-function fill<E extends Element>(el: E, attrs: Attrs, children: Child[]): E {
+function fill<E extends El>(el: E, attrs: Attrs, children: Child[]): E {
   for (const [name, value] of Object.entries(attrs)) {
     if (value === undefined || value === false) continue;
     if (typeof value === 'function') el.addEventListener(name.slice(2), value);
@@ -239,19 +278,12 @@ function stats(now: number): Stats {
   return out;
 }
 
-/** A round ceiling for a chart's scale: 1, 2, 5, 10, 20, 50… */
-function niceMax(n: number): number {
-  if (n <= 1) return 1;
-  const p = 10 ** Math.floor(Math.log10(n));
-  return ([1, 2, 5, 10].map((m) => m * p).find((v) => v >= n) ?? 10 * p);
-}
-
 // ---- rendering ------------------------------------------------------------------------------
 
 function render(): void {
   frame = 0;
   const now = Date.now();
-  const focused = (document.activeElement as HTMLElement | null)?.dataset.focus;
+  const focused = document.activeElement?.dataset.focus;
   const keys = [...model.keys.values()].map((k) => ({ key: k, state: stateOf(k, now) }));
   keys.sort((a, b) => STATE_ORDER[a.state] - STATE_ORDER[b.state] || b.key.createdAt - a.key.createdAt);
   const st = stats(now);
@@ -275,12 +307,13 @@ function render(): void {
       requests(),
     );
   }
-  app.replaceChildren(...children.filter((c): c is Node | string => c !== false && c !== null && c !== undefined).map((c) => (typeof c === 'number' ? String(c) : c)));
+  app.replaceChildren(...children.filter((c): c is El | string => c !== false && c !== null && c !== undefined).map((c) => (typeof c === 'number' ? String(c) : c)));
   app.removeAttribute('aria-busy');
-  if (focused) app.querySelector<HTMLElement>(`[data-focus="${CSS.escape(focused)}"]`)?.focus();
+  app.setAttribute('data-role', model.role);
+  if (focused) app.querySelector(`[data-focus="${CSS.escape(focused)}"]`)?.focus();
 }
 
-function header(anyLive: boolean): HTMLElement {
+function header(anyLive: boolean): HtmlEl {
   const role = model.role;
   const text = !model.loaded ? 'Connecting…' : role === 'host' ? 'Broker running in this window' : role === 'attached' ? 'Broker running in another window' : 'Broker not running';
   return h('header', { class: 'top' },
@@ -301,7 +334,7 @@ function header(anyLive: boolean): HTMLElement {
   );
 }
 
-function emptyState(): HTMLElement {
+function emptyState(): HtmlEl {
   const command = (id: PageCommand) => () => send({ type: 'command', id });
   return h('div', { class: 'empty' },
     h('div', { class: 'empty-icon', 'aria-hidden': 'true' }, keyIcon()),
@@ -311,19 +344,20 @@ function emptyState(): HTMLElement {
     h('p', { class: 'muted small' },
       'No credential yet? ',
       h('button', { class: 'link', type: 'button', 'data-focus': 'add-credential', onclick: command('till.addCredential') }, 'Add one first'),
-      '. From a terminal: ', h('code', {}, 'till issue openai --uses 50 --ttl 1h'),
+      '.',
     ),
+    h('p', { class: 'muted small' }, 'From a terminal:', h('br'), h('code', {}, 'till issue openai --uses 50 --ttl 1h')),
   );
 }
 
-function keyIcon(): SVGSVGElement {
+function keyIcon(): El {
   return s('svg', { viewBox: '0 0 24 24', width: 32, height: 32 },
     s('circle', { cx: 8, cy: 12, r: 4.5, class: 'icon-stroke' }),
     s('path', { d: 'M12.5 12H21M18 12v3.5M21 12v2.5', class: 'icon-stroke' }),
   );
 }
 
-function totals(states: State[], st: Stats): HTMLElement {
+function totals(states: State[], st: Stats): HtmlEl {
   const active = states.filter((x) => x === 'active').length;
   const activations = [...model.keys.values()].reduce((sum, k) => sum + (k.used.activations ?? 0), 0);
   const partial = st.todayPartial ? '+' : '';
@@ -339,12 +373,14 @@ function totals(states: State[], st: Stats): HTMLElement {
 }
 
 /** Bars per minute, served stacked under denied; `height` in viewBox units. */
-function bars(series: Series, firstMinute: number, height: number, withTitles: boolean): { svg: SVGSVGElement; peak: number } {
+function bars(series: Series, firstMinute: number, height: number, withTitles: boolean): { svg: El; peak: number } {
   const step = 10;
   const width = SPAN * step;
   const peak = Math.max(0, ...series.served.map((v, i) => v + series.denied[i]!));
-  const scale = niceMax(peak);
-  const svg = s('svg', { class: 'bars', viewBox: `0 0 ${width} ${height}`, preserveAspectRatio: 'none', 'aria-hidden': 'true' });
+  const scale = Math.max(1, peak);
+  const svg = s('svg', { class: 'bars', viewBox: `0 0 ${width} ${height}`, preserveAspectRatio: 'none', 'aria-hidden': 'true' },
+    s('rect', { class: 'baseline', x: 0, y: height - 1, width, height: 1 }),
+  );
   for (let i = 0; i < SPAN; i++) {
     const served = series.served[i]!;
     const denied = series.denied[i]!;
@@ -352,8 +388,6 @@ function bars(series: Series, firstMinute: number, height: number, withTitles: b
     const g = s('g', {});
     const hs = (served / scale) * height;
     const hd = (denied / scale) * height;
-    // a hairline for empty minutes keeps the time axis visible
-    if (served + denied === 0) g.append(s('rect', { class: 'zero', x, y: height - 1, width: step - 2, height: 1 }));
     if (served > 0) g.append(s('rect', { class: 'served', x, y: height - hs, width: step - 2, height: hs }));
     if (denied > 0) g.append(s('rect', { class: 'denied', x, y: height - hs - hd, width: step - 2, height: hd }));
     if (withTitles) {
@@ -365,7 +399,7 @@ function bars(series: Series, firstMinute: number, height: number, withTitles: b
   return { svg, peak };
 }
 
-function chart(st: Stats): HTMLElement {
+function chart(st: Stats): HtmlEl {
   const { svg, peak } = bars(st.total, st.firstMinute, 60, true);
   const served = st.total.served.reduce((a, b) => a + b, 0);
   const denied = st.total.denied.reduce((a, b) => a + b, 0);
@@ -382,14 +416,17 @@ function chart(st: Stats): HTMLElement {
       role: 'img',
       'aria-label': `Last ${SPAN} minutes: ${plural(served, 'call')} served, ${num.format(denied)} denied, at most ${num.format(peak)} in one minute.`,
     },
-      h('span', { class: 'peak', 'aria-hidden': 'true' }, peak > 0 ? `${num.format(peak)}/min` : ''),
       svg,
-      h('figcaption', { class: 'axis', 'aria-hidden': 'true' }, h('span', {}, `${SPAN} min ago`), h('span', {}, 'now')),
+      h('figcaption', { class: 'axis', 'aria-hidden': 'true' },
+        h('span', {}, `${SPAN} min ago`),
+        h('span', { class: 'peak' }, peak > 0 ? `peak ${num.format(peak)}/min` : 'no calls'),
+        h('span', {}, 'now'),
+      ),
     ),
   );
 }
 
-function card(k: KeySummary, state: State, st: Stats, now: number): HTMLElement {
+function card(k: KeySummary, state: State, st: Stats, now: number): HtmlEl {
   const limit = k.policy.maxActivations;
   const used = k.used.activations ?? 0;
   const reserved = k.reserved.activations ?? 0;
@@ -398,7 +435,7 @@ function card(k: KeySummary, state: State, st: Stats, now: number): HTMLElement 
   const spark = bars(keySeries, st.firstMinute, 20, false);
   const recentCalls = keySeries.served.reduce((a, b) => a + b, 0);
 
-  let meter: Node;
+  let meter: El;
   if (limit !== undefined) {
     const left = Math.max(0, limit - used);
     const fillEl = h('div', { class: 'fill' });
@@ -412,13 +449,14 @@ function card(k: KeySummary, state: State, st: Stats, now: number): HTMLElement 
       h('div', { class: `meter ${level}`, role: 'meter', 'aria-label': `Activations used by ${k.label}`, 'aria-valuemin': 0, 'aria-valuemax': limit, 'aria-valuenow': used, 'aria-valuetext': `${used} of ${limit} used, ${left} left` }, fillEl, heldEl),
       h('div', { class: 'usage-text' },
         h('span', {}, h('strong', {}, num.format(used)), ` / ${num.format(limit)} calls`),
-        h('span', { class: left === 0 ? 'left none' : 'left' }, `${num.format(left)} left`),
+        // Only a usable (or used-up) key has calls left worth showing.
+        state === 'active' || state === 'exhausted' ? h('span', { class: left === 0 ? 'left none' : 'left' }, `${num.format(left)} left`) : null,
       ),
     );
   } else {
     meter = h('div', { class: 'usage' },
       h('div', { class: 'meter unlimited', 'aria-hidden': 'true' }),
-      h('div', { class: 'usage-text' }, h('span', {}, h('strong', {}, num.format(used)), ' calls'), h('span', { class: 'left' }, 'no limit')),
+      h('div', { class: 'usage-text' }, h('span', {}, h('strong', {}, num.format(used)), ' calls'), state === 'active' ? h('span', { class: 'left' }, 'no limit') : null),
     );
   }
 
@@ -460,11 +498,11 @@ function card(k: KeySummary, state: State, st: Stats, now: number): HTMLElement 
   );
 }
 
-function revokedList(keys: KeySummary[], st: Stats, now: number): HTMLElement {
+function revokedList(keys: KeySummary[], st: Stats, now: number): HtmlEl {
   const details = h('details', { class: 'revoked-list', open: model.showRevoked },
     h('summary', {}, `Revoked (${keys.length})`),
     h('ul', { class: 'cards' }, ...keys.map((k) => card(k, 'revoked', st, now))),
-  );
+  ) as DetailsEl;
   details.addEventListener('toggle', () => {
     model.showRevoked = details.open;
     vscode.setState({ showRevoked: model.showRevoked });
@@ -472,7 +510,7 @@ function revokedList(keys: KeySummary[], st: Stats, now: number): HTMLElement {
   return details;
 }
 
-function requests(): HTMLElement {
+function requests(): HtmlEl {
   const rows = model.records.slice(-ROWS).reverse();
   const section = h('section', { class: 'section', 'aria-labelledby': 'req-h' }, h('h2', { id: 'req-h' }, 'Recent requests', h('span', { class: 'count' }, rows.length)));
   if (rows.length === 0) {
@@ -493,7 +531,7 @@ function requests(): HTMLElement {
   return section;
 }
 
-function row(r: RequestRecord): HTMLElement {
+function row(r: RequestRecord): HtmlEl {
   const q = r.request;
   const denied = r.type === 'request.denied';
   const failed = !denied && (r.status >= 400 || r.aborted !== undefined);

@@ -10,6 +10,7 @@
  *   --keep             keep the throw-away dirs (profile, logs of code-server) for a look
  *   --verbose          print code-server's own output and the browser console as they come
  */
+import { startPrivateKeyring } from '../support/keyring';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createWriteStream, existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
@@ -94,6 +95,8 @@ async function main(): Promise<number> {
         'workbench.enableExperiments': false,
         'npm.fetchOnlinePackageInfo': false,
         'git.autofetch': false,
+        // A free port, so a developer's own broker on 8455 does not get in the way.
+        'till.broker.port': 0,
       },
       null,
       2,
@@ -124,6 +127,8 @@ async function main(): Promise<number> {
   };
   process.on('exit', onExit);
 
+  const keyring = await startPrivateKeyring();
+  process.on('exit', () => keyring.stop());
   try {
     const port = await freePort();
     const origin = `http://${HOST}:${port}`;
@@ -153,6 +158,8 @@ async function main(): Promise<number> {
           ...isolatedEnv,
           // No gallery: otherwise the server queries open-vsx.org on start.
           EXTENSIONS_GALLERY: '{}',
+          // The extension's keychain: a private Secret Service, never the developer's own.
+          DBUS_SESSION_BUS_ADDRESS: keyring.env.DBUS_SESSION_BUS_ADDRESS,
           ...(opts.grep ? { TILL_TEST_GREP: opts.grep } : {}),
         },
       },

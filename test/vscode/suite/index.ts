@@ -17,6 +17,7 @@ import { mapStack } from './sourceMaps.js';
  */
 const testFiles: ReadonlyArray<readonly [string, () => Promise<unknown>]> = [
   ['activation.vscode-test.ts', () => import('./activation.vscode-test.js')],
+  ['extension.vscode-test.ts', () => import('./extension.vscode-test.js')],
 ];
 
 export async function run(): Promise<void> {

@@ -1,0 +1,239 @@
+/**
+ * Till inside a real VS Code (code-server's extension host): the commands and the input
+ * flows they drive (answered by a scripted prompter), the Keys tree, terminal env, agent
+ * terminals, and one broker shared with another window, with takeover.
+ *
+ * The upstream is a fake OpenAI on 127.0.0.1 started here; the keychain is the runner's
+ * private Secret Service.
+ */
+import * as assert from 'node:assert/strict';
+import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'mocha';
+import OpenAI from 'openai';
+import * as vscode from 'vscode';
+import pkg from '../../../package.json';
+import { TillConnection } from '../../../src/core/connection';
+import type { KeySummary } from '../../../src/core/events';
+import type { IssuedKey } from '../../../src/core/service';
+import { COMMANDS } from '../../../src/vscode/constants';
+import type { TillApi } from '../../../src/vscode/extension';
+import type { PickItem, Prompter } from '../../../src/vscode/prompter';
+import { startOpenAIUpstream, type Upstream } from '../../support/upstreams';
+
+const SECRET = `sk-REALCRED-vscode-${Date.now().toString(36)}`;
+
+/** Answers the extension's questions from a queue; records every message it was shown. */
+class ScriptedPrompter implements Prompter {
+  readonly answers: (string | undefined)[] = [];
+  readonly messages: string[] = [];
+  readonly asked: string[] = [];
+
+  answer(...values: (string | undefined)[]): this {
+    this.answers.push(...values);
+    return this;
+  }
+
+  private next(question: string): string | undefined {
+    this.asked.push(question);
+    if (this.answers.length === 0) throw new Error(`unexpected question: ${question}`);
+    return this.answers.shift();
+  }
+
+  async pick<T>(title: string, items: PickItem<T>[]): Promise<T | undefined> {
+    const wanted = this.next(title);
+    if (wanted === undefined) return undefined;
+    const item = items.find((i) => i.label === wanted || String(i.value) === wanted);
+    if (!item) throw new Error(`"${wanted}" is not among ${items.map((i) => i.label).join(', ')} for ${title}`);
+    return item.value;
+  }
+
+  async input(title: string): Promise<string | undefined> {
+    return this.next(title);
+  }
+
+  async message(_kind: string, text: string, buttons: string[]): Promise<string | undefined> {
+    this.messages.push(text);
+    // Messages with buttons wait for a person; the script dismisses them unless told otherwise.
+    return buttons.length > 0 && this.answers[0]?.startsWith('button:') ? this.answers.shift()!.slice(7) : undefined;
+  }
+}
+
+let api: TillApi;
+let up: Upstream;
+const prompter = new ScriptedPrompter();
+
+async function poll<T>(read: () => T | Promise<T>, ok: (v: T) => boolean, what: string, ms = 10_000): Promise<T> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const v = await read();
+    if (ok(v)) return v;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what} (last: ${JSON.stringify(v)})`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+async function treeKeys(): Promise<{ label: string; description: string; contextValue: string }[]> {
+  const out: { label: string; description: string; contextValue: string }[] = [];
+  const walk = async (node?: unknown) => {
+    for (const child of (await api.tree.getChildren(node as never)) ?? []) {
+      const item = await api.tree.getTreeItem(child as never);
+      if (item.contextValue?.startsWith('till.key')) out.push({ label: String(item.label), description: String(item.description), contextValue: item.contextValue });
+      else await walk(child);
+    }
+  };
+  await walk();
+  return out;
+}
+
+function chat(key: IssuedKey) {
+  const client = new OpenAI({ apiKey: key.key, baseURL: key.baseUrl, maxRetries: 0 });
+  return client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }] });
+}
+
+describe('Till in VS Code', function () {
+  this.timeout(60_000);
+
+  before(async () => {
+    const ext = vscode.extensions.getExtension<TillApi>('till.till');
+    assert.ok(ext);
+    api = await ext.activate();
+    api.setPrompter(prompter);
+    up = await startOpenAIUpstream({ credential: SECRET, streamDelayMs: 1 });
+    await vscode.workspace.getConfiguration('till').update('upstreams', { openai: `${up.url}/v1` }, vscode.ConfigurationTarget.Global);
+  });
+
+  after(async () => {
+    await up?.close();
+  });
+
+  it('declares every command it registers, and registers every command it declares', async () => {
+    const declared = pkg.contributes.commands.map((c) => c.command).sort();
+    assert.deepEqual(declared, Object.values(COMMANDS).sort());
+    const registered = new Set(await vscode.commands.getCommands(true));
+    for (const id of declared) assert.ok(registered.has(id), `${id} is declared but not registered`);
+    for (const c of pkg.contributes.commands) assert.equal(c.category, 'Till', `${c.command} is not in the Till category`);
+  });
+
+  it('starts without a broker until there is something to broker', () => {
+    assert.equal(api.connection().role, 'down');
+  });
+
+  it('Add Credential: picks a provider, takes the key in a hidden input, stores it in the keychain, starts the broker', async () => {
+    prompter.answer('openai', SECRET);
+    const name = await vscode.commands.executeCommand<string>(COMMANDS.addCredential);
+    assert.equal(name, 'openai');
+    assert.deepEqual(api.session.credentials.all().map((c) => c.provider), ['openai']);
+    await api.ready();
+    assert.equal(api.connection().role, 'host');
+    // Upstream overrides are read when the broker starts: restart it with the setting in place.
+    await vscode.commands.executeCommand(COMMANDS.restartBroker);
+    assert.equal(api.connection().role, 'host');
+  });
+
+  let issued: IssuedKey;
+  it('Issue Key: preset, label, then the key once with copy buttons; the tree shows it', async () => {
+    prompter.answer('50 calls, 1 hour', 'vscode test key', 'button:Copy Base URL');
+    issued = (await vscode.commands.executeCommand<IssuedKey>(COMMANDS.issueKey))!;
+    assert.ok(issued.key.startsWith('till_'));
+    assert.equal(issued.policy.maxActivations, 50);
+    assert.equal(issued.label, 'vscode test key');
+    await poll(() => prompter.messages.at(-1) ?? '', (m) => /shown only now/.test(m), 'the key to be shown once');
+    await poll(async () => vscode.env.clipboard.readText(), (t) => t === issued.baseUrl, 'the base URL on the clipboard');
+    const items = await poll(treeKeys, (ks) => ks.some((k) => k.label === 'vscode test key'), 'the key in the tree');
+    const item = items.find((k) => k.label === 'vscode test key')!;
+    assert.equal(item.contextValue, 'till.key.active');
+    assert.match(item.description, /openai · 0\/50/);
+  });
+
+  it('a request through the broker reaches the upstream with the credential and shows in the tree', async () => {
+    const answer = await chat(issued);
+    assert.equal(answer.object, 'chat.completion');
+    assert.equal(up.received.at(-1)?.headers.authorization, `Bearer ${SECRET}`);
+    await poll(treeKeys, (ks) => ks.some((k) => k.label === 'vscode test key' && /1\/50/.test(k.description)), 'the tree to count the call');
+  });
+
+  it('Revoke Key from the tree item: the key ends and the next request is refused', async () => {
+    const keys = await api.connection().list();
+    const key = keys.find((k) => k.id === issued.id)!;
+    const revoked = await vscode.commands.executeCommand<boolean>(COMMANDS.revokeKey, { kind: 'key', key });
+    assert.equal(revoked, true);
+    await assert.rejects(chat(issued), (err: Error) => /revoked/.test(err.message));
+    await poll(treeKeys, (ks) => ks.some((k) => k.label === 'vscode test key' && k.contextValue === 'till.key.ended'), 'the key among ended ones');
+  });
+
+  it('Issue Key, custom limits: uses, lifetime, rate, models, paths', async () => {
+    prompter.answer('Custom…', '7', '30m', '', 'gpt-4o*', '/v1/chat/*', 'custom key');
+    const key = (await vscode.commands.executeCommand<IssuedKey>(COMMANDS.issueKey))!;
+    assert.equal(key.policy.maxActivations, 7);
+    assert.deepEqual(key.policy.models, ['gpt-4o*']);
+    assert.deepEqual(key.policy.paths, ['/v1/chat/*']);
+    assert.ok(key.policy.expiresAt! > Date.now() + 29 * 60_000);
+    await chat(key);
+    const models = new OpenAI({ apiKey: key.key, baseURL: key.baseUrl, maxRetries: 0 });
+    await assert.rejects(models.embeddings.create({ model: 'gpt-4o', input: 'x' }), (err: Error) => /not allowed/.test(err.message));
+  });
+
+  it('new terminals get a till key and the broker URL, never the credential', async () => {
+    await poll(() => api.terminalKeyIds(), (ids) => ids.length === 1, 'a terminal key');
+    const dir = mkdtempSync(join(tmpdir(), 'till-term-'));
+    const file = join(dir, 'env.txt');
+    const terminal = vscode.window.createTerminal({ name: 'till env check', shellPath: '/bin/sh', shellArgs: ['-c', `env > ${file}.tmp && mv ${file}.tmp ${file}`] });
+    try {
+      await poll(() => existsSync(file), Boolean, 'the terminal to write its env');
+      const env = readFileSync(file, 'utf8');
+      assert.match(env, /^OPENAI_API_KEY=till_/m);
+      assert.match(env, new RegExp(`^OPENAI_BASE_URL=${api.connection().url!.replace(/\./g, '\\.')}/openai/v1$`, 'm'));
+      assert.ok(!env.includes(SECRET), 'the credential reached a terminal');
+      const keys = await api.connection().list();
+      const terminalKey = keys.find((k) => k.id === api.terminalKeyIds()[0]);
+      assert.match(terminalKey?.label ?? '', /^terminals/);
+    } finally {
+      terminal.dispose();
+    }
+  });
+
+  it('Open Agent Terminal: fresh keys for that terminal, revoked when it closes', async () => {
+    const before = new Set((await api.connection().list()).map((k) => k.id));
+    const terminal = await vscode.commands.executeCommand<vscode.Terminal>(COMMANDS.openAgentTerminal);
+    assert.ok(terminal);
+    const fresh = (await api.connection().list()).filter((k) => !before.has(k.id));
+    assert.equal(fresh.length, 1);
+    assert.match(fresh[0]!.label, /^Till agent/);
+    assert.ok((terminal.creationOptions as vscode.TerminalOptions).env?.OPENAI_API_KEY?.startsWith('till_'));
+    terminal.dispose();
+    await poll(async () => (await api.connection().list()).find((k) => k.id === fresh[0]!.id)?.state, (s) => s === 'revoked', 'the agent key to be revoked');
+  });
+
+  it('Revoke All asks first, then ends every key', async () => {
+    prompter.answer('button:Revoke All');
+    const n = await vscode.commands.executeCommand<number>(COMMANDS.revokeAll);
+    assert.ok((n ?? 0) >= 1);
+    const live = (await api.connection().list()).filter((k: KeySummary) => k.state === 'active');
+    assert.deepEqual(live, []);
+  });
+
+  it('shares one broker with another window, which takes over when this one lets go', async () => {
+    // Another VS Code window (or tool) uses the same core connection over the control channel.
+    const other = new TillConnection({ home: api.session.paths.home, port: 0, retryMs: 50 });
+    try {
+      await other.connect();
+      assert.equal(other.role, 'attached');
+      const key = await other.issue({ target: 'openai', uses: 3, label: 'from the other window' });
+      await chat(key);
+      await poll(treeKeys, (ks) => ks.some((k) => k.label === 'from the other window' && /1\/3/.test(k.description)), 'the other window\'s key in this tree');
+      // This window lets go of the broker: the other one takes over from the same ledger.
+      await api.connection().dispose();
+      await poll(() => other.role, (r) => r === 'host', 'the other window to take over');
+      const after = (await other.list()).find((k) => k.id === key.id)!;
+      assert.equal(after.used.activations, 1);
+      // And this window attaches to the new host.
+      await vscode.commands.executeCommand(COMMANDS.restartBroker);
+      assert.equal(api.connection().role, 'attached');
+      assert.ok((await api.connection().list()).some((k) => k.id === key.id));
+    } finally {
+      await other.dispose();
+    }
+  });
+});
