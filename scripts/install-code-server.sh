@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Installs what the real-VS-Code tests need (see test/vscode/README.md):
+# Installs what the tests need that npm does not bring (`npm test` runs it first):
+#   - a Secret Service for the keychain tests: gnome-keyring, dbus, libglib2.0-bin (gdbus),
+#     libsecret-tools; the suite runs its own private instance, never the user's
 #   - Node 24 from npm (code-server >= 4.133 needs it) into $TILL_CACHE/node24
 #   - code-server, built against that Node, into $TILL_CACHE/code-server-<version>
 #   - Debian's chromium (the browser Playwright drives) and libkrb5-dev (a build dependency
@@ -39,6 +41,9 @@ cs_ready=false
 
 missing=()
 [[ -x /usr/bin/chromium ]] || missing+=(chromium)
+for pkg in gnome-keyring dbus libglib2.0-bin libsecret-tools; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+done
 if ! $cs_ready && ! dpkg-query -W -f='${Status}' libkrb5-dev 2>/dev/null | grep -q 'install ok installed'; then
   missing+=(libkrb5-dev)
 fi
