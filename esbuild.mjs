@@ -24,6 +24,7 @@ const builds = [
   // Mocha's parallel mode (never used here) resolves worker files at run time: not a problem.
   { ...common, entryPoints: { 'test/suite': 'test/vscode/suite/index.ts' }, outdir: 'dist', logOverride: { 'require-resolve-not-external': 'silent' } },
   { ...common, entryPoints: { 'test/run': 'test/vscode/run.ts' }, outdir: 'dist', external: [...common.external, 'playwright-core'] },
+  { ...common, entryPoints: { 'test/electron': 'test/vscode/electron.ts' }, outdir: 'dist', external: [...common.external, '@vscode/test-electron'] },
 ];
 
 if (watch) {

@@ -16,8 +16,9 @@ describe('activation', () => {
       `[till-test] uiKind=${vscode.UIKind[vscode.env.uiKind]} remoteName=${vscode.env.remoteName ?? '(none)'}` +
         ` appHost=${vscode.env.appHost} vscode=${vscode.version} node=${process.versions.node}`,
     );
+    // Node 24 in code-server; desktop VS Code's Electron brings its own (20 or newer).
     const major = Number(process.versions.node.split('.')[0]);
-    assert.ok(major >= 24, `extension host Node is ${process.versions.node}, expected >= 24`);
+    assert.ok(major >= 20, `extension host Node is ${process.versions.node}, expected >= 20`);
   });
 
   it(`finds ${EXTENSION_ID} loaded from this checkout`, () => {
