@@ -4,27 +4,21 @@
  * What the upstream received is the proof of what the broker sent.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { appendFileSync, readdirSync, readFileSync, statSync } from 'node:fs';
+import { appendFileSync, readdirSync, readFileSync } from 'node:fs';
 import { createServer, type AddressInfo, type Server } from 'node:net';
-import { basename, join } from 'node:path';
+import { basename } from 'node:path';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { KeySummary, TillEvent } from '../src/core/events';
+import type { IssuedKey } from '../src/core/service';
 import { tillPaths } from '../src/core/home';
 import { KeychainVault, VaultError } from '../src/core/vault';
 import { fakeCredential, logFile, runTill, spawnServe, tempHome, TILL_JS, type RunResult, type ServeProcess } from './support/till';
 import { fakeAnswer, startOpenAIUpstream, type Upstream } from './support/upstreams';
+import { filesUnder } from './support/files';
 
-interface IssuedJson {
-  id: string;
-  key: string;
-  provider: string;
-  credential: string;
-  label: string;
-  baseUrl: string;
-  env: Record<string, string>;
-  policy: Record<string, unknown>;
-}
+/** What `till issue --json` prints. */
+type IssuedJson = IssuedKey;
 
 /** A failed command: non-zero exit and exactly one line on stderr, starting `till: `. */
 function expectOneLineError(r: RunResult, code: number, pattern: RegExp): void {
@@ -39,14 +33,6 @@ function expectOk(r: RunResult): void {
   expect(r.code, `stdout: ${r.stdout}\nstderr: ${r.stderr}`).toBe(0);
 }
 
-function filesUnder(dir: string): string[] {
-  return readdirSync(dir).flatMap((name) => {
-    const path = join(dir, name);
-    const st = statSync(path, { throwIfNoEntry: false });
-    if (!st) return [];
-    return st.isDirectory() ? filesUnder(path) : st.isFile() ? [path] : [];
-  });
-}
 
 async function issueJson(home: string, args: string[]): Promise<IssuedJson> {
   const r = await runTill(['issue', ...args, '--json'], { home });

@@ -3,20 +3,13 @@
  * the audit log, the broker's log or anything the `till` command prints (but the key, once, at
  * issue). The global teardown repeats the credential scan over every file the whole suite wrote.
  */
-import { readdirSync, readFileSync, statSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { addCredential, CREDENTIAL_MARKER, fakeCredential, runTill, spawnServe, tempHome, testRoot } from './support/till';
 import { startOpenAIUpstream } from './support/upstreams';
+import { filesContaining, filesUnder } from './support/files';
 
-function filesUnder(dir: string): string[] {
-  return readdirSync(dir).flatMap((name) => {
-    const path = join(dir, name);
-    const st = statSync(path, { throwIfNoEntry: false });
-    if (!st) return [];
-    return st.isDirectory() ? filesUnder(path) : st.isFile() ? [path] : [];
-  });
-}
 
 describe('secrets never leak', () => {
   it('through a session of successes, denials and failures', async () => {
@@ -63,15 +56,8 @@ describe('secrets never leak', () => {
   });
 
   it('the suite so far wrote no credential anywhere under its scratch root', () => {
-    // Other test files run meanwhile: a file may be renamed away between listing and reading.
-    const leaks = filesUnder(testRoot()).filter((f) => {
-      try {
-        return readFileSync(f).includes(CREDENTIAL_MARKER);
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code === 'ENOENT') return false;
-        throw err;
-      }
-    });
+    // Other test files run meanwhile: files that vanish while being read are skipped.
+    const leaks = filesContaining(testRoot(), CREDENTIAL_MARKER);
     expect(leaks).toEqual([]);
   });
 });

@@ -7,7 +7,7 @@
  */
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { buildSync } from 'esbuild';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -16,17 +16,10 @@ import { KeychainVault, VaultError, type VaultErrorKind } from '../src/core/vaul
 import { startPrivateKeyring, type PrivateKeyring } from './support/keyring';
 import { fakeCredential, runTill, spawnServe, tempHome, type RunResult, type ServeProcess } from './support/till';
 import { startOpenAIUpstream, type Upstream } from './support/upstreams';
+import { filesUnder } from './support/files';
 
 const ABSENT_BUS = 'unix:path=/nonexistent';
 
-function filesUnder(dir: string): string[] {
-  return readdirSync(dir).flatMap((name) => {
-    const path = join(dir, name);
-    const st = statSync(path, { throwIfNoEntry: false });
-    if (!st) return [];
-    return st.isDirectory() ? filesUnder(path) : st.isFile() ? [path] : [];
-  });
-}
 
 /** Every file of a data folder, to prove a secret never landed on disk there. */
 function expectNotOnDisk(home: string, secret: string): void {

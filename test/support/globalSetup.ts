@@ -1,18 +1,11 @@
-import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startPrivateKeyring } from './keyring';
+import { filesContaining } from './files';
 
 const CREDENTIAL_MARKER = 'REALCRED';
 
-function filesUnder(dir: string): string[] {
-  return readdirSync(dir).flatMap((name) => {
-    const path = join(dir, name);
-    const st = statSync(path, { throwIfNoEntry: false });
-    if (!st) return [];
-    return st.isDirectory() ? filesUnder(path) : st.isFile() ? [path] : [];
-  });
-}
 
 /**
  * One private keychain and one scratch root for the whole run. At the end, every file the
@@ -25,7 +18,7 @@ export default async function setup() {
   Object.assign(process.env, keyring.env, { TILL_TEST_ROOT: root });
   return () => {
     keyring.stop();
-    const leaks = filesUnder(root).filter((f) => readFileSync(f).includes(CREDENTIAL_MARKER));
+    const leaks = filesContaining(root, CREDENTIAL_MARKER);
     if (leaks.length > 0) throw new Error(`a real credential was written to: ${leaks.join(', ')}`);
     if (!process.env.TILL_KEEP_TEST_ROOT) rmSync(root, { recursive: true, force: true });
   };

@@ -1,0 +1,367 @@
+/**
+ * Drives Till as a person would, against the INSTALLED VSIX: code-server on 127.0.0.1 with
+ * dist/vsix/till-linux-x64-<version>.vsix installed into a throw-away extensions dir, headless
+ * Chromium clicking and typing through playwright-core, a fake OpenAI upstream and a private
+ * keychain. Bundled to dist/test/ui.js; `npm run test:ui` packages, installs and runs it.
+ *
+ * The steps: add an OpenAI credential and issue a key through the command palette; see the
+ * key in the Keys tree; in a new integrated terminal, see OPENAI_BASE_URL point at the broker
+ * and make a request with the terminal's own till key (it reaches the upstream with the real
+ * credential); see the request in the Usage view; revoke the terminal's key there and see the
+ * same request refused. Screenshots go to test/vscode/screenshots/ui-*.png.
+ *
+ * Exit code 0 when every step passed, 1 otherwise (with ui-failure.png and the step named).
+ *
+ * Options (after `npm run test:ui --`):
+ *   --vsix <file>      the VSIX to install. Default: dist/vsix/till-linux-x64-<version>.vsix
+ *   --timeout <s>      overall limit, from the start. Default: 240 (or TILL_UI_TIMEOUT)
+ *   --keep             keep the throw-away dirs (profile, logs of code-server) for a look
+ *   --verbose          print code-server's own output and the browser console as they come
+ */
+import { randomBytes } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import * as path from 'node:path';
+import { setTimeout as delay } from 'node:timers/promises';
+import { parseArgs } from 'node:util';
+import type { BrowserContext, FrameLocator, Locator, Page } from 'playwright-core';
+import pkg from '../../package.json';
+import { startPrivateKeyring, type PrivateKeyring } from '../support/keyring';
+import { startOpenAIUpstream, type Upstream } from '../support/upstreams';
+import {
+  BASE_SETTINGS,
+  CODE_SERVER_VERSION,
+  Deadline,
+  HarnessError,
+  checkInstalled,
+  createSandbox,
+  installExtension,
+  launchChromium,
+  logger,
+  prefixLines,
+  recordBrowserConsole,
+  repoRoot,
+  screenshot,
+  spawnCodeServer,
+  type CodeServer,
+  type Sandbox,
+} from './harness';
+
+const { values: opts } = parseArgs({
+  options: {
+    vsix: { type: 'string' },
+    timeout: { type: 'string' },
+    keep: { type: 'boolean', default: false },
+    verbose: { type: 'boolean', default: false },
+  },
+});
+const timeoutMs = Number(opts.timeout ?? process.env.TILL_UI_TIMEOUT ?? 240) * 1000;
+const vsix = path.resolve(opts.vsix ?? path.join(repoRoot, 'dist', 'vsix', `${pkg.name}-linux-x64-${pkg.version}.vsix`));
+
+/** The "real" OpenAI key the person pastes in; only the fake upstream accepts it. */
+const SECRET = `sk-REALCRED-ui-${randomBytes(8).toString('hex')}`;
+const KEY_LABEL = 'ui test key';
+const PRESET = '50 calls, 1 hour';
+const CURL = `curl -s -H "Authorization: Bearer $OPENAI_API_KEY" -H 'content-type: application/json' -d '{"model":"gpt-4o-mini","messages":[]}' $OPENAI_BASE_URL/chat/completions`;
+
+const SIDEBAR = '.part.sidebar';
+/** How long a single UI expectation may take before the step fails. */
+const EXPECT_MS = 20_000;
+
+const t0 = Date.now();
+const { since, say } = logger('till-ui', t0);
+
+// ---- the steps ---------------------------------------------------------------------------------
+
+interface World {
+  sb: Sandbox;
+  page: Page;
+  upstream: Upstream;
+}
+
+const steps: Array<[name: string, run: (w: World) => Promise<void>]> = [
+  ['add an OpenAI credential (palette)', async ({ page }) => {
+    await runCommand(page, 'Till: Add Credential');
+    await pick(page, 'Till: Add Credential', 'OpenAI');
+    await input(page, 'Till: OpenAI API key', SECRET, { password: true });
+    await toast(page, /Till: stored "openai" \(OpenAI\) in the OS keychain/);
+  }],
+
+  ['issue a key (palette)', async ({ page }) => {
+    await runCommand(page, 'Till: Issue Key');
+    await pick(page, 'Till: Issue Key: limits', PRESET);
+    await input(page, 'Till: Issue Key: label', KEY_LABEL);
+    await toast(page, `Till key "${KEY_LABEL}" issued`);
+  }],
+
+  ['see the key in the Keys tree', async ({ page }) => {
+    await page.locator('.activitybar [aria-label^="Till"]').first().click();
+    const keys = viewPane(page, 'Keys');
+    await keys.locator('.monaco-list-row', { hasText: KEY_LABEL }).first().waitFor({ timeout: EXPECT_MS });
+    const row = (await keys.locator('.monaco-list-row', { hasText: KEY_LABEL }).first().innerText()).replace(/\s+/g, ' ');
+    if (!/openai · 0\/50/.test(row)) throw new Error(`the key's row reads "${row}", expected "openai · 0/50 · …"`);
+    await shot(page, 'ui-keys', SIDEBAR);
+  }],
+
+  ['open a terminal and see OPENAI_BASE_URL', async ({ page }) => {
+    await runCommand(page, 'Terminal: Create New Terminal');
+    const rows = page.locator('.terminal-wrapper .xterm-rows').first();
+    await rows.waitFor({ timeout: EXPECT_MS });
+    await waitFor('a shell prompt', async () => /[$#]\s*$/.test((await screenText(rows)).trimEnd()));
+    await typeInTerminal(page, 'echo $OPENAI_BASE_URL');
+    await waitFor('the broker URL on the terminal', async () => /http:\/\/127\.0\.0\.1:\d+\/openai\/v1/.test(await screenText(rows)));
+  }],
+
+  ['make a request from the terminal with its own key', async ({ page, upstream }) => {
+    const before = upstream.received.length;
+    const rows = page.locator('.terminal-wrapper .xterm-rows').first();
+    await typeInTerminal(page, CURL);
+    await waitFor('the fake upstream\'s answer on the terminal', async () => /"chat\.completion"/.test(flat(await screenText(rows))));
+    if (upstream.received.length !== before + 1) throw new Error(`the upstream received ${upstream.received.length - before} requests, expected 1`);
+    const got = upstream.received.at(-1)!;
+    if (got.method !== 'POST' || got.path !== '/v1/chat/completions') throw new Error(`the upstream received ${got.method} ${got.path}`);
+    if (got.headers.authorization !== `Bearer ${SECRET}`) throw new Error('the upstream did not receive the real credential');
+  }],
+
+  ['see the request in the Usage view', async ({ page }) => {
+    const usage = usageFrame(page);
+    const request = usage.locator('table.requests tbody tr', { hasText: 'POST' }).filter({ hasText: '/v1/chat/completions' });
+    await request.first().waitFor({ timeout: 10_000 });
+    const text = (await request.first().innerText()).replace(/\s+/g, ' ');
+    if (!/\b200\b/.test(text)) throw new Error(`the request's row reads "${text}", expected status 200`);
+    await viewPane(page, 'Usage').scrollIntoViewIfNeeded();
+    await shot(page, 'ui-usage', SIDEBAR);
+  }],
+
+  ['revoke the terminal key in the Usage view; the terminal is refused', async ({ sb, page, upstream }) => {
+    const usage = usageFrame(page);
+    const label = `terminals · ${path.basename(sb.workspace)}`;
+    const card = usage.locator('li.card.active', { has: usage.locator('.label', { hasText: label }) });
+    await card.getByRole('button', { name: `Revoke till key ${label}` }).click({ timeout: EXPECT_MS });
+    await card.waitFor({ state: 'detached', timeout: EXPECT_MS });
+    await usage.locator('details.revoked-list summary', { hasText: 'Revoked (1)' }).waitFor({ timeout: EXPECT_MS });
+
+    const before = { received: upstream.received.length, rejected: upstream.rejected.length };
+    const rows = page.locator('.terminal-wrapper .xterm-rows').first();
+    await typeInTerminal(page, CURL);
+    await waitFor('Till\'s refusal on the terminal', async () => /"code":\s*"revoked"/.test(flat(await screenText(rows))));
+    await delay(500); // anything that did get through would have arrived by now
+    if (upstream.received.length !== before.received || upstream.rejected.length !== before.rejected) {
+      throw new Error(`the upstream received ${upstream.received.length - before.received} (+${upstream.rejected.length - before.rejected} refused) requests after the revoke`);
+    }
+    await usage.locator('table.requests tbody tr.denied', { hasText: 'revoked' }).first().waitFor({ timeout: 10_000 });
+    await shot(page, 'ui-revoked');
+  }],
+];
+
+// ---- UI helpers --------------------------------------------------------------------------------
+
+const quickInput = (page: Page): Locator => page.locator('.quick-input-widget');
+
+/** F1, type the command's title, wait for its row, Enter. Retries while the command is not listed yet. */
+async function runCommand(page: Page, title: string): Promise<void> {
+  const widget = quickInput(page);
+  const box = widget.locator('input.input').first();
+  const row = widget.locator('.quick-input-list .monaco-list-row').filter({ has: page.locator('.label-name', { hasText: exactly(title) }) });
+  const until = Date.now() + 30_000;
+  for (let attempt = 1; ; attempt++) {
+    if (!(await widget.isVisible())) await page.keyboard.press('F1');
+    await box.waitFor({ timeout: EXPECT_MS });
+    await box.fill(`>${title}`);
+    try {
+      await row.first().waitFor({ timeout: 4_000 });
+      break;
+    } catch {
+      // Right after load the palette may not list a just-activated extension's command yet.
+      if (Date.now() > until) throw new Error(`"${title}" is not in the command palette (${attempt} tries)`);
+      await page.keyboard.press('Escape');
+      await delay(1_000);
+    }
+  }
+  await row.first().click();
+}
+
+/** Waits for the quick pick titled `title`, filters for `label` and clicks its row. */
+async function pick(page: Page, title: string, label: string): Promise<void> {
+  const widget = quickInput(page);
+  await widget.locator('.quick-input-title', { hasText: title }).waitFor({ timeout: EXPECT_MS });
+  await widget.locator('input.input').first().fill(label);
+  const row = widget.locator('.quick-input-list .monaco-list-row').filter({ has: page.locator('.label-name', { hasText: exactly(label) }) });
+  await row.first().click({ timeout: EXPECT_MS });
+}
+
+/** Waits for the input box titled `title`, types `text` (replacing any default) and presses Enter. */
+async function input(page: Page, title: string, text: string, o: { password?: boolean } = {}): Promise<void> {
+  const widget = quickInput(page);
+  await widget.locator('.quick-input-title', { hasText: title }).waitFor({ timeout: EXPECT_MS });
+  const box = widget.locator(o.password ? 'input[type="password"]' : 'input.input').first();
+  await box.fill(text);
+  await box.press('Enter');
+  await widget.locator('.quick-input-title', { hasText: title }).waitFor({ state: 'hidden', timeout: EXPECT_MS });
+}
+
+async function toast(page: Page, text: string | RegExp): Promise<void> {
+  try {
+  await page.locator('.notifications-toasts .notification-toast', { hasText: text }).first().waitFor({ timeout: EXPECT_MS });
+  } catch (e) {
+    console.log('DEBUG toasts', await page.locator('.notifications-toasts').first().evaluate('e => e.outerHTML'));
+    console.log('DEBUG center', await page.locator('.notifications-center').first().evaluate('e => e.outerHTML').catch(() => 'none'));
+    throw e;
+  }
+}
+
+/** The sidebar pane of the view titled `title` (its header and body). */
+function viewPane(page: Page, title: string): Locator {
+  return page.locator(`${SIDEBAR} .pane`, { has: page.locator('.pane-header', { hasText: exactly(title, 'i') }) }).first();
+}
+
+/** The Usage view's page: webviews render in an iframe inside an iframe. */
+function usageFrame(page: Page): FrameLocator {
+  return viewPane(page, 'Usage').frameLocator('iframe.webview').frameLocator('iframe#active-frame');
+}
+
+async function typeInTerminal(page: Page, line: string): Promise<void> {
+  await page.locator('.terminal-wrapper .xterm').first().click();
+  await page.keyboard.type(line);
+  await page.keyboard.press('Enter');
+}
+
+/** What the terminal shows, row by row (the DOM renderer, GPU acceleration off). */
+async function screenText(rows: Locator): Promise<string> {
+  return (await rows.innerText()).replace(/\u00a0/g, ' ');
+}
+
+/** Rows joined back together, so output wrapped at the terminal's width reads as one line. */
+function flat(text: string): string {
+  return text.replace(/\n/g, '');
+}
+
+async function waitFor(what: string, check: () => Promise<boolean>, ms = EXPECT_MS): Promise<void> {
+  const until = Date.now() + ms;
+  while (!(await check())) {
+    if (Date.now() > until) throw new Error(`no ${what} within ${ms / 1000} s`);
+    await delay(200);
+  }
+}
+
+function exactly(text: string, flags = ''): RegExp {
+  return new RegExp(`^\\s*${text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}\\s*$`, flags);
+}
+
+const shots: string[] = [];
+async function shot(page: Page, name: string, element?: string): Promise<void> {
+  const file = await screenshot(page, name, element);
+  shots.push(file);
+  say(`screenshot: ${file}`);
+}
+
+// ---- the run -----------------------------------------------------------------------------------
+
+async function main(): Promise<number> {
+  checkInstalled([['the VSIX', vsix, 'run npm run package']]);
+
+  const upstream = await startOpenAIUpstream({ credential: SECRET });
+  const sb = createSandbox('till-ui-', {
+    ...BASE_SETTINGS,
+    'till.upstreams': { openai: `${upstream.url}/v1` },
+  });
+  let keyring: PrivateKeyring | undefined;
+  let server: CodeServer | undefined;
+  let context: BrowserContext | undefined;
+  let page: Page | undefined;
+  // Last resort when this process exits some other way (a signal, a crash); Playwright ends
+  // Chromium itself from its own exit handler.
+  const onExit = (): void => {
+    server?.kill('SIGKILL');
+    keyring?.stop();
+    if (!opts.keep) sb.remove();
+  };
+  process.on('exit', onExit);
+
+  const deadline = new Deadline(t0, timeoutMs, 'set --timeout or TILL_UI_TIMEOUT');
+  const timings: string[] = [];
+  let stepName = 'setup';
+  try {
+    deadline.stage = 'starting the private keychain';
+    keyring = await deadline.guard(startPrivateKeyring());
+
+    deadline.stage = `installing ${path.relative(process.cwd(), vsix)}`;
+    let mark = Date.now();
+    const installed = await deadline.guard(installExtension(sb, vsix));
+    if (!/successfully installed/i.test(installed)) throw new HarnessError(`code-server --install-extension said: ${installed}`);
+    if (!existsSync(path.join(sb.extensionsDir, `${pkg.publisher}.${pkg.name}-${pkg.version}-linux-x64`)) && !existsSync(path.join(sb.extensionsDir, `${pkg.publisher}.${pkg.name}-${pkg.version}`))) {
+      throw new HarnessError(`the VSIX did not land in ${sb.extensionsDir}`);
+    }
+    say(`installed ${path.basename(vsix)} (${((Date.now() - mark) / 1000).toFixed(1)} s)`);
+
+    server = await spawnCodeServer(sb, {
+      // The extension's keychain: a private Secret Service, never the developer's own.
+      env: { DBUS_SESSION_BUS_ADDRESS: keyring.env.DBUS_SESSION_BUS_ADDRESS! },
+      onOutput: opts.verbose ? (text) => process.stdout.write(prefixLines('[code-server] ', text)) : undefined,
+    });
+    deadline.failWith(server.exited);
+    say(`code-server ${CODE_SERVER_VERSION} on ${server.origin}; fake OpenAI on ${upstream.url} (throw-away dirs in ${sb.tmp})`);
+    deadline.stage = 'waiting for code-server /healthz';
+    await deadline.guard(deadline.waitHealthy(server.origin));
+
+    deadline.stage = 'launching chromium';
+    context = await deadline.guard(launchChromium(sb));
+    page = context.pages()[0] ?? (await context.newPage());
+    recordBrowserConsole(page, sb, opts.verbose);
+    page.setDefaultTimeout(EXPECT_MS);
+
+    deadline.stage = 'loading the workbench';
+    mark = Date.now();
+    await deadline.guard(page.goto(`${server.origin}/?folder=${encodeURIComponent(sb.workspace)}`, { waitUntil: 'domcontentloaded', timeout: deadline.remaining() }));
+    // The Till icon in the activity bar: the workbench is up and knows the installed extension.
+    await deadline.guard(page.locator('.activitybar [aria-label^="Till"]').first().waitFor({ timeout: Math.min(60_000, deadline.remaining()) }));
+    timings.push(`workbench ready: ${((Date.now() - mark) / 1000).toFixed(1)} s`);
+    say('workbench ready');
+
+    const world: World = { sb, page, upstream };
+    for (const [i, [name, run]] of steps.entries()) {
+      stepName = `${i + 1}/${steps.length} "${name}"`;
+      deadline.stage = `step ${stepName}`;
+      mark = Date.now();
+      await deadline.guard(run(world));
+      const took = `${((Date.now() - mark) / 1000).toFixed(1)} s`;
+      timings.push(`${name}: ${took}`);
+      say(`ok ${i + 1}/${steps.length} ${name} (${took})`);
+    }
+    say(`all ${steps.length} steps passed; timings:\n${timings.map((t) => `  ${t}`).join('\n')}\n  screenshots: ${shots.join(', ')}`);
+    return 0;
+  } catch (err) {
+    const why = err instanceof HarnessError ? err.message : err instanceof Error ? err.message : String(err);
+    console.error(`[till-ui ${since()}] FAILED at step ${stepName}: ${why}`);
+    if (!(err instanceof HarnessError) && err instanceof Error && err.stack) console.error(prefixLines('  ', err.stack));
+    if (page) await screenshot(page, 'ui-failure').then((f) => console.error(`  screenshot: ${f}`), () => {});
+    console.error(`  code-server log: ${sb.serverLog}\n  browser console: ${sb.browserLog}`);
+    opts.keep = true; // keep the evidence
+    return 1;
+  } finally {
+    await context?.close().catch(() => {});
+    await server?.stop();
+    await upstream.close().catch(() => {});
+    keyring?.stop();
+    process.off('exit', onExit);
+    if (opts.keep) say(`kept ${sb.tmp}`);
+    else sb.remove();
+  }
+}
+
+for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+  process.on(sig, () => {
+    console.error(`[till-ui] ${sig}: stopping code-server and chromium`);
+    process.exit(130); // the 'exit' handlers end code-server's group and Chromium
+  });
+}
+
+main().then(
+  (code) => {
+    say(`done in ${since()} (exit ${code})`);
+    process.exitCode ||= code;
+  },
+  (err: unknown) => {
+    console.error(err instanceof HarnessError ? `[till-ui] ${err.message}` : err);
+    process.exitCode = 1;
+  },
+);
