@@ -388,7 +388,7 @@ export class Broker {
 
     const go = (secret: string) => {
       if (res.writableEnded || res.destroyed) return;
-      const admitted = this.options.keys.admit(key, info.billable, flight);
+      const admitted = this.options.keys.admit(key, info.billable ? { activations: 1 } : undefined, flight);
       if ('status' in admitted) return deny(admitted, key);
       admission = admitted;
       this.options.events.emit({ type: 'request.started', at: Date.now(), request: info });

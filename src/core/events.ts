@@ -3,7 +3,7 @@
  * Events carry ids, labels and numbers; never a key or a credential.
  */
 import { EventEmitter } from 'node:events';
-import type { Amounts } from './policy';
+import type { Amounts, Meter } from './policy';
 import type { KeyState } from './ledger';
 
 /** A key as shown to people and tools: everything but its hash. */
@@ -23,6 +23,10 @@ export interface KeySummary {
   revokedAt?: number;
   /** Who asked for the key (`vscode:<session>`, `cli`, …). */
   owner?: string;
+  /** Tokens by kind (input includes cached, output includes reasoning). */
+  tokens: import('./ledger').TokenCounts;
+  /** The part of `used.spend` (micro-dollars) that was estimated from an interrupted stream. */
+  estimatedSpend: number;
 }
 
 export interface RequestInfo {
@@ -39,9 +43,10 @@ export interface RequestInfo {
 export type TillEvent =
   | { type: 'key.issued'; at: number; key: KeySummary }
   | { type: 'key.revoked'; at: number; key: KeySummary }
-  | { type: 'key.exhausted'; at: number; key: KeySummary }
+  | { type: 'key.exhausted'; at: number; key: KeySummary; /** The limit that ran out. */ meter: Meter }
   | { type: 'key.expired'; at: number; key: KeySummary }
-  | { type: 'limit.near'; at: number; key: KeySummary; meter: string; used: number; limit: number }
+  | { type: 'key.extended'; at: number; key: KeySummary }
+  | { type: 'limit.near'; at: number; key: KeySummary; meter: Meter; used: number; limit: number; /** 50 or 80. */ percent: number }
   | { type: 'request.started'; at: number; request: RequestInfo }
   | { type: 'request.finished'; at: number; request: RequestInfo; status: number; latencyMs: number; aborted?: string }
   | { type: 'request.denied'; at: number; request: Partial<RequestInfo> & { provider: string; method: string; path: string }; status: number; reason: string; code: DenialCode };

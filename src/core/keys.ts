@@ -4,8 +4,8 @@
  */
 import type { Denial } from './denial';
 import type { KeySummary, TillEvents } from './events';
-import { isRefusal, keyState, type KeyRecord, type Ledger, type Reservation } from './ledger';
-import { limitsOf, type Amounts, type Meter, type Policy } from './policy';
+import { isRefusal, keyState, type KeyRecord, type Ledger, type Reservation, type ReserveRefusal, type SettleDetails } from './ledger';
+import { buildPolicy, formatAmount, formatUsd, limitsOf, MICROS, type Amounts, type Meter, type Policy } from './policy';
 import { hashTillKey, makeTillKey, newKeyId, parseTillKey, tillKeyMatches } from './tillKey';
 
 /** Something in flight for a key that revocation must end. */
@@ -20,8 +20,19 @@ export interface Admission {
   reservation?: Reservation;
   /** Marks the request as having reached the upstream (its reservation becomes spending). */
   reachedUpstream(): void;
-  /** Ends the request's hold on the key: settles or releases, and frees its concurrency slot. */
-  done(): void;
+  /**
+   * Ends the request's hold on the key, and frees its concurrency slot: settles to `actual`
+   * (default: what was reserved, the worst case) if it reached the upstream, else releases.
+   */
+  done(actual?: Amounts, details?: SettleDetails): void;
+}
+
+/** What `extend` adds to a key's limits (a limit the key does not have stays unlimited). */
+export interface Extension {
+  uses?: number;
+  maxTokens?: number;
+  /** US dollars. */
+  maxSpend?: number;
 }
 
 export interface IssueRequest {
@@ -33,11 +44,21 @@ export interface IssueRequest {
   policy: Policy;
 }
 
-const NEAR = 0.8;
+/** Fractions of a limit at which the key's owner hears about it. 1 is exhaustion. */
+const THRESHOLDS = [0.5, 0.8] as const;
 const MINUTE = 60_000;
 
-function fmt(n: number): string {
-  return Number.isInteger(n) ? String(n) : n.toFixed(2);
+/** Why a reservation was refused, in words: which limit, used, held by requests in flight. */
+function refusalMessage(r: ReserveRefusal, wanted: number): string {
+  const held = r.reserved > 0 ? `, ${formatAmount(r.meter, r.reserved)} reserved by requests in flight` : '';
+  switch (r.meter) {
+    case 'activations':
+      return `till key exhausted: ${r.used} of ${r.limit} activations used${r.reserved > 0 ? ` (${r.reserved} more in flight)` : ''}`;
+    case 'tokens':
+      return `till key out of tokens: ${formatAmount('tokens', r.used)} of ${formatAmount('tokens', r.limit)} used${held}; this request may need up to ${formatAmount('tokens', wanted)}`;
+    case 'spend':
+      return `till key over budget: ${formatUsd(r.used)} of ${formatUsd(r.limit)} spent${held}; this request could cost up to ${formatUsd(wanted)}`;
+  }
 }
 
 /** Issues, checks and limits till keys over a {@link Ledger}. */
@@ -118,6 +139,8 @@ export class TillKeys {
       state: keyState(key, this.now()),
       policy: key.policy,
       used: { activations: 0, ...key.used },
+      tokens: { input: 0, output: 0, cached: 0, reasoning: 0, ...key.tokens },
+      estimatedSpend: key.estimatedSpend ?? 0,
       reserved: { ...reserved },
       remaining,
       inFlight: this.inFlight.get(key.id)?.size ?? 0,
@@ -147,9 +170,10 @@ export class TillKeys {
   /**
    * Admits one request under the key's rate, concurrency and spending limits, atomically:
    * nothing else runs between the checks and the holds. Billable requests reserve one
-   * activation; `flight` is what revocation will cut.
+   * activation (and, on budgeted keys, the worst-case tokens and spend the broker worked out);
+   * free requests pass `undefined`. `flight` is what revocation will cut.
    */
-  admit(key: KeyRecord, billable: boolean, flight: InFlight): Admission | Denial {
+  admit(key: KeyRecord, amounts: Amounts | undefined, flight: InFlight): Admission | Denial {
     const policy = key.policy;
     const now = this.now();
     // The key was authenticated before the body was read and the credential fetched: a
@@ -172,12 +196,9 @@ export class TillKeys {
       this.recent.set(key.id, times);
     }
     let reservation: Reservation | undefined;
-    if (billable) {
-      const result = this.ledger.reserve(key.id, { activations: 1 });
-      if (isRefusal(result)) {
-        const held = result.reserved > 0 ? ` (${fmt(result.reserved)} more in flight)` : '';
-        return { status: 429, code: 'exhausted', message: `till key exhausted: ${fmt(result.used)} of ${fmt(result.limit)} activations used${held}` };
-      }
+    if (amounts) {
+      const result = this.ledger.reserve(key.id, amounts);
+      if (isRefusal(result)) return { status: 429, code: 'exhausted', message: refusalMessage(result, amounts[result.meter] ?? 0) };
       reservation = result;
     }
     flights.add(flight);
@@ -190,13 +211,13 @@ export class TillKeys {
       reachedUpstream: () => {
         reached = true;
       },
-      done: () => {
+      done: (actual, details) => {
         if (finished) return;
         finished = true;
         flights.delete(flight);
         if (!reservation) return;
         if (reached) {
-          this.ledger.settle(reservation);
+          this.ledger.settle(reservation, actual ?? reservation.amounts, details);
           this.afterSpend(key);
         } else {
           this.ledger.release(reservation);
@@ -205,16 +226,49 @@ export class TillKeys {
     };
   }
 
-  /** Announces crossing 80 % and 100 % of a limit, once each per key. */
+  /** What is left of each limited meter: limit − used − reserved. */
+  remaining(key: KeyRecord): Amounts {
+    const limits = limitsOf(key.policy);
+    const reserved = this.ledger.reserved(key.id);
+    const left: Amounts = {};
+    for (const meter of Object.keys(limits) as Meter[]) {
+      left[meter] = Math.max(0, limits[meter]! - (key.used[meter] ?? 0) - (reserved[meter] ?? 0));
+    }
+    return left;
+  }
+
+  /** Raises a live key's limits; announcements start over for the raised limits. */
+  extend(id: string, by: Extension): KeySummary {
+    const key = this.ledger.get(id);
+    if (!key) throw new Error(`no till key with id ${id}`);
+    if (key.revokedAt !== undefined) throw new Error(`till key "${key.label}" is revoked`);
+    const p = key.policy;
+    const next: Policy = { ...p };
+    if (by.uses !== undefined) next.maxActivations = (p.maxActivations ?? 0) + by.uses;
+    if (by.maxTokens !== undefined) next.maxTokens = (p.maxTokens ?? 0) + by.maxTokens;
+    if (by.maxSpend !== undefined) next.maxSpendUsd = Math.round(((p.maxSpendUsd ?? 0) + by.maxSpend) * MICROS) / MICROS;
+    // Validates the amounts the same way as at issue.
+    buildPolicy({ uses: next.maxActivations, maxTokens: next.maxTokens, maxSpend: next.maxSpendUsd });
+    this.ledger.updatePolicy(id, next);
+    this.announced.delete(id);
+    const summary = this.summary(key);
+    this.events.emit({ type: 'key.extended', at: this.now(), key: summary });
+    return summary;
+  }
+
+  /** Announces crossing 50 %, 80 % and 100 % of each limit, once each per key. */
   private afterSpend(key: KeyRecord): void {
     const limits = limitsOf(key.policy);
     for (const meter of Object.keys(limits) as Meter[]) {
       const used = key.used[meter] ?? 0;
       const limit = limits[meter]!;
       if (used >= limit) {
-        if (this.once(key.id, `${meter}:100`)) this.events.emit({ type: 'key.exhausted', at: this.now(), key: this.summary(key) });
-      } else if (used >= limit * NEAR && this.once(key.id, `${meter}:80`)) {
-        this.events.emit({ type: 'limit.near', at: this.now(), key: this.summary(key), meter, used, limit });
+        if (this.once(key.id, `${meter}:100`)) this.events.emit({ type: 'key.exhausted', at: this.now(), key: this.summary(key), meter });
+        continue;
+      }
+      const crossed = THRESHOLDS.filter((t) => used >= limit * t).at(-1);
+      if (crossed !== undefined && this.once(key.id, `${meter}:${crossed}`)) {
+        this.events.emit({ type: 'limit.near', at: this.now(), key: this.summary(key), meter, used, limit, percent: Math.round(crossed * 100) });
       }
     }
   }

@@ -28,6 +28,25 @@ export interface KeyRecord {
   revokedAt?: number;
   /** Spent amounts, settled from finished requests. */
   used: Amounts;
+  /** Tokens by kind, from the upstreams' usage reports (or estimates). */
+  tokens?: TokenCounts;
+  /** The part of `used.spend` (micro-dollars) that was estimated, not reported. */
+  estimatedSpend?: number;
+}
+
+/** Tokens by kind. Input includes cached; output includes reasoning. */
+export interface TokenCounts {
+  input: number;
+  output: number;
+  cached: number;
+  reasoning: number;
+}
+
+/** What a settled request adds to a key besides its meters. */
+export interface SettleDetails {
+  tokens?: TokenCounts;
+  /** The spend was estimated (an interrupted stream with no usage report). */
+  estimated?: boolean;
 }
 
 /** Derived, never stored: what a person would call the key's state. */
@@ -74,13 +93,27 @@ type Entry =
   | { t: 'head'; v: 1 }
   | { t: 'key'; key: KeyRecord }
   | { t: 'res'; r: number; k: string; a: Amounts }
-  | { t: 'set'; r: number; u: Amounts }
+  | { t: 'set'; r: number; u: Amounts; d?: SettleDetails }
+  | { t: 'pol'; k: string; p: Policy }
   | { t: 'rel'; r: number }
   | { t: 'rev'; k: string; at: number };
 
 function encode(entry: Entry): string {
   const json = JSON.stringify(entry);
   return `${crc32(json).toString(16).padStart(8, '0')} ${json}\n`;
+}
+
+/** Adds a settled request's spending and details to its key. */
+function addSettled(key: KeyRecord, used: Amounts, details: SettleDetails | undefined): void {
+  add(key.used, used, 1);
+  if (details?.tokens) {
+    const t = (key.tokens ??= { input: 0, output: 0, cached: 0, reasoning: 0 });
+    t.input += details.tokens.input;
+    t.output += details.tokens.output;
+    t.cached += details.tokens.cached;
+    t.reasoning += details.tokens.reasoning;
+  }
+  if (details?.estimated && used.spend) key.estimatedSpend = (key.estimatedSpend ?? 0) + used.spend;
 }
 
 function add(target: Amounts, amounts: Amounts, sign: 1 | -1): void {
@@ -172,6 +205,11 @@ export class Ledger {
       case 'key':
         this.keysById.set(entry.key.id, entry.key);
         return;
+      case 'pol': {
+        const key = this.keysById.get(entry.k);
+        if (key) key.policy = entry.p;
+        return;
+      }
       case 'rev': {
         const key = this.keysById.get(entry.k);
         if (key && key.revokedAt === undefined) key.revokedAt = entry.at;
@@ -191,7 +229,7 @@ export class Ledger {
         this.open.delete(entry.r);
         add(this.reservedFor(res.keyId), res.amounts, -1);
         const key = this.keysById.get(res.keyId);
-        if (key && entry.t === 'set') add(key.used, entry.u, 1);
+        if (key && entry.t === 'set') addSettled(key, entry.u, entry.d);
         return;
       }
     }
@@ -256,6 +294,15 @@ export class Ledger {
     this.compactIfDue();
   }
 
+  /** Replaces a key's policy (to extend its limits). Synced: an extension is acknowledged. */
+  updatePolicy(id: string, policy: Policy): void {
+    const key = this.keysById.get(id);
+    if (!key) throw new Error(`unknown key ${id}`);
+    key.policy = policy;
+    this.write({ t: 'pol', k: id, p: policy }, true);
+    this.compactIfDue();
+  }
+
   /** Revokes a key. Returns false when it was already revoked or is unknown. */
   revoke(id: string, at = Date.now()): boolean {
     const key = this.keysById.get(id);
@@ -291,12 +338,12 @@ export class Ledger {
   }
 
   /** Turns a reservation into spending of `actual` (by default, what was reserved). */
-  settle(res: Reservation, actual: Amounts = res.amounts): void {
+  settle(res: Reservation, actual: Amounts = res.amounts, details?: SettleDetails): void {
     if (!this.open.delete(res.id)) return;
-    this.write({ t: 'set', r: res.id, u: actual });
+    this.write(details ? { t: 'set', r: res.id, u: actual, d: details } : { t: 'set', r: res.id, u: actual });
     add(this.reservedFor(res.keyId), res.amounts, -1);
     const key = this.keysById.get(res.keyId);
-    if (key) add(key.used, actual, 1);
+    if (key) addSettled(key, actual, details);
     this.compactIfDue();
   }
 

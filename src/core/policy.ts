@@ -4,13 +4,38 @@
  */
 import { matchPattern } from './providers';
 
-/** Something a limit is counted in. Token and spend meters join this union later. */
-export type Meter = 'activations';
+/**
+ * Something a limit is counted in: billable requests, tokens (input + output), and spend in
+ * micro-dollars (whole numbers, so sums and comparisons are exact).
+ */
+export type Meter = 'activations' | 'tokens' | 'spend';
 export type Amounts = Partial<Record<Meter, number>>;
+
+/** All meters, in display order. */
+export const METERS: readonly Meter[] = ['activations', 'tokens', 'spend'];
+
+/** Micro-dollars per US dollar: spend is counted in whole micro-dollars. */
+export const MICROS = 1_000_000;
+
+/** `$1.50`, `$0.0042`: enough digits to see small spends. */
+export function formatUsd(micros: number): string {
+  const usd = micros / MICROS;
+  return `$${usd >= 1 || usd === 0 ? usd.toFixed(2) : usd.toPrecision(2)}`;
+}
+
+/** How a person reads an amount of a meter. */
+export function formatAmount(meter: Meter, amount: number): string {
+  if (meter === 'spend') return formatUsd(amount);
+  return `${Math.round(amount).toLocaleString('en-US')}${meter === 'tokens' ? ' tokens' : ''}`;
+}
 
 export interface Policy {
   /** Billable requests allowed. Default: unlimited. */
   maxActivations?: number;
+  /** Tokens (input + output) allowed. Default: unlimited. */
+  maxTokens?: number;
+  /** US dollars allowed, at the price table's rates. Default: unlimited. */
+  maxSpendUsd?: number;
   /** Epoch ms after which the key stops working. Default: never. */
   expiresAt?: number;
   /** Requests per minute (all requests, billable or not). Default: unlimited. */
@@ -28,6 +53,9 @@ export interface Policy {
 /** What a user asks for at issue: durations as text (`30m`) or ms. */
 export interface PolicyInput {
   uses?: number;
+  maxTokens?: number;
+  /** US dollars, e.g. 1.5. */
+  maxSpend?: number;
   ttl?: string | number;
   rpm?: number;
   concurrency?: number;
@@ -68,6 +96,13 @@ export function buildPolicy(input: PolicyInput, now = Date.now()): Policy {
   const policy: Policy = {};
   const uses = positiveInt(input.uses, 'uses');
   if (uses !== undefined) policy.maxActivations = uses;
+  const tokens = positiveInt(input.maxTokens, 'max tokens');
+  if (tokens !== undefined) policy.maxTokens = tokens;
+  if (input.maxSpend !== undefined) {
+    if (!Number.isFinite(input.maxSpend) || input.maxSpend <= 0) throw new Error(`max spend must be a positive number of US dollars (got ${input.maxSpend})`);
+    if (input.maxSpend > 1_000_000) throw new Error('max spend is over $1,000,000: is that a typo?');
+    policy.maxSpendUsd = input.maxSpend;
+  }
   if (input.ttl !== undefined) {
     const ms = typeof input.ttl === 'number' ? input.ttl : parseDuration(input.ttl);
     if (!(ms > 0)) throw new Error('ttl must be longer than zero');
@@ -88,7 +123,11 @@ export function buildPolicy(input: PolicyInput, now = Date.now()): Policy {
 
 /** The limit of each meter under a policy; a missing meter is unlimited. */
 export function limitsOf(policy: Policy): Amounts {
-  return policy.maxActivations === undefined ? {} : { activations: policy.maxActivations };
+  const limits: Amounts = {};
+  if (policy.maxActivations !== undefined) limits.activations = policy.maxActivations;
+  if (policy.maxTokens !== undefined) limits.tokens = policy.maxTokens;
+  if (policy.maxSpendUsd !== undefined) limits.spend = Math.round(policy.maxSpendUsd * MICROS);
+  return limits;
 }
 
 /**
@@ -117,6 +156,8 @@ export function scopeViolation(policy: Policy, method: string, path: string, mod
 export function describePolicy(policy: Policy, now = Date.now()): string {
   const parts: string[] = [];
   parts.push(policy.maxActivations === undefined ? 'unlimited calls' : `${policy.maxActivations} calls`);
+  if (policy.maxTokens !== undefined) parts.push(`${policy.maxTokens.toLocaleString('en-US')} tokens`);
+  if (policy.maxSpendUsd !== undefined) parts.push(`$${policy.maxSpendUsd.toFixed(2)}`);
   if (policy.expiresAt !== undefined) parts.push(policy.expiresAt > now ? `expires in ${formatDuration(policy.expiresAt - now)}` : 'expired');
   if (policy.rpm !== undefined) parts.push(`${policy.rpm}/min`);
   if (policy.concurrency !== undefined) parts.push(`${policy.concurrency} at once`);
