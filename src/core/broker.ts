@@ -10,11 +10,16 @@ import * as https from 'node:https';
 import type { AddressInfo } from 'node:net';
 import type { AuditLog } from './audit';
 import { denialBody, denialEvent, type Denial } from './denial';
-import type { RequestInfo, TillEvents } from './events';
+import type { RequestInfo, RequestUsage, TillEvents } from './events';
 import type { Admission, TillKeys } from './keys';
 import type { KeyRecord } from './ledger';
 import { scopeViolation } from './policy';
 import { isFreeRoute, KEY_HEADERS, KEY_QUERY_PARAMS, type Provider, type ProviderRegistry } from './providers';
+import { planBudget, settlement, type BudgetPlan } from './budget';
+import type { SettleDetails } from './ledger';
+import { StreamMeter, usageFormat } from './metering';
+import type { Amounts } from './policy';
+import type { PriceTable } from './pricing';
 import { looksLikeTillKey } from './tillKey';
 import type { Vault } from './vault';
 import { VaultError } from './vault';
@@ -26,6 +31,8 @@ export interface BrokerOptions {
   keys: TillKeys;
   vault: Vault;
   providers: ProviderRegistry;
+  /** Prices for spend limits and metering. */
+  prices: PriceTable;
   events: TillEvents;
   audit?: AuditLog;
   /** Port on 127.0.0.1; 0 picks a free one. Default: {@link DEFAULT_PORT}. */
@@ -95,27 +102,40 @@ function hostIsLoopback(host: string | undefined): boolean {
   return LOOPBACK_HOSTS.has(name.toLowerCase());
 }
 
-function modelOf(provider: Provider, path: string, body: Buffer | undefined, contentType: string | undefined): string | undefined | Error {
+/** A JSON request body, parsed once: for its model, the budget and (if needed) rewriting. */
+type Json = Record<string, unknown>;
+
+/** The request's model (from the path for Gemini, else the JSON body) and its parsed body. */
+function inspectBody(provider: Provider, path: string, body: Buffer | undefined, contentType: string | undefined): { model?: string; json?: Json } | Error {
+  let json: Json | undefined;
+  if (body && body.length > 0 && contentType?.includes('json')) {
+    try {
+      const parsed: unknown = JSON.parse(body.toString('utf8'));
+      if (parsed && typeof parsed === 'object' && !Array.isArray(parsed)) json = parsed as Json;
+    } catch {
+      return new Error('the request body is not valid JSON');
+    }
+  }
   if (provider.modelFromPath) {
     const m = provider.modelFromPath.exec(path);
     if (m) {
       // A stray `%` would make decodeURIComponent throw inside a request handler: the whole broker would go down.
       try {
-        return decodeURIComponent(m[1]!);
+        return { model: decodeURIComponent(m[1]!), json };
       } catch {
         return new Error('the model in the request path is not valid percent-encoding');
       }
     }
   }
-  if (!body || body.length === 0 || !contentType?.includes('json')) return undefined;
-  try {
-    const parsed: unknown = JSON.parse(body.toString('utf8'));
-    const model = parsed && typeof parsed === 'object' ? (parsed as { model?: unknown }).model : undefined;
-    return typeof model === 'string' ? model : undefined;
-  } catch {
-    return new Error('the request body is not valid JSON');
-  }
+  const model = json?.model;
+  return { model: typeof model === 'string' ? model : undefined, json };
 }
+
+/**
+ * OpenAI-shaped providers that accept `stream_options.include_usage`: when a streaming client
+ * did not ask for usage, Till asks for it (to meter) and removes the extra chunk it did not expect.
+ */
+const USAGE_INJECTABLE = new Set(['openai', 'azure-openai', 'deepseek', 'groq', 'together', 'fireworks', 'xai']);
 
 /** The local broker. */
 export class Broker {
@@ -307,15 +327,17 @@ export class Broker {
     // checked and logged; anything else (uploads) streams through.
     const readWhole = hasBody && (contentType === undefined || contentType.includes('json'));
     const proceed = (body: Buffer | undefined) => {
-      const model = modelOf(provider, path, body, contentType);
-      if (model instanceof Error) {
-        if (key.policy.models) return deny({ status: 400, code: 'bad_request', message: `${model.message}, so its model cannot be checked` }, key);
-      } else if (model !== undefined) {
-        info.model = model;
+      const inspected = inspectBody(provider, path, body, contentType);
+      let json: Json | undefined;
+      if (inspected instanceof Error) {
+        if (key.policy.models) return deny({ status: 400, code: 'bad_request', message: `${inspected.message}, so its model cannot be checked` }, key);
+      } else {
+        json = inspected.json;
+        if (inspected.model !== undefined) info.model = inspected.model;
       }
       const late = scopeViolation(key.policy, method, path, info.model, billable);
       if (late) return deny({ status: 403, code: 'out_of_scope', message: late }, key);
-      this.forward(req, res, provider, key, info, query, body, readWhole ? undefined : hasBody, started, deny);
+      this.forward(req, res, provider, key, info, query, body, json, readWhole ? undefined : hasBody, started, deny);
     };
     if (!readWhole) return proceed(undefined);
     const chunks: Buffer[] = [];
@@ -346,6 +368,7 @@ export class Broker {
     info: RequestInfo,
     query: URLSearchParams,
     body: Buffer | undefined,
+    json: Json | undefined,
     streamBody: boolean | undefined,
     started: number,
     deny: (d: Denial, key?: KeyRecord) => void,
@@ -358,6 +381,18 @@ export class Broker {
     let ended = false;
     let sseBoundary = true;
     let isSse = false;
+    let upstreamStatus = 0;
+    let meter: StreamMeter | undefined;
+    let plan: BudgetPlan | undefined;
+    const format = info.billable ? usageFormat(provider.id, info.method, info.path) : undefined;
+    /** What the request spent: reported usage, an estimate for a cut stream, nothing for an upstream error. */
+    const settle = (aborted: string | undefined): { amounts: Amounts; details?: SettleDetails; usage?: RequestUsage } | undefined => {
+      if (!info.billable || !format || !plan) return undefined;
+      const usage = meter?.usage();
+      if (!usage && !aborted && upstreamStatus >= 400) return { amounts: { activations: 1, tokens: 0, spend: 0 } };
+      const s = settlement(provider.id, info.model, usage, { inputEstimate: plan.inputEstimate, outputChars: meter?.textChars ?? 0 }, this.options.prices);
+      return { amounts: s.amounts, details: { tokens: s.tokens, estimated: s.estimated }, usage: { tokens: s.tokens, ...(s.spendKnown ? { spend: s.amounts.spend } : {}), estimated: s.estimated } };
+    };
     const stop = () => {
       upstreamReq?.destroy();
       res.destroy();
@@ -367,9 +402,10 @@ export class Broker {
       if (ended) return;
       ended = true;
       this.open.delete(stop);
-      admission?.done();
+      const spent = settle(aborted);
+      admission?.done(spent?.amounts, spent?.details);
       const latencyMs = Math.round((performance.now() - started) * 10) / 10;
-      this.options.events.emit({ type: 'request.finished', at: Date.now(), request: info, status, latencyMs, ...(aborted ? { aborted } : {}) });
+      this.options.events.emit({ type: 'request.finished', at: Date.now(), request: info, status, latencyMs, ...(aborted ? { aborted } : {}), ...(spent?.usage ? { usage: spent.usage } : {}) });
       this.audit(info, status, started, undefined, aborted);
     };
     const flight = {
@@ -388,7 +424,22 @@ export class Broker {
 
     const go = (secret: string) => {
       if (res.writableEnded || res.destroyed) return;
-      const admitted = this.options.keys.admit(key, info.billable ? { activations: 1 } : undefined, flight);
+      let stripUsage = false;
+      if (format === 'openai-chat' && json?.stream === true && USAGE_INJECTABLE.has(provider.id)) {
+        const options = (json.stream_options ?? {}) as Json;
+        if (options.include_usage !== true) {
+          json.stream_options = { ...options, include_usage: true };
+          stripUsage = true;
+        }
+      }
+      // Planned and admitted with nothing awaited in between: the remaining budget cannot move.
+      if (info.billable) {
+        const planned = planBudget({ provider: provider.id, model: info.model, format, json, bodyBytes: body?.length ?? 0 }, key.policy, this.options.keys.remaining(key), this.options.prices);
+        if ('status' in planned) return deny(planned, key);
+        plan = planned;
+      }
+      if (json && (stripUsage || plan?.bodyChanged)) body = Buffer.from(JSON.stringify(json));
+      const admitted = this.options.keys.admit(key, plan?.amounts, flight);
       if ('status' in admitted) return deny(admitted, key);
       admission = admitted;
       this.options.events.emit({ type: 'request.started', at: Date.now(), request: info });
@@ -407,6 +458,8 @@ export class Broker {
       else if (placement.kind === 'header') headers[placement.name] = secret;
       else query.set(placement.name, secret);
       const search = query.toString();
+      // Metered answers must be readable on the way through.
+      if (format) headers['accept-encoding'] = 'identity';
       if (body) headers['content-length'] = body.length;
       else if (streamBody && req.headers['content-length'] !== undefined) headers['content-length'] = req.headers['content-length'];
 
@@ -470,13 +523,32 @@ export class Broker {
         }
         if (upRes.headers['content-length'] !== undefined) out['content-length'] = upRes.headers['content-length'];
         isSse = (upRes.headers['content-type'] ?? '').includes('text/event-stream');
-        res.writeHead(upRes.statusCode ?? 502, out);
+        upstreamStatus = upRes.statusCode ?? 502;
+        if (format && !upRes.headers['content-encoding']) meter = new StreamMeter(format);
+        const strip = stripUsage && isSse && meter !== undefined;
+        if (strip) delete out['content-length'];
+        res.writeHead(upstreamStatus, out);
+        let writable = true;
+        if (strip) {
+          // Forward event by event, minus the usage chunk Till asked for and the client did not.
+          let seen = false;
+          meter!.onEvent = (e) => {
+            if (!seen && meter!.sawUsageChunk) {
+              seen = true;
+              return;
+            }
+            writable = res.write(e.raw) && writable;
+          };
+        }
         upRes.on('data', (chunk: Buffer) => {
           if (isSse) {
             const n = chunk.length;
             sseBoundary = n >= 2 ? (chunk[n - 1] === 10 && (chunk[n - 2] === 10 || chunk[n - 2] === 13)) : sseBoundary && chunk[0] === 10;
           }
-          if (!res.write(chunk)) upRes.pause();
+          writable = true;
+          meter?.push(chunk);
+          if (!strip) writable = res.write(chunk);
+          if (!writable) upRes.pause();
         });
         res.on('drain', () => upRes.resume());
         upRes.on('end', () => {

@@ -29,6 +29,15 @@ export interface KeySummary {
   estimatedSpend: number;
 }
 
+/** What one finished request used. */
+export interface RequestUsage {
+  tokens: import('./ledger').TokenCounts;
+  /** Micro-dollars; absent when the model has no price. */
+  spend?: number;
+  /** Estimated from the streamed text (the stream was cut before the upstream reported usage). */
+  estimated: boolean;
+}
+
 export interface RequestInfo {
   requestId: string;
   keyId: string;
@@ -48,7 +57,7 @@ export type TillEvent =
   | { type: 'key.extended'; at: number; key: KeySummary }
   | { type: 'limit.near'; at: number; key: KeySummary; meter: Meter; used: number; limit: number; /** 50 or 80. */ percent: number }
   | { type: 'request.started'; at: number; request: RequestInfo }
-  | { type: 'request.finished'; at: number; request: RequestInfo; status: number; latencyMs: number; aborted?: string }
+  | { type: 'request.finished'; at: number; request: RequestInfo; status: number; latencyMs: number; aborted?: string; /** Tokens and spend, for metered requests. */ usage?: RequestUsage }
   | { type: 'request.denied'; at: number; request: Partial<RequestInfo> & { provider: string; method: string; path: string }; status: number; reason: string; code: DenialCode };
 
 export type TillEventType = TillEvent['type'];

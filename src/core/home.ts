@@ -14,6 +14,8 @@ export interface TillPaths {
   audit: string;
   credentials: string;
   config: string;
+  /** User price overrides (`{"models": {provider: {model: price}}}`). */
+  prices: string;
   /** Unix socket (or Windows named pipe) of the control channel. */
   socket: string;
   /** Keychain service under which this folder's credentials are stored. */
@@ -51,6 +53,7 @@ export function tillPaths(home: string): TillPaths {
     audit: join(home, 'audit.jsonl'),
     credentials: join(home, 'credentials.json'),
     config: join(home, 'config.json'),
+    prices: join(home, 'prices.json'),
     socket,
     keychainService: keychainService(home),
     token: join(home, 'control.token'),

@@ -15,6 +15,7 @@ import { Ledger } from './ledger';
 import { buildPolicy, type Policy, type PolicyInput } from './policy';
 import { ProviderRegistry, type Provider } from './providers';
 import { KeychainVault, VaultError, type Vault } from './vault';
+import { PriceTable, readPriceOverrides, type PriceOverrides } from './pricing';
 
 export interface ServiceOptions {
   home: string;
@@ -23,6 +24,8 @@ export interface ServiceOptions {
   /** Environment for upstream overrides. Default: process.env. */
   env?: NodeJS.ProcessEnv;
   vault?: Vault;
+  /** Price overrides (provider → model → price), over the data folder's prices.json (the editor's settings). */
+  prices?: PriceOverrides;
   log?: (line: string) => void;
   /** Broker limits and timeouts, for tests and the settings. */
   broker?: Partial<Pick<import('./broker').BrokerOptions, 'maxBodyBytes' | 'maxHeaderBytes' | 'headersTimeoutMs' | 'requestTimeoutMs' | 'upstreamIdleTimeoutMs'>>;
@@ -106,7 +109,10 @@ export class TillService {
       const vault = options.vault ?? new KeychainVault({ service: paths.keychainService });
       const events = new TillEvents();
       const keys = new TillKeys(ledger, events);
-      const broker = new Broker({ keys, vault, providers, events, audit, port: options.port ?? config.port, log: options.log, maxBodyBytes: config.maxBodyBytes, ...options.broker });
+      const overrides = readPriceOverrides(paths.prices);
+      for (const [provider, models] of Object.entries(options.prices ?? {})) overrides[provider] = { ...overrides[provider], ...models };
+      const prices = new PriceTable(overrides);
+      const broker = new Broker({ keys, vault, providers, prices, events, audit, port: options.port ?? config.port, log: options.log, maxBodyBytes: config.maxBodyBytes, ...options.broker });
       await broker.start();
       const service = new TillService(paths, events, broker, keys, providers, new CredentialList(paths.credentials), ledger, audit, control, vault);
       control.serve(service.controlRoutes());

@@ -1,0 +1,843 @@
+/**
+ * Metering: how many tokens a request used, read from the upstream's own answer, whether that
+ * answer is one JSON body, an SSE stream or Gemini's streamed JSON array. Facts per provider:
+ * ../shared/PROVIDERS.md. No I/O here: the broker feeds bytes in and reads numbers out.
+ *
+ * The normalised {@link Usage} follows one convention whatever the provider reported:
+ * - `inputTokens` is the TOTAL input: uncached + cache reads + cache writes (+ Gemini's tool-use
+ *   prompt, + Perplexity's citation tokens). Providers differ here (OpenAI's `prompt_tokens`
+ *   already includes cached tokens, Anthropic's `input_tokens` excludes both cache fields), so
+ *   a limit on "input tokens" means the same thing for every provider.
+ * - `cachedInputTokens` (cache reads) and `cacheWriteTokens` are the parts of `inputTokens` that
+ *   are priced differently. Uncached input = input − cached − cache writes.
+ * - `outputTokens` is the TOTAL output, reasoning included; `reasoningTokens` is the reasoning
+ *   part. Where a provider reports reasoning outside its output count (Gemini's
+ *   `thoughtsTokenCount`; xAI, whose `total_tokens` = prompt + completion + reasoning), it is
+ *   added, so output is what the provider bills as output.
+ * - Cumulative counters (Anthropic `message_delta.usage`, Gemini `usageMetadata`, Perplexity's
+ *   usage in every chunk) are taken as the LAST value seen, never summed.
+ */
+
+/** Tokens one request used, normalised across providers (see the module comment for the convention). */
+export interface Usage {
+  /** Total input tokens: uncached + cache reads + cache writes. */
+  inputTokens: number;
+  /** Total output tokens, reasoning included. */
+  outputTokens: number;
+  /** The part of `inputTokens` read from a prompt cache. */
+  cachedInputTokens: number;
+  /** The part of `inputTokens` written to a prompt cache (Anthropic, OpenRouter). */
+  cacheWriteTokens: number;
+  /** The part of `outputTokens` spent on reasoning / thinking, when the provider says. */
+  reasoningTokens: number;
+  /** USD the provider itself reported (OpenRouter `usage.cost`, Perplexity cost breakdown), when it did. */
+  reportedCostUsd?: number;
+  /** True when some of it was estimated (interrupted stream). */
+  estimated?: boolean;
+}
+
+/** The usage format of a response: which fields and events carry its token counts. */
+export type UsageFormat =
+  | 'openai-chat'
+  | 'openai-responses'
+  | 'openai-completions'
+  | 'openai-embeddings'
+  | 'anthropic-messages'
+  | 'gemini'
+  | 'cohere-chat';
+
+/** The catalogue providers that speak the OpenAI wire format (with their own usage quirks). */
+const OPENAI_SHAPED = new Set(['openai', 'openrouter', 'mistral', 'groq', 'together', 'fireworks', 'perplexity', 'deepseek', 'xai', 'azure-openai']);
+
+/**
+ * The format of an OpenAI-shaped endpoint, by the end of its path, so that every base path works:
+ * `/v1/…`, Groq's `/openai/v1/…`, Perplexity's and DeepSeek's bare `/…`, Azure's
+ * `/openai/deployments/{d}/…` and `/openai/v1/…`.
+ */
+function openAiShapedFormat(path: string): UsageFormat | undefined {
+  // Mistral's FIM and agents endpoints answer in the chat shape.
+  if (/\/(?:chat|fim|agents)\/completions$/.test(path)) return 'openai-chat';
+  if (/\/completions$/.test(path)) return 'openai-completions';
+  if (/\/responses$/.test(path)) return 'openai-responses';
+  if (/\/embeddings$/.test(path)) return 'openai-embeddings';
+  // Anthropic-compatible endpoints: OpenRouter for Anthropic-SDK clients, DeepSeek's /anthropic.
+  if (/\/v1\/messages$/.test(path)) return 'anthropic-messages';
+  return undefined;
+}
+
+const GEMINI_GENERATE = /^\/v1(?:alpha|beta)?\/(?:models|tunedModels)\/[^/:]+:(?:generateContent|streamGenerateContent)$/;
+const GEMINI_OPENAI = /^\/v1(?:alpha|beta)?\/openai(\/.*)$/;
+
+/**
+ * Which usage format a request's response has, from provider id + method + path (the path in the
+ * provider's own namespace, e.g. `/v1/chat/completions`; a query string is ignored).
+ * undefined = not metered: not a POST (e.g. GET /models), a free route (token counting), a route
+ * without token usage (GitHub), or a provider this module does not know (custom providers).
+ *
+ * The format does not depend on the request's `stream` flag: one format covers both the JSON and
+ * the streamed answer. Use {@link usageFromJson} on a parsed JSON body, or feed any response body
+ * (SSE, streamed JSON array, or plain JSON) to a {@link StreamMeter}.
+ */
+export function usageFormat(provider: string, method: string, path: string): UsageFormat | undefined {
+  if (method.toUpperCase() !== 'POST') return undefined;
+  const p = path.replace(/[?#].*$/, '').replace(/\/+$/, '');
+  switch (provider) {
+    case 'anthropic':
+      // /v1/messages/count_tokens and /v1/messages/batches are not metered here.
+      return p === '/v1/messages' ? 'anthropic-messages' : undefined;
+    case 'gemini': {
+      if (GEMINI_GENERATE.test(p)) return 'gemini';
+      const compat = GEMINI_OPENAI.exec(p);
+      return compat ? openAiShapedFormat(compat[1]!) : undefined;
+    }
+    case 'cohere': {
+      if (p === '/v2/chat') return 'cohere-chat';
+      const compat = /^\/compatibility\/v1(\/(?:chat\/completions|embeddings))$/.exec(p);
+      return compat ? openAiShapedFormat(compat[1]!) : undefined;
+    }
+    default:
+      return OPENAI_SHAPED.has(provider) ? openAiShapedFormat(p) : undefined;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading usage objects
+
+type Json = Record<string, unknown>;
+
+const asObj = (v: unknown): Json | undefined => (v !== null && typeof v === 'object' && !Array.isArray(v) ? (v as Json) : undefined);
+/** A token count: a finite, non-negative number. Anything else (null, strings) counts as absent. */
+const count = (v: unknown): number | undefined => (typeof v === 'number' && Number.isFinite(v) && v >= 0 ? v : undefined);
+const strLen = (v: unknown): number => (typeof v === 'string' ? v.length : 0);
+
+/** `usage.cost`: a number (OpenRouter, in USD credits) or a breakdown with `total_cost` (Perplexity). */
+function reportedCost(cost: unknown): number | undefined {
+  const n = count(cost);
+  if (n !== undefined) return n;
+  const breakdown = asObj(cost);
+  if (!breakdown) return undefined;
+  // Perplexity's Responses cost names its currency; never mistake another currency for USD.
+  const currency = breakdown.currency;
+  if (typeof currency === 'string' && currency.toUpperCase() !== 'USD') return undefined;
+  return count(breakdown.total_cost);
+}
+
+function withCost(u: Usage, cost: number | undefined): Usage {
+  if (cost !== undefined) u.reportedCostUsd = cost;
+  return u;
+}
+
+/**
+ * OpenAI-style usage: Chat/Completions/Embeddings (`prompt_tokens`…) and Responses
+ * (`input_tokens`…, also Realtime's `input_token_details`), with each compatible provider's extras.
+ */
+function fromOpenAiUsage(u: Json): Usage | undefined {
+  const prompt = count(u.prompt_tokens) ?? count(u.input_tokens);
+  const completion = count(u.completion_tokens) ?? count(u.output_tokens);
+  if (prompt === undefined && completion === undefined) return undefined;
+  const inDetails = asObj(u.prompt_tokens_details) ?? asObj(u.input_tokens_details) ?? asObj(u.input_token_details);
+  const outDetails = asObj(u.completion_tokens_details) ?? asObj(u.output_tokens_details) ?? asObj(u.output_token_details);
+  const input = prompt ?? 0;
+  let output = completion ?? 0;
+  // DeepSeek reports cache hits as prompt_cache_hit_tokens (prompt_tokens = hit + miss).
+  const cached = Math.max(count(inDetails?.cached_tokens) ?? 0, count(u.prompt_cache_hit_tokens) ?? 0);
+  const cacheWrite = count(inDetails?.cache_write_tokens) ?? 0;
+  // Perplexity puts reasoning_tokens at the top level of usage.
+  const reasoning = count(outDetails?.reasoning_tokens) ?? count(u.reasoning_tokens) ?? 0;
+  // Perplexity deep research bills citation tokens (sources read) at input rates, apart from prompt_tokens.
+  const citation = count(u.citation_tokens) ?? 0;
+  if (reasoning > 0) {
+    // OpenAI counts reasoning inside completion_tokens; xAI does not (total = prompt + completion
+    // + reasoning). A part larger than its whole is also a sign it is counted outside.
+    const total = count(u.total_tokens);
+    const outside = total !== undefined && total !== input + output && (total === input + output + reasoning || total === input + citation + output + reasoning);
+    if (outside || reasoning > output) output += reasoning;
+  }
+  return withCost(
+    { inputTokens: input + citation, outputTokens: output, cachedInputTokens: cached, cacheWriteTokens: cacheWrite, reasoningTokens: reasoning },
+    reportedCost(u.cost),
+  );
+}
+
+/** Anthropic's counters, kept apart because a stream updates them field by field. */
+interface AnthropicCounts {
+  input?: number;
+  cacheWrite?: number;
+  cacheRead?: number;
+  output?: number;
+}
+
+/** Overwrites the counters present in `u`: Anthropic's counts are cumulative, so the latest wins. */
+function mergeAnthropic(into: AnthropicCounts, u: Json): void {
+  const input = count(u.input_tokens);
+  if (input !== undefined) into.input = input;
+  let write = count(u.cache_creation_input_tokens);
+  const byTtl = asObj(u.cache_creation);
+  if (write === undefined && byTtl) write = (count(byTtl.ephemeral_5m_input_tokens) ?? 0) + (count(byTtl.ephemeral_1h_input_tokens) ?? 0);
+  if (write !== undefined) into.cacheWrite = write;
+  const read = count(u.cache_read_input_tokens);
+  if (read !== undefined) into.cacheRead = read;
+  const output = count(u.output_tokens);
+  if (output !== undefined) into.output = output;
+}
+
+function fromAnthropicCounts(c: AnthropicCounts): Usage | undefined {
+  if (c.input === undefined && c.output === undefined && c.cacheRead === undefined && c.cacheWrite === undefined) return undefined;
+  const cacheRead = c.cacheRead ?? 0;
+  const cacheWrite = c.cacheWrite ?? 0;
+  // Anthropic's input_tokens excludes both cache fields; add them for the total.
+  return { inputTokens: (c.input ?? 0) + cacheRead + cacheWrite, outputTokens: c.output ?? 0, cachedInputTokens: cacheRead, cacheWriteTokens: cacheWrite, reasoningTokens: 0 };
+}
+
+function fromGeminiUsage(m: Json): Usage | undefined {
+  const prompt = count(m.promptTokenCount);
+  const candidates = count(m.candidatesTokenCount);
+  const thoughts = count(m.thoughtsTokenCount);
+  const toolUse = count(m.toolUsePromptTokenCount);
+  if (prompt === undefined && candidates === undefined && thoughts === undefined && toolUse === undefined) return undefined;
+  // candidatesTokenCount excludes thoughts, which are billed as output; tool-use prompts are input.
+  return {
+    inputTokens: (prompt ?? 0) + (toolUse ?? 0),
+    outputTokens: (candidates ?? 0) + (thoughts ?? 0),
+    cachedInputTokens: count(m.cachedContentTokenCount) ?? 0,
+    cacheWriteTokens: 0,
+    reasoningTokens: thoughts ?? 0,
+  };
+}
+
+/** Cohere v2 `usage` (or v1 `meta`): billed units are what is charged, raw `tokens` the fallback. */
+function fromCohereUsage(u: Json): Usage | undefined {
+  const billed = asObj(u.billed_units);
+  const tokens = asObj(u.tokens);
+  const input = count(billed?.input_tokens) ?? count(tokens?.input_tokens);
+  const output = count(billed?.output_tokens) ?? count(tokens?.output_tokens);
+  if (input === undefined && output === undefined) return undefined;
+  return { inputTokens: input ?? 0, outputTokens: output ?? 0, cachedInputTokens: count(u.cached_tokens) ?? 0, cacheWriteTokens: 0, reasoningTokens: 0 };
+}
+
+/**
+ * Usage from a whole JSON response body (already parsed). undefined when the body reports none
+ * (an error body, a body of another format).
+ *
+ * Also accepts the JSON of single stream events where that is how usage arrives outside SSE:
+ * OpenAI Responses over WebSocket (`response.completed` etc.), Anthropic `message_start` /
+ * `message_delta`, Cohere `message-end`; and Gemini's streamed JSON array (the last
+ * `usageMetadata` wins, as it is cumulative).
+ */
+export function usageFromJson(format: UsageFormat, body: unknown): Usage | undefined {
+  if (format === 'gemini' && Array.isArray(body)) {
+    for (let i = body.length - 1; i >= 0; i--) {
+      const m = asObj(asObj(body[i])?.usageMetadata);
+      const u = m && fromGeminiUsage(m);
+      if (u) return u;
+    }
+    return undefined;
+  }
+  const o = asObj(body);
+  if (!o) return undefined;
+  switch (format) {
+    case 'openai-chat':
+    case 'openai-completions':
+    case 'openai-embeddings':
+    case 'openai-responses': {
+      // A Responses event (WebSocket message) carries the response object inside.
+      const r = format === 'openai-responses' && typeof o.type === 'string' ? (asObj(o.response) ?? o) : o;
+      // Groq put usage under x_groq in some answers.
+      const u = asObj(r.usage) ?? asObj(asObj(r.x_groq)?.usage);
+      return u && fromOpenAiUsage(u);
+    }
+    case 'anthropic-messages': {
+      const u = asObj(o.usage) ?? asObj(asObj(o.message)?.usage);
+      if (!u) return undefined;
+      const c: AnthropicCounts = {};
+      mergeAnthropic(c, u);
+      return fromAnthropicCounts(c);
+    }
+    case 'gemini': {
+      const m = asObj(o.usageMetadata);
+      return m && fromGeminiUsage(m);
+    }
+    case 'cohere-chat': {
+      const u = asObj(o.usage) ?? asObj(asObj(o.delta)?.usage) ?? asObj(o.meta);
+      return u && fromCohereUsage(u);
+    }
+  }
+}
+
+/** Rough token estimate for text or a request body when the provider reported nothing: ceil(chars / 4). */
+export function estimateTokens(chars: number): number {
+  return Number.isFinite(chars) && chars > 0 ? Math.ceil(chars / 4) : 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streams
+
+/** Default cap on one buffered event (or JSON value) in a {@link StreamMeter}: 1 MiB. */
+export const DEFAULT_MAX_EVENT_BYTES = 1024 * 1024;
+
+export interface StreamMeterOptions {
+  /** Largest event kept for parsing; larger ones are skipped for metering. Default: 1 MiB. */
+  maxEventBytes?: number;
+}
+
+/** One parsed SSE event (or one element of a streamed JSON array). */
+export interface MeterEvent {
+  /** The `event:` name, when the event had one. */
+  event?: string;
+  /** The event's `data:` lines joined with `\n`. */
+  data: string;
+  /**
+   * The event's bytes as received: everything after the previous block through the blank line
+   * that ends this event (comment lines inside it included). Forwarding the raws of the events
+   * one keeps gives a valid stream. In no raw: comment-only blocks (keep-alives), events too
+   * large to meter, and bytes after the last event (an unfinished event, or the LF of a final
+   * CRLF that arrived after its CR had ended the event). May be a view of a pushed chunk: copy
+   * it to keep it.
+   */
+  raw: Buffer;
+}
+
+const LF = 0x0a;
+const CR = 0x0d;
+const QUOTE = 0x22;
+const BACKSLASH = 0x5c;
+const COLON = 0x3a;
+const COMMA = 0x2c;
+const LBRACE = 0x7b;
+const RBRACE = 0x7d;
+const LBRACKET = 0x5b;
+const RBRACKET = 0x5d;
+const isSpace = (b: number): boolean => b === 0x20 || b === 0x09 || b === LF || b === CR;
+/** UTF-8 byte-order mark bytes: skipped while sniffing the body's kind. */
+const isBomByte = (b: number): boolean => b === 0xef || b === 0xbb || b === 0xbf;
+
+/** Top-level keys of a plain JSON body whose values carry usage; only these are buffered. */
+const USAGE_KEYS = new Set(['usage', 'usageMetadata', 'meta', 'x_groq']);
+
+const RESPONSES_FINAL = new Set(['response.completed', 'response.incomplete', 'response.failed', 'response.done']);
+
+// States of the top-level object scanner (plain JSON bodies).
+const KEY_EXPECTED = 0;
+const IN_KEY = 1;
+const COLON_EXPECTED = 2;
+const VALUE_EXPECTED = 3;
+const IN_VALUE = 4;
+
+/** The value of an event that is exactly one `data:` line and its line endings, else undefined. */
+function singleDataLine(raw: Buffer): string | undefined {
+  // "data:"
+  if (raw.length < 6 || raw[0] !== 0x64 || raw[1] !== 0x61 || raw[2] !== 0x74 || raw[3] !== 0x61 || raw[4] !== COLON) return undefined;
+  const lf = raw.indexOf(LF, 5);
+  const cr = raw.indexOf(CR, 5);
+  const end = lf < 0 ? cr : cr < 0 ? lf : Math.min(lf, cr);
+  if (end < 0) return undefined;
+  for (let i = end; i < raw.length; i++) if (raw[i] !== LF && raw[i] !== CR) return undefined;
+  return raw.toString('utf8', raw[5] === 0x20 ? 6 : 5, end);
+}
+
+/**
+ * Incremental SSE parser + meter: feed raw chunks as they pass (never holding them back), read
+ * usage at any time. Bounded memory: keeps at most one partial event (capped by
+ * `maxEventBytes`, default 1 MiB; an event larger than that is skipped for metering, not
+ * buffered). Handles `\n`, `\r\n` and `\r` line endings, multi-line `data:`, comments, `event:`
+ * names, chunk boundaries anywhere (even inside a UTF-8 sequence: bytes are split into events
+ * before any decoding).
+ *
+ * The body's kind is sniffed from its first byte, so one meter serves every response of a format:
+ * `[` is Gemini's streamed JSON array (`streamGenerateContent` without `alt=sse`), whose elements
+ * are metered like SSE events; `{` is a plain JSON body, of which only the top-level usage values
+ * are buffered (so a large embeddings answer costs no memory); anything else is SSE.
+ */
+export class StreamMeter {
+  /**
+   * Each complete event as it is parsed, for callers that must act per event (e.g. drop one).
+   * Optional listener, called inside {@link push} after the meter has read the event (so
+   * `sawUsageChunk` already reflects it). If it throws, push() still finishes the chunk, then
+   * rethrows.
+   */
+  onEvent?: (e: MeterEvent) => void;
+
+  private readonly maxEventBytes: number;
+  private mode: 'sniff' | 'sse' | 'json' = 'sniff';
+
+  // Metering state
+  private reported: Usage | undefined;
+  private readonly anthropic: AnthropicCounts = {};
+  private chars = 0;
+  private usageChunk = false;
+  private finished = false;
+  private listenerError: { error: unknown } | undefined;
+
+  // The event (SSE) or JSON value being buffered: copies of its bytes so far, capped.
+  private parts: Buffer[] = [];
+  private partsLength = 0;
+  private oversized = false;
+
+  // SSE line state
+  /** The previous chunk ended with CR: a leading LF in the next chunk completes that CRLF. */
+  private pendingCR = false;
+  /** Bytes of the current line have been seen (in an earlier chunk), so it is not blank. */
+  private lineOpen = false;
+  private firstEvent = true;
+
+  // JSON scanner state
+  private depth = 0;
+  private inString = false;
+  private escaped = false;
+  private topIsArray = false;
+  private keyState = KEY_EXPECTED;
+  private key = '';
+  private capturing = false;
+  private captureKey = '';
+  private readonly topValues: Json = {};
+
+  constructor(
+    private readonly format: UsageFormat,
+    options: StreamMeterOptions = {},
+  ) {
+    this.maxEventBytes = Math.max(1, options.maxEventBytes ?? DEFAULT_MAX_EVENT_BYTES);
+  }
+
+  /** Characters of generated text seen so far (deltas), for estimating output when a stream is cut before usage arrives. */
+  get textChars(): number {
+    return this.chars;
+  }
+
+  /** For OpenAI chat streams: whether the usage-only final chunk (`choices: []`, `usage` set) has been seen. */
+  get sawUsageChunk(): boolean {
+    return this.usageChunk;
+  }
+
+  /**
+   * True once the provider has reported its final usage (OpenAI usage chunk or a usage-bearing
+   * finish chunk, Responses `response.completed`/`incomplete`/`failed`, Anthropic stop, Gemini
+   * finish, Cohere `message-end`, the end of a JSON body). Until then {@link usage} is partial:
+   * what a cut stream reported before it was cut.
+   */
+  get complete(): boolean {
+    return this.finished && this.usage() !== undefined;
+  }
+
+  /** Bytes held for the event being parsed: never more than `maxEventBytes`. */
+  get bufferedBytes(): number {
+    return this.partsLength;
+  }
+
+  /**
+   * Best usage known so far: reported usage when seen (cumulative fields taken as the LAST
+   * value, never summed: Anthropic message_delta, Gemini usageMetadata), else undefined.
+   */
+  usage(): Usage | undefined {
+    const u = this.format === 'anthropic-messages' ? fromAnthropicCounts(this.anthropic) : this.reported;
+    return u && { ...u };
+  }
+
+  /**
+   * Usage to settle a request with once its body has ended or been cut. When the provider
+   * reported final usage, that. Otherwise what it reported topped up with estimates, marked
+   * `estimated`: input from `requestChars` (the request body's size) when none was reported,
+   * output at least {@link estimateTokens}(textChars).
+   */
+  finalUsage(requestChars: number): Usage {
+    const u = this.usage();
+    if (u && this.complete) return u;
+    const output = estimateTokens(this.chars);
+    if (!u) return { inputTokens: estimateTokens(requestChars), outputTokens: output, cachedInputTokens: 0, cacheWriteTokens: 0, reasoningTokens: 0, estimated: true };
+    return { ...u, inputTokens: u.inputTokens > 0 ? u.inputTokens : estimateTokens(requestChars), outputTokens: Math.max(u.outputTokens, output), estimated: true };
+  }
+
+  /** Feeds the next bytes of the response body. Never keeps a reference to `chunk`. */
+  push(chunk: Buffer): void {
+    if (chunk.length === 0) return;
+    if (this.mode === 'sniff') {
+      let i = 0;
+      while (i < chunk.length && (isSpace(chunk[i]!) || isBomByte(chunk[i]!))) i++;
+      if (i === chunk.length) return; // blank so far: meaningless in every kind
+      const b = chunk[i]!;
+      this.mode = b === LBRACE || b === LBRACKET ? 'json' : 'sse';
+      this.scan(chunk, i);
+    } else {
+      this.scan(chunk, 0);
+    }
+    // A throwing listener must not leave the parser half way through a chunk: rethrow after.
+    const failure = this.listenerError;
+    if (failure) {
+      this.listenerError = undefined;
+      throw failure.error;
+    }
+  }
+
+  private scan(chunk: Buffer, from: number): void {
+    if (this.mode === 'sse') this.scanSse(chunk, from);
+    else this.scanJson(chunk, from);
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Buffering one event / value, capped
+
+  private keep(part: Buffer): void {
+    if (this.oversized || part.length === 0) return;
+    if (this.partsLength + part.length > this.maxEventBytes) {
+      this.oversized = true;
+      this.parts = [];
+      this.partsLength = 0;
+      return;
+    }
+    this.parts.push(Buffer.from(part)); // a copy: the caller's chunk is not ours to hold
+    this.partsLength += part.length;
+  }
+
+  /** The buffered bytes plus `last`, or undefined when the whole is over the cap. Resets the buffer. */
+  private take(last: Buffer): Buffer | undefined {
+    const over = this.oversized || this.partsLength + last.length > this.maxEventBytes;
+    const whole = over ? undefined : this.parts.length === 0 ? last : Buffer.concat([...this.parts, last]);
+    this.parts = [];
+    this.partsLength = 0;
+    this.oversized = false;
+    return whole;
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // SSE
+
+  private scanSse(chunk: Buffer, from: number): void {
+    const len = chunk.length;
+    let pos = from;
+    // Where the next event's raw bytes begin. A LF completing a CRLF split across chunks is not a
+    // line of its own; if that CR ended an event, the LF goes to the next event's raw, so that
+    // the raws of all events still add up to the stream.
+    let eventStart = from;
+    if (this.pendingCR) {
+      this.pendingCR = false;
+      if (chunk[pos] === LF) pos++;
+    }
+    // Next LF / CR at or after pos; -2 = not looked up yet, -1 = none left in this chunk. Kept
+    // across lines so a stream with no CR at all is not rescanned for one on every line.
+    let nextLF = -2;
+    let nextCR = -2;
+    while (pos < len) {
+      if (nextLF !== -1 && nextLF < pos) nextLF = chunk.indexOf(LF, pos);
+      if (nextCR !== -1 && nextCR < pos) nextCR = chunk.indexOf(CR, pos);
+      const t = nextLF === -1 ? nextCR : nextCR === -1 ? nextLF : Math.min(nextLF, nextCR);
+      if (t === -1) {
+        this.lineOpen = true;
+        break;
+      }
+      const blank = t === pos && !this.lineOpen;
+      this.lineOpen = false;
+      let end = t + 1;
+      if (chunk[t] === CR) {
+        if (end < len) {
+          if (chunk[end] === LF) end++;
+        } else this.pendingCR = true;
+      }
+      pos = end;
+      if (blank) {
+        const raw = this.take(chunk.subarray(eventStart, pos));
+        if (raw) this.parseEvent(raw);
+        eventStart = pos;
+      }
+    }
+    if (eventStart < len) this.keep(chunk.subarray(eventStart, len));
+  }
+
+  private parseEvent(raw: Buffer): void {
+    if (!this.firstEvent) {
+      // Most events are one `data:` line: decode just its value, no line splitting.
+      const data = singleDataLine(raw);
+      if (data !== undefined) {
+        this.handleData(undefined, data);
+        this.emit({ data, raw });
+        return;
+      }
+    }
+    let text = raw.toString('utf8');
+    if (this.firstEvent) {
+      this.firstEvent = false;
+      if (text.charCodeAt(0) === 0xfeff) text = text.slice(1);
+    }
+    let event: string | undefined;
+    let data: string | undefined;
+    for (const line of text.split(/\r\n|\r|\n/)) {
+      if (line === '' || line.charCodeAt(0) === 0x3a /* ':' comment */) continue;
+      const colon = line.indexOf(':');
+      const field = colon < 0 ? line : line.slice(0, colon);
+      let value = colon < 0 ? '' : line.slice(colon + 1);
+      if (value.charCodeAt(0) === 0x20) value = value.slice(1);
+      if (field === 'data') data = data === undefined ? value : `${data}\n${value}`;
+      else if (field === 'event') event = value;
+    }
+    // Per the SSE spec an event without data is not dispatched (a comment-only keep-alive).
+    if (data === undefined) return;
+    this.handleData(event || undefined, data);
+    this.emit({ ...(event ? { event } : {}), data, raw });
+  }
+
+  private emit(e: MeterEvent): void {
+    if (!this.onEvent) return;
+    try {
+      this.onEvent(e);
+    } catch (error) {
+      this.listenerError ??= { error };
+    }
+  }
+
+  private handleData(event: string | undefined, data: string): void {
+    const first = data.charCodeAt(0);
+    if (first !== LBRACE && first !== LBRACKET) return; // [DONE], keep-alive text, …
+    let value: unknown;
+    try {
+      value = JSON.parse(data);
+    } catch {
+      return;
+    }
+    const o = asObj(value);
+    if (o) this.handleEvent(event, o);
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Per-format event handling
+
+  private handleEvent(event: string | undefined, o: Json): void {
+    switch (this.format) {
+      case 'openai-chat':
+      case 'openai-completions':
+      case 'openai-embeddings':
+        return this.openAiChunk(o);
+      case 'openai-responses':
+        return this.responsesEvent(typeof o.type === 'string' ? o.type : event, o);
+      case 'anthropic-messages':
+        return this.anthropicEvent(typeof o.type === 'string' ? o.type : event, o);
+      case 'gemini':
+        return this.geminiChunk(o);
+      case 'cohere-chat':
+        return this.cohereEvent(typeof o.type === 'string' ? o.type : event, o);
+    }
+  }
+
+  private openAiChunk(o: Json): void {
+    const choices = o.choices;
+    if (Array.isArray(choices)) {
+      for (const c of choices) {
+        const choice = asObj(c);
+        if (!choice) continue;
+        if (typeof choice.finish_reason === 'string') this.finished = true;
+        const delta = asObj(choice.delta);
+        if (!delta) {
+          this.chars += strLen(choice.text); // legacy completions
+          continue;
+        }
+        // Together repeats a chat delta's text in `choice.text`: with a delta, only the delta counts.
+        // DeepSeek streams reasoning as reasoning_content, OpenRouter and Groq as reasoning; a
+        // provider sending both sends the same text twice, so count one.
+        this.chars += strLen(delta.content) + strLen(delta.refusal) + (typeof delta.reasoning_content === 'string' ? delta.reasoning_content.length : strLen(delta.reasoning));
+        if (Array.isArray(delta.tool_calls)) {
+          for (const call of delta.tool_calls) this.chars += strLen(asObj(asObj(call)?.function)?.arguments);
+        }
+        this.chars += strLen(asObj(delta.function_call)?.arguments);
+      }
+    }
+    const top = asObj(o.usage);
+    const u = top ?? asObj(asObj(o.x_groq)?.usage);
+    const parsed = u && fromOpenAiUsage(u);
+    if (!parsed) return;
+    this.reported = parsed; // the latest wins: some providers repeat cumulative usage in every chunk
+    // Azure's first chunk also has `choices: []` but carries prompt_filter_results, not usage.
+    if (top && Array.isArray(choices) && choices.length === 0) {
+      this.usageChunk = true;
+      this.finished = true;
+    }
+  }
+
+  private responsesEvent(type: string | undefined, o: Json): void {
+    if (type === undefined) return;
+    if (RESPONSES_FINAL.has(type)) {
+      this.finished = true;
+      const u = asObj(asObj(o.response)?.usage);
+      const parsed = u && fromOpenAiUsage(u);
+      if (parsed) this.reported = parsed;
+      return;
+    }
+    // Text, reasoning, refusal and tool-argument deltas; audio deltas are base64, not text.
+    if (type.endsWith('.delta') && !type.endsWith('audio.delta')) this.chars += strLen(o.delta);
+  }
+
+  private anthropicEvent(type: string | undefined, o: Json): void {
+    switch (type) {
+      case 'message_start': {
+        const u = asObj(asObj(o.message)?.usage);
+        if (u) mergeAnthropic(this.anthropic, u);
+        return;
+      }
+      case 'message_delta': {
+        // Cumulative: with server tools there can be several; each overwrites.
+        const u = asObj(o.usage);
+        if (u) mergeAnthropic(this.anthropic, u);
+        if (typeof asObj(o.delta)?.stop_reason === 'string') this.finished = true;
+        return;
+      }
+      case 'message_stop':
+        this.finished = true;
+        return;
+      case 'content_block_start': {
+        const block = asObj(o.content_block);
+        this.chars += strLen(block?.text) + strLen(block?.thinking);
+        return;
+      }
+      case 'content_block_delta': {
+        const d = asObj(o.delta);
+        this.chars += strLen(d?.text) + strLen(d?.thinking) + strLen(d?.partial_json);
+        return;
+      }
+    }
+  }
+
+  private geminiChunk(o: Json): void {
+    const candidates = o.candidates;
+    if (Array.isArray(candidates)) {
+      for (const c of candidates) {
+        const candidate = asObj(c);
+        if (!candidate) continue;
+        if (typeof candidate.finishReason === 'string') this.finished = true;
+        const parts = asObj(candidate.content)?.parts;
+        if (!Array.isArray(parts)) continue;
+        for (const p of parts) {
+          const part = asObj(p);
+          if (!part) continue;
+          this.chars += strLen(part.text) + strLen(asObj(part.executableCode)?.code);
+          if (part.functionCall !== undefined) this.chars += JSON.stringify(part.functionCall).length;
+        }
+      }
+    }
+    // A blocked prompt ends the answer without candidates.
+    if (typeof asObj(o.promptFeedback)?.blockReason === 'string') this.finished = true;
+    const m = asObj(o.usageMetadata);
+    const parsed = m && fromGeminiUsage(m);
+    if (parsed) this.reported = parsed; // cumulative: the latest wins
+  }
+
+  private cohereEvent(type: string | undefined, o: Json): void {
+    const delta = asObj(o.delta);
+    const message = asObj(delta?.message);
+    switch (type) {
+      case 'content-delta': {
+        const content = asObj(message?.content);
+        this.chars += strLen(content?.text) + strLen(content?.thinking);
+        return;
+      }
+      case 'tool-plan-delta':
+        this.chars += strLen(message?.tool_plan);
+        return;
+      case 'tool-call-start':
+      case 'tool-call-delta':
+        this.chars += strLen(asObj(asObj(message?.tool_calls)?.function)?.arguments);
+        return;
+      case 'message-end': {
+        this.finished = true;
+        const u = asObj(delta?.usage);
+        const parsed = u && fromCohereUsage(u);
+        if (parsed) this.reported = parsed;
+        return;
+      }
+    }
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // JSON bodies: Gemini's streamed array, or one plain object
+
+  private scanJson(chunk: Buffer, from: number): void {
+    const len = chunk.length;
+    let captureStart = this.capturing ? from : -1;
+    for (let i = from; i < len; i++) {
+      const b = chunk[i]!;
+      if (this.inString) {
+        if (this.escaped) {
+          this.escaped = false;
+          // Keys are compared as raw text: keep escapes so `"us\"age"` is not taken for `usage`.
+          if (this.keyState === IN_KEY && this.key.length < 64) this.key += `\\${String.fromCharCode(b)}`;
+        } else if (b === BACKSLASH) this.escaped = true;
+        else if (b === QUOTE) {
+          this.inString = false;
+          if (this.keyState === IN_KEY) this.keyState = COLON_EXPECTED;
+        } else if (this.keyState === IN_KEY && this.key.length < 64) this.key += String.fromCharCode(b);
+        continue;
+      }
+      const topObject = this.depth === 1 && !this.topIsArray;
+      switch (b) {
+        case QUOTE:
+          this.inString = true;
+          if (topObject) {
+            if (this.keyState === KEY_EXPECTED) {
+              this.keyState = IN_KEY;
+              this.key = '';
+            } else if (this.keyState === VALUE_EXPECTED) this.keyState = IN_VALUE;
+          }
+          break;
+        case LBRACE:
+        case LBRACKET:
+          if (this.depth === 0) {
+            this.topIsArray = b === LBRACKET;
+            this.keyState = KEY_EXPECTED;
+          } else if (this.depth === 1) {
+            if (this.topIsArray) {
+              this.capturing = true;
+              this.captureKey = '';
+              captureStart = i;
+            } else if (this.keyState === VALUE_EXPECTED) {
+              this.keyState = IN_VALUE;
+              if (USAGE_KEYS.has(this.key)) {
+                this.capturing = true;
+                this.captureKey = this.key;
+                captureStart = i;
+              }
+            }
+          }
+          this.depth++;
+          break;
+        case RBRACE:
+        case RBRACKET:
+          if (this.depth > 0) this.depth--;
+          if (this.depth === 1 && this.capturing) {
+            this.capturing = false;
+            const whole = this.take(chunk.subarray(captureStart, i + 1));
+            captureStart = -1;
+            if (whole) this.captured(whole);
+          } else if (this.depth === 0) {
+            // The body is complete. NDJSON-like bodies may carry another value: start afresh.
+            this.finished = true;
+            this.keyState = KEY_EXPECTED;
+          }
+          break;
+        case COLON:
+          if (topObject && this.keyState === COLON_EXPECTED) this.keyState = VALUE_EXPECTED;
+          break;
+        case COMMA:
+          if (topObject) this.keyState = KEY_EXPECTED;
+          break;
+        default:
+          if (topObject && this.keyState === VALUE_EXPECTED && !isSpace(b)) this.keyState = IN_VALUE;
+      }
+    }
+    if (this.capturing && captureStart >= 0) this.keep(chunk.subarray(captureStart, len));
+  }
+
+  private captured(whole: Buffer): void {
+    const text = whole.toString('utf8');
+    if (this.topIsArray) {
+      // An element of Gemini's streamed array: metered exactly like an SSE event.
+      this.handleData(undefined, text);
+      this.emit({ data: text, raw: whole });
+      return;
+    }
+    try {
+      this.topValues[this.captureKey] = JSON.parse(text) as unknown;
+    } catch {
+      return;
+    }
+    const u = usageFromJson(this.format, this.topValues);
+    if (u) {
+      this.reported = u;
+      if (this.format === 'anthropic-messages') mergeAnthropic(this.anthropic, asObj(this.topValues.usage) ?? {});
+    }
+  }
+}
