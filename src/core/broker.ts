@@ -432,13 +432,14 @@ export class Broker {
           stripUsage = true;
         }
       }
+      if (json && stripUsage) body = Buffer.from(JSON.stringify(json));
       // Planned and admitted with nothing awaited in between: the remaining budget cannot move.
       if (info.billable) {
         const planned = planBudget({ provider: provider.id, model: info.model, format, json, bodyBytes: body?.length ?? 0 }, key.policy, this.options.keys.remaining(key), this.options.prices);
         if ('status' in planned) return deny(planned, key);
         plan = planned;
       }
-      if (json && (stripUsage || plan?.bodyChanged)) body = Buffer.from(JSON.stringify(json));
+      if (json && plan?.bodyChanged) body = Buffer.from(JSON.stringify(json));
       const admitted = this.options.keys.admit(key, plan?.amounts, flight);
       if ('status' in admitted) return deny(admitted, key);
       admission = admitted;

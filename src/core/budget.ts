@@ -28,14 +28,21 @@ export interface BudgetRequest {
   format: UsageFormat | undefined;
   /** The request's JSON body, parsed (changed in place when its output cap must change). */
   json: Record<string, unknown> | undefined;
-  /** Size of the request body in bytes, for the input estimate. */
+  /** Size of the request body in bytes, as it will be sent (after any rewriting). */
   bodyBytes: number;
 }
 
 /** The plan: what to reserve, and whether the body was changed (re-serialize it). */
 export interface BudgetPlan {
   amounts: Amounts;
-  /** Estimated input tokens (reserved; the upstream's report replaces it at settle). */
+  /**
+   * Input tokens held: one per byte of the body. Byte-level tokenizers never make more tokens
+   * than bytes, and the JSON around the text outweighs the chat template's few tokens, so the
+   * real count cannot exceed it. (A guess such as bytes / 4 could be beaten by unusual text,
+   * and then a budget could be overrun.)
+   */
+  inputReserve: number;
+  /** Input tokens estimated (bytes / 4), for billing a cut stream the upstream never reported. */
   inputEstimate: number;
   /** The output cap in force, if any. */
   maxOutput: number | undefined;
@@ -78,7 +85,9 @@ export function planBudget(req: BudgetRequest, policy: Policy, remaining: Amount
   const tokenLimited = policy.maxTokens !== undefined;
   const spendLimited = policy.maxSpendUsd !== undefined;
   const inputEstimate = estimateTokens(req.bodyBytes);
-  const plan: BudgetPlan = { amounts, inputEstimate, maxOutput: undefined, bodyChanged: false };
+  // Room for the output cap Till may add to the body.
+  const inputReserve = req.bodyBytes + 64;
+  const plan: BudgetPlan = { amounts, inputReserve, inputEstimate, maxOutput: undefined, bodyChanged: false };
   if (!tokenLimited && !spendLimited) return plan;
   if (!req.format) {
     // A billable route Till cannot meter (say, audio): it cannot be held to a token or spend limit.
@@ -91,9 +100,9 @@ export function planBudget(req: BudgetRequest, policy: Policy, remaining: Amount
   }
   // The largest output that still fits what is left.
   let fit = Infinity;
-  if (tokenLimited) fit = Math.min(fit, (remaining.tokens ?? 0) - inputEstimate);
+  if (tokenLimited) fit = Math.min(fit, (remaining.tokens ?? 0) - inputReserve);
   if (spendLimited && price && model) {
-    const inputCost = costMicros(prices, req.provider, model, inputEstimate, 0) ?? 0;
+    const inputCost = costMicros(prices, req.provider, model, inputReserve, 0) ?? 0;
     const perOutputToken = price.output / 1_000_000;
     fit = Math.min(fit, Math.floor(((remaining.spend ?? 0) - inputCost) / MICROS / perOutputToken));
   }
@@ -110,8 +119,8 @@ export function planBudget(req: BudgetRequest, policy: Policy, remaining: Amount
   // Embeddings produce no output tokens.
   const output = req.format === 'openai-embeddings' ? 0 : maxOutput ?? fit;
   plan.maxOutput = maxOutput;
-  if (tokenLimited) amounts.tokens = inputEstimate + output;
-  if (spendLimited && model) amounts.spend = costMicros(prices, req.provider, model, inputEstimate, output) ?? 0;
+  if (tokenLimited) amounts.tokens = inputReserve + output;
+  if (spendLimited && model) amounts.spend = costMicros(prices, req.provider, model, inputReserve, output) ?? 0;
   return plan;
 }
 
