@@ -10,7 +10,7 @@ import { ControlClient, NotRunningError } from '../core/control';
 import { CredentialList, CredentialStore, checkCredentialName } from '../core/credentials';
 import type { KeySummary, TillEvent } from '../core/events';
 import { defaultHome, readConfig, tillPaths, type TillPaths } from '../core/home';
-import { describePolicy, formatDuration } from '../core/policy';
+import { describePolicy, formatAmount, formatDuration, formatUsd } from '../core/policy';
 import { ProviderRegistry } from '../core/providers';
 import { TillService, type IssuedKey, type IssueInput } from '../core/service';
 import { KeychainVault } from '../core/vault';
@@ -22,6 +22,8 @@ const VERSION = '0.1.0';
 
 const ISSUE_OPTIONS = {
   uses: { type: 'string' },
+  'max-tokens': { type: 'string' },
+  'max-spend': { type: 'string' },
   ttl: { type: 'string' },
   rpm: { type: 'string' },
   concurrency: { type: 'string' },
@@ -32,6 +34,8 @@ const ISSUE_OPTIONS = {
 } as const satisfies ParseArgsConfig['options'];
 
 const ISSUE_HELP = `  --uses N            billable calls allowed (default: unlimited)
+  --max-tokens N      tokens (input + output) allowed
+  --max-spend USD     US dollars allowed, e.g. 1.50 (at Till's price table)
   --ttl 30m           lifetime: 90s, 30m, 2h, 7d (default: none)
   --rpm N             requests per minute
   --concurrency N     requests in flight at once
@@ -51,6 +55,7 @@ Commands:
   issue                 issue a till key
   ls                    list till keys
   revoke                revoke a key, or all
+  extend                raise a key's limits
   watch                 print live events
   exec                  run a command with fresh till keys, revoked when it exits
 
@@ -71,6 +76,9 @@ ${ISSUE_HELP}
   ls: `Usage: till ls [--json]
 
 Lists till keys with their state, use and expiry.`,
+  extend: `Usage: till extend <id> [--uses N] [--max-tokens N] [--max-spend USD]
+
+Raises a live key's limits by the amounts given.`,
   revoke: `Usage: till revoke <id> | --all
 
 Revokes keys at once, ending their requests and streams in flight.`,
@@ -102,10 +110,21 @@ function csv(value: string | undefined): string[] | undefined {
   return value === undefined ? undefined : value.split(',');
 }
 
+function usd(value: string | undefined, name: string): number | undefined {
+  if (value === undefined) return undefined;
+  const m = /^\$?(\d+(?:\.\d+)?)$/.exec(value.trim());
+  if (!m) throw new UsageError(`--${name} needs an amount of US dollars such as 1.50, got "${value}"`);
+  return Number(m[1]);
+}
+
 function issueInput(target: string, v: Partial<Record<keyof typeof ISSUE_OPTIONS, string | undefined>>): IssueInput {
   const input: IssueInput = { target, owner: 'cli' };
   const uses = int(v.uses, 'uses');
   if (uses !== undefined) input.uses = uses;
+  const maxTokens = int(v['max-tokens'], 'max-tokens');
+  if (maxTokens !== undefined) input.maxTokens = maxTokens;
+  const maxSpend = usd(v['max-spend'], 'max-spend');
+  if (maxSpend !== undefined) input.maxSpend = maxSpend;
   if (v.ttl !== undefined) input.ttl = v.ttl;
   const rpm = int(v.rpm, 'rpm');
   if (rpm !== undefined) input.rpm = rpm;
@@ -131,6 +150,15 @@ function usage(key: KeySummary): string {
   return key.policy.maxActivations === undefined ? `${used}` : `${used}/${key.policy.maxActivations}`;
 }
 
+/** Tokens and dollars, used / limit, for `till ls`. */
+function spending(key: KeySummary): string {
+  const tokens = key.used.tokens ?? 0;
+  const t = `${formatAmount('tokens', tokens).replace(' tokens', '')}${key.policy.maxTokens !== undefined ? `/${key.policy.maxTokens}` : ''}`;
+  const s = `${formatUsd(key.used.spend ?? 0)}${key.policy.maxSpendUsd !== undefined ? `/$${key.policy.maxSpendUsd.toFixed(2)}` : ''}${key.estimatedSpend > 0 ? '~' : ''}`;
+  const held = (key.reserved.spend ?? 0) > 0 ? ` (+${formatUsd(key.reserved.spend!)} held)` : '';
+  return `${t} tok ${s}${held}`;
+}
+
 function expiry(key: KeySummary): string {
   if (key.policy.expiresAt === undefined) return 'never';
   const left = key.policy.expiresAt - Date.now();
@@ -143,7 +171,8 @@ export function formatEvent(e: TillEvent): string {
   switch (e.type) {
     case 'request.finished': {
       const r = e.request;
-      return `${t} ${e.status} ${r.method} /${r.provider}${r.path}${r.model ? ` ${r.model}` : ''} ${e.latencyMs}ms key ${r.keyId} "${r.label}"${e.aborted ? ` (${e.aborted})` : ''}`;
+      const u = e.usage ? ` ${e.usage.tokens.input}+${e.usage.tokens.output} tok${e.usage.spend !== undefined ? ` ${formatUsd(e.usage.spend)}` : ''}${e.usage.estimated ? ' (estimated)' : ''}` : '';
+      return `${t} ${e.status} ${r.method} /${r.provider}${r.path}${r.model ? ` ${r.model}` : ''} ${e.latencyMs}ms${u} key ${r.keyId} "${r.label}"${e.aborted ? ` (${e.aborted})` : ''}`;
     }
     case 'request.denied': {
       const r = e.request;
@@ -152,7 +181,9 @@ export function formatEvent(e: TillEvent): string {
     case 'request.started':
       return `${t} ... ${e.request.method} /${e.request.provider}${e.request.path} key ${e.request.keyId}`;
     case 'limit.near':
-      return `${t} key ${e.key.id} "${e.key.label}" at ${e.used} of ${e.limit} ${e.meter}`;
+      return `${t} key ${e.key.id} "${e.key.label}" at ${e.percent}% of its ${e.meter} limit: ${formatAmount(e.meter, e.used)} of ${formatAmount(e.meter, e.limit)}`;
+    case 'key.exhausted':
+      return `${t} key exhausted: ${e.key.id} "${e.key.label}" used its whole ${e.meter} limit`;
     default:
       return `${t} ${e.type.replace('key.', 'key ')}: ${e.key.id} "${e.key.label}" (${e.key.provider}, ${usage(e.key)} calls)`;
   }
@@ -246,8 +277,8 @@ async function ls(args: string[], paths: TillPaths): Promise<void> {
   const keys = (await new ControlClient(paths).request('GET', '/keys')) as KeySummary[];
   if (values.json) return out(JSON.stringify(keys));
   if (keys.length === 0) return out('no till keys: issue one with `till issue <provider>`');
-  out(`${'ID'.padEnd(11)} ${'STATE'.padEnd(9)} ${'PROVIDER'.padEnd(12)} ${'USED'.padEnd(9)} ${'EXPIRES'.padEnd(12)} LABEL`);
-  for (const k of keys) out(`${k.id.padEnd(11)} ${k.state.padEnd(9)} ${k.provider.padEnd(12)} ${usage(k).padEnd(9)} ${expiry(k).padEnd(12)} ${k.label}`);
+  out(`${'ID'.padEnd(11)} ${'STATE'.padEnd(9)} ${'PROVIDER'.padEnd(12)} ${'CALLS'.padEnd(9)} ${'TOKENS / SPEND'.padEnd(28)} ${'EXPIRES'.padEnd(12)} LABEL`);
+  for (const k of keys) out(`${k.id.padEnd(11)} ${k.state.padEnd(9)} ${k.provider.padEnd(12)} ${usage(k).padEnd(9)} ${spending(k).padEnd(28)} ${expiry(k).padEnd(12)} ${k.label}`);
 }
 
 async function revoke(args: string[], paths: TillPaths): Promise<void> {
@@ -257,6 +288,17 @@ async function revoke(args: string[], paths: TillPaths): Promise<void> {
   const path = values.all ? '/keys' : `/keys/${encodeURIComponent(positionals[0]!)}`;
   const { revoked } = (await new ControlClient(paths).request('DELETE', path)) as { revoked: number };
   out(values.all ? `revoked ${revoked} key${revoked === 1 ? '' : 's'}` : revoked ? `revoked ${positionals[0]}` : `${positionals[0]} was already revoked`);
+}
+
+async function extend(args: string[], paths: TillPaths): Promise<void> {
+  const { values, positionals } = parse(args, { uses: { type: 'string' }, 'max-tokens': { type: 'string' }, 'max-spend': { type: 'string' } });
+  if (values.help) return out(HELP.extend);
+  const [id] = positionals;
+  if (!id || positionals.length > 1) throw new UsageError('usage: till extend <id> [--uses N] [--max-tokens N] [--max-spend USD]');
+  const by = { uses: int(values.uses, 'uses'), maxTokens: int(values['max-tokens'], 'max-tokens'), maxSpend: usd(values['max-spend'], 'max-spend') };
+  if (Object.values(by).every((v) => v === undefined)) throw new UsageError('till extend needs --uses, --max-tokens or --max-spend');
+  const key = (await new ControlClient(paths).request('POST', `/keys/${encodeURIComponent(id)}/extend`, by)) as KeySummary;
+  out(`extended ${key.id} "${key.label}": ${describePolicy(key.policy)}`);
 }
 
 async function watch(args: string[], paths: TillPaths): Promise<void> {
@@ -339,6 +381,9 @@ export async function main(argv: string[]): Promise<number> {
         return 0;
       case 'revoke':
         await revoke(rest, paths);
+        return 0;
+      case 'extend':
+        await extend(rest, paths);
         return 0;
       case 'watch':
         await watch(rest, paths);

@@ -8,6 +8,7 @@
  */
 import { AlreadyRunningError, ControlClient, NotRunningError } from './control';
 import type { KeySummary, TillEvent } from './events';
+import type { Extension } from './keys';
 import { tillPaths, type TillPaths } from './home';
 import { TillService, type IssuedKey, type IssueInput, type RequestRecord, type ServiceOptions } from './service';
 
@@ -155,6 +156,13 @@ export class TillConnection {
     await this.ready();
     if (this.service) return this.service.recent();
     return (await this.client.request('GET', '/requests')) as RequestRecord[];
+  }
+
+  /** Raises a key's limits. */
+  async extend(id: string, by: Extension): Promise<KeySummary> {
+    await this.ready();
+    if (this.service) return this.service.keys.extend(id, by);
+    return (await this.client.request('POST', `/keys/${encodeURIComponent(id)}/extend`, by)) as KeySummary;
   }
 
   /** Revokes one key; returns whether it was live. */

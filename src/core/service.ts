@@ -10,7 +10,7 @@ import { ControlError, ControlServer } from './control';
 import { CredentialList, type CredentialInfo } from './credentials';
 import { TillEvents, type KeySummary, type TillEvent } from './events';
 import { readConfig, tillPaths, type TillPaths } from './home';
-import { TillKeys } from './keys';
+import { TillKeys, type Extension } from './keys';
 import { Ledger } from './ledger';
 import { buildPolicy, type Policy, type PolicyInput } from './policy';
 import { ProviderRegistry, type Provider } from './providers';
@@ -170,7 +170,16 @@ export class TillService {
     return {
       routes: {
         'GET /status': () => ({ url: this.url, pid: process.pid, home: this.paths.home, keys: this.list().filter((k) => k.state === 'active').length }),
-        'POST /keys': (body: unknown) => this.issue(body as IssueInput),
+        'POST /keys': (body: unknown, params: string[]) => {
+          const [id, action] = params;
+          if (id === undefined) return this.issue(body as IssueInput);
+          if (action !== 'extend') throw new ControlError(404, `no control route POST /keys/${id}/${action ?? ''}`);
+          try {
+            return this.keys.extend(id, body as Extension);
+          } catch (err) {
+            throw new ControlError(400, (err as Error).message);
+          }
+        },
         'GET /keys': () => this.list(),
         'GET /requests': () => this.recent(),
         'DELETE /keys': (_: unknown, params: string[]) => {

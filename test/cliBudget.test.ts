@@ -1,0 +1,79 @@
+/**
+ * Token and dollar budgets from the `till` command: issue with --max-tokens/--max-spend, see
+ * tokens, spend and reservations in `till ls --json`, each request's usage in `till watch
+ * --json`, and raise a limit with `till extend`.
+ */
+import { spawn } from 'node:child_process';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { KeySummary, TillEvent } from '../src/core/events';
+import type { IssuedKey } from '../src/core/service';
+import { addCredential, fakeCredential, runTill, spawnServe, tempHome, TILL_JS, type ServeProcess } from './support/till';
+import { startOpenAIUpstream, type Upstream } from './support/upstreams';
+
+let up: Upstream;
+let serve: ServeProcess;
+let home: string;
+const secret = fakeCredential('cli-budget');
+
+beforeAll(async () => {
+  up = await startOpenAIUpstream({ credential: secret });
+  home = tempHome();
+  await addCredential(home, 'openai', 'openai', secret);
+  serve = await spawnServe(home, { env: { TILL_UPSTREAM_OPENAI: `${up.url}/v1` } });
+});
+
+afterAll(async () => {
+  await serve?.stop();
+  await up?.close();
+});
+
+const chat = (k: IssuedKey) =>
+  fetch(`${k.baseUrl}/chat/completions`, { method: 'POST', body: '{"model":"gpt-5-mini","max_tokens":5,"messages":[]}', headers: { authorization: `Bearer ${k.key}`, 'content-type': 'application/json' } }).then(async (r) => ({ status: r.status, text: await r.text() }));
+
+describe('budgets from the till command', () => {
+  it('issue --max-tokens --max-spend; ls --json shows tokens, spend and reservations; watch --json carries usage', async () => {
+    const watcher = spawn(process.execPath, [TILL_JS, 'watch', '--json'], { env: { ...process.env, TILL_HOME: home }, stdio: ['ignore', 'pipe', 'pipe'] });
+    let lines = '';
+    watcher.stdout.on('data', (c) => (lines += c));
+    try {
+      const r = await runTill(['issue', 'openai', '--max-tokens', '5000', '--max-spend', '1.50', '--json'], { home });
+      expect(r.code).toBe(0);
+      const issued = JSON.parse(r.stdout) as IssuedKey;
+      expect(issued.policy).toMatchObject({ maxTokens: 5000, maxSpendUsd: 1.5 });
+      expect((await chat(issued)).status).toBe(200);
+      const ls = JSON.parse((await runTill(['ls', '--json'], { home })).stdout) as KeySummary[];
+      const k = ls.find((x) => x.id === issued.id)!;
+      expect(k.tokens.output).toBe(5);
+      expect(k.used.tokens).toBe(k.tokens.input + k.tokens.output);
+      expect(k.used.spend).toBeGreaterThan(0);
+      expect(k.reserved).toEqual({ activations: 0, tokens: 0, spend: 0 });
+      expect(k.remaining.tokens).toBe(5000 - k.used.tokens!);
+      await expect.poll(() => lines.includes('"request.finished"')).toBe(true);
+      const finished = lines.trim().split('\n').map((l) => JSON.parse(l) as TillEvent).find((e) => e.type === 'request.finished');
+      expect(finished).toMatchObject({ usage: { tokens: { output: 5 }, estimated: false } });
+      const human = (await runTill(['ls'], { home })).stdout;
+      expect(human).toMatch(/TOKENS \/ SPEND/);
+      expect(human).toMatch(/\/5000 tok \$0\.\d+\/\$1\.50/);
+    } finally {
+      watcher.kill('SIGINT');
+    }
+  });
+
+  it('rejects a malformed --max-spend with a usage error', async () => {
+    const r = await runTill(['issue', 'openai', '--max-spend', 'lots'], { home });
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/--max-spend needs an amount of US dollars/);
+  });
+
+  it('a spent budget is refused with the limit, used and reserved; till extend raises it', async () => {
+    const issued = JSON.parse((await runTill(['issue', 'openai', '--max-tokens', '300', '--json'], { home })).stdout) as IssuedKey;
+    let last = await chat(issued);
+    for (let i = 0; i < 50 && last.status === 200; i++) last = await chat(issued);
+    expect(last.status).toBe(429);
+    expect(last.text).toMatch(/till key out of tokens: \d+ tokens of 300 tokens used/);
+    const ext = await runTill(['extend', issued.id, '--max-tokens', '1000'], { home });
+    expect(ext.code).toBe(0);
+    expect(ext.stdout).toMatch(/1,300 tokens/);
+    expect((await chat(issued)).status).toBe(200);
+  });
+});
