@@ -337,7 +337,7 @@ describe('the contract against a running broker', () => {
 
     const plain = await runTill(['ls'], { home });
     expectOk(plain);
-    expect(plain.stdout).toMatch(/^ID\s+STATE\s+PROVIDER\s+USED\s+EXPIRES\s+LABEL$/m);
+    expect(plain.stdout).toMatch(/^ID\s+STATE\s+PROVIDER\s+CALLS\s+TOKENS \/ SPEND\s+EXPIRES\s+LABEL$/m);
     expect(plain.stdout).toMatch(new RegExp(`^${k.id}\\s+active\\s+openai\\s+1/2\\s+never\\s+counted$`, 'm'));
 
     expect((await chat(k.baseUrl, k.key)).status).toBe(200);
@@ -412,7 +412,7 @@ describe('the contract against a running broker', () => {
       expect(json.stdout()).not.toContain(secret);
 
       expect(plain.stdout()).toMatch(new RegExp(`key issued: ${k.id} "watched"`));
-      expect(plain.stdout()).toMatch(new RegExp(`200 POST /openai/v1/chat/completions gpt-4o-mini \\d+(\\.\\d+)?ms key ${k.id} "watched"`));
+      expect(plain.stdout()).toMatch(new RegExp(`200 POST /openai/v1/chat/completions gpt-4o-mini \\d+(\\.\\d+)?ms \\d+\\+\\d+ tok.* key ${k.id} "watched"`));
       expect(plain.stderr() + json.stderr()).toBe('');
     } finally {
       json.child.kill('SIGKILL');
