@@ -28,6 +28,7 @@ const PRESETS: { label: string; policy: PolicyInput }[] = [
   { label: '200 calls, 8 hours', policy: { uses: 200, ttl: '8h' } },
   { label: '10 calls, 15 minutes', policy: { uses: 10, ttl: '15m' } },
   { label: '1,000 calls, 1 day', policy: { uses: 1000, ttl: '1d' } },
+  { label: '$1 of spend, 8 hours', policy: { maxSpend: 1, ttl: '8h' } },
 ];
 
 type TreeArg = { kind: 'key'; key: KeySummary } | undefined;
@@ -111,6 +112,10 @@ async function askPolicy(deps: CommandDeps): Promise<PolicyInput | undefined> {
   if (ttl === undefined) return undefined;
   const rpm = await p.input('Till: requests per minute', { prompt: 'Empty for no rate limit', validate: (v) => (v.trim() === '' || /^\d+$/.test(v.trim()) ? undefined : 'a whole number, or empty') });
   if (rpm === undefined) return undefined;
+  const tokens = await p.input('Till: token limit', { prompt: 'Input + output tokens; empty for no limit', validate: (v) => (v.trim() === '' || /^\d+$/.test(v.trim()) ? undefined : 'a whole number, or empty') });
+  if (tokens === undefined) return undefined;
+  const spend = await p.input('Till: spend limit (US dollars)', { prompt: "e.g. 1.50, at Till's price table; empty for no limit", validate: (v) => (v.trim() === '' || /^\$?\d+(\.\d+)?$/.test(v.trim()) ? undefined : 'an amount such as 1.50, or empty') });
+  if (spend === undefined) return undefined;
   const models = await p.input('Till: allowed models', { prompt: 'Comma-separated, * wildcards (e.g. gpt-4o*, claude-*); empty for any' });
   if (models === undefined) return undefined;
   const paths = await p.input('Till: allowed paths', { prompt: "Comma-separated, * wildcards (e.g. /v1/chat/*); empty for any" });
@@ -121,6 +126,10 @@ async function askPolicy(deps: CommandDeps): Promise<PolicyInput | undefined> {
   if (ttl.trim()) policy.ttl = ttl.trim();
   const r = numberOrUndefined(rpm);
   if (r !== undefined) policy.rpm = r;
+  const t = numberOrUndefined(tokens);
+  if (t !== undefined) policy.maxTokens = t;
+  const d = numberOrUndefined(spend.replace('$', ''));
+  if (d !== undefined) policy.maxSpend = d;
   const m = listOrUndefined(models);
   if (m) policy.models = m;
   const pa = listOrUndefined(paths);

@@ -4,7 +4,7 @@
  */
 import * as vscode from 'vscode';
 import type { KeySummary } from '../core/events';
-import { describePolicy, formatDuration } from '../core/policy';
+import { describePolicy, formatAmount, formatDuration, formatUsd } from '../core/policy';
 import { CONTEXT } from './constants';
 import type { TillSession } from './session';
 
@@ -12,7 +12,11 @@ type Node = { kind: 'key'; key: KeySummary } | { kind: 'ended'; keys: KeySummary
 
 function usage(key: KeySummary): string {
   const used = key.used.activations ?? 0;
-  return key.policy.maxActivations === undefined ? `${used} calls` : `${used}/${key.policy.maxActivations}`;
+  const calls = key.policy.maxActivations === undefined ? `${used} calls` : `${used}/${key.policy.maxActivations}`;
+  const spend = key.used.spend ?? 0;
+  const dollars = key.policy.maxSpendUsd !== undefined ? ` · ${formatUsd(spend)}/$${key.policy.maxSpendUsd.toFixed(2)}` : spend > 0 ? ` · ${formatUsd(spend)}` : '';
+  const tokens = key.policy.maxTokens !== undefined ? ` · ${formatAmount('tokens', key.used.tokens ?? 0)}/${key.policy.maxTokens.toLocaleString('en-US')}` : '';
+  return calls + tokens + dollars;
 }
 
 function timeLeft(key: KeySummary, now: number): string | undefined {
@@ -97,7 +101,14 @@ export class KeysTreeProvider implements vscode.TreeDataProvider<Node>, vscode.D
     tip.appendMarkdown(`**${escape(key.label)}** \`${key.id}\`\n\n`);
     tip.appendMarkdown(`${escape(key.provider)} · credential \`${escape(key.credential)}\` · **${key.state}**\n\n`);
     tip.appendMarkdown(`Policy: ${escape(describePolicy(key.policy, now))}\n\n`);
-    tip.appendMarkdown(`Used ${usage(key)}; ${key.reserved.activations ?? 0} reserved; ${key.inFlight} in flight\n\n`);
+    tip.appendMarkdown(`Used ${escape(usage(key))}; ${key.reserved.activations ?? 0} reserved; ${key.inFlight} in flight\n\n`);
+    const t = key.tokens;
+    if (t.input + t.output > 0) {
+      tip.appendMarkdown(`Tokens: ${t.input.toLocaleString('en-US')} in (${t.cached.toLocaleString('en-US')} cached), ${t.output.toLocaleString('en-US')} out (${t.reasoning.toLocaleString('en-US')} reasoning)\n\n`);
+    }
+    if ((key.used.spend ?? 0) > 0 || (key.reserved.spend ?? 0) > 0) {
+      tip.appendMarkdown(`Spend: ${formatUsd(key.used.spend ?? 0)}${key.estimatedSpend > 0 ? ` (${formatUsd(key.estimatedSpend)} estimated)` : ''}, ${formatUsd(key.reserved.spend ?? 0)} reserved\n\n`);
+    }
     tip.appendMarkdown(`Issued ${new Date(key.createdAt).toLocaleString()}`);
     item.tooltip = tip;
     return item;

@@ -89,7 +89,7 @@ async function treeKeys(): Promise<{ label: string; description: string; context
 
 function chat(key: IssuedKey) {
   const client = new OpenAI({ apiKey: key.key, baseURL: key.baseUrl, maxRetries: 0 });
-  return client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }] });
+  return client.chat.completions.create({ model: 'gpt-5-mini', messages: [{ role: 'user', content: 'hi' }] });
 }
 
 describe('Till in VS Code', function () {
@@ -164,15 +164,26 @@ describe('Till in VS Code', function () {
   });
 
   it('Issue Key, custom limits: uses, lifetime, rate, models, paths', async () => {
-    prompter.answer('Custom…', '7', '30m', '', 'gpt-4o*', '/v1/chat/*', 'custom key');
+    prompter.answer('Custom…', '7', '30m', '', '', '2.50', 'gpt-5*', '/v1/chat/*', 'custom key');
     const key = (await vscode.commands.executeCommand<IssuedKey>(COMMANDS.issueKey))!;
     assert.equal(key.policy.maxActivations, 7);
-    assert.deepEqual(key.policy.models, ['gpt-4o*']);
+    assert.equal(key.policy.maxSpendUsd, 2.5);
+    assert.deepEqual(key.policy.models, ['gpt-5*']);
     assert.deepEqual(key.policy.paths, ['/v1/chat/*']);
     assert.ok(key.policy.expiresAt! > Date.now() + 29 * 60_000);
     await chat(key);
     const models = new OpenAI({ apiKey: key.key, baseURL: key.baseUrl, maxRetries: 0 });
     await assert.rejects(models.embeddings.create({ model: 'gpt-4o', input: 'x' }), (err: Error) => /not allowed/.test(err.message));
+  });
+
+  it('an exhausted key is announced with Extend, which raises the limit in place', async () => {
+    const key = (await vscode.commands.executeCommand<IssuedKey>(COMMANDS.issueKey, { target: 'openai', uses: 1, label: 'extend me' }))!;
+    prompter.answer('button:Extend', '+50 calls');
+    await chat(key);
+    await poll(() => prompter.messages.find((m) => m.includes('"extend me" ran out')), Boolean, 'the exhaustion notification');
+    const after = await poll(async () => (await api.connection().list()).find((k) => k.id === key.id)!, (k) => k.policy.maxActivations === 51, 'the key to be extended');
+    assert.equal(after.state, 'active');
+    await chat(key);
   });
 
   it('new terminals get a till key and the broker URL, never the credential', async () => {
