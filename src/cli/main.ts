@@ -178,6 +178,8 @@ export function formatEvent(e: TillEvent): string {
       const r = e.request;
       return `${t} ${e.status} ${r.method} /${r.provider}${r.path} denied (${e.code}): ${e.reason}${r.keyId ? ` key ${r.keyId}` : ''}`;
     }
+    case 'request.progress':
+      return `${t} ... ${e.request.method} /${e.request.provider}${e.request.path} so far ${e.usage.tokens.output} tok out${e.usage.spend !== undefined ? ` ${formatUsd(e.usage.spend)}` : ''} key ${e.request.keyId}`;
     case 'request.started':
       return `${t} ... ${e.request.method} /${e.request.provider}${e.request.path} key ${e.request.keyId}`;
     case 'limit.near':
@@ -207,7 +209,7 @@ async function serve(args: string[], paths: TillPaths): Promise<void> {
   out(`Till broker listening on ${service.url}`);
   out(`data folder: ${paths.home}`);
   service.events.on((e) => {
-    if (e.type !== 'request.started') out(formatEvent(e));
+    if (e.type !== 'request.started' && e.type !== 'request.progress') out(formatEvent(e));
   });
   await new Promise<void>((resolve) => {
     const stop = () => resolve();

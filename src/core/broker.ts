@@ -382,6 +382,7 @@ export class Broker {
     let sseBoundary = true;
     let isSse = false;
     let upstreamStatus = 0;
+    let lastProgress = 0;
     let meter: StreamMeter | undefined;
     let plan: BudgetPlan | undefined;
     const format = info.billable ? usageFormat(provider.id, info.method, info.path) : undefined;
@@ -548,6 +549,14 @@ export class Broker {
           }
           writable = true;
           meter?.push(chunk);
+          if (meter && isSse && plan && this.options.events.listened) {
+            const now = performance.now();
+            if (now - lastProgress >= 500) {
+              lastProgress = now;
+              const s = settle('progress');
+              if (s?.usage) this.options.events.emit({ type: 'request.progress', at: Date.now(), request: info, usage: s.usage });
+            }
+          }
           if (!strip) writable = res.write(chunk);
           if (!writable) upRes.pause();
         });

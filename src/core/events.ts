@@ -57,6 +57,8 @@ export type TillEvent =
   | { type: 'key.extended'; at: number; key: KeySummary }
   | { type: 'limit.near'; at: number; key: KeySummary; meter: Meter; used: number; limit: number; /** 50 or 80. */ percent: number }
   | { type: 'request.started'; at: number; request: RequestInfo }
+  /** An open stream's running usage (at most twice a second), so views can show its cost as it grows. */
+  | { type: 'request.progress'; at: number; request: RequestInfo; usage: RequestUsage }
   | { type: 'request.finished'; at: number; request: RequestInfo; status: number; latencyMs: number; aborted?: string; /** Tokens and spend, for metered requests. */ usage?: RequestUsage }
   | { type: 'request.denied'; at: number; request: Partial<RequestInfo> & { provider: string; method: string; path: string }; status: number; reason: string; code: DenialCode };
 
@@ -88,6 +90,11 @@ export class TillEvents {
 
   constructor() {
     this.emitter.setMaxListeners(0);
+  }
+
+  /** Whether anyone listens (so costly events need not be built). */
+  get listened(): boolean {
+    return this.emitter.listenerCount('event') > 0;
   }
 
   emit(event: TillEvent): void {
