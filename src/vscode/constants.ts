@@ -36,5 +36,6 @@ export const SETTINGS = {
   issuePolicy: 'issue.defaultPolicy',
   brokerPort: 'broker.port',
   upstreams: 'upstreams',
+  prices: 'prices',
   notifications: 'notifications.enabled',
 } as const;

@@ -10,6 +10,7 @@ import { buildPolicy, type PolicyInput } from '../core/policy';
 import { upstreamEnvVar } from '../core/providers';
 import { DEFAULT_PORT } from '../core/broker';
 import { KeychainVault } from '../core/vault';
+import type { PriceOverrides } from '../core/pricing';
 import { SETTINGS } from './constants';
 import { vscodePrompter, type Prompter } from './prompter';
 
@@ -40,7 +41,8 @@ export class TillSession implements vscode.Disposable {
     const env: NodeJS.ProcessEnv = { ...process.env };
     for (const [id, url] of Object.entries(upstreams)) if (typeof url === 'string' && url) env[upstreamEnvVar(id)] = url;
     const port = config.inspect<number>(SETTINGS.brokerPort)?.globalValue ?? DEFAULT_PORT;
-    return new TillConnection({ home: this.paths.home, port, env, log: (line) => this.log.info(line) });
+    const prices = config.inspect<PriceOverrides>(SETTINGS.prices)?.globalValue ?? {};
+    return new TillConnection({ home: this.paths.home, port, env, prices, log: (line) => this.log.info(line) });
   }
 
   /** Stops this window's broker (if it hosts one) and connects again with fresh settings. */
