@@ -1,5 +1,5 @@
 // Bundles the extension entry, the `till` command, the webview script, the benchmark and the
-// real-VS-Code test suite with its runner.
+// real-VS-Code test suite with its runners.
 // The keychain binding is native (N-API) and stays external: it ships in node_modules.
 import * as esbuild from 'esbuild';
 
@@ -24,6 +24,8 @@ const builds = [
   // Mocha's parallel mode (never used here) resolves worker files at run time: not a problem.
   { ...common, entryPoints: { 'test/suite': 'test/vscode/suite/index.ts' }, outdir: 'dist', logOverride: { 'require-resolve-not-external': 'silent' } },
   { ...common, entryPoints: { 'test/run': 'test/vscode/run.ts' }, outdir: 'dist', external: [...common.external, 'playwright-core'] },
+  // A person's clicks against the installed VSIX (npm run test:ui), driven the same way.
+  { ...common, entryPoints: { 'test/ui': 'test/vscode/ui.ts' }, outdir: 'dist', external: [...common.external, 'playwright-core'] },
   { ...common, entryPoints: { 'test/electron': 'test/vscode/electron.ts' }, outdir: 'dist', external: [...common.external, '@vscode/test-electron'] },
 ];
 

@@ -22,7 +22,8 @@ function usage(key: KeySummary): string {
 function timeLeft(key: KeySummary, now: number): string | undefined {
   if (key.policy.expiresAt === undefined) return undefined;
   const left = key.policy.expiresAt - now;
-  return left > 0 ? `${formatDuration(left)} left` : 'expired';
+  // Whole minutes: the tree refreshes every 30 s, so seconds would always be stale.
+  return left > 0 ? `${formatDuration(Math.ceil(left / 60_000) * 60_000)} left` : 'expired';
 }
 
 const STATE_ICON: Record<KeySummary['state'], [string, string]> = {

@@ -136,12 +136,24 @@ export interface CodeServer {
   stop(): Promise<void>;
 }
 
+export interface CodeServerOptions {
+  /** Added to its environment (the keychain's bus address…). */
+  env?: Record<string, string>;
+  /** Receives its stdout and stderr as they come (they always go to the sandbox's log). */
+  onOutput?: (text: string) => void;
+  /**
+   * `--vscode-option enable-smoke-test-driver` (default true): a built workbench needs it to
+   * run an extensionTestsPath payload. It also hides notification toasts, so a run that looks
+   * at the UI as a person does turns it off.
+   */
+  smokeTestDriver?: boolean;
+}
+
 /**
  * Spawns code-server on 127.0.0.1:<free port> in its own process group, output to the sandbox's
- * log (and to `onOutput`). `env` is added to its environment (the keychain's bus address…).
- * Does not wait for it: see waitHealthy.
+ * log. Does not wait for it: see Deadline.waitHealthy.
  */
-export async function spawnCodeServer(sb: Sandbox, opts: { env?: Record<string, string>; onOutput?: (text: string) => void } = {}): Promise<CodeServer> {
+export async function spawnCodeServer(sb: Sandbox, opts: CodeServerOptions = {}): Promise<CodeServer> {
   const port = await freePort();
   const configFile = path.join(sb.tmp, 'config.yaml');
   writeFileSync(configFile, '');
@@ -159,7 +171,7 @@ export async function spawnCodeServer(sb: Sandbox, opts: { env?: Record<string, 
       '--disable-workspace-trust',
       '--disable-getting-started-override',
       '--disable-proxy',
-      '--vscode-option', 'enable-smoke-test-driver',
+      ...(opts.smokeTestDriver === false ? [] : ['--vscode-option', 'enable-smoke-test-driver']),
     ],
     {
       detached: true, // own process group, so the whole tree can be ended at once
@@ -253,11 +265,17 @@ export class Deadline {
   }
 }
 
-/** Headless Chromium with a fresh profile in the sandbox; it may only ever reach 127.0.0.1. */
-export function launchChromium(sb: Sandbox, viewport = { width: 1440, height: 900 }): Promise<BrowserContext> {
+/**
+ * Headless Chromium with a fresh profile in the sandbox; it may only ever reach 127.0.0.1.
+ * `timeoutMs` bounds the launch (Playwright ends the browser when it runs out). Await it rather
+ * than race it against a Deadline: a launch that finished after the race was lost would leave a
+ * browser nobody closes.
+ */
+export function launchChromium(sb: Sandbox, timeoutMs: number, viewport = { width: 1440, height: 900 }): Promise<BrowserContext> {
   return chromium.launchPersistentContext(sb.dir('chromium-profile'), {
     executablePath: CHROMIUM,
     headless: true,
+    timeout: Math.max(1, timeoutMs),
     viewport,
     env: { ...cleanEnv(process.env), ...sb.env },
     args: [

@@ -88,7 +88,7 @@ async function main(): Promise<number> {
     say('code-server healthy');
 
     deadline.stage = 'launching chromium';
-    context = await deadline.guard(launchChromium(sb));
+    context = await launchChromium(sb, deadline.remaining());
     page = context.pages()[0] ?? (await context.newPage());
 
     let exitCode: (code: number) => void = () => {};

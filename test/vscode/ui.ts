@@ -61,7 +61,9 @@ const vsix = path.resolve(opts.vsix ?? path.join(repoRoot, 'dist', 'vsix', `${pk
 const SECRET = `sk-REALCRED-ui-${randomBytes(8).toString('hex')}`;
 const KEY_LABEL = 'ui test key';
 const PRESET = '50 calls, 1 hour';
-const CURL = `curl -s -H "Authorization: Bearer $OPENAI_API_KEY" -H 'content-type: application/json' -d '{"model":"gpt-4o-mini","messages":[]}' $OPENAI_BASE_URL/chat/completions`;
+// `; echo`: the answer ends without a newline, and a prompt drawn right after it garbles the
+// next command line on the screen.
+const CURL = `curl -s -H "Authorization: Bearer $OPENAI_API_KEY" -H 'content-type: application/json' -d '{"model":"gpt-4o-mini","messages":[]}' $OPENAI_BASE_URL/chat/completions; echo`;
 
 const SIDEBAR = '.part.sidebar';
 /** How long a single UI expectation may take before the step fails. */
@@ -99,6 +101,8 @@ const steps: Array<[name: string, run: (w: World) => Promise<void>]> = [
     await keys.locator('.monaco-list-row', { hasText: KEY_LABEL }).first().waitFor({ timeout: EXPECT_MS });
     const row = (await keys.locator('.monaco-list-row', { hasText: KEY_LABEL }).first().innerText()).replace(/\s+/g, ' ');
     if (!/openai · 0\/50/.test(row)) throw new Error(`the key's row reads "${row}", expected "openai · 0/50 · …"`);
+    // The Usage view below it has drawn its first state (both keys), so the picture is whole.
+    await usageFrame(page).locator('li.card .label', { hasText: KEY_LABEL }).waitFor({ timeout: EXPECT_MS });
     await shot(page, 'ui-keys', SIDEBAR);
   }],
 
@@ -128,7 +132,10 @@ const steps: Array<[name: string, run: (w: World) => Promise<void>]> = [
     await request.first().waitFor({ timeout: 10_000 });
     const text = (await request.first().innerText()).replace(/\s+/g, ' ');
     if (!/\b200\b/.test(text)) throw new Error(`the request's row reads "${text}", expected status 200`);
-    await viewPane(page, 'Usage').scrollIntoViewIfNeeded();
+    // Fold the Keys tree away, as a person would, so the Usage view gets the sidebar's height.
+    await viewPane(page, 'Keys').locator('.pane-header').click();
+    await viewPane(page, 'Keys').locator('.pane-header[aria-expanded="false"]').waitFor({ timeout: EXPECT_MS });
+    await request.first().scrollIntoViewIfNeeded();
     await shot(page, 'ui-usage', SIDEBAR);
   }],
 
@@ -143,7 +150,7 @@ const steps: Array<[name: string, run: (w: World) => Promise<void>]> = [
     const before = { received: upstream.received.length, rejected: upstream.rejected.length };
     const rows = page.locator('.terminal-wrapper .xterm-rows').first();
     await typeInTerminal(page, CURL);
-    await waitFor('Till\'s refusal on the terminal', async () => /"code":\s*"revoked"/.test(flat(await screenText(rows))));
+    await waitFor('Till\'s refusal on the terminal', async () => /"code":\s*"(till_)?revoked"/.test(flat(await screenText(rows))));
     await delay(500); // anything that did get through would have arrived by now
     if (upstream.received.length !== before.received || upstream.rejected.length !== before.rejected) {
       throw new Error(`the upstream received ${upstream.received.length - before.received} (+${upstream.rejected.length - before.rejected} refused) requests after the revoke`);
@@ -157,7 +164,7 @@ const steps: Array<[name: string, run: (w: World) => Promise<void>]> = [
 
 const quickInput = (page: Page): Locator => page.locator('.quick-input-widget');
 
-/** F1, type the command's title, wait for its row, Enter. Retries while the command is not listed yet. */
+/** F1, type `>` and the command's title, wait for its row, run it. Retries while the command is not listed yet. */
 async function runCommand(page: Page, title: string): Promise<void> {
   const widget = quickInput(page);
   const box = widget.locator('input.input').first();
@@ -177,7 +184,9 @@ async function runCommand(page: Page, title: string): Promise<void> {
       await delay(1_000);
     }
   }
-  await row.first().click();
+  // Enter runs the focused row: the first one, unless a longer title ranks above this one.
+  if (/\bfocused\b/.test((await row.first().getAttribute('class')) ?? '')) await box.press('Enter');
+  else await row.first().click();
 }
 
 /** Waits for the quick pick titled `title`, filters for `label` and clicks its row. */
@@ -200,13 +209,7 @@ async function input(page: Page, title: string, text: string, o: { password?: bo
 }
 
 async function toast(page: Page, text: string | RegExp): Promise<void> {
-  try {
   await page.locator('.notifications-toasts .notification-toast', { hasText: text }).first().waitFor({ timeout: EXPECT_MS });
-  } catch (e) {
-    console.log('DEBUG toasts', await page.locator('.notifications-toasts').first().evaluate('e => e.outerHTML'));
-    console.log('DEBUG center', await page.locator('.notifications-center').first().evaluate('e => e.outerHTML').catch(() => 'none'));
-    throw e;
-  }
 }
 
 /** The sidebar pane of the view titled `title` (its header and body). */
@@ -214,9 +217,12 @@ function viewPane(page: Page, title: string): Locator {
   return page.locator(`${SIDEBAR} .pane`, { has: page.locator('.pane-header', { hasText: exactly(title, 'i') }) }).first();
 }
 
-/** The Usage view's page: webviews render in an iframe inside an iframe. */
+/**
+ * The Usage view's page: a webview renders in an iframe inside an iframe, laid over its pane
+ * from outside the pane's DOM. It is the only webview in this window.
+ */
 function usageFrame(page: Page): FrameLocator {
-  return viewPane(page, 'Usage').frameLocator('iframe.webview').frameLocator('iframe#active-frame');
+  return page.frameLocator('iframe.webview').frameLocator('iframe#active-frame');
 }
 
 async function typeInTerminal(page: Page, line: string): Promise<void> {
@@ -257,12 +263,19 @@ async function shot(page: Page, name: string, element?: string): Promise<void> {
 // ---- the run -----------------------------------------------------------------------------------
 
 async function main(): Promise<number> {
-  checkInstalled([['the VSIX', vsix, 'run npm run package']]);
+  // The terminal step runs curl from the shell's PATH.
+  const curl = (process.env.PATH ?? '').split(path.delimiter).map((d) => path.join(d, 'curl')).find((f) => existsSync(f)) ?? 'curl';
+  checkInstalled([
+    ['the VSIX', vsix, 'run npm run package'],
+    ['curl', curl, 'apt-get install curl'],
+  ]);
 
   const upstream = await startOpenAIUpstream({ credential: SECRET });
   const sb = createSandbox('till-ui-', {
     ...BASE_SETTINGS,
     'till.upstreams': { openai: `${upstream.url}/v1` },
+    // No empty chat area on the right of the screenshots.
+    'workbench.secondarySideBar.defaultVisibility': 'hidden',
   });
   let keyring: PrivateKeyring | undefined;
   let server: CodeServer | undefined;
@@ -281,8 +294,10 @@ async function main(): Promise<number> {
   const timings: string[] = [];
   let stepName = 'setup';
   try {
+    // Not raced against the deadline: daemons started after a lost race would outlive the run.
+    // It gives up by itself within ~10 s.
     deadline.stage = 'starting the private keychain';
-    keyring = await deadline.guard(startPrivateKeyring());
+    keyring = await startPrivateKeyring();
 
     deadline.stage = `installing ${path.relative(process.cwd(), vsix)}`;
     let mark = Date.now();
@@ -296,6 +311,8 @@ async function main(): Promise<number> {
     server = await spawnCodeServer(sb, {
       // The extension's keychain: a private Secret Service, never the developer's own.
       env: { DBUS_SESSION_BUS_ADDRESS: keyring.env.DBUS_SESSION_BUS_ADDRESS! },
+      // The smoke-test driver hides notification toasts; nothing here needs it.
+      smokeTestDriver: false,
       onOutput: opts.verbose ? (text) => process.stdout.write(prefixLines('[code-server] ', text)) : undefined,
     });
     deadline.failWith(server.exited);
@@ -304,7 +321,7 @@ async function main(): Promise<number> {
     await deadline.guard(deadline.waitHealthy(server.origin));
 
     deadline.stage = 'launching chromium';
-    context = await deadline.guard(launchChromium(sb));
+    context = await launchChromium(sb, deadline.remaining());
     page = context.pages()[0] ?? (await context.newPage());
     recordBrowserConsole(page, sb, opts.verbose);
     page.setDefaultTimeout(EXPECT_MS);
@@ -330,8 +347,9 @@ async function main(): Promise<number> {
     say(`all ${steps.length} steps passed; timings:\n${timings.map((t) => `  ${t}`).join('\n')}\n  screenshots: ${shots.join(', ')}`);
     return 0;
   } catch (err) {
-    const why = err instanceof HarnessError ? err.message : err instanceof Error ? err.message : String(err);
-    console.error(`[till-ui ${since()}] FAILED at step ${stepName}: ${why}`);
+    // A timeout names the stage; within a step the step is named already.
+    const why = (err instanceof Error ? err.message : String(err)).replace(stepName === 'setup' ? /$^/ : ` while ${deadline.stage}`, '');
+    console.error(`[till-ui ${since()}] FAILED at ${stepName === 'setup' ? 'setup' : `step ${stepName}`}: ${why}`);
     if (!(err instanceof HarnessError) && err instanceof Error && err.stack) console.error(prefixLines('  ', err.stack));
     if (page) await screenshot(page, 'ui-failure').then((f) => console.error(`  screenshot: ${f}`), () => {});
     console.error(`  code-server log: ${sb.serverLog}\n  browser console: ${sb.browserLog}`);
@@ -355,13 +373,15 @@ for (const sig of ['SIGINT', 'SIGTERM'] as const) {
   });
 }
 
+// Everything was ended above; exiting outright also drops whatever a lost race left pending
+// (an install still running, say), and runs the 'exit' handlers as a last resort.
 main().then(
   (code) => {
     say(`done in ${since()} (exit ${code})`);
-    process.exitCode ||= code;
+    process.exit(code);
   },
   (err: unknown) => {
     console.error(err instanceof HarnessError ? `[till-ui] ${err.message}` : err);
-    process.exitCode = 1;
+    process.exit(1);
   },
 );
