@@ -1,11 +1,14 @@
 /**
- * The Usage view: a sidebar webview with live calls per key and in total, remaining
- * activations, the last requests, and revoke buttons.
+ * The Usage view: a sidebar webview with live calls, tokens and dollars per key and in total,
+ * each limit's spent / held / left, the running cost of open streams, the last requests, and
+ * revoke buttons.
  *
- * The host only relays: it pushes each event as it comes and a fresh key list after it (one
- * `list()` in flight at a time, so a burst costs a few reads, not one per request); the page
- * coalesces what arrives into one repaint per animation frame. Nothing is posted while the view
- * is hidden; becoming visible again sends a fresh `state`. Every message from the page is
+ * The host only relays: it pushes each event as it comes and a fresh key list after those that
+ * change counters (one `list()` in flight at a time, so a burst costs a few reads, not one per
+ * request); the page coalesces what arrives, `request.progress` included, into one repaint per
+ * animation frame. Nothing is posted while the view is hidden (progress then is simply dropped:
+ * the `state` sent on becoming visible again starts the page afresh, and the next progress of a
+ * stream still open arrives within half a second). Every message from the page is
  * untrusted: ids are checked, commands come from a fixed allow-list, and Revoke All asks here.
  */
 import { randomBytes } from 'node:crypto';
@@ -116,8 +119,9 @@ export class UsageViewProvider implements vscode.WebviewViewProvider, vscode.Dis
     if (e.type === 'request.finished' || e.type === 'request.denied') this.remember([e]);
     if (!this.visibleView) return;
     if (e.type !== 'request.started') this.post({ type: 'event', event: e });
-    // Denials change no counter; everything else may (reservations, settlements, key states).
-    if (e.type !== 'request.denied') this.refreshKeys();
+    // Denials and a stream's running usage change no counter; everything else may (reservations,
+    // settlements, key states). Progress comes twice a second per stream: a read per tick would be waste.
+    if (e.type !== 'request.denied' && e.type !== 'request.progress') this.refreshKeys();
   }
 
   private onRole(role: TillRole): void {

@@ -1,13 +1,17 @@
 /**
  * The Usage view's page: plain DOM, no framework. Host messages only update the model; one
- * repaint per animation frame draws it, so a burst of requests costs one paint. Everything is
+ * repaint per animation frame draws it, so a burst of requests costs one paint. A frame with
+ * nothing new but open streams' running usage (`request.progress`) only rewrites those few
+ * texts when they are already on the page. Everything is
  * built with createElement/textContent (never innerHTML), and styles come from media/usage.css
  * (the CSP allows no inline style; bar widths are set through CSSOM, which it allows).
  */
 import type { TillRole } from '../core/connection';
-import type { KeySummary, TillEvent } from '../core/events';
+import type { KeySummary, RequestUsage } from '../core/events';
+import type { TokenCounts } from '../core/ledger';
+import { formatAmount, formatUsd, limitsOf, METERS, type Amounts, type Meter } from '../core/policy';
 import type { RequestRecord } from '../core/service';
-import { recordKey, type HostMessage, type PageCommand, type PageMessage } from './messages';
+import { recordKey, type HostMessage, type LiveEvent, type PageCommand, type PageMessage } from './messages';
 
 // ---- the browser APIs this page uses ---------------------------------------------------------
 // Declared here, module-scoped, rather than through `/// <reference lib="dom" />`: that directive
@@ -29,6 +33,7 @@ interface El {
   append(...nodes: (El | string)[]): void;
   replaceChildren(...nodes: (El | string)[]): void;
   querySelector(selectors: string): El | null;
+  querySelectorAll(selectors: string): Iterable<El>;
   focus(): void;
 }
 interface HtmlEl extends El {
@@ -64,6 +69,14 @@ const HISTORY = 2000;
 const ROWS = 50;
 
 type State = KeySummary['state'];
+
+/** An open stream's latest running usage, from `request.progress`. */
+interface Stream {
+  keyId: string;
+  usage: RequestUsage;
+  /** When its last progress came (page clock). */
+  seen: number;
+}
 const STATE_ORDER: Record<State, number> = { active: 0, exhausted: 1, expired: 2, revoked: 3 };
 
 const model = {
@@ -77,6 +90,8 @@ const model = {
   error: undefined as string | undefined,
   /** Keys whose revoke was asked for and not yet seen through. */
   revoking: new Set<string>(),
+  /** Open streams by request id, until their `request.finished`. */
+  streams: new Map<string, Stream>(),
   showRevoked: (vscode.getState() as { showRevoked?: boolean } | undefined)?.showRevoked === true,
 };
 
@@ -95,6 +110,9 @@ window.addEventListener('message', (ev) => {
   switch (msg.type) {
     case 'state':
       model.loaded = true;
+      // A fresh start (after a revoke, a broker change, or the view hidden while events were not
+      // sent): keep only streams heard from just now; others still open report again within half a second.
+      forgetStreams(undefined, Date.now() - 2000);
       setKeys(msg.keys);
       model.records = [];
       model.seen.clear();
@@ -109,24 +127,53 @@ window.addEventListener('message', (ev) => {
       setKeys(msg.keys);
       break;
     case 'event':
+      if (msg.event.type === 'request.progress') {
+        const { request, usage } = msg.event;
+        model.streams.set(request.requestId, { keyId: request.keyId, usage, seen: Date.now() });
+        scheduleLive();
+        return;
+      }
       applyEvent(msg.event);
       break;
     case 'role':
       model.role = msg.role;
       model.brokerUrl = msg.brokerUrl;
+      if (msg.role === 'down') model.streams.clear();
       break;
   }
   schedule();
 });
 
-function setKeys(keys: KeySummary[]): void {
-  model.keys = new Map(keys.map((k) => [k.id, k]));
-  for (const id of model.revoking) if ((model.keys.get(id)?.state ?? 'revoked') === 'revoked') model.revoking.delete(id);
+/**
+ * Fills what a broker from an older Till (running in another window) does not send, so the page
+ * draws its keys without tokens or dollars rather than failing.
+ */
+function normal(k: KeySummary): KeySummary {
+  const old = k as Partial<KeySummary>;
+  return { ...k, used: old.used ?? {}, reserved: old.reserved ?? {}, remaining: old.remaining ?? {}, tokens: { ...noTokens(), ...old.tokens }, estimatedSpend: old.estimatedSpend ?? 0 };
 }
 
-function applyEvent(e: TillEvent): void {
+function setKeys(keys: KeySummary[]): void {
+  model.keys = new Map(keys.map((k) => [k.id, normal(k)]));
+  for (const id of model.revoking) if ((model.keys.get(id)?.state ?? 'revoked') === 'revoked') model.revoking.delete(id);
+  // A key with nothing in flight has no open stream: drop any whose `request.finished` was missed.
+  // Not the freshest ones: this list may have been read before their stream started.
+  forgetStreams((st) => (model.keys.get(st.keyId)?.inFlight ?? 0) === 0, Date.now() - 2000);
+}
+
+/** Drops the streams last heard from before `before` (and matching `which`, if given). */
+function forgetStreams(which: ((st: Stream) => boolean) | undefined, before: number): void {
+  for (const [id, st] of model.streams) if (st.seen < before && (!which || which(st))) model.streams.delete(id);
+}
+
+const METER_NAME: Record<Meter, string> = { activations: 'call', tokens: 'token', spend: 'spend' };
+
+function applyEvent(e: LiveEvent): void {
   switch (e.type) {
     case 'request.finished':
+      model.streams.delete(e.request.requestId);
+      addRecords([e]);
+      break;
     case 'request.denied':
       addRecords([e]);
       break;
@@ -134,14 +181,18 @@ function applyEvent(e: TillEvent): void {
     case 'key.revoked':
     case 'key.exhausted':
     case 'key.expired':
+    case 'key.extended':
     case 'limit.near': {
-      model.keys.set(e.key.id, e.key);
+      model.keys.set(e.key.id, normal(e.key));
       if (e.type === 'key.revoked') model.revoking.delete(e.key.id);
-      const what = { 'key.issued': 'issued', 'key.revoked': 'revoked', 'key.exhausted': 'used up', 'key.expired': 'expired', 'limit.near': '' }[e.type];
-      if (what) announcer.textContent = `Till key ${e.key.label} ${what}.`;
+      const label = e.key.label;
+      announcer.textContent =
+        e.type === 'key.exhausted' ? `Till key ${label} used up its ${METER_NAME[e.meter]} limit.`
+        : e.type === 'limit.near' ? `Till key ${label} has used ${e.percent}% of its ${METER_NAME[e.meter]} limit.`
+        : `Till key ${label} ${{ 'key.issued': 'issued', 'key.revoked': 'revoked', 'key.expired': 'expired', 'key.extended': 'extended' }[e.type]}.`;
       break;
     }
-    case 'request.started':
+    case 'request.progress':
       break;
   }
 }
@@ -167,8 +218,20 @@ function addRecords(records: RequestRecord[]): void {
 // ---- scheduling -----------------------------------------------------------------------------
 
 let frame = 0;
+/** Something besides streams' running usage changed: the next frame draws everything. */
+let dirty = false;
 function schedule(): void {
-  if (frame === 0) frame = requestAnimationFrame(render);
+  dirty = true;
+  if (frame === 0) frame = requestAnimationFrame(paint);
+}
+/** Only streams' running usage changed. */
+function scheduleLive(): void {
+  if (frame === 0) frame = requestAnimationFrame(paint);
+}
+function paint(): void {
+  frame = 0;
+  if (dirty || !patchLive()) render();
+  dirty = false;
 }
 // Time left and the charts' minutes move on their own.
 setInterval(schedule, 15_000);
@@ -225,6 +288,47 @@ function plural(n: number, word: string): string {
   return `${num.format(n)} ${word}${n === 1 ? '' : 's'}`;
 }
 
+const compact = new Intl.NumberFormat('en-US', { notation: 'compact', maximumFractionDigits: 1 });
+
+/** `950`, `82.1K`, `1.2M`: token counts that fit a narrow sidebar. */
+function short(n: number): string {
+  return n < 1000 ? num.format(Math.round(n)) : compact.format(n);
+}
+
+const ESTIMATED = 'Estimated from a cut stream: the upstream never reported usage, so the tokens were counted from the text streamed.';
+
+/**
+ * Dollars from micro-dollars, `~` in front when some of it was estimated. Under a hundredth of a
+ * cent is `<$0.0001` (a short request can cost $0.000005, too long for a narrow column); tooltips
+ * give the exact {@link formatUsd}.
+ */
+function usd(micros: number, estimated = false): string {
+  return `${estimated ? '~' : ''}${micros > 0 && micros < 100 ? '<$0.0001' : formatUsd(micros)}`;
+}
+
+const NBSP = '\u00a0';
+
+/** `12.3K in · 2.1K out`, breaking only after a `·`. */
+function inOut(t: TokenCounts): string {
+  return `${short(t.input)}${NBSP}in${NBSP}· ${short(t.output)}${NBSP}out`;
+}
+
+/** Tokens by kind, for tooltips: `1,234 in (1,000 cached) · 340 out (120 reasoning)`. */
+function tokenDetail(t: TokenCounts): string {
+  const f = (n: number) => n.toLocaleString('en-US');
+  return `${f(t.input)} in${t.cached ? ` (${f(t.cached)} cached)` : ''} · ${f(t.output)} out${t.reasoning ? ` (${f(t.reasoning)} reasoning)` : ''}`;
+}
+
+function noTokens(): TokenCounts {
+  return { input: 0, output: 0, cached: 0, reasoning: 0 };
+}
+function addTokens(into: TokenCounts, t: TokenCounts): void {
+  into.input += t.input;
+  into.output += t.output;
+  into.cached += t.cached;
+  into.reasoning += t.reasoning;
+}
+
 /** The state to show: an active key past its expiry is expired even before the broker says so. */
 function stateOf(k: KeySummary, now: number): State {
   return k.state === 'active' && k.policy.expiresAt !== undefined && k.policy.expiresAt <= now ? 'expired' : k.state;
@@ -243,6 +347,11 @@ interface Stats {
   byKey: Map<string, Series>;
   servedToday: number;
   deniedToday: number;
+  /** Micro-dollars settled today, from the requests seen. */
+  spendToday: number;
+  /** Some of today's spend was estimated. */
+  spendTodayEstimated: boolean;
+  tokensToday: TokenCounts;
   /** Today's counts may miss requests older than what is kept. */
   todayPartial: boolean;
   firstMinute: number;
@@ -251,7 +360,7 @@ interface Stats {
 function stats(now: number): Stats {
   const firstMinute = Math.floor(now / MINUTE) - SPAN + 1;
   const midnight = new Date(now).setHours(0, 0, 0, 0);
-  const out: Stats = { total: series(), byKey: new Map(), servedToday: 0, deniedToday: 0, todayPartial: false, firstMinute };
+  const out: Stats = { total: series(), byKey: new Map(), servedToday: 0, deniedToday: 0, spendToday: 0, spendTodayEstimated: false, tokensToday: noTokens(), todayPartial: false, firstMinute };
   const since = Math.min(midnight, firstMinute * MINUTE);
   const recs = model.records;
   for (let i = recs.length - 1; i >= 0; i--) {
@@ -259,8 +368,15 @@ function stats(now: number): Stats {
     if (r.at < since) break;
     const denied = r.type === 'request.denied';
     if (r.at >= midnight) {
-      if (denied) out.deniedToday++;
-      else out.servedToday++;
+      if (r.type === 'request.denied') out.deniedToday++;
+      else {
+        out.servedToday++;
+        if (r.usage) {
+          addTokens(out.tokensToday, r.usage.tokens);
+          out.spendToday += r.usage.spend ?? 0;
+          if (r.usage.estimated && (r.usage.spend ?? 0) > 0) out.spendTodayEstimated = true;
+        }
+      }
     }
     const slot = Math.floor(r.at / MINUTE) - firstMinute;
     if (slot < 0 || slot >= SPAN) continue;
@@ -278,10 +394,78 @@ function stats(now: number): Stats {
   return out;
 }
 
+// ---- open streams ---------------------------------------------------------------------------
+
+interface Running {
+  count: number;
+  /** Micro-dollars so far, of the streams whose model has a price. */
+  spend: number;
+  priced: boolean;
+  tokens: number;
+}
+
+/** The running usage of the open streams of one key, or of all keys. */
+function running(keyId?: string): Running {
+  const out: Running = { count: 0, spend: 0, priced: false, tokens: 0 };
+  for (const st of model.streams.values()) {
+    if (keyId !== undefined && st.keyId !== keyId) continue;
+    out.count++;
+    out.tokens += st.usage.tokens.input + st.usage.tokens.output;
+    if (st.usage.spend !== undefined) {
+      out.spend += st.usage.spend;
+      out.priced = true;
+    }
+  }
+  return out;
+}
+
+/** `streaming… $0.004 so far`, `2 streams… $0.012 so far`, `streaming… 1.2K tokens so far`. */
+function runningText(r: Running): string {
+  const what = r.count === 1 ? 'streaming…' : `${num.format(r.count)} streams…`;
+  return `${what} ${r.priced ? usd(r.spend) : `${short(r.tokens)} tokens`} so far`;
+}
+
+const RUNNING_TITLE = 'What the open streams have used so far, counted from the text streamed; settled when they end.';
+
+function runningTitle(r: Running): string {
+  return `${RUNNING_TITLE} ${plural(r.tokens, 'token')} so far.`;
+}
+
+/** A live line: a pulsing dot and a text that {@link patchLive} rewrites between full paints. */
+function liveLine(id: string, r: Running, cls: string): HtmlEl {
+  return h('div', { class: `streaming ${cls}` },
+    h('span', { class: 'pulse', 'aria-hidden': 'true' }),
+    h('span', { 'data-live': id, title: runningTitle(r) }, runningText(r)),
+  );
+}
+
+/**
+ * Rewrites the running-usage texts in place; false when the page does not have exactly the
+ * lines the streams need (a stream started or ended, or nothing is drawn yet): then a full paint.
+ */
+function patchLive(): boolean {
+  if (!model.loaded) return false;
+  const wanted = new Map<string, Running>();
+  if (model.streams.size > 0) wanted.set('total', running());
+  for (const st of model.streams.values()) {
+    const id = `key:${st.keyId}`;
+    // As card() draws them: a revoked key's card has no live line.
+    if (!wanted.has(id) && (model.keys.get(st.keyId)?.state ?? 'revoked') !== 'revoked') wanted.set(id, running(st.keyId));
+  }
+  const found = [...app.querySelectorAll('[data-live]')];
+  if (found.length !== wanted.size) return false;
+  for (const el of found) if (!wanted.has(el.dataset.live ?? '')) return false;
+  for (const el of found) {
+    const r = wanted.get(el.dataset.live!)!;
+    el.textContent = runningText(r);
+    el.setAttribute('title', runningTitle(r));
+  }
+  return true;
+}
+
 // ---- rendering ------------------------------------------------------------------------------
 
 function render(): void {
-  frame = 0;
   const now = Date.now();
   const focused = document.activeElement?.dataset.focus;
   const keys = [...model.keys.values()].map((k) => ({ key: k, state: stateOf(k, now) }));
@@ -359,16 +543,40 @@ function keyIcon(): El {
 
 function totals(states: State[], st: Stats): HtmlEl {
   const active = states.filter((x) => x === 'active').length;
-  const activations = [...model.keys.values()].reduce((sum, k) => sum + (k.used.activations ?? 0), 0);
+  const all = [...model.keys.values()];
+  const activations = all.reduce((sum, k) => sum + (k.used.activations ?? 0), 0);
+  const spendTotal = all.reduce((sum, k) => sum + (k.used.spend ?? 0), 0);
+  const estimatedTotal = all.reduce((sum, k) => sum + k.estimatedSpend, 0);
+  const tokensTotal = noTokens();
+  for (const k of all) addTokens(tokensTotal, k.tokens);
+  const today = st.tokensToday;
   const partial = st.todayPartial ? '+' : '';
   const last = (xs: number[]) => xs.reduce((a, b) => a + b, 0);
   const tile = (label: string, value: string, sub: string, title: string, cls = '') =>
     h('div', { class: `tile ${cls}`, title }, h('dt', {}, label), h('dd', {}, h('span', { class: 'value' }, value), h('span', { class: 'sub' }, sub)));
+  const live = running();
+
+  const spendTitle = [
+    `Spent today: ${usd(st.spendToday)}${partial ? ' or more' : ''}, from the requests this window has seen.`,
+    `All keys, ever: ${usd(spendTotal)}, from the ledger${estimatedTotal > 0 ? `, of which ${usd(estimatedTotal)} was estimated from cut streams (the upstream never reported their usage)` : ''}.`,
+    st.spendTodayEstimated ? ESTIMATED : '',
+  ].filter(Boolean).join('\n');
+  const spend = h('div', { class: 'tile spend' },
+    h('dt', {}, 'Spent today'),
+    h('dd', { title: spendTitle },
+      h('span', { class: st.spendTodayEstimated ? 'value est' : 'value' }, usd(st.spendToday, st.spendTodayEstimated) + partial),
+      h('span', { class: 'sub' }, h('span', { class: estimatedTotal > 0 ? 'est' : '' }, usd(spendTotal, estimatedTotal > 0)), ' total'),
+    ),
+    live.count > 0 && h('dd', {}, liveLine('total', live, 'total')),
+  );
   return h('dl', { class: 'totals' },
-    tile('Active keys', num.format(active), `of ${num.format(states.length)}`, 'Keys that can still be used, of all keys in the ledger'),
-    tile('Calls today', num.format(st.servedToday) + partial, `${num.format(last(st.total.served))} in ${SPAN} min`, 'Requests the broker forwarded today (counted from the requests this window has seen)'),
-    tile('Activations', num.format(activations), 'used, all keys', 'Billable requests counted against keys, from the ledger'),
+    spend,
+    tile('Calls today', num.format(st.servedToday) + partial, `${num.format(last(st.total.served))} in ${SPAN} min`,
+      `Requests the broker forwarded today (counted from the requests this window has seen). ${num.format(activations)} billable calls counted against keys, ever.`),
+    tile('Tokens today', short(today.input + today.output) + partial, inOut(today),
+      `Tokens today: ${tokenDetail(today)}.\nAll keys, ever: ${tokenDetail(tokensTotal)}.`),
     tile('Denials today', num.format(st.deniedToday) + partial, `${num.format(last(st.total.denied))} in ${SPAN} min`, 'Requests the broker refused today', st.deniedToday > 0 ? 'alert' : ''),
+    tile('Active keys', num.format(active), `of ${num.format(states.length)}`, 'Keys that can still be used, of all keys in the ledger'),
   );
 }
 
@@ -426,39 +634,86 @@ function chart(st: Stats): HtmlEl {
   );
 }
 
+const METER_LABEL: Record<Meter, string> = { activations: 'Calls', tokens: 'Tokens', spend: 'Spend' };
+const METER_SHORT: Record<Meter, (n: number) => string> = { activations: (n) => num.format(n), tokens: short, spend: (n) => usd(n) };
+
+/**
+ * One limit: spent, then held by requests in flight (lighter, striped), then what is left. A
+ * request is refused when what it may use does not fit in what is left, so this is the why.
+ */
+function limitBar(k: KeySummary, meter: Meter, limit: number, state: State): HtmlEl {
+  const used = k.used[meter] ?? 0;
+  const held = k.reserved[meter] ?? 0;
+  const left = k.remaining[meter] ?? Math.max(0, limit - used - held);
+  const fmt = METER_SHORT[meter];
+  const estimated = meter === 'spend' && k.estimatedSpend > 0;
+  const fillEl = h('div', { class: 'fill' });
+  const heldEl = h('div', { class: 'held' });
+  const pct = (n: number) => `${Math.min(100, (Math.max(0, n) / Math.max(1, limit)) * 100)}%`;
+  // CSSOM, not a style attribute: the CSP allows the first and blocks the second.
+  fillEl.style.width = pct(used);
+  heldEl.style.width = pct(Math.min(held, Math.max(0, limit - used)));
+  const level = used >= limit ? 'full' : used / limit >= 0.8 ? 'near' : '';
+  const full = (n: number) => formatAmount(meter, n);
+  const text = `${METER_LABEL[meter]}: ${full(used)} of ${full(limit)} used, ${full(held)} held by requests in flight, ${full(left)} left`;
+  const usable = state === 'active' || state === 'exhausted';
+  const title = [
+    `${text}.`,
+    estimated ? `${formatUsd(k.estimatedSpend)} of the spend was estimated from cut streams (the upstream never reported their usage).` : '',
+    usable ? 'A request is refused when what it may use does not fit in what is left; what is held comes back when its request ends.' : '',
+  ].filter(Boolean).join('\n');
+  return h('div', { class: `limit ${level}`, title },
+    h('div', { class: 'limit-text' },
+      h('span', { class: 'limit-name' }, METER_LABEL[meter]),
+      h('span', { class: 'limit-used' }, h('strong', { class: estimated ? 'est' : '' }, `${estimated ? '~' : ''}${fmt(used)}`), ` / ${fmt(limit)}`),
+      // Only a usable (or used-up) key has something left worth showing.
+      usable && h('span', { class: 'limit-left' },
+        held > 0 && h('span', { class: 'held-text' }, h('span', { class: 'held-swatch', 'aria-hidden': 'true' }), `${fmt(held)} held`),
+        h('span', { class: left === 0 ? 'none' : '' }, `${fmt(left)} left`),
+      ),
+    ),
+    h('div', { class: `meter ${level}`, role: 'meter', 'aria-label': `${METER_LABEL[meter]} used by ${k.label}`, 'aria-valuemin': 0, 'aria-valuemax': limit, 'aria-valuenow': used, 'aria-valuetext': text }, fillEl, heldEl),
+  );
+}
+
+/**
+ * What a key has used: dollars, tokens (cached and reasoning in the tooltip) and calls, the last
+ * only when no Calls bar shows them. Undefined when there is nothing to add to the bars.
+ */
+function keyUsage(k: KeySummary, state: State, limits: Amounts): HtmlEl | undefined {
+  const spend = k.used.spend ?? 0;
+  const t = k.tokens;
+  const estimated = k.estimatedSpend > 0;
+  // A model without a price spends nothing: no "$0.00" unless dollars are counted for this key.
+  const showSpend = spend > 0 || limits.spend !== undefined;
+  const showTokens = t.input + t.output > 0;
+  const showCalls = limits.activations === undefined;
+  const unlimited = Object.keys(limits).length === 0;
+  if (!showSpend && !showTokens && !showCalls) return undefined;
+  const held = k.reserved.spend ?? 0;
+  return h('div', { class: 'key-usage' },
+    showSpend && h('span', {
+      class: estimated ? 'spent est' : 'spent',
+      title: `${formatUsd(spend)} spent${held > 0 ? `, ${formatUsd(held)} held by requests in flight` : ''}${estimated ? `, of which ${formatUsd(k.estimatedSpend)} was estimated.\n${ESTIMATED}` : ''}`,
+    }, usd(spend, estimated)),
+    // One run of text, so a narrow card wraps it at a space with each "·" kept after its word.
+    (showTokens || showCalls) && h('span', { class: 'detail' },
+      showTokens && h('span', { title: `Tokens: ${tokenDetail(t)}` }, inOut(t)),
+      showTokens && showCalls && `${NBSP}· `,
+      showCalls && plural(k.used.activations ?? 0, 'call'),
+    ),
+    unlimited && state === 'active' && h('span', { class: 'no-limit' }, 'no limit'),
+  );
+}
+
 function card(k: KeySummary, state: State, st: Stats, now: number): HtmlEl {
-  const limit = k.policy.maxActivations;
-  const used = k.used.activations ?? 0;
-  const reserved = k.reserved.activations ?? 0;
   const revoking = model.revoking.has(k.id);
   const keySeries = st.byKey.get(k.id) ?? series();
   const spark = bars(keySeries, st.firstMinute, 20, false);
   const recentCalls = keySeries.served.reduce((a, b) => a + b, 0);
-
-  let meter: El;
-  if (limit !== undefined) {
-    const left = Math.max(0, limit - used);
-    const fillEl = h('div', { class: 'fill' });
-    const heldEl = h('div', { class: 'held' });
-    const pct = (n: number) => `${Math.min(100, (n / Math.max(1, limit)) * 100)}%`;
-    // CSSOM, not a style attribute: the CSP allows the first and blocks the second.
-    fillEl.style.width = pct(used);
-    heldEl.style.width = pct(Math.min(reserved, left));
-    const level = used >= limit ? 'full' : used / limit >= 0.8 ? 'near' : '';
-    meter = h('div', { class: 'usage' },
-      h('div', { class: `meter ${level}`, role: 'meter', 'aria-label': `Activations used by ${k.label}`, 'aria-valuemin': 0, 'aria-valuemax': limit, 'aria-valuenow': used, 'aria-valuetext': `${used} of ${limit} used, ${left} left` }, fillEl, heldEl),
-      h('div', { class: 'usage-text' },
-        h('span', {}, h('strong', {}, num.format(used)), ` / ${num.format(limit)} calls`),
-        // Only a usable (or used-up) key has calls left worth showing.
-        state === 'active' || state === 'exhausted' ? h('span', { class: left === 0 ? 'left none' : 'left' }, `${num.format(left)} left`) : null,
-      ),
-    );
-  } else {
-    meter = h('div', { class: 'usage' },
-      h('div', { class: 'meter unlimited', 'aria-hidden': 'true' }),
-      h('div', { class: 'usage-text' }, h('span', {}, h('strong', {}, num.format(used)), ' calls'), state === 'active' ? h('span', { class: 'left' }, 'no limit') : null),
-    );
-  }
+  const limits = limitsOf(k.policy);
+  const limited = METERS.filter((m) => limits[m] !== undefined);
+  const live = state === 'revoked' ? undefined : running(k.id);
 
   const expires = k.policy.expiresAt;
   const time =
@@ -476,7 +731,9 @@ function card(k: KeySummary, state: State, st: Stats, now: number): HtmlEl {
       k.credential !== k.provider && h('span', { title: 'Credential' }, k.credential),
       h('span', { class: 'id', title: 'Key id' }, k.id),
     ),
-    meter,
+    keyUsage(k, state, limits),
+    limited.length > 0 && h('div', { class: 'limits' }, ...limited.map((m) => limitBar(k, m, limits[m]!, state))),
+    live && live.count > 0 && liveLine(`key:${k.id}`, live, 'key'),
     state !== 'revoked' && spark.peak > 0 &&
       h('div', { class: 'spark', title: `Calls per minute, last ${SPAN} min` }, spark.svg, h('span', {}, `${num.format(recentCalls)} / ${SPAN} min`)),
     h('div', { class: 'card-foot' },
@@ -523,7 +780,7 @@ function requests(): HtmlEl {
         h('th', { scope: 'col', class: 'time' }, 'Time'),
         h('th', { scope: 'col' }, 'Request'),
         h('th', { scope: 'col', class: 'num' }, 'Status'),
-        h('th', { scope: 'col', class: 'num' }, 'Latency'),
+        h('th', { scope: 'col', class: 'num cost' }, 'Cost'),
       )),
       h('tbody', {}, ...rows.map(row)),
     ),
@@ -537,13 +794,33 @@ function row(r: RequestRecord): HtmlEl {
   const failed = !denied && (r.status >= 400 || r.aborted !== undefined);
   const detail = [q.model, q.label || (denied ? undefined : q.keyId)].filter(Boolean).join(' · ');
   return h('tr', { class: denied ? 'denied' : failed ? 'failed' : '', title: denied ? `Denied: ${r.reason}` : r.aborted ? `Ended early: ${r.aborted}` : undefined },
-    h('td', { class: 'time' }, clock(r.at)),
+    h('td', { class: 'time' },
+      h('div', { class: 'line' }, clock(r.at)),
+      !denied && h('div', { class: 'detail', title: 'Latency' }, latency(r.latencyMs)),
+    ),
     h('td', { class: 'req' },
       h('div', { class: 'line' }, h('span', { class: 'method' }, q.method), ' ', h('span', { class: 'path' }, q.path)),
       (detail || denied) && h('div', { class: 'detail' }, denied ? h('span', { class: 'reason' }, r.code.replace(/_/g, ' ')) : null, denied && detail ? ' · ' : '', detail),
     ),
     h('td', { class: 'num status' }, String(r.status)),
-    h('td', { class: 'num' }, denied ? '—' : latency(r.latencyMs)),
+    cost(r),
+  );
+}
+
+/** A request's cost and tokens, when it was metered. */
+function cost(r: RequestRecord): HtmlEl {
+  const u = r.type === 'request.finished' ? r.usage : undefined;
+  if (!u) return h('td', { class: 'num cost' }, h('span', { class: 'muted' }, '—'));
+  const t = u.tokens;
+  const priced = u.spend !== undefined;
+  const title = [
+    `Tokens: ${tokenDetail(t)}`,
+    priced ? `Cost: ${formatUsd(u.spend!)}` : 'Cost: unknown (no price for this model)',
+    u.estimated ? ESTIMATED : '',
+  ].filter(Boolean).join('\n');
+  return h('td', { class: 'num cost', title },
+    h('div', { class: 'line' }, priced ? h('span', { class: u.estimated ? 'est' : '' }, usd(u.spend!, u.estimated)) : h('span', { class: 'muted' }, '—')),
+    h('div', { class: 'detail' }, `${short(t.input + t.output)} tok`),
   );
 }
 

@@ -19,12 +19,20 @@ export type HostMessage =
    * could not be read.
    */
   | { type: 'state'; keys: KeySummary[]; recent: RequestRecord[]; truncated: boolean; brokerUrl: string | undefined; role: TillRole; now: number; error?: string }
-  /** One live event, sent only while the view is visible (`request.started` is not sent: the `keys` after it carry its effect). */
-  | { type: 'event'; event: TillEvent }
+  /**
+   * One live event, sent only while the view is visible. `request.started` is not sent (the
+   * `keys` after it carry its effect); `request.progress` comes up to twice a second per open
+   * stream and changes no counter, so no `keys` follows it and the page repaints it at most once
+   * per animation frame.
+   */
+  | { type: 'event'; event: LiveEvent }
   /** A fresh key list after events changed counters; never older than an earlier `keys` or `state`. */
   | { type: 'keys'; keys: KeySummary[] }
   /** The broker went away or came back; a `state` follows when it is back. */
   | { type: 'role'; role: TillRole; brokerUrl: string | undefined };
+
+/** The events the host relays to the page. */
+export type LiveEvent = Exclude<TillEvent, { type: 'request.started' }>;
 
 /** The only commands the page may ask the host to run; the host checks again against its own list. */
 export type PageCommand = typeof COMMANDS.issueKey | typeof COMMANDS.addCredential;
