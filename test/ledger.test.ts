@@ -147,17 +147,33 @@ describe('ledger: reservations', () => {
     again.close();
   });
 
-  it('replays settles and releases made after the last compaction, without a clean close', () => {
+  it('replays settles and releases made after the last compaction, without a clean close', async () => {
     const file = ledgerFile();
     const ledger = Ledger.open(file);
     const key = record({ maxActivations: 10 });
     ledger.addKey(key);
     for (let i = 0; i < 4; i++) ledger.settle(reserveOk(ledger, key.id));
     for (let i = 0; i < 3; i++) ledger.release(reserveOk(ledger, key.id));
+    // Settles and releases reach the file by the end of the event-loop turn.
+    await new Promise((r) => setImmediate(r));
     // No close(): the process "dies" here. Every change was already written.
     const again = Ledger.open(file);
     expect(used(again, key.id)).toBe(4);
     expect(again.reserved(key.id)).toEqual({});
+    again.close();
+    ledger.close();
+  });
+
+  it('a crash before a settle reaches the file counts the reservation in full: never less than spent', () => {
+    const file = ledgerFile();
+    const ledger = Ledger.open(file);
+    const key = record({ maxActivations: 10 });
+    ledger.addKey(key);
+    ledger.settle(reserveOk(ledger, key.id));
+    ledger.release(reserveOk(ledger, key.id));
+    // The process dies within the same turn: both entries were still deferred.
+    const again = Ledger.open(file);
+    expect(used(again, key.id)).toBe(2);
     again.close();
     ledger.close();
   });
@@ -232,6 +248,7 @@ describe('ledger: compaction', () => {
       // After every step the file alone holds the state: reopen a copy and compare.
       if (i % 37 === 0) {
         const copy = join(tempHome(), 'ledger.jsonl');
+        ledger.flush();
         writeFileSync(copy, readFileSync(file));
         const replayed = Ledger.open(copy);
         for (const key of keys) expect(used(replayed, key.id), `step ${i} key ${key.id}`).toBe(expected.get(key.id));
@@ -268,7 +285,8 @@ describe('ledger: compaction', () => {
     for (let i = 0; i < 3; i++) ledger.release(open.shift()!);
     expect(used(ledger, key.id)).toBe(4);
     expect(ledger.reserved(key.id)).toEqual({ activations: 5 });
-    // Crash with 5 reservations in flight: 4 settled + 5 possibly spent.
+    // Crash with 5 reservations in flight (once the settles and releases are written): 4 settled + 5 possibly spent.
+    ledger.flush();
     const again = Ledger.open(file, { compactAfter: 3 });
     expect(used(again, key.id)).toBe(9);
     expect(again.reserved(key.id)).toEqual({});

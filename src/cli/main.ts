@@ -141,8 +141,13 @@ function out(line = ''): void {
   process.stdout.write(line + '\n');
 }
 
+let clock = { second: -1, text: '' };
+
+/** `HH:MM:SS`, formatted once per second (a busy broker prints many lines a second). */
 function time(at: number): string {
-  return new Date(at).toTimeString().slice(0, 8);
+  const second = Math.floor(at / 1000);
+  if (second !== clock.second) clock = { second, text: new Date(at).toTimeString().slice(0, 8) };
+  return clock.text;
 }
 
 function usage(key: KeySummary): string {
@@ -208,15 +213,24 @@ async function serve(args: string[], paths: TillPaths): Promise<void> {
   const service = await TillService.start({ home: paths.home, port, log: (line) => process.stderr.write(`till: ${line}\n`) });
   out(`Till broker listening on ${service.url}`);
   out(`data folder: ${paths.home}`);
+  // One write per 50 ms however busy the broker is: a line per request would cost a write each.
+  let lines = '';
+  const flush = () => {
+    if (lines) process.stdout.write(lines);
+    lines = '';
+  };
+  const timer = setInterval(flush, 50);
   service.events.on((e) => {
-    if (e.type !== 'request.started' && e.type !== 'request.progress') out(formatEvent(e));
+    if (e.type !== 'request.started' && e.type !== 'request.progress') lines += formatEvent(e) + '\n';
   });
   await new Promise<void>((resolve) => {
     const stop = () => resolve();
     process.once('SIGINT', stop);
     process.once('SIGTERM', stop);
   });
+  clearInterval(timer);
   await service.close();
+  flush();
 }
 
 async function notifyBroker(paths: TillPaths, name: string): Promise<void> {

@@ -64,7 +64,11 @@ function refusalMessage(r: ReserveRefusal, wanted: number): string {
 /** Issues, checks and limits till keys over a {@link Ledger}. */
 export class TillKeys {
   private readonly inFlight = new Map<string, Set<InFlight>>();
+  /** Long-lived connections (WebSockets): cut by revocation, but not requests, so outside the concurrency count. */
+  private readonly sessions = new Map<string, Set<InFlight>>();
   private readonly recent = new Map<string, number[]>();
+  /** Presented keys already verified against their hash, to the key they name. */
+  private readonly verified = new Map<string, KeyRecord>();
   private readonly announced = new Map<string, Set<string>>();
   private expiryTimer: NodeJS.Timeout | undefined;
 
@@ -101,9 +105,8 @@ export class TillKeys {
   revoke(id: string): boolean {
     if (!this.ledger.revoke(id, this.now())) return false;
     const record = this.ledger.get(id)!;
-    for (const flight of [...(this.inFlight.get(id) ?? [])]) {
-      flight.cut({ status: 401, code: 'revoked', message: `till key "${record.label}" was revoked` });
-    }
+    const denial: Denial = { status: 401, code: 'revoked', message: `till key "${record.label}" was revoked` };
+    for (const flight of [...(this.inFlight.get(id) ?? []), ...(this.sessions.get(id) ?? [])]) flight.cut(denial);
     this.events.emit({ type: 'key.revoked', at: this.now(), key: this.summary(record) });
     return true;
   }
@@ -155,12 +158,19 @@ export class TillKeys {
    * comparison; the denial never contains the presented value.
    */
   authenticate(presented: string): KeyRecord | Denial {
-    const parsed = parseTillKey(presented);
-    if (!parsed.ok) return { status: 400, code: 'malformed_key', message: parsed.reason };
-    const key = this.ledger.get(parsed.id);
-    // Hash even when the id is unknown, so timing says nothing about which ids exist.
-    const matches = tillKeyMatches(presented, key?.hash ?? '0'.repeat(64));
-    if (!key || !matches) return { status: 401, code: 'unknown_key', message: 'unknown till key: it was never issued by this broker, or its ledger was replaced' };
+    // A key seen before skips the parse and the hash: only an exact, already verified
+    // string hits, so this tells a guesser nothing the hash comparison would not.
+    let key = this.verified.get(presented);
+    if (!key) {
+      const parsed = parseTillKey(presented);
+      if (!parsed.ok) return { status: 400, code: 'malformed_key', message: parsed.reason };
+      key = this.ledger.get(parsed.id);
+      // Hash even when the id is unknown, so timing says nothing about which ids exist.
+      const matches = tillKeyMatches(presented, key?.hash ?? '0'.repeat(64));
+      if (!key || !matches) return { status: 401, code: 'unknown_key', message: 'unknown till key: it was never issued by this broker, or its ledger was replaced' };
+      if (this.verified.size >= 10_000) this.verified.clear();
+      this.verified.set(presented, key);
+    }
     const state = keyState(key, this.now());
     if (state === 'revoked') return { status: 401, code: 'revoked', message: `till key "${key.label}" was revoked` };
     if (state === 'expired') return { status: 401, code: 'expired', message: `till key "${key.label}" expired at ${new Date(key.policy.expiresAt!).toISOString()}` };
@@ -223,6 +233,21 @@ export class TillKeys {
           this.ledger.release(reservation);
         }
       },
+    };
+  }
+
+  /**
+   * Registers a long-lived connection of a key (a WebSocket) so that revocation cuts it. It
+   * holds no concurrency slot or reservation: each request made over it is admitted on its own.
+   * Returns the function that unregisters it.
+   */
+  track(key: KeyRecord, session: InFlight): () => void {
+    const set = this.sessions.get(key.id) ?? new Set<InFlight>();
+    this.sessions.set(key.id, set);
+    set.add(session);
+    return () => {
+      set.delete(session);
+      if (set.size === 0 && this.sessions.get(key.id) === set) this.sessions.delete(key.id);
     };
   }
 

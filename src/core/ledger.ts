@@ -144,6 +144,8 @@ export class Ledger {
   private readonly reservedByKey = new Map<string, Amounts>();
   private readonly open = new Map<number, Reservation>();
   private nextReservation = 1;
+  private deferred = '';
+  private flushScheduled = false;
   private fd: number;
   private entries = 0;
   private readonly compactAfter: number;
@@ -241,10 +243,38 @@ export class Ledger {
     return r;
   }
 
+  /**
+   * Writes an entry now, with any deferred ones before it (order is kept). Reservations,
+   * keys, revocations and policies are written before they are acknowledged.
+   */
   private write(entry: Entry, sync = false): void {
-    writeSync(this.fd, encode(entry));
+    const line = encode(entry);
+    writeSync(this.fd, this.deferred ? this.deferred + line : line);
+    this.deferred = '';
     if (sync) fsyncSync(this.fd);
     this.entries++;
+  }
+
+  /**
+   * Defers an entry to the next write or the end of this event-loop turn: settlements and
+   * releases only ever lower what a crash would count (an open reservation counts as spent,
+   * and it is the worst case), so a busy broker saves a write per request.
+   */
+  private defer(entry: Entry): void {
+    this.deferred += encode(entry);
+    this.entries++;
+    if (!this.flushScheduled) {
+      this.flushScheduled = true;
+      setImmediate(() => this.flush());
+    }
+  }
+
+  /** Writes the deferred entries. */
+  flush(): void {
+    this.flushScheduled = false;
+    if (!this.deferred || this.fd < 0) return;
+    writeSync(this.fd, this.deferred);
+    this.deferred = '';
   }
 
   /**
@@ -258,6 +288,8 @@ export class Ledger {
 
   /** Rewrites the journal as the current state, through a temporary file and an atomic rename. */
   compact(): void {
+    // The snapshot holds everything deferred entries say (memory is already up to date).
+    this.deferred = '';
     const tmp = `${this.file}.tmp`;
     const fd = openSync(tmp, 'w', 0o600);
     let text = encode({ t: 'head', v: 1 });
@@ -340,7 +372,7 @@ export class Ledger {
   /** Turns a reservation into spending of `actual` (by default, what was reserved). */
   settle(res: Reservation, actual: Amounts = res.amounts, details?: SettleDetails): void {
     if (!this.open.delete(res.id)) return;
-    this.write(details ? { t: 'set', r: res.id, u: actual, d: details } : { t: 'set', r: res.id, u: actual });
+    this.defer(details ? { t: 'set', r: res.id, u: actual, d: details } : { t: 'set', r: res.id, u: actual });
     add(this.reservedFor(res.keyId), res.amounts, -1);
     const key = this.keysById.get(res.keyId);
     if (key) addSettled(key, actual, details);
@@ -350,12 +382,13 @@ export class Ledger {
   /** Gives a reservation back: the request never reached the upstream. */
   release(res: Reservation): void {
     if (!this.open.delete(res.id)) return;
-    this.write({ t: 'rel', r: res.id });
+    this.defer({ t: 'rel', r: res.id });
     add(this.reservedFor(res.keyId), res.amounts, -1);
     this.compactIfDue();
   }
 
   close(): void {
+    this.flush();
     if (this.fd >= 0) closeSync(this.fd);
     this.fd = -1;
   }
