@@ -1,1 +1,361 @@
-console.log('bench: not written yet');
+/**
+ * `npm run bench`: how much the Till broker costs next to the floor for a Node broker.
+ *
+ * One run compares, on a fast upstream on 127.0.0.1:
+ *   direct        the load generator calls the upstream itself;
+ *   pass-through  a minimal node:http proxy that swaps the Authorization header;
+ *   till          `till serve` (dist/till.js) with a credential in a private keychain and a till key.
+ * Upstream, pass-through and Till each run in their own child process, so the CPU time of each
+ * proxy is read from /proc before and after each phase. The load generator runs here.
+ *
+ * Prints a Markdown table to stdout (progress goes to stderr) and writes it to bench/RESULTS.md.
+ * Every child process, the private keychain and the temp folder go away at the end, on error
+ * and on Ctrl-C.
+ */
+import { fork, spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { availableParallelism, tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { startPrivateKeyring, type PrivateKeyring } from '../test/support/keyring';
+import { runPhase, runSse, summarize, type PhaseRun, type Target } from './load';
+import { runPassThrough } from './passthrough';
+import { cpuMicros, cpuModel, machineBusyMicros, peakRssKiB } from './proc';
+import { markdown, type Goal, type TargetResult } from './report';
+import { runUpstream, SSE_EVENTS, SSE_GAP_MS, type Orphans } from './upstream';
+
+// Bounded work per target: a warm-up, then fixed request counts.
+const WARMUP_REQUESTS = 2_000;
+const WARMUP_CONCURRENCY = 8;
+const C1_REQUESTS = 3_000;
+const C32_REQUESTS = 10_000;
+// The load phases run in this many interleaved rounds (it divides both counts).
+const ROUNDS = 4;
+const SSE_STREAMS = 50;
+const SSE_WARMUP_STREAMS = 5;
+
+// The targets Till is held to.
+const MAX_CPU_RATIO = 1.3;
+const MAX_ADDED_P50_MS = 0.3;
+
+// The whole run must end by itself.
+const WATCHDOG_MS = 5 * 60_000;
+
+const TILL_JS = resolve(__dirname, 'till.js');
+// BENCH_CPU_PROF=<dir>: write V8 CPU profiles of the pass-through and `till serve` there.
+// BENCH_NODE_ARGS="--perf-basic-prof …": extra node options for both proxies (e.g. for `perf record -p`).
+const CPU_PROF_DIR = process.env.BENCH_CPU_PROF ? resolve(process.env.BENCH_CPU_PROF) : undefined;
+const EXTRA_NODE_ARGS = (process.env.BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean);
+const profileArgs = (name: string) => [...EXTRA_NODE_ARGS, ...(CPU_PROF_DIR ? ['--cpu-prof', `--cpu-prof-dir=${CPU_PROF_DIR}`, `--cpu-prof-name=${name}.cpuprofile`] : [])];
+const RESULTS_MD = resolve(__dirname, '..', 'bench', 'RESULTS.md');
+
+const children: ChildProcess[] = [];
+let keyring: PrivateKeyring | undefined;
+let scratch: string | undefined;
+
+const sum = (values: number[]) => values.reduce((a, b) => a + b, 0);
+
+function progress(line: string): void {
+  process.stderr.write(`bench: ${line}\n`);
+}
+
+function alive(child: ChildProcess): boolean {
+  return child.exitCode === null && child.signalCode === null;
+}
+
+/** Synchronous, so it also runs from process.on('exit'). Idempotent. */
+function cleanup(): void {
+  for (const child of children) {
+    if (alive(child)) {
+      try {
+        child.kill('SIGKILL');
+      } catch {
+        // already gone
+      }
+    }
+  }
+  children.length = 0;
+  keyring?.stop();
+  keyring = undefined;
+  if (scratch) rmSync(scratch, { recursive: true, force: true });
+  scratch = undefined;
+}
+
+/** Starts this same bundle in another role (`upstream`, `passthrough`) and waits for its port. */
+async function forkRole(role: string, env: Record<string, string>): Promise<{ child: ChildProcess; port: number }> {
+  const child = fork(__filename, [role], { execArgv: role === 'passthrough' ? profileArgs(role) : [], cwd: scratch, env: { ...process.env, ...env }, stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+  children.push(child);
+  const port = await new Promise<number>((resolvePort, reject) => {
+    const timer = setTimeout(() => reject(new Error(`${role} did not start within 10 s`)), 10_000);
+    child.once('message', (m: { port?: number }) => {
+      clearTimeout(timer);
+      if (typeof m.port === 'number') resolvePort(m.port);
+      else reject(new Error(`${role} sent ${JSON.stringify(m)}`));
+    });
+    child.once('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`${role} exited with ${code}`));
+    });
+  });
+  return { child, port };
+}
+
+/** Runs the built `till` command to completion; rejects on a non-zero exit. */
+function till(args: string[], env: NodeJS.ProcessEnv, input = ''): Promise<string> {
+  return new Promise((resolveRun, reject) => {
+    const child = spawn(process.execPath, [TILL_JS, ...args], { env, stdio: ['pipe', 'pipe', 'pipe'] });
+    children.push(child);
+    let stdout = '';
+    let stderr = '';
+    child.stdout!.on('data', (c) => (stdout += c));
+    child.stderr!.on('data', (c) => (stderr += c));
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`till ${args[0]} ${args[1] ?? ''} did not finish within 20 s: ${stderr}`));
+    }, 20_000);
+    child.on('close', (code) => {
+      clearTimeout(timer);
+      if (code === 0) resolveRun(stdout);
+      else reject(new Error(`till ${args.slice(0, 2).join(' ')} exited with ${code}: ${stderr.trim()}`));
+    });
+    child.stdin!.end(input);
+  });
+}
+
+/**
+ * Starts `till serve` with its output in a file (as a terminal or a log file would take it;
+ * nothing here reads it during the load) and waits for its URL.
+ */
+async function startServe(env: NodeJS.ProcessEnv, logFile: string): Promise<{ child: ChildProcess; port: number }> {
+  const fd = openSync(logFile, 'w', 0o600);
+  const child = spawn(process.execPath, [...profileArgs('till'), TILL_JS, 'serve', '--port', '0'], { cwd: scratch, env, stdio: ['ignore', fd, fd] });
+  closeSync(fd);
+  children.push(child);
+  const deadline = Date.now() + 15_000;
+  for (;;) {
+    const text = readFileSync(logFile, 'utf8');
+    const m = /listening on http:\/\/127\.0\.0\.1:(\d+)/.exec(text);
+    if (m) return { child, port: Number(m[1]) };
+    if (!alive(child)) throw new Error(`till serve exited with ${child.exitCode ?? child.signalCode}: ${text.trim()}`);
+    if (Date.now() > deadline) throw new Error(`till serve did not start within 15 s: ${text.trim()}`);
+    await sleep(50);
+  }
+}
+
+async function stopChild(child: ChildProcess, signal: NodeJS.Signals = 'SIGTERM'): Promise<void> {
+  if (!alive(child)) return;
+  const exited = new Promise<void>((r) => child.once('exit', () => r()));
+  child.kill(signal);
+  const timedOut = await Promise.race([exited.then(() => false), sleep(5_000).then(() => true)]);
+  if (timedOut) {
+    child.kill('SIGKILL');
+    await exited;
+  }
+}
+
+// Share of the machine's CPU that other processes may take during the load phases before the
+// figures are flagged as unreliable.
+const MAX_OTHER_LOAD = 0.1;
+
+interface Path {
+  target: Target;
+  /** The proxy's process (none for the direct path). */
+  pid: number | undefined;
+  c1: PhaseRun[];
+  c32: PhaseRun[];
+  /** Proxy CPU (µs) per round, at c=1 and c=32. */
+  cpuC1: number[];
+  cpuC32: number[];
+  /** CPU time other processes took while this path was loaded, and the wall time (µs). */
+  otherCpu: number;
+  wall: number;
+}
+
+/**
+ * The load phases, in rounds: each round runs a slice of the c=1 and c=32 requests on every
+ * path, in a rotating order, so a machine that slows down or speeds up over the run weighs on
+ * every path alike.
+ */
+async function load(paths: Path[], upstreamPid: number): Promise<void> {
+  const cpu = (p: Path) => (p.pid === undefined ? 0 : cpuMicros(p.pid));
+  const ours = (p: Path) => {
+    const self = process.cpuUsage();
+    return cpu(p) + cpuMicros(upstreamPid) + self.user + self.system;
+  };
+  for (let round = 0; round < ROUNDS; round++) {
+    for (let i = 0; i < paths.length; i++) {
+      const p = paths[(i + round) % paths.length]!;
+      const machine0 = machineBusyMicros();
+      const ours0 = ours(p);
+      const t0 = performance.now();
+      const cpu0 = cpu(p);
+      p.c1.push(await runPhase(p.target, 1, C1_REQUESTS / ROUNDS));
+      const cpu1 = cpu(p);
+      p.c32.push(await runPhase(p.target, 32, C32_REQUESTS / ROUNDS));
+      const cpu2 = cpu(p);
+      p.otherCpu += Math.max(0, machineBusyMicros() - machine0 - (ours(p) - ours0));
+      p.wall += (performance.now() - t0) * 1000;
+      p.cpuC1.push(cpu1 - cpu0);
+      p.cpuC32.push(cpu2 - cpu1);
+    }
+    progress(`load round ${round + 1}/${ROUNDS} done`);
+  }
+}
+
+async function main(): Promise<void> {
+  if (process.platform !== 'linux') throw new Error('the bench reads /proc: it runs on Linux only');
+  if (!existsSync(TILL_JS)) throw new Error(`${TILL_JS} is missing: run \`npm run build\` first`);
+  const watchdog = setTimeout(() => {
+    progress(`did not finish within ${WATCHDOG_MS / 60_000} min: stopping`);
+    cleanup();
+    process.exit(1);
+  }, WATCHDOG_MS);
+  watchdog.unref();
+  const began = performance.now();
+
+  // The profiles name functions by line in the bundle: keep the bundle they were taken of.
+  if (CPU_PROF_DIR) {
+    mkdirSync(CPU_PROF_DIR, { recursive: true });
+    copyFileSync(TILL_JS, join(CPU_PROF_DIR, 'till.js'));
+    if (existsSync(`${TILL_JS}.map`)) copyFileSync(`${TILL_JS}.map`, join(CPU_PROF_DIR, 'till.js.map'));
+    copyFileSync(__filename, join(CPU_PROF_DIR, 'bench.js'));
+  }
+  const secret = `sk-bench-${randomBytes(18).toString('hex')}`;
+  scratch = mkdtempSync(join(tmpdir(), 'till-bench-'));
+
+  progress('starting a private keychain, the upstream and the pass-through');
+  keyring = await startPrivateKeyring();
+  const upstream = await forkRole('upstream', { BENCH_SECRET: secret });
+  const pass = await forkRole('passthrough', { BENCH_SECRET: secret, BENCH_UPSTREAM_PORT: String(upstream.port) });
+
+  progress('starting till serve');
+  const tillEnv: NodeJS.ProcessEnv = {
+    ...process.env,
+    ...keyring.env,
+    TILL_HOME: join(scratch, 'home'),
+    TILL_UPSTREAM_OPENAI: `http://127.0.0.1:${upstream.port}/v1`,
+  };
+  await till(['credential', 'add', 'openai'], tillEnv, `${secret}\n`);
+  const serve = await startServe(tillEnv, join(scratch, 'serve.log'));
+  const orphans: Orphans = { pids: [serve.child.pid!], keyringHome: keyring.env.HOME, dirs: [scratch, keyring.env.HOME!] };
+  upstream.child.send({ reap: orphans });
+  const issued = JSON.parse(await till(['issue', 'openai', '--json', '--label', 'bench'], tillEnv)) as { key: string; baseUrl: string; policy: { maxActivations?: number } };
+  if (issued.policy.maxActivations !== undefined) throw new Error('the bench key must have no uses limit');
+  const tillPath = `${new URL(issued.baseUrl).pathname}/chat/completions`;
+
+  const paths: Path[] = [
+    { target: { name: 'direct', port: upstream.port, path: '/v1/chat/completions', authorization: `Bearer ${secret}` }, pid: undefined },
+    { target: { name: 'pass-through', port: pass.port, path: '/v1/chat/completions', authorization: 'Bearer sk-placeholder' }, pid: pass.child.pid },
+    { target: { name: 'till', port: serve.port, path: tillPath, authorization: `Bearer ${issued.key}` }, pid: serve.child.pid },
+  ].map((p) => ({ ...p, c1: [], c32: [], cpuC1: [], cpuC32: [], otherCpu: 0, wall: 0 }));
+
+  for (const p of paths) {
+    progress(`${p.target.name}: warm-up`);
+    await runPhase(p.target, WARMUP_CONCURRENCY, WARMUP_REQUESTS);
+    await runSse(p.target, SSE_WARMUP_STREAMS);
+  }
+  await load(paths, upstream.child.pid!);
+  const results: TargetResult[] = [];
+  for (const p of paths) {
+    const sse = await runSse(p.target, SSE_STREAMS);
+    progress(`${p.target.name}: SSE first event ${sse.ttfbMedianMs.toFixed(2)} ms, end ${sse.endMedianMs.toFixed(1)} ms`);
+    const result: TargetResult = { name: p.target.name, c1: summarize(p.c1), c32: summarize(p.c32), sse, otherLoad: p.otherCpu / (p.wall * availableParallelism()) };
+    if (p.pid !== undefined) {
+      result.cpuC1 = sum(p.cpuC1) / C1_REQUESTS;
+      result.cpuC32 = sum(p.cpuC32) / C32_REQUESTS;
+      result.peakRssKiB = peakRssKiB(p.pid);
+    }
+    results.push(result);
+  }
+  // The CPU ratio in each round, to show how stable it is.
+  const [, passRun, tillRun] = paths as [Path, Path, Path];
+  const perRound = (a: number[], b: number[]) => a.map((x, i) => `${(x / b[i]!).toFixed(2)}×`).join(', ');
+  const roundsC1 = perRound(tillRun.cpuC1, passRun.cpuC1);
+  const roundsC32 = perRound(tillRun.cpuC32, passRun.cpuC32);
+
+  await stopChild(serve.child);
+  upstream.child.send({ reap: { ...orphans, pids: [] } });
+  if (serve.child.exitCode !== 0) progress(`till serve exited with ${serve.child.exitCode ?? serve.child.signalCode}`);
+  await stopChild(pass.child);
+  await stopChild(upstream.child);
+  cleanup();
+
+  const [, p, t] = results as [TargetResult, TargetResult, TargetResult];
+  const ratioC1 = t.cpuC1! / p.cpuC1!;
+  const ratioC32 = t.cpuC32! / p.cpuC32!;
+  const addedP50 = t.c1.p50Ms - p.c1.p50Ms;
+  const goals: Goal[] = [
+    { name: 'till CPU per request ÷ pass-through, c=1', value: `${ratioC1.toFixed(2)}× (${Math.round(t.cpuC1!)} vs ${Math.round(p.cpuC1!)} µs)`, limit: `≤ ${MAX_CPU_RATIO}×`, pass: ratioC1 <= MAX_CPU_RATIO },
+    { name: 'till CPU per request ÷ pass-through, c=32', value: `${ratioC32.toFixed(2)}× (${Math.round(t.cpuC32!)} vs ${Math.round(p.cpuC32!)} µs)`, limit: `≤ ${MAX_CPU_RATIO}×`, pass: ratioC32 <= MAX_CPU_RATIO },
+    { name: 'added p50 latency, till − pass-through, c=1', value: `${addedP50.toFixed(3)} ms`, limit: `≤ ${MAX_ADDED_P50_MS} ms`, pass: addedP50 <= MAX_ADDED_P50_MS },
+    {
+      name: 'SSE through till unbuffered',
+      value: `first event at ${t.sse.ttfbMedianMs.toFixed(2)} ms, ≥ ${t.sse.minLeadMs.toFixed(0)} ms before the end`,
+      limit: 'first event alone, long before the end',
+      pass: t.sse.unbuffered,
+    },
+  ];
+
+  const seconds = (performance.now() - began) / 1000;
+  const busiest = Math.max(...results.map((r) => r.otherLoad));
+  const warnings: string[] = [];
+  if (busiest > MAX_OTHER_LOAD) {
+    warnings.push(`**Warning: other processes took up to ${Math.round(busiest * 100)} % of the machine's CPU during the load phases: these figures are unreliable; run again on a quiet machine.**`);
+    progress(`warning: other processes took up to ${Math.round(busiest * 100)} % of the CPU during the load phases`);
+  }
+  const md = markdown(
+    {
+      date: new Date().toISOString().replace(/\.\d+Z$/, 'Z'),
+      node: process.version,
+      cpu: cpuModel(),
+      cores: availableParallelism(),
+      platform: `${process.platform} ${process.arch}`,
+      counts: `Per path: ${WARMUP_REQUESTS.toLocaleString('en-US')} warm-up requests, then ${C1_REQUESTS.toLocaleString('en-US')} at concurrency 1 and ${C32_REQUESTS.toLocaleString('en-US')} at concurrency 32 (POST of a small JSON chat-completions body over keep-alive), in ${ROUNDS} rounds that alternate the paths, then ${SSE_STREAMS} SSE streams one at a time.`,
+    },
+    results,
+    goals,
+    [
+      ...warnings,
+      `Latency: request start to the last byte of the answer, measured by the load generator, which shares the machine (${availableParallelism()} cores) with the upstream and the proxy.`,
+      `Proxy CPU: user + system time of the proxy process (/proc/<pid>/stat) over the phase, divided by its requests; the upstream and the load generator are not counted. Till ÷ pass-through in each round: c=1 ${roundsC1}; c=32 ${roundsC32}.`,
+      `SSE: the upstream sends headers and the first event at once, then ${SSE_EVENTS - 1} more events ${SSE_GAP_MS} ms apart. "Ahead of stream end" is the smallest gap, over all streams, between the first event and the end: a buffering path would show about 0. Unbuffered = median first event under ${SSE_GAP_MS} ms, first read holding the first event alone in ≥ 90 % of streams, and every first event ≥ ${((SSE_EVENTS - 1) * SSE_GAP_MS) / 2} ms ahead of its end.`,
+      '`till serve` runs as shipped: it checks and counts every request in its ledger, appends the audit log and prints one line per request to its output (a file here).',
+      `Run time: ${seconds.toFixed(0)} s.`,
+    ],
+  );
+  process.stdout.write(md);
+  if (CPU_PROF_DIR || EXTRA_NODE_ARGS.length > 0) {
+    progress(`profiling run: RESULTS.md left as it was${CPU_PROF_DIR ? `; profiles in ${CPU_PROF_DIR}` : ''}`);
+  } else {
+    writeFileSync(RESULTS_MD, md);
+    progress(`wrote ${RESULTS_MD}`);
+  }
+  clearTimeout(watchdog);
+}
+
+const role = process.argv[2];
+if (role === 'upstream') {
+  runUpstream();
+} else if (role === 'passthrough') {
+  runPassThrough();
+} else {
+  process.on('exit', cleanup);
+  for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
+    process.once(signal, () => {
+      progress(`${signal}: stopping`);
+      cleanup();
+      process.exit(130);
+    });
+  }
+  main().then(
+    () => {
+      process.exitCode = 0;
+    },
+    (err: unknown) => {
+      progress(`failed: ${(err as Error).stack ?? String(err)}`);
+      cleanup();
+      process.exitCode = 1;
+    },
+  );
+}
