@@ -23,6 +23,7 @@ import type { PriceTable } from './pricing';
 import { looksLikeTillKey } from './tillKey';
 import type { Vault } from './vault';
 import { VaultError } from './vault';
+import { WebSocketProxy } from './websocket';
 
 /** The broker's default port: T-I-L-L on a phone keypad. */
 export const DEFAULT_PORT = 8455;
@@ -53,13 +54,14 @@ export interface BrokerOptions {
 
 // Headers that describe one connection, not the message; content-length is set per side.
 const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'proxy-authorization', 'proxy-authenticate', 'te', 'trailer', 'trailers', 'transfer-encoding', 'upgrade', 'host', 'content-length']);
-const STRIPPED_REQUEST = new Set<string>([...HOP_BY_HOP, ...KEY_HEADERS, 'origin', 'referer', 'cookie']);
+/** Request headers never forwarded upstream (hop-by-hop, keys, browser context). */
+export const STRIPPED_REQUEST = new Set<string>([...HOP_BY_HOP, ...KEY_HEADERS, 'origin', 'referer', 'cookie']);
 const LOOPBACK_HOSTS = new Set(['127.0.0.1', 'localhost', '[::1]', '::1']);
 
 let requestCounter = 0;
 
 /** A till key found in a request, or why none could be used. */
-function findTillKey(req: http.IncomingMessage, query: URLSearchParams): string | Denial {
+export function findTillKey(req: http.IncomingMessage, query: URLSearchParams): string | Denial {
   const found = new Set<string>();
   let other = false;
   const consider = (value: string | undefined) => {
@@ -84,7 +86,7 @@ function findTillKey(req: http.IncomingMessage, query: URLSearchParams): string 
 const canonicalCache = new Map<string, boolean>();
 
 /** True when a path means exactly what it says: no dot segments, backslashes or encoded slashes. */
-function isCanonicalPath(path: string): boolean {
+export function isCanonicalPath(path: string): boolean {
   if (!/[.%\\]/.test(path)) return true;
   if (/%2f|%5c|\\/i.test(path)) return false;
   let ok = canonicalCache.get(path);
@@ -96,7 +98,8 @@ function isCanonicalPath(path: string): boolean {
   return ok;
 }
 
-function hostIsLoopback(host: string | undefined): boolean {
+/** True when a Host header names this machine's loopback interface. */
+export function hostIsLoopback(host: string | undefined): boolean {
   if (!host) return false;
   const name = host.startsWith('[') ? host.slice(0, host.indexOf(']') + 1) : host.split(':')[0]!;
   return LOOPBACK_HOSTS.has(name.toLowerCase());
@@ -188,6 +191,13 @@ export class Broker {
       keepAliveTimeout: 5_000,
     });
     server.on('request', (req, res) => this.handle(req, res));
+    // WebSockets (Codex's Responses transport, Realtime, Gemini Live): same checks, see websocket.ts.
+    const websockets = new WebSocketProxy({
+      keys: o.keys, providers: o.providers, prices: o.prices, events: o.events, audit: o.audit, log: o.log,
+      maxMessageBytes: o.maxBodyBytes, open: this.open,
+      secretFor: (name) => this.secretFor(name), baseUrlFor: (p) => this.baseUrlFor(p), http: (req, res) => this.handle(req, res),
+    });
+    server.on('upgrade', (req: http.IncomingMessage, socket, head: Buffer) => websockets.upgrade(req, socket, head));
     server.on('clientError', (err: NodeJS.ErrnoException, socket) => {
       if (!socket.writable) return socket.destroy();
       const status = err.code === 'HPE_HEADER_OVERFLOW' ? 431 : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400;

@@ -191,7 +191,8 @@ function fromAnthropicCounts(c: AnthropicCounts): Usage | undefined {
 
 function fromGeminiUsage(m: Json): Usage | undefined {
   const prompt = count(m.promptTokenCount);
-  const candidates = count(m.candidatesTokenCount);
+  // The Live API (WebSocket) names the output count responseTokenCount.
+  const candidates = count(m.candidatesTokenCount) ?? count(m.responseTokenCount);
   const thoughts = count(m.thoughtsTokenCount);
   const toolUse = count(m.toolUsePromptTokenCount);
   if (prompt === undefined && candidates === undefined && thoughts === undefined && toolUse === undefined) return undefined;

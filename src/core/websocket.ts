@@ -1,0 +1,1024 @@
+/**
+ * WebSockets through the broker, under the same policy as HTTP: OpenAI Responses over WebSocket
+ * (what Codex CLI tries first), OpenAI Realtime and Gemini Live, and any other WebSocket route of
+ * a provider as one request per connection.
+ *
+ * The upgrade is checked like an HTTP request (Host, Origin, till key, provider, path scope,
+ * expiry, revocation, exhaustion) and refused with an HTTP answer in the provider's error shape.
+ * The upstream is connected first and the client's upgrade completed only once the upstream has
+ * accepted, so the client is answered with the subprotocol the upstream chose, an upstream
+ * refusal (a 426 makes Codex fall back to HTTP at once) reaches the client as it was sent, and no
+ * message ever waits in the broker for the upstream to open.
+ *
+ * Each response the model generates is one request: a `response.create` (or a Gemini client turn)
+ * is admitted before it is forwarded (an activation, and on budgeted keys the worst case of tokens
+ * and spend, with the output capped to what is left), then metered from the upstream's final
+ * event (`response.completed` / `response.done` / Gemini `turnComplete`) and settled. A prewarm
+ * (`generate: false`) and the upgrade itself cost nothing. Revocation, expiry and exhaustion close
+ * the socket with a 4xxx close code whose reason says why; message contents and keys are never
+ * logged.
+ */
+import * as http from 'node:http';
+import type { Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
+import WebSocket, { WebSocketServer, type RawData } from 'ws';
+import type { AuditLog } from './audit';
+import { findTillKey, hostIsLoopback, isCanonicalPath, STRIPPED_REQUEST } from './broker';
+import { planBudget, settlement } from './budget';
+import { denialBody, type Denial } from './denial';
+import type { RequestInfo, RequestUsage, TillEvents } from './events';
+import type { Admission, TillKeys } from './keys';
+import { keyState, type KeyRecord, type SettleDetails } from './ledger';
+import { estimateTokens, usageFormat, usageFromJson, type Usage, type UsageFormat } from './metering';
+import { formatAmount, formatUsd, limitsOf, METERS, scopeViolation, type Amounts } from './policy';
+import type { PriceTable } from './pricing';
+import { isFreeRoute, KEY_HEADERS, KEY_QUERY_PARAMS, type Provider, type ProviderRegistry } from './providers';
+import { looksLikeTillKey } from './tillKey';
+import { VaultError } from './vault';
+
+/**
+ * Close codes the broker sends when it ends a WebSocket itself (4000–4999 are for applications).
+ * The close reason (at most 123 bytes) says why in words; it never holds a key.
+ */
+export const CLOSE_CODES = {
+  /** A message the broker cannot check (not JSON). */
+  badRequest: 4000,
+  /** The till key was revoked or expired (or is no longer known). */
+  revoked: 4001,
+  /** The session asked for something outside the key's scope (Gemini: the model of `setup`). */
+  forbidden: 4003,
+  /** A limit of the key was reached (activations, tokens, spend), or its rate or concurrency. */
+  exhausted: 4029,
+  /** Standard: a message over the size limit. */
+  tooBig: 1009,
+  /** Standard: the broker failed. */
+  internal: 1011,
+} as const;
+
+/** The browser-style subprotocol OpenAI Realtime accepts a key in: `openai-insecure-api-key.<key>`. */
+const KEY_PROTOCOL = 'openai-insecure-api-key.';
+const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
+const WS_KEY = /^[+/0-9A-Za-z]{22}==$/;
+/**
+ * Upstream handshake headers not relayed to the client: the broker answers its own handshake, and
+ * a client following an upstream redirect would take its till key to another host.
+ */
+const NOT_RELAYED = new Set(['connection', 'upgrade', 'keep-alive', 'transfer-encoding', 'content-length', 'set-cookie', 'proxy-authenticate', 'trailer', 'location']);
+/** Largest upstream refusal body relayed to a client. */
+const MAX_REFUSAL_BODY = 64 * 1024;
+/** Responses remembered per connection for the context `previous_response_id` brings back. */
+const REMEMBERED_RESPONSES = 32;
+/** Responses events that end a response. */
+const FINAL_EVENTS = new Set(['response.completed', 'response.incomplete', 'response.failed', 'response.done']);
+
+type Json = Record<string, unknown>;
+type Dialect = 'responses' | 'realtime' | 'gemini' | 'generic';
+
+const asObj = (v: unknown): Json | undefined => (v !== null && typeof v === 'object' && !Array.isArray(v) ? (v as Json) : undefined);
+const asStr = (v: unknown): string | undefined => (typeof v === 'string' ? v : undefined);
+
+export interface WebSocketProxyOptions {
+  keys: TillKeys;
+  providers: ProviderRegistry;
+  prices: PriceTable;
+  events: TillEvents;
+  audit?: AuditLog;
+  /** Reads a credential from the vault (the broker's cache). */
+  secretFor(credential: string): Promise<string>;
+  /** The base URL clients of a provider use, for messages. */
+  baseUrlFor(provider: Provider): string;
+  /** What the broker ends when it closes: each connection adds its stop function while open. */
+  open: Set<() => void>;
+  /** Serves an upgrade request that is not a WebSocket (e.g. `Upgrade: h2c`) as plain HTTP/1.1. */
+  http(req: http.IncomingMessage, res: http.ServerResponse): void;
+  /** Largest message a client may send. Default: 32 MiB (the HTTP body limit). */
+  maxMessageBytes?: number;
+  /** Largest message an upstream may send. Default: 64 MiB. */
+  maxUpstreamMessageBytes?: number;
+  /** Time the upstream has to accept the WebSocket. Default: 30 s. */
+  handshakeTimeoutMs?: number;
+  /** Bytes queued towards one side above which the other side is no longer read. Default: 1 MiB. */
+  highWaterBytes?: number;
+  /** Where diagnostic lines go. Never given a secret. */
+  log?: (line: string) => void;
+}
+
+type Options = Required<Omit<WebSocketProxyOptions, 'audit' | 'log'>> & Pick<WebSocketProxyOptions, 'audit' | 'log'>;
+
+let connectionCounter = 0;
+
+/** The dialect of a WebSocket route: how its requests and usage are found in its messages. */
+function dialectOf(provider: Provider, path: string): Dialect {
+  const openAiShaped = usageFormat(provider.id, 'POST', '/v1/responses') === 'openai-responses';
+  if (openAiShaped && usageFormat(provider.id, 'POST', path) === 'openai-responses') return 'responses';
+  if (openAiShaped && /\/realtime$/.test(path)) return 'realtime';
+  if (provider.id === 'gemini' && /\.BidiGenerateContent(?:Constrained)?$/.test(path)) return 'gemini';
+  return 'generic';
+}
+
+function formatOf(dialect: Dialect): UsageFormat | undefined {
+  return dialect === 'gemini' ? 'gemini' : dialect === 'generic' ? undefined : 'openai-responses';
+}
+
+/** A close code for a denial that ends a session. */
+export function closeCodeFor(denial: Denial): number {
+  if (denial.status === 401) return CLOSE_CODES.revoked;
+  if (denial.status === 403) return CLOSE_CODES.forbidden;
+  if (denial.status === 429) return CLOSE_CODES.exhausted;
+  if (denial.status === 413) return CLOSE_CODES.tooBig;
+  if (denial.status >= 500) return CLOSE_CODES.internal;
+  return CLOSE_CODES.badRequest;
+}
+
+/** A close reason: `till…` text cut to the 123 bytes a close frame allows. */
+export function closeReason(message: string): string {
+  let text = message.startsWith('till') ? message : `till: ${message}`;
+  if (Buffer.byteLength(text) <= 123) return text;
+  while (Buffer.byteLength(text) > 120) text = text.slice(0, -1).replace(/[\uD800-\uDBFF]$/, '');
+  return `${text}…`;
+}
+
+/** A close code that may be sent in a close frame (1005, 1006 and 1015 only describe what happened). */
+function sendable(code: number): boolean {
+  return (code >= 1000 && code <= 1014 && code !== 1004 && code !== 1005 && code !== 1006) || (code >= 3000 && code <= 4999);
+}
+
+function toBuffer(data: RawData): Buffer {
+  if (Buffer.isBuffer(data)) return data;
+  if (Array.isArray(data)) return Buffer.concat(data);
+  return Buffer.from(data);
+}
+
+/** A message's JSON object; `null` when it is not JSON at all, undefined when it is JSON but not an object. */
+function parseMessage(data: Buffer): Json | null | undefined {
+  try {
+    return asObj(JSON.parse(data.toString('utf8')));
+  } catch {
+    return null;
+  }
+}
+
+/** The `type` of an upstream event without parsing it all: OpenAI puts it first. */
+function quickType(data: Buffer): string | undefined {
+  const m = /^\s*\{\s*"type"\s*:\s*"([^"\\]{1,100})"/.exec(data.toString('latin1', 0, Math.min(data.length, 160)));
+  return m?.[1];
+}
+
+/** Writes an HTTP answer on a socket that was never upgraded, then closes it. */
+function writeResponse(socket: Duplex, status: number, headers: Record<string, string | number>, body: string | Buffer): void {
+  if (!socket.writable) {
+    socket.destroy();
+    return;
+  }
+  const head = [`HTTP/1.1 ${status} ${http.STATUS_CODES[status] ?? 'Unknown'}`, ...Object.entries(headers).map(([k, v]) => `${k}: ${v}`)].join('\r\n');
+  socket.once('finish', () => socket.destroy());
+  socket.end(Buffer.concat([Buffer.from(`${head}\r\n\r\n`), Buffer.isBuffer(body) ? body : Buffer.from(body)]));
+}
+
+/** Why a key's limit is used up, or undefined when none is. */
+function exhaustion(key: KeyRecord): Denial | undefined {
+  const limits = limitsOf(key.policy);
+  for (const meter of METERS) {
+    const limit = limits[meter];
+    const used = key.used[meter] ?? 0;
+    if (limit === undefined || used < limit) continue;
+    const message =
+      meter === 'activations'
+        ? `till key exhausted: ${used} of ${limit} activations used`
+        : meter === 'tokens'
+          ? `till key out of tokens: ${formatAmount('tokens', used)} of ${formatAmount('tokens', limit)} used`
+          : `till key over budget: ${formatUsd(used)} of ${formatUsd(limit)} spent`;
+    return { status: 429, code: 'exhausted', message };
+  }
+  return undefined;
+}
+
+/** The WebSocket side of the broker: give it every `upgrade` event of the HTTP server. */
+export class WebSocketProxy {
+  readonly options: Options;
+  /** Completes client handshakes (no server of its own). */
+  readonly server: WebSocketServer;
+  /** Per upgrade request: the subprotocol to answer with and the upstream's handshake headers to pass on. */
+  readonly answers = new WeakMap<http.IncomingMessage, { protocol: string | false; headers: string[] }>();
+
+  constructor(options: WebSocketProxyOptions) {
+    this.options = {
+      maxMessageBytes: 32 * 1024 * 1024,
+      maxUpstreamMessageBytes: 64 * 1024 * 1024,
+      handshakeTimeoutMs: 30_000,
+      highWaterBytes: 1024 * 1024,
+      ...options,
+    };
+    this.server = new WebSocketServer({
+      noServer: true,
+      clientTracking: false,
+      perMessageDeflate: false,
+      maxPayload: this.options.maxMessageBytes,
+      // Pings and pongs are passed through, not answered by the broker.
+      autoPong: false,
+      handleProtocols: (_offered, req) => this.answers.get(req)?.protocol ?? false,
+    });
+    this.server.on('headers', (headers, req) => {
+      const extra = this.answers.get(req)?.headers;
+      if (extra) headers.push(...extra);
+    });
+  }
+
+  /** Handles one `upgrade` event of the broker's HTTP server. */
+  upgrade(req: http.IncomingMessage, socket: Duplex, head: Buffer): void {
+    socket.on('error', () => undefined);
+    if ((req.headers.upgrade ?? '').toLowerCase() !== 'websocket') return this.plainHttp(req, socket);
+    const started = performance.now();
+    const rawUrl = req.url ?? '/';
+    const q = rawUrl.indexOf('?');
+    const rawPath = q < 0 ? rawUrl : rawUrl.slice(0, q);
+    const query = new URLSearchParams(q < 0 ? '' : rawUrl.slice(q + 1));
+    const slash = rawPath.indexOf('/', 1);
+    const providerId = slash < 0 ? rawPath.slice(1) : rawPath.slice(1, slash);
+    const path = slash < 0 ? '/' : rawPath.slice(slash);
+    const provider = this.options.providers.get(providerId);
+    const info: RequestInfo = { requestId: `ws${++connectionCounter}`, keyId: '', label: '', provider: provider?.id ?? providerId, method: req.method ?? 'GET', path, billable: false };
+    const deny = (denial: Denial, key?: KeyRecord) => {
+      if (key) {
+        info.keyId = key.id;
+        info.label = key.label;
+      }
+      this.refuse(socket, info, denial, started);
+    };
+
+    // The same checks as HTTP, in the same order (see Broker.handle for the attacks they stop).
+    if (!hostIsLoopback(req.headers.host)) {
+      return deny({ status: 403, code: 'forbidden_host', message: 'the Host header is not a loopback name (DNS rebinding protection)' });
+    }
+    // Attack: a web page opening a WebSocket to the broker. Browsers always send Origin on a
+    // WebSocket handshake, and cannot leave it out.
+    if (req.headers.origin !== undefined || req.headers['sec-fetch-site'] !== undefined) {
+      return deny({ status: 403, code: 'browser_origin', message: 'requests from web browsers are refused: the broker serves local programs only' });
+    }
+    if (!provider) {
+      return deny({ status: 404, code: 'unknown_provider', message: `no provider "${providerId}": use ws://127.0.0.1:<port>/<provider>/…, e.g. /openai/v1/responses` });
+    }
+    if (!isCanonicalPath(path)) {
+      return deny({ status: 400, code: 'bad_request', message: 'the request path has dot segments, backslashes or encoded slashes; send it in canonical form' });
+    }
+    if (!path.startsWith(provider.basePath) || (provider.basePath && path.length > provider.basePath.length && path[provider.basePath.length] !== '/')) {
+      return deny({ status: 404, code: 'bad_request', message: `${path} is outside the ${provider.displayName} API: use the base URL ${this.options.baseUrlFor(provider)}` });
+    }
+    // Checked here (ws would too) so that a malformed handshake never reaches the upstream.
+    const wsKey = req.headers['sec-websocket-key'];
+    if (req.method !== 'GET' || req.headers['sec-websocket-version'] !== '13' || typeof wsKey !== 'string' || !WS_KEY.test(wsKey.trim())) {
+      return deny({ status: 400, code: 'bad_request', message: 'not a valid WebSocket handshake (GET, Sec-WebSocket-Version: 13, a Sec-WebSocket-Key)' });
+    }
+    const offered = (req.headers['sec-websocket-protocol'] ?? '').split(',').map((p) => p.trim()).filter((p) => p !== '');
+    if (offered.some((p) => !TOKEN.test(p)) || new Set(offered).size !== offered.length) {
+      return deny({ status: 400, code: 'bad_request', message: 'the Sec-WebSocket-Protocol header is not a list of distinct tokens' });
+    }
+
+    const presented = this.presentedKey(req, query, offered);
+    if (typeof presented !== 'string') return deny(presented);
+    const auth = this.options.keys.authenticate(presented);
+    if ('status' in auth) return deny(auth);
+    const key = auth;
+    info.keyId = key.id;
+    info.label = key.label;
+    if (key.provider !== provider.id) {
+      return deny({ status: 403, code: 'wrong_provider', message: `till key "${key.label}" is for ${key.provider}, not ${provider.id}` }, key);
+    }
+    const dialect = dialectOf(provider, path);
+    // Methods are checked per request made over the socket (a response is a POST); the upgrade
+    // itself is checked for its path and, for Realtime, the model named in the URL.
+    const model = dialect === 'realtime' ? query.get('model') ?? undefined : undefined;
+    if (model !== undefined) info.model = model;
+    const scope = scopeViolation({ ...key.policy, methods: undefined, models: dialect === 'realtime' ? key.policy.models : undefined }, 'GET', path, model, dialect === 'realtime');
+    if (scope) return deny({ status: 403, code: 'out_of_scope', message: scope }, key);
+    const spent = exhaustion(key);
+    if (spent) return deny(spent, key);
+    if (provider.needsUpstream) {
+      return deny({ status: 502, code: 'upstream_unreachable', message: `${provider.displayName} has no upstream set: set TILL_UPSTREAM_${provider.id.toUpperCase().replace(/-/g, '_')} to your endpoint` }, key);
+    }
+    new Session(this, { req, socket, head, provider, key, info, dialect, offered, query, path, model, started }).connect();
+  }
+
+  /** The till key of a handshake: where HTTP looks for it, or the Realtime key subprotocol. */
+  private presentedKey(req: http.IncomingMessage, query: URLSearchParams, offered: string[]): string | Denial {
+    const inProtocol = [...new Set(offered.filter((p) => p.startsWith(KEY_PROTOCOL)).map((p) => p.slice(KEY_PROTOCOL.length)))];
+    const found = findTillKey(req, query);
+    if (inProtocol.length === 0) return found;
+    if (inProtocol.length > 1) return { status: 400, code: 'malformed_key', message: 'the handshake carries two different keys in its subprotocols' };
+    const fromProtocol = inProtocol[0]!;
+    if (!looksLikeTillKey(fromProtocol)) {
+      return { status: 401, code: 'missing_key', message: 'the broker accepts only till keys (till_…); this handshake carries some other key, which was not forwarded' };
+    }
+    if (typeof found === 'string') {
+      return found === fromProtocol ? found : { status: 400, code: 'malformed_key', message: 'the handshake carries two different till keys' };
+    }
+    // No key anywhere else: the subprotocol's is the one. Another key elsewhere: refuse as HTTP does.
+    const elsewhere = KEY_HEADERS.some((h) => req.headers[h] !== undefined) || KEY_QUERY_PARAMS.some((p) => query.has(p));
+    return elsewhere ? found : fromProtocol;
+  }
+
+  /** An `Upgrade` that is not a WebSocket (curl's `h2c`): served as the plain HTTP/1.1 request it also is. */
+  private plainHttp(req: http.IncomingMessage, socket: Duplex): void {
+    const length = req.headers['content-length'];
+    if (req.headers['transfer-encoding'] !== undefined || (length !== undefined && length !== '0')) {
+      const text = 'till: only WebSocket upgrades are supported; send this request without an Upgrade header';
+      return writeResponse(socket, 400, { 'content-type': 'text/plain', 'content-length': Buffer.byteLength(text), connection: 'close' }, text);
+    }
+    const res = new http.ServerResponse(req);
+    res.shouldKeepAlive = false;
+    res.assignSocket(socket as Socket);
+    res.on('finish', () => {
+      res.detachSocket(socket as Socket);
+      socket.end();
+    });
+    this.options.http(req, res);
+  }
+
+  /** Refuses a handshake with an HTTP answer in the provider's error shape (`denied`: emit request.denied). */
+  refuse(socket: Duplex, info: RequestInfo, denial: Denial, started: number, denied = true): void {
+    const body = JSON.stringify(denialBody(info.provider, denial));
+    const headers: Record<string, string | number> = { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), 'x-till-denial': denial.code, connection: 'close' };
+    if (denial.retryAfter !== undefined) headers['retry-after'] = String(denial.retryAfter);
+    else if (denial.status < 500) headers['x-should-retry'] = 'false';
+    writeResponse(socket, denial.status, headers, body);
+    if (!denied) return this.audit(info, denial.status, started, undefined, denial.code);
+    this.options.events.emit({ type: 'request.denied', at: Date.now(), request: { ...info }, status: denial.status, reason: denial.message, code: denial.code });
+    this.audit(info, denial.status, started, denial);
+  }
+
+  audit(info: RequestInfo, status: number, started: number, denial?: Denial, reason?: string): void {
+    this.options.audit?.append({
+      time: new Date().toISOString(),
+      ...(info.keyId ? { keyId: info.keyId, label: info.label } : {}),
+      provider: info.provider,
+      method: info.method,
+      path: info.path,
+      ...(info.model !== undefined ? { model: info.model } : {}),
+      status,
+      latencyMs: Math.round((performance.now() - started) * 10) / 10,
+      ...(denial ? { denial: denial.code, reason: denial.message } : {}),
+      ...(reason && !denial ? { reason } : {}),
+    });
+  }
+}
+
+/** One request made over a socket: a generated response. */
+interface Turn {
+  info: RequestInfo;
+  started: number;
+  /** False for a prewarm (`generate: false`): tracked only to match its events. */
+  billable: boolean;
+  admission?: Admission;
+  reached: boolean;
+  model?: string;
+  inputEstimate: number;
+  /** Set once the upstream has started it (`response.created`, Gemini's first content). */
+  begun: boolean;
+  responseId?: string;
+  streamId?: string;
+  /** The client event id (Realtime), which upstream errors name. */
+  eventId?: string;
+  outputChars: number;
+  usage?: Usage;
+  lastProgress: number;
+}
+
+interface SessionSetup {
+  req: http.IncomingMessage;
+  socket: Duplex;
+  head: Buffer;
+  provider: Provider;
+  key: KeyRecord;
+  info: RequestInfo;
+  dialect: Dialect;
+  offered: string[];
+  query: URLSearchParams;
+  path: string;
+  model: string | undefined;
+  started: number;
+}
+
+/** One proxied WebSocket: its upstream, its requests, its end. */
+class Session {
+  private phase: 'connecting' | 'open' | 'ended' = 'connecting';
+  private client: WebSocket | undefined;
+  private upstream: WebSocket | undefined;
+  private readonly turns: Turn[] = [];
+  private untrack: () => void = () => undefined;
+  /** The connection's own admission, for routes whose requests Till cannot see (generic). */
+  private admission: Admission | undefined;
+  private expiryTimer: NodeJS.Timeout | undefined;
+  private finalized = false;
+  /** Why the connection ended, for its audit line. */
+  private endNote: string | undefined;
+  /** Reading of [client, upstream] paused while the other side's queue drains. */
+  private readonly paused = [false, false];
+  /** Tokens of recent responses (input + output): the context a `previous_response_id` brings back. */
+  private readonly totals = new Map<string, number>();
+  /** Tokens of the last response (Realtime, Gemini): the conversation the next one carries. */
+  private lastTotal = 0;
+  private model: string | undefined;
+  private readonly format: UsageFormat | undefined;
+  private readonly o: Options;
+  private readonly stop = () => this.shutdown();
+
+  constructor(
+    private readonly proxy: WebSocketProxy,
+    private readonly s: SessionSetup,
+  ) {
+    this.o = proxy.options;
+    this.model = s.model;
+    this.format = formatOf(s.dialect);
+  }
+
+  private get openAi(): boolean {
+    return this.s.dialect === 'responses' || this.s.dialect === 'realtime';
+  }
+
+  async connect(): Promise<void> {
+    const { key, socket, info, provider } = this.s;
+    this.untrack = this.o.keys.track(key, { cut: (d) => this.cut(d) });
+    this.o.open.add(this.stop);
+    socket.once('close', this.earlyClose);
+    this.armExpiry();
+    if (this.s.dialect === 'generic') {
+      // Till cannot see requests inside this protocol: the connection is the request.
+      const billable = !isFreeRoute(provider, 'GET', this.s.path);
+      info.billable = billable;
+      let amounts: Amounts | undefined;
+      if (billable) {
+        const planned = planBudget({ provider: provider.id, model: undefined, format: undefined, json: undefined, bodyBytes: 0 }, key.policy, this.o.keys.remaining(key), this.o.prices);
+        if ('status' in planned) return this.refuse(planned);
+        amounts = planned.amounts;
+      }
+      const admitted = this.o.keys.admit(key, amounts, { cut: (d) => this.cut(d) });
+      if ('status' in admitted) return this.refuse(admitted);
+      this.admission = admitted;
+      this.o.events.emit({ type: 'request.started', at: Date.now(), request: info });
+    }
+    let secret: string;
+    try {
+      secret = await this.o.secretFor(key.credential);
+    } catch (err) {
+      const message = err instanceof VaultError ? err.message : `the credential could not be read (${(err as Error).message})`;
+      this.o.log?.(`credential "${key.credential}": ${message}`);
+      return this.refuse({ status: 503, code: 'credential_unavailable', message: `credential "${key.credential}" unavailable: ${message}` });
+    }
+    if (this.phase !== 'connecting') return;
+    this.open(secret);
+  }
+
+  /** Opens the upstream WebSocket with the credential where the provider expects it. */
+  private open(secret: string): void {
+    const { provider, req, query, path, offered } = this.s;
+    const target = new URL(provider.baseUrl + path.slice(provider.basePath.length));
+    target.protocol = target.protocol === 'https:' ? 'wss:' : 'ws:';
+    const search = new URLSearchParams(query);
+    const keyInQuery = KEY_QUERY_PARAMS.some((p) => search.has(p));
+    for (const name of KEY_QUERY_PARAMS) search.delete(name);
+    const headers: Record<string, string | string[]> = {};
+    const connectionTokens = (req.headers.connection ?? '').toLowerCase().split(',').map((t) => t.trim());
+    for (const [name, value] of Object.entries(req.headers)) {
+      if (value === undefined || STRIPPED_REQUEST.has(name) || connectionTokens.includes(name) || name.startsWith('sec-')) continue;
+      headers[name] = value;
+    }
+    for (const [name, value] of Object.entries(provider.defaultHeaders ?? {})) if (headers[name] === undefined) headers[name] = value;
+    const placement = provider.placement;
+    if (placement.kind === 'query') search.set(placement.name, secret);
+    // The Live API documents its key in the URL; a client that put its till key there gets the credential there.
+    else if (provider.id === 'gemini' && keyInQuery) search.set('key', secret);
+    else if (placement.kind === 'bearer') headers.authorization = `Bearer ${secret}`;
+    else headers[placement.name] = secret;
+    target.search = search.toString();
+    // The key subprotocol carries the credential upstream (the Authorization header does too for
+    // OpenAI; a credential that is not a valid token can only go there).
+    const protocols = offered.flatMap((p) => (!p.startsWith(KEY_PROTOCOL) ? [p] : TOKEN.test(secret) ? [KEY_PROTOCOL + secret] : []));
+    const where = `${target.protocol}//${target.host}`;
+
+    let upstream: WebSocket;
+    try {
+      upstream = new WebSocket(target, protocols, {
+        headers,
+        handshakeTimeout: this.o.handshakeTimeoutMs,
+        maxPayload: this.o.maxUpstreamMessageBytes,
+        perMessageDeflate: false,
+        followRedirects: false,
+        autoPong: false,
+      });
+    } catch (err) {
+      return this.refuse({ status: 400, code: 'bad_request', message: `the WebSocket cannot be forwarded: ${(err as Error).message}` });
+    }
+    this.upstream = upstream;
+    let relayed: string[] = [];
+    upstream.on('upgrade', (res) => {
+      (res.socket as Socket).setKeepAlive(true, 30_000);
+      relayed = [];
+      for (const [name, value] of Object.entries(res.headers)) {
+        if (value === undefined || NOT_RELAYED.has(name) || name.startsWith('sec-websocket-')) continue;
+        for (const v of Array.isArray(value) ? value : [value]) relayed.push(`${name}: ${v}`);
+      }
+    });
+    upstream.on('unexpected-response', (request, res) => this.relayRefusal(request, res));
+    upstream.once('open', () => this.accept(relayed));
+    upstream.on('error', (err: NodeJS.ErrnoException) => {
+      if (this.phase !== 'connecting') return;
+      const detail = err.code ?? err.message;
+      this.o.log?.(`upstream WebSocket ${where} failed: ${detail}`);
+      this.refuse({ status: 502, code: 'upstream_unreachable', message: `cannot reach ${provider.displayName} at ${where} (${detail})` });
+    });
+  }
+
+  /** The upstream answered the handshake with something other than 101: the client gets that answer. */
+  private relayRefusal(request: http.ClientRequest, res: http.IncomingMessage): void {
+    if (this.phase !== 'connecting') {
+      request.destroy();
+      return;
+    }
+    const chunks: Buffer[] = [];
+    let size = 0;
+    let done = false;
+    const finish = () => {
+      if (done) return;
+      done = true;
+      request.destroy();
+      if (this.phase !== 'connecting') return;
+      const status = res.statusCode ?? 502;
+      const body = Buffer.concat(chunks);
+      const headers: Record<string, string | number> = {};
+      for (const [name, value] of Object.entries(res.headers)) {
+        if (value === undefined || NOT_RELAYED.has(name) || name.startsWith('sec-websocket-')) continue;
+        headers[name] = Array.isArray(value) ? value.join(', ') : value;
+      }
+      headers['content-length'] = body.length;
+      headers.connection = 'close';
+      this.end('upstream_refused');
+      this.s.socket.off('close', this.earlyClose);
+      writeResponse(this.s.socket, status, headers, body);
+      this.proxy.audit(this.s.info, status, this.s.started, undefined, `upstream answered the WebSocket handshake with ${status}`);
+      this.finalize(status, true);
+    };
+    res.on('data', (chunk: Buffer) => {
+      if (size + chunk.length > MAX_REFUSAL_BODY) return finish();
+      size += chunk.length;
+      chunks.push(chunk);
+    });
+    res.on('end', finish);
+    res.on('error', finish);
+    res.on('aborted', finish);
+  }
+
+  /** The upstream accepted: completes the client's handshake with the subprotocol it chose. */
+  private accept(relayed: string[]): void {
+    const upstream = this.upstream!;
+    if (this.phase !== 'connecting') {
+      upstream.terminate();
+      return;
+    }
+    const { req, socket, head, offered } = this.s;
+    const chosen = upstream.protocol;
+    let protocol: string | false = false;
+    if (chosen && !chosen.startsWith(KEY_PROTOCOL) && offered.includes(chosen)) protocol = chosen;
+    // Never echo a key: an upstream that picked the key subprotocol gets none named back.
+    else if (chosen) this.o.log?.(`upstream WebSocket chose a subprotocol the client cannot be answered with; answering none`);
+    this.proxy.answers.set(req, { protocol, headers: relayed });
+    socket.off('close', this.earlyClose);
+    let attached = false;
+    this.proxy.server.handleUpgrade(req, socket, head, (client) => {
+      attached = true;
+      this.attach(client);
+    });
+    if (!attached) {
+      // ws refused the handshake itself (it answered the client): nothing to proxy.
+      this.end('the client handshake failed');
+      upstream.terminate();
+      this.finalize(400);
+    }
+  }
+
+  private attach(client: WebSocket): void {
+    const upstream = this.upstream!;
+    this.client = client;
+    this.phase = 'open';
+    this.admission?.reachedUpstream();
+    client.on('message', (data, isBinary) => this.fromClient(toBuffer(data), isBinary));
+    upstream.on('message', (data, isBinary) => this.fromUpstream(toBuffer(data), isBinary));
+    client.on('ping', (data) => upstream.ping(data));
+    client.on('pong', (data) => upstream.pong(data));
+    upstream.on('ping', (data) => client.ping(data));
+    upstream.on('pong', (data) => client.pong(data));
+    client.on('close', (code, reason) => this.closed('client', code, reason));
+    upstream.on('close', (code, reason) => this.closed('upstream', code, reason));
+    client.on('error', (err) => {
+      this.endNote ??= `client WebSocket error: ${err.message}`;
+    });
+    upstream.on('error', (err: NodeJS.ErrnoException) => {
+      this.endNote ??= `upstream WebSocket error: ${err.code ?? err.message}`;
+    });
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Messages
+
+  /** Sends towards one side; stops reading the other while this side's queue is over the high-water mark. */
+  private send(direction: 0 | 1, data: Buffer | string, binary: boolean, sent?: () => void): void {
+    const to = direction === 0 ? this.upstream : this.client;
+    const from = direction === 0 ? this.client : this.upstream;
+    if (!to || !from || to.readyState !== WebSocket.OPEN) return;
+    to.send(data, { binary }, (err) => {
+      if (!err) sent?.();
+      if (this.paused[direction] && to.bufferedAmount <= this.o.highWaterBytes / 2) {
+        this.paused[direction] = false;
+        from.resume();
+      }
+    });
+    if (!this.paused[direction] && to.bufferedAmount > this.o.highWaterBytes) {
+      this.paused[direction] = true;
+      from.pause();
+    }
+  }
+
+  private fromClient(data: Buffer, binary: boolean): void {
+    if (this.phase !== 'open') return;
+    if (this.s.dialect === 'generic') return this.send(0, data, binary);
+    // Every message is read: a request hidden in one Till did not read would go unmetered.
+    const msg = parseMessage(data);
+    if (msg === null) {
+      return this.refuseMessage({ status: 400, code: 'bad_request', message: 'messages on this WebSocket must be JSON, so that Till can check them' }, undefined);
+    }
+    if (msg === undefined) return this.send(0, data, binary);
+    if (this.s.dialect === 'gemini') return this.fromGeminiClient(msg, data, binary);
+    const type = msg.type;
+    if (type === 'response.create') return this.createResponse(msg, data, binary);
+    if (type === 'session.update' && this.s.dialect === 'realtime') {
+      const model = asStr(asObj(msg.session)?.model);
+      if (model !== undefined) {
+        const violation = scopeViolation({ models: this.s.key.policy.models }, 'POST', this.s.path, model, true);
+        if (violation) return this.refuseMessage({ status: 403, code: 'out_of_scope', message: violation }, asStr(msg.event_id));
+        this.model = model;
+      }
+    }
+    this.send(0, data, binary);
+  }
+
+  /** A `response.create`: a prewarm passes; anything that generates is admitted first. */
+  private createResponse(msg: Json, data: Buffer, binary: boolean): void {
+    const { key, provider, path, dialect } = this.s;
+    const prewarm = dialect === 'responses' && msg.generate === false;
+    const model = dialect === 'responses' ? asStr(msg.model) ?? this.model : this.model;
+    if (dialect === 'responses' && model !== undefined) this.model = model;
+    const eventId = asStr(msg.event_id);
+    const streamId = asStr(msg.stream_id);
+    const violation = scopeViolation(key.policy, 'POST', path, model, !prewarm);
+    if (violation) return this.refuseMessage({ status: 403, code: 'out_of_scope', message: violation }, eventId, false, model);
+    if (prewarm) {
+      this.turns.push(this.newTurn(model, false, 0, streamId, eventId));
+      return this.send(0, data, binary);
+    }
+    // Input the upstream will bill beyond this message: the conversation it continues.
+    const previous = asStr(msg.previous_response_id);
+    const context = dialect === 'responses' ? (previous ? this.totals.get(previous) ?? 0 : 0) : this.lastTotal;
+    // Realtime caps a response's output in `response.max_output_tokens`.
+    const existing = dialect === 'realtime' ? asObj(msg.response) : msg;
+    const target = existing ?? {};
+    const planned = planBudget({ provider: provider.id, model, format: 'openai-responses', json: target, bodyBytes: data.length + context }, key.policy, this.o.keys.remaining(key), this.o.prices);
+    if ('status' in planned) return this.refuseMessage(planned, eventId, false, model);
+    if (planned.bodyChanged && !existing) msg.response = target;
+    const turn = this.newTurn(model, true, estimateTokens(data.length) + context, streamId, eventId);
+    const admitted = this.o.keys.admit(key, planned.amounts, { cut: (d) => this.cut(d) });
+    if ('status' in admitted) return this.refuseMessage(admitted, eventId, false, model);
+    turn.admission = admitted;
+    this.turns.push(turn);
+    this.o.events.emit({ type: 'request.started', at: Date.now(), request: turn.info });
+    this.send(0, planned.bodyChanged ? JSON.stringify(msg) : data, binary && !planned.bodyChanged, () => this.reached(turn));
+  }
+
+  private fromGeminiClient(msg: Json, data: Buffer, binary: boolean): void {
+    const { key, provider, path } = this.s;
+    const setup = asObj(msg.setup);
+    if (setup) {
+      const named = asStr(setup.model);
+      const model = named?.replace(/^models\//, '');
+      const violation = scopeViolation({ models: key.policy.models }, 'POST', path, model, true);
+      if (violation) return this.refuseMessage({ status: 403, code: 'out_of_scope', message: violation }, undefined, true, model);
+      this.model = model;
+      // Budgeted keys: each turn's output is capped to what was left when the session began.
+      if (key.policy.maxTokens !== undefined || key.policy.maxSpendUsd !== undefined) {
+        const planned = planBudget({ provider: provider.id, model, format: 'gemini', json: setup, bodyBytes: data.length }, key.policy, this.o.keys.remaining(key), this.o.prices);
+        if ('status' in planned) return this.refuseMessage(planned, undefined, true, model);
+        if (planned.bodyChanged) return this.send(0, JSON.stringify(msg), false);
+      }
+      return this.send(0, data, binary);
+    }
+    const content = asObj(msg.clientContent) ?? asObj(msg.client_content);
+    if (content && (content.turnComplete === true || content.turn_complete === true)) {
+      const context = this.lastTotal;
+      const planned = planBudget({ provider: provider.id, model: this.model, format: 'gemini', json: undefined, bodyBytes: data.length + context }, key.policy, this.o.keys.remaining(key), this.o.prices);
+      if ('status' in planned) return this.refuseMessage(planned, undefined, true);
+      const turn = this.newTurn(this.model, true, estimateTokens(data.length) + context);
+      const admitted = this.o.keys.admit(key, planned.amounts, { cut: (d) => this.cut(d) });
+      if ('status' in admitted) return this.refuseMessage(admitted, undefined, true);
+      turn.admission = admitted;
+      this.turns.push(turn);
+      this.o.events.emit({ type: 'request.started', at: Date.now(), request: turn.info });
+      return this.send(0, data, binary, () => this.reached(turn));
+    }
+    this.send(0, data, binary);
+  }
+
+  private fromUpstream(data: Buffer, binary: boolean): void {
+    if (this.phase !== 'open') return;
+    if (this.s.dialect === 'gemini') this.meterGemini(data);
+    else if (this.openAi) this.meterOpenAi(data);
+    if (this.phase === 'open') this.send(1, data, binary);
+  }
+
+  private meterOpenAi(data: Buffer): void {
+    let type = quickType(data);
+    let ev: Json | null | undefined;
+    if (type === undefined) {
+      ev = parseMessage(data);
+      type = asStr(ev?.type);
+      if (type === undefined) return;
+    }
+    const interesting = type === 'response.created' || type === 'error' || FINAL_EVENTS.has(type) || (type.endsWith('.delta') && !type.endsWith('audio.delta'));
+    if (!interesting) return;
+    ev ??= parseMessage(data);
+    if (!ev) return;
+    const response = asObj(ev.response);
+    const responseId = asStr(response?.id) ?? asStr(ev.response_id);
+    const streamId = asStr(ev.stream_id);
+    if (type === 'response.created') {
+      this.begin(responseId, streamId);
+    } else if (FINAL_EVENTS.has(type)) {
+      const turn = this.turnFor(responseId, streamId);
+      if (turn) this.finishTurn(turn, 200, usageFromJson('openai-responses', ev));
+    } else if (type === 'error') {
+      // An error before a response began is that request's answer; later ones end with the response.
+      const error = asObj(ev.error);
+      const eventId = asStr(error?.event_id);
+      const turn = this.s.dialect === 'realtime' ? this.turns.find((t) => !t.begun && t.eventId !== undefined && t.eventId === eventId) : this.turns.find((t) => !t.begun && (streamId === undefined || t.streamId === streamId));
+      const status = typeof ev.status === 'number' ? ev.status : 400;
+      if (turn) this.finishTurn(turn, status >= 400 ? status : 400, undefined);
+    } else {
+      const delta = asStr(ev.delta);
+      const turn = this.turnFor(responseId, streamId, true);
+      if (turn && delta) this.progress(turn, delta.length);
+    }
+  }
+
+  private meterGemini(data: Buffer): void {
+    const msg = parseMessage(data);
+    if (!msg) return;
+    const content = asObj(msg.serverContent);
+    const producing = asObj(content?.modelTurn) !== undefined || msg.toolCall !== undefined || asObj(content?.outputTranscription) !== undefined;
+    let turn = this.turns.find((t) => t.begun);
+    if (producing && !turn) turn = this.begin(undefined, undefined);
+    if (!turn) turn = this.turns[0];
+    if (!turn) return;
+    const usage = usageFromJson('gemini', msg);
+    if (usage) turn.usage = usage;
+    let chars = asStr(asObj(content?.outputTranscription)?.text)?.length ?? 0;
+    const parts = asObj(content?.modelTurn)?.parts;
+    if (Array.isArray(parts)) for (const p of parts) chars += asStr(asObj(p)?.text)?.length ?? 0;
+    if (chars > 0) this.progress(turn, chars);
+    if (content?.turnComplete === true) this.finishTurn(turn, 200, turn.usage);
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Requests (turns)
+
+  private newTurn(model: string | undefined, billable: boolean, inputEstimate: number, streamId?: string, eventId?: string): Turn {
+    const { info } = this.s;
+    const turnInfo: RequestInfo = { requestId: `${info.requestId}.${this.turnCount++}`, keyId: info.keyId, label: info.label, provider: info.provider, method: 'WS', path: info.path, billable };
+    if (model !== undefined) turnInfo.model = model;
+    return { info: turnInfo, started: performance.now(), billable, reached: false, model, inputEstimate, begun: false, streamId, eventId, outputChars: 0, lastProgress: 0 };
+  }
+  private turnCount = 1;
+
+  private reached(turn: Turn): void {
+    if (turn.reached) return;
+    turn.reached = true;
+    turn.admission?.reachedUpstream();
+  }
+
+  /**
+   * The upstream started a response: it belongs to the oldest request not yet started. One the
+   * upstream started by itself (Realtime server VAD, a Gemini turn after audio input or a tool
+   * response) is admitted now; if the key cannot afford it the session ends.
+   */
+  private begin(responseId: string | undefined, streamId: string | undefined): Turn | undefined {
+    let turn = this.turns.find((t) => !t.begun && (streamId === undefined || t.streamId === undefined || t.streamId === streamId));
+    if (!turn && (this.s.dialect === 'realtime' || this.s.dialect === 'gemini')) {
+      const { key, provider } = this.s;
+      const planned = planBudget({ provider: provider.id, model: this.model, format: this.format, json: undefined, bodyBytes: this.lastTotal }, key.policy, this.o.keys.remaining(key), this.o.prices);
+      if ('status' in planned) {
+        this.cut(planned);
+        return undefined;
+      }
+      const fresh = this.newTurn(this.model, true, this.lastTotal, streamId);
+      const admitted = this.o.keys.admit(key, planned.amounts, { cut: (d) => this.cut(d) });
+      if ('status' in admitted) {
+        this.cut(admitted);
+        return undefined;
+      }
+      fresh.admission = admitted;
+      this.turns.push(fresh);
+      this.o.events.emit({ type: 'request.started', at: Date.now(), request: fresh.info });
+      turn = fresh;
+    }
+    if (!turn) return undefined;
+    turn.begun = true;
+    if (responseId !== undefined) turn.responseId = responseId;
+    this.reached(turn);
+    return turn;
+  }
+
+  /** The request an upstream event belongs to: by response id, else the oldest (started, when `begunOnly`). */
+  private turnFor(responseId: string | undefined, streamId: string | undefined, begunOnly = false): Turn | undefined {
+    if (responseId !== undefined) {
+      const byId = this.turns.find((t) => t.responseId === responseId);
+      if (byId) return byId;
+    }
+    return this.turns.find((t) => (!begunOnly || t.begun) && (streamId === undefined || t.streamId === undefined || t.streamId === streamId));
+  }
+
+  private progress(turn: Turn, chars: number): void {
+    turn.outputChars += chars;
+    if (!turn.billable || !this.o.events.listened) return;
+    const now = performance.now();
+    if (now - turn.lastProgress < 500) return;
+    turn.lastProgress = now;
+    const s = settlement(this.s.provider.id, turn.model, undefined, { inputEstimate: turn.inputEstimate, outputChars: turn.outputChars }, this.o.prices);
+    this.o.events.emit({ type: 'request.progress', at: Date.now(), request: turn.info, usage: { tokens: s.tokens, ...(s.spendKnown ? { spend: s.amounts.spend } : {}), estimated: true } });
+  }
+
+  /** Ends a request: settles what it spent (reported usage, else an estimate), events, audit. */
+  private finishTurn(turn: Turn, status: number, usage: Usage | undefined, aborted?: string): void {
+    const i = this.turns.indexOf(turn);
+    if (i < 0) return;
+    this.turns.splice(i, 1);
+    if (usage) {
+      const total = usage.inputTokens + usage.outputTokens;
+      this.lastTotal = total;
+      if (turn.responseId !== undefined) {
+        this.totals.set(turn.responseId, total);
+        if (this.totals.size > REMEMBERED_RESPONSES) this.totals.delete(this.totals.keys().next().value!);
+      }
+    }
+    if (!turn.billable || !turn.admission) return;
+    let amounts: Amounts | undefined;
+    let details: SettleDetails | undefined;
+    let used: RequestUsage | undefined;
+    if (!usage && !aborted && status >= 400) {
+      // The upstream refused it: an activation, no tokens (as HTTP).
+      amounts = { activations: 1, tokens: 0, spend: 0 };
+    } else if (turn.reached) {
+      const s = settlement(this.s.provider.id, turn.model, usage, { inputEstimate: turn.inputEstimate, outputChars: turn.outputChars }, this.o.prices);
+      amounts = s.amounts;
+      details = { tokens: s.tokens, estimated: s.estimated };
+      used = { tokens: s.tokens, ...(s.spendKnown ? { spend: s.amounts.spend } : {}), estimated: s.estimated };
+    }
+    turn.admission.done(amounts, details);
+    const latencyMs = Math.round((performance.now() - turn.started) * 10) / 10;
+    this.o.events.emit({ type: 'request.finished', at: Date.now(), request: turn.info, status, latencyMs, ...(aborted ? { aborted } : {}), ...(used ? { usage: used } : {}) });
+    this.proxy.audit(turn.info, status, turn.started, undefined, aborted);
+  }
+
+  /**
+   * A request over the socket was refused. OpenAI's protocols get an `error` event in OpenAI's
+   * shape and the message is not forwarded; Gemini Live has no error event, so its session ends.
+   * A revoked, expired or used-up key ends the session either way.
+   */
+  private refuseMessage(denial: Denial, eventId: string | undefined, gemini = false, model?: string): void {
+    const info: RequestInfo = { ...this.s.info, method: 'WS', billable: true };
+    if (model !== undefined) info.model = model;
+    else delete info.model;
+    this.o.events.emit({ type: 'request.denied', at: Date.now(), request: info, status: denial.status, reason: denial.message, code: denial.code });
+    this.proxy.audit(info, denial.status, performance.now(), denial);
+    const fatal = denial.code === 'revoked' || denial.code === 'expired' || denial.code === 'exhausted' || denial.code === 'unknown_key';
+    if (gemini || this.s.dialect === 'gemini' || fatal) return this.cut(denial, eventId);
+    this.sendError(denial, eventId);
+  }
+
+  private sendError(denial: Denial, eventId: string | undefined): void {
+    const error = { ...(asObj(asObj(denialBody(this.s.provider.id, denial))?.error) ?? {}) };
+    if (eventId !== undefined) error.event_id = eventId;
+    const event = this.s.dialect === 'responses' ? { type: 'error', status: denial.status, error } : { type: 'error', error };
+    this.send(1, JSON.stringify(event), false);
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Ends
+
+  /** Ends the session at once for a reason of Till's (revocation, exhaustion, expiry, scope). */
+  cut(denial: Denial, eventId?: string): void {
+    if (this.phase === 'connecting') return this.refuse(denial);
+    if (this.phase !== 'open') return;
+    if (this.openAi) this.sendError(denial, eventId);
+    this.end(denial.code);
+    this.endTurns(denial.code, denial.status);
+    this.client?.close(closeCodeFor(denial), closeReason(denial.message));
+    // Stop generating (and billing) now; the upstream needs no polite close.
+    this.upstream?.terminate();
+  }
+
+  /** Refuses the handshake while the upstream is still being connected. */
+  private refuse(denial: Denial): void {
+    if (this.phase !== 'connecting') return;
+    this.end(denial.code);
+    this.s.socket.off('close', this.earlyClose);
+    this.upstream?.terminate();
+    // A connection already admitted as a request (generic routes) ends as one, not as a denial.
+    const admitted = this.admission !== undefined;
+    this.finishConnection(denial.status, denial.code);
+    this.proxy.refuse(this.s.socket, this.s.info, denial, this.s.started, !admitted);
+    this.finalize(denial.status, true);
+  }
+
+  /** The client went away before its handshake was answered. */
+  private readonly earlyClose = () => {
+    if (this.phase !== 'connecting') return;
+    this.end('client_closed');
+    this.upstream?.terminate();
+    this.finalize(499);
+  };
+
+  /** One side closed: the other is closed the same way (a close frame, or none). */
+  private closed(side: 'client' | 'upstream', code: number, reason: Buffer): void {
+    if (this.phase === 'open') {
+      this.end(`${side} closed (${code})`);
+      this.endTurns(side === 'client' ? 'client_closed' : 'upstream_closed');
+      const other = side === 'client' ? this.upstream : this.client;
+      if (other && other.readyState !== WebSocket.CLOSED) {
+        if (code === 1006) other.terminate();
+        else if (sendable(code)) other.close(code, reason);
+        else other.close();
+      }
+    }
+    if (side === 'client') {
+      if (this.upstream && this.upstream.readyState !== WebSocket.CLOSED && this.upstream.readyState !== WebSocket.CLOSING) this.upstream.terminate();
+      this.finalize(101);
+    }
+  }
+
+  /** The broker is closing: end everything now, settling while the ledger is still open. */
+  private shutdown(): void {
+    if (this.phase === 'connecting') {
+      this.end('broker_closed');
+      this.upstream?.terminate();
+      this.s.socket.destroy();
+    } else if (this.phase === 'open') {
+      this.end('broker_closed');
+      this.endTurns('broker_closed');
+      this.client?.terminate();
+      this.upstream?.terminate();
+    }
+    this.finalize(this.client ? 101 : 499);
+  }
+
+  private end(note: string): void {
+    if (this.phase === 'ended') return;
+    this.phase = 'ended';
+    this.endNote ??= note;
+  }
+
+  /** Settles every open request: they were cut, and are billed from what they produced. */
+  private endTurns(aborted: string, status = 499): void {
+    for (const turn of [...this.turns]) this.finishTurn(turn, turn.begun ? 200 : status, turn.usage, aborted);
+  }
+
+  private finishConnection(status: number, aborted?: string): void {
+    const admission = this.admission;
+    if (!admission) return;
+    this.admission = undefined;
+    admission.done();
+    const latencyMs = Math.round((performance.now() - this.s.started) * 10) / 10;
+    this.o.events.emit({ type: 'request.finished', at: Date.now(), request: this.s.info, status, latencyMs, ...(aborted ? { aborted } : {}) });
+  }
+
+  /** Unregisters the session and writes its connection's audit line (once). */
+  private finalize(status: number, audited = false): void {
+    if (this.finalized) return;
+    this.finalized = true;
+    clearTimeout(this.expiryTimer);
+    this.untrack();
+    this.o.open.delete(this.stop);
+    this.finishConnection(status, this.endNote);
+    if (!audited) this.proxy.audit(this.s.info, status, this.s.started, undefined, this.endNote ? `websocket: ${this.endNote}` : 'websocket closed');
+  }
+
+  /** Ends the session when the key expires (expiry is not an event requests in flight hear of). */
+  private armExpiry(): void {
+    const at = this.s.key.policy.expiresAt;
+    if (at === undefined) return;
+    clearTimeout(this.expiryTimer);
+    this.expiryTimer = setTimeout(() => {
+      if (keyState(this.s.key) === 'expired') {
+        this.cut({ status: 401, code: 'expired', message: `till key "${this.s.key.label}" expired at ${new Date(at).toISOString()}` });
+      } else {
+        this.armExpiry();
+      }
+    }, Math.min(Math.max(0, at - Date.now()) + 5, 2 ** 31 - 1));
+    this.expiryTimer.unref();
+  }
+}
