@@ -48,6 +48,8 @@ describe('budgets from the till command', () => {
       expect(k.used.spend).toBeGreaterThan(0);
       expect(k.reserved).toEqual({ activations: 0, tokens: 0, spend: 0 });
       expect(k.remaining.tokens).toBe(5000 - k.used.tokens!);
+      expect(k.spend).toMatchObject({ estimatedUsd: 0, reservedUsd: 0, limitUsd: 1.5 });
+      expect(k.spend.usd).toBeCloseTo(k.used.spend! / 1e6, 9);
       await expect.poll(() => lines.includes('"request.finished"')).toBe(true);
       const finished = lines.trim().split('\n').map((l) => JSON.parse(l) as TillEvent).find((e) => e.type === 'request.finished');
       expect(finished).toMatchObject({ usage: { tokens: { output: 5 }, estimated: false } });

@@ -27,6 +27,8 @@ export interface KeySummary {
   tokens: import('./ledger').TokenCounts;
   /** The part of `used.spend` (micro-dollars) that was estimated from an interrupted stream. */
   estimatedSpend: number;
+  /** The same money in US dollars, for people and scripts: spent, of which estimated, and held by requests in flight. */
+  spend: { usd: number; estimatedUsd: number; reservedUsd: number; limitUsd?: number };
 }
 
 /** What one finished request used. */

@@ -144,6 +144,12 @@ export class TillKeys {
       used: { activations: 0, ...key.used },
       tokens: { input: 0, output: 0, cached: 0, reasoning: 0, ...key.tokens },
       estimatedSpend: key.estimatedSpend ?? 0,
+      spend: {
+        usd: (key.used.spend ?? 0) / MICROS,
+        estimatedUsd: (key.estimatedSpend ?? 0) / MICROS,
+        reservedUsd: (reserved.spend ?? 0) / MICROS,
+        ...(key.policy.maxSpendUsd !== undefined ? { limitUsd: key.policy.maxSpendUsd } : {}),
+      },
       reserved: { ...reserved },
       remaining,
       inFlight: this.inFlight.get(key.id)?.size ?? 0,

@@ -173,9 +173,10 @@ async function issueKey(deps: CommandDeps, args?: Partial<IssueInput>): Promise<
 async function offerCopies(deps: CommandDeps, issued: IssuedKey): Promise<void> {
   const text = `Till key "${issued.label}" issued. It is shown only now: copy what you need.`;
   for (let i = 0; i < 10; i++) {
-    const choice = await deps.session.prompter.message('info', text, ['Copy Key', 'Copy as env', 'Copy Base URL']);
+    const choice = await deps.session.prompter.message('info', text, ['Copy Key', 'Copy as env', 'Copy as .env', 'Copy Base URL']);
     if (choice === 'Copy Key') await vscode.env.clipboard.writeText(issued.key);
     else if (choice === 'Copy as env') await vscode.env.clipboard.writeText(envText(issued, 'shell'));
+    else if (choice === 'Copy as .env') await vscode.env.clipboard.writeText(envText(issued, 'dotenv'));
     else if (choice === 'Copy Base URL') await vscode.env.clipboard.writeText(issued.baseUrl);
     else return;
     vscode.window.setStatusBarMessage(`Till: copied ${choice.replace('Copy ', '').toLowerCase()}`, 3000);
