@@ -787,7 +787,7 @@ describe('bounded memory', () => {
 // ---------------------------------------------------------------------------------------------
 
 describe('against the fake upstreams', () => {
-  const KEY = 'sk-test-metering-credential-0123456789';
+  const KEY = 'sk-test-metering-cred-0123';
   let openai: Upstream;
   let anthropic: Upstream;
   let gemini: Upstream;

@@ -15,8 +15,8 @@ import {
   type Upstream,
 } from './support/upstreams';
 
-const KEY = 'sk-test-upstream-credential-0123456789';
-const WRONG = 'sk-wrong-credential-abcdefghijklmnop';
+const KEY = 'sk-test-upstream-cred-0123';
+const WRONG = 'sk-wrong-cred-abcdefghij';
 
 /** Body of the last authenticated request: the input the token counts derive from. */
 const lastBody = (u: Upstream): string => u.received.at(-1)?.body ?? '';
