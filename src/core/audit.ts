@@ -6,7 +6,8 @@
  */
 import { closeSync, existsSync, mkdirSync, openSync, renameSync, statSync, writeSync } from 'node:fs';
 import { dirname } from 'node:path';
-import type { DenialCode } from './events';
+import type { Denial } from './denial';
+import type { DenialCode, RequestInfo } from './events';
 
 export interface AuditRecord {
   time: string;
@@ -20,6 +21,22 @@ export interface AuditRecord {
   latencyMs: number;
   denial?: DenialCode;
   reason?: string;
+}
+
+/** The audit record of a request that ended: served (with how it ended) or denied. */
+export function auditRecord(info: RequestInfo, status: number, started: number, denial?: Denial, reason?: string): AuditRecord {
+  return {
+    time: new Date().toISOString(),
+    ...(info.keyId ? { keyId: info.keyId, label: info.label } : {}),
+    provider: info.provider,
+    method: info.method,
+    path: info.path,
+    ...(info.model !== undefined ? { model: info.model } : {}),
+    status,
+    latencyMs: Math.round((performance.now() - started) * 10) / 10,
+    ...(denial ? { denial: denial.code, reason: denial.message } : {}),
+    ...(reason && !denial ? { reason } : {}),
+  };
 }
 
 export interface AuditOptions {

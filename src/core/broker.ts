@@ -8,7 +8,7 @@
 import * as http from 'node:http';
 import * as https from 'node:https';
 import type { AddressInfo } from 'node:net';
-import type { AuditLog } from './audit';
+import { auditRecord, type AuditLog } from './audit';
 import { denialBody, denialEvent, type Denial } from './denial';
 import type { RequestInfo, RequestUsage, TillEvents } from './events';
 import type { Admission, TillKeys } from './keys';
@@ -630,19 +630,6 @@ export class Broker {
   }
 
   private audit(info: RequestInfo, status: number, started: number, denial?: Denial, aborted?: string): void {
-    const audit = this.options.audit;
-    if (!audit) return;
-    audit.append({
-      time: new Date().toISOString(),
-      ...(info.keyId ? { keyId: info.keyId, label: info.label } : {}),
-      provider: info.provider,
-      method: info.method,
-      path: info.path,
-      ...(info.model !== undefined ? { model: info.model } : {}),
-      status,
-      latencyMs: Math.round((performance.now() - started) * 10) / 10,
-      ...(denial ? { denial: denial.code, reason: denial.message } : {}),
-      ...(aborted && !denial ? { reason: aborted } : {}),
-    });
+    this.options.audit?.append(auditRecord(info, status, started, denial, aborted));
   }
 }

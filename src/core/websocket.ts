@@ -22,7 +22,7 @@ import * as http from 'node:http';
 import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import WebSocket, { WebSocketServer, type RawData } from 'ws';
-import type { AuditLog } from './audit';
+import { auditRecord, type AuditLog } from './audit';
 import { findTillKey, hostIsLoopback, isCanonicalPath, STRIPPED_REQUEST } from './broker';
 import { planBudget, settlement } from './budget';
 import { denialBody, type Denial } from './denial';
@@ -347,18 +347,7 @@ export class WebSocketProxy {
   }
 
   audit(info: RequestInfo, status: number, started: number, denial?: Denial, reason?: string): void {
-    this.options.audit?.append({
-      time: new Date().toISOString(),
-      ...(info.keyId ? { keyId: info.keyId, label: info.label } : {}),
-      provider: info.provider,
-      method: info.method,
-      path: info.path,
-      ...(info.model !== undefined ? { model: info.model } : {}),
-      status,
-      latencyMs: Math.round((performance.now() - started) * 10) / 10,
-      ...(denial ? { denial: denial.code, reason: denial.message } : {}),
-      ...(reason && !denial ? { reason } : {}),
-    });
+    this.options.audit?.append(auditRecord(info, status, started, denial, reason));
   }
 }
 
