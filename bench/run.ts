@@ -248,16 +248,24 @@ async function main(): Promise<void> {
     { target: { name: 'direct', port: upstream.port, path: '/v1/chat/completions', authorization: `Bearer ${secret}` }, pid: undefined },
     { target: { name: 'pass-through', port: pass.port, path: '/v1/chat/completions', authorization: 'Bearer sk-placeholder' }, pid: pass.child.pid },
     { target: { name: 'till', port: serve.port, path: tillPath, authorization: `Bearer ${issued.key}` }, pid: serve.child.pid },
+    // The same broker on a billable route Till does not meter: the difference is metering's cost.
+    { target: { name: 'till, unmetered route', port: serve.port, path: `${new URL(issued.baseUrl).pathname}/audio/speech`, authorization: `Bearer ${issued.key}` }, pid: serve.child.pid },
   ].map((p) => ({ ...p, c1: [], c32: [], cpuC1: [], cpuC32: [], otherCpu: 0, wall: 0 }));
 
+  const metered = (p: Path) => p.target.name !== 'till, unmetered route';
   for (const p of paths) {
     progress(`${p.target.name}: warm-up`);
     await runPhase(p.target, WARMUP_CONCURRENCY, WARMUP_REQUESTS);
-    await runSse(p.target, SSE_WARMUP_STREAMS);
+    if (metered(p)) await runSse(p.target, SSE_WARMUP_STREAMS);
   }
   await load(paths, upstream.child.pid!);
   const results: TargetResult[] = [];
+  let unmetered: { c1: number; c32: number } | undefined;
   for (const p of paths) {
+    if (!metered(p)) {
+      unmetered = { c1: sum(p.cpuC1) / C1_REQUESTS, c32: sum(p.cpuC32) / C32_REQUESTS };
+      continue;
+    }
     const sse = await runSse(p.target, SSE_STREAMS);
     progress(`${p.target.name}: SSE first event ${sse.ttfbMedianMs.toFixed(2)} ms, end ${sse.endMedianMs.toFixed(1)} ms`);
     const result: TargetResult = { name: p.target.name, c1: summarize(p.c1), c32: summarize(p.c32), sse, otherLoad: p.otherCpu / (p.wall * availableParallelism()) };
@@ -321,6 +329,9 @@ async function main(): Promise<void> {
       `Proxy CPU: user + system time of the proxy process (/proc/<pid>/stat) over the phase, divided by its requests; the upstream and the load generator are not counted. Till ÷ pass-through in each round: c=1 ${roundsC1}; c=32 ${roundsC32}.`,
       `SSE: the upstream sends headers and the first event at once, then ${SSE_EVENTS - 1} more events ${SSE_GAP_MS} ms apart. "Ahead of stream end" is the smallest gap, over all streams, between the first event and the end: a buffering path would show about 0. Unbuffered = median first event under ${SSE_GAP_MS} ms, first read holding the first event alone in ≥ 90 % of streams, and every first event ≥ ${((SSE_EVENTS - 1) * SSE_GAP_MS) / 2} ms ahead of its end.`,
       '`till serve` runs as shipped: it checks and counts every request in its ledger, appends the audit log and prints one line per request to its output (a file here).',
+      ...(unmetered
+        ? [`Metering's cost: the same till key on a billable route Till does not meter (\`/audio/speech\`) used ${Math.round(unmetered.c1)} µs at c=1 and ${Math.round(unmetered.c32)} µs at c=32, so reading usage from the answer and settling tokens and spend costs ${Math.round(t.cpuC1! - unmetered.c1)} µs and ${Math.round(t.cpuC32! - unmetered.c32)} µs per request (${(unmetered.c1 / p.cpuC1!).toFixed(2)}× and ${(unmetered.c32 / p.cpuC32!).toFixed(2)}× the pass-through without it).`]
+        : []),
       `Run time: ${seconds.toFixed(0)} s.`,
     ],
   );

@@ -17,7 +17,7 @@ import { scopeViolation } from './policy';
 import { isFreeRoute, KEY_HEADERS, KEY_QUERY_PARAMS, type Provider, type ProviderRegistry } from './providers';
 import { planBudget, settlement, type BudgetPlan } from './budget';
 import type { SettleDetails } from './ledger';
-import { StreamMeter, usageFormat } from './metering';
+import { StreamMeter, usageFormat, usageFromJson, type Usage, type UsageFormat } from './metering';
 import type { Amounts } from './policy';
 import type { PriceTable } from './pricing';
 import { looksLikeTillKey } from './tillKey';
@@ -138,6 +138,18 @@ function inspectBody(provider: Provider, path: string, body: Buffer | undefined,
  * OpenAI-shaped providers that accept `stream_options.include_usage`: when a streaming client
  * did not ask for usage, Till asks for it (to meter) and removes the extra chunk it did not expect.
  */
+/** JSON answers up to this size are metered by parsing them whole. */
+const SMALL_JSON = 1024 * 1024;
+
+/** Usage from a whole JSON answer (undefined when it is not JSON or has none). */
+function jsonUsage(format: UsageFormat, chunks: Buffer[]): Usage | undefined {
+  try {
+    return usageFromJson(format, JSON.parse(Buffer.concat(chunks).toString('utf8')));
+  } catch {
+    return undefined;
+  }
+}
+
 const USAGE_INJECTABLE = new Set(['openai', 'azure-openai', 'deepseek', 'groq', 'together', 'fireworks', 'xai']);
 
 /** The local broker. */
@@ -392,6 +404,7 @@ export class Broker {
     let sseBoundary = true;
     let isSse = false;
     let upstreamStatus = 0;
+    let jsonBody: Buffer[] | undefined;
     let lastProgress = 0;
     let meter: StreamMeter | undefined;
     let plan: BudgetPlan | undefined;
@@ -399,7 +412,7 @@ export class Broker {
     /** What the request spent: reported usage, an estimate for a cut stream, nothing for an upstream error. */
     const settle = (aborted: string | undefined): { amounts: Amounts; details?: SettleDetails; usage?: RequestUsage } | undefined => {
       if (!info.billable || !format || !plan) return undefined;
-      const usage = meter?.usage();
+      const usage = jsonBody ? jsonUsage(format, jsonBody) : meter?.usage();
       if (!usage && !aborted && upstreamStatus >= 400) return { amounts: { activations: 1, tokens: 0, spend: 0 } };
       const s = settlement(provider.id, info.model, usage, { inputEstimate: plan.inputEstimate, outputChars: meter?.textChars ?? 0 }, this.options.prices);
       return { amounts: s.amounts, details: { tokens: s.tokens, estimated: s.estimated }, usage: { tokens: s.tokens, ...(s.spendKnown ? { spend: s.amounts.spend } : {}), estimated: s.estimated } };
@@ -451,157 +464,169 @@ export class Broker {
         plan = planned;
       }
       if (json && plan?.bodyChanged) body = Buffer.from(JSON.stringify(json));
-      const admitted = this.options.keys.admit(key, plan?.amounts, flight);
+      const admitted = this.options.keys.admit(key, plan?.amounts, flight, true);
       if ('status' in admitted) return deny(admitted, key);
       admission = admitted;
       this.options.events.emit({ type: 'request.started', at: Date.now(), request: info });
 
-      const target = new URL(provider.baseUrl + info.path.slice(provider.basePath.length));
-      for (const name of KEY_QUERY_PARAMS) query.delete(name);
-      const headers: http.OutgoingHttpHeaders = {};
-      const connectionTokens = (req.headers.connection ?? '').toLowerCase().split(',').map((s) => s.trim());
-      for (const [name, value] of Object.entries(req.headers)) {
-        if (value === undefined || STRIPPED_REQUEST.has(name) || connectionTokens.includes(name) || name.startsWith('sec-')) continue;
-        headers[name] = value;
-      }
-      for (const [name, value] of Object.entries(provider.defaultHeaders ?? {})) if (headers[name] === undefined) headers[name] = value;
-      const placement = provider.placement;
-      if (placement.kind === 'bearer') headers.authorization = `Bearer ${secret}`;
-      else if (placement.kind === 'header') headers[placement.name] = secret;
-      else query.set(placement.name, secret);
-      const search = query.toString();
-      // Metered answers must be readable on the way through.
-      if (format) headers['accept-encoding'] = 'identity';
-      if (body) headers['content-length'] = body.length;
-      else if (streamBody && req.headers['content-length'] !== undefined) headers['content-length'] = req.headers['content-length'];
-
-      const transport = target.protocol === 'https:' ? https : http;
-      let upstream: http.ClientRequest;
-      try {
-        upstream = transport.request({
-          protocol: target.protocol,
-          hostname: target.hostname,
-          port: target.port,
-          method: info.method,
-          path: target.pathname + (search ? `?${search}` : ''),
-          headers,
-          agent: this.agents[target.protocol as 'http:' | 'https:'],
-          timeout: this.options.upstreamIdleTimeoutMs,
-        });
-      } catch (err) {
-        // A header Node will not send (it was accepted on the way in, but not valid on the way out).
-        admission.done();
-        admission = undefined;
-        return deny({ status: 400, code: 'bad_request', message: `the request cannot be forwarded: ${(err as Error).message}` }, key);
-      }
-      upstreamReq = upstream;
-      this.open.add(stop);
-      // Once connected and the whole request is on the wire, the upstream may bill it.
-      let connected = false;
-      let sent = false;
-      upstream.on('socket', (socket) => {
-        if (socket.connecting) socket.once('connect', () => (connected = true));
-        else connected = true;
-      });
-      upstream.on('finish', () => {
-        if (!connected) return;
-        sent = true;
-        admission?.reachedUpstream();
-      });
-      upstream.on('timeout', () => upstream.destroy(new Error(`the upstream sent nothing for ${this.options.upstreamIdleTimeoutMs / 1000} s`)));
-      upstream.on('error', (err: NodeJS.ErrnoException) => {
+      // Forwarded only once its reservation is on disk (batched with this turn's others).
+      const send = () => {
         if (ended) return;
-        if (!res.headersSent) {
-          const where = `${target.protocol}//${target.host}`;
-          const detail = err.code ?? err.message;
-          this.log(`upstream ${where} failed: ${detail}`);
-          if (!sent) {
-            // Never reached the upstream: give the activation back.
-            admission?.done();
-            admission = undefined;
-          }
-          this.sendDenial(res, provider.id, { status: 502, code: 'upstream_unreachable', message: `cannot reach ${provider.displayName} at ${where} (${detail})` });
-          finish(502, 'upstream_error');
-        } else {
-          res.destroy();
-          finish(res.statusCode, 'upstream_error');
+        if (res.destroyed) return finish(499, 'client_closed');
+        const target = new URL(provider.baseUrl + info.path.slice(provider.basePath.length));
+        for (const name of KEY_QUERY_PARAMS) query.delete(name);
+        const headers: http.OutgoingHttpHeaders = {};
+        const connectionTokens = (req.headers.connection ?? '').toLowerCase().split(',').map((s) => s.trim());
+        for (const [name, value] of Object.entries(req.headers)) {
+          if (value === undefined || STRIPPED_REQUEST.has(name) || connectionTokens.includes(name) || name.startsWith('sec-')) continue;
+          headers[name] = value;
         }
-      });
-      upstream.on('response', (upRes) => {
-        admission?.reachedUpstream();
-        const out: http.OutgoingHttpHeaders = {};
-        for (const [name, value] of Object.entries(upRes.headers)) {
-          if (value !== undefined && !HOP_BY_HOP.has(name)) out[name] = value;
+        for (const [name, value] of Object.entries(provider.defaultHeaders ?? {})) if (headers[name] === undefined) headers[name] = value;
+        const placement = provider.placement;
+        if (placement.kind === 'bearer') headers.authorization = `Bearer ${secret}`;
+        else if (placement.kind === 'header') headers[placement.name] = secret;
+        else query.set(placement.name, secret);
+        const search = query.toString();
+        // Metered answers must be readable on the way through.
+        if (format) headers['accept-encoding'] = 'identity';
+        if (body) headers['content-length'] = body.length;
+        else if (streamBody && req.headers['content-length'] !== undefined) headers['content-length'] = req.headers['content-length'];
+
+        const transport = target.protocol === 'https:' ? https : http;
+        let upstream: http.ClientRequest;
+        try {
+          upstream = transport.request({
+            protocol: target.protocol,
+            hostname: target.hostname,
+            port: target.port,
+            method: info.method,
+            path: target.pathname + (search ? `?${search}` : ''),
+            headers,
+            agent: this.agents[target.protocol as 'http:' | 'https:'],
+            timeout: this.options.upstreamIdleTimeoutMs,
+          });
+        } catch (err) {
+          // A header Node will not send (it was accepted on the way in, but not valid on the way out).
+          admission?.done();
+          admission = undefined;
+          return deny({ status: 400, code: 'bad_request', message: `the request cannot be forwarded: ${(err as Error).message}` }, key);
         }
-        if (upRes.headers['content-length'] !== undefined) out['content-length'] = upRes.headers['content-length'];
-        isSse = (upRes.headers['content-type'] ?? '').includes('text/event-stream');
-        upstreamStatus = upRes.statusCode ?? 502;
-        if (format && !upRes.headers['content-encoding']) meter = new StreamMeter(format);
-        const strip = stripUsage && isSse && meter !== undefined;
-        if (strip) delete out['content-length'];
-        res.writeHead(upstreamStatus, out);
-        let writable = true;
-        if (strip) {
-          // Forward event by event, minus the usage chunk Till asked for and the client did not.
-          let seen = false;
-          meter!.onEvent = (e) => {
-            if (!seen && meter!.sawUsageChunk) {
-              seen = true;
-              return;
+        upstreamReq = upstream;
+        this.open.add(stop);
+        // Once connected and the whole request is on the wire, the upstream may bill it.
+        let connected = false;
+        let sent = false;
+        upstream.on('socket', (socket) => {
+          if (socket.connecting) socket.once('connect', () => (connected = true));
+          else connected = true;
+        });
+        upstream.on('finish', () => {
+          if (!connected) return;
+          sent = true;
+          admission?.reachedUpstream();
+        });
+        upstream.on('timeout', () => upstream.destroy(new Error(`the upstream sent nothing for ${this.options.upstreamIdleTimeoutMs / 1000} s`)));
+        upstream.on('error', (err: NodeJS.ErrnoException) => {
+          if (ended) return;
+          if (!res.headersSent) {
+            const where = `${target.protocol}//${target.host}`;
+            const detail = err.code ?? err.message;
+            this.log(`upstream ${where} failed: ${detail}`);
+            if (!sent) {
+              // Never reached the upstream: give the activation back.
+              admission?.done();
+              admission = undefined;
             }
-            writable = res.write(e.raw) && writable;
-          };
-        }
-        upRes.on('data', (chunk: Buffer) => {
-          if (isSse) {
-            const n = chunk.length;
-            sseBoundary = n >= 2 ? (chunk[n - 1] === 10 && (chunk[n - 2] === 10 || chunk[n - 2] === 13)) : sseBoundary && chunk[0] === 10;
+            this.sendDenial(res, provider.id, { status: 502, code: 'upstream_unreachable', message: `cannot reach ${provider.displayName} at ${where} (${detail})` });
+            finish(502, 'upstream_error');
+          } else {
+            res.destroy();
+            finish(res.statusCode, 'upstream_error');
           }
-          writable = true;
-          meter?.push(chunk);
-          if (meter && isSse && plan && this.options.events.listened) {
-            const now = performance.now();
-            if (now - lastProgress >= 500) {
-              lastProgress = now;
-              const s = settle('progress');
-              if (s?.usage) this.options.events.emit({ type: 'request.progress', at: Date.now(), request: info, usage: s.usage });
+        });
+        upstream.on('response', (upRes) => {
+          admission?.reachedUpstream();
+          const out: http.OutgoingHttpHeaders = {};
+          for (const [name, value] of Object.entries(upRes.headers)) {
+            if (value !== undefined && !HOP_BY_HOP.has(name)) out[name] = value;
+          }
+          if (upRes.headers['content-length'] !== undefined) out['content-length'] = upRes.headers['content-length'];
+          isSse = (upRes.headers['content-type'] ?? '').includes('text/event-stream');
+          upstreamStatus = upRes.statusCode ?? 502;
+          if (format && !upRes.headers['content-encoding']) {
+            // A small JSON answer is cheaper to parse once at the end than to scan byte by byte.
+            const length = Number(upRes.headers['content-length'] ?? NaN);
+            if (!isSse && length <= SMALL_JSON && (upRes.headers['content-type'] ?? '').includes('json')) jsonBody = [];
+            else meter = new StreamMeter(format);
+          }
+          const strip = stripUsage && isSse && meter !== undefined;
+          if (strip) delete out['content-length'];
+          res.writeHead(upstreamStatus, out);
+          let writable = true;
+          if (strip) {
+            // Forward event by event, minus the usage chunk Till asked for and the client did not.
+            let seen = false;
+            meter!.onEvent = (e) => {
+              if (!seen && meter!.sawUsageChunk) {
+                seen = true;
+                return;
+              }
+              writable = res.write(e.raw) && writable;
+            };
+          }
+          upRes.on('data', (chunk: Buffer) => {
+            if (isSse) {
+              const n = chunk.length;
+              sseBoundary = n >= 2 ? (chunk[n - 1] === 10 && (chunk[n - 2] === 10 || chunk[n - 2] === 13)) : sseBoundary && chunk[0] === 10;
             }
-          }
-          if (!strip) writable = res.write(chunk);
-          if (!writable) upRes.pause();
+            writable = true;
+            if (jsonBody) jsonBody.push(chunk);
+            else meter?.push(chunk);
+            if (meter && isSse && plan && this.options.events.listened) {
+              const now = performance.now();
+              if (now - lastProgress >= 500) {
+                lastProgress = now;
+                const s = settle('progress');
+                if (s?.usage) this.options.events.emit({ type: 'request.progress', at: Date.now(), request: info, usage: s.usage });
+              }
+            }
+            if (!strip) writable = res.write(chunk);
+            if (!writable) upRes.pause();
+          });
+          res.on('drain', () => upRes.resume());
+          upRes.on('end', () => {
+            res.end();
+            finish(upRes.statusCode ?? 502);
+          });
+          upRes.on('error', () => {
+            res.destroy();
+            finish(upRes.statusCode ?? 502, 'upstream_error');
+          });
         });
-        res.on('drain', () => upRes.resume());
-        upRes.on('end', () => {
-          res.end();
-          finish(upRes.statusCode ?? 502);
-        });
-        upRes.on('error', () => {
-          res.destroy();
-          finish(upRes.statusCode ?? 502, 'upstream_error');
-        });
-      });
-      // The client went away: stop the upstream (and its bill) too.
-      res.on('close', () => {
-        if (!res.writableFinished) {
-          upstream.destroy();
-          finish(res.statusCode, 'client_closed');
-        }
-      });
-      if (body) upstream.end(body);
-      else if (streamBody) {
-        let size = 0;
-        req.on('data', (chunk: Buffer) => {
-          size += chunk.length;
-          if (size > this.options.maxBodyBytes && !ended) {
+        // The client went away: stop the upstream (and its bill) too.
+        res.on('close', () => {
+          if (!res.writableFinished) {
             upstream.destroy();
-            res.setHeader('connection', 'close');
-            this.sendDenial(res, provider.id, { status: 413, code: 'too_large', message: `request body is over the broker's limit of ${this.options.maxBodyBytes} bytes` });
-            finish(413, 'too_large');
+            finish(res.statusCode, 'client_closed');
           }
         });
-        req.pipe(upstream);
-      }
-      else upstream.end();
+        if (body) upstream.end(body);
+        else if (streamBody) {
+          let size = 0;
+          req.on('data', (chunk: Buffer) => {
+            size += chunk.length;
+            if (size > this.options.maxBodyBytes && !ended) {
+              upstream.destroy();
+              res.setHeader('connection', 'close');
+              this.sendDenial(res, provider.id, { status: 413, code: 'too_large', message: `request body is over the broker's limit of ${this.options.maxBodyBytes} bytes` });
+              finish(413, 'too_large');
+            }
+          });
+          req.pipe(upstream);
+        }
+        else upstream.end();
+      };
+      this.options.keys.whenDurable(send);
     };
 
     // The cached secret is used synchronously: no await between admission and forwarding.

@@ -189,7 +189,7 @@ export class TillKeys {
    * activation (and, on budgeted keys, the worst-case tokens and spend the broker worked out);
    * free requests pass `undefined`. `flight` is what revocation will cut.
    */
-  admit(key: KeyRecord, amounts: Amounts | undefined, flight: InFlight): Admission | Denial {
+  admit(key: KeyRecord, amounts: Amounts | undefined, flight: InFlight, batch = false): Admission | Denial {
     const policy = key.policy;
     const now = this.now();
     // The key was authenticated before the body was read and the credential fetched: a
@@ -213,7 +213,7 @@ export class TillKeys {
     }
     let reservation: Reservation | undefined;
     if (amounts) {
-      const result = this.ledger.reserve(key.id, amounts);
+      const result = this.ledger.reserve(key.id, amounts, batch);
       if (isRefusal(result)) return { status: 429, code: 'exhausted', message: refusalMessage(result, amounts[result.meter] ?? 0) };
       reservation = result;
     }
@@ -255,6 +255,11 @@ export class TillKeys {
       set.delete(session);
       if (set.size === 0 && this.sessions.get(key.id) === set) this.sessions.delete(key.id);
     };
+  }
+
+  /** Runs `then` once every reservation made so far is written to the ledger. */
+  whenDurable(then: () => void): void {
+    this.ledger.whenDurable(then);
   }
 
   /** What is left of each limited meter: limit − used − reserved. */

@@ -145,6 +145,7 @@ export class Ledger {
   private readonly open = new Map<number, Reservation>();
   private nextReservation = 1;
   private deferred = '';
+  private durable: (() => void)[] = [];
   private flushScheduled = false;
   private fd: number;
   private entries = 0;
@@ -269,12 +270,29 @@ export class Ledger {
     }
   }
 
-  /** Writes the deferred entries. */
+  /** Writes the deferred entries, then runs what waited for them. */
   flush(): void {
     this.flushScheduled = false;
-    if (!this.deferred || this.fd < 0) return;
-    writeSync(this.fd, this.deferred);
-    this.deferred = '';
+    if (this.deferred && this.fd >= 0) {
+      writeSync(this.fd, this.deferred);
+      this.deferred = '';
+    }
+    const waiting = this.durable;
+    this.durable = [];
+    for (const run of waiting) run();
+  }
+
+  /**
+   * Runs `then` once everything reserved so far is written (at once when it is). Group commit:
+   * a busy broker writes the reservations of many requests in one write before forwarding any.
+   */
+  whenDurable(then: () => void): void {
+    if (!this.deferred) return then();
+    this.durable.push(then);
+    if (!this.flushScheduled) {
+      this.flushScheduled = true;
+      setImmediate(() => this.flush());
+    }
   }
 
   /**
@@ -349,7 +367,7 @@ export class Ledger {
    * Atomically holds `amounts` against the key's limits. Returns the reservation, or why not.
    * Synchronous on purpose: no other request can run between the check and the hold.
    */
-  reserve(keyId: string, amounts: Amounts): Reservation | ReserveRefusal {
+  reserve(keyId: string, amounts: Amounts, batch = false): Reservation | ReserveRefusal {
     const key = this.keysById.get(keyId);
     if (!key) throw new Error(`unknown key ${keyId}`);
     const limits = limitsOf(key.policy);
@@ -362,7 +380,10 @@ export class Ledger {
       if (used + held + amounts[meter]! > limit) return { meter, limit, used, reserved: held };
     }
     const res: Reservation = { id: this.nextReservation++, keyId, amounts };
-    this.write({ t: 'res', r: res.id, k: keyId, a: amounts });
+    // Batched: written with every other reservation of this turn, in one write, before any of
+    // them is acted on (the caller waits for {@link whenDurable}).
+    if (batch) this.defer({ t: 'res', r: res.id, k: keyId, a: amounts });
+    else this.write({ t: 'res', r: res.id, k: keyId, a: amounts });
     this.open.set(res.id, res);
     add(reserved, amounts, 1);
     this.compactIfDue();
