@@ -3,9 +3,12 @@
  * Exit 0 on success; otherwise a one-line error on stderr and exit 1 (2 for usage errors).
  */
 import { spawn } from 'node:child_process';
-import { constants } from 'node:os';
-import { basename } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { mkdirSync, rmSync } from 'node:fs';
+import { constants, homedir } from 'node:os';
+import { basename, join } from 'node:path';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { AGENTS, agentSetup, agentTargets, isAgentName } from '../core/agents';
 import { ControlClient, NotRunningError } from '../core/control';
 import { CredentialList, CredentialStore, checkCredentialName } from '../core/credentials';
 import type { KeySummary, TillEvent } from '../core/events';
@@ -86,9 +89,14 @@ Revokes keys at once, ending their requests and streams in flight.`,
 
 Prints the broker's events, one per line, until interrupted.`,
   exec: `Usage: till exec [<provider|credential>…] [options] -- <command…>
+       till exec --agent <claude|codex|gemini|aider> [options] -- <command…>
 
 Issues a fresh key for each named provider or credential (default: every stored credential),
 runs the command with their env vars, and revokes the keys when it exits.
+  --agent NAME        set an agent CLI up to go through Till unchanged: keys for the providers
+                      it needs and its settings (claude: no traffic around the broker; codex: a
+                      CODEX_HOME whose config.toml layers a "till" provider over ~/.codex's),
+                      in a folder under the data folder removed when the command exits
 ${ISSUE_HELP}`,
 };
 
@@ -328,14 +336,18 @@ async function watch(args: string[], paths: TillPaths): Promise<void> {
 
 async function exec(args: string[], paths: TillPaths): Promise<number> {
   const dash = args.indexOf('--');
-  const { values, positionals } = parse(dash < 0 ? args : args.slice(0, dash), ISSUE_OPTIONS);
+  const { values, positionals } = parse(dash < 0 ? args : args.slice(0, dash), { ...ISSUE_OPTIONS, agent: { type: 'string' } });
   if (values.help) {
     out(HELP.exec);
     return 0;
   }
   const command = dash < 0 ? [] : args.slice(dash + 1);
   if (command.length === 0) throw new UsageError('usage: till exec [<provider|credential>…] [options] -- <command…>');
-  const targets = positionals.length > 0 ? positionals : new CredentialList(paths.credentials).all().map((c) => c.name);
+  const agent = values.agent;
+  if (agent !== undefined && !isAgentName(agent)) throw new UsageError(`unknown agent "${agent}": use ${Object.keys(AGENTS).join(', ')}`);
+  if (agent !== undefined && positionals.length > 0) throw new UsageError('till exec --agent picks the credentials itself: name no provider or credential');
+  const credentials = new CredentialList(paths.credentials).all();
+  const targets = agent !== undefined ? agentTargets(agent, credentials) : positionals.length > 0 ? positionals : credentials.map((c) => c.name);
   if (targets.length === 0) throw new Error('no credentials: add one with `till credential add <provider>`');
   const client = new ControlClient(paths);
   const issued: IssuedKey[] = [];
@@ -351,20 +363,34 @@ async function exec(args: string[], paths: TillPaths): Promise<number> {
     throw err;
   }
   const env = { ...process.env };
-  for (const k of issued) Object.assign(env, k.env);
-  const child = spawn(command[0]!, command.slice(1), { stdio: 'inherit', env });
-  const forward = (signal: NodeJS.Signals) => child.kill(signal);
-  process.on('SIGINT', forward);
-  process.on('SIGTERM', forward);
-  const code = await new Promise<number>((resolve) => {
-    child.on('error', (err) => {
-      process.stderr.write(`till: cannot run ${command[0]}: ${err.message}\n`);
-      resolve(127);
+  let scratch: string | undefined;
+  try {
+    if (agent !== undefined) {
+      for (const name of AGENTS[agent].unset ?? []) delete env[name];
+      const agentsDir = join(paths.home, 'agents');
+      mkdirSync(agentsDir, { recursive: true, mode: 0o700 });
+      scratch = join(agentsDir, randomBytes(8).toString('hex'));
+      mkdirSync(scratch, { mode: 0o700 });
+      const userCodexHome = process.env.CODEX_HOME || join(homedir(), '.codex');
+      Object.assign(env, agentSetup(agent, issued, { scratchDir: scratch, userCodexHome }).env);
+    } else {
+      for (const k of issued) Object.assign(env, k.env);
+    }
+    const child = spawn(command[0]!, command.slice(1), { stdio: 'inherit', env });
+    const forward = (signal: NodeJS.Signals) => child.kill(signal);
+    process.on('SIGINT', forward);
+    process.on('SIGTERM', forward);
+    return await new Promise<number>((resolve) => {
+      child.on('error', (err) => {
+        process.stderr.write(`till: cannot run ${command[0]}: ${err.message}\n`);
+        resolve(127);
+      });
+      child.on('exit', (status, signal) => resolve(status ?? 128 + (signal ? (constants.signals[signal] ?? 0) : 0)));
     });
-    child.on('exit', (status, signal) => resolve(status ?? 128 + (signal ? (constants.signals[signal] ?? 0) : 0)));
-  });
-  await revokeAll();
-  return code;
+  } finally {
+    if (scratch) rmSync(scratch, { recursive: true, force: true });
+    await revokeAll();
+  }
 }
 
 export async function main(argv: string[]): Promise<number> {

@@ -138,6 +138,18 @@ function inspectBody(provider: Provider, path: string, body: Buffer | undefined,
  * OpenAI-shaped providers that accept `stream_options.include_usage`: when a streaming client
  * did not ask for usage, Till asks for it (to meter) and removes the extra chunk it did not expect.
  */
+/** An upstream base URL, parsed once (the path of each request is appended as text). */
+const upstreams = new Map<string, { url: URL; path: string }>();
+function upstreamOf(baseUrl: string): { url: URL; path: string } {
+  let parsed = upstreams.get(baseUrl);
+  if (!parsed) {
+    const url = new URL(baseUrl);
+    parsed = { url, path: url.pathname.replace(/\/+$/, '') };
+    upstreams.set(baseUrl, parsed);
+  }
+  return parsed;
+}
+
 /** JSON answers up to this size are metered by parsing them whole. */
 const SMALL_JSON = 1024 * 1024;
 
@@ -473,7 +485,9 @@ export class Broker {
       const send = () => {
         if (ended) return;
         if (res.destroyed) return finish(499, 'client_closed');
-        const target = new URL(provider.baseUrl + info.path.slice(provider.basePath.length));
+        const upstreamBase = upstreamOf(provider.baseUrl);
+        const target = upstreamBase.url;
+        const targetPath = upstreamBase.path + info.path.slice(provider.basePath.length);
         for (const name of KEY_QUERY_PARAMS) query.delete(name);
         const headers: http.OutgoingHttpHeaders = {};
         const connectionTokens = (req.headers.connection ?? '').toLowerCase().split(',').map((s) => s.trim());
@@ -500,7 +514,7 @@ export class Broker {
             hostname: target.hostname,
             port: target.port,
             method: info.method,
-            path: target.pathname + (search ? `?${search}` : ''),
+            path: targetPath + (search ? `?${search}` : ''),
             headers,
             agent: this.agents[target.protocol as 'http:' | 'https:'],
             timeout: this.options.upstreamIdleTimeoutMs,

@@ -1,14 +1,23 @@
 /**
  * "Till: Open Agent Terminal" and the matching terminal profile: a terminal with its own fresh
- * till keys, revoked when the terminal closes.
+ * till keys, revoked when the terminal closes. For a named agent (Claude Code, Codex CLI, …) the
+ * terminal is set up so the agent goes through Till unchanged (see ../core/agents), with any
+ * files it needs in a folder under the data folder, removed when the terminal closes.
  */
+import { randomBytes } from 'node:crypto';
+import { mkdirSync, rmSync } from 'node:fs';
+import { homedir } from 'node:os';
+import { join } from 'node:path';
 import * as vscode from 'vscode';
+import { AGENTS, agentSetup, agentTargets, type AgentName } from '../core/agents';
 import type { IssuedKey } from '../core/service';
 import { SETTINGS } from './constants';
 import type { TillSession } from './session';
 
 export class AgentTerminals implements vscode.Disposable {
   private readonly byTerminal = new Map<vscode.Terminal, IssuedKey[]>();
+  /** Folders written for an agent terminal, removed when it closes. */
+  private readonly scratchDirs = new Map<vscode.Terminal, string>();
   /** Keys issued for a profile terminal not opened yet, by one of their values. */
   private readonly pendingProfiles = new Map<string, IssuedKey[]>();
   private count = 0;
@@ -39,10 +48,48 @@ export class AgentTerminals implements vscode.Disposable {
     return { name, env, keys };
   }
 
-  async open(): Promise<vscode.Terminal> {
-    const { name, env, keys } = await this.issueAll();
+  /** Issues the keys an agent needs and writes its setup into a fresh folder under the data folder. */
+  private async issueForAgent(agent: AgentName): Promise<{ name: string; env: Record<string, string>; keys: IssuedKey[]; scratch: string }> {
+    const targets = agentTargets(agent, this.session.credentials.all());
+    const name = `Till agent ${++this.count} (${AGENTS[agent].describe})`;
+    const keys: IssuedKey[] = [];
+    try {
+      for (const target of targets) {
+        keys.push(await this.session.connection.issue({ ...this.session.policySetting(SETTINGS.issuePolicy), target, label: name, owner: this.session.owner }));
+      }
+      const dir = join(this.session.paths.home, 'agents');
+      mkdirSync(dir, { recursive: true, mode: 0o700 });
+      const scratch = join(dir, randomBytes(8).toString('hex'));
+      mkdirSync(scratch, { mode: 0o700 });
+      try {
+        const userCodexHome = process.env.CODEX_HOME || join(homedir(), '.codex');
+        const { env } = agentSetup(agent, keys, { scratchDir: scratch, userCodexHome });
+        // Variables that would take priority over Till's are blanked in the terminal (null unsets).
+        for (const unset of AGENTS[agent].unset ?? []) (env as Record<string, string | null>)[unset] = null;
+        return { name, env, keys, scratch };
+      } catch (err) {
+        rmSync(scratch, { recursive: true, force: true });
+        throw err;
+      }
+    } catch (err) {
+      for (const k of keys) this.session.revokeLater(k.id);
+      throw err;
+    }
+  }
+
+  /** Opens a terminal with fresh keys: for every credential, or set up for one agent. */
+  async open(agent?: AgentName): Promise<vscode.Terminal> {
+    if (agent === undefined) {
+      const { name, env, keys } = await this.issueAll();
+      const terminal = vscode.window.createTerminal({ name, env, iconPath: new vscode.ThemeIcon('key') });
+      this.byTerminal.set(terminal, keys);
+      terminal.show();
+      return terminal;
+    }
+    const { name, env, keys, scratch } = await this.issueForAgent(agent);
     const terminal = vscode.window.createTerminal({ name, env, iconPath: new vscode.ThemeIcon('key') });
     this.byTerminal.set(terminal, keys);
+    this.scratchDirs.set(terminal, scratch);
     terminal.show();
     return terminal;
   }
@@ -65,6 +112,11 @@ export class AgentTerminals implements vscode.Disposable {
   }
 
   private closed(terminal: vscode.Terminal): void {
+    const scratch = this.scratchDirs.get(terminal);
+    if (scratch) {
+      this.scratchDirs.delete(terminal);
+      rmSync(scratch, { recursive: true, force: true });
+    }
     const keys = this.byTerminal.get(terminal);
     if (!keys) return;
     this.byTerminal.delete(terminal);
@@ -78,5 +130,7 @@ export class AgentTerminals implements vscode.Disposable {
     }
     this.byTerminal.clear();
     this.pendingProfiles.clear();
+    for (const dir of this.scratchDirs.values()) rmSync(dir, { recursive: true, force: true });
+    this.scratchDirs.clear();
   }
 }

@@ -6,6 +6,7 @@
  * them they ask through the session's prompter.
  */
 import * as vscode from 'vscode';
+import { isAgentName, type AgentName } from '../core/agents';
 import type { KeySummary } from '../core/events';
 import { parseDuration, type PolicyInput } from '../core/policy';
 import { ProviderRegistry } from '../core/providers';
@@ -210,6 +211,25 @@ async function revokeAll(deps: CommandDeps): Promise<number> {
   return n;
 }
 
+/** What Open Agent Terminal offers; the plain terminal first. */
+const AGENT_PICKS: { label: string; description: string; value: AgentName | 'plain' }[] = [
+  { label: 'Plain terminal (all credentials)', description: 'a till key for each provider in its env', value: 'plain' },
+  { label: 'Claude Code', description: 'claude, through Till only', value: 'claude' },
+  { label: 'Codex CLI', description: 'codex, with a Till provider over your config.toml', value: 'codex' },
+  { label: 'Gemini CLI', description: 'gemini', value: 'gemini' },
+  { label: 'aider', description: 'aider, with OpenAI and/or Anthropic keys', value: 'aider' },
+];
+
+/** Open Agent Terminal: `{ agent }` skips the question; `agent: 'plain'` is the all-credentials terminal. */
+async function openAgentTerminal(deps: CommandDeps, args?: { agent?: string }): Promise<vscode.Terminal | undefined> {
+  const choice = args?.agent ?? (await deps.session.prompter.pick('Till: Open Agent Terminal', AGENT_PICKS, 'Which agent will run in it?'));
+  if (choice === undefined) return undefined;
+  if (choice !== 'plain' && !isAgentName(choice)) throw new Error(`unknown agent "${choice}": use plain, ${AGENT_PICKS.slice(1).map((p) => p.value).join(', ')}`);
+  const terminal = await deps.agents.open(choice === 'plain' ? undefined : choice);
+  deps.tree.refresh();
+  return terminal;
+}
+
 /** Every command, by id. */
 export function commandTable(deps: CommandDeps): Record<(typeof COMMANDS)[keyof typeof COMMANDS], (...args: unknown[]) => unknown> {
   const { session } = deps;
@@ -229,7 +249,7 @@ export function commandTable(deps: CommandDeps): Record<(typeof COMMANDS)[keyof 
       const url = session.connection.url;
       if (url) await vscode.env.clipboard.writeText(provider ? `${url}/${provider}${providers().get(provider)?.basePath ?? ''}` : url);
     },
-    [COMMANDS.openAgentTerminal]: () => deps.agents.open(),
+    [COMMANDS.openAgentTerminal]: (args) => openAgentTerminal(deps, args as { agent?: string } | undefined),
     [COMMANDS.showAuditLog]: async () => {
       const doc = await vscode.workspace.openTextDocument(vscode.Uri.file(session.paths.audit));
       await vscode.window.showTextDocument(doc, { preview: true });

@@ -207,6 +207,7 @@ describe('Till in VS Code', function () {
 
   it('Open Agent Terminal: fresh keys for that terminal, revoked when it closes', async () => {
     const before = new Set((await api.connection().list()).map((k) => k.id));
+    prompter.answer('Plain terminal (all credentials)');
     const terminal = await vscode.commands.executeCommand<vscode.Terminal>(COMMANDS.openAgentTerminal);
     assert.ok(terminal);
     const fresh = (await api.connection().list()).filter((k) => !before.has(k.id));
@@ -215,6 +216,25 @@ describe('Till in VS Code', function () {
     assert.ok((terminal.creationOptions as vscode.TerminalOptions).env?.OPENAI_API_KEY?.startsWith('till_'));
     terminal.dispose();
     await poll(async () => (await api.connection().list()).find((k) => k.id === fresh[0]!.id)?.state, (s) => s === 'revoked', 'the agent key to be revoked');
+  });
+
+  it('Open Agent Terminal for Codex CLI: a CODEX_HOME with a till provider, removed with its key when the terminal closes', async () => {
+    const before = new Set((await api.connection().list()).map((k) => k.id));
+    const terminal = await vscode.commands.executeCommand<vscode.Terminal>(COMMANDS.openAgentTerminal, { agent: 'codex' });
+    assert.ok(terminal);
+    const env = (terminal.creationOptions as vscode.TerminalOptions).env ?? {};
+    assert.ok(env.OPENAI_API_KEY?.startsWith('till_'));
+    const codexHome = env.CODEX_HOME!;
+    assert.ok(codexHome.startsWith(join(api.session.paths.home, 'agents')));
+    const config = readFileSync(join(codexHome, 'config.toml'), 'utf8');
+    assert.match(config, /^model_provider = "till"$/m);
+    assert.match(config, /^\[model_providers\.till\]$/m);
+    assert.ok(!config.includes(env.OPENAI_API_KEY!));
+    const fresh = (await api.connection().list()).filter((k) => !before.has(k.id));
+    assert.equal(fresh.length, 1);
+    terminal.dispose();
+    await poll(async () => (await api.connection().list()).find((k) => k.id === fresh[0]!.id)?.state, (s) => s === 'revoked', 'the Codex terminal key to be revoked');
+    await poll(async () => existsSync(codexHome), (exists) => !exists, 'the Codex folder to be removed');
   });
 
   it('Revoke All asks first, then ends every key', async () => {
