@@ -10,7 +10,7 @@ import * as https from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { auditRecord, type AuditLog } from './audit';
 import { denialBody, denialEvent, type Denial } from './denial';
-import type { RequestInfo, RequestUsage, TillEvents } from './events';
+import type { RequestInfo, RequestUsage, TillEvent, TillEvents } from './events';
 import type { Admission, TillKeys } from './keys';
 import type { KeyRecord } from './ledger';
 import { scopeViolation } from './policy';
@@ -441,7 +441,13 @@ export class Broker {
       const spent = settle(aborted);
       admission?.done(spent?.amounts, spent?.details);
       const latencyMs = Math.round((performance.now() - started) * 10) / 10;
-      this.options.events.emit({ type: 'request.finished', at: Date.now(), request: info, status, latencyMs, ...(aborted ? { aborted } : {}), ...(spent?.usage ? { usage: spent.usage } : {}) });
+      if (this.options.events.listened) {
+        // Built field by field: spreads allocate, and this runs for every request.
+        const event: Extract<TillEvent, { type: 'request.finished' }> = { type: 'request.finished', at: Date.now(), request: info, status, latencyMs };
+        if (aborted) event.aborted = aborted;
+        if (spent?.usage) event.usage = spent.usage;
+        this.options.events.emit(event);
+      }
       this.audit(info, status, started, undefined, aborted);
     };
     const flight = {

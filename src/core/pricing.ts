@@ -119,6 +119,8 @@ interface PriceFile {
  * Lookups are case-insensitive and resolve dated snapshots and aliases.
  */
 export class PriceTable {
+  /** Resolved prices by provider and model as asked (undefined: no price). */
+  private readonly memo = new Map<string, ModelPrice | undefined>();
   /** The date the built-in prices were checked (YYYY-MM-DD). */
   readonly asOf: string;
   private readonly tables = new Map<string, Map<string, ModelPrice>>();
@@ -154,9 +156,17 @@ export class PriceTable {
    * own overrides); unknown OpenRouter and Perplexity `vendor/model` ids fall back to the vendor.
    */
   price(provider: string, model: string): ModelPrice | undefined {
+    // Resolving aliases and snapshots takes a few string passes: every request asks, so remember.
+    const memo = `${provider}\u0000${model}`;
+    if (this.memo.has(memo)) {
+      const hit = this.memo.get(memo);
+      return hit && { ...hit };
+    }
     const m = key(model);
-    if (!m) return undefined;
-    return this.resolve(key(provider), m, true);
+    const found = m ? this.resolve(key(provider), m, true) : undefined;
+    if (this.memo.size >= 10_000) this.memo.clear();
+    this.memo.set(memo, found);
+    return found && { ...found };
   }
 
   private resolve(provider: string, model: string, viaVendor: boolean): ModelPrice | undefined {
