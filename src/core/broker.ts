@@ -60,6 +60,19 @@ const LOOPBACK_HOSTS = new Set(['127.0.0.1', 'localhost', '[::1]', '::1']);
 
 let requestCounter = 0;
 
+/** `/<provider><path>?<query>` taken apart. */
+export function splitUrl(url: string | undefined): { providerId: string; path: string; query: URLSearchParams } {
+  const rawUrl = url ?? '/';
+  const q = rawUrl.indexOf('?');
+  const rawPath = q < 0 ? rawUrl : rawUrl.slice(0, q);
+  const slash = rawPath.indexOf('/', 1);
+  return {
+    providerId: slash < 0 ? rawPath.slice(1) : rawPath.slice(1, slash),
+    path: slash < 0 ? '/' : rawPath.slice(slash),
+    query: new URLSearchParams(q < 0 ? '' : rawUrl.slice(q + 1)),
+  };
+}
+
 /** A till key found in a request, or why none could be used. */
 export function findTillKey(req: http.IncomingMessage, query: URLSearchParams): string | Denial {
   const found = new Set<string>();
@@ -290,13 +303,7 @@ export class Broker {
   private handle(req: http.IncomingMessage, res: http.ServerResponse): void {
     const started = performance.now();
     const method = req.method ?? 'GET';
-    const rawUrl = req.url ?? '/';
-    const q = rawUrl.indexOf('?');
-    const rawPath = q < 0 ? rawUrl : rawUrl.slice(0, q);
-    const query = new URLSearchParams(q < 0 ? '' : rawUrl.slice(q + 1));
-    const slash = rawPath.indexOf('/', 1);
-    const providerId = slash < 0 ? rawPath.slice(1) : rawPath.slice(1, slash);
-    const path = slash < 0 ? '/' : rawPath.slice(slash);
+    const { providerId, path, query } = splitUrl(req.url);
     const provider = this.options.providers.get(providerId);
     const info: RequestInfo = { requestId: String(++requestCounter), keyId: '', label: '', provider: provider?.id ?? providerId, method, path, billable: false };
 

@@ -23,7 +23,7 @@ import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import WebSocket, { WebSocketServer, type RawData } from 'ws';
 import { auditRecord, type AuditLog } from './audit';
-import { findTillKey, hostIsLoopback, isCanonicalPath, STRIPPED_REQUEST } from './broker';
+import { findTillKey, hostIsLoopback, isCanonicalPath, splitUrl, STRIPPED_REQUEST } from './broker';
 import { planBudget, settlement } from './budget';
 import { denialBody, type Denial } from './denial';
 import type { RequestInfo, RequestUsage, TillEvents } from './events';
@@ -229,13 +229,7 @@ export class WebSocketProxy {
     socket.on('error', () => undefined);
     if ((req.headers.upgrade ?? '').toLowerCase() !== 'websocket') return this.plainHttp(req, socket);
     const started = performance.now();
-    const rawUrl = req.url ?? '/';
-    const q = rawUrl.indexOf('?');
-    const rawPath = q < 0 ? rawUrl : rawUrl.slice(0, q);
-    const query = new URLSearchParams(q < 0 ? '' : rawUrl.slice(q + 1));
-    const slash = rawPath.indexOf('/', 1);
-    const providerId = slash < 0 ? rawPath.slice(1) : rawPath.slice(1, slash);
-    const path = slash < 0 ? '/' : rawPath.slice(slash);
+    const { providerId, path, query } = splitUrl(req.url);
     const provider = this.options.providers.get(providerId);
     const info: RequestInfo = { requestId: `ws${++connectionCounter}`, keyId: '', label: '', provider: provider?.id ?? providerId, method: req.method ?? 'GET', path, billable: false };
     const deny = (denial: Denial, key?: KeyRecord) => {
