@@ -8,7 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AGENTS, agentSetup, agentTargets, codexConfig } from '../src/core/agents';
 import type { KeySummary } from '../src/core/events';
 import type { IssuedKey } from '../src/core/service';
-import { addCredential, fakeCredential, runTill, spawnServe, tempHome, type RunResult, type ServeProcess } from './support/till';
+import { addCredential, fakeCredential, runTill, spawnServe, tempHome, type RunResult, type ServeProcess, expectOneLineError } from './support/till';
 
 // ---- a tiny TOML reader: enough to prove structure (tables, dotted keys, duplicates) -----------
 
@@ -247,13 +247,6 @@ describe('agentSetup', () => {
 
 // ---- till exec --agent, end to end -------------------------------------------------------
 
-function expectOneLineError(r: RunResult, code: number, pattern: RegExp): void {
-  expect(r.code, `stdout: ${r.stdout}\nstderr: ${r.stderr}`).toBe(code);
-  const lines = r.stderr.split('\n').filter((l) => l !== '');
-  expect(lines, r.stderr).toHaveLength(1);
-  expect(lines[0]).toMatch(/^till: /);
-  expect(lines[0]).toMatch(pattern);
-}
 
 describe('till exec --agent', () => {
   let home: string;

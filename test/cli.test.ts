@@ -13,21 +13,13 @@ import type { KeySummary, TillEvent } from '../src/core/events';
 import type { IssuedKey } from '../src/core/service';
 import { tillPaths } from '../src/core/home';
 import { KeychainVault, VaultError } from '../src/core/vault';
-import { fakeCredential, logFile, runTill, spawnServe, tempHome, TILL_JS, type RunResult, type ServeProcess } from './support/till';
+import { fakeCredential, logFile, runTill, spawnServe, tempHome, TILL_JS, type RunResult, type ServeProcess, expectOneLineError } from './support/till';
 import { fakeAnswer, startOpenAIUpstream, type Upstream } from './support/upstreams';
 import { filesUnder } from './support/files';
 
 /** What `till issue --json` prints. */
 type IssuedJson = IssuedKey;
 
-/** A failed command: non-zero exit and exactly one line on stderr, starting `till: `. */
-function expectOneLineError(r: RunResult, code: number, pattern: RegExp): void {
-  expect(r.code, `stdout: ${r.stdout}\nstderr: ${r.stderr}`).toBe(code);
-  const lines = r.stderr.split('\n').filter((l) => l !== '');
-  expect(lines, r.stderr).toHaveLength(1);
-  expect(lines[0]).toMatch(/^till: /);
-  expect(lines[0]).toMatch(pattern);
-}
 
 function expectOk(r: RunResult): void {
   expect(r.code, `stdout: ${r.stdout}\nstderr: ${r.stderr}`).toBe(0);

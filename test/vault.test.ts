@@ -14,7 +14,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { keychainService, tillPaths } from '../src/core/home';
 import { KeychainVault, VaultError, type VaultErrorKind } from '../src/core/vault';
 import { startPrivateKeyring, type PrivateKeyring } from './support/keyring';
-import { fakeCredential, runTill, spawnServe, tempHome, type RunResult, type ServeProcess } from './support/till';
+import { fakeCredential, runTill, spawnServe, tempHome, type RunResult, type ServeProcess, expectOneLineError } from './support/till';
 import { startOpenAIUpstream, type Upstream } from './support/upstreams';
 import { filesUnder } from './support/files';
 
@@ -26,14 +26,6 @@ function expectNotOnDisk(home: string, secret: string): void {
   for (const f of filesUnder(home)) expect(readFileSync(f, 'utf8'), f).not.toContain(secret);
 }
 
-function expectOneLineError(r: RunResult, pattern: RegExp): void {
-  expect(r.code, `stdout: ${r.stdout}\nstderr: ${r.stderr}`).not.toBe(0);
-  expect(r.code).not.toBeNull();
-  const lines = r.stderr.split('\n').filter((l) => l !== '');
-  expect(lines, r.stderr).toHaveLength(1);
-  expect(lines[0]).toMatch(/^till: /);
-  expect(lines[0]).toMatch(pattern);
-}
 
 async function rejection(p: Promise<unknown>): Promise<VaultError> {
   try {
@@ -246,14 +238,14 @@ describe('a locked keychain', () => {
     started = Date.now();
     const issue = await runTill(['issue', 'openai'], { home, env: keyring.env, timeoutMs: 15_000 });
     expect(Date.now() - started).toBeLessThan(10_000);
-    expectOneLineError(issue, /the OS keychain is locked/);
+    expectOneLineError(issue, undefined, /the OS keychain is locked/);
 
     // Adding a credential to a locked keychain fails and writes nothing.
     const other = fakeCredential('locked-add');
     started = Date.now();
     const add2 = await runTill(['credential', 'add', 'openai', '--name', 'second'], { home, input: other, env: keyring.env, timeoutMs: 15_000 });
     expect(Date.now() - started).toBeLessThan(10_000);
-    expectOneLineError(add2, /the OS keychain is locked/);
+    expectOneLineError(add2, undefined, /the OS keychain is locked/);
     const listed = JSON.parse((await runTill(['credential', 'ls', '--json'], { home })).stdout) as { name: string }[];
     expect(listed.map((c) => c.name)).toEqual(['openai']);
     expectNotOnDisk(home, secret);
@@ -283,7 +275,7 @@ describe('no keychain at all', () => {
     const started = Date.now();
     const r = await runTill(['credential', 'add', 'openai'], { home, input: secret, env, timeoutMs: 15_000 });
     expect(Date.now() - started).toBeLessThan(8_000);
-    expectOneLineError(r, /no OS keychain is reachable \(Secret Service over D-Bus\).*Till never falls back to a plain file/);
+    expectOneLineError(r, undefined, /no OS keychain is reachable \(Secret Service over D-Bus\).*Till never falls back to a plain file/);
     expect(r.stdout + r.stderr).not.toContain(secret);
     expectNotOnDisk(home, secret);
     expect(existsSync(tillPaths(home).credentials)).toBe(false);
@@ -301,7 +293,7 @@ describe('no keychain at all', () => {
       const started = Date.now();
       const r = await runTill(['issue', 'openai'], { home, timeoutMs: 15_000 });
       expect(Date.now() - started).toBeLessThan(8_000);
-      expectOneLineError(r, /no OS keychain is reachable/);
+      expectOneLineError(r, undefined, /no OS keychain is reachable/);
       expect(r.stdout).toBe('');
     } finally {
       await serve.stop();

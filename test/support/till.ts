@@ -4,6 +4,7 @@
  * TILL_TEST_ROOT, which the global teardown scans for leaked credentials.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { expect } from 'vitest';
 import { randomBytes } from 'node:crypto';
 import { appendFileSync, mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
@@ -136,4 +137,18 @@ export function spawnServe(home: string, options: { port?: number; env?: NodeJS.
       reject(new Error(`till serve exited with ${code}: ${text}`));
     });
   });
+}
+
+/**
+ * A failed command: the exit code (or any non-zero one when `code` is omitted) and exactly
+ * one line on stderr, starting `till: `.
+ */
+export function expectOneLineError(r: RunResult, code: number | undefined, pattern: RegExp): void {
+  if (code === undefined) expect(r.code, `stdout: ${r.stdout}\nstderr: ${r.stderr}`).not.toBe(0);
+  else expect(r.code, `stdout: ${r.stdout}\nstderr: ${r.stderr}`).toBe(code);
+  expect(r.code).not.toBeNull();
+  const lines = r.stderr.split('\n').filter((l) => l !== '');
+  expect(lines, r.stderr).toHaveLength(1);
+  expect(lines[0]).toMatch(/^till: /);
+  expect(lines[0]).toMatch(pattern);
 }
