@@ -77,5 +77,9 @@ describe('budgets from the till command', () => {
     expect(ext.code).toBe(0);
     expect(ext.stdout).toMatch(/1,300 tokens/);
     expect((await chat(issued)).status).toBe(200);
+    // till serve's console: key events and refusals, not a line per served request (that is --verbose, or till watch).
+    await expect.poll(() => serve.output()).toMatch(/key issued: .* \(openai/);
+    expect(serve.output()).toMatch(/429 POST \/openai\/v1\/chat\/completions denied \(exhausted\)/);
+    expect(serve.output()).not.toMatch(/ 200 POST /);
   });
 });

@@ -63,10 +63,12 @@ Commands:
   exec                  run a command with fresh till keys, revoked when it exits
 
 Run \`till <command> --help\` for a command's options. TILL_HOME selects the data folder.`,
-  serve: `Usage: till serve [--port N]
+  serve: `Usage: till serve [--port N] [--verbose]
 
-Runs the broker on 127.0.0.1 in the foreground and prints its URL. Stop it with Ctrl-C.
-  --port N   port to listen on (default: config.json's port, else 8455)`,
+Runs the broker on 127.0.0.1 in the foreground and prints its URL, then key events, limits and
+refused requests. Stop it with Ctrl-C. \`till watch\` shows every request live.
+  --port N       port to listen on (default: config.json's port, else 8455)
+  -v, --verbose  also print a line for every request served`,
   credential: `Usage:
   till credential add <provider> [--name NAME]   the secret is read from stdin or a hidden prompt, never from arguments
   till credential ls [--json]
@@ -215,7 +217,7 @@ function printIssued(k: IssuedKey): void {
 }
 
 async function serve(args: string[], paths: TillPaths): Promise<void> {
-  const { values } = parse(args, { port: { type: 'string' } });
+  const { values } = parse(args, { port: { type: 'string' }, verbose: { type: 'boolean', short: 'v' } });
   if (values.help) return out(HELP.serve);
   const port = int(values.port, 'port');
   const service = await TillService.start({ home: paths.home, port, log: (line) => process.stderr.write(`till: ${line}\n`) });
@@ -228,8 +230,12 @@ async function serve(args: string[], paths: TillPaths): Promise<void> {
     lines = '';
   };
   const timer = setInterval(flush, 50);
+  // Keys, limits and refusals always; every served request only with --verbose (`till watch`
+  // shows them live, and a line per request costs a busy broker several percent of its CPU).
   service.events.on((e) => {
-    if (e.type !== 'request.started' && e.type !== 'request.progress') lines += formatEvent(e) + '\n';
+    if (e.type === 'request.started' || e.type === 'request.progress') return;
+    if (e.type === 'request.finished' && !values.verbose) return;
+    lines += formatEvent(e) + '\n';
   });
   await new Promise<void>((resolve) => {
     const stop = () => resolve();
