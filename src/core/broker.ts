@@ -343,14 +343,11 @@ export class Broker {
     }
     const presented = findTillKey(req, query);
     if (typeof presented !== 'string') return deny(presented);
-    const auth = this.options.keys.authenticate(presented);
-    if ('status' in auth) return deny(auth);
-    const key = auth;
+    const auth = this.options.keys.authenticateFor(presented, provider.id);
+    if ('denial' in auth) return deny(auth.denial, auth.key);
+    const key = auth.key;
     info.keyId = key.id;
     info.label = key.label;
-    if (key.provider !== provider.id) {
-      return deny({ status: 403, code: 'wrong_provider', message: `till key "${key.label}" is for ${key.provider}, not ${provider.id}` }, key);
-    }
     const billable = !isFreeRoute(provider, method, path);
     info.billable = billable;
     const early = scopeViolation({ ...key.policy, models: undefined }, method, path, undefined, billable);

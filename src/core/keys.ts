@@ -184,6 +184,19 @@ export class TillKeys {
   }
 
   /**
+   * Authenticates a presented key and checks it is bound to `provider`: the check every route
+   * into the broker (HTTP and WebSocket) starts with. A denial after the lookup names the key.
+   */
+  authenticateFor(presented: string, provider: string): { key: KeyRecord } | { denial: Denial; key?: KeyRecord } {
+    const auth = this.authenticate(presented);
+    if ('status' in auth) return { denial: auth };
+    if (auth.provider !== provider) {
+      return { denial: { status: 403, code: 'wrong_provider', message: `till key "${auth.label}" is for ${auth.provider}, not ${provider}` }, key: auth };
+    }
+    return { key: auth };
+  }
+
+  /**
    * Admits one request under the key's rate, concurrency and spending limits, atomically:
    * nothing else runs between the checks and the holds. Billable requests reserve one
    * activation (and, on budgeted keys, the worst-case tokens and spend the broker worked out);

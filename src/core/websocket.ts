@@ -270,14 +270,11 @@ export class WebSocketProxy {
 
     const presented = this.presentedKey(req, query, offered);
     if (typeof presented !== 'string') return deny(presented);
-    const auth = this.options.keys.authenticate(presented);
-    if ('status' in auth) return deny(auth);
-    const key = auth;
+    const auth = this.options.keys.authenticateFor(presented, provider.id);
+    if ('denial' in auth) return deny(auth.denial, auth.key);
+    const key = auth.key;
     info.keyId = key.id;
     info.label = key.label;
-    if (key.provider !== provider.id) {
-      return deny({ status: 403, code: 'wrong_provider', message: `till key "${key.label}" is for ${key.provider}, not ${provider.id}` }, key);
-    }
     const dialect = dialectOf(provider, path);
     // Methods are checked per request made over the socket (a response is a POST); the upgrade
     // itself is checked for its path and, for Realtime, the model named in the URL.

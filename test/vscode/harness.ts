@@ -346,3 +346,13 @@ export async function screenshot(page: Page, name: string, element?: string): Pr
   else await page.screenshot({ path: file, timeout: 10_000 });
   return path.relative(process.cwd(), file);
 }
+
+/** Ctrl-C or SIGTERM: exit at once; the 'exit' handlers end code-server's group and Chromium. */
+export function exitOnSignals(name: string): void {
+  for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+    process.on(sig, () => {
+      console.error(`[${name}] ${sig}: stopping code-server and chromium`);
+      process.exit(130);
+    });
+  }
+}

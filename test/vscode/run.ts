@@ -31,6 +31,7 @@ import {
   screenshot,
   spawnCodeServer,
   type CodeServer,
+  exitOnSignals,
 } from './harness';
 
 const suitePath = path.join(repoRoot, 'dist', 'test', 'suite.js');
@@ -156,12 +157,7 @@ function saveLogs(tmp: string, logs: Array<{ relativePath: string; contents: str
   if (logs.length) say(`workbench logs: ${path.join(tmp, 'workbench-logs')}`);
 }
 
-for (const sig of ['SIGINT', 'SIGTERM'] as const) {
-  process.on(sig, () => {
-    console.error(`[till-vscode] ${sig}: stopping code-server and chromium`);
-    process.exit(130); // the 'exit' handlers end code-server's group and Chromium
-  });
-}
+exitOnSignals('till-vscode');
 
 main().then(
   (code) => {

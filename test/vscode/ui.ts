@@ -44,6 +44,7 @@ import {
   spawnCodeServer,
   type CodeServer,
   type Sandbox,
+  exitOnSignals,
 } from './harness';
 
 const { values: opts } = parseArgs({
@@ -366,12 +367,7 @@ async function main(): Promise<number> {
   }
 }
 
-for (const sig of ['SIGINT', 'SIGTERM'] as const) {
-  process.on(sig, () => {
-    console.error(`[till-ui] ${sig}: stopping code-server and chromium`);
-    process.exit(130); // the 'exit' handlers end code-server's group and Chromium
-  });
-}
+exitOnSignals('till-ui');
 
 // Everything was ended above; exiting outright also drops whatever a lost race left pending
 // (an install still running, say), and runs the 'exit' handlers as a last resort.
