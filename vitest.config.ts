@@ -3,6 +3,8 @@ import { defineConfig } from 'vitest/config';
 export default defineConfig({
   test: {
     include: ['test/**/*.test.ts'],
+    // The real agent CLIs are slow and large: they run on their own (vitest.agents.config.ts).
+    exclude: ['test/agents/**', 'node_modules/**'],
     globalSetup: ['test/support/globalSetup.ts'],
     testTimeout: 30_000,
     hookTimeout: 30_000,

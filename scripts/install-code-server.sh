@@ -4,8 +4,9 @@
 #     libsecret-tools; the suite runs its own private instance, never the user's
 #   - Node 24 from npm (code-server >= 4.133 needs it) into $TILL_CACHE/node24
 #   - code-server, built against that Node, into $TILL_CACHE/code-server-<version>
-#   - Debian's chromium (the browser Playwright drives) and libkrb5-dev (a build dependency
-#     of code-server's native modules), through apt, only when missing
+#   - Debian's chromium (the browser Playwright drives), strace (the agent tests record every
+#     address an agent tries) and libkrb5-dev (a build dependency of code-server's native
+#     modules), through apt, only when missing
 # Idempotent: each part is skipped when its marker says it is already in place, so a CI cache
 # of $TILL_CACHE turns the 4-5 minute install into a second. Runs as root or as a user with
 # passwordless sudo (for apt only); everything else goes into the cache dir.
@@ -41,7 +42,7 @@ cs_ready=false
 
 missing=()
 [[ -x /usr/bin/chromium ]] || missing+=(chromium)
-for pkg in gnome-keyring dbus libglib2.0-bin libsecret-tools; do
+for pkg in gnome-keyring dbus libglib2.0-bin libsecret-tools strace; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
 done
 if ! $cs_ready && ! dpkg-query -W -f='${Status}' libkrb5-dev 2>/dev/null | grep -q 'install ok installed'; then

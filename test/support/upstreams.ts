@@ -8,11 +8,16 @@
  * - the answer is fakeAnswer(n): n text chunks, one output token each, where
  *   n = min(streamChunks, the request's max-tokens field if any). When the limit cuts the answer,
  *   the provider's "length" stop reason is reported.
+ *
+ * Agents need a model that uses tools: with `reply` set, the Messages and Responses APIs answer
+ * each turn as the script says (text, a tool call, or text that goes on until the client leaves),
+ * and the Responses API is also served over WebSocket (`websocket: true`) as Codex uses it.
  */
 import { randomBytes } from 'node:crypto';
-import { createServer, type IncomingHttpHeaders, type IncomingMessage, type ServerResponse } from 'node:http';
+import { createServer, STATUS_CODES, type IncomingHttpHeaders, type IncomingMessage, type ServerResponse } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
+import WebSocket, { WebSocketServer } from 'ws';
 
 export interface ReceivedRequest {
   method: string;
@@ -29,6 +34,14 @@ export interface Upstream {
   received: ReceivedRequest[];
   /** Requests refused for a bad or missing credential. */
   rejected: ReceivedRequest[];
+  /** WebSocket handshakes that passed auth (Responses over WebSocket). */
+  upgrades: ReceivedRequest[];
+  /** Messages received over WebSockets, parsed. */
+  socketMessages: Json[];
+  /** WebSockets open now. */
+  openSockets(): number;
+  /** Usage reported in generated Messages and Responses answers (HTTP and WebSocket): what a broker should meter. */
+  reported: { answers: number; inputTokens: number; outputTokens: number };
   /** Number of requests currently being served (open responses). */
   inFlight(): number;
   /**
@@ -54,7 +67,27 @@ export interface UpstreamOptions {
    * Bad credentials are still refused at once, and Anthropic still refuses a missing anthropic-version.
    */
   hang?: boolean;
+  /** A scripted model for the Messages and Responses APIs (agents): answers each turn. */
+  reply?: (turn: Turn) => Reply;
+  /** OpenAI: serve `GET /v1/responses` upgrades (Responses over WebSocket). Without it they get 426. */
+  websocket?: boolean;
 }
+
+/** What a scripted model sees of a conversation. */
+export interface Turn {
+  /** Every user text of the conversation, joined by newlines (system reminders included). */
+  userText: string;
+  /** The output of the tool call this turn answers, when the newest input is a tool result. */
+  toolResult?: string;
+  /** Names of the tools the client offers. */
+  tools: string[];
+}
+
+/**
+ * A scripted model's answer: text, a tool call, or text that goes on (one more word every
+ * 250 ms, for a minute at most) until the client leaves.
+ */
+export type Reply = { text: string; hold?: boolean } | { tool: string; input: Record<string, unknown> };
 
 // ---------------------------------------------------------------------------------------------
 // Deterministic content
@@ -81,13 +114,21 @@ export function fakeTokenCount(body: string): number {
 
 type Json = Record<string, unknown>;
 
-interface Exchange {
+/** Who is calling: enough to check a credential, for requests and WebSocket handshakes alike. */
+interface Caller {
   req: IncomingMessage;
+  url: URL;
+  opts: Opts;
+}
+
+type Opts = Required<Omit<UpstreamOptions, 'reply'>> & Pick<UpstreamOptions, 'reply'>;
+
+interface Exchange extends Caller {
   res: ServerResponse;
   method: string;
-  url: URL;
   body: string;
-  opts: Required<UpstreamOptions>;
+  /** Adds a generated answer's usage to `Upstream.reported`. */
+  report(inputTokens: number, outputTokens: number): void;
 }
 
 /** An error answer: status and JSON body. */
@@ -108,13 +149,15 @@ interface Route {
 
 interface Provider {
   /** null when the credential is right, else the refusal to send. */
-  authenticate(ex: Exchange): Refusal | null;
+  authenticate(caller: Caller): Refusal | null;
   /** Checks made after auth on non-open routes (e.g. a required version header). */
   precheck?(ex: Exchange): Refusal | null;
   /** Headers set on every response (request ids, rate limits). */
   headers?(ex: Exchange, accepted: boolean): Record<string, string>;
   routes: Route[];
   notFound(ex: Exchange): Refusal;
+  /** WebSocket endpoints by path: the socket is served after the credential was checked. */
+  sockets?: Record<string, (ws: WebSocket, ex: Pick<Exchange, 'opts' | 'report'>, received: Json[]) => void>;
 }
 
 function sendJson(res: ServerResponse, status: number, body: unknown): void {
@@ -135,12 +178,14 @@ const sseEvent = (event: TypedEvent): string => `event: ${event.type}\ndata: ${J
  * Writes frames one res.write at a time, streamDelayMs apart, and stops as soon as the client
  * has gone (the core counts that as an aborted stream).
  */
-async function writeStream(ex: Exchange, frames: string[], contentType = 'text/event-stream; charset=utf-8'): Promise<void> {
+async function writeStream(ex: Exchange, frames: Iterable<string> | AsyncIterable<string>, contentType = 'text/event-stream; charset=utf-8'): Promise<void> {
   const { res } = ex;
   res.writeHead(200, { 'content-type': contentType, 'cache-control': 'no-cache', connection: 'keep-alive' });
   res.flushHeaders();
-  for (const [i, frame] of frames.entries()) {
-    if (i > 0 && ex.opts.streamDelayMs > 0) await sleep(ex.opts.streamDelayMs);
+  let first = true;
+  for await (const frame of frames) {
+    if (!first && ex.opts.streamDelayMs > 0) await sleep(ex.opts.streamDelayMs);
+    first = false;
     if (res.destroyed) return;
     if (!res.write(frame)) {
       await new Promise<void>((resolve) => {
@@ -150,6 +195,10 @@ async function writeStream(ex: Exchange, frames: string[], contentType = 'text/e
     }
   }
   if (!res.destroyed) res.end();
+}
+
+async function* map<T, U>(items: AsyncIterable<T>, fn: (item: T) => U): AsyncGenerator<U> {
+  for await (const item of items) yield fn(item);
 }
 
 function parseObject(body: string): Json | null {
@@ -164,12 +213,12 @@ function parseObject(body: string): Json | null {
 const str = (v: unknown): string | undefined => (typeof v === 'string' ? v : undefined);
 const num = (v: unknown): number | undefined => (typeof v === 'number' && Number.isFinite(v) ? v : undefined);
 const obj = (v: unknown): Json => (v !== null && typeof v === 'object' && !Array.isArray(v) ? (v as Json) : {});
-const header = (ex: Exchange, name: string): string | undefined => {
+const header = (ex: Caller, name: string): string | undefined => {
   const v = ex.req.headers[name];
   return Array.isArray(v) ? v[0] : v;
 };
 /** The token of `Authorization: <scheme> <token>` when the scheme is one of `schemes`. */
-function authToken(ex: Exchange, schemes: string[]): string | undefined {
+function authToken(ex: Caller, schemes: string[]): string | undefined {
   const m = /^(\S+)\s+(.+)$/.exec(header(ex, 'authorization') ?? '');
   return m && schemes.includes(m[1]!.toLowerCase()) ? m[2]!.trim() : undefined;
 }
@@ -184,9 +233,18 @@ function answerLength(ex: Exchange, limit: unknown): { n: number; truncated: boo
 }
 
 async function startUpstream(options: UpstreamOptions, provider: Provider): Promise<Upstream> {
-  const opts: Required<UpstreamOptions> = { streamDelayMs: 0, streamChunks: 5, hang: false, ...options };
+  const opts: Opts = { streamDelayMs: 0, streamChunks: 5, hang: false, websocket: false, ...options };
   const received: ReceivedRequest[] = [];
   const rejected: ReceivedRequest[] = [];
+  const upgrades: ReceivedRequest[] = [];
+  const socketMessages: Json[] = [];
+  const reported = { answers: 0, inputTokens: 0, outputTokens: 0 };
+  const report = (inputTokens: number, outputTokens: number): void => {
+    reported.answers++;
+    reported.inputTokens += inputTokens;
+    reported.outputTokens += outputTokens;
+  };
+  const wss = new WebSocketServer({ noServer: true });
   const sockets = new Set<Socket>();
   const waiters = new Set<{ n: number; resolve(): void; reject(err: Error): void }>();
   let inFlight = 0;
@@ -218,7 +276,7 @@ async function startUpstream(options: UpstreamOptions, provider: Provider): Prom
     }
     const body = Buffer.concat(chunks).toString('utf8');
     const method = req.method ?? 'GET';
-    const ex: Exchange = { req, res, method, url: new URL(req.url ?? '/', 'http://127.0.0.1'), body, opts };
+    const ex: Exchange = { req, res, method, url: new URL(req.url ?? '/', 'http://127.0.0.1'), body, opts, report };
     const record: ReceivedRequest = { method, path: req.url ?? '/', headers: req.headers, body };
 
     let found: { route: Route; match: RegExpExecArray } | undefined;
@@ -245,6 +303,24 @@ async function startUpstream(options: UpstreamOptions, provider: Provider): Prom
     await found.route.handle(ex, found.match);
   }
 
+  server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => {
+    const caller: Caller = { req, url: new URL(req.url ?? '/', 'http://127.0.0.1'), opts };
+    const record: ReceivedRequest = { method: req.method ?? 'GET', path: req.url ?? '/', headers: req.headers, body: '' };
+    const serveSocket = provider.sockets?.[caller.url.pathname];
+    const refuse = (status: number, body: unknown) => {
+      const text = JSON.stringify(body);
+      socket.end(`HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(text)}\r\nconnection: close\r\n\r\n${text}`);
+    };
+    const refusal = provider.authenticate(caller);
+    if (refusal) {
+      rejected.push(record);
+      return refuse(refusal.status, refusal.body);
+    }
+    if (!serveSocket || !opts.websocket) return refuse(426, { error: { message: 'WebSocket is not supported on this endpoint', type: 'invalid_request_error', param: null, code: null } });
+    upgrades.push(record);
+    wss.handleUpgrade(req, socket, head, (ws) => serveSocket(ws, { opts, report }, socketMessages));
+  });
+
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
     server.listen(0, '127.0.0.1', () => resolve());
@@ -255,6 +331,10 @@ async function startUpstream(options: UpstreamOptions, provider: Provider): Prom
     url: `http://127.0.0.1:${port}`,
     received,
     rejected,
+    upgrades,
+    socketMessages,
+    openSockets: () => wss.clients.size,
+    reported,
     inFlight: () => inFlight,
     abortedStreams: () => aborted,
     waitForRequests(n, timeoutMs = 5_000) {
@@ -281,6 +361,7 @@ async function startUpstream(options: UpstreamOptions, provider: Provider): Prom
       if (closing) return Promise.resolve();
       closing = true;
       for (const w of waiters) w.reject(new Error('upstream closed'));
+      for (const ws of wss.clients) ws.terminate();
       return new Promise<void>((resolve) => {
         server.close(() => resolve());
         for (const socket of sockets) socket.destroy();
@@ -352,24 +433,10 @@ function chatCompletions(ex: Exchange): void | Promise<void> {
   return writeStream(ex, [...frames, sseData('[DONE]')]);
 }
 
-function responses(ex: Exchange): void | Promise<void> {
-  const body = openAIBody(ex, 'input');
-  if (body instanceof Refusal) return sendRefusal(ex, body);
-  const { n, truncated } = answerLength(ex, body.max_output_tokens);
-  const input = fakeTokenCount(ex.body);
-  const usage = {
-    input_tokens: input,
-    input_tokens_details: { cached_tokens: 0 },
-    output_tokens: n,
-    output_tokens_details: { reasoning_tokens: 0 },
-    total_tokens: input + n,
-  };
-  const text = fakeAnswer(n);
-  const msgId = newId('msg_');
-  const part = (t: string) => ({ type: 'output_text', annotations: [], logprobs: [], text: t });
-  const message = (status: string, content: unknown[]) => ({ id: msgId, type: 'message', status, role: 'assistant', content });
-  const response = (status: string, output: unknown[], u: unknown) => ({
-    id: responseId,
+/** A Responses API `response` object. */
+function responseObject(body: Json, id: string, createdAt: number, status: string, output: unknown[], usage: unknown): Json {
+  return {
+    id,
     object: 'response',
     created_at: createdAt,
     status,
@@ -390,14 +457,45 @@ function responses(ex: Exchange): void | Promise<void> {
     tools: [],
     top_p: body.top_p ?? 1,
     truncation: 'disabled',
-    usage: u,
+    usage,
     user: null,
     metadata: body.metadata ?? {},
-  });
+  };
+}
+
+const responsesUsage = (input: number, output: number) => ({
+  input_tokens: input,
+  input_tokens_details: { cached_tokens: 0 },
+  output_tokens: output,
+  output_tokens_details: { reasoning_tokens: 0 },
+  total_tokens: input + output,
+});
+
+const outputText = (t: string) => ({ type: 'output_text', annotations: [], logprobs: [], text: t });
+
+function responses(ex: Exchange): void | Promise<void> {
+  const body = openAIBody(ex, 'input');
+  if (body instanceof Refusal) return sendRefusal(ex, body);
+  if (ex.opts.reply) {
+    const input = typeof body.input === 'string' ? [{ role: 'user', content: body.input }] : Array.isArray(body.input) ? body.input : [];
+    const events = scriptedResponseEvents(body, input, fakeTokenCount(ex.body), ex, () => !ex.res.destroyed);
+    if (body.stream === true) return writeStream(ex, map(events, sseEvent));
+    return (async () => {
+      let final: Json = {};
+      for await (const event of events) if (event.type === 'response.completed') final = obj(event.response);
+      sendJson(ex.res, 200, final);
+    })();
+  }
+  const { n, truncated } = answerLength(ex, body.max_output_tokens);
+  const usage = responsesUsage(fakeTokenCount(ex.body), n);
+  const text = fakeAnswer(n);
+  const msgId = newId('msg_');
+  const message = (status: string, content: unknown[]) => ({ id: msgId, type: 'message', status, role: 'assistant', content });
   const responseId = newId('resp_');
   const createdAt = nowSeconds();
+  const response = (status: string, output: unknown[], u: unknown) => responseObject(body, responseId, createdAt, status, output, u);
   const finalStatus = truncated ? 'incomplete' : 'completed';
-  const final = response(finalStatus, [message(finalStatus, [part(text)])], usage);
+  const final = response(finalStatus, [message(finalStatus, [outputText(text)])], usage);
 
   if (body.stream !== true) return sendJson(ex.res, 200, final);
   const at = { item_id: msgId, output_index: 0, content_index: 0 };
@@ -405,14 +503,135 @@ function responses(ex: Exchange): void | Promise<void> {
     { type: 'response.created', response: response('in_progress', [], null) },
     { type: 'response.in_progress', response: response('in_progress', [], null) },
     { type: 'response.output_item.added', output_index: 0, item: message('in_progress', []) },
-    { type: 'response.content_part.added', ...at, part: part('') },
+    { type: 'response.content_part.added', ...at, part: outputText('') },
     ...fakeAnswerChunks(n).map((delta) => ({ type: 'response.output_text.delta', ...at, delta, logprobs: [] })),
     { type: 'response.output_text.done', ...at, text, logprobs: [] },
-    { type: 'response.content_part.done', ...at, part: part(text) },
-    { type: 'response.output_item.done', output_index: 0, item: message(finalStatus, [part(text)]) },
+    { type: 'response.content_part.done', ...at, part: outputText(text) },
+    { type: 'response.output_item.done', output_index: 0, item: message(finalStatus, [outputText(text)]) },
     { type: `response.${finalStatus}`, response: final },
   ];
   return writeStream(ex, events.map((e, sequence_number) => sseEvent({ ...e, sequence_number })));
+}
+
+/** The text of a Responses input part list or of a tool output. */
+function partsText(content: unknown): string {
+  if (typeof content === 'string') return content;
+  return Array.isArray(content) ? content.map((p) => str(obj(p).text) ?? '').join('') : '';
+}
+
+function toolNames(tools: unknown): string[] {
+  return Array.isArray(tools) ? tools.map((t) => str(obj(t).name)).filter((n): n is string => n !== undefined) : [];
+}
+
+/** The turn a Responses request asks for, from the whole conversation (history and new input). */
+function responsesTurn(body: Json, conversation: unknown[]): Turn {
+  const texts = conversation.map(obj).filter((item) => item.role === 'user' && (item.type ?? 'message') === 'message').map((item) => partsText(item.content));
+  const last = obj(conversation.at(-1));
+  const toolResult = last.type === 'function_call_output' ? partsText(last.output) : undefined;
+  return { userText: texts.join('\n'), tools: toolNames(body.tools), ...(toolResult !== undefined ? { toolResult } : {}) };
+}
+
+/**
+ * The text of a scripted reply, piece by piece: its words, then for `hold` one more word every
+ * 250 ms while the client is there (a minute at most).
+ */
+async function* replyText(reply: { text: string; hold?: boolean }, alive: () => boolean): AsyncGenerator<string> {
+  for (const word of reply.text.split(/(?= )/)) yield word;
+  for (let i = 0; reply.hold && i < 240 && alive(); i++) {
+    await sleep(250);
+    yield ' more';
+  }
+}
+
+/**
+ * The events of a scripted Responses answer (HTTP stream and WebSocket alike). A prewarm
+ * (`generate: false`) is created and completed at once with no output and no usage.
+ */
+async function* scriptedResponseEvents(body: Json, conversation: unknown[], inputTokens: number, ex: Pick<Exchange, 'opts' | 'report'>, alive: () => boolean): AsyncGenerator<TypedEvent> {
+  const id = newId('resp_');
+  const createdAt = nowSeconds();
+  const response = (status: string, output: unknown[], usage: unknown) => responseObject(body, id, createdAt, status, output, usage);
+  let sequence_number = 0;
+  const event = (e: TypedEvent): TypedEvent => ({ ...e, sequence_number: sequence_number++ });
+  yield event({ type: 'response.created', response: response('in_progress', [], null) });
+  if (body.generate === false) {
+    yield event({ type: 'response.completed', response: response('completed', [], responsesUsage(0, 0)) });
+    return;
+  }
+  yield event({ type: 'response.in_progress', response: response('in_progress', [], null) });
+  const reply = ex.opts.reply?.(responsesTurn(body, conversation)) ?? { text: fakeAnswer(ex.opts.streamChunks) };
+  let item: Json;
+  let outputTokens: number;
+  if ('tool' in reply) {
+    const args = JSON.stringify(reply.input);
+    const at = { item_id: newId('fc_'), output_index: 0 };
+    item = { id: at.item_id, type: 'function_call', status: 'completed', arguments: args, call_id: newId('call_'), name: reply.tool };
+    yield event({ type: 'response.output_item.added', output_index: 0, item: { ...item, status: 'in_progress', arguments: '' } });
+    yield event({ type: 'response.function_call_arguments.delta', ...at, delta: args });
+    yield event({ type: 'response.function_call_arguments.done', ...at, arguments: args });
+    outputTokens = fakeTokenCount(args);
+  } else {
+    const at = { item_id: newId('msg_'), output_index: 0, content_index: 0 };
+    const message = (status: string, content: unknown[]) => ({ id: at.item_id, type: 'message', status, role: 'assistant', content });
+    yield event({ type: 'response.output_item.added', output_index: 0, item: message('in_progress', []) });
+    yield event({ type: 'response.content_part.added', ...at, part: outputText('') });
+    let text = '';
+    for await (const delta of replyText(reply, alive)) {
+      text += delta;
+      yield event({ type: 'response.output_text.delta', ...at, delta, logprobs: [] });
+    }
+    yield event({ type: 'response.output_text.done', ...at, text, logprobs: [] });
+    yield event({ type: 'response.content_part.done', ...at, part: outputText(text) });
+    item = message('completed', [outputText(text)]);
+    outputTokens = fakeTokenCount(text);
+  }
+  yield event({ type: 'response.output_item.done', output_index: 0, item });
+  ex.report(inputTokens, outputTokens);
+  yield event({ type: 'response.completed', response: response('completed', [item], responsesUsage(inputTokens, outputTokens)) });
+}
+
+/**
+ * Responses over WebSocket, as Codex uses it: each `response.create` is answered with the same
+ * events as the HTTP stream, one message each, in order; `previous_response_id` continues a
+ * response made earlier on this socket (the conversation is kept, so only new input is sent).
+ */
+function responsesSocket(ws: WebSocket, ex: Pick<Exchange, 'opts' | 'report'>, received: Json[]): void {
+  const conversations = new Map<string, unknown[]>();
+  const open = () => ws.readyState === WebSocket.OPEN;
+  const send = async (event: Json) => {
+    if (!open()) return;
+    await new Promise<void>((resolve) => ws.send(JSON.stringify(event), () => resolve()));
+  };
+  const fail = (status: number, message: string, code: string | null = null, param: string | null = null) =>
+    send({ type: 'error', status, error: { type: 'invalid_request_error', code, message, param } });
+
+  async function serve(text: string): Promise<void> {
+    const msg = parseObject(text);
+    if (!msg) return fail(400, 'We could not parse the JSON body of your request.');
+    received.push(msg);
+    if (msg.type !== 'response.create') return fail(400, `Unsupported event type '${String(msg.type)}'.`, 'unknown_event_type', 'type');
+    if (typeof msg.model !== 'string') return fail(400, 'you must provide a model parameter');
+    const previous = str(msg.previous_response_id);
+    const before = previous === undefined ? [] : conversations.get(previous);
+    if (!before) return fail(400, `Previous response with id '${previous}' not found.`, 'previous_response_not_found', 'previous_response_id');
+    const conversation = [...before, ...(Array.isArray(msg.input) ? msg.input : [])];
+    // The model reads the whole conversation, so that is the input billed.
+    const inputTokens = fakeTokenCount(JSON.stringify(conversation));
+    for await (const event of scriptedResponseEvents(msg, conversation, inputTokens, ex, open)) {
+      if (!open()) return;
+      await send(event);
+      if (event.type === 'response.completed') {
+        const response = obj(event.response);
+        conversations.set(String(response.id), [...conversation, ...(Array.isArray(response.output) ? response.output : [])]);
+      }
+    }
+  }
+
+  let queue = Promise.resolve();
+  ws.on('message', (data) => {
+    const text = String(data);
+    queue = queue.then(() => serve(text)).catch(() => ws.terminate());
+  });
 }
 
 const openAI: Provider = {
@@ -439,6 +658,7 @@ const openAI: Provider = {
     { method: 'POST', path: /^\/v1\/responses$/, handle: responses },
   ],
   notFound: (ex) => openAIError(404, `Invalid URL (${ex.method} ${ex.url.pathname})`),
+  sockets: { '/v1/responses': responsesSocket },
 };
 
 export const startOpenAIUpstream = (opts: UpstreamOptions): Promise<Upstream> => startUpstream(opts, openAI);
@@ -463,11 +683,51 @@ function anthropicBody(ex: Exchange, required: string[]): Json | Refusal {
   return body;
 }
 
+/** The turn a Messages request asks for. */
+function messagesTurn(body: Json): Turn {
+  const messages = Array.isArray(body.messages) ? body.messages.map(obj) : [];
+  const texts: string[] = [];
+  let toolResult: string | undefined;
+  messages.forEach((m, i) => {
+    if (m.role !== 'user') return;
+    const blocks = typeof m.content === 'string' ? [{ type: 'text', text: m.content }] : Array.isArray(m.content) ? m.content.map(obj) : [];
+    for (const block of blocks) {
+      if (block.type === 'text') texts.push(str(block.text) ?? '');
+      if (block.type === 'tool_result' && i === messages.length - 1) toolResult = partsText(block.content);
+    }
+  });
+  return { userText: texts.join('\n'), tools: toolNames(body.tools), ...(toolResult !== undefined ? { toolResult } : {}) };
+}
+
+/** The stream of a scripted Messages answer: a tool_use block or text, with usage at the end. */
+async function* scriptedMessageEvents(ex: Exchange, body: Json, reply: Reply, usage: (output: number) => Json): AsyncGenerator<TypedEvent> {
+  yield { type: 'message_start', message: { id: newId('msg_'), type: 'message', role: 'assistant', model: body.model, content: [], stop_reason: null, stop_sequence: null, usage: usage(1) } };
+  let output: number;
+  if ('tool' in reply) {
+    const json = JSON.stringify(reply.input);
+    yield { type: 'content_block_start', index: 0, content_block: { type: 'tool_use', id: newId('toolu_'), name: reply.tool, input: {} } };
+    // Partial JSON arrives in pieces that are not valid JSON on their own.
+    const half = Math.ceil(json.length / 2);
+    for (const partial_json of [json.slice(0, half), json.slice(half)]) yield { type: 'content_block_delta', index: 0, delta: { type: 'input_json_delta', partial_json } };
+    output = fakeTokenCount(json);
+  } else {
+    yield { type: 'content_block_start', index: 0, content_block: { type: 'text', text: '' } };
+    let text = '';
+    for await (const piece of replyText(reply, () => !ex.res.destroyed)) {
+      text += piece;
+      yield { type: 'content_block_delta', index: 0, delta: { type: 'text_delta', text: piece } };
+    }
+    output = fakeTokenCount(text);
+  }
+  yield { type: 'content_block_stop', index: 0 };
+  ex.report(fakeTokenCount(ex.body), output);
+  yield { type: 'message_delta', delta: { stop_reason: 'tool' in reply ? 'tool_use' : 'end_turn', stop_sequence: null }, usage: { output_tokens: output } };
+  yield { type: 'message_stop' };
+}
+
 function messages(ex: Exchange): void | Promise<void> {
   const body = anthropicBody(ex, ['model', 'max_tokens', 'messages']);
   if (body instanceof Refusal) return sendRefusal(ex, body);
-  const { n, truncated } = answerLength(ex, body.max_tokens);
-  const stop_reason = truncated ? 'max_tokens' : 'end_turn';
   const usage = (output_tokens: number) => ({
     input_tokens: fakeTokenCount(ex.body),
     cache_creation_input_tokens: 0,
@@ -476,6 +736,16 @@ function messages(ex: Exchange): void | Promise<void> {
     output_tokens,
     service_tier: 'standard',
   });
+  if (ex.opts.reply) {
+    const reply = ex.opts.reply(messagesTurn(body));
+    if (body.stream === true) return writeStream(ex, map(scriptedMessageEvents(ex, body, reply, usage), sseEvent));
+    const json = 'tool' in reply ? JSON.stringify(reply.input) : reply.text;
+    const content = 'tool' in reply ? [{ type: 'tool_use', id: newId('toolu_'), name: reply.tool, input: reply.input }] : [{ type: 'text', text: reply.text }];
+    ex.report(fakeTokenCount(ex.body), fakeTokenCount(json));
+    return sendJson(ex.res, 200, { id: newId('msg_'), type: 'message', role: 'assistant', model: body.model, content, stop_reason: 'tool' in reply ? 'tool_use' : 'end_turn', stop_sequence: null, usage: usage(fakeTokenCount(json)) });
+  }
+  const { n, truncated } = answerLength(ex, body.max_tokens);
+  const stop_reason = truncated ? 'max_tokens' : 'end_turn';
   const message = { id: newId('msg_'), type: 'message', role: 'assistant', model: body.model };
 
   if (body.stream !== true) {

@@ -1,0 +1,210 @@
+/**
+ * Runs a real agent CLI (Claude Code, Codex CLI) headless through `till exec --agent`, the way a
+ * user would, and records what a reviewer would check afterwards: its exit, its output, the
+ * environment it was given, every network address it tried (strace), and the files it left in
+ * its HOME. The agents are installed by scripts/install-agents.sh into ~/.cache/till/agents.
+ */
+import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { appendFileSync, chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { userInfo } from 'node:os';
+import { dirname, join } from 'node:path';
+import type { KeySummary } from '../../../src/core/events';
+import type { Reply, Turn } from '../../support/upstreams';
+import { logFile, runTill, testRoot, TILL_JS } from '../../support/till';
+
+/**
+ * Where scripts/install-agents.sh puts the agent packages: $TILL_CACHE/agents. The account's
+ * home comes from the password database, since the test setup points HOME elsewhere.
+ */
+export const AGENTS_DIR = join(process.env.TILL_CACHE ?? join(userInfo().homedir, '.cache', 'till'), 'agents');
+
+/** The installed binary of an agent package; a clear error when it is missing. */
+export function agentBinary(name: 'claude' | 'codex'): string {
+  const bin = join(AGENTS_DIR, 'node_modules', '.bin', name);
+  if (!existsSync(bin)) throw new Error(`${name} is not installed in ${AGENTS_DIR}: run \`bash scripts/install-agents.sh\` (npm test does)`);
+  return bin;
+}
+
+/** A network address an agent process tried to reach, from strace. */
+export interface Destination {
+  syscall: string;
+  family: 'AF_INET' | 'AF_INET6';
+  address: string;
+  port: number;
+}
+
+/** Parses strace's connect/sendto/sendmsg lines into the internet addresses they name. */
+export function destinations(trace: string): Destination[] {
+  const found: Destination[] = [];
+  for (const line of trace.split('\n')) {
+    const call = /\b(connect|sendto|sendmsg)\(/.exec(line)?.[1];
+    if (!call) continue;
+    const v4 = /sa_family=AF_INET, sin_port=htons\((\d+)\), sin_addr=inet_addr\("([^"]+)"\)/.exec(line);
+    if (v4) found.push({ syscall: call, family: 'AF_INET', address: v4[2]!, port: Number(v4[1]) });
+    const v6 = /sa_family=AF_INET6, sin6_port=htons\((\d+)\).*?inet_pton\(AF_INET6, "([^"]+)"/.exec(line);
+    if (v6) found.push({ syscall: call, family: 'AF_INET6', address: v6[2]!, port: Number(v6[1]) });
+  }
+  return found;
+}
+
+/** True for 127.0.0.0/8, ::1 and ::ffff:127.x. */
+export const isLoopback = (address: string): boolean => /^127\./.test(address) || address === '::1' || /^::ffff:127\./.test(address);
+
+/** A workspace folder with a note the agent is asked to read (the tool round trip). */
+export function workspace(marker: string): string {
+  const dir = join(testRoot(), 'agents', `work-${randomBytes(4).toString('hex')}`);
+  mkdirSync(dir, { recursive: true });
+  writeFileSync(join(dir, 'note.txt'), `${marker}\n`);
+  return dir;
+}
+
+/**
+ * The scripted model both agents talk to: asked to read note.txt, it calls the agent's file or
+ * shell tool; given the tool's output, it answers with the marker it found there; asked to
+ * keep talking, it streams until the client leaves.
+ */
+export function noteReader(dir: string, marker: string): (turn: Turn) => Reply {
+  return (turn) => {
+    if (turn.toolResult !== undefined) return { text: turn.toolResult.includes(marker) ? `The note says ${marker}.` : `The tool gave no note: ${turn.toolResult.slice(0, 200)}` };
+    if (/keep talking/i.test(turn.userText)) return { text: 'Talking and talking', hold: true };
+    if (/read note\.txt/i.test(turn.userText)) {
+      if (turn.tools.includes('Read')) return { tool: 'Read', input: { file_path: join(dir, 'note.txt') } };
+      if (turn.tools.includes('exec_command')) return { tool: 'exec_command', input: { cmd: 'cat note.txt', workdir: dir } };
+      if (turn.tools.includes('shell')) return { tool: 'shell', input: { command: ['cat', 'note.txt'], workdir: dir } };
+      return { text: `No tool to read files among: ${turn.tools.join(', ')}` };
+    }
+    return { text: 'Hello.' };
+  };
+}
+
+/** The shell wrapper `till exec` runs: records the agent's environment, traces its network calls, keeps a copy of its Codex home. */
+const WRAPPER = `#!/bin/sh
+env > "$TILL_AGENT_TRACE/env.txt"
+strace -f -qq -e trace=connect,sendto,sendmsg -o "$TILL_AGENT_TRACE/network.txt" "$@" </dev/null
+status=$?
+if [ -n "$CODEX_HOME" ] && [ -d "$CODEX_HOME" ]; then cp -R "$CODEX_HOME" "$TILL_AGENT_TRACE/codex-home"; fi
+exit $status
+`;
+
+export interface AgentRun {
+  /** Everything printed so far (stdout then stderr of `till exec` and the agent). */
+  output(): string;
+  /** Resolves when `till exec` has exited. */
+  done: Promise<AgentResult>;
+}
+
+export interface AgentResult {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+  /** The agent's environment, as it started. */
+  env: Record<string, string>;
+  /** Every internet address the agent or its children tried to reach. */
+  destinations: Destination[];
+  /** Files under the agent's HOME and its Codex home, with their contents. */
+  files: { path: string; text: string }[];
+}
+
+/**
+ * Starts `till exec --agent <agent> [tillArgs] -- <bin> <args>` in `cwd` with a throw-away HOME.
+ * The broker is the `till serve` already running on `home`.
+ */
+export function runAgent(options: {
+  home: string;
+  agent: 'claude' | 'codex';
+  tillArgs?: string[];
+  args: string[];
+  cwd: string;
+  /** Files the user already has under HOME (e.g. `.codex/config.toml`), by relative path. */
+  homeFiles?: Record<string, string>;
+  timeoutMs?: number;
+}): AgentRun {
+  const trace = join(testRoot(), 'agents', `trace-${randomBytes(4).toString('hex')}`);
+  const agentHome = join(trace, 'home');
+  mkdirSync(agentHome, { recursive: true });
+  for (const [path, text] of Object.entries(options.homeFiles ?? {})) {
+    mkdirSync(dirname(join(agentHome, path)), { recursive: true });
+    writeFileSync(join(agentHome, path), text);
+  }
+  const wrapper = join(trace, 'run-agent.sh');
+  writeFileSync(wrapper, WRAPPER);
+  chmodSync(wrapper, 0o755);
+  const log = logFile(`agent-${options.agent}`);
+  const env: NodeJS.ProcessEnv = { ...process.env, HOME: agentHome, TILL_HOME: options.home, TILL_AGENT_TRACE: trace, NO_COLOR: '1' };
+  // The user's Codex home is the throw-away HOME's.
+  delete env.CODEX_HOME;
+  const child = spawn(process.execPath, [TILL_JS, 'exec', '--agent', options.agent, ...(options.tillArgs ?? []), '--', wrapper, agentBinary(options.agent), ...options.args], {
+    cwd: options.cwd,
+    env,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (c: Buffer) => {
+    stdout += c;
+    appendFileSync(log, c);
+  });
+  child.stderr.on('data', (c: Buffer) => {
+    stderr += c;
+    appendFileSync(log, c);
+  });
+  const timeoutMs = options.timeoutMs ?? 120_000;
+  const done = new Promise<AgentResult>((resolve, reject) => {
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`${options.agent} did not finish within ${timeoutMs} ms\nstdout: ${stdout}\nstderr: ${stderr}`));
+    }, timeoutMs);
+    child.on('close', (code) => {
+      clearTimeout(timer);
+      const read = (file: string) => (existsSync(join(trace, file)) ? readFileSync(join(trace, file), 'utf8') : '');
+      resolve({
+        code,
+        stdout,
+        stderr,
+        env: parseEnv(read('env.txt')),
+        destinations: destinations(read('network.txt')),
+        files: [...filesUnder(agentHome), ...filesUnder(join(trace, 'codex-home'))],
+      });
+    });
+  });
+  return { output: () => stdout + stderr, done };
+}
+
+function parseEnv(text: string): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const line of text.split('\n')) {
+    const eq = line.indexOf('=');
+    if (eq > 0) env[line.slice(0, eq)] = line.slice(eq + 1);
+  }
+  return env;
+}
+
+function filesUnder(dir: string): { path: string; text: string }[] {
+  if (!existsSync(dir)) return [];
+  const out: { path: string; text: string }[] = [];
+  for (const name of readdirSync(dir, { recursive: true }) as string[]) {
+    const path = join(dir, name);
+    const st = statSync(path, { throwIfNoEntry: false });
+    if (st?.isFile()) out.push({ path, text: readFileSync(path).toString('latin1') });
+  }
+  return out;
+}
+
+/** The keys the broker on `home` knows, with their usage (`till ls --json`). */
+export async function listKeys(home: string): Promise<KeySummary[]> {
+  const r = await runTill(['ls', '--json'], { home });
+  if (r.code !== 0) throw new Error(`till ls failed: ${r.stderr}`);
+  return JSON.parse(r.stdout) as KeySummary[];
+}
+
+/** Polls until `check` returns a value, or fails after `timeoutMs`. */
+export async function waitFor<T>(what: string, check: () => T | undefined | Promise<T | undefined>, timeoutMs = 60_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await check();
+    if (value !== undefined) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
