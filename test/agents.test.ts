@@ -5,7 +5,7 @@
 import { existsSync, mkdirSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { AGENTS, agentSetup, agentTargets, codexConfig } from '../src/core/agents';
+import { AGENTS, agentServed, agentSetup, agentTargets, codexConfig } from '../src/core/agents';
 import type { KeySummary } from '../src/core/events';
 import type { IssuedKey } from '../src/core/service';
 import { addCredential, fakeCredential, runTill, spawnServe, tempHome, type RunResult, type ServeProcess, expectOneLineError } from './support/till';
@@ -242,6 +242,14 @@ describe('agentSetup', () => {
     expect(() => agentTargets('gemini', creds)).toThrow('Gemini CLI needs a gemini credential: add one with `till credential add gemini`');
     expect(() => agentTargets('aider', [])).toThrow(/aider needs an openai or anthropic credential/);
     expect(Object.keys(AGENTS)).toEqual(['claude', 'codex', 'gemini', 'aider']);
+  });
+
+  it('agentServed: which agents a set of providers can serve (terminals set up only those)', () => {
+    expect(agentServed('claude', ['openai'])).toBe(false);
+    expect(agentServed('claude', ['openai', 'anthropic'])).toBe(true);
+    expect(agentServed('aider', ['anthropic'])).toBe(true);
+    expect(agentServed('aider', ['gemini'])).toBe(false);
+    expect(agentServed('codex', new Set(['openai']).keys())).toBe(true);
   });
 });
 

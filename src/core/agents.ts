@@ -49,11 +49,18 @@ export function agentTargets(agent: AgentName, credentials: { name: string; prov
     if (found) names.push(found.name);
     else missing.push(provider);
   }
-  if ((info.needs ?? 'all') === 'all' ? missing.length > 0 : names.length === 0) {
+  if (!agentServed(agent, credentials.map((c) => c.provider))) {
     const wanted = info.needs === 'any' ? info.providers.join(' or ') : missing.join(' and ');
     throw new Error(`${info.describe} needs ${/^[aeiou]/.test(wanted) ? 'an' : 'a'} ${wanted} credential: add one with \`till credential add ${missing[0] ?? info.providers[0]}\``);
   }
   return names;
+}
+
+/** True when keys for `providers` are enough for the agent (each provider it needs, or any one for aider). */
+export function agentServed(agent: AgentName, providers: Iterable<string>): boolean {
+  const info = AGENTS[agent];
+  const have = new Set(providers);
+  return (info.needs ?? 'all') === 'all' ? info.providers.every((p) => have.has(p)) : info.providers.some((p) => have.has(p));
 }
 
 function keyFor(keys: IssuedKey[], provider: string): IssuedKey | undefined {

@@ -33,9 +33,16 @@ export const SETTINGS = {
   terminalInject: 'terminal.inject',
   terminalProviders: 'terminal.providers',
   terminalPolicy: 'terminal.policy',
+  terminalAgents: 'terminal.agents',
   issuePolicy: 'issue.defaultPolicy',
   brokerPort: 'broker.port',
   upstreams: 'upstreams',
   prices: 'prices',
   notifications: 'notifications.enabled',
 } as const;
+
+/**
+ * Agents new terminals are set up for by default: those set up by env vars alone. Codex is left
+ * out because its setup moves CODEX_HOME (sessions, login) to a folder of Till's.
+ */
+export const TERMINAL_AGENTS_DEFAULT = ['claude', 'gemini', 'aider'];

@@ -1,17 +1,30 @@
 /**
  * Integrated terminals get, for each stored credential, the provider's key and base-URL
- * variables holding a till key issued for this window (never the credential). The variables
- * are not persisted: the keys die with the window.
+ * variables holding a till key issued for this window (never the credential), and the setup of
+ * the agents named in `till.terminal.agents` that those keys can serve (e.g. Claude Code's
+ * `CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC`, Codex's `CODEX_HOME`). The variables are not
+ * persisted: the keys die with the window.
  */
+import { randomBytes } from 'node:crypto';
+import { rmSync } from 'node:fs';
+import { homedir } from 'node:os';
+import { join } from 'node:path';
 import * as vscode from 'vscode';
+import { AGENTS, agentServed, agentSetup, isAgentName, type AgentName } from '../core/agents';
 import type { TillEvent } from '../core/events';
 import type { IssuedKey } from '../core/service';
-import { SETTINGS } from './constants';
+import { SETTINGS, TERMINAL_AGENTS_DEFAULT } from './constants';
 import type { TillSession } from './session';
 
 export class TerminalEnv implements vscode.Disposable {
   /** Our terminal key per provider. */
   private readonly keys = new Map<string, IssuedKey>();
+  /** Variables set for agents beyond the providers' own, taken back when no longer wanted. */
+  private agentVars = new Set<string>();
+  /** The agents terminals are set up for now. */
+  private agents: AgentName[] = [];
+  /** Where Codex's config.toml for this window's terminals lives, once written. */
+  private scratch: string | undefined;
   private syncing: Promise<void> = Promise.resolve();
 
   constructor(
@@ -24,9 +37,39 @@ export class TerminalEnv implements vscode.Disposable {
 
   private describe(): void {
     const providers = [...this.keys.keys()];
+    const agents = this.agents.length ? ` Set up for ${this.agents.map((a) => AGENTS[a].describe).join(', ')}.` : '';
     this.collection.description = providers.length
-      ? `Till: till keys and the local broker's URL for ${providers.join(', ')}. Your real API keys never reach a terminal.`
+      ? `Till: till keys and the local broker's URL for ${providers.join(', ')}.${agents} Your real API keys never reach a terminal.`
       : 'Till: no till keys in terminals (add a credential to get some).';
+  }
+
+  /** Sets the agent variables for the keys terminals hold now, and takes back the rest. */
+  private applyAgents(): void {
+    const keys = [...this.keys.values()];
+    const named = vscode.workspace.getConfiguration(SETTINGS.section).get<string[]>(SETTINGS.terminalAgents, TERMINAL_AGENTS_DEFAULT);
+    const agents = named.filter(isAgentName).filter((a) => agentServed(a, this.keys.keys()));
+    const env: Record<string, string> = {};
+    if (agents.includes('codex')) this.scratch ??= join(this.session.paths.home, 'agents', `terminals-${randomBytes(6).toString('hex')}`);
+    else this.removeScratch();
+    const served: AgentName[] = [];
+    for (const agent of agents) {
+      try {
+        Object.assign(env, agentSetup(agent, keys, { scratchDir: this.scratch ?? '', userCodexHome: process.env.CODEX_HOME || join(homedir(), '.codex') }).env);
+        served.push(agent);
+      } catch (err) {
+        this.session.log.error(`terminal setup for ${AGENTS[agent].describe}: ${(err as Error).message}`);
+      }
+    }
+    const providerVars = new Set(keys.flatMap((k) => Object.keys(k.env)));
+    for (const name of this.agentVars) if (!(name in env) && !providerVars.has(name)) this.collection.delete(name);
+    this.agentVars = new Set(Object.keys(env).filter((name) => !providerVars.has(name)));
+    for (const name of this.agentVars) this.collection.replace(name, env[name]!);
+    this.agents = served;
+  }
+
+  private removeScratch(): void {
+    if (this.scratch) rmSync(this.scratch, { recursive: true, force: true });
+    this.scratch = undefined;
   }
 
   /** Brings the variables in line with the credentials and settings. Serialized. */
@@ -55,6 +98,7 @@ export class TerminalEnv implements vscode.Disposable {
     for (const [provider, credential] of wanted) {
       if (!this.keys.has(provider)) await this.issue(provider, credential);
     }
+    this.applyAgents();
     this.describe();
   }
 
@@ -79,7 +123,11 @@ export class TerminalEnv implements vscode.Disposable {
     const entry = [...this.keys].find(([, k]) => k.id === e.key.id);
     if (!entry) return;
     const [provider] = entry;
-    void this.drop(provider, false).then(() => (e.type === 'key.revoked' ? this.describe() : this.sync()));
+    void this.drop(provider, false).then(() => {
+      if (e.type !== 'key.revoked') return this.sync();
+      this.applyAgents();
+      this.describe();
+    });
   }
 
   /** The key ids this window put into terminals. */
@@ -91,6 +139,7 @@ export class TerminalEnv implements vscode.Disposable {
     const ids = this.keyIds();
     this.keys.clear();
     this.collection.clear();
+    this.removeScratch();
     for (const id of ids) this.session.revokeLater(id);
   }
 }

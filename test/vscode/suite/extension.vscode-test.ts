@@ -7,7 +7,7 @@
  * private Secret Service.
  */
 import * as assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'mocha';
@@ -23,6 +23,18 @@ import type { PickItem, Prompter } from '../../../src/vscode/prompter';
 import { startOpenAIUpstream, type Upstream } from '../../support/upstreams';
 
 const SECRET = `sk-REALCRED-vscode-${Date.now().toString(36)}`;
+
+/** The environment a new integrated terminal starts with: a shell that writes it out and exits. */
+async function terminalEnv(): Promise<string> {
+  const file = join(mkdtempSync(join(tmpdir(), 'till-term-')), 'env.txt');
+  const terminal = vscode.window.createTerminal({ name: 'till env check', shellPath: '/bin/sh', shellArgs: ['-c', `env > ${file}.tmp && mv ${file}.tmp ${file}`] });
+  try {
+    await poll(() => existsSync(file), Boolean, 'the terminal to write its env');
+    return readFileSync(file, 'utf8');
+  } finally {
+    terminal.dispose();
+  }
+}
 
 /** Answers the extension's questions from a queue; records every message it was shown. */
 class ScriptedPrompter implements Prompter {
@@ -188,21 +200,33 @@ describe('Till in VS Code', function () {
 
   it('new terminals get a till key and the broker URL, never the credential', async () => {
     await poll(() => api.terminalKeyIds(), (ids) => ids.length === 1, 'a terminal key');
-    const dir = mkdtempSync(join(tmpdir(), 'till-term-'));
-    const file = join(dir, 'env.txt');
-    const terminal = vscode.window.createTerminal({ name: 'till env check', shellPath: '/bin/sh', shellArgs: ['-c', `env > ${file}.tmp && mv ${file}.tmp ${file}`] });
+    const env = await terminalEnv();
+    assert.match(env, /^OPENAI_API_KEY=till_/m);
+    assert.match(env, new RegExp(`^OPENAI_BASE_URL=${api.connection().url!.replace(/\./g, '\\.')}/openai/v1$`, 'm'));
+    assert.ok(!env.includes(SECRET), 'the credential reached a terminal');
+    const keys = await api.connection().list();
+    const terminalKey = keys.find((k) => k.id === api.terminalKeyIds()[0]);
+    assert.match(terminalKey?.label ?? '', /^terminals/);
+  });
+
+  it('till.terminal.agents sets new terminals up for the agents their keys serve (Codex: a CODEX_HOME of Till\'s)', async () => {
+    const config = vscode.workspace.getConfiguration('till');
+    const agentsDir = join(api.session.paths.home, 'agents');
+    const codexConfigs = () => (existsSync(agentsDir) ? readdirSync(agentsDir).filter((d) => d.startsWith('terminals-')).map((d) => join(agentsDir, d, 'codex', 'config.toml')).filter((f) => existsSync(f)) : []);
+    await config.update('terminal.agents', ['codex', 'aider', 'claude'], vscode.ConfigurationTarget.Global);
     try {
-      await poll(() => existsSync(file), Boolean, 'the terminal to write its env');
-      const env = readFileSync(file, 'utf8');
-      assert.match(env, /^OPENAI_API_KEY=till_/m);
-      assert.match(env, new RegExp(`^OPENAI_BASE_URL=${api.connection().url!.replace(/\./g, '\\.')}/openai/v1$`, 'm'));
+      const [file] = await poll(codexConfigs, (files) => files.length === 1, "Codex's terminal config");
+      assert.match(readFileSync(file!, 'utf8'), new RegExp(`^base_url = "${api.connection().url!.replace(/\./g, '\\.')}/openai/v1"$`, 'm'));
+      const env = await terminalEnv();
+      assert.match(env, new RegExp(`^CODEX_HOME=${join(file!, '..').replace(/\./g, '\\.')}$`, 'm'));
+      assert.match(env, /^OPENAI_API_BASE=http:\/\/127\.0\.0\.1:\d+\/openai\/v1$/m); // aider
+      assert.doesNotMatch(env, /CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC/); // no anthropic key here: Claude Code is not set up
       assert.ok(!env.includes(SECRET), 'the credential reached a terminal');
-      const keys = await api.connection().list();
-      const terminalKey = keys.find((k) => k.id === api.terminalKeyIds()[0]);
-      assert.match(terminalKey?.label ?? '', /^terminals/);
     } finally {
-      terminal.dispose();
+      await config.update('terminal.agents', undefined, vscode.ConfigurationTarget.Global);
     }
+    await poll(codexConfigs, (files) => files.length === 0, "Codex's terminal folder to be removed");
+    assert.doesNotMatch(await terminalEnv(), /^CODEX_HOME=/m);
   });
 
   it('Open Agent Terminal: fresh keys for that terminal, revoked when it closes', async () => {
