@@ -78,6 +78,22 @@ describe('Claude Code through Till', () => {
     expect(r.destinations.map((d) => d.port)).not.toContain(Number(new URL(up.url).port));
   });
 
+  it('a one-dollar key: Claude Code still completes, its 128k max_tokens capped to what the dollar leaves', async () => {
+    const before = messagesCalls().length;
+    const run = runAgent({ home, agent: 'claude', tillArgs: ['--max-spend', '1', '--label', 'claude dollar'], args: ['-p', 'Please read note.txt and tell me what it says.', '--output-format', 'text'], cwd: dir });
+    const r = await run.done;
+    expect(r.code, run.output()).toBe(0);
+    expect(r.stdout).toContain(`The note says ${marker}.`);
+    const calls = messagesCalls().slice(before);
+    expect(calls.length).toBeGreaterThanOrEqual(2);
+    // Claude Code asks for 128,000 output tokens: $2.56 at claude-opus-5-5's $20 per million.
+    for (const c of calls) expect((JSON.parse(c.body) as { max_tokens: number }).max_tokens).toBeLessThan(50_000);
+    const key = (await listKeys(home)).find((k) => k.label === 'claude dollar');
+    expect(key?.spend.usd).toBeGreaterThan(0);
+    expect(key?.spend.usd).toBeLessThanOrEqual(1);
+    expect(key?.spend.reservedUsd).toBe(0);
+  });
+
   it("revoking the key mid-answer ends Claude Code with Till's message, not a hang", async () => {
     const before = messagesCalls().length;
     const run = runAgent({ home, agent: 'claude', tillArgs: ['--label', 'claude revoked'], args: ['-p', 'Keep talking until I stop you.', '--output-format', 'text'], cwd: dir });
