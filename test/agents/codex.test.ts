@@ -105,6 +105,30 @@ describe.each(['websocket', 'http'] as const)('Codex CLI through Till over %s', 
     expect(r.destinations.map((d) => d.port)).not.toContain(Number(new URL(up.url).port));
   });
 
+  it('a one-dollar key: Codex still completes, each response capped to what the dollar leaves', async () => {
+    const label = `codex ${transport} dollar`;
+    const before = generated().length;
+    const run = runAgent({
+      home,
+      agent: 'codex',
+      tillArgs: ['--max-spend', '1', '--label', label],
+      args: ['exec', '--skip-git-repo-check', 'Please read note.txt and tell me what it says.'],
+      cwd: dir,
+      homeFiles: { '.codex/config.toml': USER_CONFIG },
+    });
+    const r = await run.done;
+    expect(r.code, run.output()).toBe(0);
+    expect(r.stdout).toContain(`The note says ${marker}.`);
+    const calls = generated().slice(before);
+    expect(calls.length).toBeGreaterThanOrEqual(2);
+    // Codex sets no output limit; the broker adds one that fits the dollar (gpt-5.5: $30 per million out).
+    for (const c of calls) expect(c.max_output_tokens).toBeLessThanOrEqual(1_000_000 / 30);
+    const key = (await listKeys(home)).find((k) => k.label === label);
+    expect(key?.spend.usd).toBeGreaterThan(0);
+    expect(key?.spend.usd).toBeLessThanOrEqual(1);
+    expect(key?.spend.reservedUsd).toBe(0);
+  });
+
   it(`revoking the key mid-answer ends Codex with Till's message, not a hang`, async () => {
     const label = `codex ${transport} revoked`;
     const before = generated().length;
