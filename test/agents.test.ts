@@ -2,10 +2,10 @@
  * Agent CLIs through Till: the setup each agent gets (env, Codex's layered config.toml), and
  * `till exec --agent …` end to end with the built dist/till.js against a real `till serve`.
  */
-import { existsSync, mkdirSync, readdirSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { AGENTS, agentServed, agentSetup, agentTargets, codexConfig } from '../src/core/agents';
+import { AGENTS, agentServed, agentSetup, agentTargets, codexConfig, geminiSettings } from '../src/core/agents';
 import type { KeySummary } from '../src/core/events';
 import type { IssuedKey } from '../src/core/service';
 import { addCredential, fakeCredential, runTill, spawnServe, tempHome, type RunResult, type ServeProcess, expectOneLineError } from './support/till';
@@ -214,7 +214,7 @@ describe('codexConfig: Till layered over the user config.toml', () => {
 });
 
 describe('agentSetup', () => {
-  it('claude, gemini and aider get env vars only; codex gets a CODEX_HOME with config.toml', () => {
+  it('claude and aider get env vars only; codex a CODEX_HOME with config.toml; gemini its system settings', () => {
     const scratchDir = tempHome();
     const userCodexHome = join(tempHome(), 'codex');
     mkdirSync(userCodexHome);
@@ -223,11 +223,22 @@ describe('agentSetup', () => {
     const keys = [fakeKey('openai', BASE), fakeKey('anthropic', 'http://127.0.0.1:8455/anthropic'), fakeKey('gemini', 'http://127.0.0.1:8455/gemini')];
 
     expect(agentSetup('claude', keys, { scratchDir }).env).toEqual({ ANTHROPIC_API_KEY: 'till_fake_anthropic', ANTHROPIC_BASE_URL: 'http://127.0.0.1:8455/anthropic', CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC: '1' });
-    expect(agentSetup('gemini', keys, { scratchDir }).env).toEqual({ GEMINI_API_KEY: 'till_fake_gemini', GOOGLE_API_KEY: 'till_fake_gemini', GOOGLE_GEMINI_BASE_URL: 'http://127.0.0.1:8455/gemini' });
+    const systemSettings = join(tempHome(), 'system-settings.json');
+    writeFileSync(systemSettings, '{ "ui": { "theme": "GitHub" }, // the admin\'s\n "security": { "auth": { "selectedType": "oauth-personal" } } }');
+    const gemini = agentSetup('gemini', keys, { scratchDir, userEnv: { GEMINI_CLI_SYSTEM_SETTINGS_PATH: systemSettings } });
+    const settingsFile = join(scratchDir, 'gemini', 'system-settings.json');
+    expect(gemini.env).toEqual({ GEMINI_API_KEY: 'till_fake_gemini', GOOGLE_API_KEY: 'till_fake_gemini', GOOGLE_GEMINI_BASE_URL: 'http://127.0.0.1:8455/gemini', GEMINI_CLI_SYSTEM_SETTINGS_PATH: settingsFile });
+    expect(JSON.parse(readFileSync(settingsFile, 'utf8'))).toEqual({ ui: { theme: 'GitHub' }, security: { auth: { selectedType: 'gemini-api-key' } }, privacy: { usageStatisticsEnabled: false } });
+    expect(agentSetup('claude', keys, { scratchDir }).warnings).toEqual([]);
+    // Gemini CLI skips a settings file below a folder others can write to: Till says so.
+    const shared = join(scratchDir, 'shared');
+    mkdirSync(shared);
+    chmodSync(shared, 0o777);
+    expect(agentSetup('gemini', keys, { scratchDir: join(shared, 'run') }).warnings).toEqual([`Gemini CLI ignores Till's settings under ${shared}, which others can write to; it may then refuse the API key ("Invalid auth method selected"): keep Till's data folder (TILL_HOME) out of it`]);
     expect(agentSetup('aider', [keys[1]!], { scratchDir }).env).toEqual({ ANTHROPIC_API_KEY: 'till_fake_anthropic', ANTHROPIC_BASE_URL: 'http://127.0.0.1:8455/anthropic' });
     expect(agentSetup('aider', keys, { scratchDir }).env).toMatchObject({ OPENAI_API_KEY: 'till_fake_openai', OPENAI_API_BASE: BASE });
 
-    const codex = agentSetup('codex', keys, { scratchDir, userCodexHome });
+    const codex = agentSetup('codex', keys, { scratchDir, userEnv: { CODEX_HOME: userCodexHome } });
     expect(codex.env).toEqual({ CODEX_HOME: join(scratchDir, 'codex'), OPENAI_API_KEY: 'till_fake_openai' });
     expect(codex.files).toEqual([join(scratchDir, 'codex', 'config.toml')]);
     expect(readdirSync(join(scratchDir, 'codex'))).toEqual(['config.toml']); // never auth.json
@@ -242,6 +253,17 @@ describe('agentSetup', () => {
     expect(() => agentTargets('gemini', creds)).toThrow('Gemini CLI needs a gemini credential: add one with `till credential add gemini`');
     expect(() => agentTargets('aider', [])).toThrow(/aider needs an openai or anthropic credential/);
     expect(Object.keys(AGENTS)).toEqual(['claude', 'codex', 'gemini', 'aider']);
+  });
+
+  it('geminiSettings: API-key auth and no usage statistics over the machine\'s settings, whatever they hold', () => {
+    const ours = { security: { auth: { selectedType: 'gemini-api-key' } }, privacy: { usageStatisticsEnabled: false } };
+    expect(JSON.parse(geminiSettings(''))).toEqual(ours);
+    expect(JSON.parse(geminiSettings('not json {'))).toEqual(ours);
+    expect(JSON.parse(geminiSettings('[1, 2]'))).toEqual(ours);
+    expect(JSON.parse(geminiSettings('{"security": "odd", "privacy": {"usageStatisticsEnabled": true, "x": 1}}'))).toEqual({ ...ours, privacy: { usageStatisticsEnabled: false, x: 1 } });
+    // A URL in a string is not a comment.
+    expect(JSON.parse(geminiSettings('{"a": "http://x/*y*/", /* c */ "b": 2}'))).toMatchObject({ a: 'http://x/*y*/', b: 2 });
+    expect(JSON.parse(geminiSettings('{"security": {"auth": {"useExternal": true, "enforcedType": "gemini-api-key"}}}')).security.auth).toEqual({ selectedType: 'gemini-api-key', enforcedType: 'gemini-api-key' });
   });
 
   it('agentServed: which agents a set of providers can serve (terminals set up only those)', () => {

@@ -377,8 +377,9 @@ async function exec(args: string[], paths: TillPaths): Promise<number> {
       mkdirSync(agentsDir, { recursive: true, mode: 0o700 });
       scratch = join(agentsDir, randomBytes(8).toString('hex'));
       mkdirSync(scratch, { mode: 0o700 });
-      const userCodexHome = process.env.CODEX_HOME || join(homedir(), '.codex');
-      Object.assign(env, agentSetup(agent, issued, { scratchDir: scratch, userCodexHome }).env);
+      const setup = agentSetup(agent, issued, { scratchDir: scratch });
+      for (const warning of setup.warnings) process.stderr.write(`till: warning: ${warning}\n`);
+      Object.assign(env, setup.env);
     } else {
       for (const k of issued) Object.assign(env, k.env);
     }

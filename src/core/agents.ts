@@ -3,9 +3,9 @@
  * point it at Till, and the files it must read (Codex reads its base URL only from
  * `$CODEX_HOME/config.toml`). Facts: ../shared/PROVIDERS.md, "What agent CLIs read".
  */
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { homedir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import type { IssuedKey } from './service';
 
 /** The agent CLIs Till knows how to set up. */
@@ -74,14 +74,40 @@ function needKey(agent: AgentName, keys: IssuedKey[], provider: string): IssuedK
 }
 
 /**
- * What makes an agent go through the broker unchanged: env vars, and files it must read
- * (Codex's `CODEX_HOME/config.toml`, layered over the user's own). Files go in `scratchDir`,
- * a fresh folder Till owns and removes afterwards; nothing else is copied from the user's
- * Codex home (never its auth.json). The env holds till keys only, never a real credential.
+ * Where an agent's own settings are, from the user's environment: Codex's home, and the Gemini
+ * CLI system settings file (which overrides every other settings file of Gemini CLI's).
  */
-export function agentSetup(agent: AgentName, keys: IssuedKey[], options: { scratchDir: string; userCodexHome?: string }): { env: Record<string, string>; files: string[] } {
+function userSettingsPaths(env: Record<string, string | undefined>): { codexHome: string; geminiSystemSettings: string } {
+  const geminiDefault =
+    process.platform === 'darwin' ? '/Library/Application Support/GeminiCli/settings.json' : process.platform === 'win32' ? 'C:\\ProgramData\\gemini-cli\\settings.json' : '/etc/gemini-cli/settings.json';
+  return { codexHome: env.CODEX_HOME || join(homedir(), '.codex'), geminiSystemSettings: env.GEMINI_CLI_SYSTEM_SETTINGS_PATH || geminiDefault };
+}
+
+/**
+ * What makes an agent go through the broker unchanged: env vars, and files it must read
+ * (Codex's `CODEX_HOME/config.toml`, layered over the user's own; Gemini CLI's system settings,
+ * layered over the machine's). Files go in `scratchDir`, a fresh folder Till owns and removes
+ * afterwards; nothing else is copied from the user's folders (never Codex's auth.json). `userEnv`
+ * (default: this process's) says where the user's own settings are. The env holds till keys
+ * only, never a real credential.
+ */
+export function agentSetup(
+  agent: AgentName,
+  keys: IssuedKey[],
+  options: { scratchDir: string; userEnv?: Record<string, string | undefined> },
+): { env: Record<string, string>; files: string[]; warnings: string[] } {
   const env: Record<string, string> = {};
   const files: string[] = [];
+  const warnings: string[] = [];
+  const paths = userSettingsPaths(options.userEnv ?? process.env);
+  const write = (folder: string, name: string, text: string): string => {
+    const dir = join(options.scratchDir, folder);
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+    const file = join(dir, name);
+    writeFileSync(file, text, { mode: 0o600 });
+    files.push(file);
+    return file;
+  };
   switch (agent) {
     case 'claude': {
       const k = needKey(agent, keys, 'anthropic');
@@ -90,19 +116,19 @@ export function agentSetup(agent: AgentName, keys: IssuedKey[], options: { scrat
     }
     case 'codex': {
       const k = needKey(agent, keys, 'openai');
-      const home = join(options.scratchDir, 'codex');
-      mkdirSync(home, { recursive: true, mode: 0o700 });
-      const userConfig = join(options.userCodexHome ?? join(homedir(), '.codex'), 'config.toml');
+      const userConfig = join(paths.codexHome, 'config.toml');
       const base = existsSync(userConfig) ? readFileSync(userConfig, 'utf8') : '';
-      const file = join(home, 'config.toml');
-      writeFileSync(file, codexConfig(base, k.baseUrl), { mode: 0o600 });
-      files.push(file);
-      Object.assign(env, { CODEX_HOME: home, OPENAI_API_KEY: k.key });
+      const file = write('codex', 'config.toml', codexConfig(base, k.baseUrl));
+      Object.assign(env, { CODEX_HOME: dirname(file), OPENAI_API_KEY: k.key });
       break;
     }
     case 'gemini': {
       const k = needKey(agent, keys, 'gemini');
-      Object.assign(env, { GEMINI_API_KEY: k.key, GOOGLE_API_KEY: k.key, GOOGLE_GEMINI_BASE_URL: k.baseUrl });
+      const base = existsSync(paths.geminiSystemSettings) ? readFileSync(paths.geminiSystemSettings, 'utf8') : '';
+      const file = write('gemini', 'system-settings.json', geminiSettings(base));
+      Object.assign(env, { GEMINI_API_KEY: k.key, GOOGLE_API_KEY: k.key, GOOGLE_GEMINI_BASE_URL: k.baseUrl, GEMINI_CLI_SYSTEM_SETTINGS_PATH: file });
+      const open = writableByOthers(file);
+      if (open) warnings.push(`Gemini CLI ignores Till's settings under ${open}, which others can write to; it may then refuse the API key ("Invalid auth method selected"): keep Till's data folder (TILL_HOME) out of it`);
       break;
     }
     case 'aider': {
@@ -114,7 +140,51 @@ export function agentSetup(agent: AgentName, keys: IssuedKey[], options: { scrat
       break;
     }
   }
-  return { env, files };
+  return { env, files, warnings };
+}
+
+/** The first folder above `file` that others may write to, if any: Gemini CLI refuses settings files below one. */
+function writableByOthers(file: string): string | undefined {
+  if (process.platform === 'win32') return undefined;
+  for (let dir = dirname(file); ; dir = dirname(dir)) {
+    const st = statSync(dir, { throwIfNoEntry: false });
+    if (st && (st.mode & 0o022) !== 0) return dir;
+    if (dirname(dir) === dir) return undefined;
+  }
+}
+
+// ---- Gemini CLI settings ---------------------------------------------------------------------
+
+/**
+ * Gemini CLI's system settings for a run through Till: the machine's own (`systemJson`, JSON
+ * with comments allowed; unreadable ones are left out) with API-key auth chosen, since with
+ * `GOOGLE_GEMINI_BASE_URL` set and no auth chosen Gemini CLI picks a "gateway" auth it then
+ * refuses, and a Google login would go around the broker; and usage statistics off, which Gemini
+ * CLI otherwise sends to play.googleapis.com.
+ */
+export function geminiSettings(systemJson: string): string {
+  let settings: Record<string, unknown> = {};
+  try {
+    const parsed: unknown = JSON.parse(stripJsonComments(systemJson || '{}'));
+    if (parsed !== null && typeof parsed === 'object' && !Array.isArray(parsed)) settings = parsed as Record<string, unknown>;
+  } catch {
+    // An unreadable file is one Gemini CLI cannot use either.
+  }
+  const section = (parent: Record<string, unknown>, name: string): Record<string, unknown> => {
+    const value = parent[name];
+    if (value !== null && typeof value === 'object' && !Array.isArray(value)) return value as Record<string, unknown>;
+    return (parent[name] = {});
+  };
+  const auth = section(section(settings, 'security'), 'auth');
+  auth.selectedType = 'gemini-api-key';
+  delete auth.useExternal;
+  section(settings, 'privacy').usageStatisticsEnabled = false;
+  return JSON.stringify(settings, null, 2) + '\n';
+}
+
+/** JSON with `//` and `/* *\/` comments, as Gemini CLI reads its settings, made plain JSON. */
+function stripJsonComments(text: string): string {
+  return text.replace(/("(?:[^"\\]|\\.)*")|\/\/[^\n]*|\/\*[\s\S]*?\*\//g, (_match, string: string | undefined) => string ?? '');
 }
 
 // ---- config.toml, edited line by line -------------------------------------------------------

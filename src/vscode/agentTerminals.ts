@@ -6,7 +6,6 @@
  */
 import { randomBytes } from 'node:crypto';
 import { mkdirSync, rmSync } from 'node:fs';
-import { homedir } from 'node:os';
 import { join } from 'node:path';
 import * as vscode from 'vscode';
 import { AGENTS, agentSetup, agentTargets, type AgentName } from '../core/agents';
@@ -62,8 +61,8 @@ export class AgentTerminals implements vscode.Disposable {
       const scratch = join(dir, randomBytes(8).toString('hex'));
       mkdirSync(scratch, { mode: 0o700 });
       try {
-        const userCodexHome = process.env.CODEX_HOME || join(homedir(), '.codex');
-        const { env } = agentSetup(agent, keys, { scratchDir: scratch, userCodexHome });
+        const { env, warnings } = agentSetup(agent, keys, { scratchDir: scratch });
+        for (const warning of warnings) void this.session.prompter.message('warning', `Till: ${warning}`, []);
         // Variables that would take priority over Till's are blanked in the terminal (null unsets).
         for (const unset of AGENTS[agent].unset ?? []) (env as Record<string, string | null>)[unset] = null;
         return { name, env, keys, scratch };

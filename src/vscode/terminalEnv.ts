@@ -7,7 +7,6 @@
  */
 import { randomBytes } from 'node:crypto';
 import { rmSync } from 'node:fs';
-import { homedir } from 'node:os';
 import { join } from 'node:path';
 import * as vscode from 'vscode';
 import { AGENTS, agentServed, agentSetup, isAgentName, type AgentName } from '../core/agents';
@@ -49,12 +48,15 @@ export class TerminalEnv implements vscode.Disposable {
     const named = vscode.workspace.getConfiguration(SETTINGS.section).get<string[]>(SETTINGS.terminalAgents, TERMINAL_AGENTS_DEFAULT);
     const agents = named.filter(isAgentName).filter((a) => agentServed(a, this.keys.keys()));
     const env: Record<string, string> = {};
-    if (agents.includes('codex')) this.scratch ??= join(this.session.paths.home, 'agents', `terminals-${randomBytes(6).toString('hex')}`);
+    // Codex and Gemini CLI read files of Till's, kept in a folder for this window's terminals.
+    if (agents.length > 0) this.scratch ??= join(this.session.paths.home, 'agents', `terminals-${randomBytes(6).toString('hex')}`);
     else this.removeScratch();
     const served: AgentName[] = [];
     for (const agent of agents) {
       try {
-        Object.assign(env, agentSetup(agent, keys, { scratchDir: this.scratch ?? '', userCodexHome: process.env.CODEX_HOME || join(homedir(), '.codex') }).env);
+        const setup = agentSetup(agent, keys, { scratchDir: this.scratch! });
+        for (const warning of setup.warnings) this.session.log.warn(`terminal setup: ${warning}`);
+        Object.assign(env, setup.env);
         served.push(agent);
       } catch (err) {
         this.session.log.error(`terminal setup for ${AGENTS[agent].describe}: ${(err as Error).message}`);

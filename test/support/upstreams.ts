@@ -835,6 +835,7 @@ function gemini(ex: Exchange, m: RegExpExecArray): void | Promise<void> {
   if (body.contents === undefined)
     return sendRefusal(ex, googleError(400, 'INVALID_ARGUMENT', '* GenerateContentRequest.contents: contents is not specified\n'));
 
+  if (ex.opts.reply) return scriptedGemini(ex, body, model, action);
   const { n, truncated } = answerLength(ex, obj(body.generationConfig).maxOutputTokens);
   const finishReason = truncated ? 'MAX_TOKENS' : 'STOP';
   const responseId = newId('');
@@ -853,6 +854,80 @@ function gemini(ex: Exchange, m: RegExpExecArray): void | Promise<void> {
   // Without alt=sse the stream is one JSON array, written element by element.
   const parts = chunks.map((c, i) => `${i === 0 ? '[' : ',\r\n'}${JSON.stringify(c)}`);
   return writeStream(ex, [...parts, ']'], 'application/json; charset=UTF-8');
+}
+
+/** A minimal value that satisfies a JSON schema (OpenAPI-style Gemini schemas too): what a model in JSON mode would fill in. */
+function schemaExample(schema: unknown): unknown {
+  const s = obj(schema);
+  if (Array.isArray(s.enum) && s.enum.length > 0) return s.enum[0];
+  switch (String(s.type ?? '').toLowerCase()) {
+    case 'object':
+      return Object.fromEntries(Object.entries(obj(s.properties)).map(([name, property]) => [name, schemaExample(property)]));
+    case 'array':
+      return [];
+    case 'string':
+      return '';
+    case 'number':
+    case 'integer':
+      return num(s.minimum) ?? 1;
+    case 'boolean':
+      return false;
+    default:
+      return null;
+  }
+}
+
+/** The turn a Gemini request asks for. */
+function geminiTurn(body: Json): Turn {
+  const contents = Array.isArray(body.contents) ? body.contents.map(obj) : [];
+  const parts = (c: Json) => (Array.isArray(c.parts) ? c.parts.map(obj) : []);
+  const userText = contents.filter((c) => c.role === 'user').flatMap((c) => parts(c).map((p) => str(p.text) ?? '')).join('\n');
+  const results = parts(contents.at(-1) ?? {}).filter((p) => p.functionResponse !== undefined);
+  const tools = (Array.isArray(body.tools) ? body.tools : []).flatMap((t) => toolNames(obj(t).functionDeclarations));
+  return { userText, tools, ...(results.length > 0 ? { toolResult: results.map((p) => JSON.stringify(obj(p.functionResponse).response ?? {})).join('\n') } : {}) };
+}
+
+/**
+ * A scripted Gemini answer: a JSON-mode request (a response schema) gets a value of that schema,
+ * as the model would give; anything else is answered by the script, with a function call or text.
+ * Streams are SSE (`alt=sse`, as Gemini CLI asks).
+ */
+function scriptedGemini(ex: Exchange, body: Json, model: string, action: string): void | Promise<void> {
+  const config = obj(body.generationConfig);
+  const schema = config.responseJsonSchema ?? config.responseSchema;
+  const reply: Reply = schema !== undefined ? { text: JSON.stringify(schemaExample(schema)) } : ex.opts.reply!(geminiTurn(body));
+  const prompt = fakeTokenCount(ex.body);
+  const responseId = newId('');
+  const chunk = (parts: Json[], produced: number, finished: boolean) => ({
+    candidates: [{ content: { parts, role: 'model' }, ...(finished ? { finishReason: 'STOP' } : {}), index: 0 }],
+    usageMetadata: { promptTokenCount: prompt, candidatesTokenCount: produced, totalTokenCount: prompt + produced },
+    modelVersion: model,
+    responseId,
+  });
+  if ('tool' in reply) {
+    const produced = fakeTokenCount(JSON.stringify(reply.input));
+    const answer = chunk([{ functionCall: { name: reply.tool, args: reply.input } }], produced, true);
+    ex.report(prompt, produced);
+    if (action === 'generateContent') return sendJson(ex.res, 200, answer);
+    return writeStream(ex, [sseData(answer, '\r\n')]);
+  }
+  if (action === 'generateContent') {
+    ex.report(prompt, fakeTokenCount(reply.text));
+    return sendJson(ex.res, 200, chunk([{ text: reply.text }], fakeTokenCount(reply.text), true));
+  }
+  // Streamed text: usageMetadata in every chunk, cumulative; the last chunk carries the finish reason.
+  async function* chunks(): AsyncGenerator<string> {
+    let text = '';
+    let previous: string | undefined;
+    for await (const piece of replyText(reply as { text: string; hold?: boolean }, () => !ex.res.destroyed)) {
+      if (previous !== undefined) yield sseData(chunk([{ text: previous }], fakeTokenCount(text), false), '\r\n');
+      text += piece;
+      previous = piece;
+    }
+    ex.report(prompt, fakeTokenCount(text));
+    yield sseData(chunk([{ text: previous ?? '' }], fakeTokenCount(text), true), '\r\n');
+  }
+  return writeStream(ex, chunks());
 }
 
 const geminiProvider: Provider = {

@@ -6,11 +6,12 @@
  */
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { appendFileSync, chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { appendFileSync, chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { userInfo } from 'node:os';
 import { dirname, join } from 'node:path';
 import type { KeySummary } from '../../../src/core/events';
 import type { Reply, Turn } from '../../support/upstreams';
+import { filesUnder } from '../../support/files';
 import { logFile, runTill, testRoot, TILL_JS } from '../../support/till';
 
 /**
@@ -19,8 +20,11 @@ import { logFile, runTill, testRoot, TILL_JS } from '../../support/till';
  */
 export const AGENTS_DIR = join(process.env.TILL_CACHE ?? join(userInfo().homedir, '.cache', 'till'), 'agents');
 
+/** The agent CLIs the tests run, by their `till exec --agent` names. */
+export type AgentCli = 'claude' | 'codex' | 'gemini';
+
 /** The installed binary of an agent package; a clear error when it is missing. */
-export function agentBinary(name: 'claude' | 'codex'): string {
+export function agentBinary(name: AgentCli): string {
   const bin = join(AGENTS_DIR, 'node_modules', '.bin', name);
   if (!existsSync(bin)) throw new Error(`${name} is not installed in ${AGENTS_DIR}: run \`bash scripts/install-agents.sh\` (npm test does)`);
   return bin;
@@ -34,11 +38,11 @@ export interface Destination {
   port: number;
 }
 
-/** Parses strace's connect/sendto/sendmsg lines into the internet addresses they name. */
+/** Parses strace's connect/sendto/sendmsg/sendmmsg lines into the internet addresses they name. */
 export function destinations(trace: string): Destination[] {
   const found: Destination[] = [];
   for (const line of trace.split('\n')) {
-    const call = /\b(connect|sendto|sendmsg)\(/.exec(line)?.[1];
+    const call = /\b(connect|sendto|sendmsg|sendmmsg)\(/.exec(line)?.[1];
     if (!call) continue;
     const v4 = /sa_family=AF_INET, sin_port=htons\((\d+)\), sin_addr=inet_addr\("([^"]+)"\)/.exec(line);
     if (v4) found.push({ syscall: call, family: 'AF_INET', address: v4[2]!, port: Number(v4[1]) });
@@ -70,6 +74,7 @@ export function noteReader(dir: string, marker: string): (turn: Turn) => Reply {
     if (/keep talking/i.test(turn.userText)) return { text: 'Talking and talking', hold: true };
     if (/read note\.txt/i.test(turn.userText)) {
       if (turn.tools.includes('Read')) return { tool: 'Read', input: { file_path: join(dir, 'note.txt') } };
+      if (turn.tools.includes('read_file')) return { tool: 'read_file', input: { file_path: join(dir, 'note.txt') } };
       if (turn.tools.includes('exec_command')) return { tool: 'exec_command', input: { cmd: 'cat note.txt', workdir: dir } };
       if (turn.tools.includes('shell')) return { tool: 'shell', input: { command: ['cat', 'note.txt'], workdir: dir } };
       return { text: `No tool to read files among: ${turn.tools.join(', ')}` };
@@ -78,12 +83,16 @@ export function noteReader(dir: string, marker: string): (turn: Turn) => Reply {
   };
 }
 
-/** The shell wrapper `till exec` runs: records the agent's environment, traces its network calls, keeps a copy of its Codex home. */
+/**
+ * The shell wrapper `till exec` runs: records the agent's environment, traces its network calls,
+ * keeps a copy of the files Till wrote for it (Codex's home, Gemini CLI's system settings).
+ */
 const WRAPPER = `#!/bin/sh
 env > "$TILL_AGENT_TRACE/env.txt"
-strace -f -qq -e trace=connect,sendto,sendmsg -o "$TILL_AGENT_TRACE/network.txt" "$@" </dev/null
+strace -f -qq -e trace=connect,sendto,sendmsg,sendmmsg -o "$TILL_AGENT_TRACE/network.txt" "$@" </dev/null
 status=$?
 if [ -n "$CODEX_HOME" ] && [ -d "$CODEX_HOME" ]; then cp -R "$CODEX_HOME" "$TILL_AGENT_TRACE/codex-home"; fi
+if [ -n "$GEMINI_CLI_SYSTEM_SETTINGS_PATH" ] && [ -f "$GEMINI_CLI_SYSTEM_SETTINGS_PATH" ]; then mkdir -p "$TILL_AGENT_TRACE/gemini" && cp "$GEMINI_CLI_SYSTEM_SETTINGS_PATH" "$TILL_AGENT_TRACE/gemini/system-settings.json"; fi
 exit $status
 `;
 
@@ -102,7 +111,7 @@ export interface AgentResult {
   env: Record<string, string>;
   /** Every internet address the agent or its children tried to reach. */
   destinations: Destination[];
-  /** Files under the agent's HOME and its Codex home, with their contents. */
+  /** Files under the agent's HOME and those Till wrote for it, with their contents. */
   files: { path: string; text: string }[];
 }
 
@@ -112,7 +121,7 @@ export interface AgentResult {
  */
 export function runAgent(options: {
   home: string;
-  agent: 'claude' | 'codex';
+  agent: AgentCli;
   tillArgs?: string[];
   args: string[];
   cwd: string;
@@ -164,7 +173,7 @@ export function runAgent(options: {
         stderr,
         env: parseEnv(read('env.txt')),
         destinations: destinations(read('network.txt')),
-        files: [...filesUnder(agentHome), ...filesUnder(join(trace, 'codex-home'))],
+        files: [...filesWithText(agentHome), ...filesWithText(join(trace, 'codex-home')), ...filesWithText(join(trace, 'gemini'))],
       });
     });
   });
@@ -180,15 +189,9 @@ function parseEnv(text: string): Record<string, string> {
   return env;
 }
 
-function filesUnder(dir: string): { path: string; text: string }[] {
-  if (!existsSync(dir)) return [];
-  const out: { path: string; text: string }[] = [];
-  for (const name of readdirSync(dir, { recursive: true }) as string[]) {
-    const path = join(dir, name);
-    const st = statSync(path, { throwIfNoEntry: false });
-    if (st?.isFile()) out.push({ path, text: readFileSync(path).toString('latin1') });
-  }
-  return out;
+/** Every file under `dir` (none when it does not exist), with its contents. */
+function filesWithText(dir: string): { path: string; text: string }[] {
+  return existsSync(dir) ? filesUnder(dir).map((path) => ({ path, text: readFileSync(path).toString('latin1') })) : [];
 }
 
 /** The keys the broker on `home` knows, with their usage (`till ls --json`). */
