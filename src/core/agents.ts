@@ -86,8 +86,8 @@ function userSettingsPaths(env: Record<string, string | undefined>): { codexHome
 /**
  * What makes an agent go through the broker unchanged: env vars, and files it must read
  * (Codex's `CODEX_HOME/config.toml`, layered over the user's own; Gemini CLI's system settings,
- * layered over the machine's). Files go in `scratchDir`, a fresh folder Till owns and removes
- * afterwards; nothing else is copied from the user's folders (never Codex's auth.json). `userEnv`
+ * layered over the machine's). Files go in `scratchDir/<agent>`, in a folder Till owns and
+ * removes afterwards; nothing else is copied from the user's folders (never Codex's auth.json). `userEnv`
  * (default: this process's) says where the user's own settings are. The env holds till keys
  * only, never a real credential.
  */

@@ -6,7 +6,7 @@
  * persisted: the keys die with the window.
  */
 import { randomBytes } from 'node:crypto';
-import { rmSync } from 'node:fs';
+import { existsSync, readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import * as vscode from 'vscode';
 import { AGENTS, agentServed, agentSetup, isAgentName, type AgentName } from '../core/agents';
@@ -61,6 +61,10 @@ export class TerminalEnv implements vscode.Disposable {
       } catch (err) {
         this.session.log.error(`terminal setup for ${AGENTS[agent].describe}: ${(err as Error).message}`);
       }
+    }
+    // Files of agents no longer set up go (agentSetup writes each agent's in a folder named after it).
+    if (this.scratch && existsSync(this.scratch)) {
+      for (const name of readdirSync(this.scratch)) if (!served.includes(name as AgentName)) rmSync(join(this.scratch, name), { recursive: true, force: true });
     }
     const providerVars = new Set(keys.flatMap((k) => Object.keys(k.env)));
     for (const name of this.agentVars) if (!(name in env) && !providerVars.has(name)) this.collection.delete(name);
