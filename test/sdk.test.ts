@@ -3,6 +3,7 @@
  * that accept only the real credential: what an agent actually does.
  */
 import Anthropic from '@anthropic-ai/sdk';
+import { ApiError, GoogleGenAI } from '@google/genai';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { TillService } from '../src/core/service';
@@ -167,6 +168,39 @@ describe('anthropic SDK through the broker', () => {
     expect((err as Error).message).toContain('model claude-opus-5 is not allowed');
     const ok = await client.messages.create({ model: 'claude-haiku-4-5-20251001', max_tokens: 10, messages: [{ role: 'user', content: 'hi' }] });
     expect(ok.type).toBe('message');
+  });
+});
+
+describe('@google/genai SDK through the broker', () => {
+  it('reads the till key and the base URL from the env vars Till sets: a call, a stream, usage metered, then revocation', async () => {
+    const issued = await service.issue({ target: 'gemini', uses: 5 });
+    const saved = { ...process.env };
+    // Both key variables are set (tools read either); the SDK then warns once that it uses GOOGLE_API_KEY.
+    const warn = console.warn;
+    console.warn = () => undefined;
+    Object.assign(process.env, issued.env);
+    let ai: GoogleGenAI;
+    try {
+      ai = new GoogleGenAI({});
+    } finally {
+      process.env = saved;
+      console.warn = warn;
+    }
+    const answer = await ai.models.generateContent({ model: 'gemini-2.5-flash', contents: 'hi' });
+    expect(answer.text).toBe(fakeAnswer(5));
+    let streamed = '';
+    for await (const chunk of await ai.models.generateContentStream({ model: 'gemini-2.5-flash', contents: 'hi' })) streamed += chunk.text ?? '';
+    expect(streamed).toBe(fakeAnswer(5));
+    expect(geminiUp.received.at(-1)!.headers['x-goog-api-key']).toBe(secrets.gemini);
+    expect(used(issued.id)).toBe(2);
+    const key = service.keys.list().find((k) => k.id === issued.id)!;
+    expect(key.tokens.output).toBe(10); // five tokens each, from the cumulative usageMetadata
+
+    service.keys.revoke(issued.id);
+    const refused = await ai.models.generateContent({ model: 'gemini-2.5-flash', contents: 'hi' }).catch((err: unknown) => err);
+    expect(refused).toBeInstanceOf(ApiError);
+    expect((refused as ApiError).status).toBe(401);
+    expect((refused as ApiError).message).toMatch(/till: till key .* was revoked/);
   });
 });
 
