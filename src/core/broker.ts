@@ -14,6 +14,7 @@ import type { RequestInfo, RequestUsage, TillEvent, TillEvents } from './events'
 import type { Admission, TillKeys } from './keys';
 import type { KeyRecord } from './ledger';
 import { scopeViolation } from './policy';
+import { InFlightList, type InFlightEntry } from './inFlightList';
 import { isFreeRoute, KEY_HEADERS, KEY_QUERY_PARAMS, type Provider, type ProviderRegistry } from './providers';
 import { planBudget, settlement, type BudgetPlan } from './budget';
 import type { SettleDetails } from './ledger';
@@ -190,6 +191,8 @@ export class Broker {
   private readonly options: Required<Omit<BrokerOptions, 'audit' | 'log'>> & Pick<BrokerOptions, 'audit' | 'log'>;
   private port = 0;
   /** Ends each admitted request still open; close() runs them so no reservation outlives the ledger. */
+  private readonly requests = new InFlightList<() => void>();
+  /** The same for WebSocket sessions (few and long-lived, so a Set does: see inFlightList.ts). */
   private readonly open = new Set<() => void>();
 
   constructor(options: BrokerOptions) {
@@ -269,7 +272,7 @@ export class Broker {
     if (!server) return;
     // Settle or release in-flight requests now, while the ledger is still open (their sockets'
     // close events would otherwise arrive after the service has closed it).
-    for (const stop of [...this.open]) stop();
+    for (const stop of [...this.requests.values(), ...this.open]) stop();
     await new Promise<void>((resolve) => {
       server.close(() => resolve());
       server.closeAllConnections();
@@ -415,6 +418,7 @@ export class Broker {
       return deny({ status: 502, code: 'upstream_unreachable', message: `${provider.displayName} has no upstream set: set TILL_UPSTREAM_${provider.id.toUpperCase().replace(/-/g, '_')} to your endpoint` }, key);
     }
     let upstreamReq: http.ClientRequest | undefined;
+    let registered: InFlightEntry<() => void> | undefined;
     let admission: Admission | undefined;
     let ended = false;
     let sseBoundary = true;
@@ -441,7 +445,7 @@ export class Broker {
     const finish = (status: number, aborted?: string) => {
       if (ended) return;
       ended = true;
-      this.open.delete(stop);
+      if (registered) this.requests.delete(registered);
       const spent = settle(aborted);
       admission?.done(spent?.amounts, spent?.details);
       const latencyMs = Math.round((performance.now() - started) * 10) / 10;
@@ -536,7 +540,7 @@ export class Broker {
           return deny({ status: 400, code: 'bad_request', message: `the request cannot be forwarded: ${(err as Error).message}` }, key);
         }
         upstreamReq = upstream;
-        this.open.add(stop);
+        registered = this.requests.add(stop);
         // Once connected and the whole request is on the wire, the upstream may bill it.
         let connected = false;
         let sent = false;

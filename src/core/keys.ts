@@ -6,6 +6,7 @@ import type { Denial } from './denial';
 import type { KeySummary, TillEvents } from './events';
 import { isRefusal, keyState, type KeyRecord, type Ledger, type Reservation, type ReserveRefusal, type SettleDetails } from './ledger';
 import { buildPolicy, formatAmount, formatUsd, limitsOf, MICROS, type Amounts, type Meter, type Policy } from './policy';
+import { InFlightList } from './inFlightList';
 import { hashTillKey, makeTillKey, newKeyId, parseTillKey, tillKeyMatches } from './tillKey';
 
 /** Something in flight for a key that revocation must end. */
@@ -63,7 +64,8 @@ function refusalMessage(r: ReserveRefusal, wanted: number): string {
 
 /** Issues, checks and limits till keys over a {@link Ledger}. */
 export class TillKeys {
-  private readonly inFlight = new Map<string, Set<InFlight>>();
+  /** Requests in flight by key (a list, not a Set: see inFlightList.ts). */
+  private readonly inFlight = new Map<string, InFlightList<InFlight>>();
   /** Long-lived connections (WebSockets): cut by revocation, but not requests, so outside the concurrency count. */
   private readonly sessions = new Map<string, Set<InFlight>>();
   private readonly recent = new Map<string, number[]>();
@@ -106,7 +108,7 @@ export class TillKeys {
     if (!this.ledger.revoke(id, this.now())) return false;
     const record = this.ledger.get(id)!;
     const denial: Denial = { status: 401, code: 'revoked', message: `till key "${record.label}" was revoked` };
-    for (const flight of [...(this.inFlight.get(id) ?? []), ...(this.sessions.get(id) ?? [])]) flight.cut(denial);
+    for (const flight of [...(this.inFlight.get(id)?.values() ?? []), ...(this.sessions.get(id) ?? [])]) flight.cut(denial);
     this.events.emit({ type: 'key.revoked', at: this.now(), key: this.summary(record) });
     return true;
   }
@@ -210,7 +212,7 @@ export class TillKeys {
     const state = keyState(key, now);
     if (state === 'revoked') return { status: 401, code: 'revoked', message: `till key "${key.label}" was revoked` };
     if (state === 'expired') return { status: 401, code: 'expired', message: `till key "${key.label}" expired at ${new Date(key.policy.expiresAt!).toISOString()}` };
-    const flights = this.inFlight.get(key.id) ?? new Set<InFlight>();
+    const flights = this.inFlight.get(key.id) ?? new InFlightList<InFlight>();
     if (policy.concurrency !== undefined && flights.size >= policy.concurrency) {
       return { status: 429, code: 'concurrency', message: `till key "${key.label}" allows ${policy.concurrency} requests at once and ${flights.size} are in flight`, retryAfter: 1 };
     }
@@ -230,7 +232,7 @@ export class TillKeys {
       if (isRefusal(result)) return { status: 429, code: 'exhausted', message: refusalMessage(result, amounts[result.meter] ?? 0) };
       reservation = result;
     }
-    flights.add(flight);
+    const entry = flights.add(flight);
     this.inFlight.set(key.id, flights);
     let reached = false;
     let finished = false;
@@ -243,7 +245,7 @@ export class TillKeys {
       done: (actual, details) => {
         if (finished) return;
         finished = true;
-        flights.delete(flight);
+        flights.delete(entry);
         if (!reservation) return;
         if (reached) {
           this.ledger.settle(reservation, actual ?? reservation.amounts, details);
