@@ -4,10 +4,11 @@
  * Lines are buffered and written every 100 ms (and at close), so a busy broker makes one
  * write for many requests; a crash loses at most the last 100 ms of lines. The file rotates to `<name>.1` at `maxBytes`; two generations are kept.
  */
-import { closeSync, existsSync, mkdirSync, openSync, renameSync, statSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, renameSync, statSync } from 'node:fs';
 import { dirname } from 'node:path';
 import type { Denial } from './denial';
 import type { DenialCode, RequestInfo } from './events';
+import { PendingBytes } from './pendingBytes';
 
 export interface AuditRecord {
   time: string;
@@ -23,10 +24,28 @@ export interface AuditRecord {
   reason?: string;
 }
 
+// The current second as an ISO string up to its '.', formatted once per second: formatting a
+// date on every request was a visible part of its cost.
+let isoSecond = NaN;
+let isoPrefix = '';
+
+/** `new Date().toISOString()`, from a prefix cached for the current second. */
+function isoNow(): string {
+  const now = Date.now();
+  const second = Math.floor(now / 1000);
+  if (second !== isoSecond) {
+    const iso = new Date(second * 1000).toISOString();
+    isoPrefix = iso.slice(0, iso.length - 4);
+    isoSecond = second;
+  }
+  const ms = now - second * 1000;
+  return `${isoPrefix}${ms < 10 ? '00' : ms < 100 ? '0' : ''}${ms}Z`;
+}
+
 /** The audit record of a request that ended: served (with how it ended) or denied. */
 export function auditRecord(info: RequestInfo, status: number, started: number, denial?: Denial, reason?: string): AuditRecord {
   // Field by field, in a fixed order (spreads would allocate on every request).
-  const record: AuditRecord = { time: new Date().toISOString(), provider: info.provider, method: info.method, path: info.path, status, latencyMs: Math.round((performance.now() - started) * 10) / 10 };
+  const record: AuditRecord = { time: isoNow(), provider: info.provider, method: info.method, path: info.path, status, latencyMs: Math.round((performance.now() - started) * 10) / 10 };
   if (info.keyId) {
     record.keyId = info.keyId;
     record.label = info.label;
@@ -49,7 +68,10 @@ export interface AuditOptions {
 export class AuditLog {
   private fd: number;
   private size: number;
-  private pending: string[] = [];
+  /** Lines not yet written, as bytes (see {@link PendingBytes}). */
+  private readonly pending = new PendingBytes();
+  /** Their length in UTF-16 code units, which is what the rotation check has always counted. */
+  private pendingChars = 0;
   private scheduled = false;
   private readonly maxBytes: number;
 
@@ -64,7 +86,10 @@ export class AuditLog {
   }
 
   append(record: AuditRecord): void {
-    this.pending.push(JSON.stringify(record) + '\n');
+    const json = JSON.stringify(record);
+    const { end } = this.pending.append(json, 0, 1);
+    this.pending.bytes[end] = 0x0a;
+    this.pendingChars += json.length + 1;
     if (!this.scheduled) {
       this.scheduled = true;
       setTimeout(() => this.flush(), 100).unref();
@@ -74,11 +99,10 @@ export class AuditLog {
   flush(): void {
     this.scheduled = false;
     if (this.pending.length === 0 || this.fd < 0) return;
-    const text = this.pending.join('');
-    this.pending = [];
-    if (this.size + text.length > this.maxBytes && this.size > 0) this.rotate();
-    writeSync(this.fd, text);
-    this.size += Buffer.byteLength(text);
+    if (this.size + this.pendingChars > this.maxBytes && this.size > 0) this.rotate();
+    this.size += this.pending.length;
+    this.pending.writeTo(this.fd);
+    this.pendingChars = 0;
   }
 
   private rotate(): void {

@@ -11,6 +11,7 @@
 import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, writeSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { crc32 } from 'node:zlib';
+import { PendingBytes } from './pendingBytes';
 import { limitsOf, type Amounts, type Meter, type Policy } from './policy';
 
 /** A till key as stored. Never holds the key itself, only its hash. */
@@ -103,6 +104,22 @@ function encode(entry: Entry): string {
   return `${crc32(json).toString(16).padStart(8, '0')} ${json}\n`;
 }
 
+const HEX = Buffer.from('0123456789abcdef', 'latin1');
+
+/** Appends an entry as {@link encode} would write it, encoded once into `out`'s bytes. */
+function encodeInto(out: PendingBytes, entry: Entry): void {
+  // "<crc32 as 8 hex digits> <json>\n": room for the checksum and the space before, the newline after.
+  const { start, end } = out.append(JSON.stringify(entry), 9, 1);
+  const bytes = out.bytes;
+  let crc = crc32(bytes.subarray(start, end));
+  for (let i = start - 2; i >= start - 9; i--) {
+    bytes[i] = HEX[crc & 15]!;
+    crc >>>= 4;
+  }
+  bytes[start - 1] = 0x20;
+  bytes[end] = 0x0a;
+}
+
 /** Adds a settled request's spending and details to its key. */
 function addSettled(key: KeyRecord, used: Amounts, details: SettleDetails | undefined): void {
   add(key.used, used, 1);
@@ -144,7 +161,8 @@ export class Ledger {
   private readonly reservedByKey = new Map<string, Amounts>();
   private readonly open = new Map<number, Reservation>();
   private nextReservation = 1;
-  private deferred = '';
+  /** Entries not yet written, in order (see {@link defer}). */
+  private readonly deferred = new PendingBytes();
   private durable: (() => void)[] = [];
   private flushScheduled = false;
   private fd: number;
@@ -249,9 +267,8 @@ export class Ledger {
    * keys, revocations and policies are written before they are acknowledged.
    */
   private write(entry: Entry, sync = false): void {
-    const line = encode(entry);
-    writeSync(this.fd, this.deferred ? this.deferred + line : line);
-    this.deferred = '';
+    encodeInto(this.deferred, entry);
+    this.deferred.writeTo(this.fd);
     if (sync) fsyncSync(this.fd);
     this.entries++;
   }
@@ -262,7 +279,7 @@ export class Ledger {
    * and it is the worst case), so a busy broker saves a write per request.
    */
   private defer(entry: Entry): void {
-    this.deferred += encode(entry);
+    encodeInto(this.deferred, entry);
     this.entries++;
     if (!this.flushScheduled) {
       this.flushScheduled = true;
@@ -273,10 +290,7 @@ export class Ledger {
   /** Writes the deferred entries, then runs what waited for them. */
   flush(): void {
     this.flushScheduled = false;
-    if (this.deferred && this.fd >= 0) {
-      writeSync(this.fd, this.deferred);
-      this.deferred = '';
-    }
+    if (this.deferred.length > 0 && this.fd >= 0) this.deferred.writeTo(this.fd);
     const waiting = this.durable;
     this.durable = [];
     for (const run of waiting) run();
@@ -287,7 +301,7 @@ export class Ledger {
    * a busy broker writes the reservations of many requests in one write before forwarding any.
    */
   whenDurable(then: () => void): void {
-    if (!this.deferred) return then();
+    if (this.deferred.length === 0) return then();
     this.durable.push(then);
     if (!this.flushScheduled) {
       this.flushScheduled = true;
@@ -307,7 +321,7 @@ export class Ledger {
   /** Rewrites the journal as the current state, through a temporary file and an atomic rename. */
   compact(): void {
     // The snapshot holds everything deferred entries say (memory is already up to date).
-    this.deferred = '';
+    this.deferred.clear();
     const tmp = `${this.file}.tmp`;
     const fd = openSync(tmp, 'w', 0o600);
     let text = encode({ t: 'head', v: 1 });
