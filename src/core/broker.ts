@@ -74,22 +74,31 @@ export function splitUrl(url: string | undefined): { providerId: string; path: s
   };
 }
 
+/** What {@link findTillKey} has seen so far: a till key, a second different one, some other key. */
+interface KeySearch {
+  key: string | undefined;
+  two: boolean;
+  other: boolean;
+}
+
+function considerKey(found: KeySearch, value: string | undefined): void {
+  if (!value) return;
+  const v = value.trim();
+  if (!looksLikeTillKey(v)) found.other = true;
+  else if (found.key === undefined) found.key = v;
+  else if (found.key !== v) found.two = true;
+}
+
 /** A till key found in a request, or why none could be used. */
 export function findTillKey(req: http.IncomingMessage, query: URLSearchParams): string | Denial {
-  const found = new Set<string>();
-  let other = false;
-  const consider = (value: string | undefined) => {
-    if (!value) return;
-    const v = value.trim();
-    if (looksLikeTillKey(v)) found.add(v);
-    else other = true;
-  };
+  // Runs on every request: a plain state object rather than a Set and a closure.
+  const found: KeySearch = { key: undefined, two: false, other: false };
   const auth = req.headers.authorization;
-  if (auth) consider(auth.replace(/^(bearer|token)\s+/i, ''));
-  for (const name of KEY_HEADERS) if (name !== 'authorization') consider(req.headers[name] as string | undefined);
-  for (const name of KEY_QUERY_PARAMS) for (const v of query.getAll(name)) consider(v);
-  if (found.size > 1) return { status: 400, code: 'malformed_key', message: 'the request carries two different till keys' };
-  const [key] = found;
+  if (auth) considerKey(found, auth.replace(/^(bearer|token)\s+/i, ''));
+  for (const name of KEY_HEADERS) if (name !== 'authorization') considerKey(found, req.headers[name] as string | undefined);
+  for (const name of KEY_QUERY_PARAMS) if (query.has(name)) for (const v of query.getAll(name)) considerKey(found, v);
+  if (found.two) return { status: 400, code: 'malformed_key', message: 'the request carries two different till keys' };
+  const { key, other } = found;
   if (key) return key;
   if (other) {
     return { status: 401, code: 'missing_key', message: 'the broker accepts only till keys (till_…); this request carries some other key, which was not forwarded' };
@@ -115,7 +124,8 @@ export function isCanonicalPath(path: string): boolean {
 /** True when a Host header names this machine's loopback interface. */
 export function hostIsLoopback(host: string | undefined): boolean {
   if (!host) return false;
-  const name = host.startsWith('[') ? host.slice(0, host.indexOf(']') + 1) : host.split(':')[0]!;
+  const colon = host.indexOf(':');
+  const name = host.startsWith('[') ? host.slice(0, host.indexOf(']') + 1) : colon < 0 ? host : host.slice(0, colon);
   return LOOPBACK_HOSTS.has(name.toLowerCase());
 }
 
@@ -170,7 +180,7 @@ const SMALL_JSON = 1024 * 1024;
 /** Usage from a whole JSON answer (undefined when it is not JSON or has none). */
 function jsonUsage(format: UsageFormat, chunks: Buffer[]): Usage | undefined {
   try {
-    return usageFromJson(format, JSON.parse(Buffer.concat(chunks).toString('utf8')));
+    return usageFromJson(format, JSON.parse((chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks)).toString('utf8')));
   } catch {
     return undefined;
   }
@@ -353,7 +363,8 @@ export class Broker {
     info.label = key.label;
     const billable = !isFreeRoute(provider, method, path);
     info.billable = billable;
-    const early = scopeViolation({ ...key.policy, models: undefined }, method, path, undefined, billable);
+    // Methods and paths now; models once the body is read. (Most keys have neither: no copy.)
+    const early = key.policy.methods || key.policy.paths ? scopeViolation({ ...key.policy, models: undefined }, method, path, undefined, billable) : undefined;
     if (early) return deny({ status: 403, code: 'out_of_scope', message: early }, key);
 
     const declared = Number(req.headers['content-length'] ?? 0);
@@ -504,12 +515,18 @@ export class Broker {
         const targetPath = upstreamBase.path + info.path.slice(provider.basePath.length);
         for (const name of KEY_QUERY_PARAMS) query.delete(name);
         const headers: http.OutgoingHttpHeaders = {};
-        const connectionTokens = (req.headers.connection ?? '').toLowerCase().split(',').map((s) => s.trim());
-        for (const [name, value] of Object.entries(req.headers)) {
-          if (value === undefined || STRIPPED_REQUEST.has(name) || connectionTokens.includes(name) || name.startsWith('sec-')) continue;
+        // Headers named in Connection are hop-by-hop too. `keep-alive` (what most clients send) is stripped anyway.
+        const connection = req.headers.connection;
+        const connectionTokens = connection === undefined || connection === 'keep-alive' ? undefined : connection.toLowerCase().split(',').map((s) => s.trim());
+        const incoming = req.headers;
+        // Object.keys, not Object.entries: one array per request, not one per header.
+        for (const name of Object.keys(incoming)) {
+          const value = incoming[name];
+          if (value === undefined || STRIPPED_REQUEST.has(name) || connectionTokens?.includes(name) || name.startsWith('sec-')) continue;
           headers[name] = value;
         }
-        for (const [name, value] of Object.entries(provider.defaultHeaders ?? {})) if (headers[name] === undefined) headers[name] = value;
+        const defaults = provider.defaultHeaders;
+        if (defaults) for (const name of Object.keys(defaults)) if (headers[name] === undefined) headers[name] = defaults[name];
         const placement = provider.placement;
         if (placement.kind === 'bearer') headers.authorization = `Bearer ${secret}`;
         else if (placement.kind === 'header') headers[placement.name] = secret;
@@ -575,7 +592,9 @@ export class Broker {
         upstream.on('response', (upRes) => {
           admission?.reachedUpstream();
           const out: http.OutgoingHttpHeaders = {};
-          for (const [name, value] of Object.entries(upRes.headers)) {
+          const upHeaders = upRes.headers;
+          for (const name of Object.keys(upHeaders)) {
+            const value = upHeaders[name];
             if (value !== undefined && !HOP_BY_HOP.has(name)) out[name] = value;
           }
           if (upRes.headers['content-length'] !== undefined) out['content-length'] = upRes.headers['content-length'];

@@ -5,7 +5,7 @@
 import type { Denial } from './denial';
 import type { KeySummary, TillEvents } from './events';
 import { isRefusal, keyState, type KeyRecord, type Ledger, type Reservation, type ReserveRefusal, type SettleDetails } from './ledger';
-import { buildPolicy, formatAmount, formatUsd, limitsOf, MICROS, type Amounts, type Meter, type Policy } from './policy';
+import { buildPolicy, formatAmount, formatUsd, hasLimits, limitsOf, MICROS, type Amounts, type Meter, type Policy } from './policy';
 import { InFlightList } from './inFlightList';
 import { hashTillKey, makeTillKey, newKeyId, parseTillKey, tillKeyMatches } from './tillKey';
 
@@ -279,6 +279,7 @@ export class TillKeys {
 
   /** What is left of each limited meter: limit − used − reserved. */
   remaining(key: KeyRecord): Amounts {
+    if (!hasLimits(key.policy)) return {};
     const limits = limitsOf(key.policy);
     const reserved = this.ledger.reserved(key.id);
     const left: Amounts = {};
@@ -309,6 +310,7 @@ export class TillKeys {
 
   /** Announces crossing 50 %, 80 % and 100 % of each limit, once each per key. */
   private afterSpend(key: KeyRecord): void {
+    if (!hasLimits(key.policy)) return;
     const limits = limitsOf(key.policy);
     for (const meter of Object.keys(limits) as Meter[]) {
       const used = key.used[meter] ?? 0;

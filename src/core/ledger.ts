@@ -12,7 +12,7 @@ import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, re
 import { dirname } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { PendingBytes } from './pendingBytes';
-import { limitsOf, type Amounts, type Meter, type Policy } from './policy';
+import { hasLimits, limitsOf, type Amounts, type Meter, type Policy } from './policy';
 
 /** A till key as stored. Never holds the key itself, only its hash. */
 export interface KeyRecord {
@@ -56,6 +56,7 @@ export type KeyState = 'active' | 'exhausted' | 'expired' | 'revoked';
 export function keyState(key: KeyRecord, now = Date.now()): KeyState {
   if (key.revokedAt !== undefined) return 'revoked';
   if (key.policy.expiresAt !== undefined && now >= key.policy.expiresAt) return 'expired';
+  if (!hasLimits(key.policy)) return 'active';
   const limits = limitsOf(key.policy);
   for (const meter of Object.keys(limits) as Meter[]) {
     if ((key.used[meter] ?? 0) >= limits[meter]!) return 'exhausted';
@@ -384,9 +385,9 @@ export class Ledger {
   reserve(keyId: string, amounts: Amounts, batch = false): Reservation | ReserveRefusal {
     const key = this.keysById.get(keyId);
     if (!key) throw new Error(`unknown key ${keyId}`);
-    const limits = limitsOf(key.policy);
     const reserved = this.reservedFor(keyId);
-    for (const meter of Object.keys(amounts) as Meter[]) {
+    const limits = hasLimits(key.policy) ? limitsOf(key.policy) : undefined;
+    if (limits) for (const meter of Object.keys(amounts) as Meter[]) {
       const limit = limits[meter];
       if (limit === undefined) continue;
       const used = key.used[meter] ?? 0;

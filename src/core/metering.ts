@@ -79,7 +79,23 @@ const GEMINI_OPENAI = /^\/v1(?:alpha|beta)?\/openai(\/.*)$/;
  * (SSE, streamed JSON array, or plain JSON) to a {@link StreamMeter}.
  */
 export function usageFormat(provider: string, method: string, path: string): UsageFormat | undefined {
-  if (method.toUpperCase() !== 'POST') return undefined;
+  if (method !== 'POST' && method.toUpperCase() !== 'POST') return undefined;
+  let byPath = formatCache.get(provider);
+  if (!byPath) formatCache.set(provider, (byPath = new Map()));
+  let format = byPath.get(path);
+  if (format === undefined) {
+    format = postFormat(provider, path) ?? null;
+    if (byPath.size >= 1000) byPath.clear();
+    byPath.set(path, format);
+  }
+  return format ?? undefined;
+}
+
+// usageFormat's answers by provider, then path (null: not metered). A broker sees few distinct
+// routes, and the regular expressions below ran on every request.
+const formatCache = new Map<string, Map<string, UsageFormat | null>>();
+
+function postFormat(provider: string, path: string): UsageFormat | undefined {
   const p = path.replace(/[?#].*$/, '').replace(/\/+$/, '');
   switch (provider) {
     case 'anthropic':

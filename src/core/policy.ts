@@ -121,6 +121,11 @@ export function buildPolicy(input: PolicyInput, now = Date.now()): Policy {
   return policy;
 }
 
+/** True when the policy limits any meter (activations, tokens or spend). Cheaper than {@link limitsOf}: no object. */
+export function hasLimits(policy: Policy): boolean {
+  return policy.maxActivations !== undefined || policy.maxTokens !== undefined || policy.maxSpendUsd !== undefined;
+}
+
 /** The limit of each meter under a policy; a missing meter is unlimited. */
 export function limitsOf(policy: Policy): Amounts {
   const limits: Amounts = {};
