@@ -89,6 +89,8 @@ export type DenialCode =
 /** A typed event bus. Listeners that throw do not break the broker. */
 export class TillEvents {
   private readonly emitter = new EventEmitter();
+  /** Listeners subscribed through {@link on}: counted here, since every request asks. */
+  private listeners = 0;
 
   constructor() {
     this.emitter.setMaxListeners(0);
@@ -96,11 +98,11 @@ export class TillEvents {
 
   /** Whether anyone listens (so costly events need not be built). */
   get listened(): boolean {
-    return this.emitter.listenerCount('event') > 0;
+    return this.listeners > 0;
   }
 
   emit(event: TillEvent): void {
-    if (this.emitter.listenerCount('event') === 0) return;
+    if (this.listeners === 0) return;
     this.emitter.emit('event', event);
   }
 
@@ -114,6 +116,13 @@ export class TillEvents {
       }
     };
     this.emitter.on('event', safe);
-    return () => this.emitter.off('event', safe);
+    this.listeners++;
+    let subscribed = true;
+    return () => {
+      if (!subscribed) return;
+      subscribed = false;
+      this.listeners--;
+      this.emitter.off('event', safe);
+    };
   }
 }
