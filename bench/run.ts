@@ -278,9 +278,10 @@ async function main(): Promise<void> {
   }
   // The CPU ratio in each round, to show how stable it is.
   const [, passRun, tillRun] = paths as [Path, Path, Path];
-  const perRound = (a: number[], b: number[]) => a.map((x, i) => `${(x / b[i]!).toFixed(2)}×`).join(', ');
-  const roundsC1 = perRound(tillRun.cpuC1, passRun.cpuC1);
-  const roundsC32 = perRound(tillRun.cpuC32, passRun.cpuC32);
+  // With each side's µs per request, so a drift can be told apart from one proxy warming up.
+  const perRound = (a: number[], b: number[], n: number) => a.map((x, i) => `${(x / b[i]!).toFixed(2)}× (${Math.round(x / n)}/${Math.round(b[i]! / n)})`).join(', ');
+  const roundsC1 = perRound(tillRun.cpuC1, passRun.cpuC1, C1_REQUESTS / ROUNDS);
+  const roundsC32 = perRound(tillRun.cpuC32, passRun.cpuC32, C32_REQUESTS / ROUNDS);
 
   await stopChild(serve.child);
   upstream.child.send({ reap: { ...orphans, pids: [] } });
@@ -326,7 +327,7 @@ async function main(): Promise<void> {
     [
       ...warnings,
       `Latency: request start to the last byte of the answer, measured by the load generator, which shares the machine (${availableParallelism()} cores) with the upstream and the proxy.`,
-      `Proxy CPU: user + system time of the proxy process (/proc/<pid>/stat) over the phase, divided by its requests; the upstream and the load generator are not counted. Till ÷ pass-through in each round: c=1 ${roundsC1}; c=32 ${roundsC32}.`,
+      `Proxy CPU: user + system time of the proxy process (/proc/<pid>/stat) over the phase, divided by its requests; the upstream and the load generator are not counted. Till ÷ pass-through in each round (µs per request, till/pass-through): c=1 ${roundsC1}; c=32 ${roundsC32}.`,
       `SSE: the upstream sends headers and the first event at once, then ${SSE_EVENTS - 1} more events ${SSE_GAP_MS} ms apart. "Ahead of stream end" is the smallest gap, over all streams, between the first event and the end: a buffering path would show about 0. Unbuffered = median first event under ${SSE_GAP_MS} ms, first read holding the first event alone in ≥ 90 % of streams, and every first event ≥ ${((SSE_EVENTS - 1) * SSE_GAP_MS) / 2} ms ahead of its end.`,
       '`till serve` runs as shipped: it checks and counts every request in its ledger, meters it and appends the audit log; its console shows key events and refusals (a file here).',
       ...(unmetered
