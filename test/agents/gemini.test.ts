@@ -5,7 +5,8 @@
  * statistics included), and revocation ending a live answer with Till's message.
  *
  * Gemini CLI ignores a system settings file under a folder others can write to (like /tmp), so
- * this test's data folder is under the account's cache folder instead of the test root.
+ * this test's data folder is under the account's home (~/.cache/till-test-homes, removed after)
+ * instead of the test root.
  */
 import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { userInfo } from 'node:os';
@@ -19,7 +20,8 @@ import { listKeys, runAgent, waitFor } from './support/agentRun';
 
 let b: AgentBroker;
 beforeAll(async () => {
-  const homes = join(process.env.TILL_CACHE ?? join(userInfo().homedir, '.cache', 'till'), 'test-homes');
+  // Not under TILL_CACHE, which may itself be below /tmp.
+  const homes = join(userInfo().homedir, '.cache', 'till-test-homes');
   mkdirSync(homes, { recursive: true, mode: 0o700 });
   b = await startAgentBroker({ provider: 'gemini', start: startGeminiUpstream, home: mkdtempSync(join(homes, 'gemini-')) });
 });
