@@ -89,8 +89,12 @@ else
   rm -rf "$CS_DIR" "$CS_DIR.partial"
   mkdir -p "$CS_DIR.partial"
   log="$CACHE/code-server-install.log"
+  # Run from `npm test`, this shell inherits the outer npm's npm_* variables, which the inner npm
+  # would take as its own config: npm_config_user_agent names Node 20, and code-server's
+  # postinstall reads its Node version from there and refuses. So they go.
   # npm_config_nodedir: this machine's npmrc points node-gyp at the system Node 20 headers.
-  if ! PATH="$N24/bin:$PATH" npm_config_nodedir="$N24" \
+  # shellcheck disable=SC2046
+  if ! env $(compgen -e | grep '^npm_' | sed 's/^/-u /') PATH="$N24/bin:$PATH" npm_config_nodedir="$N24" \
     npm i --no-save --no-audit --no-fund --foreground-scripts --prefix "$CS_DIR.partial" \
     "code-server@$CODE_SERVER_VERSION" >"$log" 2>&1; then
     tail -n 40 "$log" >&2
