@@ -258,7 +258,10 @@ export class Broker {
     });
     await new Promise<void>((resolve, reject) => {
       server.once('error', (err: NodeJS.ErrnoException) => {
-        reject(err.code === 'EADDRINUSE' ? new Error(`port ${o.port} on 127.0.0.1 is already in use (another program, or another till broker): choose another with --port`) : err);
+        if (err.code !== 'EADDRINUSE') return reject(err);
+        const inUse: NodeJS.ErrnoException = new Error(`port ${o.port} on 127.0.0.1 is already in use (another program, or another till broker): choose another with --port`);
+        inUse.code = 'EADDRINUSE';
+        reject(inUse);
       });
       server.listen(o.port, '127.0.0.1', () => resolve());
     });

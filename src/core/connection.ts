@@ -69,7 +69,16 @@ export class TillConnection {
   }
 
   private async host(): Promise<void> {
-    const service = await TillService.start(this.options);
+    // Keys, terminals and agents hold the broker's URL: taking over, keep the port they know
+    // (it differs from ours when the host was started with another port, or port 0).
+    const previous = this.url === undefined ? undefined : Number(new URL(this.url).port);
+    let service: TillService;
+    try {
+      service = await TillService.start(previous === undefined ? this.options : { ...this.options, port: previous });
+    } catch (err) {
+      if (previous === undefined || previous === this.options.port || (err as NodeJS.ErrnoException).code !== 'EADDRINUSE') throw err;
+      service = await TillService.start(this.options);
+    }
     if (this.disposed) {
       await service.close();
       return;

@@ -35,6 +35,8 @@ import {
 } from './harness';
 
 const suitePath = path.join(repoRoot, 'dist', 'test', 'suite.js');
+/** What the suite logs to have the runner open a second window. */
+const OPEN_SECOND_WINDOW = '[till-test] open a second window';
 
 const { values: opts } = parseArgs({
   options: {
@@ -99,8 +101,20 @@ async function main(): Promise<number> {
     // The workbench calls these once the smoke-test driver is on (see README.md). The log gets
     // workbench log lines and, while tests run, the extension host's console (mocha's reporter,
     // the tests' console.log): each call carries one console call's arguments.
+    // The suite asks for a second window (another VS Code window on the same machine, with its
+    // own extension host) by logging this line; it runs the extension under test, no tests.
+    const secondWorkspace = path.join(sb.tmp, 'window-two');
+    mkdirSync(secondWorkspace, { recursive: true });
+    const openSecondWindow = async (): Promise<void> => {
+      const second = await context!.newPage();
+      recordBrowserConsole(second, sb, opts.verbose);
+      const devOnly = [['extensionDevelopmentPath', `vscode-remote://remote${repoRoot}`]];
+      await second.goto(`${server!.origin}/?folder=${encodeURIComponent(secondWorkspace)}&payload=${encodeURIComponent(JSON.stringify(devOnly))}`, { waitUntil: 'domcontentloaded' });
+      say('second window opened');
+    };
     await page.exposeFunction('codeAutomationLog', (level: string, args: unknown) => {
       const text = Array.isArray(args) ? format(...(args as unknown[])) : String(args);
+      if (text.includes(OPEN_SECOND_WINDOW)) void openSecondWindow().catch((err: unknown) => say(`second window failed: ${String(err)}`));
       // After the suite, the workbench only complains about the extension host being gone.
       if (!opts.verbose && (ended || KNOWN_NOISE.some((re) => re.test(text)))) return;
       console.log(prefixLines(level === 'info' ? '' : `[${level}] `, text).replace(/\n$/, ''));
