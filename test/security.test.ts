@@ -40,22 +40,38 @@ interface RequestInit {
 
 /**
  * One request with node:http (fetch cannot set Host and hides some headers). No connection
- * pooling, so one test's socket never carries another's request.
+ * pooling, so one test's socket never carries another's request. With `write`, the body is
+ * written by the caller (a sliver, or paced chunks), told whether the answer has come, and the
+ * connection is dropped once the answer is read.
  */
-function send(base: string, path: string, init: RequestInit = {}): Promise<Reply> {
+function send(
+  base: string,
+  path: string,
+  init: RequestInit = {},
+  write?: (req: http.ClientRequest, answered: () => boolean, fail: (err: Error) => void) => void,
+): Promise<Reply> {
   const u = new URL(base);
   return new Promise((resolve, reject) => {
+    let answered = false;
     const req = http.request(
       { host: u.hostname, port: u.port, method: init.method ?? 'GET', path, headers: init.headers, agent: false, signal: init.signal },
       (res) => {
+        answered = true;
         const chunks: Buffer[] = [];
         res.on('data', (c: Buffer) => chunks.push(c));
-        res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, text: Buffer.concat(chunks).toString('utf8') }));
+        res.on('end', () => {
+          if (write) req.destroy();
+          resolve({ status: res.statusCode ?? 0, headers: res.headers, text: Buffer.concat(chunks).toString('utf8') });
+        });
         res.on('error', reject);
       },
     );
-    req.on('error', reject);
-    req.end(init.body);
+    // A body still being written when the answer came may fail to write: that is expected.
+    req.on('error', (err) => {
+      if (!(write && answered)) reject(err);
+    });
+    if (write) write(req, () => answered, reject);
+    else req.end(init.body);
   });
 }
 
@@ -308,30 +324,9 @@ describe('broker security', () => {
       // Attack: memory exhaustion (and a forwarded bill) through a huge request body.
       const k = await w.issue({ target: 'openai', uses: 3 });
       const before = w.openai.received.length + w.openai.rejected.length;
-      const u = new URL(w.service.url);
-      const r = await new Promise<Reply>((resolve, reject) => {
-        const req = http.request(
-          {
-            host: u.hostname,
-            port: u.port,
-            method: 'POST',
-            path: '/openai/v1/chat/completions',
-            agent: false,
-            headers: { ...JSON_TYPE, authorization: `Bearer ${k.key}`, 'content-length': String(50 * 1024 * 1024) },
-          },
-          (res) => {
-            let text = '';
-            res.on('data', (c: Buffer) => (text += c));
-            res.on('end', () => {
-              req.destroy();
-              resolve({ status: res.statusCode ?? 0, headers: res.headers, text });
-            });
-          },
-        );
-        req.on('error', reject);
-        // Only a sliver of the declared 50 MiB: the answer must come without waiting for the rest.
-        req.write('{"model":"gpt-4o-mini","messages":[');
-      });
+      const headers = { ...JSON_TYPE, authorization: `Bearer ${k.key}`, 'content-length': String(50 * 1024 * 1024) };
+      // Only a sliver of the declared 50 MiB: the answer must come without waiting for the rest.
+      const r = await send(w.service.url, '/openai/v1/chat/completions', { method: 'POST', headers }, (req) => req.write('{"model":"gpt-4o-mini","messages":['));
       expect(r.status).toBe(413);
       expect(r.headers['x-till-denial']).toBe('too_large');
       expect(messageOf(r)).toMatch(/^till: request body of 52428800 bytes is over the broker's limit of 16384/);
@@ -342,40 +337,16 @@ describe('broker security', () => {
       expect(s.remaining.activations).toBe(3);
     });
 
-    /** Streams chunks of `chunkBytes` until the broker answers; returns the answer. */
+    /** Streams a chunked body, 4 KiB at a time, until the broker answers; returns the answer. */
     function chunkedUntilAnswered(key: string, contentType: string): Promise<Reply> {
-      const u = new URL(w.service.url);
-      return new Promise<Reply>((resolve, reject) => {
-        let answered = false;
-        const req = http.request(
-          {
-            host: u.hostname,
-            port: u.port,
-            method: 'POST',
-            path: '/openai/v1/chat/completions',
-            agent: false,
-            headers: { 'content-type': contentType, authorization: `Bearer ${key}`, 'transfer-encoding': 'chunked' },
-          },
-          (res) => {
-            answered = true;
-            let text = '';
-            res.on('data', (c: Buffer) => (text += c));
-            res.on('end', () => {
-              req.destroy();
-              resolve({ status: res.statusCode ?? 0, headers: res.headers, text });
-            });
-            res.on('error', reject);
-          },
-        );
-        req.on('error', (err) => {
-          if (!answered) reject(err);
-        });
+      const headers = { 'content-type': contentType, authorization: `Bearer ${key}`, 'transfer-encoding': 'chunked' };
+      return send(w.service.url, '/openai/v1/chat/completions', { method: 'POST', headers }, (req, answered, fail) => {
         let sent = 0;
         // Paced, so the answer is read before the broker closes the connection: writing into a
         // closed connection would lose the answer to EPIPE/ECONNRESET.
         const pump = () => {
-          if (answered || req.destroyed) return;
-          if (sent > 1024 * 1024) return reject(new Error(`the broker took ${sent} bytes of a chunked body without answering`));
+          if (answered() || req.destroyed) return;
+          if (sent > 1024 * 1024) return fail(new Error(`the broker took ${sent} bytes of a chunked body without answering`));
           sent += 4096;
           req.write(Buffer.alloc(4096, 0x20), () => setTimeout(pump, 20));
         };
