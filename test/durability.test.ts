@@ -150,14 +150,23 @@ afterEach(async () => {
   while (cleanups.length > 0) await cleanups.pop()!();
 });
 
+/**
+ * A fake OpenAI accepting a fresh credential, a data folder holding that credential, and the
+ * env that points Till at the fake; the upstream closes after the test.
+ */
+async function openAiHome(label: string, upstream: { streamDelayMs?: number; streamChunks?: number } = {}) {
+  const credential = fakeCredential(label);
+  const up = await startOpenAIUpstream({ credential, ...upstream });
+  cleanups.push(() => up.close());
+  const home = tempHome();
+  await addCredential(home, 'openai', 'openai', credential);
+  return { up, home, env: { TILL_UPSTREAM_OPENAI: `${up.url}/v1` } };
+}
+
 describe('exactness under concurrency', () => {
   async function setup() {
-    const credential = fakeCredential('durability');
-    const up = await startOpenAIUpstream({ credential });
-    cleanups.push(() => up.close());
-    const home = tempHome();
-    await addCredential(home, 'openai', 'openai', credential);
-    const service = await startTill({ home, env: { TILL_UPSTREAM_OPENAI: `${up.url}/v1` } });
+    const { up, home, env } = await openAiHome('durability');
+    const service = await startTill({ home, env });
     cleanups.push(() => service.close());
     return { up, home, service };
   }
@@ -234,12 +243,7 @@ describe('exactness under concurrency', () => {
 
 describe('kill -9', () => {
   async function setup(upstream: { streamDelayMs?: number; streamChunks?: number } = {}) {
-    const credential = fakeCredential('killed');
-    const up = await startOpenAIUpstream({ credential, ...upstream });
-    cleanups.push(() => up.close());
-    const home = tempHome();
-    await addCredential(home, 'openai', 'openai', credential);
-    const env = { TILL_UPSTREAM_OPENAI: `${up.url}/v1` };
+    const { up, home, env } = await openAiHome('killed', upstream);
     const serves: ServeProcess[] = [];
     cleanups.push(async () => {
       for (const s of serves) await s.stop('SIGKILL');
@@ -387,12 +391,7 @@ describe('kill -9', () => {
 
 describe('restart after a graceful stop', () => {
   it('keeps keys, counts and revocations across till serve stopped with SIGTERM', async () => {
-    const credential = fakeCredential('graceful');
-    const up = await startOpenAIUpstream({ credential });
-    cleanups.push(() => up.close());
-    const home = tempHome();
-    await addCredential(home, 'openai', 'openai', credential);
-    const env = { TILL_UPSTREAM_OPENAI: `${up.url}/v1` };
+    const { up, home, env } = await openAiHome('graceful');
 
     const first = await spawnServe(home, { env });
     cleanups.push(() => first.stop('SIGKILL'));
@@ -431,12 +430,7 @@ describe('restart after a graceful stop', () => {
   }, 60_000);
 
   it('keeps keys and counts across an in-process service closed and started again', async () => {
-    const credential = fakeCredential('inproc');
-    const up = await startOpenAIUpstream({ credential });
-    cleanups.push(() => up.close());
-    const home = tempHome();
-    await addCredential(home, 'openai', 'openai', credential);
-    const env = { TILL_UPSTREAM_OPENAI: `${up.url}/v1` };
+    const { up, home, env } = await openAiHome('inproc');
 
     const first = await startTill({ home, env });
     const issued = await first.issue({ target: 'openai', uses: 20 });
@@ -460,12 +454,8 @@ describe('revocation of a request still arriving', () => {
   it('stops a request whose body was still arriving when the revocation was acknowledged', async () => {
     // Attack: a leaked key's holder starts a request, the user revokes the key, the holder
     // then finishes sending; the key was checked at the headers, before the revocation.
-    const credential = fakeCredential('slowbody');
-    const up = await startOpenAIUpstream({ credential });
-    cleanups.push(() => up.close());
-    const home = tempHome();
-    await addCredential(home, 'openai', 'openai', credential);
-    const service = await startTill({ home, env: { TILL_UPSTREAM_OPENAI: `${up.url}/v1` } });
+    const { up, home, env } = await openAiHome('slowbody');
+    const service = await startTill({ home, env });
     cleanups.push(() => service.close());
     const issued = await service.issue({ target: 'openai', uses: 10 });
     const tag = `slow-${issued.id}`;
