@@ -14,6 +14,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { keychainService, tillPaths } from '../src/core/home';
 import { KeychainVault, VaultError, type VaultErrorKind } from '../src/core/vault';
 import { startPrivateKeyring, type PrivateKeyring } from './support/keyring';
+import { collectOutput } from './support/process';
 import { fakeCredential, runTill, spawnServe, tempHome, type RunResult, type ServeProcess, expectOneLineError } from './support/till';
 import { startOpenAIUpstream, type Upstream } from './support/upstreams';
 import { filesUnder } from './support/files';
@@ -64,7 +65,7 @@ type VaultOutcome = { ok: true; value: unknown; ms: number } | { ok: false; erro
  * exit: it has to end by itself once the calls are done, so a keychain call left hanging shows
  * as a timeout here. Secrets travel in the child's environment and stdout, never on disk.
  */
-function vaultInChild(service: string, env: Record<string, string>, ops: VaultOp[], timeoutMs = 20_000): Promise<{ outcomes: VaultOutcome[]; ms: number }> {
+async function vaultInChild(service: string, env: Record<string, string>, ops: VaultOp[], timeoutMs = 20_000): Promise<{ outcomes: VaultOutcome[]; ms: number }> {
   const script = `
     const module_ = { exports: {} };
     (function (module, exports) { ${VAULT_JS} })(module_, module_.exports);
@@ -83,24 +84,13 @@ function vaultInChild(service: string, env: Record<string, string>, ops: VaultOp
       }
       process.stdout.write(JSON.stringify(outcomes));
     })();`;
-  return new Promise((resolvePromise, reject) => {
-    const started = Date.now();
-    const child = spawn(process.execPath, ['-'], { cwd: ROOT, env: { ...process.env, ...env, VAULT_SERVICE: service, VAULT_OPS: JSON.stringify(ops) }, stdio: ['pipe', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (c) => (stdout += c));
-    child.stderr.on('data', (c) => (stderr += c));
-    const timer = setTimeout(() => {
-      child.kill('SIGKILL');
-      reject(new Error(`the vault child did not exit within ${timeoutMs} ms (a keychain call hung?); stderr: ${stderr}`));
-    }, timeoutMs);
-    child.on('close', (code) => {
-      clearTimeout(timer);
-      if (code !== 0) return reject(new Error(`the vault child exited with ${code}: ${stderr}`));
-      resolvePromise({ outcomes: JSON.parse(stdout) as VaultOutcome[], ms: Date.now() - started });
-    });
-    child.stdin.end(script);
-  });
+  const started = Date.now();
+  const child = spawn(process.execPath, ['-'], { cwd: ROOT, env: { ...process.env, ...env, VAULT_SERVICE: service, VAULT_OPS: JSON.stringify(ops) }, stdio: ['pipe', 'pipe', 'pipe'] });
+  const run = collectOutput(child, 'the vault child (a keychain call hung?)', timeoutMs);
+  child.stdin.end(script);
+  const { code, stdout, stderr } = await run.done;
+  if (code !== 0) throw new Error(`the vault child exited with ${code}: ${stderr}`);
+  return { outcomes: JSON.parse(stdout) as VaultOutcome[], ms: Date.now() - started };
 }
 
 function expectFailure(outcome: VaultOutcome | undefined, kind: VaultErrorKind, message: RegExp): void {

@@ -5,6 +5,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { expect } from 'vitest';
+import { collectOutput, type RunResult } from './process';
 import { randomBytes } from 'node:crypto';
 import { appendFileSync, mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
@@ -59,34 +60,19 @@ export async function startTill(options: Partial<ServiceOptions> & { home: strin
   return TillService.start({ port: 0, log: (line) => appendFileSync(log, line + '\n'), ...options });
 }
 
-export interface RunResult {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
+export type { RunResult } from './process';
 
 /** Runs the built `till` command with a data folder; output is also kept in a scanned log. */
-export function runTill(args: string[], options: { home: string; input?: string; env?: NodeJS.ProcessEnv; timeoutMs?: number }): Promise<RunResult> {
-  return new Promise((resolvePromise, reject) => {
-    const child = spawn(process.execPath, [TILL_JS, ...args], {
-      env: { ...process.env, ...options.env, TILL_HOME: options.home },
-      stdio: ['pipe', 'pipe', 'pipe'],
-    });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (c) => (stdout += c));
-    child.stderr.on('data', (c) => (stderr += c));
-    const timer = setTimeout(() => {
-      child.kill('SIGKILL');
-      reject(new Error(`till ${args.join(' ')} did not finish within ${options.timeoutMs ?? 15_000} ms\nstdout: ${stdout}\nstderr: ${stderr}`));
-    }, options.timeoutMs ?? 15_000);
-    child.on('close', (code) => {
-      clearTimeout(timer);
-      appendFileSync(logFile('cli'), `$ till ${args.join(' ')}\n${stdout}${stderr}`);
-      resolvePromise({ code, stdout, stderr });
-    });
-    child.stdin.end(options.input ?? '');
+export async function runTill(args: string[], options: { home: string; input?: string; env?: NodeJS.ProcessEnv; timeoutMs?: number }): Promise<RunResult> {
+  const child = spawn(process.execPath, [TILL_JS, ...args], {
+    env: { ...process.env, ...options.env, TILL_HOME: options.home },
+    stdio: ['pipe', 'pipe', 'pipe'],
   });
+  const run = collectOutput(child, `till ${args.join(' ')}`, options.timeoutMs ?? 15_000);
+  child.stdin.end(options.input ?? '');
+  const result = await run.done;
+  appendFileSync(logFile('cli'), `$ till ${args.join(' ')}\n${result.stdout}${result.stderr}`);
+  return result;
 }
 
 export interface ServeProcess {

@@ -12,6 +12,7 @@ import { dirname, join } from 'node:path';
 import type { KeySummary } from '../../../src/core/events';
 import type { Reply, Turn } from '../../support/upstreams';
 import { filesUnder } from '../../support/files';
+import { collectOutput, type RunResult } from '../../support/process';
 import { logFile, runTill, testRoot, TILL_JS } from '../../support/till';
 
 /**
@@ -103,10 +104,7 @@ export interface AgentRun {
   done: Promise<AgentResult>;
 }
 
-export interface AgentResult {
-  code: number | null;
-  stdout: string;
-  stderr: string;
+export interface AgentResult extends RunResult {
   /** The agent's environment, as it started. */
   env: Record<string, string>;
   /** Every internet address the agent or its children tried to reach. */
@@ -148,36 +146,17 @@ export function runAgent(options: {
     env,
     stdio: ['ignore', 'pipe', 'pipe'],
   });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (c: Buffer) => {
-    stdout += c;
-    appendFileSync(log, c);
+  const run = collectOutput(child, options.agent, options.timeoutMs ?? 120_000, (c) => appendFileSync(log, c));
+  const done = run.done.then((result): AgentResult => {
+    const read = (file: string) => (existsSync(join(trace, file)) ? readFileSync(join(trace, file), 'utf8') : '');
+    return {
+      ...result,
+      env: parseEnv(read('env.txt')),
+      destinations: destinations(read('network.txt')),
+      files: [...filesWithText(agentHome), ...filesWithText(join(trace, 'codex-home')), ...filesWithText(join(trace, 'gemini'))],
+    };
   });
-  child.stderr.on('data', (c: Buffer) => {
-    stderr += c;
-    appendFileSync(log, c);
-  });
-  const timeoutMs = options.timeoutMs ?? 120_000;
-  const done = new Promise<AgentResult>((resolve, reject) => {
-    const timer = setTimeout(() => {
-      child.kill('SIGKILL');
-      reject(new Error(`${options.agent} did not finish within ${timeoutMs} ms\nstdout: ${stdout}\nstderr: ${stderr}`));
-    }, timeoutMs);
-    child.on('close', (code) => {
-      clearTimeout(timer);
-      const read = (file: string) => (existsSync(join(trace, file)) ? readFileSync(join(trace, file), 'utf8') : '');
-      resolve({
-        code,
-        stdout,
-        stderr,
-        env: parseEnv(read('env.txt')),
-        destinations: destinations(read('network.txt')),
-        files: [...filesWithText(agentHome), ...filesWithText(join(trace, 'codex-home')), ...filesWithText(join(trace, 'gemini'))],
-      });
-    });
-  });
-  return { output: () => stdout + stderr, done };
+  return { output: run.output, done };
 }
 
 function parseEnv(text: string): Record<string, string> {
