@@ -15,7 +15,7 @@ import type { Admission, TillKeys } from './keys';
 import type { KeyRecord } from './ledger';
 import { scopeViolation } from './policy';
 import { InFlightList, type InFlightEntry } from './inFlightList';
-import { isFreeRoute, KEY_HEADERS, KEY_QUERY_PARAMS, type Provider, type ProviderRegistry } from './providers';
+import { isFreeRoute, KEY_HEADERS, KEY_QUERY_PARAMS, upstreamEnvVar, type Provider, type ProviderRegistry } from './providers';
 import { planBudget, settlement, type BudgetPlan } from './budget';
 import type { SettleDetails } from './ledger';
 import { StreamMeter, usageFormat, usageFromJson, type Usage, type UsageFormat } from './metering';
@@ -129,6 +129,66 @@ export function hostIsLoopback(host: string | undefined): boolean {
   const colon = host.indexOf(':');
   const name = host.startsWith('[') ? host.slice(0, host.indexOf(']') + 1) : colon < 0 ? host : host.slice(0, colon);
   return LOOPBACK_HOSTS.has(name.toLowerCase());
+}
+
+/**
+ * The checks every request and WebSocket handshake passes before anything else; undefined when
+ * it passes. DNS rebinding: a web page on evil.example whose name now resolves to 127.0.0.1 sends
+ * Host: evil.example, and only loopback names are ours. A web page using the broker through the
+ * user's browser: browsers mark their requests with Sec-Fetch-Site and cross-origin ones (every
+ * WebSocket handshake) with Origin. (Node's fetch sends Sec-Fetch-Mode too, so that header alone
+ * proves nothing.)
+ */
+export function clientDenial(headers: http.IncomingHttpHeaders): Denial | undefined {
+  if (!hostIsLoopback(headers.host)) {
+    return { status: 403, code: 'forbidden_host', message: 'the Host header is not a loopback name (DNS rebinding protection)' };
+  }
+  if (headers.origin !== undefined || headers['sec-fetch-site'] !== undefined) {
+    return { status: 403, code: 'browser_origin', message: 'requests from web browsers are refused: the broker serves local programs only' };
+  }
+  return undefined;
+}
+
+/**
+ * The path checks, for requests and handshakes alike; undefined when it passes. Escaping a path
+ * scope: `/v1/chat/../../admin` (or `%2e%2e`, or an encoded slash an upstream may decode) matches
+ * `/v1/chat/*` as text but reaches another route. And the path must be inside the provider's API.
+ */
+export function pathDenial(provider: Provider, path: string, baseUrl: string): Denial | undefined {
+  if (!isCanonicalPath(path)) {
+    return { status: 400, code: 'bad_request', message: 'the request path has dot segments, backslashes or encoded slashes; send it in canonical form' };
+  }
+  if (!path.startsWith(provider.basePath) || (provider.basePath && path.length > provider.basePath.length && path[provider.basePath.length] !== '/')) {
+    return { status: 404, code: 'bad_request', message: `${path} is outside the ${provider.displayName} API: use the base URL ${baseUrl}` };
+  }
+  return undefined;
+}
+
+/**
+ * The client's headers that go on to the upstream, for requests and handshakes alike: without
+ * hop-by-hop headers (those named in Connection too), the keys the client sent (its till key),
+ * Origin, Referer, Cookie and the browser's and WebSocket's sec-* headers; with the provider's
+ * default headers where the client sent none. The credential is placed by the caller.
+ */
+export function forwardedHeaders(incoming: http.IncomingHttpHeaders, provider: Provider): Record<string, string | string[]> {
+  const headers: Record<string, string | string[]> = {};
+  // `keep-alive` (what most clients send) is stripped anyway.
+  const connection = incoming.connection;
+  const connectionTokens = connection === undefined || connection === 'keep-alive' ? undefined : connection.toLowerCase().split(',').map((s) => s.trim());
+  // Object.keys, not Object.entries: one array per request, not one per header.
+  for (const name of Object.keys(incoming)) {
+    const value = incoming[name];
+    if (value === undefined || STRIPPED_REQUEST.has(name) || connectionTokens?.includes(name) || name.startsWith('sec-')) continue;
+    headers[name] = value;
+  }
+  const defaults = provider.defaultHeaders;
+  if (defaults) for (const name of Object.keys(defaults)) if (headers[name] === undefined) headers[name] = defaults[name]!;
+  return headers;
+}
+
+/** The denial for a provider that has no upstream until the user names one (e.g. Azure). */
+export function noUpstreamDenial(provider: Provider): Denial {
+  return { status: 502, code: 'upstream_unreachable', message: `${provider.displayName} has no upstream set: set ${upstreamEnvVar(provider.id)} to your endpoint` };
 }
 
 /** A JSON request body, parsed once: for its model, the budget and (if needed) rewriting. */
@@ -337,28 +397,13 @@ export class Broker {
       this.audit(info, denial.status, started, denial);
     };
 
-    // Attack: DNS rebinding. A web page on evil.example whose name now resolves to 127.0.0.1
-    // sends Host: evil.example; only loopback names are ours.
-    if (!hostIsLoopback(req.headers.host)) {
-      return deny({ status: 403, code: 'forbidden_host', message: 'the Host header is not a loopback name (DNS rebinding protection)' });
-    }
-    // Attack: a web page using the broker through the user's browser. Browsers mark their
-    // requests with Sec-Fetch-Site and cross-origin ones with Origin. (Node's fetch sends
-    // Sec-Fetch-Mode too, so that header alone proves nothing.)
-    if (req.headers.origin !== undefined || req.headers['sec-fetch-site'] !== undefined) {
-      return deny({ status: 403, code: 'browser_origin', message: 'requests from web browsers are refused: the broker serves local programs only' });
-    }
+    const refused = clientDenial(req.headers);
+    if (refused) return deny(refused);
     if (!provider) {
       return deny({ status: 404, code: 'unknown_provider', message: `no provider "${providerId}": use ${this.url}/<provider>/…, e.g. ${this.url}/openai/v1` });
     }
-    // Attack: escaping a path scope. `/v1/chat/../../admin` (or `%2e%2e`, or an encoded slash
-    // an upstream may decode) matches `/v1/chat/*` as text but reaches another route.
-    if (!isCanonicalPath(path)) {
-      return deny({ status: 400, code: 'bad_request', message: 'the request path has dot segments, backslashes or encoded slashes; send it in canonical form' });
-    }
-    if (!path.startsWith(provider.basePath) || (provider.basePath && path.length > provider.basePath.length && path[provider.basePath.length] !== '/')) {
-      return deny({ status: 404, code: 'bad_request', message: `${path} is outside the ${provider.displayName} API: use the base URL ${this.baseUrlFor(provider)}` });
-    }
+    const outside = pathDenial(provider, path, this.baseUrlFor(provider));
+    if (outside) return deny(outside);
     const presented = findTillKey(req, query);
     if (typeof presented !== 'string') return deny(presented);
     const auth = this.options.keys.authenticateFor(presented, provider.id);
@@ -430,9 +475,7 @@ export class Broker {
     started: number,
     deny: (d: Denial, key?: KeyRecord) => void,
   ): void {
-    if (provider.needsUpstream) {
-      return deny({ status: 502, code: 'upstream_unreachable', message: `${provider.displayName} has no upstream set: set TILL_UPSTREAM_${provider.id.toUpperCase().replace(/-/g, '_')} to your endpoint` }, key);
-    }
+    if (provider.needsUpstream) return deny(noUpstreamDenial(provider), key);
     let upstreamReq: http.ClientRequest | undefined;
     let registered: InFlightEntry<() => void> | undefined;
     let admission: Admission | undefined;
@@ -519,19 +562,7 @@ export class Broker {
         const target = upstreamBase.url;
         const targetPath = upstreamBase.path + info.path.slice(provider.basePath.length);
         for (const name of KEY_QUERY_PARAMS) query.delete(name);
-        const headers: http.OutgoingHttpHeaders = {};
-        // Headers named in Connection are hop-by-hop too. `keep-alive` (what most clients send) is stripped anyway.
-        const connection = req.headers.connection;
-        const connectionTokens = connection === undefined || connection === 'keep-alive' ? undefined : connection.toLowerCase().split(',').map((s) => s.trim());
-        const incoming = req.headers;
-        // Object.keys, not Object.entries: one array per request, not one per header.
-        for (const name of Object.keys(incoming)) {
-          const value = incoming[name];
-          if (value === undefined || STRIPPED_REQUEST.has(name) || connectionTokens?.includes(name) || name.startsWith('sec-')) continue;
-          headers[name] = value;
-        }
-        const defaults = provider.defaultHeaders;
-        if (defaults) for (const name of Object.keys(defaults)) if (headers[name] === undefined) headers[name] = defaults[name];
+        const headers: http.OutgoingHttpHeaders = forwardedHeaders(req.headers, provider);
         const placement = provider.placement;
         if (placement.kind === 'bearer') headers.authorization = `Bearer ${secret}`;
         else if (placement.kind === 'header') headers[placement.name] = secret;

@@ -23,7 +23,7 @@ import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import WebSocket, { WebSocketServer, type RawData } from 'ws';
 import { auditRecord, type AuditLog } from './audit';
-import { findTillKey, hostIsLoopback, isCanonicalPath, splitUrl, STRIPPED_REQUEST } from './broker';
+import { clientDenial, findTillKey, forwardedHeaders, noUpstreamDenial, pathDenial, splitUrl } from './broker';
 import { planBudget, settlement } from './budget';
 import { denialBody, type Denial } from './denial';
 import type { RequestInfo, RequestUsage, TillEvents } from './events';
@@ -240,24 +240,14 @@ export class WebSocketProxy {
       this.refuse(socket, info, denial, started);
     };
 
-    // The same checks as HTTP, in the same order (see Broker.handle for the attacks they stop).
-    if (!hostIsLoopback(req.headers.host)) {
-      return deny({ status: 403, code: 'forbidden_host', message: 'the Host header is not a loopback name (DNS rebinding protection)' });
-    }
-    // Attack: a web page opening a WebSocket to the broker. Browsers always send Origin on a
-    // WebSocket handshake, and cannot leave it out.
-    if (req.headers.origin !== undefined || req.headers['sec-fetch-site'] !== undefined) {
-      return deny({ status: 403, code: 'browser_origin', message: 'requests from web browsers are refused: the broker serves local programs only' });
-    }
+    // The same checks as HTTP, in the same order.
+    const refused = clientDenial(req.headers);
+    if (refused) return deny(refused);
     if (!provider) {
       return deny({ status: 404, code: 'unknown_provider', message: `no provider "${providerId}": use ws://127.0.0.1:<port>/<provider>/…, e.g. /openai/v1/responses` });
     }
-    if (!isCanonicalPath(path)) {
-      return deny({ status: 400, code: 'bad_request', message: 'the request path has dot segments, backslashes or encoded slashes; send it in canonical form' });
-    }
-    if (!path.startsWith(provider.basePath) || (provider.basePath && path.length > provider.basePath.length && path[provider.basePath.length] !== '/')) {
-      return deny({ status: 404, code: 'bad_request', message: `${path} is outside the ${provider.displayName} API: use the base URL ${this.options.baseUrlFor(provider)}` });
-    }
+    const outside = pathDenial(provider, path, this.options.baseUrlFor(provider));
+    if (outside) return deny(outside);
     // Checked here (ws would too) so that a malformed handshake never reaches the upstream.
     const wsKey = req.headers['sec-websocket-key'];
     if (req.method !== 'GET' || req.headers['sec-websocket-version'] !== '13' || typeof wsKey !== 'string' || !WS_KEY.test(wsKey.trim())) {
@@ -284,9 +274,7 @@ export class WebSocketProxy {
     if (scope) return deny({ status: 403, code: 'out_of_scope', message: scope }, key);
     const spent = exhaustion(key);
     if (spent) return deny(spent, key);
-    if (provider.needsUpstream) {
-      return deny({ status: 502, code: 'upstream_unreachable', message: `${provider.displayName} has no upstream set: set TILL_UPSTREAM_${provider.id.toUpperCase().replace(/-/g, '_')} to your endpoint` }, key);
-    }
+    if (provider.needsUpstream) return deny(noUpstreamDenial(provider), key);
     new Session(this, { req, socket, head, provider, key, info, dialect, offered, query, path, model, started }).connect();
   }
 
@@ -456,13 +444,7 @@ class Session {
     const search = new URLSearchParams(query);
     const keyInQuery = KEY_QUERY_PARAMS.some((p) => search.has(p));
     for (const name of KEY_QUERY_PARAMS) search.delete(name);
-    const headers: Record<string, string | string[]> = {};
-    const connectionTokens = (req.headers.connection ?? '').toLowerCase().split(',').map((t) => t.trim());
-    for (const [name, value] of Object.entries(req.headers)) {
-      if (value === undefined || STRIPPED_REQUEST.has(name) || connectionTokens.includes(name) || name.startsWith('sec-')) continue;
-      headers[name] = value;
-    }
-    for (const [name, value] of Object.entries(provider.defaultHeaders ?? {})) if (headers[name] === undefined) headers[name] = value;
+    const headers = forwardedHeaders(req.headers, provider);
     const placement = provider.placement;
     if (placement.kind === 'query') search.set(placement.name, secret);
     // The Live API documents its key in the URL; a client that put its till key there gets the credential there.
