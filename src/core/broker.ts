@@ -9,7 +9,7 @@ import * as http from 'node:http';
 import * as https from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { auditRecord, type AuditLog } from './audit';
-import { denialBody, denialEvent, type Denial } from './denial';
+import { denialBody, denialEvent, denialResponse, type Denial } from './denial';
 import type { RequestInfo, RequestUsage, TillEvent, TillEvents } from './events';
 import type { Admission, TillKeys } from './keys';
 import type { KeyRecord } from './ledger';
@@ -184,6 +184,13 @@ export function forwardedHeaders(incoming: http.IncomingHttpHeaders, provider: P
   const defaults = provider.defaultHeaders;
   if (defaults) for (const name of Object.keys(defaults)) if (headers[name] === undefined) headers[name] = defaults[name]!;
   return headers;
+}
+
+/** The denial for a credential the keychain would not give (locked, missing, failing), logged without the secret. */
+export function credentialDenial(credential: string, err: unknown, log: ((line: string) => void) | undefined): Denial {
+  const message = err instanceof VaultError ? err.message : `the credential could not be read (${(err as Error).message})`;
+  log?.(`credential "${credential}": ${message}`);
+  return { status: 503, code: 'credential_unavailable', message: `credential "${credential}" unavailable: ${message}` };
 }
 
 /** The denial for a provider that has no upstream until the user names one (e.g. Azure). */
@@ -715,11 +722,7 @@ export class Broker {
     // The cached secret is used synchronously: no await between admission and forwarding.
     const cached = this.cachedSecrets.get(key.credential);
     if (cached !== undefined) return go(cached);
-    this.secretFor(key.credential).then(go, (err: unknown) => {
-      const message = err instanceof VaultError ? err.message : `the credential could not be read (${(err as Error).message})`;
-      this.log(`credential "${key.credential}": ${message}`);
-      deny({ status: 503, code: 'credential_unavailable', message: `credential "${key.credential}" unavailable: ${message}` }, key);
-    });
+    this.secretFor(key.credential).then(go, (err: unknown) => deny(credentialDenial(key.credential, err, this.options.log), key));
   }
 
   private sendDenial(res: http.ServerResponse, providerId: string | undefined, denial: Denial): void {
@@ -727,12 +730,7 @@ export class Broker {
       res.destroy();
       return;
     }
-    const body = JSON.stringify(denialBody(providerId, denial));
-    const headers: http.OutgoingHttpHeaders = { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), 'x-till-denial': denial.code };
-    if (denial.retryAfter !== undefined) headers['retry-after'] = String(denial.retryAfter);
-    // SDKs (openai, anthropic) retry 429 and 5xx unless told not to: retrying an exhausted,
-    // revoked or out-of-scope key only delays the error the agent needs to see.
-    else if (denial.status < 500) headers['x-should-retry'] = 'false';
+    const { body, headers } = denialResponse(providerId, denial);
     res.writeHead(denial.status, headers);
     res.end(body);
   }

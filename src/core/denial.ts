@@ -68,3 +68,17 @@ export function denialEvent(providerId: string | undefined, denial: Denial): str
   const data = JSON.stringify(denialBody(providerId, denial));
   return shapeOf(providerId) === 'anthropic' ? `event: error\ndata: ${data}\n\n` : `data: ${data}\n\n`;
 }
+
+/**
+ * A denial as an HTTP answer: the JSON body and its headers. `retry-after` where waiting helps;
+ * else, below 500, `x-should-retry: false`: SDKs (openai, anthropic) retry 429 and 5xx unless
+ * told not to, and retrying an exhausted, revoked or out-of-scope key only delays the error the
+ * agent needs to see.
+ */
+export function denialResponse(providerId: string | undefined, denial: Denial): { body: string; headers: Record<string, string | number> } {
+  const body = JSON.stringify(denialBody(providerId, denial));
+  const headers: Record<string, string | number> = { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), 'x-till-denial': denial.code };
+  if (denial.retryAfter !== undefined) headers['retry-after'] = String(denial.retryAfter);
+  else if (denial.status < 500) headers['x-should-retry'] = 'false';
+  return { body, headers };
+}

@@ -23,9 +23,9 @@ import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import WebSocket, { WebSocketServer, type RawData } from 'ws';
 import { auditRecord, type AuditLog } from './audit';
-import { clientDenial, findTillKey, forwardedHeaders, noUpstreamDenial, pathDenial, splitUrl } from './broker';
+import { clientDenial, credentialDenial, findTillKey, forwardedHeaders, noUpstreamDenial, pathDenial, splitUrl } from './broker';
 import { planBudget, settlement } from './budget';
-import { denialBody, type Denial } from './denial';
+import { denialBody, denialResponse, type Denial } from './denial';
 import type { RequestInfo, RequestUsage, TillEvents } from './events';
 import type { Admission, TillKeys } from './keys';
 import { keyState, type KeyRecord, type SettleDetails } from './ledger';
@@ -34,7 +34,6 @@ import { formatAmount, formatUsd, limitsOf, METERS, scopeViolation, type Amounts
 import type { PriceTable } from './pricing';
 import { isFreeRoute, KEY_HEADERS, KEY_QUERY_PARAMS, type Provider, type ProviderRegistry } from './providers';
 import { looksLikeTillKey } from './tillKey';
-import { VaultError } from './vault';
 
 /**
  * Close codes the broker sends when it ends a WebSocket itself (4000–4999 are for applications).
@@ -315,11 +314,8 @@ export class WebSocketProxy {
 
   /** Refuses a handshake with an HTTP answer in the provider's error shape (`denied`: emit request.denied). */
   refuse(socket: Duplex, info: RequestInfo, denial: Denial, started: number, denied = true): void {
-    const body = JSON.stringify(denialBody(info.provider, denial));
-    const headers: Record<string, string | number> = { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), 'x-till-denial': denial.code, connection: 'close' };
-    if (denial.retryAfter !== undefined) headers['retry-after'] = String(denial.retryAfter);
-    else if (denial.status < 500) headers['x-should-retry'] = 'false';
-    writeResponse(socket, denial.status, headers, body);
+    const { body, headers } = denialResponse(info.provider, denial);
+    writeResponse(socket, denial.status, { ...headers, connection: 'close' }, body);
     if (!denied) return this.audit(info, denial.status, started, undefined, denial.code);
     this.options.events.emit({ type: 'request.denied', at: Date.now(), request: { ...info }, status: denial.status, reason: denial.message, code: denial.code });
     this.audit(info, denial.status, started, denial);
@@ -428,9 +424,7 @@ class Session {
     try {
       secret = await this.o.secretFor(key.credential);
     } catch (err) {
-      const message = err instanceof VaultError ? err.message : `the credential could not be read (${(err as Error).message})`;
-      this.o.log?.(`credential "${key.credential}": ${message}`);
-      return this.refuse({ status: 503, code: 'credential_unavailable', message: `credential "${key.credential}" unavailable: ${message}` });
+      return this.refuse(credentialDenial(key.credential, err, this.o.log));
     }
     if (this.phase !== 'connecting') return;
     this.open(secret);
