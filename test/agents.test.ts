@@ -8,7 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AGENTS, agentServed, agentSetup, agentTargets, codexConfig, geminiSettings } from '../src/core/agents';
 import type { KeySummary } from '../src/core/events';
 import type { IssuedKey } from '../src/core/service';
-import { addCredential, fakeCredential, runTill, spawnServe, tempHome, type RunResult, type ServeProcess, expectOneLineError } from './support/till';
+import { addCredential, fakeCredential, runTill, spawnServe, tempHome, type ServeProcess, expectOneLineError } from './support/till';
 
 // ---- a tiny TOML reader: enough to prove structure (tables, dotted keys, duplicates) -----------
 

@@ -15,7 +15,7 @@ import { keychainService, tillPaths } from '../src/core/home';
 import { KeychainVault, VaultError, type VaultErrorKind } from '../src/core/vault';
 import { startPrivateKeyring, type PrivateKeyring } from './support/keyring';
 import { collectOutput } from './support/process';
-import { fakeCredential, runTill, spawnServe, tempHome, type RunResult, type ServeProcess, expectOneLineError } from './support/till';
+import { fakeCredential, runTill, spawnServe, tempHome, type ServeProcess, expectOneLineError } from './support/till';
 import { startOpenAIUpstream, type Upstream } from './support/upstreams';
 import { filesUnder } from './support/files';
 

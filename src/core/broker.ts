@@ -9,7 +9,7 @@ import * as http from 'node:http';
 import * as https from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { auditRecord, type AuditLog } from './audit';
-import { denialBody, denialEvent, denialResponse, type Denial } from './denial';
+import { denialEvent, denialResponse, type Denial } from './denial';
 import type { RequestInfo, RequestUsage, TillEvent, TillEvents } from './events';
 import type { Admission, TillKeys } from './keys';
 import type { KeyRecord } from './ledger';

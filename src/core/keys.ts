@@ -62,6 +62,18 @@ function refusalMessage(r: ReserveRefusal, wanted: number): string {
   }
 }
 
+/**
+ * The denial for a key that was revoked or has expired, in that order (the states `keyState`
+ * gives them); undefined for any other key. Exhaustion is for admission to judge.
+ */
+export function endedDenial(key: KeyRecord, now: number): Denial | undefined {
+  if (key.revokedAt !== undefined) return { status: 401, code: 'revoked', message: `till key "${key.label}" was revoked` };
+  if (key.policy.expiresAt !== undefined && now >= key.policy.expiresAt) {
+    return { status: 401, code: 'expired', message: `till key "${key.label}" expired at ${new Date(key.policy.expiresAt).toISOString()}` };
+  }
+  return undefined;
+}
+
 /** Issues, checks and limits till keys over a {@link Ledger}. */
 export class TillKeys {
   /** Requests in flight by key (a list, not a Set: see inFlightList.ts). */
@@ -107,7 +119,7 @@ export class TillKeys {
   revoke(id: string): boolean {
     if (!this.ledger.revoke(id, this.now())) return false;
     const record = this.ledger.get(id)!;
-    const denial: Denial = { status: 401, code: 'revoked', message: `till key "${record.label}" was revoked` };
+    const denial = endedDenial(record, this.now())!;
     for (const flight of [...(this.inFlight.get(id)?.values() ?? []), ...(this.sessions.get(id) ?? [])]) flight.cut(denial);
     this.events.emit({ type: 'key.revoked', at: this.now(), key: this.summary(record) });
     return true;
@@ -129,12 +141,7 @@ export class TillKeys {
   }
 
   summary(key: KeyRecord): KeySummary {
-    const limits = limitsOf(key.policy);
     const reserved = this.ledger.reserved(key.id);
-    const remaining: Amounts = {};
-    for (const meter of Object.keys(limits) as Meter[]) {
-      remaining[meter] = Math.max(0, limits[meter]! - (key.used[meter] ?? 0) - (reserved[meter] ?? 0));
-    }
     const summary: KeySummary = {
       id: key.id,
       label: key.label,
@@ -153,7 +160,7 @@ export class TillKeys {
         ...(key.policy.maxSpendUsd !== undefined ? { limitUsd: key.policy.maxSpendUsd } : {}),
       },
       reserved: { ...reserved },
-      remaining,
+      remaining: this.remaining(key),
       inFlight: this.inFlight.get(key.id)?.size ?? 0,
     };
     if (key.revokedAt !== undefined) summary.revokedAt = key.revokedAt;
@@ -179,10 +186,7 @@ export class TillKeys {
       if (this.verified.size >= 10_000) this.verified.clear();
       this.verified.set(presented, key);
     }
-    const state = keyState(key, this.now());
-    if (state === 'revoked') return { status: 401, code: 'revoked', message: `till key "${key.label}" was revoked` };
-    if (state === 'expired') return { status: 401, code: 'expired', message: `till key "${key.label}" expired at ${new Date(key.policy.expiresAt!).toISOString()}` };
-    return key;
+    return endedDenial(key, this.now()) ?? key;
   }
 
   /**
@@ -209,9 +213,8 @@ export class TillKeys {
     const now = this.now();
     // The key was authenticated before the body was read and the credential fetched: a
     // revocation (or expiry) acknowledged in between must still stop this request.
-    const state = keyState(key, now);
-    if (state === 'revoked') return { status: 401, code: 'revoked', message: `till key "${key.label}" was revoked` };
-    if (state === 'expired') return { status: 401, code: 'expired', message: `till key "${key.label}" expired at ${new Date(key.policy.expiresAt!).toISOString()}` };
+    const ended = endedDenial(key, now);
+    if (ended) return ended;
     const flights = this.inFlight.get(key.id) ?? new InFlightList<InFlight>();
     if (policy.concurrency !== undefined && flights.size >= policy.concurrency) {
       return { status: 429, code: 'concurrency', message: `till key "${key.label}" allows ${policy.concurrency} requests at once and ${flights.size} are in flight`, retryAfter: 1 };

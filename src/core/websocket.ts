@@ -27,8 +27,8 @@ import { clientDenial, credentialDenial, findTillKey, forwardedHeaders, noUpstre
 import { planBudget, settlement } from './budget';
 import { denialBody, denialResponse, type Denial } from './denial';
 import type { RequestInfo, RequestUsage, TillEvents } from './events';
-import type { Admission, TillKeys } from './keys';
-import { keyState, type KeyRecord, type SettleDetails } from './ledger';
+import { endedDenial, type Admission, type TillKeys } from './keys';
+import type { KeyRecord, SettleDetails } from './ledger';
 import { estimateTokens, usageFormat, usageFromJson, type Usage, type UsageFormat } from './metering';
 import { formatAmount, formatUsd, limitsOf, METERS, scopeViolation, type Amounts } from './policy';
 import type { PriceTable } from './pricing';
@@ -969,11 +969,9 @@ class Session {
     if (at === undefined) return;
     clearTimeout(this.expiryTimer);
     this.expiryTimer = setTimeout(() => {
-      if (keyState(this.s.key) === 'expired') {
-        this.cut({ status: 401, code: 'expired', message: `till key "${this.s.key.label}" expired at ${new Date(at).toISOString()}` });
-      } else {
-        this.armExpiry();
-      }
+      const ended = endedDenial(this.s.key, Date.now());
+      if (ended?.code === 'expired') this.cut(ended);
+      else this.armExpiry();
     }, Math.min(Math.max(0, at - Date.now()) + 5, 2 ** 31 - 1));
     this.expiryTimer.unref();
   }
