@@ -368,11 +368,8 @@ export function codexConfig(userToml: string, baseUrl: string): string {
   }
   const top = sections[0]!;
   const provider = `model_provider = ${tomlString('till')}`;
-  const at = top.body.findIndex((st) => st.kind === 'key' && st.name === 'model_provider');
-  if (at >= 0) {
-    top.body[at] = { kind: 'key', lines: [provider], name: 'model_provider' };
-    top.body = top.body.filter((st, i) => i <= at || !(st.kind === 'key' && st.name === 'model_provider'));
-  } else {
+  if (top.body.some((st) => st.kind === 'key' && st.name === 'model_provider')) setIn(top, 'model_provider', tomlString('till'));
+  else {
     // Top-level keys stay before the first table header: after the leading comment block, if any.
     const firstKey = top.body.findIndex((st) => st.kind === 'key');
     const insertAt = firstKey >= 0 ? firstKey : top.body.length;

@@ -227,10 +227,6 @@ function inspectBody(provider: Provider, path: string, body: Buffer | undefined,
   return { model: typeof model === 'string' ? model : undefined, json };
 }
 
-/**
- * OpenAI-shaped providers that accept `stream_options.include_usage`: when a streaming client
- * did not ask for usage, Till asks for it (to meter) and removes the extra chunk it did not expect.
- */
 /** An upstream base URL, parsed once (the path of each request is appended as text). */
 const upstreams = new Map<string, { url: URL; path: string }>();
 function upstreamOf(baseUrl: string): { url: URL; path: string } {
@@ -255,6 +251,10 @@ function jsonUsage(format: UsageFormat, chunks: Buffer[]): Usage | undefined {
   }
 }
 
+/**
+ * OpenAI-shaped providers that accept `stream_options.include_usage`: when a streaming client
+ * did not ask for usage, Till asks for it (to meter) and removes the extra chunk it did not expect.
+ */
 const USAGE_INJECTABLE = new Set(['openai', 'azure-openai', 'deepseek', 'groq', 'together', 'fireworks', 'xai']);
 
 /** The local broker. */

@@ -17,8 +17,6 @@ export interface InFlight {
 
 /** A request admitted by {@link TillKeys.admit}: release it exactly once with `done`. */
 export interface Admission {
-  key: KeyRecord;
-  reservation?: Reservation;
   /** Marks the request as having reached the upstream (its reservation becomes spending). */
   reachedUpstream(): void;
   /**
@@ -240,8 +238,6 @@ export class TillKeys {
     let reached = false;
     let finished = false;
     return {
-      key,
-      reservation,
       reachedUpstream: () => {
         reached = true;
       },

@@ -121,7 +121,8 @@ function postFormat(provider: string, path: string): UsageFormat | undefined {
 
 type Json = Record<string, unknown>;
 
-const asObj = (v: unknown): Json | undefined => (v !== null && typeof v === 'object' && !Array.isArray(v) ? (v as Json) : undefined);
+/** `v` when it is a plain JSON object. */
+export const asObj = (v: unknown): Json | undefined => (v !== null && typeof v === 'object' && !Array.isArray(v) ? (v as Json) : undefined);
 /** A token count: a finite, non-negative number. Anything else (null, strings) counts as absent. */
 const count = (v: unknown): number | undefined => (typeof v === 'number' && Number.isFinite(v) && v >= 0 ? v : undefined);
 const strLen = (v: unknown): number => (typeof v === 'string' ? v.length : 0);
@@ -331,7 +332,11 @@ const isBomByte = (b: number): boolean => b === 0xef || b === 0xbb || b === 0xbf
 /** Top-level keys of a plain JSON body whose values carry usage; only these are buffered. */
 const USAGE_KEYS = new Set(['usage', 'usageMetadata', 'meta', 'x_groq']);
 
-const RESPONSES_FINAL = new Set(['response.completed', 'response.incomplete', 'response.failed', 'response.done']);
+/** Responses API events that end a response (HTTP stream and WebSocket alike). */
+export const RESPONSES_FINAL = new Set(['response.completed', 'response.incomplete', 'response.failed', 'response.done']);
+
+/** A Responses or Realtime event that carries generated text (audio deltas are base64, not text). */
+export const isTextDelta = (type: string): boolean => type.endsWith('.delta') && !type.endsWith('audio.delta');
 
 // States of the top-level object scanner (plain JSON bodies).
 const KEY_EXPECTED = 0;
@@ -675,8 +680,8 @@ export class StreamMeter {
       if (parsed) this.reported = parsed;
       return;
     }
-    // Text, reasoning, refusal and tool-argument deltas; audio deltas are base64, not text.
-    if (type.endsWith('.delta') && !type.endsWith('audio.delta')) this.chars += strLen(o.delta);
+    // Text, reasoning, refusal and tool-argument deltas.
+    if (isTextDelta(type)) this.chars += strLen(o.delta);
   }
 
   private anthropicEvent(type: string | undefined, o: Json): void {

@@ -86,8 +86,3 @@ export function parseTillKey(value: string): ParsedTillKey {
   }
   return { ok: true, id: m[1]! };
 }
-
-/** The part of a key that is safe to show after issue: `till_<id>_…`. */
-export function redactTillKey(id: string): string {
-  return `${PREFIX}${id}_…`;
-}

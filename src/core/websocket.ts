@@ -29,7 +29,7 @@ import { denialBody, denialResponse, type Denial } from './denial';
 import type { RequestInfo, RequestUsage, TillEvents } from './events';
 import { endedDenial, type Admission, type TillKeys } from './keys';
 import type { KeyRecord, SettleDetails } from './ledger';
-import { estimateTokens, usageFormat, usageFromJson, type Usage, type UsageFormat } from './metering';
+import { asObj, estimateTokens, isTextDelta, RESPONSES_FINAL, usageFormat, usageFromJson, type Usage, type UsageFormat } from './metering';
 import { formatAmount, formatUsd, limitsOf, METERS, scopeViolation, type Amounts } from './policy';
 import type { PriceTable } from './pricing';
 import { isFreeRoute, KEY_HEADERS, KEY_QUERY_PARAMS, type Provider, type ProviderRegistry } from './providers';
@@ -67,13 +67,10 @@ const NOT_RELAYED = new Set(['connection', 'upgrade', 'keep-alive', 'transfer-en
 const MAX_REFUSAL_BODY = 64 * 1024;
 /** Responses remembered per connection for the context `previous_response_id` brings back. */
 const REMEMBERED_RESPONSES = 32;
-/** Responses events that end a response. */
-const FINAL_EVENTS = new Set(['response.completed', 'response.incomplete', 'response.failed', 'response.done']);
 
 type Json = Record<string, unknown>;
 type Dialect = 'responses' | 'realtime' | 'gemini' | 'generic';
 
-const asObj = (v: unknown): Json | undefined => (v !== null && typeof v === 'object' && !Array.isArray(v) ? (v as Json) : undefined);
 const asStr = (v: unknown): string | undefined => (typeof v === 'string' ? v : undefined);
 
 export interface WebSocketProxyOptions {
@@ -696,7 +693,7 @@ class Session {
       type = asStr(ev?.type);
       if (type === undefined) return;
     }
-    const interesting = type === 'response.created' || type === 'error' || FINAL_EVENTS.has(type) || (type.endsWith('.delta') && !type.endsWith('audio.delta'));
+    const interesting = type === 'response.created' || type === 'error' || RESPONSES_FINAL.has(type) || isTextDelta(type);
     if (!interesting) return;
     ev ??= parseMessage(data);
     if (!ev) return;
@@ -705,7 +702,7 @@ class Session {
     const streamId = asStr(ev.stream_id);
     if (type === 'response.created') {
       this.begin(responseId, streamId);
-    } else if (FINAL_EVENTS.has(type)) {
+    } else if (RESPONSES_FINAL.has(type)) {
       const turn = this.turnFor(responseId, streamId);
       if (turn) this.finishTurn(turn, 200, usageFromJson('openai-responses', ev));
     } else if (type === 'error') {
