@@ -515,13 +515,11 @@ export class Broker {
       const spent = settle(aborted);
       admission?.done(spent?.amounts, spent?.details);
       const latencyMs = Math.round((performance.now() - started) * 10) / 10;
-      if (this.options.events.listened) {
-        // Built field by field: spreads allocate, and this runs for every request.
-        const event: Extract<TillEvent, { type: 'request.finished' }> = { type: 'request.finished', at: Date.now(), request: info, status, latencyMs };
-        if (aborted) event.aborted = aborted;
-        if (spent?.usage) event.usage = spent.usage;
-        this.options.events.emit(event);
-      }
+      // Built field by field: spreads allocate, and this runs for every request.
+      const event: Extract<TillEvent, { type: 'request.finished' }> = { type: 'request.finished', at: Date.now(), request: info, status, latencyMs };
+      if (aborted) event.aborted = aborted;
+      if (spent?.usage) event.usage = spent.usage;
+      this.options.events.emit(event);
       this.audit(info, status, started, undefined, aborted);
     };
     const flight = {
@@ -672,7 +670,7 @@ export class Broker {
             writable = true;
             if (jsonBody) jsonBody.push(chunk);
             else meter?.push(chunk);
-            if (meter && isSse && plan && this.options.events.listened) {
+            if (meter && isSse && plan) {
               const now = performance.now();
               if (now - lastProgress >= 500) {
                 lastProgress = now;

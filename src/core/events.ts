@@ -89,20 +89,12 @@ export type DenialCode =
 /** A typed event bus. Listeners that throw do not break the broker. */
 export class TillEvents {
   private readonly emitter = new EventEmitter();
-  /** Listeners subscribed through {@link on}: counted here, since every request asks. */
-  private listeners = 0;
 
   constructor() {
     this.emitter.setMaxListeners(0);
   }
 
-  /** Whether anyone listens (so costly events need not be built). */
-  get listened(): boolean {
-    return this.listeners > 0;
-  }
-
   emit(event: TillEvent): void {
-    if (this.listeners === 0) return;
     this.emitter.emit('event', event);
   }
 
@@ -116,12 +108,7 @@ export class TillEvents {
       }
     };
     this.emitter.on('event', safe);
-    this.listeners++;
-    let subscribed = true;
     return () => {
-      if (!subscribed) return;
-      subscribed = false;
-      this.listeners--;
       this.emitter.off('event', safe);
     };
   }

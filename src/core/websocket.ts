@@ -325,13 +325,11 @@ export class WebSocketProxy {
 
 /** One request made over a socket: a generated response. */
 interface Turn {
+  /** Its model, and `billable`: false for a prewarm (`generate: false`), tracked only to match its events. */
   info: RequestInfo;
   started: number;
-  /** False for a prewarm (`generate: false`): tracked only to match its events. */
-  billable: boolean;
   admission?: Admission;
   reached: boolean;
-  model?: string;
   inputEstimate: number;
   /** Set once the upstream has started it (`response.created`, Gemini's first content). */
   begun: boolean;
@@ -744,7 +742,7 @@ class Session {
     const { info } = this.s;
     const turnInfo: RequestInfo = { requestId: `${info.requestId}.${this.turnCount++}`, keyId: info.keyId, label: info.label, provider: info.provider, method: 'WS', path: info.path, billable };
     if (model !== undefined) turnInfo.model = model;
-    return { info: turnInfo, started: performance.now(), billable, reached: false, model, inputEstimate, begun: false, streamId, eventId, outputChars: 0, lastProgress: 0 };
+    return { info: turnInfo, started: performance.now(), reached: false, inputEstimate, begun: false, streamId, eventId, outputChars: 0, lastProgress: 0 };
   }
   private turnCount = 1;
 
@@ -797,11 +795,11 @@ class Session {
 
   private progress(turn: Turn, chars: number): void {
     turn.outputChars += chars;
-    if (!turn.billable || !this.o.events.listened) return;
+    if (!turn.info.billable) return;
     const now = performance.now();
     if (now - turn.lastProgress < 500) return;
     turn.lastProgress = now;
-    const s = settlement(this.s.provider.id, turn.model, undefined, { inputEstimate: turn.inputEstimate, outputChars: turn.outputChars }, this.o.prices);
+    const s = settlement(this.s.provider.id, turn.info.model, undefined, { inputEstimate: turn.inputEstimate, outputChars: turn.outputChars }, this.o.prices);
     this.o.events.emit({ type: 'request.progress', at: Date.now(), request: turn.info, usage: { tokens: s.tokens, ...(s.spendKnown ? { spend: s.amounts.spend } : {}), estimated: true } });
   }
 
@@ -818,7 +816,7 @@ class Session {
         if (this.totals.size > REMEMBERED_RESPONSES) this.totals.delete(this.totals.keys().next().value!);
       }
     }
-    if (!turn.billable || !turn.admission) return;
+    if (!turn.admission) return;
     let amounts: Amounts | undefined;
     let details: SettleDetails | undefined;
     let used: RequestUsage | undefined;
@@ -826,7 +824,7 @@ class Session {
       // The upstream refused it: an activation, no tokens (as HTTP).
       amounts = { activations: 1, tokens: 0, spend: 0 };
     } else if (turn.reached) {
-      const s = settlement(this.s.provider.id, turn.model, usage, { inputEstimate: turn.inputEstimate, outputChars: turn.outputChars }, this.o.prices);
+      const s = settlement(this.s.provider.id, turn.info.model, usage, { inputEstimate: turn.inputEstimate, outputChars: turn.outputChars }, this.o.prices);
       amounts = s.amounts;
       details = { tokens: s.tokens, estimated: s.estimated };
       used = { tokens: s.tokens, ...(s.spendKnown ? { spend: s.amounts.spend } : {}), estimated: s.estimated };
