@@ -3,12 +3,11 @@
  * Exit 0 on success; otherwise a one-line error on stderr and exit 1 (2 for usage errors).
  */
 import { spawn } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
-import { mkdirSync, rmSync } from 'node:fs';
+import { rmSync } from 'node:fs';
 import { constants } from 'node:os';
-import { basename, join } from 'node:path';
+import { basename } from 'node:path';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
-import { AGENTS, agentSetup, agentTargets, isAgentName } from '../core/agents';
+import { AGENTS, agentSetup, agentTargets, isAgentName, newAgentScratchDir } from '../core/agents';
 import { ControlClient, NotRunningError } from '../core/control';
 import { CredentialList, CredentialStore, checkCredentialName } from '../core/credentials';
 import type { KeySummary, TillEvent } from '../core/events';
@@ -181,7 +180,7 @@ function expiry(key: KeySummary): string {
 }
 
 /** One readable line per event, for `till watch` and `till serve`. */
-export function formatEvent(e: TillEvent): string {
+function formatEvent(e: TillEvent): string {
   const t = time(e.at);
   switch (e.type) {
     case 'request.finished': {
@@ -373,10 +372,7 @@ async function exec(args: string[], paths: TillPaths): Promise<number> {
   try {
     if (agent !== undefined) {
       for (const name of AGENTS[agent].unset ?? []) delete env[name];
-      const agentsDir = join(paths.home, 'agents');
-      mkdirSync(agentsDir, { recursive: true, mode: 0o700 });
-      scratch = join(agentsDir, randomBytes(8).toString('hex'));
-      mkdirSync(scratch, { mode: 0o700 });
+      scratch = newAgentScratchDir(paths.home);
       const setup = agentSetup(agent, issued, { scratchDir: scratch });
       for (const warning of setup.warnings) process.stderr.write(`till: warning: ${warning}\n`);
       Object.assign(env, setup.env);

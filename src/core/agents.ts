@@ -3,6 +3,7 @@
  * point it at Till, and the files it must read (Codex reads its base URL only from
  * `$CODEX_HOME/config.toml`). Facts: ../shared/PROVIDERS.md, "What agent CLIs read".
  */
+import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -71,6 +72,18 @@ function needKey(agent: AgentName, keys: IssuedKey[], provider: string): IssuedK
   const key = keyFor(keys, provider);
   if (!key) throw new Error(`${AGENTS[agent].describe} needs a till key for ${provider}`);
   return key;
+}
+
+/**
+ * A fresh folder, private to this user, under the data folder's `agents/`: the `scratchDir` of
+ * one run of {@link agentSetup}, removed by whoever made it. `prefix` says what it is for.
+ */
+export function newAgentScratchDir(home: string, prefix = ''): string {
+  const dir = join(home, 'agents');
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const scratch = join(dir, prefix + randomBytes(8).toString('hex'));
+  mkdirSync(scratch, { mode: 0o700 });
+  return scratch;
 }
 
 /**

@@ -15,7 +15,7 @@ import type { Admission, TillKeys } from './keys';
 import type { KeyRecord } from './ledger';
 import { scopeViolation } from './policy';
 import { InFlightList, type InFlightEntry } from './inFlightList';
-import { isFreeRoute, KEY_HEADERS, KEY_QUERY_PARAMS, upstreamEnvVar, type Provider, type ProviderRegistry } from './providers';
+import { isFreeRoute, KEY_HEADERS, KEY_QUERY_PARAMS, providerBaseUrl, upstreamEnvVar, type Provider, type ProviderRegistry } from './providers';
 import { planBudget, settlement, type BudgetPlan } from './budget';
 import type { SettleDetails } from './ledger';
 import { StreamMeter, usageFormat, usageFromJson, type Usage, type UsageFormat } from './metering';
@@ -293,7 +293,7 @@ export class Broker {
 
   /** The base URL a client of `provider` should use, e.g. `http://127.0.0.1:8455/openai/v1`. */
   baseUrlFor(provider: Provider): string {
-    return `${this.url}/${provider.id}${provider.basePath}`;
+    return providerBaseUrl(this.url, provider);
   }
 
   /** Starts listening on 127.0.0.1. Rejects with a clear message when the port is taken. */

@@ -42,8 +42,12 @@ export class TillConnection {
     this.client = new ControlClient(this.paths);
   }
 
-  /** Hosts or attaches; resolves once either worked (or throws why neither could). */
+  /**
+   * Hosts or attaches; resolves once either worked (or throws why neither could). A connection
+   * that is up already stays as it is (attaching again would subscribe to every event twice).
+   */
   connect(): Promise<void> {
+    if (this.role !== 'down') return Promise.resolve();
     this.connecting ??= this.establish().finally(() => (this.connecting = undefined));
     return this.connecting;
   }
@@ -144,45 +148,41 @@ export class TillConnection {
     return () => this.roleListeners.delete(listener);
   }
 
-  private async ready(): Promise<void> {
-    if (this.role === 'down') await this.connect();
-  }
-
   async issue(input: IssueInput): Promise<IssuedKey> {
-    await this.ready();
+    await this.connect();
     if (this.service) return this.service.issue(input);
     return (await this.client.request('POST', '/keys', input)) as IssuedKey;
   }
 
   async list(): Promise<KeySummary[]> {
-    await this.ready();
+    await this.connect();
     if (this.service) return this.service.list();
     return (await this.client.request('GET', '/keys')) as KeySummary[];
   }
 
   /** The last ended requests, oldest first (for views that open after they happened). */
   async recent(): Promise<RequestRecord[]> {
-    await this.ready();
+    await this.connect();
     if (this.service) return this.service.recent();
     return (await this.client.request('GET', '/requests')) as RequestRecord[];
   }
 
   /** Raises a key's limits. */
   async extend(id: string, by: Extension): Promise<KeySummary> {
-    await this.ready();
+    await this.connect();
     if (this.service) return this.service.keys.extend(id, by);
     return (await this.client.request('POST', `/keys/${encodeURIComponent(id)}/extend`, by)) as KeySummary;
   }
 
   /** Revokes one key; returns whether it was live. */
   async revoke(id: string): Promise<boolean> {
-    await this.ready();
+    await this.connect();
     if (this.service) return this.service.keys.revoke(id);
     return ((await this.client.request('DELETE', `/keys/${encodeURIComponent(id)}`)) as { revoked: number }).revoked > 0;
   }
 
   async revokeAll(): Promise<number> {
-    await this.ready();
+    await this.connect();
     if (this.service) return this.service.keys.revokeAll();
     return ((await this.client.request('DELETE', '/keys')) as { revoked: number }).revoked;
   }

@@ -86,6 +86,14 @@ export type DenialCode =
   | 'upstream_unreachable'
   | 'unknown_provider';
 
+/**
+ * Whether an event may change a key's counters or state. Denials and a stream's running usage
+ * change none; progress comes twice a second per stream, so views skip re-reading keys for it.
+ */
+export function changesKeys(e: TillEvent): boolean {
+  return e.type !== 'request.denied' && e.type !== 'request.progress';
+}
+
 /** A typed event bus. Listeners that throw do not break the broker. */
 export class TillEvents {
   private readonly emitter = new EventEmitter();

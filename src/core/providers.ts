@@ -196,6 +196,11 @@ function envName(id: string): string {
   return id.toUpperCase().replace(/-/g, '_');
 }
 
+/** The base URL clients use for a provider through a broker at `brokerUrl`: `<broker>/<id><base path>`. */
+export function providerBaseUrl(brokerUrl: string, provider: Pick<Provider, 'id' | 'basePath'>): string {
+  return `${brokerUrl}/${provider.id}${provider.basePath}`;
+}
+
 /** The env var that overrides a provider's upstream base URL, e.g. `TILL_UPSTREAM_AZURE_OPENAI`. */
 export function upstreamEnvVar(id: string): string {
   return `TILL_UPSTREAM_${envName(id)}`;

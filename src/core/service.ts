@@ -64,7 +64,7 @@ export function envFor(provider: Provider, key: string, baseUrl: string): Record
 export type RequestRecord = Extract<TillEvent, { type: 'request.finished' | 'request.denied' }>;
 
 /** How many ended requests the service remembers for late-opening views. */
-const RECENT_REQUESTS = 200;
+export const RECENT_REQUESTS = 200;
 
 export class TillService {
   private readonly recentRequests: RequestRecord[] = [];

@@ -4,11 +4,9 @@
  * terminal is set up so the agent goes through Till unchanged (see ../core/agents), with any
  * files it needs in a folder under the data folder, removed when the terminal closes.
  */
-import { randomBytes } from 'node:crypto';
-import { mkdirSync, rmSync } from 'node:fs';
-import { join } from 'node:path';
+import { rmSync } from 'node:fs';
 import * as vscode from 'vscode';
-import { AGENTS, agentSetup, agentTargets, type AgentName } from '../core/agents';
+import { AGENTS, agentSetup, agentTargets, newAgentScratchDir, type AgentName } from '../core/agents';
 import type { IssuedKey } from '../core/service';
 import { SETTINGS } from './constants';
 import type { TillSession } from './session';
@@ -29,48 +27,44 @@ export class AgentTerminals implements vscode.Disposable {
     );
   }
 
-  /** Issues one key per credential and returns the env, the keys and the terminal's name. */
-  private async issueAll(): Promise<{ name: string; env: Record<string, string>; keys: IssuedKey[] }> {
+  /** Issues a key from each target with the Issue Key default limits; on a failure, revokes those already issued. */
+  private async issueKeys(targets: string[], name: string): Promise<IssuedKey[]> {
+    const policy = this.session.policySetting(SETTINGS.issuePolicy);
+    const keys: IssuedKey[] = [];
+    try {
+      for (const target of targets) keys.push(await this.session.connection.issue({ ...policy, target, label: name, owner: this.session.owner }));
+      return keys;
+    } catch (err) {
+      for (const k of keys) this.session.revokeLater(k.id);
+      throw err;
+    }
+  }
+
+  /** Issues a key per provider (its first credential) and returns the env, the keys and the terminal's name. */
+  private async issueAll(): Promise<{ name: string; env: Record<string, string>; keys: IssuedKey[]; scratch?: undefined }> {
     const credentials = this.session.credentials.all();
     if (credentials.length === 0) throw new Error('no credentials: run "Till: Add Credential" first');
     const name = `Till agent ${++this.count}`;
-    const keys: IssuedKey[] = [];
-    const env: Record<string, string> = {};
-    const seen = new Set<string>();
-    for (const c of credentials) {
-      if (seen.has(c.provider)) continue;
-      seen.add(c.provider);
-      const key = await this.session.connection.issue({ ...this.session.policySetting(SETTINGS.issuePolicy), target: c.name, label: name, owner: this.session.owner });
-      keys.push(key);
-      Object.assign(env, key.env);
-    }
-    return { name, env, keys };
+    const firstPerProvider = credentials.filter((c, i) => credentials.findIndex((o) => o.provider === c.provider) === i);
+    const keys = await this.issueKeys(firstPerProvider.map((c) => c.name), name);
+    return { name, env: Object.assign({}, ...keys.map((k) => k.env)) as Record<string, string>, keys };
   }
 
   /** Issues the keys an agent needs and writes its setup into a fresh folder under the data folder. */
   private async issueForAgent(agent: AgentName): Promise<{ name: string; env: Record<string, string>; keys: IssuedKey[]; scratch: string }> {
     const targets = agentTargets(agent, this.session.credentials.all());
     const name = `Till agent ${++this.count} (${AGENTS[agent].describe})`;
-    const keys: IssuedKey[] = [];
+    const keys = await this.issueKeys(targets, name);
+    let scratch: string | undefined;
     try {
-      for (const target of targets) {
-        keys.push(await this.session.connection.issue({ ...this.session.policySetting(SETTINGS.issuePolicy), target, label: name, owner: this.session.owner }));
-      }
-      const dir = join(this.session.paths.home, 'agents');
-      mkdirSync(dir, { recursive: true, mode: 0o700 });
-      const scratch = join(dir, randomBytes(8).toString('hex'));
-      mkdirSync(scratch, { mode: 0o700 });
-      try {
-        const { env, warnings } = agentSetup(agent, keys, { scratchDir: scratch });
-        for (const warning of warnings) void this.session.prompter.message('warning', `Till: ${warning}`, []);
-        // Variables that would take priority over Till's are blanked in the terminal (null unsets).
-        for (const unset of AGENTS[agent].unset ?? []) (env as Record<string, string | null>)[unset] = null;
-        return { name, env, keys, scratch };
-      } catch (err) {
-        rmSync(scratch, { recursive: true, force: true });
-        throw err;
-      }
+      scratch = newAgentScratchDir(this.session.paths.home);
+      const { env, warnings } = agentSetup(agent, keys, { scratchDir: scratch });
+      for (const warning of warnings) void this.session.prompter.message('warning', `Till: ${warning}`, []);
+      // Variables that would take priority over Till's are blanked in the terminal (null unsets).
+      for (const unset of AGENTS[agent].unset ?? []) (env as Record<string, string | null>)[unset] = null;
+      return { name, env, keys, scratch };
     } catch (err) {
+      if (scratch) rmSync(scratch, { recursive: true, force: true });
       for (const k of keys) this.session.revokeLater(k.id);
       throw err;
     }
@@ -78,17 +72,10 @@ export class AgentTerminals implements vscode.Disposable {
 
   /** Opens a terminal with fresh keys: for every credential, or set up for one agent. */
   async open(agent?: AgentName): Promise<vscode.Terminal> {
-    if (agent === undefined) {
-      const { name, env, keys } = await this.issueAll();
-      const terminal = vscode.window.createTerminal({ name, env, iconPath: new vscode.ThemeIcon('key') });
-      this.byTerminal.set(terminal, keys);
-      terminal.show();
-      return terminal;
-    }
-    const { name, env, keys, scratch } = await this.issueForAgent(agent);
+    const { name, env, keys, scratch } = agent === undefined ? await this.issueAll() : await this.issueForAgent(agent);
     const terminal = vscode.window.createTerminal({ name, env, iconPath: new vscode.ThemeIcon('key') });
     this.byTerminal.set(terminal, keys);
-    this.scratchDirs.set(terminal, scratch);
+    if (scratch) this.scratchDirs.set(terminal, scratch);
     terminal.show();
     return terminal;
   }

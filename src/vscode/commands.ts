@@ -9,7 +9,7 @@ import * as vscode from 'vscode';
 import { isAgentName, type AgentName } from '../core/agents';
 import type { KeySummary } from '../core/events';
 import { parseDuration, type PolicyInput } from '../core/policy';
-import { ProviderRegistry } from '../core/providers';
+import { providerBaseUrl, ProviderRegistry } from '../core/providers';
 import type { IssuedKey, IssueInput } from '../core/service';
 import type { AgentTerminals } from './agentTerminals';
 import { COMMANDS, SETTINGS, VIEW_CONTAINER } from './constants';
@@ -40,8 +40,10 @@ function keyIdOf(arg: unknown): string | undefined {
   return node?.kind === 'key' ? node.key.id : undefined;
 }
 
+let catalogue: ProviderRegistry | undefined;
+/** The built-in providers (for names and base paths), made once, when first needed. */
 function providers(): ProviderRegistry {
-  return new ProviderRegistry([], {}, {});
+  return (catalogue ??= new ProviderRegistry([], {}, {}));
 }
 
 function numberOrUndefined(text: string): number | undefined {
@@ -73,7 +75,7 @@ async function addCredential(deps: CommandDeps, args?: { provider?: string; secr
   if (!secret) return undefined;
   await session.credentials.add(provider, secret.trim(), name);
   session.credentialsChanged(name);
-  if (session.connection.role === 'down') await session.connection.connect();
+  await session.connection.connect();
   void p.message('info', `Till: stored "${name}" (${info.displayName}) in the OS keychain.`, []);
   return name;
 }
@@ -107,13 +109,14 @@ async function askPolicy(deps: CommandDeps): Promise<PolicyInput | undefined> {
     'How much may this key do?',
   );
   if (choice !== 'custom') return choice;
-  const uses = await p.input('Till: calls allowed', { value: defaults.uses?.toString() ?? '', prompt: 'Billable calls; empty for unlimited', validate: (v) => (v.trim() === '' || /^\d+$/.test(v.trim()) ? undefined : 'a whole number, or empty') });
+  const wholeOrEmpty = (v: string) => (v.trim() === '' || /^\d+$/.test(v.trim()) ? undefined : 'a whole number, or empty');
+  const uses = await p.input('Till: calls allowed', { value: defaults.uses?.toString() ?? '', prompt: 'Billable calls; empty for unlimited', validate: wholeOrEmpty });
   if (uses === undefined) return undefined;
   const ttl = await p.input('Till: lifetime', { value: String(defaults.ttl ?? '1h'), prompt: 'e.g. 30m, 8h, 7d; empty for no expiry', validate: (v) => { if (!v.trim()) return undefined; try { parseDuration(v); return undefined; } catch (err) { return (err as Error).message; } } });
   if (ttl === undefined) return undefined;
-  const rpm = await p.input('Till: requests per minute', { prompt: 'Empty for no rate limit', validate: (v) => (v.trim() === '' || /^\d+$/.test(v.trim()) ? undefined : 'a whole number, or empty') });
+  const rpm = await p.input('Till: requests per minute', { prompt: 'Empty for no rate limit', validate: wholeOrEmpty });
   if (rpm === undefined) return undefined;
-  const tokens = await p.input('Till: token limit', { prompt: 'Input + output tokens; empty for no limit', validate: (v) => (v.trim() === '' || /^\d+$/.test(v.trim()) ? undefined : 'a whole number, or empty') });
+  const tokens = await p.input('Till: token limit', { prompt: 'Input + output tokens; empty for no limit', validate: wholeOrEmpty });
   if (tokens === undefined) return undefined;
   const spend = await p.input('Till: spend limit (US dollars)', { prompt: "e.g. 1.50, at Till's price table; empty for no limit", validate: (v) => (v.trim() === '' || /^\$?\d+(\.\d+)?$/.test(v.trim()) ? undefined : 'an amount such as 1.50, or empty') });
   if (spend === undefined) return undefined;
@@ -139,7 +142,7 @@ async function askPolicy(deps: CommandDeps): Promise<PolicyInput | undefined> {
 }
 
 /** `export NAME=value` lines for a shell, or `NAME=value` for a .env file. */
-export function envText(key: IssuedKey, style: 'shell' | 'dotenv'): string {
+function envText(key: IssuedKey, style: 'shell' | 'dotenv'): string {
   return Object.entries(key.env)
     .map(([name, value]) => (style === 'shell' ? `export ${name}=${value}` : `${name}=${value}`))
     .join('\n');
@@ -161,7 +164,7 @@ async function issueKey(deps: CommandDeps, args?: Partial<IssueInput>): Promise<
   if (!target) return undefined;
   const policy = args?.target ? args : await askPolicy(deps);
   if (!policy) return undefined;
-  const provider = session.credentials.all().find((c) => c.name === target)?.provider ?? target;
+  const provider = credentials.find((c) => c.name === target)?.provider ?? target;
   const label = args?.label ?? (args?.target ? undefined : await p.input('Till: Issue Key: label', { value: `${provider} agent`, prompt: 'A name to recognise the key by' }));
   if (label === undefined && !args?.target) return undefined;
   const issued = await session.connection.issue({ ...policy, target, label, owner: session.owner });
@@ -231,7 +234,7 @@ async function openAgentTerminal(deps: CommandDeps, args?: { agent?: string }): 
 }
 
 /** Every command, by id. */
-export function commandTable(deps: CommandDeps): Record<(typeof COMMANDS)[keyof typeof COMMANDS], (...args: unknown[]) => unknown> {
+function commandTable(deps: CommandDeps): Record<(typeof COMMANDS)[keyof typeof COMMANDS], (...args: unknown[]) => unknown> {
   const { session } = deps;
   return {
     [COMMANDS.addCredential]: (args) => addCredential(deps, args as Parameters<typeof addCredential>[1]),
@@ -247,7 +250,7 @@ export function commandTable(deps: CommandDeps): Record<(typeof COMMANDS)[keyof 
       const node = arg as TreeArg;
       const provider = node?.kind === 'key' ? node.key.provider : undefined;
       const url = session.connection.url;
-      if (url) await vscode.env.clipboard.writeText(provider ? `${url}/${provider}${providers().get(provider)?.basePath ?? ''}` : url);
+      if (url) await vscode.env.clipboard.writeText(provider ? providerBaseUrl(url, providers().get(provider) ?? { id: provider, basePath: '' }) : url);
     },
     [COMMANDS.openAgentTerminal]: (args) => openAgentTerminal(deps, args as { agent?: string } | undefined),
     [COMMANDS.showAuditLog]: async () => {

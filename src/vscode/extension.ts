@@ -4,8 +4,8 @@
  * shows what the core emits; it holds no policy logic.
  */
 import * as vscode from 'vscode';
-import type { TillConnection, TillRole } from '../core/connection';
-import type { KeySummary, TillEvent } from '../core/events';
+import type { TillConnection } from '../core/connection';
+import { changesKeys } from '../core/events';
 import { AgentTerminals } from './agentTerminals';
 import { registerCommands } from './commands';
 import { AGENT_TERMINAL_PROFILE, CONTEXT, KEYS_VIEW, SETTINGS, USAGE_VIEW } from './constants';
@@ -16,7 +16,7 @@ import type { Prompter } from './prompter';
 import { TillSession } from './session';
 import { TillStatusBar } from './statusBar';
 import { TerminalEnv } from './terminalEnv';
-import { UsageViewProvider, type UsageSource } from './usageView';
+import { UsageViewProvider } from './usageView';
 
 /** What `activate` returns: for other extensions and for the extension-host tests. */
 export interface TillApi {
@@ -34,7 +34,7 @@ export interface TillApi {
 }
 
 let store: DisposableStore | undefined;
-let session: TillSession | undefined;
+let activeSession: TillSession | undefined;
 
 export function activate(context: vscode.ExtensionContext): TillApi {
   const started = performance.now();
@@ -51,47 +51,28 @@ export function activate(context: vscode.ExtensionContext): TillApi {
   }
 }
 
-function sessionRef(s: TillSession): void {
-  session = s;
-}
-
 function wire(context: vscode.ExtensionContext, store: DisposableStore, log: vscode.LogOutputChannel, started: number): TillApi {
-  const session = store.add(new TillSession(log));
-  sessionRef(session);
+  // Kept at module level too, for deactivate().
+  const session = (activeSession = store.add(new TillSession(log)));
   const tree = store.add(new KeysTreeProvider(session));
   store.add(vscode.window.createTreeView(KEYS_VIEW, { treeDataProvider: tree, showCollapseAll: false }));
   const status = store.add(new TillStatusBar(session));
   const terminals = store.add(new TerminalEnv(session, context.environmentVariableCollection));
   const agents = store.add(new AgentTerminals(session));
   const notifier = new Notifier(session);
-  // The view follows whichever connection is current (it changes on "Till: Restart Broker").
-  const sourceEvents = new Set<(e: TillEvent) => void>();
-  const sourceRoles = new Set<(r: TillRole) => void>();
-  const source: UsageSource = {
-    list: () => session.connection.list(),
-    recent: () => session.connection.recent(),
-    revoke: (id) => session.connection.revoke(id),
-    revokeAll: () => session.connection.revokeAll(),
-    onEvent: (l) => (sourceEvents.add(l), () => sourceEvents.delete(l)),
-    onRole: (l) => (sourceRoles.add(l), () => sourceRoles.delete(l)),
-    get url() {
-      return session.connection.url;
-    },
-    get role() {
-      return session.connection.role;
-    },
-  };
-  const usage = store.add(new UsageViewProvider(context.extensionUri, source));
+  const usage = store.add(new UsageViewProvider(context.extensionUri, () => session.connection));
   store.add(vscode.window.registerWebviewViewProvider(USAGE_VIEW, usage, { webviewOptions: { retainContextWhenHidden: false } }));
   store.add(vscode.window.registerTerminalProfileProvider(AGENT_TERMINAL_PROFILE, { provideTerminalProfile: () => agents.profile() }));
   registerCommands(store, { session, tree, agents });
 
-  const hasCredentials = () => session.credentials.all().length > 0;
-  const refreshViews = () => {
+  /** Refreshes the tree and the welcome view's context; returns whether any credential is stored (one read of the list). */
+  const refreshViews = (): boolean => {
     tree.refresh();
-    void vscode.commands.executeCommand('setContext', CONTEXT.hasCredential, hasCredentials());
+    const has = session.credentials.all().length > 0;
+    void vscode.commands.executeCommand('setContext', CONTEXT.hasCredential, has);
+    return has;
   };
-  const onTreeLoaded = tree.onDidChangeTreeData(() => status.update(tree.current() as KeySummary[]));
+  const onTreeLoaded = tree.onDidChangeTreeData(() => status.update(tree.current()));
   store.add(onTreeLoaded);
 
   /** Follows a connection's events and role; replaced on restart. */
@@ -99,13 +80,13 @@ function wire(context: vscode.ExtensionContext, store: DisposableStore, log: vsc
   const follow = (connection: TillConnection) => {
     unfollow?.();
     const offEvent = connection.onEvent((e) => {
-      tree.refresh();
-      for (const l of sourceEvents) l(e);
+      if (changesKeys(e)) tree.refresh();
+      usage.onEvent(e);
       terminals.handle(e);
       notifier.handle(e, () => tree.current());
     });
     const offRole = connection.onRole((role) => {
-      for (const l of sourceRoles) l(role);
+      usage.onRole(role);
       log.info(role === 'host' ? `broker running in this window at ${connection.url}` : role === 'attached' ? `attached to the broker at ${connection.url}` : 'broker connection lost');
       refreshViews();
       status.update(tree.current());
@@ -133,8 +114,7 @@ function wire(context: vscode.ExtensionContext, store: DisposableStore, log: vsc
   };
   store.add(
     session.onCredentialsChanged(() => {
-      refreshViews();
-      if (hasCredentials()) void ready().then(() => terminals.sync(), () => undefined);
+      if (refreshViews()) void ready().then(() => terminals.sync(), () => undefined);
       else void terminals.sync();
     }),
   );
@@ -144,9 +124,8 @@ function wire(context: vscode.ExtensionContext, store: DisposableStore, log: vsc
     }),
   );
 
-  refreshViews();
   // The broker starts only when there is something to broker.
-  if (hasCredentials()) void ready().catch(() => undefined);
+  if (refreshViews()) void ready().catch(() => undefined);
   log.info(`activated in ${(performance.now() - started).toFixed(1)} ms; data folder ${session.paths.home}`);
 
   return {
@@ -164,6 +143,6 @@ export async function deactivate(): Promise<void> {
   const closing = store;
   store = undefined;
   closing?.dispose();
-  await session?.closed;
-  session = undefined;
+  await activeSession?.closed;
+  activeSession = undefined;
 }

@@ -4,7 +4,7 @@
  */
 import type * as vscode from 'vscode';
 
-export type DisposableLike = vscode.Disposable | { dispose(): unknown } | (() => unknown);
+type DisposableLike = vscode.Disposable | { dispose(): unknown } | (() => unknown);
 
 export class DisposableStore implements vscode.Disposable {
   private readonly items: DisposableLike[] = [];

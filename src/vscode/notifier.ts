@@ -45,6 +45,8 @@ export class Notifier {
   }
 
   handle(e: TillEvent, keys: () => KeySummary[]): void {
+    // Most events (every request's start and end) can notify nothing: skip the settings read.
+    if (e.type !== 'limit.near' && e.type !== 'key.exhausted' && e.type !== 'request.denied') return;
     if (!this.enabled()) return;
     if (e.type === 'limit.near' && this.mine(e.key.owner)) {
       const text = `Till key "${e.key.label}" has used ${e.percent}% of its ${METER_NAME[e.meter]} limit: ${formatAmount(e.meter, e.used)} of ${formatAmount(e.meter, e.limit)}.`;

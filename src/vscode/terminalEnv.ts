@@ -5,11 +5,10 @@
  * `CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC`, Codex's `CODEX_HOME`). The variables are not
  * persisted: the keys die with the window.
  */
-import { randomBytes } from 'node:crypto';
 import { existsSync, readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import * as vscode from 'vscode';
-import { AGENTS, agentServed, agentSetup, isAgentName, type AgentName } from '../core/agents';
+import { AGENTS, agentServed, agentSetup, isAgentName, newAgentScratchDir, type AgentName } from '../core/agents';
 import type { TillEvent } from '../core/events';
 import type { IssuedKey } from '../core/service';
 import { SETTINGS, TERMINAL_AGENTS_DEFAULT } from './constants';
@@ -49,7 +48,7 @@ export class TerminalEnv implements vscode.Disposable {
     const agents = named.filter(isAgentName).filter((a) => agentServed(a, this.keys.keys()));
     const env: Record<string, string> = {};
     // Codex and Gemini CLI read files of Till's, kept in a folder for this window's terminals.
-    if (agents.length > 0) this.scratch ??= join(this.session.paths.home, 'agents', `terminals-${randomBytes(6).toString('hex')}`);
+    if (agents.length > 0) this.scratch ??= newAgentScratchDir(this.session.paths.home, 'terminals-');
     else this.removeScratch();
     const served: AgentName[] = [];
     for (const agent of agents) {

@@ -13,37 +13,21 @@
  */
 import { randomBytes } from 'node:crypto';
 import * as vscode from 'vscode';
-import type { TillRole } from '../core/connection';
-import type { KeySummary, TillEvent } from '../core/events';
-import type { RequestRecord } from '../core/service';
-import { recordKey, type HostMessage, type PageCommand, type PageMessage } from '../webview/messages';
-import { COMMANDS, USAGE_VIEW } from './constants';
+import type { TillConnection, TillRole } from '../core/connection';
+import { changesKeys, type KeySummary, type TillEvent } from '../core/events';
+import { RECENT_REQUESTS, type RequestRecord } from '../core/service';
+import { mergeRecords, recordKey, type HostMessage, type PageCommand, type PageMessage } from '../webview/messages';
+import { COMMANDS } from './constants';
 
-/** What the view reads from the broker. `TillConnection` satisfies it. */
-export interface UsageSource {
-  list(): Promise<KeySummary[]>;
-  recent(): Promise<RequestRecord[]>;
-  onEvent(listener: (e: TillEvent) => void): () => void;
-  onRole(listener: (r: TillRole) => void): () => void;
-  revoke(id: string): Promise<boolean>;
-  revokeAll(): Promise<number>;
-  readonly url: string | undefined;
-  readonly role: TillRole;
-}
+/** What the view reads from the broker: the current connection (it changes on "Till: Restart Broker"). */
+export type UsageSource = () => Pick<TillConnection, 'list' | 'recent' | 'revoke' | 'revokeAll' | 'url' | 'role'>;
 
-/** Ended requests the view remembers (newest kept): a busy day's worth, still cheap to post once. */
-const HISTORY = 2000;
-/** How many requests the service hands to late-opening views (service.ts keeps 200). */
-const SERVICE_RECENT = 200;
 const PAGE_COMMANDS: ReadonlySet<string> = new Set<PageCommand>([COMMANDS.issueKey, COMMANDS.addCredential]);
 const REVOKE_ALL = 'Revoke All';
 
 export class UsageViewProvider implements vscode.WebviewViewProvider, vscode.Disposable {
-  static readonly viewType = USAGE_VIEW;
-
   private view: vscode.WebviewView | undefined;
   private viewDisposables: vscode.Disposable[] = [];
-  private readonly unsubscribe: (() => void)[] = [];
   private disposed = false;
 
   private readonly history: RequestRecord[] = [];
@@ -58,13 +42,8 @@ export class UsageViewProvider implements vscode.WebviewViewProvider, vscode.Dis
 
   constructor(
     private readonly extensionUri: vscode.Uri,
-    private readonly source: UsageSource,
-  ) {
-    this.unsubscribe.push(
-      source.onEvent((e) => this.onEvent(e)),
-      source.onRole((role) => this.onRole(role)),
-    );
-  }
+    private readonly connection: UsageSource,
+  ) {}
 
   resolveWebviewView(webviewView: vscode.WebviewView, _context: vscode.WebviewViewResolveContext, _token: vscode.CancellationToken): void {
     if (this.disposed) return;
@@ -97,7 +76,6 @@ export class UsageViewProvider implements vscode.WebviewViewProvider, vscode.Dis
     if (this.disposed) return;
     this.disposed = true;
     this.disposeView();
-    while (this.unsubscribe.length > 0) this.unsubscribe.pop()!();
   }
 
   private disposeView(): void {
@@ -115,16 +93,16 @@ export class UsageViewProvider implements vscode.WebviewViewProvider, vscode.Dis
     void this.visibleView?.webview.postMessage(message);
   }
 
-  private onEvent(e: TillEvent): void {
+  /** A broker event, from whichever connection is current. */
+  onEvent(e: TillEvent): void {
     if (e.type === 'request.finished' || e.type === 'request.denied') this.remember([e]);
     if (!this.visibleView) return;
     if (e.type !== 'request.started') this.post({ type: 'event', event: e });
-    // Denials and a stream's running usage change no counter; everything else may (reservations,
-    // settlements, key states). Progress comes twice a second per stream: a read per tick would be waste.
-    if (e.type !== 'request.denied' && e.type !== 'request.progress') this.refreshKeys();
+    if (changesKeys(e)) this.refreshKeys();
   }
 
-  private onRole(role: TillRole): void {
+  /** The current connection's role changed. */
+  onRole(role: TillRole): void {
     if (!this.visibleView) return;
     // Reading keys while down would start a broker (or race a takeover): say so, wait for the next role.
     if (role === 'down') this.post({ type: 'role', role, brokerUrl: undefined });
@@ -133,20 +111,7 @@ export class UsageViewProvider implements vscode.WebviewViewProvider, vscode.Dis
 
   /** Adds ended requests to the history, once each, oldest first, dropping the oldest beyond HISTORY. */
   private remember(records: RequestRecord[]): void {
-    let unordered = false;
-    for (const r of records) {
-      const key = recordKey(r);
-      if (this.seen.has(key)) continue;
-      this.seen.add(key);
-      const last = this.history[this.history.length - 1];
-      if (last && last.at > r.at) unordered = true;
-      this.history.push(r);
-    }
-    if (unordered) this.history.sort((a, b) => a.at - b.at);
-    while (this.history.length > HISTORY) {
-      this.seen.delete(recordKey(this.history.shift()!));
-      this.truncated = true;
-    }
+    if (mergeRecords(this.history, this.seen, records)) this.truncated = true;
   }
 
   /** Reads keys and posts them; while a read runs, further calls just ask for one more read after it. */
@@ -157,7 +122,7 @@ export class UsageViewProvider implements vscode.WebviewViewProvider, vscode.Dis
     }
     this.keysReading = true;
     const seq = ++this.readSeq;
-    this.source
+    this.connection()
       .list()
       .then(
         (keys) => {
@@ -183,17 +148,17 @@ export class UsageViewProvider implements vscode.WebviewViewProvider, vscode.Dis
     let keys: KeySummary[] = [];
     let error: string | undefined;
     try {
-      const [list, recent] = await Promise.all([this.source.list(), this.source.recent()]);
+      const [list, recent] = await Promise.all([this.connection().list(), this.connection().recent()]);
       keys = list;
       // The service keeps only its last requests: a full batch we had not seen means older ones are gone.
       const first = recent[0];
-      if (recent.length >= SERVICE_RECENT && first && !this.seen.has(recordKey(first))) this.truncated = true;
+      if (recent.length >= RECENT_REQUESTS && first && !this.seen.has(recordKey(first))) this.truncated = true;
       this.remember(recent);
     } catch (err) {
       error = `Till could not read its keys: ${errorText(err)}`;
     }
     if (!this.visibleView) return;
-    this.post({ type: 'state', keys, recent: [...this.history], truncated: this.truncated, brokerUrl: this.source.url, role: this.source.role, now: Date.now(), ...(error ? { error } : {}) });
+    this.post({ type: 'state', keys, recent: [...this.history], truncated: this.truncated, brokerUrl: this.connection().url, role: this.connection().role, ...(error ? { error } : {}) });
     // A `keys` read that started later already landed: read again so the page ends up current.
     if (seq < this.postedSeq) this.refreshKeys();
     else this.postedSeq = seq;
@@ -216,7 +181,7 @@ export class UsageViewProvider implements vscode.WebviewViewProvider, vscode.Dis
 
   private async revoke(id: string): Promise<void> {
     try {
-      if (!(await this.source.revoke(id))) void vscode.window.showInformationMessage(`Till key ${id} was already revoked.`);
+      if (!(await this.connection().revoke(id))) void vscode.window.showInformationMessage(`Till key ${id} was already revoked.`);
     } catch (err) {
       void vscode.window.showErrorMessage(`Till could not revoke key ${id}: ${errorText(err)}`);
     }
@@ -226,7 +191,7 @@ export class UsageViewProvider implements vscode.WebviewViewProvider, vscode.Dis
 
   private async revokeAll(): Promise<void> {
     try {
-      const live = (await this.source.list()).filter((k) => k.state !== 'revoked');
+      const live = (await this.connection().list()).filter((k) => k.state !== 'revoked');
       if (live.length === 0) {
         void vscode.window.showInformationMessage('There are no till keys to revoke.');
         return;
@@ -242,7 +207,7 @@ export class UsageViewProvider implements vscode.WebviewViewProvider, vscode.Dis
         REVOKE_ALL,
       );
       if (choice !== REVOKE_ALL) return;
-      const revoked = await this.source.revokeAll();
+      const revoked = await this.connection().revokeAll();
       void vscode.window.showInformationMessage(`Revoked ${revoked} till key${revoked === 1 ? '' : 's'}.`);
     } catch (err) {
       void vscode.window.showErrorMessage(`Till could not revoke all keys: ${errorText(err)}`);
@@ -283,7 +248,7 @@ function errorText(err: unknown): string {
 }
 
 /** What the page's HTML is made from. */
-export interface UsageHtmlParts {
+interface UsageHtmlParts {
   /** `webview.cspSource`. */
   cspSource: string;
   /** A fresh random nonce per page. */
@@ -294,7 +259,7 @@ export interface UsageHtmlParts {
 }
 
 /** The page's whole HTML: the one place markup, CSP and resource URIs are put together. */
-export function usageHtml({ cspSource, nonce, scriptUri, styleUri }: UsageHtmlParts): string {
+function usageHtml({ cspSource, nonce, scriptUri, styleUri }: UsageHtmlParts): string {
   const csp = [`default-src 'none'`, `style-src ${cspSource}`, `script-src 'nonce-${nonce}'`, `img-src ${cspSource} data:`].join('; ');
   return `<!DOCTYPE html>
 <html lang="en">

@@ -11,7 +11,7 @@ import type { KeySummary, RequestUsage } from '../core/events';
 import type { TokenCounts } from '../core/ledger';
 import { formatAmount, formatUsd, limitsOf, METERS, type Amounts, type Meter } from '../core/policy';
 import type { RequestRecord } from '../core/service';
-import { recordKey, type HostMessage, type LiveEvent, type PageCommand, type PageMessage } from './messages';
+import { mergeRecords, type HostMessage, type LiveEvent, type PageCommand, type PageMessage } from './messages';
 
 // ---- the browser APIs this page uses ---------------------------------------------------------
 // Declared here, module-scoped, rather than through `/// <reference lib="dom" />`: that directive
@@ -63,8 +63,6 @@ const vscode = acquireVsCodeApi();
 const MINUTE = 60_000;
 /** Minutes the charts cover. */
 const SPAN = 30;
-/** Requests kept for charts and counts (as the host does). */
-const HISTORY = 2000;
 /** Rows in the requests table. */
 const ROWS = 50;
 
@@ -199,20 +197,7 @@ function applyEvent(e: LiveEvent): void {
 
 /** Adds requests once each, keeping them oldest first and at most HISTORY. */
 function addRecords(records: RequestRecord[]): void {
-  let unordered = false;
-  for (const r of records) {
-    const key = recordKey(r);
-    if (model.seen.has(key)) continue;
-    model.seen.add(key);
-    const last = model.records[model.records.length - 1];
-    if (last && last.at > r.at) unordered = true;
-    model.records.push(r);
-  }
-  if (unordered) model.records.sort((a, b) => a.at - b.at);
-  if (model.records.length > HISTORY) {
-    for (const r of model.records.splice(0, model.records.length - HISTORY)) model.seen.delete(recordKey(r));
-    model.truncated = true;
-  }
+  if (mergeRecords(model.records, model.seen, records)) model.truncated = true;
 }
 
 // ---- scheduling -----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ export type HostMessage =
    * older requests were dropped (so "today" counts are lower bounds); `error` says why `keys`
    * could not be read.
    */
-  | { type: 'state'; keys: KeySummary[]; recent: RequestRecord[]; truncated: boolean; brokerUrl: string | undefined; role: TillRole; now: number; error?: string }
+  | { type: 'state'; keys: KeySummary[]; recent: RequestRecord[]; truncated: boolean; brokerUrl: string | undefined; role: TillRole; error?: string }
   /**
    * One live event, sent only while the view is visible. `request.started` is not sent (the
    * `keys` after it carry its effect); `request.progress` comes up to twice a second per open
@@ -48,4 +48,27 @@ export type PageMessage =
 /** Identifies one ended request across `state` and `event` messages, so neither side counts it twice. */
 export function recordKey(r: RequestRecord): string {
   return `${r.type}|${r.request.requestId ?? ''}|${r.at}`;
+}
+
+/** Ended requests the host and the page remember (newest kept): a busy day's worth, still cheap to post once. */
+export const HISTORY = 2000;
+
+/**
+ * Adds ended requests to `list` once each (`seen` holds their keys), keeping it oldest first and
+ * at most HISTORY long; returns true when older requests had to be dropped.
+ */
+export function mergeRecords(list: RequestRecord[], seen: Set<string>, records: RequestRecord[]): boolean {
+  let unordered = false;
+  for (const r of records) {
+    const key = recordKey(r);
+    if (seen.has(key)) continue;
+    seen.add(key);
+    const last = list[list.length - 1];
+    if (last && last.at > r.at) unordered = true;
+    list.push(r);
+  }
+  if (unordered) list.sort((a, b) => a.at - b.at);
+  if (list.length <= HISTORY) return false;
+  for (const r of list.splice(0, list.length - HISTORY)) seen.delete(recordKey(r));
+  return true;
 }

@@ -7,8 +7,7 @@ import * as assert from 'node:assert/strict';
 import * as path from 'node:path';
 import { describe, it } from 'mocha';
 import * as vscode from 'vscode';
-
-const EXTENSION_ID = 'till.till';
+import { EXTENSION_ID } from '../../../src/vscode/constants';
 
 describe('activation', () => {
   it('runs in the extension host the runner expects', () => {
