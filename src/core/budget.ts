@@ -10,7 +10,7 @@ import type { Denial } from './denial';
 import type { TokenCounts } from './ledger';
 import { estimateTokens, type Usage, type UsageFormat } from './metering';
 import { MICROS, type Amounts, type Policy } from './policy';
-import type { PriceTable } from './pricing';
+import { costAt, type ModelPrice, type PriceTable } from './pricing';
 
 /** The field that caps a request's output, per format (the first one present wins). */
 const MAX_OUTPUT_FIELDS: Partial<Record<UsageFormat, string[]>> = {
@@ -70,10 +70,9 @@ function writeMaxOutput(format: UsageFormat, json: Record<string, unknown>, fiel
   }
 }
 
-/** Micro-dollars for a number of input and output tokens at a model's price (rounded up). */
-function costMicros(prices: PriceTable, provider: string, model: string, input: number, output: number): number | undefined {
-  const usd = prices.cost(provider, model, { inputTokens: input, outputTokens: output });
-  return usd === undefined ? undefined : Math.ceil(usd * MICROS);
+/** Micro-dollars for a number of input and output tokens at a price (rounded up). */
+function costMicros(price: ModelPrice, input: number, output: number): number {
+  return Math.ceil(costAt(price, { inputTokens: input, outputTokens: output }) * MICROS);
 }
 
 /**
@@ -101,8 +100,8 @@ export function planBudget(req: BudgetRequest, policy: Policy, remaining: Amount
   // The largest output that still fits what is left.
   let fit = Infinity;
   if (tokenLimited) fit = Math.min(fit, (remaining.tokens ?? 0) - inputReserve);
-  if (spendLimited && price && model) {
-    const inputCost = costMicros(prices, req.provider, model, inputReserve, 0) ?? 0;
+  if (spendLimited && price) {
+    const inputCost = costMicros(price, inputReserve, 0);
     const perOutputToken = price.output / 1_000_000;
     fit = Math.min(fit, Math.floor(((remaining.spend ?? 0) - inputCost) / MICROS / perOutputToken));
   }
@@ -120,7 +119,7 @@ export function planBudget(req: BudgetRequest, policy: Policy, remaining: Amount
   const output = req.format === 'openai-embeddings' ? 0 : maxOutput ?? fit;
   plan.maxOutput = maxOutput;
   if (tokenLimited) amounts.tokens = inputReserve + output;
-  if (spendLimited && model) amounts.spend = costMicros(prices, req.provider, model, inputReserve, output) ?? 0;
+  if (spendLimited && price) amounts.spend = costMicros(price, inputReserve, output);
   return plan;
 }
 

@@ -173,7 +173,7 @@ export class PriceTable {
     const shared = SHARED_TABLE[provider];
     for (const name of shared ? [provider, shared] : [provider]) {
       const found = this.inTable(name, model);
-      if (found) return { ...found };
+      if (found) return found;
     }
     const slash = model.indexOf('/');
     if (viaVendor && VENDOR_FALLBACK.has(provider) && slash > 0) {
@@ -195,25 +195,10 @@ export class PriceTable {
     return undefined;
   }
 
-  /**
-   * Cost in USD of one request's usage, or `undefined` when the model is unpriced:
-   * plain input (`inputTokens` − cached − cache-written, never below zero) × `input`
-   * + cached × `cachedInput` + cache-written × `cacheWrite` + output × `output`.
-   * Reasoning tokens are part of `outputTokens`. Negative or non-finite counts count as 0.
-   */
+  /** Cost in USD of one request's usage (see {@link costAt}), or `undefined` when the model is unpriced. */
   cost(provider: string, model: string, usage: TokenUsage): number | undefined {
     const price = this.price(provider, model);
-    if (!price) return undefined;
-    const count = (n: number | undefined): number => (n !== undefined && Number.isFinite(n) && n > 0 ? n : 0);
-    const cached = count(usage.cachedInputTokens);
-    const written = count(usage.cacheWriteTokens);
-    const plain = Math.max(0, count(usage.inputTokens) - cached - written);
-    const dollars =
-      plain * price.input +
-      cached * (price.cachedInput ?? price.input) +
-      written * (price.cacheWrite ?? price.input) +
-      count(usage.outputTokens) * price.output;
-    return dollars / PER_MILLION;
+    return price && costAt(price, usage);
   }
 
   /** How many models the table knows, overrides included (aliases not counted). */
@@ -247,4 +232,23 @@ export function readPriceOverrides(file: string): PriceOverrides {
     throw new Error(`${file} must look like {"models": {"<provider>": {"<model>": {"input": 1.25, "output": 10}}}} (USD per 1M tokens)`);
   }
   return checkModels(parsed.models, `${file}: models`);
+}
+
+/**
+ * Cost in USD of one request's usage at a price: plain input (`inputTokens` − cached −
+ * cache-written, never below zero) × `input` + cached × `cachedInput` + cache-written ×
+ * `cacheWrite` + output × `output`. Reasoning tokens are part of `outputTokens`. Negative or
+ * non-finite counts count as 0.
+ */
+export function costAt(price: ModelPrice, usage: TokenUsage): number {
+  const count = (n: number | undefined): number => (n !== undefined && Number.isFinite(n) && n > 0 ? n : 0);
+  const cached = count(usage.cachedInputTokens);
+  const written = count(usage.cacheWriteTokens);
+  const plain = Math.max(0, count(usage.inputTokens) - cached - written);
+  const dollars =
+    plain * price.input +
+    cached * (price.cachedInput ?? price.input) +
+    written * (price.cacheWrite ?? price.input) +
+    count(usage.outputTokens) * price.output;
+  return dollars / PER_MILLION;
 }
