@@ -501,7 +501,7 @@ export class Broker {
       const usage = jsonBody ? jsonUsage(format, jsonBody) : meter?.usage();
       if (!usage && !aborted && upstreamStatus >= 400) return { amounts: { activations: 1, tokens: 0, spend: 0 } };
       const s = settlement(provider.id, info.model, usage, { inputEstimate: plan.inputEstimate, outputChars: meter?.textChars ?? 0 }, this.options.prices);
-      return { amounts: s.amounts, details: { tokens: s.tokens, estimated: s.estimated }, usage: { tokens: s.tokens, ...(s.spendKnown ? { spend: s.amounts.spend } : {}), estimated: s.estimated } };
+      return { amounts: s.amounts, details: s.details, usage: s.usage };
     };
     const stop = () => {
       upstreamReq?.destroy();

@@ -7,7 +7,8 @@
  * key can never spend more than its limit even with every request in flight at once.
  */
 import type { Denial } from './denial';
-import type { TokenCounts } from './ledger';
+import type { RequestUsage } from './events';
+import type { SettleDetails, TokenCounts } from './ledger';
 import { estimateTokens, type Usage, type UsageFormat } from './metering';
 import { MICROS, type Amounts, type Policy } from './policy';
 import { costAt, type ModelPrice, type PriceTable } from './pricing';
@@ -123,14 +124,17 @@ export function planBudget(req: BudgetRequest, policy: Policy, remaining: Amount
   return plan;
 }
 
-/** What a finished request settles to, from the reported usage or, failing that, an estimate. */
+/**
+ * What a finished request settles to, from the reported usage or, failing that, an estimate:
+ * the amounts for its key's meters, and the same as ledger details and as an event's usage.
+ */
 export function settlement(
   provider: string,
   model: string | undefined,
   usage: Usage | undefined,
   fallback: { inputEstimate: number; outputChars: number },
   prices: PriceTable,
-): { amounts: Amounts; tokens: TokenCounts; estimated: boolean; spendKnown: boolean } {
+): { amounts: Amounts; tokens: TokenCounts; estimated: boolean; spendKnown: boolean; details: SettleDetails; usage: RequestUsage } {
   const estimated = !usage || usage.estimated === true;
   const u: Usage = usage ?? {
     inputTokens: fallback.inputEstimate,
@@ -147,5 +151,14 @@ export function settlement(
     usd = prices.cost(provider, model, { inputTokens: u.inputTokens, outputTokens: u.outputTokens, cachedInputTokens: u.cachedInputTokens, cacheWriteTokens: u.cacheWriteTokens });
   }
   if (usd !== undefined) amounts.spend = Math.ceil(usd * MICROS);
-  return { amounts, tokens, estimated, spendKnown: usd !== undefined };
+  const spendKnown = usd !== undefined;
+  return {
+    amounts,
+    tokens,
+    estimated,
+    spendKnown,
+    // What the ledger records beside the meters, and what events report.
+    details: { tokens, estimated },
+    usage: { tokens, ...(spendKnown ? { spend: amounts.spend } : {}), estimated },
+  };
 }

@@ -800,7 +800,7 @@ class Session {
     if (now - turn.lastProgress < 500) return;
     turn.lastProgress = now;
     const s = settlement(this.s.provider.id, turn.info.model, undefined, { inputEstimate: turn.inputEstimate, outputChars: turn.outputChars }, this.o.prices);
-    this.o.events.emit({ type: 'request.progress', at: Date.now(), request: turn.info, usage: { tokens: s.tokens, ...(s.spendKnown ? { spend: s.amounts.spend } : {}), estimated: true } });
+    this.o.events.emit({ type: 'request.progress', at: Date.now(), request: turn.info, usage: s.usage });
   }
 
   /** Ends a request: settles what it spent (reported usage, else an estimate), events, audit. */
@@ -826,8 +826,8 @@ class Session {
     } else if (turn.reached) {
       const s = settlement(this.s.provider.id, turn.info.model, usage, { inputEstimate: turn.inputEstimate, outputChars: turn.outputChars }, this.o.prices);
       amounts = s.amounts;
-      details = { tokens: s.tokens, estimated: s.estimated };
-      used = { tokens: s.tokens, ...(s.spendKnown ? { spend: s.amounts.spend } : {}), estimated: s.estimated };
+      details = s.details;
+      used = s.usage;
     }
     turn.admission.done(amounts, details);
     const latencyMs = Math.round((performance.now() - turn.started) * 10) / 10;
