@@ -13,13 +13,12 @@ import { denialEvent, denialResponse, type Denial } from './denial';
 import type { RequestInfo, RequestUsage, TillEvent, TillEvents } from './events';
 import type { Admission, TillKeys } from './keys';
 import type { KeyRecord } from './ledger';
-import { scopeViolation } from './policy';
+import { methodViolation, modelViolation, pathViolation, type Amounts } from './policy';
 import { InFlightList, type InFlightEntry } from './inFlightList';
 import { isFreeRoute, KEY_HEADERS, KEY_QUERY_PARAMS, providerBaseUrl, upstreamEnvVar, type Provider, type ProviderRegistry } from './providers';
 import { planBudget, settlement, type BudgetPlan } from './budget';
 import type { SettleDetails } from './ledger';
 import { StreamMeter, usageFormat, usageFromJson, type Usage, type UsageFormat } from './metering';
-import type { Amounts } from './policy';
 import type { PriceTable } from './pricing';
 import { looksLikeTillKey } from './tillKey';
 import type { Vault } from './vault';
@@ -421,7 +420,7 @@ export class Broker {
     const billable = !isFreeRoute(provider, method, path);
     info.billable = billable;
     // Methods and paths now; models once the body is read. (Most keys have neither: no copy.)
-    const early = key.policy.methods || key.policy.paths ? scopeViolation({ ...key.policy, models: undefined }, method, path, undefined, billable) : undefined;
+    const early = methodViolation(key.policy, method) ?? pathViolation(key.policy, path);
     if (early) return deny({ status: 403, code: 'out_of_scope', message: early }, key);
 
     const declared = Number(req.headers['content-length'] ?? 0);
@@ -444,7 +443,7 @@ export class Broker {
         json = inspected.json;
         if (inspected.model !== undefined) info.model = inspected.model;
       }
-      const late = scopeViolation(key.policy, method, path, info.model, billable);
+      const late = modelViolation(key.policy.models, info.model, billable);
       if (late) return deny({ status: 403, code: 'out_of_scope', message: late }, key);
       this.forward(req, res, provider, key, info, query, body, json, readWhole ? undefined : hasBody, started, deny);
     };

@@ -135,26 +135,37 @@ export function limitsOf(policy: Policy): Amounts {
   return limits;
 }
 
-/**
- * Checks a request against the policy's scope. Returns why it is out of scope, or undefined.
- * `model` is undefined when the request names none; a models scope then refuses it only for
- * billable requests (listing models names none and is fine).
- */
-export function scopeViolation(policy: Policy, method: string, path: string, model: string | undefined, billable: boolean): string | undefined {
+/** Why a method is outside the policy's scope, or undefined. */
+export function methodViolation(policy: Policy, method: string): string | undefined {
   if (policy.methods && !policy.methods.includes(method)) {
     return `method ${method} is not allowed for this till key (allowed: ${policy.methods.join(', ')})`;
   }
+  return undefined;
+}
+
+/** Why a path (in the provider's API) is outside the policy's scope, or undefined. */
+export function pathViolation(policy: Policy, path: string): string | undefined {
   if (policy.paths && !policy.paths.some((p) => matchPattern(p, path))) {
     return `path ${path} is not allowed for this till key (allowed: ${policy.paths.join(', ')})`;
   }
-  if (policy.models) {
-    if (model === undefined) {
-      if (billable) return `this till key is limited to models ${policy.models.join(', ')} and the request names no model`;
-    } else if (!policy.models.some((p) => matchPattern(p, model))) {
-      return `model ${model} is not allowed for this till key (allowed: ${policy.models.join(', ')})`;
-    }
-  }
   return undefined;
+}
+
+/**
+ * Why a model is outside a models scope, or undefined. `model` is undefined when the request
+ * names none; the scope then refuses it only for billable requests (listing models names none
+ * and is fine).
+ */
+export function modelViolation(models: string[] | undefined, model: string | undefined, billable: boolean): string | undefined {
+  if (!models) return undefined;
+  if (model === undefined) return billable ? `this till key is limited to models ${models.join(', ')} and the request names no model` : undefined;
+  if (!models.some((p) => matchPattern(p, model))) return `model ${model} is not allowed for this till key (allowed: ${models.join(', ')})`;
+  return undefined;
+}
+
+/** Checks a request against the policy's whole scope: method, path, then model. Returns why it is out of scope, or undefined. */
+export function scopeViolation(policy: Policy, method: string, path: string, model: string | undefined, billable: boolean): string | undefined {
+  return methodViolation(policy, method) ?? pathViolation(policy, path) ?? modelViolation(policy.models, model, billable);
 }
 
 /** A one-line description of a policy, for `till ls`, tooltips and logs. */

@@ -30,7 +30,7 @@ import type { RequestInfo, RequestUsage, TillEvents } from './events';
 import { endedDenial, type Admission, type TillKeys } from './keys';
 import type { KeyRecord, SettleDetails } from './ledger';
 import { asObj, estimateTokens, isTextDelta, RESPONSES_FINAL, usageFormat, usageFromJson, type Usage, type UsageFormat } from './metering';
-import { formatAmount, formatUsd, limitsOf, METERS, scopeViolation, type Amounts } from './policy';
+import { formatAmount, formatUsd, limitsOf, METERS, modelViolation, pathViolation, scopeViolation, type Amounts } from './policy';
 import type { PriceTable } from './pricing';
 import { isFreeRoute, KEY_HEADERS, KEY_QUERY_PARAMS, type Provider, type ProviderRegistry } from './providers';
 import { looksLikeTillKey } from './tillKey';
@@ -266,7 +266,7 @@ export class WebSocketProxy {
     // itself is checked for its path and, for Realtime, the model named in the URL.
     const model = dialect === 'realtime' ? query.get('model') ?? undefined : undefined;
     if (model !== undefined) info.model = model;
-    const scope = scopeViolation({ ...key.policy, methods: undefined, models: dialect === 'realtime' ? key.policy.models : undefined }, 'GET', path, model, dialect === 'realtime');
+    const scope = pathViolation(key.policy, path) ?? (dialect === 'realtime' ? modelViolation(key.policy.models, model, true) : undefined);
     if (scope) return deny({ status: 403, code: 'out_of_scope', message: scope }, key);
     const spent = exhaustion(key);
     if (spent) return deny(spent, key);
@@ -603,7 +603,7 @@ class Session {
     if (type === 'session.update' && this.s.dialect === 'realtime') {
       const model = asStr(asObj(msg.session)?.model);
       if (model !== undefined) {
-        const violation = scopeViolation({ models: this.s.key.policy.models }, 'POST', this.s.path, model, true);
+        const violation = modelViolation(this.s.key.policy.models, model, true);
         if (violation) return this.refuseMessage({ status: 403, code: 'out_of_scope', message: violation }, asStr(msg.event_id));
         this.model = model;
       }
@@ -644,12 +644,12 @@ class Session {
   }
 
   private fromGeminiClient(msg: Json, data: Buffer, binary: boolean): void {
-    const { key, provider, path } = this.s;
+    const { key, provider } = this.s;
     const setup = asObj(msg.setup);
     if (setup) {
       const named = asStr(setup.model);
       const model = named?.replace(/^models\//, '');
-      const violation = scopeViolation({ models: key.policy.models }, 'POST', path, model, true);
+      const violation = modelViolation(key.policy.models, model, true);
       if (violation) return this.refuseMessage({ status: 403, code: 'out_of_scope', message: violation }, undefined, true, model);
       this.model = model;
       // Budgeted keys: each turn's output is capped to what was left when the session began.
