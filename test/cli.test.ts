@@ -16,6 +16,7 @@ import { KeychainVault, VaultError } from '../src/core/vault';
 import { fakeCredential, logFile, runTill, spawnServe, tempHome, TILL_JS, type RunResult, type ServeProcess, expectOneLineError } from './support/till';
 import { fakeAnswer, startOpenAIUpstream, type Upstream } from './support/upstreams';
 import { filesUnder } from './support/files';
+import { waitFor } from './support/wait';
 
 /** What `till issue --json` prints. */
 type IssuedJson = IssuedKey;
@@ -75,11 +76,7 @@ function spawnTill(args: string[], home: string): { child: ChildProcess; stdout:
 }
 
 async function until(what: string, check: () => boolean | Promise<boolean>, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
+  await waitFor(what, check, { timeoutMs });
 }
 
 function listen(server: Server): Promise<number> {

@@ -11,6 +11,7 @@ import type { KeySummary } from '../src/core/events';
 import type { IssuedKey } from '../src/core/service';
 import { addCredential, fakeCredential, runTill, spawnServe, startTill, tempHome, type ServeProcess } from './support/till';
 import { startOpenAIUpstream, type Upstream } from './support/upstreams';
+import { waitFor } from './support/wait';
 
 /** What one request through the broker came to. */
 interface Outcome {
@@ -113,11 +114,7 @@ async function issueFromCli(home: string, args: string[]): Promise<IssuedKey> {
 }
 
 async function until(what: string, check: () => boolean, timeoutMs = 15_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!check()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(5);
-  }
+  await waitFor(what, check, { timeoutMs, everyMs: 5 });
 }
 
 function count<T>(items: T[], pred: (t: T) => boolean): number {

@@ -13,6 +13,7 @@ import type { TillEvent } from '../src/core/events';
 import type { IssueInput, IssuedKey, TillService } from '../src/core/service';
 import { makeTillKey, newKeyId } from '../src/core/tillKey';
 import { addCredential, fakeCredential, startTill, tempHome } from './support/till';
+import { waitFor } from './support/wait';
 import {
   startAnthropicUpstream,
   startGeminiUpstream,
@@ -112,12 +113,8 @@ const seen = (r: ReceivedRequest): string => JSON.stringify(r);
 /** The secret part of a till key (what must never leak even without the prefix). */
 const secretOf = (key: string): string => key.split('_')[2]!;
 
-async function waitFor(check: () => boolean, what: string, timeoutMs = 5_000): Promise<void> {
-  const until = Date.now() + timeoutMs;
-  while (!check()) {
-    if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
-    await sleep(10);
-  }
+async function until(check: () => boolean, what: string, timeoutMs = 5_000): Promise<void> {
+  await waitFor(what, check, { timeoutMs, everyMs: 10 });
 }
 
 /** A port on 127.0.0.1 nobody listens on. */
@@ -377,10 +374,10 @@ describe('broker security', () => {
       expect(r.status).toBe(413);
       expect(r.headers['x-till-denial']).toBe('too_large');
       expect(messageOf(r)).toMatch(/^till: request body is over the broker's limit of 16384 bytes/);
-      await waitFor(() => w.openai.inFlight() === 0, 'the upstream to drop the cut request');
+      await until(() => w.openai.inFlight() === 0, 'the upstream to drop the cut request');
       // The fixture records only requests whose body arrived whole: a cut upload never does.
       expect(w.openai.received.length + w.openai.rejected.length).toBe(before);
-      await waitFor(() => usage(w.service, k.id).inFlight === 0, 'the key to have nothing in flight');
+      await until(() => usage(w.service, k.id).inFlight === 0, 'the key to have nothing in flight');
       const s = usage(w.service, k.id);
       expect(s.used.activations).toBe(0);
       expect(s.remaining.activations).toBe(3);
@@ -1091,8 +1088,8 @@ describe('slow clients', () => {
     conn.socket.destroy();
     expect(text).not.toBe('still open');
     expect(Date.now() - started).toBeLessThan(3_000);
-    await waitFor(() => w.openai.inFlight() === 0, 'the upstream request to end');
-    await waitFor(() => usage(w.service, k.id).inFlight === 0, 'the key to have nothing in flight');
+    await until(() => w.openai.inFlight() === 0, 'the upstream request to end');
+    await until(() => usage(w.service, k.id).inFlight === 0, 'the key to have nothing in flight');
     expect(usage(w.service, k.id).used.activations).toBe(0);
   });
 });
@@ -1162,9 +1159,9 @@ describe('upstream failures', () => {
       expect(w.openai.inFlight()).toBe(1);
       ctl.abort();
       expect(await pending).toBeInstanceOf(Error);
-      await waitFor(() => w.openai.abortedStreams() === 1, 'the upstream request to be aborted');
-      await waitFor(() => w.openai.inFlight() === 0, 'the upstream to have nothing in flight');
-      await waitFor(() => usage(w.service, k.id).inFlight === 0, 'the key to have nothing in flight');
+      await until(() => w.openai.abortedStreams() === 1, 'the upstream request to be aborted');
+      await until(() => w.openai.inFlight() === 0, 'the upstream to have nothing in flight');
+      await until(() => usage(w.service, k.id).inFlight === 0, 'the key to have nothing in flight');
     } finally {
       await w.close();
     }
@@ -1187,8 +1184,8 @@ describe('upstream failures', () => {
       expect(w.openai.received.length).toBe(2);
       ctl.abort();
       await Promise.all(hanging);
-      await waitFor(() => usage(w.service, k.id).inFlight === 0, 'the key to have nothing in flight');
-      await waitFor(() => w.openai.inFlight() === 0, 'the upstream to have nothing in flight');
+      await until(() => usage(w.service, k.id).inFlight === 0, 'the key to have nothing in flight');
+      await until(() => w.openai.inFlight() === 0, 'the upstream to have nothing in flight');
       expect(w.openai.abortedStreams()).toBe(2);
     } finally {
       await w.close();
@@ -1207,7 +1204,7 @@ describe('upstream failures', () => {
     conn.socket.write(
       `POST /openai/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${k.key}\r\nContent-Type: application/octet-stream\r\nContent-Length: 1000\r\n\r\nabc`,
     );
-    await waitFor(() => usage(w.service, k.id).inFlight === 2, 'both requests to be in flight');
+    await until(() => usage(w.service, k.id).inFlight === 2, 'both requests to be in flight');
     await w.service.close();
     expect(await hanging).toBeInstanceOf(Error);
     await conn.closed;
@@ -1237,7 +1234,7 @@ describe('upstream failures', () => {
       const r = await pending;
       expect(r.status).toBe(401);
       expect(messageOf(r)).toMatch(/^till: till key ".*" was revoked$/);
-      await waitFor(() => w.openai.abortedStreams() === 1, 'the upstream request to be aborted');
+      await until(() => w.openai.abortedStreams() === 1, 'the upstream request to be aborted');
       expect(usage(w.service, k.id).inFlight).toBe(0);
     } finally {
       await w.close();

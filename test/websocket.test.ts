@@ -13,6 +13,7 @@ import type { TillEvent } from '../src/core/events';
 import type { TillService } from '../src/core/service';
 import { makeTillKey, newKeyId } from '../src/core/tillKey';
 import { addCredential, fakeCredential, startTill, tempHome } from './support/till';
+import { waitFor } from './support/wait';
 
 type Json = Record<string, any>;
 
@@ -353,11 +354,7 @@ async function turn(conn: Conn, body: Json): Promise<{ text: string; completed: 
 }
 
 async function until(check: () => boolean, timeoutMs = 3_000): Promise<void> {
-  const end = Date.now() + timeoutMs;
-  while (!check()) {
-    if (Date.now() > end) throw new Error('condition not met in time');
-    await sleep(5);
-  }
+  await waitFor('the condition', check, { timeoutMs, everyMs: 5 });
 }
 
 beforeAll(async () => {

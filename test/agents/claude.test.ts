@@ -7,7 +7,8 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startAnthropicUpstream } from '../support/upstreams';
 import { expectNoCredential, expectOnlyBroker, expectUsage, revokeWhileStreaming, startAgentBroker, type AgentBroker } from './support/agentChecks';
-import { listKeys, runAgent, waitFor } from './support/agentRun';
+import { waitFor } from '../support/wait';
+import { listKeys, runAgent } from './support/agentRun';
 
 let b: AgentBroker;
 beforeAll(async () => {
@@ -69,6 +70,6 @@ describe('Claude Code through Till', () => {
     expect(afterMs).toBeLessThan(30_000);
     expect(r.code, run.output()).not.toBe(0);
     expect(run.output()).toMatch(/till: till key "claude revoked" was revoked/);
-    await waitFor('the upstream stream to be cut', () => (b.up.inFlight() === 0 ? true : undefined), 5_000);
+    await waitFor('the upstream stream to be cut', () => b.up.inFlight() === 0, { timeoutMs: 5_000 });
   });
 });

@@ -9,7 +9,8 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startOpenAIUpstream } from '../support/upstreams';
 import { expectNoCredential, expectOnlyBroker, expectUsage, revokeWhileStreaming, startAgentBroker, type AgentBroker } from './support/agentChecks';
-import { listKeys, runAgent, waitFor } from './support/agentRun';
+import { waitFor } from '../support/wait';
+import { listKeys, runAgent } from './support/agentRun';
 
 /** The user's own ~/.codex/config.toml, which Till layers its provider over. */
 const USER_CONFIG = `# my settings
@@ -99,7 +100,7 @@ describe.each(['websocket', 'http'] as const)('Codex CLI through Till over %s', 
     const { r, afterMs, inFlight } = await revokeWhileStreaming(b, run, label, streaming);
     expect(inFlight).toBe(1);
     // The broker ended the live answer at once: the upstream socket (or stream) is gone.
-    await waitFor('the upstream answer to be cut', () => (b.up.openSockets() === 0 && b.up.inFlight() === 0 ? true : undefined), 5_000);
+    await waitFor('the upstream answer to be cut', () => b.up.openSockets() === 0 && b.up.inFlight() === 0, { timeoutMs: 5_000 });
     // Codex retries a 401 five times per transport before it gives up (about 8 s over HTTP, 15 s
     // when it first retries the WebSocket); then it exits with Till's message.
     expect(afterMs).toBeLessThan(45_000);

@@ -16,7 +16,8 @@ import { filesContaining } from '../support/files';
 import { CREDENTIAL_MARKER } from '../support/till';
 import { startGeminiUpstream } from '../support/upstreams';
 import { expectNoCredential, expectOnlyBroker, expectUsage, revokeWhileStreaming, startAgentBroker, type AgentBroker } from './support/agentChecks';
-import { listKeys, runAgent, waitFor } from './support/agentRun';
+import { waitFor } from '../support/wait';
+import { listKeys, runAgent } from './support/agentRun';
 
 let b: AgentBroker;
 beforeAll(async () => {
@@ -71,6 +72,6 @@ describe('Gemini CLI through Till', () => {
     expect(r.code, run.output()).not.toBe(0);
     // Gemini CLI prints the error body as JSON, quotes escaped.
     expect(run.output()).toMatch(/till: till key \\?"gemini revoked\\?" was revoked/);
-    await waitFor('the upstream stream to be cut', () => (b.up.inFlight() === 0 ? true : undefined), 5_000);
+    await waitFor('the upstream stream to be cut', () => b.up.inFlight() === 0, { timeoutMs: 5_000 });
   });
 });

@@ -27,6 +27,7 @@ import type { BrowserContext, FrameLocator, Locator, Page } from 'playwright-cor
 import pkg from '../../package.json';
 import { startPrivateKeyring, type PrivateKeyring } from '../support/keyring';
 import { startOpenAIUpstream, type Upstream } from '../support/upstreams';
+import { waitFor } from '../support/wait';
 import {
   BASE_SETTINGS,
   CODE_SERVER_VERSION,
@@ -111,16 +112,16 @@ const steps: Array<[name: string, run: (w: World) => Promise<void>]> = [
     await runCommand(page, 'Terminal: Create New Terminal');
     const rows = page.locator('.terminal-wrapper .xterm-rows').first();
     await rows.waitFor({ timeout: EXPECT_MS });
-    await waitFor('a shell prompt', async () => /[$#]\s*$/.test((await screenText(rows)).trimEnd()));
+    await expectSoon('a shell prompt', async () => /[$#]\s*$/.test((await screenText(rows)).trimEnd()));
     await typeInTerminal(page, 'echo $OPENAI_BASE_URL');
-    await waitFor('the broker URL on the terminal', async () => /http:\/\/127\.0\.0\.1:\d+\/openai\/v1/.test(await screenText(rows)));
+    await expectSoon('the broker URL on the terminal', async () => /http:\/\/127\.0\.0\.1:\d+\/openai\/v1/.test(await screenText(rows)));
   }],
 
   ['make a request from the terminal with its own key', async ({ page, upstream }) => {
     const before = upstream.received.length;
     const rows = page.locator('.terminal-wrapper .xterm-rows').first();
     await typeInTerminal(page, CURL);
-    await waitFor('the fake upstream\'s answer on the terminal', async () => /"chat\.completion"/.test(flat(await screenText(rows))));
+    await expectSoon('the fake upstream\'s answer on the terminal', async () => /"chat\.completion"/.test(flat(await screenText(rows))));
     if (upstream.received.length !== before + 1) throw new Error(`the upstream received ${upstream.received.length - before} requests, expected 1`);
     const got = upstream.received.at(-1)!;
     if (got.method !== 'POST' || got.path !== '/v1/chat/completions') throw new Error(`the upstream received ${got.method} ${got.path}`);
@@ -151,7 +152,7 @@ const steps: Array<[name: string, run: (w: World) => Promise<void>]> = [
     const before = { received: upstream.received.length, rejected: upstream.rejected.length };
     const rows = page.locator('.terminal-wrapper .xterm-rows').first();
     await typeInTerminal(page, CURL);
-    await waitFor('Till\'s refusal on the terminal', async () => /"code":\s*"(till_)?revoked"/.test(flat(await screenText(rows))));
+    await expectSoon('Till\'s refusal on the terminal', async () => /"code":\s*"(till_)?revoked"/.test(flat(await screenText(rows))));
     await delay(500); // anything that did get through would have arrived by now
     if (upstream.received.length !== before.received || upstream.rejected.length !== before.rejected) {
       throw new Error(`the upstream received ${upstream.received.length - before.received} (+${upstream.rejected.length - before.rejected} refused) requests after the revoke`);
@@ -242,12 +243,8 @@ function flat(text: string): string {
   return text.replace(/\n/g, '');
 }
 
-async function waitFor(what: string, check: () => Promise<boolean>, ms = EXPECT_MS): Promise<void> {
-  const until = Date.now() + ms;
-  while (!(await check())) {
-    if (Date.now() > until) throw new Error(`no ${what} within ${ms / 1000} s`);
-    await delay(200);
-  }
+async function expectSoon(what: string, check: () => Promise<boolean>, ms = EXPECT_MS): Promise<void> {
+  await waitFor(what, check, { timeoutMs: ms, everyMs: 200 });
 }
 
 function exactly(text: string, flags = ''): RegExp {

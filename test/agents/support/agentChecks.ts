@@ -8,7 +8,8 @@ import { expect } from 'vitest';
 import type { KeySummary } from '../../../src/core/events';
 import { CREDENTIAL_MARKER, addCredential, fakeCredential, runTill, spawnServe, tempHome, type ServeProcess } from '../../support/till';
 import type { Upstream, UpstreamOptions } from '../../support/upstreams';
-import { isLoopback, listKeys, noteReader, waitFor, workspace, type AgentResult, type AgentRun } from './agentRun';
+import { waitFor } from '../../support/wait';
+import { isLoopback, listKeys, noteReader, workspace, type AgentResult, type AgentRun } from './agentRun';
 
 export interface AgentBroker {
   /** Till's data folder. */
@@ -87,7 +88,7 @@ export function expectOnlyBroker(r: AgentResult, broker: AgentBroker): void {
  * many requests the key had in flight when it was revoked.
  */
 export async function revokeWhileStreaming(broker: AgentBroker, run: AgentRun, label: string, streaming: () => boolean): Promise<{ r: AgentResult; afterMs: number; inFlight: number }> {
-  await waitFor('the answer to stream', () => (streaming() ? true : undefined));
+  await waitFor('the answer to stream', streaming, { timeoutMs: 60_000 });
   const key = (await listKeys(broker.home)).find((k) => k.label === label && k.state === 'active');
   expect(key, `an active key labelled "${label}"`).toBeDefined();
   const revokedAt = Date.now();

@@ -179,14 +179,3 @@ export async function listKeys(home: string): Promise<KeySummary[]> {
   if (r.code !== 0) throw new Error(`till ls failed: ${r.stderr}`);
   return JSON.parse(r.stdout) as KeySummary[];
 }
-
-/** Polls until `check` returns a value, or fails after `timeoutMs`. */
-export async function waitFor<T>(what: string, check: () => T | undefined | Promise<T | undefined>, timeoutMs = 60_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await check();
-    if (value !== undefined) return value;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}

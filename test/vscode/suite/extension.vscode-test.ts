@@ -21,6 +21,7 @@ import { COMMANDS } from '../../../src/vscode/constants';
 import type { TillApi } from '../../../src/vscode/extension';
 import type { PickItem, Prompter } from '../../../src/vscode/prompter';
 import { startOpenAIUpstream, type Upstream } from '../../support/upstreams';
+import { waitFor } from '../../support/wait';
 
 const SECRET = `sk-REALCRED-vscode-${Date.now().toString(36)}`;
 
@@ -77,13 +78,12 @@ let up: Upstream;
 const prompter = new ScriptedPrompter();
 
 async function poll<T>(read: () => T | Promise<T>, ok: (v: T) => boolean, what: string, ms = 10_000): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = await read();
-    if (ok(v)) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what} (last: ${JSON.stringify(v)})`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
+  let last: T | undefined;
+  const check = async () => {
+    last = await read();
+    return ok(last) ? { value: last } : undefined;
+  };
+  return (await waitFor(what, check, { timeoutMs: ms, everyMs: 100, describe: () => `last: ${JSON.stringify(last)}` })).value;
 }
 
 async function treeKeys(): Promise<{ label: string; description: string; contextValue: string }[]> {
