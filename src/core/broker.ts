@@ -419,7 +419,7 @@ export class Broker {
     info.label = key.label;
     const billable = !isFreeRoute(provider, method, path);
     info.billable = billable;
-    // Methods and paths now; models once the body is read. (Most keys have neither: no copy.)
+    // Methods and paths now; models once the body is read.
     const early = methodViolation(key.policy, method) ?? pathViolation(key.policy, path);
     if (early) return deny({ status: 403, code: 'out_of_scope', message: early }, key);
 
