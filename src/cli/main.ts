@@ -11,9 +11,10 @@ import { AGENTS, agentSetup, agentTargets, isAgentName, newAgentScratchDir } fro
 import { ControlClient, NotRunningError } from '../core/control';
 import { CredentialList, CredentialStore, checkCredentialName } from '../core/credentials';
 import type { KeySummary, TillEvent } from '../core/events';
-import { defaultHome, readConfig, tillPaths, type TillPaths } from '../core/home';
+import { defaultHome, openHome, readConfig, type TillPaths } from '../core/home';
 import { describePolicy, formatAmount, formatDuration, formatUsd } from '../core/policy';
-import { ProviderRegistry } from '../core/providers';
+import { holdLease, type HeldLease } from '../core/leases';
+import { providerEnvNames, ProviderRegistry } from '../core/providers';
 import { TillService, type IssuedKey, type IssueInput } from '../core/service';
 import { KeychainVault } from '../core/vault';
 import { readSecret } from './secretInput';
@@ -356,18 +357,29 @@ async function exec(args: string[], paths: TillPaths): Promise<number> {
   if (targets.length === 0) throw new Error('no credentials: add one with `till credential add <provider>`');
   const client = new ControlClient(paths);
   const issued: IssuedKey[] = [];
-  const revokeAll = () => Promise.allSettled(issued.map((k) => client.request('DELETE', `/keys/${k.id}`)));
+  let lease: HeldLease | undefined;
+  const revokeAll = async () => {
+    await Promise.allSettled(issued.map((k) => client.request('DELETE', `/keys/${k.id}`)));
+    lease?.stop();
+  };
   try {
     for (const target of targets) {
       const input = issueInput(target, values);
       input.label ??= `exec ${basename(command[0]!)}`;
+      // Tied to this process: if it dies (even by kill -9), the broker revokes the keys at once.
+      input.lease = true;
       issued.push((await client.request('POST', '/keys', input)) as IssuedKey);
     }
+    lease = holdLease(client, issued.map((k) => k.id));
+    await lease.ready;
   } catch (err) {
     await revokeAll();
     throw err;
   }
+  // The command sees Till's variables for every provider and no one else's: a real key inherited
+  // from this shell (OPENAI_API_KEY=sk-…) would reach it otherwise.
   const env = { ...process.env };
+  for (const name of providerEnvNames(new ProviderRegistry(readConfig(paths).providers))) delete env[name];
   let scratch: string | undefined;
   try {
     if (agent !== undefined) {
@@ -398,7 +410,6 @@ async function exec(args: string[], paths: TillPaths): Promise<number> {
 
 export async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
-  const paths = tillPaths(defaultHome());
   try {
     switch (command) {
       case undefined:
@@ -411,6 +422,10 @@ export async function main(argv: string[]): Promise<number> {
       case '-v':
         out(VERSION);
         return 0;
+    }
+    // Refused, with the reason, when another user could change the folder (privateFolder.ts).
+    const paths = openHome(defaultHome());
+    switch (command) {
       case 'serve':
         await serve(rest, paths);
         return 0;

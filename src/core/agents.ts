@@ -7,6 +7,7 @@ import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { dirname, join } from 'node:path';
+import { ensurePrivateFolder } from './privateFolder';
 import type { IssuedKey } from './service';
 
 /** The agent CLIs Till knows how to set up. */
@@ -80,7 +81,7 @@ function needKey(agent: AgentName, keys: IssuedKey[], provider: string): IssuedK
  */
 export function newAgentScratchDir(home: string, prefix = ''): string {
   const dir = join(home, 'agents');
-  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  ensurePrivateFolder(dir, "the agents' folder");
   const scratch = join(dir, prefix + randomBytes(8).toString('hex'));
   mkdirSync(scratch, { mode: 0o700 });
   return scratch;

@@ -4,11 +4,12 @@
  * Lines are buffered and written every 100 ms (and at close), so a busy broker makes one
  * write for many requests; a crash loses at most the last 100 ms of lines. The file rotates to `<name>.1` at `maxBytes`; two generations are kept.
  */
-import { closeSync, existsSync, mkdirSync, openSync, renameSync, statSync } from 'node:fs';
+import { closeSync, fstatSync, renameSync } from 'node:fs';
 import { dirname } from 'node:path';
 import type { Denial } from './denial';
 import type { DenialCode, RequestInfo } from './events';
 import { PendingBytes } from './pendingBytes';
+import { ensurePrivateFolder, openPrivateAppend } from './privateFolder';
 
 export interface AuditRecord {
   time: string;
@@ -80,9 +81,10 @@ export class AuditLog {
     options: AuditOptions = {},
   ) {
     this.maxBytes = options.maxBytes ?? 10 * 1024 * 1024;
-    mkdirSync(dirname(file), { recursive: true, mode: 0o700 });
-    this.size = existsSync(file) ? statSync(file).size : 0;
-    this.fd = openSync(file, 'a', 0o600);
+    ensurePrivateFolder(dirname(file), 'the audit log folder');
+    // Never through a link planted where the log goes: lines would be appended to its target.
+    this.fd = openPrivateAppend(file);
+    this.size = fstatSync(this.fd).size;
   }
 
   append(record: AuditRecord): void {
@@ -107,8 +109,9 @@ export class AuditLog {
 
   private rotate(): void {
     closeSync(this.fd);
+    // A rename replaces whatever is at `.1` (a link included) without following it.
     renameSync(this.file, `${this.file}.1`);
-    this.fd = openSync(this.file, 'a', 0o600);
+    this.fd = openPrivateAppend(this.file);
     this.size = 0;
   }
 

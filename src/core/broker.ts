@@ -9,6 +9,7 @@ import * as http from 'node:http';
 import * as https from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { auditRecord, type AuditLog } from './audit';
+import { ConnectionBudget } from './connectionBudget';
 import { denialEvent, denialResponse, type Denial } from './denial';
 import type { RequestInfo, RequestUsage, TillEvent, TillEvents } from './events';
 import type { Admission, TillKeys } from './keys';
@@ -20,6 +21,9 @@ import { planBudget, settlement, type BudgetPlan } from './budget';
 import type { SettleDetails } from './ledger';
 import { StreamMeter, usageFormat, usageFromJson, type Usage, type UsageFormat } from './metering';
 import type { PriceTable } from './pricing';
+import { withDefaults } from './options';
+import { BodyScrubber, CredentialForms, HOP_BY_HOP, relayedHeaders } from './scrub';
+import { duplicateKey } from './duplicateKeys';
 import { looksLikeTillKey } from './tillKey';
 import type { Vault } from './vault';
 import { VaultError } from './vault';
@@ -27,6 +31,16 @@ import { WebSocketProxy } from './websocket';
 
 /** The broker's default port: T-I-L-L on a phone keypad. */
 export const DEFAULT_PORT = 8455;
+
+/** The defaults of {@link BrokerOptions}' limits. */
+export const BROKER_DEFAULTS = {
+  port: DEFAULT_PORT,
+  maxBodyBytes: 32 * 1024 * 1024,
+  maxHeaderBytes: 32 * 1024,
+  headersTimeoutMs: 10_000,
+  requestTimeoutMs: 60_000,
+  upstreamIdleTimeoutMs: 600_000,
+} as const;
 
 export interface BrokerOptions {
   keys: TillKeys;
@@ -52,11 +66,8 @@ export interface BrokerOptions {
   log?: (line: string) => void;
 }
 
-// Headers that describe one connection, not the message; content-length is set per side.
-const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'proxy-authorization', 'proxy-authenticate', 'te', 'trailer', 'trailers', 'transfer-encoding', 'upgrade', 'host', 'content-length']);
 /** Request headers never forwarded upstream (hop-by-hop, keys, browser context). */
 export const STRIPPED_REQUEST = new Set<string>([...HOP_BY_HOP, ...KEY_HEADERS, 'origin', 'referer', 'cookie']);
-const LOOPBACK_HOSTS = new Set(['127.0.0.1', 'localhost', '[::1]', '::1']);
 
 let requestCounter = 0;
 
@@ -122,29 +133,72 @@ export function isCanonicalPath(path: string): boolean {
   return ok;
 }
 
-/** True when a Host header names this machine's loopback interface. */
+// A Host header as it must be: a loopback name and at most a port, nothing else (parsed whole:
+// `localhost:1@evil`, `localhost:evil` and `localhost.evil` are not loopback).
+const LOOPBACK_HOST = /^(?:127\.0\.0\.1|localhost|\[::1\])(?::(\d{1,5}))?$/i;
+const LOOPBACK_NAMES = new Set(['127.0.0.1', 'localhost', '[::1]']);
+
+/** True when a Host header names this machine's loopback interface, with at most a valid port. */
 export function hostIsLoopback(host: string | undefined): boolean {
   if (!host) return false;
-  const colon = host.indexOf(':');
-  const name = host.startsWith('[') ? host.slice(0, host.indexOf(']') + 1) : colon < 0 ? host : host.slice(0, colon);
-  return LOOPBACK_HOSTS.has(name.toLowerCase());
+  const m = LOOPBACK_HOST.exec(host);
+  return m !== null && (m[1] === undefined || Number(m[1]) <= 65535);
+}
+
+/** Headers with which a client asks the upstream to read the request as another method. */
+const METHOD_OVERRIDES = ['x-http-method-override', 'x-http-method', 'x-method-override'] as const;
+
+/**
+ * Most headers a request may carry. Node would silently drop those past its own count (2,000), and a
+ * header it drops is one the broker cannot check (an `Origin` after 2,000 others): requests with more
+ * are refused instead. Real clients send a few dozen.
+ */
+export const MAX_HEADERS = 256;
+
+/** True when a Referer names a web page that is not on this machine. */
+function refererIsForeign(referer: string): boolean {
+  let url: URL;
+  try {
+    url = new URL(referer);
+  } catch {
+    return false;
+  }
+  return (url.protocol === 'http:' || url.protocol === 'https:') && !LOOPBACK_NAMES.has(url.hostname.toLowerCase());
+}
+
+/** How many times a header was sent (Node keeps only one Host in `headers`). */
+function countHeader(raw: string[], name: string): number {
+  let n = 0;
+  for (let i = 0; i < raw.length; i += 2) if (raw[i]!.length === name.length && raw[i]!.toLowerCase() === name) n++;
+  return n;
 }
 
 /**
  * The checks every request and WebSocket handshake passes before anything else; undefined when
  * it passes. DNS rebinding: a web page on evil.example whose name now resolves to 127.0.0.1 sends
- * Host: evil.example, and only loopback names are ours. A web page using the broker through the
- * user's browser: browsers mark their requests with Sec-Fetch-Site and cross-origin ones (every
- * WebSocket handshake) with Origin. (Node's fetch sends Sec-Fetch-Mode too, so that header alone
- * proves nothing.)
+ * Host: evil.example, and only loopback names are ours (exactly one Host, parsed whole). A web page
+ * using the broker through the user's browser: browsers mark their requests with Sec-Fetch-Site,
+ * cross-origin ones (every WebSocket handshake) with Origin, and older ones only with the page in
+ * Referer. (Node's fetch sends Sec-Fetch-Mode too, so that header alone proves nothing.) A request
+ * the upstream would read otherwise than the broker: one asking for another method through an
+ * override header, or one with a fragment (`/v2/chat#/tokenize` is a chat to an upstream that
+ * drops the fragment, and looks like a free route to a broker that does not).
  */
-export function clientDenial(headers: http.IncomingHttpHeaders): Denial | undefined {
-  if (!hostIsLoopback(headers.host)) {
-    return { status: 403, code: 'forbidden_host', message: 'the Host header is not a loopback name (DNS rebinding protection)' };
+export function clientDenial(req: http.IncomingMessage): Denial | undefined {
+  const headers = req.headers;
+  if (req.rawHeaders.length > 2 * MAX_HEADERS) {
+    return { status: 431, code: 'too_large', message: `the request has more than ${MAX_HEADERS} headers` };
   }
-  if (headers.origin !== undefined || headers['sec-fetch-site'] !== undefined) {
+  if (!hostIsLoopback(headers.host) || countHeader(req.rawHeaders, 'host') !== 1) {
+    return { status: 403, code: 'forbidden_host', message: 'the Host header is not one loopback name (DNS rebinding protection)' };
+  }
+  if (headers.origin !== undefined || headers['sec-fetch-site'] !== undefined || (headers.referer !== undefined && refererIsForeign(headers.referer))) {
     return { status: 403, code: 'browser_origin', message: 'requests from web browsers are refused: the broker serves local programs only' };
   }
+  for (const name of METHOD_OVERRIDES) {
+    if (headers[name] !== undefined) return { status: 400, code: 'bad_request', message: `the ${name} header is refused: send the request with its real method` };
+  }
+  if (req.url?.includes('#')) return { status: 400, code: 'bad_request', message: 'the request URL has a fragment (#…), which the upstream would read differently: send it without one' };
   return undefined;
 }
 
@@ -197,19 +251,48 @@ export function noUpstreamDenial(provider: Provider): Denial {
   return { status: 502, code: 'upstream_unreachable', message: `${provider.displayName} has no upstream set: set ${upstreamEnvVar(provider.id)} to your endpoint` };
 }
 
+/** How long the rest of a refused body is read and dropped before its connection is closed. */
+const LINGER_MS = 2_000;
+
+/**
+ * Before refusing a request whose body is still arriving (413): the rest is read and dropped for
+ * a moment instead of the connection being closed with the answer. Closing with bytes unread
+ * makes the OS reset the connection, and a client still writing would get ECONNRESET instead of
+ * the 413. The connection stays usable if the body ends in time; it is cut after {@link LINGER_MS}.
+ */
+function lingerThenClose(req: http.IncomingMessage, res: http.ServerResponse): void {
+  if (req.complete) return;
+  // Node would otherwise answer `Connection: close` and close once the answer is written.
+  res.shouldKeepAlive = true;
+  const timer = setTimeout(() => req.socket.destroy(), LINGER_MS);
+  timer.unref();
+  req.once('end', () => clearTimeout(timer));
+  req.once('close', () => clearTimeout(timer));
+}
+
 /** A JSON request body, parsed once: for its model, the budget and (if needed) rewriting. */
 type Json = Record<string, unknown>;
 
-/** The request's model (from the path for Gemini, else the JSON body) and its parsed body. */
-function inspectBody(provider: Provider, path: string, body: Buffer | undefined, contentType: string | undefined): { model?: string; json?: Json } | Error {
+/** A body the upstream could read otherwise than the broker did (duplicate keys): refused for any key. */
+class AmbiguousBody extends Error {}
+
+/**
+ * The request's model (from the path for Gemini, else the JSON body) and its parsed body. A body
+ * is parsed when it is declared JSON, or when the route is metered (`parseAnyType`).
+ */
+function inspectBody(provider: Provider, path: string, body: Buffer | undefined, contentType: string | undefined, parseAnyType: boolean): { model?: string; json?: Json } | Error {
   let json: Json | undefined;
-  if (body && body.length > 0 && contentType?.includes('json')) {
+  if (body && body.length > 0 && (parseAnyType || contentType?.includes('json'))) {
+    const text = body.toString('utf8');
+    let parsed: unknown;
     try {
-      const parsed: unknown = JSON.parse(body.toString('utf8'));
-      if (parsed && typeof parsed === 'object' && !Array.isArray(parsed)) json = parsed as Json;
+      parsed = JSON.parse(text);
     } catch {
       return new Error('the request body is not valid JSON');
     }
+    const twice = duplicateKey(text);
+    if (twice !== undefined) return new AmbiguousBody(`the request body has the key "${twice}" twice in one object, which the upstream may read otherwise than Till: send it once`);
+    if (parsed && typeof parsed === 'object' && !Array.isArray(parsed)) json = parsed as Json;
   }
   if (provider.modelFromPath) {
     const m = provider.modelFromPath.exec(path);
@@ -266,7 +349,9 @@ export class Broker {
   /** Credential reads, shared by every request that needs one (a burst reads the keychain once). */
   private readonly secrets = new Map<string, Promise<string>>();
   private readonly cachedSecrets = new Map<string, string>();
-  private readonly options: Required<Omit<BrokerOptions, 'audit' | 'log'>> & Pick<BrokerOptions, 'audit' | 'log'>;
+  /** What to scrub from answers, per credential secret (see scrub.ts). */
+  private readonly credentialForms = new Map<string, CredentialForms>();
+  private readonly options: BrokerOptions & { [K in keyof typeof BROKER_DEFAULTS]: number };
   private port = 0;
   /** Ends each admitted request still open; close() runs them so no reservation outlives the ledger. */
   private readonly requests = new InFlightList<() => void>();
@@ -274,15 +359,7 @@ export class Broker {
   private readonly open = new Set<() => void>();
 
   constructor(options: BrokerOptions) {
-    this.options = {
-      port: DEFAULT_PORT,
-      maxBodyBytes: 32 * 1024 * 1024,
-      maxHeaderBytes: 32 * 1024,
-      headersTimeoutMs: 10_000,
-      requestTimeoutMs: 60_000,
-      upstreamIdleTimeoutMs: 600_000,
-      ...options,
-    };
+    this.options = withDefaults(BROKER_DEFAULTS, options);
   }
 
   /** `http://127.0.0.1:<port>` once listening. */
@@ -308,7 +385,11 @@ export class Broker {
       noDelay: true,
       keepAliveTimeout: 5_000,
     });
+    // One past the limit, so a request over it is seen and refused rather than cut short (clientDenial).
+    server.maxHeadersCount = MAX_HEADERS + 1;
     server.on('request', (req, res) => this.handle(req, res));
+    // Thousands of idle connections must not use up the descriptors real requests need.
+    new ConnectionBudget().watch(server);
     // WebSockets (Codex's Responses transport, Realtime, Gemini Live): same checks, see websocket.ts.
     const websockets = new WebSocketProxy({
       keys: o.keys, providers: o.providers, prices: o.prices, events: o.events, audit: o.audit, log: o.log,
@@ -338,6 +419,7 @@ export class Broker {
 
   /** Forgets cached secrets (after a credential was replaced or removed). */
   forgetCredential(name?: string): void {
+    this.credentialForms.clear();
     if (name === undefined) {
       this.secrets.clear();
       this.cachedSecrets.clear();
@@ -364,6 +446,15 @@ export class Broker {
 
   private log(line: string): void {
     this.options.log?.(line);
+  }
+
+  private formsOf(secret: string): CredentialForms {
+    let forms = this.credentialForms.get(secret);
+    if (!forms) {
+      forms = new CredentialForms(secret);
+      this.credentialForms.set(secret, forms);
+    }
+    return forms;
   }
 
   private secretFor(name: string): Promise<string> {
@@ -403,7 +494,7 @@ export class Broker {
       this.audit(info, denial.status, started, denial);
     };
 
-    const refused = clientDenial(req.headers);
+    const refused = clientDenial(req);
     if (refused) return deny(refused);
     if (!provider) {
       return deny({ status: 404, code: 'unknown_provider', message: `no provider "${providerId}": use ${this.url}/<provider>/…, e.g. ${this.url}/openai/v1` });
@@ -425,20 +516,29 @@ export class Broker {
 
     const declared = Number(req.headers['content-length'] ?? 0);
     if (declared > this.options.maxBodyBytes) {
-      res.setHeader('connection', 'close');
+      lingerThenClose(req, res);
       return deny({ status: 413, code: 'too_large', message: `request body of ${declared} bytes is over the broker's limit of ${this.options.maxBodyBytes}` }, key);
     }
 
     const hasBody = req.headers['content-length'] !== undefined || req.headers['transfer-encoding'] !== undefined;
     const contentType = req.headers['content-type'];
     // JSON bodies are read whole (they are small next to the answers) so the model can be
-    // checked and logged; anything else (uploads) streams through.
-    const readWhole = hasBody && (contentType === undefined || contentType.includes('json'));
+    // checked and logged; so is any body of a metered route, whatever its declared type (an
+    // upstream may parse JSON sent as text/plain). Anything else (uploads) streams through.
+    const metered = billable && usageFormat(provider.id, method, path) !== undefined;
+    const readWhole = hasBody && (contentType === undefined || contentType.includes('json') || metered);
+    // A body the broker must judge is judged as sent: it cannot read a compressed one.
+    const encoding = req.headers['content-encoding'];
+    if (readWhole && encoding !== undefined && encoding.trim().toLowerCase() !== 'identity') {
+      return deny({ status: 415, code: 'bad_request', message: `request bodies must not be compressed (Content-Encoding: ${encoding}): Till checks them before forwarding` }, key);
+    }
+    const judged = key.policy.models !== undefined || key.policy.maxTokens !== undefined || key.policy.maxSpendUsd !== undefined;
     const proceed = (body: Buffer | undefined) => {
-      const inspected = inspectBody(provider, path, body, contentType);
+      const inspected = inspectBody(provider, path, body, contentType, metered);
       let json: Json | undefined;
       if (inspected instanceof Error) {
-        if (key.policy.models) return deny({ status: 400, code: 'bad_request', message: `${inspected.message}, so its model cannot be checked` }, key);
+        if (inspected instanceof AmbiguousBody) return deny({ status: 400, code: 'bad_request', message: inspected.message }, key);
+        if (judged && billable) return deny({ status: 400, code: 'bad_request', message: `${inspected.message}, so ${key.policy.models ? 'its model' : 'what it may cost'} cannot be checked` }, key);
       } else {
         json = inspected.json;
         if (inspected.model !== undefined) info.model = inspected.model;
@@ -456,7 +556,7 @@ export class Broker {
       size += chunk.length;
       if (size > this.options.maxBodyBytes) {
         over = true;
-        res.setHeader('connection', 'close');
+        lingerThenClose(req, res);
         deny({ status: 413, code: 'too_large', message: `request body is over the broker's limit of ${this.options.maxBodyBytes} bytes` }, key);
         return;
       }
@@ -572,8 +672,8 @@ export class Broker {
         else if (placement.kind === 'header') headers[placement.name] = secret;
         else query.set(placement.name, secret);
         const search = query.toString();
-        // Metered answers must be readable on the way through.
-        if (format) headers['accept-encoding'] = 'identity';
+        // Answers must be readable on the way through: to meter them, and to scrub the credential from them.
+        headers['accept-encoding'] = 'identity';
         if (body) headers['content-length'] = body.length;
         else if (streamBody && req.headers['content-length'] !== undefined) headers['content-length'] = req.headers['content-length'];
 
@@ -631,13 +731,12 @@ export class Broker {
         });
         upstream.on('response', (upRes) => {
           admission?.reachedUpstream();
-          const out: http.OutgoingHttpHeaders = {};
-          const upHeaders = upRes.headers;
-          for (const name of Object.keys(upHeaders)) {
-            const value = upHeaders[name];
-            if (value !== undefined && !HOP_BY_HOP.has(name)) out[name] = value;
-          }
+          const forms = this.formsOf(secret);
+          // Never relay the credential: an upstream that echoes request headers, a Location with ?key=.
+          const locationMap = upRes.headers.location === undefined ? undefined : { requestUrl: `${target.origin}${targetPath}`, upstreamBase: provider.baseUrl, brokerBase: this.baseUrlFor(provider) };
+          const out = relayedHeaders(upRes.headers, forms, locationMap, (name) => this.log(`dropped the upstream's ${name} response header: it held the credential`));
           if (upRes.headers['content-length'] !== undefined) out['content-length'] = upRes.headers['content-length'];
+          const scrubber = new BodyScrubber(forms);
           isSse = (upRes.headers['content-type'] ?? '').includes('text/event-stream');
           upstreamStatus = upRes.statusCode ?? 502;
           if (format && !upRes.headers['content-encoding']) {
@@ -658,7 +757,7 @@ export class Broker {
                 seen = true;
                 return;
               }
-              writable = res.write(e.raw) && writable;
+              writable = res.write(scrubber.push(e.raw)) && writable;
             };
           }
           upRes.on('data', (chunk: Buffer) => {
@@ -677,12 +776,12 @@ export class Broker {
                 if (s?.usage) this.options.events.emit({ type: 'request.progress', at: Date.now(), request: info, usage: s.usage });
               }
             }
-            if (!strip) writable = res.write(chunk);
+            if (!strip) writable = res.write(scrubber.push(chunk));
             if (!writable) upRes.pause();
           });
           res.on('drain', () => upRes.resume());
           upRes.on('end', () => {
-            res.end();
+            res.end(scrubber.end());
             finish(upRes.statusCode ?? 502);
           });
           upRes.on('error', () => {
@@ -703,8 +802,11 @@ export class Broker {
           req.on('data', (chunk: Buffer) => {
             size += chunk.length;
             if (size > this.options.maxBodyBytes && !ended) {
+              // Cut before the upstream had the whole request: it cannot bill it, and neither does Till.
               upstream.destroy();
-              res.setHeader('connection', 'close');
+              admission?.done();
+              admission = undefined;
+              lingerThenClose(req, res);
               this.sendDenial(res, provider.id, { status: 413, code: 'too_large', message: `request body is over the broker's limit of ${this.options.maxBodyBytes} bytes` });
               finish(413, 'too_large');
             }

@@ -9,7 +9,7 @@
 import { AlreadyRunningError, ControlClient, NotRunningError } from './control';
 import type { KeySummary, TillEvent } from './events';
 import type { Extension } from './keys';
-import { tillPaths, type TillPaths } from './home';
+import { openHome, tillPaths, type TillPaths } from './home';
 import { TillService, type IssuedKey, type IssueInput, type RequestRecord, type ServiceOptions } from './service';
 
 /** Whether this process hosts the broker, uses another's, or has none (yet). */
@@ -53,6 +53,8 @@ export class TillConnection {
   }
 
   private async establish(): Promise<void> {
+    // Neither host nor attach through a data folder another user could change.
+    openHome(this.options.home);
     for (;;) {
       if (this.disposed) return;
       try {

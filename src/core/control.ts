@@ -5,10 +5,11 @@
  * can open it. Binding the socket is also the lock that keeps a second broker off the ledger.
  */
 import { randomBytes } from 'node:crypto';
-import { chmodSync, existsSync, readFileSync, renameSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, statSync, unlinkSync } from 'node:fs';
 import * as http from 'node:http';
 import { connect } from 'node:net';
 import type { TillPaths } from './home';
+import { checkOwnSocket, claimPrivateFolder, PrivateFolderError, readPrivateFile, writePrivateFile } from './privateFolder';
 
 /** Thrown when another broker already serves this data folder. */
 export class AlreadyRunningError extends Error {
@@ -40,8 +41,8 @@ export class ControlError extends Error {
 /** Handles one control request; throw {@link ControlError} for a refusal. */
 export type ControlRoute = (body: unknown, params: string[]) => unknown | Promise<unknown>;
 
-/** Streams server-sent lines to a client until it leaves; returns the cleanup. */
-export type ControlStream = (send: (value: unknown) => void) => () => void;
+/** Streams server-sent lines to a client until it leaves; returns the cleanup, run when it has gone. */
+export type ControlStream = (send: (value: unknown) => void, params: string[]) => () => void;
 
 export interface ControlRoutes {
   routes: Record<string, ControlRoute>;
@@ -69,6 +70,9 @@ export class ControlServer {
 
   /** Takes the socket, or throws {@link AlreadyRunningError}. */
   async claim(): Promise<void> {
+    // A socket outside the data folder goes in a folder of this user's alone: in a folder anyone
+    // can write, another user could bind the name first and pose as the broker.
+    if (this.paths.socketFolder !== undefined) claimPrivateFolder(this.paths.socketFolder, 'the control socket folder');
     if (process.platform !== 'win32' && existsSync(this.paths.socket)) {
       if (await isAlive(this.paths.socket)) throw new AlreadyRunningError(await this.peerUrl());
       unlinkSync(this.paths.socket); // left by a broker that was killed
@@ -92,9 +96,7 @@ export class ControlServer {
         throw new AlreadyRunningError(undefined);
       }
     }
-    const tmp = `${this.paths.token}.tmp`;
-    writeFileSync(tmp, this.token, { mode: 0o600 });
-    renameSync(tmp, this.paths.token);
+    writePrivateFile(this.paths.token, this.token);
     this.server = server;
   }
 
@@ -125,9 +127,15 @@ export class ControlServer {
     const route = `${req.method} /${first}`;
     const stream = this.handlers.streams[route];
     if (stream) {
+      let decoded: string[];
+      try {
+        decoded = params.map(decodeURIComponent);
+      } catch {
+        return reply(400, { error: 'bad percent-encoding in the control path' });
+      }
       res.writeHead(200, { 'content-type': 'application/x-ndjson' });
       res.flushHeaders();
-      const stop = stream((value) => res.write(JSON.stringify(value) + '\n'));
+      const stop = stream((value) => res.write(JSON.stringify(value) + '\n'), decoded);
       res.on('close', stop);
       return;
     }
@@ -167,15 +175,20 @@ export class ControlClient {
   constructor(private readonly paths: TillPaths) {}
 
   private token(): string {
+    let token: string | undefined;
     try {
-      return readFileSync(this.paths.token, 'utf8').trim();
-    } catch {
-      throw new NotRunningError(this.paths.home);
+      token = readPrivateFile(this.paths.token);
+    } catch (err) {
+      if (err instanceof PrivateFolderError) throw err;
     }
+    if (token === undefined) throw new NotRunningError(this.paths.home);
+    return token.trim();
   }
 
   private open(method: string, path: string, body?: unknown): Promise<http.IncomingMessage> {
     const token = this.token();
+    // The token goes only to a socket this user bound: anything else may be posing as the broker.
+    checkOwnSocket(this.paths.socket);
     return new Promise((resolve, reject) => {
       const req = http.request({ socketPath: this.paths.socket, method, path, headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' } }, resolve);
       req.on('error', (err: NodeJS.ErrnoException) => {
@@ -195,10 +208,14 @@ export class ControlClient {
     return value;
   }
 
-  /** Calls `onValue` for each streamed line until `signal` aborts or the broker goes away. */
-  async stream(path: string, onValue: (value: unknown) => void, signal?: AbortSignal): Promise<void> {
+  /**
+   * Calls `onValue` for each streamed line until `signal` aborts or the broker goes away.
+   * `onOpen` runs once the broker streams (nothing it sends after that is missed).
+   */
+  async stream(path: string, onValue: (value: unknown) => void, signal?: AbortSignal, onOpen?: () => void): Promise<void> {
     const res = await this.open('GET', path);
     if ((res.statusCode ?? 500) >= 400) throw new ControlError(res.statusCode ?? 500, `control stream ${path} failed (${res.statusCode})`);
+    onOpen?.();
     signal?.addEventListener('abort', () => res.destroy());
     let buffer = '';
     await new Promise<void>((resolve) => {

@@ -2,8 +2,8 @@
  * The list of credentials: names and providers only, in `credentials.json` in the data
  * folder. The secrets themselves live in the {@link Vault}; this file holds nothing secret.
  */
-import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { dirname } from 'node:path';
+import { ensurePrivateFolder, readPrivateFile, writePrivateFile } from './privateFolder';
 
 export interface CredentialInfo {
   /** Unique name, also the keychain account. Default: the provider id. */
@@ -23,8 +23,8 @@ export class CredentialList {
   constructor(readonly file: string) {}
 
   all(): CredentialInfo[] {
-    if (!existsSync(this.file)) return [];
-    const text = readFileSync(this.file, 'utf8');
+    const text = readPrivateFile(this.file);
+    if (text === undefined) return [];
     try {
       const parsed = JSON.parse(text) as { credentials?: CredentialInfo[] };
       if (!Array.isArray(parsed.credentials)) throw new Error('no credentials array');
@@ -57,10 +57,8 @@ export class CredentialList {
   }
 
   private save(list: CredentialInfo[]): void {
-    mkdirSync(dirname(this.file), { recursive: true, mode: 0o700 });
-    const tmp = `${this.file}.tmp`;
-    writeFileSync(tmp, JSON.stringify({ credentials: list }, null, 2) + '\n', { mode: 0o600 });
-    renameSync(tmp, this.file);
+    ensurePrivateFolder(dirname(this.file), 'the data folder');
+    writePrivateFile(this.file, JSON.stringify({ credentials: list }, null, 2) + '\n');
   }
 }
 

@@ -23,6 +23,8 @@ export interface KeySummary {
   revokedAt?: number;
   /** Who asked for the key (`vscode:<session>`, `cli`, …). */
   owner?: string;
+  /** Revoked when the process holding its lease goes away (`till exec`). */
+  leased?: true;
   /** Tokens by kind (input includes cached, output includes reasoning). */
   tokens: import('./ledger').TokenCounts;
   /** The part of `used.spend` (micro-dollars) that was estimated from an interrupted stream. */

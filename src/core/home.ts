@@ -1,11 +1,13 @@
 /**
  * The data folder (`TILL_HOME`) and what lives in it. Nothing in it is secret except the
- * control token, which only the owner can read.
+ * control token, which only the owner can read. Till trusts the folder only when this OS user
+ * alone can change it (see privateFolder.ts): a folder another user made or can write to could
+ * redirect credentials (config.json) or plant links that turn Till's writes against the user.
  */
 import { createHash } from 'node:crypto';
-import { existsSync, readFileSync } from 'node:fs';
 import { homedir, tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { isAbsolute, join } from 'node:path';
+import { ensurePrivateFolder, readPrivateFile } from './privateFolder';
 import type { CustomProviderConfig } from './providers';
 
 export interface TillPaths {
@@ -18,6 +20,11 @@ export interface TillPaths {
   prices: string;
   /** Unix socket (or Windows named pipe) of the control channel. */
   socket: string;
+  /**
+   * The private folder the socket lives in when it cannot live in the data folder (its path
+   * would be too long): claimed for this user alone before the socket is bound there.
+   */
+  socketFolder?: string;
   /** Keychain service under which this folder's credentials are stored. */
   keychainService: string;
   /** 0600 file holding the control channel's bearer token. */
@@ -41,13 +48,32 @@ export function keychainService(home: string): string {
   return home === defaultHome({}) ? 'till' : `till ${home}`;
 }
 
-export function tillPaths(home: string): TillPaths {
+/**
+ * Where a control socket goes when the data folder's path is too long for one: the user's
+ * runtime folder (`XDG_RUNTIME_DIR`, private by definition), else `<tmp>/till-<uid>`, a folder
+ * claimed for this user alone (never a bare file in a folder anyone can write). Read from this
+ * process's environment, so that the broker and every client agree on it.
+ */
+function socketFolderFor(env: NodeJS.ProcessEnv): string {
+  const runtime = env.XDG_RUNTIME_DIR;
+  if (runtime && isAbsolute(runtime)) return join(runtime, 'till');
+  // What os.tmpdir() reads on Linux and macOS, from `env` rather than this process's.
+  const tmp = (env.TMPDIR || env.TMP || env.TEMP || tmpdir()).replace(/(.)\/+$/, '$1');
+  return join(tmp, `till-${process.getuid?.() ?? 0}`);
+}
+
+/** The paths of a data folder. `env` says where the socket goes when it cannot live in the folder (default: this process's). */
+export function tillPaths(home: string, env: NodeJS.ProcessEnv = process.env): TillPaths {
   const digest = createHash('sha256').update(home).digest('hex').slice(0, 16);
   let socket = join(home, 'control.sock');
+  let socketFolder: string | undefined;
   if (process.platform === 'win32') socket = `\\\\.\\pipe\\till-${digest}`;
   // Unix socket paths are limited to about 104 bytes.
-  else if (Buffer.byteLength(socket) > 100) socket = join(tmpdir(), `till-${process.getuid?.() ?? 0}-${digest}.sock`);
-  return {
+  else if (Buffer.byteLength(socket) > 100) {
+    socketFolder = socketFolderFor(env);
+    socket = join(socketFolder, `${digest}.sock`);
+  }
+  const paths: TillPaths = {
     home,
     ledger: join(home, 'ledger.jsonl'),
     audit: join(home, 'audit.jsonl'),
@@ -58,6 +84,18 @@ export function tillPaths(home: string): TillPaths {
     keychainService: keychainService(home),
     token: join(home, 'control.token'),
   };
+  if (socketFolder !== undefined) paths.socketFolder = socketFolder;
+  return paths;
+}
+
+/**
+ * The paths of a data folder Till may use: created (0700) when missing, refused with a clear
+ * {@link import('./privateFolder').PrivateFolderError} when another user owns it or could
+ * change it. Every entry point (`till`, the broker, a VS Code window) opens the folder this way.
+ */
+export function openHome(home: string): TillPaths {
+  ensurePrivateFolder(home, 'the data folder');
+  return tillPaths(home);
 }
 
 /** `config.json` in the data folder. Every field is optional. */
@@ -72,13 +110,30 @@ export interface TillConfig {
   maxBodyBytes?: number;
 }
 
+/** Why a config field has the wrong type, or undefined. */
+function configProblem(config: Record<string, unknown>): string | undefined {
+  const { port, maxBodyBytes, upstreams, providers } = config;
+  if (port !== undefined && !(Number.isInteger(port) && (port as number) >= 0 && (port as number) <= 65535)) return '"port" must be a whole number from 0 to 65535';
+  if (maxBodyBytes !== undefined && !(Number.isSafeInteger(maxBodyBytes) && (maxBodyBytes as number) > 0)) return '"maxBodyBytes" must be a whole number of bytes above 0';
+  if (upstreams !== undefined && (typeof upstreams !== 'object' || upstreams === null || Array.isArray(upstreams) || Object.values(upstreams).some((u) => typeof u !== 'string'))) {
+    return '"upstreams" must map provider ids to URLs';
+  }
+  if (providers !== undefined && !Array.isArray(providers)) return '"providers" must be a list';
+  return undefined;
+}
+
+/** Reads `config.json` (a link or another user's file is refused); throws with the file's name on bad contents. */
 export function readConfig(paths: TillPaths): TillConfig {
-  if (!existsSync(paths.config)) return {};
+  const text = readPrivateFile(paths.config);
+  if (text === undefined) return {};
+  let config: unknown;
   try {
-    const config = JSON.parse(readFileSync(paths.config, 'utf8')) as TillConfig;
-    if (typeof config !== 'object' || config === null || Array.isArray(config)) throw new Error('not an object');
-    return config;
+    config = JSON.parse(text);
   } catch (err) {
     throw new Error(`${paths.config} is not valid JSON (${(err as Error).message})`);
   }
+  if (typeof config !== 'object' || config === null || Array.isArray(config)) throw new Error(`${paths.config} must hold a JSON object`);
+  const problem = configProblem(config as Record<string, unknown>);
+  if (problem) throw new Error(`${paths.config}: ${problem}`);
+  return config as TillConfig;
 }

@@ -41,6 +41,8 @@ export interface IssueRequest {
   /** Who asked for the key (e.g. `vscode:<session>`, `cli`), so the right window notifies about it. */
   owner?: string;
   policy: Policy;
+  /** Revoke the key when the process holding its lease goes away (see leases.ts). */
+  lease?: boolean;
 }
 
 /** Fractions of a limit at which the key's owner hears about it. 1 is exhaustion. */
@@ -107,6 +109,7 @@ export class TillKeys {
       used: {},
     };
     if (request.owner) record.owner = request.owner;
+    if (request.lease) record.leased = true;
     this.ledger.addKey(record);
     this.events.emit({ type: 'key.issued', at: record.createdAt, key: this.summary(record) });
     this.scheduleExpiry();
@@ -117,10 +120,16 @@ export class TillKeys {
   revoke(id: string): boolean {
     if (!this.ledger.revoke(id, this.now())) return false;
     const record = this.ledger.get(id)!;
-    const denial = endedDenial(record, this.now())!;
-    for (const flight of [...(this.inFlight.get(id)?.values() ?? []), ...(this.sessions.get(id) ?? [])]) flight.cut(denial);
+    this.cutAll(record);
     this.events.emit({ type: 'key.revoked', at: this.now(), key: this.summary(record) });
     return true;
+  }
+
+  /** Ends every request and stream in flight for a key that has ended (revoked or expired). */
+  private cutAll(key: KeyRecord): void {
+    const denial = endedDenial(key, this.now());
+    if (!denial) return;
+    for (const flight of [...(this.inFlight.get(key.id)?.values() ?? []), ...(this.sessions.get(key.id) ?? [])]) flight.cut(denial);
   }
 
   /** Revokes every key that is not revoked yet; returns how many. */
@@ -163,6 +172,7 @@ export class TillKeys {
     };
     if (key.revokedAt !== undefined) summary.revokedAt = key.revokedAt;
     if (key.owner !== undefined) summary.owner = key.owner;
+    if (key.leased) summary.leased = true;
     return summary;
   }
 
@@ -333,7 +343,10 @@ export class TillKeys {
     return true;
   }
 
-  /** One timer for the next expiry, so `key.expired` arrives when it happens, not at the next request. */
+  /**
+   * One timer for the next expiry, so that `key.expired` arrives when it happens, not at the next
+   * request, and the key's requests and streams in flight end then (an expired key serves nothing).
+   */
   private scheduleExpiry(): void {
     clearTimeout(this.expiryTimer);
     const now = this.now();
@@ -342,7 +355,10 @@ export class TillKeys {
       const at = key.policy.expiresAt;
       if (at === undefined || key.revokedAt !== undefined) continue;
       if (at <= now) {
-        if (this.once(key.id, 'expired')) this.events.emit({ type: 'key.expired', at: now, key: this.summary(key) });
+        if (this.once(key.id, 'expired')) {
+          this.cutAll(key);
+          this.events.emit({ type: 'key.expired', at: now, key: this.summary(key) });
+        }
       } else {
         next = Math.min(next, at);
       }

@@ -8,10 +8,11 @@
  * upstream, so at the next open it counts as spent: after a crash a key can lose a call it
  * never made, but it can never serve more than its limit.
  */
-import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, writeSync } from 'node:fs';
+import { closeSync, fsyncSync, openSync, writeSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { PendingBytes } from './pendingBytes';
+import { commitTemporary, ensurePrivateFolder, openPrivateAppend, openTemporary, readPrivateFile } from './privateFolder';
 import { hasLimits, limitsOf, type Amounts, type Meter, type Policy } from './policy';
 
 /** A till key as stored. Never holds the key itself, only its hash. */
@@ -33,6 +34,8 @@ export interface KeyRecord {
   tokens?: TokenCounts;
   /** The part of `used.spend` (micro-dollars) that was estimated, not reported. */
   estimatedSpend?: number;
+  /** Tied to the life of the process that holds its lease (`till exec`): see leases.ts. */
+  leased?: true;
 }
 
 /** Tokens by kind. Input includes cached; output includes reasoning. */
@@ -243,8 +246,9 @@ export class Ledger {
   /** Opens (or creates) the ledger at `file`. Throws {@link LedgerCorruptError} on damage. */
   static open(file: string, options: LedgerOptions = {}): Ledger {
     const ledger = new Ledger(file, options);
-    mkdirSync(dirname(file), { recursive: true, mode: 0o700 });
-    if (existsSync(file)) ledger.replay(readFileSync(file, 'utf8'));
+    ensurePrivateFolder(dirname(file), 'the ledger folder');
+    const text = readPrivateFile(file);
+    if (text !== undefined) ledger.replay(text);
     // Reservations open at the last stop may have reached the upstream: count them as spent.
     for (const res of ledger.open.values()) {
       const key = ledger.keysById.get(res.keyId);
@@ -385,18 +389,15 @@ export class Ledger {
   compact(): void {
     // The snapshot holds everything deferred entries say (memory is already up to date).
     this.deferred.clear();
-    const tmp = `${this.file}.tmp`;
-    const fd = openSync(tmp, 'w', 0o600);
+    const tmp = openTemporary(this.file);
     let text = encode({ t: 'head', v: 1 });
     for (const key of this.keysById.values()) text += encode({ t: 'key', key });
     for (const res of this.open.values()) text += encode({ t: 'res', r: res.id, k: res.keyId, a: res.amounts });
-    writeSync(fd, text);
-    fsyncSync(fd);
-    closeSync(fd);
-    renameSync(tmp, this.file);
+    writeSync(tmp.fd, text);
+    commitTemporary(tmp, this.file);
     syncFolder(dirname(this.file));
     if (this.fd >= 0) closeSync(this.fd);
-    this.fd = openSync(this.file, 'a', 0o600);
+    this.fd = openPrivateAppend(this.file);
     this.entries = 0;
   }
 

@@ -3,7 +3,7 @@
  * The built-in table is prices.json (dated, per provider, USD per 1M tokens); a user's
  * prices.json in the data folder replaces entries model by model.
  */
-import { readFileSync } from 'node:fs';
+import { readPrivateFile } from './privateFolder';
 import builtIn from './prices.json';
 
 /** What a model costs, in USD per 1M tokens. */
@@ -215,13 +215,13 @@ export class PriceTable {
  * A missing file gives `{}`; an unreadable or malformed one throws an Error naming the file.
  */
 export function readPriceOverrides(file: string): PriceOverrides {
-  let text: string;
+  let text: string | undefined;
   try {
-    text = readFileSync(file, 'utf8');
+    text = readPrivateFile(file);
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return {};
     throw new Error(`${file} could not be read (${(err as Error).message})`);
   }
+  if (text === undefined) return {};
   let parsed: unknown;
   try {
     parsed = JSON.parse(text);

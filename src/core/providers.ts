@@ -33,6 +33,11 @@ export interface Provider {
   keyEnv: string[];
   /** Env var(s) SDKs and agents read for the base URL. */
   baseUrlEnv: string[];
+  /**
+   * Other env vars tools read this provider's key or endpoint from. Till never sets them, and
+   * removes them (with {@link keyEnv} and {@link baseUrlEnv}) from the environment of what it runs.
+   */
+  otherEnv?: string[];
   /** Routes that are not billable: they never spend an activation. HEAD and OPTIONS never are. */
   freeRoutes: Route[];
   /** Extracts the model from the upstream path when the provider puts it there (Gemini). */
@@ -80,6 +85,7 @@ export const CATALOGUE: readonly Provider[] = [
     placement: bearer,
     keyEnv: ['OPENAI_API_KEY'],
     baseUrlEnv: ['OPENAI_BASE_URL', 'OPENAI_API_BASE'],
+    otherEnv: ['OPENAI_ADMIN_KEY', 'CODEX_API_KEY'],
     freeRoutes: openAiFree,
   },
   {
@@ -90,6 +96,7 @@ export const CATALOGUE: readonly Provider[] = [
     placement: { kind: 'header', name: 'x-api-key' },
     keyEnv: ['ANTHROPIC_API_KEY'],
     baseUrlEnv: ['ANTHROPIC_BASE_URL'],
+    otherEnv: ['ANTHROPIC_AUTH_TOKEN', 'CLAUDE_CODE_OAUTH_TOKEN', 'ANTHROPIC_ADMIN_KEY'],
     freeRoutes: [
       { method: 'GET', path: '/v1/models' },
       { method: 'GET', path: '/v1/models/*' },
@@ -105,6 +112,7 @@ export const CATALOGUE: readonly Provider[] = [
     placement: { kind: 'header', name: 'x-goog-api-key' },
     keyEnv: ['GEMINI_API_KEY', 'GOOGLE_API_KEY'],
     baseUrlEnv: ['GOOGLE_GEMINI_BASE_URL'],
+    otherEnv: ['GOOGLE_GENERATIVE_AI_API_KEY', 'GOOGLE_VERTEX_BASE_URL'],
     freeRoutes: [
       { method: 'GET', path: '/*/models' },
       { method: 'GET', path: '/*/models/*' },
@@ -160,6 +168,7 @@ export const CATALOGUE: readonly Provider[] = [
     placement: bearer,
     keyEnv: ['GH_TOKEN', 'GITHUB_TOKEN'],
     baseUrlEnv: ['GITHUB_API_URL'],
+    otherEnv: ['GH_ENTERPRISE_TOKEN', 'GITHUB_ENTERPRISE_TOKEN', 'GH_HOST'],
     freeRoutes: [{ method: 'GET', path: '/rate_limit' }],
     defaultHeaders: { 'user-agent': 'till' },
   },
@@ -199,6 +208,13 @@ function envName(id: string): string {
 /** The base URL clients use for a provider through a broker at `brokerUrl`: `<broker>/<id><base path>`. */
 export function providerBaseUrl(brokerUrl: string, provider: Pick<Provider, 'id' | 'basePath'>): string {
   return `${brokerUrl}/${provider.id}${provider.basePath}`;
+}
+
+/** Every env var through which a provider's key or endpoint reaches a program, for all `providers`. */
+export function providerEnvNames(providers: ProviderRegistry): Set<string> {
+  const names = new Set<string>();
+  for (const p of providers.all()) for (const name of [...p.keyEnv, ...p.baseUrlEnv, ...(p.otherEnv ?? [])]) names.add(name);
+  return names;
 }
 
 /** The env var that overrides a provider's upstream base URL, e.g. `TILL_UPSTREAM_AZURE_OPENAI`. */
@@ -263,22 +279,33 @@ export class ProviderRegistry {
 
 const patternCache = new Map<string, RegExp>();
 
+function compiled(pattern: string, star: string): RegExp {
+  const cacheKey = star + pattern;
+  let re = patternCache.get(cacheKey);
+  if (!re) {
+    re = new RegExp(`^${pattern.split('*').map((s) => s.replace(/[.+?^${}()|[\]\\]/g, '\\$&')).join(star)}$`);
+    if (patternCache.size > 1000) patternCache.clear();
+    patternCache.set(cacheKey, re);
+  }
+  return re;
+}
+
 /**
  * Glob match used for path and model scopes: `*` matches any run of characters (slashes
  * included), everything else is literal. `/v1/chat/*` matches `/v1/chat/completions`.
  */
 export function matchPattern(pattern: string, value: string): boolean {
-  let re = patternCache.get(pattern);
-  if (!re) {
-    re = new RegExp(`^${pattern.split('*').map((s) => s.replace(/[.+?^${}()|[\]\\]/g, '\\$&')).join('.*')}$`);
-    if (patternCache.size > 1000) patternCache.clear();
-    patternCache.set(pattern, re);
-  }
-  return re.test(value);
+  return compiled(pattern, '.*').test(value);
 }
 
-/** True when the request costs nothing: HEAD, OPTIONS and the provider's free routes. */
+/**
+ * True when the request costs nothing: HEAD, OPTIONS and the provider's free routes. In a free
+ * route a `*` stands for one path segment and never spans `/`, `:` or `;`: Gemini's free
+ * `…/models/<model>:countTokens` is no free pass for `…/models/x:generateContent;:countTokens`,
+ * which an upstream may read as a generation, nor its free `GET …/models/<model>` for
+ * `GET …/models/x:generateContent`.
+ */
 export function isFreeRoute(provider: Provider, method: string, path: string): boolean {
   if (method === 'HEAD' || method === 'OPTIONS') return true;
-  return provider.freeRoutes.some((r) => (r.method === '*' || r.method === method) && matchPattern(r.path, path));
+  return provider.freeRoutes.some((r) => (r.method === '*' || r.method === method) && compiled(r.path, '[^/:;]*').test(path));
 }

@@ -3,14 +3,15 @@
  * data folder. `till serve` runs it in the foreground; the VS Code extension hosts it in its
  * extension host.
  */
-import { mkdirSync } from 'node:fs';
 import { AuditLog } from './audit';
-import { Broker } from './broker';
+import { Broker, type BrokerOptions } from './broker';
 import { ControlError, ControlServer } from './control';
 import { CredentialList, type CredentialInfo } from './credentials';
 import { TillEvents, type KeySummary, type TillEvent } from './events';
-import { readConfig, tillPaths, type TillPaths } from './home';
+import { openHome, readConfig, type TillPaths } from './home';
+import { withDefaults } from './options';
 import { TillKeys, type Extension } from './keys';
+import { Leases, type LEASE_GRACE_MS } from './leases';
 import { Ledger } from './ledger';
 import { buildPolicy, type Policy, type PolicyInput } from './policy';
 import { ProviderRegistry, type Provider } from './providers';
@@ -27,9 +28,14 @@ export interface ServiceOptions {
   /** Price overrides (provider → model → price), over the data folder's prices.json (the editor's settings). */
   prices?: PriceOverrides;
   log?: (line: string) => void;
+  /** How long a leased key waits for its holder after the broker starts. Default: {@link LEASE_GRACE_MS}. */
+  leaseGraceMs?: number;
   /** Broker limits and timeouts, for tests and the settings. */
-  broker?: Partial<Pick<import('./broker').BrokerOptions, 'maxBodyBytes' | 'maxHeaderBytes' | 'headersTimeoutMs' | 'requestTimeoutMs' | 'upstreamIdleTimeoutMs'>>;
+  broker?: Omit<BrokerSettings, 'port'>;
 }
+
+/** The broker's settings a service layers: `options`, then `broker`, then config.json, then the broker's defaults. */
+type BrokerSettings = Partial<Pick<BrokerOptions, 'port' | 'maxBodyBytes' | 'maxHeaderBytes' | 'headersTimeoutMs' | 'requestTimeoutMs' | 'upstreamIdleTimeoutMs'>>;
 
 /** What a control client sends to issue a key. */
 export interface IssueInput extends PolicyInput {
@@ -38,6 +44,8 @@ export interface IssueInput extends PolicyInput {
   label?: string;
   /** Who asks (`vscode:<session>`, `cli`, …). */
   owner?: string;
+  /** Revoke the key when the process holding its lease (`GET /leases/<ids>`) goes away. */
+  lease?: boolean;
 }
 
 /** What issuing a key returns: the only time the full key is given out. */
@@ -68,6 +76,7 @@ export const RECENT_REQUESTS = 200;
 
 export class TillService {
   private readonly recentRequests: RequestRecord[] = [];
+  private readonly leases: Leases;
 
   private constructor(
     readonly paths: TillPaths,
@@ -80,7 +89,10 @@ export class TillService {
     private readonly audit: AuditLog,
     private readonly control: ControlServer,
     private readonly vault: Vault,
+    leaseGraceMs: number | undefined,
   ) {
+    this.leases = new Leases(keys, leaseGraceMs);
+    this.leases.start();
     events.on((e) => {
       if (e.type !== 'request.finished' && e.type !== 'request.denied') return;
       this.recentRequests.push(e);
@@ -95,8 +107,7 @@ export class TillService {
 
   /** Claims the data folder, opens the ledger, starts the broker and the control channel. */
   static async start(options: ServiceOptions): Promise<TillService> {
-    const paths = tillPaths(options.home);
-    mkdirSync(paths.home, { recursive: true, mode: 0o700 });
+    const paths = openHome(options.home);
     const config = readConfig(paths);
     const providers = new ProviderRegistry(config.providers, config.upstreams, options.env);
     const control = new ControlServer(paths);
@@ -112,9 +123,11 @@ export class TillService {
       const overrides = readPriceOverrides(paths.prices);
       for (const [provider, models] of Object.entries(options.prices ?? {})) overrides[provider] = { ...overrides[provider], ...models };
       const prices = new PriceTable(overrides);
-      const broker = new Broker({ keys, vault, providers, prices, events, audit, port: options.port ?? config.port, log: options.log, maxBodyBytes: config.maxBodyBytes, ...options.broker });
+      // Layered: a setting not given (undefined) never replaces the one below it or the broker's default.
+      const settings = withDefaults<BrokerSettings, object>({}, { port: config.port, maxBodyBytes: config.maxBodyBytes }, options.broker, { port: options.port });
+      const broker = new Broker({ keys, vault, providers, prices, events, audit, log: options.log, ...settings });
       await broker.start();
-      const service = new TillService(paths, events, broker, keys, providers, new CredentialList(paths.credentials), ledger, audit, control, vault);
+      const service = new TillService(paths, events, broker, keys, providers, new CredentialList(paths.credentials), ledger, audit, control, vault, options.leaseGraceMs);
       control.serve(service.controlRoutes());
       return service;
     } catch (err) {
@@ -157,7 +170,8 @@ export class TillService {
     } catch (err) {
       throw new ControlError(503, err instanceof VaultError ? err.message : `the keychain failed: ${(err as Error).message}`);
     }
-    const { key, record } = this.keys.issue({ provider: provider.id, credential: credential.name, label: input.label, owner: input.owner, policy });
+    const { key, record } = this.keys.issue({ provider: provider.id, credential: credential.name, label: input.label, owner: input.owner, policy, lease: input.lease === true });
+    if (record.leased) this.leases.awaitHolder(record.id);
     const baseUrl = this.broker.baseUrlFor(provider);
     return { id: record.id, key, provider: provider.id, credential: credential.name, label: record.label, baseUrl, env: envFor(provider, key, baseUrl), policy };
   }
@@ -195,11 +209,18 @@ export class TillService {
       },
       streams: {
         'GET /events': (send: (value: unknown) => void) => this.events.on(send),
+        // Held open by `till exec` while its command runs: the keys are revoked when it goes away.
+        'GET /leases': (send: (value: unknown) => void, params: string[]) => {
+          const lease = this.leases.hold((params[0] ?? '').split(',').filter(Boolean));
+          send({ held: lease.held });
+          return lease.release;
+        },
       },
     };
   }
 
   async close(): Promise<void> {
+    this.leases.close();
     this.keys.close();
     await this.control.close();
     await this.broker.close();

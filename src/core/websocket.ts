@@ -27,12 +27,15 @@ import { clientDenial, credentialDenial, findTillKey, forwardedHeaders, noUpstre
 import { planBudget, settlement } from './budget';
 import { denialBody, denialResponse, type Denial } from './denial';
 import type { RequestInfo, RequestUsage, TillEvents } from './events';
-import { endedDenial, type Admission, type TillKeys } from './keys';
+import type { Admission, TillKeys } from './keys';
 import type { KeyRecord, SettleDetails } from './ledger';
 import { asObj, estimateTokens, isTextDelta, RESPONSES_FINAL, usageFormat, usageFromJson, type Usage, type UsageFormat } from './metering';
 import { formatAmount, formatUsd, limitsOf, METERS, modelViolation, pathViolation, scopeViolation, type Amounts } from './policy';
 import type { PriceTable } from './pricing';
 import { isFreeRoute, KEY_HEADERS, KEY_QUERY_PARAMS, type Provider, type ProviderRegistry } from './providers';
+import { duplicateKey } from './duplicateKeys';
+import { withDefaults } from './options';
+import { CredentialForms, relayedHeaders } from './scrub';
 import { looksLikeTillKey } from './tillKey';
 
 /**
@@ -198,13 +201,7 @@ export class WebSocketProxy {
   readonly answers = new WeakMap<http.IncomingMessage, { protocol: string | false; headers: string[] }>();
 
   constructor(options: WebSocketProxyOptions) {
-    this.options = {
-      maxMessageBytes: 32 * 1024 * 1024,
-      maxUpstreamMessageBytes: 64 * 1024 * 1024,
-      handshakeTimeoutMs: 30_000,
-      highWaterBytes: 1024 * 1024,
-      ...options,
-    };
+    this.options = withDefaults({ maxMessageBytes: 32 * 1024 * 1024, maxUpstreamMessageBytes: 64 * 1024 * 1024, handshakeTimeoutMs: 30_000, highWaterBytes: 1024 * 1024 }, options);
     this.server = new WebSocketServer({
       noServer: true,
       clientTracking: false,
@@ -237,13 +234,18 @@ export class WebSocketProxy {
     };
 
     // The same checks as HTTP, in the same order.
-    const refused = clientDenial(req.headers);
+    const refused = clientDenial(req);
     if (refused) return deny(refused);
     if (!provider) {
       return deny({ status: 404, code: 'unknown_provider', message: `no provider "${providerId}": use ws://127.0.0.1:<port>/<provider>/…, e.g. /openai/v1/responses` });
     }
     const outside = pathDenial(provider, path, this.options.baseUrlFor(provider));
     if (outside) return deny(outside);
+    // `/v1/realtime/` or `/v1/realtime;x` may be Realtime to an upstream that normalises paths,
+    // while to the broker it would be a generic socket whose model and turns go unchecked.
+    if (path.includes(';') || (path.length > 1 && path.endsWith('/'))) {
+      return deny({ status: 400, code: 'bad_request', message: `the WebSocket path ${path} is not in canonical form (no trailing slash, no ";")` });
+    }
     // Checked here (ws would too) so that a malformed handshake never reaches the upstream.
     const wsKey = req.headers['sec-websocket-key'];
     if (req.method !== 'GET' || req.headers['sec-websocket-version'] !== '13' || typeof wsKey !== 'string' || !WS_KEY.test(wsKey.trim())) {
@@ -266,7 +268,10 @@ export class WebSocketProxy {
     // itself is checked for its path and, for Realtime, the model named in the URL.
     const model = dialect === 'realtime' ? query.get('model') ?? undefined : undefined;
     if (model !== undefined) info.model = model;
-    const scope = pathViolation(key.policy, path) ?? (dialect === 'realtime' ? modelViolation(key.policy.models, model, true) : undefined);
+    const scope =
+      pathViolation(key.policy, path) ??
+      (dialect === 'realtime' ? modelViolation(key.policy.models, model, true) : undefined) ??
+      (dialect === 'generic' && key.policy.models ? `this till key is limited to models ${key.policy.models.join(', ')} and Till cannot see the model used over ${path}` : undefined);
     if (scope) return deny({ status: 403, code: 'out_of_scope', message: scope }, key);
     const spent = exhaustion(key);
     if (spent) return deny(spent, key);
@@ -366,7 +371,6 @@ class Session {
   private untrack: () => void = () => undefined;
   /** The connection's own admission, for routes whose requests Till cannot see (generic). */
   private admission: Admission | undefined;
-  private expiryTimer: NodeJS.Timeout | undefined;
   private finalized = false;
   /** Why the connection ended, for its audit line. */
   private endNote: string | undefined;
@@ -380,6 +384,9 @@ class Session {
   private readonly format: UsageFormat | undefined;
   private readonly o: Options;
   private readonly stop = () => this.shutdown();
+  /** The credential's forms, to scrub from what the upstream sends (set once it is read). */
+  private forms: CredentialForms | undefined;
+  private readonly dropped = (name: string) => this.o.log?.(`dropped the upstream's ${name} handshake header: it held the credential`);
 
   constructor(
     private readonly proxy: WebSocketProxy,
@@ -399,7 +406,6 @@ class Session {
     this.untrack = this.o.keys.track(key, { cut: (d) => this.cut(d) });
     this.o.open.add(this.stop);
     socket.once('close', this.earlyClose);
-    this.armExpiry();
     if (this.s.dialect === 'generic') {
       // Till cannot see requests inside this protocol: the connection is the request.
       const billable = !isFreeRoute(provider, 'GET', this.s.path);
@@ -428,6 +434,7 @@ class Session {
   /** Opens the upstream WebSocket with the credential where the provider expects it. */
   private open(secret: string): void {
     const { provider, req, query, path, offered } = this.s;
+    this.forms = new CredentialForms(secret);
     const target = new URL(provider.baseUrl + path.slice(provider.basePath.length));
     target.protocol = target.protocol === 'https:' ? 'wss:' : 'ws:';
     const search = new URLSearchParams(query);
@@ -464,8 +471,8 @@ class Session {
     upstream.on('upgrade', (res) => {
       (res.socket as Socket).setKeepAlive(true, 30_000);
       relayed = [];
-      for (const [name, value] of Object.entries(res.headers)) {
-        if (value === undefined || NOT_RELAYED.has(name) || name.startsWith('sec-websocket-')) continue;
+      for (const [name, value] of Object.entries(relayedHeaders(res.headers, this.forms!, undefined, this.dropped, NOT_RELAYED))) {
+        if (value === undefined || name.startsWith('sec-websocket-')) continue;
         for (const v of Array.isArray(value) ? value : [value]) relayed.push(`${name}: ${v}`);
       }
     });
@@ -495,10 +502,11 @@ class Session {
       if (this.phase !== 'connecting') return;
       const status = res.statusCode ?? 502;
       const body = Buffer.concat(chunks);
+      this.forms!.maskBytes(body);
       const headers: Record<string, string | number> = {};
-      for (const [name, value] of Object.entries(res.headers)) {
-        if (value === undefined || NOT_RELAYED.has(name) || name.startsWith('sec-websocket-')) continue;
-        headers[name] = Array.isArray(value) ? value.join(', ') : value;
+      for (const [name, value] of Object.entries(relayedHeaders(res.headers, this.forms!, undefined, this.dropped, NOT_RELAYED))) {
+        if (value === undefined || name.startsWith('sec-websocket-')) continue;
+        headers[name] = Array.isArray(value) ? value.join(', ') : String(value);
       }
       headers['content-length'] = body.length;
       headers.connection = 'close';
@@ -596,6 +604,11 @@ class Session {
     if (msg === null) {
       return this.refuseMessage({ status: 400, code: 'bad_request', message: 'messages on this WebSocket must be JSON, so that Till can check them' }, undefined);
     }
+    // `{"type":"session.update","type":"response.create"}`: the broker would judge one, the upstream may act on the other.
+    const twice = duplicateKey(data.toString('utf8'));
+    if (twice !== undefined) {
+      return this.refuseMessage({ status: 400, code: 'bad_request', message: `the message has the key "${twice}" twice in one object, which the upstream may read otherwise than Till: send it once` }, asStr(msg?.event_id));
+    }
     if (msg === undefined) return this.send(0, data, binary);
     if (this.s.dialect === 'gemini') return this.fromGeminiClient(msg, data, binary);
     const type = msg.type;
@@ -678,6 +691,8 @@ class Session {
 
   private fromUpstream(data: Buffer, binary: boolean): void {
     if (this.phase !== 'open') return;
+    // Never relay the credential, even in a message that echoes it (masked in place: same length).
+    if (this.forms!.foundIn(data)) this.forms!.maskBytes(data);
     if (this.s.dialect === 'gemini') this.meterGemini(data);
     else if (this.openAi) this.meterOpenAi(data);
     if (this.phase === 'open') this.send(1, data, binary);
@@ -951,23 +966,9 @@ class Session {
   private finalize(status: number, audited = false): void {
     if (this.finalized) return;
     this.finalized = true;
-    clearTimeout(this.expiryTimer);
     this.untrack();
     this.o.open.delete(this.stop);
     this.finishConnection(status, this.endNote);
     if (!audited) this.proxy.audit(this.s.info, status, this.s.started, undefined, this.endNote ? `websocket: ${this.endNote}` : 'websocket closed');
-  }
-
-  /** Ends the session when the key expires (expiry is not an event requests in flight hear of). */
-  private armExpiry(): void {
-    const at = this.s.key.policy.expiresAt;
-    if (at === undefined) return;
-    clearTimeout(this.expiryTimer);
-    this.expiryTimer = setTimeout(() => {
-      const ended = endedDenial(this.s.key, Date.now());
-      if (ended?.code === 'expired') this.cut(ended);
-      else this.armExpiry();
-    }, Math.min(Math.max(0, at - Date.now()) + 5, 2 ** 31 - 1));
-    this.expiryTimer.unref();
   }
 }

@@ -84,13 +84,19 @@ export interface ServeProcess {
   stop(signal?: NodeJS.Signals): Promise<void>;
 }
 
-/** Runs `till serve` in a child process and waits for its URL. */
-export function spawnServe(home: string, options: { port?: number; env?: NodeJS.ProcessEnv } = {}): Promise<ServeProcess> {
+/**
+ * Runs `till serve` in a child process and waits for its URL: on a free port, on `port`, or with
+ * `port: 'default'` without `--port` at all, as a user runs it. `fileLimit` runs it under
+ * `ulimit -n`.
+ */
+export function spawnServe(home: string, options: { port?: number | 'default'; env?: NodeJS.ProcessEnv; fileLimit?: number } = {}): Promise<ServeProcess> {
   const log = logFile('serve');
-  const child = spawn(process.execPath, [TILL_JS, 'serve', '--port', String(options.port ?? 0)], {
-    env: { ...process.env, ...options.env, TILL_HOME: home },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
+  const args = [TILL_JS, 'serve', ...(options.port === 'default' ? [] : ['--port', String(options.port ?? 0)])];
+  const env = { ...process.env, ...options.env, TILL_HOME: home };
+  const child =
+    options.fileLimit === undefined
+      ? spawn(process.execPath, args, { env, stdio: ['ignore', 'pipe', 'pipe'] })
+      : spawn('bash', ['-c', `ulimit -n ${options.fileLimit} && exec "$0" "$@"`, process.execPath, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
   let text = '';
   const onData = (c: Buffer) => {
     text += c;
