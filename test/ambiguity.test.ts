@@ -7,12 +7,14 @@
  */
 import * as http from 'node:http';
 import * as net from 'node:net';
+import { spawn } from 'node:child_process';
 import { gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
 import { serveTill, type Broker } from './support/served';
-import { addCredential, fakeCredential, tempHome } from './support/till';
+import { addCredential, fakeCredential, tempHome, TILL_JS } from './support/till';
 import { startGeminiUpstream, startOpenAIUpstream, type Upstream } from './support/upstreams';
+import { waitFor } from './support/wait';
 
 let broker: Broker;
 let openai: Upstream;
@@ -239,3 +241,28 @@ describe('the front door reads each request exactly', () => {
     expect(upstreamSaw()).toBe(before);
   });
 });
+
+describe('what reaches the user\'s terminal', () => {
+  it('shows request text in till watch without its control characters', async () => {
+    // Attack: an agent names a "model" holding terminal escape sequences; `till watch` (and
+    // `till serve --verbose`) printed it raw, letting the agent retitle or rewrite the user's terminal.
+    const k = await broker.issue({ target: 'openai', models: ['gpt-4o-mini'] });
+    const watch = spawn(process.execPath, [TILL_JS, 'watch'], { env: { ...process.env, TILL_HOME: broker.home }, stdio: ['ignore', 'pipe', 'pipe'] });
+    let printed = '';
+    watch.stdout!.on('data', (c: Buffer) => (printed += c.toString('utf8')));
+    try {
+      await waitFor('till watch to attach', async () => {
+        await post('/openai/v1/chat/completions', k.key, chat());
+        return printed.includes('POST /openai/v1/chat/completions');
+      });
+      const evil = 'gpt-\u001b]0;pwned\u0007\u001b[2J-mini';
+      expect((await post('/openai/v1/chat/completions', k.key, JSON.stringify({ model: evil, messages: [] }))).status).toBe(403);
+      await waitFor('the refusal to be printed', () => printed.includes('denied (out_of_scope)'));
+      expect(printed).not.toMatch(/[\u0000-\u0008\u000b-\u001f\u007f]/);
+      expect(printed).toContain('gpt-\ufffd]0;pwned\ufffd\ufffd[2J-mini');
+    } finally {
+      watch.kill();
+    }
+  });
+});
+

@@ -180,8 +180,22 @@ function expiry(key: KeySummary): string {
   return left > 0 ? `in ${formatDuration(left)}` : 'expired';
 }
 
+/**
+ * Text from requests (a model name, a path, a refusal that quotes them) shown in a terminal:
+ * control characters are replaced, so an agent cannot send escape sequences to the user's
+ * terminal (retitle it, rewrite earlier lines) through `till watch`.
+ */
+function printable(text: string): string {
+  // eslint-disable-next-line no-control-regex
+  return text.replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g, '\ufffd');
+}
+
 /** One readable line per event, for `till watch` and `till serve`. */
 function formatEvent(e: TillEvent): string {
+  return printable(eventLine(e));
+}
+
+function eventLine(e: TillEvent): string {
   const t = time(e.at);
   switch (e.type) {
     case 'request.finished': {
@@ -308,7 +322,7 @@ async function ls(args: string[], paths: TillPaths): Promise<void> {
   if (values.json) return out(JSON.stringify(keys));
   if (keys.length === 0) return out('no till keys: issue one with `till issue <provider>`');
   out(`${'ID'.padEnd(11)} ${'STATE'.padEnd(9)} ${'PROVIDER'.padEnd(12)} ${'CALLS'.padEnd(9)} ${'TOKENS / SPEND'.padEnd(28)} ${'EXPIRES'.padEnd(12)} LABEL`);
-  for (const k of keys) out(`${k.id.padEnd(11)} ${k.state.padEnd(9)} ${k.provider.padEnd(12)} ${usage(k).padEnd(9)} ${spending(k).padEnd(28)} ${expiry(k).padEnd(12)} ${k.label}`);
+  for (const k of keys) out(`${k.id.padEnd(11)} ${k.state.padEnd(9)} ${k.provider.padEnd(12)} ${usage(k).padEnd(9)} ${spending(k).padEnd(28)} ${expiry(k).padEnd(12)} ${printable(k.label)}`);
 }
 
 async function revoke(args: string[], paths: TillPaths): Promise<void> {

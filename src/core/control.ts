@@ -4,7 +4,7 @@
  * owner-only data folder, plus a bearer token from a 0600 file, so only the same OS user
  * can open it. Binding the socket is also the lock that keeps a second broker off the ledger.
  */
-import { randomBytes } from 'node:crypto';
+import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { chmodSync, existsSync, statSync, unlinkSync } from 'node:fs';
 import * as http from 'node:http';
 import { connect } from 'node:net';
@@ -47,6 +47,13 @@ export type ControlStream = (send: (value: unknown) => void, params: string[]) =
 export interface ControlRoutes {
   routes: Record<string, ControlRoute>;
   streams: Record<string, ControlStream>;
+}
+
+/** Compares a presented `Bearer <token>` with the token in constant time. */
+function tokenMatches(presented: string | undefined, token: string): boolean {
+  const expected = Buffer.from(`Bearer ${token}`);
+  const given = Buffer.from(presented ?? '');
+  return given.length === expected.length && timingSafeEqual(given, expected);
 }
 
 function isAlive(socketPath: string): Promise<boolean> {
@@ -120,7 +127,7 @@ export class ControlServer {
       res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
       res.end(body);
     };
-    if (req.headers.authorization !== `Bearer ${this.token}`) return reply(401, { error: 'bad control token' });
+    if (!tokenMatches(req.headers.authorization, this.token)) return reply(401, { error: 'bad control token' });
     if (!this.handlers) return reply(503, { error: 'the broker is starting' });
     const url = new URL(req.url ?? '/', 'http://control');
     const [, first = '', ...params] = url.pathname.split('/');

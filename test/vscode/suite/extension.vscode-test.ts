@@ -8,6 +8,7 @@
  */
 import * as assert from 'node:assert/strict';
 import { existsSync, mkdtempSync, readdirSync, readFileSync } from 'node:fs';
+import * as http from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'mocha';
@@ -164,6 +165,32 @@ describe('Till in VS Code', function () {
     assert.equal(answer.object, 'chat.completion');
     assert.equal(up.received.at(-1)?.headers.authorization, `Bearer ${SECRET}`);
     await poll(treeKeys, (ks) => ks.some((k) => k.label === 'vscode test key' && /1\/50/.test(k.description)), 'the tree to count the call');
+  });
+
+  it('the window\'s own broker keeps the default limits: a 34 MiB body and a browser\'s request are refused before the upstream', async () => {
+    // The same wiring users run (settings → TillConnection → TillService → Broker): a default
+    // lost on the way (undefined over the 32 MiB limit) would show here.
+    const before = up.received.length + up.rejected.length;
+    const url = new URL(issued.baseUrl);
+    const answer = (headers: Record<string, string>, sliver: string) =>
+      new Promise<{ status: number; text: string }>((resolve, reject) => {
+        const req = http.request({ host: url.hostname, port: url.port, method: 'POST', path: `${url.pathname}/chat/completions`, agent: false, headers: { 'content-type': 'application/json', authorization: `Bearer ${issued.key}`, ...headers } }, (res) => {
+          let text = '';
+          res.on('data', (c: Buffer) => (text += c));
+          res.on('end', () => {
+            req.destroy();
+            resolve({ status: res.statusCode ?? 0, text });
+          });
+        });
+        req.on('error', reject);
+        req.write(sliver);
+      });
+    const big = await answer({ 'content-length': String(34 * 1024 * 1024) }, '{"model":"gpt-5-mini","messages":[');
+    assert.equal(big.status, 413);
+    assert.match(big.text, /over the broker's limit of 33554432/);
+    const browser = await answer({ 'content-length': '2', origin: 'https://evil.example' }, '{}');
+    assert.equal(browser.status, 403);
+    assert.equal(up.received.length + up.rejected.length, before);
   });
 
   it('Revoke Key from the tree item: the key ends and the next request is refused', async () => {
