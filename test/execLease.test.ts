@@ -37,15 +37,19 @@ async function newBroker(): Promise<Broker> {
 
 /**
  * `till exec openai -- <sh script>` in the background, in its own process group so the test can
- * clean up the orphan it leaves. The script writes its key to `keyFile` and then sleeps.
+ * clean up the orphan it leaves. The script tells the test its key and base URL, then sleeps.
  */
-function execInBackground(home: string, keyFile: string): ChildProcess {
+async function execInBackground(home: string): Promise<{ exec: ChildProcess; key: string; baseUrl: string }> {
+  const keyFile = join(testRoot(), `exec-key-${Date.now()}-${Math.random().toString(36).slice(2)}`);
   const script = `echo "$OPENAI_API_KEY $OPENAI_BASE_URL" > '${keyFile}'; exec sleep 60`;
-  return spawn(process.execPath, [TILL_JS, 'exec', 'openai', '--label', 'leased', '--', 'sh', '-c', script], {
+  const exec = spawn(process.execPath, [TILL_JS, 'exec', 'openai', '--label', 'leased', '--', 'sh', '-c', script], {
     env: { ...process.env, TILL_HOME: home },
     stdio: 'ignore',
     detached: true,
   });
+  await waitFor('the command to start', () => existsSync(keyFile) && readFileSync(keyFile, 'utf8').includes('till_'));
+  const [key, baseUrl] = readFileSync(keyFile, 'utf8').trim().split(' ') as [string, string];
+  return { exec, key, baseUrl };
 }
 
 async function keyOf(broker: Broker, label: string): Promise<KeySummary> {
@@ -80,11 +84,8 @@ describe('till exec keys live as long as till exec', () => {
     // Attack: kill -9 of `till exec` (an OOM kill, a closed terminal) left its key active forever,
     // and the orphaned child kept using it.
     const broker = await newBroker();
-    const keyFile = join(testRoot(), `exec-key-${Date.now()}`);
-    const exec = execInBackground(broker.home, keyFile);
+    const { exec, key, baseUrl } = await execInBackground(broker.home);
     try {
-      await waitFor('the command to start', () => existsSync(keyFile) && readFileSync(keyFile, 'utf8').includes('till_'));
-      const [key, baseUrl] = readFileSync(keyFile, 'utf8').trim().split(' ') as [string, string];
       expect(await chat(baseUrl, key)).toBe(200);
       const leased = await keyOf(broker, 'leased');
       expect(leased.state).toBe('active');
@@ -105,11 +106,8 @@ describe('till exec keys live as long as till exec', () => {
     // Attack: none; the lease must not cost a running agent its key when the broker restarts
     // (`till serve` restarted, a VS Code window handing the broker over).
     const broker = await newBroker();
-    const keyFile = join(testRoot(), `exec-key-${Date.now()}`);
-    const exec = execInBackground(broker.home, keyFile);
+    const { exec, key, baseUrl } = await execInBackground(broker.home);
     try {
-      await waitFor('the command to start', () => existsSync(keyFile) && readFileSync(keyFile, 'utf8').includes('till_'));
-      const [key, baseUrl] = readFileSync(keyFile, 'utf8').trim().split(' ') as [string, string];
       const leased = await keyOf(broker, 'leased');
       await broker.close();
       const port = Number(new URL(baseUrl).port);
