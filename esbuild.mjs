@@ -4,6 +4,17 @@
 import * as esbuild from 'esbuild';
 
 const watch = process.argv.includes('--watch');
+
+// The tokenizers' tables are megabytes: each encoding is a file of its own beside the bundles
+// (dist/tokenizers/), required on first use, so that loading the extension or `till` parses none.
+const ENCODINGS = ['o200k_base'];
+const tokenizersApart = {
+  name: 'tokenizers-apart',
+  setup(build) {
+    build.onResolve({ filter: /^gpt-tokenizer\/encoding\// }, (args) => ({ path: `./tokenizers/${args.path.split('/').pop()}.js`, external: true }));
+  },
+};
+
 const common = {
   bundle: true,
   platform: 'node',
@@ -11,10 +22,12 @@ const common = {
   format: 'cjs',
   sourcemap: true,
   external: ['vscode', '@napi-rs/keyring', '@napi-rs/keyring-*', 'bufferutil', 'utf-8-validate'],
+  plugins: [tokenizersApart],
   logLevel: 'warning',
 };
 
 const builds = [
+  ...ENCODINGS.map((e) => ({ ...common, plugins: [], sourcemap: false, entryPoints: { [`tokenizers/${e}`]: `gpt-tokenizer/encoding/${e}` }, outdir: 'dist' })),
   { ...common, entryPoints: { extension: 'src/vscode/extension.ts' }, outdir: 'dist' },
   { ...common, entryPoints: { till: 'src/cli/main.ts' }, outdir: 'dist', banner: { js: '#!/usr/bin/env node' } },
   { ...common, entryPoints: { bench: 'bench/run.ts' }, outdir: 'dist' },
@@ -22,11 +35,12 @@ const builds = [
   // Tests inside a real VS Code (test/vscode/README.md): the suite runs in the extension host
   // (mocha bundled in), the runner under plain Node drives code-server and Chromium.
   // Mocha's parallel mode (never used here) resolves worker files at run time: not a problem.
-  { ...common, entryPoints: { 'test/suite': 'test/vscode/suite/index.ts' }, outdir: 'dist', logOverride: { 'require-resolve-not-external': 'silent' } },
-  { ...common, entryPoints: { 'test/run': 'test/vscode/run.ts' }, outdir: 'dist', external: [...common.external, 'playwright-core'] },
+  // (The tests bundle the tokenizer whole: they live in dist/test/, not beside dist/tokenizers/.)
+  { ...common, plugins: [], entryPoints: { 'test/suite': 'test/vscode/suite/index.ts' }, outdir: 'dist', logOverride: { 'require-resolve-not-external': 'silent' } },
+  { ...common, plugins: [], entryPoints: { 'test/run': 'test/vscode/run.ts' }, outdir: 'dist', external: [...common.external, 'playwright-core'] },
   // A person's clicks against the installed VSIX (npm run test:ui), driven the same way.
-  { ...common, entryPoints: { 'test/ui': 'test/vscode/ui.ts' }, outdir: 'dist', external: [...common.external, 'playwright-core'] },
-  { ...common, entryPoints: { 'test/electron': 'test/vscode/electron.ts' }, outdir: 'dist', external: [...common.external, '@vscode/test-electron'] },
+  { ...common, plugins: [], entryPoints: { 'test/ui': 'test/vscode/ui.ts' }, outdir: 'dist', external: [...common.external, 'playwright-core'] },
+  { ...common, plugins: [], entryPoints: { 'test/electron': 'test/vscode/electron.ts' }, outdir: 'dist', external: [...common.external, '@vscode/test-electron'] },
 ];
 
 if (watch) {

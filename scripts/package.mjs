@@ -60,7 +60,7 @@ const TARGETS = {
 };
 
 /** Bundles the VSIX ships; each must exist (built by esbuild.mjs). */
-const BUNDLES = ['dist/extension.js', 'dist/till.js', 'dist/webview.js'];
+const BUNDLES = ['dist/extension.js', 'dist/till.js', 'dist/webview.js', 'dist/tokenizers/o200k_base.js'];
 const DOCS = ['README.md', 'CHANGELOG.md', 'LICENSE'];
 /** Bare imports a bundle may leave to run time: vscode, the keychain binding, ws's optional speedups. */
 const EXTERNAL_OK = new Set(['vscode', KEYRING, `${KEYRING}-win32-x64-msvc`]);
@@ -266,6 +266,7 @@ const ALLOWED = [
   /^extension\/(readme|changelog)\.md$/i,
   /^extension\/license(\.txt|\.md)?$/i,
   /^extension\/dist\/(extension|till|webview)\.js$/,
+  /^extension\/dist\/tokenizers\/o200k_base\.js$/,
   /^extension\/media\/[^.][^/]*(\/[^.][^/]*)*$/,
   /^extension\/node_modules\/@napi-rs\/keyring\/(package\.json|index\.js|LICENSE)$/,
   /^extension\/node_modules\/@napi-rs\/keyring-[a-z0-9-]+\/(package\.json|keyring\.[a-z0-9-]+\.node|LICENSE[^/]*)$/,

@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { KeySummary, TillEvent } from '../src/core/events';
 import type { TillService } from '../src/core/service';
 import { addCredential, fakeCredential, startTill, tempHome } from './support/till';
-import { fakeTokenCount, startAnthropicUpstream, startGeminiUpstream, startOpenAIUpstream, type Upstream } from './support/upstreams';
+import { openAIChatInputTokens, startAnthropicUpstream, startGeminiUpstream, startOpenAIUpstream, type Upstream } from './support/upstreams';
 
 /** $1,000 per million input tokens, $10,000 per million output: a few calls cost real money. */
 const PRICEY = { input: 1000, output: 10_000 };
@@ -77,7 +77,7 @@ describe('metering', () => {
     expect(sent.stream_options?.include_usage).toBe(true);
     const k = key(issued.id);
     expect(k.tokens.output).toBe(5);
-    expect(k.tokens.input).toBe(fakeTokenCount(openai.received.at(-1)!.body));
+    expect(k.tokens.input).toBe(openAIChatInputTokens(JSON.parse(openai.received.at(-1)!.body) as Record<string, unknown>));
   });
 
   it('Anthropic streams: message_delta usage is cumulative, taken once, not summed', async () => {
@@ -119,6 +119,7 @@ describe('limits that cannot be overrun', () => {
     const agent = new Agent({ keepAlive: true, maxSockets: 200 });
     const body = JSON.stringify({ model: 'pricey-1', max_tokens: 5, stream: true, messages: [{ role: 'user', content: 'go' }] });
     const before = openai.received.length;
+    const billedBefore = { ...openai.billed };
     const statuses = await Promise.all(
       Array.from({ length: 200 }, () =>
         new Promise<number>((resolve, reject) => {
@@ -140,9 +141,9 @@ describe('limits that cannot be overrun', () => {
     expect(openai.received.length - before).toBe(served);
     expect(k.used.spend!).toBeLessThanOrEqual(1_000_000);
     expect(k.reserved.spend ?? 0).toBe(0);
-    // What the upstream actually produced, priced: never more than the budget either.
+    // What the upstream billed, priced: never more than the budget either, and what Till counted.
     // (The last requests may have had their cap lowered to fit what was left.)
-    const produced = openai.received.slice(before).reduce((sum, r) => sum + priceyMicros(fakeTokenCount(r.body), Math.min(5, (JSON.parse(r.body) as { max_tokens: number }).max_tokens)), 0);
+    const produced = priceyMicros(openai.billed.inputTokens - billedBefore.inputTokens, openai.billed.outputTokens - billedBefore.outputTokens);
     expect(produced).toBeLessThanOrEqual(1_000_000);
     expect(k.used.spend).toBe(produced);
     console.log(`overrun test: ${served} of 200 served, $${(k.used.spend! / 1e6).toFixed(4)} spent of $1.00`);
@@ -152,7 +153,8 @@ describe('limits that cannot be overrun', () => {
     const issued = await till.issue({ target: 'openai', maxTokens: 200 });
     await fetch(`${issued.baseUrl}/chat/completions`, { method: 'POST', body: '{"model":"gpt-5-mini","messages":[]}', headers: { authorization: `Bearer ${issued.key}`, 'content-type': 'application/json' } }).then((r) => r.text());
     const sent = JSON.parse(openai.received.at(-1)!.body) as { max_completion_tokens?: number };
-    const input = fakeTokenCount('{"model":"gpt-5-mini","messages":[]}');
+    // GPT-5 mini's tokenizer is public: the input is held at its exact count.
+    const input = openAIChatInputTokens({ model: 'gpt-5-mini', messages: [] });
     expect(sent.max_completion_tokens).toBeGreaterThan(0);
     expect(sent.max_completion_tokens! + input).toBeLessThanOrEqual(200);
   });
@@ -176,7 +178,7 @@ describe('limits that cannot be overrun', () => {
     }
     expect(last!.status).toBe(429);
     const body = (await last!.json()) as { error: { message: string } };
-    expect(body.error.message).toMatch(/till key out of tokens: \d+ tokens of 400 tokens used; this request may need up to \d+ tokens/);
+    expect(body.error.message).toMatch(/till key out of tokens: \d+ tokens of 400 tokens used, 0 tokens held by requests in flight, \d+ tokens left; this request needs at least \d+ tokens \(input up to \d+ tokens, bound by .+\)/);
     expect(key(issued.id).used.tokens!).toBeGreaterThan(0);
     expect(key(issued.id).used.tokens!).toBeLessThanOrEqual(400);
   });
@@ -214,25 +216,30 @@ describe('limits that cannot be overrun', () => {
 
 describe('interrupted streams', () => {
   it('a stream cut by revocation is billed from what was produced, marked estimated', async () => {
-    const slow = await startOpenAIUpstream({ credential: secrets.openai, streamDelayMs: 100, streamChunks: 30 });
+    const slow = await startOpenAIUpstream({ credential: secrets.openai, streamDelayMs: 100, streamChunks: 300 });
     const home = tempHome();
     await addCredential(home, 'openai', 'openai', secrets.openai);
     const t = await startTill({ home, env: { TILL_UPSTREAM_OPENAI: `${slow.url}/v1` }, prices: { openai: { 'pricey-1': PRICEY } } });
     try {
       const issued = await t.issue({ target: 'openai', maxSpend: 10 });
       const client = new OpenAI({ apiKey: issued.key, baseURL: issued.baseUrl, maxRetries: 0 });
-      const stream = await client.chat.completions.create({ model: 'pricey-1', max_tokens: 30, messages: [{ role: 'user', content: 'long' }], stream: true });
+      const stream = await client.chat.completions.create({ model: 'pricey-1', max_tokens: 300, messages: [{ role: 'user', content: 'long' }], stream: true });
       let n = 0;
       await (async () => {
         for await (const _ of stream) if (++n === 3) t.keys.revoke(issued.id);
       })().catch(() => undefined);
       const k = t.keys.list().find((x) => x.id === issued.id)!;
       expect(k.used.spend!).toBeGreaterThan(0);
-      // Far less than the 30-token worst case that was reserved.
-      expect(k.used.spend!).toBeLessThan(priceyMicros(fakeTokenCount(slow.received[0]!.body), 30));
+      // Far less than the 300-token ceiling: what was streamed, plus what the upstream may still
+      // generate before it notices the cut. Never less than the upstream bills.
+      expect(k.used.spend!).toBeLessThan(priceyMicros(openAIChatInputTokens(JSON.parse(slow.received[0]!.body) as Record<string, unknown>), 300));
       expect(k.estimatedSpend).toBe(k.used.spend);
       expect(k.reserved.spend ?? 0).toBe(0);
       await expect.poll(() => slow.abortedStreams()).toBe(1);
+      await expect.poll(() => slow.billed.answers).toBe(1);
+      expect(k.tokens.input).toBe(slow.billed.inputTokens);
+      expect(k.tokens.output).toBeGreaterThanOrEqual(slow.billed.outputTokens);
+      expect(k.tokens.output).toBeLessThanOrEqual(slow.billed.outputTokens + 20);
     } finally {
       await t.close();
       await slow.close();

@@ -36,6 +36,8 @@ describe('budgets from the till command', () => {
     let lines = '';
     watcher.stdout.on('data', (c) => (lines += c));
     try {
+      // till watch prints what happens once it is attached: wait until it prints a key being issued.
+      await expect.poll(async () => (await runTill(['issue', 'openai', '--label', 'watch probe'], { home })) && lines.includes('"watch probe"'), { timeout: 10_000 }).toBe(true);
       const r = await runTill(['issue', 'openai', '--max-tokens', '5000', '--max-spend', '1.50', '--json'], { home });
       expect(r.code).toBe(0);
       const issued = JSON.parse(r.stdout) as IssuedKey;

@@ -22,6 +22,8 @@ import { CATALOGUE } from '../src/core/providers';
 import {
   fakeAnswer,
   fakeTokenCount,
+  openAIChatInputTokens,
+  openAIResponsesInputTokens,
   startAnthropicUpstream,
   startGeminiUpstream,
   startOpenAIUpstream,
@@ -37,6 +39,9 @@ function u(input: number, output: number, cached = 0, cacheWrite = 0, reasoning 
   if (cost !== undefined) usage.reportedCostUsd = cost;
   return usage;
 }
+
+/** The same usage, with the service tier the answer says it ran in. */
+const tier = (usage: Usage, serviceTier: string): Usage => ({ ...usage, serviceTier });
 
 /** Deterministic PRNG (mulberry32) so a failing random split can be replayed. */
 function prng(seed: number): () => number {
@@ -200,12 +205,12 @@ describe('usageFormat', () => {
 
 /** JSON answers: file, format, what it meters to. */
 const JSON_CASES: [file: string, format: UsageFormat, usage: Usage][] = [
-  ['openai-chat.json', 'openai-chat', u(2006, 300, 1920, 0, 256)],
+  ['openai-chat.json', 'openai-chat', tier(u(2006, 300, 1920, 0, 256), 'default')],
   ['openai-responses.json', 'openai-responses', u(5120, 850, 4096, 0, 640)],
   ['openai-completions.json', 'openai-completions', u(5, 7)],
   ['openai-embeddings.json', 'openai-embeddings', u(8, 0)],
   // input_tokens 25 + cache writes 2048 + cache reads 10240
-  ['anthropic.json', 'anthropic-messages', u(12313, 512, 10240, 2048)],
+  ['anthropic.json', 'anthropic-messages', tier(u(12313, 512, 10240, 2048), 'standard')],
   // prompt 9120 + tool-use prompt 160; candidates 420 + thoughts 1200
   ['gemini.json', 'gemini', u(9280, 1620, 8192, 0, 1200)],
   // the streamed array, parsed whole: the last usageMetadata, not the sum of four
@@ -264,8 +269,8 @@ describe('usageFromJson', () => {
 
   it('reads single stream events and legacy shapes', () => {
     expect(usageFromJson('anthropic-messages', { type: 'message_start', message: { usage: { input_tokens: 10, cache_read_input_tokens: 5, output_tokens: 1 } } })).toEqual(u(15, 1, 5));
-    // cache_creation by TTL when the total is absent
-    expect(usageFromJson('anthropic-messages', { usage: { input_tokens: 3, cache_creation: { ephemeral_5m_input_tokens: 100, ephemeral_1h_input_tokens: 20 }, output_tokens: 7 } })).toEqual(u(123, 7, 0, 120));
+    // cache_creation by TTL when the total is absent; the 1-hour part bills at its own rate
+    expect(usageFromJson('anthropic-messages', { usage: { input_tokens: 3, cache_creation: { ephemeral_5m_input_tokens: 100, ephemeral_1h_input_tokens: 20 }, output_tokens: 7 } })).toEqual({ ...u(123, 7, 0, 120), cacheWrite1hTokens: 20 });
     expect(usageFromJson('cohere-chat', { type: 'message-end', delta: { usage: { billed_units: { input_tokens: 3, output_tokens: 4 } } } })).toEqual(u(3, 4));
     // Cohere v1 reports under meta
     expect(usageFromJson('cohere-chat', { text: 'hi', meta: { billed_units: { input_tokens: 6, output_tokens: 2 } } })).toEqual(u(6, 2));
@@ -310,7 +315,7 @@ interface StreamCase {
 }
 
 const STREAM_CASES: StreamCase[] = [
-  { file: 'openai-chat.sse', format: 'openai-chat', usage: u(1200, 9, 1024), text: ['Paris', ' — la Ville', ' Lumière 🌟, 巴黎'], usageChunk: true, complete: true },
+  { file: 'openai-chat.sse', format: 'openai-chat', usage: tier(u(1200, 9, 1024), 'default'), text: ['Paris', ' — la Ville', ' Lumière 🌟, 巴黎'], usageChunk: true, complete: true },
   // no stream_options.include_usage: text only, nothing reported
   { file: 'openai-chat-no-usage.sse', format: 'openai-chat', usage: undefined, text: ['{"city":', '"Paris"}'], usageChunk: false, complete: false },
   { file: 'openai-completions.sse', format: 'openai-completions', usage: u(5, 5), text: ['\n\n', 'This is', ' a test'], usageChunk: true, complete: true },
@@ -326,7 +331,7 @@ const STREAM_CASES: StreamCase[] = [
   {
     file: 'anthropic.sse',
     format: 'anthropic-messages',
-    usage: u(472 + 1800, 89, 1800),
+    usage: tier(u(472 + 1800, 89, 1800), 'standard'),
     text: ['The user wants the weather; ', 'call the tool.', 'Let me check ', 'São Paulo.', '{"location": "São', ' Paulo"}'],
     usageChunk: false,
     complete: true,
@@ -334,7 +339,7 @@ const STREAM_CASES: StreamCase[] = [
   {
     file: 'anthropic-server-tools.sse',
     format: 'anthropic-messages',
-    usage: u(10682, 510),
+    usage: { ...tier(u(10682, 510), 'standard'), toolCalls: { web_search: 1 } },
     text: ["I'll search for that.", '{"query": "weather NYC today"}', 'It is 12 °C and cloudy in New York.'],
     usageChunk: false,
     complete: true,
@@ -426,7 +431,7 @@ describe('cumulative usage is taken as the last value, never summed', () => {
   it('Anthropic: several message_delta events (server tools)', () => {
     const m = meter('anthropic-messages', fixture('anthropic-server-tools.sse'));
     // summed it would be 2679 + 2679 + 10682 input and 3 + 41 + 510 output
-    expect(m.usage()).toEqual(u(10682, 510));
+    expect(m.usage()).toEqual({ ...tier(u(10682, 510), 'standard'), toolCalls: { web_search: 1 } });
   });
 
   it('Anthropic: usage moves as each event arrives', () => {
@@ -436,7 +441,7 @@ describe('cumulative usage is taken as the last value, never summed', () => {
       if (e.event === 'message_start' || e.event === 'message_delta') seen.push(m.usage());
     };
     m.push(fixture('anthropic-server-tools.sse'));
-    expect(seen).toEqual([u(2679, 3), u(2679, 41), u(10682, 510)]);
+    expect(seen).toEqual([tier(u(2679, 3), 'standard'), { ...tier(u(2679, 41), 'standard'), toolCalls: { web_search: 1 } }, { ...tier(u(10682, 510), 'standard'), toolCalls: { web_search: 1 } }]);
   });
 
   it('Gemini: usageMetadata in every chunk', () => {
@@ -490,11 +495,11 @@ describe('interrupted streams', () => {
 
   it('Anthropic cut mid-answer: the input reported at message_start, output estimated', () => {
     const m = meter('anthropic-messages', cut('anthropic.sse', 10));
-    expect(m.usage()).toEqual(u(2272, 2, 1800));
+    expect(m.usage()).toEqual(tier(u(2272, 2, 1800), 'standard'));
     expect(m.complete).toBe(false);
     expect(m.textChars).toBe(textLength(['The user wants the weather; ', 'call the tool.', 'Let me check ', 'São Paulo.']));
     const settled = m.finalUsage(100_000);
-    expect(settled).toEqual({ ...u(2272, estimateTokens(m.textChars), 1800), estimated: true });
+    expect(settled).toEqual({ ...tier(u(2272, estimateTokens(m.textChars), 1800), 'standard'), estimated: true });
   });
 
   it('Gemini cut after two chunks: the last cumulative counts, not complete', () => {
@@ -512,7 +517,7 @@ describe('interrupted streams', () => {
 
   it('a completed stream settles to exactly what was reported', () => {
     const m = meter('openai-chat', fixture('openai-chat.sse'));
-    expect(m.finalUsage(1_000_000)).toEqual(u(1200, 9, 1024));
+    expect(m.finalUsage(1_000_000)).toEqual(tier(u(1200, 9, 1024), 'default'));
   });
 });
 
@@ -659,7 +664,7 @@ describe('onEvent', () => {
       if (!isUsage) kept.push(Buffer.from(e.raw));
     };
     for (const chunk of randomChunks(body, prng(3), 64)) m.push(chunk);
-    expect(m.usage()).toEqual(u(1200, 9, 1024));
+    expect(m.usage()).toEqual(tier(u(1200, 9, 1024), 'default'));
     const forwarded = Buffer.concat(kept);
     expect(forwarded.toString()).not.toContain('"usage":{');
     expect(forwarded.toString()).toContain('data: [DONE]');
@@ -815,9 +820,10 @@ describe('against the fake upstreams', () => {
     const auth = { authorization: `Bearer ${KEY}` };
     const streamed = JSON.stringify({ model: 'gpt-5', messages: [{ role: 'user', content: 'hi' }], stream: true, stream_options: { include_usage: true } });
     const m = await metered('openai', openai.url, '/v1/chat/completions', auth, streamed);
-    expect(observe(m)).toEqual({ usage: u(fakeTokenCount(streamed), 7), textChars: fakeAnswer(7).length, sawUsageChunk: true, complete: true });
+    const chatTokens = (body: string) => openAIChatInputTokens(JSON.parse(body) as Record<string, unknown>);
+    expect(observe(m)).toEqual({ usage: tier(u(chatTokens(streamed), 7), 'default'), textChars: fakeAnswer(7).length, sawUsageChunk: true, complete: true });
     const plain = JSON.stringify({ model: 'gpt-5', messages: [{ role: 'user', content: 'hi' }] });
-    expect((await metered('openai', openai.url, '/v1/chat/completions', auth, plain)).usage()).toEqual(u(fakeTokenCount(plain), 7));
+    expect((await metered('openai', openai.url, '/v1/chat/completions', auth, plain)).usage()).toEqual(tier(u(chatTokens(plain), 7), 'default'));
   });
 
   it('OpenAI chat streamed without include_usage: text only', async () => {
@@ -832,18 +838,19 @@ describe('against the fake upstreams', () => {
     const auth = { authorization: `Bearer ${KEY}` };
     const body = JSON.stringify({ model: 'gpt-5', input: 'hi', stream: true });
     const m = await metered('openai', openai.url, '/v1/responses', auth, body);
-    expect(observe(m)).toEqual({ usage: u(fakeTokenCount(body), 7), textChars: fakeAnswer(7).length, sawUsageChunk: false, complete: true });
+    const responsesTokens = (b: string) => openAIResponsesInputTokens(JSON.parse(b) as Record<string, unknown>);
+    expect(observe(m)).toEqual({ usage: u(responsesTokens(body), 7), textChars: fakeAnswer(7).length, sawUsageChunk: false, complete: true });
     const limited = JSON.stringify({ model: 'gpt-5', input: 'hi', stream: true, max_output_tokens: 3 });
-    expect((await metered('openai', openai.url, '/v1/responses', auth, limited)).usage()).toEqual(u(fakeTokenCount(limited), 3));
+    expect((await metered('openai', openai.url, '/v1/responses', auth, limited)).usage()).toEqual(u(responsesTokens(limited), 3));
   });
 
   it('Anthropic messages, streamed and as JSON', async () => {
     const headers = { 'x-api-key': KEY, 'anthropic-version': '2023-06-01' };
     const streamed = JSON.stringify({ model: 'claude-sonnet-5', max_tokens: 64, messages: [{ role: 'user', content: 'hi' }], stream: true });
     const m = await metered('anthropic', anthropic.url, '/v1/messages', headers, streamed);
-    expect(observe(m)).toEqual({ usage: u(fakeTokenCount(streamed), 7), textChars: fakeAnswer(7).length, sawUsageChunk: false, complete: true });
+    expect(observe(m)).toEqual({ usage: tier(u(fakeTokenCount(streamed), 7), 'standard'), textChars: fakeAnswer(7).length, sawUsageChunk: false, complete: true });
     const plain = JSON.stringify({ model: 'claude-sonnet-5', max_tokens: 4, messages: [{ role: 'user', content: 'hi' }] });
-    expect((await metered('anthropic', anthropic.url, '/v1/messages', headers, plain)).usage()).toEqual(u(fakeTokenCount(plain), 4));
+    expect((await metered('anthropic', anthropic.url, '/v1/messages', headers, plain)).usage()).toEqual(tier(u(fakeTokenCount(plain), 4), 'standard'));
   });
 
   it('Gemini, as SSE (CRLF), as a streamed JSON array and as JSON', async () => {

@@ -7,7 +7,7 @@ import { PriceTable, readPriceOverrides, type ModelPrice } from '../src/core/pri
 import { CATALOGUE } from '../src/core/providers';
 
 const table = new PriceTable();
-const models = prices.models as Record<string, Record<string, ModelPrice & { notes?: string }>>;
+const models = prices.models as unknown as Record<string, Record<string, ModelPrice & { notes?: string }>>;
 const dir = mkdtempSync(join(tmpdir(), 'till-pricing-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
@@ -46,8 +46,15 @@ describe('the built-in price table', () => {
         if (p.cachedInput !== undefined) expect(p.cachedInput, where).toBeLessThan(p.input);
         if (p.cacheWrite !== undefined) expect(p.cacheWrite, where).toBeGreaterThanOrEqual(p.input);
         if (p.notes !== undefined) expect(typeof p.notes, where).toBe('string');
-        // A lookup by the row's own id finds the row.
-        expect(table.price(provider, model), where).toEqual({ input: p.input, output: p.output, cachedInput: p.cachedInput, cacheWrite: p.cacheWrite });
+        // A lookup by the row's own id finds the row (its notes aside).
+        const { notes: _notes, ...row } = p;
+        expect(table.price(provider, model), where).toEqual(row);
+        // Tiers bill more than the standard rates, never less.
+        for (const tier of [p.longContext, p.priority]) {
+          if (!tier) continue;
+          expect(tier.input, where).toBeGreaterThanOrEqual(p.input);
+          expect(tier.output, where).toBeGreaterThanOrEqual(p.output);
+        }
       }
     }
   });
@@ -146,8 +153,8 @@ describe('cost', () => {
   });
 
   it('defaults cached and cache-write rates to the input price', () => {
-    // sonar: $1 in, $1 out, no cache rates.
-    expect(table.cost('perplexity', 'sonar', { inputTokens: 3000, outputTokens: 1000, cachedInputTokens: 1000, cacheWriteTokens: 1000 })).toBeCloseTo(0.004, 12);
+    // sonar: $1 in, $1 out, no cache rates; plus its $0.012 request fee.
+    expect(table.cost('perplexity', 'sonar', { inputTokens: 3000, outputTokens: 1000, cachedInputTokens: 1000, cacheWriteTokens: 1000 })).toBeCloseTo(0.004 + 0.012, 12);
     const priced = new PriceTable({ custom: { m: { input: 2, output: 4 } } });
     expect(priced.cost('custom', 'm', { inputTokens: 10, outputTokens: 0, cachedInputTokens: 4, cacheWriteTokens: 3 })).toBeCloseTo((3 * 2 + 4 * 2 + 3 * 2) / 1e6, 15);
   });

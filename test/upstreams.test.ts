@@ -8,6 +8,8 @@ import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import {
   fakeAnswer,
   fakeTokenCount,
+  openAIChatInputTokens,
+  openAIResponsesInputTokens,
   startAnthropicUpstream,
   startGeminiUpstream,
   startGitHubUpstream,
@@ -48,7 +50,9 @@ describe('OpenAI upstream', () => {
     expect(r.model).toBe('gpt-4.1');
     expect(r.choices[0]?.message.content).toBe(fakeAnswer(5));
     expect(r.choices[0]?.finish_reason).toBe('stop');
-    const prompt = fakeTokenCount(lastBody(up));
+    // As OpenAI counts it: 3 for the message, its role and content (1 o200k token each), 3 to prime the answer.
+    const prompt = openAIChatInputTokens(JSON.parse(lastBody(up)) as Record<string, unknown>);
+    expect(prompt).toBe(3 + 1 + 1 + 3);
     expect(r.usage).toMatchObject({ prompt_tokens: prompt, completion_tokens: 5, total_tokens: prompt + 5 });
     expect(r.usage?.prompt_tokens_details?.cached_tokens).toBe(0);
     expect(r.usage?.completion_tokens_details?.reasoning_tokens).toBe(0);
@@ -71,7 +75,7 @@ describe('OpenAI upstream', () => {
     const chunks = [];
     for await (const c of stream) chunks.push(c);
     const last = chunks.at(-1)!;
-    const prompt = fakeTokenCount(lastBody(up));
+    const prompt = openAIChatInputTokens(JSON.parse(lastBody(up)) as Record<string, unknown>);
     expect(last.choices).toEqual([]);
     expect(last.usage).toMatchObject({ prompt_tokens: prompt, completion_tokens: 5, total_tokens: prompt + 5 });
     expect(chunks.slice(0, -1).every((c) => c.usage === null && c.choices.length === 1)).toBe(true);
@@ -101,7 +105,7 @@ describe('OpenAI upstream', () => {
     const json = await client.responses.create({ model: 'gpt-5', input: 'hello' });
     expect(json.model).toBe('gpt-5');
     expect(json.output_text).toBe(fakeAnswer(5));
-    const input = fakeTokenCount(lastBody(up));
+    const input = openAIResponsesInputTokens(JSON.parse(lastBody(up)) as Record<string, unknown>);
     expect(json.usage).toEqual({
       input_tokens: input,
       input_tokens_details: { cached_tokens: 0 },
@@ -124,7 +128,31 @@ describe('OpenAI upstream', () => {
     expect(deltas).toBe(fakeAnswer(5));
     expect(final.output_text).toBe(fakeAnswer(5));
     expect(final.usage?.output_tokens).toBe(5);
-    expect(final.usage?.input_tokens).toBe(fakeTokenCount(lastBody(up)));
+    expect(final.usage?.input_tokens).toBe(openAIResponsesInputTokens(JSON.parse(lastBody(up)) as Record<string, unknown>));
+  });
+
+  it('bills a Responses request that continues a stored conversation for all of it, and refuses an unknown one', async () => {
+    const first = await client.responses.create({ model: 'gpt-5', input: 'remember this' });
+    const second = await client.responses.create({ model: 'gpt-5', input: 'and this', previous_response_id: first.id });
+    expect(second.usage?.input_tokens).toBe(first.usage!.input_tokens + first.usage!.output_tokens + openAIResponsesInputTokens(JSON.parse(lastBody(up)) as Record<string, unknown>));
+    await expect(client.responses.create({ model: 'gpt-5', input: 'x', previous_response_id: 'resp_unknown' })).rejects.toThrow(/Previous response with id 'resp_unknown' not found/);
+  });
+
+  it('bills a stream its client left: what it streamed plus what it generated before it noticed', async () => {
+    const slow = await startOpenAIUpstream({ credential: KEY, streamChunks: 200, streamDelayMs: 5 });
+    try {
+      const c = new OpenAI({ apiKey: KEY, baseURL: `${slow.url}/v1`, maxRetries: 0 });
+      const stream = await c.chat.completions.create({ model: 'gpt-5', messages: [{ role: 'user', content: 'hi' }], stream: true });
+      let n = 0;
+      for await (const chunk of stream) if (chunk.choices[0]?.delta.content && ++n === 10) break;
+      await expect.poll(() => slow.billed.answers).toBe(1);
+      // Up to 10 streamed (and a few in flight when the client left), plus 50 after.
+      expect(slow.billed.outputTokens).toBeGreaterThanOrEqual(10 + 50);
+      expect(slow.billed.outputTokens).toBeLessThan(10 + 50 + 20);
+      expect(slow.billed.inputTokens).toBe(8);
+    } finally {
+      await slow.close();
+    }
   });
 
   it('refuses a wrong key with 401 invalid_api_key and a masked key', async () => {

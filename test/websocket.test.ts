@@ -411,10 +411,11 @@ describe('OpenAI Responses over WebSocket (Codex CLI)', () => {
     expect(s.used.tokens).toBe(tokens);
     expect(s.reserved.tokens ?? 0).toBe(0);
     expect(s.inFlight).toBe(0);
-    // The budgeted key capped each generating turn's output (the prewarm went through untouched).
+    // The key covers a whole turn (the model's largest answer): the turns go on as Codex sent
+    // them, uncapped; their holds follow their output instead (the prewarm is untouched too).
     const creates = openai.messages.filter((m) => m.msg.type === 'response.create').slice(-3);
     expect(creates[0]!.msg.max_output_tokens).toBeUndefined();
-    expect(creates[1]!.msg.max_output_tokens).toBeGreaterThan(0);
+    expect(creates[1]!.msg.max_output_tokens).toBeUndefined();
     expect(creates[2]!.msg.previous_response_id).toBe(first.completed.response.id);
 
     const finished = events.filter((e): e is Extract<TillEvent, { type: 'request.finished' }> => e.type === 'request.finished' && e.request.keyId === id);
@@ -799,8 +800,9 @@ describe('Gemini Live', () => {
     conn.send({ setup: { model: 'models/gemini-2.0-flash-live-001', generationConfig: { responseModalities: ['TEXT'] } } });
     await conn.next((m) => m.setupComplete !== undefined);
     expect(conn.binary.at(-1)).toBe(true);
-    // The budgeted key capped the session's output.
-    expect(gemini.messages.at(-1)!.msg.setup.generationConfig.maxOutputTokens).toBeGreaterThan(0);
+    // The key covers a whole turn (the model's largest answer): the setup goes on unchanged; each
+    // turn's hold follows its output instead.
+    expect(gemini.messages.at(-1)!.msg.setup.generationConfig.maxOutputTokens).toBeUndefined();
 
     conn.send({ clientContent: { turns: [{ role: 'user', parts: [{ text: 'hello' }] }], turnComplete: true } });
     const last = await conn.next((m) => m.serverContent?.turnComplete === true);

@@ -1,17 +1,47 @@
 /**
- * Budgets for one billable request: what to reserve before forwarding (the worst case) and
- * what to settle after (what the upstream reported, or an estimate when a stream was cut).
+ * Holds for one billable request on a key with a token or dollar limit: what to hold before it
+ * is forwarded, and what it settles to.
  *
- * The worst case is the estimated input plus the request's maximum output. A request that
- * names no maximum, or one larger than what is left, gets one that fits what is left, so a
- * key can never spend more than its limit even with every request in flight at once.
+ * Guarantees, for the upstream's bill (everything below is priced at its highest applicable rate):
+ * - The input part of a hold is an upper bound of the input the upstream can bill: the body's
+ *   bytes (a byte-level tokenizer never makes more tokens than bytes; one token per byte, plus
+ *   the cap Till may add) and each image at the most it can cost, or, when that would refuse the
+ *   request or lower its output, the exact count for models whose tokenizer is public. What the
+ *   provider adds from its own state is added as the tokens Till saw it report (a response this
+ *   broker served: see contexts.ts) or, when Till saw nothing (a file by id, cached content,
+ *   server-side tool results), bounded by the model's context window. The plan says which.
+ * - Dollars take the highest rate the request can be billed at: a cache write when it can write
+ *   the cache (1-hour writes at their rate), the long-context tier when its input may cross the
+ *   tier's threshold, the priority tier when it asks for it; server-side tools add their fees
+ *   times the calls the request allows. A spend-limited key refuses what it cannot bound, saying
+ *   why and what to set.
+ * - Output: a non-streaming request holds its whole cap (nothing can be cut mid-way); one that
+ *   names none gets {@link NON_STREAMING_DEFAULT_OUTPUT}, or what fits. A stream holds a first
+ *   slice and grows (see streamHold.ts). The client's own cap is forwarded unchanged while the key
+ *   could cover it; otherwise it is lowered to what the key can cover now, a ceiling for that
+ *   request alone.
  */
 import type { Denial } from './denial';
 import type { RequestUsage } from './events';
+import { maxImageTokens, imageTokens } from './imageTokens';
 import type { SettleDetails, TokenCounts } from './ledger';
-import { estimateTokens, type Usage, type UsageFormat } from './metering';
-import { MICROS, type Amounts, type Policy } from './policy';
-import { costAt, type ModelPrice, type PriceTable } from './pricing';
+import { estimateTokens, type GeneratedText, type Usage, type UsageFormat } from './metering';
+import { formatAmount, formatUsd, MICROS, type Amounts, type Policy } from './policy';
+import { costAt, ratesFor, type ModelLimits, type ModelPrice, type PriceTable } from './pricing';
+import { readRequest, type RequestFacts } from './requestFacts';
+import { counter, encodingOf, requestTokens } from './tokenCount';
+
+type Json = Record<string, unknown>;
+
+/** Output tokens a stream holds at first, and by how many its hold grows (streamHold.ts). */
+export const OUTPUT_SLICE = 1024;
+/**
+ * Output a non-streaming request may produce when it names no cap: enough for nearly every
+ * answer, so that one request does not take a key's whole budget while others wait.
+ */
+export const NON_STREAMING_DEFAULT_OUTPUT = 16_384;
+/** Room for the output cap Till may write into a body (`,"max_completion_tokens":123456`). */
+const CAP_FIELD_BYTES = 64;
 
 /** The field that caps a request's output, per format (the first one present wins). */
 const MAX_OUTPUT_FIELDS: Partial<Record<UsageFormat, string[]>> = {
@@ -21,39 +51,58 @@ const MAX_OUTPUT_FIELDS: Partial<Record<UsageFormat, string[]>> = {
   'anthropic-messages': ['max_tokens'],
   'cohere-chat': ['max_tokens'],
 };
+/** The smallest cap an upstream accepts, where it is more than 1 (Responses refuses `max_output_tokens` below 16). */
+const MIN_CAP: Partial<Record<UsageFormat, number>> = { 'openai-responses': 16 };
 
-/** What the broker needs to know about a request to plan its budget. */
-export interface BudgetRequest {
+/** What the broker knows about a request to plan its hold. */
+export interface HoldRequest {
   provider: string;
   model: string | undefined;
   format: UsageFormat | undefined;
   /** The request's JSON body, parsed (changed in place when its output cap must change). */
-  json: Record<string, unknown> | undefined;
-  /** Size of the request body in bytes, as it will be sent (after any rewriting). */
+  json: Json | undefined;
+  /** Size of the request body in bytes. */
   bodyBytes: number;
+  /** The client asked for a stream (by body or route). */
+  stream: boolean;
+  /**
+   * Tokens of stored context the request continues, by response or conversation id, as Till saw
+   * them reported (undefined: not seen). Default: none seen.
+   */
+  knownContext?: (id: string) => number | undefined;
+  /** Tokens of context the upstream adds that the caller already knows (a WebSocket's conversation). */
+  carriedContext?: number;
 }
 
-/** The plan: what to reserve, and whether the body was changed (re-serialize it). */
-export interface BudgetPlan {
+/** What a hold is made of, and how to reprice it as the request goes. */
+export interface HoldPlan {
+  /** What to hold now. */
   amounts: Amounts;
-  /**
-   * Input tokens held: one per byte of the body. Byte-level tokenizers never make more tokens
-   * than bytes, and the JSON around the text outweighs the chat template's few tokens, so the
-   * real count cannot exceed it. (A guess such as bytes / 4 could be beaten by unusual text,
-   * and then a budget could be overrun.)
-   */
-  inputReserve: number;
-  /** Input tokens estimated (bytes / 4), for billing a cut stream the upstream never reported. */
+  /** Input tokens held, what bounds them, and their micro-dollars at the hold's rates. */
+  input: { tokens: number; basis: string; micros: number };
+  /** Output tokens: the most the request can produce (over all its choices), and the part held now. */
+  output: { ceiling: number; held: number };
+  /** Micro-dollars per output token at the hold's rate. */
+  outputRate: number;
+  /** Micro-dollars of fees the request can incur (server-side tools, request fees). */
+  feesMicros: number;
+  stream: boolean;
+  /** The model may generate output it does not stream, at up to `limits.tokensPerSecond`. */
+  hiddenOutput: boolean;
+  limits: ModelLimits;
+  price: ModelPrice | undefined;
+  /** Which meters the key limits (the others are not held). */
+  meters: { tokens: boolean; spend: boolean };
+  /** Input tokens estimated, for settling a cut request the upstream never reported. */
   inputEstimate: number;
-  /** The output cap in force, if any. */
-  maxOutput: number | undefined;
+  /** The body was changed (re-serialize it). */
   bodyChanged: boolean;
 }
 
-function readMaxOutput(format: UsageFormat | undefined, json: Record<string, unknown> | undefined): { value: number | undefined; field: string | undefined } {
+function readMaxOutput(format: UsageFormat | undefined, json: Json | undefined): { value: number | undefined; field: string | undefined } {
   if (!json || !format) return { value: undefined, field: undefined };
   if (format === 'gemini') {
-    const config = json.generationConfig as Record<string, unknown> | undefined;
+    const config = json.generationConfig as Json | undefined;
     const v = config?.maxOutputTokens;
     return { value: typeof v === 'number' ? v : undefined, field: 'generationConfig.maxOutputTokens' };
   }
@@ -62,71 +111,264 @@ function readMaxOutput(format: UsageFormat | undefined, json: Record<string, unk
   return { value: undefined, field: fields[0] };
 }
 
-function writeMaxOutput(format: UsageFormat, json: Record<string, unknown>, field: string, value: number): void {
+function writeMaxOutput(format: UsageFormat, json: Json, field: string, value: number): void {
   if (format === 'gemini') {
-    const config = (json.generationConfig ??= {}) as Record<string, unknown>;
+    const config = (json.generationConfig ??= {}) as Json;
     config.maxOutputTokens = value;
-  } else {
-    json[field] = value;
+    return;
+  }
+  json[field] = value;
+  // Anthropic's thinking budget must stay below max_tokens: shrink it with the cap (it cannot go
+  // below 1,024, so a smaller cap turns thinking off).
+  const thinking = format === 'anthropic-messages' ? (json.thinking as Json | undefined) : undefined;
+  if (thinking?.type === 'enabled' && typeof thinking.budget_tokens === 'number' && thinking.budget_tokens >= value) {
+    if (value > 1024) thinking.budget_tokens = value - 1;
+    else delete json.thinking;
   }
 }
 
-/** Micro-dollars for a number of input and output tokens at a price (rounded up). */
-function costMicros(price: ModelPrice, input: number, output: number): number {
-  return Math.ceil(costAt(price, { inputTokens: input, outputTokens: output }) * MICROS);
+/** Micro-dollars per input and output token at the highest rates the request can be billed at. */
+function holdRates(price: ModelPrice, facts: RequestFacts, provider: string, inputTokens: number): { input: number; output: number } {
+  const rates = ratesFor(price, inputTokens, facts.serviceTier);
+  let input = rates.input;
+  // A cache write bills input above the plain rate: Anthropic when the request marks content
+  // for caching (1-hour marks at the 1-hour rate), others wherever the model has a write rate.
+  const writes = provider === 'anthropic' ? facts.cache !== 'none' : rates.cacheWrite !== undefined;
+  if (writes) input = Math.max(input, facts.cache === '1h' ? rates.cacheWrite1h ?? rates.cacheWrite ?? input : rates.cacheWrite ?? input);
+  return { input, output: rates.output };
+}
+
+/** A key's remaining amounts, with the figures a refusal gives. */
+interface Left {
+  tokens: number;
+  spend: number;
+}
+
+/** The input bound: a number of tokens and what bounds it. */
+interface InputBound {
+  tokens: number;
+  basis: string;
+}
+
+/** The stored context a request continues: its tokens, or why Till cannot know them. */
+function storedContext(facts: RequestFacts, req: HoldRequest): { tokens: number; unseen?: string; seen?: string } {
+  let tokens = req.carriedContext ?? 0;
+  let seen: string | undefined;
+  for (const [kind, id] of [['previous_response_id', facts.previousResponse], ['conversation', facts.conversation]] as const) {
+    if (id === undefined) continue;
+    const known = req.knownContext?.(id);
+    if (known === undefined) return { tokens, unseen: `the stored conversation of ${kind} ${id}, which Till has not seen` };
+    tokens += known;
+    seen = `${known.toLocaleString('en-US')} tokens of the conversation ${id} continues`;
+  }
+  return { tokens, ...(seen ? { seen } : {}) };
+}
+
+/** The input bound from the body's bytes (precise: false) or its exact token count (precise: true, public tokenizers only). */
+function inputBound(req: HoldRequest, facts: RequestFacts, limits: ModelLimits, precise: boolean): InputBound | undefined {
+  const context = storedContext(facts, req);
+  const window = limits.context;
+  const unseen = facts.unseen[0] ?? context.unseen;
+  if (unseen !== undefined) return { tokens: window, basis: `the context window of ${req.model ?? 'the model'} (${window.toLocaleString('en-US')} tokens): the request brings in ${unseen}` };
+  let text: number;
+  let images = 0;
+  let basis: string;
+  if (precise) {
+    const encoding = encodingOf(req.model);
+    const counted = encoding && req.json && req.format ? requestTokens(req.format, req.json, counter(encoding)) : undefined;
+    if (counted === undefined) return undefined;
+    text = counted;
+    for (const image of facts.images) images += imageTokens(req.provider, req.model, image);
+    basis = `its tokens (${encoding})`;
+  } else {
+    text = req.bodyBytes + CAP_FIELD_BYTES;
+    const most = maxImageTokens(req.provider, req.model);
+    images = facts.images.length * most;
+    basis = 'its body (one token per byte at most)';
+  }
+  if (facts.images.length > 0) basis += ` and ${facts.images.length} image${facts.images.length === 1 ? '' : 's'}`;
+  if (context.seen) basis += `, plus ${context.seen}`;
+  const tokens = text + images + context.tokens;
+  if (tokens >= window) return { tokens: window, basis: `the context window of ${req.model ?? 'the model'} (${window.toLocaleString('en-US')} tokens)` };
+  return { tokens, basis };
+}
+
+/** The words of a budget refusal: used, held and left, then what this request needs. */
+export function budgetRefusal(meter: 'tokens' | 'spend', limit: number, used: number, held: number, needs: number, why: string): Denial {
+  const amount = (n: number) => formatAmount(meter, n);
+  const left = Math.max(0, limit - used - held);
+  const head = meter === 'tokens' ? 'till key out of tokens' : 'till key over budget';
+  const spent = meter === 'tokens' ? 'used' : 'spent';
+  return {
+    status: 429,
+    code: 'exhausted',
+    message: `${head}: ${amount(used)} of ${amount(limit)} ${spent}, ${amount(held)} held by requests in flight, ${amount(left)} left; this request needs at least ${amount(needs)} (${why})`,
+  };
 }
 
 /**
- * Plans a billable request under the key's policy and what is left of it. Returns the plan or
- * a denial (an unpriced model on a spend-limited key, or nothing left to spend).
+ * Plans the hold of a billable request under the key's policy and what is left of it
+ * (`remaining`; `held` are the amounts held by other requests now, for the refusal's words).
+ * Returns the plan, or a denial that says why (an unpriced model or tool fee on a spend-limited
+ * key, a response Till cannot meter, or too little left).
  */
-export function planBudget(req: BudgetRequest, policy: Policy, remaining: Amounts, prices: PriceTable): BudgetPlan | Denial {
-  const amounts: Amounts = { activations: 1 };
-  const tokenLimited = policy.maxTokens !== undefined;
-  const spendLimited = policy.maxSpendUsd !== undefined;
-  const inputEstimate = estimateTokens(req.bodyBytes);
-  // Room for the output cap Till may add to the body.
-  const inputReserve = req.bodyBytes + 64;
-  const plan: BudgetPlan = { amounts, inputReserve, inputEstimate, maxOutput: undefined, bodyChanged: false };
-  if (!tokenLimited && !spendLimited) return plan;
-  if (!req.format) {
-    // A billable route Till cannot meter (say, audio): it cannot be held to a token or spend limit.
-    return { status: 403, code: 'out_of_scope', message: `this till key has a ${spendLimited ? 'spend' : 'token'} limit and Till cannot meter this kind of request` };
-  }
+export function planHold(req: HoldRequest, policy: Policy, remaining: Amounts, held: Amounts, prices: PriceTable): HoldPlan | Denial {
+  const meters = { tokens: policy.maxTokens !== undefined, spend: policy.maxSpendUsd !== undefined };
+  const limits = prices.limits(req.provider, req.model);
+  const base: HoldPlan = {
+    amounts: { activations: 1 },
+    input: { tokens: 0, basis: '', micros: 0 },
+    output: { ceiling: 0, held: 0 },
+    outputRate: 0,
+    feesMicros: 0,
+    stream: req.stream,
+    hiddenOutput: false,
+    limits,
+    price: undefined,
+    meters,
+    inputEstimate: estimateTokens(req.bodyBytes),
+    bodyChanged: false,
+  };
+  if (!meters.tokens && !meters.spend) return base;
+  const kind = meters.spend ? 'spend' : 'token';
+  if (!req.format) return { status: 403, code: 'out_of_scope', message: `this till key has a ${kind} limit and Till cannot meter this kind of request` };
   const model = req.model;
   const price = model ? prices.price(req.provider, model) : undefined;
-  if (spendLimited && !price) {
+  if (meters.spend && !price) {
     return { status: 403, code: 'out_of_scope', message: `model ${model ?? '(none)'} has no price in Till's table, so a spend-limited till key refuses it rather than guess; add its price to prices.json in the data folder` };
   }
-  // The largest output that still fits what is left.
-  let fit = Infinity;
-  if (tokenLimited) fit = Math.min(fit, (remaining.tokens ?? 0) - inputReserve);
-  if (spendLimited && price) {
-    const inputCost = costMicros(price, inputReserve, 0);
-    const perOutputToken = price.output / 1_000_000;
-    fit = Math.min(fit, Math.floor(((remaining.spend ?? 0) - inputCost) / MICROS / perOutputToken));
+  const facts = readRequest(req.format, req.json, req.stream);
+  if (facts.background) return { status: 403, code: 'out_of_scope', message: `this till key has a ${kind} limit and a background response is billed after Till has answered, so Till cannot meter it: send it without "background": true` };
+
+  // Fees: every fee-charging server tool, times the calls the request allows.
+  let fees = price?.requestFee ?? 0;
+  for (const tool of facts.serverTools) {
+    const fee = prices.toolFee(req.provider, tool.type);
+    if (!meters.spend) continue;
+    if (fee === undefined) return { status: 403, code: 'out_of_scope', message: `the request uses the server-side tool ${tool.type}, whose fee Till does not know, so a spend-limited till key refuses it` };
+    if (fee > 0 && tool.maxCalls === undefined) {
+      const knob = req.provider === 'anthropic' ? 'max_uses on the tool' : 'max_tool_calls';
+      return { status: 403, code: 'out_of_scope', message: `the request uses the server-side tool ${tool.type}, billed $${fee} per call, with no limit on its calls: set ${knob} so that a spend-limited till key can bound its fees` };
+    }
+    fees += fee * (tool.maxCalls ?? 0);
   }
-  // Nothing fits: plan the smallest request anyway, so the reservation is refused with the
-  // used and reserved figures a person needs to see why.
-  if (!(fit >= 1)) fit = 1;
-  const { value, field } = readMaxOutput(req.format, req.json);
-  let maxOutput = value;
-  if ((maxOutput === undefined || maxOutput > fit) && req.json && field && req.format !== 'openai-embeddings') {
-    maxOutput = fit;
-    writeMaxOutput(req.format, req.json, field, fit);
-    plan.bodyChanged = true;
+  const feesMicros = Math.ceil(fees * MICROS);
+  const left: Left = { tokens: remaining.tokens ?? Infinity, spend: remaining.spend ?? Infinity };
+  const hiddenOutput = facts.hiddenOutput ?? (req.provider === 'anthropic' ? false : limits.hiddenOutput);
+  const { value: clientCap, field } = readMaxOutput(req.format, req.json);
+  const embeddings = req.format === 'openai-embeddings';
+  const n = facts.n;
+
+  /** The plan for one input bound, or undefined when nothing fits (`fit` < the smallest cap). */
+  const attempt = (bound: InputBound) => {
+    const rates = price ? holdRates(price, facts, req.provider, bound.tokens) : { input: 0, output: 0 };
+    const inputMicros = Math.ceil(bound.tokens * rates.input);
+    let fit = Infinity;
+    if (meters.tokens) fit = Math.min(fit, left.tokens - bound.tokens);
+    if (meters.spend && rates.output > 0) fit = Math.min(fit, Math.floor((left.spend - inputMicros - feesMicros) / rates.output));
+    if (meters.spend && left.spend - inputMicros - feesMicros < 0) fit = -1;
+    return { bound, rates, inputMicros, perChoice: fit === Infinity ? Infinity : Math.floor(fit / n) };
+  };
+  const want = embeddings ? 0 : clientCap ?? (req.stream ? limits.maxOutput : Math.min(limits.maxOutput, NON_STREAMING_DEFAULT_OUTPUT));
+  const minCap = embeddings ? 0 : MIN_CAP[req.format] ?? 1;
+  const coarse = inputBound(req, facts, limits, false)!;
+  let a = attempt(coarse);
+  // Tokenize only when the coarse bound would refuse the request or lower its output.
+  if (a.perChoice < want) {
+    const precise = inputBound(req, facts, limits, true);
+    if (precise && precise.tokens < coarse.tokens) a = attempt(precise);
   }
-  // Embeddings produce no output tokens.
-  const output = req.format === 'openai-embeddings' ? 0 : maxOutput ?? fit;
-  plan.maxOutput = maxOutput;
-  if (tokenLimited) amounts.tokens = inputReserve + output;
-  if (spendLimited && price) amounts.spend = costMicros(price, inputReserve, output);
+  if (a.perChoice < minCap) {
+    const meter = meters.tokens && left.tokens - a.bound.tokens < minCap * n ? 'tokens' : 'spend';
+    const limit = meter === 'tokens' ? policy.maxTokens! : Math.round(policy.maxSpendUsd! * MICROS);
+    const needs = meter === 'tokens' ? a.bound.tokens + minCap * n : a.inputMicros + feesMicros + Math.ceil(minCap * n * a.rates.output);
+    const used = limit - (meter === 'tokens' ? left.tokens : left.spend) - (held[meter] ?? 0);
+    return budgetRefusal(meter, limit, used, held[meter] ?? 0, needs, `input up to ${a.bound.tokens.toLocaleString('en-US')} tokens, bound by ${a.bound.basis}`);
+  }
+
+  let ceilingPerChoice = clientCap ?? limits.maxOutput;
+  let bodyChanged = false;
+  if (!embeddings && req.json && field) {
+    if (want > a.perChoice) {
+      // Lowered to what the key can cover now: a ceiling for this request alone.
+      ceilingPerChoice = a.perChoice;
+      writeMaxOutput(req.format, req.json, field, ceilingPerChoice);
+      bodyChanged = true;
+    } else if (clientCap === undefined && !req.stream) {
+      ceilingPerChoice = want;
+      writeMaxOutput(req.format, req.json, field, want);
+      bodyChanged = true;
+    }
+  } else if (want > a.perChoice) {
+    // No field to cap (Gemini Live turns, or a format without one): hold what fits; a stream is
+    // cut when its hold cannot grow.
+    ceilingPerChoice = a.perChoice;
+  }
+  const ceiling = embeddings ? 0 : ceilingPerChoice * n;
+  const heldOutput = req.stream ? Math.min(ceiling, OUTPUT_SLICE) : ceiling;
+  const plan: HoldPlan = {
+    ...base,
+    input: { tokens: a.bound.tokens, basis: a.bound.basis, micros: a.inputMicros },
+    output: { ceiling, held: heldOutput },
+    outputRate: a.rates.output,
+    feesMicros,
+    hiddenOutput,
+    price,
+    bodyChanged,
+  };
+  plan.amounts = holdAmounts(plan, a.bound.tokens, a.inputMicros, heldOutput);
   return plan;
+}
+
+/** The amounts of a hold of `input` tokens (costing `inputMicros`) and `output` tokens, on the meters the key limits. */
+export function holdAmounts(plan: HoldPlan, input: number, inputMicros: number, output: number): Amounts {
+  const amounts: Amounts = { activations: 1 };
+  if (plan.meters.tokens) amounts.tokens = input + output;
+  if (plan.meters.spend) amounts.spend = Math.ceil(inputMicros + output * plan.outputRate + plan.feesMicros);
+  return amounts;
+}
+
+/** Output tokens an upstream may still generate (and bill) after a request is cut: see streamHold.ts. */
+export const AFTER_CUT_TOKENS = 64;
+
+/**
+ * The usage to settle a request cut before it ended: what it produced (reported so far, else the
+ * tokens of the text it streamed, counted with the model's tokenizer when public, else o200k_base,
+ * the closest public count) plus {@link AFTER_CUT_TOKENS} the upstream may generate before it
+ * notices, within its ceiling; a request cut with no stream to follow (a JSON answer not yet
+ * complete) at its whole ceiling, which the upstream may have produced. Input: reported, else
+ * counted the same way for OpenAI-shaped bodies, else `inputEstimate`. Marked estimated.
+ */
+export function cutUsage(req: { model: string | undefined; format: UsageFormat | undefined; json: Json | undefined }, plan: HoldPlan, reported: Usage | undefined, produced: GeneratedText | undefined, reachedUpstream: boolean): Usage {
+  const ceiling = plan.output.ceiling || Infinity;
+  let output = reported?.outputTokens ?? 0;
+  if (produced) {
+    const { text, share } = produced.sample();
+    output = Math.max(output, Math.ceil(counter(encodingOf(req.model) ?? 'o200k_base')(text) / share));
+  } else if (reachedUpstream) {
+    output = plan.output.ceiling;
+  }
+  if (reachedUpstream) output = Math.min(ceiling, output + AFTER_CUT_TOKENS);
+  let input = reported?.inputTokens ?? 0;
+  if (input <= 0) {
+    // The closest count there is: the model's own tokenizer, or o200k_base for an OpenAI-shaped body.
+    const counted = req.json && req.format ? requestTokens(req.format, req.json, counter(encodingOf(req.model) ?? 'o200k_base')) : undefined;
+    input = counted ?? plan.inputEstimate;
+  }
+  return { cachedInputTokens: 0, cacheWriteTokens: 0, reasoningTokens: 0, ...reported, inputTokens: input, outputTokens: output, estimated: true };
+}
+
+/** USD of the server-side tool calls a usage reports, at the table's fees (unknown tools: nothing). */
+function toolFees(provider: string, usage: Usage, prices: PriceTable): number {
+  let fees = 0;
+  for (const [tool, calls] of Object.entries(usage.toolCalls ?? {})) fees += calls * (prices.toolFee(provider, tool) ?? 0);
+  return fees;
 }
 
 /**
  * What a finished request settles to, from the reported usage or, failing that, an estimate:
  * the amounts for its key's meters, and the same as ledger details and as an event's usage.
+ * `spendKnown` is false for a model without a price: its tokens count, its dollars are unknown.
  */
 export function settlement(
   provider: string,
@@ -147,8 +389,17 @@ export function settlement(
   const tokens: TokenCounts = { input: u.inputTokens, output: u.outputTokens, cached: u.cachedInputTokens, reasoning: u.reasoningTokens };
   const amounts: Amounts = { activations: 1, tokens: u.inputTokens + u.outputTokens };
   let usd = u.reportedCostUsd;
-  if (usd === undefined && model) {
-    usd = prices.cost(provider, model, { inputTokens: u.inputTokens, outputTokens: u.outputTokens, cachedInputTokens: u.cachedInputTokens, cacheWriteTokens: u.cacheWriteTokens });
+  const price = usd === undefined && model ? prices.price(provider, model) : undefined;
+  if (price) {
+    usd = costAt(price, {
+      inputTokens: u.inputTokens,
+      outputTokens: u.outputTokens,
+      cachedInputTokens: u.cachedInputTokens,
+      cacheWriteTokens: u.cacheWriteTokens,
+      cacheWrite1hTokens: u.cacheWrite1hTokens,
+      serviceTier: u.serviceTier,
+      feesUsd: toolFees(provider, u, prices),
+    });
   }
   if (usd !== undefined) amounts.spend = Math.ceil(usd * MICROS);
   const spendKnown = usd !== undefined;
@@ -158,7 +409,12 @@ export function settlement(
     estimated,
     spendKnown,
     // What the ledger records beside the meters, and what events report.
-    details: { tokens, estimated },
+    details: { tokens, estimated, ...(spendKnown ? {} : { unpriced: true }) },
     usage: { tokens, ...(spendKnown ? { spend: amounts.spend } : {}), estimated },
   };
+}
+
+/** `$1.50` for micro-dollars, `1,234 tokens` for tokens: for messages. */
+export function describeAmount(meter: 'tokens' | 'spend', n: number): string {
+  return meter === 'spend' ? formatUsd(n) : formatAmount('tokens', n);
 }

@@ -62,7 +62,7 @@ export type TillEvent =
   | { type: 'limit.near'; at: number; key: KeySummary; meter: Meter; used: number; limit: number; /** 50 or 80. */ percent: number }
   | { type: 'request.started'; at: number; request: RequestInfo }
   /** An open stream's running usage (at most twice a second), so views can show its cost as it grows. */
-  | { type: 'request.progress'; at: number; request: RequestInfo; usage: RequestUsage }
+  | { type: 'request.progress'; at: number; request: RequestInfo; usage: RequestUsage; /** What the request holds of its key's limits now (it follows an open stream). */ held?: Amounts }
   | { type: 'request.finished'; at: number; request: RequestInfo; status: number; latencyMs: number; aborted?: string; /** Tokens and spend, for metered requests. */ usage?: RequestUsage }
   | { type: 'request.denied'; at: number; request: Partial<RequestInfo> & { provider: string; method: string; path: string }; status: number; reason: string; code: DenialCode };
 

@@ -18,6 +18,8 @@ export interface TillPaths {
   config: string;
   /** User price overrides (`{"models": {provider: {model: price}}}`). */
   prices: string;
+  /** What the upstreams' stored conversations weigh (contexts.ts). */
+  contexts: string;
   /** Unix socket (or Windows named pipe) of the control channel. */
   socket: string;
   /**
@@ -80,6 +82,7 @@ export function tillPaths(home: string, env: NodeJS.ProcessEnv = process.env): T
     credentials: join(home, 'credentials.json'),
     config: join(home, 'config.json'),
     prices: join(home, 'prices.json'),
+    contexts: join(home, 'contexts.jsonl'),
     socket,
     keychainService: keychainService(home),
     token: join(home, 'control.token'),

@@ -5,7 +5,8 @@
 import type { Denial } from './denial';
 import type { KeySummary, TillEvents } from './events';
 import { isRefusal, keyState, type KeyRecord, type Ledger, type Reservation, type ReserveRefusal, type SettleDetails } from './ledger';
-import { buildPolicy, formatAmount, formatUsd, hasLimits, limitsOf, MICROS, type Amounts, type Meter, type Policy } from './policy';
+import type { InFlightEntry } from './inFlightList';
+import { buildPolicy, formatAmount, hasLimits, limitsOf, MICROS, type Amounts, type Meter, type Policy } from './policy';
 import { InFlightList } from './inFlightList';
 import { hashTillKey, makeTillKey, newKeyId, parseTillKey, tillKeyMatches } from './tillKey';
 
@@ -15,13 +16,27 @@ export interface InFlight {
   cut(denial: Denial): void;
 }
 
-/** A request admitted by {@link TillKeys.admit}: release it exactly once with `done`. */
-export interface Admission {
-  /** Marks the request as having reached the upstream (its reservation becomes spending). */
+/**
+ * A request admitted by {@link TillKeys.admit}, and its hold on the key's limits: the one place
+ * where a hold is taken (at admission), grown or shrunk while the request runs, and settled or
+ * released at its end, for HTTP requests and every WebSocket dialect alike. End it exactly once
+ * with `done`.
+ */
+export interface Hold {
+  /** Marks the request as having reached the upstream (its hold becomes spending). */
   reachedUpstream(): void;
   /**
+   * Holds `amounts` instead from now on, atomically against the key's limits (a growth is on disk
+   * before this returns). False, and nothing changed, when the key cannot cover a growth.
+   */
+  resize(amounts: Amounts): boolean;
+  /** The refusal for a growth the key cannot cover, in the words of the meter that is short. */
+  refusal(why: string): Denial;
+  /** What it holds now. */
+  held(): Amounts;
+  /**
    * Ends the request's hold on the key, and frees its concurrency slot: settles to `actual`
-   * (default: what was reserved, the worst case) if it reached the upstream, else releases.
+   * (default: what it holds) if it reached the upstream, else releases.
    */
   done(actual?: Amounts, details?: SettleDetails): void;
 }
@@ -49,16 +64,21 @@ export interface IssueRequest {
 const THRESHOLDS = [0.5, 0.8] as const;
 const MINUTE = 60_000;
 
-/** Why a reservation was refused, in words: which limit, used, held by requests in flight. */
-function refusalMessage(r: ReserveRefusal, wanted: number): string {
-  const held = r.reserved > 0 ? `, ${formatAmount(r.meter, r.reserved)} reserved by requests in flight` : '';
+/**
+ * Why a hold was refused, in words: which limit, what is used, held by requests in flight and
+ * left, then what the request asked for (`wanted`) and what for (`why`, when said).
+ */
+function refusalMessage(r: ReserveRefusal, wanted: number, why?: string): string {
+  const left = Math.max(0, r.limit - r.used - r.reserved);
+  const state = (spent: string) => `${formatAmount(r.meter, r.used)} of ${formatAmount(r.meter, r.limit)} ${spent}, ${formatAmount(r.meter, r.reserved)} held by requests in flight, ${formatAmount(r.meter, left)} left`;
+  const asked = why ?? `this request needs ${formatAmount(r.meter, wanted)}`;
   switch (r.meter) {
     case 'activations':
       return `till key exhausted: ${r.used} of ${r.limit} activations used${r.reserved > 0 ? ` (${r.reserved} more in flight)` : ''}`;
     case 'tokens':
-      return `till key out of tokens: ${formatAmount('tokens', r.used)} of ${formatAmount('tokens', r.limit)} used${held}; this request may need up to ${formatAmount('tokens', wanted)}`;
+      return `till key out of tokens: ${state('used')}; ${asked}`;
     case 'spend':
-      return `till key over budget: ${formatUsd(r.used)} of ${formatUsd(r.limit)} spent${held}; this request could cost up to ${formatUsd(wanted)}`;
+      return `till key over budget: ${state('spent')}; ${asked}`;
   }
 }
 
@@ -216,7 +236,7 @@ export class TillKeys {
    * activation (and, on budgeted keys, the worst-case tokens and spend the broker worked out);
    * free requests pass `undefined`. `flight` is what revocation will cut.
    */
-  admit(key: KeyRecord, amounts: Amounts | undefined, flight: InFlight, batch = false): Admission | Denial {
+  admit(key: KeyRecord, amounts: Amounts | undefined, flight: InFlight, batch = false): Hold | Denial {
     const policy = key.policy;
     const now = this.now();
     // The key was authenticated before the body was read and the credential fetched: a
@@ -243,27 +263,13 @@ export class TillKeys {
       if (isRefusal(result)) return { status: 429, code: 'exhausted', message: refusalMessage(result, amounts[result.meter] ?? 0) };
       reservation = result;
     }
-    const entry = flights.add(flight);
     this.inFlight.set(key.id, flights);
-    let reached = false;
-    let finished = false;
-    return {
-      reachedUpstream: () => {
-        reached = true;
-      },
-      done: (actual, details) => {
-        if (finished) return;
-        finished = true;
-        flights.delete(entry);
-        if (!reservation) return;
-        if (reached) {
-          this.ledger.settle(reservation, actual ?? reservation.amounts, details);
-          this.afterSpend(key);
-        } else {
-          this.ledger.release(reservation);
-        }
-      },
-    };
+    return new KeyHold(this, this.ledger, key, reservation, flights, flights.add(flight));
+  }
+
+  /** After a settlement: the alerts it may call for (see {@link afterSpend}). */
+  settled(key: KeyRecord, model: { smallestRequest?: Amounts } = {}): void {
+    this.afterSpend(key, model.smallestRequest);
   }
 
   /**
@@ -284,6 +290,11 @@ export class TillKeys {
   /** Runs `then` once every reservation made so far is written to the ledger. */
   whenDurable(then: () => void): void {
     this.ledger.whenDurable(then);
+  }
+
+  /** What requests in flight hold of a key's limits. */
+  heldFor(key: KeyRecord): Amounts {
+    return this.ledger.reserved(key.id);
   }
 
   /** What is left of each limited meter: limit − used − reserved. */
@@ -317,14 +328,20 @@ export class TillKeys {
     return summary;
   }
 
-  /** Announces crossing 50 %, 80 % and 100 % of each limit, once each per key. */
-  private afterSpend(key: KeyRecord): void {
+  /**
+   * Announces crossing 50 %, 80 % and 100 % of each limit, once each per key. 100 % is also a
+   * limit whose rest cannot pay for the smallest request (`smallest`, in that meter): a key that
+   * can serve nothing more is exhausted, whatever its figures say.
+   */
+  private afterSpend(key: KeyRecord, smallest?: Amounts): void {
     if (!hasLimits(key.policy)) return;
     const limits = limitsOf(key.policy);
+    const reserved = this.ledger.reserved(key.id);
     for (const meter of Object.keys(limits) as Meter[]) {
       const used = key.used[meter] ?? 0;
       const limit = limits[meter]!;
-      if (used >= limit) {
+      const left = limit - used - (reserved[meter] ?? 0);
+      if (used >= limit || (smallest?.[meter] !== undefined && left < smallest[meter]! && (reserved[meter] ?? 0) === 0)) {
         if (this.once(key.id, `${meter}:100`)) this.events.emit({ type: 'key.exhausted', at: this.now(), key: this.summary(key), meter });
         continue;
       }
@@ -372,5 +389,57 @@ export class TillKeys {
 
   close(): void {
     clearTimeout(this.expiryTimer);
+  }
+}
+
+/**
+ * The {@link Hold} of one admitted request (a class, not closures: one object per request on
+ * the hot path).
+ */
+class KeyHold implements Hold {
+  private reached = false;
+  private finished = false;
+
+  constructor(
+    private readonly keys: TillKeys,
+    private readonly ledger: Ledger,
+    private readonly key: KeyRecord,
+    private readonly reservation: Reservation | undefined,
+    private readonly flights: InFlightList<InFlight>,
+    private readonly entry: InFlightEntry<InFlight>,
+  ) {}
+
+  reachedUpstream(): void {
+    this.reached = true;
+  }
+
+  held(): Amounts {
+    return { ...(this.reservation?.amounts ?? {}) };
+  }
+
+  resize(amounts: Amounts): boolean {
+    if (this.finished || !this.reservation) return false;
+    this.lastRefusal = this.ledger.adjust(this.reservation, amounts);
+    return this.lastRefusal === undefined;
+  }
+
+  private lastRefusal: ReserveRefusal | undefined;
+
+  refusal(why: string): Denial {
+    const r = this.lastRefusal ?? { meter: 'tokens' as const, limit: 0, used: 0, reserved: 0 };
+    return { status: 429, code: 'exhausted', message: refusalMessage(r, 0, why) };
+  }
+
+  done(actual?: Amounts, details?: SettleDetails): void {
+    if (this.finished) return;
+    this.finished = true;
+    this.flights.delete(this.entry);
+    if (!this.reservation) return;
+    if (this.reached) {
+      this.ledger.settle(this.reservation, actual ?? this.reservation.amounts, details);
+      this.keys.settled(this.key);
+    } else {
+      this.ledger.release(this.reservation);
+    }
   }
 }

@@ -4,9 +4,14 @@
  * One append-only journal file of checksummed JSON lines, replayed at open and compacted
  * into a fresh file by atomic rename. Every change is written (one `write(2)`) before it is
  * acknowledged, so `kill -9` at any moment loses nothing acknowledged: the OS already holds
- * the bytes. A reservation that was open when the process died may have reached the
- * upstream, so at the next open it counts as spent: after a crash a key can lose a call it
- * never made, but it can never serve more than its limit.
+ * the bytes. A hold (reservation) that was open when the process died may have reached the
+ * upstream, so at the next open it counts as spent at the amounts it last held: after a crash a
+ * key can lose what a request never used, but it can never serve more than its limit.
+ *
+ * A hold can change while its request runs (see {@link Ledger.adjust}): it grows as a stream
+ * produces output, and every growth is written before the request may use it, so the amounts a
+ * crash counts as spent always cover what the upstream could bill; it shrinks when the upstream
+ * reports what it bills, written with the next write (a lost shrink only over-counts).
  */
 import { closeSync, fsyncSync, openSync, writeSync } from 'node:fs';
 import { dirname } from 'node:path';
@@ -71,7 +76,15 @@ export function keyState(key: KeyRecord, now = Date.now()): KeyState {
 export interface Reservation {
   readonly id: number;
   readonly keyId: string;
+  /** What it holds now (changed only by {@link Ledger.adjust}). */
   readonly amounts: Amounts;
+}
+
+/** A reservation as the ledger keeps it: its amounts change in place. */
+interface OpenHold {
+  readonly id: number;
+  readonly keyId: string;
+  amounts: Amounts;
 }
 
 /** Why a reservation was refused: the meter, and how much is used and held. */
@@ -99,6 +112,7 @@ type Entry =
   | { t: 'key'; key: KeyRecord }
   | { t: 'res'; r: number; k: string; a: Amounts }
   | { t: 'set'; r: number; u: Amounts; d?: SettleDetails }
+  | { t: 'adj'; r: number; a: Amounts }
   | { t: 'pol'; k: string; p: Policy }
   | { t: 'rel'; r: number }
   | { t: 'rev'; k: string; at: number };
@@ -165,6 +179,10 @@ function hotEntryJson(entry: Entry): string | undefined {
     }
     case 'rel':
       return `{"t":"rel","r":${entry.r}}`;
+    case 'adj': {
+      const a = numbersJson(entry.a);
+      return a !== undefined ? `{"t":"adj","r":${entry.r},"a":${a}}` : undefined;
+    }
     default:
       return undefined;
   }
@@ -225,7 +243,7 @@ export interface LedgerOptions {
 export class Ledger {
   private readonly keysById = new Map<string, KeyRecord>();
   private readonly reservedByKey = new Map<string, Amounts>();
-  private readonly open = new Map<number, Reservation>();
+  private readonly open = new Map<number, OpenHold>();
   private nextReservation = 1;
   /** Entries not yet written, in order (see {@link defer}). */
   private readonly deferred = new PendingBytes();
@@ -308,6 +326,15 @@ export class Ledger {
         this.open.set(res.id, res);
         this.nextReservation = Math.max(this.nextReservation, res.id + 1);
         add(this.reservedFor(res.keyId), res.amounts, 1);
+        return;
+      }
+      case 'adj': {
+        const res = this.open.get(entry.r);
+        if (!res) return;
+        const reserved = this.reservedFor(res.keyId);
+        add(reserved, res.amounts, -1);
+        res.amounts = entry.a;
+        add(reserved, res.amounts, 1);
         return;
       }
       case 'set':
@@ -468,11 +495,47 @@ export class Ledger {
     return res;
   }
 
-  /** Turns a reservation into spending of `actual` (by default, what was reserved). */
-  settle(res: Reservation, actual: Amounts = res.amounts, details?: SettleDetails): void {
-    if (!this.open.delete(res.id)) return;
+  /**
+   * Changes what an open hold holds to `amounts`, atomically against the key's limits: a growth
+   * is refused (and nothing changes) when the key cannot cover it. A growth is written at once,
+   * before the caller lets the request use it; a shrink with the next write. Returns the refusal,
+   * or undefined when the hold now holds `amounts` (also when the hold is no longer open).
+   */
+  adjust(res: Reservation, amounts: Amounts): ReserveRefusal | undefined {
+    const open = this.open.get(res.id);
+    if (!open) return undefined;
+    const key = this.keysById.get(open.keyId);
+    const reserved = this.reservedFor(open.keyId);
+    let grows = false;
+    for (const meter of Object.keys(amounts) as Meter[]) if ((amounts[meter] ?? 0) > (open.amounts[meter] ?? 0)) grows = true;
+    for (const meter of Object.keys(open.amounts) as Meter[]) if (amounts[meter] === undefined && open.amounts[meter] !== undefined) throw new Error(`a hold cannot drop its ${meter}`);
+    if (grows && key && hasLimits(key.policy)) {
+      const limits = limitsOf(key.policy);
+      for (const meter of Object.keys(amounts) as Meter[]) {
+        const limit = limits[meter];
+        const more = amounts[meter]! - (open.amounts[meter] ?? 0);
+        if (limit === undefined || more <= 0) continue;
+        const used = key.used[meter] ?? 0;
+        const held = reserved[meter] ?? 0;
+        if (used + held + more > limit) return { meter, limit, used, reserved: held };
+      }
+    }
+    add(reserved, open.amounts, -1);
+    open.amounts = { ...amounts };
+    add(reserved, open.amounts, 1);
+    const entry: Entry = { t: 'adj', r: open.id, a: open.amounts };
+    if (grows) this.write(entry);
+    else this.defer(entry);
+    this.compactIfDue();
+    return undefined;
+  }
+
+  /** Turns a reservation into spending of `actual` (by default, what it holds now). */
+  settle(res: Reservation, actual: Amounts = this.open.get(res.id)?.amounts ?? res.amounts, details?: SettleDetails): void {
+    const open = this.open.get(res.id);
+    if (!open || !this.open.delete(res.id)) return;
     this.defer(details ? { t: 'set', r: res.id, u: actual, d: details } : { t: 'set', r: res.id, u: actual });
-    add(this.reservedFor(res.keyId), res.amounts, -1);
+    add(this.reservedFor(res.keyId), open.amounts, -1);
     const key = this.keysById.get(res.keyId);
     if (key) addSettled(key, actual, details);
     this.compactIfDue();
@@ -480,9 +543,10 @@ export class Ledger {
 
   /** Gives a reservation back: the request never reached the upstream. */
   release(res: Reservation): void {
-    if (!this.open.delete(res.id)) return;
+    const open = this.open.get(res.id);
+    if (!open || !this.open.delete(res.id)) return;
     this.defer({ t: 'rel', r: res.id });
-    add(this.reservedFor(res.keyId), res.amounts, -1);
+    add(this.reservedFor(res.keyId), open.amounts, -1);
     this.compactIfDue();
   }
 

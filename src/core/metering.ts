@@ -28,6 +28,12 @@ export interface Usage {
   cachedInputTokens: number;
   /** The part of `inputTokens` written to a prompt cache (Anthropic, OpenRouter). */
   cacheWriteTokens: number;
+  /** The part of `cacheWriteTokens` written to a 1-hour cache (Anthropic `ttl: "1h"`), when reported. */
+  cacheWrite1hTokens?: number;
+  /** The service tier the upstream says it used (`priority` bills more), when reported. */
+  serviceTier?: string;
+  /** Server-side tool calls by tool type (`web_search`, …), which bill per call, when reported. */
+  toolCalls?: Record<string, number>;
   /** The part of `outputTokens` spent on reasoning / thinking, when the provider says. */
   reasoningTokens: number;
   /** USD the provider itself reported (OpenRouter `usage.cost`, Perplexity cost breakdown), when it did. */
@@ -125,7 +131,6 @@ type Json = Record<string, unknown>;
 export const asObj = (v: unknown): Json | undefined => (v !== null && typeof v === 'object' && !Array.isArray(v) ? (v as Json) : undefined);
 /** A token count: a finite, non-negative number. Anything else (null, strings) counts as absent. */
 const count = (v: unknown): number | undefined => (typeof v === 'number' && Number.isFinite(v) && v >= 0 ? v : undefined);
-const strLen = (v: unknown): number => (typeof v === 'string' ? v.length : 0);
 
 /** `usage.cost`: a number (OpenRouter, in USD credits) or a breakdown with `total_cost` (Perplexity). */
 function reportedCost(cost: unknown): number | undefined {
@@ -176,13 +181,47 @@ function fromOpenAiUsage(u: Json): Usage | undefined {
   );
 }
 
+/**
+ * What an OpenAI-shaped answer (a chat completion, a Responses response) says beyond its token
+ * counts: the service tier it ran in, and its server-side tool calls (Responses output items
+ * such as `web_search_call`), which bill per call.
+ */
+function withOpenAiExtras(u: Usage, r: Json): Usage {
+  if (typeof r.service_tier === 'string') u.serviceTier = r.service_tier;
+  if (Array.isArray(r.output)) {
+    for (const item of r.output) {
+      const type = asObj(item)?.type;
+      if (typeof type !== 'string' || !type.endsWith('_call') || type === 'function_call' || type === 'custom_tool_call') continue;
+      const tool = type.slice(0, -'_call'.length);
+      (u.toolCalls ??= {})[tool] = (u.toolCalls[tool] ?? 0) + 1;
+    }
+  }
+  return u;
+}
+
+/** Gemini grounding: each web search query the model ran bills as a `google_search` call. */
+function withGeminiExtras(u: Usage, o: Json): Usage {
+  let queries = 0;
+  if (Array.isArray(o.candidates)) for (const c of o.candidates) queries += asArray(asObj(asObj(c)?.groundingMetadata)?.webSearchQueries).length;
+  if (queries > 0) u.toolCalls = { google_search: queries };
+  return u;
+}
+
+const asArray = (v: unknown): unknown[] => (Array.isArray(v) ? v : []);
+
 /** Anthropic's counters, kept apart because a stream updates them field by field. */
 interface AnthropicCounts {
   input?: number;
   cacheWrite?: number;
+  cacheWrite1h?: number;
   cacheRead?: number;
   output?: number;
+  serviceTier?: string;
+  toolCalls?: Record<string, number>;
 }
+
+/** Anthropic's `server_tool_use` counters, by the tool type they bill as. */
+const ANTHROPIC_TOOL_COUNTS: Record<string, string> = { web_search_requests: 'web_search', web_fetch_requests: 'web_fetch', code_execution_requests: 'code_execution' };
 
 /** Overwrites the counters present in `u`: Anthropic's counts are cumulative, so the latest wins. */
 function mergeAnthropic(into: AnthropicCounts, u: Json): void {
@@ -192,6 +231,17 @@ function mergeAnthropic(into: AnthropicCounts, u: Json): void {
   const byTtl = asObj(u.cache_creation);
   if (write === undefined && byTtl) write = (count(byTtl.ephemeral_5m_input_tokens) ?? 0) + (count(byTtl.ephemeral_1h_input_tokens) ?? 0);
   if (write !== undefined) into.cacheWrite = write;
+  const hour = count(byTtl?.ephemeral_1h_input_tokens);
+  if (hour !== undefined) into.cacheWrite1h = hour;
+  if (typeof u.service_tier === 'string') into.serviceTier = u.service_tier;
+  const tools = asObj(u.server_tool_use);
+  if (tools) {
+    into.toolCalls = {};
+    for (const [field, tool] of Object.entries(ANTHROPIC_TOOL_COUNTS)) {
+      const n = count(tools[field]);
+      if (n) into.toolCalls[tool] = n;
+    }
+  }
   const read = count(u.cache_read_input_tokens);
   if (read !== undefined) into.cacheRead = read;
   const output = count(u.output_tokens);
@@ -203,7 +253,11 @@ function fromAnthropicCounts(c: AnthropicCounts): Usage | undefined {
   const cacheRead = c.cacheRead ?? 0;
   const cacheWrite = c.cacheWrite ?? 0;
   // Anthropic's input_tokens excludes both cache fields; add them for the total.
-  return { inputTokens: (c.input ?? 0) + cacheRead + cacheWrite, outputTokens: c.output ?? 0, cachedInputTokens: cacheRead, cacheWriteTokens: cacheWrite, reasoningTokens: 0 };
+  const u: Usage = { inputTokens: (c.input ?? 0) + cacheRead + cacheWrite, outputTokens: c.output ?? 0, cachedInputTokens: cacheRead, cacheWriteTokens: cacheWrite, reasoningTokens: 0 };
+  if (c.cacheWrite1h) u.cacheWrite1hTokens = c.cacheWrite1h;
+  if (c.serviceTier !== undefined) u.serviceTier = c.serviceTier;
+  if (c.toolCalls && Object.keys(c.toolCalls).length > 0) u.toolCalls = { ...c.toolCalls };
+  return u;
 }
 
 function fromGeminiUsage(m: Json): Usage | undefined {
@@ -262,7 +316,8 @@ export function usageFromJson(format: UsageFormat, body: unknown): Usage | undef
       const r = format === 'openai-responses' && typeof o.type === 'string' ? (asObj(o.response) ?? o) : o;
       // Groq put usage under x_groq in some answers.
       const u = asObj(r.usage) ?? asObj(asObj(r.x_groq)?.usage);
-      return u && fromOpenAiUsage(u);
+      const parsed = u && fromOpenAiUsage(u);
+      return parsed && withOpenAiExtras(parsed, r);
     }
     case 'anthropic-messages': {
       const u = asObj(o.usage) ?? asObj(asObj(o.message)?.usage);
@@ -273,7 +328,8 @@ export function usageFromJson(format: UsageFormat, body: unknown): Usage | undef
     }
     case 'gemini': {
       const m = asObj(o.usageMetadata);
-      return m && fromGeminiUsage(m);
+      const parsed = m && fromGeminiUsage(m);
+      return parsed && withGeminiExtras(parsed, o);
     }
     case 'cohere-chat': {
       const u = asObj(o.usage) ?? asObj(asObj(o.delta)?.usage) ?? asObj(o.meta);
@@ -289,6 +345,36 @@ export function estimateTokens(chars: number): number {
 
 // ---------------------------------------------------------------------------------------------
 // Streams
+
+/** Characters of generated text kept for counting a cut stream's tokens. */
+const KEPT_TEXT = 256 * 1024;
+
+/**
+ * The text a response has generated so far (deltas of text, reasoning and tool arguments): its
+ * size, an upper bound of its tokens (its UTF-8 bytes), and its first characters, for counting
+ * what a stream cut before the upstream reported its usage produced.
+ */
+export class GeneratedText {
+  chars = 0;
+  bytes = 0;
+  private kept: string[] = [];
+  private keptChars = 0;
+
+  add(value: unknown): void {
+    if (typeof value !== 'string' || value.length === 0) return;
+    this.chars += value.length;
+    this.bytes += Buffer.byteLength(value);
+    if (this.keptChars < KEPT_TEXT) {
+      this.kept.push(value);
+      this.keptChars += value.length;
+    }
+  }
+
+  /** The text kept (its first {@link KEPT_TEXT} characters), and the share of all of it that is. */
+  sample(): { text: string; share: number } {
+    return { text: this.kept.join(''), share: this.chars === 0 ? 1 : this.keptChars / this.chars };
+  }
+}
 
 /** Default cap on one buffered event (or JSON value) in a {@link StreamMeter}: 1 MiB. */
 export const DEFAULT_MAX_EVENT_BYTES = 1024 * 1024;
@@ -331,6 +417,8 @@ const isBomByte = (b: number): boolean => b === 0xef || b === 0xbb || b === 0xbf
 
 /** Top-level keys of a plain JSON body whose values carry usage; only these are buffered. */
 const USAGE_KEYS = new Set(['usage', 'usageMetadata', 'meta', 'x_groq']);
+/** Top-level string values that price the usage (the tier the answer ran in). */
+const USAGE_STRING_KEYS = new Set(['service_tier']);
 
 /** Responses API events that end a response (HTTP stream and WebSocket alike). */
 export const RESPONSES_FINAL = new Set(['response.completed', 'response.incomplete', 'response.failed', 'response.done']);
@@ -384,9 +472,12 @@ export class StreamMeter {
 
   // Metering state
   private reported: Usage | undefined;
+  /** The generated text seen so far. */
+  readonly generated = new GeneratedText();
+  private id: string | undefined;
   private readonly anthropic: AnthropicCounts = {};
-  private chars = 0;
   private usageChunk = false;
+  private serviceTier: string | undefined;
   private finished = false;
   private listenerError: { error: unknown } | undefined;
 
@@ -410,6 +501,7 @@ export class StreamMeter {
   private keyState = KEY_EXPECTED;
   private key = '';
   private capturing = false;
+  private capturingString = false;
   private captureKey = '';
   private readonly topValues: Json = {};
 
@@ -422,7 +514,21 @@ export class StreamMeter {
 
   /** Characters of generated text seen so far (deltas), for estimating output when a stream is cut before usage arrives. */
   get textChars(): number {
-    return this.chars;
+    return this.generated.chars;
+  }
+
+  /** UTF-8 bytes of generated text seen so far: an upper bound of the output tokens it encodes. */
+  get textBytes(): number {
+    return this.generated.bytes;
+  }
+
+  /** The id of the response the stream answers with (OpenAI Responses), once seen. */
+  get responseId(): string | undefined {
+    return this.id;
+  }
+
+  private text(value: unknown): void {
+    this.generated.add(value);
   }
 
   /** For OpenAI chat streams: whether the usage-only final chunk (`choices: []`, `usage` set) has been seen. */
@@ -463,7 +569,7 @@ export class StreamMeter {
   finalUsage(requestChars: number): Usage {
     const u = this.usage();
     if (u && this.complete) return u;
-    const output = estimateTokens(this.chars);
+    const output = estimateTokens(this.generated.chars);
     if (!u) return { inputTokens: estimateTokens(requestChars), outputTokens: output, cachedInputTokens: 0, cacheWriteTokens: 0, reasoningTokens: 0, estimated: true };
     return { ...u, inputTokens: u.inputTokens > 0 ? u.inputTokens : estimateTokens(requestChars), outputTokens: Math.max(u.outputTokens, output), estimated: true };
   }
@@ -646,23 +752,27 @@ export class StreamMeter {
         if (typeof choice.finish_reason === 'string') this.finished = true;
         const delta = asObj(choice.delta);
         if (!delta) {
-          this.chars += strLen(choice.text); // legacy completions
+          this.text(choice.text); // legacy completions
           continue;
         }
         // Together repeats a chat delta's text in `choice.text`: with a delta, only the delta counts.
         // DeepSeek streams reasoning as reasoning_content, OpenRouter and Groq as reasoning; a
         // provider sending both sends the same text twice, so count one.
-        this.chars += strLen(delta.content) + strLen(delta.refusal) + (typeof delta.reasoning_content === 'string' ? delta.reasoning_content.length : strLen(delta.reasoning));
+        this.text(delta.content);
+        this.text(delta.refusal);
+        this.text(typeof delta.reasoning_content === 'string' ? delta.reasoning_content : delta.reasoning);
         if (Array.isArray(delta.tool_calls)) {
-          for (const call of delta.tool_calls) this.chars += strLen(asObj(asObj(call)?.function)?.arguments);
+          for (const call of delta.tool_calls) this.text(asObj(asObj(call)?.function)?.arguments);
         }
-        this.chars += strLen(asObj(delta.function_call)?.arguments);
+        this.text(asObj(delta.function_call)?.arguments);
       }
     }
+    if (typeof o.service_tier === 'string') this.serviceTier = o.service_tier;
     const top = asObj(o.usage);
     const u = top ?? asObj(asObj(o.x_groq)?.usage);
     const parsed = u && fromOpenAiUsage(u);
     if (!parsed) return;
+    if (this.serviceTier !== undefined) parsed.serviceTier = this.serviceTier;
     this.reported = parsed; // the latest wins: some providers repeat cumulative usage in every chunk
     // Azure's first chunk also has `choices: []` but carries prompt_filter_results, not usage.
     if (top && Array.isArray(choices) && choices.length === 0) {
@@ -675,13 +785,18 @@ export class StreamMeter {
     if (type === undefined) return;
     if (RESPONSES_FINAL.has(type)) {
       this.finished = true;
-      const u = asObj(asObj(o.response)?.usage);
+      const response = asObj(o.response);
+      const u = asObj(response?.usage);
       const parsed = u && fromOpenAiUsage(u);
-      if (parsed) this.reported = parsed;
+      if (parsed) this.reported = withOpenAiExtras(parsed, response!);
       return;
     }
     // Text, reasoning, refusal and tool-argument deltas.
-    if (isTextDelta(type)) this.chars += strLen(o.delta);
+    if (type === 'response.created') {
+      const id = asObj(o.response)?.id;
+      if (typeof id === 'string') this.id = id;
+    }
+    if (isTextDelta(type)) this.text(o.delta);
   }
 
   private anthropicEvent(type: string | undefined, o: Json): void {
@@ -703,12 +818,15 @@ export class StreamMeter {
         return;
       case 'content_block_start': {
         const block = asObj(o.content_block);
-        this.chars += strLen(block?.text) + strLen(block?.thinking);
+        this.text(block?.text);
+        this.text(block?.thinking);
         return;
       }
       case 'content_block_delta': {
         const d = asObj(o.delta);
-        this.chars += strLen(d?.text) + strLen(d?.thinking) + strLen(d?.partial_json);
+        this.text(d?.text);
+        this.text(d?.thinking);
+        this.text(d?.partial_json);
         return;
       }
     }
@@ -726,8 +844,9 @@ export class StreamMeter {
         for (const p of parts) {
           const part = asObj(p);
           if (!part) continue;
-          this.chars += strLen(part.text) + strLen(asObj(part.executableCode)?.code);
-          if (part.functionCall !== undefined) this.chars += JSON.stringify(part.functionCall).length;
+          this.text(part.text);
+          this.text(asObj(part.executableCode)?.code);
+          if (part.functionCall !== undefined) this.text(JSON.stringify(part.functionCall));
         }
       }
     }
@@ -735,7 +854,12 @@ export class StreamMeter {
     if (typeof asObj(o.promptFeedback)?.blockReason === 'string') this.finished = true;
     const m = asObj(o.usageMetadata);
     const parsed = m && fromGeminiUsage(m);
-    if (parsed) this.reported = parsed; // cumulative: the latest wins
+    if (parsed) {
+      // Cumulative: the latest wins. Grounding queries come with the chunk that used them.
+      const queries = withGeminiExtras(parsed, o).toolCalls?.google_search ?? this.reported?.toolCalls?.google_search;
+      if (queries) parsed.toolCalls = { google_search: queries };
+      this.reported = parsed;
+    }
   }
 
   private cohereEvent(type: string | undefined, o: Json): void {
@@ -744,15 +868,16 @@ export class StreamMeter {
     switch (type) {
       case 'content-delta': {
         const content = asObj(message?.content);
-        this.chars += strLen(content?.text) + strLen(content?.thinking);
+        this.text(content?.text);
+        this.text(content?.thinking);
         return;
       }
       case 'tool-plan-delta':
-        this.chars += strLen(message?.tool_plan);
+        this.text(message?.tool_plan);
         return;
       case 'tool-call-start':
       case 'tool-call-delta':
-        this.chars += strLen(asObj(asObj(message?.tool_calls)?.function)?.arguments);
+        this.text(asObj(asObj(message?.tool_calls)?.function)?.arguments);
         return;
       case 'message-end': {
         this.finished = true;
@@ -769,7 +894,7 @@ export class StreamMeter {
 
   private scanJson(chunk: Buffer, from: number): void {
     const len = chunk.length;
-    let captureStart = this.capturing ? from : -1;
+    let captureStart = this.capturing || this.capturingString ? from : -1;
     for (let i = from; i < len; i++) {
       const b = chunk[i]!;
       if (this.inString) {
@@ -781,6 +906,12 @@ export class StreamMeter {
         else if (b === QUOTE) {
           this.inString = false;
           if (this.keyState === IN_KEY) this.keyState = COLON_EXPECTED;
+          else if (this.capturingString) {
+            this.capturingString = false;
+            const whole = this.take(chunk.subarray(captureStart, i + 1));
+            captureStart = -1;
+            if (whole) this.captured(whole);
+          }
         } else if (this.keyState === IN_KEY && this.key.length < 64) this.key += String.fromCharCode(b);
         continue;
       }
@@ -792,7 +923,14 @@ export class StreamMeter {
             if (this.keyState === KEY_EXPECTED) {
               this.keyState = IN_KEY;
               this.key = '';
-            } else if (this.keyState === VALUE_EXPECTED) this.keyState = IN_VALUE;
+            } else if (this.keyState === VALUE_EXPECTED) {
+              this.keyState = IN_VALUE;
+              if (USAGE_STRING_KEYS.has(this.key)) {
+                this.capturingString = true;
+                this.captureKey = this.key;
+                captureStart = i;
+              }
+            }
           }
           break;
         case LBRACE:
@@ -840,7 +978,7 @@ export class StreamMeter {
           if (topObject && this.keyState === VALUE_EXPECTED && !isSpace(b)) this.keyState = IN_VALUE;
       }
     }
-    if (this.capturing && captureStart >= 0) this.keep(chunk.subarray(captureStart, len));
+    if ((this.capturing || this.capturingString) && captureStart >= 0) this.keep(chunk.subarray(captureStart, len));
   }
 
   private captured(whole: Buffer): void {

@@ -6,16 +6,40 @@
 import { readPrivateFile } from './privateFolder';
 import builtIn from './prices.json';
 
-/** What a model costs, in USD per 1M tokens. */
-export interface ModelPrice {
+/** One set of rates, in USD per 1M tokens. */
+export interface Rates {
   /** Plain (uncached) input tokens. */
   input: number;
   /** Output tokens, reasoning tokens included. */
   output: number;
   /** Input tokens read from the provider's prompt cache. Default: `input`. */
   cachedInput?: number;
-  /** Input tokens written to the prompt cache (Anthropic cache_creation). Default: `input`. */
+  /** Input tokens written to the prompt cache (Anthropic cache_creation, 5-minute TTL). Default: `input`. */
   cacheWrite?: number;
+  /** Input tokens written to a 1-hour cache (Anthropic `ttl: "1h"`). Default: `cacheWrite`. */
+  cacheWrite1h?: number;
+}
+
+/** What a model costs: its standard rates, and what it bills beyond them. */
+export interface ModelPrice extends Rates {
+  /** The rates of the whole request when its input is above `above` tokens (long-context tiers). */
+  longContext?: Rates & { above: number };
+  /** The rates under `service_tier: "priority"`. */
+  priority?: Rates;
+  /** USD per request on top of tokens (Perplexity's request fees). */
+  requestFee?: number;
+}
+
+/** What a model can take and give, for bounds where the request does not show its cost. */
+export interface ModelLimits {
+  /** Most input tokens one request can be billed: the context window. */
+  context: number;
+  /** Most output tokens one request can produce. */
+  maxOutput: number;
+  /** True when the model may generate output it does not stream (hidden reasoning). */
+  hiddenOutput: boolean;
+  /** An upper bound of its generation speed, in tokens per second. */
+  tokensPerSecond: number;
 }
 
 /** Prices by provider id, then model id: the shape of prices.json's `models`. */
@@ -32,6 +56,12 @@ export interface TokenUsage {
   cachedInputTokens?: number;
   /** The part of `inputTokens` written to the cache. Default: 0. */
   cacheWriteTokens?: number;
+  /** The part of `cacheWriteTokens` written to a 1-hour cache. Default: 0. */
+  cacheWrite1hTokens?: number;
+  /** The service tier the upstream says it served the request in (`priority` bills more). */
+  serviceTier?: string;
+  /** USD of fees on top of tokens (server-side tool calls, request fees). Default: 0. */
+  feesUsd?: number;
 }
 
 // Providers without a table of their own that bill as another (Azure resells OpenAI's models).
@@ -51,31 +81,48 @@ const VENDORS: Record<string, string> = {
   cohere: 'cohere',
 };
 
-const PRICE_FIELDS = ['input', 'output', 'cachedInput', 'cacheWrite'] as const;
+const RATE_FIELDS = ['input', 'output', 'cachedInput', 'cacheWrite', 'cacheWrite1h'] as const;
+const OPTIONAL_RATES = new Set(['cachedInput', 'cacheWrite', 'cacheWrite1h']);
 const PER_MILLION = 1_000_000;
 
 function isRecord(value: unknown): value is Record<string, unknown> {
   return typeof value === 'object' && value !== null && !Array.isArray(value);
 }
 
-function checkPrice(value: unknown, where: string): ModelPrice {
+function checkRates(value: unknown, where: string, extra: readonly string[]): Rates & Record<string, unknown> {
   if (!isRecord(value)) throw new Error(`${where} must be an object like {"input": 1.25, "output": 10}`);
   for (const key of Object.keys(value)) {
     // `notes` is allowed so rows can be copied from the built-in table as they are.
-    if (key !== 'notes' && !(PRICE_FIELDS as readonly string[]).includes(key)) {
-      throw new Error(`${where} has an unknown field "${key}" (expected input, output, cachedInput, cacheWrite)`);
+    if (key !== 'notes' && !(RATE_FIELDS as readonly string[]).includes(key) && !extra.includes(key)) {
+      throw new Error(`${where} has an unknown field "${key}" (expected ${[...RATE_FIELDS, ...extra].join(', ')})`);
     }
   }
-  const price: Partial<ModelPrice> = {};
-  for (const field of PRICE_FIELDS) {
+  const rates: Record<string, number> = {};
+  for (const field of RATE_FIELDS) {
     const n = value[field];
-    if (n === undefined && (field === 'cachedInput' || field === 'cacheWrite')) continue;
+    if (n === undefined && OPTIONAL_RATES.has(field)) continue;
     if (typeof n !== 'number' || !Number.isFinite(n) || n < 0) {
       throw new Error(`${where}.${field} must be a number of at least 0 (USD per 1M tokens)`);
     }
-    price[field] = n;
+    rates[field] = n;
   }
-  return price as ModelPrice;
+  return rates as unknown as Rates & Record<string, unknown>;
+}
+
+function checkPrice(value: unknown, where: string): ModelPrice {
+  const price: ModelPrice = checkRates(value, where, ['longContext', 'priority', 'requestFee']);
+  const v = value as Record<string, unknown>;
+  if (v.longContext !== undefined) {
+    const above = isRecord(v.longContext) ? v.longContext.above : undefined;
+    if (typeof above !== 'number' || !Number.isSafeInteger(above) || above < 1) throw new Error(`${where}.longContext.above must be a whole number of input tokens`);
+    price.longContext = { ...checkRates(v.longContext, `${where}.longContext`, ['above']), above };
+  }
+  if (v.priority !== undefined) price.priority = checkRates(v.priority, `${where}.priority`, []);
+  if (v.requestFee !== undefined) {
+    if (typeof v.requestFee !== 'number' || !Number.isFinite(v.requestFee) || v.requestFee < 0) throw new Error(`${where}.requestFee must be a number of at least 0 (USD per request)`);
+    price.requestFee = v.requestFee;
+  }
+  return price;
 }
 
 function checkModels(value: unknown, where: string): PriceOverrides {
@@ -108,10 +155,20 @@ function candidates(provider: string, model: string): string[] {
   return out;
 }
 
+type LimitsRow = Partial<ModelLimits> & { models?: string };
+
 interface PriceFile {
   asOf: string;
   models: unknown;
   aliases?: Record<string, Record<string, string>>;
+  limits?: { providers: Record<string, LimitsRow>; models: Record<string, LimitsRow[]> };
+  toolFees?: Record<string, Record<string, number> | string>;
+}
+
+/** `*` in a limits row matches any run of characters. */
+function globMatch(pattern: string, value: string): boolean {
+  if (!pattern.includes('*')) return pattern === value;
+  return new RegExp(`^${pattern.split('*').map((p) => p.replace(/[.+?^${}()|[\]\\]/g, '\\$&')).join('.*')}$`).test(value);
 }
 
 /**
@@ -125,6 +182,9 @@ export class PriceTable {
   readonly asOf: string;
   private readonly tables = new Map<string, Map<string, ModelPrice>>();
   private readonly aliases = new Map<string, Map<string, string>>();
+  private readonly limitRows: PriceFile['limits'];
+  private readonly fees: Record<string, Record<string, number>> = {};
+  private readonly limitsMemo = new Map<string, ModelLimits>();
 
   /**
    * @param overrides user prices, same shape as prices.json's `models` (provider → model →
@@ -138,6 +198,44 @@ export class PriceTable {
     for (const [provider, aliases] of Object.entries(file.aliases ?? {})) {
       this.aliases.set(key(provider), new Map(Object.entries(aliases).map(([from, to]) => [key(from), key(to)])));
     }
+    this.limitRows = file.limits;
+    for (const [provider, fees] of Object.entries(file.toolFees ?? {})) if (typeof fees === 'object') this.fees[provider] = fees;
+  }
+
+  /**
+   * What a model can take and give (context window, output limit, hidden output, speed): the
+   * first matching row of the model's provider (OpenRouter's `vendor/model` ids also by the
+   * vendor's rows), then the provider's defaults, then the table's. Always answers: an unknown
+   * model gets the largest values, the safe side for a bound.
+   */
+  limits(provider: string, model: string | undefined): ModelLimits {
+    const memo = `${provider}\u0000${model ?? ''}`;
+    const hit = this.limitsMemo.get(memo);
+    if (hit) return hit;
+    const rows = this.limitRows;
+    const p = key(provider);
+    const base = (SHARED_TABLE[p] ?? p) as string;
+    const m = model === undefined ? '' : key(model).replace(/^models\//, '');
+    const slash = m.indexOf('/');
+    const vendor = VENDOR_FALLBACK.has(p) && slash > 0 ? VENDORS[m.slice(0, slash)] : undefined;
+    const found: Partial<ModelLimits> = {};
+    const take = (row: LimitsRow | undefined) => {
+      if (!row) return;
+      for (const field of ['context', 'maxOutput', 'hiddenOutput', 'tokensPerSecond'] as const) if (found[field] === undefined && row[field] !== undefined) (found as Record<string, unknown>)[field] = row[field];
+    };
+    take(rows?.models[base]?.find((r) => r.models !== undefined && globMatch(r.models, m)));
+    if (vendor) take(rows?.models[vendor]?.find((r) => r.models !== undefined && globMatch(r.models, m.slice(slash + 1))));
+    take(rows?.providers[base]);
+    take(rows?.providers['*']);
+    const limits: ModelLimits = { context: found.context ?? 2_000_000, maxOutput: found.maxOutput ?? 131_072, hiddenOutput: found.hiddenOutput ?? true, tokensPerSecond: found.tokensPerSecond ?? 5000 };
+    if (this.limitsMemo.size >= 10_000) this.limitsMemo.clear();
+    this.limitsMemo.set(memo, limits);
+    return limits;
+  }
+
+  /** USD per call of a provider's server-side tool, or undefined when Till does not know its fee. */
+  toolFee(provider: string, tool: string): number | undefined {
+    return this.fees[SHARED_TABLE[provider] ?? provider]?.[tool];
   }
 
   private layer(prices: PriceOverrides): void {
@@ -235,20 +333,37 @@ export function readPriceOverrides(file: string): PriceOverrides {
 }
 
 /**
+ * The rates a request is billed at: the long-context tier when its input is above the tier's
+ * threshold (the whole request, as providers bill it), else the priority rates when it ran in
+ * the priority tier, else the standard ones.
+ */
+export function ratesFor(price: ModelPrice, inputTokens: number, serviceTier: string | undefined): Rates {
+  if (price.longContext && inputTokens > price.longContext.above) return price.longContext;
+  if (serviceTier === 'priority' && price.priority) return price.priority;
+  return price;
+}
+
+/**
  * Cost in USD of one request's usage at a price: plain input (`inputTokens` − cached −
  * cache-written, never below zero) × `input` + cached × `cachedInput` + cache-written ×
- * `cacheWrite` + output × `output`. Reasoning tokens are part of `outputTokens`. Negative or
+ * `cacheWrite` (the 1-hour part × `cacheWrite1h`) + output × `output`, at the rates of its tier
+ * ({@link ratesFor}), plus its fees. Reasoning tokens are part of `outputTokens`. Negative or
  * non-finite counts count as 0.
  */
 export function costAt(price: ModelPrice, usage: TokenUsage): number {
   const count = (n: number | undefined): number => (n !== undefined && Number.isFinite(n) && n > 0 ? n : 0);
+  const input = count(usage.inputTokens);
+  const rates = ratesFor(price, input, usage.serviceTier);
   const cached = count(usage.cachedInputTokens);
   const written = count(usage.cacheWriteTokens);
-  const plain = Math.max(0, count(usage.inputTokens) - cached - written);
+  const written1h = Math.min(written, count(usage.cacheWrite1hTokens));
+  const plain = Math.max(0, input - cached - written);
+  const writeRate = rates.cacheWrite ?? rates.input;
   const dollars =
-    plain * price.input +
-    cached * (price.cachedInput ?? price.input) +
-    written * (price.cacheWrite ?? price.input) +
-    count(usage.outputTokens) * price.output;
-  return dollars / PER_MILLION;
+    plain * rates.input +
+    cached * (rates.cachedInput ?? rates.input) +
+    (written - written1h) * writeRate +
+    written1h * (rates.cacheWrite1h ?? writeRate) +
+    count(usage.outputTokens) * rates.output;
+  return dollars / PER_MILLION + count(usage.feesUsd) + (price.requestFee ?? 0);
 }

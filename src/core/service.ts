@@ -11,6 +11,7 @@ import { TillEvents, type KeySummary, type TillEvent } from './events';
 import { openHome, readConfig, type TillPaths } from './home';
 import { withDefaults } from './options';
 import { TillKeys, type Extension } from './keys';
+import { ConversationSizes } from './contexts';
 import { Leases, type LEASE_GRACE_MS } from './leases';
 import { Ledger } from './ledger';
 import { buildPolicy, type Policy, type PolicyInput } from './policy';
@@ -87,6 +88,7 @@ export class TillService {
     readonly credentials: CredentialList,
     private readonly ledger: Ledger,
     private readonly audit: AuditLog,
+    private readonly conversations: ConversationSizes,
     private readonly control: ControlServer,
     private readonly vault: Vault,
     leaseGraceMs: number | undefined,
@@ -114,6 +116,7 @@ export class TillService {
     await control.claim();
     let ledger: Ledger | undefined;
     let audit: AuditLog | undefined;
+    let conversations: ConversationSizes | undefined;
     try {
       ledger = Ledger.open(paths.ledger);
       audit = new AuditLog(paths.audit);
@@ -125,14 +128,16 @@ export class TillService {
       const prices = new PriceTable(overrides);
       // Layered: a setting not given (undefined) never replaces the one below it or the broker's default.
       const settings = withDefaults<BrokerSettings, object>({}, { port: config.port, maxBodyBytes: config.maxBodyBytes }, options.broker, { port: options.port });
-      const broker = new Broker({ keys, vault, providers, prices, events, audit, log: options.log, ...settings });
+      conversations = new ConversationSizes(paths.contexts);
+      const broker = new Broker({ keys, vault, providers, prices, events, audit, conversations, log: options.log, ...settings });
       await broker.start();
-      const service = new TillService(paths, events, broker, keys, providers, new CredentialList(paths.credentials), ledger, audit, control, vault, options.leaseGraceMs);
+      const service = new TillService(paths, events, broker, keys, providers, new CredentialList(paths.credentials), ledger, audit, conversations, control, vault, options.leaseGraceMs);
       control.serve(service.controlRoutes());
       return service;
     } catch (err) {
       ledger?.close();
       audit?.close();
+      conversations?.close();
       await control.close();
       throw err;
     }
@@ -225,6 +230,7 @@ export class TillService {
     await this.control.close();
     await this.broker.close();
     this.audit.close();
+    this.conversations.close();
     this.ledger.close();
   }
 }

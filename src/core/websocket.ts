@@ -23,18 +23,20 @@ import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import WebSocket, { WebSocketServer, type RawData } from 'ws';
 import { auditRecord, type AuditLog } from './audit';
-import { clientDenial, credentialDenial, findTillKey, forwardedHeaders, noUpstreamDenial, pathDenial, splitUrl } from './broker';
-import { planBudget, settlement } from './budget';
+import { cutUsage, planHold, settlement, type HoldPlan, type HoldRequest } from './budget';
+import type { ConversationSizes } from './contexts';
+import { clientDenial, credentialDenial, findTillKey, forwardedHeaders, noUpstreamDenial, pathDenial, splitUrl } from './frontDoor';
 import { denialBody, denialResponse, type Denial } from './denial';
 import type { RequestInfo, RequestUsage, TillEvents } from './events';
-import type { Admission, TillKeys } from './keys';
+import type { Hold, TillKeys } from './keys';
 import type { KeyRecord, SettleDetails } from './ledger';
-import { asObj, estimateTokens, isTextDelta, RESPONSES_FINAL, usageFormat, usageFromJson, type Usage, type UsageFormat } from './metering';
+import { asObj, GeneratedText, isTextDelta, RESPONSES_FINAL, usageFormat, usageFromJson, type Usage, type UsageFormat } from './metering';
 import { formatAmount, formatUsd, limitsOf, METERS, modelViolation, pathViolation, scopeViolation, type Amounts } from './policy';
 import type { PriceTable } from './pricing';
 import { isFreeRoute, KEY_HEADERS, KEY_QUERY_PARAMS, type Provider, type ProviderRegistry } from './providers';
 import { duplicateKey } from './duplicateKeys';
 import { withDefaults } from './options';
+import { StreamHold } from './streamHold';
 import { CredentialForms, relayedHeaders } from './scrub';
 import { looksLikeTillKey } from './tillKey';
 
@@ -68,8 +70,6 @@ const WS_KEY = /^[+/0-9A-Za-z]{22}==$/;
 const NOT_RELAYED = new Set(['connection', 'upgrade', 'keep-alive', 'transfer-encoding', 'content-length', 'set-cookie', 'proxy-authenticate', 'trailer', 'location']);
 /** Largest upstream refusal body relayed to a client. */
 const MAX_REFUSAL_BODY = 64 * 1024;
-/** Responses remembered per connection for the context `previous_response_id` brings back. */
-const REMEMBERED_RESPONSES = 32;
 
 type Json = Record<string, unknown>;
 type Dialect = 'responses' | 'realtime' | 'gemini' | 'generic';
@@ -88,6 +88,8 @@ export interface WebSocketProxyOptions {
   baseUrlFor(provider: Provider): string;
   /** What the broker ends when it closes: each connection adds its stop function while open. */
   open: Set<() => void>;
+  /** What the upstream's stored conversations weigh, shared with HTTP (contexts.ts). */
+  conversations: ConversationSizes;
   /** Serves an upgrade request that is not a WebSocket (e.g. `Upgrade: h2c`) as plain HTTP/1.1. */
   http(req: http.IncomingMessage, res: http.ServerResponse): void;
   /** Largest message a client may send. Default: 32 MiB (the HTTP body limit). */
@@ -333,16 +335,20 @@ interface Turn {
   /** Its model, and `billable`: false for a prewarm (`generate: false`), tracked only to match its events. */
   info: RequestInfo;
   started: number;
-  admission?: Admission;
+  hold?: Hold;
+  plan?: HoldPlan;
+  /** The hold following its output (budgeted keys). */
+  streamHold?: StreamHold;
+  /** What its plan was made from, for counting a cut turn's input. */
+  request?: Pick<HoldRequest, 'model' | 'format' | 'json'>;
   reached: boolean;
-  inputEstimate: number;
   /** Set once the upstream has started it (`response.created`, Gemini's first content). */
   begun: boolean;
   responseId?: string;
   streamId?: string;
   /** The client event id (Realtime), which upstream errors name. */
   eventId?: string;
-  outputChars: number;
+  generated: GeneratedText;
   usage?: Usage;
   lastProgress: number;
 }
@@ -369,15 +375,13 @@ class Session {
   private upstream: WebSocket | undefined;
   private readonly turns: Turn[] = [];
   private untrack: () => void = () => undefined;
-  /** The connection's own admission, for routes whose requests Till cannot see (generic). */
-  private admission: Admission | undefined;
+  /** The connection's own hold, for routes whose requests Till cannot see (generic). */
+  private admission: Hold | undefined;
   private finalized = false;
   /** Why the connection ended, for its audit line. */
   private endNote: string | undefined;
   /** Reading of [client, upstream] paused while the other side's queue drains. */
   private readonly paused = [false, false];
-  /** Tokens of recent responses (input + output): the context a `previous_response_id` brings back. */
-  private readonly totals = new Map<string, number>();
   /** Tokens of the last response (Realtime, Gemini): the conversation the next one carries. */
   private lastTotal = 0;
   private model: string | undefined;
@@ -412,7 +416,7 @@ class Session {
       info.billable = billable;
       let amounts: Amounts | undefined;
       if (billable) {
-        const planned = planBudget({ provider: provider.id, model: undefined, format: undefined, json: undefined, bodyBytes: 0 }, key.policy, this.o.keys.remaining(key), this.o.prices);
+        const planned = planHold({ provider: provider.id, model: undefined, format: undefined, json: undefined, bodyBytes: 0, stream: true }, key.policy, this.o.keys.remaining(key), this.o.keys.heldFor(key), this.o.prices);
         if ('status' in planned) return this.refuse(planned);
         amounts = planned.amounts;
       }
@@ -635,25 +639,38 @@ class Session {
     const violation = scopeViolation(key.policy, 'POST', path, model, !prewarm);
     if (violation) return this.refuseMessage({ status: 403, code: 'out_of_scope', message: violation }, eventId, false, model);
     if (prewarm) {
-      this.turns.push(this.newTurn(model, false, 0, streamId, eventId));
+      this.turns.push(this.newTurn(model, false, streamId, eventId));
       return this.send(0, data, binary);
     }
-    // Input the upstream will bill beyond this message: the conversation it continues.
-    const previous = asStr(msg.previous_response_id);
-    const context = dialect === 'responses' ? (previous ? this.totals.get(previous) ?? 0 : 0) : this.lastTotal;
-    // Realtime caps a response's output in `response.max_output_tokens`.
+    // Realtime caps a response's output in `response.max_output_tokens`; the conversation it
+    // continues is what the last response carried.
     const existing = dialect === 'realtime' ? asObj(msg.response) : msg;
     const target = existing ?? {};
-    const planned = planBudget({ provider: provider.id, model, format: 'openai-responses', json: target, bodyBytes: data.length + context }, key.policy, this.o.keys.remaining(key), this.o.prices);
+    const turn = this.newTurn(model, true, streamId, eventId);
+    const request: HoldRequest = { provider: provider.id, model, format: 'openai-responses', json: target, bodyBytes: data.length, stream: true, ...(dialect === 'realtime' ? { carriedContext: this.lastTotal } : {}) };
+    const planned = this.holdTurn(turn, request);
     if ('status' in planned) return this.refuseMessage(planned, eventId, false, model);
     if (planned.bodyChanged && !existing) msg.response = target;
-    const turn = this.newTurn(model, true, estimateTokens(data.length) + context, streamId, eventId);
-    const admitted = this.o.keys.admit(key, planned.amounts, { cut: (d) => this.cut(d) });
-    if ('status' in admitted) return this.refuseMessage(admitted, eventId, false, model);
-    turn.admission = admitted;
+    this.send(0, planned.bodyChanged ? JSON.stringify(msg) : data, binary && !planned.bodyChanged, () => this.reached(turn));
+  }
+
+  /**
+   * Plans and takes the hold of a turn (the one place every dialect does), and starts it; the
+   * denial when the key cannot cover it. Known conversations come from the shared store.
+   */
+  private holdTurn(turn: Turn, request: HoldRequest): HoldPlan | Denial {
+    const { key } = this.s;
+    const planned = planHold({ ...request, knownContext: (id) => this.o.conversations.get(id) }, key.policy, this.o.keys.remaining(key), this.o.keys.heldFor(key), this.o.prices);
+    if ('status' in planned) return planned;
+    const held = this.o.keys.admit(key, planned.amounts, { cut: (d) => this.cut(d) });
+    if ('status' in held) return held;
+    turn.hold = held;
+    turn.plan = planned;
+    turn.request = { model: request.model, format: request.format, json: request.json };
+    if (planned.meters.tokens || planned.meters.spend) turn.streamHold = new StreamHold(planned, held);
     this.turns.push(turn);
     this.o.events.emit({ type: 'request.started', at: Date.now(), request: turn.info });
-    this.send(0, planned.bodyChanged ? JSON.stringify(msg) : data, binary && !planned.bodyChanged, () => this.reached(turn));
+    return planned;
   }
 
   private fromGeminiClient(msg: Json, data: Buffer, binary: boolean): void {
@@ -667,7 +684,7 @@ class Session {
       this.model = model;
       // Budgeted keys: each turn's output is capped to what was left when the session began.
       if (key.policy.maxTokens !== undefined || key.policy.maxSpendUsd !== undefined) {
-        const planned = planBudget({ provider: provider.id, model, format: 'gemini', json: setup, bodyBytes: data.length }, key.policy, this.o.keys.remaining(key), this.o.prices);
+        const planned = planHold({ provider: provider.id, model, format: 'gemini', json: setup, bodyBytes: data.length, stream: true }, key.policy, this.o.keys.remaining(key), this.o.keys.heldFor(key), this.o.prices);
         if ('status' in planned) return this.refuseMessage(planned, undefined, true, model);
         if (planned.bodyChanged) return this.send(0, JSON.stringify(msg), false);
       }
@@ -675,15 +692,9 @@ class Session {
     }
     const content = asObj(msg.clientContent) ?? asObj(msg.client_content);
     if (content && (content.turnComplete === true || content.turn_complete === true)) {
-      const context = this.lastTotal;
-      const planned = planBudget({ provider: provider.id, model: this.model, format: 'gemini', json: undefined, bodyBytes: data.length + context }, key.policy, this.o.keys.remaining(key), this.o.prices);
+      const turn = this.newTurn(this.model, true);
+      const planned = this.holdTurn(turn, { provider: provider.id, model: this.model, format: 'gemini', json: undefined, bodyBytes: data.length, stream: true, carriedContext: this.lastTotal });
       if ('status' in planned) return this.refuseMessage(planned, undefined, true);
-      const turn = this.newTurn(this.model, true, estimateTokens(data.length) + context);
-      const admitted = this.o.keys.admit(key, planned.amounts, { cut: (d) => this.cut(d) });
-      if ('status' in admitted) return this.refuseMessage(admitted, undefined, true);
-      turn.admission = admitted;
-      this.turns.push(turn);
-      this.o.events.emit({ type: 'request.started', at: Date.now(), request: turn.info });
       return this.send(0, data, binary, () => this.reached(turn));
     }
     this.send(0, data, binary);
@@ -728,7 +739,7 @@ class Session {
     } else {
       const delta = asStr(ev.delta);
       const turn = this.turnFor(responseId, streamId, true);
-      if (turn && delta) this.progress(turn, delta.length);
+      if (turn && delta) this.progress(turn, delta);
     }
   }
 
@@ -743,28 +754,29 @@ class Session {
     if (!turn) return;
     const usage = usageFromJson('gemini', msg);
     if (usage) turn.usage = usage;
-    let chars = asStr(asObj(content?.outputTranscription)?.text)?.length ?? 0;
+    let text = asStr(asObj(content?.outputTranscription)?.text) ?? '';
     const parts = asObj(content?.modelTurn)?.parts;
-    if (Array.isArray(parts)) for (const p of parts) chars += asStr(asObj(p)?.text)?.length ?? 0;
-    if (chars > 0) this.progress(turn, chars);
-    if (content?.turnComplete === true) this.finishTurn(turn, 200, turn.usage);
+    if (Array.isArray(parts)) for (const p of parts) text += asStr(asObj(p)?.text) ?? '';
+    // Live reports usage as it goes: the hold follows that too (its input shrinks at once).
+    if (text.length > 0 || usage) this.progress(turn, text, usage);
+    if (this.phase === 'open' && content?.turnComplete === true) this.finishTurn(turn, 200, turn.usage);
   }
 
   // -------------------------------------------------------------------------------------------
   // Requests (turns)
 
-  private newTurn(model: string | undefined, billable: boolean, inputEstimate: number, streamId?: string, eventId?: string): Turn {
+  private newTurn(model: string | undefined, billable: boolean, streamId?: string, eventId?: string): Turn {
     const { info } = this.s;
     const turnInfo: RequestInfo = { requestId: `${info.requestId}.${this.turnCount++}`, keyId: info.keyId, label: info.label, provider: info.provider, method: 'WS', path: info.path, billable };
     if (model !== undefined) turnInfo.model = model;
-    return { info: turnInfo, started: performance.now(), reached: false, inputEstimate, begun: false, streamId, eventId, outputChars: 0, lastProgress: 0 };
+    return { info: turnInfo, started: performance.now(), reached: false, begun: false, streamId, eventId, generated: new GeneratedText(), lastProgress: 0 };
   }
   private turnCount = 1;
 
   private reached(turn: Turn): void {
     if (turn.reached) return;
     turn.reached = true;
-    turn.admission?.reachedUpstream();
+    turn.hold?.reachedUpstream();
   }
 
   /**
@@ -775,21 +787,12 @@ class Session {
   private begin(responseId: string | undefined, streamId: string | undefined): Turn | undefined {
     let turn = this.turns.find((t) => !t.begun && (streamId === undefined || t.streamId === undefined || t.streamId === streamId));
     if (!turn && (this.s.dialect === 'realtime' || this.s.dialect === 'gemini')) {
-      const { key, provider } = this.s;
-      const planned = planBudget({ provider: provider.id, model: this.model, format: this.format, json: undefined, bodyBytes: this.lastTotal }, key.policy, this.o.keys.remaining(key), this.o.prices);
+      const fresh = this.newTurn(this.model, true, streamId);
+      const planned = this.holdTurn(fresh, { provider: this.s.provider.id, model: this.model, format: this.format, json: undefined, bodyBytes: 0, stream: true, carriedContext: this.lastTotal });
       if ('status' in planned) {
         this.cut(planned);
         return undefined;
       }
-      const fresh = this.newTurn(this.model, true, this.lastTotal, streamId);
-      const admitted = this.o.keys.admit(key, planned.amounts, { cut: (d) => this.cut(d) });
-      if ('status' in admitted) {
-        this.cut(admitted);
-        return undefined;
-      }
-      fresh.admission = admitted;
-      this.turns.push(fresh);
-      this.o.events.emit({ type: 'request.started', at: Date.now(), request: fresh.info });
       turn = fresh;
     }
     if (!turn) return undefined;
@@ -808,30 +811,36 @@ class Session {
     return this.turns.find((t) => (!begunOnly || t.begun) && (streamId === undefined || t.streamId === undefined || t.streamId === streamId));
   }
 
-  private progress(turn: Turn, chars: number): void {
-    turn.outputChars += chars;
+  /** A turn produced `text`: its hold follows it (the session ends if the key cannot cover it), and views hear of it. */
+  private progress(turn: Turn, text: string | undefined, usage?: Usage): void {
+    turn.generated.add(text);
     if (!turn.info.billable) return;
+    if (turn.streamHold) {
+      const denial = turn.streamHold.follow({ textBytes: turn.generated.bytes, usage: () => usage ?? turn.usage });
+      if (denial) return this.cut(denial);
+    }
     const now = performance.now();
     if (now - turn.lastProgress < 500) return;
     turn.lastProgress = now;
-    const s = settlement(this.s.provider.id, turn.info.model, undefined, { inputEstimate: turn.inputEstimate, outputChars: turn.outputChars }, this.o.prices);
-    this.o.events.emit({ type: 'request.progress', at: Date.now(), request: turn.info, usage: s.usage });
+    const s = settlement(this.s.provider.id, turn.info.model, undefined, { inputEstimate: turn.plan?.inputEstimate ?? 0, outputChars: turn.generated.chars }, this.o.prices);
+    this.o.events.emit({ type: 'request.progress', at: Date.now(), request: turn.info, usage: s.usage, ...(turn.hold ? { held: turn.hold.held() } : {}) });
   }
 
-  /** Ends a request: settles what it spent (reported usage, else an estimate), events, audit. */
+  /**
+   * Ends a request: settles what it spent (reported usage; for one cut before it ended, what it
+   * produced plus what the upstream may still generate, marked estimated), events, audit.
+   */
   private finishTurn(turn: Turn, status: number, usage: Usage | undefined, aborted?: string): void {
     const i = this.turns.indexOf(turn);
     if (i < 0) return;
     this.turns.splice(i, 1);
-    if (usage) {
+    if (usage && !usage.estimated) {
       const total = usage.inputTokens + usage.outputTokens;
       this.lastTotal = total;
-      if (turn.responseId !== undefined) {
-        this.totals.set(turn.responseId, total);
-        if (this.totals.size > REMEMBERED_RESPONSES) this.totals.delete(this.totals.keys().next().value!);
-      }
+      // What the next response continuing this one (previous_response_id) carries, for HTTP too.
+      if (turn.responseId !== undefined) this.o.conversations.record(turn.responseId, total);
     }
-    if (!turn.admission) return;
+    if (!turn.hold) return;
     let amounts: Amounts | undefined;
     let details: SettleDetails | undefined;
     let used: RequestUsage | undefined;
@@ -839,12 +848,13 @@ class Session {
       // The upstream refused it: an activation, no tokens (as HTTP).
       amounts = { activations: 1, tokens: 0, spend: 0 };
     } else if (turn.reached) {
-      const s = settlement(this.s.provider.id, turn.info.model, usage, { inputEstimate: turn.inputEstimate, outputChars: turn.outputChars }, this.o.prices);
+      const settled = aborted && turn.plan && turn.request ? cutUsage(turn.request, turn.plan, usage, turn.generated, true) : usage;
+      const s = settlement(this.s.provider.id, turn.info.model, settled, { inputEstimate: turn.plan?.inputEstimate ?? 0, outputChars: turn.generated.chars }, this.o.prices);
       amounts = s.amounts;
       details = s.details;
       used = s.usage;
     }
-    turn.admission.done(amounts, details);
+    turn.hold.done(amounts, details);
     const latencyMs = Math.round((performance.now() - turn.started) * 10) / 10;
     this.o.events.emit({ type: 'request.finished', at: Date.now(), request: turn.info, status, latencyMs, ...(aborted ? { aborted } : {}), ...(used ? { usage: used } : {}) });
     this.proxy.audit(turn.info, status, turn.started, undefined, aborted);

@@ -4,10 +4,16 @@
  * shapes; see ../shared/PROVIDERS.md). They never reach the network.
  *
  * Determinism, so tests can assert exact numbers:
- * - input tokens = fakeTokenCount(request body) = ceil(UTF-8 bytes of the body / 4), at least 1;
- * - the answer is fakeAnswer(n): n text chunks, one output token each, where
- *   n = min(streamChunks, the request's max-tokens field if any). When the limit cuts the answer,
- *   the provider's "length" stop reason is reported.
+ * - input tokens: OpenAI's as OpenAI bills them (openAIInputTokens: the o200k_base tokens of the
+ *   messages, rendered as OpenAI's cookbook documents, and of any stored conversation a Responses
+ *   request continues); the others' fakeTokenCount(request body) = ceil(UTF-8 bytes / 4), at
+ *   least 1 (their tokenizers are not public);
+ * - the answer is fakeAnswer(n): n text chunks, one output token each (one o200k_base token
+ *   each, too), where n = min(streamChunks, the request's max-tokens field if any). When the limit
+ *   cuts the answer, the provider's "length" stop reason is reported;
+ * - what the provider bills (`billed`): each answer's input and output, and for a stream the
+ *   client left, what was streamed plus `afterDisconnectTokens` (default 50) the provider goes on
+ *   generating before it notices, as real providers do.
  *
  * Agents need a model that uses tools: with `reply` set, the Messages and Responses APIs answer
  * each turn as the script says (text, a tool call, or text that goes on until the client leaves),
@@ -17,6 +23,7 @@ import { randomBytes } from 'node:crypto';
 import { createServer, STATUS_CODES, type IncomingHttpHeaders, type IncomingMessage, type ServerResponse } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { countTokens } from 'gpt-tokenizer/encoding/o200k_base';
 import WebSocket, { WebSocketServer } from 'ws';
 
 export interface ReceivedRequest {
@@ -42,6 +49,8 @@ export interface Upstream {
   openSockets(): number;
   /** Usage reported in generated Messages and Responses answers (HTTP and WebSocket): what a broker should meter. */
   reported: { answers: number; inputTokens: number; outputTokens: number };
+  /** What the provider bills: every answer, cut streams included (streamed plus what it generated after the cut). */
+  billed: { answers: number; inputTokens: number; outputTokens: number };
   /** Number of requests currently being served (open responses). */
   inFlight(): number;
   /**
@@ -71,6 +80,8 @@ export interface UpstreamOptions {
   reply?: (turn: Turn) => Reply;
   /** OpenAI: serve `GET /v1/responses` upgrades (Responses over WebSocket). Without it they get 426. */
   websocket?: boolean;
+  /** Tokens a stream goes on generating (and billing) after its client left (default 50). */
+  afterDisconnectTokens?: number;
 }
 
 /** What a scripted model sees of a conversation. */
@@ -96,7 +107,7 @@ const WORDS = ['Hello', ' from', ' a', ' fake', ' upstream'];
 
 /** The text chunks of an answer of `chunks` tokens ("Hello from a fake upstream" for 5). */
 export function fakeAnswerChunks(chunks: number): string[] {
-  return Array.from({ length: chunks }, (_, i) => WORDS[i] ?? ` word${i}`);
+  return Array.from({ length: chunks }, (_, i) => WORDS[i] ?? ' word');
 }
 
 /** The whole answer text of `chunks` tokens. */
@@ -104,9 +115,67 @@ export function fakeAnswer(chunks: number): string {
   return fakeAnswerChunks(chunks).join('');
 }
 
-/** Input tokens every fixture reports for a request body: ceil(UTF-8 bytes / 4), at least 1. */
+/** Input tokens the Anthropic and Gemini fixtures report for a request body: ceil(UTF-8 bytes / 4), at least 1. */
 export function fakeTokenCount(body: string): number {
   return Math.max(1, Math.ceil(Buffer.byteLength(body) / 4));
+}
+
+/** o200k_base tokens of a text, special-token text counted as text (as OpenAI bills it). */
+export function o200k(text: string): number {
+  return text.length === 0 ? 0 : countTokens(text, { disallowedSpecial: new Set() });
+}
+
+/** The text of a message content: a string, or its text parts. */
+function contentText(content: unknown): string {
+  if (typeof content === 'string') return content;
+  return Array.isArray(content) ? content.map((p) => (['text', 'input_text', 'output_text'].includes(String(obj(p).type)) ? (str(obj(p).text) ?? '') : '')).join('') : '';
+}
+
+/** Tool definitions as OpenAI's cookbook counts them (function name and description, each parameter). */
+function toolTokens(tools: unknown): number {
+  if (!Array.isArray(tools) || tools.length === 0) return 0;
+  let n = 0;
+  for (const t of tools) {
+    const f = obj(obj(t).function ?? t);
+    n += 7 + o200k(`${str(f.name) ?? ''}:${(str(f.description) ?? '').replace(/\.$/, '')}`);
+    const properties = obj(obj(f.parameters).properties);
+    const keys = Object.keys(properties);
+    if (keys.length > 0) n += 3;
+    for (const k of keys) {
+      const p = obj(properties[k]);
+      n += 3 + o200k(`${k}:${str(p.type) ?? ''}:${str(p.description) ?? ''}`);
+      if (Array.isArray(p.enum)) n += -3 + p.enum.reduce((m: number, e) => m + 3 + o200k(String(e)), 0);
+    }
+  }
+  return n + 12;
+}
+
+/**
+ * OpenAI's input tokens for a chat (its cookbook's count): per message 3, plus the tokens of
+ * each field's text (+1 for a name), plus 3 to prime the answer, plus its tools.
+ */
+export function openAIChatInputTokens(body: Json): number {
+  let n = 3;
+  for (const m of Array.isArray(body.messages) ? body.messages : []) {
+    n += 3;
+    for (const [field, value] of Object.entries(obj(m))) {
+      n += field === 'content' ? o200k(contentText(value)) : typeof value === 'string' ? o200k(value) : value === null || value === undefined ? 0 : o200k(JSON.stringify(value));
+      if (field === 'name') n += 1;
+    }
+  }
+  return n + toolTokens(body.tools);
+}
+
+/** A Responses request's input tokens, counted like a chat: the instructions and each item as a message. */
+export function openAIResponsesInputTokens(body: Json): number {
+  let n = 3;
+  if (typeof body.instructions === 'string') n += 4 + o200k(body.instructions);
+  if (typeof body.input === 'string') n += 4 + o200k(body.input);
+  for (const i of Array.isArray(body.input) ? body.input : []) {
+    const item = obj(i);
+    n += 4 + (item.type === undefined || item.type === 'message' ? o200k(String(item.role ?? '')) + o200k(contentText(item.content)) : o200k(JSON.stringify(item)));
+  }
+  return n + toolTokens(body.tools);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -129,6 +198,10 @@ interface Exchange extends Caller {
   body: string;
   /** Adds a generated answer's usage to `Upstream.reported`. */
   report(inputTokens: number, outputTokens: number): void;
+  /** Adds what an answer costs to `Upstream.billed`. */
+  bill(inputTokens: number, outputTokens: number): void;
+  /** The Responses this upstream stored, by id: the tokens of the conversation each one ends. */
+  stored: Map<string, { tokens: number; items: unknown[] }>;
 }
 
 /** An error answer: status and JSON body. */
@@ -157,7 +230,7 @@ interface Provider {
   routes: Route[];
   notFound(ex: Exchange): Refusal;
   /** WebSocket endpoints by path: the socket is served after the credential was checked. */
-  sockets?: Record<string, (ws: WebSocket, ex: Pick<Exchange, 'opts' | 'report'>, received: Json[]) => void>;
+  sockets?: Record<string, (ws: WebSocket, ex: Pick<Exchange, 'opts' | 'report' | 'bill' | 'stored'>, received: Json[]) => void>;
 }
 
 function sendJson(res: ServerResponse, status: number, body: unknown): void {
@@ -176,17 +249,29 @@ const sseEvent = (event: TypedEvent): string => `event: ${event.type}\ndata: ${J
 
 /**
  * Writes frames one res.write at a time, streamDelayMs apart, and stops as soon as the client
- * has gone (the core counts that as an aborted stream).
+ * has gone (the core counts that as an aborted stream). With `input`, bills the answer: its input
+ * and the tokens of the frames written, plus, when the client left first, up to
+ * `afterDisconnectTokens` more that the provider generated before it noticed.
  */
-async function writeStream(ex: Exchange, frames: Iterable<string> | AsyncIterable<string>, contentType = 'text/event-stream; charset=utf-8'): Promise<void> {
+async function writeStream(ex: Exchange, frames: Iterable<Frame> | AsyncIterable<Frame>, options: { contentType?: string; input?: number } = {}): Promise<void> {
   const { res } = ex;
-  res.writeHead(200, { 'content-type': contentType, 'cache-control': 'no-cache', connection: 'keep-alive' });
+  res.writeHead(200, { 'content-type': options.contentType ?? 'text/event-stream; charset=utf-8', 'cache-control': 'no-cache', connection: 'keep-alive' });
   res.flushHeaders();
+  const all = Array.isArray(frames) ? (frames as Frame[]) : undefined;
+  const total = all?.reduce((n, f) => n + (typeof f === 'string' ? 0 : f.tokens), 0);
+  let written = 0;
   let first = true;
-  for await (const frame of frames) {
+  const settle = (cut: boolean) => {
+    if (options.input === undefined) return;
+    const after = cut ? Math.min(ex.opts.afterDisconnectTokens, total === undefined ? ex.opts.afterDisconnectTokens : total - written) : 0;
+    ex.bill(options.input, written + after);
+  };
+  for await (const f of frames) {
     if (!first && ex.opts.streamDelayMs > 0) await sleep(ex.opts.streamDelayMs);
     first = false;
-    if (res.destroyed) return;
+    if (res.destroyed) return settle(true);
+    const frame = typeof f === 'string' ? f : f.frame;
+    if (typeof f !== 'string') written += f.tokens;
     if (!res.write(frame)) {
       await new Promise<void>((resolve) => {
         res.once('drain', resolve);
@@ -194,7 +279,9 @@ async function writeStream(ex: Exchange, frames: Iterable<string> | AsyncIterabl
       });
     }
   }
-  if (!res.destroyed) res.end();
+  if (res.destroyed) return settle(true);
+  settle(false);
+  res.end();
 }
 
 async function* map<T, U>(items: AsyncIterable<T>, fn: (item: T) => U): AsyncGenerator<U> {
@@ -225,6 +312,9 @@ function authToken(ex: Caller, schemes: string[]): string | undefined {
 const newId = (prefix: string): string => `${prefix}${randomBytes(12).toString('hex')}`;
 const nowSeconds = (): number => Math.floor(Date.now() / 1000);
 
+/** A streamed frame, and the output tokens it carries (0 for frames that carry none). */
+type Frame = string | { frame: string; tokens: number };
+
 /** Number of answer chunks given the configured count and an optional max-tokens limit. */
 function answerLength(ex: Exchange, limit: unknown): { n: number; truncated: boolean } {
   const max = num(limit);
@@ -233,7 +323,7 @@ function answerLength(ex: Exchange, limit: unknown): { n: number; truncated: boo
 }
 
 async function startUpstream(options: UpstreamOptions, provider: Provider): Promise<Upstream> {
-  const opts: Opts = { streamDelayMs: 0, streamChunks: 5, hang: false, websocket: false, ...options };
+  const opts: Opts = { streamDelayMs: 0, streamChunks: 5, hang: false, websocket: false, afterDisconnectTokens: 50, ...options };
   const received: ReceivedRequest[] = [];
   const rejected: ReceivedRequest[] = [];
   const upgrades: ReceivedRequest[] = [];
@@ -244,6 +334,13 @@ async function startUpstream(options: UpstreamOptions, provider: Provider): Prom
     reported.inputTokens += inputTokens;
     reported.outputTokens += outputTokens;
   };
+  const billed = { answers: 0, inputTokens: 0, outputTokens: 0 };
+  const bill = (inputTokens: number, outputTokens: number): void => {
+    billed.answers++;
+    billed.inputTokens += inputTokens;
+    billed.outputTokens += outputTokens;
+  };
+  const stored = new Map<string, { tokens: number; items: unknown[] }>();
   const wss = new WebSocketServer({ noServer: true });
   const sockets = new Set<Socket>();
   const waiters = new Set<{ n: number; resolve(): void; reject(err: Error): void }>();
@@ -276,7 +373,7 @@ async function startUpstream(options: UpstreamOptions, provider: Provider): Prom
     }
     const body = Buffer.concat(chunks).toString('utf8');
     const method = req.method ?? 'GET';
-    const ex: Exchange = { req, res, method, url: new URL(req.url ?? '/', 'http://127.0.0.1'), body, opts, report };
+    const ex: Exchange = { req, res, method, url: new URL(req.url ?? '/', 'http://127.0.0.1'), body, opts, report, bill, stored };
     const record: ReceivedRequest = { method, path: req.url ?? '/', headers: req.headers, body };
 
     let found: { route: Route; match: RegExpExecArray } | undefined;
@@ -318,7 +415,7 @@ async function startUpstream(options: UpstreamOptions, provider: Provider): Prom
     }
     if (!serveSocket || !opts.websocket) return refuse(426, { error: { message: 'WebSocket is not supported on this endpoint', type: 'invalid_request_error', param: null, code: null } });
     upgrades.push(record);
-    wss.handleUpgrade(req, socket, head, (ws) => serveSocket(ws, { opts, report }, socketMessages));
+    wss.handleUpgrade(req, socket, head, (ws) => serveSocket(ws, { opts, report, bill, stored }, socketMessages));
   });
 
   await new Promise<void>((resolve, reject) => {
@@ -335,6 +432,7 @@ async function startUpstream(options: UpstreamOptions, provider: Provider): Prom
     socketMessages,
     openSockets: () => wss.clients.size,
     reported,
+    billed,
     inFlight: () => inFlight,
     abortedStreams: () => aborted,
     waitForRequests(n, timeoutMs = 5_000) {
@@ -403,7 +501,7 @@ function chatCompletions(ex: Exchange): void | Promise<void> {
   const model = body.model as string;
   const { n, truncated } = answerLength(ex, body.max_completion_tokens ?? body.max_tokens);
   const finish_reason = truncated ? 'length' : 'stop';
-  const prompt = fakeTokenCount(ex.body);
+  const prompt = openAIChatInputTokens(body);
   const usage = {
     prompt_tokens: prompt,
     completion_tokens: n,
@@ -414,6 +512,7 @@ function chatCompletions(ex: Exchange): void | Promise<void> {
   const base = { id: newId('chatcmpl-'), created: nowSeconds(), model, service_tier: 'default', system_fingerprint: FINGERPRINT };
 
   if (body.stream !== true) {
+    ex.bill(prompt, n);
     return sendJson(ex.res, 200, {
       ...base,
       object: 'chat.completion',
@@ -424,13 +523,13 @@ function chatCompletions(ex: Exchange): void | Promise<void> {
   const includeUsage = obj(body.stream_options).include_usage === true;
   const chunk = (choices: unknown[]) => ({ ...base, object: 'chat.completion.chunk', choices, ...(includeUsage ? { usage: null } : {}) });
   const choice = (delta: Json, finish: string | null = null) => ({ index: 0, delta, logprobs: null, finish_reason: finish });
-  const frames = [
-    chunk([choice({ role: 'assistant', content: '', refusal: null })]),
-    ...fakeAnswerChunks(n).map((content) => chunk([choice({ content })])),
-    chunk([choice({}, finish_reason)]),
-    ...(includeUsage ? [{ ...base, object: 'chat.completion.chunk', choices: [], usage }] : []),
-  ].map((c) => sseData(c));
-  return writeStream(ex, [...frames, sseData('[DONE]')]);
+  const frames: Frame[] = [
+    sseData(chunk([choice({ role: 'assistant', content: '', refusal: null })])),
+    ...fakeAnswerChunks(n).map((content) => ({ frame: sseData(chunk([choice({ content })])), tokens: 1 })),
+    sseData(chunk([choice({}, finish_reason)])),
+    ...(includeUsage ? [sseData({ ...base, object: 'chat.completion.chunk', choices: [], usage })] : []),
+  ];
+  return writeStream(ex, [...frames, sseData('[DONE]')], { input: prompt });
 }
 
 /** A Responses API `response` object. */
@@ -473,12 +572,26 @@ const responsesUsage = (input: number, output: number) => ({
 
 const outputText = (t: string) => ({ type: 'output_text', annotations: [], logprobs: [], text: t });
 
+/**
+ * The conversation a Responses request continues (`previous_response_id`), as stored, or the
+ * refusal OpenAI sends for an id it does not know.
+ */
+function continued(ex: Pick<Exchange, 'stored'>, body: Json): { tokens: number; items: unknown[] } | Refusal {
+  const previous = str(body.previous_response_id);
+  if (previous === undefined) return { tokens: 0, items: [] };
+  return ex.stored.get(previous) ?? openAIError(400, `Previous response with id '${previous}' not found.`, 'previous_response_not_found', 'previous_response_id');
+}
+
 function responses(ex: Exchange): void | Promise<void> {
   const body = openAIBody(ex, 'input');
   if (body instanceof Refusal) return sendRefusal(ex, body);
+  const before = continued(ex, body);
+  if (before instanceof Refusal) return sendRefusal(ex, before);
+  // The stored conversation is billed as input, as OpenAI bills it.
+  const inputTokens = before.tokens + openAIResponsesInputTokens(body);
   if (ex.opts.reply) {
-    const input = typeof body.input === 'string' ? [{ role: 'user', content: body.input }] : Array.isArray(body.input) ? body.input : [];
-    const events = scriptedResponseEvents(body, input, fakeTokenCount(ex.body), ex, () => !ex.res.destroyed);
+    const input = [...before.items, ...(typeof body.input === 'string' ? [{ role: 'user', content: body.input }] : Array.isArray(body.input) ? body.input : [])];
+    const events = scriptedResponseEvents(body, input, inputTokens, ex, () => !ex.res.destroyed);
     if (body.stream === true) return writeStream(ex, map(events, sseEvent));
     return (async () => {
       let final: Json = {};
@@ -487,7 +600,7 @@ function responses(ex: Exchange): void | Promise<void> {
     })();
   }
   const { n, truncated } = answerLength(ex, body.max_output_tokens);
-  const usage = responsesUsage(fakeTokenCount(ex.body), n);
+  const usage = responsesUsage(inputTokens, n);
   const text = fakeAnswer(n);
   const msgId = newId('msg_');
   const message = (status: string, content: unknown[]) => ({ id: msgId, type: 'message', status, role: 'assistant', content });
@@ -496,21 +609,29 @@ function responses(ex: Exchange): void | Promise<void> {
   const response = (status: string, output: unknown[], u: unknown) => responseObject(body, responseId, createdAt, status, output, u);
   const finalStatus = truncated ? 'incomplete' : 'completed';
   const final = response(finalStatus, [message(finalStatus, [outputText(text)])], usage);
+  ex.stored.set(responseId, { tokens: inputTokens + n, items: [...before.items, ...(Array.isArray(body.input) ? body.input : [])] });
 
-  if (body.stream !== true) return sendJson(ex.res, 200, final);
+  if (body.stream !== true) {
+    ex.bill(inputTokens, n);
+    return sendJson(ex.res, 200, final);
+  }
   const at = { item_id: msgId, output_index: 0, content_index: 0 };
   const events: TypedEvent[] = [
     { type: 'response.created', response: response('in_progress', [], null) },
     { type: 'response.in_progress', response: response('in_progress', [], null) },
     { type: 'response.output_item.added', output_index: 0, item: message('in_progress', []) },
     { type: 'response.content_part.added', ...at, part: outputText('') },
-    ...fakeAnswerChunks(n).map((delta) => ({ type: 'response.output_text.delta', ...at, delta, logprobs: [] })),
+    ...fakeAnswerChunks(n).map((delta) => ({ type: 'response.output_text.delta', ...at, delta, logprobs: [], tokens: 1 })),
     { type: 'response.output_text.done', ...at, text, logprobs: [] },
     { type: 'response.content_part.done', ...at, part: outputText(text) },
     { type: 'response.output_item.done', output_index: 0, item: message(finalStatus, [outputText(text)]) },
     { type: `response.${finalStatus}`, response: final },
   ];
-  return writeStream(ex, events.map((e, sequence_number) => sseEvent({ ...e, sequence_number })));
+  return writeStream(
+    ex,
+    events.map(({ tokens, ...e }, sequence_number) => ({ frame: sseEvent({ ...e, sequence_number } as TypedEvent), tokens: typeof tokens === 'number' ? tokens : 0 })),
+    { input: inputTokens },
+  );
 }
 
 /** The text of a Responses input part list or of a tool output. */
@@ -547,7 +668,7 @@ async function* replyText(reply: { text: string; hold?: boolean }, alive: () => 
  * The events of a scripted Responses answer (HTTP stream and WebSocket alike). A prewarm
  * (`generate: false`) is created and completed at once with no output and no usage.
  */
-async function* scriptedResponseEvents(body: Json, conversation: unknown[], inputTokens: number, ex: Pick<Exchange, 'opts' | 'report'>, alive: () => boolean): AsyncGenerator<TypedEvent> {
+async function* scriptedResponseEvents(body: Json, conversation: unknown[], inputTokens: number, ex: Pick<Exchange, 'opts' | 'report' | 'bill' | 'stored'>, alive: () => boolean): AsyncGenerator<TypedEvent> {
   const id = newId('resp_');
   const createdAt = nowSeconds();
   const response = (status: string, output: unknown[], usage: unknown) => responseObject(body, id, createdAt, status, output, usage);
@@ -569,7 +690,7 @@ async function* scriptedResponseEvents(body: Json, conversation: unknown[], inpu
     yield event({ type: 'response.output_item.added', output_index: 0, item: { ...item, status: 'in_progress', arguments: '' } });
     yield event({ type: 'response.function_call_arguments.delta', ...at, delta: args });
     yield event({ type: 'response.function_call_arguments.done', ...at, arguments: args });
-    outputTokens = fakeTokenCount(args);
+    outputTokens = o200k(args);
   } else {
     const at = { item_id: newId('msg_'), output_index: 0, content_index: 0 };
     const message = (status: string, content: unknown[]) => ({ id: at.item_id, type: 'message', status, role: 'assistant', content });
@@ -583,10 +704,12 @@ async function* scriptedResponseEvents(body: Json, conversation: unknown[], inpu
     yield event({ type: 'response.output_text.done', ...at, text, logprobs: [] });
     yield event({ type: 'response.content_part.done', ...at, part: outputText(text) });
     item = message('completed', [outputText(text)]);
-    outputTokens = fakeTokenCount(text);
+    outputTokens = o200k(text);
   }
   yield event({ type: 'response.output_item.done', output_index: 0, item });
   ex.report(inputTokens, outputTokens);
+  ex.bill(inputTokens, outputTokens);
+  ex.stored.set(id, { tokens: inputTokens + outputTokens, items: [...conversation, item] });
   yield event({ type: 'response.completed', response: response('completed', [item], responsesUsage(inputTokens, outputTokens)) });
 }
 
@@ -595,8 +718,7 @@ async function* scriptedResponseEvents(body: Json, conversation: unknown[], inpu
  * events as the HTTP stream, one message each, in order; `previous_response_id` continues a
  * response made earlier on this socket (the conversation is kept, so only new input is sent).
  */
-function responsesSocket(ws: WebSocket, ex: Pick<Exchange, 'opts' | 'report'>, received: Json[]): void {
-  const conversations = new Map<string, unknown[]>();
+function responsesSocket(ws: WebSocket, ex: Pick<Exchange, 'opts' | 'report' | 'bill' | 'stored'>, received: Json[]): void {
   const open = () => ws.readyState === WebSocket.OPEN;
   const send = async (event: Json) => {
     if (!open()) return;
@@ -611,19 +733,14 @@ function responsesSocket(ws: WebSocket, ex: Pick<Exchange, 'opts' | 'report'>, r
     received.push(msg);
     if (msg.type !== 'response.create') return fail(400, `Unsupported event type '${String(msg.type)}'.`, 'unknown_event_type', 'type');
     if (typeof msg.model !== 'string') return fail(400, 'you must provide a model parameter');
-    const previous = str(msg.previous_response_id);
-    const before = previous === undefined ? [] : conversations.get(previous);
-    if (!before) return fail(400, `Previous response with id '${previous}' not found.`, 'previous_response_not_found', 'previous_response_id');
-    const conversation = [...before, ...(Array.isArray(msg.input) ? msg.input : [])];
+    const before = continued(ex, msg);
+    if (before instanceof Refusal) return fail(400, obj(obj(before.body).error).message as string, 'previous_response_not_found', 'previous_response_id');
+    const conversation = [...before.items, ...(Array.isArray(msg.input) ? msg.input : [])];
     // The model reads the whole conversation, so that is the input billed.
-    const inputTokens = fakeTokenCount(JSON.stringify(conversation));
+    const inputTokens = before.tokens + openAIResponsesInputTokens(msg);
     for await (const event of scriptedResponseEvents(msg, conversation, inputTokens, ex, open)) {
       if (!open()) return;
       await send(event);
-      if (event.type === 'response.completed') {
-        const response = obj(event.response);
-        conversations.set(String(response.id), [...conversation, ...(Array.isArray(response.output) ? response.output : [])]);
-      }
     }
   }
 
@@ -721,6 +838,7 @@ async function* scriptedMessageEvents(ex: Exchange, body: Json, reply: Reply, us
   }
   yield { type: 'content_block_stop', index: 0 };
   ex.report(fakeTokenCount(ex.body), output);
+  ex.bill(fakeTokenCount(ex.body), output);
   yield { type: 'message_delta', delta: { stop_reason: 'tool' in reply ? 'tool_use' : 'end_turn', stop_sequence: null }, usage: { output_tokens: output } };
   yield { type: 'message_stop' };
 }
@@ -742,6 +860,7 @@ function messages(ex: Exchange): void | Promise<void> {
     const json = 'tool' in reply ? JSON.stringify(reply.input) : reply.text;
     const content = 'tool' in reply ? [{ type: 'tool_use', id: newId('toolu_'), name: reply.tool, input: reply.input }] : [{ type: 'text', text: reply.text }];
     ex.report(fakeTokenCount(ex.body), fakeTokenCount(json));
+    ex.bill(fakeTokenCount(ex.body), fakeTokenCount(json));
     return sendJson(ex.res, 200, { id: newId('msg_'), type: 'message', role: 'assistant', model: body.model, content, stop_reason: 'tool' in reply ? 'tool_use' : 'end_turn', stop_sequence: null, usage: usage(fakeTokenCount(json)) });
   }
   const { n, truncated } = answerLength(ex, body.max_tokens);
@@ -749,18 +868,19 @@ function messages(ex: Exchange): void | Promise<void> {
   const message = { id: newId('msg_'), type: 'message', role: 'assistant', model: body.model };
 
   if (body.stream !== true) {
+    ex.bill(fakeTokenCount(ex.body), n);
     return sendJson(ex.res, 200, { ...message, content: [{ type: 'text', text: fakeAnswer(n) }], stop_reason, stop_sequence: null, usage: usage(n) });
   }
-  const events: TypedEvent[] = [
-    { type: 'message_start', message: { ...message, content: [], stop_reason: null, stop_sequence: null, usage: usage(1) } },
-    { type: 'content_block_start', index: 0, content_block: { type: 'text', text: '' } },
-    { type: 'ping' },
-    ...fakeAnswerChunks(n).map((text) => ({ type: 'content_block_delta', index: 0, delta: { type: 'text_delta', text } })),
-    { type: 'content_block_stop', index: 0 },
-    { type: 'message_delta', delta: { stop_reason, stop_sequence: null }, usage: { output_tokens: n } },
-    { type: 'message_stop' },
+  const frames: Frame[] = [
+    sseEvent({ type: 'message_start', message: { ...message, content: [], stop_reason: null, stop_sequence: null, usage: usage(1) } }),
+    sseEvent({ type: 'content_block_start', index: 0, content_block: { type: 'text', text: '' } }),
+    sseEvent({ type: 'ping' }),
+    ...fakeAnswerChunks(n).map((text) => ({ frame: sseEvent({ type: 'content_block_delta', index: 0, delta: { type: 'text_delta', text } }), tokens: 1 })),
+    sseEvent({ type: 'content_block_stop', index: 0 }),
+    sseEvent({ type: 'message_delta', delta: { stop_reason, stop_sequence: null }, usage: { output_tokens: n } }),
+    sseEvent({ type: 'message_stop' }),
   ];
-  return writeStream(ex, events.map(sseEvent));
+  return writeStream(ex, frames, { input: fakeTokenCount(ex.body) });
 }
 
 const anthropic: Provider = {
@@ -845,15 +965,19 @@ function gemini(ex: Exchange, m: RegExpExecArray): void | Promise<void> {
     modelVersion: model,
     responseId,
   });
-  if (action === 'generateContent') return sendJson(ex.res, 200, reply(fakeAnswer(n), n, true));
+  if (action === 'generateContent') {
+    ex.bill(prompt, n);
+    return sendJson(ex.res, 200, reply(fakeAnswer(n), n, true));
+  }
 
   // streamGenerateContent: usageMetadata in every chunk, cumulative.
   const chunks = fakeAnswerChunks(n).map((text, i) => reply(text, i + 1, i === n - 1));
   if (chunks.length === 0) chunks.push(reply('', 0, true));
-  if (ex.url.searchParams.get('alt') === 'sse') return writeStream(ex, chunks.map((c) => sseData(c, '\r\n')));
+  const tokens = n === 0 ? 0 : 1;
+  if (ex.url.searchParams.get('alt') === 'sse') return writeStream(ex, chunks.map((c) => ({ frame: sseData(c, '\r\n'), tokens })), { input: prompt });
   // Without alt=sse the stream is one JSON array, written element by element.
-  const parts = chunks.map((c, i) => `${i === 0 ? '[' : ',\r\n'}${JSON.stringify(c)}`);
-  return writeStream(ex, [...parts, ']'], 'application/json; charset=UTF-8');
+  const parts: Frame[] = chunks.map((c, i) => ({ frame: `${i === 0 ? '[' : ',\r\n'}${JSON.stringify(c)}`, tokens }));
+  return writeStream(ex, [...parts, ']'], { contentType: 'application/json; charset=UTF-8', input: prompt });
 }
 
 /** A minimal value that satisfies a JSON schema (OpenAPI-style Gemini schemas too): what a model in JSON mode would fill in. */
@@ -908,11 +1032,13 @@ function scriptedGemini(ex: Exchange, body: Json, model: string, action: string)
     const produced = fakeTokenCount(JSON.stringify(reply.input));
     const answer = chunk([{ functionCall: { name: reply.tool, args: reply.input } }], produced, true);
     ex.report(prompt, produced);
+    ex.bill(prompt, produced);
     if (action === 'generateContent') return sendJson(ex.res, 200, answer);
     return writeStream(ex, [sseData(answer, '\r\n')]);
   }
   if (action === 'generateContent') {
     ex.report(prompt, fakeTokenCount(reply.text));
+    ex.bill(prompt, fakeTokenCount(reply.text));
     return sendJson(ex.res, 200, chunk([{ text: reply.text }], fakeTokenCount(reply.text), true));
   }
   // Streamed text: usageMetadata in every chunk, cumulative; the last chunk carries the finish reason.
@@ -925,6 +1051,7 @@ function scriptedGemini(ex: Exchange, body: Json, model: string, action: string)
       previous = piece;
     }
     ex.report(prompt, fakeTokenCount(text));
+    ex.bill(prompt, fakeTokenCount(text));
     yield sseData(chunk([{ text: previous ?? '' }], fakeTokenCount(text), true), '\r\n');
   }
   return writeStream(ex, chunks());

@@ -1,0 +1,649 @@
+/**
+ * One HTTP request through the broker, in named steps, each handing on to the next:
+ *
+ *   check    the front door, the till key, its scope (method, path)     frontDoor.ts, keys.ts
+ *   read     the body: whole when Till must judge it, else streamed on
+ *   inspect  its model (scope), its JSON (duplicate keys refused)
+ *   credential  the secret from the vault (cached: no await on the hot path)
+ *   hold     plan the hold (budget.ts), take it with the activation (keys.ts); nothing is
+ *            awaited between planning and taking, so what is left cannot move
+ *   forward  once the hold is on disk: the credential in place, upstream
+ *   relay    the answer back unbuffered, scrubbed of the credential (scrub.ts), metered
+ *            (metering.ts); a stream's hold follows it (streamHold.ts)
+ *   finish   settle from the reported usage (or an estimate for a cut stream), events, audit
+ *
+ * Anything refused ends in `deny` with an answer in the provider's error shape. Revocation,
+ * expiry, a hold that cannot grow and the broker closing end the exchange through `cut`/`stop`.
+ */
+import * as http from 'node:http';
+import * as https from 'node:https';
+import { auditRecord, type AuditLog } from './audit';
+import { cutUsage, planHold, settlement, type HoldPlan } from './budget';
+import type { ConversationSizes } from './contexts';
+import { denialEvent, denialResponse, type Denial } from './denial';
+import { duplicateKey } from './duplicateKeys';
+import type { RequestInfo, RequestUsage, TillEvent, TillEvents } from './events';
+import { clientDenial, credentialDenial, findTillKey, forwardedHeaders, noUpstreamDenial, pathDenial, splitUrl } from './frontDoor';
+import type { InFlightEntry, InFlightList } from './inFlightList';
+import type { Hold, TillKeys } from './keys';
+import type { KeyRecord, SettleDetails } from './ledger';
+import { StreamMeter, usageFormat, usageFromJson, type Usage, type UsageFormat } from './metering';
+import { methodViolation, modelViolation, pathViolation, type Amounts } from './policy';
+import type { PriceTable } from './pricing';
+import { isFreeRoute, KEY_QUERY_PARAMS, type Provider, type ProviderRegistry } from './providers';
+import { BodyScrubber, CredentialForms, relayedHeaders } from './scrub';
+import { StreamHold, TICK_MS } from './streamHold';
+
+type Json = Record<string, unknown>;
+
+/** What an exchange needs of the broker it runs in. */
+export interface ExchangeContext {
+  keys: TillKeys;
+  providers: ProviderRegistry;
+  prices: PriceTable;
+  events: TillEvents;
+  audit: AuditLog | undefined;
+  conversations: ConversationSizes;
+  maxBodyBytes: number;
+  upstreamIdleTimeoutMs: number;
+  /** `http://127.0.0.1:<port>`. */
+  url: string;
+  baseUrlFor(provider: Provider): string;
+  agents: { 'http:': http.Agent; 'https:': https.Agent };
+  /** A credential's secret when cached (synchronous), else undefined. */
+  cachedSecret(name: string): string | undefined;
+  secretFor(name: string): Promise<string>;
+  formsOf(secret: string): CredentialForms;
+  /** Exchanges in flight, ended by the broker's close. */
+  requests: InFlightList<() => void>;
+  log(line: string): void;
+}
+
+let requestCounter = 0;
+
+/** How long the rest of a refused body is read and dropped before its connection is closed. */
+const LINGER_MS = 2_000;
+
+/**
+ * Before refusing a request whose body is still arriving (413): the rest is read and dropped for
+ * a moment instead of the connection being closed with the answer. Closing with bytes unread
+ * makes the OS reset the connection, and a client still writing would get ECONNRESET instead of
+ * the 413. The connection stays usable if the body ends in time; it is cut after {@link LINGER_MS}.
+ */
+function lingerThenClose(req: http.IncomingMessage, res: http.ServerResponse): void {
+  if (req.complete) return;
+  // Node would otherwise answer `Connection: close` and close once the answer is written.
+  res.shouldKeepAlive = true;
+  const timer = setTimeout(() => req.socket.destroy(), LINGER_MS);
+  timer.unref();
+  req.once('end', () => clearTimeout(timer));
+  req.once('close', () => clearTimeout(timer));
+}
+
+/** A body the upstream could read otherwise than the broker did (duplicate keys): refused for any key. */
+class AmbiguousBody extends Error {}
+
+/**
+ * The request's model (from the path for Gemini, else the JSON body) and its parsed body. A body
+ * is parsed when it is declared JSON, or when the route is metered (`parseAnyType`).
+ */
+function inspectBody(provider: Provider, path: string, body: Buffer | undefined, contentType: string | undefined, parseAnyType: boolean): { model?: string; json?: Json } | Error {
+  let json: Json | undefined;
+  if (body && body.length > 0 && (parseAnyType || contentType?.includes('json'))) {
+    const text = body.toString('utf8');
+    let parsed: unknown;
+    try {
+      parsed = JSON.parse(text);
+    } catch {
+      return new Error('the request body is not valid JSON');
+    }
+    const twice = duplicateKey(text);
+    if (twice !== undefined) return new AmbiguousBody(`the request body has the key "${twice}" twice in one object, which the upstream may read otherwise than Till: send it once`);
+    if (parsed && typeof parsed === 'object' && !Array.isArray(parsed)) json = parsed as Json;
+  }
+  if (provider.modelFromPath) {
+    const m = provider.modelFromPath.exec(path);
+    if (m) {
+      // A stray `%` would make decodeURIComponent throw inside a request handler: the whole broker would go down.
+      try {
+        return { model: decodeURIComponent(m[1]!), json };
+      } catch {
+        return new Error('the model in the request path is not valid percent-encoding');
+      }
+    }
+  }
+  const model = json?.model;
+  return { model: typeof model === 'string' ? model : undefined, json };
+}
+
+/** An upstream base URL, parsed once (the path of each request is appended as text). */
+const upstreams = new Map<string, { url: URL; path: string }>();
+function upstreamOf(baseUrl: string): { url: URL; path: string } {
+  let parsed = upstreams.get(baseUrl);
+  if (!parsed) {
+    const url = new URL(baseUrl);
+    parsed = { url, path: url.pathname.replace(/\/+$/, '') };
+    upstreams.set(baseUrl, parsed);
+  }
+  return parsed;
+}
+
+/** JSON answers up to this size are metered by parsing them whole. */
+const SMALL_JSON = 1024 * 1024;
+
+/** Usage from a whole JSON answer (undefined when it is not JSON or has none), and the response's id. */
+function jsonAnswer(format: UsageFormat, chunks: Buffer[]): { usage?: Usage; id?: string } {
+  try {
+    const body: unknown = JSON.parse((chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks)).toString('utf8'));
+    const id = (body as { id?: unknown } | null)?.id;
+    return { usage: usageFromJson(format, body), ...(typeof id === 'string' ? { id } : {}) };
+  } catch {
+    return {};
+  }
+}
+
+/**
+ * OpenAI-shaped providers that accept `stream_options.include_usage`: when a streaming client
+ * did not ask for usage, Till asks for it (to meter) and removes the extra chunk it did not expect.
+ */
+const USAGE_INJECTABLE = new Set(['openai', 'azure-openai', 'deepseek', 'groq', 'together', 'fireworks', 'xai']);
+
+/** A streaming request by its body (`stream: true`) or route (Gemini's `streamGenerateContent`). */
+function asksStream(format: UsageFormat | undefined, path: string, json: Json | undefined): boolean {
+  return format === 'gemini' ? path.includes(':streamGenerateContent') : json?.stream === true;
+}
+
+/** One HTTP request through the broker (see the module comment for its steps). */
+export class Exchange {
+  private readonly started = performance.now();
+  private readonly info: RequestInfo;
+  private provider: Provider | undefined;
+  private key: KeyRecord | undefined;
+  private query: URLSearchParams;
+  private path: string;
+  private body: Buffer | undefined;
+  private json: Json | undefined;
+  /** The body streams on to the upstream (an upload) instead of being read whole. */
+  private streamBody = false;
+  private format: UsageFormat | undefined;
+  private plan: HoldPlan | undefined;
+  private hold: Hold | undefined;
+  private streamHold: StreamHold | undefined;
+  private secret = '';
+  private upstreamReq: http.ClientRequest | undefined;
+  private registered: InFlightEntry<() => void> | undefined;
+  private ended = false;
+  /** The whole request is on the upstream's wire: it may bill it. */
+  private sent = false;
+  private upstreamStatus = 0;
+  private isSse = false;
+  /** The last byte relayed ended an SSE event: an error event can be appended cleanly. */
+  private sseBoundary = true;
+  private jsonBody: Buffer[] | undefined;
+  private jsonId: string | undefined;
+  private meter: StreamMeter | undefined;
+  /** The answer began (its head came): what it produced from then on is billed. */
+  private answering = false;
+  private stripUsage = false;
+  private lastProgress = 0;
+  private tick: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly c: ExchangeContext,
+    private readonly req: http.IncomingMessage,
+    private readonly res: http.ServerResponse,
+  ) {
+    const { providerId, path, query } = splitUrl(req.url);
+    this.provider = c.providers.get(providerId);
+    this.path = path;
+    this.query = query;
+    this.info = { requestId: String(++requestCounter), keyId: '', label: '', provider: this.provider?.id ?? providerId, method: req.method ?? 'GET', path, billable: false };
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // check
+
+  /** Runs the exchange: the front door, then each step in turn. */
+  start(): void {
+    const { req, c, info } = this;
+    const refused = clientDenial(req);
+    if (refused) return this.deny(refused);
+    const provider = this.provider;
+    if (!provider) return this.deny({ status: 404, code: 'unknown_provider', message: `no provider "${info.provider}": use ${c.url}/<provider>/…, e.g. ${c.url}/openai/v1` });
+    const outside = pathDenial(provider, this.path, c.baseUrlFor(provider));
+    if (outside) return this.deny(outside);
+    const presented = findTillKey(req, this.query);
+    if (typeof presented !== 'string') return this.deny(presented);
+    const auth = c.keys.authenticateFor(presented, provider.id);
+    if ('denial' in auth) return this.deny(auth.denial, auth.key);
+    const key = (this.key = auth.key);
+    info.keyId = key.id;
+    info.label = key.label;
+    info.billable = !isFreeRoute(provider, info.method, this.path);
+    // Methods and paths now; models once the body is read.
+    const early = methodViolation(key.policy, info.method) ?? pathViolation(key.policy, this.path);
+    if (early) return this.deny({ status: 403, code: 'out_of_scope', message: early });
+    this.format = info.billable ? usageFormat(provider.id, info.method, this.path) : undefined;
+    this.read();
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // read
+
+  private read(): void {
+    const { req, res, c } = this;
+    const declared = Number(req.headers['content-length'] ?? 0);
+    if (declared > c.maxBodyBytes) {
+      lingerThenClose(req, res);
+      return this.deny({ status: 413, code: 'too_large', message: `request body of ${declared} bytes is over the broker's limit of ${c.maxBodyBytes}` });
+    }
+    const hasBody = req.headers['content-length'] !== undefined || req.headers['transfer-encoding'] !== undefined;
+    const contentType = req.headers['content-type'];
+    // JSON bodies are read whole (they are small next to the answers) so the model can be
+    // checked and logged; so is any body of a metered route, whatever its declared type (an
+    // upstream may parse JSON sent as text/plain). Anything else (uploads) streams through.
+    const readWhole = hasBody && (contentType === undefined || contentType.includes('json') || this.format !== undefined);
+    // A body the broker must judge is judged as sent: it cannot read a compressed one.
+    const encoding = req.headers['content-encoding'];
+    if (readWhole && encoding !== undefined && encoding.trim().toLowerCase() !== 'identity') {
+      return this.deny({ status: 415, code: 'bad_request', message: `request bodies must not be compressed (Content-Encoding: ${encoding}): Till checks them before forwarding` });
+    }
+    if (!readWhole) {
+      this.streamBody = hasBody;
+      return this.inspect(undefined);
+    }
+    const chunks: Buffer[] = [];
+    let size = 0;
+    let over = false;
+    req.on('data', (chunk: Buffer) => {
+      if (over) return;
+      size += chunk.length;
+      if (size > c.maxBodyBytes) {
+        over = true;
+        lingerThenClose(req, res);
+        this.deny({ status: 413, code: 'too_large', message: `request body is over the broker's limit of ${c.maxBodyBytes} bytes` });
+        return;
+      }
+      chunks.push(chunk);
+    });
+    req.on('end', () => {
+      if (!over) this.inspect(chunks.length === 1 ? chunks[0] : Buffer.concat(chunks));
+    });
+    req.on('error', () => undefined);
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // inspect
+
+  private inspect(body: Buffer | undefined): void {
+    const provider = this.provider!;
+    const key = this.key!;
+    const { info } = this;
+    this.body = body;
+    const inspected = inspectBody(provider, this.path, body, this.req.headers['content-type'], this.format !== undefined);
+    if (inspected instanceof Error) {
+      if (inspected instanceof AmbiguousBody) return this.deny({ status: 400, code: 'bad_request', message: inspected.message });
+      const judged = key.policy.models !== undefined || key.policy.maxTokens !== undefined || key.policy.maxSpendUsd !== undefined;
+      if (judged && info.billable) return this.deny({ status: 400, code: 'bad_request', message: `${inspected.message}, so ${key.policy.models ? 'its model' : 'what it may cost'} cannot be checked` });
+    } else {
+      this.json = inspected.json;
+      if (inspected.model !== undefined) info.model = inspected.model;
+    }
+    const late = modelViolation(key.policy.models, info.model, info.billable);
+    if (late) return this.deny({ status: 403, code: 'out_of_scope', message: late });
+    if (provider.needsUpstream) return this.deny(noUpstreamDenial(provider));
+    this.credential();
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // credential
+
+  private credential(): void {
+    const key = this.key!;
+    // The cached secret is used synchronously: no await between the hold and forwarding.
+    const cached = this.c.cachedSecret(key.credential);
+    if (cached !== undefined) return this.takeHold(cached);
+    this.c.secretFor(key.credential).then(
+      (secret) => this.takeHold(secret),
+      (err: unknown) => this.deny(credentialDenial(key.credential, err, (line) => this.c.log(line))),
+    );
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // hold
+
+  private takeHold(secret: string): void {
+    const { res, c, info } = this;
+    if (res.writableEnded || res.destroyed) return;
+    const provider = this.provider!;
+    const key = this.key!;
+    this.secret = secret;
+    const format = this.format;
+    let json = this.json;
+    if (format === 'openai-chat' && json?.stream === true && USAGE_INJECTABLE.has(provider.id)) {
+      const options = (json.stream_options ?? {}) as Json;
+      if (options.include_usage !== true) {
+        json.stream_options = { ...options, include_usage: true };
+        this.stripUsage = true;
+      }
+    }
+    if (json && this.stripUsage) this.body = Buffer.from(JSON.stringify(json));
+    // Planned and held with nothing awaited in between: what is left cannot move.
+    if (info.billable) {
+      const planned = planHold(
+        { provider: provider.id, model: info.model, format, json, bodyBytes: this.body?.length ?? 0, stream: asksStream(format, this.path, json), knownContext: (id) => c.conversations.get(id) },
+        key.policy,
+        c.keys.remaining(key),
+        c.keys.heldFor(key),
+        c.prices,
+      );
+      if ('status' in planned) return this.deny(planned);
+      this.plan = planned;
+      if (json && planned.bodyChanged) this.body = Buffer.from(JSON.stringify(json));
+    }
+    const held = c.keys.admit(key, this.plan?.amounts, this, true);
+    if ('status' in held) return this.deny(held);
+    this.hold = held;
+    if (this.plan && this.plan.stream && (this.plan.meters.tokens || this.plan.meters.spend)) this.streamHold = new StreamHold(this.plan, held);
+    c.events.emit({ type: 'request.started', at: Date.now(), request: info });
+    // Forwarded only once its hold is on disk (batched with this turn's others).
+    c.keys.whenDurable(() => this.forward());
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // forward
+
+  private forward(): void {
+    const { req, res, c, info } = this;
+    if (this.ended) return;
+    if (res.destroyed) return this.finish(499, 'client_closed');
+    const provider = this.provider!;
+    const upstreamBase = upstreamOf(provider.baseUrl);
+    const target = upstreamBase.url;
+    const targetPath = upstreamBase.path + info.path.slice(provider.basePath.length);
+    const query = this.query;
+    for (const name of KEY_QUERY_PARAMS) query.delete(name);
+    const headers: http.OutgoingHttpHeaders = forwardedHeaders(req.headers, provider);
+    const placement = provider.placement;
+    if (placement.kind === 'bearer') headers.authorization = `Bearer ${this.secret}`;
+    else if (placement.kind === 'header') headers[placement.name] = this.secret;
+    else query.set(placement.name, this.secret);
+    const search = query.toString();
+    // Answers must be readable on the way through: to meter them, and to scrub the credential from them.
+    headers['accept-encoding'] = 'identity';
+    if (this.body) headers['content-length'] = this.body.length;
+    else if (this.streamBody && req.headers['content-length'] !== undefined) headers['content-length'] = req.headers['content-length'];
+
+    const transport = target.protocol === 'https:' ? https : http;
+    let upstream: http.ClientRequest;
+    try {
+      upstream = transport.request({
+        protocol: target.protocol,
+        hostname: target.hostname,
+        port: target.port,
+        method: info.method,
+        path: targetPath + (search ? `?${search}` : ''),
+        headers,
+        agent: c.agents[target.protocol as 'http:' | 'https:'],
+        timeout: c.upstreamIdleTimeoutMs,
+      });
+    } catch (err) {
+      // A header Node will not send (it was accepted on the way in, but not valid on the way out).
+      this.releaseHold();
+      return this.deny({ status: 400, code: 'bad_request', message: `the request cannot be forwarded: ${(err as Error).message}` });
+    }
+    this.upstreamReq = upstream;
+    this.registered = c.requests.add(this.stop);
+    // Once connected and the whole request is on the wire, the upstream may bill it.
+    let connected = false;
+    upstream.on('socket', (socket) => {
+      if (socket.connecting) socket.once('connect', () => (connected = true));
+      else connected = true;
+    });
+    upstream.on('finish', () => {
+      if (!connected) return;
+      this.sent = true;
+      this.hold?.reachedUpstream();
+    });
+    upstream.on('timeout', () => upstream.destroy(new Error(`the upstream sent nothing for ${c.upstreamIdleTimeoutMs / 1000} s`)));
+    upstream.on('error', (err: NodeJS.ErrnoException) => this.upstreamFailed(err, `${target.protocol}//${target.host}`));
+    upstream.on('response', (upRes) => this.relay(upRes, `${target.origin}${targetPath}`));
+    // The client went away: stop the upstream (and its bill) too.
+    res.on('close', () => {
+      if (!res.writableFinished) {
+        upstream.destroy();
+        this.finish(res.statusCode, 'client_closed');
+      }
+    });
+    if (this.body) upstream.end(this.body);
+    else if (this.streamBody) this.pipeUpload(upstream);
+    else upstream.end();
+  }
+
+  /** Streams an upload on, cutting it (413, unbilled) if it grows past the limit. */
+  private pipeUpload(upstream: http.ClientRequest): void {
+    const { req, res, c } = this;
+    let size = 0;
+    req.on('data', (chunk: Buffer) => {
+      size += chunk.length;
+      if (size > c.maxBodyBytes && !this.ended) {
+        // Cut before the upstream had the whole request: it cannot bill it, and neither does Till.
+        upstream.destroy();
+        this.releaseHold();
+        lingerThenClose(req, res);
+        this.sendDenial({ status: 413, code: 'too_large', message: `request body is over the broker's limit of ${c.maxBodyBytes} bytes` });
+        this.finish(413, 'too_large');
+      }
+    });
+    req.pipe(upstream);
+  }
+
+  private upstreamFailed(err: NodeJS.ErrnoException, where: string): void {
+    if (this.ended) return;
+    if (this.res.headersSent) {
+      this.res.destroy();
+      return this.finish(this.res.statusCode, 'upstream_error');
+    }
+    const detail = err.code ?? err.message;
+    this.c.log(`upstream ${where} failed: ${detail}`);
+    // Never reached the upstream: give the activation back.
+    if (!this.sent) this.releaseHold();
+    this.sendDenial({ status: 502, code: 'upstream_unreachable', message: `cannot reach ${this.provider!.displayName} at ${where} (${detail})` });
+    this.finish(502, 'upstream_error');
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // relay
+
+  private relay(upRes: http.IncomingMessage, requestUrl: string): void {
+    const { res, c } = this;
+    const provider = this.provider!;
+    this.hold?.reachedUpstream();
+    this.answering = true;
+    const forms = c.formsOf(this.secret);
+    // Never relay the credential: an upstream that echoes request headers, a Location with ?key=.
+    const locationMap = upRes.headers.location === undefined ? undefined : { requestUrl, upstreamBase: provider.baseUrl, brokerBase: c.baseUrlFor(provider) };
+    const out = relayedHeaders(upRes.headers, forms, locationMap, (name) => c.log(`dropped the upstream's ${name} response header: it held the credential`));
+    if (upRes.headers['content-length'] !== undefined) out['content-length'] = upRes.headers['content-length'];
+    const scrubber = new BodyScrubber(forms);
+    const type = upRes.headers['content-type'] ?? '';
+    this.isSse = type.includes('text/event-stream');
+    this.upstreamStatus = upRes.statusCode ?? 502;
+    const format = this.format;
+    if (format && !upRes.headers['content-encoding']) {
+      // A small JSON answer is cheaper to parse once at the end than to scan byte by byte.
+      const length = Number(upRes.headers['content-length'] ?? NaN);
+      if (!this.isSse && length <= SMALL_JSON && type.includes('json')) this.jsonBody = [];
+      else this.meter = new StreamMeter(format);
+    }
+    const strip = this.stripUsage && this.isSse && this.meter !== undefined;
+    if (strip) delete out['content-length'];
+    res.writeHead(this.upstreamStatus, out);
+    let writable = true;
+    if (strip) {
+      // Forward event by event, minus the usage chunk Till asked for and the client did not.
+      let seen = false;
+      this.meter!.onEvent = (e) => {
+        if (!seen && this.meter!.sawUsageChunk) {
+          seen = true;
+          return;
+        }
+        writable = res.write(scrubber.push(e.raw)) && writable;
+      };
+    }
+    if (this.streamHold && this.plan?.hiddenOutput) {
+      // Output the model does not stream still grows the bound: check between chunks too.
+      this.tick = setInterval(() => this.followStream(), TICK_MS);
+      this.tick.unref();
+    }
+    upRes.on('data', (chunk: Buffer) => {
+      if (this.ended) return;
+      if (this.isSse) {
+        const n = chunk.length;
+        this.sseBoundary = n >= 2 ? chunk[n - 1] === 10 && (chunk[n - 2] === 10 || chunk[n - 2] === 13) : this.sseBoundary && chunk[0] === 10;
+      }
+      writable = true;
+      if (this.jsonBody) this.jsonBody.push(chunk);
+      else this.meter?.push(chunk);
+      if (this.meter && this.isSse && this.plan) {
+        if (!this.followStream()) return;
+        this.progress();
+      }
+      if (!strip) writable = res.write(scrubber.push(chunk));
+      if (!writable) upRes.pause();
+    });
+    res.on('drain', () => upRes.resume());
+    upRes.on('end', () => {
+      res.end(scrubber.end());
+      this.finish(upRes.statusCode ?? 502);
+    });
+    upRes.on('error', () => {
+      res.destroy();
+      this.finish(upRes.statusCode ?? 502, 'upstream_error');
+    });
+  }
+
+  /** Keeps a stream's hold in step with it; false when the key could not cover it and the stream was cut. */
+  private followStream(): boolean {
+    if (!this.streamHold || !this.meter || this.ended) return true;
+    const denial = this.streamHold.follow(this.meter);
+    if (!denial) return true;
+    this.cut(denial);
+    return false;
+  }
+
+  /** An open stream's running usage and hold, at most twice a second, for views. */
+  private progress(): void {
+    const now = performance.now();
+    if (now - this.lastProgress < 500) return;
+    this.lastProgress = now;
+    const s = this.settle('progress');
+    if (s?.usage) this.c.events.emit({ type: 'request.progress', at: Date.now(), request: this.info, usage: s.usage, ...(this.hold ? { held: this.hold.held() } : {}) });
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // finish
+
+  /**
+   * What the request spent: reported usage; for one cut before it ended, what it produced
+   * (reported so far, else counted from its text) plus what the upstream may still generate
+   * after the cut, marked estimated; for an upstream error with no usage, its activation.
+   */
+  private settle(aborted: string | undefined): { amounts: Amounts; details?: SettleDetails; usage?: RequestUsage } | undefined {
+    const { c, info, format, plan } = this;
+    if (!info.billable || !format || !plan) return undefined;
+    let usage: Usage | undefined;
+    if (this.jsonBody) {
+      const answer = jsonAnswer(format, this.jsonBody);
+      usage = answer.usage;
+      this.jsonId = answer.id;
+    } else usage = this.meter?.usage();
+    const complete = this.jsonBody ? usage !== undefined : this.meter?.complete === true;
+    if (!usage && !aborted && this.upstreamStatus >= 400) return { amounts: { activations: 1, tokens: 0, spend: 0 } };
+    if (aborted && aborted !== 'progress' && !complete) usage = cutUsage({ model: info.model, format, json: this.json }, plan, usage, this.meter?.generated, this.answering || this.sent);
+    const s = settlement(this.provider!.id, info.model, usage, { inputEstimate: plan.inputEstimate, outputChars: this.meter?.textChars ?? 0 }, c.prices);
+    return { amounts: s.amounts, details: s.details, usage: s.usage };
+  }
+
+  private finish(status: number, aborted?: string): void {
+    if (this.ended) return;
+    this.ended = true;
+    clearInterval(this.tick);
+    const { c, info } = this;
+    if (this.registered) c.requests.delete(this.registered);
+    const spent = this.settle(aborted);
+    this.hold?.done(spent?.amounts, spent?.details);
+    this.remember(spent);
+    const latencyMs = Math.round((performance.now() - this.started) * 10) / 10;
+    // Built field by field: spreads allocate, and this runs for every request.
+    const event: Extract<TillEvent, { type: 'request.finished' }> = { type: 'request.finished', at: Date.now(), request: info, status, latencyMs };
+    if (aborted) event.aborted = aborted;
+    if (spent?.usage) event.usage = spent.usage;
+    c.events.emit(event);
+    this.audit(status, undefined, aborted);
+  }
+
+  /** A Responses answer is a conversation the next request may continue: remember what it weighs. */
+  private remember(spent: { usage?: RequestUsage } | undefined): void {
+    if (this.format !== 'openai-responses' || !spent?.usage || spent.usage.estimated) return;
+    const tokens = spent.usage.tokens.input + spent.usage.tokens.output;
+    const id = this.meter?.responseId ?? this.jsonId;
+    if (id) this.c.conversations.record(id, tokens);
+    const conversation = this.json?.conversation;
+    const conversationId = typeof conversation === 'string' ? conversation : (conversation as { id?: unknown } | undefined)?.id;
+    if (typeof conversationId === 'string') this.c.conversations.record(conversationId, tokens);
+  }
+
+  private releaseHold(): void {
+    this.hold?.done();
+    this.hold = undefined;
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // ends
+
+  /** Ends the request at once, telling the client why when it still can (revocation, expiry, a hold that cannot grow). */
+  cut(denial: Denial): void {
+    const { res } = this;
+    this.upstreamReq?.destroy();
+    if (!res.headersSent) this.sendDenial(denial);
+    else if (this.isSse && this.sseBoundary && !res.writableEnded) res.end(denialEvent(this.provider?.id, denial));
+    else res.destroy();
+    this.finish(res.statusCode, denial.code);
+  }
+
+  /** The broker is closing: end now, settling while the ledger is still open. */
+  private readonly stop = (): void => {
+    this.upstreamReq?.destroy();
+    this.res.destroy();
+    this.finish(this.res.statusCode, 'broker_closed');
+  };
+
+  private deny(denial: Denial, key: KeyRecord | undefined = this.key): void {
+    const { info, c } = this;
+    if (key) {
+      info.keyId = key.id;
+      info.label = key.label;
+    }
+    this.sendDenial(denial);
+    this.req.resume();
+    c.events.emit({ type: 'request.denied', at: Date.now(), request: { ...info }, status: denial.status, reason: denial.message, code: denial.code });
+    this.audit(denial.status, denial);
+  }
+
+  private sendDenial(denial: Denial): void {
+    const { res } = this;
+    if (res.headersSent) {
+      res.destroy();
+      return;
+    }
+    const { body, headers } = denialResponse(this.provider?.id, denial);
+    res.writeHead(denial.status, headers);
+    res.end(body);
+  }
+
+  private audit(status: number, denial?: Denial, aborted?: string): void {
+    this.c.audit?.append(auditRecord(this.info, status, this.started, denial, aborted));
+  }
+}
+

@@ -1,0 +1,137 @@
+/**
+ * Input tokens of OpenAI-family requests, counted as OpenAI bills them: the models' tokenizer is
+ * public (o200k_base for GPT-4o and later; older models, on cl100k_base, are held by their bytes
+ * rather than ship a second tokenizer for them), and so is how a chat is
+ * rendered around its messages (3 tokens per message, 1 per name, 3 to prime the answer). The
+ * count is an upper bound of what the upstream bills for the text: parts OpenAI renders more
+ * compactly than their JSON (tool definitions, a response schema) are counted as their JSON.
+ *
+ * The tokenizer is loaded on first use: most requests are held by their body's bytes and never
+ * need it (see budget.ts).
+ */
+import type { UsageFormat } from './metering';
+
+type Json = Record<string, unknown>;
+const asObj = (v: unknown): Json | undefined => (v !== null && typeof v === 'object' && !Array.isArray(v) ? (v as Json) : undefined);
+const asArray = (v: unknown): unknown[] => (Array.isArray(v) ? v : []);
+
+/** A public tokenizer: how many tokens `text` encodes to, special-token text counted as text. */
+export type CountTokens = (text: string) => number;
+
+/** The encodings Till can count with. */
+export type Encoding = 'o200k_base';
+
+/** The encoding of an OpenAI model, by its id (a `vendor/` prefix is dropped); undefined when Till has none for it. */
+export function encodingOf(model: string | undefined): Encoding | undefined {
+  if (!model) return undefined;
+  const m = model.toLowerCase().replace(/^openai\//, '');
+  return /^(gpt-4o|gpt-4\.1|gpt-4\.5|gpt-5|gpt-6|o1|o3|o4|chatgpt-4o|gpt-oss)/.test(m) ? 'o200k_base' : undefined;
+}
+
+const loaded = new Map<Encoding, CountTokens>();
+
+/** The counter of an encoding, loaded once. */
+export function counter(encoding: Encoding): CountTokens {
+  let count = loaded.get(encoding);
+  if (!count) {
+    count = loadCounter(encoding);
+    loaded.set(encoding, count);
+  }
+  return count;
+}
+
+function loadCounter(_encoding: Encoding): CountTokens {
+  // Required lazily (esbuild leaves the encoding in a file of its own): loading it costs tens of
+  // milliseconds and some megabytes, paid only by a broker that needs it.
+  const lib = require('gpt-tokenizer/encoding/o200k_base') as { countTokens(text: string, options?: object): number };
+  // Text that looks like a special token (`<|endoftext|>`) is billed as text: count it so.
+  const options = { disallowedSpecial: new Set<string>(), allowedSpecial: new Set<string>() };
+  return (text) => (text.length === 0 ? 0 : lib.countTokens(text, options));
+}
+
+/** Tokens of a value as OpenAI sees it in a message: text as is, anything else as its JSON. */
+function valueTokens(count: CountTokens, value: unknown): number {
+  if (typeof value === 'string') return count(value);
+  if (value === undefined || value === null) return 0;
+  return count(JSON.stringify(value));
+}
+
+/** Tokens of a message's content: a string, or parts of which the text ones count here (images are bound apart). */
+function contentTokens(count: CountTokens, content: unknown): number {
+  if (typeof content === 'string') return count(content);
+  let n = 0;
+  for (const p of asArray(content)) {
+    const part = asObj(p);
+    if (!part) continue;
+    const type = part.type;
+    if (type === 'text' || type === 'input_text' || type === 'output_text') n += valueTokens(count, part.text);
+    else if (type === 'refusal') n += valueTokens(count, part.refusal);
+    // Images and files are bound apart (requestFacts.ts); audio is billed as audio tokens, not text.
+    else if (type !== 'image_url' && type !== 'input_image' && type !== 'file' && type !== 'input_file' && type !== 'input_audio') n += valueTokens(count, part);
+  }
+  return n;
+}
+
+/**
+ * A chat's input tokens, as OpenAI's cookbook counts them for its chat models: per message 3 +
+ * its role + its content (+ 1 and its name when named); other fields (tool calls, a tool call's
+ * id) as their JSON; 3 to prime the answer; tools and a response schema as their JSON plus 12.
+ */
+function chatTokens(count: CountTokens, body: Json): number {
+  let n = 3;
+  for (const m of asArray(body.messages)) {
+    const message = asObj(m);
+    if (!message) continue;
+    n += 3;
+    for (const [field, value] of Object.entries(message)) {
+      n += field === 'content' ? contentTokens(count, value) : valueTokens(count, value);
+      if (field === 'name') n += 1;
+    }
+  }
+  if (body.tools !== undefined) n += valueTokens(count, body.tools) + 12;
+  if (body.functions !== undefined) n += valueTokens(count, body.functions) + 12;
+  if (asObj(body.response_format)?.json_schema !== undefined) n += valueTokens(count, body.response_format) + 12;
+  return n;
+}
+
+/**
+ * A Responses request's input tokens, counted like a chat: the instructions and each input item
+ * as a message (items that are not messages, such as function calls and their outputs, as their
+ * JSON), tools and a text format as their JSON plus 12.
+ */
+function responsesTokens(count: CountTokens, body: Json): number {
+  let n = 3;
+  if (typeof body.instructions === 'string') n += 4 + count(body.instructions);
+  if (typeof body.input === 'string') n += 4 + count(body.input);
+  for (const i of asArray(body.input)) {
+    const item = asObj(i);
+    if (!item) continue;
+    n += 4;
+    if (item.type === undefined || item.type === 'message') n += valueTokens(count, item.role) + contentTokens(count, item.content);
+    else n += valueTokens(count, item);
+  }
+  if (body.tools !== undefined) n += valueTokens(count, body.tools) + 12;
+  if (asObj(body.text)?.format !== undefined) n += valueTokens(count, asObj(body.text)!.format) + 12;
+  return n;
+}
+
+/**
+ * The input tokens of a request of an OpenAI-shaped format, counted with `count`, or undefined
+ * for a format whose rendering Till does not know (it is then held by its bytes).
+ */
+export function requestTokens(format: UsageFormat, body: Json, count: CountTokens): number | undefined {
+  switch (format) {
+    case 'openai-chat':
+      return chatTokens(count, body);
+    case 'openai-responses':
+      return responsesTokens(count, body);
+    case 'openai-completions':
+    case 'openai-embeddings': {
+      const input = format === 'openai-completions' ? body.prompt : body.input;
+      if (typeof input === 'string') return count(input);
+      return valueTokens(count, input);
+    }
+    default:
+      return undefined;
+  }
+}
