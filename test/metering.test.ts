@@ -839,9 +839,9 @@ describe('against the fake upstreams', () => {
     const body = JSON.stringify({ model: 'gpt-5', input: 'hi', stream: true });
     const m = await metered('openai', openai.url, '/v1/responses', auth, body);
     const responsesTokens = (b: string) => openAIResponsesInputTokens(JSON.parse(b) as Record<string, unknown>);
-    expect(observe(m)).toEqual({ usage: u(responsesTokens(body), 7), textChars: fakeAnswer(7).length, sawUsageChunk: false, complete: true });
+    expect(observe(m)).toEqual({ usage: tier(u(responsesTokens(body), 7), 'default'), textChars: fakeAnswer(7).length, sawUsageChunk: false, complete: true });
     const limited = JSON.stringify({ model: 'gpt-5', input: 'hi', stream: true, max_output_tokens: 3 });
-    expect((await metered('openai', openai.url, '/v1/responses', auth, limited)).usage()).toEqual(u(responsesTokens(limited), 3));
+    expect((await metered('openai', openai.url, '/v1/responses', auth, limited)).usage()).toEqual(tier(u(responsesTokens(limited), 3), 'default'));
   });
 
   it('Anthropic messages, streamed and as JSON', async () => {

@@ -33,8 +33,14 @@ import { counter, encodingOf, requestTokens } from './tokenCount';
 
 type Json = Record<string, unknown>;
 
-/** Output tokens a stream holds at first, and by how many its hold grows (streamHold.ts). */
+/**
+ * Output tokens a stream holds at first, and by how many its hold grows (streamHold.ts): a
+ * 32nd of what the key could cover for it, between {@link MIN_SLICE} and this. Small enough that
+ * parallel streams share a budget; large enough that a growth (a ledger write) is rare.
+ */
 export const OUTPUT_SLICE = 1024;
+/** The smallest slice: room for the cut margin and some output. */
+export const MIN_SLICE = 128;
 /**
  * Output a non-streaming request may produce when it names no cap: enough for nearly every
  * answer, so that one request does not take a key's whole budget while others wait.
@@ -80,8 +86,8 @@ export interface HoldPlan {
   amounts: Amounts;
   /** Input tokens held, what bounds them, and their micro-dollars at the hold's rates. */
   input: { tokens: number; basis: string; micros: number };
-  /** Output tokens: the most the request can produce (over all its choices), and the part held now. */
-  output: { ceiling: number; held: number };
+  /** Output tokens: the most the request can produce (over all its choices), the part held now, and the slice a stream's hold grows by. */
+  output: { ceiling: number; held: number; slice: number };
   /** Micro-dollars per output token at the hold's rate. */
   outputRate: number;
   /** Micro-dollars of fees the request can incur (server-side tools, request fees). */
@@ -218,7 +224,7 @@ export function planHold(req: HoldRequest, policy: Policy, remaining: Amounts, h
   const base: HoldPlan = {
     amounts: { activations: 1 },
     input: { tokens: 0, basis: '', micros: 0 },
-    output: { ceiling: 0, held: 0 },
+    output: { ceiling: 0, held: 0, slice: OUTPUT_SLICE },
     outputRate: 0,
     feesMicros: 0,
     stream: req.stream,
@@ -305,11 +311,13 @@ export function planHold(req: HoldRequest, policy: Policy, remaining: Amounts, h
     ceilingPerChoice = a.perChoice;
   }
   const ceiling = embeddings ? 0 : ceilingPerChoice * n;
-  const heldOutput = req.stream ? Math.min(ceiling, OUTPUT_SLICE) : ceiling;
+  const fits = a.perChoice === Infinity ? Infinity : a.perChoice * n;
+  const slice = Math.min(OUTPUT_SLICE, Math.max(MIN_SLICE, Math.floor(fits / 32)));
+  const heldOutput = req.stream ? Math.min(ceiling, slice) : ceiling;
   const plan: HoldPlan = {
     ...base,
     input: { tokens: a.bound.tokens, basis: a.bound.basis, micros: a.inputMicros },
-    output: { ceiling, held: heldOutput },
+    output: { ceiling, held: heldOutput, slice },
     outputRate: a.rates.output,
     feesMicros,
     hiddenOutput,
@@ -328,8 +336,14 @@ export function holdAmounts(plan: HoldPlan, input: number, inputMicros: number, 
   return amounts;
 }
 
-/** Output tokens an upstream may still generate (and bill) after a request is cut: see streamHold.ts. */
-export const AFTER_CUT_TOKENS = 64;
+/**
+ * Output tokens an upstream goes on generating (and billing) after a request is cut, as Till
+ * counts them: about one round trip (under 100 ms) at a fast model's 300 to 600 tokens a second
+ * (see streamHold.ts, which holds a little more than this, {@link CUT_MARGIN_TOKENS}).
+ */
+export const AFTER_CUT_TOKENS = 50;
+/** What a stream's hold keeps beyond what it has produced, so that a cut never bills past it (streamHold.ts). */
+export const CUT_MARGIN_TOKENS = 64;
 
 /**
  * The usage to settle a request cut before it ended: what it produced (reported so far, else the

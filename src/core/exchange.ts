@@ -128,6 +128,17 @@ function upstreamOf(baseUrl: string): { url: URL; path: string } {
   return parsed;
 }
 
+/**
+ * How long a cut request's upstream answer is still read (not relayed) for its count: what the
+ * upstream sent before it noticed the cut, which buffers may still hold. An upstream notices our
+ * closed connection within a round trip and drops its end, which ends the drain at once; this
+ * bounds the wait for one that does not (and for a busy process), while the hold stays taken.
+ */
+const CUT_DRAIN_MS = 1000;
+
+/** How much of a followed stream's answer may wait for a slow client before the upstream is paused. */
+const FOLLOWED_BUFFER_BYTES = 8 * 1024 * 1024;
+
 /** JSON answers up to this size are metered by parsing them whole. */
 const SMALL_JSON = 1024 * 1024;
 
@@ -187,6 +198,9 @@ export class Exchange {
   private stripUsage = false;
   private lastProgress = 0;
   private tick: NodeJS.Timeout | undefined;
+  private upRes: http.IncomingMessage | undefined;
+  /** Cut short: the upstream's answer is read for the count, no longer relayed. */
+  private draining = false;
 
   constructor(
     private readonly c: ExchangeContext,
@@ -345,7 +359,12 @@ export class Exchange {
     if ('status' in held) return this.deny(held);
     this.hold = held;
     if (this.plan && this.plan.stream && (this.plan.meters.tokens || this.plan.meters.spend)) this.streamHold = new StreamHold(this.plan, held);
-    c.events.emit({ type: 'request.started', at: Date.now(), request: info });
+    const started: Extract<TillEvent, { type: 'request.started' }> = { type: 'request.started', at: Date.now(), request: info };
+    if (this.plan && (this.plan.meters.tokens || this.plan.meters.spend)) {
+      started.held = this.plan.amounts;
+      started.basis = this.plan.input.basis;
+    }
+    c.events.emit(started);
     // Forwarded only once its hold is on disk (batched with this turn's others).
     c.keys.whenDurable(() => this.forward());
   }
@@ -410,10 +429,7 @@ export class Exchange {
     upstream.on('response', (upRes) => this.relay(upRes, `${target.origin}${targetPath}`));
     // The client went away: stop the upstream (and its bill) too.
     res.on('close', () => {
-      if (!res.writableFinished) {
-        upstream.destroy();
-        this.finish(res.statusCode, 'client_closed');
-      }
+      if (!res.writableFinished && !this.ended) this.stopUpstream(() => this.finish(res.statusCode, 'client_closed'));
     });
     if (this.body) upstream.end(this.body);
     else if (this.streamBody) this.pipeUpload(upstream);
@@ -460,6 +476,7 @@ export class Exchange {
     const provider = this.provider!;
     this.hold?.reachedUpstream();
     this.answering = true;
+    this.upRes = upRes;
     const forms = c.formsOf(this.secret);
     // Never relay the credential: an upstream that echoes request headers, a Location with ?key=.
     const locationMap = upRes.headers.location === undefined ? undefined : { requestUrl, upstreamBase: provider.baseUrl, brokerBase: c.baseUrlFor(provider) };
@@ -479,6 +496,8 @@ export class Exchange {
     const strip = this.stripUsage && this.isSse && this.meter !== undefined;
     if (strip) delete out['content-length'];
     res.writeHead(this.upstreamStatus, out);
+    // A write that fails (the client went away) ends in 'close', handled below; never in a crash.
+    res.on('error', () => undefined);
     let writable = true;
     if (strip) {
       // Forward event by event, minus the usage chunk Till asked for and the client did not.
@@ -488,7 +507,8 @@ export class Exchange {
           seen = true;
           return;
         }
-        writable = res.write(scrubber.push(e.raw)) && writable;
+        // Cut short (draining), the answer is only counted.
+        if (!this.draining && !res.writableEnded) writable = res.write(scrubber.push(e.raw)) && writable;
       };
     }
     if (this.streamHold && this.plan?.hiddenOutput) {
@@ -498,6 +518,7 @@ export class Exchange {
     }
     upRes.on('data', (chunk: Buffer) => {
       if (this.ended) return;
+      if (this.draining) return this.meter?.push(chunk);
       if (this.isSse) {
         const n = chunk.length;
         this.sseBoundary = n >= 2 ? chunk[n - 1] === 10 && (chunk[n - 2] === 10 || chunk[n - 2] === 13) : this.sseBoundary && chunk[0] === 10;
@@ -510,14 +531,19 @@ export class Exchange {
         this.progress();
       }
       if (!strip) writable = res.write(scrubber.push(chunk));
-      if (!writable) upRes.pause();
+      // Backpressure: a slow client pauses the upstream. Not a stream whose hold follows it, up to
+      // a point: paused, the upstream would go on generating into its buffers where Till cannot
+      // count it, so Till keeps reading (and holding) and queues the answer for the client.
+      if (!writable && (!this.streamHold || res.writableLength > FOLLOWED_BUFFER_BYTES)) upRes.pause();
     });
     res.on('drain', () => upRes.resume());
     upRes.on('end', () => {
+      if (this.draining) return;
       res.end(scrubber.end());
       this.finish(upRes.statusCode ?? 502);
     });
     upRes.on('error', () => {
+      if (this.draining) return;
       res.destroy();
       this.finish(upRes.statusCode ?? 502, 'upstream_error');
     });
@@ -605,11 +631,42 @@ export class Exchange {
   /** Ends the request at once, telling the client why when it still can (revocation, expiry, a hold that cannot grow). */
   cut(denial: Denial): void {
     const { res } = this;
-    this.upstreamReq?.destroy();
+    if (this.ended || this.draining) return;
     if (!res.headersSent) this.sendDenial(denial);
     else if (this.isSse && this.sseBoundary && !res.writableEnded) res.end(denialEvent(this.provider?.id, denial));
     else res.destroy();
-    this.finish(res.statusCode, denial.code);
+    this.stopUpstream(() => this.finish(res.statusCode, denial.code));
+  }
+
+  /**
+   * Stops the upstream of a request cut short, then runs `then` (which settles it). Our end of
+   * the connection is closed at once, which the upstream notices; what it had already sent
+   * (waiting in buffers Till had not read yet) is still read and metered for up to
+   * {@link CUT_DRAIN_MS}, so that a cut request is counted for all it produced, and then the
+   * connection is destroyed. Nothing more reaches the client.
+   */
+  private stopUpstream(then: () => void): void {
+    const upstream = this.upstreamReq;
+    const upRes = this.upRes;
+    if (!upstream || !upRes || upRes.complete || upRes.destroyed || !this.meter) {
+      upstream?.destroy();
+      return then();
+    }
+    this.draining = true;
+    let done = false;
+    const finish = () => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      upstream.destroy();
+      then();
+    };
+    const timer = setTimeout(finish, CUT_DRAIN_MS);
+    upRes.once('end', finish);
+    upRes.once('close', finish);
+    upRes.once('error', finish);
+    upRes.resume();
+    upstream.socket?.end();
   }
 
   /** The broker is closing: end now, settling while the ledger is still open. */

@@ -26,7 +26,8 @@ export function formatUsd(micros: number): string {
 /** How a person reads an amount of a meter. */
 export function formatAmount(meter: Meter, amount: number): string {
   if (meter === 'spend') return formatUsd(amount);
-  return `${Math.round(amount).toLocaleString('en-US')}${meter === 'tokens' ? ' tokens' : ''}`;
+  const n = Math.round(amount);
+  return `${n.toLocaleString('en-US')}${meter === 'tokens' ? (n === 1 ? ' token' : ' tokens') : ''}`;
 }
 
 export interface Policy {

@@ -13,15 +13,17 @@
  * - the request's cap (its ceiling), which the upstream enforces.
  * What it generates after a cut: providers notice a dropped connection at their next write after
  * the reset reaches them, about one round trip (under 100 ms) plus their write interval; at the
- * fastest frontier speeds (about 300–600 tokens a second) that is under 64 tokens:
- * {@link AFTER_CUT_TOKENS}. So the hold is kept at min(ceiling, bound + AFTER_CUT_TOKENS), checked
- * at every chunk and, for hidden output, every {@link TICK_MS}; it grows by {@link OUTPUT_SLICE}
- * (fewer ledger writes), or by what is left when less is. A growth is on disk before the stream
- * goes on (ledger.ts), so a crash counts the grown hold. If even the bound cannot be covered, the
- * stream is cut then: the upstream can bill at most what the hold covers. A cut stream settles
- * at what it produced (reported, or counted from the text) plus AFTER_CUT_TOKENS, marked estimated.
+ * fastest frontier speeds (about 300–600 tokens a second) that is some 30 to 60 tokens; the test
+ * upstreams generate 50 (test/support/upstreams.ts). The hold keeps a margin above that,
+ * {@link CUT_MARGIN_TOKENS} (64), and is kept at min(ceiling, bound + margin), checked at every
+ * chunk and, for hidden output, every {@link TICK_MS}; it grows by its plan's slice (budget.ts:
+ * fewer ledger writes), or by what is left when less is. A growth is on disk before the stream goes on
+ * (ledger.ts), so a crash counts the grown hold. If even the bound and the margin cannot be
+ * covered, the stream is cut then: the upstream can bill at most what the hold covers. A cut
+ * stream settles at what it produced (reported, or counted from its text) plus AFTER_CUT_TOKENS
+ * (50, budget.ts), marked estimated: the best estimate of the bill, where the margin is its bound.
  */
-import { AFTER_CUT_TOKENS, holdAmounts, OUTPUT_SLICE, type HoldPlan } from './budget';
+import { CUT_MARGIN_TOKENS, holdAmounts, type HoldPlan } from './budget';
 import type { Denial } from './denial';
 import type { Hold } from './keys';
 import type { Usage } from './metering';
@@ -70,12 +72,12 @@ export class StreamHold {
     const usage = progress.usage();
     this.takeReportedInput(usage);
     const bound = this.outputBound(progress, usage);
-    const needed = Math.min(this.plan.output.ceiling, bound + AFTER_CUT_TOKENS);
+    const needed = Math.min(this.plan.output.ceiling, bound + CUT_MARGIN_TOKENS);
     if (needed <= this.held) {
       if (this.inputShrank) this.resize(this.held);
       return undefined;
     }
-    const grown = Math.min(this.plan.output.ceiling, Math.max(needed, this.held + OUTPUT_SLICE));
+    const grown = Math.min(this.plan.output.ceiling, Math.max(needed, this.held + this.plan.output.slice));
     if (this.resize(grown) || this.resize(needed)) return undefined;
     return this.hold.refusal('the stream was ended: the key cannot cover what it may produce next');
   }

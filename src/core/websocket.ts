@@ -669,7 +669,8 @@ class Session {
     turn.request = { model: request.model, format: request.format, json: request.json };
     if (planned.meters.tokens || planned.meters.spend) turn.streamHold = new StreamHold(planned, held);
     this.turns.push(turn);
-    this.o.events.emit({ type: 'request.started', at: Date.now(), request: turn.info });
+    const budgeted = planned.meters.tokens || planned.meters.spend;
+    this.o.events.emit({ type: 'request.started', at: Date.now(), request: turn.info, ...(budgeted ? { held: planned.amounts, basis: planned.input.basis } : {}) });
     return planned;
   }
 

@@ -150,6 +150,27 @@ function toolTokens(tools: unknown): number {
   return n + 12;
 }
 
+/** Input tokens OpenAI bills for an image: a 1024×1024 one at high detail (the fixture fetches nothing). */
+export const IMAGE_TOKENS = 765;
+/** Input tokens OpenAI bills for a file by id (`input_file`), as if it were a long PDF. */
+export const FILE_TOKENS = 40_000;
+/** Input tokens a web search adds (its results), and Gemini's cached content. */
+export const SEARCH_RESULT_TOKENS = 2_000;
+export const CACHED_CONTENT_TOKENS = 100_000;
+
+/** Images and files in a chat or Responses body, billed beyond its text. */
+function mediaTokens(body: Json): number {
+  let n = 0;
+  const parts = (content: unknown) => (Array.isArray(content) ? content.map(obj) : []);
+  for (const m of [...(Array.isArray(body.messages) ? body.messages : []), ...(Array.isArray(body.input) ? body.input : [])]) {
+    for (const p of parts(obj(m).content)) {
+      if (p.type === 'image_url' || p.type === 'input_image') n += IMAGE_TOKENS;
+      if (p.type === 'input_file' || p.type === 'file') n += FILE_TOKENS;
+    }
+  }
+  return n;
+}
+
 /**
  * OpenAI's input tokens for a chat (its cookbook's count): per message 3, plus the tokens of
  * each field's text (+1 for a name), plus 3 to prime the answer, plus its tools.
@@ -163,7 +184,7 @@ export function openAIChatInputTokens(body: Json): number {
       if (field === 'name') n += 1;
     }
   }
-  return n + toolTokens(body.tools);
+  return n + toolTokens(body.tools) + mediaTokens(body);
 }
 
 /** A Responses request's input tokens, counted like a chat: the instructions and each item as a message. */
@@ -175,7 +196,12 @@ export function openAIResponsesInputTokens(body: Json): number {
     const item = obj(i);
     n += 4 + (item.type === undefined || item.type === 'message' ? o200k(String(item.role ?? '')) + o200k(contentText(item.content)) : o200k(JSON.stringify(item)));
   }
-  return n + toolTokens(body.tools);
+  return n + toolTokens(body.tools) + mediaTokens(body);
+}
+
+/** The web searches a Responses request runs: one per web_search tool offered. */
+function webSearches(body: Json): number {
+  return (Array.isArray(body.tools) ? body.tools : []).filter((t) => String(obj(t).type).startsWith('web_search')).length;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -261,7 +287,15 @@ async function writeStream(ex: Exchange, frames: Iterable<Frame> | AsyncIterable
   const total = all?.reduce((n, f) => n + (typeof f === 'string' ? 0 : f.tokens), 0);
   let written = 0;
   let first = true;
+  // A provider notices the client's end of the connection (its FIN) at once; Node would only
+  // tell on a failed write, which a busy process makes late.
+  let gone = false;
+  const leave = () => (gone = true);
+  ex.req.socket.once('end', leave);
+  ex.req.socket.once('close', leave);
   const settle = (cut: boolean) => {
+    // Having noticed, a provider drops the connection: what it wrote before still arrives.
+    if (cut) res.socket?.end();
     if (options.input === undefined) return;
     const after = cut ? Math.min(ex.opts.afterDisconnectTokens, total === undefined ? ex.opts.afterDisconnectTokens : total - written) : 0;
     ex.bill(options.input, written + after);
@@ -269,7 +303,7 @@ async function writeStream(ex: Exchange, frames: Iterable<Frame> | AsyncIterable
   for await (const f of frames) {
     if (!first && ex.opts.streamDelayMs > 0) await sleep(ex.opts.streamDelayMs);
     first = false;
-    if (res.destroyed) return settle(true);
+    if (res.destroyed || gone) return settle(true);
     const frame = typeof f === 'string' ? f : f.frame;
     if (typeof f !== 'string') written += f.tokens;
     if (!res.write(frame)) {
@@ -279,7 +313,9 @@ async function writeStream(ex: Exchange, frames: Iterable<Frame> | AsyncIterable
       });
     }
   }
-  if (res.destroyed) return settle(true);
+  ex.req.socket.off('end', leave);
+  ex.req.socket.off('close', leave);
+  if (res.destroyed || gone) return settle(true);
   settle(false);
   res.end();
 }
@@ -509,7 +545,7 @@ function chatCompletions(ex: Exchange): void | Promise<void> {
     prompt_tokens_details: { cached_tokens: 0, audio_tokens: 0 },
     completion_tokens_details: { reasoning_tokens: 0, audio_tokens: 0, accepted_prediction_tokens: 0, rejected_prediction_tokens: 0 },
   };
-  const base = { id: newId('chatcmpl-'), created: nowSeconds(), model, service_tier: 'default', system_fingerprint: FINGERPRINT };
+  const base = { id: newId('chatcmpl-'), created: nowSeconds(), model, service_tier: body.service_tier === 'priority' ? 'priority' : 'default', system_fingerprint: FINGERPRINT };
 
   if (body.stream !== true) {
     ex.bill(prompt, n);
@@ -587,8 +623,9 @@ function responses(ex: Exchange): void | Promise<void> {
   if (body instanceof Refusal) return sendRefusal(ex, body);
   const before = continued(ex, body);
   if (before instanceof Refusal) return sendRefusal(ex, before);
-  // The stored conversation is billed as input, as OpenAI bills it.
-  const inputTokens = before.tokens + openAIResponsesInputTokens(body);
+  // The stored conversation is billed as input, as OpenAI bills it; so are web search results.
+  const searches = webSearches(body);
+  const inputTokens = before.tokens + openAIResponsesInputTokens(body) + searches * SEARCH_RESULT_TOKENS;
   if (ex.opts.reply) {
     const input = [...before.items, ...(typeof body.input === 'string' ? [{ role: 'user', content: body.input }] : Array.isArray(body.input) ? body.input : [])];
     const events = scriptedResponseEvents(body, input, inputTokens, ex, () => !ex.res.destroyed);
@@ -608,7 +645,8 @@ function responses(ex: Exchange): void | Promise<void> {
   const createdAt = nowSeconds();
   const response = (status: string, output: unknown[], u: unknown) => responseObject(body, responseId, createdAt, status, output, u);
   const finalStatus = truncated ? 'incomplete' : 'completed';
-  const final = response(finalStatus, [message(finalStatus, [outputText(text)])], usage);
+  const searchCalls = Array.from({ length: searches }, () => ({ id: newId('ws_'), type: 'web_search_call', status: 'completed', action: { type: 'search', query: 'weather' } }));
+  const final = { ...response(finalStatus, [...searchCalls, message(finalStatus, [outputText(text)])], usage), service_tier: body.service_tier === 'priority' ? 'priority' : 'default' };
   ex.stored.set(responseId, { tokens: inputTokens + n, items: [...before.items, ...(Array.isArray(body.input) ? body.input : [])] });
 
   if (body.stream !== true) {
@@ -843,16 +881,52 @@ async function* scriptedMessageEvents(ex: Exchange, body: Json, reply: Reply, us
   yield { type: 'message_stop' };
 }
 
+/** Prompt prefixes cached by the Anthropic fixture (as the API caches them: by their exact content). */
+const anthropicCache = new Set<string>();
+
+/**
+ * How Anthropic bills a request's input: the prefix up to its last `cache_control` mark is
+ * read from the cache when cached before, else written (5 minutes, or 1 hour with `ttl: "1h"`);
+ * the rest is plain input. A web search tool runs one search, whose results are input too.
+ */
+function anthropicInput(ex: Exchange, body: Json): { input_tokens: number; cache_creation_input_tokens: number; cache_read_input_tokens: number; cache_creation: Json; searches: number } {
+  const blocks: Json[] = [];
+  const add = (v: unknown) => {
+    for (const b of Array.isArray(v) ? v : []) blocks.push(obj(b));
+  };
+  add(body.tools);
+  add(body.system);
+  for (const m of Array.isArray(body.messages) ? body.messages : []) add(obj(m).content);
+  let last = -1;
+  for (let i = 0; i < blocks.length; i++) if (blocks[i]!.cache_control !== undefined) last = i;
+  const total = fakeTokenCount(ex.body);
+  const searches = (Array.isArray(body.tools) ? body.tools : []).filter((t) => String(obj(t).type).startsWith('web_search_')).length;
+  const results = searches * SEARCH_RESULT_TOKENS;
+  if (last < 0) return { input_tokens: total + results, cache_creation_input_tokens: 0, cache_read_input_tokens: 0, cache_creation: { ephemeral_5m_input_tokens: 0, ephemeral_1h_input_tokens: 0 }, searches };
+  const prefix = JSON.stringify(blocks.slice(0, last + 1));
+  const cached = Math.min(total - 1, fakeTokenCount(prefix));
+  const hour = obj(blocks[last]!.cache_control).ttl === '1h';
+  const read = anthropicCache.has(prefix);
+  anthropicCache.add(prefix);
+  return {
+    input_tokens: total - cached + results,
+    cache_creation_input_tokens: read ? 0 : cached,
+    cache_read_input_tokens: read ? cached : 0,
+    cache_creation: { ephemeral_5m_input_tokens: read || hour ? 0 : cached, ephemeral_1h_input_tokens: read || !hour ? 0 : cached },
+    searches,
+  };
+}
+
 function messages(ex: Exchange): void | Promise<void> {
   const body = anthropicBody(ex, ['model', 'max_tokens', 'messages']);
   if (body instanceof Refusal) return sendRefusal(ex, body);
+  const { searches, ...input } = anthropicInput(ex, body);
+  const billedInput = input.input_tokens + input.cache_creation_input_tokens + input.cache_read_input_tokens;
   const usage = (output_tokens: number) => ({
-    input_tokens: fakeTokenCount(ex.body),
-    cache_creation_input_tokens: 0,
-    cache_read_input_tokens: 0,
-    cache_creation: { ephemeral_5m_input_tokens: 0, ephemeral_1h_input_tokens: 0 },
+    ...input,
     output_tokens,
     service_tier: 'standard',
+    ...(searches > 0 ? { server_tool_use: { web_search_requests: searches } } : {}),
   });
   if (ex.opts.reply) {
     const reply = ex.opts.reply(messagesTurn(body));
@@ -868,7 +942,7 @@ function messages(ex: Exchange): void | Promise<void> {
   const message = { id: newId('msg_'), type: 'message', role: 'assistant', model: body.model };
 
   if (body.stream !== true) {
-    ex.bill(fakeTokenCount(ex.body), n);
+    ex.bill(billedInput, n);
     return sendJson(ex.res, 200, { ...message, content: [{ type: 'text', text: fakeAnswer(n) }], stop_reason, stop_sequence: null, usage: usage(n) });
   }
   const frames: Frame[] = [
@@ -880,7 +954,7 @@ function messages(ex: Exchange): void | Promise<void> {
     sseEvent({ type: 'message_delta', delta: { stop_reason, stop_sequence: null }, usage: { output_tokens: n } }),
     sseEvent({ type: 'message_stop' }),
   ];
-  return writeStream(ex, frames, { input: fakeTokenCount(ex.body) });
+  return writeStream(ex, frames, { input: billedInput });
 }
 
 const anthropic: Provider = {
@@ -949,7 +1023,9 @@ function gemini(ex: Exchange, m: RegExpExecArray): void | Promise<void> {
   const action = m[3]!;
   const body = parseObject(ex.body);
   if (!body) return sendRefusal(ex, googleError(400, 'INVALID_ARGUMENT', 'Invalid JSON payload received. Unexpected token.'));
-  const prompt = fakeTokenCount(ex.body);
+  // Cached content is part of the prompt, billed at the cached rate.
+  const cachedContent = body.cachedContent !== undefined ? CACHED_CONTENT_TOKENS : 0;
+  const prompt = fakeTokenCount(ex.body) + cachedContent;
   const promptTokensDetails = [{ modality: 'TEXT', tokenCount: prompt }];
   if (action === 'countTokens') return sendJson(ex.res, 200, { totalTokens: prompt, promptTokensDetails });
   if (body.contents === undefined)
@@ -961,7 +1037,7 @@ function gemini(ex: Exchange, m: RegExpExecArray): void | Promise<void> {
   const responseId = newId('');
   const reply = (text: string, produced: number, finished: boolean) => ({
     candidates: [{ content: { parts: [{ text }], role: 'model' }, ...(finished ? { finishReason } : {}), index: 0 }],
-    usageMetadata: { promptTokenCount: prompt, candidatesTokenCount: produced, totalTokenCount: prompt + produced, promptTokensDetails },
+    usageMetadata: { promptTokenCount: prompt, candidatesTokenCount: produced, totalTokenCount: prompt + produced, promptTokensDetails, ...(cachedContent ? { cachedContentTokenCount: cachedContent } : {}) },
     modelVersion: model,
     responseId,
   });
