@@ -178,7 +178,7 @@ describe('limits that cannot be overrun', () => {
     }
     expect(last!.status).toBe(429);
     const body = (await last!.json()) as { error: { message: string } };
-    expect(body.error.message).toMatch(/till key out of tokens: \d+ tokens of 400 tokens used, 0 tokens held by requests in flight, \d+ tokens left; this request needs at least \d+ tokens \(input up to \d+ tokens, bound by .+\)/);
+    expect(body.error.message).toMatch(/till key out of tokens: \d+ of 400 tokens used, 0 held by requests in flight, \d+ left; this request needs at least \d+ tokens \(input up to \d+ tokens, bound by .+\)/);
     expect(key(issued.id).used.tokens!).toBeGreaterThan(0);
     expect(key(issued.id).used.tokens!).toBeLessThanOrEqual(400);
   });

@@ -74,7 +74,7 @@ describe('budgets from the till command', () => {
     let last = await chat(issued);
     for (let i = 0; i < 50 && last.status === 200; i++) last = await chat(issued);
     expect(last.status).toBe(429);
-    expect(last.text).toMatch(/till key out of tokens: \d+ tokens of 300 tokens used/);
+    expect(last.text).toMatch(/till key out of tokens: \d+ of 300 tokens used/);
     const ext = await runTill(['extend', issued.id, '--max-tokens', '1000'], { home });
     expect(ext.code).toBe(0);
     expect(ext.stdout).toMatch(/1,300 tokens/);

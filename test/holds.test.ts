@@ -134,7 +134,7 @@ describe('what the provider adds from its own state', () => {
     const k = await broker.issue({ target: 'openai', maxTokens: 20_000 });
     const before = openai.received.length;
     await expect(openaiClient(k).responses.create({ model: 'gpt-5', input: 'go on', previous_response_id: seen.id })).rejects.toThrow(
-      new RegExp(`till key out of tokens: 0 tokens of 20,000 tokens used.*plus ${seen.tokens.toLocaleString('en-US')} tokens of the conversation`),
+      new RegExp(`till key out of tokens: 0 of 20,000 tokens used.*plus ${seen.tokens.toLocaleString('en-US')} tokens of the conversation`),
     );
     await expect(openaiClient(k).responses.create({ model: 'gpt-5', input: 'go on', previous_response_id: unseen.id })).rejects.toThrow(/context window of gpt-5.*which Till has not seen/);
     expect(openai.received.length).toBe(before);
@@ -269,6 +269,22 @@ describe('the whole limit, exactly', () => {
       expect(key.used.tokens).toBe(2000);
       expect(key.state).toBe('exhausted');
       await waitFor('the 100 % alert', () => b.events().some((e) => e.type === 'key.exhausted' && e.key.id === k.id && e.meter === 'tokens'));
+    } finally {
+      await b.close();
+      await up.close();
+    }
+  });
+  it('says a key is spent once it cannot serve the smallest request, though its figures are short of the limit', async () => {
+    const up = await startOpenAIUpstream({ credential: creds.openai, streamChunks: 1795 });
+    const b = await serveWith({ openai: up, anthropic, gemini });
+    try {
+      const k = await b.issue({ target: 'openai', maxTokens: 2000 });
+      const messages = [{ role: 'user' as const, content: ' word'.repeat(193) }];
+      await openaiClient(k).chat.completions.create({ model: 'gpt-5', max_tokens: 1795, messages });
+      // 1,995 of 2,000 used: 5 tokens cannot carry even "hi" (8) and one token of answer.
+      expect((await b.key(k.id)).used.tokens).toBe(1995);
+      await waitFor('the 100 % alert', () => b.events().some((e) => e.type === 'key.exhausted' && e.key.id === k.id && e.meter === 'tokens'));
+      await expect(openaiClient(k).chat.completions.create({ model: 'gpt-5', messages: [{ role: 'user', content: 'hi' }] })).rejects.toThrow(/1,995 of 2,000 tokens used, 0 held by requests in flight, 5 left; this request needs at least 9 tokens/);
     } finally {
       await b.close();
       await up.close();

@@ -26,7 +26,7 @@ import type { RequestUsage } from './events';
 import { maxImageTokens, imageTokens } from './imageTokens';
 import type { SettleDetails, TokenCounts } from './ledger';
 import { estimateTokens, type GeneratedText, type Usage, type UsageFormat } from './metering';
-import { formatAmount, formatUsd, MICROS, type Amounts, type Policy } from './policy';
+import { formatAmount, formatUsd, limitRefusal, MICROS, type Amounts, type Policy } from './policy';
 import { costAt, ratesFor, type ModelLimits, type ModelPrice, type PriceTable } from './pricing';
 import { readRequest, type RequestFacts } from './requestFacts';
 import { counter, encodingOf, requestTokens } from './tokenCount';
@@ -59,6 +59,21 @@ const MAX_OUTPUT_FIELDS: Partial<Record<UsageFormat, string[]>> = {
 };
 /** The smallest cap an upstream accepts, where it is more than 1 (Responses refuses `max_output_tokens` below 16). */
 const MIN_CAP: Partial<Record<UsageFormat, number>> = { 'openai-responses': 16 };
+/** Input tokens of the smallest prompt ("hi" in one user message, as OpenAI and Anthropic count it). */
+const SMALLEST_PROMPT_TOKENS = 8;
+
+/**
+ * What the smallest request to `model` would hold: a one-word prompt and the smallest output cap,
+ * its input counted as {@link planHold} would count it (its tokens where the tokenizer is public,
+ * else the bytes of the smallest body), at the model's plain rates.
+ */
+function smallestHold(model: string | undefined, minCap: number, price: ModelPrice | undefined): Amounts {
+  const body = JSON.stringify({ model, messages: [{ role: 'user', content: 'hi' }] }).length;
+  const input = encodingOf(model) ? SMALLEST_PROMPT_TOKENS : body + CAP_FIELD_BYTES;
+  const amounts: Amounts = { tokens: input + minCap };
+  if (price) amounts.spend = Math.ceil(input * price.input + minCap * price.output + (price.requestFee ?? 0) * MICROS);
+  return amounts;
+}
 
 /** What the broker knows about a request to plan its hold. */
 export interface HoldRequest {
@@ -103,6 +118,11 @@ export interface HoldPlan {
   inputEstimate: number;
   /** The body was changed (re-serialize it). */
   bodyChanged: boolean;
+  /**
+   * What the smallest request to this model would hold (see {@link smallestHold}): a key left
+   * with less than this, and nothing in flight, can serve nothing more.
+   */
+  smallest?: Amounts;
 }
 
 function readMaxOutput(format: UsageFormat | undefined, json: Json | undefined): { value: number | undefined; field: string | undefined } {
@@ -185,7 +205,7 @@ function inputBound(req: HoldRequest, facts: RequestFacts, limits: ModelLimits, 
     if (counted === undefined) return undefined;
     text = counted;
     for (const image of facts.images) images += imageTokens(req.provider, req.model, image);
-    basis = `its tokens (${encoding})`;
+    basis = `its tokens, counted with ${encoding}`;
   } else {
     text = req.bodyBytes + CAP_FIELD_BYTES;
     const most = maxImageTokens(req.provider, req.model);
@@ -199,17 +219,9 @@ function inputBound(req: HoldRequest, facts: RequestFacts, limits: ModelLimits, 
   return { tokens, basis };
 }
 
-/** The words of a budget refusal: used, held and left, then what this request needs. */
+/** The words of a budget refusal: used, held and left, then what this request needs and why. */
 export function budgetRefusal(meter: 'tokens' | 'spend', limit: number, used: number, held: number, needs: number, why: string): Denial {
-  const amount = (n: number) => formatAmount(meter, n);
-  const left = Math.max(0, limit - used - held);
-  const head = meter === 'tokens' ? 'till key out of tokens' : 'till key over budget';
-  const spent = meter === 'tokens' ? 'used' : 'spent';
-  return {
-    status: 429,
-    code: 'exhausted',
-    message: `${head}: ${amount(used)} of ${amount(limit)} ${spent}, ${amount(held)} held by requests in flight, ${amount(left)} left; this request needs at least ${amount(needs)} (${why})`,
-  };
+  return limitRefusal(meter, { limit, used, held }, `this request needs at least ${formatAmount(meter, needs)} (${why})`);
 }
 
 /**
@@ -323,6 +335,7 @@ export function planHold(req: HoldRequest, policy: Policy, remaining: Amounts, h
     hiddenOutput,
     price,
     bodyChanged,
+    smallest: smallestHold(model, minCap, price),
   };
   plan.amounts = holdAmounts(plan, a.bound.tokens, a.inputMicros, heldOutput);
   return plan;

@@ -355,7 +355,7 @@ export class Exchange {
       this.plan = planned;
       if (json && planned.bodyChanged) this.body = Buffer.from(JSON.stringify(json));
     }
-    const held = c.keys.admit(key, this.plan?.amounts, this, true);
+    const held = c.keys.admit(key, this.plan?.amounts, this, { batch: true, smallest: this.plan?.smallest });
     if ('status' in held) return this.deny(held);
     this.hold = held;
     if (this.plan && this.plan.stream && (this.plan.meters.tokens || this.plan.meters.spend)) this.streamHold = new StreamHold(this.plan, held);

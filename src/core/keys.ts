@@ -6,7 +6,7 @@ import type { Denial } from './denial';
 import type { KeySummary, TillEvents } from './events';
 import { isRefusal, keyState, type KeyRecord, type Ledger, type Reservation, type ReserveRefusal, type SettleDetails } from './ledger';
 import type { InFlightEntry } from './inFlightList';
-import { buildPolicy, formatAmount, hasLimits, limitsOf, MICROS, type Amounts, type Meter, type Policy } from './policy';
+import { buildPolicy, formatAmount, hasLimits, limitRefusal, limitsOf, MICROS, type Amounts, type Meter, type Policy } from './policy';
 import { InFlightList } from './inFlightList';
 import { hashTillKey, makeTillKey, newKeyId, parseTillKey, tillKeyMatches } from './tillKey';
 
@@ -64,22 +64,9 @@ export interface IssueRequest {
 const THRESHOLDS = [0.5, 0.8] as const;
 const MINUTE = 60_000;
 
-/**
- * Why a hold was refused, in words: which limit, what is used, held by requests in flight and
- * left, then what the request asked for (`wanted`) and what for (`why`, when said).
- */
-function refusalMessage(r: ReserveRefusal, wanted: number, why?: string): string {
-  const left = Math.max(0, r.limit - r.used - r.reserved);
-  const state = (spent: string) => `${formatAmount(r.meter, r.used)} of ${formatAmount(r.meter, r.limit)} ${spent}, ${formatAmount(r.meter, r.reserved)} held by requests in flight, ${formatAmount(r.meter, left)} left`;
-  const asked = why ?? `this request needs ${formatAmount(r.meter, wanted)}`;
-  switch (r.meter) {
-    case 'activations':
-      return `till key exhausted: ${r.used} of ${r.limit} activations used${r.reserved > 0 ? ` (${r.reserved} more in flight)` : ''}`;
-    case 'tokens':
-      return `till key out of tokens: ${state('used')}; ${asked}`;
-    case 'spend':
-      return `till key over budget: ${state('spent')}; ${asked}`;
-  }
+/** Why a hold was refused: what the request asked for (`wanted`), or `why` when said. */
+function refusal(r: ReserveRefusal, wanted: number, why?: string): Denial {
+  return limitRefusal(r.meter, { limit: r.limit, used: r.used, held: r.reserved }, why ?? `this request needs ${formatAmount(r.meter, wanted)}`);
 }
 
 /**
@@ -234,9 +221,11 @@ export class TillKeys {
    * Admits one request under the key's rate, concurrency and spending limits, atomically:
    * nothing else runs between the checks and the holds. Billable requests reserve one
    * activation (and, on budgeted keys, the worst-case tokens and spend the broker worked out);
-   * free requests pass `undefined`. `flight` is what revocation will cut.
+   * free requests pass `undefined`. `flight` is what revocation will cut. `smallest` is what the
+   * smallest request to the same model would hold: once the key cannot cover it, its 100 % alert
+   * fires at settlement. `batch` lets the hold's ledger write join the turn's others.
    */
-  admit(key: KeyRecord, amounts: Amounts | undefined, flight: InFlight, batch = false): Hold | Denial {
+  admit(key: KeyRecord, amounts: Amounts | undefined, flight: InFlight, options: { batch?: boolean; smallest?: Amounts } = {}): Hold | Denial {
     const policy = key.policy;
     const now = this.now();
     // The key was authenticated before the body was read and the credential fetched: a
@@ -259,17 +248,17 @@ export class TillKeys {
     }
     let reservation: Reservation | undefined;
     if (amounts) {
-      const result = this.ledger.reserve(key.id, amounts, batch);
-      if (isRefusal(result)) return { status: 429, code: 'exhausted', message: refusalMessage(result, amounts[result.meter] ?? 0) };
+      const result = this.ledger.reserve(key.id, amounts, options.batch === true);
+      if (isRefusal(result)) return refusal(result, amounts[result.meter] ?? 0);
       reservation = result;
     }
     this.inFlight.set(key.id, flights);
-    return new KeyHold(this, this.ledger, key, reservation, flights, flights.add(flight));
+    return new KeyHold(this, this.ledger, key, reservation, flights, flights.add(flight), options.smallest);
   }
 
   /** After a settlement: the alerts it may call for (see {@link afterSpend}). */
-  settled(key: KeyRecord, model: { smallestRequest?: Amounts } = {}): void {
-    this.afterSpend(key, model.smallestRequest);
+  settled(key: KeyRecord, smallest?: Amounts): void {
+    this.afterSpend(key, smallest);
   }
 
   /**
@@ -407,6 +396,7 @@ class KeyHold implements Hold {
     private readonly reservation: Reservation | undefined,
     private readonly flights: InFlightList<InFlight>,
     private readonly entry: InFlightEntry<InFlight>,
+    private readonly smallest: Amounts | undefined,
   ) {}
 
   reachedUpstream(): void {
@@ -427,7 +417,7 @@ class KeyHold implements Hold {
 
   refusal(why: string): Denial {
     const r = this.lastRefusal ?? { meter: 'tokens' as const, limit: 0, used: 0, reserved: 0 };
-    return { status: 429, code: 'exhausted', message: refusalMessage(r, 0, why) };
+    return refusal(r, 0, why);
   }
 
   done(actual?: Amounts, details?: SettleDetails): void {
@@ -437,7 +427,7 @@ class KeyHold implements Hold {
     if (!this.reservation) return;
     if (this.reached) {
       this.ledger.settle(this.reservation, actual ?? this.reservation.amounts, details);
-      this.keys.settled(this.key);
+      this.keys.settled(this.key, this.smallest);
     } else {
       this.ledger.release(this.reservation);
     }

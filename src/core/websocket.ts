@@ -662,7 +662,7 @@ class Session {
     const { key } = this.s;
     const planned = planHold({ ...request, knownContext: (id) => this.o.conversations.get(id) }, key.policy, this.o.keys.remaining(key), this.o.keys.heldFor(key), this.o.prices);
     if ('status' in planned) return planned;
-    const held = this.o.keys.admit(key, planned.amounts, { cut: (d) => this.cut(d) });
+    const held = this.o.keys.admit(key, planned.amounts, { cut: (d) => this.cut(d) }, { smallest: planned.smallest });
     if ('status' in held) return held;
     turn.hold = held;
     turn.plan = planned;
