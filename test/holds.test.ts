@@ -16,6 +16,8 @@ import { addCredential, fakeCredential, tempHome } from './support/till';
 import {
   CACHED_CONTENT_TOKENS,
   IMAGE_TOKENS,
+  openAIResponsesInputTokens,
+  SEARCH_RESULT_TOKENS,
   startAnthropicUpstream,
   startGeminiUpstream,
   startOpenAIUpstream,
@@ -201,11 +203,72 @@ describe('what the provider adds from its own state', () => {
     expect((await broker.key(big.id)).used.tokens).toBe(usage.totalTokenCount);
   });
 
-  it('bills a web search tool its fee; refuses one whose calls are not limited on a spend key', async () => {
+  it('follows a stream\'s web searches call by call when the request does not limit them (Codex sends web_search so)', async () => {
+    const k = await broker.issue({ target: 'openai', maxSpend: 2 });
+    const stream = await openaiClient(k).responses.create({ model: 'gpt-5.4', input: 'weather in Paris', tools: [{ type: 'web_search' }], stream: true });
+    let searched = false;
+    let usage: OpenAI.Responses.ResponseUsage | undefined;
+    for await (const e of stream) {
+      if (e.type === 'response.output_item.added' && e.item.type === 'web_search_call') searched = true;
+      if (e.type === 'response.completed') usage = e.response.usage ?? undefined;
+    }
+    expect(searched).toBe(true);
+    // Held at first: the body, one search's results (16,000 tokens) and its fee, and a slice of output.
+    const started = broker.events().find((e): e is Extract<TillEvent, { type: 'request.started' }> => e.type === 'request.started' && e.request.keyId === k.id)!;
+    expect(started.basis).toMatch(/plus up to 16,000 tokens of server-side tool results/);
+    expect(started.held!.spend).toBeGreaterThanOrEqual(16_000 * 2.5 + 10_000);
+    // Settled as billed: tokens at GPT-5.4's rates and $0.01 for the search.
+    const key = await broker.key(k.id);
+    expect(key.used.spend).toBe(micros([usage!.input_tokens, 2.5], [usage!.output_tokens, 15]) + 10_000);
+    expect(key.reserved.spend ?? 0).toBe(0);
+  });
+
+  it('follows Anthropic web searches too: the prompt reported first, the results after', async () => {
+    const k = await broker.issue({ target: 'anthropic', maxSpend: 1 });
+    const stream = anthropicClient(k).messages.stream({ model: 'claude-sonnet-5', max_tokens: 256, tools: [{ type: 'web_search_20250305', name: 'web_search' }], messages: [{ role: 'user', content: 'weather in Paris' }] });
+    const final = await stream.finalMessage();
+    expect(final.content.some((b) => b.type === 'server_tool_use')).toBe(true);
+    const searches = final.usage.server_tool_use?.web_search_requests ?? 0;
+    expect(searches).toBe(1);
+    // Sonnet 5: $2 input, $10 output per million; $0.01 a search.
+    expect((await broker.key(k.id)).used.spend).toBe(micros([final.usage.input_tokens, 2], [final.usage.output_tokens, 10]) + 10_000);
+  });
+
+  it('ends a stream before another web search the key cannot cover, and bills what ran', async () => {
+    const up = await startOpenAIUpstream({ credential: creds.openai, streamChunks: 50, streamDelayMs: 5 });
+    const b = await serveWith({ openai: up, anthropic, gemini });
+    try {
+      // pricey-gpt: $100 input per million, so one search's results (held at 16,000 tokens) cost
+      // $1.60: $2.50 holds the first search ahead, not a second one.
+      const k = await b.issue({ target: 'openai', maxSpend: 2.5 });
+      const stream = await openaiClient(k).responses.create({ model: 'pricey-gpt', input: 'weather in Paris and in Rome', tools: [{ type: 'web_search' }, { type: 'web_search' }], stream: true });
+      const seen: string[] = [];
+      // Ended with Till's error event, which the SDK raises.
+      await expect((async () => {
+        for await (const e of stream) seen.push(e.type === 'response.output_item.added' ? `added ${e.item.type}` : e.type);
+      })()).rejects.toThrow(/till key over budget: .* the stream was ended: the key cannot cover another server-side tool call/);
+      expect(seen).not.toContain('response.completed');
+      await waitFor('the cut stream to settle', async () => (await b.key(k.id)).inFlight === 0 && up.inFlight() === 0);
+      // The first search ran, the second never started.
+      expect(up.billed.inputTokens).toBe(openAIResponsesInputTokens(JSON.parse(up.received.at(-1)!.body) as Record<string, unknown>) + SEARCH_RESULT_TOKENS);
+      // One search ran (its results and fee billed); the bill stays within the key, and so does the count.
+      const billed = Math.ceil(up.billed.inputTokens * 100 + up.billed.outputTokens * 1000) + 10_000;
+      expect(billed).toBeLessThanOrEqual(2_500_000);
+      const key = await b.key(k.id);
+      expect(key.used.spend!).toBeGreaterThanOrEqual(billed);
+      expect(key.used.spend!).toBeLessThanOrEqual(2_500_000);
+    } finally {
+      await b.close();
+      await up.close();
+    }
+  });
+
+  it('bills a web search tool its fee; refuses one whose calls are not limited on a spend key, not streamed', async () => {
     // Server-side tools add their results as input and a fee per call.
     const k = await broker.issue({ target: 'openai', maxSpend: 5 });
     const tools = [{ type: 'web_search' as const }];
-    await expect(openaiClient(k).responses.create({ model: 'gpt-5.4', input: 'weather in Paris', tools })).rejects.toThrow(/web_search, billed \$0\.01 per call, with no limit on its calls: set max_tool_calls/);
+    // Not streamed, the calls cannot be followed: limit them.
+    await expect(openaiClient(k).responses.create({ model: 'gpt-5.4', input: 'weather in Paris', tools })).rejects.toThrow(/web_search, billed \$0\.01 per call, with no limit on its calls: set max_tool_calls \(or stream the request\)/);
     const r = await openaiClient(k).responses.create({ model: 'gpt-5.4', input: 'weather in Paris', tools, max_tool_calls: 1 } as OpenAI.Responses.ResponseCreateParamsNonStreaming);
     expect(r.output.some((o) => o.type === 'web_search_call')).toBe(true);
     // GPT-5.4: $2.50 input, $15 output per million, and $0.01 per search.

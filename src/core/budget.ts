@@ -46,6 +46,13 @@ export const MIN_SLICE = 128;
  * answer, so that one request does not take a key's whole budget while others wait.
  */
 export const NON_STREAMING_DEFAULT_OUTPUT = 16_384;
+/**
+ * Bodies larger than this are held by their bytes (or the model's context window, when smaller)
+ * only. The tokenizer runs on the broker's one thread: ordinary text costs it ~0.1 s per MiB,
+ * text made to be slow (unseen words, long runs of CJK) up to ~1 s per MiB, which every other
+ * request would wait for.
+ */
+const PRECISE_MAX_BYTES = 2 * 1024 * 1024;
 /** Room for the output cap Till may write into a body (`,"max_completion_tokens":123456`). */
 const CAP_FIELD_BYTES = 64;
 
@@ -74,6 +81,26 @@ function smallestHold(model: string | undefined, minCap: number, price: ModelPri
   if (price) amounts.spend = Math.ceil(input * price.input + minCap * price.output + (price.requestFee ?? 0) * MICROS);
   return amounts;
 }
+
+/**
+ * A server-side tool a hold covers: per call, its fee and the input its results add at most
+ * (prices.json). A tool whose calls the request does not limit is followed on a stream: one call
+ * is held ahead of those the stream has started (streamHold.ts).
+ */
+export interface HeldTool {
+  type: string;
+  /** The name its calls are started under in a stream (`web_search` for every web search tool). */
+  calls: string;
+  feeMicros: number;
+  resultTokens: number;
+  /** Calls held now. */
+  held: number;
+  /** The most calls it may make; undefined: not limited (followed). */
+  maxCalls: number | undefined;
+}
+
+/** Formats whose streams show each server-side tool call as it starts (metering.ts serverToolCall). */
+const TOOL_CALLS_SHOWN: ReadonlySet<UsageFormat> = new Set(['openai-responses', 'anthropic-messages']);
 
 /** What the broker knows about a request to plan its hold. */
 export interface HoldRequest {
@@ -105,8 +132,12 @@ export interface HoldPlan {
   output: { ceiling: number; held: number; slice: number };
   /** Micro-dollars per output token at the hold's rate. */
   outputRate: number;
-  /** Micro-dollars of fees the request can incur (server-side tools, request fees). */
+  /** Micro-dollars of fees held (request fees, and the server-side tool calls held). */
   feesMicros: number;
+  /** Micro-dollars per input token at the hold's rate (what a server-side tool's results cost). */
+  inputRate: number;
+  /** The server-side tools the request offers, with the calls held for each. */
+  tools: HeldTool[];
   stream: boolean;
   /** The model may generate output it does not stream, at up to `limits.tokensPerSecond`. */
   hiddenOutput: boolean;
@@ -190,11 +221,27 @@ function storedContext(facts: RequestFacts, req: HoldRequest): { tokens: number;
   return { tokens, ...(seen ? { seen } : {}) };
 }
 
-/** The input bound from the body's bytes (precise: false) or its exact token count (precise: true, public tokenizers only). */
-function inputBound(req: HoldRequest, facts: RequestFacts, limits: ModelLimits, precise: boolean): InputBound | undefined {
+/** The input server-side tools' results add: tokens for the calls held, or what Till cannot bound. */
+interface ToolInput {
+  tokens: number;
+  unseen?: string;
+}
+
+function toolInput(tools: HeldTool[], unbounded: string | undefined): ToolInput {
+  if (unbounded !== undefined) return { tokens: 0, unseen: unbounded };
+  let tokens = 0;
+  for (const t of tools) tokens += t.held * t.resultTokens;
+  return { tokens };
+}
+
+/**
+ * The input bound from the body's bytes (precise: false) or its exact token count (precise: true,
+ * public tokenizers only), plus the results of the server-side tool calls held.
+ */
+function inputBound(req: HoldRequest, facts: RequestFacts, limits: ModelLimits, tools: ToolInput, precise: boolean): InputBound | undefined {
   const context = storedContext(facts, req);
   const window = limits.context;
-  const unseen = facts.unseen[0] ?? context.unseen;
+  const unseen = facts.unseen[0] ?? context.unseen ?? tools.unseen;
   if (unseen !== undefined) return { tokens: window, basis: `the context window of ${req.model ?? 'the model'} (${window.toLocaleString('en-US')} tokens): the request brings in ${unseen}` };
   let text: number;
   let images = 0;
@@ -214,7 +261,8 @@ function inputBound(req: HoldRequest, facts: RequestFacts, limits: ModelLimits, 
   }
   if (facts.images.length > 0) basis += ` and ${facts.images.length} image${facts.images.length === 1 ? '' : 's'}`;
   if (context.seen) basis += `, plus ${context.seen}`;
-  const tokens = text + images + context.tokens;
+  if (tools.tokens > 0) basis += `, plus up to ${tools.tokens.toLocaleString('en-US')} tokens of server-side tool results`;
+  const tokens = text + images + context.tokens + tools.tokens;
   if (tokens >= window) return { tokens: window, basis: `the context window of ${req.model ?? 'the model'} (${window.toLocaleString('en-US')} tokens)` };
   return { tokens, basis };
 }
@@ -239,6 +287,8 @@ export function planHold(req: HoldRequest, policy: Policy, remaining: Amounts, h
     output: { ceiling: 0, held: 0, slice: OUTPUT_SLICE },
     outputRate: 0,
     feesMicros: 0,
+    inputRate: 0,
+    tools: [],
     stream: req.stream,
     hiddenOutput: false,
     limits,
@@ -258,19 +308,33 @@ export function planHold(req: HoldRequest, policy: Policy, remaining: Amounts, h
   const facts = readRequest(req.format, req.json, req.stream);
   if (facts.background) return { status: 403, code: 'out_of_scope', message: `this till key has a ${kind} limit and a background response is billed after Till has answered, so Till cannot meter it: send it without "background": true` };
 
-  // Fees: every fee-charging server tool, times the calls the request allows.
-  let fees = price?.requestFee ?? 0;
+  // Server-side tools: a fee per call, and results billed as input. Calls the request limits are
+  // held in full; on a stream that shows each call as it starts, unlimited calls are followed
+  // (one held ahead); elsewhere a fee-charging tool with no limit cannot be bounded.
+  const followsCalls = req.stream && TOOL_CALLS_SHOWN.has(req.format);
+  const tools: HeldTool[] = [];
+  let unbounded: string | undefined;
   for (const tool of facts.serverTools) {
     const fee = prices.toolFee(req.provider, tool.type);
-    if (!meters.spend) continue;
-    if (fee === undefined) return { status: 403, code: 'out_of_scope', message: `the request uses the server-side tool ${tool.type}, whose fee Till does not know, so a spend-limited till key refuses it` };
-    if (fee > 0 && tool.maxCalls === undefined) {
+    if (meters.spend && fee === undefined) return { status: 403, code: 'out_of_scope', message: `the request uses the server-side tool ${tool.type}, whose fee Till does not know, so a spend-limited till key refuses it` };
+    if (meters.spend && fee! > 0 && tool.maxCalls === undefined && !followsCalls) {
       const knob = req.provider === 'anthropic' ? 'max_uses on the tool' : 'max_tool_calls';
-      return { status: 403, code: 'out_of_scope', message: `the request uses the server-side tool ${tool.type}, billed $${fee} per call, with no limit on its calls: set ${knob} so that a spend-limited till key can bound its fees` };
+      return { status: 403, code: 'out_of_scope', message: `the request uses the server-side tool ${tool.type}, billed $${fee} per call, with no limit on its calls: set ${knob} (or stream the request) so that a spend-limited till key can bound its fees` };
     }
-    fees += fee * (tool.maxCalls ?? 0);
+    const resultTokens = prices.toolResults(req.provider, tool.type);
+    if (resultTokens === undefined || (tool.maxCalls === undefined && !followsCalls)) unbounded ??= `${tool.type} results`;
+    const held: HeldTool = { type: tool.type, calls: tool.type.startsWith('web_search') ? 'web_search' : tool.type, feeMicros: Math.ceil((fee ?? 0) * MICROS), resultTokens: resultTokens ?? 0, held: 0, maxCalls: tool.maxCalls };
+    // Tools whose calls start under one name (two web search tools) are one: each call at the dearer's price.
+    const same = tools.find((t) => t.calls === held.calls);
+    if (same) {
+      same.feeMicros = Math.max(same.feeMicros, held.feeMicros);
+      same.resultTokens = Math.max(same.resultTokens, held.resultTokens);
+      same.maxCalls = same.maxCalls === undefined || held.maxCalls === undefined ? undefined : same.maxCalls + held.maxCalls;
+    } else tools.push(held);
   }
-  const feesMicros = Math.ceil(fees * MICROS);
+  for (const t of tools) t.held = t.maxCalls ?? (followsCalls ? 1 : 0);
+  const feesMicros = Math.ceil((price?.requestFee ?? 0) * MICROS) + tools.reduce((sum, t) => sum + t.held * t.feeMicros, 0);
+  const fromTools = toolInput(tools, unbounded);
   const left: Left = { tokens: remaining.tokens ?? Infinity, spend: remaining.spend ?? Infinity };
   const hiddenOutput = facts.hiddenOutput ?? (req.provider === 'anthropic' ? false : limits.hiddenOutput);
   const { value: clientCap, field } = readMaxOutput(req.format, req.json);
@@ -289,11 +353,12 @@ export function planHold(req: HoldRequest, policy: Policy, remaining: Amounts, h
   };
   const want = embeddings ? 0 : clientCap ?? (req.stream ? limits.maxOutput : Math.min(limits.maxOutput, NON_STREAMING_DEFAULT_OUTPUT));
   const minCap = embeddings ? 0 : MIN_CAP[req.format] ?? 1;
-  const coarse = inputBound(req, facts, limits, false)!;
+  const coarse = inputBound(req, facts, limits, fromTools, false)!;
   let a = attempt(coarse);
-  // Tokenize only when the coarse bound would refuse the request or lower its output.
-  if (a.perChoice < want) {
-    const precise = inputBound(req, facts, limits, true);
+  // Tokenize only when the coarse bound would refuse the request or lower its output (the
+  // common case costs nothing), and only bodies up to PRECISE_MAX_BYTES.
+  if (a.perChoice < want && req.bodyBytes <= PRECISE_MAX_BYTES) {
+    const precise = inputBound(req, facts, limits, fromTools, true);
     if (precise && precise.tokens < coarse.tokens) a = attempt(precise);
   }
   if (a.perChoice < minCap) {
@@ -332,6 +397,8 @@ export function planHold(req: HoldRequest, policy: Policy, remaining: Amounts, h
     output: { ceiling, held: heldOutput, slice },
     outputRate: a.rates.output,
     feesMicros,
+    inputRate: a.rates.input,
+    tools,
     hiddenOutput,
     price,
     bodyChanged,
@@ -382,7 +449,18 @@ export function cutUsage(req: { model: string | undefined; format: UsageFormat |
     const counted = req.json && req.format ? requestTokens(req.format, req.json, counter(encodingOf(req.model) ?? 'o200k_base')) : undefined;
     input = counted ?? plan.inputEstimate;
   }
-  return { cachedInputTokens: 0, cacheWriteTokens: 0, reasoningTokens: 0, ...reported, inputTokens: input, outputTokens: output, estimated: true };
+  // Server-side tool calls it started that no usage reported yet: their fees, and their results at the most they add.
+  const toolCalls = { ...reported?.toolCalls };
+  for (const t of plan.tools) {
+    const started = produced?.toolCalls[t.calls] ?? 0;
+    const unreported = started - (toolCalls[t.calls] ?? 0);
+    if (unreported <= 0) continue;
+    toolCalls[t.calls] = started;
+    input += unreported * t.resultTokens;
+  }
+  const cut: Usage = { cachedInputTokens: 0, cacheWriteTokens: 0, reasoningTokens: 0, ...reported, inputTokens: input, outputTokens: output, estimated: true };
+  if (Object.keys(toolCalls).length > 0) cut.toolCalls = toolCalls;
+  return cut;
 }
 
 /** USD of the server-side tool calls a usage reports, at the table's fees (unknown tools: nothing). */

@@ -168,9 +168,11 @@ export class TillKeys {
       tokens: { input: 0, output: 0, cached: 0, reasoning: 0, ...key.tokens },
       estimatedSpend: key.estimatedSpend ?? 0,
       spend: {
-        usd: (key.used.spend ?? 0) / MICROS,
+        usd: key.unpriced ? null : (key.used.spend ?? 0) / MICROS,
+        pricedUsd: (key.used.spend ?? 0) / MICROS,
         estimatedUsd: (key.estimatedSpend ?? 0) / MICROS,
         reservedUsd: (reserved.spend ?? 0) / MICROS,
+        unpricedRequests: key.unpriced ?? 0,
         ...(key.policy.maxSpendUsd !== undefined ? { limitUsd: key.policy.maxSpendUsd } : {}),
       },
       reserved: { ...reserved },
@@ -409,8 +411,10 @@ class KeyHold implements Hold {
 
   resize(amounts: Amounts): boolean {
     if (this.finished || !this.reservation) return false;
-    this.lastRefusal = this.ledger.adjust(this.reservation, amounts);
-    return this.lastRefusal === undefined;
+    const refused = this.ledger.adjust(this.reservation, amounts);
+    // Kept for refusal(): the last growth refused, even when a smaller one succeeded after it.
+    if (refused) this.lastRefusal = refused;
+    return refused === undefined;
   }
 
   private lastRefusal: ReserveRefusal | undefined;

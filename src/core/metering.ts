@@ -129,6 +129,7 @@ type Json = Record<string, unknown>;
 
 /** `v` when it is a plain JSON object. */
 export const asObj = (v: unknown): Json | undefined => (v !== null && typeof v === 'object' && !Array.isArray(v) ? (v as Json) : undefined);
+const asStr = (v: unknown): string | undefined => (typeof v === 'string' ? v : undefined);
 /** A token count: a finite, non-negative number. Anything else (null, strings) counts as absent. */
 const count = (v: unknown): number | undefined => (typeof v === 'number' && Number.isFinite(v) && v >= 0 ? v : undefined);
 
@@ -346,19 +347,48 @@ export function estimateTokens(chars: number): number {
 // ---------------------------------------------------------------------------------------------
 // Streams
 
+/**
+ * The server-side tool whose call a stream event starts, by the name it bills under
+ * (Responses `response.output_item.added` of a `web_search_call` → `web_search`; Anthropic
+ * `content_block_start` of a `server_tool_use` → its name), or undefined. Function and custom
+ * tool calls run in the client and bill nothing.
+ */
+export function serverToolCall(format: UsageFormat, type: string | undefined, o: Json): string | undefined {
+  if (format === 'openai-responses' && type === 'response.output_item.added') {
+    const item = asStr(asObj(o.item)?.type);
+    if (item === undefined || !item.endsWith('_call') || item === 'function_call' || item === 'custom_tool_call') return undefined;
+    return item.slice(0, -'_call'.length);
+  }
+  if (format === 'anthropic-messages' && type === 'content_block_start') {
+    const block = asObj(o.content_block);
+    if (block?.type !== 'server_tool_use') return undefined;
+    const name = asStr(block.name);
+    return name?.endsWith('code_execution') ? 'code_execution' : name;
+  }
+  return undefined;
+}
+
 /** Characters of generated text kept for counting a cut stream's tokens. */
 const KEPT_TEXT = 256 * 1024;
 
 /**
  * The text a response has generated so far (deltas of text, reasoning and tool arguments): its
  * size, an upper bound of its tokens (its UTF-8 bytes), and its first characters, for counting
- * what a stream cut before the upstream reported its usage produced.
+ * what a stream cut before the upstream reported its usage produced; and the server-side tool
+ * calls it started (see {@link serverToolCall}), which bill a fee and their results.
  */
 export class GeneratedText {
   chars = 0;
   bytes = 0;
+  /** Server-side tool calls started so far, by tool (`web_search`, …). */
+  readonly toolCalls: Record<string, number> = {};
   private kept: string[] = [];
   private keptChars = 0;
+
+  /** Notes the start of a call of server-side tool `tool`, if any. */
+  toolCall(tool: string | undefined): void {
+    if (tool !== undefined) this.toolCalls[tool] = (this.toolCalls[tool] ?? 0) + 1;
+  }
 
   add(value: unknown): void {
     if (typeof value !== 'string' || value.length === 0) return;
@@ -520,6 +550,11 @@ export class StreamMeter {
   /** UTF-8 bytes of generated text seen so far: an upper bound of the output tokens it encodes. */
   get textBytes(): number {
     return this.generated.bytes;
+  }
+
+  /** Server-side tool calls the answer started so far, by tool. */
+  get toolCalls(): Readonly<Record<string, number>> {
+    return this.generated.toolCalls;
   }
 
   /** The id of the response the stream answers with (OpenAI Responses), once seen. */
@@ -797,6 +832,7 @@ export class StreamMeter {
       if (typeof id === 'string') this.id = id;
     }
     if (isTextDelta(type)) this.text(o.delta);
+    else this.generated.toolCall(serverToolCall(this.format, type, o));
   }
 
   private anthropicEvent(type: string | undefined, o: Json): void {
@@ -820,6 +856,7 @@ export class StreamMeter {
         const block = asObj(o.content_block);
         this.text(block?.text);
         this.text(block?.thinking);
+        this.generated.toolCall(serverToolCall(this.format, type, o));
         return;
       }
       case 'content_block_delta': {

@@ -163,6 +163,7 @@ interface PriceFile {
   aliases?: Record<string, Record<string, string>>;
   limits?: { providers: Record<string, LimitsRow>; models: Record<string, LimitsRow[]> };
   toolFees?: Record<string, Record<string, number> | string>;
+  toolResults?: Record<string, Record<string, number> | string>;
 }
 
 /** `*` in a limits row matches any run of characters. */
@@ -184,6 +185,7 @@ export class PriceTable {
   private readonly aliases = new Map<string, Map<string, string>>();
   private readonly limitRows: PriceFile['limits'];
   private readonly fees: Record<string, Record<string, number>> = {};
+  private readonly results: Record<string, Record<string, number>> = {};
   private readonly limitsMemo = new Map<string, ModelLimits>();
 
   /**
@@ -200,6 +202,7 @@ export class PriceTable {
     }
     this.limitRows = file.limits;
     for (const [provider, fees] of Object.entries(file.toolFees ?? {})) if (typeof fees === 'object') this.fees[provider] = fees;
+    for (const [provider, tokens] of Object.entries(file.toolResults ?? {})) if (typeof tokens === 'object') this.results[provider] = tokens;
   }
 
   /**
@@ -231,6 +234,11 @@ export class PriceTable {
     if (this.limitsMemo.size >= 10_000) this.limitsMemo.clear();
     this.limitsMemo.set(memo, limits);
     return limits;
+  }
+
+  /** Input tokens one call of a provider's server-side tool adds at most (its results), or undefined when Till cannot bound them. */
+  toolResults(provider: string, tool: string): number | undefined {
+    return this.results[SHARED_TABLE[provider] ?? provider]?.[tool];
   }
 
   /** USD per call of a provider's server-side tool, or undefined when Till does not know its fee. */

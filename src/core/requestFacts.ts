@@ -23,6 +23,10 @@ export interface ImagePart {
 }
 
 /** A server-side tool the upstream runs and bills per call. */
+/**
+ * A server-side tool the request offers the model: its calls bill a fee and their results are
+ * billed as input (what one call may add: prices.json `toolResults`; budget.ts holds them).
+ */
 export interface ServerTool {
   /** The tool's type as priced (`web_search`, `file_search`, `google_search`, …). */
   type: string;
@@ -116,7 +120,6 @@ function readChat(facts: RequestFacts, body: Json): void {
   // Search models run one search per request and bill it.
   if (body.web_search_options !== undefined) {
     facts.serverTools.push({ type: 'web_search', maxCalls: 1 });
-    note(facts, 'web search results');
   }
   const effort = asStr(body.reasoning_effort);
   if (effort === 'none') facts.hiddenOutput = false;
@@ -164,7 +167,6 @@ function readResponses(facts: RequestFacts, body: Json): void {
   for (const t of asArray(body.tools)) {
     const type = asStr(asObj(t)?.type);
     if (type === undefined || !RESPONSES_SERVER_TOOLS.has(type)) continue;
-    note(facts, `${type} results`);
     const priced = type.startsWith('web_search') && type !== 'web_search_preview' ? 'web_search' : type;
     facts.serverTools.push(maxCalls === undefined ? { type: priced } : { type: priced, maxCalls });
   }
@@ -223,7 +225,6 @@ function readAnthropic(facts: RequestFacts, body: Json): void {
     const type = asStr(tool.type);
     const server = type && ANTHROPIC_SERVER_TOOLS.find((s) => type.startsWith(`${s}_`));
     if (!server) continue;
-    note(facts, `${server} results`);
     const maxUses = count(tool.max_uses);
     facts.serverTools.push(maxUses === undefined ? { type: server } : { type: server, maxCalls: maxUses });
   }
@@ -264,7 +265,6 @@ function readGemini(facts: RequestFacts, body: Json): void {
     if (!tool) continue;
     for (const [key, type] of Object.entries(GEMINI_SERVER_TOOLS)) {
       if (tool[key] === undefined) continue;
-      note(facts, `${type} results`);
       // Gemini bills grounding once per grounded request (2.x); it takes no call limit.
       facts.serverTools.push(type === 'google_search' ? { type, maxCalls: 1 } : { type });
     }

@@ -22,6 +22,12 @@
  * covered, the stream is cut then: the upstream can bill at most what the hold covers. A cut
  * stream settles at what it produced (reported, or counted from its text) plus AFTER_CUT_TOKENS
  * (50, budget.ts), marked estimated: the best estimate of the bill, where the margin is its bound.
+ *
+ * Server-side tool calls (a web search) bill a fee and their results as input. A tool whose calls
+ * the request limits is held for all of them from the start; one whose calls are not limited is
+ * held for one call ahead of those the stream has started: a call starts upstream before Till
+ * sees it, and the one held ahead covers it. Each call seen grows the hold by one more call; when
+ * the key cannot cover it, the stream is ended before the model can start another.
  */
 import { CUT_MARGIN_TOKENS, holdAmounts, type HoldPlan } from './budget';
 import type { Denial } from './denial';
@@ -36,16 +42,23 @@ export const TICK_MS = 250;
 export interface StreamProgress {
   /** UTF-8 bytes of generated text (and tool arguments) seen so far. */
   readonly textBytes: number;
+  /** Server-side tool calls started so far, by the name they start under (`web_search`). */
+  readonly toolCalls: Readonly<Record<string, number>>;
   /** Usage the upstream has reported so far (partial while it streams), if any. */
   usage(): Usage | undefined;
 }
 
 /** The hold of one stream in flight, kept in step with it. */
 export class StreamHold {
+  /** Input held apart from server-side tool results: tokens, and their micro-dollars. */
   private input: number;
   private inputMicros: number;
   private outputRate: number;
   private held: number;
+  /** Calls held per server-side tool (as in plan.tools). */
+  private calls: number[];
+  /** Fees held apart from tool calls (a request fee). */
+  private readonly otherFees: number;
   private inputReported = false;
   private readonly started = performance.now();
 
@@ -53,8 +66,11 @@ export class StreamHold {
     private readonly plan: HoldPlan,
     private readonly hold: Hold,
   ) {
-    this.input = plan.input.tokens;
-    this.inputMicros = plan.input.micros;
+    this.calls = plan.tools.map((t) => t.held);
+    const results = this.resultTokens(this.calls);
+    this.input = plan.input.tokens - results;
+    this.inputMicros = Math.max(0, plan.input.micros - Math.ceil(results * plan.inputRate));
+    this.otherFees = plan.feesMicros - this.toolFees(this.calls);
     this.outputRate = plan.outputRate;
     this.held = plan.output.held;
   }
@@ -73,13 +89,34 @@ export class StreamHold {
     this.takeReportedInput(usage);
     const bound = this.outputBound(progress, usage);
     const needed = Math.min(this.plan.output.ceiling, bound + CUT_MARGIN_TOKENS);
-    if (needed <= this.held) {
-      if (this.inputShrank) this.resize(this.held);
+    const calls = this.callsFor(progress.toolCalls, 1);
+    const callsGrow = calls.some((n, i) => n > this.calls[i]!);
+    if (needed <= this.held && !callsGrow) {
+      if (this.inputShrank) this.resize(this.held, this.calls);
       return undefined;
     }
-    const grown = Math.min(this.plan.output.ceiling, Math.max(needed, this.held + this.plan.output.slice));
-    if (this.resize(grown) || this.resize(needed)) return undefined;
-    return this.hold.refusal('the stream was ended: the key cannot cover what it may produce next');
+    const grown = needed <= this.held ? this.held : Math.min(this.plan.output.ceiling, Math.max(needed, this.held + this.plan.output.slice));
+    if (this.resize(grown, calls) || this.resize(needed, calls)) return undefined;
+    // Nothing more can be held: cover the calls already started (their results and fees are
+    // being billed), and end the stream.
+    if (callsGrow) this.resize(needed, this.callsFor(progress.toolCalls, 0));
+    return this.hold.refusal(callsGrow ? 'the stream was ended: the key cannot cover another server-side tool call' : 'the stream was ended: the key cannot cover what it may produce next');
+  }
+
+  /**
+   * Calls to hold per tool: those started plus `ahead` for a tool whose calls the request does
+   * not limit (a call starts before Till sees it, so one is always held ahead); the limit, else.
+   */
+  private callsFor(started: Readonly<Record<string, number>>, ahead: number): number[] {
+    return this.plan.tools.map((t, i) => (t.maxCalls !== undefined ? this.calls[i]! : Math.max(this.calls[i]!, (started[t.calls] ?? 0) + ahead)));
+  }
+
+  private resultTokens(calls: number[]): number {
+    return this.plan.tools.reduce((sum, t, i) => sum + calls[i]! * t.resultTokens, 0);
+  }
+
+  private toolFees(calls: number[]): number {
+    return this.plan.tools.reduce((sum, t, i) => sum + calls[i]! * t.feeMicros, 0);
   }
 
   private inputShrank = false;
@@ -104,10 +141,13 @@ export class StreamHold {
     return bound;
   }
 
-  private resize(output: number): boolean {
-    const ok = this.hold.resize(holdAmounts({ ...this.plan, outputRate: this.outputRate }, this.input, this.inputMicros, output));
+  private resize(output: number, calls: number[]): boolean {
+    const results = this.resultTokens(calls);
+    const plan = { ...this.plan, outputRate: this.outputRate, feesMicros: this.otherFees + this.toolFees(calls) };
+    const ok = this.hold.resize(holdAmounts(plan, this.input + results, this.inputMicros + Math.ceil(results * this.plan.inputRate), output));
     if (ok) {
       this.held = output;
+      this.calls = calls;
       this.inputShrank = false;
     }
     return ok;

@@ -30,7 +30,7 @@ import { denialBody, denialResponse, type Denial } from './denial';
 import type { RequestInfo, RequestUsage, TillEvents } from './events';
 import type { Hold, TillKeys } from './keys';
 import type { KeyRecord, SettleDetails } from './ledger';
-import { asObj, GeneratedText, isTextDelta, RESPONSES_FINAL, usageFormat, usageFromJson, type Usage, type UsageFormat } from './metering';
+import { asObj, GeneratedText, isTextDelta, RESPONSES_FINAL, serverToolCall, usageFormat, usageFromJson, type Usage, type UsageFormat } from './metering';
 import { formatAmount, formatUsd, limitsOf, METERS, modelViolation, pathViolation, scopeViolation, type Amounts } from './policy';
 import type { PriceTable } from './pricing';
 import { isFreeRoute, KEY_HEADERS, KEY_QUERY_PARAMS, type Provider, type ProviderRegistry } from './providers';
@@ -718,7 +718,7 @@ class Session {
       type = asStr(ev?.type);
       if (type === undefined) return;
     }
-    const interesting = type === 'response.created' || type === 'error' || RESPONSES_FINAL.has(type) || isTextDelta(type);
+    const interesting = type === 'response.created' || type === 'error' || RESPONSES_FINAL.has(type) || isTextDelta(type) || type === 'response.output_item.added';
     if (!interesting) return;
     ev ??= parseMessage(data);
     if (!ev) return;
@@ -737,6 +737,14 @@ class Session {
       const turn = this.s.dialect === 'realtime' ? this.turns.find((t) => !t.begun && t.eventId !== undefined && t.eventId === eventId) : this.turns.find((t) => !t.begun && (streamId === undefined || t.streamId === streamId));
       const status = typeof ev.status === 'number' ? ev.status : 400;
       if (turn) this.finishTurn(turn, status >= 400 ? status : 400, undefined);
+    } else if (type === 'response.output_item.added') {
+      // A server-side tool call (a web search) bills its fee and results: the hold follows it.
+      const tool = serverToolCall('openai-responses', type, ev);
+      const turn = tool === undefined ? undefined : this.turnFor(responseId, streamId, true);
+      if (turn) {
+        turn.generated.toolCall(tool);
+        this.progress(turn, undefined);
+      }
     } else {
       const delta = asStr(ev.delta);
       const turn = this.turnFor(responseId, streamId, true);
@@ -817,7 +825,7 @@ class Session {
     turn.generated.add(text);
     if (!turn.info.billable) return;
     if (turn.streamHold) {
-      const denial = turn.streamHold.follow({ textBytes: turn.generated.bytes, usage: () => usage ?? turn.usage });
+      const denial = turn.streamHold.follow({ textBytes: turn.generated.bytes, toolCalls: turn.generated.toolCalls, usage: () => usage ?? turn.usage });
       if (denial) return this.cut(denial);
     }
     const now = performance.now();

@@ -53,6 +53,8 @@ export interface Upstream {
   billed: { answers: number; inputTokens: number; outputTokens: number };
   /** Number of requests currently being served (open responses). */
   inFlight(): number;
+  /** The most requests it served at once, so far. */
+  peakInFlight(): number;
   /**
    * Responses the client closed before the server had ended them: streams cut mid-way and
    * requests left hanging by `hang: true`.
@@ -286,6 +288,7 @@ async function writeStream(ex: Exchange, frames: Iterable<Frame> | AsyncIterable
   const all = Array.isArray(frames) ? (frames as Frame[]) : undefined;
   const total = all?.reduce((n, f) => n + (typeof f === 'string' ? 0 : f.tokens), 0);
   let written = 0;
+  let addedInput = 0;
   let first = true;
   // A provider notices the client's end of the connection (its FIN) at once; Node would only
   // tell on a failed write, which a busy process makes late.
@@ -298,14 +301,17 @@ async function writeStream(ex: Exchange, frames: Iterable<Frame> | AsyncIterable
     if (cut) res.socket?.end();
     if (options.input === undefined) return;
     const after = cut ? Math.min(ex.opts.afterDisconnectTokens, total === undefined ? ex.opts.afterDisconnectTokens : total - written) : 0;
-    ex.bill(options.input, written + after);
+    ex.bill(options.input + addedInput, written + after);
   };
   for await (const f of frames) {
     if (!first && ex.opts.streamDelayMs > 0) await sleep(ex.opts.streamDelayMs);
     first = false;
     if (res.destroyed || gone) return settle(true);
     const frame = typeof f === 'string' ? f : f.frame;
-    if (typeof f !== 'string') written += f.tokens;
+    if (typeof f !== 'string') {
+      written += f.tokens;
+      addedInput += f.input ?? 0;
+    }
     if (!res.write(frame)) {
       await new Promise<void>((resolve) => {
         res.once('drain', resolve);
@@ -349,7 +355,8 @@ const newId = (prefix: string): string => `${prefix}${randomBytes(12).toString('
 const nowSeconds = (): number => Math.floor(Date.now() / 1000);
 
 /** A streamed frame, and the output tokens it carries (0 for frames that carry none). */
-type Frame = string | { frame: string; tokens: number };
+/** A frame of a stream, with the output tokens it carries and the input it adds (a web search's results, billed once the search runs). */
+type Frame = string | { frame: string; tokens: number; input?: number };
 
 /** Number of answer chunks given the configured count and an optional max-tokens limit. */
 function answerLength(ex: Exchange, limit: unknown): { n: number; truncated: boolean } {
@@ -381,11 +388,12 @@ async function startUpstream(options: UpstreamOptions, provider: Provider): Prom
   const sockets = new Set<Socket>();
   const waiters = new Set<{ n: number; resolve(): void; reject(err: Error): void }>();
   let inFlight = 0;
+  let peak = 0;
   let aborted = 0;
   let closing = false;
 
   const server = createServer((req, res) => {
-    inFlight++;
+    peak = Math.max(peak, ++inFlight);
     res.on('close', () => {
       inFlight--;
       if (!res.writableEnded && !closing) aborted++;
@@ -470,6 +478,7 @@ async function startUpstream(options: UpstreamOptions, provider: Provider): Prom
     reported,
     billed,
     inFlight: () => inFlight,
+    peakInFlight: () => peak,
     abortedStreams: () => aborted,
     waitForRequests(n, timeoutMs = 5_000) {
       if (received.length >= n) return Promise.resolve();
@@ -623,8 +632,9 @@ function responses(ex: Exchange): void | Promise<void> {
   if (body instanceof Refusal) return sendRefusal(ex, body);
   const before = continued(ex, body);
   if (before instanceof Refusal) return sendRefusal(ex, before);
-  // The stored conversation is billed as input, as OpenAI bills it; so are web search results.
-  const searches = webSearches(body);
+  // The stored conversation is billed as input, as OpenAI bills it; so are web search results
+  // (the unscripted model searches once per web search tool; a scripted one never does).
+  const searches = ex.opts.reply ? 0 : webSearches(body);
   const inputTokens = before.tokens + openAIResponsesInputTokens(body) + searches * SEARCH_RESULT_TOKENS;
   if (ex.opts.reply) {
     const input = [...before.items, ...(typeof body.input === 'string' ? [{ role: 'user', content: body.input }] : Array.isArray(body.input) ? body.input : [])];
@@ -653,22 +663,32 @@ function responses(ex: Exchange): void | Promise<void> {
     ex.bill(inputTokens, n);
     return sendJson(ex.res, 200, final);
   }
-  const at = { item_id: msgId, output_index: 0, content_index: 0 };
+  // The searches first, each announced as it starts (when OpenAI runs it) and done; then the answer.
+  const searching = searchCalls.flatMap((call, output_index): TypedEvent[] => [
+    { type: 'response.output_item.added', output_index, item: { id: call.id, type: 'web_search_call', status: 'in_progress' }, input: SEARCH_RESULT_TOKENS },
+    { type: 'response.web_search_call.in_progress', output_index, item_id: call.id },
+    { type: 'response.web_search_call.searching', output_index, item_id: call.id },
+    { type: 'response.web_search_call.completed', output_index, item_id: call.id },
+    { type: 'response.output_item.done', output_index, item: call },
+  ]);
+  const at = { item_id: msgId, output_index: searches, content_index: 0 };
   const events: TypedEvent[] = [
     { type: 'response.created', response: response('in_progress', [], null) },
     { type: 'response.in_progress', response: response('in_progress', [], null) },
-    { type: 'response.output_item.added', output_index: 0, item: message('in_progress', []) },
+    ...searching,
+    { type: 'response.output_item.added', output_index: searches, item: message('in_progress', []) },
     { type: 'response.content_part.added', ...at, part: outputText('') },
     ...fakeAnswerChunks(n).map((delta) => ({ type: 'response.output_text.delta', ...at, delta, logprobs: [], tokens: 1 })),
     { type: 'response.output_text.done', ...at, text, logprobs: [] },
     { type: 'response.content_part.done', ...at, part: outputText(text) },
-    { type: 'response.output_item.done', output_index: 0, item: message(finalStatus, [outputText(text)]) },
+    { type: 'response.output_item.done', output_index: searches, item: message(finalStatus, [outputText(text)]) },
     { type: `response.${finalStatus}`, response: final },
   ];
   return writeStream(
     ex,
-    events.map(({ tokens, ...e }, sequence_number) => ({ frame: sseEvent({ ...e, sequence_number } as TypedEvent), tokens: typeof tokens === 'number' ? tokens : 0 })),
-    { input: inputTokens },
+    events.map(({ tokens, input, ...e }, sequence_number) => ({ frame: sseEvent({ ...e, sequence_number } as TypedEvent), tokens: typeof tokens === 'number' ? tokens : 0, input: typeof input === 'number' ? input : 0 })),
+    // Each search's results are billed as it runs (with its frame).
+    { input: inputTokens - searches * SEARCH_RESULT_TOKENS },
   );
 }
 
@@ -945,16 +965,33 @@ function messages(ex: Exchange): void | Promise<void> {
     ex.bill(billedInput, n);
     return sendJson(ex.res, 200, { ...message, content: [{ type: 'text', text: fakeAnswer(n) }], stop_reason, stop_sequence: null, usage: usage(n) });
   }
+  // message_start reports the prompt; the searches' results come after it, and the final
+  // message_delta reports the input again with them (cumulative), as Anthropic does.
+  const prompt = { ...usage(1), input_tokens: input.input_tokens - searches * SEARCH_RESULT_TOKENS };
+  delete (prompt as Json).server_tool_use;
+  const searching = Array.from({ length: searches }, (_, i): Frame[] => {
+    const id = newId('srvtoolu_');
+    return [
+      { frame: sseEvent({ type: 'content_block_start', index: 2 * i, content_block: { type: 'server_tool_use', id, name: 'web_search', input: {} } }), tokens: 0, input: SEARCH_RESULT_TOKENS },
+      sseEvent({ type: 'content_block_delta', index: 2 * i, delta: { type: 'input_json_delta', partial_json: '{"query":"weather"}' } }),
+      sseEvent({ type: 'content_block_stop', index: 2 * i }),
+      sseEvent({ type: 'content_block_start', index: 2 * i + 1, content_block: { type: 'web_search_tool_result', tool_use_id: id, content: [{ type: 'web_search_result', title: 'Weather', url: 'https://example.com/weather', encrypted_content: 'eyJ4IjoxfQ==', page_age: null }] } }),
+      sseEvent({ type: 'content_block_stop', index: 2 * i + 1 }),
+    ];
+  }).flat();
+  const text = 2 * searches;
   const frames: Frame[] = [
-    sseEvent({ type: 'message_start', message: { ...message, content: [], stop_reason: null, stop_sequence: null, usage: usage(1) } }),
-    sseEvent({ type: 'content_block_start', index: 0, content_block: { type: 'text', text: '' } }),
+    sseEvent({ type: 'message_start', message: { ...message, content: [], stop_reason: null, stop_sequence: null, usage: prompt } }),
+    ...searching,
+    sseEvent({ type: 'content_block_start', index: text, content_block: { type: 'text', text: '' } }),
     sseEvent({ type: 'ping' }),
-    ...fakeAnswerChunks(n).map((text) => ({ frame: sseEvent({ type: 'content_block_delta', index: 0, delta: { type: 'text_delta', text } }), tokens: 1 })),
-    sseEvent({ type: 'content_block_stop', index: 0 }),
-    sseEvent({ type: 'message_delta', delta: { stop_reason, stop_sequence: null }, usage: { output_tokens: n } }),
+    ...fakeAnswerChunks(n).map((t) => ({ frame: sseEvent({ type: 'content_block_delta', index: text, delta: { type: 'text_delta', text: t } }), tokens: 1 })),
+    sseEvent({ type: 'content_block_stop', index: text }),
+    sseEvent({ type: 'message_delta', delta: { stop_reason, stop_sequence: null }, usage: searches > 0 ? usage(n) : { output_tokens: n } }),
     sseEvent({ type: 'message_stop' }),
   ];
-  return writeStream(ex, frames, { input: billedInput });
+  // Each search's results are billed as it runs (with its frame).
+  return writeStream(ex, frames, { input: billedInput - searches * SEARCH_RESULT_TOKENS });
 }
 
 const anthropic: Provider = {
