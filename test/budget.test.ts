@@ -196,6 +196,7 @@ describe('limits that cannot be overrun', () => {
     const k = key(issued.id);
     expect(k.tokens.output).toBe(5);
     expect(k.used.spend ?? 0).toBe(0);
+    expect(k.spend).toMatchObject({ usd: null, unpricedRequests: 1 });
   });
 
   it('warns at 50 % and 80 %, and says which limit ran out at 100 %', async () => {

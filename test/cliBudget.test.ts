@@ -57,10 +57,29 @@ describe('budgets from the till command', () => {
       expect(finished).toMatchObject({ usage: { tokens: { output: 5 }, estimated: false } });
       const human = (await runTill(['ls'], { home })).stdout;
       expect(human).toMatch(/TOKENS \/ SPEND/);
-      expect(human).toMatch(/\/5000 tok \$0\.\d+\/\$1\.50/);
+      expect(human).toMatch(/\/5000 tok <?\$0\.\d+\/\$1\.50/);
     } finally {
       watcher.kill('SIGINT');
     }
+  });
+
+  it('shows the spend of a model without a price as unknown, its tokens counted', async () => {
+    const issued = JSON.parse((await runTill(['issue', 'openai', '--max-tokens', '5000', '--json'], { home })).stdout) as IssuedKey;
+    const unpriced = await fetch(`${issued.baseUrl}/chat/completions`, { method: 'POST', body: '{"model":"no-such-model-z","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}', headers: { authorization: `Bearer ${issued.key}`, 'content-type': 'application/json' } });
+    expect(unpriced.status).toBe(200);
+    await unpriced.text();
+    const k = (JSON.parse((await runTill(['ls', '--json'], { home })).stdout) as KeySummary[]).find((x) => x.id === issued.id)!;
+    expect(k.tokens.output).toBe(5);
+    expect(k.used.tokens).toBe(k.tokens.input + 5);
+    // Unknown, not $0.00: a script summing dollars must not count it as free.
+    expect(k.spend).toMatchObject({ usd: null, pricedUsd: 0, unpricedRequests: 1 });
+    // A priced request after it: the known part, and still unknown in all.
+    expect((await chat(issued)).status).toBe(200);
+    const after = (JSON.parse((await runTill(['ls', '--json'], { home })).stdout) as KeySummary[]).find((x) => x.id === issued.id)!;
+    expect(after.spend.usd).toBeNull();
+    expect(after.spend.pricedUsd).toBeGreaterThan(0);
+    const line = (await runTill(['ls'], { home })).stdout.split('\n').find((l) => l.startsWith(issued.id))!;
+    expect(line).toMatch(/\$0\.\d+ \+ unknown/);
   });
 
   it('rejects a malformed --max-spend with a usage error', async () => {

@@ -12,7 +12,7 @@ import { ControlClient, NotRunningError } from '../core/control';
 import { CredentialList, CredentialStore, checkCredentialName } from '../core/credentials';
 import type { KeySummary, TillEvent } from '../core/events';
 import { defaultHome, openHome, readConfig, type TillPaths } from '../core/home';
-import { describePolicy, formatAmount, formatDuration, formatUsd } from '../core/policy';
+import { describePolicy, formatAmount, formatDuration, formatSpent, formatUsd, limitsOf, type Amounts } from '../core/policy';
 import { holdLease, type HeldLease } from '../core/leases';
 import { providerEnvNames, ProviderRegistry } from '../core/providers';
 import { TillService, type IssuedKey, type IssueInput } from '../core/service';
@@ -168,8 +168,10 @@ function usage(key: KeySummary): string {
 /** Tokens and dollars, used / limit, for `till ls`. */
 function spending(key: KeySummary): string {
   const tokens = key.used.tokens ?? 0;
-  const t = `${formatAmount('tokens', tokens).replace(' tokens', '')}${key.policy.maxTokens !== undefined ? `/${key.policy.maxTokens}` : ''}`;
-  const s = `${formatUsd(key.used.spend ?? 0)}${key.policy.maxSpendUsd !== undefined ? `/$${key.policy.maxSpendUsd.toFixed(2)}` : ''}${key.estimatedSpend > 0 ? '~' : ''}`;
+  const tokensHeld = (key.reserved.tokens ?? 0) > 0 ? ` (+${formatAmount('tokens', key.reserved.tokens!).replace(/ tokens?$/, '')} held)` : '';
+  const t = `${formatAmount('tokens', tokens).replace(/ tokens?$/, '')}${key.policy.maxTokens !== undefined ? `/${key.policy.maxTokens}` : ''}${tokensHeld}`;
+  const spent = formatSpent(key.used.spend ?? 0, { estimated: key.estimatedSpend > 0, unpriced: key.spend.unpricedRequests });
+  const s = `${spent}${key.policy.maxSpendUsd !== undefined ? `/$${key.policy.maxSpendUsd.toFixed(2)}` : ''}`;
   const held = (key.reserved.spend ?? 0) > 0 ? ` (+${formatUsd(key.reserved.spend!)} held)` : '';
   return `${t} tok ${s}${held}`;
 }
@@ -208,16 +210,26 @@ function eventLine(e: TillEvent): string {
       return `${t} ${e.status} ${r.method} /${r.provider}${r.path} denied (${e.code}): ${e.reason}${r.keyId ? ` key ${r.keyId}` : ''}`;
     }
     case 'request.progress':
-      return `${t} ... ${e.request.method} /${e.request.provider}${e.request.path} so far ${e.usage.tokens.output} tok out${e.usage.spend !== undefined ? ` ${formatUsd(e.usage.spend)}` : ''} key ${e.request.keyId}`;
+      return `${t} ... ${e.request.method} /${e.request.provider}${e.request.path} so far ${e.usage.tokens.output} tok out${e.usage.spend !== undefined ? ` ${formatUsd(e.usage.spend)}` : ''}${heldText(e.held)} key ${e.request.keyId}`;
     case 'request.started':
-      return `${t} ... ${e.request.method} /${e.request.provider}${e.request.path} key ${e.request.keyId}`;
+      return `${t} ... ${e.request.method} /${e.request.provider}${e.request.path}${heldText(e.held)}${e.basis ? ` (input bound by ${e.basis})` : ''} key ${e.request.keyId}`;
     case 'limit.near':
       return `${t} key ${e.key.id} "${e.key.label}" at ${e.percent}% of its ${e.meter} limit: ${formatAmount(e.meter, e.used)} of ${formatAmount(e.meter, e.limit)}`;
-    case 'key.exhausted':
-      return `${t} key exhausted: ${e.key.id} "${e.key.label}" used its whole ${e.meter} limit`;
+    case 'key.exhausted': {
+      const limit = limitsOf(e.key.policy)[e.meter];
+      const figures = limit === undefined ? '' : ` (${formatAmount(e.meter, e.key.used[e.meter] ?? 0)} of ${formatAmount(e.meter, limit)})`;
+      return `${t} key exhausted: ${e.key.id} "${e.key.label}" has no ${e.meter} left for another request${figures}`;
+    }
     default:
       return `${t} ${e.type.replace('key.', 'key ')}: ${e.key.id} "${e.key.label}" (${e.key.provider}, ${usage(e.key)} calls)`;
   }
+}
+
+/** `, holding $0.12` / `, holding 2,048 tok`: what a request holds of its key's limits (budgeted keys). */
+function heldText(held: Amounts | undefined): string {
+  if (held?.spend !== undefined) return `, holding ${formatUsd(held.spend)}`;
+  if (held?.tokens !== undefined) return `, holding ${formatAmount('tokens', held.tokens).replace(/ tokens?$/, '')} tok`;
+  return '';
 }
 
 function printIssued(k: IssuedKey): void {

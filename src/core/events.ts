@@ -29,8 +29,12 @@ export interface KeySummary {
   tokens: import('./ledger').TokenCounts;
   /** The part of `used.spend` (micro-dollars) that was estimated from an interrupted stream. */
   estimatedSpend: number;
-  /** The same money in US dollars, for people and scripts: spent, of which estimated, and held by requests in flight. */
-  spend: { usd: number; estimatedUsd: number; reservedUsd: number; limitUsd?: number };
+  /**
+   * The same money in US dollars, for people and scripts: spent (null when unknown: some
+   * requests went to a model without a price), of which priced and estimated, held by requests
+   * in flight, and how many requests are unpriced (their tokens are counted all the same).
+   */
+  spend: { usd: number | null; pricedUsd: number; estimatedUsd: number; reservedUsd: number; unpricedRequests: number; limitUsd?: number };
 }
 
 /** What one finished request used. */

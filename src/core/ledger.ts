@@ -39,6 +39,8 @@ export interface KeyRecord {
   tokens?: TokenCounts;
   /** The part of `used.spend` (micro-dollars) that was estimated, not reported. */
   estimatedSpend?: number;
+  /** Settled requests to a model without a price: their tokens are counted, their dollars unknown. */
+  unpriced?: number;
   /** Tied to the life of the process that holds its lease (`till exec`): see leases.ts. */
   leased?: true;
 }
@@ -56,6 +58,8 @@ export interface SettleDetails {
   tokens?: TokenCounts;
   /** The spend was estimated (an interrupted stream with no usage report). */
   estimated?: boolean;
+  /** The model has no price: the request's dollars are unknown (not zero). */
+  unpriced?: boolean;
 }
 
 /** Derived, never stored: what a person would call the key's state. */
@@ -147,7 +151,7 @@ function detailsJson(d: SettleDetails): string | undefined {
     let text: string | undefined;
     if (v === undefined) continue;
     if (field === 'tokens' && typeof v === 'object' && v !== null) text = numbersJson(v);
-    else if (field === 'estimated' && typeof v === 'boolean') text = String(v);
+    else if ((field === 'estimated' || field === 'unpriced') && typeof v === 'boolean') text = String(v);
     if (text === undefined) return undefined;
     out += `${out ? ',' : '{'}"${field}":${text}`;
   }
@@ -215,6 +219,7 @@ function addSettled(key: KeyRecord, used: Amounts, details: SettleDetails | unde
     t.reasoning += details.tokens.reasoning;
   }
   if (details?.estimated && used.spend) key.estimatedSpend = (key.estimatedSpend ?? 0) + used.spend;
+  if (details?.unpriced) key.unpriced = (key.unpriced ?? 0) + 1;
 }
 
 function add(target: Amounts, amounts: Amounts, sign: 1 | -1): void {

@@ -24,6 +24,17 @@ export function formatUsd(micros: number): string {
   return `$${usd >= 1 || usd === 0 ? usd.toFixed(2) : usd.toPrecision(2)}`;
 }
 
+/**
+ * Money spent, as people read it everywhere: `~` when part of it was estimated, `<$0.0001` for
+ * less than shows, and "unknown" for requests to a model without a price (`unpriced` of them):
+ * their dollars are not zero, they are not known.
+ */
+export function formatSpent(micros: number, how: { estimated?: boolean; unpriced?: number } = {}): string {
+  const known = `${how.estimated ? '~' : ''}${micros > 0 && micros < 100 ? '<$0.0001' : formatUsd(micros)}`;
+  if (!how.unpriced) return known;
+  return micros > 0 ? `${known} + unknown` : 'unknown';
+}
+
 /** How a person reads an amount of a meter. */
 export function formatAmount(meter: Meter, amount: number): string {
   if (meter === 'spend') return formatUsd(amount);

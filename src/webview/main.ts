@@ -9,7 +9,7 @@
 import type { TillRole } from '../core/connection';
 import type { KeySummary, RequestUsage } from '../core/events';
 import type { TokenCounts } from '../core/ledger';
-import { formatAmount, formatUsd, limitsOf, METERS, type Amounts, type Meter } from '../core/policy';
+import { formatAmount, formatSpent, formatUsd, limitsOf, METERS, type Amounts, type Meter } from '../core/policy';
 import type { RequestRecord } from '../core/service';
 import { mergeRecords, type HostMessage, type LiveEvent, type PageCommand, type PageMessage } from './messages';
 
@@ -72,6 +72,8 @@ type State = KeySummary['state'];
 interface Stream {
   keyId: string;
   usage: RequestUsage;
+  /** What it holds of its key's limits now (a budgeted key's hold follows the stream). */
+  held: Amounts | undefined;
   /** When its last progress came (page clock). */
   seen: number;
 }
@@ -126,8 +128,8 @@ window.addEventListener('message', (ev) => {
       break;
     case 'event':
       if (msg.event.type === 'request.progress') {
-        const { request, usage } = msg.event;
-        model.streams.set(request.requestId, { keyId: request.keyId, usage, seen: Date.now() });
+        const { request, usage, held } = msg.event;
+        model.streams.set(request.requestId, { keyId: request.keyId, usage, held, seen: Date.now() });
         scheduleLive();
         return;
       }
@@ -148,7 +150,7 @@ window.addEventListener('message', (ev) => {
  */
 function normal(k: KeySummary): KeySummary {
   const old = k as Partial<KeySummary>;
-  return { ...k, used: old.used ?? {}, reserved: old.reserved ?? {}, remaining: old.remaining ?? {}, tokens: { ...noTokens(), ...old.tokens }, estimatedSpend: old.estimatedSpend ?? 0 };
+  return { ...k, used: old.used ?? {}, reserved: old.reserved ?? {}, remaining: old.remaining ?? {}, tokens: { ...noTokens(), ...old.tokens }, estimatedSpend: old.estimatedSpend ?? 0, spend: { usd: 0, pricedUsd: 0, estimatedUsd: 0, reservedUsd: 0, unpricedRequests: 0, ...old.spend } };
 }
 
 function setKeys(keys: KeySummary[]): void {
@@ -288,10 +290,14 @@ const ESTIMATED = 'Estimated from a cut stream: the upstream never reported usag
  * give the exact {@link formatUsd}.
  */
 function usd(micros: number, estimated = false): string {
-  return `${estimated ? '~' : ''}${micros > 0 && micros < 100 ? '<$0.0001' : formatUsd(micros)}`;
+  return formatSpent(micros, { estimated });
 }
 
 const NBSP = '\u00a0';
+
+/** Why a spend says "unknown". */
+const UNPRICED = (n: number) =>
+  `${plural(n, 'request')} went to a model without a price: ${n === 1 ? 'its' : 'their'} tokens are counted, ${n === 1 ? 'its' : 'their'} cost is unknown. Add the model's price to prices.json in Till's data folder.`;
 
 /** `12.3K in · 2.1K out`, breaking only after a `·`. */
 function inOut(t: TokenCounts): string {
@@ -336,6 +342,8 @@ interface Stats {
   spendToday: number;
   /** Some of today's spend was estimated. */
   spendTodayEstimated: boolean;
+  /** Requests today to a model without a price (their dollars are unknown). */
+  unpricedToday: number;
   tokensToday: TokenCounts;
   /** Today's counts may miss requests older than what is kept. */
   todayPartial: boolean;
@@ -345,7 +353,7 @@ interface Stats {
 function stats(now: number): Stats {
   const firstMinute = Math.floor(now / MINUTE) - SPAN + 1;
   const midnight = new Date(now).setHours(0, 0, 0, 0);
-  const out: Stats = { total: series(), byKey: new Map(), servedToday: 0, deniedToday: 0, spendToday: 0, spendTodayEstimated: false, tokensToday: noTokens(), todayPartial: false, firstMinute };
+  const out: Stats = { total: series(), byKey: new Map(), servedToday: 0, deniedToday: 0, spendToday: 0, spendTodayEstimated: false, unpricedToday: 0, tokensToday: noTokens(), todayPartial: false, firstMinute };
   const since = Math.min(midnight, firstMinute * MINUTE);
   const recs = model.records;
   for (let i = recs.length - 1; i >= 0; i--) {
@@ -359,6 +367,7 @@ function stats(now: number): Stats {
         if (r.usage) {
           addTokens(out.tokensToday, r.usage.tokens);
           out.spendToday += r.usage.spend ?? 0;
+          if (r.usage.spend === undefined) out.unpricedToday++;
           if (r.usage.estimated && (r.usage.spend ?? 0) > 0) out.spendTodayEstimated = true;
         }
       }
@@ -387,11 +396,28 @@ interface Running {
   spend: number;
   priced: boolean;
   tokens: number;
+  /** What the streams hold of their keys' limits, summed (budgeted keys only). */
+  held: Amounts;
+  /** One line per stream: what it used so far and what it holds. */
+  each: string[];
+}
+
+/** What one stream used so far, and holds. */
+function streamLine(st: Stream): string {
+  const used = st.usage.spend !== undefined ? usd(st.usage.spend) : plural(st.usage.tokens.input + st.usage.tokens.output, 'token');
+  return `${used} so far${heldText(st.held)}`;
+}
+
+/** `, holding $0.12` / `, holding 2,048 tokens`: a budgeted stream's hold, which grows with it. */
+function heldText(held: Amounts | undefined): string {
+  if (held?.spend !== undefined) return `, holding ${usd(held.spend)}`;
+  if (held?.tokens !== undefined) return `, holding ${short(held.tokens)} tokens`;
+  return '';
 }
 
 /** The running usage of the open streams of one key, or of all keys. */
 function running(keyId?: string): Running {
-  const out: Running = { count: 0, spend: 0, priced: false, tokens: 0 };
+  const out: Running = { count: 0, spend: 0, priced: false, tokens: 0, held: {}, each: [] };
   for (const st of model.streams.values()) {
     if (keyId !== undefined && st.keyId !== keyId) continue;
     out.count++;
@@ -400,20 +426,25 @@ function running(keyId?: string): Running {
       out.spend += st.usage.spend;
       out.priced = true;
     }
+    if (st.held?.spend !== undefined) out.held.spend = (out.held.spend ?? 0) + st.held.spend;
+    if (st.held?.tokens !== undefined) out.held.tokens = (out.held.tokens ?? 0) + st.held.tokens;
+    out.each.push(streamLine(st));
   }
   return out;
 }
 
-/** `streaming… $0.004 so far`, `2 streams… $0.012 so far`, `streaming… 1.2K tokens so far`. */
+/** `streaming… $0.004 so far, holding $0.12`, `2 streams… $0.012 so far`, `streaming… 1.2K tokens so far`. */
 function runningText(r: Running): string {
   const what = r.count === 1 ? 'streaming…' : `${num.format(r.count)} streams…`;
-  return `${what} ${r.priced ? usd(r.spend) : `${short(r.tokens)} tokens`} so far`;
+  return `${what} ${r.priced ? usd(r.spend) : `${short(r.tokens)} tokens`} so far${heldText(r.held.spend !== undefined || r.held.tokens !== undefined ? r.held : undefined)}`;
 }
 
-const RUNNING_TITLE = 'What the open streams have used so far, counted from the text streamed; settled when they end.';
+const RUNNING_TITLE =
+  'What the open streams have used so far, counted from the text streamed; settled when they end. ' +
+  'A stream on a limited key holds a slice of its answer ahead and grows it as it goes; when its key cannot cover the next slice, Till ends it.';
 
 function runningTitle(r: Running): string {
-  return `${RUNNING_TITLE} ${plural(r.tokens, 'token')} so far.`;
+  return [`${RUNNING_TITLE} ${plural(r.tokens, 'token')} so far.`, ...(r.count > 1 ? r.each.map((line, i) => `Stream ${i + 1}: ${line}.`) : [])].join('\n');
 }
 
 /** A live line: a pulsing dot and a text that {@link patchLive} rewrites between full paints. */
@@ -531,6 +562,7 @@ function totals(states: State[], st: Stats): HtmlEl {
   const all = [...model.keys.values()];
   const activations = all.reduce((sum, k) => sum + (k.used.activations ?? 0), 0);
   const spendTotal = all.reduce((sum, k) => sum + (k.used.spend ?? 0), 0);
+  const unpricedTotal = all.reduce((sum, k) => sum + k.spend.unpricedRequests, 0);
   const estimatedTotal = all.reduce((sum, k) => sum + k.estimatedSpend, 0);
   const tokensTotal = noTokens();
   for (const k of all) addTokens(tokensTotal, k.tokens);
@@ -542,15 +574,16 @@ function totals(states: State[], st: Stats): HtmlEl {
   const live = running();
 
   const spendTitle = [
-    `Spent today: ${usd(st.spendToday)}${partial ? ' or more' : ''}, from the requests this window has seen.`,
-    `All keys, ever: ${usd(spendTotal)}, from the ledger${estimatedTotal > 0 ? `, of which ${usd(estimatedTotal)} was estimated from cut streams (the upstream never reported their usage)` : ''}.`,
+    `Spent today: ${formatSpent(st.spendToday, { unpriced: st.unpricedToday })}${partial ? ' or more' : ''}, from the requests this window has seen.`,
+    `All keys, ever: ${formatSpent(spendTotal, { unpriced: unpricedTotal })}, from the ledger${estimatedTotal > 0 ? `, of which ${usd(estimatedTotal)} was estimated from cut streams (the upstream never reported their usage)` : ''}.`,
+    unpricedTotal > 0 ? UNPRICED(unpricedTotal) : '',
     st.spendTodayEstimated ? ESTIMATED : '',
   ].filter(Boolean).join('\n');
   const spend = h('div', { class: 'tile spend' },
     h('dt', {}, 'Spent today'),
     h('dd', { title: spendTitle },
-      h('span', { class: st.spendTodayEstimated ? 'value est' : 'value' }, usd(st.spendToday, st.spendTodayEstimated) + partial),
-      h('span', { class: 'sub' }, h('span', { class: estimatedTotal > 0 ? 'est' : '' }, usd(spendTotal, estimatedTotal > 0)), ' total'),
+      h('span', { class: st.spendTodayEstimated ? 'value est' : 'value' }, formatSpent(st.spendToday, { estimated: st.spendTodayEstimated, unpriced: st.unpricedToday }) + partial),
+      h('span', { class: 'sub' }, h('span', { class: estimatedTotal > 0 ? 'est' : '' }, formatSpent(spendTotal, { estimated: estimatedTotal > 0, unpriced: unpricedTotal })), ' total'),
     ),
     live.count > 0 && h('dd', {}, liveLine('total', live, 'total')),
   );
@@ -628,7 +661,9 @@ const METER_SHORT: Record<Meter, (n: number) => string> = { activations: (n) => 
  */
 function limitBar(k: KeySummary, meter: Meter, limit: number, state: State): HtmlEl {
   const used = k.used[meter] ?? 0;
-  const held = k.reserved[meter] ?? 0;
+  // The key list comes with changes of its counters; an open stream's hold grows in between,
+  // and its progress says so sooner.
+  const held = Math.max(k.reserved[meter] ?? 0, running(k.id).held[meter] ?? 0);
   const left = k.remaining[meter] ?? Math.max(0, limit - used - held);
   const fmt = METER_SHORT[meter];
   const estimated = meter === 'spend' && k.estimatedSpend > 0;
@@ -669,8 +704,9 @@ function keyUsage(k: KeySummary, state: State, limits: Amounts): HtmlEl | undefi
   const spend = k.used.spend ?? 0;
   const t = k.tokens;
   const estimated = k.estimatedSpend > 0;
-  // A model without a price spends nothing: no "$0.00" unless dollars are counted for this key.
-  const showSpend = spend > 0 || limits.spend !== undefined;
+  const unpriced = k.spend.unpricedRequests;
+  // Dollars shown when there are some, when they are limited, or when they are unknown.
+  const showSpend = spend > 0 || limits.spend !== undefined || unpriced > 0;
   const showTokens = t.input + t.output > 0;
   const showCalls = limits.activations === undefined;
   const unlimited = Object.keys(limits).length === 0;
@@ -678,9 +714,12 @@ function keyUsage(k: KeySummary, state: State, limits: Amounts): HtmlEl | undefi
   const held = k.reserved.spend ?? 0;
   return h('div', { class: 'key-usage' },
     showSpend && h('span', {
-      class: estimated ? 'spent est' : 'spent',
-      title: `${formatUsd(spend)} spent${held > 0 ? `, ${formatUsd(held)} held by requests in flight` : ''}${estimated ? `, of which ${formatUsd(k.estimatedSpend)} was estimated.\n${ESTIMATED}` : ''}`,
-    }, usd(spend, estimated)),
+      class: estimated ? 'spent est' : unpriced > 0 ? 'spent unknown' : 'spent',
+      title: [
+        `${formatUsd(spend)} spent${held > 0 ? `, ${formatUsd(held)} held by requests in flight` : ''}${estimated ? `, of which ${formatUsd(k.estimatedSpend)} was estimated.\n${ESTIMATED}` : '.'}`,
+        unpriced > 0 ? `${UNPRICED(unpriced)}` : '',
+      ].filter(Boolean).join('\n'),
+    }, formatSpent(spend, { estimated, unpriced })),
     // One run of text, so a narrow card wraps it at a space with each "·" kept after its word.
     (showTokens || showCalls) && h('span', { class: 'detail' },
       showTokens && h('span', { title: `Tokens: ${tokenDetail(t)}` }, inOut(t)),

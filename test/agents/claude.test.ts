@@ -2,17 +2,19 @@
  * The real Claude Code CLI (`@anthropic-ai/claude-code`), headless, through `till exec --agent
  * claude` against a 127.0.0.1 imitation of the Messages API that accepts only the real
  * credential: a prompt with one tool round trip, usage on the key, nothing sent around the
- * broker, a dollar limit, and revocation ending a live answer with Till's message.
+ * broker, a dollar limit, two agents at once on one dollar key, and revocation ending a live
+ * answer with Till's message.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startAnthropicUpstream } from '../support/upstreams';
 import { expectNoCredential, expectOnlyBroker, expectUsage, revokeWhileStreaming, startAgentBroker, type AgentBroker } from './support/agentChecks';
 import { waitFor } from '../support/wait';
-import { listKeys, runAgent } from './support/agentRun';
+import { denials, listKeys, runAgent } from './support/agentRun';
 
 let b: AgentBroker;
 beforeAll(async () => {
-  b = await startAgentBroker({ provider: 'anthropic', start: startAnthropicUpstream });
+  // Answers take a moment (20 ms an event), so that two agents' calls overlap as real ones do.
+  b = await startAgentBroker({ provider: 'anthropic', start: startAnthropicUpstream, upstream: { streamDelayMs: 20 } });
 });
 afterAll(() => b?.close());
 
@@ -60,6 +62,24 @@ describe('Claude Code through Till', () => {
     const key = (await listKeys(b.home)).find((k) => k.label === 'claude dollar');
     expect(key?.spend.usd).toBeGreaterThan(0);
     expect(key?.spend.usd).toBeLessThanOrEqual(1);
+    expect(key?.spend.reservedUsd).toBe(0);
+  });
+
+  it('two Claude Code prompts at once on a $2 key: both served, none refused, spend within the key', async () => {
+    // Each call asks for 128,000 output tokens ($2.56): held at that worst case, the first call
+    // took the whole key and the other agent's calls were refused while it ran.
+    const before = messagesCalls().length;
+    const label = 'claude parallel';
+    const run = runAgent({ home: b.home, agent: 'claude', tillArgs: ['--max-spend', '2', '--label', label], args: ['-p', 'Please read note.txt and tell me what it says.', '--output-format', 'text'], cwd: b.dir, parallel: 2 });
+    const r = await run.done;
+    expect(r.code, run.output()).toBe(0);
+    expect(r.stdout.split(`The note says ${b.marker}.`).length - 1, run.output()).toBe(2);
+    expect(messagesCalls().length - before).toBeGreaterThanOrEqual(4);
+    expect(b.up.peakInFlight()).toBeGreaterThanOrEqual(2);
+    expect(denials(b.home, label)).toEqual([]);
+    const key = (await listKeys(b.home)).find((k) => k.label === label);
+    expect(key?.spend.usd).toBeGreaterThan(0);
+    expect(key?.spend.usd).toBeLessThanOrEqual(2);
     expect(key?.spend.reservedUsd).toBe(0);
   });
 

@@ -4,13 +4,14 @@
  * Responses WebSocket (Codex's default when the provider offers it) and over HTTP streaming
  * (when the upstream refuses the upgrade with 426). Each transport: a prompt with one tool round
  * trip, usage on the key, nothing sent around the broker, the user's own Codex settings kept, a
- * dollar limit, and revocation ending a live answer with Till's message.
+ * dollar limit, two agents at once on one dollar key, and revocation ending a live answer with
+ * Till's message.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startOpenAIUpstream } from '../support/upstreams';
 import { expectNoCredential, expectOnlyBroker, expectUsage, revokeWhileStreaming, startAgentBroker, type AgentBroker } from './support/agentChecks';
 import { waitFor } from '../support/wait';
-import { listKeys, runAgent } from './support/agentRun';
+import { denials, listKeys, runAgent } from './support/agentRun';
 
 /** The user's own ~/.codex/config.toml, which Till layers its provider over. */
 const USER_CONFIG = `# my settings
@@ -24,7 +25,8 @@ notifications = false
 describe.each(['websocket', 'http'] as const)('Codex CLI through Till over %s', (transport) => {
   let b: AgentBroker;
   beforeAll(async () => {
-    b = await startAgentBroker({ provider: 'openai', start: startOpenAIUpstream, upstreamUrl: (origin) => `${origin}/v1`, upstream: { websocket: transport === 'websocket' } });
+    // Answers take a moment (20 ms an event), so that two agents' calls overlap as real ones do.
+    b = await startAgentBroker({ provider: 'openai', start: startOpenAIUpstream, upstreamUrl: (origin) => `${origin}/v1`, upstream: { websocket: transport === 'websocket', streamDelayMs: 20 } });
   });
   afterAll(() => b?.close());
 
@@ -89,6 +91,25 @@ describe.each(['websocket', 'http'] as const)('Codex CLI through Till over %s', 
     const key = (await listKeys(b.home)).find((k) => k.label === label);
     expect(key?.spend.usd).toBeGreaterThan(0);
     expect(key?.spend.usd).toBeLessThanOrEqual(1);
+    expect(key?.spend.reservedUsd).toBe(0);
+  });
+
+  it('two Codex prompts at once on a $2 key: both served, none refused, spend within the key', async () => {
+    // Codex names no output limit: held at the model's whole output ($3.84 for gpt-5.5), one
+    // response took the key and the other agent's were refused while it ran.
+    const label = `codex ${transport} parallel`;
+    const before = generated().length;
+    const run = runAgent({ home: b.home, agent: 'codex', tillArgs: ['--max-spend', '2', '--label', label], args: ['exec', '--skip-git-repo-check', 'Please read note.txt and tell me what it says.'], cwd: b.dir, homeFiles: { '.codex/config.toml': USER_CONFIG }, parallel: 2 });
+    const r = await run.done;
+    expect(r.code, run.output()).toBe(0);
+    expect(r.stdout.split(`The note says ${b.marker}.`).length - 1, run.output()).toBeGreaterThanOrEqual(2);
+    expect(generated().length - before).toBeGreaterThanOrEqual(4);
+    // Over HTTP, the two agents' streams were open at the same time.
+    if (transport === 'http') expect(b.up.peakInFlight()).toBeGreaterThanOrEqual(2);
+    expect(denials(b.home, label)).toEqual([]);
+    const key = (await listKeys(b.home)).find((k) => k.label === label);
+    expect(key?.spend.usd).toBeGreaterThan(0);
+    expect(key?.spend.usd).toBeLessThanOrEqual(2);
     expect(key?.spend.reservedUsd).toBe(0);
   });
 

@@ -7,8 +7,9 @@
  * The steps: add an OpenAI credential and issue a key through the command palette; see the
  * key in the Keys tree; in a new integrated terminal, see OPENAI_BASE_URL point at the broker
  * and make a request with the terminal's own till key (it reaches the upstream with the real
- * credential); see the request in the Usage view; revoke the terminal's key there and see the
- * same request refused. Screenshots go to test/vscode/screenshots/ui-*.png.
+ * credential); see the request in the Usage view; stream a long answer on the terminal's
+ * dollar-limited key and see its hold grow in the Usage view, then stop it with Ctrl+C; revoke
+ * the terminal's key there and see the same request refused. Screenshots go to test/vscode/screenshots/ui-*.png.
  *
  * Exit code 0 when every step passed, 1 otherwise (with ui-failure.png and the step named).
  *
@@ -65,7 +66,10 @@ const KEY_LABEL = 'ui test key';
 const PRESET = '50 calls, 1 hour';
 // `; echo`: the answer ends without a newline, and a prompt drawn right after it garbles the
 // next command line on the screen.
-const CURL = `curl -s -H "Authorization: Bearer $OPENAI_API_KEY" -H 'content-type: application/json' -d '{"model":"gpt-4o-mini","messages":[]}' $OPENAI_BASE_URL/chat/completions; echo`;
+const CURL = `curl -s -H "Authorization: Bearer $OPENAI_API_KEY" -H 'content-type: application/json' -d '{"model":"gpt-4o-mini","max_tokens":5,"messages":[]}' $OPENAI_BASE_URL/chat/completions; echo`;
+
+/** A long streamed answer (see the upstream's stream settings below), read as it comes. */
+const STREAM = `curl -sN -H "Authorization: Bearer $OPENAI_API_KEY" -H 'content-type: application/json' -d '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"tell me everything"}]}' $OPENAI_BASE_URL/chat/completions > /dev/null`;
 
 const SIDEBAR = '.part.sidebar';
 /** How long a single UI expectation may take before the step fails. */
@@ -139,6 +143,27 @@ const steps: Array<[name: string, run: (w: World) => Promise<void>]> = [
     await viewPane(page, 'Keys').locator('.pane-header[aria-expanded="false"]').waitFor({ timeout: EXPECT_MS });
     await request.first().scrollIntoViewIfNeeded();
     await shot(page, 'ui-usage', SIDEBAR);
+  }],
+
+  ["watch a stream's hold grow in the Usage view, then stop it", async ({ page }) => {
+    // The terminal's key has a dollar limit: its stream holds a slice of its answer ahead and
+    // grows the hold as the answer comes (3,000 tokens, one every 5 ms).
+    const rows = page.locator('.terminal-wrapper .xterm-rows').first();
+    await typeInTerminal(page, STREAM);
+    const live = usageFrame(page).locator('li.card [data-live^="key:"]').first();
+    const holding = async () => /holding (\$[\d.]+)/.exec((await live.textContent({ timeout: EXPECT_MS })) ?? '')?.[1];
+    await expectSoon('the stream and its hold in the Usage view', async () => (await holding()) !== undefined);
+    const first = await holding();
+    await expectSoon(`the stream's hold to grow from ${first}`, async () => {
+      const now = await holding();
+      return now !== undefined && Number(now.slice(1)) > Number(first!.slice(1));
+    });
+    await shot(page, 'ui-stream', SIDEBAR);
+    // Ctrl+C: the client leaves mid-answer; the stream is settled and its line goes.
+    await page.locator('.terminal-wrapper .xterm').first().click();
+    await page.keyboard.press('Control+C');
+    await live.waitFor({ state: 'detached', timeout: EXPECT_MS });
+    await expectSoon('a prompt after the stopped stream', async () => /[$#]\s*$/.test((await screenText(rows)).trimEnd()));
   }],
 
   ['revoke the terminal key in the Usage view; the terminal is refused', async ({ sb, page, upstream }) => {
@@ -268,10 +293,13 @@ async function main(): Promise<number> {
     ['curl', curl, 'apt-get install curl'],
   ]);
 
-  const upstream = await startOpenAIUpstream({ credential: SECRET });
+  // Answers are long (3,000 tokens) and streams slow (the hold step); the other requests ask for 5 tokens.
+  const upstream = await startOpenAIUpstream({ credential: SECRET, streamChunks: 3000, streamDelayMs: 5 });
   const sb = createSandbox('till-ui-', {
     ...BASE_SETTINGS,
     'till.upstreams': { openai: `${upstream.url}/v1` },
+    // Terminal keys with a dollar limit, so that a stream's hold shows and grows.
+    'till.terminal.policy': { uses: 500, ttl: '12h', maxSpend: 2 },
     // No empty chat area on the right of the screenshots.
     'workbench.secondarySideBar.defaultVisibility': 'hidden',
   });

@@ -126,6 +126,11 @@ export function runAgent(options: {
   /** Files the user already has under HOME (e.g. `.codex/config.toml`), by relative path. */
   homeFiles?: Record<string, string>;
   timeoutMs?: number;
+  /**
+   * Runs the agent this many times at once under the one `till exec` (its keys shared), as a
+   * script fanning work out to agents would; it fails when any of them does. Default 1.
+   */
+  parallel?: number;
 }): AgentRun {
   const trace = join(testRoot(), 'agents', `trace-${randomBytes(4).toString('hex')}`);
   const agentHome = join(trace, 'home');
@@ -141,7 +146,9 @@ export function runAgent(options: {
   const env: NodeJS.ProcessEnv = { ...process.env, HOME: agentHome, TILL_HOME: options.home, TILL_AGENT_TRACE: trace, NO_COLOR: '1' };
   // The user's Codex home is the throw-away HOME's.
   delete env.CODEX_HOME;
-  const child = spawn(process.execPath, [TILL_JS, 'exec', '--agent', options.agent, ...(options.tillArgs ?? []), '--', wrapper, agentBinary(options.agent), ...options.args], {
+  const agent = [agentBinary(options.agent), ...options.args];
+  const command = (options.parallel ?? 1) > 1 ? ['/bin/sh', '-c', fanOut(options.parallel!), 'fan-out', ...agent] : agent;
+  const child = spawn(process.execPath, [TILL_JS, 'exec', '--agent', options.agent, ...(options.tillArgs ?? []), '--', wrapper, ...command], {
     cwd: options.cwd,
     env,
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -159,6 +166,11 @@ export function runAgent(options: {
   return { output: run.output, done };
 }
 
+/** A shell script running its arguments `n` times at once; it fails when any run fails. */
+function fanOut(n: number): string {
+  return `pids=""; i=0; while [ $i -lt ${n} ]; do "$@" & pids="$pids $!"; i=$((i + 1)); done; status=0; for p in $pids; do wait "$p" || status=1; done; exit $status`;
+}
+
 function parseEnv(text: string): Record<string, string> {
   const env: Record<string, string> = {};
   for (const line of text.split('\n')) {
@@ -171,6 +183,17 @@ function parseEnv(text: string): Record<string, string> {
 /** Every file under `dir` (none when it does not exist), with its contents. */
 function filesWithText(dir: string): { path: string; text: string }[] {
   return existsSync(dir) ? filesUnder(dir).map((path) => ({ path, text: readFileSync(path).toString('latin1') })) : [];
+}
+
+/** The requests the broker on `home` refused for the key labelled `label`, from its audit log. */
+export function denials(home: string, label: string): { status: number; denial?: string; reason?: string }[] {
+  const file = join(home, 'audit.jsonl');
+  if (!existsSync(file)) return [];
+  return readFileSync(file, 'utf8')
+    .split('\n')
+    .filter(Boolean)
+    .map((line) => JSON.parse(line) as { label?: string; status: number; denial?: string; reason?: string })
+    .filter((r) => r.label === label && r.denial !== undefined);
 }
 
 /** The keys the broker on `home` knows, with their usage (`till ls --json`). */
