@@ -49,6 +49,39 @@ export function counter(encoding: Encoding): CountTokens {
  * break every few characters; a word is far shorter), and when they do it costs a little hold.
  */
 const LONG_RUN = /[\p{L}\p{M}]{128,}|\s{128,}|[^\s\p{L}\p{M}\p{N}]{128,}/gu;
+/** Run length at which {@link LONG_RUN} applies. */
+const RUN = 128;
+const LETTER = 1;
+const SPACE = 2;
+const OTHER = 3;
+
+/**
+ * Whether `text` may hold a {@link LONG_RUN}, by a scan much cheaper than the regex (whose Unicode
+ * classes cost about as much as counting the text): ASCII characters have their class (a digit
+ * belongs to none), any other character may be of any class, so no run the regex would find is
+ * missed; a stretch the scan flags is then cut out by the regex, exactly.
+ */
+function mayHaveLongRun(text: string): boolean {
+  let cls = 0;
+  let start = 0;
+  /** The last position of an ASCII character (non-ASCII ones after it may start a new run). */
+  let fixed = -1;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (c < 128) {
+      const k = (c >= 97 && c <= 122) || (c >= 65 && c <= 90) ? LETTER : c === 32 || (c >= 9 && c <= 13) ? SPACE : c >= 48 && c <= 57 ? 0 : OTHER;
+      if (k !== cls) {
+        start = k === 0 ? i + 1 : fixed + 1;
+        cls = k;
+      }
+      fixed = i;
+    }
+    if (cls !== 0 && i - start + 1 >= RUN) return true;
+    if (cls === 0 && c >= 128 && i - fixed >= RUN) return true;
+  }
+  return false;
+}
+
 /** Tokens no tokenizer merges across: cutting a run out may split its neighbours once on each side. */
 const RUN_BOUNDARY_TOKENS = 2;
 /**
@@ -80,7 +113,7 @@ function loadCounter(_encoding: Encoding): CountTokens {
   };
   return (text) => {
     if (text.length === 0) return 0;
-    if (text.length < 128) return count(text);
+    if (text.length < RUN || !mayHaveLongRun(text)) return count(text);
     let runs = 0;
     const rest = text.replace(LONG_RUN, (run) => {
       runs += Buffer.byteLength(run) + RUN_BOUNDARY_TOKENS;
