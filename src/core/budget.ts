@@ -21,12 +21,12 @@
  *   could cover it; otherwise it is lowered to what the key can cover now, a ceiling for that
  *   request alone.
  */
-import type { Denial } from './denial';
+import { limitRefusal, type Denial } from './denial';
 import type { RequestUsage } from './events';
 import { maxImageTokens, imageTokens } from './imageTokens';
 import type { SettleDetails, TokenCounts } from './ledger';
 import { estimateTokens, type GeneratedText, type Usage, type UsageFormat } from './metering';
-import { formatAmount, formatUsd, limitRefusal, MICROS, type Amounts, type Policy } from './policy';
+import { formatAmount, formatUsd, MICROS, type Amounts, type Policy } from './policy';
 import { costAt, ratesFor, type ModelLimits, type ModelPrice, type PriceTable } from './pricing';
 import { readRequest, type RequestFacts } from './requestFacts';
 import { counter, encodingOf, requestTokens } from './tokenCount';
@@ -75,7 +75,8 @@ const SMALLEST_PROMPT_TOKENS = 8;
  * else the bytes of the smallest body), at the model's plain rates.
  */
 function smallestHold(model: string | undefined, minCap: number, price: ModelPrice | undefined): Amounts {
-  const body = JSON.stringify({ model, messages: [{ role: 'user', content: 'hi' }] }).length;
+  // The length of {"model":"<model>","messages":[{"role":"user","content":"hi"}]}.
+  const body = (model?.length ?? 0) + 56;
   const input = encodingOf(model) ? SMALLEST_PROMPT_TOKENS : body + CAP_FIELD_BYTES;
   const amounts: Amounts = { tokens: input + minCap };
   if (price) amounts.spend = Math.ceil(input * price.input + minCap * price.output + (price.requestFee ?? 0) * MICROS);
@@ -391,19 +392,18 @@ export function planHold(req: HoldRequest, policy: Policy, remaining: Amounts, h
   const fits = a.perChoice === Infinity ? Infinity : a.perChoice * n;
   const slice = Math.min(OUTPUT_SLICE, Math.max(MIN_SLICE, Math.floor(fits / 32)));
   const heldOutput = req.stream ? Math.min(ceiling, slice) : ceiling;
-  const plan: HoldPlan = {
-    ...base,
-    input: { tokens: a.bound.tokens, basis: a.bound.basis, micros: a.inputMicros },
-    output: { ceiling, held: heldOutput, slice },
-    outputRate: a.rates.output,
-    feesMicros,
-    inputRate: a.rates.input,
-    tools,
-    hiddenOutput,
-    price,
-    bodyChanged,
-    smallest: smallestHold(model, minCap, price),
-  };
+  // Filled in, not spread: this runs for every request on a limited key.
+  const plan = base;
+  plan.input = { tokens: a.bound.tokens, basis: a.bound.basis, micros: a.inputMicros };
+  plan.output = { ceiling, held: heldOutput, slice };
+  plan.outputRate = a.rates.output;
+  plan.feesMicros = feesMicros;
+  plan.inputRate = a.rates.input;
+  plan.tools = tools;
+  plan.hiddenOutput = hiddenOutput;
+  plan.price = price;
+  plan.bodyChanged = bodyChanged;
+  plan.smallest = smallestHold(model, minCap, price);
   plan.amounts = holdAmounts(plan, a.bound.tokens, a.inputMicros, heldOutput);
   return plan;
 }
