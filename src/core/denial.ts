@@ -3,6 +3,7 @@
  * the usual error type, with a message a person understands. A message never holds a key.
  */
 import type { DenialCode } from './events';
+import { formatUsd, type Meter } from './policy';
 
 /** A refusal with its HTTP status, reason code and message. */
 export interface Denial {
@@ -11,6 +12,22 @@ export interface Denial {
   message: string;
   /** Seconds after which a retry may succeed (429). */
   retryAfter?: number;
+}
+
+/**
+ * The refusal of a request a limit cannot cover, in one set of words everywhere: which limit,
+ * what is used, held by requests in flight and left ("0 held" included), then `asked` (what the
+ * request needed, and why).
+ */
+export function limitRefusal(meter: Meter, state: { limit: number; used: number; held: number }, asked: string): Denial {
+  const { limit, used, held } = state;
+  const left = Math.max(0, limit - used - held);
+  const n = (amount: number) => (meter === 'spend' ? formatUsd(amount) : Math.round(amount).toLocaleString('en-US'));
+  const message =
+    meter === 'activations'
+      ? `till key exhausted: ${n(used)} of ${n(limit)} activations used${held > 0 ? ` (${n(held)} more in flight)` : ''}`
+      : `${meter === 'tokens' ? 'till key out of tokens' : 'till key over budget'}: ${n(used)} of ${meter === 'tokens' ? `${n(limit)} tokens used` : `${n(limit)} spent`}, ${n(held)} held by requests in flight, ${n(left)} left; ${asked}`;
+  return { status: 429, code: 'exhausted', message };
 }
 
 type Shape = 'openai' | 'anthropic' | 'google' | 'github' | 'cohere';

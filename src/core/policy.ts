@@ -2,7 +2,6 @@
  * A till key's policy: its limits and its scope. Limits that are spent (activations now,
  * tokens and spend later) are "meters" so that one reservation mechanism covers them all.
  */
-import type { Denial } from './denial';
 import { matchPattern } from './providers';
 
 /**
@@ -42,21 +41,6 @@ export function formatAmount(meter: Meter, amount: number): string {
   return `${n.toLocaleString('en-US')}${meter === 'tokens' ? (n === 1 ? ' token' : ' tokens') : ''}`;
 }
 
-/**
- * The refusal of a request a limit cannot cover, in one set of words everywhere: which limit,
- * what is used, held by requests in flight and left ("0 held" included), then `asked` (what the
- * request needed, and why).
- */
-export function limitRefusal(meter: Meter, state: { limit: number; used: number; held: number }, asked: string): Denial {
-  const { limit, used, held } = state;
-  const left = Math.max(0, limit - used - held);
-  const n = (amount: number) => (meter === 'spend' ? formatUsd(amount) : Math.round(amount).toLocaleString('en-US'));
-  const message =
-    meter === 'activations'
-      ? `till key exhausted: ${n(used)} of ${n(limit)} activations used${held > 0 ? ` (${n(held)} more in flight)` : ''}`
-      : `${meter === 'tokens' ? 'till key out of tokens' : 'till key over budget'}: ${n(used)} of ${meter === 'tokens' ? `${n(limit)} tokens used` : `${n(limit)} spent`}, ${n(held)} held by requests in flight, ${n(left)} left; ${asked}`;
-  return { status: 429, code: 'exhausted', message };
-}
 
 export interface Policy {
   /** Billable requests allowed. Default: unlimited. */
