@@ -174,6 +174,37 @@ function stream(agent: http.Agent, target: Target): Promise<StreamTiming> {
   });
 }
 
+/** Events of each long stream: enough text for a budgeted key's hold to grow many times. */
+export const LONG_STREAM_EVENTS = 4_000;
+const LONG_STREAM_BODY = Buffer.from(JSON.stringify({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'Tell me everything.' }], stream: true, bench_events: LONG_STREAM_EVENTS }));
+
+/** Reads `count` long streams one after another; resolves with their total wall time (ms). */
+export async function runLongStreams(target: Target, count: number): Promise<number> {
+  const agent = new http.Agent({ keepAlive: true, maxSockets: 1, noDelay: true } as http.AgentOptions);
+  const t0 = performance.now();
+  try {
+    for (let i = 0; i < count; i++) {
+      await new Promise<void>((resolve, reject) => {
+        const req = http.request(
+          { host: '127.0.0.1', port: target.port, method: 'POST', path: target.path, agent, headers: { 'content-type': 'application/json', 'content-length': LONG_STREAM_BODY.length, authorization: target.authorization } },
+          (res) => {
+            let tail = '';
+            res.setEncoding('utf8');
+            res.on('data', (chunk: string) => (tail = (tail + chunk).slice(-64)));
+            res.on('end', () => (res.statusCode === 200 && tail.endsWith('data: [DONE]\n\n') ? resolve() : reject(new Error(`${target.name}: long stream HTTP ${res.statusCode} ending ${JSON.stringify(tail)}`))));
+            res.on('error', reject);
+          },
+        );
+        req.on('error', reject);
+        req.end(LONG_STREAM_BODY);
+      });
+    }
+  } finally {
+    agent.destroy();
+  }
+  return performance.now() - t0;
+}
+
 export interface SseResult {
   streams: number;
   ttfbMedianMs: number;

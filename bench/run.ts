@@ -4,7 +4,14 @@
  * One run compares, on a fast upstream on 127.0.0.1:
  *   direct        the load generator calls the upstream itself;
  *   pass-through  a minimal node:http proxy that swaps the Authorization header;
- *   till          `till serve` (dist/till.js) with a credential in a private keychain and a till key.
+ *   till          `till serve` (dist/till.js) with a credential in a private keychain and a till key;
+ *   till, limits  the same broker with a key limited in tokens and dollars: every request is
+ *                 planned and held, and settled (budget.ts), every stream's hold follows it;
+ *   baseline      with BENCH_BASELINE=<an older build's till.js>: that build's `till serve`, so that
+ *                 this build's cost is compared with it in the same run.
+ * Then long streams (4,000 events each) through the pass-through and both till keys: the CPU a
+ * stream costs, and how often a budgeted stream's hold grows. Then, in this process, the
+ * tokenizer a hold uses when a body's bytes would not fit (bench/tokenizer.ts).
  * Upstream, pass-through and Till each run in their own child process, so the CPU time of each
  * proxy is read from /proc before and after each phase. The load generator runs here.
  *
@@ -19,10 +26,11 @@ import { availableParallelism, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { startPrivateKeyring, type PrivateKeyring } from '../test/support/keyring';
-import { runPhase, runSse, summarize, type PhaseRun, type Target } from './load';
+import { LONG_STREAM_EVENTS, runLongStreams, runPhase, runSse, summarize, type PhaseRun, type Target } from './load';
 import { runPassThrough } from './passthrough';
 import { cpuMicros, cpuModel, machineBusyMicros, peakRssKiB } from './proc';
 import { markdown, type Goal, type TargetResult } from './report';
+import { measureTokenizer } from './tokenizer';
 import { runUpstream, SSE_EVENTS, SSE_GAP_MS, type Orphans } from './upstream';
 
 // Bounded work per target: a warm-up, then fixed request counts.
@@ -34,10 +42,14 @@ const C32_REQUESTS = 10_000;
 const ROUNDS = 4;
 const SSE_STREAMS = 50;
 const SSE_WARMUP_STREAMS = 5;
+const LONG_STREAMS = 20;
 
 // The targets Till is held to.
 const MAX_CPU_RATIO = 1.3;
 const MAX_ADDED_P50_MS = 0.3;
+// Against an older build in the same run (BENCH_BASELINE): no worse, within the rounds' noise.
+const MAX_BASELINE_RATIO = 1.05;
+const BASELINE_JS = process.env.BENCH_BASELINE ? resolve(process.env.BENCH_BASELINE) : undefined;
 
 // The whole run must end by itself.
 const WATCHDOG_MS = 5 * 60_000;
@@ -101,10 +113,10 @@ async function forkRole(role: string, env: Record<string, string>): Promise<{ ch
   return { child, port };
 }
 
-/** Runs the built `till` command to completion; rejects on a non-zero exit. */
-function till(args: string[], env: NodeJS.ProcessEnv, input = ''): Promise<string> {
+/** Runs the built `till` command (`js`: another build's) to completion; rejects on a non-zero exit. */
+function till(args: string[], env: NodeJS.ProcessEnv, input = '', js = TILL_JS): Promise<string> {
   return new Promise((resolveRun, reject) => {
-    const child = spawn(process.execPath, [TILL_JS, ...args], { env, stdio: ['pipe', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, [js, ...args], { env, stdio: ['pipe', 'pipe', 'pipe'] });
     children.push(child);
     let stdout = '';
     let stderr = '';
@@ -127,9 +139,9 @@ function till(args: string[], env: NodeJS.ProcessEnv, input = ''): Promise<strin
  * Starts `till serve` with its output in a file (as a terminal or a log file would take it;
  * nothing here reads it during the load) and waits for its URL.
  */
-async function startServe(env: NodeJS.ProcessEnv, logFile: string): Promise<{ child: ChildProcess; port: number }> {
+async function startServe(env: NodeJS.ProcessEnv, logFile: string, js = TILL_JS): Promise<{ child: ChildProcess; port: number }> {
   const fd = openSync(logFile, 'w', 0o600);
-  const child = spawn(process.execPath, [...profileArgs('till'), TILL_JS, 'serve', '--port', '0'], { cwd: scratch, env, stdio: ['ignore', fd, fd] });
+  const child = spawn(process.execPath, [...(js === TILL_JS ? profileArgs('till') : []), js, 'serve', '--port', '0'], { cwd: scratch, env, stdio: ['ignore', fd, fd] });
   closeSync(fd);
   children.push(child);
   const deadline = Date.now() + 15_000;
@@ -242,7 +254,21 @@ async function main(): Promise<void> {
   upstream.child.send({ reap: orphans });
   const issued = JSON.parse(await till(['issue', 'openai', '--json', '--label', 'bench'], tillEnv)) as { key: string; baseUrl: string; policy: { maxActivations?: number } };
   if (issued.policy.maxActivations !== undefined) throw new Error('the bench key must have no uses limit');
+  // Limits no run reaches: what is measured is the planning, holding and settling of every request.
+  const budgeted = JSON.parse(await till(['issue', 'openai', '--json', '--label', 'bench limits', '--max-tokens', '1000000000', '--max-spend', '100000'], tillEnv)) as { key: string };
   const tillPath = `${new URL(issued.baseUrl).pathname}/chat/completions`;
+
+  let baseline: { child: ChildProcess; port: number; key: string } | undefined;
+  if (BASELINE_JS) {
+    progress(`starting the baseline: ${BASELINE_JS}`);
+    const baseEnv: NodeJS.ProcessEnv = { ...tillEnv, TILL_HOME: join(scratch, 'home-baseline') };
+    await till(['credential', 'add', 'openai'], baseEnv, `${secret}\n`, BASELINE_JS);
+    const started = await startServe(baseEnv, join(scratch, 'serve-baseline.log'), BASELINE_JS);
+    orphans.pids.push(started.child.pid!);
+    upstream.child.send({ reap: orphans });
+    const key = (JSON.parse(await till(['issue', 'openai', '--json', '--label', 'bench'], baseEnv, '', BASELINE_JS)) as { key: string }).key;
+    baseline = { ...started, key };
+  }
 
   const paths: Path[] = [
     { target: { name: 'direct', port: upstream.port, path: '/v1/chat/completions', authorization: `Bearer ${secret}` }, pid: undefined },
@@ -250,6 +276,8 @@ async function main(): Promise<void> {
     { target: { name: 'till', port: serve.port, path: tillPath, authorization: `Bearer ${issued.key}` }, pid: serve.child.pid },
     // The same broker on a billable route Till does not meter: the difference is metering's cost.
     { target: { name: 'till, unmetered route', port: serve.port, path: `${new URL(issued.baseUrl).pathname}/audio/speech`, authorization: `Bearer ${issued.key}` }, pid: serve.child.pid },
+    { target: { name: 'till, limits', port: serve.port, path: tillPath, authorization: `Bearer ${budgeted.key}` }, pid: serve.child.pid },
+    ...(baseline ? [{ target: { name: 'baseline', port: baseline.port, path: tillPath, authorization: `Bearer ${baseline.key}` }, pid: baseline.child.pid }] : []),
   ].map((p) => ({ ...p, c1: [], c32: [], cpuC1: [], cpuC32: [], otherCpu: 0, wall: 0 }));
 
   const metered = (p: Path) => p.target.name !== 'till, unmetered route';
@@ -276,6 +304,19 @@ async function main(): Promise<void> {
     }
     results.push(result);
   }
+  // Long streams: the CPU one costs, and how often a budgeted stream's hold grows (ledger 'adj' lines).
+  const ledgerFile = join(tillEnv.TILL_HOME!, 'ledger.jsonl');
+  const growths = () => (readFileSync(ledgerFile, 'utf8').match(/"t":"adj"/g) ?? []).length;
+  const long: { name: string; cpuPerStream: number; msPerStream: number; growthsPerStream?: number }[] = [];
+  for (const p of paths.filter((x) => x.pid !== undefined && x.target.name !== 'till, unmetered route' && x.target.name !== 'baseline')) {
+    const adj0 = growths();
+    const cpu0 = cpuMicros(p.pid!);
+    const ms = await runLongStreams(p.target, LONG_STREAMS);
+    const cpuPerStream = (cpuMicros(p.pid!) - cpu0) / LONG_STREAMS;
+    long.push({ name: p.target.name, cpuPerStream, msPerStream: ms / LONG_STREAMS, ...(p.target.name === 'till, limits' ? { growthsPerStream: (growths() - adj0) / LONG_STREAMS } : {}) });
+    progress(`${p.target.name}: long streams ${(cpuPerStream / 1000).toFixed(1)} ms CPU each`);
+  }
+
   // The CPU ratio in each round, to show how stable it is.
   const [, passRun, tillRun] = paths as [Path, Path, Path];
   // With each side's µs per request, so a drift can be told apart from one proxy warming up.
@@ -283,6 +324,7 @@ async function main(): Promise<void> {
   const roundsC1 = perRound(tillRun.cpuC1, passRun.cpuC1, C1_REQUESTS / ROUNDS);
   const roundsC32 = perRound(tillRun.cpuC32, passRun.cpuC32, C32_REQUESTS / ROUNDS);
 
+  if (baseline) await stopChild(baseline.child);
   await stopChild(serve.child);
   upstream.child.send({ reap: { ...orphans, pids: [] } });
   if (serve.child.exitCode !== 0) progress(`till serve exited with ${serve.child.exitCode ?? serve.child.signalCode}`);
@@ -290,7 +332,11 @@ async function main(): Promise<void> {
   await stopChild(upstream.child);
   cleanup();
 
+  progress('tokenizer');
+  const tokenizer = measureTokenizer();
   const [, p, t] = results as [TargetResult, TargetResult, TargetResult];
+  const limited = results.find((r) => r.name === 'till, limits')!;
+  const base = results.find((r) => r.name === 'baseline');
   const ratioC1 = t.cpuC1! / p.cpuC1!;
   const ratioC32 = t.cpuC32! / p.cpuC32!;
   const addedP50 = t.c1.p50Ms - p.c1.p50Ms;
@@ -298,6 +344,25 @@ async function main(): Promise<void> {
     { name: 'till CPU per request ÷ pass-through, c=1', value: `${ratioC1.toFixed(2)}× (${Math.round(t.cpuC1!)} vs ${Math.round(p.cpuC1!)} µs)`, limit: `≤ ${MAX_CPU_RATIO}×`, pass: ratioC1 <= MAX_CPU_RATIO },
     { name: 'till CPU per request ÷ pass-through, c=32', value: `${ratioC32.toFixed(2)}× (${Math.round(t.cpuC32!)} vs ${Math.round(p.cpuC32!)} µs)`, limit: `≤ ${MAX_CPU_RATIO}×`, pass: ratioC32 <= MAX_CPU_RATIO },
     { name: 'added p50 latency, till − pass-through, c=1', value: `${addedP50.toFixed(3)} ms`, limit: `≤ ${MAX_ADDED_P50_MS} ms`, pass: addedP50 <= MAX_ADDED_P50_MS },
+    {
+      name: 'till CPU per request with token and dollar limits ÷ pass-through, c=1',
+      value: `${(limited.cpuC1! / p.cpuC1!).toFixed(2)}× (${Math.round(limited.cpuC1!)} vs ${Math.round(p.cpuC1!)} µs)`,
+      limit: `≤ ${MAX_CPU_RATIO}×`,
+      pass: limited.cpuC1! / p.cpuC1! <= MAX_CPU_RATIO,
+    },
+    {
+      name: 'till CPU per request with token and dollar limits ÷ pass-through, c=32',
+      value: `${(limited.cpuC32! / p.cpuC32!).toFixed(2)}× (${Math.round(limited.cpuC32!)} vs ${Math.round(p.cpuC32!)} µs)`,
+      limit: `≤ ${MAX_CPU_RATIO}×`,
+      pass: limited.cpuC32! / p.cpuC32! <= MAX_CPU_RATIO,
+    },
+    ...(base
+      ? (['c1', 'c32'] as const).map((c): Goal => {
+          const key = c === 'c1' ? 'cpuC1' : 'cpuC32';
+          const ratio = t[key]! / base[key]!;
+          return { name: `till CPU per request ÷ the baseline build, ${c === 'c1' ? 'c=1' : 'c=32'}`, value: `${ratio.toFixed(2)}× (${Math.round(t[key]!)} vs ${Math.round(base[key]!)} µs)`, limit: `≤ ${MAX_BASELINE_RATIO}×`, pass: ratio <= MAX_BASELINE_RATIO };
+        })
+      : []),
     {
       name: 'SSE through till unbuffered',
       value: `first event at ${t.sse.ttfbMedianMs.toFixed(2)} ms, ≥ ${t.sse.minLeadMs.toFixed(0)} ms before the end`,
@@ -333,6 +398,9 @@ async function main(): Promise<void> {
       ...(unmetered
         ? [`Metering's cost: the same till key on a billable route Till does not meter (\`/audio/speech\`) used ${Math.round(unmetered.c1)} µs at c=1 and ${Math.round(unmetered.c32)} µs at c=32, so reading usage from the answer and settling tokens and spend costs ${Math.round(t.cpuC1! - unmetered.c1)} µs and ${Math.round(t.cpuC32! - unmetered.c32)} µs per request (${(unmetered.c1 / p.cpuC1!).toFixed(2)}× and ${(unmetered.c32 / p.cpuC32!).toFixed(2)}× the pass-through without it).`]
         : []),
+      `Long streams (${LONG_STREAM_EVENTS.toLocaleString('en-US')} events each, as fast as read, ${LONG_STREAMS} one after another), proxy CPU per stream: ${long.map((l) => `${l.name} ${(l.cpuPerStream / 1000).toFixed(1)} ms`).join(', ')}. The limited key's hold grew ${long.find((l) => l.growthsPerStream !== undefined)?.growthsPerStream?.toFixed(1) ?? '?'} times per stream (a ledger write each), which costs ${((long.find((l) => l.name === 'till, limits')!.cpuPerStream - long.find((l) => l.name === 'till')!.cpuPerStream) / 1000).toFixed(1)} ms per stream over the unlimited key.`,
+      `Tokenizer (o200k_base, gpt-tokenizer, in this process; used only when a body's bytes would refuse a request or lower its output): loading it ${tokenizer.loadMs.toFixed(0)} ms and ${tokenizer.loadRssMiB.toFixed(0)} MiB; counting ${tokenizer.sizes.map((z) => `a ${z.label} (${(z.bytes / 1000).toFixed(0)} kB, ${z.tokens.toLocaleString('en-US')} tokens) ${z.ms.toFixed(1)} ms`).join('; ')}. The requests above are held by their bytes and never reach it.`,
+      ...(base ? [`Baseline: ${BASELINE_JS}, its \`till serve\` run alongside in the same rounds.`] : []),
       `Run time: ${seconds.toFixed(0)} s.`,
     ],
   );

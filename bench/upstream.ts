@@ -4,7 +4,8 @@
  *
  * - `"stream": true` in the body: an SSE answer. Headers and the first event go out at once,
  *   then {@link SSE_EVENTS}-1 more events {@link SSE_GAP_MS} ms apart, then (like OpenAI, only
- *   when `stream_options.include_usage` asks for it) a usage chunk, then `[DONE]`.
+ *   when `stream_options.include_usage` asks for it) a usage chunk, then `[DONE]`. With
+ *   `"bench_events": N` as well: N events as fast as the client reads them (a long answer).
  * - otherwise: a small JSON completion with usage and a content-length.
  *
  * Runs in its own child process (`bench.js upstream`), reports its port over IPC and exits
@@ -35,6 +36,18 @@ export function sseEvent(i: number): string {
 }
 
 const USAGE_EVENT = `data: ${JSON.stringify({ id: 'chatcmpl-bench', object: 'chat.completion.chunk', created: 1700000000, model: 'gpt-4o-mini', choices: [], usage: { prompt_tokens: 14, completion_tokens: SSE_EVENTS, total_tokens: 14 + SSE_EVENTS } })}\n\n`;
+
+/** A long answer: `events` deltas written as fast as the client takes them, then usage and `[DONE]`. */
+function longStream(res: http.ServerResponse, events: number, usage: boolean): void {
+  res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' });
+  let i = 0;
+  const write = (): void => {
+    while (i < events) if (!res.write(sseEvent(i++))) return void res.once('drain', write);
+    const report = { id: 'chatcmpl-bench', object: 'chat.completion.chunk', created: 1700000000, model: 'gpt-4o-mini', choices: [], usage: { prompt_tokens: 14, completion_tokens: events, total_tokens: 14 + events } };
+    res.end(`${usage ? `data: ${JSON.stringify(report)}\n\n` : ''}data: [DONE]\n\n`);
+  };
+  write();
+}
 
 /** What to clean up if the bench dies: `till serve`, the private keychain's daemons, folders. */
 export interface Orphans {
@@ -82,6 +95,8 @@ export function runUpstream(): void {
         return;
       }
       const body = chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks);
+      const long = /"bench_events":(\d+)/.exec(body.toString('latin1'));
+      if (long && body.includes('"stream":true')) return longStream(res, Number(long[1]), body.includes('"include_usage":true'));
       if (body.includes('"stream":true')) {
         const usage = body.includes('"include_usage":true');
         res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' });
