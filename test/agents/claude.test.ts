@@ -13,8 +13,7 @@ import { denials, listKeys, runAgent } from './support/agentRun';
 
 let b: AgentBroker;
 beforeAll(async () => {
-  // Answers take a moment (20 ms an event), so that two agents' calls overlap as real ones do.
-  b = await startAgentBroker({ provider: 'anthropic', start: startAnthropicUpstream, upstream: { streamDelayMs: 20 } });
+  b = await startAgentBroker({ provider: 'anthropic', start: startAnthropicUpstream });
 });
 afterAll(() => b?.close());
 
@@ -68,19 +67,24 @@ describe('Claude Code through Till', () => {
   it('two Claude Code prompts at once on a $2 key: both served, none refused, spend within the key', async () => {
     // Each call asks for 128,000 output tokens ($2.56): held at that worst case, the first call
     // took the whole key and the other agent's calls were refused while it ran.
-    const before = messagesCalls().length;
-    const label = 'claude parallel';
-    const run = runAgent({ home: b.home, agent: 'claude', tillArgs: ['--max-spend', '2', '--label', label], args: ['-p', 'Please read note.txt and tell me what it says.', '--output-format', 'text'], cwd: b.dir, parallel: 2 });
-    const r = await run.done;
-    expect(r.code, run.output()).toBe(0);
-    expect(r.stdout.split(`The note says ${b.marker}.`).length - 1, run.output()).toBe(2);
-    expect(messagesCalls().length - before).toBeGreaterThanOrEqual(4);
-    expect(b.up.peakInFlight()).toBeGreaterThanOrEqual(2);
-    expect(denials(b.home, label)).toEqual([]);
-    const key = (await listKeys(b.home)).find((k) => k.label === label);
-    expect(key?.spend.usd).toBeGreaterThan(0);
-    expect(key?.spend.usd).toBeLessThanOrEqual(2);
-    expect(key?.spend.reservedUsd).toBe(0);
+    // Each model call is answered once the other agent's is in flight too, so they overlap.
+    const pb = await startAgentBroker({ provider: 'anthropic', start: startAnthropicUpstream, upstream: { streamDelayMs: 20, gather: 2 } });
+    try {
+      const label = 'claude parallel';
+      const run = runAgent({ home: pb.home, agent: 'claude', tillArgs: ['--max-spend', '2', '--label', label], args: ['-p', 'Please read note.txt and tell me what it says.', '--output-format', 'text'], cwd: pb.dir, parallel: 2 });
+      const r = await run.done;
+      expect(r.code, run.output()).toBe(0);
+      expect(r.stdout.split(`The note says ${pb.marker}.`).length - 1, run.output()).toBe(2);
+      expect(pb.up.received.filter((c) => c.method === 'POST' && c.path.startsWith('/v1/messages')).length).toBeGreaterThanOrEqual(4);
+      expect(pb.up.peakInFlight()).toBeGreaterThanOrEqual(2);
+      expect(denials(pb.home, label)).toEqual([]);
+      const key = (await listKeys(pb.home)).find((k) => k.label === label);
+      expect(key?.spend.usd).toBeGreaterThan(0);
+      expect(key?.spend.usd).toBeLessThanOrEqual(2);
+      expect(key?.spend.reservedUsd).toBe(0);
+    } finally {
+      await pb.close();
+    }
   });
 
   it("revoking the key mid-answer ends Claude Code with Till's message, not a hang", async () => {

@@ -84,6 +84,11 @@ export interface UpstreamOptions {
   websocket?: boolean;
   /** Tokens a stream goes on generating (and billing) after its client left (default 50). */
   afterDisconnectTokens?: number;
+  /**
+   * A POST waits (up to 5 s) until this many requests are in flight before it is answered, so
+   * that parallel clients' calls overlap as they do against a model slower than this one.
+   */
+  gather?: number;
 }
 
 /** What a scripted model sees of a conversation. */
@@ -218,7 +223,7 @@ interface Caller {
   opts: Opts;
 }
 
-type Opts = Required<Omit<UpstreamOptions, 'reply'>> & Pick<UpstreamOptions, 'reply'>;
+type Opts = Required<Omit<UpstreamOptions, 'reply' | 'gather'>> & Pick<UpstreamOptions, 'reply' | 'gather'>;
 
 interface Exchange extends Caller {
   res: ServerResponse;
@@ -441,6 +446,9 @@ async function startUpstream(options: UpstreamOptions, provider: Provider): Prom
     if (failure) return sendRefusal(ex, failure);
     if (opts.hang) return; // accepted, never answered
     if (!found) return sendRefusal(ex, provider.notFound(ex));
+    if (opts.gather !== undefined && method === 'POST') {
+      for (const until = Date.now() + 5_000; inFlight < opts.gather && Date.now() < until && !res.destroyed; ) await sleep(10);
+    }
     await found.route.handle(ex, found.match);
   }
 

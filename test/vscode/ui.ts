@@ -7,8 +7,8 @@
  * The steps: add an OpenAI credential and issue a key through the command palette; see the
  * key in the Keys tree; in a new integrated terminal, see OPENAI_BASE_URL point at the broker
  * and make a request with the terminal's own till key (it reaches the upstream with the real
- * credential); see the request in the Usage view; stream a long answer on the terminal's
- * dollar-limited key and see its hold grow in the Usage view, then stop it with Ctrl+C; revoke
+ * credential), and one to a model without a price; see the request in the Usage view and the
+ * key's spend as unknown; stream a long answer on the terminal's token-limited key and see its hold grow in the Usage view, then stop it with Ctrl+C; revoke
  * the terminal's key there and see the same request refused. Screenshots go to test/vscode/screenshots/ui-*.png.
  *
  * Exit code 0 when every step passed, 1 otherwise (with ui-failure.png and the step named).
@@ -68,6 +68,8 @@ const PRESET = '50 calls, 1 hour';
 // next command line on the screen.
 const CURL = `curl -s -H "Authorization: Bearer $OPENAI_API_KEY" -H 'content-type: application/json' -d '{"model":"gpt-4o-mini","max_tokens":5,"messages":[]}' $OPENAI_BASE_URL/chat/completions; echo`;
 
+/** A model without a price in Till's table. */
+const UNPRICED = CURL.replace('"gpt-4o-mini"', '"no-such-model-ui"');
 /** A long streamed answer (see the upstream's stream settings below), read as it comes. */
 const STREAM = `curl -sN -H "Authorization: Bearer $OPENAI_API_KEY" -H 'content-type: application/json' -d '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"tell me everything"}]}' $OPENAI_BASE_URL/chat/completions > /dev/null`;
 
@@ -130,14 +132,21 @@ const steps: Array<[name: string, run: (w: World) => Promise<void>]> = [
     const got = upstream.received.at(-1)!;
     if (got.method !== 'POST' || got.path !== '/v1/chat/completions') throw new Error(`the upstream received ${got.method} ${got.path}`);
     if (got.headers.authorization !== `Bearer ${SECRET}`) throw new Error('the upstream did not receive the real credential');
+    // A model Till has no price for: served on this token-limited key, its tokens counted.
+    await typeInTerminal(page, UNPRICED);
+    await expectSoon('the second answer on the terminal', async () => flat(await screenText(rows)).split('"chat.completion"').length > 2);
   }],
 
-  ['see the request in the Usage view', async ({ page }) => {
+  ['see the request in the Usage view, and a model without a price as unknown spend', async ({ sb, page }) => {
     const usage = usageFrame(page);
     const request = usage.locator('table.requests tbody tr', { hasText: 'POST' }).filter({ hasText: '/v1/chat/completions' });
     await request.first().waitFor({ timeout: 10_000 });
     const text = (await request.first().innerText()).replace(/\s+/g, ' ');
     if (!/\b200\b/.test(text)) throw new Error(`the request's row reads "${text}", expected status 200`);
+    // The terminal key's spend: what the priced call cost, and unknown for the other, not $0.00.
+    const label = `terminals · ${path.basename(sb.workspace)}`;
+    const spent = usage.locator('li.card', { has: usage.locator('.label', { hasText: label }) }).locator('.key-usage .spent');
+    await expectSoon('the terminal key\'s spend to read unknown', async () => /unknown/.test((await spent.textContent({ timeout: EXPECT_MS })) ?? ''));
     // Fold the Keys tree away, as a person would, so the Usage view gets the sidebar's height.
     await viewPane(page, 'Keys').locator('.pane-header').click();
     await viewPane(page, 'Keys').locator('.pane-header[aria-expanded="false"]').waitFor({ timeout: EXPECT_MS });
@@ -146,18 +155,18 @@ const steps: Array<[name: string, run: (w: World) => Promise<void>]> = [
   }],
 
   ["watch a stream's hold grow in the Usage view, then stop it", async ({ page }) => {
-    // The terminal's key has a dollar limit: its stream holds a slice of its answer ahead and
+    // The terminal's key has a token limit: its stream holds a slice of its answer ahead and
     // grows the hold as the answer comes (3,000 tokens, one every 5 ms).
     const rows = page.locator('.terminal-wrapper .xterm-rows').first();
     await typeInTerminal(page, STREAM);
     const live = usageFrame(page).locator('li.card [data-live^="key:"]').first();
-    const holding = async () => /holding (\$[\d.]+)/.exec((await live.textContent({ timeout: EXPECT_MS })) ?? '')?.[1];
+    const holding = async () => {
+      const m = /holding ([\d.]+)(K?) tokens/.exec((await live.textContent({ timeout: EXPECT_MS })) ?? '');
+      return m ? Number(m[1]) * (m[2] === 'K' ? 1000 : 1) : undefined;
+    };
     await expectSoon('the stream and its hold in the Usage view', async () => (await holding()) !== undefined);
     const first = await holding();
-    await expectSoon(`the stream's hold to grow from ${first}`, async () => {
-      const now = await holding();
-      return now !== undefined && Number(now.slice(1)) > Number(first!.slice(1));
-    });
+    await expectSoon(`the stream's hold to grow from ${first} tokens`, async () => ((await holding()) ?? 0) > first!);
     await shot(page, 'ui-stream', SIDEBAR);
     // Ctrl+C: the client leaves mid-answer; the stream is settled and its line goes.
     await page.locator('.terminal-wrapper .xterm').first().click();
@@ -298,8 +307,9 @@ async function main(): Promise<number> {
   const sb = createSandbox('till-ui-', {
     ...BASE_SETTINGS,
     'till.upstreams': { openai: `${upstream.url}/v1` },
-    // Terminal keys with a dollar limit, so that a stream's hold shows and grows.
-    'till.terminal.policy': { uses: 500, ttl: '12h', maxSpend: 2 },
+    // Terminal keys with a token limit, so that a stream's hold shows and grows (and a model
+    // without a price is still served, its spend unknown).
+    'till.terminal.policy': { uses: 500, ttl: '12h', maxTokens: 1_000_000 },
     // No empty chat area on the right of the screenshots.
     'workbench.secondarySideBar.defaultVisibility': 'hidden',
   });

@@ -167,6 +167,13 @@ describe('Till in VS Code', function () {
     await poll(treeKeys, (ks) => ks.some((k) => k.label === 'vscode test key' && /1\/50/.test(k.description)), 'the tree to count the call');
   });
 
+  it('a model without a price: its tokens counted, its spend shown as unknown in the tree, not as $0.00', async () => {
+    const client = new OpenAI({ apiKey: issued.key, baseURL: issued.baseUrl, maxRetries: 0 });
+    await client.chat.completions.create({ model: 'no-such-model-vscode', messages: [{ role: 'user', content: 'hi' }] });
+    const key = await poll(treeKeys, (ks) => ks.some((k) => k.label === 'vscode test key' && /2\/50/.test(k.description)), 'the tree to count the call');
+    assert.match(key.find((k) => k.label === 'vscode test key')!.description, /· (<?\$[\d.]+ \+ )?unknown\b/);
+  });
+
   it('the window\'s own broker keeps the default limits: a 34 MiB body and a browser\'s request are refused before the upstream', async () => {
     // The same wiring users run (settings → TillConnection → TillService → Broker): a default
     // lost on the way (undefined over the 32 MiB limit) would show here.
