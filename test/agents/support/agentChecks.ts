@@ -9,7 +9,7 @@ import type { KeySummary } from '../../../src/core/events';
 import { CREDENTIAL_MARKER, addCredential, fakeCredential, runTill, spawnServe, tempHome, type ServeProcess } from '../../support/till';
 import type { Upstream, UpstreamOptions } from '../../support/upstreams';
 import { waitFor } from '../../support/wait';
-import { isLoopback, listKeys, noteReader, workspace, type AgentResult, type AgentRun } from './agentRun';
+import { denials, isLoopback, listKeys, noteReader, workspace, type AgentResult, type AgentRun } from './agentRun';
 
 export interface AgentBroker {
   /** Till's data folder. */
@@ -71,6 +71,15 @@ export function expectUsage(key: KeySummary | undefined, calls: number, up: Upst
   expect(key?.used.activations).toBe(calls);
   expect(key?.tokens.input).toBe(up.reported.inputTokens);
   expect(key?.tokens.output).toBe(up.reported.outputTokens);
+}
+
+/** The key labelled `label` on `home` refused nothing, spent something and at most `maxUsd`, and holds nothing now. */
+export async function expectServedWithin(home: string, label: string, maxUsd: number): Promise<void> {
+  expect(denials(home, label)).toEqual([]);
+  const key = (await listKeys(home)).find((k) => k.label === label);
+  expect(key?.spend.usd).toBeGreaterThan(0);
+  expect(key?.spend.usd).toBeLessThanOrEqual(maxUsd);
+  expect(key?.spend.reservedUsd).toBe(0);
 }
 
 /** Every address the agent (and what it ran) tried was the broker's, on loopback; none was the upstream's. */
