@@ -417,13 +417,14 @@ describe('the contract against a running broker', () => {
         body: JSON.stringify({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }] }),
       });
       const body = await r.json();
-      console.log(JSON.stringify({ status: r.status, key: process.env.OPENAI_API_KEY, base: process.env.OPENAI_BASE_URL, text: body.choices?.[0]?.message?.content }));
+      console.log(JSON.stringify({ status: r.status, key: process.env.OPENAI_API_KEY, base: process.env.OPENAI_BASE_URL, text: body.choices?.[0]?.message?.content, tracing: process.env.OPENAI_AGENTS_DISABLE_TRACING }));
       process.exit(7);`;
     const seen = up.received.length;
     const r = await runTill(['exec', 'openai', '--uses', '5', '--label', 'exec test', '--', process.execPath, '--input-type=module', '-e', script], { home });
     expect(r.code, r.stderr).toBe(7);
-    const result = JSON.parse(r.stdout.trim()) as { status: number; key: string; base: string; text: string };
-    expect(result).toMatchObject({ status: 200, base: `${serve.url}/openai/v1`, text: fakeAnswer(5) });
+    const result = JSON.parse(r.stdout.trim()) as { status: number; key: string; base: string; text: string; tracing: string };
+    // OpenAI Agents SDK traces (prompts included) would go to api.openai.com around the broker.
+    expect(result).toMatchObject({ status: 200, base: `${serve.url}/openai/v1`, text: fakeAnswer(5), tracing: '1' });
     expect(result.key).toMatch(/^till_/);
     expect(up.received).toHaveLength(seen + 1);
     expect(up.received.at(-1)?.headers.authorization).toBe(`Bearer ${secret}`);

@@ -243,10 +243,15 @@ describe('what the provider adds from its own state', () => {
       const k = await b.issue({ target: 'openai', maxSpend: 2.5 });
       const stream = await openaiClient(k).responses.create({ model: 'pricey-gpt', input: 'weather in Paris and in Rome', tools: [{ type: 'web_search' }, { type: 'web_search' }], stream: true });
       const seen: string[] = [];
-      // Ended with Till's error event, which the SDK raises.
-      await expect((async () => {
-        for await (const e of stream) seen.push(e.type === 'response.output_item.added' ? `added ${e.item.type}` : e.type);
-      })()).rejects.toThrow(/till key over budget: .* the stream was ended: the key cannot cover another server-side tool call/);
+      let error: OpenAI.Responses.ResponseErrorEvent | undefined;
+      for await (const e of stream) {
+        seen.push(e.type === 'response.output_item.added' ? `added ${e.item.type}` : e.type);
+        if (e.type === 'error') error = e;
+      }
+      // Ended with the Responses API's own error event, numbered after the last event sent.
+      expect(seen.at(-1)).toBe('error');
+      expect(error).toMatchObject({ code: 'till_exhausted', param: null, message: expect.stringMatching(/^till: till key over budget: .* the stream was ended: the key cannot cover another server-side tool call/) });
+      expect(error!.sequence_number).toBeGreaterThan(0);
       expect(seen).not.toContain('response.completed');
       await waitFor('the cut stream to settle', async () => (await b.key(k.id)).inFlight === 0 && up.inFlight() === 0);
       // The first search ran, the second never started.

@@ -80,8 +80,17 @@ export function denialBody(providerId: string | undefined, denial: Denial): obje
   }
 }
 
-/** The same denial as one SSE event, to end a stream that is already under way. */
-export function denialEvent(providerId: string | undefined, denial: Denial): string {
+/**
+ * The same denial as one SSE event, to end a stream that is already under way, in the shape of
+ * the endpoint's own stream errors: Anthropic's `error` event; the Responses API's `error`
+ * event (`{type, code, message, param, sequence_number}`, numbered after the last event sent,
+ * `sequence`); elsewhere the provider's error body as a data line.
+ */
+export function denialEvent(providerId: string | undefined, denial: Denial, endpoint: { responses: boolean; sequence: number } = { responses: false, sequence: 0 }): string {
+  if (endpoint.responses && shapeOf(providerId) === 'openai') {
+    const data = JSON.stringify({ type: 'error', code: `till_${denial.code}`, message: `till: ${denial.message}`, param: null, sequence_number: endpoint.sequence });
+    return `event: error\ndata: ${data}\n\n`;
+  }
   const data = JSON.stringify(denialBody(providerId, denial));
   return shapeOf(providerId) === 'anthropic' ? `event: error\ndata: ${data}\n\n` : `data: ${data}\n\n`;
 }

@@ -30,7 +30,7 @@ import type { KeyRecord, SettleDetails } from './ledger';
 import { StreamMeter, usageFormat, usageFromJson, type Usage, type UsageFormat } from './metering';
 import { methodViolation, modelViolation, pathViolation, type Amounts } from './policy';
 import type { PriceTable } from './pricing';
-import { isFreeRoute, KEY_QUERY_PARAMS, type Provider, type ProviderRegistry } from './providers';
+import { apiPath, isFreeRoute, KEY_QUERY_PARAMS, type Provider, type ProviderRegistry } from './providers';
 import { BodyScrubber, CredentialForms, relayedHeaders } from './scrub';
 import { StreamHold, TICK_MS } from './streamHold';
 
@@ -153,6 +153,23 @@ function jsonAnswer(format: UsageFormat, chunks: Buffer[]): { usage?: Usage; id?
   }
 }
 
+const NULL_USAGE = Buffer.from('"usage":null');
+
+/**
+ * A chunk as the client would have had it without `include_usage`, which also puts
+ * `"usage":null` on every chunk before the usage one: the field removed (with its comma).
+ * `"usage":null` unescaped can only be a key and its value: inside a string its quotes are escaped.
+ */
+function withoutNullUsage(raw: Buffer): Buffer {
+  const at = raw.indexOf(NULL_USAGE);
+  if (at < 0) return raw;
+  let from = at;
+  let to = at + NULL_USAGE.length;
+  if (raw[from - 1] === 0x2c) from--;
+  else if (raw[to] === 0x2c) to++;
+  return Buffer.concat([raw.subarray(0, from), raw.subarray(to)]);
+}
+
 /**
  * OpenAI-shaped providers that accept `stream_options.include_usage`: when a streaming client
  * did not ask for usage, Till asks for it (to meter) and removes the extra chunk it did not expect.
@@ -209,9 +226,9 @@ export class Exchange {
   ) {
     const { providerId, path, query } = splitUrl(req.url);
     this.provider = c.providers.get(providerId);
-    this.path = path;
+    this.path = apiPath(this.provider, path);
     this.query = query;
-    this.info = { requestId: String(++requestCounter), keyId: '', label: '', provider: this.provider?.id ?? providerId, method: req.method ?? 'GET', path, billable: false };
+    this.info = { requestId: String(++requestCounter), keyId: '', label: '', provider: this.provider?.id ?? providerId, method: req.method ?? 'GET', path: this.path, billable: false };
   }
 
   // -------------------------------------------------------------------------------------------
@@ -508,7 +525,7 @@ export class Exchange {
           return;
         }
         // Cut short (draining), the answer is only counted.
-        if (!this.draining && !res.writableEnded) writable = res.write(scrubber.push(e.raw)) && writable;
+        if (!this.draining && !res.writableEnded) writable = res.write(scrubber.push(withoutNullUsage(e.raw))) && writable;
       };
     }
     if (this.streamHold && this.plan?.hiddenOutput) {
@@ -633,7 +650,7 @@ export class Exchange {
     const { res } = this;
     if (this.ended || this.draining) return;
     if (!res.headersSent) this.sendDenial(denial);
-    else if (this.isSse && this.sseBoundary && !res.writableEnded) res.end(denialEvent(this.provider?.id, denial));
+    else if (this.isSse && this.sseBoundary && !res.writableEnded) res.end(denialEvent(this.provider?.id, denial, { responses: this.format === 'openai-responses', sequence: (this.meter?.lastSequence ?? -1) + 1 }));
     else res.destroy();
     this.stopUpstream(() => this.finish(res.statusCode, denial.code));
   }

@@ -505,6 +505,7 @@ export class StreamMeter {
   /** The generated text seen so far. */
   readonly generated = new GeneratedText();
   private id: string | undefined;
+  private sequence = -1;
   private readonly anthropic: AnthropicCounts = {};
   private usageChunk = false;
   private serviceTier: string | undefined;
@@ -560,6 +561,11 @@ export class StreamMeter {
   /** The id of the response the stream answers with (OpenAI Responses), once seen. */
   get responseId(): string | undefined {
     return this.id;
+  }
+
+  /** The `sequence_number` of the last Responses event seen (-1 before any). */
+  get lastSequence(): number {
+    return this.sequence;
   }
 
   private text(value: unknown): void {
@@ -818,6 +824,7 @@ export class StreamMeter {
 
   private responsesEvent(type: string | undefined, o: Json): void {
     if (type === undefined) return;
+    if (typeof o.sequence_number === 'number') this.sequence = o.sequence_number;
     if (RESPONSES_FINAL.has(type)) {
       this.finished = true;
       const response = asObj(o.response);

@@ -34,6 +34,11 @@ export interface Provider {
   /** Env var(s) SDKs and agents read for the base URL. */
   baseUrlEnv: string[];
   /**
+   * Env vars set alongside the key that keep this provider's tools from calling home around the
+   * broker (`@openai/agents` posts traces, prompts included, to api.openai.com unless told not to).
+   */
+  quietEnv?: Record<string, string>;
+  /**
    * Other env vars tools read this provider's key or endpoint from. Till never sets them, and
    * removes them (with {@link keyEnv} and {@link baseUrlEnv}) from the environment of what it runs.
    */
@@ -46,6 +51,24 @@ export interface Provider {
   defaultHeaders?: Record<string, string>;
   /** True when the catalogue's base URL is only a placeholder (Azure): an override is required. */
   needsUpstream?: boolean;
+  /**
+   * The prefix every endpoint of the API has (`/v1` for Anthropic), when clients differ on
+   * whether the base URL includes it: the official SDKs and Claude Code append `/v1/messages` to
+   * `ANTHROPIC_BASE_URL`, the Vercel AI SDK appends `/messages`. A path without it is served as
+   * the same path with it (see {@link apiPath}).
+   */
+  versionPrefix?: string;
+}
+
+/**
+ * The path a request names in the provider's API: as sent, or with the provider's
+ * {@link Provider.versionPrefix} put in front when a client left it out (`/messages` →
+ * `/v1/messages`). The root (`HEAD /`) stays as it is.
+ */
+export function apiPath(provider: Provider | undefined, path: string): string {
+  const prefix = provider?.versionPrefix;
+  if (!prefix || path === '' || path === '/' || path === prefix || path.startsWith(`${prefix}/`)) return path;
+  return `${prefix}${path}`;
 }
 
 const bearer: KeyPlacement = { kind: 'bearer' };
@@ -85,6 +108,7 @@ export const CATALOGUE: readonly Provider[] = [
     placement: bearer,
     keyEnv: ['OPENAI_API_KEY'],
     baseUrlEnv: ['OPENAI_BASE_URL', 'OPENAI_API_BASE'],
+    quietEnv: { OPENAI_AGENTS_DISABLE_TRACING: '1' },
     otherEnv: ['OPENAI_ADMIN_KEY', 'CODEX_API_KEY'],
     freeRoutes: openAiFree,
   },
@@ -97,6 +121,7 @@ export const CATALOGUE: readonly Provider[] = [
     keyEnv: ['ANTHROPIC_API_KEY'],
     baseUrlEnv: ['ANTHROPIC_BASE_URL'],
     otherEnv: ['ANTHROPIC_AUTH_TOKEN', 'CLAUDE_CODE_OAUTH_TOKEN', 'ANTHROPIC_ADMIN_KEY'],
+    versionPrefix: '/v1',
     freeRoutes: [
       { method: 'GET', path: '/v1/models' },
       { method: 'GET', path: '/v1/models/*' },
@@ -110,7 +135,8 @@ export const CATALOGUE: readonly Provider[] = [
     baseUrl: 'https://generativelanguage.googleapis.com',
     basePath: '',
     placement: { kind: 'header', name: 'x-goog-api-key' },
-    keyEnv: ['GEMINI_API_KEY', 'GOOGLE_API_KEY'],
+    // GOOGLE_GENERATIVE_AI_API_KEY: the Vercel AI SDK's Google provider (it reads no base URL).
+    keyEnv: ['GEMINI_API_KEY', 'GOOGLE_API_KEY', 'GOOGLE_GENERATIVE_AI_API_KEY'],
     baseUrlEnv: ['GOOGLE_GEMINI_BASE_URL'],
     otherEnv: ['GOOGLE_GENERATIVE_AI_API_KEY', 'GOOGLE_VERTEX_BASE_URL'],
     freeRoutes: [

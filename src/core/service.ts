@@ -66,6 +66,7 @@ export function envFor(provider: Provider, key: string, baseUrl: string): Record
   const env: Record<string, string> = {};
   for (const name of provider.keyEnv) env[name] = key;
   for (const name of provider.baseUrlEnv) env[name] = baseUrl;
+  Object.assign(env, provider.quietEnv);
   return env;
 }
 

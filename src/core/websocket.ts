@@ -33,7 +33,7 @@ import type { KeyRecord, SettleDetails } from './ledger';
 import { asObj, GeneratedText, isTextDelta, RESPONSES_FINAL, serverToolCall, usageFormat, usageFromJson, type Usage, type UsageFormat } from './metering';
 import { formatAmount, formatUsd, limitsOf, METERS, modelViolation, pathViolation, scopeViolation, type Amounts } from './policy';
 import type { PriceTable } from './pricing';
-import { isFreeRoute, KEY_HEADERS, KEY_QUERY_PARAMS, type Provider, type ProviderRegistry } from './providers';
+import { apiPath, isFreeRoute, KEY_HEADERS, KEY_QUERY_PARAMS, type Provider, type ProviderRegistry } from './providers';
 import { duplicateKey } from './duplicateKeys';
 import { withDefaults } from './options';
 import { StreamHold } from './streamHold';
@@ -224,8 +224,9 @@ export class WebSocketProxy {
     socket.on('error', () => undefined);
     if ((req.headers.upgrade ?? '').toLowerCase() !== 'websocket') return this.plainHttp(req, socket);
     const started = performance.now();
-    const { providerId, path, query } = splitUrl(req.url);
+    const { providerId, path: sent, query } = splitUrl(req.url);
     const provider = this.options.providers.get(providerId);
+    const path = apiPath(provider, sent);
     const info: RequestInfo = { requestId: `ws${++connectionCounter}`, keyId: '', label: '', provider: provider?.id ?? providerId, method: req.method ?? 'GET', path, billable: false };
     const deny = (denial: Denial, key?: KeyRecord) => {
       if (key) {

@@ -1,0 +1,101 @@
+/**
+ * Popular clients through `till exec`, configured by the environment Till gives them and nothing
+ * else (test/clients/*.mjs): they work unchanged, their tokens are counted exactly, and a key
+ * revoked mid-stream ends them with Till's message in the client's own error shape.
+ */
+import { spawn } from 'node:child_process';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { KeySummary } from '../src/core/events';
+import { addCredential, fakeCredential, runTill, spawnServe, tempHome, TILL_JS, type ServeProcess } from './support/till';
+import { startAnthropicUpstream, startGeminiUpstream, startOpenAIUpstream, type Upstream } from './support/upstreams';
+import { waitFor } from './support/wait';
+
+const creds = { openai: fakeCredential('clients-openai'), anthropic: fakeCredential('clients-anthropic'), gemini: fakeCredential('clients-gemini') };
+const ups: Record<keyof typeof creds, Upstream> = {} as never;
+let home: string;
+let serve: ServeProcess;
+
+beforeAll(async () => {
+  // Streams long and slow enough to revoke a key in the middle of one.
+  ups.openai = await startOpenAIUpstream({ credential: creds.openai, streamChunks: 400, streamDelayMs: 10 });
+  ups.anthropic = await startAnthropicUpstream({ credential: creds.anthropic, streamChunks: 400, streamDelayMs: 10 });
+  ups.gemini = await startGeminiUpstream({ credential: creds.gemini, streamChunks: 400, streamDelayMs: 10 });
+  home = tempHome();
+  for (const p of ['openai', 'anthropic', 'gemini'] as const) await addCredential(home, p, p, creds[p]);
+  serve = await spawnServe(home, { env: { TILL_UPSTREAM_OPENAI: `${ups.openai.url}/v1`, TILL_UPSTREAM_ANTHROPIC: ups.anthropic.url, TILL_UPSTREAM_GEMINI: ups.gemini.url } });
+});
+afterAll(async () => {
+  await serve?.stop();
+  await Promise.all(Object.values(ups).map((u) => u?.close()));
+});
+
+const SCRIPTS = join(__dirname, 'clients');
+
+/** Runs `node <script> <args>` under `till exec <provider>`; resolves with its JSON lines once it exits. */
+function execClient(provider: string, label: string, script: string, args: string[], onLine?: (line: Record<string, unknown>) => void): Promise<{ code: number | null; lines: Record<string, unknown>[]; stderr: string }> {
+  const child = spawn(process.execPath, [TILL_JS, 'exec', provider, '--label', label, '--', process.execPath, join(SCRIPTS, script), ...args], { cwd: join(__dirname, '..'), env: { ...process.env, TILL_HOME: home }, stdio: ['ignore', 'pipe', 'pipe'] });
+  const lines: Record<string, unknown>[] = [];
+  let out = '';
+  let stderr = '';
+  child.stdout.on('data', (c: Buffer) => {
+    out += c.toString();
+    for (let nl = out.indexOf('\n'); nl >= 0; nl = out.indexOf('\n')) {
+      const text = out.slice(0, nl);
+      out = out.slice(nl + 1);
+      if (!text.startsWith('{')) continue;
+      const line = JSON.parse(text) as Record<string, unknown>;
+      lines.push(line);
+      onLine?.(line);
+    }
+  });
+  child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
+  const timer = setTimeout(() => child.kill('SIGKILL'), 60_000);
+  return new Promise((resolve) =>
+    child.on('close', (code) => {
+      clearTimeout(timer);
+      resolve({ code, lines, stderr });
+    }),
+  );
+}
+
+async function keyLabelled(label: string): Promise<KeySummary> {
+  const keys = JSON.parse((await runTill(['ls', '--json'], { home })).stdout) as KeySummary[];
+  return keys.find((k) => k.label === label)!;
+}
+
+/** Revokes the key labelled `label` (it is `till exec`'s, so it is looked up by its label). */
+async function revoke(label: string): Promise<void> {
+  const r = await runTill(['revoke', (await keyLabelled(label)).id], { home });
+  expect(r.code, r.stderr).toBe(0);
+}
+
+describe('the Vercel AI SDK, by environment variables only', () => {
+  for (const provider of ['openai', 'anthropic', 'gemini'] as const) {
+    const sdkProvider = provider === 'gemini' ? 'google' : provider;
+    it(`${sdkProvider}: answers, with its tokens counted exactly`, async () => {
+      const label = `ai-sdk ${sdkProvider} text`;
+      const r = await execClient(provider, label, 'ai-sdk.mjs', [sdkProvider, 'text']);
+      expect(r.code, r.stderr).toBe(0);
+      const answer = r.lines[0] as { text: string; usage: { input: number; output: number } };
+      expect(answer.text.length).toBeGreaterThan(0);
+      const key = await keyLabelled(label);
+      expect(key.used.activations).toBe(1);
+      expect(key.tokens.input).toBe(answer.usage.input);
+      expect(key.tokens.output).toBe(answer.usage.output);
+    });
+
+    it(`${sdkProvider}: a key revoked mid-stream ends it with Till's message`, async () => {
+      const label = `ai-sdk ${sdkProvider} revoked`;
+      const r = await execClient(provider, label, 'ai-sdk.mjs', [sdkProvider, 'stream'], (line) => {
+        if (line.streaming) void revoke(label);
+      });
+      expect(r.code, r.stderr).toBe(0);
+      const error = r.lines.find((l) => l.error)?.error as { name: string; message: string } | undefined;
+      // The SDK's own error, carrying Till's words: not a validation error about the event's shape.
+      expect(error?.message, JSON.stringify(r.lines)).toMatch(/till: till key "[^"]+" was revoked/);
+      expect(error?.name).not.toMatch(/TypeValidation/);
+      await waitFor('the upstream stream to be cut', () => ups[provider].inFlight() === 0);
+    });
+  }
+});
