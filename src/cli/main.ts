@@ -12,7 +12,7 @@ import { ControlClient, NotRunningError } from '../core/control';
 import { CredentialList, CredentialStore, checkCredentialName } from '../core/credentials';
 import type { KeySummary, TillEvent } from '../core/events';
 import { defaultHome, openHome, readConfig, type TillPaths } from '../core/home';
-import { describePolicy, formatAmount, formatDuration, formatSpent, formatUsd, limitsOf, type Amounts } from '../core/policy';
+import { describePolicy, formatAmount, formatCount, formatDuration, formatSpent, formatUsd, limitsOf, type Amounts } from '../core/policy';
 import { holdLease, type HeldLease } from '../core/leases';
 import { providerEnvNames, ProviderRegistry } from '../core/providers';
 import { TillService, type IssuedKey, type IssueInput } from '../core/service';
@@ -168,8 +168,8 @@ function usage(key: KeySummary): string {
 /** Tokens and dollars, used / limit, for `till ls`. */
 function spending(key: KeySummary): string {
   const tokens = key.used.tokens ?? 0;
-  const tokensHeld = (key.reserved.tokens ?? 0) > 0 ? ` (+${formatAmount('tokens', key.reserved.tokens!).replace(/ tokens?$/, '')} held)` : '';
-  const t = `${formatAmount('tokens', tokens).replace(/ tokens?$/, '')}${key.policy.maxTokens !== undefined ? `/${key.policy.maxTokens}` : ''}${tokensHeld}`;
+  const tokensHeld = (key.reserved.tokens ?? 0) > 0 ? ` (+${formatCount(key.reserved.tokens!)} held)` : '';
+  const t = `${formatCount(tokens)}${key.policy.maxTokens !== undefined ? `/${key.policy.maxTokens}` : ''}${tokensHeld}`;
   const spent = formatSpent(key.used.spend ?? 0, { estimated: key.estimatedSpend > 0, unpriced: key.spend.unpricedRequests });
   const s = `${spent}${key.policy.maxSpendUsd !== undefined ? `/$${key.policy.maxSpendUsd.toFixed(2)}` : ''}`;
   const held = (key.reserved.spend ?? 0) > 0 ? ` (+${formatUsd(key.reserved.spend!)} held)` : '';
@@ -228,7 +228,7 @@ function eventLine(e: TillEvent): string {
 /** `, holding $0.12` / `, holding 2,048 tok`: what a request holds of its key's limits (budgeted keys). */
 function heldText(held: Amounts | undefined): string {
   if (held?.spend !== undefined) return `, holding ${formatUsd(held.spend)}`;
-  if (held?.tokens !== undefined) return `, holding ${formatAmount('tokens', held.tokens).replace(/ tokens?$/, '')} tok`;
+  if (held?.tokens !== undefined) return `, holding ${formatCount(held.tokens)} tok`;
   return '';
 }
 
@@ -379,6 +379,8 @@ async function exec(args: string[], paths: TillPaths): Promise<number> {
   if (agent !== undefined && !isAgentName(agent)) throw new UsageError(`unknown agent "${agent}": use ${Object.keys(AGENTS).join(', ')}`);
   if (agent !== undefined && positionals.length > 0) throw new UsageError('till exec --agent picks the credentials itself: name no provider or credential');
   const credentials = new CredentialList(paths.credentials).all();
+  // Read before any key is issued: a config.json that cannot be read leaves none behind.
+  const inherited = providerEnvNames(new ProviderRegistry(readConfig(paths).providers));
   const targets = agent !== undefined ? agentTargets(agent, credentials) : positionals.length > 0 ? positionals : credentials.map((c) => c.name);
   if (targets.length === 0) throw new Error('no credentials: add one with `till credential add <provider>`');
   const client = new ControlClient(paths);
@@ -405,7 +407,7 @@ async function exec(args: string[], paths: TillPaths): Promise<number> {
   // The command sees Till's variables for every provider and no one else's: a real key inherited
   // from this shell (OPENAI_API_KEY=sk-…) would reach it otherwise.
   const env = { ...process.env };
-  for (const name of providerEnvNames(new ProviderRegistry(readConfig(paths).providers))) delete env[name];
+  for (const name of inherited) delete env[name];
   let scratch: string | undefined;
   try {
     if (agent !== undefined) {

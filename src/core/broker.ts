@@ -143,7 +143,7 @@ export class Broker {
     const websockets = new WebSocketProxy({
       keys: o.keys, providers: o.providers, prices: o.prices, events: o.events, audit: o.audit, log: o.log,
       maxMessageBytes: o.maxBodyBytes, open: this.open, conversations: this.context.conversations,
-      secretFor: (name) => this.secretFor(name), baseUrlFor: (p) => this.baseUrlFor(p), http: (req, res) => this.handle(req, res),
+      secretFor: (name) => this.secretFor(name), formsOf: (secret) => this.formsOf(secret), baseUrlFor: (p) => this.baseUrlFor(p), http: (req, res) => this.handle(req, res),
     });
     server.on('upgrade', (req: http.IncomingMessage, socket, head: Buffer) => websockets.upgrade(req, socket, head));
     server.on('clientError', (err: NodeJS.ErrnoException, socket) => {

@@ -8,13 +8,15 @@
  *   the cap Till may add) and each image at the most it can cost, or, when that would refuse the
  *   request or lower its output, the exact count for models whose tokenizer is public. What the
  *   provider adds from its own state is added as the tokens Till saw it report (a response this
- *   broker served: see contexts.ts) or, when Till saw nothing (a file by id, cached content,
- *   server-side tool results), bounded by the model's context window. The plan says which.
+ *   broker served: see contexts.ts) or, when Till saw nothing (a file by id, cached content),
+ *   bounded by the model's context window; server-side tool results at the most one call adds
+ *   (prices.json `toolResults`) per call held, else the context window. The plan says which.
  * - Dollars take the highest rate the request can be billed at: a cache write when it can write
  *   the cache (1-hour writes at their rate), the long-context tier when its input may cross the
  *   tier's threshold, the priority tier when it asks for it; server-side tools add their fees
- *   times the calls the request allows. A spend-limited key refuses what it cannot bound, saying
- *   why and what to set.
+ *   times the calls held: all the request allows, or, where it sets no limit on a stream that
+ *   shows each call, one ahead (streamHold.ts). A spend-limited key refuses what it cannot bound,
+ *   saying why and what to set.
  * - Output: a non-streaming request holds its whole cap (nothing can be cut mid-way); one that
  *   names none gets {@link NON_STREAMING_DEFAULT_OUTPUT}, or what fits. A stream holds a first
  *   slice and grows (see streamHold.ts). The client's own cap is forwarded unchanged while the key
@@ -26,7 +28,7 @@ import type { RequestUsage } from './events';
 import { maxImageTokens, imageTokens } from './imageTokens';
 import type { SettleDetails, TokenCounts } from './ledger';
 import { estimateTokens, type GeneratedText, type Usage, type UsageFormat } from './metering';
-import { formatAmount, formatUsd, MICROS, type Amounts, type Policy } from './policy';
+import { formatAmount, MICROS, type Amounts, type Policy } from './policy';
 import { costAt, ratesFor, type ModelLimits, type ModelPrice, type PriceTable } from './pricing';
 import { readRequest, type RequestFacts } from './requestFacts';
 import { counter, encodingOf, requestTokens } from './tokenCount';
@@ -38,14 +40,14 @@ type Json = Record<string, unknown>;
  * 32nd of what the key could cover for it, between {@link MIN_SLICE} and this. Small enough that
  * parallel streams share a budget; large enough that a growth (a ledger write) is rare.
  */
-export const OUTPUT_SLICE = 1024;
+const OUTPUT_SLICE = 1024;
 /** The smallest slice: room for the cut margin and some output. */
-export const MIN_SLICE = 128;
+const MIN_SLICE = 128;
 /**
  * Output a non-streaming request may produce when it names no cap: enough for nearly every
  * answer, so that one request does not take a key's whole budget while others wait.
  */
-export const NON_STREAMING_DEFAULT_OUTPUT = 16_384;
+const NON_STREAMING_DEFAULT_OUTPUT = 16_384;
 /**
  * Bodies larger than this are held by their bytes (or the model's context window, when smaller)
  * only. The tokenizer runs on the broker's one thread: ordinary text costs it ~0.1 s per MiB,
@@ -269,7 +271,7 @@ function inputBound(req: HoldRequest, facts: RequestFacts, limits: ModelLimits, 
 }
 
 /** The words of a budget refusal: used, held and left, then what this request needs and why. */
-export function budgetRefusal(meter: 'tokens' | 'spend', limit: number, used: number, held: number, needs: number, why: string): Denial {
+function budgetRefusal(meter: 'tokens' | 'spend', limit: number, used: number, held: number, needs: number, why: string): Denial {
   return limitRefusal(meter, { limit, used, held }, `this request needs at least ${formatAmount(meter, needs)} (${why})`);
 }
 
@@ -295,7 +297,8 @@ export function planHold(req: HoldRequest, policy: Policy, remaining: Amounts, h
     limits,
     price: undefined,
     meters,
-    inputEstimate: estimateTokens(req.bodyBytes),
+    // The conversation a WebSocket turn carries is input too (it is not in the turn's bytes).
+    inputEstimate: estimateTokens(req.bodyBytes) + (req.carriedContext ?? 0),
     bodyChanged: false,
   };
   if (!meters.tokens && !meters.spend) return base;
@@ -306,7 +309,7 @@ export function planHold(req: HoldRequest, policy: Policy, remaining: Amounts, h
   if (meters.spend && !price) {
     return { status: 403, code: 'out_of_scope', message: `model ${model ?? '(none)'} has no price in Till's table, so a spend-limited till key refuses it rather than guess; add its price to prices.json in the data folder` };
   }
-  const facts = readRequest(req.format, req.json, req.stream);
+  const facts = readRequest(req.format, req.json);
   if (facts.background) return { status: 403, code: 'out_of_scope', message: `this till key has a ${kind} limit and a background response is billed after Till has answered, so Till cannot meter it: send it without "background": true` };
 
   // Server-side tools: a fee per call, and results billed as input. Calls the request limits are
@@ -342,7 +345,7 @@ export function planHold(req: HoldRequest, policy: Policy, remaining: Amounts, h
   const embeddings = req.format === 'openai-embeddings';
   const n = facts.n;
 
-  /** The plan for one input bound, or undefined when nothing fits (`fit` < the smallest cap). */
+  /** The rates, input cost and output that fits per choice for one input bound (below the smallest cap: nothing fits). */
   const attempt = (bound: InputBound) => {
     const rates = price ? holdRates(price, facts, req.provider, bound.tokens) : { input: 0, output: 0 };
     const inputMicros = Math.ceil(bound.tokens * rates.input);
@@ -408,11 +411,14 @@ export function planHold(req: HoldRequest, policy: Policy, remaining: Amounts, h
   return plan;
 }
 
+/** What a hold's amounts are priced from (a {@link HoldPlan}, or a stream's hold as it goes). */
+export type HoldPricing = Pick<HoldPlan, 'meters' | 'outputRate' | 'feesMicros'>;
+
 /** The amounts of a hold of `input` tokens (costing `inputMicros`) and `output` tokens, on the meters the key limits. */
-export function holdAmounts(plan: HoldPlan, input: number, inputMicros: number, output: number): Amounts {
+export function holdAmounts(pricing: HoldPricing, input: number, inputMicros: number, output: number): Amounts {
   const amounts: Amounts = { activations: 1 };
-  if (plan.meters.tokens) amounts.tokens = input + output;
-  if (plan.meters.spend) amounts.spend = Math.ceil(inputMicros + output * plan.outputRate + plan.feesMicros);
+  if (pricing.meters.tokens) amounts.tokens = input + output;
+  if (pricing.meters.spend) amounts.spend = Math.ceil(inputMicros + output * pricing.outputRate + pricing.feesMicros);
   return amounts;
 }
 
@@ -433,20 +439,22 @@ export const CUT_MARGIN_TOKENS = 64;
  * complete) at its whole ceiling, which the upstream may have produced. Input: reported, else
  * counted the same way for OpenAI-shaped bodies, else `inputEstimate`. Marked estimated.
  */
-export function cutUsage(req: { model: string | undefined; format: UsageFormat | undefined; json: Json | undefined }, plan: HoldPlan, reported: Usage | undefined, produced: GeneratedText | undefined, reachedUpstream: boolean): Usage {
+export function cutUsage(req: Pick<HoldRequest, 'model' | 'format' | 'json' | 'bodyBytes'>, plan: HoldPlan, reported: Usage | undefined, produced: GeneratedText | undefined, reachedUpstream: boolean): Usage {
   const ceiling = plan.output.ceiling || Infinity;
+  const count = counter(encodingOf(req.model) ?? 'o200k_base');
   let output = reported?.outputTokens ?? 0;
   if (produced) {
     const { text, share } = produced.sample();
-    output = Math.max(output, Math.ceil(counter(encodingOf(req.model) ?? 'o200k_base')(text) / share));
+    output = Math.max(output, Math.ceil(count(text) / share));
   } else if (reachedUpstream) {
     output = plan.output.ceiling;
   }
   if (reachedUpstream) output = Math.min(ceiling, output + AFTER_CUT_TOKENS);
   let input = reported?.inputTokens ?? 0;
   if (input <= 0) {
-    // The closest count there is: the model's own tokenizer, or o200k_base for an OpenAI-shaped body.
-    const counted = req.json && req.format ? requestTokens(req.format, req.json, counter(encodingOf(req.model) ?? 'o200k_base')) : undefined;
+    // The closest count there is: the model's own tokenizer, or o200k_base for an OpenAI-shaped
+    // body; the same size cap as planning (the broker's one thread would wait for a huge body).
+    const counted = req.json && req.format && req.bodyBytes <= PRECISE_MAX_BYTES ? requestTokens(req.format, req.json, count) : undefined;
     input = counted ?? plan.inputEstimate;
   }
   // Server-side tool calls it started that no usage reported yet: their fees, and their results at the most they add.
@@ -519,7 +527,3 @@ export function settlement(
   };
 }
 
-/** `$1.50` for micro-dollars, `1,234 tokens` for tokens: for messages. */
-export function describeAmount(meter: 'tokens' | 'spend', n: number): string {
-  return meter === 'spend' ? formatUsd(n) : formatAmount('tokens', n);
-}

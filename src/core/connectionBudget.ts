@@ -14,7 +14,7 @@ import type * as http from 'node:http';
 import type { Socket } from 'node:net';
 
 /** The soft limit on open files of this process (Linux: /proc/self/limits; elsewhere a common value). */
-export function openFileLimit(): number {
+function openFileLimit(): number {
   if (process.platform === 'linux') {
     try {
       const m = /^Max open files\s+(\d+|unlimited)/m.exec(readFileSync('/proc/self/limits', 'utf8'));
@@ -31,7 +31,7 @@ export function openFileLimit(): number {
  * reserve for files, the keychain and the like, since each client request may hold an upstream
  * socket too. 448 under the common limit of 1,024.
  */
-export function connectionBudget(fileLimit = openFileLimit()): number {
+function connectionBudget(fileLimit = openFileLimit()): number {
   return Math.max(32, Math.min(100_000, Math.floor((fileLimit - 128) / 2)));
 }
 
@@ -55,11 +55,6 @@ export class ConnectionBudget {
       res.once('close', () => this.rested(socket));
     });
     server.on('upgrade', (req: http.IncomingMessage) => this.idle.delete(req.socket));
-  }
-
-  /** Connections open now. */
-  get size(): number {
-    return this.all.size;
   }
 
   private opened(socket: Socket): void {

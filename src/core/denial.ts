@@ -3,7 +3,7 @@
  * the usual error type, with a message a person understands. A message never holds a key.
  */
 import type { DenialCode } from './events';
-import { formatUsd, type Meter } from './policy';
+import { formatCount, formatUsd, type Meter } from './policy';
 
 /** A refusal with its HTTP status, reason code and message. */
 export interface Denial {
@@ -22,7 +22,7 @@ export interface Denial {
 export function limitRefusal(meter: Meter, state: { limit: number; used: number; held: number }, asked: string): Denial {
   const { limit, used, held } = state;
   const left = Math.max(0, limit - used - held);
-  const n = (amount: number) => (meter === 'spend' ? formatUsd(amount) : Math.round(amount).toLocaleString('en-US'));
+  const n = (amount: number) => (meter === 'spend' ? formatUsd(amount) : formatCount(amount));
   const message =
     meter === 'activations'
       ? `till key exhausted: ${n(used)} of ${n(limit)} activations used${held > 0 ? ` (${n(held)} more in flight)` : ''}`

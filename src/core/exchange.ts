@@ -18,7 +18,7 @@
 import * as http from 'node:http';
 import * as https from 'node:https';
 import { auditRecord, type AuditLog } from './audit';
-import { cutUsage, planHold, settlement, type HoldPlan } from './budget';
+import { cutUsage, settlement, type HoldPlan } from './budget';
 import type { ConversationSizes } from './contexts';
 import { denialEvent, denialResponse, type Denial } from './denial';
 import { duplicateKey } from './duplicateKeys';
@@ -31,8 +31,9 @@ import { StreamMeter, usageFormat, usageFromJson, type Usage, type UsageFormat }
 import { methodViolation, modelViolation, pathViolation, type Amounts } from './policy';
 import type { PriceTable } from './pricing';
 import { apiPath, isFreeRoute, KEY_QUERY_PARAMS, type Provider, type ProviderRegistry } from './providers';
+import { takeRequestHold } from './requestHold';
 import { BodyScrubber, CredentialForms, relayedHeaders } from './scrub';
-import { StreamHold, TICK_MS } from './streamHold';
+import { TICK_MS, type StreamHold } from './streamHold';
 
 type Json = Record<string, unknown>;
 
@@ -359,29 +360,12 @@ export class Exchange {
       }
     }
     if (json && this.stripUsage) this.body = Buffer.from(JSON.stringify(json));
-    // Planned and held with nothing awaited in between: what is left cannot move.
-    if (info.billable) {
-      const planned = planHold(
-        { provider: provider.id, model: info.model, format, json, bodyBytes: this.body?.length ?? 0, stream: asksStream(format, this.path, json), knownContext: (id) => c.conversations.get(id) },
-        key.policy,
-        c.keys.remaining(key),
-        c.keys.heldFor(key),
-        c.prices,
-      );
-      if ('status' in planned) return this.deny(planned);
-      this.plan = planned;
-      if (json && planned.bodyChanged) this.body = Buffer.from(JSON.stringify(json));
-    }
-    const held = c.keys.admit(key, this.plan?.amounts, this, { batch: true, smallest: this.plan?.smallest });
-    if ('status' in held) return this.deny(held);
-    this.hold = held;
-    if (this.plan && this.plan.stream && (this.plan.meters.tokens || this.plan.meters.spend)) this.streamHold = new StreamHold(this.plan, held);
-    const started: Extract<TillEvent, { type: 'request.started' }> = { type: 'request.started', at: Date.now(), request: info };
-    if (this.plan && (this.plan.meters.tokens || this.plan.meters.spend)) {
-      started.held = this.plan.amounts;
-      started.basis = this.plan.input.basis;
-    }
-    c.events.emit(started);
+    const request = info.billable ? { provider: provider.id, model: info.model, format, json, bodyBytes: this.body?.length ?? 0, stream: asksStream(format, this.path, json) } : undefined;
+    const taken = takeRequestHold(c, key, info, request, this, true);
+    if ('status' in taken) return this.deny(taken);
+    ({ plan: this.plan, hold: this.hold, streamHold: this.streamHold } = taken);
+    // The plan may have capped the answer in the body: send that body.
+    if (json && this.plan?.bodyChanged) this.body = Buffer.from(JSON.stringify(json));
     // Forwarded only once its hold is on disk (batched with this turn's others).
     c.keys.whenDurable(() => this.forward());
   }
@@ -603,7 +587,7 @@ export class Exchange {
     } else usage = this.meter?.usage();
     const complete = this.jsonBody ? usage !== undefined : this.meter?.complete === true;
     if (!usage && !aborted && this.upstreamStatus >= 400) return { amounts: { activations: 1, tokens: 0, spend: 0 } };
-    if (aborted && aborted !== 'progress' && !complete) usage = cutUsage({ model: info.model, format, json: this.json }, plan, usage, this.meter?.generated, this.answering || this.sent);
+    if (aborted && aborted !== 'progress' && !complete) usage = cutUsage({ model: info.model, format, json: this.json, bodyBytes: this.body?.length ?? 0 }, plan, usage, this.meter?.generated, this.answering || this.sent);
     const s = settlement(this.provider!.id, info.model, usage, { inputEstimate: plan.inputEstimate, outputChars: this.meter?.textChars ?? 0 }, c.prices);
     return { amounts: s.amounts, details: s.details, usage: s.usage };
   }

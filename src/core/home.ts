@@ -7,6 +7,7 @@
 import { createHash } from 'node:crypto';
 import { homedir, tmpdir } from 'node:os';
 import { isAbsolute, join } from 'node:path';
+import { isRecord } from './json';
 import { ensurePrivateFolder, readPrivateFile } from './privateFolder';
 import type { CustomProviderConfig } from './providers';
 
@@ -118,7 +119,7 @@ function configProblem(config: Record<string, unknown>): string | undefined {
   const { port, maxBodyBytes, upstreams, providers } = config;
   if (port !== undefined && !(Number.isInteger(port) && (port as number) >= 0 && (port as number) <= 65535)) return '"port" must be a whole number from 0 to 65535';
   if (maxBodyBytes !== undefined && !(Number.isSafeInteger(maxBodyBytes) && (maxBodyBytes as number) > 0)) return '"maxBodyBytes" must be a whole number of bytes above 0';
-  if (upstreams !== undefined && (typeof upstreams !== 'object' || upstreams === null || Array.isArray(upstreams) || Object.values(upstreams).some((u) => typeof u !== 'string'))) {
+  if (upstreams !== undefined && (!isRecord(upstreams) || Object.values(upstreams).some((u) => typeof u !== 'string'))) {
     return '"upstreams" must map provider ids to URLs';
   }
   if (providers !== undefined && !Array.isArray(providers)) return '"providers" must be a list';
@@ -135,7 +136,7 @@ export function readConfig(paths: TillPaths): TillConfig {
   } catch (err) {
     throw new Error(`${paths.config} is not valid JSON (${(err as Error).message})`);
   }
-  if (typeof config !== 'object' || config === null || Array.isArray(config)) throw new Error(`${paths.config} must hold a JSON object`);
+  if (!isRecord(config)) throw new Error(`${paths.config} must hold a JSON object`);
   const problem = configProblem(config as Record<string, unknown>);
   if (problem) throw new Error(`${paths.config}: ${problem}`);
   return config as TillConfig;

@@ -27,11 +27,10 @@ export interface Hold {
   reachedUpstream(): void;
   /**
    * Holds `amounts` instead from now on, atomically against the key's limits (a growth is on disk
-   * before this returns). False, and nothing changed, when the key cannot cover a growth.
+   * before this returns). When the key cannot cover a growth, nothing changes and the meter that
+   * is short is returned (see {@link growthRefusal}).
    */
-  resize(amounts: Amounts): boolean;
-  /** The refusal for a growth the key cannot cover, in the words of the meter that is short. */
-  refusal(why: string): Denial;
+  resize(amounts: Amounts): ReserveRefusal | undefined;
   /** What it holds now. */
   held(): Amounts;
   /**
@@ -67,6 +66,11 @@ const MINUTE = 60_000;
 /** Why a hold was refused: what the request asked for (`wanted`), or `why` when said. */
 function refusal(r: ReserveRefusal, wanted: number, why?: string): Denial {
   return limitRefusal(r.meter, { limit: r.limit, used: r.used, held: r.reserved }, why ?? `this request needs ${formatAmount(r.meter, wanted)}`);
+}
+
+/** The denial for a growth of a hold the key could not cover ({@link Hold.resize}), and why it was needed. */
+export function growthRefusal(r: ReserveRefusal, why: string): Denial {
+  return refusal(r, 0, why);
 }
 
 /**
@@ -409,19 +413,10 @@ class KeyHold implements Hold {
     return { ...(this.reservation?.amounts ?? {}) };
   }
 
-  resize(amounts: Amounts): boolean {
-    if (this.finished || !this.reservation) return false;
-    const refused = this.ledger.adjust(this.reservation, amounts);
-    // Kept for refusal(): the last growth refused, even when a smaller one succeeded after it.
-    if (refused) this.lastRefusal = refused;
-    return refused === undefined;
-  }
-
-  private lastRefusal: ReserveRefusal | undefined;
-
-  refusal(why: string): Denial {
-    const r = this.lastRefusal ?? { meter: 'tokens' as const, limit: 0, used: 0, reserved: 0 };
-    return refusal(r, 0, why);
+  resize(amounts: Amounts): ReserveRefusal | undefined {
+    // An ended hold holds nothing more (the ledger says the same of a reservation no longer open).
+    if (this.finished || !this.reservation) return undefined;
+    return this.ledger.adjust(this.reservation, amounts);
   }
 
   done(actual?: Amounts, details?: SettleDetails): void {

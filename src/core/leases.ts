@@ -13,7 +13,6 @@
  */
 import type { ControlClient } from './control';
 import type { TillKeys } from './keys';
-import { keyState } from './ledger';
 
 /** How long a leased key waits for its holder after a broker starts. Default of {@link Leases}. */
 export const LEASE_GRACE_MS = 10_000;
@@ -32,10 +31,7 @@ export class Leases {
 
   /** Starts the grace period of every active leased key (call once, when the broker starts). */
   start(): void {
-    for (const summary of this.keys.list()) {
-      const key = this.keys.get(summary.id);
-      if (key?.leased && keyState(key) !== 'revoked' && keyState(key) !== 'expired') this.awaitHolder(key.id);
-    }
+    for (const key of this.keys.list()) if (key.leased && key.state !== 'revoked' && key.state !== 'expired') this.awaitHolder(key.id);
   }
 
   /**

@@ -13,11 +13,11 @@
  * crash counts as spent always cover what the upstream could bill; it shrinks when the upstream
  * reports what it bills, written with the next write (a lost shrink only over-counts).
  */
-import { closeSync, fsyncSync, openSync, writeSync } from 'node:fs';
+import { closeSync, fsyncSync, openSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { PendingBytes } from './pendingBytes';
-import { commitTemporary, ensurePrivateFolder, openPrivateAppend, openTemporary, readPrivateFile } from './privateFolder';
+import { ensurePrivateFolder, openPrivateAppend, readPrivateFile, writePrivateFile } from './privateFolder';
 import { hasLimits, limitsOf, type Amounts, type Meter, type Policy } from './policy';
 
 /** A till key as stored. Never holds the key itself, only its hash. */
@@ -76,16 +76,11 @@ export function keyState(key: KeyRecord, now = Date.now()): KeyState {
   return 'active';
 }
 
-/** A hold on part of a key's limits for one request in flight. */
+/**
+ * A hold on part of a key's limits for one request in flight: the object the ledger keeps while
+ * it is open, so its amounts are what it holds now (changed only by {@link Ledger.adjust}).
+ */
 export interface Reservation {
-  readonly id: number;
-  readonly keyId: string;
-  /** What it holds now (changed only by {@link Ledger.adjust}). */
-  readonly amounts: Amounts;
-}
-
-/** A reservation as the ledger keeps it: its amounts change in place. */
-interface OpenHold {
   readonly id: number;
   readonly keyId: string;
   amounts: Amounts;
@@ -208,6 +203,20 @@ function encodeInto(out: PendingBytes, entry: Entry): void {
   bytes[end] = 0x0a;
 }
 
+/** The first meter on which `extra` more would take `key` past its limit, with the figures; undefined when it fits. */
+function overLimit(key: KeyRecord, reserved: Amounts, extra: Amounts): ReserveRefusal | undefined {
+  if (!hasLimits(key.policy)) return undefined;
+  const limits = limitsOf(key.policy);
+  for (const meter of Object.keys(extra) as Meter[]) {
+    const limit = limits[meter];
+    if (limit === undefined) continue;
+    const used = key.used[meter] ?? 0;
+    const held = reserved[meter] ?? 0;
+    if (used + held + extra[meter]! > limit) return { meter, limit, used, reserved: held };
+  }
+  return undefined;
+}
+
 /** Adds a settled request's spending and details to its key. */
 function addSettled(key: KeyRecord, used: Amounts, details: SettleDetails | undefined): void {
   add(key.used, used, 1);
@@ -248,7 +257,7 @@ export interface LedgerOptions {
 export class Ledger {
   private readonly keysById = new Map<string, KeyRecord>();
   private readonly reservedByKey = new Map<string, Amounts>();
-  private readonly open = new Map<number, OpenHold>();
+  private readonly open = new Map<number, Reservation>();
   private nextReservation = 1;
   /** Entries not yet written, in order (see {@link defer}). */
   private readonly deferred = new PendingBytes();
@@ -421,12 +430,10 @@ export class Ledger {
   compact(): void {
     // The snapshot holds everything deferred entries say (memory is already up to date).
     this.deferred.clear();
-    const tmp = openTemporary(this.file);
     let text = encode({ t: 'head', v: 1 });
     for (const key of this.keysById.values()) text += encode({ t: 'key', key });
     for (const res of this.open.values()) text += encode({ t: 'res', r: res.id, k: res.keyId, a: res.amounts });
-    writeSync(tmp.fd, text);
-    commitTemporary(tmp, this.file);
+    writePrivateFile(this.file, text);
     syncFolder(dirname(this.file));
     if (this.fd >= 0) closeSync(this.fd);
     this.fd = openPrivateAppend(this.file);
@@ -481,14 +488,8 @@ export class Ledger {
     const key = this.keysById.get(keyId);
     if (!key) throw new Error(`unknown key ${keyId}`);
     const reserved = this.reservedFor(keyId);
-    const limits = hasLimits(key.policy) ? limitsOf(key.policy) : undefined;
-    if (limits) for (const meter of Object.keys(amounts) as Meter[]) {
-      const limit = limits[meter];
-      if (limit === undefined) continue;
-      const used = key.used[meter] ?? 0;
-      const held = reserved[meter] ?? 0;
-      if (used + held + amounts[meter]! > limit) return { meter, limit, used, reserved: held };
-    }
+    const refused = overLimit(key, reserved, amounts);
+    if (refused) return refused;
     const res: Reservation = { id: this.nextReservation++, keyId, amounts };
     // Batched: written with every other reservation of this turn, in one write, before any of
     // them is acted on (the caller waits for {@link whenDurable}).
@@ -507,28 +508,23 @@ export class Ledger {
    * or undefined when the hold now holds `amounts` (also when the hold is no longer open).
    */
   adjust(res: Reservation, amounts: Amounts): ReserveRefusal | undefined {
-    const open = this.open.get(res.id);
-    if (!open) return undefined;
-    const key = this.keysById.get(open.keyId);
-    const reserved = this.reservedFor(open.keyId);
-    let grows = false;
-    for (const meter of Object.keys(amounts) as Meter[]) if ((amounts[meter] ?? 0) > (open.amounts[meter] ?? 0)) grows = true;
-    for (const meter of Object.keys(open.amounts) as Meter[]) if (amounts[meter] === undefined && open.amounts[meter] !== undefined) throw new Error(`a hold cannot drop its ${meter}`);
-    if (grows && key && hasLimits(key.policy)) {
-      const limits = limitsOf(key.policy);
-      for (const meter of Object.keys(amounts) as Meter[]) {
-        const limit = limits[meter];
-        const more = amounts[meter]! - (open.amounts[meter] ?? 0);
-        if (limit === undefined || more <= 0) continue;
-        const used = key.used[meter] ?? 0;
-        const held = reserved[meter] ?? 0;
-        if (used + held + more > limit) return { meter, limit, used, reserved: held };
-      }
+    if (!this.open.has(res.id)) return undefined;
+    const key = this.keysById.get(res.keyId);
+    const reserved = this.reservedFor(res.keyId);
+    for (const meter of Object.keys(res.amounts) as Meter[]) if (amounts[meter] === undefined && res.amounts[meter] !== undefined) throw new Error(`a hold cannot drop its ${meter}`);
+    // Only growths are checked against the limits: a hold may always shrink.
+    const growth: Amounts = {};
+    for (const meter of Object.keys(amounts) as Meter[]) {
+      const more = amounts[meter]! - (res.amounts[meter] ?? 0);
+      if (more > 0) growth[meter] = more;
     }
-    add(reserved, open.amounts, -1);
-    open.amounts = { ...amounts };
-    add(reserved, open.amounts, 1);
-    const entry: Entry = { t: 'adj', r: open.id, a: open.amounts };
+    const grows = Object.keys(growth).length > 0;
+    const refused = grows && key ? overLimit(key, reserved, growth) : undefined;
+    if (refused) return refused;
+    add(reserved, res.amounts, -1);
+    res.amounts = { ...amounts };
+    add(reserved, res.amounts, 1);
+    const entry: Entry = { t: 'adj', r: res.id, a: res.amounts };
     if (grows) this.write(entry);
     else this.defer(entry);
     this.compactIfDue();
@@ -536,11 +532,10 @@ export class Ledger {
   }
 
   /** Turns a reservation into spending of `actual` (by default, what it holds now). */
-  settle(res: Reservation, actual: Amounts = this.open.get(res.id)?.amounts ?? res.amounts, details?: SettleDetails): void {
-    const open = this.open.get(res.id);
-    if (!open || !this.open.delete(res.id)) return;
+  settle(res: Reservation, actual: Amounts = res.amounts, details?: SettleDetails): void {
+    if (!this.open.delete(res.id)) return;
     this.defer(details ? { t: 'set', r: res.id, u: actual, d: details } : { t: 'set', r: res.id, u: actual });
-    add(this.reservedFor(res.keyId), open.amounts, -1);
+    add(this.reservedFor(res.keyId), res.amounts, -1);
     const key = this.keysById.get(res.keyId);
     if (key) addSettled(key, actual, details);
     this.compactIfDue();
@@ -548,10 +543,9 @@ export class Ledger {
 
   /** Gives a reservation back: the request never reached the upstream. */
   release(res: Reservation): void {
-    const open = this.open.get(res.id);
-    if (!open || !this.open.delete(res.id)) return;
+    if (!this.open.delete(res.id)) return;
     this.defer({ t: 'rel', r: res.id });
-    add(this.reservedFor(res.keyId), open.amounts, -1);
+    add(this.reservedFor(res.keyId), res.amounts, -1);
     this.compactIfDue();
   }
 

@@ -17,6 +17,7 @@
  * - Cumulative counters (Anthropic `message_delta.usage`, Gemini `usageMetadata`, Perplexity's
  *   usage in every chunk) are taken as the LAST value seen, never summed.
  */
+import { asArray, asObj, asStr, type Json } from './json';
 
 /** Tokens one request used, normalised across providers (see the module comment for the convention). */
 export interface Usage {
@@ -125,11 +126,6 @@ function postFormat(provider: string, path: string): UsageFormat | undefined {
 // ---------------------------------------------------------------------------------------------
 // Reading usage objects
 
-type Json = Record<string, unknown>;
-
-/** `v` when it is a plain JSON object. */
-export const asObj = (v: unknown): Json | undefined => (v !== null && typeof v === 'object' && !Array.isArray(v) ? (v as Json) : undefined);
-const asStr = (v: unknown): string | undefined => (typeof v === 'string' ? v : undefined);
 /** A token count: a finite, non-negative number. Anything else (null, strings) counts as absent. */
 const count = (v: unknown): number | undefined => (typeof v === 'number' && Number.isFinite(v) && v >= 0 ? v : undefined);
 
@@ -189,15 +185,20 @@ function fromOpenAiUsage(u: Json): Usage | undefined {
  */
 function withOpenAiExtras(u: Usage, r: Json): Usage {
   if (typeof r.service_tier === 'string') u.serviceTier = r.service_tier;
-  if (Array.isArray(r.output)) {
-    for (const item of r.output) {
-      const type = asObj(item)?.type;
-      if (typeof type !== 'string' || !type.endsWith('_call') || type === 'function_call' || type === 'custom_tool_call') continue;
-      const tool = type.slice(0, -'_call'.length);
-      (u.toolCalls ??= {})[tool] = (u.toolCalls[tool] ?? 0) + 1;
-    }
+  for (const item of asArray(r.output)) {
+    const tool = responsesServerTool(asStr(asObj(item)?.type));
+    if (tool !== undefined) (u.toolCalls ??= {})[tool] = (u.toolCalls[tool] ?? 0) + 1;
   }
   return u;
+}
+
+/**
+ * The server-side tool a Responses output item of type `item` is a call of (`web_search_call` →
+ * `web_search`), or undefined: function and custom tool calls run in the client and bill nothing.
+ */
+function responsesServerTool(item: string | undefined): string | undefined {
+  if (item === undefined || !item.endsWith('_call') || item === 'function_call' || item === 'custom_tool_call') return undefined;
+  return item.slice(0, -'_call'.length);
 }
 
 /** Gemini grounding: each web search query the model ran bills as a `google_search` call. */
@@ -208,7 +209,6 @@ function withGeminiExtras(u: Usage, o: Json): Usage {
   return u;
 }
 
-const asArray = (v: unknown): unknown[] => (Array.isArray(v) ? v : []);
 
 /** Anthropic's counters, kept apart because a stream updates them field by field. */
 interface AnthropicCounts {
@@ -354,11 +354,7 @@ export function estimateTokens(chars: number): number {
  * tool calls run in the client and bill nothing.
  */
 export function serverToolCall(format: UsageFormat, type: string | undefined, o: Json): string | undefined {
-  if (format === 'openai-responses' && type === 'response.output_item.added') {
-    const item = asStr(asObj(o.item)?.type);
-    if (item === undefined || !item.endsWith('_call') || item === 'function_call' || item === 'custom_tool_call') return undefined;
-    return item.slice(0, -'_call'.length);
-  }
+  if (format === 'openai-responses' && type === 'response.output_item.added') return responsesServerTool(asStr(asObj(o.item)?.type));
   if (format === 'anthropic-messages' && type === 'content_block_start') {
     const block = asObj(o.content_block);
     if (block?.type !== 'server_tool_use') return undefined;

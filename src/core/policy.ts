@@ -38,7 +38,12 @@ export function formatSpent(micros: number, how: { estimated?: boolean; unpriced
 export function formatAmount(meter: Meter, amount: number): string {
   if (meter === 'spend') return formatUsd(amount);
   const n = Math.round(amount);
-  return `${n.toLocaleString('en-US')}${meter === 'tokens' ? (n === 1 ? ' token' : ' tokens') : ''}`;
+  return `${formatCount(n)}${meter === 'tokens' ? (n === 1 ? ' token' : ' tokens') : ''}`;
+}
+
+/** `1,234`: a count of calls or tokens, whole, without its unit. */
+export function formatCount(n: number): string {
+  return Math.round(n).toLocaleString('en-US');
 }
 
 

@@ -3,6 +3,7 @@
  * The built-in table is prices.json (dated, per provider, USD per 1M tokens); a user's
  * prices.json in the data folder replaces entries model by model.
  */
+import { isRecord } from './json';
 import { readPrivateFile } from './privateFolder';
 import builtIn from './prices.json';
 
@@ -84,10 +85,6 @@ const VENDORS: Record<string, string> = {
 const RATE_FIELDS = ['input', 'output', 'cachedInput', 'cacheWrite', 'cacheWrite1h'] as const;
 const OPTIONAL_RATES = new Set(['cachedInput', 'cacheWrite', 'cacheWrite1h']);
 const PER_MILLION = 1_000_000;
-
-function isRecord(value: unknown): value is Record<string, unknown> {
-  return typeof value === 'object' && value !== null && !Array.isArray(value);
-}
 
 function checkRates(value: unknown, where: string, extra: readonly string[]): Rates & Record<string, unknown> {
   if (!isRecord(value)) throw new Error(`${where} must be an object like {"input": 1.25, "output": 10}`);

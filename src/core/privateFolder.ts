@@ -103,14 +103,6 @@ function fileProblem(file: string, st: Stats): string | undefined {
   return undefined;
 }
 
-/** Throws unless `file` is absent or a regular file only this user can change. */
-export function checkPrivateFile(file: string): void {
-  if (!CHECKED) return;
-  const st = statOrUndefined(file);
-  const problem = st && fileProblem(file, st);
-  if (problem) throw new PrivateFolderError(`Till will not use ${file}: ${problem}`);
-}
-
 function openChecked(file: string, flags: number, mode?: number): number {
   let fd: number;
   try {
@@ -155,14 +147,14 @@ export function openPrivateAppend(file: string): number {
  * link removes the link, not what it names), and a link planted in between makes the create fail.
  * Finish with {@link commitTemporary}.
  */
-export function openTemporary(file: string): { fd: number; path: string } {
+function openTemporary(file: string): { fd: number; path: string } {
   const path = `${file}.tmp`;
   rmSync(path, { force: true });
   return { fd: openChecked(path, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o600), path };
 }
 
 /** Syncs and closes a temporary file from {@link openTemporary} and renames it over `file`. */
-export function commitTemporary(tmp: { fd: number; path: string }, file: string, sync = true): void {
+function commitTemporary(tmp: { fd: number; path: string }, file: string, sync = true): void {
   try {
     if (sync) fsyncSync(tmp.fd);
   } finally {

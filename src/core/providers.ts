@@ -138,7 +138,7 @@ export const CATALOGUE: readonly Provider[] = [
     // GOOGLE_GENERATIVE_AI_API_KEY: the Vercel AI SDK's Google provider (it reads no base URL).
     keyEnv: ['GEMINI_API_KEY', 'GOOGLE_API_KEY', 'GOOGLE_GENERATIVE_AI_API_KEY'],
     baseUrlEnv: ['GOOGLE_GEMINI_BASE_URL'],
-    otherEnv: ['GOOGLE_GENERATIVE_AI_API_KEY', 'GOOGLE_VERTEX_BASE_URL'],
+    otherEnv: ['GOOGLE_VERTEX_BASE_URL'],
     freeRoutes: [
       { method: 'GET', path: '/*/models' },
       { method: 'GET', path: '/*/models/*' },

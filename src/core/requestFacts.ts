@@ -7,12 +7,8 @@
  * hidden reasoning). Facts per provider: ../shared/PROVIDERS.md, "What providers bill beyond the
  * request body". budget.ts turns these facts into a hold.
  */
+import { asArray, asObj, asStr, type Json } from './json';
 import type { UsageFormat } from './metering';
-
-type Json = Record<string, unknown>;
-const asObj = (v: unknown): Json | undefined => (v !== null && typeof v === 'object' && !Array.isArray(v) ? (v as Json) : undefined);
-const asArray = (v: unknown): unknown[] => (Array.isArray(v) ? v : []);
-const asStr = (v: unknown): string | undefined => (typeof v === 'string' ? v : undefined);
 
 /** An image in the request: its base64 data when inline (its size can be read), else none. */
 export interface ImagePart {
@@ -22,7 +18,6 @@ export interface ImagePart {
   detail?: string;
 }
 
-/** A server-side tool the upstream runs and bills per call. */
 /**
  * A server-side tool the request offers the model: its calls bill a fee and their results are
  * billed as input (what one call may add: prices.json `toolResults`; budget.ts holds them).
@@ -36,12 +31,8 @@ export interface ServerTool {
 
 /** What a body shows about a request's cost. */
 export interface RequestFacts {
-  /** The client asked for a stream. */
-  stream: boolean;
   /** Completions per request (`n`, Gemini `candidateCount`). */
   n: number;
-  /** Bytes of inline image data (counted instead by {@link images}). */
-  imageBytes: number;
   images: ImagePart[];
   /**
    * Input the provider adds that Till cannot see or bound from the body, in words (`a file by
@@ -64,7 +55,7 @@ export interface RequestFacts {
 }
 
 function blank(): RequestFacts {
-  return { stream: false, n: 1, imageBytes: 0, images: [], unseen: [], serverTools: [], cache: 'none', background: false };
+  return { n: 1, images: [], unseen: [], serverTools: [], cache: 'none', background: false };
 }
 
 /** A `data:` URL's base64 payload, or undefined for any other URL. */
@@ -76,7 +67,6 @@ function dataUrlBase64(url: string): string | undefined {
 
 function addImageUrl(facts: RequestFacts, url: string | undefined, detail: string | undefined): void {
   const base64 = url === undefined ? undefined : dataUrlBase64(url);
-  if (base64 !== undefined) facts.imageBytes += url!.length;
   facts.images.push(base64 === undefined ? { detail } : { base64, detail });
 }
 
@@ -193,7 +183,6 @@ function anthropicSource(facts: RequestFacts, block: Json): void {
   const kind = source?.type;
   if (block.type === 'image') {
     if (kind === 'base64' && typeof source?.data === 'string') {
-      facts.imageBytes += source.data.length;
       facts.images.push({ base64: source.data });
     } else facts.images.push({});
     return;
@@ -249,7 +238,6 @@ function geminiParts(facts: RequestFacts, parts: unknown): void {
     const inline = asObj(part.inlineData) ?? asObj(part.inline_data);
     const mime = asStr(inline?.mimeType) ?? asStr(inline?.mime_type);
     if (inline && mime?.startsWith('image/') && typeof inline.data === 'string') {
-      facts.imageBytes += inline.data.length;
       facts.images.push({ base64: inline.data });
     } else if (inline && mime === 'application/pdf') note(facts, 'a document (PDF)');
     if (part.fileData !== undefined || part.file_data !== undefined) note(facts, 'a file by URI');
@@ -276,13 +264,9 @@ function readGemini(facts: RequestFacts, body: Json): void {
   if (thinking?.thinkingBudget === 0) facts.hiddenOutput = false;
 }
 
-/**
- * Reads the facts of a request body of `format`. `stream` says whether the route or body asks
- * for a stream (Gemini streams by path, the others by `stream: true`).
- */
-export function readRequest(format: UsageFormat, body: Json | undefined, stream: boolean): RequestFacts {
+/** Reads the facts of a request body of `format`. */
+export function readRequest(format: UsageFormat, body: Json | undefined): RequestFacts {
   const facts = blank();
-  facts.stream = stream;
   if (!body) return facts;
   const tier = asStr(body.service_tier);
   if (tier !== undefined) facts.serviceTier = tier;

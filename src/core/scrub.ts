@@ -18,7 +18,7 @@ export class CredentialForms {
   readonly forms: Buffer[];
   private readonly text: string[];
 
-  constructor(readonly secret: string) {
+  constructor(secret: string) {
     const text = [...new Set([secret, JSON.stringify(secret).slice(1, -1), encodeURIComponent(secret)])].filter((t) => t.length > 0);
     this.text = text;
     this.forms = text.map((t) => Buffer.from(t));

@@ -31,9 +31,11 @@
  */
 import { CUT_MARGIN_TOKENS, holdAmounts, type HoldPlan } from './budget';
 import type { Denial } from './denial';
-import type { Hold } from './keys';
+import { growthRefusal, type Hold } from './keys';
+import type { ReserveRefusal } from './ledger';
 import type { Usage } from './metering';
 import { costAt, ratesFor } from './pricing';
+import { MICROS } from './policy';
 
 /** How often a stream that may produce hidden output is re-checked between chunks. */
 export const TICK_MS = 250;
@@ -75,11 +77,6 @@ export class StreamHold {
     this.held = plan.output.held;
   }
 
-  /** Output tokens held now. */
-  get heldOutput(): number {
-    return this.held;
-  }
-
   /**
    * Brings the hold in step with `progress`. Returns undefined while the key covers the stream,
    * or the denial to cut it with when it cannot.
@@ -96,11 +93,13 @@ export class StreamHold {
       return undefined;
     }
     const grown = needed <= this.held ? this.held : Math.min(this.plan.output.ceiling, Math.max(needed, this.held + this.plan.output.slice));
-    if (this.resize(grown, calls) || this.resize(needed, calls)) return undefined;
+    if (!this.resize(grown, calls)) return undefined;
+    const refused = this.resize(needed, calls);
+    if (!refused) return undefined;
     // Nothing more can be held: cover the calls already started (their results and fees are
     // being billed), and end the stream.
     if (callsGrow) this.resize(needed, this.callsFor(progress.toolCalls, 0));
-    return this.hold.refusal(callsGrow ? 'the stream was ended: the key cannot cover another server-side tool call' : 'the stream was ended: the key cannot cover what it may produce next');
+    return growthRefusal(refused, callsGrow ? 'the stream was ended: the key cannot cover another server-side tool call' : 'the stream was ended: the key cannot cover what it may produce next');
   }
 
   /**
@@ -108,6 +107,8 @@ export class StreamHold {
    * not limit (a call starts before Till sees it, so one is always held ahead); the limit, else.
    */
   private callsFor(started: Readonly<Record<string, number>>, ahead: number): number[] {
+    // Nearly every stream offers no server-side tool: nothing to follow, nothing to allocate.
+    if (this.plan.tools.length === 0) return this.calls;
     return this.plan.tools.map((t, i) => (t.maxCalls !== undefined ? this.calls[i]! : Math.max(this.calls[i]!, (started[t.calls] ?? 0) + ahead)));
   }
 
@@ -129,7 +130,7 @@ export class StreamHold {
     this.input = usage.inputTokens;
     if (price) {
       const exact = { inputTokens: usage.inputTokens, outputTokens: 0, cachedInputTokens: usage.cachedInputTokens, cacheWriteTokens: usage.cacheWriteTokens, cacheWrite1hTokens: usage.cacheWrite1hTokens, serviceTier: usage.serviceTier };
-      this.inputMicros = Math.ceil(costAt({ ...price, requestFee: 0 }, exact) * 1_000_000);
+      this.inputMicros = Math.ceil(costAt({ ...price, requestFee: 0 }, exact) * MICROS);
       this.outputRate = ratesFor(price, usage.inputTokens, usage.serviceTier).output;
     }
     this.inputShrank = this.input < this.plan.input.tokens;
@@ -141,15 +142,16 @@ export class StreamHold {
     return bound;
   }
 
-  private resize(output: number, calls: number[]): boolean {
+  /** Holds `output` tokens and `calls` from now on; the meter that is short when the key cannot cover it. */
+  private resize(output: number, calls: number[]): ReserveRefusal | undefined {
     const results = this.resultTokens(calls);
-    const plan = { ...this.plan, outputRate: this.outputRate, feesMicros: this.otherFees + this.toolFees(calls) };
-    const ok = this.hold.resize(holdAmounts(plan, this.input + results, this.inputMicros + Math.ceil(results * this.plan.inputRate), output));
-    if (ok) {
+    const pricing = { meters: this.plan.meters, outputRate: this.outputRate, feesMicros: this.otherFees + this.toolFees(calls) };
+    const refused = this.hold.resize(holdAmounts(pricing, this.input + results, this.inputMicros + Math.ceil(results * this.plan.inputRate), output));
+    if (!refused) {
       this.held = output;
       this.calls = calls;
       this.inputShrank = false;
     }
-    return ok;
+    return refused;
   }
 }

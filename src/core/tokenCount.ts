@@ -9,11 +9,8 @@
  * The tokenizer is loaded on first use: most requests are held by their body's bytes and never
  * need it (see budget.ts).
  */
+import { asArray, asObj, type Json } from './json';
 import type { UsageFormat } from './metering';
-
-type Json = Record<string, unknown>;
-const asObj = (v: unknown): Json | undefined => (v !== null && typeof v === 'object' && !Array.isArray(v) ? (v as Json) : undefined);
-const asArray = (v: unknown): unknown[] => (Array.isArray(v) ? v : []);
 
 /** A public tokenizer: how many tokens `text` encodes to, special-token text counted as text. */
 export type CountTokens = (text: string) => number;

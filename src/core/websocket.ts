@@ -30,14 +30,16 @@ import { denialBody, denialResponse, type Denial } from './denial';
 import type { RequestInfo, RequestUsage, TillEvents } from './events';
 import type { Hold, TillKeys } from './keys';
 import type { KeyRecord, SettleDetails } from './ledger';
-import { asObj, GeneratedText, isTextDelta, RESPONSES_FINAL, serverToolCall, usageFormat, usageFromJson, type Usage, type UsageFormat } from './metering';
+import { GeneratedText, isTextDelta, RESPONSES_FINAL, serverToolCall, usageFormat, usageFromJson, type Usage, type UsageFormat } from './metering';
 import { formatAmount, formatUsd, limitsOf, METERS, modelViolation, pathViolation, scopeViolation, type Amounts } from './policy';
 import type { PriceTable } from './pricing';
 import { apiPath, isFreeRoute, KEY_HEADERS, KEY_QUERY_PARAMS, type Provider, type ProviderRegistry } from './providers';
 import { duplicateKey } from './duplicateKeys';
+import { asObj, asStr, type Json } from './json';
 import { withDefaults } from './options';
-import { StreamHold } from './streamHold';
-import { CredentialForms, relayedHeaders } from './scrub';
+import { takeRequestHold } from './requestHold';
+import type { StreamHold } from './streamHold';
+import { relayedHeaders, type CredentialForms } from './scrub';
 import { looksLikeTillKey } from './tillKey';
 
 /**
@@ -71,10 +73,7 @@ const NOT_RELAYED = new Set(['connection', 'upgrade', 'keep-alive', 'transfer-en
 /** Largest upstream refusal body relayed to a client. */
 const MAX_REFUSAL_BODY = 64 * 1024;
 
-type Json = Record<string, unknown>;
 type Dialect = 'responses' | 'realtime' | 'gemini' | 'generic';
-
-const asStr = (v: unknown): string | undefined => (typeof v === 'string' ? v : undefined);
 
 export interface WebSocketProxyOptions {
   keys: TillKeys;
@@ -84,6 +83,8 @@ export interface WebSocketProxyOptions {
   audit?: AuditLog;
   /** Reads a credential from the vault (the broker's cache). */
   secretFor(credential: string): Promise<string>;
+  /** The forms of a credential to scrub from what the upstream sends (the broker's cache). */
+  formsOf(secret: string): CredentialForms;
   /** The base URL clients of a provider use, for messages. */
   baseUrlFor(provider: Provider): string;
   /** What the broker ends when it closes: each connection adds its stop function while open. */
@@ -151,9 +152,9 @@ function toBuffer(data: RawData): Buffer {
 }
 
 /** A message's JSON object; `null` when it is not JSON at all, undefined when it is JSON but not an object. */
-function parseMessage(data: Buffer): Json | null | undefined {
+function parseMessage(data: Buffer | string): Json | null | undefined {
   try {
-    return asObj(JSON.parse(data.toString('utf8')));
+    return asObj(JSON.parse(typeof data === 'string' ? data : data.toString('utf8')));
   } catch {
     return null;
   }
@@ -341,7 +342,7 @@ interface Turn {
   /** The hold following its output (budgeted keys). */
   streamHold?: StreamHold;
   /** What its plan was made from, for counting a cut turn's input. */
-  request?: Pick<HoldRequest, 'model' | 'format' | 'json'>;
+  request?: Pick<HoldRequest, 'model' | 'format' | 'json' | 'bodyBytes'>;
   reached: boolean;
   /** Set once the upstream has started it (`response.created`, Gemini's first content). */
   begun: boolean;
@@ -439,7 +440,7 @@ class Session {
   /** Opens the upstream WebSocket with the credential where the provider expects it. */
   private open(secret: string): void {
     const { provider, req, query, path, offered } = this.s;
-    this.forms = new CredentialForms(secret);
+    this.forms = this.o.formsOf(secret);
     const target = new URL(provider.baseUrl + path.slice(provider.basePath.length));
     target.protocol = target.protocol === 'https:' ? 'wss:' : 'ws:';
     const search = new URLSearchParams(query);
@@ -605,12 +606,13 @@ class Session {
     if (this.phase !== 'open') return;
     if (this.s.dialect === 'generic') return this.send(0, data, binary);
     // Every message is read: a request hidden in one Till did not read would go unmetered.
-    const msg = parseMessage(data);
+    const text = data.toString('utf8');
+    const msg = parseMessage(text);
     if (msg === null) {
       return this.refuseMessage({ status: 400, code: 'bad_request', message: 'messages on this WebSocket must be JSON, so that Till can check them' }, undefined);
     }
     // `{"type":"session.update","type":"response.create"}`: the broker would judge one, the upstream may act on the other.
-    const twice = duplicateKey(data.toString('utf8'));
+    const twice = duplicateKey(text);
     if (twice !== undefined) {
       return this.refuseMessage({ status: 400, code: 'bad_request', message: `the message has the key "${twice}" twice in one object, which the upstream may read otherwise than Till: send it once` }, asStr(msg?.event_id));
     }
@@ -660,19 +662,14 @@ class Session {
    * denial when the key cannot cover it. Known conversations come from the shared store.
    */
   private holdTurn(turn: Turn, request: HoldRequest): HoldPlan | Denial {
-    const { key } = this.s;
-    const planned = planHold({ ...request, knownContext: (id) => this.o.conversations.get(id) }, key.policy, this.o.keys.remaining(key), this.o.keys.heldFor(key), this.o.prices);
-    if ('status' in planned) return planned;
-    const held = this.o.keys.admit(key, planned.amounts, { cut: (d) => this.cut(d) }, { smallest: planned.smallest });
-    if ('status' in held) return held;
-    turn.hold = held;
-    turn.plan = planned;
-    turn.request = { model: request.model, format: request.format, json: request.json };
-    if (planned.meters.tokens || planned.meters.spend) turn.streamHold = new StreamHold(planned, held);
+    const taken = takeRequestHold(this.o, this.s.key, turn.info, request, { cut: (d) => this.cut(d) }, false);
+    if ('status' in taken) return taken;
+    turn.hold = taken.hold;
+    turn.plan = taken.plan;
+    turn.streamHold = taken.streamHold;
+    turn.request = { model: request.model, format: request.format, json: request.json, bodyBytes: request.bodyBytes };
     this.turns.push(turn);
-    const budgeted = planned.meters.tokens || planned.meters.spend;
-    this.o.events.emit({ type: 'request.started', at: Date.now(), request: turn.info, ...(budgeted ? { held: planned.amounts, basis: planned.input.basis } : {}) });
-    return planned;
+    return taken.plan!;
   }
 
   private fromGeminiClient(msg: Json, data: Buffer, binary: boolean): void {
@@ -705,7 +702,7 @@ class Session {
   private fromUpstream(data: Buffer, binary: boolean): void {
     if (this.phase !== 'open') return;
     // Never relay the credential, even in a message that echoes it (masked in place: same length).
-    if (this.forms!.foundIn(data)) this.forms!.maskBytes(data);
+    this.forms!.maskBytes(data);
     if (this.s.dialect === 'gemini') this.meterGemini(data);
     else if (this.openAi) this.meterOpenAi(data);
     if (this.phase === 'open') this.send(1, data, binary);
@@ -848,7 +845,7 @@ class Session {
       const total = usage.inputTokens + usage.outputTokens;
       this.lastTotal = total;
       // What the next response continuing this one (previous_response_id) carries, for HTTP too.
-      if (turn.responseId !== undefined) this.o.conversations.record(turn.responseId, total);
+      if (turn.responseId !== undefined && this.s.dialect === 'responses') this.o.conversations.record(turn.responseId, total);
     }
     if (!turn.hold) return;
     let amounts: Amounts | undefined;

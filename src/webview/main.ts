@@ -436,7 +436,7 @@ function running(keyId?: string): Running {
 /** `streaming… $0.004 so far, holding $0.12`, `2 streams… $0.012 so far`, `streaming… 1.2K tokens so far`. */
 function runningText(r: Running): string {
   const what = r.count === 1 ? 'streaming…' : `${num.format(r.count)} streams…`;
-  return `${what} ${r.priced ? usd(r.spend) : `${short(r.tokens)} tokens`} so far${heldText(r.held.spend !== undefined || r.held.tokens !== undefined ? r.held : undefined)}`;
+  return `${what} ${r.priced ? usd(r.spend) : `${short(r.tokens)} tokens`} so far${heldText(r.held)}`;
 }
 
 const RUNNING_TITLE =
@@ -659,11 +659,11 @@ const METER_SHORT: Record<Meter, (n: number) => string> = { activations: (n) => 
  * One limit: spent, then held by requests in flight (lighter, striped), then what is left. A
  * request is refused when what it may use does not fit in what is left, so this is the why.
  */
-function limitBar(k: KeySummary, meter: Meter, limit: number, state: State): HtmlEl {
+function limitBar(k: KeySummary, meter: Meter, limit: number, state: State, live: Running | undefined): HtmlEl {
   const used = k.used[meter] ?? 0;
   // The key list comes with changes of its counters; an open stream's hold grows in between,
-  // and its progress says so sooner.
-  const held = Math.max(k.reserved[meter] ?? 0, running(k.id).held[meter] ?? 0);
+  // and its progress (`live`) says so sooner.
+  const held = Math.max(k.reserved[meter] ?? 0, live?.held[meter] ?? 0);
   const left = k.remaining[meter] ?? Math.max(0, limit - used - held);
   const fmt = METER_SHORT[meter];
   const estimated = meter === 'spend' && k.estimatedSpend > 0;
@@ -717,7 +717,7 @@ function keyUsage(k: KeySummary, state: State, limits: Amounts): HtmlEl | undefi
       class: estimated ? 'spent est' : unpriced > 0 ? 'spent unknown' : 'spent',
       title: [
         `${formatUsd(spend)} spent${held > 0 ? `, ${formatUsd(held)} held by requests in flight` : ''}${estimated ? `, of which ${formatUsd(k.estimatedSpend)} was estimated.\n${ESTIMATED}` : '.'}`,
-        unpriced > 0 ? `${UNPRICED(unpriced)}` : '',
+        unpriced > 0 ? UNPRICED(unpriced) : '',
       ].filter(Boolean).join('\n'),
     }, formatSpent(spend, { estimated, unpriced })),
     // One run of text, so a narrow card wraps it at a space with each "·" kept after its word.
@@ -756,7 +756,7 @@ function card(k: KeySummary, state: State, st: Stats, now: number): HtmlEl {
       h('span', { class: 'id', title: 'Key id' }, k.id),
     ),
     keyUsage(k, state, limits),
-    limited.length > 0 && h('div', { class: 'limits' }, ...limited.map((m) => limitBar(k, m, limits[m]!, state))),
+    limited.length > 0 && h('div', { class: 'limits' }, ...limited.map((m) => limitBar(k, m, limits[m]!, state, live))),
     live && live.count > 0 && liveLine(`key:${k.id}`, live, 'key'),
     state !== 'revoked' && spark.peak > 0 &&
       h('div', { class: 'spark', title: `Calls per minute, last ${SPAN} min` }, spark.svg, h('span', {}, `${num.format(recentCalls)} / ${SPAN} min`)),

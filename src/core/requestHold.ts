@@ -1,0 +1,56 @@
+/**
+ * Taking one request's hold: plan it (budget.ts), take it with the activation (keys.ts), follow
+ * it if it streams on a limited key (streamHold.ts), and announce the request. The one place the
+ * HTTP path (exchange.ts) and every WebSocket dialect (websocket.ts) do it, synchronously, so that
+ * what is left of the key cannot move between the plan and the hold.
+ */
+import { planHold, type HoldPlan, type HoldRequest } from './budget';
+import type { ConversationSizes } from './contexts';
+import type { Denial } from './denial';
+import type { RequestInfo, TillEvent, TillEvents } from './events';
+import type { Hold, InFlight, TillKeys } from './keys';
+import type { KeyRecord } from './ledger';
+import type { PriceTable } from './pricing';
+import { StreamHold } from './streamHold';
+
+/** What taking a hold needs of the broker. */
+export interface HoldContext {
+  keys: TillKeys;
+  prices: PriceTable;
+  conversations: ConversationSizes;
+  events: TillEvents;
+}
+
+/** A request's hold, taken: its plan (billable requests), the hold, and what follows its stream. */
+export interface TakenHold {
+  plan: HoldPlan | undefined;
+  hold: Hold;
+  streamHold: StreamHold | undefined;
+}
+
+/**
+ * Takes the hold of the request `info` on `key`: planned from `request` when it is billable
+ * (undefined: a free request, which holds no activation), cut through `flight` on revocation.
+ * `batch` lets its ledger write join the event-loop turn's others. Announces `request.started`,
+ * with what it holds and what bounds its input on a limited key. The denial when the key cannot
+ * cover it.
+ */
+export function takeRequestHold(c: HoldContext, key: KeyRecord, info: RequestInfo, request: HoldRequest | undefined, flight: InFlight, batch: boolean): TakenHold | Denial {
+  let plan: HoldPlan | undefined;
+  if (request) {
+    const planned = planHold({ ...request, knownContext: (id) => c.conversations.get(id) }, key.policy, c.keys.remaining(key), c.keys.heldFor(key), c.prices);
+    if ('status' in planned) return planned;
+    plan = planned;
+  }
+  const hold = c.keys.admit(key, plan?.amounts, flight, { batch, smallest: plan?.smallest });
+  if ('status' in hold) return hold;
+  const limited = plan !== undefined && (plan.meters.tokens || plan.meters.spend);
+  // Built field by field: spreads allocate, and this runs for every request.
+  const started: Extract<TillEvent, { type: 'request.started' }> = { type: 'request.started', at: Date.now(), request: info };
+  if (limited) {
+    started.held = plan!.amounts;
+    started.basis = plan!.input.basis;
+  }
+  c.events.emit(started);
+  return { plan, hold, streamHold: limited && plan!.stream ? new StreamHold(plan!, hold) : undefined };
+}
