@@ -77,3 +77,15 @@ describe('providers', () => {
     expect(matchPattern('a.b', 'axb')).toBe(false);
   });
 });
+
+describe('upstreams changed in a running broker (the editor\'s till.upstreams setting)', () => {
+  it('apply to the next lookup, and a malformed address changes nothing', () => {
+    const reg = new ProviderRegistry([], {}, {});
+    reg.setUpstreams({}, { TILL_UPSTREAM_OPENAI: 'http://127.0.0.1:9001/v1' });
+    expect(reg.get('openai')?.baseUrl).toBe('http://127.0.0.1:9001/v1');
+    expect(() => reg.setUpstreams({}, { TILL_UPSTREAM_OPENAI: 'not a url' })).toThrow();
+    expect(reg.get('openai')?.baseUrl).toBe('http://127.0.0.1:9001/v1');
+    reg.setUpstreams({}, {});
+    expect(reg.get('openai')?.baseUrl).toBe('https://api.openai.com/v1');
+  });
+});

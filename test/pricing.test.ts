@@ -239,3 +239,16 @@ describe('readPriceOverrides', () => {
     expect(() => readPriceOverrides(folder)).toThrow(new RegExp(`${folder.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')} could not be read`));
   });
 });
+
+describe('prices changed in a running broker (the editor\'s till.prices setting)', () => {
+  it('apply to the next lookup, and a malformed change changes nothing', () => {
+    const table = new PriceTable({});
+    const before = table.price('openai', 'gpt-5-mini');
+    table.setOverrides({ openai: { 'gpt-5-mini': { input: 9, output: 99 } } });
+    expect(table.price('openai', 'gpt-5-mini')).toMatchObject({ input: 9, output: 99 });
+    expect(() => table.setOverrides({ openai: { 'gpt-5-mini': { input: -1 } } } as never)).toThrow();
+    expect(table.price('openai', 'gpt-5-mini')).toMatchObject({ input: 9, output: 99 });
+    table.setOverrides({});
+    expect(table.price('openai', 'gpt-5-mini')).toEqual(before);
+  });
+});

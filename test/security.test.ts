@@ -1144,6 +1144,10 @@ describe('upstream failures', () => {
       expect(s.used.activations).toBe(0);
       expect(s.remaining.activations).toBe(2);
       expect(s.inFlight).toBe(0);
+      // What views total (the Usage view's "today") is what the ledger counted: nothing.
+      const ended = await waitFor('the request.finished event', () => service.events().find((e) => e.type === 'request.finished' && e.request.keyId === k.id));
+      expect(ended).toMatchObject({ status: 502, uncounted: true });
+      expect(ended).not.toHaveProperty('usage');
     } finally {
       await service.close();
     }

@@ -37,7 +37,7 @@ export class TillConnection {
   /** The broker's URL, once known. */
   url: string | undefined;
 
-  constructor(private readonly options: ConnectionOptions) {
+  constructor(private options: ConnectionOptions) {
     this.paths = tillPaths(options.home);
     this.client = new ControlClient(this.paths);
   }
@@ -187,6 +187,18 @@ export class TillConnection {
     await this.connect();
     if (this.service) return this.service.keys.revokeAll();
     return ((await this.client.request('DELETE', '/keys')) as { revoked: number }).revoked;
+  }
+
+  /**
+   * Applies new upstreams and prices. A broker this process hosts takes them at once, keeping
+   * keys, port and requests in flight ('applied'); they are kept for a takeover either way, and
+   * so is the port, which takes a restart. 'elsewhere': another process hosts the broker and
+   * keeps its own settings. Throws, changing nothing, when a setting is malformed.
+   */
+  reconfigure(settings: Pick<ServiceOptions, 'env' | 'prices' | 'port'>): 'applied' | 'elsewhere' | 'later' {
+    this.service?.reconfigure(settings);
+    this.options = { ...this.options, ...settings };
+    return this.service ? 'applied' : this.role === 'attached' ? 'elsewhere' : 'later';
   }
 
   /** Tells the broker a credential changed, so it drops what it cached. */

@@ -578,7 +578,9 @@ export class Exchange {
    */
   private settle(aborted: string | undefined): { amounts: Amounts; details?: SettleDetails; usage?: RequestUsage } | undefined {
     const { c, info, format, plan } = this;
-    if (!info.billable || !format || !plan) return undefined;
+    // No hold (never taken, or given back because nothing reached the upstream): nothing was
+    // counted, so the event reports nothing either (views total what the ledger has).
+    if (!info.billable || !format || !plan || !this.hold) return undefined;
     let usage: Usage | undefined;
     if (this.jsonBody) {
       const answer = jsonAnswer(format, this.jsonBody);
@@ -606,6 +608,7 @@ export class Exchange {
     const event: Extract<TillEvent, { type: 'request.finished' }> = { type: 'request.finished', at: Date.now(), request: info, status, latencyMs };
     if (aborted) event.aborted = aborted;
     if (spent?.usage) event.usage = spent.usage;
+    if (info.billable && !this.hold) event.uncounted = true;
     c.events.emit(event);
     this.audit(status, undefined, aborted);
   }

@@ -192,8 +192,7 @@ export class PriceTable {
   constructor(overrides: PriceOverrides = {}) {
     const file = builtIn as PriceFile;
     this.asOf = file.asOf;
-    this.layer(checkModels(file.models, 'prices.json models'));
-    this.layer(checkModels(overrides, 'price overrides'));
+    this.setOverrides(overrides);
     for (const [provider, aliases] of Object.entries(file.aliases ?? {})) {
       this.aliases.set(key(provider), new Map(Object.entries(aliases).map(([from, to]) => [key(from), key(to)])));
     }
@@ -241,6 +240,19 @@ export class PriceTable {
   /** USD per call of a provider's server-side tool, or undefined when Till does not know its fee. */
   toolFee(provider: string, tool: string): number | undefined {
     return this.fees[SHARED_TABLE[provider] ?? provider]?.[tool];
+  }
+
+  /**
+   * Replaces the user's prices (a settings change applied to a running broker): lookups from
+   * now on use them; a request already settled keeps what it was charged. Throws, changing
+   * nothing, when `overrides` is malformed.
+   */
+  setOverrides(overrides: PriceOverrides): void {
+    const checked = checkModels(overrides, 'price overrides');
+    this.tables.clear();
+    this.memo.clear();
+    this.layer(checkModels((builtIn as PriceFile).models, 'prices.json models'));
+    this.layer(checked);
   }
 
   private layer(prices: PriceOverrides): void {

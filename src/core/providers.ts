@@ -262,20 +262,34 @@ function checkUrl(url: string, where: string): string {
 
 /** The providers in force: the catalogue plus custom ones, with upstream overrides applied. */
 export class ProviderRegistry {
-  private readonly byId = new Map<string, Provider>();
+  private byId = new Map<string, Provider>();
 
   /**
    * @param custom user-defined providers (config file).
    * @param overrides upstream base URLs by provider id (config file).
    * @param env environment to read `TILL_UPSTREAM_<ID>` from; env wins over the config file.
    */
-  constructor(custom: CustomProviderConfig[] = [], overrides: Record<string, string> = {}, env: NodeJS.ProcessEnv = process.env) {
-    for (const p of CATALOGUE) this.byId.set(p.id, p);
-    for (const c of custom) {
+  constructor(
+    private readonly custom: CustomProviderConfig[] = [],
+    overrides: Record<string, string> = {},
+    env: NodeJS.ProcessEnv = process.env,
+  ) {
+    this.setUpstreams(overrides, env);
+  }
+
+  /**
+   * Points the providers at new upstreams (a settings change applied to a running broker):
+   * requests from now on go there; one already forwarded finishes where it went. Throws,
+   * changing nothing, when an address is malformed.
+   */
+  setUpstreams(overrides: Record<string, string>, env: NodeJS.ProcessEnv = process.env): void {
+    const byId = new Map<string, Provider>();
+    for (const p of CATALOGUE) byId.set(p.id, p);
+    for (const c of this.custom) {
       if (!PROVIDER_ID.test(c.id)) throw new Error(`custom provider id "${c.id}" must be lower-case letters, digits and dashes`);
-      if (this.byId.has(c.id)) throw new Error(`custom provider "${c.id}" clashes with a built-in provider`);
+      if (byId.has(c.id)) throw new Error(`custom provider "${c.id}" clashes with a built-in provider`);
       const baseUrl = checkUrl(c.baseUrl, `custom provider ${c.id}`);
-      this.byId.set(c.id, {
+      byId.set(c.id, {
         id: c.id,
         displayName: c.id,
         baseUrl,
@@ -286,12 +300,13 @@ export class ProviderRegistry {
         freeRoutes: c.freeRoutes ?? [],
       });
     }
-    for (const [id, provider] of this.byId) {
+    for (const [id, provider] of byId) {
       const override = env[upstreamEnvVar(id)] ?? overrides[id];
       if (override) {
-        this.byId.set(id, { ...provider, baseUrl: checkUrl(override, upstreamEnvVar(id)), needsUpstream: false });
+        byId.set(id, { ...provider, baseUrl: checkUrl(override, upstreamEnvVar(id)), needsUpstream: false });
       }
     }
+    this.byId = byId;
   }
 
   get(id: string): Provider | undefined {

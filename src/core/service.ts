@@ -86,6 +86,8 @@ export class TillService {
     readonly broker: Broker,
     readonly keys: TillKeys,
     readonly providers: ProviderRegistry,
+    private readonly prices: PriceTable,
+    private readonly configUpstreams: Record<string, string> | undefined,
     readonly credentials: CredentialList,
     private readonly ledger: Ledger,
     private readonly audit: AuditLog,
@@ -124,15 +126,13 @@ export class TillService {
       const vault = options.vault ?? new KeychainVault({ service: paths.keychainService });
       const events = new TillEvents();
       const keys = new TillKeys(ledger, events);
-      const overrides = readPriceOverrides(paths.prices);
-      for (const [provider, models] of Object.entries(options.prices ?? {})) overrides[provider] = { ...overrides[provider], ...models };
-      const prices = new PriceTable(overrides);
+      const prices = new PriceTable(priceOverrides(paths, options.prices));
       // Layered: a setting not given (undefined) never replaces the one below it or the broker's default.
       const settings = withDefaults<BrokerSettings, object>({}, { port: config.port, maxBodyBytes: config.maxBodyBytes }, options.broker, { port: options.port });
       conversations = new ConversationSizes(paths.contexts);
       const broker = new Broker({ keys, vault, providers, prices, events, audit, conversations, log: options.log, ...settings });
       await broker.start();
-      const service = new TillService(paths, events, broker, keys, providers, new CredentialList(paths.credentials), ledger, audit, conversations, control, vault, options.leaseGraceMs);
+      const service = new TillService(paths, events, broker, keys, providers, prices, config.upstreams, new CredentialList(paths.credentials), ledger, audit, conversations, control, vault, options.leaseGraceMs);
       control.serve(service.controlRoutes());
       return service;
     } catch (err) {
@@ -146,6 +146,19 @@ export class TillService {
 
   get url(): string {
     return this.broker.url;
+  }
+
+  /**
+   * Applies changed upstreams and prices (the editor's settings) to the running broker, keeping
+   * keys, the port and requests in flight: a request already forwarded finishes where it went.
+   * Throws, changing nothing, when a setting is malformed.
+   */
+  reconfigure(settings: Pick<ServiceOptions, 'env' | 'prices'>): void {
+    const overrides = priceOverrides(this.paths, settings.prices);
+    // Both steps are all-or-nothing; the prices are checked first so neither half lands alone.
+    new PriceTable(overrides);
+    this.providers.setUpstreams(this.configUpstreams ?? {}, settings.env);
+    this.prices.setOverrides(overrides);
   }
 
   private resolveCredential(target: string): CredentialInfo {
@@ -234,4 +247,11 @@ export class TillService {
     this.conversations.close();
     this.ledger.close();
   }
+}
+
+/** The data folder's prices.json with the editor's price settings over it. */
+function priceOverrides(paths: TillPaths, settings: PriceOverrides | undefined): PriceOverrides {
+  const overrides = readPriceOverrides(paths.prices);
+  for (const [provider, models] of Object.entries(settings ?? {})) overrides[provider] = { ...overrides[provider], ...models };
+  return overrides;
 }

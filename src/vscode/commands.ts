@@ -16,11 +16,13 @@ import { COMMANDS, SETTINGS, VIEW_CONTAINER } from './constants';
 import type { KeysTreeProvider } from './keysTree';
 import type { DisposableStore } from './lifecycle';
 import type { TillSession } from './session';
+import type { TerminalEnv } from './terminalEnv';
 
 export interface CommandDeps {
   session: TillSession;
   tree: KeysTreeProvider;
   agents: AgentTerminals;
+  terminals: TerminalEnv;
 }
 
 /** Presets offered by Issue Key; "Custom…" asks for each limit. */
@@ -80,14 +82,19 @@ async function addCredential(deps: CommandDeps, args?: { provider?: string; secr
   return name;
 }
 
-async function removeCredential(deps: CommandDeps, args?: { name?: string }): Promise<void> {
+/** Remove Credential's argument: a name (scripts; no question asked) or the tree's credential item (asks first). */
+type RemoveArg = { name?: string } | { kind: 'credential'; credential: { name: string } } | undefined;
+
+async function removeCredential(deps: CommandDeps, arg?: RemoveArg): Promise<void> {
   const { session } = deps;
+  const fromTree = arg && 'kind' in arg ? arg.credential.name : undefined;
+  const args = fromTree ? undefined : (arg as { name?: string } | undefined);
   const all = session.credentials.all();
   if (all.length === 0) {
     void session.prompter.message('info', 'Till: there are no credentials to remove.', []);
     return;
   }
-  const name = args?.name ?? (await session.prompter.pick('Till: Remove Credential', all.map((c) => ({ label: c.name, description: c.provider, value: c.name }))));
+  const name = args?.name ?? fromTree ?? (await session.prompter.pick('Till: Remove Credential', all.map((c) => ({ label: c.name, description: c.provider, value: c.name }))));
   if (!name) return;
   if (!args?.name) {
     const ok = await session.prompter.message('warning', `Remove "${name}" from the OS keychain? Till keys bound to it stop working.`, ['Remove'], true);
@@ -95,6 +102,7 @@ async function removeCredential(deps: CommandDeps, args?: { name?: string }): Pr
   }
   await session.credentials.remove(name);
   session.credentialsChanged(name);
+  void session.prompter.message('info', `Till: removed "${name}" from the OS keychain.`, []);
 }
 
 async function askPolicy(deps: CommandDeps): Promise<PolicyInput | undefined> {
@@ -173,25 +181,37 @@ async function issueKey(deps: CommandDeps, args?: Partial<IssueInput>): Promise<
   return issued;
 }
 
-/** Shows the key once, with copy buttons, until dismissed. */
+/** What each copy button puts on the clipboard, and what the confirmation calls it. */
+const COPIES: { button: string; what: string; text: (key: IssuedKey) => string }[] = [
+  { button: 'Copy Key', what: 'the key', text: (k) => k.key },
+  { button: 'Copy as env', what: 'export lines for a shell', text: (k) => envText(k, 'shell') },
+  { button: 'Copy as .env', what: '.env lines', text: (k) => envText(k, 'dotenv') },
+  { button: 'Copy Base URL', what: 'the base URL', text: (k) => k.baseUrl },
+];
+
+/**
+ * Shows the key once (the broker keeps only its hash), with copy buttons, until dismissed;
+ * each copy is confirmed in the message that comes back.
+ */
 async function offerCopies(deps: CommandDeps, issued: IssuedKey): Promise<void> {
-  const text = `Till key "${issued.label}" issued. It is shown only now: copy what you need.`;
+  const shown = `Till key "${issued.label}" issued: ${issued.key} (base URL ${issued.baseUrl}). It is shown only now: copy what you need.`;
+  let text = shown;
   for (let i = 0; i < 10; i++) {
-    const choice = await deps.session.prompter.message('info', text, ['Copy Key', 'Copy as env', 'Copy as .env', 'Copy Base URL']);
-    if (choice === 'Copy Key') await vscode.env.clipboard.writeText(issued.key);
-    else if (choice === 'Copy as env') await vscode.env.clipboard.writeText(envText(issued, 'shell'));
-    else if (choice === 'Copy as .env') await vscode.env.clipboard.writeText(envText(issued, 'dotenv'));
-    else if (choice === 'Copy Base URL') await vscode.env.clipboard.writeText(issued.baseUrl);
-    else return;
-    vscode.window.setStatusBarMessage(`Till: copied ${choice.replace('Copy ', '').toLowerCase()}`, 3000);
+    const choice = await deps.session.prompter.message('info', text, COPIES.map((c) => c.button));
+    const copy = COPIES.find((c) => c.button === choice);
+    if (!copy) return;
+    await vscode.env.clipboard.writeText(copy.text(issued));
+    text = `Copied ${copy.what} to the clipboard. ${shown}`;
+    vscode.window.setStatusBarMessage(`$(check) Till: copied ${copy.what}`, 3000);
   }
 }
 
 async function revokeKey(deps: CommandDeps, arg?: unknown): Promise<boolean> {
   const { session } = deps;
+  const keys = await session.connection.list();
   let id = keyIdOf(arg);
   if (!id) {
-    const live = (await session.connection.list()).filter((k) => k.state === 'active');
+    const live = keys.filter((k) => k.state === 'active');
     if (live.length === 0) {
       void session.prompter.message('info', 'Till: no live keys to revoke.', []);
       return false;
@@ -199,9 +219,29 @@ async function revokeKey(deps: CommandDeps, arg?: unknown): Promise<boolean> {
     id = await session.prompter.pick('Till: Revoke Key', live.map((k) => ({ label: k.label, description: `${k.provider} · ${k.id}`, value: k.id })));
     if (!id) return false;
   }
+  const key = keys.find((k) => k.id === id);
+  if (key && !(await confirmRevokeInUse(deps, key))) return false;
   const revoked = await session.connection.revoke(id);
   deps.tree.refresh();
+  const name = key ? `"${key.label}"` : id;
+  void session.prompter.message('info', revoked ? `Till: revoked ${name}. Requests with it are refused from now on, streams included.` : `Till: ${name} had already ended.`, []);
   return revoked;
+}
+
+/**
+ * Revoking a key that terminals or requests in flight use stops them at once: asked once,
+ * unless `till.revoke.confirmInUse` is off (the modal's second button turns it off).
+ */
+async function confirmRevokeInUse(deps: CommandDeps, key: KeySummary): Promise<boolean> {
+  const config = vscode.workspace.getConfiguration(SETTINGS.section);
+  if (key.state !== 'active' || !config.get<boolean>(SETTINGS.confirmRevokeInUse, true)) return true;
+  const terminals = deps.terminals.terminalsHolding(key.id);
+  const uses = [terminals ? `${terminals} open terminal${terminals === 1 ? '' : 's'}` : '', key.inFlight ? `${key.inFlight} request${key.inFlight === 1 ? '' : 's'} in flight` : ''].filter(Boolean);
+  if (uses.length === 0) return true;
+  const always = "Revoke, Don't Ask Again";
+  const choice = await deps.session.prompter.message('warning', `Revoke "${key.label}"? It is in use by ${uses.join(' and ')}; they stop at once.`, ['Revoke', always], true);
+  if (choice === always) await config.update(SETTINGS.confirmRevokeInUse, false, vscode.ConfigurationTarget.Global);
+  return choice === 'Revoke' || choice === always;
 }
 
 async function revokeAll(deps: CommandDeps): Promise<number> {
@@ -238,7 +278,7 @@ function commandTable(deps: CommandDeps): Record<(typeof COMMANDS)[keyof typeof 
   const { session } = deps;
   return {
     [COMMANDS.addCredential]: (args) => addCredential(deps, args as Parameters<typeof addCredential>[1]),
-    [COMMANDS.removeCredential]: (args) => removeCredential(deps, args as Parameters<typeof removeCredential>[1]),
+    [COMMANDS.removeCredential]: (arg) => removeCredential(deps, arg as RemoveArg),
     [COMMANDS.issueKey]: (args) => issueKey(deps, args as Partial<IssueInput> | undefined),
     [COMMANDS.revokeKey]: (arg) => revokeKey(deps, arg),
     [COMMANDS.revokeAll]: () => revokeAll(deps),
@@ -264,6 +304,11 @@ function commandTable(deps: CommandDeps): Record<(typeof COMMANDS)[keyof typeof 
     },
     [COMMANDS.showBrokerLog]: () => session.log.show(),
     [COMMANDS.refresh]: () => deps.tree.refresh(),
+    [COMMANDS.allowTerminalKeys]: async () => {
+      if (vscode.workspace.isTrusted) return void session.prompter.message('info', 'Till: this workspace is trusted; its terminals get till keys already.', []);
+      const ok = await session.prompter.message('warning', "Give this untrusted workspace's terminals till keys? Its tasks and scripts could use them (within their limits) until you revoke them.", ['Allow'], true);
+      if (ok === 'Allow') await deps.terminals.allowUntrusted();
+    },
     [COMMANDS.focusSidebar]: () => vscode.commands.executeCommand(`workbench.view.extension.${VIEW_CONTAINER}`),
   };
 }

@@ -20,6 +20,7 @@ export const COMMANDS = {
   showBrokerLog: 'till.showBrokerLog',
   refresh: 'till.refresh',
   focusSidebar: 'till.focusSidebar',
+  allowTerminalKeys: 'till.allowTerminalKeys',
 } as const;
 
 export const CONTEXT = {
@@ -39,6 +40,7 @@ export const SETTINGS = {
   upstreams: 'upstreams',
   prices: 'prices',
   notifications: 'notifications.enabled',
+  confirmRevokeInUse: 'revoke.confirmInUse',
 } as const;
 
 /**

@@ -8,7 +8,7 @@ import type { TillConnection } from '../core/connection';
 import { changesKeys } from '../core/events';
 import { AgentTerminals } from './agentTerminals';
 import { registerCommands } from './commands';
-import { AGENT_TERMINAL_PROFILE, CONTEXT, KEYS_VIEW, SETTINGS, USAGE_VIEW } from './constants';
+import { AGENT_TERMINAL_PROFILE, COMMANDS, CONTEXT, KEYS_VIEW, SETTINGS, USAGE_VIEW } from './constants';
 import { KeysTreeProvider } from './keysTree';
 import { DisposableStore } from './lifecycle';
 import { Notifier } from './notifier';
@@ -29,6 +29,10 @@ export interface TillApi {
   ready(): Promise<void>;
   /** The key ids this window put into terminal env vars. */
   terminalKeyIds(): string[];
+  /** Names of open terminals holding a terminal key revoked since they started. */
+  staleTerminals(): string[];
+  /** How many open terminals started with this key. */
+  terminalsHolding(id: string): number;
   /** The Keys tree's data, as VS Code sees it. */
   readonly tree: Pick<vscode.TreeDataProvider<unknown>, 'getChildren' | 'getTreeItem'>;
 }
@@ -57,13 +61,13 @@ function wire(context: vscode.ExtensionContext, store: DisposableStore, log: vsc
   const tree = store.add(new KeysTreeProvider(session));
   store.add(vscode.window.createTreeView(KEYS_VIEW, { treeDataProvider: tree, showCollapseAll: false }));
   const status = store.add(new TillStatusBar(session));
-  const terminals = store.add(new TerminalEnv(session, context.environmentVariableCollection));
+  const terminals = store.add(new TerminalEnv(session, context.environmentVariableCollection, context.workspaceState));
   const agents = store.add(new AgentTerminals(session));
   const notifier = new Notifier(session);
   const usage = store.add(new UsageViewProvider(context.extensionUri, () => session.connection));
   store.add(vscode.window.registerWebviewViewProvider(USAGE_VIEW, usage, { webviewOptions: { retainContextWhenHidden: false } }));
   store.add(vscode.window.registerTerminalProfileProvider(AGENT_TERMINAL_PROFILE, { provideTerminalProfile: () => agents.profile() }));
-  registerCommands(store, { session, tree, agents });
+  registerCommands(store, { session, tree, agents, terminals });
 
   /** Refreshes the tree and the welcome view's context; returns whether any credential is stored (one read of the list). */
   const refreshViews = (): boolean => {
@@ -121,6 +125,8 @@ function wire(context: vscode.ExtensionContext, store: DisposableStore, log: vsc
   store.add(
     vscode.workspace.onDidChangeConfiguration((e) => {
       if (e.affectsConfiguration(`${SETTINGS.section}.terminal`)) void terminals.sync();
+      const setting = (name: string) => e.affectsConfiguration(`${SETTINGS.section}.${name}`);
+      if (setting(SETTINGS.upstreams) || setting(SETTINGS.prices) || setting(SETTINGS.brokerPort)) applyBrokerSettings(session, setting(SETTINGS.brokerPort));
     }),
   );
 
@@ -134,8 +140,37 @@ function wire(context: vscode.ExtensionContext, store: DisposableStore, log: vsc
     setPrompter: (p) => (session.prompter = p),
     ready,
     terminalKeyIds: () => terminals.keyIds(),
+    staleTerminals: () => terminals.staleTerminals().map((t) => t.name),
+    terminalsHolding: (id) => terminals.terminalsHolding(id),
     tree: tree as Pick<vscode.TreeDataProvider<unknown>, 'getChildren' | 'getTreeItem'>,
   };
+}
+
+/**
+ * Upstreams and prices apply to the running broker at once (keys, base URLs and streams in
+ * flight stay); a new port takes a restart, which the user is offered now rather than left to
+ * find out.
+ */
+function applyBrokerSettings(session: TillSession, portChanged: boolean): void {
+  const settings = session.brokerSettings();
+  let where: ReturnType<TillConnection['reconfigure']>;
+  try {
+    where = session.connection.reconfigure(settings);
+  } catch (err) {
+    void vscode.window.showErrorMessage(`Till: the setting was not applied: ${(err as Error).message}`);
+    return;
+  }
+  session.log.info(`settings: upstreams and prices ${where === 'applied' ? 'applied to the running broker' : where === 'elsewhere' ? 'not applied: another process runs the broker' : 'kept for when the broker starts'}`);
+  if (where === 'applied' && !portChanged) vscode.window.setStatusBarMessage('$(check) Till: new upstreams and prices apply to the next requests', 5000);
+  if (where === 'elsewhere') {
+    void vscode.window.showInformationMessage('Till: this window uses a broker another process runs (`till serve` or another window). It keeps its own settings until it restarts.');
+  }
+  if (portChanged && where === 'applied') {
+    const url = session.connection.url ?? '';
+    void vscode.window
+      .showInformationMessage(`Till: the broker moves to port ${settings.port} when it restarts (now ${url}). Keys stay valid; new terminals get the new address; requests in flight end.`, 'Restart Broker')
+      .then((choice) => choice && vscode.commands.executeCommand(COMMANDS.restartBroker));
+  }
 }
 
 /** Revokes this window's terminal keys, then stops (or detaches from) the broker. */

@@ -1,14 +1,21 @@
 /**
  * The "Keys" tree: one item per till key, live keys first, ended ones (exhausted, expired,
- * revoked) in a group of their own. Refreshed from broker events.
+ * revoked) in a group of their own, then the stored credentials (names and providers only;
+ * each with Remove). Refreshed from broker events and credential changes.
  */
 import * as vscode from 'vscode';
+import type { CredentialInfo } from '../core/credentials';
 import type { KeySummary } from '../core/events';
 import { describePolicy, formatAmount, formatDuration, formatSpent, formatUsd } from '../core/policy';
-import { CONTEXT } from './constants';
+import { COMMANDS, CONTEXT } from './constants';
 import type { TillSession } from './session';
 
-type Node = { kind: 'key'; key: KeySummary } | { kind: 'ended'; keys: KeySummary[] };
+type Node =
+  | { kind: 'key'; key: KeySummary }
+  | { kind: 'ended'; keys: KeySummary[] }
+  | { kind: 'credentials'; credentials: CredentialInfo[] }
+  | { kind: 'credential'; credential: CredentialInfo }
+  | { kind: 'noKeys' };
 
 function usage(key: KeySummary): string {
   const used = key.used.activations ?? 0;
@@ -73,11 +80,18 @@ export class KeysTreeProvider implements vscode.TreeDataProvider<Node>, vscode.D
 
   getChildren(node?: Node): Node[] {
     if (node?.kind === 'ended') return node.keys.map((key) => ({ kind: 'key', key }));
+    if (node?.kind === 'credentials') return node.credentials.map((credential) => ({ kind: 'credential', credential }));
     if (node) return [];
+    // No credential: the tree stays empty so the welcome view's Add Credential is what shows.
+    const credentials = this.session.credentials.all();
+    if (credentials.length === 0) return [];
     const byNewest = [...this.keys].sort((a, b) => b.createdAt - a.createdAt);
-    const live = byNewest.filter((k) => k.state === 'active').map((key): Node => ({ kind: 'key', key }));
+    const nodes: Node[] = byNewest.filter((k) => k.state === 'active').map((key): Node => ({ kind: 'key', key }));
+    if (nodes.length === 0) nodes.push({ kind: 'noKeys' });
     const ended = byNewest.filter((k) => k.state !== 'active');
-    return ended.length > 0 ? [...live, { kind: 'ended', keys: ended }] : live;
+    if (ended.length > 0) nodes.push({ kind: 'ended', keys: ended });
+    nodes.push({ kind: 'credentials', credentials });
+    return nodes;
   }
 
   getTreeItem(node: Node): vscode.TreeItem {
@@ -85,6 +99,32 @@ export class KeysTreeProvider implements vscode.TreeDataProvider<Node>, vscode.D
       const item = new vscode.TreeItem(`Ended (${node.keys.length})`, vscode.TreeItemCollapsibleState.Collapsed);
       item.contextValue = 'till.endedGroup';
       item.iconPath = new vscode.ThemeIcon('history');
+      return item;
+    }
+    if (node.kind === 'credentials') {
+      const item = new vscode.TreeItem(`Credentials (${node.credentials.length})`, vscode.TreeItemCollapsibleState.Collapsed);
+      item.id = 'till.credentials';
+      item.contextValue = 'till.credentials';
+      item.iconPath = new vscode.ThemeIcon('lock');
+      item.tooltip = 'Your real API keys, kept in the OS keychain. Till keys stand in for them; they are never shown.';
+      return item;
+    }
+    if (node.kind === 'credential') {
+      const { name, provider } = node.credential;
+      const item = new vscode.TreeItem(name, vscode.TreeItemCollapsibleState.None);
+      item.id = `till.credential.${name}`;
+      item.description = provider;
+      item.contextValue = 'till.credential';
+      item.iconPath = new vscode.ThemeIcon('lock-small');
+      item.tooltip = `Credential "${name}" for ${provider}, in the OS keychain. Remove it to stop every till key bound to it.`;
+      return item;
+    }
+    if (node.kind === 'noKeys') {
+      const item = new vscode.TreeItem('No till keys yet: Issue Key…', vscode.TreeItemCollapsibleState.None);
+      item.contextValue = 'till.noKeys';
+      item.iconPath = new vscode.ThemeIcon('add');
+      item.command = { command: COMMANDS.issueKey, title: 'Issue Key' };
+      item.tooltip = 'Issue a scoped, limited till key. New integrated terminals already get one for each credential.';
       return item;
     }
     const key = node.key;

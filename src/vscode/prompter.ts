@@ -29,6 +29,7 @@ export const vscodePrompter: Prompter = {
     return picked?.value;
   },
   input(title, options = {}) {
+    if (options.password) return secretInput(title, options);
     return Promise.resolve(
       vscode.window.showInputBox({
         title,
@@ -46,3 +47,27 @@ export const vscodePrompter: Prompter = {
     return Promise.resolve(show(text, { modal }, ...buttons));
   },
 };
+
+/**
+ * A masked input box that is emptied and disposed once answered, so the secret does not stay
+ * in the page's input element after use (showInputBox keeps its widget and value around).
+ */
+function secretInput(title: string, options: Parameters<Prompter['input']>[1] = {}): Promise<string | undefined> {
+  const box = vscode.window.createInputBox();
+  Object.assign(box, { title, prompt: options.prompt, placeholder: options.placeHolder, password: true, ignoreFocusOut: true });
+  return new Promise((resolve) => {
+    let answer: string | undefined;
+    box.onDidChangeValue((v) => (box.validationMessage = options.validate?.(v)));
+    box.onDidAccept(() => {
+      if (options.validate?.(box.value)) return;
+      answer = box.value;
+      box.hide();
+    });
+    box.onDidHide(() => {
+      box.value = '';
+      box.dispose();
+      resolve(answer);
+    });
+    box.show();
+  });
+}

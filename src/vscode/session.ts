@@ -33,7 +33,8 @@ export class TillSession implements vscode.Disposable {
     this.connection = this.newConnection();
   }
 
-  private newConnection(): TillConnection {
+  /** The broker settings as the user set them (user settings only: see below). */
+  brokerSettings(): { env: NodeJS.ProcessEnv; port: number; prices: PriceOverrides } {
     const config = vscode.workspace.getConfiguration(SETTINGS.section);
     // Upstream overrides are read only from user (application) settings: a workspace must not
     // be able to send credentials elsewhere. package.json declares them application-scoped.
@@ -42,7 +43,11 @@ export class TillSession implements vscode.Disposable {
     for (const [id, url] of Object.entries(upstreams)) if (typeof url === 'string' && url) env[upstreamEnvVar(id)] = url;
     const port = config.inspect<number>(SETTINGS.brokerPort)?.globalValue ?? DEFAULT_PORT;
     const prices = config.inspect<PriceOverrides>(SETTINGS.prices)?.globalValue ?? {};
-    return new TillConnection({ home: this.paths.home, port, env, prices, log: (line) => this.log.info(line) });
+    return { env, port, prices };
+  }
+
+  private newConnection(): TillConnection {
+    return new TillConnection({ home: this.paths.home, ...this.brokerSettings(), log: (line) => this.log.info(line) });
   }
 
   /** Stops this window's broker (if it hosts one) and connects again with fresh settings. */

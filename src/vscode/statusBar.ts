@@ -17,9 +17,15 @@ export class TillStatusBar implements vscode.Disposable {
   update(keys: KeySummary[]): void {
     const { role, url } = this.session.connection;
     const live = keys.filter((k) => k.state === 'active').length;
-    if (role === 'down') {
+    const credentials = this.session.credentials.all().length;
+    // With nothing to broker, the one useful step is adding a credential: the click does that.
+    this.item.command = credentials === 0 ? COMMANDS.addCredential : COMMANDS.focusSidebar;
+    if (credentials === 0) {
+      this.item.text = '$(key) Till: add a credential';
+      this.item.tooltip = 'Till: no credential stored yet. Click to add one (a real API key, kept in the OS keychain); the broker starts then, and terminals get till keys.';
+    } else if (role === 'down') {
       this.item.text = '$(key) Till: off';
-      this.item.tooltip = 'Till: the broker is not running. It starts when you add a credential or issue a key.';
+      this.item.tooltip = 'Till: the broker is not running (it failed to start, or is starting). See "Till: Show Broker Log"; "Till: Restart Broker" tries again.';
     } else {
       this.item.text = `$(key) Till: ${live} key${live === 1 ? '' : 's'}`;
       this.item.tooltip = `Till broker at ${url} (${role === 'host' ? 'in this window' : 'in another window or `till serve`'}), ${live} live key${live === 1 ? '' : 's'}. Click to open the sidebar.`;

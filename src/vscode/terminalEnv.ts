@@ -14,6 +14,9 @@ import type { IssuedKey } from '../core/service';
 import { SETTINGS, TERMINAL_AGENTS_DEFAULT } from './constants';
 import type { TillSession } from './session';
 
+/** The workspace-state flag set by "Till: Allow Terminal Keys in This Workspace". */
+const ALLOWED_UNTRUSTED = 'till.terminalKeysInUntrustedWorkspace';
+
 export class TerminalEnv implements vscode.Disposable {
   /** Our terminal key per provider. */
   private readonly keys = new Map<string, IssuedKey>();
@@ -24,21 +27,61 @@ export class TerminalEnv implements vscode.Disposable {
   /** Where Codex's config.toml for this window's terminals lives, once written. */
   private scratch: string | undefined;
   private syncing: Promise<void> = Promise.resolve();
+  /** The terminal keys each open terminal started with (what the collection held when it opened). */
+  private readonly opened = new Map<vscode.Terminal, Set<string>>();
+  /** Terminal keys revoked while terminals still hold them. */
+  private readonly revoked = new Set<string>();
+  private readonly listeners: vscode.Disposable[];
 
   constructor(
     private readonly session: TillSession,
     private readonly collection: vscode.GlobalEnvironmentVariableCollection,
+    private readonly workspaceState: vscode.Memento,
   ) {
     collection.persistent = false;
+    this.listeners = [
+      vscode.window.onDidOpenTerminal((t) => this.opened.set(t, new Set(this.keyIds()))),
+      vscode.window.onDidCloseTerminal((t) => this.opened.delete(t)),
+      vscode.workspace.onDidGrantWorkspaceTrust(() => void this.sync()),
+    ];
     this.describe();
   }
 
   private describe(): void {
     const providers = [...this.keys.keys()];
     const agents = this.agents.length ? ` Set up for ${this.agents.map((a) => AGENTS[a].describe).join(', ')}.` : '';
+    const stale = this.staleTerminals().length;
+    // VS Code shows this on the terminals it flags as needing a relaunch (the collection changed).
+    const relaunch = stale ? ` ${stale} open terminal${stale === 1 ? ' holds' : 's hold'} a revoked till key: relaunch ${stale === 1 ? 'it' : 'them'} to get the new one.` : '';
     this.collection.description = providers.length
-      ? `Till: till keys and the local broker's URL for ${providers.join(', ')}.${agents} Your real API keys never reach a terminal.`
-      : 'Till: no till keys in terminals (add a credential to get some).';
+      ? `Till: till keys and the local broker's URL for ${providers.join(', ')}.${agents}${relaunch} Your real API keys never reach a terminal.`
+      : this.restricted()
+      ? 'Till: no till keys in terminals of this untrusted workspace (trust it, or run "Till: Allow Terminal Keys in This Workspace").'
+      : `Till: no till keys in terminals (add a credential to get some).${relaunch}`;
+  }
+
+  /**
+   * Restricted Mode: a workspace the user has not trusted (its tasks and scripts may run in
+   * terminals) gets no till keys until trusted, or allowed for Till alone.
+   */
+  private restricted(): boolean {
+    return !vscode.workspace.isTrusted && this.workspaceState.get<boolean>(ALLOWED_UNTRUSTED) !== true;
+  }
+
+  /** Gives this untrusted workspace's terminals till keys (remembered for the workspace). */
+  async allowUntrusted(): Promise<void> {
+    await this.workspaceState.update(ALLOWED_UNTRUSTED, true);
+    await this.sync();
+  }
+
+  /** Open terminals holding a terminal key that was revoked since they started. */
+  staleTerminals(): vscode.Terminal[] {
+    return [...this.opened].filter(([, ids]) => [...ids].some((id) => this.revoked.has(id))).map(([t]) => t);
+  }
+
+  /** How many open terminals started with this key. */
+  terminalsHolding(id: string): number {
+    return [...this.opened.values()].filter((ids) => ids.has(id)).length;
   }
 
   /** Sets the agent variables for the keys terminals hold now, and takes back the rest. */
@@ -86,7 +129,7 @@ export class TerminalEnv implements vscode.Disposable {
   private wanted(): Map<string, string> {
     const config = vscode.workspace.getConfiguration(SETTINGS.section);
     const byProvider = new Map<string, string>();
-    if (!config.get<boolean>(SETTINGS.terminalInject, true)) return byProvider;
+    if (!config.get<boolean>(SETTINGS.terminalInject, true) || this.restricted()) return byProvider;
     const only = config.get<string[]>(SETTINGS.terminalProviders, []);
     for (const c of this.session.credentials.all()) {
       if (only.length > 0 && !only.includes(c.provider)) continue;
@@ -122,16 +165,21 @@ export class TerminalEnv implements vscode.Disposable {
     if (revoke) this.session.revokeLater(key.id);
   }
 
-  /** Ended keys are replaced (new terminals get a fresh one); a revoked key is not brought back. */
+  /**
+   * Ended keys are replaced: new terminals get a fresh one. Terminals opened with a revoked key
+   * are told apart (the collection's description, which VS Code shows on them) and the user is
+   * told how many there are.
+   */
   handle(e: TillEvent): void {
     if (e.type !== 'key.exhausted' && e.type !== 'key.expired' && e.type !== 'key.revoked') return;
     const entry = [...this.keys].find(([, k]) => k.id === e.key.id);
     if (!entry) return;
     const [provider] = entry;
-    void this.drop(provider, false).then(() => {
-      if (e.type !== 'key.revoked') return this.sync();
-      this.applyAgents();
-      this.describe();
+    if (e.type === 'key.revoked') this.revoked.add(e.key.id);
+    void this.drop(provider, false).then(() => this.sync()).then(() => {
+      const holding = e.type === 'key.revoked' ? this.terminalsHolding(e.key.id) : 0;
+      if (holding === 0) return;
+      void this.session.prompter.message('warning', `Till: ${holding} open terminal${holding === 1 ? ' holds' : 's hold'} the revoked key "${e.key.label}". New terminals get a fresh key; relaunch ${holding === 1 ? 'that one' : 'those'} to use it.`, []);
     });
   }
 
@@ -141,6 +189,7 @@ export class TerminalEnv implements vscode.Disposable {
   }
 
   dispose(): void {
+    for (const l of this.listeners) l.dispose();
     const ids = this.keyIds();
     this.keys.clear();
     this.collection.clear();

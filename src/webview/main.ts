@@ -362,7 +362,7 @@ function stats(now: number): Stats {
     const denied = r.type === 'request.denied';
     if (r.at >= midnight) {
       if (r.type === 'request.denied') out.deniedToday++;
-      else {
+      else if (!r.uncounted) {
         out.servedToday++;
         if (r.usage) {
           addTokens(out.tokensToday, r.usage.tokens);

@@ -140,9 +140,18 @@ describe('Till in VS Code', function () {
     assert.deepEqual(api.session.credentials.all().map((c) => c.provider), ['openai']);
     await api.ready();
     assert.equal(api.connection().role, 'host');
-    // Upstream overrides are read when the broker starts: restart it with the setting in place.
-    await vscode.commands.executeCommand(COMMANDS.restartBroker);
-    assert.equal(api.connection().role, 'host');
+    // The tree lists it (name and provider, never the secret), with Remove on the item.
+    const credentials = await poll(async () => {
+      for (const node of (await api.tree.getChildren(undefined as never)) ?? []) {
+        const item = await api.tree.getTreeItem(node as never);
+        if (item.contextValue === 'till.credentials') return Promise.all(((await api.tree.getChildren(node as never)) ?? []).map((c) => api.tree.getTreeItem(c as never)));
+      }
+      return [];
+    }, (items) => items.length === 1, 'the credential in the tree');
+    assert.equal(credentials[0]!.label, 'openai');
+    assert.equal(credentials[0]!.contextValue, 'till.credential');
+    const removeInline = pkg.contributes.menus['view/item/context'].find((m) => m.command === COMMANDS.removeCredential);
+    assert.match(removeInline?.when ?? '', /viewItem == till\.credential/);
   });
 
   let issued: IssuedKey;
@@ -154,6 +163,10 @@ describe('Till in VS Code', function () {
     assert.equal(issued.label, 'vscode test key');
     await poll(() => prompter.messages.at(-1) ?? '', (m) => /shown only now/.test(m), 'the key to be shown once');
     await poll(async () => vscode.env.clipboard.readText(), (t) => t === issued.baseUrl, 'the base URL on the clipboard');
+    // The key itself is in the message, and the message that comes back says what was copied.
+    const shown = prompter.messages.filter((m) => m.includes(issued.key));
+    assert.equal(shown.length, 2, prompter.messages.join('\n'));
+    assert.match(shown[1]!, /^Copied the base URL to the clipboard\./);
     const items = await poll(treeKeys, (ks) => ks.some((k) => k.label === 'vscode test key'), 'the key in the tree');
     const item = items.find((k) => k.label === 'vscode test key')!;
     assert.equal(item.contextValue, 'till.key.active');
@@ -200,6 +213,23 @@ describe('Till in VS Code', function () {
     assert.equal(up.received.length + up.rejected.length, before);
   });
 
+  it('a change to till.upstreams applies at once: same broker, same key and base URL, the next request goes to the new upstream', async () => {
+    const second = await startOpenAIUpstream({ credential: SECRET });
+    const url = api.connection().url;
+    const key = (await vscode.commands.executeCommand<IssuedKey>(COMMANDS.issueKey, { target: 'openai', uses: 100, label: 'settings key' }))!;
+    try {
+      await vscode.workspace.getConfiguration('till').update('upstreams', { openai: `${second.url}/v1` }, vscode.ConfigurationTarget.Global);
+      await poll(async () => (await chat(key), second.received.length), (n) => n > 0, 'a request to reach the new upstream');
+      assert.equal(api.connection().url, url, 'the broker was restarted');
+      assert.equal(second.received.at(-1)?.headers.authorization, `Bearer ${SECRET}`);
+    } finally {
+      await vscode.workspace.getConfiguration('till').update('upstreams', { openai: `${up.url}/v1` }, vscode.ConfigurationTarget.Global);
+      const before = up.received.length;
+      await poll(async () => (await chat(key), up.received.length), (n) => n > before, 'requests to go to the first upstream again');
+      await second.close();
+    }
+  });
+
   it('Revoke Key from the tree item: the key ends and the next request is refused', async () => {
     const keys = await api.connection().list();
     const key = keys.find((k) => k.id === issued.id)!;
@@ -241,6 +271,27 @@ describe('Till in VS Code', function () {
     const keys = await api.connection().list();
     const terminalKey = keys.find((k) => k.id === api.terminalKeyIds()[0]);
     assert.match(terminalKey?.label ?? '', /^terminals/);
+  });
+
+  it("revoking the terminals' key asks once (a terminal uses it); new terminals then get a fresh key and the old one is marked", async () => {
+    const [old] = api.terminalKeyIds();
+    assert.ok(old);
+    const holder = vscode.window.createTerminal({ name: 'holds the old key', shellPath: '/bin/sh' });
+    // VS Code reports an opened terminal a moment after it starts: wait until Till has seen it.
+    await poll(() => vscode.window.terminals.length === 1 && api.terminalsHolding(old), (n) => n === 1, 'Till to see the terminal open (and the last check\'s close)');
+    const asked = prompter.messages.length;
+    prompter.answer('button:Revoke');
+    assert.equal(await vscode.commands.executeCommand<boolean>(COMMANDS.revokeKey, old), true);
+    const questions = prompter.messages.slice(asked).filter((m) => /^Revoke ".*"\? It is in use by 1 open terminal/.test(m));
+    assert.equal(questions.length, 1, prompter.messages.slice(asked).join('\n'));
+    assert.ok(prompter.messages.slice(asked).some((m) => /^Till: revoked "terminals/.test(m)), 'no feedback after revoking');
+    const [fresh] = await poll(() => api.terminalKeyIds(), (ids) => ids.length === 1 && ids[0] !== old, 'a fresh terminal key');
+    assert.match(await terminalEnv(), /^OPENAI_API_KEY=till_/m);
+    assert.equal((await api.connection().list()).find((k) => k.id === fresh)?.state, 'active');
+    assert.deepEqual(api.staleTerminals(), ['holds the old key']);
+    await poll(() => prompter.messages.slice(asked), (ms) => ms.some((m) => /1 open terminal holds the revoked key/.test(m)), 'the warning about the old terminal');
+    holder.dispose();
+    await poll(() => api.staleTerminals(), (names) => names.length === 0, 'the marked terminal to go');
   });
 
   it('till.terminal.agents sets new terminals up for the agents their keys serve (Codex: a CODEX_HOME of Till\'s)', async () => {
@@ -297,10 +348,13 @@ describe('Till in VS Code', function () {
 
   it('Revoke All asks first, then ends every key', async () => {
     prompter.answer('button:Revoke All');
+    const before = new Set((await api.connection().list()).map((k) => k.id));
     const n = await vscode.commands.executeCommand<number>(COMMANDS.revokeAll);
     assert.ok((n ?? 0) >= 1);
     const live = (await api.connection().list()).filter((k: KeySummary) => k.state === 'active');
-    assert.deepEqual(live, []);
+    // Every key there was has ended; new terminals get a fresh key (old terminals keep the dead one).
+    assert.deepEqual(live.filter((k) => before.has(k.id)), []);
+    assert.ok(live.every((k) => k.label.startsWith('terminals')), JSON.stringify(live.map((k) => k.label)));
   });
 
   it('a second real VS Code window shares this broker, and takes it over when this window lets go', async () => {
