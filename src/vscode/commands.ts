@@ -17,12 +17,14 @@ import type { KeysTreeProvider } from './keysTree';
 import type { DisposableStore } from './lifecycle';
 import type { TillSession } from './session';
 import type { TerminalEnv } from './terminalEnv';
+import type { UsageViewProvider } from './usageView';
 
 export interface CommandDeps {
   session: TillSession;
   tree: KeysTreeProvider;
   agents: AgentTerminals;
   terminals: TerminalEnv;
+  dashboard: UsageViewProvider;
 }
 
 /** Presets offered by Issue Key; "Custom…" asks for each limit. */
@@ -309,6 +311,7 @@ function commandTable(deps: CommandDeps): Record<(typeof COMMANDS)[keyof typeof 
       const ok = await session.prompter.message('warning', "Give this untrusted workspace's terminals till keys? Its tasks and scripts could use them (within their limits) until you revoke them.", ['Allow'], true);
       if (ok === 'Allow') await deps.terminals.allowUntrusted();
     },
+    [COMMANDS.openDashboard]: () => deps.dashboard.openPanel(),
     [COMMANDS.focusSidebar]: () => vscode.commands.executeCommand(`workbench.view.extension.${VIEW_CONTAINER}`),
   };
 }

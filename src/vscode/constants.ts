@@ -21,6 +21,7 @@ export const COMMANDS = {
   refresh: 'till.refresh',
   focusSidebar: 'till.focusSidebar',
   allowTerminalKeys: 'till.allowTerminalKeys',
+  openDashboard: 'till.openDashboard',
 } as const;
 
 export const CONTEXT = {

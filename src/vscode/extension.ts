@@ -65,9 +65,10 @@ function wire(context: vscode.ExtensionContext, store: DisposableStore, log: vsc
   const agents = store.add(new AgentTerminals(session));
   const notifier = new Notifier(session);
   const usage = store.add(new UsageViewProvider(context.extensionUri, () => session.connection));
+  const dashboard = store.add(new UsageViewProvider(context.extensionUri, () => session.connection, 'editor'));
   store.add(vscode.window.registerWebviewViewProvider(USAGE_VIEW, usage, { webviewOptions: { retainContextWhenHidden: false } }));
   store.add(vscode.window.registerTerminalProfileProvider(AGENT_TERMINAL_PROFILE, { provideTerminalProfile: () => agents.profile() }));
-  registerCommands(store, { session, tree, agents, terminals });
+  registerCommands(store, { session, tree, agents, terminals, dashboard });
 
   /** Refreshes the tree and the welcome view's context; returns whether any credential is stored (one read of the list). */
   const refreshViews = (): boolean => {
@@ -86,11 +87,13 @@ function wire(context: vscode.ExtensionContext, store: DisposableStore, log: vsc
     const offEvent = connection.onEvent((e) => {
       if (changesKeys(e)) tree.refresh();
       usage.onEvent(e);
+      dashboard.onEvent(e);
       terminals.handle(e);
       notifier.handle(e, () => tree.current());
     });
     const offRole = connection.onRole((role) => {
       usage.onRole(role);
+      dashboard.onRole(role);
       log.info(role === 'host' ? `broker running in this window at ${connection.url}` : role === 'attached' ? `attached to the broker at ${connection.url}` : 'broker connection lost');
       refreshViews();
       status.update(tree.current());

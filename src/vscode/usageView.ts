@@ -22,8 +22,10 @@ import { COMMANDS } from './constants';
 /** What the view reads from the broker: the current connection (it changes on "Till: Restart Broker"). */
 export type UsageSource = () => Pick<TillConnection, 'list' | 'recent' | 'revoke' | 'revokeAll' | 'url' | 'role'>;
 
-const PAGE_COMMANDS: ReadonlySet<string> = new Set<PageCommand>([COMMANDS.issueKey, COMMANDS.addCredential]);
+const PAGE_COMMANDS: ReadonlySet<string> = new Set<PageCommand>([COMMANDS.issueKey, COMMANDS.addCredential, COMMANDS.openDashboard]);
 const REVOKE_ALL = 'Revoke All';
+/** The dashboard's webview panel type. */
+const DASHBOARD_PANEL = 'till.dashboard';
 
 export class UsageViewProvider implements vscode.WebviewViewProvider, vscode.Disposable {
   private view: vscode.WebviewView | undefined;
@@ -40,10 +42,33 @@ export class UsageViewProvider implements vscode.WebviewViewProvider, vscode.Dis
   private keysReading = false;
   private keysStale = false;
 
+  /**
+   * @param layout 'sidebar' for the Usage view; 'editor' for the dashboard in an editor tab
+   *   (the same page, laid out wide).
+   */
   constructor(
     private readonly extensionUri: vscode.Uri,
     private readonly connection: UsageSource,
+    private readonly layout: 'sidebar' | 'editor' = 'sidebar',
   ) {}
+
+  /** Opens (or shows) the dashboard: this page in an editor tab. For a provider made with layout 'editor'. */
+  openPanel(): void {
+    if (this.view) return void (this.view as unknown as { reveal?: () => void }).reveal?.();
+    const panel = vscode.window.createWebviewPanel(DASHBOARD_PANEL, 'Till Dashboard', vscode.ViewColumn.Active, {});
+    panel.iconPath = vscode.Uri.joinPath(this.extensionUri, 'media', 'till.svg');
+    // A panel is a view with another name for its events: adapt it so one code path serves both.
+    const asView = {
+      webview: panel.webview,
+      get visible() {
+        return panel.visible;
+      },
+      reveal: () => panel.reveal(),
+      onDidChangeVisibility: (listener: () => void) => panel.onDidChangeViewState(() => listener()),
+      onDidDispose: panel.onDidDispose,
+    };
+    this.resolveWebviewView(asView as unknown as vscode.WebviewView, undefined as never, undefined as never);
+  }
 
   resolveWebviewView(webviewView: vscode.WebviewView, _context: vscode.WebviewViewResolveContext, _token: vscode.CancellationToken): void {
     if (this.disposed) return;
@@ -58,6 +83,7 @@ export class UsageViewProvider implements vscode.WebviewViewProvider, vscode.Dis
       nonce: randomBytes(18).toString('base64'),
       scriptUri: webview.asWebviewUri(vscode.Uri.joinPath(dist, 'webview.js')).toString(),
       styleUri: webview.asWebviewUri(vscode.Uri.joinPath(media, 'usage.css')).toString(),
+      layout: this.layout,
     });
     this.viewDisposables = [
       webview.onDidReceiveMessage((m: unknown) => void this.onMessage(m)),
@@ -256,10 +282,11 @@ interface UsageHtmlParts {
   /** Webview URIs of dist/webview.js and media/usage.css. */
   scriptUri: string;
   styleUri: string;
+  layout: 'sidebar' | 'editor';
 }
 
 /** The page's whole HTML: the one place markup, CSP and resource URIs are put together. */
-function usageHtml({ cspSource, nonce, scriptUri, styleUri }: UsageHtmlParts): string {
+function usageHtml({ cspSource, nonce, scriptUri, styleUri, layout }: UsageHtmlParts): string {
   const csp = [`default-src 'none'`, `style-src ${cspSource}`, `script-src 'nonce-${nonce}'`, `img-src ${cspSource} data:`].join('; ');
   return `<!DOCTYPE html>
 <html lang="en">
@@ -270,7 +297,7 @@ function usageHtml({ cspSource, nonce, scriptUri, styleUri }: UsageHtmlParts): s
 <link rel="stylesheet" href="${escapeAttr(styleUri)}">
 <title>Till usage</title>
 </head>
-<body>
+<body class="${layout}">
 <main id="app" aria-busy="true"><p class="loading">Loading usage…</p></main>
 <div id="announce" class="sr-only" role="status" aria-live="polite"></div>
 <script nonce="${escapeAttr(nonce)}" src="${escapeAttr(scriptUri)}"></script>

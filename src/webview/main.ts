@@ -44,6 +44,7 @@ interface DetailsEl extends HtmlEl {
 }
 declare const document: {
   readonly activeElement: El | null;
+  readonly body: { readonly classList: { contains(name: string): boolean } };
   getElementById(id: string): HtmlEl | null;
   createElement(tag: string): HtmlEl;
   createElementNS(namespace: string, tag: string): El;
@@ -792,7 +793,8 @@ function revokedList(keys: KeySummary[], st: Stats, now: number): HtmlEl {
 }
 
 function requests(): HtmlEl {
-  const rows = model.records.slice(-ROWS).reverse();
+  // The dashboard (an editor tab) shows every request the page has; the sidebar the last few.
+  const rows = (document.body.classList.contains('editor') ? model.records.slice() : model.records.slice(-ROWS)).reverse();
   const section = h('section', { class: 'section', 'aria-labelledby': 'req-h' }, h('h2', { id: 'req-h' }, 'Recent requests', h('span', { class: 'count' }, rows.length)));
   if (rows.length === 0) {
     section.append(h('p', { class: 'muted' }, 'No requests yet. They show here as agents make them.'));
@@ -823,7 +825,7 @@ function row(r: RequestRecord): HtmlEl {
       !denied && h('div', { class: 'detail', title: 'Latency' }, latency(r.latencyMs)),
     ),
     h('td', { class: 'req' },
-      h('div', { class: 'line' }, h('span', { class: 'method' }, q.method), ' ', h('span', { class: 'path' }, q.path)),
+      h('div', { class: 'line', title: `${q.method} ${q.path}` }, h('span', { class: 'method' }, q.method), ' ', h('span', { class: 'path' }, q.path)),
       (detail || denied) && h('div', { class: 'detail' }, denied ? h('span', { class: 'reason' }, r.code.replace(/_/g, ' ')) : null, denied && detail ? ' · ' : '', detail),
     ),
     h('td', { class: 'num status' }, String(r.status)),

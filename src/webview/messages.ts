@@ -35,7 +35,7 @@ export type HostMessage =
 export type LiveEvent = Exclude<TillEvent, { type: 'request.started' }>;
 
 /** The only commands the page may ask the host to run; the host checks again against its own list. */
-export type PageCommand = typeof COMMANDS.issueKey | typeof COMMANDS.addCredential;
+export type PageCommand = typeof COMMANDS.issueKey | typeof COMMANDS.addCredential | typeof COMMANDS.openDashboard;
 
 /** Page → host. The host treats every field as untrusted input. */
 export type PageMessage =

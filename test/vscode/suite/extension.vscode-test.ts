@@ -173,6 +173,15 @@ describe('Till in VS Code', function () {
     assert.match(item.description, /openai · 0\/50/);
   });
 
+  it('Open Dashboard: the usage page in an editor tab, beside the sidebar view', async () => {
+    await vscode.commands.executeCommand(COMMANDS.openDashboard);
+    const tabs = () => vscode.window.tabGroups.all.flatMap((g) => g.tabs).filter((t) => t.input instanceof vscode.TabInputWebview && t.label === 'Till Dashboard');
+    await poll(tabs, (ts) => ts.length === 1, 'the dashboard tab');
+    await vscode.commands.executeCommand(COMMANDS.openDashboard); // shown again, not opened twice
+    assert.equal(tabs().length, 1);
+    await vscode.window.tabGroups.close(tabs());
+  });
+
   it('a request through the broker reaches the upstream with the credential and shows in the tree', async () => {
     const answer = await chat(issued);
     assert.equal(answer.object, 'chat.completion');
