@@ -64,8 +64,9 @@ function wire(context: vscode.ExtensionContext, store: DisposableStore, log: vsc
   const terminals = store.add(new TerminalEnv(session, context.environmentVariableCollection, context.workspaceState));
   const agents = store.add(new AgentTerminals(session));
   const notifier = new Notifier(session);
-  const usage = store.add(new UsageViewProvider(context.extensionUri, () => session.connection));
-  const dashboard = store.add(new UsageViewProvider(context.extensionUri, () => session.connection, 'editor'));
+  const hasCredential = () => session.credentials.all().length > 0;
+  const usage = store.add(new UsageViewProvider(context.extensionUri, () => session.connection, hasCredential));
+  const dashboard = store.add(new UsageViewProvider(context.extensionUri, () => session.connection, hasCredential, 'editor'));
   store.add(vscode.window.registerWebviewViewProvider(USAGE_VIEW, usage, { webviewOptions: { retainContextWhenHidden: false } }));
   store.add(vscode.window.registerTerminalProfileProvider(AGENT_TERMINAL_PROFILE, { provideTerminalProfile: () => agents.profile() }));
   registerCommands(store, { session, tree, agents, terminals, dashboard });
@@ -121,6 +122,8 @@ function wire(context: vscode.ExtensionContext, store: DisposableStore, log: vsc
   };
   store.add(
     session.onCredentialsChanged(() => {
+      usage.credentialsChanged();
+      dashboard.credentialsChanged();
       if (refreshViews()) void ready().then(() => terminals.sync(), () => undefined);
       else void terminals.sync();
     }),

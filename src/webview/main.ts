@@ -88,6 +88,7 @@ const model = {
   truncated: false,
   role: 'down' as TillRole,
   brokerUrl: undefined as string | undefined,
+  hasCredential: true,
   error: undefined as string | undefined,
   /** Keys whose revoke was asked for and not yet seen through. */
   revoking: new Set<string>(),
@@ -121,6 +122,7 @@ window.addEventListener('message', (ev) => {
       addRecords(msg.recent);
       model.role = msg.role;
       model.brokerUrl = msg.brokerUrl;
+      model.hasCredential = msg.hasCredential;
       model.error = msg.error;
       model.revoking.clear();
       break;
@@ -537,16 +539,21 @@ function header(anyLive: boolean): HtmlEl {
 
 function emptyState(): HtmlEl {
   const command = (id: PageCommand) => () => send({ type: 'command', id });
+  // First run: nothing can be issued before a credential exists, so that is the one primary action.
+  if (!model.hasCredential) {
+    return h('div', { class: 'empty' },
+      h('div', { class: 'empty-icon', 'aria-hidden': 'true' }, keyIcon()),
+      h('h2', {}, 'Add your first credential'),
+      h('p', {}, 'A credential is a real API key (OpenAI, Anthropic, Gemini, GitHub, …). Till keeps it in your OS keychain and gives agents scoped, limited, revocable till keys instead.'),
+      h('button', { class: 'button primary', type: 'button', 'data-focus': 'add-credential', onclick: command('till.addCredential') }, 'Add Credential'),
+      h('p', { class: 'muted small' }, 'From a terminal:', h('br'), h('code', {}, 'till credential add openai')),
+    );
+  }
   return h('div', { class: 'empty' },
     h('div', { class: 'empty-icon', 'aria-hidden': 'true' }, keyIcon()),
     h('h2', {}, 'No till keys yet'),
-    h('p', {}, 'A till key gives an agent scoped, limited, revocable access to one of your API keys. The real key stays in your OS keychain.'),
+    h('p', {}, 'A till key gives an agent scoped, limited, revocable access to one of your API keys. The real key stays in your OS keychain. New integrated terminals already get one.'),
     h('button', { class: 'button primary', type: 'button', 'data-focus': 'issue', onclick: command('till.issueKey') }, 'Issue a Till Key'),
-    h('p', { class: 'muted small' },
-      'No credential yet? ',
-      h('button', { class: 'link', type: 'button', 'data-focus': 'add-credential', onclick: command('till.addCredential') }, 'Add one first'),
-      '.',
-    ),
     h('p', { class: 'muted small' }, 'From a terminal:', h('br'), h('code', {}, 'till issue openai --uses 50 --ttl 1h')),
   );
 }
