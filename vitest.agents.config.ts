@@ -1,7 +1,8 @@
-import { defineConfig } from 'vitest/config';
+// CommonJS on purpose, as in vitest.config.ts (Vite warns about `import` syntax in a CommonJS file).
+const { defineConfig } = require('vitest/config') as typeof import('vitest/config');
 
 /** The real agent CLIs (Claude Code, Codex) through Till: `npm run test:agents`, and last in `npm test`. */
-export default defineConfig({
+module.exports = defineConfig({
   test: {
     include: ['test/agents/**/*.test.ts'],
     globalSetup: ['test/support/globalSetup.ts'],

@@ -1,6 +1,8 @@
-import { defineConfig } from 'vitest/config';
+// CommonJS on purpose: this package is not "type": "module", so Node (and Vite's coming native
+// config loader) read a .ts file here as CommonJS, and Vite warns about `import` syntax in it.
+const { defineConfig } = require('vitest/config') as typeof import('vitest/config');
 
-export default defineConfig({
+module.exports = defineConfig({
   test: {
     include: ['test/**/*.test.ts'],
     // The real agent CLIs are slow and large: they run on their own (vitest.agents.config.ts).
