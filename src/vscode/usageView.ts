@@ -20,7 +20,7 @@ import { mergeRecords, recordKey, type HostMessage, type PageCommand, type PageM
 import { COMMANDS } from './constants';
 
 /** What the view reads from the broker: the current connection (it changes on "Till: Restart Broker"). */
-export type UsageSource = () => Pick<TillConnection, 'list' | 'recent' | 'revoke' | 'revokeAll' | 'url' | 'role'>;
+export type UsageSource = () => Pick<TillConnection, 'list' | 'recent' | 'revokeAll' | 'url' | 'role'>;
 
 const PAGE_COMMANDS: ReadonlySet<string> = new Set<PageCommand>([COMMANDS.issueKey, COMMANDS.addCredential, COMMANDS.openDashboard]);
 const REVOKE_ALL = 'Revoke All';
@@ -214,11 +214,9 @@ export class UsageViewProvider implements vscode.WebviewViewProvider, vscode.Dis
   }
 
   private async revoke(id: string): Promise<void> {
-    try {
-      if (!(await this.connection().revoke(id))) void vscode.window.showInformationMessage(`Till key ${id} was already revoked.`);
-    } catch (err) {
-      void vscode.window.showErrorMessage(`Till could not revoke key ${id}: ${errorText(err)}`);
-    }
+    // The command's own path (it reports its failures): it asks once when terminals or requests
+    // in flight use the key, and says what it did, as from the Keys tree or the palette.
+    await vscode.commands.executeCommand(COMMANDS.revokeKey, id);
     // Clears the page's "Revoking…" whatever happened.
     await this.pushState();
   }

@@ -539,23 +539,19 @@ function header(anyLive: boolean): HtmlEl {
 
 function emptyState(): HtmlEl {
   const command = (id: PageCommand) => () => send({ type: 'command', id });
+  const card = (title: string, text: string, focus: string, action: PageCommand, button: string, cli: string) =>
+    h('div', { class: 'empty' },
+      h('div', { class: 'empty-icon', 'aria-hidden': 'true' }, keyIcon()),
+      h('h2', {}, title),
+      h('p', {}, text),
+      h('button', { class: 'button primary', type: 'button', 'data-focus': focus, onclick: command(action) }, button),
+      h('p', { class: 'muted small' }, 'From a terminal:', h('br'), h('code', {}, cli)),
+    );
   // First run: nothing can be issued before a credential exists, so that is the one primary action.
   if (!model.hasCredential) {
-    return h('div', { class: 'empty' },
-      h('div', { class: 'empty-icon', 'aria-hidden': 'true' }, keyIcon()),
-      h('h2', {}, 'Add your first credential'),
-      h('p', {}, 'A credential is a real API key (OpenAI, Anthropic, Gemini, GitHub, …). Till keeps it in your OS keychain and gives agents scoped, limited, revocable till keys instead.'),
-      h('button', { class: 'button primary', type: 'button', 'data-focus': 'add-credential', onclick: command('till.addCredential') }, 'Add Credential'),
-      h('p', { class: 'muted small' }, 'From a terminal:', h('br'), h('code', {}, 'till credential add openai')),
-    );
+    return card('Add your first credential', 'A credential is a real API key (OpenAI, Anthropic, Gemini, GitHub, …). Till keeps it in your OS keychain and gives agents scoped, limited, revocable till keys instead.', 'add-credential', 'till.addCredential', 'Add Credential', 'till credential add openai');
   }
-  return h('div', { class: 'empty' },
-    h('div', { class: 'empty-icon', 'aria-hidden': 'true' }, keyIcon()),
-    h('h2', {}, 'No till keys yet'),
-    h('p', {}, 'A till key gives an agent scoped, limited, revocable access to one of your API keys. The real key stays in your OS keychain. New integrated terminals already get one.'),
-    h('button', { class: 'button primary', type: 'button', 'data-focus': 'issue', onclick: command('till.issueKey') }, 'Issue a Till Key'),
-    h('p', { class: 'muted small' }, 'From a terminal:', h('br'), h('code', {}, 'till issue openai --uses 50 --ttl 1h')),
-  );
+  return card('No till keys yet', 'A till key gives an agent scoped, limited, revocable access to one of your API keys. The real key stays in your OS keychain. New integrated terminals already get one.', 'issue', 'till.issueKey', 'Issue a Till Key', 'till issue openai --uses 50 --ttl 1h');
 }
 
 function keyIcon(): El {
