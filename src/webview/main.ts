@@ -363,9 +363,11 @@ function stats(now: number): Stats {
     const r = recs[i]!;
     if (r.at < since) break;
     const denied = r.type === 'request.denied';
+    // Never reached the upstream: not a call (the ledger counted nothing); its row still shows.
+    if (!denied && r.uncounted) continue;
     if (r.at >= midnight) {
       if (r.type === 'request.denied') out.deniedToday++;
-      else if (!r.uncounted) {
+      else {
         out.servedToday++;
         if (r.usage) {
           addTokens(out.tokensToday, r.usage.tokens);

@@ -9,7 +9,11 @@
  * and make a request with the terminal's own till key (it reaches the upstream with the real
  * credential), and one to a model without a price; see the request in the Usage view and the
  * key's spend as unknown; stream a long answer on the terminal's token-limited key and see its hold grow in the Usage view, then stop it with Ctrl+C; revoke
- * the terminal's key there and see the same request refused. Screenshots go to test/vscode/screenshots/ui-*.png.
+ * the terminal's key there (asked once: a terminal holds it) and see the same request refused, and
+ * a new terminal served with a fresh key. Also: the issued key shown once with a confirmed copy,
+ * the credential listed in the tree, and a till.upstreams change applied without a restart (an
+ * unreachable upstream's 502 leaves the Usage view's totals as they were). Screenshots go to
+ * test/vscode/screenshots/ui-*.png.
  *
  * Exit code 0 when every step passed, 1 otherwise (with ui-failure.png and the step named).
  *
@@ -20,7 +24,8 @@
  *   --verbose          print code-server's own output and the browser console as they come
  */
 import { randomBytes } from 'node:crypto';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
+import { createServer } from 'node:net';
 import * as path from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
@@ -86,6 +91,8 @@ interface World {
   sb: Sandbox;
   page: Page;
   upstream: Upstream;
+  /** The user settings code-server started with; a step rewrites the file as a person edits it. */
+  settings: Record<string, unknown>;
 }
 
 const steps: Array<[name: string, run: (w: World) => Promise<void>]> = [
@@ -100,7 +107,11 @@ const steps: Array<[name: string, run: (w: World) => Promise<void>]> = [
     await runCommand(page, 'Till: Issue Key');
     await pick(page, 'Till: Issue Key: limits', PRESET);
     await input(page, 'Till: Issue Key: label', KEY_LABEL);
-    await toast(page, `Till key "${KEY_LABEL}" issued`);
+    // The key itself is in the message (once), with copy buttons; a copy is confirmed.
+    const issued = page.locator('.notifications-toasts .notification-toast', { hasText: `Till key "${KEY_LABEL}" issued: till_` }).first();
+    await issued.waitFor({ timeout: EXPECT_MS });
+    await issued.getByRole('button', { name: 'Copy Key' }).click({ timeout: EXPECT_MS });
+    await toast(page, /Copied the key to the clipboard\. Till key/);
   }],
 
   ['see the key in the Keys tree', async ({ page }) => {
@@ -109,6 +120,12 @@ const steps: Array<[name: string, run: (w: World) => Promise<void>]> = [
     await keys.locator('.monaco-list-row', { hasText: KEY_LABEL }).first().waitFor({ timeout: EXPECT_MS });
     const row = (await keys.locator('.monaco-list-row', { hasText: KEY_LABEL }).first().innerText()).replace(/\s+/g, ' ');
     if (!/openai · 0\/50/.test(row)) throw new Error(`the key's row reads "${row}", expected "openai · 0/50 · …"`);
+    // The stored credential is listed (its name, never the secret), under a group that starts folded.
+    await keys.locator('.monaco-list-row', { hasText: 'Credentials (1)' }).first().click({ timeout: EXPECT_MS });
+    const credential = keys.locator('.monaco-list-row[aria-level="2"]', { hasText: 'openai' }).first();
+    await credential.waitFor({ timeout: EXPECT_MS });
+    if ((await page.content()).includes(SECRET)) throw new Error('the credential is on the page');
+    await keys.locator('.monaco-list-row', { hasText: 'Credentials (1)' }).first().click({ timeout: EXPECT_MS });
     // The Usage view below it has drawn its first state (both keys), so the picture is whole.
     await usageFrame(page).locator('li.card .label', { hasText: KEY_LABEL }).waitFor({ timeout: EXPECT_MS });
     await shot(page, 'ui-keys', SIDEBAR);
@@ -175,12 +192,66 @@ const steps: Array<[name: string, run: (w: World) => Promise<void>]> = [
     await expectSoon('a prompt after the stopped stream', async () => /[$#]\s*$/.test((await screenText(rows)).trimEnd()));
   }],
 
+  ['change till.upstreams: applied without a restart; an unreached request is not counted', async ({ sb, page, upstream, settings }) => {
+    const usage = usageFrame(page);
+    const rows = page.locator('.terminal-wrapper .xterm-rows').first();
+    const tiles = async () => (await usage.locator('dl.totals').innerText({ timeout: EXPECT_MS })).replace(/\s+/g, ' ');
+    // As a person edits it: the user settings JSON in an editor, replaced and saved.
+    const write = async (upstreams: Record<string, string>) => {
+      await runCommand(page, 'Preferences: Open User Settings (JSON)');
+      const editor = page.locator('.editor-instance .monaco-editor', { hasText: 'till.upstreams' }).first();
+      await editor.click({ timeout: EXPECT_MS });
+      const text = JSON.stringify({ ...settings, 'till.upstreams': upstreams });
+      // Pasted, as a person would: typed, it would be auto-closed and auto-indented.
+      await page.context().grantPermissions(['clipboard-read', 'clipboard-write'], { origin: new URL(page.url()).origin });
+      await page.evaluate((t) => (globalThis as unknown as { navigator: { clipboard: { writeText(v: string): Promise<void> } } }).navigator.clipboard.writeText(t), text);
+      await page.keyboard.press('Control+A');
+      await page.keyboard.press('Control+V');
+      await page.keyboard.press('Control+S');
+      const file = path.join(sb.userDataDir, 'User', 'settings.json');
+      await expectSoon('the settings to be saved', async () => readFileSync(file, 'utf8') === text);
+      // Settings open in a modal editor here: Escape closes it.
+      await page.keyboard.press('Escape');
+      await editor.waitFor({ state: 'hidden', timeout: EXPECT_MS });
+    };
+    const received = upstream.received.length;
+    // Pointed at a closed port, as a typo would: once the change lands, requests get Till's 502.
+    await write({ openai: `http://127.0.0.1:${await closedPort()}/v1` });
+    await expectSoon("Till's 502 for the unreachable upstream", async () => {
+      await typeInTerminal(page, CURL);
+      await delay(300);
+      return /till_upstream_unreachable/.test(flat(await screenText(rows)));
+    });
+    const unreached = usage.locator('table.requests tbody tr', { hasText: '502' });
+    await unreached.first().waitFor({ timeout: EXPECT_MS });
+    await delay(500); // the key list that follows each request has landed
+    const before = await tiles();
+    const n = await unreached.count();
+    await typeInTerminal(page, CURL);
+    await expectSoon('a second 502 row', async () => (await unreached.count()) > n);
+    await delay(500);
+    const after = await tiles();
+    if (after !== before) throw new Error(`the Usage view's totals changed with a request the ledger did not count: "${before}" → "${after}"`);
+    // Back to the upstream: served again by the same broker (no restart, same base URL).
+    await write({ openai: `${upstream.url}/v1` });
+    await expectSoon('the upstream to be reached again', async () => {
+      await typeInTerminal(page, CURL);
+      await delay(300);
+      return upstream.received.length > received;
+    });
+  }],
+
   ['revoke the terminal key in the Usage view; the terminal is refused', async ({ sb, page, upstream }) => {
     const usage = usageFrame(page);
     const label = `terminals · ${path.basename(sb.workspace)}`;
     const card = usage.locator('li.card.active', { has: usage.locator('.label', { hasText: label }) });
     await card.getByRole('button', { name: `Revoke till key ${label}` }).click({ timeout: EXPECT_MS });
+    // The open terminal holds it: asked once.
+    const dialog = page.locator('.monaco-dialog-box', { hasText: 'It is in use by 1 open terminal' });
+    await dialog.waitFor({ timeout: EXPECT_MS });
+    await dialog.getByRole('button', { name: 'Revoke', exact: true }).click();
     await card.waitFor({ state: 'detached', timeout: EXPECT_MS });
+    await toast(page, /1 open terminal holds the revoked key/);
     await usage.locator('details.revoked-list summary', { hasText: 'Revoked (1)' }).waitFor({ timeout: EXPECT_MS });
 
     const before = { received: upstream.received.length, rejected: upstream.rejected.length };
@@ -194,9 +265,30 @@ const steps: Array<[name: string, run: (w: World) => Promise<void>]> = [
     await usage.locator('table.requests tbody tr.denied', { hasText: 'revoked' }).first().waitFor({ timeout: 10_000 });
     await shot(page, 'ui-revoked');
   }],
+
+  ["a new terminal gets a fresh key after the terminals' was revoked", async ({ page, upstream }) => {
+    const before = upstream.received.length;
+    await runCommand(page, 'Terminal: Create New Terminal');
+    const rows = page.locator('.terminal-wrapper .xterm-rows').last();
+    await expectSoon('a shell prompt in the new terminal', async () => /[$#]\s*$/.test((await screenText(rows)).trimEnd()));
+    await page.locator('.terminal-wrapper .xterm').last().click();
+    await page.keyboard.type(CURL);
+    await page.keyboard.press('Enter');
+    await expectSoon('the new terminal served', async () => /"chat\.completion"/.test(flat(await screenText(rows))));
+    if (upstream.received.length !== before + 1) throw new Error(`the upstream received ${upstream.received.length - before} requests, expected 1`);
+  }],
 ];
 
 // ---- UI helpers --------------------------------------------------------------------------------
+
+/** A port on 127.0.0.1 nothing listens on (bound, then closed). */
+async function closedPort(): Promise<number> {
+  const server = createServer();
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = server.address() as { port: number };
+  await new Promise((resolve) => server.close(resolve));
+  return port;
+}
 
 const quickInput = (page: Page): Locator => page.locator('.quick-input-widget');
 
@@ -304,7 +396,7 @@ async function main(): Promise<number> {
 
   // Answers are long (3,000 tokens) and streams slow (the hold step); the other requests ask for 5 tokens.
   const upstream = await startOpenAIUpstream({ credential: SECRET, streamChunks: 3000, streamDelayMs: 5 });
-  const sb = createSandbox('till-ui-', {
+  const settings: Record<string, unknown> = {
     ...BASE_SETTINGS,
     'till.upstreams': { openai: `${upstream.url}/v1` },
     // Terminal keys with a token limit, so that a stream's hold shows and grows (and a model
@@ -312,7 +404,8 @@ async function main(): Promise<number> {
     'till.terminal.policy': { uses: 500, ttl: '12h', maxTokens: 1_000_000 },
     // No empty chat area on the right of the screenshots.
     'workbench.secondarySideBar.defaultVisibility': 'hidden',
-  });
+  };
+  const sb = createSandbox('till-ui-', settings);
   let keyring: PrivateKeyring | undefined;
   let server: CodeServer | undefined;
   let context: BrowserContext | undefined;
@@ -370,7 +463,7 @@ async function main(): Promise<number> {
     timings.push(`workbench ready: ${((Date.now() - mark) / 1000).toFixed(1)} s`);
     say('workbench ready');
 
-    const world: World = { sb, page, upstream };
+    const world: World = { sb, page, upstream, settings };
     for (const [i, [name, run]] of steps.entries()) {
       stepName = `${i + 1}/${steps.length} "${name}"`;
       deadline.stage = `step ${stepName}`;
