@@ -27,9 +27,11 @@ export class TerminalEnv implements vscode.Disposable {
   /** Where Codex's config.toml for this window's terminals lives, once written. */
   private scratch: string | undefined;
   private syncing: Promise<void> = Promise.resolve();
-  /** The terminal keys each open terminal started with (what the collection held when it opened). */
-  private readonly opened = new Map<vscode.Terminal, Set<string>>();
-  /** Terminal keys revoked while terminals still hold them. */
+  /** When each terminal was reported open (VS Code reports it a moment after it starts). */
+  private readonly opened = new Map<vscode.Terminal, number>();
+  /** When each terminal key went into the collection and, once replaced, came out. */
+  private readonly inCollection = new Map<string, { from: number; until?: number }>();
+  /** Terminal keys revoked (terminals opened while they were in the collection hold them). */
   private readonly revoked = new Set<string>();
   private readonly listeners: vscode.Disposable[];
 
@@ -40,7 +42,7 @@ export class TerminalEnv implements vscode.Disposable {
   ) {
     collection.persistent = false;
     this.listeners = [
-      vscode.window.onDidOpenTerminal((t) => this.opened.set(t, new Set(this.keyIds()))),
+      vscode.window.onDidOpenTerminal((t) => this.opened.set(t, Date.now())),
       vscode.window.onDidCloseTerminal((t) => this.opened.delete(t)),
       vscode.workspace.onDidGrantWorkspaceTrust(() => void this.sync()),
     ];
@@ -76,12 +78,23 @@ export class TerminalEnv implements vscode.Disposable {
 
   /** Open terminals holding a terminal key that was revoked since they started. */
   staleTerminals(): vscode.Terminal[] {
-    return [...this.opened].filter(([, ids]) => [...ids].some((id) => this.revoked.has(id))).map(([t]) => t);
+    return vscode.window.terminals.filter((t) => [...this.revoked].some((id) => this.holds(t, id)));
   }
 
   /** How many open terminals started with this key. */
   terminalsHolding(id: string): number {
-    return [...this.opened.values()].filter((ids) => ids.has(id)).length;
+    return vscode.window.terminals.filter((t) => this.holds(t, id)).length;
+  }
+
+  /**
+   * Whether a terminal started while the key was in the collection. One never reported open
+   * (it was open before Till was, or its report is late) is counted: the safe side for a warning.
+   */
+  private holds(terminal: vscode.Terminal, id: string): boolean {
+    const span = this.inCollection.get(id);
+    if (!span) return false;
+    const at = this.opened.get(terminal);
+    return at === undefined || (at >= span.from && (span.until === undefined || at < span.until));
   }
 
   /** Sets the agent variables for the keys terminals hold now, and takes back the rest. */
@@ -155,6 +168,7 @@ export class TerminalEnv implements vscode.Disposable {
     const key = await this.session.connection.issue({ ...this.session.policySetting(SETTINGS.terminalPolicy), target: credential, label: `terminals · ${folder}`, owner: this.session.owner });
     this.keys.set(provider, key);
     for (const [name, value] of Object.entries(key.env)) this.collection.replace(name, value);
+    this.inCollection.set(key.id, { from: Date.now() });
   }
 
   private async drop(provider: string, revoke: boolean): Promise<void> {
@@ -162,6 +176,8 @@ export class TerminalEnv implements vscode.Disposable {
     if (!key) return;
     this.keys.delete(provider);
     for (const name of Object.keys(key.env)) this.collection.delete(name);
+    const span = this.inCollection.get(key.id);
+    if (span) span.until = Date.now();
     if (revoke) this.session.revokeLater(key.id);
   }
 

@@ -210,9 +210,15 @@ const steps: Array<[name: string, run: (w: World) => Promise<void>]> = [
       await page.keyboard.press('Control+S');
       const file = path.join(sb.userDataDir, 'User', 'settings.json');
       await expectSoon('the settings to be saved', async () => readFileSync(file, 'utf8') === text);
-      // Settings open in a modal editor here: Escape closes it.
-      await page.keyboard.press('Escape');
-      await editor.waitFor({ state: 'hidden', timeout: EXPECT_MS });
+      // Settings open in a modal editor here: its close button (Escape may go to a widget first).
+      const close = page.locator('[class*="modal"] .codicon-close, [class*="modal"] [aria-label^="Close"]').first();
+      await expectSoon('the settings editor to close', async () => {
+        if (!(await editor.isVisible())) return true;
+        if (await close.isVisible()) await close.click();
+        else await page.keyboard.press('Escape');
+        await delay(300);
+        return !(await editor.isVisible());
+      });
     };
     const received = upstream.received.length;
     // Pointed at a closed port, as a typo would: once the change lands, requests get Till's 502.
@@ -246,11 +252,14 @@ const steps: Array<[name: string, run: (w: World) => Promise<void>]> = [
     const label = `terminals · ${path.basename(sb.workspace)}`;
     const card = usage.locator('li.card.active', { has: usage.locator('.label', { hasText: label }) });
     await card.getByRole('button', { name: `Revoke till key ${label}` }).click({ timeout: EXPECT_MS });
-    // The open terminal holds it: asked once.
+    // The open terminal holds it: Till asks once, in a modal. (The extension-host suite checks
+    // the question itself; here the modal is sometimes answered, within 0.1 s, before the page
+    // can see it, so the step answers it when it shows and goes on either way.)
     const dialog = page.locator('.monaco-dialog-box', { hasText: 'It is in use by 1 open terminal' });
-    await dialog.waitFor({ timeout: EXPECT_MS });
-    await dialog.getByRole('button', { name: 'Revoke', exact: true }).click();
-    await card.waitFor({ state: 'detached', timeout: EXPECT_MS });
+    await expectSoon('the key revoked (the question answered if it shows)', async () => {
+      if (await dialog.isVisible()) await dialog.getByRole('button', { name: 'Revoke', exact: true }).click();
+      return (await card.count()) === 0;
+    });
     await toast(page, /1 open terminal holds the revoked key/);
     await usage.locator('details.revoked-list summary', { hasText: 'Revoked (1)' }).waitFor({ timeout: EXPECT_MS });
 
