@@ -73,19 +73,24 @@ async function revoke(label: string): Promise<void> {
   expect(r.code, r.stderr).toBe(0);
 }
 
+/** Runs a client's one-call `text` mode: it answers, and its key counts one call and exactly the tokens the client reports. */
+async function expectAnsweredExactly(provider: string, label: string, script: string, args: string[]): Promise<void> {
+  const r = await execClient(provider, label, script, args);
+  expect(r.code, r.stderr).toBe(0);
+  const answer = r.lines[0] as { text: string; usage: { input: number; output: number } };
+  expect(answer.text.length).toBeGreaterThan(0);
+  const key = await keyLabelled(label);
+  expect(key.used.activations).toBe(1);
+  expect(key.tokens.input).toBe(answer.usage.input);
+  expect(key.tokens.output).toBe(answer.usage.output);
+}
+
 describe('the Vercel AI SDK, by environment variables only', () => {
   for (const provider of ['openai', 'anthropic', 'gemini'] as const) {
     const sdkProvider = provider === 'gemini' ? 'google' : provider;
     it(`${sdkProvider}: answers, with its tokens counted exactly`, async () => {
       const label = `ai-sdk ${sdkProvider} text`;
-      const r = await execClient(provider, label, 'ai-sdk.mjs', [sdkProvider, 'text']);
-      expect(r.code, r.stderr).toBe(0);
-      const answer = r.lines[0] as { text: string; usage: { input: number; output: number } };
-      expect(answer.text.length).toBeGreaterThan(0);
-      const key = await keyLabelled(label);
-      expect(key.used.activations).toBe(1);
-      expect(key.tokens.input).toBe(answer.usage.input);
-      expect(key.tokens.output).toBe(answer.usage.output);
+      await expectAnsweredExactly(provider, label, 'ai-sdk.mjs', [sdkProvider, 'text']);
     });
 
     it(`${sdkProvider}: a key revoked mid-stream ends it with Till's message`, async () => {
@@ -107,14 +112,7 @@ describe('LangChain, by environment variables only', () => {
   for (const provider of ['openai', 'anthropic'] as const) {
     it(`@langchain/${provider}: answers, with its tokens counted exactly`, async () => {
       const label = `langchain ${provider} text`;
-      const r = await execClient(provider, label, 'langchain.mjs', [provider, 'text']);
-      expect(r.code, r.stderr).toBe(0);
-      const answer = r.lines[0] as { text: string; usage: { input: number; output: number } };
-      expect(answer.text.length).toBeGreaterThan(0);
-      const key = await keyLabelled(label);
-      expect(key.used.activations).toBe(1);
-      expect(key.tokens.input).toBe(answer.usage.input);
-      expect(key.tokens.output).toBe(answer.usage.output);
+      await expectAnsweredExactly(provider, label, 'langchain.mjs', [provider, 'text']);
     });
 
     it(`@langchain/${provider}: a key revoked mid-stream ends it with Till's message`, async () => {
