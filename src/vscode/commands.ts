@@ -306,11 +306,6 @@ function commandTable(deps: CommandDeps): Record<(typeof COMMANDS)[keyof typeof 
     },
     [COMMANDS.showBrokerLog]: () => session.log.show(),
     [COMMANDS.refresh]: () => deps.tree.refresh(),
-    [COMMANDS.allowTerminalKeys]: async () => {
-      if (vscode.workspace.isTrusted) return void session.prompter.message('info', 'Till: this workspace is trusted; its terminals get till keys already.', []);
-      const ok = await session.prompter.message('warning', "Give this untrusted workspace's terminals till keys? Its tasks and scripts could use them (within their limits) until you revoke them.", ['Allow'], true);
-      if (ok === 'Allow') await deps.terminals.allowUntrusted();
-    },
     [COMMANDS.openDashboard]: () => deps.dashboard.openPanel(),
     [COMMANDS.focusSidebar]: () => vscode.commands.executeCommand(`workbench.view.extension.${VIEW_CONTAINER}`),
   };

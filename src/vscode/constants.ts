@@ -20,7 +20,6 @@ export const COMMANDS = {
   showBrokerLog: 'till.showBrokerLog',
   refresh: 'till.refresh',
   focusSidebar: 'till.focusSidebar',
-  allowTerminalKeys: 'till.allowTerminalKeys',
   openDashboard: 'till.openDashboard',
 } as const;
 

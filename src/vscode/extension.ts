@@ -61,7 +61,7 @@ function wire(context: vscode.ExtensionContext, store: DisposableStore, log: vsc
   const tree = store.add(new KeysTreeProvider(session));
   store.add(vscode.window.createTreeView(KEYS_VIEW, { treeDataProvider: tree, showCollapseAll: false }));
   const status = store.add(new TillStatusBar(session));
-  const terminals = store.add(new TerminalEnv(session, context.environmentVariableCollection, context.workspaceState));
+  const terminals = store.add(new TerminalEnv(session, context.environmentVariableCollection));
   const agents = store.add(new AgentTerminals(session));
   const notifier = new Notifier(session);
   const hasCredential = () => session.credentials.all().length > 0;

@@ -22,7 +22,8 @@ export class TillStatusBar implements vscode.Disposable {
     this.item.command = credentials === 0 ? COMMANDS.addCredential : COMMANDS.focusSidebar;
     if (credentials === 0) {
       this.item.text = '$(key) Till: add a credential';
-      this.item.tooltip = 'Till: no credential stored yet. Click to add one (a real API key, kept in the OS keychain); the broker starts then, and terminals get till keys.';
+      const broker = role === 'down' ? 'the broker is not running' : `the broker runs at ${url}`;
+      this.item.tooltip = `Till: no credential stored yet (${broker}, with nothing to broker). Click to add one (a real API key, kept in the OS keychain); terminals get till keys then.`;
     } else if (role === 'down') {
       this.item.text = '$(key) Till: off';
       this.item.tooltip = 'Till: the broker is not running (it failed to start, or is starting). See "Till: Show Broker Log"; "Till: Restart Broker" tries again.';

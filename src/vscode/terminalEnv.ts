@@ -14,8 +14,6 @@ import type { IssuedKey } from '../core/service';
 import { SETTINGS, TERMINAL_AGENTS_DEFAULT } from './constants';
 import type { TillSession } from './session';
 
-/** The workspace-state flag set by "Till: Allow Terminal Keys in This Workspace". */
-const ALLOWED_UNTRUSTED = 'till.terminalKeysInUntrustedWorkspace';
 
 export class TerminalEnv implements vscode.Disposable {
   /** Our terminal key per provider. */
@@ -27,8 +25,12 @@ export class TerminalEnv implements vscode.Disposable {
   /** Where Codex's config.toml for this window's terminals lives, once written. */
   private scratch: string | undefined;
   private syncing: Promise<void> = Promise.resolve();
-  /** When each terminal was reported open (VS Code reports it a moment after it starts). */
-  private readonly opened = new Map<vscode.Terminal, number>();
+  /**
+   * When each terminal's process may have taken its environment: from when VS Code reported the
+   * terminal open to when its process id arrived (until then, any time from now on). A terminal
+   * opened in an untrusted folder waits for trust, so its process can start well after it opened.
+   */
+  private readonly opened = new Map<vscode.Terminal, { from: number; until?: number }>();
   /** When each terminal key went into the collection and, once replaced, came out. */
   private readonly inCollection = new Map<string, { from: number; until?: number }>();
   /** Terminal keys revoked (terminals opened while they were in the collection hold them). */
@@ -38,15 +40,20 @@ export class TerminalEnv implements vscode.Disposable {
   constructor(
     private readonly session: TillSession,
     private readonly collection: vscode.GlobalEnvironmentVariableCollection,
-    private readonly workspaceState: vscode.Memento,
   ) {
     collection.persistent = false;
     this.listeners = [
-      vscode.window.onDidOpenTerminal((t) => this.opened.set(t, Date.now())),
+      vscode.window.onDidOpenTerminal((t) => this.watchStart(t)),
       vscode.window.onDidCloseTerminal((t) => this.opened.delete(t)),
       vscode.workspace.onDidGrantWorkspaceTrust(() => void this.sync()),
     ];
     this.describe();
+  }
+
+  private watchStart(terminal: vscode.Terminal): void {
+    const window: { from: number; until?: number } = { from: Date.now() };
+    this.opened.set(terminal, window);
+    void Promise.resolve(terminal.processId).then(() => (window.until = Date.now()), () => {});
   }
 
   private describe(): void {
@@ -58,22 +65,16 @@ export class TerminalEnv implements vscode.Disposable {
     this.collection.description = providers.length
       ? `Till: till keys and the local broker's URL for ${providers.join(', ')}.${agents}${relaunch} Your real API keys never reach a terminal.`
       : this.restricted()
-      ? 'Till: no till keys in terminals of this untrusted workspace (trust it, or run "Till: Allow Terminal Keys in This Workspace").'
+      ? 'Till: no till keys in terminals of this untrusted workspace (they get one once you trust it).'
       : `Till: no till keys in terminals (add a credential to get some).${relaunch}`;
   }
 
   /**
-   * Restricted Mode: a workspace the user has not trusted (its tasks and scripts may run in
-   * terminals) gets no till keys until trusted, or allowed for Till alone.
+   * Restricted Mode: a workspace the user has not trusted gets no terminal key. VS Code starts
+   * no terminal or task there (opening one asks for trust first); the key is issued on the grant.
    */
   private restricted(): boolean {
-    return !vscode.workspace.isTrusted && this.workspaceState.get<boolean>(ALLOWED_UNTRUSTED) !== true;
-  }
-
-  /** Gives this untrusted workspace's terminals till keys (remembered for the workspace). */
-  async allowUntrusted(): Promise<void> {
-    await this.workspaceState.update(ALLOWED_UNTRUSTED, true);
-    await this.sync();
+    return !vscode.workspace.isTrusted;
   }
 
   /** Open terminals holding a terminal key that was revoked since they started. */
@@ -87,14 +88,16 @@ export class TerminalEnv implements vscode.Disposable {
   }
 
   /**
-   * Whether a terminal started while the key was in the collection. One never reported open
-   * (it was open before Till was, or its report is late) is counted: the safe side for a warning.
+   * Whether a terminal's process may have started while the key was in the collection (its
+   * start window and the key's span overlap). One never reported open (it was open before Till
+   * was, or its report is late) is counted: the safe side for a question and a warning.
    */
   private holds(terminal: vscode.Terminal, id: string): boolean {
     const span = this.inCollection.get(id);
     if (!span) return false;
-    const at = this.opened.get(terminal);
-    return at === undefined || (at >= span.from && (span.until === undefined || at < span.until));
+    const start = this.opened.get(terminal);
+    if (start === undefined) return true;
+    return start.from < (span.until ?? Infinity) && (start.until ?? Infinity) >= span.from;
   }
 
   /** Sets the agent variables for the keys terminals hold now, and takes back the rest. */

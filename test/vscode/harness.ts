@@ -149,6 +149,11 @@ export interface CodeServerOptions {
    * at the UI as a person does turns it off.
    */
   smokeTestDriver?: boolean;
+  /**
+   * Workspace Trust on (default off: `--disable-workspace-trust`). On, a folder opens with
+   * VS Code's "Do you trust the authors?" question and, until trusted, in Restricted Mode.
+   */
+  workspaceTrust?: boolean;
 }
 
 /**
@@ -170,7 +175,7 @@ export async function spawnCodeServer(sb: Sandbox, opts: CodeServerOptions = {})
       '--extensions-dir', sb.extensionsDir,
       '--disable-telemetry',
       '--disable-update-check',
-      '--disable-workspace-trust',
+      ...(opts.workspaceTrust ? [] : ['--disable-workspace-trust']),
       '--disable-getting-started-override',
       '--disable-proxy',
       ...(opts.smokeTestDriver === false ? [] : ['--vscode-option', 'enable-smoke-test-driver']),

@@ -96,11 +96,27 @@ interface World {
 }
 
 const steps: Array<[name: string, run: (w: World) => Promise<void>]> = [
-  ['add an OpenAI credential (palette)', async ({ page }) => {
-    await runCommand(page, 'Till: Add Credential');
+  ['first run in an untrusted folder: the status bar and the Usage view offer Add Credential; add an OpenAI credential', async ({ page }) => {
+    // A folder never opened before is untrusted: code-server opens it in Restricted Mode (where
+    // VS Code asks first, a careful user says no).
+    const trust = page.locator('.monaco-dialog-box', { hasText: /trust the authors/i });
+    const restricted = page.locator('.statusbar-item', { hasText: 'Restricted Mode' }).first();
+    await trust.or(restricted).first().waitFor({ timeout: EXPECT_MS });
+    if (await trust.isVisible()) await trust.getByRole('button', { name: /don.t trust/i }).click();
+    await restricted.waitFor({ timeout: EXPECT_MS });
+    // Nothing to broker yet: the one action offered everywhere is adding a credential.
+    const status = page.locator('.statusbar-item', { hasText: 'Till: add a credential' }).first();
+    await status.waitFor({ timeout: EXPECT_MS });
+    await openTillSidebar(page);
+    const usage = usageFrame(page);
+    await usage.locator('.empty h2', { hasText: 'Add your first credential' }).waitFor({ timeout: EXPECT_MS });
+    await shot(page, 'ui-first-run', SIDEBAR);
+    await usage.getByRole('button', { name: 'Add Credential' }).click({ timeout: EXPECT_MS });
     await pick(page, 'Till: Add Credential', 'OpenAI');
     await input(page, 'Till: OpenAI API key', SECRET, { password: true });
     await toast(page, /Till: stored "openai" \(OpenAI\) in the OS keychain/);
+    await page.locator('.statusbar-item', { hasText: /Till: \d+ keys?/ }).first().waitFor({ timeout: EXPECT_MS });
+    await usage.locator('.empty h2', { hasText: 'No till keys yet' }).waitFor({ timeout: EXPECT_MS });
   }],
 
   ['issue a key (palette)', async ({ page }) => {
@@ -115,7 +131,7 @@ const steps: Array<[name: string, run: (w: World) => Promise<void>]> = [
   }],
 
   ['see the key in the Keys tree', async ({ page }) => {
-    await page.locator('.activitybar [aria-label^="Till"]').first().click();
+    await openTillSidebar(page);
     const keys = viewPane(page, 'Keys');
     await keys.locator('.monaco-list-row', { hasText: KEY_LABEL }).first().waitFor({ timeout: EXPECT_MS });
     const row = (await keys.locator('.monaco-list-row', { hasText: KEY_LABEL }).first().innerText()).replace(/\s+/g, ' ');
@@ -126,18 +142,28 @@ const steps: Array<[name: string, run: (w: World) => Promise<void>]> = [
     await credential.waitFor({ timeout: EXPECT_MS });
     if ((await page.content()).includes(SECRET)) throw new Error('the credential is on the page');
     await keys.locator('.monaco-list-row', { hasText: 'Credentials (1)' }).first().click({ timeout: EXPECT_MS });
-    // The Usage view below it has drawn its first state (both keys), so the picture is whole.
+    // The Usage view below it has drawn its first state (the key), so the picture is whole.
     await usageFrame(page).locator('li.card .label', { hasText: KEY_LABEL }).waitFor({ timeout: EXPECT_MS });
     await shot(page, 'ui-keys', SIDEBAR);
   }],
 
-  ['open a terminal and see OPENAI_BASE_URL', async ({ page }) => {
+  ['Restricted Mode: no terminal key until the folder is trusted; trusted as a terminal opens, that terminal has one', async ({ sb, page }) => {
+    const usage = usageFrame(page);
+    const label = `terminals · ${path.basename(sb.workspace)}`;
+    if (await usage.locator('li.card .label', { hasText: label }).count()) throw new Error('a terminal key was issued in Restricted Mode');
+    // VS Code runs no terminal in an untrusted folder: opening one asks for trust first.
     await runCommand(page, 'Terminal: Create New Terminal');
+    const ask = page.locator('.monaco-dialog-box', { hasText: /trust the authors/i });
+    await ask.waitFor({ timeout: EXPECT_MS });
+    await ask.getByRole('button', { name: /^Trust/ }).click();
+    await page.locator('.statusbar-item', { hasText: 'Restricted Mode' }).first().waitFor({ state: 'detached', timeout: EXPECT_MS });
+    await usage.locator('li.card .label', { hasText: label }).waitFor({ timeout: EXPECT_MS });
+    // The terminal that asked started once trusted, with the broker's URL and a till key.
     const rows = page.locator('.terminal-wrapper .xterm-rows').first();
     await rows.waitFor({ timeout: EXPECT_MS });
     await expectSoon('a shell prompt', async () => /[$#]\s*$/.test((await screenText(rows)).trimEnd()));
-    await typeInTerminal(page, 'echo $OPENAI_BASE_URL');
-    await expectSoon('the broker URL on the terminal', async () => /http:\/\/127\.0\.0\.1:\d+\/openai\/v1/.test(await screenText(rows)));
+    await typeInTerminal(page, 'echo "[${OPENAI_API_KEY%%_*}] $OPENAI_BASE_URL"');
+    await expectSoon('a till key and the broker URL on the terminal', async () => /\[till\] http:\/\/127\.0\.0\.1:\d+\/openai\/v1/.test(await screenText(rows)));
   }],
 
   ['make a request from the terminal with its own key', async ({ page, upstream }) => {
@@ -350,6 +376,13 @@ async function toast(page: Page, text: string | RegExp): Promise<void> {
 }
 
 /** The sidebar pane of the view titled `title` (its header and body). */
+/** Shows Till's sidebar; the activity bar icon toggles it, so only when it is not showing. */
+async function openTillSidebar(page: Page): Promise<void> {
+  if (await viewPane(page, 'Keys').isVisible()) return;
+  await page.locator('.activitybar [aria-label^="Till"]').first().click();
+  await viewPane(page, 'Keys').waitFor({ timeout: EXPECT_MS });
+}
+
 function viewPane(page: Page, title: string): Locator {
   return page.locator(`${SIDEBAR} .pane`, { has: page.locator('.pane-header', { hasText: exactly(title, 'i') }) }).first();
 }
@@ -451,6 +484,8 @@ async function main(): Promise<number> {
       env: { DBUS_SESSION_BUS_ADDRESS: keyring.env.DBUS_SESSION_BUS_ADDRESS! },
       // The smoke-test driver hides notification toasts; nothing here needs it.
       smokeTestDriver: false,
+      // As a fresh install meets a folder: asked whether to trust it (the first step says no).
+      workspaceTrust: true,
       onOutput: opts.verbose ? (text) => process.stdout.write(prefixLines('[code-server] ', text)) : undefined,
     });
     deadline.failWith(server.exited);
