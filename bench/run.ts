@@ -6,7 +6,7 @@
  *   pass-through  a minimal node:http proxy that swaps the Authorization header;
  *   till          `till serve` (dist/till.js) with a credential in a private keychain and a till key;
  *   till, limits  the same broker with a key limited in tokens and dollars: every request is
- *                 planned and held, and settled (budget.ts), every stream's hold follows it;
+ *                 planned and held, and settled (holds/plan.ts), every stream's hold follows it;
  *   baseline      with BENCH_BASELINE=<an older build's till.js>: that build's `till serve`, so that
  *                 this build's cost is compared with it in the same run.
  * Then long streams (4,000 events each) through the pass-through and both till keys: the CPU a

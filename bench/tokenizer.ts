@@ -1,15 +1,15 @@
 /**
- * What the tokenizer costs when a hold needs it (budget.ts tokenizes a body only when its byte
+ * What the tokenizer costs when a hold needs it (holds/plan.ts tokenizes a body only when its byte
  * bound would refuse the request or lower its output): loading it, and counting agent-shaped
  * chat bodies of 48 KB (a Claude Code system prompt) and 400 KB (a long session), in this
- * process, with Till's own counter (src/core/tokenCount.ts).
+ * process, with Till's own counter (src/core/estimate/tokenCount.ts).
  *
  * The text is real: this repository's TypeScript and Markdown, as an agent's context would carry
  * source files and notes. A body of text made to be slow (unseen words) is counted too.
  */
 import { readdirSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { counter, requestTokens } from '../src/core/tokenCount';
+import { counter, requestTokens } from '../src/core/estimate/tokenCount';
 
 export interface TokenizerSize {
   label: string;

@@ -8,7 +8,7 @@ import OpenAI from 'openai';
 import Anthropic from '@anthropic-ai/sdk';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { KeySummary, TillEvent } from '../src/core/events';
-import type { TillService } from '../src/core/service';
+import type { TillService } from '../src/core/runtime/service';
 import { addCredential, fakeCredential, startTill, tempHome } from './support/till';
 import { openAIChatInputTokens, startAnthropicUpstream, startGeminiUpstream, startOpenAIUpstream, type Upstream } from './support/upstreams';
 

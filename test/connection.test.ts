@@ -3,7 +3,7 @@
  * same ledger when its host goes away, with no key or count lost.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { TillConnection, type TillRole } from '../src/core/connection';
+import { TillConnection, type TillRole } from '../src/core/runtime/connection';
 import type { TillEvent } from '../src/core/events';
 import { addCredential, fakeCredential, logFile, spawnServe, tempHome } from './support/till';
 import { appendFileSync } from 'node:fs';

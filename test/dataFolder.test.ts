@@ -8,7 +8,7 @@ import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, re
 import { createServer, type Server } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { tillPaths } from '../src/core/home';
+import { tillPaths } from '../src/core/runtime/home';
 import { serveTill } from './support/served';
 import { addCredential, expectOneLineError, fakeCredential, runTill, tempHome, testRoot } from './support/till';
 import { startOpenAIUpstream, type Upstream } from './support/upstreams';

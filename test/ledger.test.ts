@@ -7,8 +7,8 @@ import { existsSync, readdirSync, readFileSync, renameSync, statSync, writeFileS
 import { join } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { describe, expect, it } from 'vitest';
-import { isRefusal, keyState, Ledger, LedgerCorruptError, type KeyRecord, type Reservation, type ReserveRefusal } from '../src/core/ledger';
-import type { Policy } from '../src/core/policy';
+import { isRefusal, keyState, Ledger, LedgerCorruptError, type KeyRecord, type Reservation, type ReserveRefusal } from '../src/core/ledger/ledger';
+import type { Policy } from '../src/core/keys/policy';
 import { runTill, spawnServe, tempHome } from './support/till';
 
 let nextId = 0;

@@ -17,8 +17,8 @@ import {
   type MeterEvent,
   type Usage,
   type UsageFormat,
-} from '../src/core/metering';
-import { CATALOGUE } from '../src/core/providers';
+} from '../src/core/metering/metering';
+import { CATALOGUE } from '../src/core/providers/providers';
 import {
   fakeAnswer,
   fakeTokenCount,

@@ -4,7 +4,7 @@
  */
 import { request } from 'node:http';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { TillService } from '../src/core/service';
+import type { TillService } from '../src/core/runtime/service';
 import { addCredential, fakeCredential, startTill, tempHome } from './support/till';
 import { startOpenAIUpstream, type Upstream } from './support/upstreams';
 

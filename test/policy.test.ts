@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { buildPolicy, describePolicy, parseDuration, scopeViolation } from '../src/core/policy';
-import { CATALOGUE, isFreeRoute, matchPattern, ProviderRegistry, upstreamEnvVar } from '../src/core/providers';
+import { buildPolicy, describePolicy, parseDuration, scopeViolation } from '../src/core/keys/policy';
+import { CATALOGUE, isFreeRoute, matchPattern, ProviderRegistry, upstreamEnvVar } from '../src/core/providers/providers';
 
 describe('policy', () => {
   it('parses durations people write', () => {

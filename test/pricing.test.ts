@@ -2,9 +2,9 @@ import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import prices from '../src/core/prices.json';
-import { PriceTable, readPriceOverrides, type ModelPrice } from '../src/core/pricing';
-import { CATALOGUE } from '../src/core/providers';
+import prices from '../src/core/metering/prices.json';
+import { PriceTable, readPriceOverrides, type ModelPrice } from '../src/core/metering/pricing';
+import { CATALOGUE } from '../src/core/providers/providers';
 
 const table = new PriceTable();
 const models = prices.models as unknown as Record<string, Record<string, ModelPrice & { notes?: string }>>;

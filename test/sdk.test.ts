@@ -6,7 +6,7 @@ import Anthropic from '@anthropic-ai/sdk';
 import { ApiError, GoogleGenAI } from '@google/genai';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { TillService } from '../src/core/service';
+import type { TillService } from '../src/core/runtime/service';
 import { addCredential, fakeCredential, startTill, tempHome } from './support/till';
 import { fakeAnswer, startAnthropicUpstream, startGeminiUpstream, startGitHubUpstream, startOpenAIUpstream, type Upstream } from './support/upstreams';
 

@@ -8,7 +8,7 @@ import * as net from 'node:net';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
-import { DEFAULT_PORT } from '../src/core/broker';
+import { DEFAULT_PORT } from '../src/core/broker/server';
 import { serveTill, type Broker } from './support/served';
 import { addCredential, fakeCredential, tempHome } from './support/till';
 import { startOpenAIUpstream, type Upstream } from './support/upstreams';

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { hashTillKey, makeTillKey, newKeyId, parseTillKey, TILL_KEY_LENGTH, tillKeyMatches } from '../src/core/tillKey';
+import { hashTillKey, makeTillKey, newKeyId, parseTillKey, TILL_KEY_LENGTH, tillKeyMatches } from '../src/core/keys/tillKey';
 
 describe('till keys', () => {
   it('look like till_<id>_<secret> and parse back to their id', () => {

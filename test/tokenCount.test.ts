@@ -1,12 +1,12 @@
 /**
- * The tokenizer Till holds OpenAI-family input by (src/core/tokenCount.ts): exact for ordinary
+ * The tokenizer Till holds OpenAI-family input by (src/core/estimate/tokenCount.ts): exact for ordinary
  * text, and an upper bound by bytes for text built to make it slow (which it never tokenizes).
  */
 import { readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { countTokens } from 'gpt-tokenizer/encoding/o200k_base';
 import { describe, expect, it } from 'vitest';
-import { counter } from '../src/core/tokenCount';
+import { counter } from '../src/core/estimate/tokenCount';
 
 const count = counter('o200k_base');
 const exact = (text: string) => countTokens(text, { disallowedSpecial: new Set() });

@@ -11,8 +11,8 @@ import { existsSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { buildSync } from 'esbuild';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { keychainService, tillPaths } from '../src/core/home';
-import { KeychainVault, VaultError, type VaultErrorKind } from '../src/core/vault';
+import { keychainService, tillPaths } from '../src/core/runtime/home';
+import { KeychainVault, VaultError, type VaultErrorKind } from '../src/core/credentials/vault';
 import { startPrivateKeyring, type PrivateKeyring } from './support/keyring';
 import { collectOutput } from './support/process';
 import { fakeCredential, runTill, spawnServe, tempHome, type ServeProcess, expectOneLineError } from './support/till';
@@ -46,9 +46,9 @@ async function expectVaultError(p: Promise<unknown>, kind: VaultErrorKind, messa
 
 const ROOT = resolve(__dirname, '..');
 
-/** src/core/vault.ts as CommonJS, for child processes (the keyring binding stays external). */
+/** src/core/credentials/vault.ts as CommonJS, for child processes (the keyring binding stays external). */
 const VAULT_JS = buildSync({
-  entryPoints: [join(ROOT, 'src/core/vault.ts')],
+  entryPoints: [join(ROOT, 'src/core/credentials/vault.ts')],
   bundle: true,
   platform: 'node',
   format: 'cjs',

@@ -10,8 +10,8 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket, { WebSocketServer } from 'ws';
 import type { TillEvent } from '../src/core/events';
-import type { TillService } from '../src/core/service';
-import { makeTillKey, newKeyId } from '../src/core/tillKey';
+import type { TillService } from '../src/core/runtime/service';
+import { makeTillKey, newKeyId } from '../src/core/keys/tillKey';
 import { addCredential, fakeCredential, startTill, tempHome } from './support/till';
 import { waitFor } from './support/wait';
 

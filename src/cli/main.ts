@@ -7,16 +7,16 @@ import { rmSync } from 'node:fs';
 import { constants } from 'node:os';
 import { basename } from 'node:path';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
-import { AGENTS, agentSetup, agentTargets, isAgentName, newAgentScratchDir } from '../core/agents';
-import { ControlClient, NotRunningError } from '../core/control';
-import { CredentialList, CredentialStore, checkCredentialName } from '../core/credentials';
+import { AGENTS, agentSetup, agentTargets, isAgentName, newAgentScratchDir } from '../core/agents/agents';
+import { ControlClient, NotRunningError } from '../core/runtime/control';
+import { CredentialList, CredentialStore, checkCredentialName } from '../core/credentials/credentials';
 import type { KeySummary, TillEvent } from '../core/events';
-import { defaultHome, openHome, readConfig, type TillPaths } from '../core/home';
-import { describePolicy, formatAmount, formatCount, formatDuration, formatSpent, formatUsd, limitsOf, type Amounts } from '../core/policy';
-import { holdLease, type HeldLease } from '../core/leases';
-import { providerEnvNames, ProviderRegistry } from '../core/providers';
-import { TillService, type IssuedKey, type IssueInput } from '../core/service';
-import { KeychainVault } from '../core/vault';
+import { defaultHome, openHome, readConfig, type TillPaths } from '../core/runtime/home';
+import { describePolicy, formatAmount, formatCount, formatDuration, formatSpent, formatUsd, limitsOf, type Amounts } from '../core/keys/policy';
+import { holdLease, type HeldLease } from '../core/runtime/leases';
+import { providerEnvNames, ProviderRegistry } from '../core/providers/providers';
+import { TillService, type IssuedKey, type IssueInput } from '../core/runtime/service';
+import { KeychainVault } from '../core/credentials/vault';
 import { readSecret } from './secretInput';
 
 class UsageError extends Error {}

@@ -3,7 +3,7 @@
  * the usual error type, with a message a person understands. A message never holds a key.
  */
 import type { DenialCode } from './events';
-import { formatCount, formatUsd, type Meter } from './policy';
+import { formatCount, formatUsd, type Meter } from './keys/policy';
 
 /** A refusal with its HTTP status, reason code and message. */
 export interface Denial {

@@ -3,8 +3,8 @@
  * Events carry ids, labels and numbers; never a key or a credential.
  */
 import { EventEmitter } from 'node:events';
-import type { Amounts, Meter } from './policy';
-import type { KeyState } from './ledger';
+import type { Amounts, Meter } from './keys/policy';
+import type { KeyState } from './ledger/ledger';
 
 /** A key as shown to people and tools: everything but its hash. */
 export interface KeySummary {
@@ -14,7 +14,7 @@ export interface KeySummary {
   credential: string;
   createdAt: number;
   state: KeyState;
-  policy: import('./policy').Policy;
+  policy: import('./keys/policy').Policy;
   used: Amounts;
   reserved: Amounts;
   /** What is left of each limited meter. */
@@ -26,7 +26,7 @@ export interface KeySummary {
   /** Revoked when the process holding its lease goes away (`till exec`). */
   leased?: true;
   /** Tokens by kind (input includes cached, output includes reasoning). */
-  tokens: import('./ledger').TokenCounts;
+  tokens: import('./ledger/ledger').TokenCounts;
   /** The part of `used.spend` (micro-dollars) that was estimated from an interrupted stream. */
   estimatedSpend: number;
   /**
@@ -39,7 +39,7 @@ export interface KeySummary {
 
 /** What one finished request used. */
 export interface RequestUsage {
-  tokens: import('./ledger').TokenCounts;
+  tokens: import('./ledger/ledger').TokenCounts;
   /** Micro-dollars; absent when the model has no price. */
   spend?: number;
   /** Estimated from the streamed text (the stream was cut before the upstream reported usage). */

@@ -6,8 +6,8 @@
  */
 import { rmSync } from 'node:fs';
 import * as vscode from 'vscode';
-import { AGENTS, agentSetup, agentTargets, newAgentScratchDir, type AgentName } from '../core/agents';
-import type { IssuedKey } from '../core/service';
+import { AGENTS, agentSetup, agentTargets, newAgentScratchDir, type AgentName } from '../core/agents/agents';
+import type { IssuedKey } from '../core/runtime/service';
 import { SETTINGS } from './constants';
 import type { TillSession } from './session';
 

@@ -6,11 +6,11 @@
  * them they ask through the session's prompter.
  */
 import * as vscode from 'vscode';
-import { isAgentName, type AgentName } from '../core/agents';
+import { isAgentName, type AgentName } from '../core/agents/agents';
 import type { KeySummary } from '../core/events';
-import { parseDuration, type PolicyInput } from '../core/policy';
-import { providerBaseUrl, ProviderRegistry } from '../core/providers';
-import type { IssuedKey, IssueInput } from '../core/service';
+import { parseDuration, type PolicyInput } from '../core/keys/policy';
+import { providerBaseUrl, ProviderRegistry } from '../core/providers/providers';
+import type { IssuedKey, IssueInput } from '../core/runtime/service';
 import type { AgentTerminals } from './agentTerminals';
 import { COMMANDS, SETTINGS, VIEW_CONTAINER } from './constants';
 import type { KeysTreeProvider } from './keysTree';

@@ -4,7 +4,7 @@
  * shows what the core emits; it holds no policy logic.
  */
 import * as vscode from 'vscode';
-import type { TillConnection } from '../core/connection';
+import type { TillConnection } from '../core/runtime/connection';
 import { changesKeys } from '../core/events';
 import { AgentTerminals } from './agentTerminals';
 import { registerCommands } from './commands';

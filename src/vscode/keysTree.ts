@@ -4,9 +4,9 @@
  * each with Remove). Refreshed from broker events and credential changes.
  */
 import * as vscode from 'vscode';
-import type { CredentialInfo } from '../core/credentials';
+import type { CredentialInfo } from '../core/credentials/credentials';
 import type { KeySummary } from '../core/events';
-import { describePolicy, formatAmount, formatDuration, formatSpent, formatUsd } from '../core/policy';
+import { describePolicy, formatAmount, formatDuration, formatSpent, formatUsd } from '../core/keys/policy';
 import { COMMANDS, CONTEXT } from './constants';
 import type { TillSession } from './session';
 

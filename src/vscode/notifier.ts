@@ -6,8 +6,8 @@
  */
 import * as vscode from 'vscode';
 import type { KeySummary, TillEvent } from '../core/events';
-import type { Extension } from '../core/keys';
-import { formatAmount, limitsOf, type Meter } from '../core/policy';
+import type { Extension } from '../core/keys/keys';
+import { formatAmount, limitsOf, type Meter } from '../core/keys/policy';
 import { COMMANDS, SETTINGS } from './constants';
 import type { TillSession } from './session';
 

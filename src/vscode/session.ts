@@ -3,14 +3,14 @@
  * credential store, settings turned into core options, the log, and the prompter.
  */
 import * as vscode from 'vscode';
-import { TillConnection } from '../core/connection';
-import { CredentialStore } from '../core/credentials';
-import { defaultHome, tillPaths, type TillPaths } from '../core/home';
-import { buildPolicy, type PolicyInput } from '../core/policy';
-import { upstreamEnvVar } from '../core/providers';
-import { DEFAULT_PORT } from '../core/broker';
-import { KeychainVault } from '../core/vault';
-import type { PriceOverrides } from '../core/pricing';
+import { TillConnection } from '../core/runtime/connection';
+import { CredentialStore } from '../core/credentials/credentials';
+import { defaultHome, tillPaths, type TillPaths } from '../core/runtime/home';
+import { buildPolicy, type PolicyInput } from '../core/keys/policy';
+import { upstreamEnvVar } from '../core/providers/providers';
+import { DEFAULT_PORT } from '../core/broker/server';
+import { KeychainVault } from '../core/credentials/vault';
+import type { PriceOverrides } from '../core/metering/pricing';
 import { SETTINGS } from './constants';
 import { vscodePrompter, type Prompter } from './prompter';
 

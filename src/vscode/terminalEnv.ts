@@ -8,9 +8,9 @@
 import { existsSync, readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import * as vscode from 'vscode';
-import { AGENTS, agentServed, agentSetup, isAgentName, newAgentScratchDir, type AgentName } from '../core/agents';
+import { AGENTS, agentServed, agentSetup, isAgentName, newAgentScratchDir, type AgentName } from '../core/agents/agents';
 import type { TillEvent } from '../core/events';
-import type { IssuedKey } from '../core/service';
+import type { IssuedKey } from '../core/runtime/service';
 import { SETTINGS, TERMINAL_AGENTS_DEFAULT } from './constants';
 import type { TillSession } from './session';
 

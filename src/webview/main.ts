@@ -6,11 +6,11 @@
  * built with createElement/textContent (never innerHTML), and styles come from media/usage.css
  * (the CSP allows no inline style; bar widths are set through CSSOM, which it allows).
  */
-import type { TillRole } from '../core/connection';
+import type { TillRole } from '../core/runtime/connection';
 import type { KeySummary, RequestUsage } from '../core/events';
-import type { TokenCounts } from '../core/ledger';
-import { formatAmount, formatSpent, formatUsd, limitsOf, METERS, type Amounts, type Meter } from '../core/policy';
-import type { RequestRecord } from '../core/service';
+import type { TokenCounts } from '../core/ledger/ledger';
+import { formatAmount, formatSpent, formatUsd, limitsOf, METERS, type Amounts, type Meter } from '../core/keys/policy';
+import type { RequestRecord } from '../core/runtime/service';
 import { mergeRecords, type HostMessage, type LiveEvent, type PageCommand, type PageMessage } from './messages';
 
 // ---- the browser APIs this page uses ---------------------------------------------------------

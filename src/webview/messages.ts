@@ -5,9 +5,9 @@
  * Nothing here carries a secret: keys travel as `KeySummary` and requests as `RequestRecord`,
  * neither of which holds a till key or a credential. Keep it that way.
  */
-import type { TillRole } from '../core/connection';
+import type { TillRole } from '../core/runtime/connection';
 import type { KeySummary, TillEvent } from '../core/events';
-import type { RequestRecord } from '../core/service';
+import type { RequestRecord } from '../core/runtime/service';
 import type { COMMANDS } from '../vscode/constants';
 
 /** Host → page. */

@@ -5,10 +5,10 @@
  * security, limits and defaults use the first, so a default lost in wiring cannot hide.
  */
 import { appendFileSync } from 'node:fs';
-import { ControlClient } from '../../src/core/control';
+import { ControlClient } from '../../src/core/runtime/control';
 import type { KeySummary, TillEvent } from '../../src/core/events';
-import { tillPaths } from '../../src/core/home';
-import type { IssuedKey, IssueInput, ServiceOptions, TillService } from '../../src/core/service';
+import { tillPaths } from '../../src/core/runtime/home';
+import type { IssuedKey, IssueInput, ServiceOptions, TillService } from '../../src/core/runtime/service';
 import { logFile, spawnServe, startTill, type ServeProcess } from './till';
 
 export interface Broker {

@@ -9,10 +9,10 @@ import { collectOutput, type RunResult } from './process';
 import { randomBytes } from 'node:crypto';
 import { appendFileSync, mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { CredentialList } from '../../src/core/credentials';
-import { tillPaths } from '../../src/core/home';
-import { TillService, type ServiceOptions } from '../../src/core/service';
-import { KeychainVault } from '../../src/core/vault';
+import { CredentialList } from '../../src/core/credentials/credentials';
+import { tillPaths } from '../../src/core/runtime/home';
+import { TillService, type ServiceOptions } from '../../src/core/runtime/service';
+import { KeychainVault } from '../../src/core/credentials/vault';
 
 export const TILL_JS = resolve(__dirname, '../../dist/till.js');
 

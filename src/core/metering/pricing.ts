@@ -3,8 +3,8 @@
  * The built-in table is prices.json (dated, per provider, USD per 1M tokens); a user's
  * prices.json in the data folder replaces entries model by model.
  */
-import { isRecord } from './json';
-import { readPrivateFile } from './privateFolder';
+import { isRecord } from '../json';
+import { readPrivateFile } from '../files/privateFolder';
 import builtIn from './prices.json';
 
 /** One set of rates, in USD per 1M tokens. */

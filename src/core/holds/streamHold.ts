@@ -1,6 +1,6 @@
 /**
  * A stream's hold, following it: it starts at the input bound plus a first slice of output
- * (budget.ts), shrinks as soon as the upstream reports its input, and grows in slices as output
+ * (holds/plan.ts), shrinks as soon as the upstream reports its input, and grows in slices as output
  * arrives. When the key cannot cover what the stream may have produced, the stream is ended the
  * way revocation ends it (abort upstream, an error event to the client) and billed what it made.
  *
@@ -16,12 +16,12 @@
  * fastest frontier speeds (about 300–600 tokens a second) that is some 30 to 60 tokens; the test
  * upstreams generate 50 (test/support/upstreams.ts). The hold keeps a margin above that,
  * {@link CUT_MARGIN_TOKENS} (64), and is kept at min(ceiling, bound + margin), checked at every
- * chunk and, for hidden output, every {@link TICK_MS}; it grows by its plan's slice (budget.ts:
+ * chunk and, for hidden output, every {@link TICK_MS}; it grows by its plan's slice (holds/plan.ts:
  * fewer ledger writes), or by what is left when less is. A growth is on disk before the stream goes on
  * (ledger.ts), so a crash counts the grown hold. If even the bound and the margin cannot be
  * covered, the stream is cut then: the upstream can bill at most what the hold covers. A cut
  * stream settles at what it produced (reported, or counted from its text) plus AFTER_CUT_TOKENS
- * (50, budget.ts), marked estimated: the best estimate of the bill, where the margin is its bound.
+ * (50, holds/plan.ts), marked estimated: the best estimate of the bill, where the margin is its bound.
  *
  * Server-side tool calls (a web search) bill a fee and their results as input. A tool whose calls
  * the request limits is held for all of them from the start; one whose calls are not limited is
@@ -29,13 +29,13 @@
  * sees it, and the one held ahead covers it. Each call seen grows the hold by one more call; when
  * the key cannot cover it, the stream is ended before the model can start another.
  */
-import { CUT_MARGIN_TOKENS, holdAmounts, type HoldPlan } from './budget';
-import type { Denial } from './denial';
-import { growthRefusal, type Hold } from './keys';
-import type { ReserveRefusal } from './ledger';
-import type { Usage } from './metering';
-import { costAt, ratesFor } from './pricing';
-import { MICROS } from './policy';
+import { CUT_MARGIN_TOKENS, holdAmounts, type HoldPlan } from './plan';
+import type { Denial } from '../denial';
+import { growthRefusal, type Hold } from '../keys/keys';
+import type { ReserveRefusal } from '../ledger/ledger';
+import type { Usage } from '../metering/metering';
+import { costAt, ratesFor } from '../metering/pricing';
+import { MICROS } from '../keys/policy';
 
 /** How often a stream that may produce hidden output is re-checked between chunks. */
 export const TICK_MS = 250;

@@ -3,21 +3,21 @@
  * data folder. `till serve` runs it in the foreground; the VS Code extension hosts it in its
  * extension host.
  */
-import { AuditLog } from './audit';
-import { Broker, type BrokerOptions } from './broker';
+import { AuditLog } from '../ledger/audit';
+import { Broker, type BrokerOptions } from '../broker/server';
 import { ControlError, ControlServer } from './control';
-import { CredentialList, type CredentialInfo } from './credentials';
-import { TillEvents, type KeySummary, type TillEvent } from './events';
+import { CredentialList, type CredentialInfo } from '../credentials/credentials';
+import { TillEvents, type KeySummary, type TillEvent } from '../events';
 import { openHome, readConfig, type TillPaths } from './home';
-import { withDefaults } from './options';
-import { TillKeys, type Extension } from './keys';
-import { ConversationSizes } from './contexts';
+import { withDefaults } from '../options';
+import { TillKeys, type Extension } from '../keys/keys';
+import { ConversationSizes } from '../holds/contexts';
 import { Leases, type LEASE_GRACE_MS } from './leases';
-import { Ledger } from './ledger';
-import { buildPolicy, type Policy, type PolicyInput } from './policy';
-import { ProviderRegistry, type Provider } from './providers';
-import { KeychainVault, VaultError, type Vault } from './vault';
-import { PriceTable, readPriceOverrides, type PriceOverrides } from './pricing';
+import { Ledger } from '../ledger/ledger';
+import { buildPolicy, type Policy, type PolicyInput } from '../keys/policy';
+import { ProviderRegistry, type Provider } from '../providers/providers';
+import { KeychainVault, VaultError, type Vault } from '../credentials/vault';
+import { PriceTable, readPriceOverrides, type PriceOverrides } from '../metering/pricing';
 
 export interface ServiceOptions {
   home: string;

@@ -23,15 +23,15 @@
  *   could cover it; otherwise it is lowered to what the key can cover now, a ceiling for that
  *   request alone.
  */
-import { limitRefusal, type Denial } from './denial';
-import type { RequestUsage } from './events';
-import { maxImageTokens, imageTokens } from './imageTokens';
-import type { SettleDetails, TokenCounts } from './ledger';
-import { estimateTokens, type GeneratedText, type Usage, type UsageFormat } from './metering';
-import { formatAmount, MICROS, type Amounts, type Policy } from './policy';
-import { costAt, ratesFor, type ModelLimits, type ModelPrice, type PriceTable } from './pricing';
-import { readRequest, type RequestFacts } from './requestFacts';
-import { counter, encodingOf, requestTokens } from './tokenCount';
+import { limitRefusal, type Denial } from '../denial';
+import type { RequestUsage } from '../events';
+import { maxImageTokens, imageTokens } from '../estimate/imageTokens';
+import type { SettleDetails, TokenCounts } from '../ledger/ledger';
+import { estimateTokens, type GeneratedText, type Usage, type UsageFormat } from '../metering/metering';
+import { formatAmount, MICROS, type Amounts, type Policy } from '../keys/policy';
+import { costAt, ratesFor, type ModelLimits, type ModelPrice, type PriceTable } from '../metering/pricing';
+import { readRequest, type RequestFacts } from '../estimate/requestFacts';
+import { counter, encodingOf, requestTokens } from '../estimate/tokenCount';
 
 type Json = Record<string, unknown>;
 

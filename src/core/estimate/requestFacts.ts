@@ -5,10 +5,10 @@
  * id, a cached prompt, server-side tool results), fees (server-side tools), premiums (cache
  * writes, the priority tier), and how much output it may produce (its cap, `n`, streaming,
  * hidden reasoning). Facts per provider: ../shared/PROVIDERS.md, "What providers bill beyond the
- * request body". budget.ts turns these facts into a hold.
+ * request body". holds/plan.ts turns these facts into a hold.
  */
-import { asArray, asObj, asStr, type Json } from './json';
-import type { UsageFormat } from './metering';
+import { asArray, asObj, asStr, type Json } from '../json';
+import type { UsageFormat } from '../metering/metering';
 
 /** An image in the request: its base64 data when inline (its size can be read), else none. */
 export interface ImagePart {
@@ -20,7 +20,7 @@ export interface ImagePart {
 
 /**
  * A server-side tool the request offers the model: its calls bill a fee and their results are
- * billed as input (what one call may add: prices.json `toolResults`; budget.ts holds them).
+ * billed as input (what one call may add: prices.json `toolResults`; holds/plan.ts holds them).
  */
 export interface ServerTool {
   /** The tool's type as priced (`web_search`, `file_search`, `google_search`, …). */

@@ -9,7 +9,7 @@ import { chmodSync, existsSync, statSync, unlinkSync } from 'node:fs';
 import * as http from 'node:http';
 import { connect } from 'node:net';
 import type { TillPaths } from './home';
-import { checkOwnSocket, claimPrivateFolder, PrivateFolderError, readPrivateFile, writePrivateFile } from './privateFolder';
+import { checkOwnSocket, claimPrivateFolder, PrivateFolderError, readPrivateFile, writePrivateFile } from '../files/privateFolder';
 
 /** Thrown when another broker already serves this data folder. */
 export class AlreadyRunningError extends Error {

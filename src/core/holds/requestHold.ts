@@ -1,16 +1,16 @@
 /**
- * Taking one request's hold: plan it (budget.ts), take it with the activation (keys.ts), follow
+ * Taking one request's hold: plan it (holds/plan.ts), take it with the activation (keys.ts), follow
  * it if it streams on a limited key (streamHold.ts), and announce the request. The one place the
- * HTTP path (exchange.ts) and every WebSocket dialect (websocket.ts) do it, synchronously, so that
+ * HTTP path (exchange.ts) and every WebSocket dialect (ws/proxy.ts) do it, synchronously, so that
  * what is left of the key cannot move between the plan and the hold.
  */
-import { planHold, type HoldPlan, type HoldRequest } from './budget';
+import { planHold, type HoldPlan, type HoldRequest } from './plan';
 import type { ConversationSizes } from './contexts';
-import type { Denial } from './denial';
-import type { RequestInfo, TillEvent, TillEvents } from './events';
-import type { Hold, InFlight, TillKeys } from './keys';
-import type { KeyRecord } from './ledger';
-import type { PriceTable } from './pricing';
+import type { Denial } from '../denial';
+import type { RequestInfo, TillEvent, TillEvents } from '../events';
+import type { Hold, InFlight, TillKeys } from '../keys/keys';
+import type { KeyRecord } from '../ledger/ledger';
+import type { PriceTable } from '../metering/pricing';
 import { StreamHold } from './streamHold';
 
 /** What taking a hold needs of the broker. */

@@ -6,10 +6,10 @@
  */
 import { closeSync, fstatSync, renameSync } from 'node:fs';
 import { dirname } from 'node:path';
-import type { Denial } from './denial';
-import type { DenialCode, RequestInfo } from './events';
-import { PendingBytes } from './pendingBytes';
-import { ensurePrivateFolder, openPrivateAppend } from './privateFolder';
+import type { Denial } from '../denial';
+import type { DenialCode, RequestInfo } from '../events';
+import { PendingBytes } from '../files/pendingBytes';
+import { ensurePrivateFolder, openPrivateAppend } from '../files/privateFolder';
 
 export interface AuditRecord {
   time: string;

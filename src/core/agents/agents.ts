@@ -7,8 +7,8 @@ import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { dirname, join } from 'node:path';
-import { ensurePrivateFolder } from './privateFolder';
-import type { IssuedKey } from './service';
+import { ensurePrivateFolder } from '../files/privateFolder';
+import type { IssuedKey } from '../runtime/service';
 
 /** The agent CLIs Till knows how to set up. */
 export type AgentName = 'claude' | 'codex' | 'gemini' | 'aider';

@@ -16,9 +16,9 @@
 import { closeSync, fsyncSync, openSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { crc32 } from 'node:zlib';
-import { PendingBytes } from './pendingBytes';
-import { ensurePrivateFolder, openPrivateAppend, readPrivateFile, writePrivateFile } from './privateFolder';
-import { hasLimits, limitsOf, type Amounts, type Meter, type Policy } from './policy';
+import { PendingBytes } from '../files/pendingBytes';
+import { ensurePrivateFolder, openPrivateAppend, readPrivateFile, writePrivateFile } from '../files/privateFolder';
+import { hasLimits, limitsOf, type Amounts, type Meter, type Policy } from '../keys/policy';
 
 /** A till key as stored. Never holds the key itself, only its hash. */
 export interface KeyRecord {

@@ -7,8 +7,8 @@
  * VS Code windows use this; so could any other long-lived front end.
  */
 import { AlreadyRunningError, ControlClient, NotRunningError } from './control';
-import type { KeySummary, TillEvent } from './events';
-import type { Extension } from './keys';
+import type { KeySummary, TillEvent } from '../events';
+import type { Extension } from '../keys/keys';
 import { openHome, tillPaths, type TillPaths } from './home';
 import { TillService, type IssuedKey, type IssueInput, type RequestRecord, type ServiceOptions } from './service';
 

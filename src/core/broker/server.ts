@@ -8,20 +8,20 @@
 import * as http from 'node:http';
 import * as https from 'node:https';
 import type { AddressInfo } from 'node:net';
-import type { AuditLog } from './audit';
+import type { AuditLog } from '../ledger/audit';
 import { ConnectionBudget } from './connectionBudget';
-import { ConversationSizes } from './contexts';
-import type { TillEvents } from './events';
+import { ConversationSizes } from '../holds/contexts';
+import type { TillEvents } from '../events';
 import { Exchange, type ExchangeContext } from './exchange';
 import { MAX_HEADERS } from './frontDoor';
 import { InFlightList } from './inFlightList';
-import type { TillKeys } from './keys';
-import { withDefaults } from './options';
-import type { PriceTable } from './pricing';
-import { providerBaseUrl, type Provider, type ProviderRegistry } from './providers';
+import type { TillKeys } from '../keys/keys';
+import { withDefaults } from '../options';
+import type { PriceTable } from '../metering/pricing';
+import { providerBaseUrl, type Provider, type ProviderRegistry } from '../providers/providers';
 import { CredentialForms } from './scrub';
-import type { Vault } from './vault';
-import { WebSocketProxy } from './websocket';
+import type { Vault } from '../credentials/vault';
+import { WebSocketProxy } from './ws/proxy';
 
 /** The broker's default port: T-I-L-L on a phone keypad. */
 export const DEFAULT_PORT = 8455;
@@ -139,7 +139,7 @@ export class Broker {
     server.on('request', (req, res) => this.handle(req, res));
     // Thousands of idle connections must not use up the descriptors real requests need.
     new ConnectionBudget().watch(server);
-    // WebSockets (Codex's Responses transport, Realtime, Gemini Live): same checks, see websocket.ts.
+    // WebSockets (Codex's Responses transport, Realtime, Gemini Live): same checks, see ws/proxy.ts.
     const websockets = new WebSocketProxy({
       keys: o.keys, providers: o.providers, prices: o.prices, events: o.events, audit: o.audit, log: o.log,
       maxMessageBytes: o.maxBodyBytes, open: this.open, conversations: this.context.conversations,

@@ -2,7 +2,7 @@
  * A till key's policy: its limits and its scope. Limits that are spent (activations now,
  * tokens and spend later) are "meters" so that one reservation mechanism covers them all.
  */
-import { matchPattern } from './providers';
+import { matchPattern } from '../providers/providers';
 
 /**
  * Something a limit is counted in: billable requests, tokens (input + output), and spend in

@@ -12,7 +12,7 @@
  * - A broker that is closing revokes nothing: its holders will reattach to the next one.
  */
 import type { ControlClient } from './control';
-import type { TillKeys } from './keys';
+import type { TillKeys } from '../keys/keys';
 
 /** How long a leased key waits for its holder after a broker starts. Default of {@link Leases}. */
 export const LEASE_GRACE_MS = 10_000;

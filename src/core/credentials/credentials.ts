@@ -3,7 +3,7 @@
  * folder. The secrets themselves live in the {@link Vault}; this file holds nothing secret.
  */
 import { dirname } from 'node:path';
-import { ensurePrivateFolder, readPrivateFile, writePrivateFile } from './privateFolder';
+import { ensurePrivateFolder, readPrivateFile, writePrivateFile } from '../files/privateFolder';
 
 export interface CredentialInfo {
   /** Unique name, also the keychain account. Default: the provider id. */

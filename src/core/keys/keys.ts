@@ -2,12 +2,12 @@
  * Till keys at run time: issue, authenticate, rate and concurrency limits, reservations,
  * revocation of in-flight requests, and the key events. The HTTP broker asks; this decides.
  */
-import { limitRefusal, type Denial } from './denial';
-import type { KeySummary, TillEvents } from './events';
-import { isRefusal, keyState, type KeyRecord, type Ledger, type Reservation, type ReserveRefusal, type SettleDetails } from './ledger';
-import type { InFlightEntry } from './inFlightList';
+import { limitRefusal, type Denial } from '../denial';
+import type { KeySummary, TillEvents } from '../events';
+import { isRefusal, keyState, type KeyRecord, type Ledger, type Reservation, type ReserveRefusal, type SettleDetails } from '../ledger/ledger';
+import type { InFlightEntry } from '../broker/inFlightList';
 import { buildPolicy, formatAmount, hasLimits, limitsOf, MICROS, type Amounts, type Meter, type Policy } from './policy';
-import { InFlightList } from './inFlightList';
+import { InFlightList } from '../broker/inFlightList';
 import { hashTillKey, makeTillKey, newKeyId, parseTillKey, tillKeyMatches } from './tillKey';
 
 /** Something in flight for a key that revocation must end. */

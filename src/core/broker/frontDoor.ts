@@ -5,11 +5,11 @@
  * on to the upstream. Shared by the HTTP exchange and the WebSocket proxy.
  */
 import type * as http from 'node:http';
-import type { Denial } from './denial';
-import { KEY_HEADERS, KEY_QUERY_PARAMS, upstreamEnvVar, type Provider } from './providers';
+import type { Denial } from '../denial';
+import { KEY_HEADERS, KEY_QUERY_PARAMS, upstreamEnvVar, type Provider } from '../providers/providers';
 import { HOP_BY_HOP } from './scrub';
-import { looksLikeTillKey } from './tillKey';
-import { VaultError } from './vault';
+import { looksLikeTillKey } from '../keys/tillKey';
+import { VaultError } from '../credentials/vault';
 
 /** Request headers never forwarded upstream (hop-by-hop, keys, browser context). */
 export const STRIPPED_REQUEST = new Set<string>([...HOP_BY_HOP, ...KEY_HEADERS, 'origin', 'referer', 'cookie']);

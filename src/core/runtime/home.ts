@@ -7,9 +7,9 @@
 import { createHash } from 'node:crypto';
 import { homedir, tmpdir } from 'node:os';
 import { isAbsolute, join } from 'node:path';
-import { isRecord } from './json';
-import { ensurePrivateFolder, readPrivateFile } from './privateFolder';
-import type { CustomProviderConfig } from './providers';
+import { isRecord } from '../json';
+import { ensurePrivateFolder, readPrivateFile } from '../files/privateFolder';
+import type { CustomProviderConfig } from '../providers/providers';
 
 export interface TillPaths {
   home: string;
@@ -94,7 +94,7 @@ export function tillPaths(home: string, env: NodeJS.ProcessEnv = process.env): T
 
 /**
  * The paths of a data folder Till may use: created (0700) when missing, refused with a clear
- * {@link import('./privateFolder').PrivateFolderError} when another user owns it or could
+ * {@link import('../files/privateFolder').PrivateFolderError} when another user owns it or could
  * change it. Every entry point (`till`, the broker, a VS Code window) opens the folder this way.
  */
 export function openHome(home: string): TillPaths {

@@ -4,14 +4,14 @@
  * input, which its body does not show. Each response that went through Till is remembered here
  * by its id (and its conversation's), as the tokens it reported (its input and output: what the
  * next turn carries), so a request continuing it is held for that; one continuing a conversation
- * Till never saw is held for the model's context window (budget.ts).
+ * Till never saw is held for the model's context window (holds/plan.ts).
  *
  * Kept in the data folder (`contexts.jsonl`, one `{"i": id, "t": tokens}` line each, the last
  * line of an id winning), so that holds stay tight after a restart. Losing it loses nothing a
  * limit depends on: an unknown conversation is held at the larger bound.
  */
 import { closeSync, writeSync } from 'node:fs';
-import { openPrivateAppend, readPrivateFile, writePrivateFile } from './privateFolder';
+import { openPrivateAppend, readPrivateFile, writePrivateFile } from '../files/privateFolder';
 
 /** Conversations remembered at most. Default of {@link ConversationSizes}. */
 export const REMEMBERED_CONVERSATIONS = 20_000;

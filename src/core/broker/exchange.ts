@@ -1,15 +1,15 @@
 /**
  * One HTTP request through the broker, in named steps, each handing on to the next:
  *
- *   check    the front door, the till key, its scope (method, path)     frontDoor.ts, keys.ts
+ *   check    the front door, the till key, its scope (method, path)     frontDoor.ts, keys/keys.ts
  *   read     the body: whole when Till must judge it, else streamed on
  *   inspect  its model (scope), its JSON (duplicate keys refused)
  *   credential  the secret from the vault (cached: no await on the hot path)
- *   hold     plan the hold (budget.ts), take it with the activation (keys.ts); nothing is
+ *   hold     plan the hold (holds/plan.ts), take it with the activation (keys/keys.ts); nothing is
  *            awaited between planning and taking, so what is left cannot move
  *   forward  once the hold is on disk: the credential in place, upstream
  *   relay    the answer back unbuffered, scrubbed of the credential (scrub.ts), metered
- *            (metering.ts); a stream's hold follows it (streamHold.ts)
+ *            (metering/metering.ts); a stream's hold follows it (holds/streamHold.ts)
  *   finish   settle from the reported usage (or an estimate for a cut stream), events, audit
  *
  * Anything refused ends in `deny` with an answer in the provider's error shape. Revocation,
@@ -17,23 +17,23 @@
  */
 import * as http from 'node:http';
 import * as https from 'node:https';
-import { auditRecord, type AuditLog } from './audit';
-import { cutUsage, settlement, type HoldPlan } from './budget';
-import type { ConversationSizes } from './contexts';
-import { denialEvent, denialResponse, type Denial } from './denial';
+import { auditRecord, type AuditLog } from '../ledger/audit';
+import { cutUsage, settlement, type HoldPlan } from '../holds/plan';
+import type { ConversationSizes } from '../holds/contexts';
+import { denialEvent, denialResponse, type Denial } from '../denial';
 import { duplicateKey } from './duplicateKeys';
-import type { RequestInfo, RequestUsage, TillEvent, TillEvents } from './events';
+import type { RequestInfo, RequestUsage, TillEvent, TillEvents } from '../events';
 import { clientDenial, credentialDenial, findTillKey, forwardedHeaders, noUpstreamDenial, pathDenial, splitUrl } from './frontDoor';
 import type { InFlightEntry, InFlightList } from './inFlightList';
-import type { Hold, TillKeys } from './keys';
-import type { KeyRecord, SettleDetails } from './ledger';
-import { StreamMeter, usageFormat, usageFromJson, type Usage, type UsageFormat } from './metering';
-import { methodViolation, modelViolation, pathViolation, type Amounts } from './policy';
-import type { PriceTable } from './pricing';
-import { apiPath, isFreeRoute, KEY_QUERY_PARAMS, type Provider, type ProviderRegistry } from './providers';
-import { takeRequestHold } from './requestHold';
+import type { Hold, TillKeys } from '../keys/keys';
+import type { KeyRecord, SettleDetails } from '../ledger/ledger';
+import { StreamMeter, usageFormat, usageFromJson, type Usage, type UsageFormat } from '../metering/metering';
+import { methodViolation, modelViolation, pathViolation, type Amounts } from '../keys/policy';
+import type { PriceTable } from '../metering/pricing';
+import { apiPath, isFreeRoute, KEY_QUERY_PARAMS, type Provider, type ProviderRegistry } from '../providers/providers';
+import { takeRequestHold } from '../holds/requestHold';
 import { BodyScrubber, CredentialForms, relayedHeaders } from './scrub';
-import { TICK_MS, type StreamHold } from './streamHold';
+import { TICK_MS, type StreamHold } from '../holds/streamHold';
 
 type Json = Record<string, unknown>;
 

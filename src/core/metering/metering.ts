@@ -17,7 +17,7 @@
  * - Cumulative counters (Anthropic `message_delta.usage`, Gemini `usageMetadata`, Perplexity's
  *   usage in every chunk) are taken as the LAST value seen, never summed.
  */
-import { asArray, asObj, asStr, type Json } from './json';
+import { asArray, asObj, asStr, type Json } from '../json';
 
 /** Tokens one request used, normalised across providers (see the module comment for the convention). */
 export interface Usage {

@@ -7,10 +7,10 @@
  * compactly than their JSON (tool definitions, a response schema) are counted as their JSON.
  *
  * The tokenizer is loaded on first use: most requests are held by their body's bytes and never
- * need it (see budget.ts).
+ * need it (see holds/plan.ts).
  */
-import { asArray, asObj, type Json } from './json';
-import type { UsageFormat } from './metering';
+import { asArray, asObj, type Json } from '../json';
+import type { UsageFormat } from '../metering/metering';
 
 /** A public tokenizer: how many tokens `text` encodes to, special-token text counted as text. */
 export type CountTokens = (text: string) => number;
