@@ -102,7 +102,7 @@ export function summarize(runs: PhaseRun[]): PhaseResult {
 
 /** Sends `total` requests with `concurrency` in flight. */
 export async function runPhase(target: Target, concurrency: number, total: number): Promise<PhaseRun> {
-  const agent = new http.Agent({ keepAlive: true, maxSockets: concurrency, noDelay: true } as http.AgentOptions);
+  const agent = new http.Agent({ keepAlive: true, maxSockets: concurrency, noDelay: true });
   const latencies = new Float64Array(total);
   let next = 0;
   const worker = async () => {
@@ -180,7 +180,7 @@ const LONG_STREAM_BODY = Buffer.from(JSON.stringify({ model: 'gpt-4o-mini', mess
 
 /** Reads `count` long streams one after another; resolves with their total wall time (ms). */
 export async function runLongStreams(target: Target, count: number): Promise<number> {
-  const agent = new http.Agent({ keepAlive: true, maxSockets: 1, noDelay: true } as http.AgentOptions);
+  const agent = new http.Agent({ keepAlive: true, maxSockets: 1, noDelay: true });
   const t0 = performance.now();
   try {
     for (let i = 0; i < count; i++) {
@@ -226,7 +226,7 @@ function median(values: number[]): number {
 
 /** Times `count` SSE streams one after another. */
 export async function runSse(target: Target, count: number): Promise<SseResult> {
-  const agent = new http.Agent({ keepAlive: true, maxSockets: 1, noDelay: true } as http.AgentOptions);
+  const agent = new http.Agent({ keepAlive: true, maxSockets: 1, noDelay: true });
   const timings: StreamTiming[] = [];
   try {
     for (let i = 0; i < count; i++) timings.push(await stream(agent, target));

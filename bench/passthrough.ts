@@ -13,7 +13,7 @@ import type { AddressInfo } from 'node:net';
 export function runPassThrough(): void {
   const upstreamPort = Number(process.env.BENCH_UPSTREAM_PORT);
   const authorization = `Bearer ${process.env.BENCH_SECRET ?? ''}`;
-  const agent = new http.Agent({ keepAlive: true, maxSockets: 256, noDelay: true } as http.AgentOptions);
+  const agent = new http.Agent({ keepAlive: true, maxSockets: 256, noDelay: true });
   const server = http.createServer({ noDelay: true, keepAliveTimeout: 5_000 }, (req, res) => {
     const headers: http.OutgoingHttpHeaders = { ...req.headers, authorization };
     delete headers.connection;

@@ -32,7 +32,7 @@ export function cpuMicros(pid: number): number {
 /** CPU time (µs) the whole machine spent busy since boot, all cores: user, nice, system, irq, softirq, steal. */
 export function machineBusyMicros(): number {
   const line = readFileSync('/proc/stat', 'utf8').split('\n', 1)[0]!;
-  const [user, nice, system, , , irq, softirq, steal] = line.trim().split(/\s+/).slice(1).map(Number) as number[];
+  const [user, nice, system, , , irq, softirq, steal] = line.trim().split(/\s+/).slice(1).map(Number);
   return (((user ?? 0) + (nice ?? 0) + (system ?? 0) + (irq ?? 0) + (softirq ?? 0) + (steal ?? 0)) * 1e6) / clockTicks();
 }
 

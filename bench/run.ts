@@ -120,8 +120,8 @@ function till(args: string[], env: NodeJS.ProcessEnv, input = '', js = TILL_JS):
     children.push(child);
     let stdout = '';
     let stderr = '';
-    child.stdout!.on('data', (c) => (stdout += c));
-    child.stderr!.on('data', (c) => (stderr += c));
+    child.stdout.on('data', (c) => (stdout += c));
+    child.stderr.on('data', (c) => (stderr += c));
     const timer = setTimeout(() => {
       child.kill('SIGKILL');
       reject(new Error(`till ${args[0]} ${args[1] ?? ''} did not finish within 20 s: ${stderr}`));
@@ -131,7 +131,7 @@ function till(args: string[], env: NodeJS.ProcessEnv, input = '', js = TILL_JS):
       if (code === 0) resolveRun(stdout);
       else reject(new Error(`till ${args.slice(0, 2).join(' ')} exited with ${code}: ${stderr.trim()}`));
     });
-    child.stdin!.end(input);
+    child.stdin.end(input);
   });
 }
 

@@ -163,7 +163,7 @@ env = { "TOKEN_FILE" = "/tmp/x" }
 const BASE = 'http://127.0.0.1:8455/openai/v1';
 
 function fakeKey(provider: string, baseUrl: string): IssuedKey {
-  return { id: `k_${provider}`, key: `till_fake_${provider}`, provider, credential: provider, label: 'x', baseUrl, env: {}, policy: {} as IssuedKey['policy'] };
+  return { id: `k_${provider}`, key: `till_fake_${provider}`, provider, credential: provider, label: 'x', baseUrl, env: {}, policy: {} };
 }
 
 describe('codexConfig: Till layered over the user config.toml', () => {

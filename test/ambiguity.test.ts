@@ -249,7 +249,7 @@ describe('what reaches the user\'s terminal', () => {
     const k = await broker.issue({ target: 'openai', models: ['gpt-4o-mini'] });
     const watch = spawn(process.execPath, [TILL_JS, 'watch'], { env: { ...process.env, TILL_HOME: broker.home }, stdio: ['ignore', 'pipe', 'pipe'] });
     let printed = '';
-    watch.stdout!.on('data', (c: Buffer) => (printed += c.toString('utf8')));
+    watch.stdout.on('data', (c: Buffer) => (printed += c.toString('utf8')));
     try {
       await waitFor('till watch to attach', async () => {
         await post('/openai/v1/chat/completions', k.key, chat());

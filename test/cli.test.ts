@@ -63,11 +63,11 @@ function spawnTill(args: string[], home: string): { child: ChildProcess; stdout:
   const child = spawn(process.execPath, [TILL_JS, ...args], { env: { ...process.env, TILL_HOME: home }, stdio: ['ignore', 'pipe', 'pipe'] });
   let stdout = '';
   let stderr = '';
-  child.stdout!.on('data', (c: Buffer) => {
+  child.stdout.on('data', (c: Buffer) => {
     stdout += c;
     appendFileSync(log, c);
   });
-  child.stderr!.on('data', (c: Buffer) => {
+  child.stderr.on('data', (c: Buffer) => {
     stderr += c;
     appendFileSync(log, c);
   });

@@ -285,7 +285,7 @@ describe('what providers bill beyond the list price', () => {
   it('prices a 1-hour cache write at its rate', async () => {
     const k = await broker.issue({ target: 'anthropic', maxSpend: 5 });
     const system = [{ type: 'text' as const, text: `Stable instructions ${Date.now()}. ${'Keep answers short. '.repeat(300)}`, cache_control: { type: 'ephemeral' as const, ttl: '1h' as const } }];
-    const r = await anthropicClient(k).messages.create({ model: 'claude-sonnet-5', max_tokens: 64, system: system as never, messages: [{ role: 'user', content: 'hi' }] });
+    const r = await anthropicClient(k).messages.create({ model: 'claude-sonnet-5', max_tokens: 64, system: system, messages: [{ role: 'user', content: 'hi' }] });
     const hour = (r.usage as unknown as { cache_creation: { ephemeral_1h_input_tokens: number } }).cache_creation.ephemeral_1h_input_tokens;
     expect(hour).toBeGreaterThan(0);
     // Sonnet 5: $2 input, $4 per million for 1-hour writes (twice the input), $10 output.

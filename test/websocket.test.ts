@@ -330,7 +330,7 @@ function refusal(path: string, options: ConnectOptions = {}): Promise<{ status: 
 }
 
 async function issue(input: Record<string, unknown> & { target: string }): Promise<{ id: string; key: string }> {
-  const issued = await service.issue(input as never);
+  const issued = await service.issue(input);
   issuedKeys.push(issued.key);
   return { id: issued.id, key: issued.key };
 }

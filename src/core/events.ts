@@ -94,7 +94,9 @@ export type DenialCode =
   | 'too_large'
   | 'credential_unavailable'
   | 'upstream_unreachable'
-  | 'unknown_provider';
+  | 'unknown_provider'
+  /** A fault of Till's own (logged); the request was not forwarded. */
+  | 'internal_error';
 
 /**
  * Whether an event may change a key's counters or state. Denials and a stream's running usage

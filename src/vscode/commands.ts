@@ -110,14 +110,11 @@ async function removeCredential(deps: CommandDeps, arg?: RemoveArg): Promise<voi
 async function askPolicy(deps: CommandDeps): Promise<PolicyInput | undefined> {
   const p = deps.session.prompter;
   const defaults = deps.session.policySetting(SETTINGS.issuePolicy);
-  const choice = await p.pick(
-    'Till: Issue Key: limits',
-    [
-      ...PRESETS.map((pr) => ({ label: pr.label, value: pr.policy as PolicyInput | 'custom' })),
-      { label: 'Custom…', description: 'uses, lifetime, rate, models, paths', value: 'custom' as const },
-    ],
-    'How much may this key do?',
-  );
+  const options: Array<{ label: string; description?: string; value: PolicyInput | 'custom' }> = [
+    ...PRESETS.map((pr) => ({ label: pr.label, value: pr.policy })),
+    { label: 'Custom…', description: 'uses, lifetime, rate, models, paths', value: 'custom' },
+  ];
+  const choice = await p.pick('Till: Issue Key: limits', options, 'How much may this key do?');
   if (choice !== 'custom') return choice;
   const wholeOrEmpty = (v: string) => (v.trim() === '' || /^\d+$/.test(v.trim()) ? undefined : 'a whole number, or empty');
   const uses = await p.input('Till: calls allowed', { value: defaults.uses?.toString() ?? '', prompt: 'Billable calls; empty for unlimited', validate: wholeOrEmpty });

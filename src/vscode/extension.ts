@@ -148,7 +148,7 @@ function wire(context: vscode.ExtensionContext, store: DisposableStore, log: vsc
     terminalKeyIds: () => terminals.keyIds(),
     staleTerminals: () => terminals.staleTerminals().map((t) => t.name),
     terminalsHolding: (id) => terminals.terminalsHolding(id),
-    tree: tree as Pick<vscode.TreeDataProvider<unknown>, 'getChildren' | 'getTreeItem'>,
+    tree: tree,
   };
 }
 

@@ -157,7 +157,7 @@ export class TerminalEnv implements vscode.Disposable {
   private async doSync(): Promise<void> {
     const wanted = this.wanted();
     for (const [provider, key] of [...this.keys]) {
-      if (wanted.get(provider) !== key.credential) await this.drop(provider, true);
+      if (wanted.get(provider) !== key.credential) this.drop(provider, true);
     }
     for (const [provider, credential] of wanted) {
       if (!this.keys.has(provider)) await this.issue(provider, credential);
@@ -174,7 +174,7 @@ export class TerminalEnv implements vscode.Disposable {
     this.inCollection.set(key.id, { from: Date.now() });
   }
 
-  private async drop(provider: string, revoke: boolean): Promise<void> {
+  private drop(provider: string, revoke: boolean): void {
     const key = this.keys.get(provider);
     if (!key) return;
     this.keys.delete(provider);
@@ -195,7 +195,8 @@ export class TerminalEnv implements vscode.Disposable {
     if (!entry) return;
     const [provider] = entry;
     if (e.type === 'key.revoked') this.revoked.add(e.key.id);
-    void this.drop(provider, false).then(() => this.sync()).then(() => {
+    this.drop(provider, false);
+    void this.sync().then(() => {
       const holding = e.type === 'key.revoked' ? this.terminalsHolding(e.key.id) : 0;
       if (holding === 0) return;
       void this.session.prompter.message('warning', `Till: ${holding} open terminal${holding === 1 ? ' holds' : 's hold'} the revoked key "${e.key.label}". New terminals get a fresh key; relaunch ${holding === 1 ? 'that one' : 'those'} to use it.`, []);

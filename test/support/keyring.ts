@@ -42,7 +42,7 @@ export async function startPrivateKeyring(): Promise<PrivateKeyring> {
   const fullEnv = { ...process.env, ...env };
   // --unlock with the password on stdin creates an unlocked "login" collection without a prompt.
   await new Promise<void>((resolve, reject) => {
-    const child = execFile('gnome-keyring-daemon', ['--daemonize', '--unlock', '--components=secrets'], { env: fullEnv }, (err) => (err ? reject(err) : resolve()));
+    const child = execFile('gnome-keyring-daemon', ['--daemonize', '--unlock', '--components=secrets'], { env: fullEnv }, (err: Error | null) => (err ? reject(err) : resolve()));
     child.stdin?.end('till-test-password');
   });
   const deadline = Date.now() + 10_000;

@@ -102,8 +102,8 @@ export function spawnServe(home: string, options: { port?: number | 'default'; e
     text += c;
     appendFileSync(log, c);
   };
-  child.stdout!.on('data', onData);
-  child.stderr!.on('data', onData);
+  child.stdout.on('data', onData);
+  child.stderr.on('data', onData);
   const exited = new Promise<void>((r) => child.once('exit', () => r()));
   return new Promise((resolvePromise, reject) => {
     const timer = setTimeout(() => reject(new Error(`till serve did not start within 10 s: ${text}`)), 10_000);
@@ -111,7 +111,7 @@ export function spawnServe(home: string, options: { port?: number | 'default'; e
       const m = /listening on (http:\/\/127\.0\.0\.1:\d+)/.exec(text);
       if (m) {
         clearTimeout(timer);
-        child.stdout!.off('data', check);
+        child.stdout.off('data', check);
         resolvePromise({
           url: m[1]!,
           child,
@@ -123,7 +123,7 @@ export function spawnServe(home: string, options: { port?: number | 'default'; e
         });
       }
     };
-    child.stdout!.on('data', check);
+    child.stdout.on('data', check);
     child.once('exit', (code) => {
       clearTimeout(timer);
       reject(new Error(`till serve exited with ${code}: ${text}`));

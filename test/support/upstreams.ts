@@ -694,7 +694,7 @@ function responses(ex: Exchange): void | Promise<void> {
   ];
   return writeStream(
     ex,
-    events.map(({ tokens, input, ...e }, sequence_number) => ({ frame: sseEvent({ ...e, sequence_number } as TypedEvent), tokens: typeof tokens === 'number' ? tokens : 0, input: typeof input === 'number' ? input : 0 })),
+    events.map(({ tokens, input, ...e }, sequence_number) => ({ frame: sseEvent({ ...e, sequence_number }), tokens: typeof tokens === 'number' ? tokens : 0, input: typeof input === 'number' ? input : 0 })),
     // Each search's results are billed as it runs (with its frame).
     { input: inputTokens - searches * SEARCH_RESULT_TOKENS },
   );

@@ -187,7 +187,7 @@ export async function spawnCodeServer(sb: Sandbox, opts: CodeServerOptions = {})
     },
   );
   const out = createWriteStream(sb.serverLog);
-  for (const stream of [child.stdout!, child.stderr!]) {
+  for (const stream of [child.stdout, child.stderr]) {
     stream.pipe(out, { end: false });
     if (opts.onOutput) stream.on('data', (b: Buffer) => opts.onOutput!(b.toString()));
   }

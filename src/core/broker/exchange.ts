@@ -351,7 +351,7 @@ export class Exchange {
     const key = this.key!;
     this.secret = secret;
     const format = this.format;
-    let json = this.json;
+    const json = this.json;
     if (format === 'openai-chat' && json?.stream === true && USAGE_INJECTABLE.has(provider.id)) {
       const options = (json.stream_options ?? {}) as Json;
       if (options.include_usage !== true) {

@@ -66,8 +66,8 @@ export interface BrokerOptions {
 export class Broker {
   private server: http.Server | undefined;
   private readonly agents = {
-    'http:': new http.Agent({ keepAlive: true, maxSockets: 256, noDelay: true } as http.AgentOptions),
-    'https:': new https.Agent({ keepAlive: true, maxSockets: 256, noDelay: true } as https.AgentOptions),
+    'http:': new http.Agent({ keepAlive: true, maxSockets: 256, noDelay: true }),
+    'https:': new https.Agent({ keepAlive: true, maxSockets: 256, noDelay: true }),
   };
   /** Credential reads, shared by every request that needs one (a burst reads the keychain once). */
   private readonly secrets = new Map<string, Promise<string>>();

@@ -18,11 +18,15 @@ let binding: KeyringBinding | undefined;
 function keyring(): KeyringBinding {
   if (binding) return binding;
   try {
+    // Required on first use, not imported: a missing or broken native binding must fail one call
+    // with a clear VaultError, not the loading of the whole module.
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
     binding = require('@napi-rs/keyring') as KeyringBinding;
   } catch (err) {
     // In Electron on Windows the loader sees node_target_type "shared_library" and looks only
     // for the GNU build; the VSIX ships the MSVC one, which loads fine when asked directly.
     if (process.platform !== 'win32' || process.arch !== 'x64') throw err;
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
     binding = require('@napi-rs/keyring-win32-x64-msvc') as KeyringBinding;
   }
   return binding;

@@ -91,6 +91,7 @@ const CACHE_CLEAR_CHARS = 1_000_000;
 function loadCounter(_encoding: Encoding): CountTokens {
   // Required lazily (esbuild leaves the encoding in a file of its own): loading it costs tens of
   // milliseconds and some megabytes, paid only by a broker that needs it.
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
   const lib = require('gpt-tokenizer/encoding/o200k_base') as {
     countTokens(text: string, options?: object): number;
     setMergeCacheSize(size: number): void;

@@ -167,7 +167,7 @@ function readMaxOutput(format: UsageFormat | undefined, json: Json | undefined):
     return { value: typeof v === 'number' ? v : undefined, field: 'generationConfig.maxOutputTokens' };
   }
   const fields = MAX_OUTPUT_FIELDS[format] ?? [];
-  for (const f of fields) if (typeof json[f] === 'number') return { value: json[f] as number, field: f };
+  for (const f of fields) if (typeof json[f] === 'number') return { value: json[f], field: f };
   return { value: undefined, field: fields[0] };
 }
 

@@ -336,7 +336,7 @@ export class TillKeys {
       const used = key.used[meter] ?? 0;
       const limit = limits[meter]!;
       const left = limit - used - (reserved[meter] ?? 0);
-      if (used >= limit || (smallest?.[meter] !== undefined && left < smallest[meter]! && (reserved[meter] ?? 0) === 0)) {
+      if (used >= limit || (smallest?.[meter] !== undefined && left < smallest[meter] && (reserved[meter] ?? 0) === 0)) {
         if (this.once(key.id, `${meter}:100`)) this.events.emit({ type: 'key.exhausted', at: this.now(), key: this.summary(key), meter });
         continue;
       }

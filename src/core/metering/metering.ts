@@ -88,7 +88,7 @@ const GEMINI_OPENAI = /^\/v1(?:alpha|beta)?\/openai(\/.*)$/;
 export function usageFormat(provider: string, method: string, path: string): UsageFormat | undefined {
   if (method !== 'POST' && method.toUpperCase() !== 'POST') return undefined;
   let byPath = formatCache.get(provider);
-  if (!byPath) formatCache.set(provider, (byPath = new Map()));
+  if (!byPath) formatCache.set(provider, (byPath = new Map<string, UsageFormat | null>()));
   let format = byPath.get(path);
   if (format === undefined) {
     format = postFormat(provider, path) ?? null;

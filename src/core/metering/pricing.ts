@@ -213,7 +213,7 @@ export class PriceTable {
     if (hit) return hit;
     const rows = this.limitRows;
     const p = key(provider);
-    const base = (SHARED_TABLE[p] ?? p) as string;
+    const base = (SHARED_TABLE[p] ?? p);
     const m = model === undefined ? '' : key(model).replace(/^models\//, '');
     const slash = m.indexOf('/');
     const vendor = VENDOR_FALLBACK.has(p) && slash > 0 ? VENDORS[m.slice(0, slash)] : undefined;
@@ -258,7 +258,7 @@ export class PriceTable {
   private layer(prices: PriceOverrides): void {
     for (const [provider, models] of Object.entries(prices)) {
       let table = this.tables.get(key(provider));
-      if (!table) this.tables.set(key(provider), (table = new Map()));
+      if (!table) this.tables.set(key(provider), (table = new Map<string, ModelPrice>()));
       for (const [model, price] of Object.entries(models)) table.set(key(model), { ...price });
     }
   }
@@ -334,14 +334,14 @@ export function readPriceOverrides(file: string): PriceOverrides {
   try {
     text = readPrivateFile(file);
   } catch (err) {
-    throw new Error(`${file} could not be read (${(err as Error).message})`);
+    throw new Error(`${file} could not be read (${(err as Error).message})`, { cause: err });
   }
   if (text === undefined) return {};
   let parsed: unknown;
   try {
     parsed = JSON.parse(text);
   } catch (err) {
-    throw new Error(`${file} is not valid JSON (${(err as Error).message})`);
+    throw new Error(`${file} is not valid JSON (${(err as Error).message})`, { cause: err });
   }
   if (!isRecord(parsed) || !('models' in parsed)) {
     throw new Error(`${file} must look like {"models": {"<provider>": {"<model>": {"input": 1.25, "output": 10}}}} (USD per 1M tokens)`);

@@ -39,7 +39,7 @@ export class ControlError extends Error {
 }
 
 /** Handles one control request; throw {@link ControlError} for a refusal. */
-export type ControlRoute = (body: unknown, params: string[]) => unknown | Promise<unknown>;
+export type ControlRoute = (body: unknown, params: string[]) => unknown;
 
 /** Streams server-sent lines to a client until it leaves; returns the cleanup, run when it has gone. */
 export type ControlStream = (send: (value: unknown) => void, params: string[]) => () => void;

@@ -134,10 +134,10 @@ export function readConfig(paths: TillPaths): TillConfig {
   try {
     config = JSON.parse(text);
   } catch (err) {
-    throw new Error(`${paths.config} is not valid JSON (${(err as Error).message})`);
+    throw new Error(`${paths.config} is not valid JSON (${(err as Error).message})`, { cause: err });
   }
   if (!isRecord(config)) throw new Error(`${paths.config} must hold a JSON object`);
-  const problem = configProblem(config as Record<string, unknown>);
+  const problem = configProblem(config);
   if (problem) throw new Error(`${paths.config}: ${problem}`);
-  return config as TillConfig;
+  return config;
 }

@@ -12,7 +12,7 @@ import { openHome, readConfig, type TillPaths } from './home';
 import { withDefaults } from '../options';
 import { TillKeys, type Extension } from '../keys/keys';
 import { ConversationSizes } from '../holds/contexts';
-import { Leases, type LEASE_GRACE_MS } from './leases';
+import { Leases } from './leases';
 import { Ledger } from '../ledger/ledger';
 import { buildPolicy, type Policy, type PolicyInput } from '../keys/policy';
 import { ProviderRegistry, type Provider } from '../providers/providers';
@@ -29,7 +29,7 @@ export interface ServiceOptions {
   /** Price overrides (provider → model → price), over the data folder's prices.json (the editor's settings). */
   prices?: PriceOverrides;
   log?: (line: string) => void;
-  /** How long a leased key waits for its holder after the broker starts. Default: {@link LEASE_GRACE_MS}. */
+  /** How long a leased key waits for its holder after the broker starts. Default: {@link ./leases!LEASE_GRACE_MS}. */
   leaseGraceMs?: number;
   /** Broker limits and timeouts, for tests and the settings. */
   broker?: Omit<BrokerSettings, 'port'>;

@@ -90,8 +90,8 @@ async function poll<T>(read: () => T | Promise<T>, ok: (v: T) => boolean, what: 
 async function treeKeys(): Promise<{ label: string; description: string; contextValue: string }[]> {
   const out: { label: string; description: string; contextValue: string }[] = [];
   const walk = async (node?: unknown) => {
-    for (const child of (await api.tree.getChildren(node as never)) ?? []) {
-      const item = await api.tree.getTreeItem(child as never);
+    for (const child of (await api.tree.getChildren(node)) ?? []) {
+      const item = await api.tree.getTreeItem(child);
       if (item.contextValue?.startsWith('till.key')) out.push({ label: String(item.label), description: String(item.description), contextValue: item.contextValue });
       else await walk(child);
     }
@@ -142,9 +142,9 @@ describe('Till in VS Code', function () {
     assert.equal(api.connection().role, 'host');
     // The tree lists it (name and provider, never the secret), with Remove on the item.
     const credentials = await poll(async () => {
-      for (const node of (await api.tree.getChildren(undefined as never)) ?? []) {
-        const item = await api.tree.getTreeItem(node as never);
-        if (item.contextValue === 'till.credentials') return Promise.all(((await api.tree.getChildren(node as never)) ?? []).map((c) => api.tree.getTreeItem(c as never)));
+      for (const node of (await api.tree.getChildren(undefined)) ?? []) {
+        const item = await api.tree.getTreeItem(node);
+        if (item.contextValue === 'till.credentials') return Promise.all(((await api.tree.getChildren(node as never)) ?? []).map(async (c) => await api.tree.getTreeItem(c as never)));
       }
       return [];
     }, (items) => items.length === 1, 'the credential in the tree');
@@ -225,7 +225,7 @@ describe('Till in VS Code', function () {
   it('a change to till.upstreams applies at once: same broker, same key and base URL, the next request goes to the new upstream', async () => {
     const second = await startOpenAIUpstream({ credential: SECRET });
     const url = api.connection().url;
-    const key = (await vscode.commands.executeCommand<IssuedKey>(COMMANDS.issueKey, { target: 'openai', uses: 100, label: 'settings key' }))!;
+    const key = (await vscode.commands.executeCommand<IssuedKey>(COMMANDS.issueKey, { target: 'openai', uses: 100, label: 'settings key' }));
     try {
       await vscode.workspace.getConfiguration('till').update('upstreams', { openai: `${second.url}/v1` }, vscode.ConfigurationTarget.Global);
       await poll(async () => (await chat(key), second.received.length), (n) => n > 0, 'a request to reach the new upstream');
@@ -250,7 +250,7 @@ describe('Till in VS Code', function () {
 
   it('Issue Key, custom limits: uses, lifetime, rate, models, paths', async () => {
     prompter.answer('Custom…', '7', '30m', '', '', '2.50', 'gpt-5*', '/v1/chat/*', 'custom key');
-    const key = (await vscode.commands.executeCommand<IssuedKey>(COMMANDS.issueKey))!;
+    const key = (await vscode.commands.executeCommand<IssuedKey>(COMMANDS.issueKey));
     assert.equal(key.policy.maxActivations, 7);
     assert.equal(key.policy.maxSpendUsd, 2.5);
     assert.deepEqual(key.policy.models, ['gpt-5*']);
@@ -262,7 +262,7 @@ describe('Till in VS Code', function () {
   });
 
   it('an exhausted key is announced with Extend, which raises the limit in place', async () => {
-    const key = (await vscode.commands.executeCommand<IssuedKey>(COMMANDS.issueKey, { target: 'openai', uses: 1, label: 'extend me' }))!;
+    const key = (await vscode.commands.executeCommand<IssuedKey>(COMMANDS.issueKey, { target: 'openai', uses: 1, label: 'extend me' }));
     prompter.answer('button:Extend', '+50 calls');
     await chat(key);
     await poll(() => prompter.messages.find((m) => m.includes('"extend me" ran out')), Boolean, 'the exhaustion notification');
@@ -376,7 +376,7 @@ describe('Till in VS Code', function () {
     assert.equal((await status())?.pid, process.pid);
     assert.equal(api.connection().role, 'host');
     await poll(treeKeys, (ks) => ks.some((k) => k.label === 'terminals · window-two'), "the second window's key in this tree");
-    const key = (await vscode.commands.executeCommand<IssuedKey>(COMMANDS.issueKey, { target: 'openai', uses: 3, label: 'before the takeover' }))!;
+    const key = (await vscode.commands.executeCommand<IssuedKey>(COMMANDS.issueKey, { target: 'openai', uses: 3, label: 'before the takeover' }));
     await chat(key);
 
     // This window lets go: the other window's extension host takes the broker over, from the same ledger.

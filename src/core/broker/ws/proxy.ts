@@ -280,7 +280,9 @@ export class WebSocketProxy {
     const spent = exhaustion(key);
     if (spent) return deny(spent, key);
     if (provider.needsUpstream) return deny(noUpstreamDenial(provider), key);
-    new Session(this, { req, socket, head, provider, key, info, dialect, offered, query, path, model, started }).connect();
+    const session = new Session(this, { req, socket, head, provider, key, info, dialect, offered, query, path, model, started });
+    // A fault of Till's while connecting answers the handshake with a 500, never an unhandled rejection.
+    session.connect().catch((err: unknown) => session.fail(err));
   }
 
   /** The till key of a handshake: where HTTP looks for it, or the Realtime key subprotocol. */
@@ -475,7 +477,7 @@ class Session {
     this.upstream = upstream;
     let relayed: string[] = [];
     upstream.on('upgrade', (res) => {
-      (res.socket as Socket).setKeepAlive(true, 30_000);
+      (res.socket).setKeepAlive(true, 30_000);
       relayed = [];
       for (const [name, value] of Object.entries(relayedHeaders(res.headers, this.forms!, undefined, this.dropped, NOT_RELAYED))) {
         if (value === undefined || name.startsWith('sec-websocket-')) continue;
@@ -903,6 +905,12 @@ class Session {
     this.client?.close(closeCodeFor(denial), closeReason(denial.message));
     // Stop generating (and billing) now; the upstream needs no polite close.
     this.upstream?.terminate();
+  }
+
+  /** A fault of Till's while connecting: logged, and the handshake refused with a 500. */
+  fail(err: unknown): void {
+    this.o.log?.(`websocket: ${(err as Error)?.message ?? String(err)}`);
+    this.refuse({ status: 500, code: 'internal_error', message: 'Till failed to open the WebSocket (see the broker log)' });
   }
 
   /** Refuses the handshake while the upstream is still being connected. */
