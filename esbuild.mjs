@@ -11,7 +11,10 @@ const ENCODINGS = ['o200k_base'];
 const tokenizersApart = {
   name: 'tokenizers-apart',
   setup(build) {
-    build.onResolve({ filter: /^gpt-tokenizer\/encoding\// }, (args) => ({ path: `./tokenizers/${args.path.split('/').pop()}.js`, external: true }));
+    build.onResolve({ filter: /^gpt-tokenizer\/encoding\// }, (args) => ({
+      path: `./tokenizers/${args.path.split('/').pop()}.js`,
+      external: true,
+    }));
   },
 };
 
@@ -27,7 +30,13 @@ const common = {
 };
 
 const builds = [
-  ...ENCODINGS.map((e) => ({ ...common, plugins: [], sourcemap: false, entryPoints: { [`tokenizers/${e}`]: `gpt-tokenizer/encoding/${e}` }, outdir: 'dist' })),
+  ...ENCODINGS.map((e) => ({
+    ...common,
+    plugins: [],
+    sourcemap: false,
+    entryPoints: { [`tokenizers/${e}`]: `gpt-tokenizer/encoding/${e}` },
+    outdir: 'dist',
+  })),
   { ...common, entryPoints: { extension: 'src/vscode/extension.ts' }, outdir: 'dist' },
   { ...common, entryPoints: { till: 'src/cli/main.ts' }, outdir: 'dist', banner: { js: '#!/usr/bin/env node' } },
   { ...common, entryPoints: { bench: 'bench/run.ts' }, outdir: 'dist' },
@@ -36,11 +45,35 @@ const builds = [
   // (mocha bundled in), the runner under plain Node drives code-server and Chromium.
   // Mocha's parallel mode (never used here) resolves worker files at run time: not a problem.
   // (The tests bundle the tokenizer whole: they live in dist/test/, not beside dist/tokenizers/.)
-  { ...common, plugins: [], entryPoints: { 'test/suite': 'test/vscode/suite/index.ts' }, outdir: 'dist', logOverride: { 'require-resolve-not-external': 'silent' } },
-  { ...common, plugins: [], entryPoints: { 'test/run': 'test/vscode/run.ts' }, outdir: 'dist', external: [...common.external, 'playwright-core'] },
+  {
+    ...common,
+    plugins: [],
+    entryPoints: { 'test/suite': 'test/vscode/suite/index.ts' },
+    outdir: 'dist',
+    logOverride: { 'require-resolve-not-external': 'silent' },
+  },
+  {
+    ...common,
+    plugins: [],
+    entryPoints: { 'test/run': 'test/vscode/run.ts' },
+    outdir: 'dist',
+    external: [...common.external, 'playwright-core'],
+  },
   // A person's clicks against the installed VSIX (npm run test:ui), driven the same way.
-  { ...common, plugins: [], entryPoints: { 'test/ui': 'test/vscode/ui.ts' }, outdir: 'dist', external: [...common.external, 'playwright-core'] },
-  { ...common, plugins: [], entryPoints: { 'test/electron': 'test/vscode/electron.ts' }, outdir: 'dist', external: [...common.external, '@vscode/test-electron'] },
+  {
+    ...common,
+    plugins: [],
+    entryPoints: { 'test/ui': 'test/vscode/ui.ts' },
+    outdir: 'dist',
+    external: [...common.external, 'playwright-core'],
+  },
+  {
+    ...common,
+    plugins: [],
+    entryPoints: { 'test/electron': 'test/vscode/electron.ts' },
+    outdir: 'dist',
+    external: [...common.external, '@vscode/test-electron'],
+  },
 ];
 
 if (watch) {

@@ -38,7 +38,14 @@ export default tseslint.config(
   {
     files: ['src/core/**/*.ts'],
     rules: {
-      'no-restricted-imports': ['error', { paths: [{ name: 'vscode', message: 'src/core runs outside VS Code too (till serve): the editor layer (src/vscode) talks to VS Code.' }] }],
+      'no-restricted-imports': [
+        'error',
+        {
+          paths: [
+            { name: 'vscode', message: 'src/core runs outside VS Code too (till serve): the editor layer (src/vscode) talks to VS Code.' },
+          ],
+        },
+      ],
     },
   },
 );

@@ -97,7 +97,14 @@ export function summarize(runs: PhaseRun[]): PhaseResult {
     at += r.latencies.length;
   }
   all.sort();
-  return { requests, concurrency: runs[0]?.concurrency ?? 0, elapsedMs, reqPerSec: (requests * 1000) / elapsedMs, p50Ms: percentile(all, 0.5), p99Ms: percentile(all, 0.99) };
+  return {
+    requests,
+    concurrency: runs[0]?.concurrency ?? 0,
+    elapsedMs,
+    reqPerSec: (requests * 1000) / elapsedMs,
+    p50Ms: percentile(all, 0.5),
+    p99Ms: percentile(all, 0.99),
+  };
 }
 
 /** Sends `total` requests with `concurrency` in flight. */
@@ -148,7 +155,12 @@ function stream(agent: http.Agent, target: Target): Promise<StreamTiming> {
         method: 'POST',
         path: target.path,
         agent,
-        headers: { 'content-type': 'application/json', 'content-length': STREAM_BODY.length, authorization: target.authorization, accept: 'text/event-stream' },
+        headers: {
+          'content-type': 'application/json',
+          'content-length': STREAM_BODY.length,
+          authorization: target.authorization,
+          accept: 'text/event-stream',
+        },
       },
       (res) => {
         res.setEncoding('utf8');
@@ -163,7 +175,10 @@ function stream(agent: http.Agent, target: Target): Promise<StreamTiming> {
           const endMs = performance.now() - t0;
           if (res.statusCode !== 200) return reject(new Error(`${target.name}: SSE HTTP ${res.statusCode}: ${text.slice(0, 300)}`));
           const events = text.split('\n\n').filter((e) => e.startsWith('data: '));
-          if (events.length !== SSE_EVENTS + 1 || !text.endsWith('data: [DONE]\n\n')) return reject(new Error(`${target.name}: SSE stream has ${events.length} events, expected ${SSE_EVENTS + 1} ending with [DONE]`));
+          if (events.length !== SSE_EVENTS + 1 || !text.endsWith('data: [DONE]\n\n'))
+            return reject(
+              new Error(`${target.name}: SSE stream has ${events.length} events, expected ${SSE_EVENTS + 1} ending with [DONE]`),
+            );
           resolve({ ttfbMs, endMs, reads, firstReadIsFirstEventOnly: firstOnly });
         });
         res.on('error', reject);
@@ -176,7 +191,14 @@ function stream(agent: http.Agent, target: Target): Promise<StreamTiming> {
 
 /** Events of each long stream: enough text for a budgeted key's hold to grow many times. */
 export const LONG_STREAM_EVENTS = 4_000;
-const LONG_STREAM_BODY = Buffer.from(JSON.stringify({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'Tell me everything.' }], stream: true, bench_events: LONG_STREAM_EVENTS }));
+const LONG_STREAM_BODY = Buffer.from(
+  JSON.stringify({
+    model: 'gpt-4o-mini',
+    messages: [{ role: 'user', content: 'Tell me everything.' }],
+    stream: true,
+    bench_events: LONG_STREAM_EVENTS,
+  }),
+);
 
 /** Reads `count` long streams one after another; resolves with their total wall time (ms). */
 export async function runLongStreams(target: Target, count: number): Promise<number> {
@@ -186,12 +208,23 @@ export async function runLongStreams(target: Target, count: number): Promise<num
     for (let i = 0; i < count; i++) {
       await new Promise<void>((resolve, reject) => {
         const req = http.request(
-          { host: '127.0.0.1', port: target.port, method: 'POST', path: target.path, agent, headers: { 'content-type': 'application/json', 'content-length': LONG_STREAM_BODY.length, authorization: target.authorization } },
+          {
+            host: '127.0.0.1',
+            port: target.port,
+            method: 'POST',
+            path: target.path,
+            agent,
+            headers: { 'content-type': 'application/json', 'content-length': LONG_STREAM_BODY.length, authorization: target.authorization },
+          },
           (res) => {
             let tail = '';
             res.setEncoding('utf8');
             res.on('data', (chunk: string) => (tail = (tail + chunk).slice(-64)));
-            res.on('end', () => (res.statusCode === 200 && tail.endsWith('data: [DONE]\n\n') ? resolve() : reject(new Error(`${target.name}: long stream HTTP ${res.statusCode} ending ${JSON.stringify(tail)}`))));
+            res.on('end', () =>
+              res.statusCode === 200 && tail.endsWith('data: [DONE]\n\n')
+                ? resolve()
+                : reject(new Error(`${target.name}: long stream HTTP ${res.statusCode} ending ${JSON.stringify(tail)}`)),
+            );
             res.on('error', reject);
           },
         );

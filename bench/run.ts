@@ -59,7 +59,10 @@ const TILL_JS = resolve(__dirname, 'till.js');
 // BENCH_NODE_ARGS="--perf-basic-prof …": extra node options for both proxies (e.g. for `perf record -p`).
 const CPU_PROF_DIR = process.env.BENCH_CPU_PROF ? resolve(process.env.BENCH_CPU_PROF) : undefined;
 const EXTRA_NODE_ARGS = (process.env.BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean);
-const profileArgs = (name: string) => [...EXTRA_NODE_ARGS, ...(CPU_PROF_DIR ? ['--cpu-prof', `--cpu-prof-dir=${CPU_PROF_DIR}`, `--cpu-prof-name=${name}.cpuprofile`] : [])];
+const profileArgs = (name: string) => [
+  ...EXTRA_NODE_ARGS,
+  ...(CPU_PROF_DIR ? ['--cpu-prof', `--cpu-prof-dir=${CPU_PROF_DIR}`, `--cpu-prof-name=${name}.cpuprofile`] : []),
+];
 const RESULTS_MD = resolve(__dirname, '..', 'bench', 'RESULTS.md');
 
 const children: ChildProcess[] = [];
@@ -96,7 +99,12 @@ function cleanup(): void {
 
 /** Starts this same bundle in another role (`upstream`, `passthrough`) and waits for its port. */
 async function forkRole(role: string, env: Record<string, string>): Promise<{ child: ChildProcess; port: number }> {
-  const child = fork(__filename, [role], { execArgv: role === 'passthrough' ? profileArgs(role) : [], cwd: scratch, env: { ...process.env, ...env }, stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+  const child = fork(__filename, [role], {
+    execArgv: role === 'passthrough' ? profileArgs(role) : [],
+    cwd: scratch,
+    env: { ...process.env, ...env },
+    stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
+  });
   children.push(child);
   const port = await new Promise<number>((resolvePort, reject) => {
     const timer = setTimeout(() => reject(new Error(`${role} did not start within 10 s`)), 10_000);
@@ -141,7 +149,11 @@ function till(args: string[], env: NodeJS.ProcessEnv, input = '', js = TILL_JS):
  */
 async function startServe(env: NodeJS.ProcessEnv, logFile: string, js = TILL_JS): Promise<{ child: ChildProcess; port: number }> {
   const fd = openSync(logFile, 'w', 0o600);
-  const child = spawn(process.execPath, [...(js === TILL_JS ? profileArgs('till') : []), js, 'serve', '--port', '0'], { cwd: scratch, env, stdio: ['ignore', fd, fd] });
+  const child = spawn(process.execPath, [...(js === TILL_JS ? profileArgs('till') : []), js, 'serve', '--port', '0'], {
+    cwd: scratch,
+    env,
+    stdio: ['ignore', fd, fd],
+  });
   closeSync(fd);
   children.push(child);
   const deadline = Date.now() + 15_000;
@@ -252,10 +264,16 @@ async function main(): Promise<void> {
   const serve = await startServe(tillEnv, join(scratch, 'serve.log'));
   const orphans: Orphans = { pids: [serve.child.pid!], keyringHome: keyring.env.HOME, dirs: [scratch, keyring.env.HOME!] };
   upstream.child.send({ reap: orphans });
-  const issued = JSON.parse(await till(['issue', 'openai', '--json', '--label', 'bench'], tillEnv)) as { key: string; baseUrl: string; policy: { maxActivations?: number } };
+  const issued = JSON.parse(await till(['issue', 'openai', '--json', '--label', 'bench'], tillEnv)) as {
+    key: string;
+    baseUrl: string;
+    policy: { maxActivations?: number };
+  };
   if (issued.policy.maxActivations !== undefined) throw new Error('the bench key must have no uses limit');
   // Limits no run reaches: what is measured is the planning, holding and settling of every request.
-  const budgeted = JSON.parse(await till(['issue', 'openai', '--json', '--label', 'bench limits', '--max-tokens', '1000000000', '--max-spend', '100000'], tillEnv)) as { key: string };
+  const budgeted = JSON.parse(
+    await till(['issue', 'openai', '--json', '--label', 'bench limits', '--max-tokens', '1000000000', '--max-spend', '100000'], tillEnv),
+  ) as { key: string };
   const tillPath = `${new URL(issued.baseUrl).pathname}/chat/completions`;
 
   let baseline: { child: ChildProcess; port: number; key: string } | undefined;
@@ -266,18 +284,37 @@ async function main(): Promise<void> {
     const started = await startServe(baseEnv, join(scratch, 'serve-baseline.log'), BASELINE_JS);
     orphans.pids.push(started.child.pid!);
     upstream.child.send({ reap: orphans });
-    const key = (JSON.parse(await till(['issue', 'openai', '--json', '--label', 'bench'], baseEnv, '', BASELINE_JS)) as { key: string }).key;
+    const key = (JSON.parse(await till(['issue', 'openai', '--json', '--label', 'bench'], baseEnv, '', BASELINE_JS)) as { key: string })
+      .key;
     baseline = { ...started, key };
   }
 
   const paths: Path[] = [
     { target: { name: 'direct', port: upstream.port, path: '/v1/chat/completions', authorization: `Bearer ${secret}` }, pid: undefined },
-    { target: { name: 'pass-through', port: pass.port, path: '/v1/chat/completions', authorization: 'Bearer sk-placeholder' }, pid: pass.child.pid },
+    {
+      target: { name: 'pass-through', port: pass.port, path: '/v1/chat/completions', authorization: 'Bearer sk-placeholder' },
+      pid: pass.child.pid,
+    },
     { target: { name: 'till', port: serve.port, path: tillPath, authorization: `Bearer ${issued.key}` }, pid: serve.child.pid },
     // The same broker on a billable route Till does not meter: the difference is metering's cost.
-    { target: { name: 'till, unmetered route', port: serve.port, path: `${new URL(issued.baseUrl).pathname}/audio/speech`, authorization: `Bearer ${issued.key}` }, pid: serve.child.pid },
+    {
+      target: {
+        name: 'till, unmetered route',
+        port: serve.port,
+        path: `${new URL(issued.baseUrl).pathname}/audio/speech`,
+        authorization: `Bearer ${issued.key}`,
+      },
+      pid: serve.child.pid,
+    },
     { target: { name: 'till, limits', port: serve.port, path: tillPath, authorization: `Bearer ${budgeted.key}` }, pid: serve.child.pid },
-    ...(baseline ? [{ target: { name: 'baseline', port: baseline.port, path: tillPath, authorization: `Bearer ${baseline.key}` }, pid: baseline.child.pid }] : []),
+    ...(baseline
+      ? [
+          {
+            target: { name: 'baseline', port: baseline.port, path: tillPath, authorization: `Bearer ${baseline.key}` },
+            pid: baseline.child.pid,
+          },
+        ]
+      : []),
   ].map((p) => ({ ...p, c1: [], c32: [], cpuC1: [], cpuC32: [], otherCpu: 0, wall: 0 }));
 
   const metered = (p: Path) => p.target.name !== 'till, unmetered route';
@@ -296,7 +333,13 @@ async function main(): Promise<void> {
     }
     const sse = await runSse(p.target, SSE_STREAMS);
     progress(`${p.target.name}: SSE first event ${sse.ttfbMedianMs.toFixed(2)} ms, end ${sse.endMedianMs.toFixed(1)} ms`);
-    const result: TargetResult = { name: p.target.name, c1: summarize(p.c1), c32: summarize(p.c32), sse, otherLoad: p.otherCpu / (p.wall * availableParallelism()) };
+    const result: TargetResult = {
+      name: p.target.name,
+      c1: summarize(p.c1),
+      c32: summarize(p.c32),
+      sse,
+      otherLoad: p.otherCpu / (p.wall * availableParallelism()),
+    };
     if (p.pid !== undefined) {
       result.cpuC1 = sum(p.cpuC1) / C1_REQUESTS;
       result.cpuC32 = sum(p.cpuC32) / C32_REQUESTS;
@@ -313,14 +356,20 @@ async function main(): Promise<void> {
     const cpu0 = cpuMicros(p.pid!);
     const ms = await runLongStreams(p.target, LONG_STREAMS);
     const cpuPerStream = (cpuMicros(p.pid!) - cpu0) / LONG_STREAMS;
-    long.push({ name: p.target.name, cpuPerStream, msPerStream: ms / LONG_STREAMS, ...(p.target.name === 'till, limits' ? { growthsPerStream: (growths() - adj0) / LONG_STREAMS } : {}) });
+    long.push({
+      name: p.target.name,
+      cpuPerStream,
+      msPerStream: ms / LONG_STREAMS,
+      ...(p.target.name === 'till, limits' ? { growthsPerStream: (growths() - adj0) / LONG_STREAMS } : {}),
+    });
     progress(`${p.target.name}: long streams ${(cpuPerStream / 1000).toFixed(1)} ms CPU each`);
   }
 
   // The CPU ratio in each round, to show how stable it is.
   const [, passRun, tillRun] = paths as [Path, Path, Path];
   // With each side's µs per request, so a drift can be told apart from one proxy warming up.
-  const perRound = (a: number[], b: number[], n: number) => a.map((x, i) => `${(x / b[i]!).toFixed(2)}× (${Math.round(x / n)}/${Math.round(b[i]! / n)})`).join(', ');
+  const perRound = (a: number[], b: number[], n: number) =>
+    a.map((x, i) => `${(x / b[i]!).toFixed(2)}× (${Math.round(x / n)}/${Math.round(b[i]! / n)})`).join(', ');
   const roundsC1 = perRound(tillRun.cpuC1, passRun.cpuC1, C1_REQUESTS / ROUNDS);
   const roundsC32 = perRound(tillRun.cpuC32, passRun.cpuC32, C32_REQUESTS / ROUNDS);
 
@@ -341,9 +390,24 @@ async function main(): Promise<void> {
   const ratioC32 = t.cpuC32! / p.cpuC32!;
   const addedP50 = t.c1.p50Ms - p.c1.p50Ms;
   const goals: Goal[] = [
-    { name: 'till CPU per request ÷ pass-through, c=1', value: `${ratioC1.toFixed(2)}× (${Math.round(t.cpuC1!)} vs ${Math.round(p.cpuC1!)} µs)`, limit: `≤ ${MAX_CPU_RATIO}×`, pass: ratioC1 <= MAX_CPU_RATIO },
-    { name: 'till CPU per request ÷ pass-through, c=32', value: `${ratioC32.toFixed(2)}× (${Math.round(t.cpuC32!)} vs ${Math.round(p.cpuC32!)} µs)`, limit: `≤ ${MAX_CPU_RATIO}×`, pass: ratioC32 <= MAX_CPU_RATIO },
-    { name: 'added p50 latency, till − pass-through, c=1', value: `${addedP50.toFixed(3)} ms`, limit: `≤ ${MAX_ADDED_P50_MS} ms`, pass: addedP50 <= MAX_ADDED_P50_MS },
+    {
+      name: 'till CPU per request ÷ pass-through, c=1',
+      value: `${ratioC1.toFixed(2)}× (${Math.round(t.cpuC1!)} vs ${Math.round(p.cpuC1!)} µs)`,
+      limit: `≤ ${MAX_CPU_RATIO}×`,
+      pass: ratioC1 <= MAX_CPU_RATIO,
+    },
+    {
+      name: 'till CPU per request ÷ pass-through, c=32',
+      value: `${ratioC32.toFixed(2)}× (${Math.round(t.cpuC32!)} vs ${Math.round(p.cpuC32!)} µs)`,
+      limit: `≤ ${MAX_CPU_RATIO}×`,
+      pass: ratioC32 <= MAX_CPU_RATIO,
+    },
+    {
+      name: 'added p50 latency, till − pass-through, c=1',
+      value: `${addedP50.toFixed(3)} ms`,
+      limit: `≤ ${MAX_ADDED_P50_MS} ms`,
+      pass: addedP50 <= MAX_ADDED_P50_MS,
+    },
     {
       name: 'till CPU per request with token and dollar limits ÷ pass-through, c=1',
       value: `${(limited.cpuC1! / p.cpuC1!).toFixed(2)}× (${Math.round(limited.cpuC1!)} vs ${Math.round(p.cpuC1!)} µs)`,
@@ -360,7 +424,12 @@ async function main(): Promise<void> {
       ? (['c1', 'c32'] as const).map((c): Goal => {
           const key = c === 'c1' ? 'cpuC1' : 'cpuC32';
           const ratio = t[key]! / base[key]!;
-          return { name: `till CPU per request ÷ the baseline build, ${c === 'c1' ? 'c=1' : 'c=32'}`, value: `${ratio.toFixed(2)}× (${Math.round(t[key]!)} vs ${Math.round(base[key]!)} µs)`, limit: `≤ ${MAX_BASELINE_RATIO}×`, pass: ratio <= MAX_BASELINE_RATIO };
+          return {
+            name: `till CPU per request ÷ the baseline build, ${c === 'c1' ? 'c=1' : 'c=32'}`,
+            value: `${ratio.toFixed(2)}× (${Math.round(t[key]!)} vs ${Math.round(base[key]!)} µs)`,
+            limit: `≤ ${MAX_BASELINE_RATIO}×`,
+            pass: ratio <= MAX_BASELINE_RATIO,
+          };
         })
       : []),
     {
@@ -375,7 +444,9 @@ async function main(): Promise<void> {
   const busiest = Math.max(...results.map((r) => r.otherLoad));
   const warnings: string[] = [];
   if (busiest > MAX_OTHER_LOAD) {
-    warnings.push(`**Warning: other processes took up to ${Math.round(busiest * 100)} % of the machine's CPU during the load phases: these figures are unreliable; run again on a quiet machine.**`);
+    warnings.push(
+      `**Warning: other processes took up to ${Math.round(busiest * 100)} % of the machine's CPU during the load phases: these figures are unreliable; run again on a quiet machine.**`,
+    );
     progress(`warning: other processes took up to ${Math.round(busiest * 100)} % of the CPU during the load phases`);
   }
   const md = markdown(
@@ -396,7 +467,9 @@ async function main(): Promise<void> {
       `SSE: the upstream sends headers and the first event at once, then ${SSE_EVENTS - 1} more events ${SSE_GAP_MS} ms apart. "Ahead of stream end" is the smallest gap, over all streams, between the first event and the end: a buffering path would show about 0. Unbuffered = median first event under ${SSE_GAP_MS} ms, first read holding the first event alone in ≥ 90 % of streams, and every first event ≥ ${((SSE_EVENTS - 1) * SSE_GAP_MS) / 2} ms ahead of its end.`,
       '`till serve` runs as shipped: it checks and counts every request in its ledger, meters it and appends the audit log; its console shows key events and refusals (a file here).',
       ...(unmetered
-        ? [`Metering's cost: the same till key on a billable route Till does not meter (\`/audio/speech\`) used ${Math.round(unmetered.c1)} µs at c=1 and ${Math.round(unmetered.c32)} µs at c=32, so reading usage from the answer and settling tokens and spend costs ${Math.round(t.cpuC1! - unmetered.c1)} µs and ${Math.round(t.cpuC32! - unmetered.c32)} µs per request (${(unmetered.c1 / p.cpuC1!).toFixed(2)}× and ${(unmetered.c32 / p.cpuC32!).toFixed(2)}× the pass-through without it).`]
+        ? [
+            `Metering's cost: the same till key on a billable route Till does not meter (\`/audio/speech\`) used ${Math.round(unmetered.c1)} µs at c=1 and ${Math.round(unmetered.c32)} µs at c=32, so reading usage from the answer and settling tokens and spend costs ${Math.round(t.cpuC1! - unmetered.c1)} µs and ${Math.round(t.cpuC32! - unmetered.c32)} µs per request (${(unmetered.c1 / p.cpuC1!).toFixed(2)}× and ${(unmetered.c32 / p.cpuC32!).toFixed(2)}× the pass-through without it).`,
+          ]
         : []),
       `Long streams (${LONG_STREAM_EVENTS.toLocaleString('en-US')} events each, as fast as read, ${LONG_STREAMS} one after another), proxy CPU per stream: ${long.map((l) => `${l.name} ${(l.cpuPerStream / 1000).toFixed(1)} ms`).join(', ')}. The limited key's hold grew ${long.find((l) => l.growthsPerStream !== undefined)?.growthsPerStream?.toFixed(1) ?? '?'} times per stream (a ledger write each), which costs ${((long.find((l) => l.name === 'till, limits')!.cpuPerStream - long.find((l) => l.name === 'till')!.cpuPerStream) / 1000).toFixed(1)} ms per stream over the unlimited key.`,
       `Tokenizer (o200k_base, gpt-tokenizer, in this process; used only when a body's bytes would refuse a request or lower its output): loading it ${tokenizer.loadMs.toFixed(0)} ms and ${tokenizer.loadRssMiB.toFixed(0)} MiB; counting ${tokenizer.sizes.map((z) => `a ${z.label} (${(z.bytes / 1000).toFixed(0)} kB, ${z.tokens.toLocaleString('en-US')} tokens) ${z.ms.toFixed(1)} ms`).join('; ')}. The requests above are held by their bytes and never reach it.`,

@@ -51,7 +51,8 @@ function chatBody(text: string, bytes: number): Record<string, unknown> {
   all = all.slice(0, bytes);
   const system = all.slice(0, Math.min(48_000, all.length));
   const messages: { role: string; content: string }[] = [{ role: 'system', content: system }];
-  for (let at = system.length, i = 0; at < all.length; at += 8_000, i++) messages.push({ role: i % 2 === 0 ? 'user' : 'assistant', content: all.slice(at, at + 8_000) });
+  for (let at = system.length, i = 0; at < all.length; at += 8_000, i++)
+    messages.push({ role: i % 2 === 0 ? 'user' : 'assistant', content: all.slice(at, at + 8_000) });
   return { model: 'gpt-5', messages };
 }
 

@@ -31,7 +31,14 @@ const COMPLETION = Buffer.from(
 
 /** The SSE event with index `i` (its index is in the payload, so a client can tell them apart). */
 export function sseEvent(i: number): string {
-  const chunk = { id: 'chatcmpl-bench', object: 'chat.completion.chunk', created: 1700000000, model: 'gpt-4o-mini', choices: [{ index: 0, delta: { content: ` word${i}` }, finish_reason: null }], i };
+  const chunk = {
+    id: 'chatcmpl-bench',
+    object: 'chat.completion.chunk',
+    created: 1700000000,
+    model: 'gpt-4o-mini',
+    choices: [{ index: 0, delta: { content: ` word${i}` }, finish_reason: null }],
+    i,
+  };
   return `data: ${JSON.stringify(chunk)}\n\n`;
 }
 
@@ -43,7 +50,14 @@ function longStream(res: http.ServerResponse, events: number, usage: boolean): v
   let i = 0;
   const write = (): void => {
     while (i < events) if (!res.write(sseEvent(i++))) return void res.once('drain', write);
-    const report = { id: 'chatcmpl-bench', object: 'chat.completion.chunk', created: 1700000000, model: 'gpt-4o-mini', choices: [], usage: { prompt_tokens: 14, completion_tokens: events, total_tokens: 14 + events } };
+    const report = {
+      id: 'chatcmpl-bench',
+      object: 'chat.completion.chunk',
+      created: 1700000000,
+      model: 'gpt-4o-mini',
+      choices: [],
+      usage: { prompt_tokens: 14, completion_tokens: events, total_tokens: 14 + events },
+    };
     res.end(`${usage ? `data: ${JSON.stringify(report)}\n\n` : ''}data: [DONE]\n\n`);
   };
   write();
@@ -84,7 +98,9 @@ function reap(orphans: Orphans): void {
 
 export function runUpstream(): void {
   const expected = `Bearer ${process.env.BENCH_SECRET ?? ''}`;
-  const unauthorized = Buffer.from(JSON.stringify({ error: { message: 'Incorrect API key provided', type: 'invalid_request_error', code: 'invalid_api_key' } }));
+  const unauthorized = Buffer.from(
+    JSON.stringify({ error: { message: 'Incorrect API key provided', type: 'invalid_request_error', code: 'invalid_api_key' } }),
+  );
   const server = http.createServer({ keepAliveTimeout: 60_000, noDelay: true }, (req, res) => {
     const chunks: Buffer[] = [];
     req.on('data', (c: Buffer) => chunks.push(c));

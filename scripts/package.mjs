@@ -26,17 +26,7 @@
 //   --verbose       show vsce's own output (its file tree of each VSIX); warnings always show
 import { createHash } from 'node:crypto';
 import { execFileSync } from 'node:child_process';
-import {
-  cpSync,
-  existsSync,
-  mkdirSync,
-  mkdtempSync,
-  readdirSync,
-  readFileSync,
-  renameSync,
-  rmSync,
-  statSync,
-} from 'node:fs';
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, statSync } from 'node:fs';
 import { builtinModules } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
@@ -289,11 +279,14 @@ function checkVsix(file, bindingName, expect) {
   const missing = required.filter((r) => !names.includes(r));
   if (missing.length) fail(`${path.basename(file)} lacks ${missing.join(', ')}`);
   const natives = zip.entries.filter((e) => e.name.endsWith('.node'));
-  if (natives.length !== 1) fail(`${path.basename(file)} holds ${natives.length} native binaries: ${natives.map((e) => e.name).join(', ')}`);
+  if (natives.length !== 1)
+    fail(`${path.basename(file)} holds ${natives.length} native binaries: ${natives.map((e) => e.name).join(', ')}`);
   if (expect) {
     const kind = binaryKind(natives[0].read());
     if (kind.format !== expect.format || kind.machine !== expect.machine) {
-      fail(`${natives[0].name} is ${kind.format}/0x${kind.machine.toString(16)}, expected ${expect.format}/0x${expect.machine.toString(16)}`);
+      fail(
+        `${natives[0].name} is ${kind.format}/0x${kind.machine.toString(16)}, expected ${expect.format}/0x${expect.machine.toString(16)}`,
+      );
     }
   }
   return zip;
@@ -326,7 +319,10 @@ const built = [];
 for (const job of jobs) {
   const dir = bindingPackage(job.binding, keyringVersion, lock);
   const stage = stageFolder(job.label, manifest, job.binding, dir);
-  const packagePath = path.join(opts.out, job.target ? `${manifest.name}-${job.target}-${manifest.version}.vsix` : `${manifest.name}-${manifest.version}.vsix`);
+  const packagePath = path.join(
+    opts.out,
+    job.target ? `${manifest.name}-${job.target}-${manifest.version}.vsix` : `${manifest.name}-${manifest.version}.vsix`,
+  );
   try {
     say(`${job.label}: ${KEYRING}-${job.binding}@${keyringVersion}${opts.keepStage ? ` (stage ${stage})` : ''}`);
     // vsce prints a file tree per VSIX through console.log; the summary below says the same.
@@ -348,7 +344,9 @@ const kb = (n) => `${(n / 1024).toFixed(0)} KB`;
 console.log('');
 for (const { file, zip, binding } of built) {
   const unpacked = zip.entries.reduce((s, e) => s + e.size, 0);
-  console.log(`${file.padEnd(40)} ${kb(zip.size).padStart(8)}  (${zip.entries.length} files, ${kb(unpacked)} unpacked, keyring-${binding})`);
+  console.log(
+    `${file.padEnd(40)} ${kb(zip.size).padStart(8)}  (${zip.entries.length} files, ${kb(unpacked)} unpacked, keyring-${binding})`,
+  );
 }
 const first = built[0];
 if (first) {

@@ -35,7 +35,9 @@ const busy = await new Promise((resolve) => {
   probe.listen(Number(port), '127.0.0.1', () => probe.close(() => resolve(undefined)));
 });
 if (busy) {
-  console.error(`[till] port ${port} on 127.0.0.1 is in use (a code-server from an earlier \`npm start\`?): stop it, or set TILL_START_PORT to another port`);
+  console.error(
+    `[till] port ${port} on 127.0.0.1 is in use (a code-server from an earlier \`npm start\`?): stop it, or set TILL_START_PORT to another port`,
+  );
   process.exit(1);
 }
 execFileSync('bash', [path.join(root, 'scripts', 'install-code-server.sh')], { stdio: 'inherit' });
@@ -55,17 +57,36 @@ const extensionsDir = path.join(cache, 'extensions');
 mkdirSync(path.join(userDataDir, 'User'), { recursive: true });
 const settings = path.join(userDataDir, 'User', 'settings.json');
 if (!existsSync(settings)) {
-  writeFileSync(settings, JSON.stringify({ 'workbench.startupEditor': 'none', 'telemetry.telemetryLevel': 'off', 'terminal.integrated.gpuAcceleration': 'off' }, null, 2));
+  writeFileSync(
+    settings,
+    JSON.stringify(
+      { 'workbench.startupEditor': 'none', 'telemetry.telemetryLevel': 'off', 'terminal.integrated.gpuAcceleration': 'off' },
+      null,
+      2,
+    ),
+  );
 }
 const config = path.join(cache, 'code-server.yaml');
 if (!existsSync(config)) writeFileSync(config, '');
 const serverArgs = [codeServer, '--user-data-dir', userDataDir, '--extensions-dir', extensionsDir, '--config', config];
-execFileSync(node24, [...serverArgs, '--install-extension', vsix, '--force'], { stdio: 'inherit', env: { ...process.env, EXTENSIONS_GALLERY: '{}' } });
+execFileSync(node24, [...serverArgs, '--install-extension', vsix, '--force'], {
+  stdio: 'inherit',
+  env: { ...process.env, EXTENSIONS_GALLERY: '{}' },
+});
 
 const url = `http://127.0.0.1:${port}/?folder=${encodeURIComponent(process.cwd())}`;
 const server = spawn(
   node24,
-  [...serverArgs, '--bind-addr', `127.0.0.1:${port}`, '--auth', 'none', '--disable-telemetry', '--disable-update-check', '--disable-workspace-trust'],
+  [
+    ...serverArgs,
+    '--bind-addr',
+    `127.0.0.1:${port}`,
+    '--auth',
+    'none',
+    '--disable-telemetry',
+    '--disable-update-check',
+    '--disable-workspace-trust',
+  ],
   { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, EXTENSIONS_GALLERY: '{}' } },
 );
 // code-server's errors go to the terminal, less one harmless pair that reads like a broken

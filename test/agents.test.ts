@@ -15,7 +15,9 @@ import { addCredential, fakeCredential, runTill, spawnServe, tempHome, type Serv
 type Toml = { [key: string]: unknown };
 
 function splitKey(dotted: string): string[] {
-  return [...dotted.matchAll(/[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|'[^']*'/g)].map((m) => (m[0].startsWith('"') ? (JSON.parse(m[0]) as string) : m[0].replace(/^'|'$/g, '')));
+  return [...dotted.matchAll(/[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|'[^']*'/g)].map((m) =>
+    m[0].startsWith('"') ? (JSON.parse(m[0]) as string) : m[0].replace(/^'|'$/g, ''),
+  );
 }
 
 /** Reads one value at `text[i]`; returns it and the index after it. */
@@ -186,7 +188,13 @@ describe('codexConfig: Till layered over the user config.toml', () => {
     });
     expect(toml.instructions).toBe('Be brief.\n[not_a_table]\nmodel_provider = "inside a string"\n');
     // The user's own till provider is gone, not merged.
-    expect(Object.keys((toml.model_providers as Toml).till as Toml).sort()).toEqual(['base_url', 'env_key', 'name', 'supports_websockets', 'wire_api']);
+    expect(Object.keys((toml.model_providers as Toml).till as Toml).sort()).toEqual([
+      'base_url',
+      'env_key',
+      'name',
+      'supports_websockets',
+      'wire_api',
+    ]);
     expect(text).not.toContain('an old till');
     expect(text.match(/^model_provider = "till"$/gm)).toHaveLength(2); // top level and the profile; the one inside a string is untouched
     // Top-level keys stay before the first table header.
@@ -200,15 +208,26 @@ describe('codexConfig: Till layered over the user config.toml', () => {
       model_provider: 'till',
       analytics: { enabled: false },
       features: { plugins: false },
-      model_providers: { till: { name: 'Till', base_url: BASE, env_key: 'OPENAI_API_KEY', wire_api: 'responses', supports_websockets: true } },
+      model_providers: {
+        till: { name: 'Till', base_url: BASE, env_key: 'OPENAI_API_KEY', wire_api: 'responses', supports_websockets: true },
+      },
     });
     const onlyTop = parseToml(codexConfig('# hi\nmodel = "o3"\n', BASE));
     expect(onlyTop).toMatchObject({ model: 'o3', model_provider: 'till', analytics: { enabled: false } });
   });
 
   it('uses dotted keys where the user does, so no table is defined twice', () => {
-    const toml = parseToml(codexConfig('analytics.enabled = true\nfeatures.web_search = true\nmodel_providers.till.base_url = "http://evil"\n[tui]\nnotifications = true\n', BASE));
-    expect(toml).toMatchObject({ analytics: { enabled: false }, features: { plugins: false, web_search: true }, tui: { notifications: true } });
+    const toml = parseToml(
+      codexConfig(
+        'analytics.enabled = true\nfeatures.web_search = true\nmodel_providers.till.base_url = "http://evil"\n[tui]\nnotifications = true\n',
+        BASE,
+      ),
+    );
+    expect(toml).toMatchObject({
+      analytics: { enabled: false },
+      features: { plugins: false, web_search: true },
+      tui: { notifications: true },
+    });
     expect((toml.model_providers as Toml).till).toMatchObject({ base_url: BASE });
   });
 });
@@ -220,22 +239,47 @@ describe('agentSetup', () => {
     mkdirSync(userCodexHome);
     writeFileSync(join(userCodexHome, 'config.toml'), USER_CONFIG);
     writeFileSync(join(userCodexHome, 'auth.json'), '{"OPENAI_API_KEY":"user-own-auth"}');
-    const keys = [fakeKey('openai', BASE), fakeKey('anthropic', 'http://127.0.0.1:8455/anthropic'), fakeKey('gemini', 'http://127.0.0.1:8455/gemini')];
+    const keys = [
+      fakeKey('openai', BASE),
+      fakeKey('anthropic', 'http://127.0.0.1:8455/anthropic'),
+      fakeKey('gemini', 'http://127.0.0.1:8455/gemini'),
+    ];
 
-    expect(agentSetup('claude', keys, { scratchDir }).env).toEqual({ ANTHROPIC_API_KEY: 'till_fake_anthropic', ANTHROPIC_BASE_URL: 'http://127.0.0.1:8455/anthropic', CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC: '1' });
+    expect(agentSetup('claude', keys, { scratchDir }).env).toEqual({
+      ANTHROPIC_API_KEY: 'till_fake_anthropic',
+      ANTHROPIC_BASE_URL: 'http://127.0.0.1:8455/anthropic',
+      CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC: '1',
+    });
     const systemSettings = join(tempHome(), 'system-settings.json');
-    writeFileSync(systemSettings, '{ "ui": { "theme": "GitHub" }, // the admin\'s\n "security": { "auth": { "selectedType": "oauth-personal" } } }');
+    writeFileSync(
+      systemSettings,
+      '{ "ui": { "theme": "GitHub" }, // the admin\'s\n "security": { "auth": { "selectedType": "oauth-personal" } } }',
+    );
     const gemini = agentSetup('gemini', keys, { scratchDir, userEnv: { GEMINI_CLI_SYSTEM_SETTINGS_PATH: systemSettings } });
     const settingsFile = join(scratchDir, 'gemini', 'system-settings.json');
-    expect(gemini.env).toEqual({ GEMINI_API_KEY: 'till_fake_gemini', GOOGLE_API_KEY: 'till_fake_gemini', GOOGLE_GEMINI_BASE_URL: 'http://127.0.0.1:8455/gemini', GEMINI_CLI_SYSTEM_SETTINGS_PATH: settingsFile });
-    expect(JSON.parse(readFileSync(settingsFile, 'utf8'))).toEqual({ ui: { theme: 'GitHub' }, security: { auth: { selectedType: 'gemini-api-key' } }, privacy: { usageStatisticsEnabled: false } });
+    expect(gemini.env).toEqual({
+      GEMINI_API_KEY: 'till_fake_gemini',
+      GOOGLE_API_KEY: 'till_fake_gemini',
+      GOOGLE_GEMINI_BASE_URL: 'http://127.0.0.1:8455/gemini',
+      GEMINI_CLI_SYSTEM_SETTINGS_PATH: settingsFile,
+    });
+    expect(JSON.parse(readFileSync(settingsFile, 'utf8'))).toEqual({
+      ui: { theme: 'GitHub' },
+      security: { auth: { selectedType: 'gemini-api-key' } },
+      privacy: { usageStatisticsEnabled: false },
+    });
     expect(agentSetup('claude', keys, { scratchDir }).warnings).toEqual([]);
     // Gemini CLI skips a settings file below a folder others can write to: Till says so.
     const shared = join(scratchDir, 'shared');
     mkdirSync(shared);
     chmodSync(shared, 0o777);
-    expect(agentSetup('gemini', keys, { scratchDir: join(shared, 'run') }).warnings).toEqual([`Gemini CLI ignores Till's settings under ${shared}, which others can write to; it may then refuse the API key ("Invalid auth method selected"): keep Till's data folder (TILL_HOME) out of it`]);
-    expect(agentSetup('aider', [keys[1]!], { scratchDir }).env).toEqual({ ANTHROPIC_API_KEY: 'till_fake_anthropic', ANTHROPIC_BASE_URL: 'http://127.0.0.1:8455/anthropic' });
+    expect(agentSetup('gemini', keys, { scratchDir: join(shared, 'run') }).warnings).toEqual([
+      `Gemini CLI ignores Till's settings under ${shared}, which others can write to; it may then refuse the API key ("Invalid auth method selected"): keep Till's data folder (TILL_HOME) out of it`,
+    ]);
+    expect(agentSetup('aider', [keys[1]!], { scratchDir }).env).toEqual({
+      ANTHROPIC_API_KEY: 'till_fake_anthropic',
+      ANTHROPIC_BASE_URL: 'http://127.0.0.1:8455/anthropic',
+    });
     expect(agentSetup('aider', keys, { scratchDir }).env).toMatchObject({ OPENAI_API_KEY: 'till_fake_openai', OPENAI_API_BASE: BASE });
 
     const codex = agentSetup('codex', keys, { scratchDir, userEnv: { CODEX_HOME: userCodexHome } });
@@ -246,7 +290,11 @@ describe('agentSetup', () => {
   });
 
   it('agentTargets picks one credential per provider and names the missing one', () => {
-    const creds = [{ name: 'work', provider: 'openai' }, { name: 'other', provider: 'openai' }, { name: 'anthropic', provider: 'anthropic' }];
+    const creds = [
+      { name: 'work', provider: 'openai' },
+      { name: 'other', provider: 'openai' },
+      { name: 'anthropic', provider: 'anthropic' },
+    ];
     expect(agentTargets('codex', creds)).toEqual(['work']);
     expect(agentTargets('aider', creds)).toEqual(['work', 'anthropic']);
     expect(agentTargets('aider', [creds[2]!])).toEqual(['anthropic']);
@@ -255,15 +303,20 @@ describe('agentSetup', () => {
     expect(Object.keys(AGENTS)).toEqual(['claude', 'codex', 'gemini', 'aider']);
   });
 
-  it('geminiSettings: API-key auth and no usage statistics over the machine\'s settings, whatever they hold', () => {
+  it("geminiSettings: API-key auth and no usage statistics over the machine's settings, whatever they hold", () => {
     const ours = { security: { auth: { selectedType: 'gemini-api-key' } }, privacy: { usageStatisticsEnabled: false } };
     expect(JSON.parse(geminiSettings(''))).toEqual(ours);
     expect(JSON.parse(geminiSettings('not json {'))).toEqual(ours);
     expect(JSON.parse(geminiSettings('[1, 2]'))).toEqual(ours);
-    expect(JSON.parse(geminiSettings('{"security": "odd", "privacy": {"usageStatisticsEnabled": true, "x": 1}}'))).toEqual({ ...ours, privacy: { usageStatisticsEnabled: false, x: 1 } });
+    expect(JSON.parse(geminiSettings('{"security": "odd", "privacy": {"usageStatisticsEnabled": true, "x": 1}}'))).toEqual({
+      ...ours,
+      privacy: { usageStatisticsEnabled: false, x: 1 },
+    });
     // A URL in a string is not a comment.
     expect(JSON.parse(geminiSettings('{"a": "http://x/*y*/", /* c */ "b": 2}'))).toMatchObject({ a: 'http://x/*y*/', b: 2 });
-    expect(JSON.parse(geminiSettings('{"security": {"auth": {"useExternal": true, "enforcedType": "gemini-api-key"}}}')).security.auth).toEqual({ selectedType: 'gemini-api-key', enforcedType: 'gemini-api-key' });
+    expect(
+      JSON.parse(geminiSettings('{"security": {"auth": {"useExternal": true, "enforcedType": "gemini-api-key"}}}')).security.auth,
+    ).toEqual({ selectedType: 'gemini-api-key', enforcedType: 'gemini-api-key' });
   });
 
   it('agentServed: which agents a set of providers can serve (terminals set up only those)', () => {
@@ -276,7 +329,6 @@ describe('agentSetup', () => {
 });
 
 // ---- till exec --agent, end to end -------------------------------------------------------
-
 
 describe('till exec --agent', () => {
   let home: string;
@@ -306,25 +358,44 @@ describe('till exec --agent', () => {
       const fs = require('fs'), path = require('path');
       const h = process.env.CODEX_HOME;
       console.log(JSON.stringify({ home: h, files: fs.readdirSync(h), config: fs.readFileSync(path.join(h, 'config.toml'), 'utf8'), key: process.env.OPENAI_API_KEY, codexApiKey: process.env.CODEX_API_KEY ?? null, mode: fs.statSync(path.dirname(h)).mode & 0o777 }));`;
-    const r = await runTill(['exec', '--agent', 'codex', '--uses', '3', '--label', 'codex agent', '--', process.execPath, '-e', script], { home, env: { CODEX_HOME: userCodexHome, CODEX_API_KEY: 'should-not-pass' } });
+    const r = await runTill(['exec', '--agent', 'codex', '--uses', '3', '--label', 'codex agent', '--', process.execPath, '-e', script], {
+      home,
+      env: { CODEX_HOME: userCodexHome, CODEX_API_KEY: 'should-not-pass' },
+    });
     expect(r.code, r.stderr).toBe(0);
-    const seen = JSON.parse(r.stdout.trim()) as { home: string; files: string[]; config: string; key: string; codexApiKey: string | null; mode: number };
+    const seen = JSON.parse(r.stdout.trim()) as {
+      home: string;
+      files: string[];
+      config: string;
+      key: string;
+      codexApiKey: string | null;
+      mode: number;
+    };
     expect(seen.home.startsWith(join(home, 'agents') + '/')).toBe(true);
     expect(seen.files).toEqual(['config.toml']);
     expect(seen.mode).toBe(0o700);
     expect(seen.key).toMatch(/^till_/);
     expect(seen.codexApiKey).toBeNull();
     const toml = parseToml(seen.config);
-    expect(toml).toMatchObject({ model: 'gpt-5-codex', model_provider: 'till', model_providers: { till: { base_url: `${serve.url}/openai/v1`, env_key: 'OPENAI_API_KEY', supports_websockets: true } } });
+    expect(toml).toMatchObject({
+      model: 'gpt-5-codex',
+      model_provider: 'till',
+      model_providers: { till: { base_url: `${serve.url}/openai/v1`, env_key: 'OPENAI_API_KEY', supports_websockets: true } },
+    });
     for (const secret of [secrets.openai, seen.key, 'user-own-auth']) expect(seen.config).not.toContain(secret);
     expect(existsSync(seen.home)).toBe(false);
     expect(readdirSync(join(home, 'agents'))).toEqual([]);
-    expect((await keys()).filter((k) => k.label === 'codex agent').map((k) => [k.provider, k.state, k.policy.maxActivations])).toEqual([['openai', 'revoked', 3]]);
+    expect((await keys()).filter((k) => k.label === 'codex agent').map((k) => [k.provider, k.state, k.policy.maxActivations])).toEqual([
+      ['openai', 'revoked', 3],
+    ]);
   });
 
   it('claude: the anthropic vars and no traffic around the broker; the folder is removed even when the command fails', async () => {
     const script = `console.log(JSON.stringify({ key: process.env.ANTHROPIC_API_KEY, base: process.env.ANTHROPIC_BASE_URL, quiet: process.env.CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC, token: process.env.ANTHROPIC_AUTH_TOKEN ?? null })); process.exit(3);`;
-    const r = await runTill(['exec', '--agent', 'claude', '--label', 'claude agent', '--', process.execPath, '-e', script], { home, env: { ANTHROPIC_AUTH_TOKEN: 'should-not-pass' } });
+    const r = await runTill(['exec', '--agent', 'claude', '--label', 'claude agent', '--', process.execPath, '-e', script], {
+      home,
+      env: { ANTHROPIC_AUTH_TOKEN: 'should-not-pass' },
+    });
     expect(r.code, r.stderr).toBe(3);
     const seen = JSON.parse(r.stdout.trim()) as Record<string, string | null>;
     expect(seen).toMatchObject({ base: `${serve.url}/anthropic`, quiet: '1', token: null });
@@ -334,9 +405,21 @@ describe('till exec --agent', () => {
   });
 
   it('a missing credential or an unknown agent is a one-line error', async () => {
-    expectOneLineError(await runTill(['exec', '--agent', 'gemini', '--', process.execPath, '-e', ''], { home }), 1, /Gemini CLI needs a gemini credential: add one with `till credential add gemini`$/);
-    expectOneLineError(await runTill(['exec', '--agent', 'cursor', '--', 'true'], { home }), 2, /unknown agent "cursor": use claude, codex, gemini, aider/);
-    expectOneLineError(await runTill(['exec', '--agent', 'codex', 'openai', '--', 'true'], { home }), 2, /--agent picks the credentials itself/);
+    expectOneLineError(
+      await runTill(['exec', '--agent', 'gemini', '--', process.execPath, '-e', ''], { home }),
+      1,
+      /Gemini CLI needs a gemini credential: add one with `till credential add gemini`$/,
+    );
+    expectOneLineError(
+      await runTill(['exec', '--agent', 'cursor', '--', 'true'], { home }),
+      2,
+      /unknown agent "cursor": use claude, codex, gemini, aider/,
+    );
+    expectOneLineError(
+      await runTill(['exec', '--agent', 'codex', 'openai', '--', 'true'], { home }),
+      2,
+      /--agent picks the credentials itself/,
+    );
     const help = await runTill(['exec', '--help'], { home });
     expect(help.stdout).toMatch(/--agent <claude\|codex\|gemini\|aider>/);
   });

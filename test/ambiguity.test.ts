@@ -53,13 +53,28 @@ async function raw(head: string, body = ''): Promise<{ status: number; text: str
   return { status: Number(/^HTTP\/1\.1 (\d{3})/.exec(text)?.[1] ?? 0), text };
 }
 
-function post(path: string, key: string, body: string | Buffer, headers: Record<string, string> = {}): Promise<{ status: number; text: string }> {
+function post(
+  path: string,
+  key: string,
+  body: string | Buffer,
+  headers: Record<string, string> = {},
+): Promise<{ status: number; text: string }> {
   return new Promise((resolve, reject) => {
-    const req = http.request({ host: '127.0.0.1', port, method: 'POST', path, agent: false, headers: { 'content-type': 'application/json', authorization: `Bearer ${key}`, ...headers } }, (res) => {
-      let text = '';
-      res.on('data', (c: Buffer) => (text += c));
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, text }));
-    });
+    const req = http.request(
+      {
+        host: '127.0.0.1',
+        port,
+        method: 'POST',
+        path,
+        agent: false,
+        headers: { 'content-type': 'application/json', authorization: `Bearer ${key}`, ...headers },
+      },
+      (res) => {
+        let text = '';
+        res.on('data', (c: Buffer) => (text += c));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, text }));
+      },
+    );
     req.on('error', reject);
     req.end(body);
   });
@@ -78,7 +93,10 @@ describe('requests the upstream would read otherwise', () => {
       ['/cohere/v2/chat#/tokenize', c.key],
       ['/gemini/v1beta/models/gemini-2.5-flash:generateContent#:countTokens', g.key],
     ] as const) {
-      const r = await raw(`POST ${path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${key}\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close`, '{}');
+      const r = await raw(
+        `POST ${path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${key}\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close`,
+        '{}',
+      );
       expect(r.status, path).toBe(400);
       expect(r.text).toContain('fragment');
     }
@@ -91,13 +109,17 @@ describe('requests the upstream would read otherwise', () => {
     const g = await broker.issue({ target: 'gemini', uses: 1 });
     const before = upstreamSaw();
     for (const name of ['X-HTTP-Method-Override', 'X-HTTP-Method', 'X-Method-Override']) {
-      const r = await raw(`GET /gemini/v1beta/models/gemini-2.5-flash:generateContent HTTP/1.1\r\nHost: 127.0.0.1\r\nx-goog-api-key: ${g.key}\r\n${name}: POST\r\nConnection: close`);
+      const r = await raw(
+        `GET /gemini/v1beta/models/gemini-2.5-flash:generateContent HTTP/1.1\r\nHost: 127.0.0.1\r\nx-goog-api-key: ${g.key}\r\n${name}: POST\r\nConnection: close`,
+      );
       expect(r.status, name).toBe(400);
       expect(r.text).toContain(name.toLowerCase());
     }
     expect(upstreamSaw()).toBe(before);
     // Without the override, a GET on a generation route is not mistaken for a free model lookup.
-    await raw(`GET /gemini/v1beta/models/gemini-2.5-flash:generateContent HTTP/1.1\r\nHost: 127.0.0.1\r\nx-goog-api-key: ${g.key}\r\nConnection: close`);
+    await raw(
+      `GET /gemini/v1beta/models/gemini-2.5-flash:generateContent HTTP/1.1\r\nHost: 127.0.0.1\r\nx-goog-api-key: ${g.key}\r\nConnection: close`,
+    );
     expect((await broker.key(g.id)).used.activations).toBe(1);
   });
 
@@ -127,7 +149,9 @@ describe('requests the upstream would read otherwise', () => {
     const before = openai.received.length;
     const hidden = await post('/openai/v1/chat/completions', tokens.key, chat('gpt-5'), { 'content-type': 'text/plain' });
     expect(hidden.status).toBe(403);
-    const garbage = await post('/openai/v1/chat/completions', tokens.key, 'model=gpt-4o-mini&prompt=hi', { 'content-type': 'application/x-www-form-urlencoded' });
+    const garbage = await post('/openai/v1/chat/completions', tokens.key, 'model=gpt-4o-mini&prompt=hi', {
+      'content-type': 'application/x-www-form-urlencoded',
+    });
     expect(garbage.status).toBe(400);
     expect(garbage.text).toMatch(/not valid JSON, so its model cannot be checked/);
     expect(openai.received.length).toBe(before);
@@ -190,7 +214,9 @@ describe('WebSockets the upstream would read otherwise', () => {
       ws.once('error', reject);
     });
     const before = openai.socketMessages.length;
-    const answer = new Promise<Record<string, unknown>>((r) => ws.once('message', (d) => r(JSON.parse(d.toString()) as Record<string, unknown>)));
+    const answer = new Promise<Record<string, unknown>>((r) =>
+      ws.once('message', (d) => r(JSON.parse(d.toString()) as Record<string, unknown>)),
+    );
     ws.send('{"type":"response.create","model":"gpt-5","type":"session.update"}');
     const event = await answer;
     expect(event.type).toBe('error');
@@ -206,13 +232,21 @@ describe('the front door reads each request exactly', () => {
     // and a second Host header passed as loopback (DNS rebinding).
     const k = await broker.issue({ target: 'openai' });
     const before = upstreamSaw();
-    for (const host of [`Host: localhost:${port}@evil.example`, 'Host: localhost:evil.example', `Host: 127.0.0.1:${port}\r\nHost: evil.example`, 'Host: localhost:99999', 'Host: localhost.']) {
+    for (const host of [
+      `Host: localhost:${port}@evil.example`,
+      'Host: localhost:evil.example',
+      `Host: 127.0.0.1:${port}\r\nHost: evil.example`,
+      'Host: localhost:99999',
+      'Host: localhost.',
+    ]) {
       const r = await raw(`GET /openai/v1/models HTTP/1.1\r\n${host}\r\nAuthorization: Bearer ${k.key}\r\nConnection: close`);
       expect(r.status, host).toBe(403);
       expect(r.text).toContain('forbidden_host');
     }
     expect(upstreamSaw()).toBe(before);
-    const ok = await raw(`GET /openai/v1/models HTTP/1.1\r\nHost: LOCALHOST:${port}\r\nAuthorization: Bearer ${k.key}\r\nConnection: close`);
+    const ok = await raw(
+      `GET /openai/v1/models HTTP/1.1\r\nHost: LOCALHOST:${port}\r\nAuthorization: Bearer ${k.key}\r\nConnection: close`,
+    );
     expect(ok.status).toBe(200);
   });
 
@@ -221,11 +255,15 @@ describe('the front door reads each request exactly', () => {
     // in Referer that a foreign web page sent it.
     const k = await broker.issue({ target: 'openai' });
     const before = upstreamSaw();
-    const r = await raw(`GET /openai/v1/models HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nAuthorization: Bearer ${k.key}\r\nReferer: https://evil.example/page\r\nConnection: close`);
+    const r = await raw(
+      `GET /openai/v1/models HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nAuthorization: Bearer ${k.key}\r\nReferer: https://evil.example/page\r\nConnection: close`,
+    );
     expect(r.status).toBe(403);
     expect(r.text).toContain('browser_origin');
     expect(upstreamSaw()).toBe(before);
-    const local = await raw(`GET /openai/v1/models HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nAuthorization: Bearer ${k.key}\r\nReferer: http://localhost:3000/\r\nConnection: close`);
+    const local = await raw(
+      `GET /openai/v1/models HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nAuthorization: Bearer ${k.key}\r\nReferer: http://localhost:3000/\r\nConnection: close`,
+    );
     expect(local.status).toBe(200);
   });
 
@@ -235,19 +273,24 @@ describe('the front door reads each request exactly', () => {
     const k = await broker.issue({ target: 'openai' });
     const before = upstreamSaw();
     const filler = Array.from({ length: 2000 }, (_, i) => `x-f${i}: 1`).join('\r\n');
-    const r = await raw(`GET /openai/v1/models HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nAuthorization: Bearer ${k.key}\r\n${filler}\r\nOrigin: https://evil.example\r\nConnection: close`);
+    const r = await raw(
+      `GET /openai/v1/models HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nAuthorization: Bearer ${k.key}\r\n${filler}\r\nOrigin: https://evil.example\r\nConnection: close`,
+    );
     expect(r.status).toBe(431);
     expect(r.text).toMatch(/more than 256 headers/);
     expect(upstreamSaw()).toBe(before);
   });
 });
 
-describe('what reaches the user\'s terminal', () => {
+describe("what reaches the user's terminal", () => {
   it('shows request text in till watch without its control characters', async () => {
     // Attack: an agent names a "model" holding terminal escape sequences; `till watch` (and
     // `till serve --verbose`) printed it raw, letting the agent retitle or rewrite the user's terminal.
     const k = await broker.issue({ target: 'openai', models: ['gpt-4o-mini'] });
-    const watch = spawn(process.execPath, [TILL_JS, 'watch'], { env: { ...process.env, TILL_HOME: broker.home }, stdio: ['ignore', 'pipe', 'pipe'] });
+    const watch = spawn(process.execPath, [TILL_JS, 'watch'], {
+      env: { ...process.env, TILL_HOME: broker.home },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     let printed = '';
     watch.stdout.on('data', (c: Buffer) => (printed += c.toString('utf8')));
     try {
@@ -265,4 +308,3 @@ describe('what reaches the user\'s terminal', () => {
     }
   });
 });
-

@@ -10,11 +10,21 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { KeySummary, TillEvent } from '../src/core/events';
 import type { TillService } from '../src/core/runtime/service';
 import { addCredential, fakeCredential, startTill, tempHome } from './support/till';
-import { openAIChatInputTokens, startAnthropicUpstream, startGeminiUpstream, startOpenAIUpstream, type Upstream } from './support/upstreams';
+import {
+  openAIChatInputTokens,
+  startAnthropicUpstream,
+  startGeminiUpstream,
+  startOpenAIUpstream,
+  type Upstream,
+} from './support/upstreams';
 
 /** $1,000 per million input tokens, $10,000 per million output: a few calls cost real money. */
 const PRICEY = { input: 1000, output: 10_000 };
-const secrets = { openai: fakeCredential('budget-openai'), anthropic: fakeCredential('budget-anthropic'), gemini: fakeCredential('budget-gemini') };
+const secrets = {
+  openai: fakeCredential('budget-openai'),
+  anthropic: fakeCredential('budget-anthropic'),
+  gemini: fakeCredential('budget-gemini'),
+};
 let till: TillService;
 let openai: Upstream;
 let anthropic: Upstream;
@@ -61,7 +71,7 @@ describe('metering', () => {
     expect(k.tokens.output).toBe(answer.usage!.completion_tokens);
     expect(k.used.tokens).toBe(answer.usage!.total_tokens);
     // gpt-5-mini: $0.25 / $2 per million.
-    expect(k.used.spend).toBe(Math.ceil((answer.usage!.prompt_tokens * 0.25 + answer.usage!.completion_tokens * 2)));
+    expect(k.used.spend).toBe(Math.ceil(answer.usage!.prompt_tokens * 0.25 + answer.usage!.completion_tokens * 2));
     expect(k.estimatedSpend).toBe(0);
   });
 
@@ -84,7 +94,9 @@ describe('metering', () => {
   it('Anthropic streams: message_delta usage is cumulative, taken once, not summed', async () => {
     const issued = await till.issue({ target: 'anthropic' });
     const client = new Anthropic({ apiKey: issued.key, baseURL: issued.baseUrl, maxRetries: 0 });
-    const final = await client.messages.stream({ model: 'claude-sonnet-5', max_tokens: 100, messages: [{ role: 'user', content: 'hi' }] }).finalMessage();
+    const final = await client.messages
+      .stream({ model: 'claude-sonnet-5', max_tokens: 100, messages: [{ role: 'user', content: 'hi' }] })
+      .finalMessage();
     const k = key(issued.id);
     expect(k.tokens.output).toBe(final.usage.output_tokens);
     expect(k.tokens.input).toBe(final.usage.input_tokens);
@@ -98,17 +110,27 @@ describe('metering', () => {
       headers: { 'content-type': 'application/json', 'x-goog-api-key': issued.key },
     });
     const text = await res.text();
-    const last = text.trim().split(/\r?\n\r?\n/).at(-1)!.replace(/^data: /, '');
+    const last = text
+      .trim()
+      .split(/\r?\n\r?\n/)
+      .at(-1)!
+      .replace(/^data: /, '');
     const meta = (JSON.parse(last) as { usageMetadata: { promptTokenCount: number; candidatesTokenCount: number } }).usageMetadata;
     const k = key(issued.id);
     expect(k.tokens.output).toBe(meta.candidatesTokenCount);
     expect(k.tokens.input).toBe(meta.promptTokenCount);
   });
 
-  it('carries each finished request\'s usage on its event', async () => {
+  it("carries each finished request's usage on its event", async () => {
     const issued = await till.issue({ target: 'openai' });
-    await fetch(`${issued.baseUrl}/chat/completions`, { method: 'POST', body: '{"model":"gpt-5-mini","messages":[]}', headers: { authorization: `Bearer ${issued.key}`, 'content-type': 'application/json' } }).then((r) => r.text());
-    const finished = events.filter((e): e is Extract<TillEvent, { type: 'request.finished' }> => e.type === 'request.finished' && e.request.keyId === issued.id);
+    await fetch(`${issued.baseUrl}/chat/completions`, {
+      method: 'POST',
+      body: '{"model":"gpt-5-mini","messages":[]}',
+      headers: { authorization: `Bearer ${issued.key}`, 'content-type': 'application/json' },
+    }).then((r) => r.text());
+    const finished = events.filter(
+      (e): e is Extract<TillEvent, { type: 'request.finished' }> => e.type === 'request.finished' && e.request.keyId === issued.id,
+    );
     expect(finished.at(-1)?.usage).toMatchObject({ tokens: { output: 5 }, estimated: false });
     expect(finished.at(-1)?.usage?.spend).toBeGreaterThan(0);
   });
@@ -122,16 +144,28 @@ describe('limits that cannot be overrun', () => {
     const before = openai.received.length;
     const billedBefore = { ...openai.billed };
     const statuses = await Promise.all(
-      Array.from({ length: 200 }, () =>
-        new Promise<number>((resolve, reject) => {
-          const u = new URL(`${issued.baseUrl}/chat/completions`);
-          const req = request({ host: u.hostname, port: u.port, path: u.pathname, method: 'POST', agent, headers: { authorization: `Bearer ${issued.key}`, 'content-type': 'application/json' } }, (res) => {
-            res.resume();
-            res.on('end', () => resolve(res.statusCode ?? 0));
-          });
-          req.on('error', reject);
-          req.end(body);
-        }),
+      Array.from(
+        { length: 200 },
+        () =>
+          new Promise<number>((resolve, reject) => {
+            const u = new URL(`${issued.baseUrl}/chat/completions`);
+            const req = request(
+              {
+                host: u.hostname,
+                port: u.port,
+                path: u.pathname,
+                method: 'POST',
+                agent,
+                headers: { authorization: `Bearer ${issued.key}`, 'content-type': 'application/json' },
+              },
+              (res) => {
+                res.resume();
+                res.on('end', () => resolve(res.statusCode ?? 0));
+              },
+            );
+            req.on('error', reject);
+            req.end(body);
+          }),
       ),
     );
     agent.destroy();
@@ -144,7 +178,10 @@ describe('limits that cannot be overrun', () => {
     expect(k.reserved.spend ?? 0).toBe(0);
     // What the upstream billed, priced: never more than the budget either, and what Till counted.
     // (The last requests may have had their cap lowered to fit what was left.)
-    const produced = priceyMicros(openai.billed.inputTokens - billedBefore.inputTokens, openai.billed.outputTokens - billedBefore.outputTokens);
+    const produced = priceyMicros(
+      openai.billed.inputTokens - billedBefore.inputTokens,
+      openai.billed.outputTokens - billedBefore.outputTokens,
+    );
     expect(produced).toBeLessThanOrEqual(1_000_000);
     expect(k.used.spend).toBe(produced);
     console.log(`overrun test: ${served} of 200 served, $${(k.used.spend! / 1e6).toFixed(4)} spent of $1.00`);
@@ -152,7 +189,11 @@ describe('limits that cannot be overrun', () => {
 
   it('sets an output cap that fits what is left when the client gave none', async () => {
     const issued = await till.issue({ target: 'openai', maxTokens: 200 });
-    await fetch(`${issued.baseUrl}/chat/completions`, { method: 'POST', body: '{"model":"gpt-5-mini","messages":[]}', headers: { authorization: `Bearer ${issued.key}`, 'content-type': 'application/json' } }).then((r) => r.text());
+    await fetch(`${issued.baseUrl}/chat/completions`, {
+      method: 'POST',
+      body: '{"model":"gpt-5-mini","messages":[]}',
+      headers: { authorization: `Bearer ${issued.key}`, 'content-type': 'application/json' },
+    }).then((r) => r.text());
     const sent = JSON.parse(openai.received.at(-1)!.body) as { max_completion_tokens?: number };
     // GPT-5 mini's tokenizer is public: the input is held at its exact count.
     const input = openAIChatInputTokens({ model: 'gpt-5-mini', messages: [] });
@@ -163,14 +204,21 @@ describe('limits that cannot be overrun', () => {
   it('lowers a cap larger than what is left (Claude Code asks for 64,000)', async () => {
     const issued = await till.issue({ target: 'anthropic', maxTokens: 1000 });
     const client = new Anthropic({ apiKey: issued.key, baseURL: issued.baseUrl, maxRetries: 0 });
-    await client.messages.stream({ model: 'claude-sonnet-5', max_tokens: 64_000, messages: [{ role: 'user', content: 'hi' }] }).finalMessage();
+    await client.messages
+      .stream({ model: 'claude-sonnet-5', max_tokens: 64_000, messages: [{ role: 'user', content: 'hi' }] })
+      .finalMessage();
     const sent = JSON.parse(anthropic.received.at(-1)!.body) as { max_tokens: number };
     expect(sent.max_tokens).toBeLessThan(1000);
   });
 
   it('refuses once spent, saying which limit, how much is used and how much is reserved', async () => {
     const issued = await till.issue({ target: 'openai', maxTokens: 400 });
-    const call = () => fetch(`${issued.baseUrl}/chat/completions`, { method: 'POST', body: '{"model":"gpt-5-mini","max_tokens":5,"messages":[]}', headers: { authorization: `Bearer ${issued.key}`, 'content-type': 'application/json' } });
+    const call = () =>
+      fetch(`${issued.baseUrl}/chat/completions`, {
+        method: 'POST',
+        body: '{"model":"gpt-5-mini","max_tokens":5,"messages":[]}',
+        headers: { authorization: `Bearer ${issued.key}`, 'content-type': 'application/json' },
+      });
     let last: Response | undefined;
     for (let i = 0; i < 100; i++) {
       last = await call();
@@ -179,21 +227,31 @@ describe('limits that cannot be overrun', () => {
     }
     expect(last!.status).toBe(429);
     const body = (await last!.json()) as { error: { message: string } };
-    expect(body.error.message).toMatch(/till key out of tokens: \d+ of 400 tokens used, 0 held by requests in flight, \d+ left; this request needs at least \d+ tokens \(input up to \d+ tokens, bound by .+\)/);
+    expect(body.error.message).toMatch(
+      /till key out of tokens: \d+ of 400 tokens used, 0 held by requests in flight, \d+ left; this request needs at least \d+ tokens \(input up to \d+ tokens, bound by .+\)/,
+    );
     expect(key(issued.id).used.tokens!).toBeGreaterThan(0);
     expect(key(issued.id).used.tokens!).toBeLessThanOrEqual(400);
   });
 
   it('a spend-limited key refuses a model without a price instead of guessing', async () => {
     const issued = await till.issue({ target: 'openai', maxSpend: 5 });
-    const res = await fetch(`${issued.baseUrl}/chat/completions`, { method: 'POST', body: '{"model":"no-such-model-x","messages":[]}', headers: { authorization: `Bearer ${issued.key}`, 'content-type': 'application/json' } });
+    const res = await fetch(`${issued.baseUrl}/chat/completions`, {
+      method: 'POST',
+      body: '{"model":"no-such-model-x","messages":[]}',
+      headers: { authorization: `Bearer ${issued.key}`, 'content-type': 'application/json' },
+    });
     expect(res.status).toBe(403);
     expect(((await res.json()) as { error: { message: string } }).error.message).toMatch(/no-such-model-x has no price/);
   });
 
   it('an unpriced model still has its tokens counted on a key without a spend limit; spend stays unknown', async () => {
     const issued = await till.issue({ target: 'openai' });
-    await fetch(`${issued.baseUrl}/chat/completions`, { method: 'POST', body: '{"model":"no-such-model-y","messages":[]}', headers: { authorization: `Bearer ${issued.key}`, 'content-type': 'application/json' } }).then((r) => r.text());
+    await fetch(`${issued.baseUrl}/chat/completions`, {
+      method: 'POST',
+      body: '{"model":"no-such-model-y","messages":[]}',
+      headers: { authorization: `Bearer ${issued.key}`, 'content-type': 'application/json' },
+    }).then((r) => r.text());
     const k = key(issued.id);
     expect(k.tokens.output).toBe(5);
     expect(k.used.spend ?? 0).toBe(0);
@@ -203,12 +261,18 @@ describe('limits that cannot be overrun', () => {
   it('warns at 50 % and 80 %, and says which limit ran out at 100 %', async () => {
     const issued = await till.issue({ target: 'openai', maxTokens: 1000 });
     for (let i = 0; i < 100; i++) {
-      const r = await fetch(`${issued.baseUrl}/chat/completions`, { method: 'POST', body: '{"model":"gpt-5-mini","max_tokens":5,"messages":[]}', headers: { authorization: `Bearer ${issued.key}`, 'content-type': 'application/json' } });
+      const r = await fetch(`${issued.baseUrl}/chat/completions`, {
+        method: 'POST',
+        body: '{"model":"gpt-5-mini","max_tokens":5,"messages":[]}',
+        headers: { authorization: `Bearer ${issued.key}`, 'content-type': 'application/json' },
+      });
       await r.text();
       if (r.status !== 200) break;
     }
     const mine = events.filter((e) => 'key' in e && e.key.id === issued.id);
-    const near = mine.filter((e): e is Extract<TillEvent, { type: 'limit.near' }> => e.type === 'limit.near').map((e) => `${e.meter}:${e.percent}`);
+    const near = mine
+      .filter((e): e is Extract<TillEvent, { type: 'limit.near' }> => e.type === 'limit.near')
+      .map((e) => `${e.meter}:${e.percent}`);
     expect(near).toEqual(['tokens:50', 'tokens:80']);
     const extended = till.keys.extend(issued.id, { maxTokens: 1000 });
     expect(extended.policy.maxTokens).toBe(2000);
@@ -225,7 +289,12 @@ describe('interrupted streams', () => {
     try {
       const issued = await t.issue({ target: 'openai', maxSpend: 10 });
       const client = new OpenAI({ apiKey: issued.key, baseURL: issued.baseUrl, maxRetries: 0 });
-      const stream = await client.chat.completions.create({ model: 'pricey-1', max_tokens: 300, messages: [{ role: 'user', content: 'long' }], stream: true });
+      const stream = await client.chat.completions.create({
+        model: 'pricey-1',
+        max_tokens: 300,
+        messages: [{ role: 'user', content: 'long' }],
+        stream: true,
+      });
       let n = 0;
       await (async () => {
         for await (const _ of stream) if (++n === 3) t.keys.revoke(issued.id);
@@ -236,7 +305,9 @@ describe('interrupted streams', () => {
       expect(k.used.spend!).toBeGreaterThan(0);
       // Far less than the 300-token ceiling: what was streamed, plus what the upstream may still
       // generate before it notices the cut. Never less than the upstream bills.
-      expect(k.used.spend!).toBeLessThan(priceyMicros(openAIChatInputTokens(JSON.parse(slow.received[0]!.body) as Record<string, unknown>), 300));
+      expect(k.used.spend!).toBeLessThan(
+        priceyMicros(openAIChatInputTokens(JSON.parse(slow.received[0]!.body) as Record<string, unknown>), 300),
+      );
       expect(k.estimatedSpend).toBe(k.used.spend);
       expect(k.reserved.spend ?? 0).toBe(0);
       await expect.poll(() => slow.abortedStreams()).toBe(1);

@@ -13,7 +13,17 @@ import type { KeySummary, TillEvent } from '../src/core/events';
 import type { IssuedKey } from '../src/core/runtime/service';
 import { tillPaths } from '../src/core/runtime/home';
 import { KeychainVault, VaultError } from '../src/core/credentials/vault';
-import { fakeCredential, logFile, runTill, spawnServe, tempHome, TILL_JS, type RunResult, type ServeProcess, expectOneLineError } from './support/till';
+import {
+  fakeCredential,
+  logFile,
+  runTill,
+  spawnServe,
+  tempHome,
+  TILL_JS,
+  type RunResult,
+  type ServeProcess,
+  expectOneLineError,
+} from './support/till';
 import { fakeAnswer, startOpenAIUpstream, type Upstream } from './support/upstreams';
 import { filesUnder } from './support/files';
 import { waitFor } from './support/wait';
@@ -21,11 +31,9 @@ import { waitFor } from './support/wait';
 /** What `till issue --json` prints. */
 type IssuedJson = IssuedKey;
 
-
 function expectOk(r: RunResult): void {
   expect(r.code, `stdout: ${r.stdout}\nstderr: ${r.stderr}`).toBe(0);
 }
-
 
 async function issueJson(home: string, args: string[]): Promise<IssuedJson> {
   const r = await runTill(['issue', ...args, '--json'], { home });
@@ -48,7 +56,11 @@ async function keyById(home: string, id: string): Promise<KeySummary> {
 }
 
 /** A chat completion with plain fetch, so a refusal is not retried and its body can be read. */
-async function chat(baseUrl: string, key: string, model = 'gpt-4o-mini'): Promise<{ status: number; body: { error?: { message?: string; code?: string } } & Record<string, unknown> }> {
+async function chat(
+  baseUrl: string,
+  key: string,
+  model = 'gpt-4o-mini',
+): Promise<{ status: number; body: { error?: { message?: string; code?: string } } & Record<string, unknown> }> {
   const res = await fetch(`${baseUrl}/chat/completions`, {
     method: 'POST',
     headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
@@ -58,9 +70,15 @@ async function chat(baseUrl: string, key: string, model = 'gpt-4o-mini'): Promis
 }
 
 /** A long-running `till` child process (watch), its output kept in a scanned log. */
-function spawnTill(args: string[], home: string): { child: ChildProcess; stdout: () => string; stderr: () => string; exited: Promise<number | null> } {
+function spawnTill(
+  args: string[],
+  home: string,
+): { child: ChildProcess; stdout: () => string; stderr: () => string; exited: Promise<number | null> } {
   const log = logFile('till-child');
-  const child = spawn(process.execPath, [TILL_JS, ...args], { env: { ...process.env, TILL_HOME: home }, stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, [TILL_JS, ...args], {
+    env: { ...process.env, TILL_HOME: home },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
   let stdout = '';
   let stderr = '';
   child.stdout.on('data', (c: Buffer) => {
@@ -94,17 +112,40 @@ describe('help and usage (no broker needed)', () => {
     [['--help'], [/Usage: till <command>/]],
     [['-h'], [/Usage: till <command>/]],
     [['help'], [/Usage: till <command>/]],
-    [['serve', '--help'], [/Usage: till serve/, /--port/]],
-    [['credential', '--help'], [/till credential add <provider>/, /stdin/, /credential ls/, /credential rm/]],
+    [
+      ['serve', '--help'],
+      [/Usage: till serve/, /--port/],
+    ],
+    [
+      ['credential', '--help'],
+      [/till credential add <provider>/, /stdin/, /credential ls/, /credential rm/],
+    ],
     [['credential', 'add', '--help'], [/till credential add <provider> \[--name NAME\]/]],
     [['credential', 'ls', '--help'], [/till credential ls/]],
     [['credential', 'rm', '--help'], [/till credential rm <name>/]],
-    [['issue', '--help'], [/Usage: till issue <provider\|credential>/, /--uses/, /--ttl/, /--rpm/, /--concurrency/, /--models/, /--methods/, /--paths/, /--label/, /--json/]],
+    [
+      ['issue', '--help'],
+      [
+        /Usage: till issue <provider\|credential>/,
+        /--uses/,
+        /--ttl/,
+        /--rpm/,
+        /--concurrency/,
+        /--models/,
+        /--methods/,
+        /--paths/,
+        /--label/,
+        /--json/,
+      ],
+    ],
     [['ls', '--help'], [/Usage: till ls \[--json\]/]],
     [['revoke', '--help'], [/Usage: till revoke <id> \| --all/]],
     [['watch', '--help'], [/Usage: till watch \[--json\]/]],
     [['watch', '-h'], [/Usage: till watch/]],
-    [['exec', '--help'], [/Usage: till exec/, /-- <command…>/, /--uses/, /--ttl/]],
+    [
+      ['exec', '--help'],
+      [/Usage: till exec/, /-- <command…>/, /--uses/, /--ttl/],
+    ],
   ];
   it.each(helps)('till %j prints its help and exits 0', async (args, patterns) => {
     const r = await runTill(args, { home });
@@ -160,7 +201,17 @@ describe('help and usage (no broker needed)', () => {
 
 describe('without a broker', () => {
   const home = tempHome();
-  const cases: string[][] = [['issue', 'openai'], ['issue', 'openai', '--json'], ['ls'], ['ls', '--json'], ['revoke', '--all'], ['revoke', 'k_abc'], ['watch'], ['watch', '--json'], ['exec', 'openai', '--', process.execPath, '-e', '']];
+  const cases: string[][] = [
+    ['issue', 'openai'],
+    ['issue', 'openai', '--json'],
+    ['ls'],
+    ['ls', '--json'],
+    ['revoke', '--all'],
+    ['revoke', 'k_abc'],
+    ['watch'],
+    ['watch', '--json'],
+    ['exec', 'openai', '--', process.execPath, '-e', ''],
+  ];
   it.each(cases.map((c) => [c] as [string[]]))('till %j says no broker is running', async (args) => {
     const r = await runTill(args, { home });
     expectOneLineError(r, 1, /no Till broker is running for .*till serve/);
@@ -273,14 +324,39 @@ describe('the contract against a running broker', () => {
 
   it('issue --json has the documented shape and its env works with the official openai SDK', async () => {
     const before = Date.now();
-    const k = await issueJson(home, ['openai', '--uses', '3', '--ttl', '30m', '--rpm', '100', '--concurrency', '2', '--models', 'gpt-4o-mini,gpt-4.1', '--methods', 'GET,POST', '--paths', '/v1/chat/*,/v1/models', '--label', 'sdk test']);
+    const k = await issueJson(home, [
+      'openai',
+      '--uses',
+      '3',
+      '--ttl',
+      '30m',
+      '--rpm',
+      '100',
+      '--concurrency',
+      '2',
+      '--models',
+      'gpt-4o-mini,gpt-4.1',
+      '--methods',
+      'GET,POST',
+      '--paths',
+      '/v1/chat/*,/v1/models',
+      '--label',
+      'sdk test',
+    ]);
     expect(Object.keys(k)).toEqual(expect.arrayContaining(['id', 'key', 'provider', 'baseUrl', 'env', 'policy']));
     expect(k.key).toMatch(/^till_/);
     expect(k.provider).toBe('openai');
     expect(k.label).toBe('sdk test');
     expect(k.baseUrl).toBe(`${serve.url}/openai/v1`);
     expect(k.env).toMatchObject({ OPENAI_API_KEY: k.key, OPENAI_BASE_URL: k.baseUrl });
-    expect(k.policy).toMatchObject({ maxActivations: 3, rpm: 100, concurrency: 2, models: ['gpt-4o-mini', 'gpt-4.1'], methods: ['GET', 'POST'], paths: ['/v1/chat/*', '/v1/models'] });
+    expect(k.policy).toMatchObject({
+      maxActivations: 3,
+      rpm: 100,
+      concurrency: 2,
+      models: ['gpt-4o-mini', 'gpt-4.1'],
+      methods: ['GET', 'POST'],
+      paths: ['/v1/chat/*', '/v1/models'],
+    });
     const expiresAt = k.policy.expiresAt as number;
     expect(expiresAt).toBeGreaterThanOrEqual(before + 30 * 60_000 - 1000);
     expect(expiresAt).toBeLessThanOrEqual(Date.now() + 30 * 60_000 + 1000);
@@ -302,7 +378,9 @@ describe('the contract against a running broker', () => {
 
     // Out of scope: refused by the broker, never sent upstream.
     const count = up.received.length;
-    await expect(client.chat.completions.create({ model: 'gpt-5', messages: [{ role: 'user', content: 'hi' }] })).rejects.toMatchObject({ status: 403 });
+    await expect(client.chat.completions.create({ model: 'gpt-5', messages: [{ role: 'user', content: 'hi' }] })).rejects.toMatchObject({
+      status: 403,
+    });
     await expect(client.embeddings.create({ model: 'gpt-4o-mini', input: 'x' })).rejects.toMatchObject({ status: 403 });
     expect(up.received).toHaveLength(count);
 
@@ -317,7 +395,14 @@ describe('the contract against a running broker', () => {
   it('ls --json reports used, remaining and state as calls are spent', async () => {
     const k = await issueJson(home, ['openai', '--uses', '2', '--label', 'counted']);
     let s = await keyById(home, k.id);
-    expect(s).toMatchObject({ state: 'active', label: 'counted', provider: 'openai', credential: 'openai', used: { activations: 0 }, remaining: { activations: 2 } });
+    expect(s).toMatchObject({
+      state: 'active',
+      label: 'counted',
+      provider: 'openai',
+      credential: 'openai',
+      used: { activations: 0 },
+      remaining: { activations: 2 },
+    });
     expect(JSON.stringify(s)).not.toContain(k.key);
 
     expect((await chat(k.baseUrl, k.key)).status).toBe(200);
@@ -381,19 +466,28 @@ describe('the contract against a running broker', () => {
       const k = await issueJson(home, ['openai', '--label', 'watched']);
       expect((await chat(k.baseUrl, k.key)).status).toBe(200);
       expectOk(await runTill(['revoke', k.id], { home }));
-      await until('the revoked event', () => json.stdout().includes('"key.revoked"') && json.stdout().includes(k.id) && plain.stdout().includes(`key revoked: ${k.id}`));
+      await until(
+        'the revoked event',
+        () => json.stdout().includes('"key.revoked"') && json.stdout().includes(k.id) && plain.stdout().includes(`key revoked: ${k.id}`),
+      );
 
       json.child.kill('SIGINT');
       plain.child.kill('SIGINT');
       expect(await json.exited).toBe(0);
       expect(await plain.exited).toBe(0);
 
-      const lines = json.stdout().split('\n').filter((l) => l !== '');
+      const lines = json
+        .stdout()
+        .split('\n')
+        .filter((l) => l !== '');
       const events = lines.map((l) => JSON.parse(l) as TillEvent);
       const mine = events.filter((e) => ('key' in e && e.key.id === k.id) || ('request' in e && e.request.keyId === k.id));
       expect(mine.map((e) => e.type)).toEqual(['key.issued', 'request.started', 'request.finished', 'key.revoked']);
       const finished = mine.find((e) => e.type === 'request.finished');
-      expect(finished).toMatchObject({ request: { method: 'POST', path: '/v1/chat/completions', provider: 'openai', model: 'gpt-4o-mini', label: 'watched' }, status: 200 });
+      expect(finished).toMatchObject({
+        request: { method: 'POST', path: '/v1/chat/completions', provider: 'openai', model: 'gpt-4o-mini', label: 'watched' },
+        status: 200,
+      });
       expect(mine.find((e) => e.type === 'key.revoked')).toMatchObject({ key: { state: 'revoked', used: { activations: 1 } } });
       for (const e of events) expect(typeof e.at).toBe('number');
       // Events carry ids, labels and numbers; never a key or a credential.
@@ -401,7 +495,9 @@ describe('the contract against a running broker', () => {
       expect(json.stdout()).not.toContain(secret);
 
       expect(plain.stdout()).toMatch(new RegExp(`key issued: ${k.id} "watched"`));
-      expect(plain.stdout()).toMatch(new RegExp(`200 POST /openai/v1/chat/completions gpt-4o-mini \\d+(\\.\\d+)?ms \\d+\\+\\d+ tok.* key ${k.id} "watched"`));
+      expect(plain.stdout()).toMatch(
+        new RegExp(`200 POST /openai/v1/chat/completions gpt-4o-mini \\d+(\\.\\d+)?ms \\d+\\+\\d+ tok.* key ${k.id} "watched"`),
+      );
       expect(plain.stderr() + json.stderr()).toBe('');
     } finally {
       json.child.kill('SIGKILL');
@@ -420,7 +516,10 @@ describe('the contract against a running broker', () => {
       console.log(JSON.stringify({ status: r.status, key: process.env.OPENAI_API_KEY, base: process.env.OPENAI_BASE_URL, text: body.choices?.[0]?.message?.content, tracing: process.env.OPENAI_AGENTS_DISABLE_TRACING }));
       process.exit(7);`;
     const seen = up.received.length;
-    const r = await runTill(['exec', 'openai', '--uses', '5', '--label', 'exec test', '--', process.execPath, '--input-type=module', '-e', script], { home });
+    const r = await runTill(
+      ['exec', 'openai', '--uses', '5', '--label', 'exec test', '--', process.execPath, '--input-type=module', '-e', script],
+      { home },
+    );
     expect(r.code, r.stderr).toBe(7);
     const result = JSON.parse(r.stdout.trim()) as { status: number; key: string; base: string; text: string; tracing: string };
     // OpenAI Agents SDK traces (prompts included) would go to api.openai.com around the broker.
@@ -441,7 +540,9 @@ describe('the contract against a running broker', () => {
     expectOk(ok);
     expect(ok.stdout.trim()).toMatch(/^till_/);
 
-    const killed = await runTill(['exec', '--label', 'signalled', '--', process.execPath, '-e', "process.kill(process.pid, 'SIGTERM')"], { home });
+    const killed = await runTill(['exec', '--label', 'signalled', '--', process.execPath, '-e', "process.kill(process.pid, 'SIGTERM')"], {
+      home,
+    });
     expect(killed.code).toBe(128 + 15);
 
     const missing = await runTill(['exec', '--label', 'no such command', '--', 'till-test-no-such-command'], { home });
@@ -465,7 +566,9 @@ describe('the contract against a running broker', () => {
     expectOk(rm);
     expect(rm.stdout).toMatch(/removed credential "openai"/);
     expect(JSON.parse((await runTill(['credential', 'ls', '--json'], { home })).stdout)).toEqual([]);
-    await expect(new KeychainVault({ service: tillPaths(home).keychainService }).get('openai')).rejects.toSatisfy((e) => e instanceof VaultError && e.kind === 'missing');
+    await expect(new KeychainVault({ service: tillPaths(home).keychainService }).get('openai')).rejects.toSatisfy(
+      (e) => e instanceof VaultError && e.kind === 'missing',
+    );
 
     const count = up.received.length;
     const refused = await chat(k.baseUrl, k.key);
@@ -474,7 +577,11 @@ describe('the contract against a running broker', () => {
     expect(refused.body.error?.code).toBe('till_credential_unavailable');
     expect(up.received).toHaveLength(count);
 
-    expectOneLineError(await runTill(['issue', 'openai'], { home }), 1, /no credential for openai: add one with `till credential add openai`/);
+    expectOneLineError(
+      await runTill(['issue', 'openai'], { home }),
+      1,
+      /no credential for openai: add one with `till credential add openai`/,
+    );
     expectOneLineError(await runTill(['credential', 'rm', 'openai'], { home }), 1, /no credential named "openai"/);
 
     // Adding it again (here under another name) brings the key's provider back to life for new keys.

@@ -28,16 +28,27 @@ afterAll(async () => {
 });
 
 const chat = (k: IssuedKey) =>
-  fetch(`${k.baseUrl}/chat/completions`, { method: 'POST', body: '{"model":"gpt-5-mini","max_tokens":5,"messages":[]}', headers: { authorization: `Bearer ${k.key}`, 'content-type': 'application/json' } }).then(async (r) => ({ status: r.status, text: await r.text() }));
+  fetch(`${k.baseUrl}/chat/completions`, {
+    method: 'POST',
+    body: '{"model":"gpt-5-mini","max_tokens":5,"messages":[]}',
+    headers: { authorization: `Bearer ${k.key}`, 'content-type': 'application/json' },
+  }).then(async (r) => ({ status: r.status, text: await r.text() }));
 
 describe('budgets from the till command', () => {
   it('issue --max-tokens --max-spend; ls --json shows tokens, spend and reservations; watch --json carries usage', async () => {
-    const watcher = spawn(process.execPath, [TILL_JS, 'watch', '--json'], { env: { ...process.env, TILL_HOME: home }, stdio: ['ignore', 'pipe', 'pipe'] });
+    const watcher = spawn(process.execPath, [TILL_JS, 'watch', '--json'], {
+      env: { ...process.env, TILL_HOME: home },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     let lines = '';
     watcher.stdout.on('data', (c) => (lines += c));
     try {
       // till watch prints what happens once it is attached: wait until it prints a key being issued.
-      await expect.poll(async () => (await runTill(['issue', 'openai', '--label', 'watch probe'], { home })) && lines.includes('"watch probe"'), { timeout: 10_000 }).toBe(true);
+      await expect
+        .poll(async () => (await runTill(['issue', 'openai', '--label', 'watch probe'], { home })) && lines.includes('"watch probe"'), {
+          timeout: 10_000,
+        })
+        .toBe(true);
       const r = await runTill(['issue', 'openai', '--max-tokens', '5000', '--max-spend', '1.50', '--json'], { home });
       expect(r.code).toBe(0);
       const issued = JSON.parse(r.stdout) as IssuedKey;
@@ -53,7 +64,11 @@ describe('budgets from the till command', () => {
       expect(k.spend).toMatchObject({ estimatedUsd: 0, reservedUsd: 0, limitUsd: 1.5 });
       expect(k.spend.usd).toBeCloseTo(k.used.spend! / 1e6, 9);
       await expect.poll(() => lines.includes('"request.finished"')).toBe(true);
-      const finished = lines.trim().split('\n').map((l) => JSON.parse(l) as TillEvent).find((e) => e.type === 'request.finished');
+      const finished = lines
+        .trim()
+        .split('\n')
+        .map((l) => JSON.parse(l) as TillEvent)
+        .find((e) => e.type === 'request.finished');
       expect(finished).toMatchObject({ usage: { tokens: { output: 5 }, estimated: false } });
       const human = (await runTill(['ls'], { home })).stdout;
       expect(human).toMatch(/TOKENS \/ SPEND/);
@@ -65,7 +80,11 @@ describe('budgets from the till command', () => {
 
   it('shows the spend of a model without a price as unknown, its tokens counted', async () => {
     const issued = JSON.parse((await runTill(['issue', 'openai', '--max-tokens', '5000', '--json'], { home })).stdout) as IssuedKey;
-    const unpriced = await fetch(`${issued.baseUrl}/chat/completions`, { method: 'POST', body: '{"model":"no-such-model-z","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}', headers: { authorization: `Bearer ${issued.key}`, 'content-type': 'application/json' } });
+    const unpriced = await fetch(`${issued.baseUrl}/chat/completions`, {
+      method: 'POST',
+      body: '{"model":"no-such-model-z","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}',
+      headers: { authorization: `Bearer ${issued.key}`, 'content-type': 'application/json' },
+    });
     expect(unpriced.status).toBe(200);
     await unpriced.text();
     const k = (JSON.parse((await runTill(['ls', '--json'], { home })).stdout) as KeySummary[]).find((x) => x.id === issued.id)!;

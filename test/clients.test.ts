@@ -14,7 +14,11 @@ import { startAnthropicUpstream, startGeminiUpstream, startOpenAIUpstream, type 
 import { waitFor } from './support/wait';
 import { destinations, isLoopback } from './agents/support/agentRun';
 
-const creds = { openai: fakeCredential('clients-openai'), anthropic: fakeCredential('clients-anthropic'), gemini: fakeCredential('clients-gemini') };
+const creds = {
+  openai: fakeCredential('clients-openai'),
+  anthropic: fakeCredential('clients-anthropic'),
+  gemini: fakeCredential('clients-gemini'),
+};
 const ups: Record<keyof typeof creds, Upstream> = {} as never;
 let home: string;
 let serve: ServeProcess;
@@ -26,7 +30,9 @@ beforeAll(async () => {
   ups.gemini = await startGeminiUpstream({ credential: creds.gemini, streamChunks: 400, streamDelayMs: 10 });
   home = tempHome();
   for (const p of ['openai', 'anthropic', 'gemini'] as const) await addCredential(home, p, p, creds[p]);
-  serve = await spawnServe(home, { env: { TILL_UPSTREAM_OPENAI: `${ups.openai.url}/v1`, TILL_UPSTREAM_ANTHROPIC: ups.anthropic.url, TILL_UPSTREAM_GEMINI: ups.gemini.url } });
+  serve = await spawnServe(home, {
+    env: { TILL_UPSTREAM_OPENAI: `${ups.openai.url}/v1`, TILL_UPSTREAM_ANTHROPIC: ups.anthropic.url, TILL_UPSTREAM_GEMINI: ups.gemini.url },
+  });
 });
 afterAll(async () => {
   await serve?.stop();
@@ -36,8 +42,19 @@ afterAll(async () => {
 const SCRIPTS = join(__dirname, 'clients');
 
 /** Runs `node <script> <args>` under `till exec <provider>`; resolves with its JSON lines once it exits. */
-function execClient(provider: string, label: string, script: string, args: string[], onLine?: (line: Record<string, unknown>) => void, wrapper: string[] = []): Promise<{ code: number | null; lines: Record<string, unknown>[]; stderr: string }> {
-  const child = spawn(process.execPath, [TILL_JS, 'exec', provider, '--label', label, '--', ...wrapper, process.execPath, join(SCRIPTS, script), ...args], { cwd: join(__dirname, '..'), env: { ...process.env, TILL_HOME: home }, stdio: ['ignore', 'pipe', 'pipe'] });
+function execClient(
+  provider: string,
+  label: string,
+  script: string,
+  args: string[],
+  onLine?: (line: Record<string, unknown>) => void,
+  wrapper: string[] = [],
+): Promise<{ code: number | null; lines: Record<string, unknown>[]; stderr: string }> {
+  const child = spawn(
+    process.execPath,
+    [TILL_JS, 'exec', provider, '--label', label, '--', ...wrapper, process.execPath, join(SCRIPTS, script), ...args],
+    { cwd: join(__dirname, '..'), env: { ...process.env, TILL_HOME: home }, stdio: ['ignore', 'pipe', 'pipe'] },
+  );
   const lines: Record<string, unknown>[] = [];
   let out = '';
   let stderr = '';
@@ -152,7 +169,18 @@ describe('the OpenAI Agents SDK, by environment variables only', () => {
     // (Without Till's switch this run looks api.openai.com up: checked when the test was written.)
     const dir = mkdtempSync(join(tmpdir(), 'till-agents-trace-'));
     const trace = join(dir, 'network.txt');
-    const r = await execClient('openai', 'openai-agents traced', 'openai-agents.mjs', ['text'], undefined, ['env', '-u', 'NODE_ENV', 'strace', '-f', '-qq', '-e', 'trace=connect,sendto,sendmsg,sendmmsg', '-o', trace]);
+    const r = await execClient('openai', 'openai-agents traced', 'openai-agents.mjs', ['text'], undefined, [
+      'env',
+      '-u',
+      'NODE_ENV',
+      'strace',
+      '-f',
+      '-qq',
+      '-e',
+      'trace=connect,sendto,sendmsg,sendmmsg',
+      '-o',
+      trace,
+    ]);
     expect(r.code, r.stderr).toBe(0);
     const tried = destinations(readFileSync(trace, 'utf8'));
     expect(tried.length).toBeGreaterThan(0);

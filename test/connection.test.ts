@@ -19,11 +19,21 @@ afterAll(() => up?.close());
 
 function connection(home: string): TillConnection {
   const log = logFile('connection');
-  return new TillConnection({ home, port: 0, env: { TILL_UPSTREAM_OPENAI: `${up.url}/v1` }, log: (l) => appendFileSync(log, l + '\n'), retryMs: 50 });
+  return new TillConnection({
+    home,
+    port: 0,
+    env: { TILL_UPSTREAM_OPENAI: `${up.url}/v1` },
+    log: (l) => appendFileSync(log, l + '\n'),
+    retryMs: 50,
+  });
 }
 
 async function call(baseUrl: string, key: string): Promise<number> {
-  const res = await fetch(`${baseUrl}/chat/completions`, { method: 'POST', body: '{"model":"gpt-4o-mini","messages":[]}', headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' } });
+  const res = await fetch(`${baseUrl}/chat/completions`, {
+    method: 'POST',
+    body: '{"model":"gpt-4o-mini","messages":[]}',
+    headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+  });
   await res.text();
   return res.status;
 }

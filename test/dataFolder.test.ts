@@ -4,7 +4,19 @@
  * "Another user" is uid 65534 (nobody) when the suite runs as root, as CI does; otherwise the
  * folder is one this user made open to everyone, which Till must refuse just the same.
  */
-import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import {
+  chmodSync,
+  chownSync,
+  existsSync,
+  lstatSync,
+  mkdirSync,
+  mkdtempSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  writeFileSync,
+} from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -151,7 +163,7 @@ describe('posing as the broker', () => {
   }
   const uid = process.getuid?.() ?? 0;
 
-  it('puts a socket that cannot live in the data folder in a folder of the user\'s alone', async () => {
+  it("puts a socket that cannot live in the data folder in a folder of the user's alone", async () => {
     // Attack: the old fallback `/tmp/till-<uid>-<hash>.sock` is a name anyone can compute in a
     // folder anyone can write; another user binds it first.
     const home = longHome();
@@ -187,7 +199,11 @@ describe('posing as the broker', () => {
     mkdirSync(folder);
     giveAway(folder, 0o777);
     const r = await runTill(['serve', '--port', '0'], { home, env: { TMPDIR: tmp, XDG_RUNTIME_DIR: '' } });
-    expectOneLineError(r, 1, /Till will not use the control socket folder .*till-\d+: it (belongs to another user|is writable by every user)/);
+    expectOneLineError(
+      r,
+      1,
+      /Till will not use the control socket folder .*till-\d+: it (belongs to another user|is writable by every user)/,
+    );
   });
 
   it('sends the control token to no socket it does not own', async () => {
@@ -208,7 +224,11 @@ describe('posing as the broker', () => {
     }
     try {
       const r = await runTill(['issue', 'openai'], { home });
-      expectOneLineError(r, 1, /Till will not talk to .*control\.sock: it is (a socket of another user \(uid 65534\)|not a socket), so it may be posing as your broker/);
+      expectOneLineError(
+        r,
+        1,
+        /Till will not talk to .*control\.sock: it is (a socket of another user \(uid 65534\)|not a socket), so it may be posing as your broker/,
+      );
       expect(received.join('')).toBe('');
     } finally {
       await new Promise<void>((r) => (fake ? fake.close(() => r()) : r()));

@@ -30,8 +30,17 @@ const REQUEST_TIMEOUT_MS = 20_000;
  * POSTs a chat completion with a till key. Never rejects: a refused connection or a response
  * cut short is an outcome too. `tag` goes into the prompt so the upstream's log can be split by key.
  */
-function chat(baseUrl: string, key: string, tag: string, options: { agent?: http.Agent; stream?: boolean; onFirstByte?: () => void } = {}): Promise<Outcome> {
-  const body = JSON.stringify({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: tag }], ...(options.stream ? { stream: true } : {}) });
+function chat(
+  baseUrl: string,
+  key: string,
+  tag: string,
+  options: { agent?: http.Agent; stream?: boolean; onFirstByte?: () => void } = {},
+): Promise<Outcome> {
+  const body = JSON.stringify({
+    model: 'gpt-4o-mini',
+    messages: [{ role: 'user', content: tag }],
+    ...(options.stream ? { stream: true } : {}),
+  });
   const url = new URL(`${baseUrl}/openai/v1/chat/completions`);
   return new Promise((resolve) => {
     let settled = false;
@@ -63,10 +72,19 @@ function chat(baseUrl: string, key: string, tag: string, options: { agent?: http
           options.onFirstByte?.();
         }
       });
-      res.on('end', () => done({ status: res.statusCode ?? 0, body: text, complete: res.complete, denial: res.headers['x-till-denial'] as string | undefined }));
+      res.on('end', () =>
+        done({
+          status: res.statusCode ?? 0,
+          body: text,
+          complete: res.complete,
+          denial: res.headers['x-till-denial'] as string | undefined,
+        }),
+      );
       res.on('error', (err) => done({ status: res.statusCode ?? 0, body: text, complete: false, error: err.message }));
       res.on('aborted', () => done({ status: res.statusCode ?? 0, body: text, complete: false, error: 'aborted' }));
-      res.on('close', () => done({ status: res.statusCode ?? 0, body: text, complete: res.complete, error: res.complete ? undefined : 'closed' }));
+      res.on('close', () =>
+        done({ status: res.statusCode ?? 0, body: text, complete: res.complete, error: res.complete ? undefined : 'closed' }),
+      );
     });
     req.on('error', (err) => done({ status: 0, body: '', complete: false, error: err.message }));
     req.end(body);
@@ -300,7 +318,9 @@ describe('kill -9', () => {
     expect(second.url).toBe(first.url);
     const afterRestart = await keyFromCli(home, issued.id);
     const used = afterRestart.used.activations ?? 0;
-    console.info(`kill -9 at ${reachedBefore} upstream calls: ${ackedBefore} acknowledged, ${okBefore} with a 200 head, ${cut} cut, ${used} counted after restart`);
+    console.info(
+      `kill -9 at ${reachedBefore} upstream calls: ${ackedBefore} acknowledged, ${okBefore} with a 200 head, ${cut} cut, ${used} counted after restart`,
+    );
     // Every request that got a 200 (whole or cut short) and every one the upstream saw is counted.
     expect(used).toBeGreaterThanOrEqual(ackedBefore);
     expect(used).toBeGreaterThanOrEqual(okBefore);
@@ -382,7 +402,7 @@ describe('kill -9', () => {
     const rest = await drain(second.url, issued.key, tag, 3);
     expect(count(rest, (o) => o.status === 200)).toBe(4);
     expect(reached(up, tag)).toBe(5);
-    expect(errorMessage((await chat(second.url, issued.key, tag)))).toBe('till: till key exhausted: 5 of 5 activations used');
+    expect(errorMessage(await chat(second.url, issued.key, tag))).toBe('till: till key exhausted: 5 of 5 activations used');
   }, 60_000);
 });
 
@@ -410,9 +430,23 @@ describe('restart after a graceful stop', () => {
     const second = await spawnServe(home, { env });
     cleanups.push(() => second.stop('SIGKILL'));
     const afterRestart = await listKeys(home);
-    const strip = (ks: KeySummary[]) => ks.map(({ id, label, state, used, remaining, policy, createdAt, revokedAt }) => ({ id, label, state, used, remaining, policy, createdAt, revokedAt }));
+    const strip = (ks: KeySummary[]) =>
+      ks.map(({ id, label, state, used, remaining, policy, createdAt, revokedAt }) => ({
+        id,
+        label,
+        state,
+        used,
+        remaining,
+        policy,
+        createdAt,
+        revokedAt,
+      }));
     expect(strip(afterRestart)).toEqual(strip(beforeStop));
-    expect(afterRestart.find((k) => k.id === a.id)).toMatchObject({ state: 'active', used: { activations: 3 }, remaining: { activations: 7 } });
+    expect(afterRestart.find((k) => k.id === a.id)).toMatchObject({
+      state: 'active',
+      used: { activations: 3 },
+      remaining: { activations: 7 },
+    });
     expect(afterRestart.find((k) => k.id === b.id)).toMatchObject({ state: 'revoked' });
     expect(afterRestart.find((k) => k.id === c.id)).toMatchObject({ state: 'active', used: { activations: 7 } });
 
@@ -440,7 +474,11 @@ describe('restart after a graceful stop', () => {
 
     const second = await startTill({ home, env });
     cleanups.push(() => second.close());
-    expect(second.keys.list().find((k) => k.id === issued.id)).toMatchObject({ state: 'active', used: { activations: 12 }, remaining: { activations: 8 } });
+    expect(second.keys.list().find((k) => k.id === issued.id)).toMatchObject({
+      state: 'active',
+      used: { activations: 12 },
+      remaining: { activations: 8 },
+    });
     const rest = await drain(second.url, issued.key, tag, 4);
     expect(count(rest, (o) => o.status === 200)).toBe(8);
     expect(reached(up, tag)).toBe(20);
@@ -463,12 +501,26 @@ describe('revocation of a request still arriving', () => {
     let send!: () => void;
     const result = new Promise<Outcome>((resolve, reject) => {
       const req = http.request(
-        { host: '127.0.0.1', port, path: '/openai/v1/chat/completions', method: 'POST', agent: false, headers: { authorization: `Bearer ${issued.key}`, 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) } },
+        {
+          host: '127.0.0.1',
+          port,
+          path: '/openai/v1/chat/completions',
+          method: 'POST',
+          agent: false,
+          headers: { authorization: `Bearer ${issued.key}`, 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) },
+        },
         (res) => {
           let text = '';
           res.setEncoding('utf8');
           res.on('data', (c: string) => (text += c));
-          res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text, complete: true, denial: res.headers['x-till-denial'] as string | undefined }));
+          res.on('end', () =>
+            resolve({
+              status: res.statusCode ?? 0,
+              body: text,
+              complete: true,
+              denial: res.headers['x-till-denial'] as string | undefined,
+            }),
+          );
         },
       );
       req.on('error', reject);

@@ -93,7 +93,10 @@ describe('till exec keys live as long as till exec', () => {
 
       exec.kill('SIGKILL');
       const killedAt = Date.now();
-      await waitFor('the key to be revoked', async () => (await broker.key(leased.id)).state === 'revoked', { timeoutMs: 3000, everyMs: 20 });
+      await waitFor('the key to be revoked', async () => (await broker.key(leased.id)).state === 'revoked', {
+        timeoutMs: 3000,
+        everyMs: 20,
+      });
       expect(Date.now() - killedAt).toBeLessThan(1000);
       expect(await chat(baseUrl, key)).toBe(401);
     } finally {
@@ -145,7 +148,7 @@ describe('till exec keys live as long as till exec', () => {
 });
 
 describe('what the command inherits', () => {
-  it('removes every provider\'s key and endpoint variables the shell had, and sets only Till\'s', async () => {
+  it("removes every provider's key and endpoint variables the shell had, and sets only Till's", async () => {
     // Attack: real keys already in the parent's environment (OPENAI_API_KEY=sk-… in a shell
     // profile) reached the command `till exec` ran, next to (or instead of) Till's.
     const broker = await newBroker();
@@ -161,12 +164,23 @@ describe('what the command inherits', () => {
         MISTRAL_API_KEY: fakeCredential('shell-mistral'),
         UNRELATED: 'kept',
       };
-      const r = await runTill(['exec', 'openai', '--', process.execPath, '-e', 'console.log(JSON.stringify(process.env))'], { home: broker.home, env: inherited });
+      const r = await runTill(['exec', 'openai', '--', process.execPath, '-e', 'console.log(JSON.stringify(process.env))'], {
+        home: broker.home,
+        env: inherited,
+      });
       expect(r.code, r.stderr).toBe(0);
       const seen = JSON.parse(r.stdout) as Record<string, string>;
       expect(seen.OPENAI_API_KEY).toMatch(/^till_/);
       expect(seen.OPENAI_BASE_URL).toBe(`${broker.url}/openai/v1`);
-      for (const name of ['ANTHROPIC_API_KEY', 'ANTHROPIC_AUTH_TOKEN', 'GEMINI_API_KEY', 'GOOGLE_GENERATIVE_AI_API_KEY', 'GITHUB_TOKEN', 'MISTRAL_API_KEY']) expect(seen[name], name).toBeUndefined();
+      for (const name of [
+        'ANTHROPIC_API_KEY',
+        'ANTHROPIC_AUTH_TOKEN',
+        'GEMINI_API_KEY',
+        'GOOGLE_GENERATIVE_AI_API_KEY',
+        'GITHUB_TOKEN',
+        'MISTRAL_API_KEY',
+      ])
+        expect(seen[name], name).toBeUndefined();
       expect(seen.UNRELATED).toBe('kept');
       expect(r.stdout).not.toContain('REALCRED');
     } finally {

@@ -25,7 +25,11 @@ import {
 } from './support/upstreams';
 import { waitFor } from './support/wait';
 
-const creds = { openai: fakeCredential('holds-openai'), anthropic: fakeCredential('holds-anthropic'), gemini: fakeCredential('holds-gemini') };
+const creds = {
+  openai: fakeCredential('holds-openai'),
+  anthropic: fakeCredential('holds-anthropic'),
+  gemini: fakeCredential('holds-gemini'),
+};
 /** Dear models, so that a few calls reach a small limit: USD per million tokens. */
 const PRICES = {
   models: {
@@ -44,7 +48,9 @@ async function serveWith(ups: { openai: Upstream; anthropic: Upstream; gemini: U
   const home = tempHome();
   for (const p of ['openai', 'anthropic', 'gemini'] as const) await addCredential(home, p, p, creds[p]);
   writeFileSync(join(home, 'prices.json'), JSON.stringify(PRICES));
-  return serveTill(home, { env: { TILL_UPSTREAM_OPENAI: `${ups.openai.url}/v1`, TILL_UPSTREAM_ANTHROPIC: ups.anthropic.url, TILL_UPSTREAM_GEMINI: ups.gemini.url } });
+  return serveTill(home, {
+    env: { TILL_UPSTREAM_OPENAI: `${ups.openai.url}/v1`, TILL_UPSTREAM_ANTHROPIC: ups.anthropic.url, TILL_UPSTREAM_GEMINI: ups.gemini.url },
+  });
 }
 
 beforeAll(async () => {
@@ -70,13 +76,25 @@ describe('parallel agents on a dollar key', () => {
     // Four subagents: a 48 KB cached system prompt, max_tokens 128,000 each (Claude Code's),
     // Opus 5.5. Held at their worst case, the first took the whole budget and two were refused.
     const k = await broker.issue({ target: 'anthropic', maxSpend: 5 });
-    const system = [{ type: 'text' as const, text: `You are Claude Code. ${'Follow the repository conventions; read before you write. '.repeat(850)}`, cache_control: { type: 'ephemeral' as const } }];
+    const system = [
+      {
+        type: 'text' as const,
+        text: `You are Claude Code. ${'Follow the repository conventions; read before you write. '.repeat(850)}`,
+        cache_control: { type: 'ephemeral' as const },
+      },
+    ];
     expect(Buffer.byteLength(system[0]!.text)).toBeGreaterThan(48_000);
     const client = anthropicClient(k);
     const answers = await Promise.all(
       Array.from({ length: 4 }, (_, i) =>
         client.messages
-          .stream({ model: 'claude-opus-5-5', max_tokens: 128_000, system, thinking: { type: 'adaptive' } as never, messages: [{ role: 'user', content: `subagent ${i}: look at the tests` }] })
+          .stream({
+            model: 'claude-opus-5-5',
+            max_tokens: 128_000,
+            system,
+            thinking: { type: 'adaptive' } as never,
+            messages: [{ role: 'user', content: `subagent ${i}: look at the tests` }],
+          })
           .finalMessage(),
       ),
     );
@@ -84,7 +102,17 @@ describe('parallel agents on a dollar key', () => {
     // Each went on with the client's own cap: the key could cover it.
     for (const r of anthropic.received.slice(-4)) expect((JSON.parse(r.body) as { max_tokens: number }).max_tokens).toBe(128_000);
     // Opus 5.5: $4 input, $5 cache write, $0.20 cache read, $20 output per million.
-    const billed = answers.reduce((sum, a) => sum + micros([a.usage.input_tokens, 4], [a.usage.cache_creation_input_tokens ?? 0, 5], [a.usage.cache_read_input_tokens ?? 0, 0.2], [a.usage.output_tokens, 20]), 0);
+    const billed = answers.reduce(
+      (sum, a) =>
+        sum +
+        micros(
+          [a.usage.input_tokens, 4],
+          [a.usage.cache_creation_input_tokens ?? 0, 5],
+          [a.usage.cache_read_input_tokens ?? 0, 0.2],
+          [a.usage.output_tokens, 20],
+        ),
+      0,
+    );
     const key = await broker.key(k.id);
     expect(key.used.spend).toBe(billed);
     expect(key.estimatedSpend).toBe(0);
@@ -98,7 +126,11 @@ describe('parallel agents on a dollar key', () => {
     try {
       const k = await b.issue({ target: 'anthropic', maxSpend: 2 });
       const client = anthropicClient(k);
-      const stream = client.messages.stream({ model: 'claude-sonnet-5', max_tokens: 128_000, messages: [{ role: 'user', content: 'write a long story' }] });
+      const stream = client.messages.stream({
+        model: 'claude-sonnet-5',
+        max_tokens: 128_000,
+        messages: [{ role: 'user', content: 'write a long story' }],
+      });
       const held: number[] = [];
       let n = 0;
       for await (const e of stream) {
@@ -107,7 +139,9 @@ describe('parallel agents on a dollar key', () => {
       }
       const final = await stream.finalMessage();
       // Sonnet 5: the first hold is far below the $1.28 of its whole cap, and it grows as the story does.
-      const started = b.events().find((e): e is Extract<TillEvent, { type: 'request.started' }> => e.type === 'request.started' && e.request.keyId === k.id)!;
+      const started = b
+        .events()
+        .find((e): e is Extract<TillEvent, { type: 'request.started' }> => e.type === 'request.started' && e.request.keyId === k.id)!;
       expect(started.held!.spend!).toBeLessThan(100_000);
       expect(held.at(-1)!).toBeGreaterThan(held[0]!);
       const key = await b.key(k.id);
@@ -138,7 +172,9 @@ describe('what the provider adds from its own state', () => {
     await expect(openaiClient(k).responses.create({ model: 'gpt-5', input: 'go on', previous_response_id: seen.id })).rejects.toThrow(
       new RegExp(`till key out of tokens: 0 of 20,000 tokens used.*plus ${seen.tokens.toLocaleString('en-US')} tokens of the conversation`),
     );
-    await expect(openaiClient(k).responses.create({ model: 'gpt-5', input: 'go on', previous_response_id: unseen.id })).rejects.toThrow(/context window of gpt-5.*which Till has not seen/);
+    await expect(openaiClient(k).responses.create({ model: 'gpt-5', input: 'go on', previous_response_id: unseen.id })).rejects.toThrow(
+      /context window of gpt-5.*which Till has not seen/,
+    );
     expect(openai.received.length).toBe(before);
 
     const ws = new WebSocket(`${broker.url.replace('http', 'ws')}/openai/v1/responses`, { headers: { authorization: `Bearer ${k.key}` } });
@@ -147,8 +183,17 @@ describe('what the provider adds from its own state', () => {
       ws.once('error', reject);
     });
     const messages = openai.socketMessages.length;
-    const refused = new Promise<Record<string, unknown>>((resolve) => ws.on('message', (d) => resolve(JSON.parse(d.toString()) as Record<string, unknown>)));
-    ws.send(JSON.stringify({ type: 'response.create', model: 'gpt-5', previous_response_id: seen.id, input: [{ type: 'message', role: 'user', content: [{ type: 'input_text', text: 'go on' }] }] }));
+    const refused = new Promise<Record<string, unknown>>((resolve) =>
+      ws.on('message', (d) => resolve(JSON.parse(d.toString()) as Record<string, unknown>)),
+    );
+    ws.send(
+      JSON.stringify({
+        type: 'response.create',
+        model: 'gpt-5',
+        previous_response_id: seen.id,
+        input: [{ type: 'message', role: 'user', content: [{ type: 'input_text', text: 'go on' }] }],
+      }),
+    );
     expect(JSON.stringify(await refused)).toMatch(/till key out of tokens/);
     expect(openai.socketMessages.length).toBe(messages);
     ws.close();
@@ -161,7 +206,9 @@ describe('what the provider adds from its own state', () => {
     const k = await broker.issue({ target: 'openai', maxTokens: 150_000 });
     const r = await openaiClient(k).responses.create({ model: 'gpt-5', input: 'go on', previous_response_id: seen.id });
     expect(r.usage!.input_tokens).toBeGreaterThan(seen.tokens);
-    const started = broker.events().find((e): e is Extract<TillEvent, { type: 'request.started' }> => e.type === 'request.started' && e.request.keyId === k.id)!;
+    const started = broker
+      .events()
+      .find((e): e is Extract<TillEvent, { type: 'request.started' }> => e.type === 'request.started' && e.request.keyId === k.id)!;
     expect(started.held!.tokens!).toBeGreaterThanOrEqual(r.usage!.input_tokens + r.usage!.output_tokens);
     expect(started.basis).toMatch(/tokens of the conversation .* continues/);
     const key = await broker.key(k.id);
@@ -171,8 +218,16 @@ describe('what the provider adds from its own state', () => {
   it('bounds an image by URL by the most an image can cost; refuses a file by id and cached content on a small key', async () => {
     // Their tokens are counted by the provider after it fetches them: the body does not show them.
     const small = await broker.issue({ target: 'openai', maxTokens: 1_000 });
-    const image = { role: 'user' as const, content: [{ type: 'text' as const, text: 'what is this?' }, { type: 'image_url' as const, image_url: { url: 'https://example.com/cat.png' } }] };
-    await expect(openaiClient(small).chat.completions.create({ model: 'gpt-5', messages: [image] })).rejects.toThrow(/till key out of tokens.*and 1 image/);
+    const image = {
+      role: 'user' as const,
+      content: [
+        { type: 'text' as const, text: 'what is this?' },
+        { type: 'image_url' as const, image_url: { url: 'https://example.com/cat.png' } },
+      ],
+    };
+    await expect(openaiClient(small).chat.completions.create({ model: 'gpt-5', messages: [image] })).rejects.toThrow(
+      /till key out of tokens.*and 1 image/,
+    );
     const k = await broker.issue({ target: 'openai', maxTokens: 20_000 });
     const answer = await openaiClient(k).chat.completions.create({ model: 'gpt-5', messages: [image] });
     expect(answer.usage!.prompt_tokens).toBeGreaterThan(IMAGE_TOKENS);
@@ -180,7 +235,19 @@ describe('what the provider adds from its own state', () => {
 
     const before = openai.received.length + gemini.received.length;
     await expect(
-      openaiClient(k).responses.create({ model: 'gpt-5', input: [{ type: 'message', role: 'user', content: [{ type: 'input_file', file_id: 'file-abc123' }, { type: 'input_text', text: 'summarise' }] }] }),
+      openaiClient(k).responses.create({
+        model: 'gpt-5',
+        input: [
+          {
+            type: 'message',
+            role: 'user',
+            content: [
+              { type: 'input_file', file_id: 'file-abc123' },
+              { type: 'input_text', text: 'summarise' },
+            ],
+          },
+        ],
+      }),
     ).rejects.toThrow(/context window of gpt-5.*a file by id/);
     const g = await broker.issue({ target: 'gemini', maxTokens: 20_000 });
     const cached = await fetch(`${g.baseUrl}/v1beta/models/gemini-2.5-flash:generateContent`, {
@@ -203,9 +270,14 @@ describe('what the provider adds from its own state', () => {
     expect((await broker.key(big.id)).used.tokens).toBe(usage.totalTokenCount);
   });
 
-  it('follows a stream\'s web searches call by call when the request does not limit them (Codex sends web_search so)', async () => {
+  it("follows a stream's web searches call by call when the request does not limit them (Codex sends web_search so)", async () => {
     const k = await broker.issue({ target: 'openai', maxSpend: 2 });
-    const stream = await openaiClient(k).responses.create({ model: 'gpt-5.4', input: 'weather in Paris', tools: [{ type: 'web_search' }], stream: true });
+    const stream = await openaiClient(k).responses.create({
+      model: 'gpt-5.4',
+      input: 'weather in Paris',
+      tools: [{ type: 'web_search' }],
+      stream: true,
+    });
     let searched = false;
     let usage: OpenAI.Responses.ResponseUsage | undefined;
     for await (const e of stream) {
@@ -214,7 +286,9 @@ describe('what the provider adds from its own state', () => {
     }
     expect(searched).toBe(true);
     // Held at first: the body, one search's results (16,000 tokens) and its fee, and a slice of output.
-    const started = broker.events().find((e): e is Extract<TillEvent, { type: 'request.started' }> => e.type === 'request.started' && e.request.keyId === k.id)!;
+    const started = broker
+      .events()
+      .find((e): e is Extract<TillEvent, { type: 'request.started' }> => e.type === 'request.started' && e.request.keyId === k.id)!;
     expect(started.basis).toMatch(/plus up to 16,000 tokens of server-side tool results/);
     expect(started.held!.spend).toBeGreaterThanOrEqual(16_000 * 2.5 + 10_000);
     // Settled as billed: tokens at GPT-5.4's rates and $0.01 for the search.
@@ -225,7 +299,12 @@ describe('what the provider adds from its own state', () => {
 
   it('follows Anthropic web searches too: the prompt reported first, the results after', async () => {
     const k = await broker.issue({ target: 'anthropic', maxSpend: 1 });
-    const stream = anthropicClient(k).messages.stream({ model: 'claude-sonnet-5', max_tokens: 256, tools: [{ type: 'web_search_20250305', name: 'web_search' }], messages: [{ role: 'user', content: 'weather in Paris' }] });
+    const stream = anthropicClient(k).messages.stream({
+      model: 'claude-sonnet-5',
+      max_tokens: 256,
+      tools: [{ type: 'web_search_20250305', name: 'web_search' }],
+      messages: [{ role: 'user', content: 'weather in Paris' }],
+    });
     const final = await stream.finalMessage();
     expect(final.content.some((b) => b.type === 'server_tool_use')).toBe(true);
     const searches = final.usage.server_tool_use?.web_search_requests ?? 0;
@@ -241,7 +320,12 @@ describe('what the provider adds from its own state', () => {
       // pricey-gpt: $100 input per million, so one search's results (held at 16,000 tokens) cost
       // $1.60: $2.50 holds the first search ahead, not a second one.
       const k = await b.issue({ target: 'openai', maxSpend: 2.5 });
-      const stream = await openaiClient(k).responses.create({ model: 'pricey-gpt', input: 'weather in Paris and in Rome', tools: [{ type: 'web_search' }, { type: 'web_search' }], stream: true });
+      const stream = await openaiClient(k).responses.create({
+        model: 'pricey-gpt',
+        input: 'weather in Paris and in Rome',
+        tools: [{ type: 'web_search' }, { type: 'web_search' }],
+        stream: true,
+      });
       const seen: string[] = [];
       let error: OpenAI.Responses.ResponseErrorEvent | undefined;
       for await (const e of stream) {
@@ -250,12 +334,20 @@ describe('what the provider adds from its own state', () => {
       }
       // Ended with the Responses API's own error event, numbered after the last event sent.
       expect(seen.at(-1)).toBe('error');
-      expect(error).toMatchObject({ code: 'till_exhausted', param: null, message: expect.stringMatching(/^till: till key over budget: .* the stream was ended: the key cannot cover another server-side tool call/) });
+      expect(error).toMatchObject({
+        code: 'till_exhausted',
+        param: null,
+        message: expect.stringMatching(
+          /^till: till key over budget: .* the stream was ended: the key cannot cover another server-side tool call/,
+        ),
+      });
       expect(error!.sequence_number).toBeGreaterThan(0);
       expect(seen).not.toContain('response.completed');
       await waitFor('the cut stream to settle', async () => (await b.key(k.id)).inFlight === 0 && up.inFlight() === 0);
       // The first search ran, the second never started.
-      expect(up.billed.inputTokens).toBe(openAIResponsesInputTokens(JSON.parse(up.received.at(-1)!.body) as Record<string, unknown>) + SEARCH_RESULT_TOKENS);
+      expect(up.billed.inputTokens).toBe(
+        openAIResponsesInputTokens(JSON.parse(up.received.at(-1)!.body) as Record<string, unknown>) + SEARCH_RESULT_TOKENS,
+      );
       // One search ran (its results and fee billed); the bill stays within the key, and so does the count.
       const billed = Math.ceil(up.billed.inputTokens * 100 + up.billed.outputTokens * 1000) + 10_000;
       expect(billed).toBeLessThanOrEqual(2_500_000);
@@ -273,8 +365,15 @@ describe('what the provider adds from its own state', () => {
     const k = await broker.issue({ target: 'openai', maxSpend: 5 });
     const tools = [{ type: 'web_search' as const }];
     // Not streamed, the calls cannot be followed: limit them.
-    await expect(openaiClient(k).responses.create({ model: 'gpt-5.4', input: 'weather in Paris', tools })).rejects.toThrow(/web_search, billed \$0\.01 per call, with no limit on its calls: set max_tool_calls \(or stream the request\)/);
-    const r = await openaiClient(k).responses.create({ model: 'gpt-5.4', input: 'weather in Paris', tools, max_tool_calls: 1 } as OpenAI.Responses.ResponseCreateParamsNonStreaming);
+    await expect(openaiClient(k).responses.create({ model: 'gpt-5.4', input: 'weather in Paris', tools })).rejects.toThrow(
+      /web_search, billed \$0\.01 per call, with no limit on its calls: set max_tool_calls \(or stream the request\)/,
+    );
+    const r = await openaiClient(k).responses.create({
+      model: 'gpt-5.4',
+      input: 'weather in Paris',
+      tools,
+      max_tool_calls: 1,
+    } as OpenAI.Responses.ResponseCreateParamsNonStreaming);
     expect(r.output.some((o) => o.type === 'web_search_call')).toBe(true);
     // GPT-5.4: $2.50 input, $15 output per million, and $0.01 per search.
     expect((await broker.key(k.id)).used.spend).toBe(micros([r.usage!.input_tokens, 2.5], [r.usage!.output_tokens, 15]) + 10_000);
@@ -284,8 +383,19 @@ describe('what the provider adds from its own state', () => {
 describe('what providers bill beyond the list price', () => {
   it('prices a 1-hour cache write at its rate', async () => {
     const k = await broker.issue({ target: 'anthropic', maxSpend: 5 });
-    const system = [{ type: 'text' as const, text: `Stable instructions ${Date.now()}. ${'Keep answers short. '.repeat(300)}`, cache_control: { type: 'ephemeral' as const, ttl: '1h' as const } }];
-    const r = await anthropicClient(k).messages.create({ model: 'claude-sonnet-5', max_tokens: 64, system: system, messages: [{ role: 'user', content: 'hi' }] });
+    const system = [
+      {
+        type: 'text' as const,
+        text: `Stable instructions ${Date.now()}. ${'Keep answers short. '.repeat(300)}`,
+        cache_control: { type: 'ephemeral' as const, ttl: '1h' as const },
+      },
+    ];
+    const r = await anthropicClient(k).messages.create({
+      model: 'claude-sonnet-5',
+      max_tokens: 64,
+      system: system,
+      messages: [{ role: 'user', content: 'hi' }],
+    });
     const hour = (r.usage as unknown as { cache_creation: { ephemeral_1h_input_tokens: number } }).cache_creation.ephemeral_1h_input_tokens;
     expect(hour).toBeGreaterThan(0);
     // Sonnet 5: $2 input, $4 per million for 1-hour writes (twice the input), $10 output.
@@ -302,7 +412,9 @@ describe('what providers bill beyond the list price', () => {
       body: JSON.stringify({ contents: [{ role: 'user', parts: [{ text }] }] }),
     });
     const usage = ((await res.json()) as { usageMetadata: { promptTokenCount: number; candidatesTokenCount: number } }).usageMetadata;
-    const started = broker.events().find((e): e is Extract<TillEvent, { type: 'request.started' }> => e.type === 'request.started' && e.request.keyId === k.id)!;
+    const started = broker
+      .events()
+      .find((e): e is Extract<TillEvent, { type: 'request.started' }> => e.type === 'request.started' && e.request.keyId === k.id)!;
     // The body's 540 KB may be 540K tokens: held at the tier's $2.50.
     expect(started.held!.spend!).toBeGreaterThanOrEqual(540_000 * 2.5);
     // It was 135K tokens: billed, and counted, at the standard rates.
@@ -312,7 +424,11 @@ describe('what providers bill beyond the list price', () => {
 
   it('prices the priority tier as billed', async () => {
     const k = await broker.issue({ target: 'openai', maxSpend: 5 });
-    const r = await openaiClient(k).chat.completions.create({ model: 'gpt-5.4', service_tier: 'priority', messages: [{ role: 'user', content: 'quick' }] });
+    const r = await openaiClient(k).chat.completions.create({
+      model: 'gpt-5.4',
+      service_tier: 'priority',
+      messages: [{ role: 'user', content: 'quick' }],
+    });
     expect(r.service_tier).toBe('priority');
     // GPT-5.4 priority: twice $2.50 / $15.
     expect((await broker.key(k.id)).used.spend).toBe(micros([r.usage!.prompt_tokens, 5], [r.usage!.completion_tokens, 30]));
@@ -336,7 +452,9 @@ describe('the whole limit, exactly', () => {
       const key = await b.key(k.id);
       expect(key.used.tokens).toBe(2000);
       expect(key.state).toBe('exhausted');
-      await waitFor('the 100 % alert', () => b.events().some((e) => e.type === 'key.exhausted' && e.key.id === k.id && e.meter === 'tokens'));
+      await waitFor('the 100 % alert', () =>
+        b.events().some((e) => e.type === 'key.exhausted' && e.key.id === k.id && e.meter === 'tokens'),
+      );
     } finally {
       await b.close();
       await up.close();
@@ -351,8 +469,12 @@ describe('the whole limit, exactly', () => {
       await openaiClient(k).chat.completions.create({ model: 'gpt-5', max_tokens: 1795, messages });
       // 1,995 of 2,000 used: 5 tokens cannot carry even "hi" (8) and one token of answer.
       expect((await b.key(k.id)).used.tokens).toBe(1995);
-      await waitFor('the 100 % alert', () => b.events().some((e) => e.type === 'key.exhausted' && e.key.id === k.id && e.meter === 'tokens'));
-      await expect(openaiClient(k).chat.completions.create({ model: 'gpt-5', messages: [{ role: 'user', content: 'hi' }] })).rejects.toThrow(/1,995 of 2,000 tokens used, 0 held by requests in flight, 5 left; this request needs at least 9 tokens/);
+      await waitFor('the 100 % alert', () =>
+        b.events().some((e) => e.type === 'key.exhausted' && e.key.id === k.id && e.meter === 'tokens'),
+      );
+      await expect(
+        openaiClient(k).chat.completions.create({ model: 'gpt-5', messages: [{ role: 'user', content: 'hi' }] }),
+      ).rejects.toThrow(/1,995 of 2,000 tokens used, 0 held by requests in flight, 5 left; this request needs at least 9 tokens/);
     } finally {
       await b.close();
       await up.close();
@@ -364,7 +486,7 @@ describe('streams cut mid-answer', () => {
   /** 200 streams at once on `key`, each left by its client after a random number of deltas. */
   async function cutStreams(start: (signal: AbortSignal) => Promise<AsyncIterable<unknown>>): Promise<void> {
     let seed = 7;
-    const random = () => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31);
+    const random = () => (seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31;
     await Promise.all(
       Array.from({ length: 200 }, async () => {
         const stop = new AbortController();
@@ -382,12 +504,22 @@ describe('streams cut mid-answer', () => {
   it('never lets 200 cut streams bill more than $1, and counts what the upstream billed', async () => {
     // Clients leave mid-answer; the upstream goes on generating 50 tokens after each and bills
     // them. An aborted stream was settled at the usage its first event reported.
-    const up = await startAnthropicUpstream({ credential: creds.anthropic, streamChunks: 600, streamDelayMs: 2, afterDisconnectTokens: 50 });
+    const up = await startAnthropicUpstream({
+      credential: creds.anthropic,
+      streamChunks: 600,
+      streamDelayMs: 2,
+      afterDisconnectTokens: 50,
+    });
     const b = await serveWith({ openai, anthropic: up, gemini });
     try {
       const k = await b.issue({ target: 'anthropic', maxSpend: 1 });
       const client = anthropicClient(k);
-      await cutStreams(async (signal) => client.messages.stream({ model: 'pricey-claude', max_tokens: 1000, messages: [{ role: 'user', content: 'tell me everything' }] }, { signal }));
+      await cutStreams(async (signal) =>
+        client.messages.stream(
+          { model: 'pricey-claude', max_tokens: 1000, messages: [{ role: 'user', content: 'tell me everything' }] },
+          { signal },
+        ),
+      );
       await waitFor('every stream to settle', async () => (await b.key(k.id)).inFlight === 0 && up.inFlight() === 0);
       const key = await b.key(k.id);
       // pricey-claude: $100 input, $1,000 output per million.
@@ -396,7 +528,9 @@ describe('streams cut mid-answer', () => {
       expect(key.used.spend!).toBeLessThanOrEqual(1_000_000);
       expect(Math.abs(key.used.spend! - billed) / billed).toBeLessThan(0.03);
       expect(key.estimatedSpend).toBeGreaterThan(0);
-      console.log(`cut streams, $1: ${up.billed.answers} served, billed $${(billed / 1e6).toFixed(4)}, counted $${(key.used.spend! / 1e6).toFixed(4)} (${key.estimatedSpend > 0 ? 'estimated' : 'reported'})`);
+      console.log(
+        `cut streams, $1: ${up.billed.answers} served, billed $${(billed / 1e6).toFixed(4)}, counted $${(key.used.spend! / 1e6).toFixed(4)} (${key.estimatedSpend > 0 ? 'estimated' : 'reported'})`,
+      );
     } finally {
       await b.close();
       await up.close();
@@ -409,7 +543,12 @@ describe('streams cut mid-answer', () => {
     try {
       const k = await b.issue({ target: 'openai', maxTokens: 15_500 });
       const client = openaiClient(k);
-      await cutStreams(async (signal) => client.chat.completions.create({ model: 'gpt-4o-mini', stream: true, messages: [{ role: 'user', content: 'tell me everything' }] }, { signal }));
+      await cutStreams(async (signal) =>
+        client.chat.completions.create(
+          { model: 'gpt-4o-mini', stream: true, messages: [{ role: 'user', content: 'tell me everything' }] },
+          { signal },
+        ),
+      );
       await waitFor('every stream to settle', async () => (await b.key(k.id)).inFlight === 0 && up.inFlight() === 0);
       const key = await b.key(k.id);
       const billed = up.billed.inputTokens + up.billed.outputTokens;
@@ -431,13 +570,18 @@ describe('a crash while holds grow', () => {
     const k = await b.issue({ target: 'openai', maxTokens: 200_000 });
     const client = openaiClient(k);
     // Settled first: three short answers.
-    for (let i = 0; i < 3; i++) await client.chat.completions.create({ model: 'gpt-5-mini', max_tokens: 5, messages: [{ role: 'user', content: 'hi' }] });
+    for (let i = 0; i < 3; i++)
+      await client.chat.completions.create({ model: 'gpt-5-mini', max_tokens: 5, messages: [{ role: 'user', content: 'hi' }] });
     const settled = (await b.key(k.id)).used.tokens!;
     // Then streams whose holds grow.
     const streams = Array.from({ length: 3 }, () =>
       (async () => {
         try {
-          for await (const _ of await client.chat.completions.create({ model: 'gpt-4o-mini', stream: true, messages: [{ role: 'user', content: 'go' }] }));
+          for await (const _ of await client.chat.completions.create({
+            model: 'gpt-4o-mini',
+            stream: true,
+            messages: [{ role: 'user', content: 'go' }],
+          }));
         } catch {
           // cut by the kill
         }

@@ -10,7 +10,6 @@ import { addCredential, CREDENTIAL_MARKER, fakeCredential, runTill, spawnServe, 
 import { startOpenAIUpstream } from './support/upstreams';
 import { filesContaining, filesUnder } from './support/files';
 
-
 describe('secrets never leak', () => {
   it('through a session of successes, denials and failures', async () => {
     const secret = fakeCredential('leaks');
@@ -23,7 +22,11 @@ describe('secrets never leak', () => {
       const issue = await runTill(['issue', 'openai', '--uses', '2', '--json'], { home });
       const issued = JSON.parse(issue.stdout) as { id: string; key: string; baseUrl: string };
       const call = (key: string, body = '{"model":"gpt-4o-mini","messages":[]}') =>
-        fetch(`${issued.baseUrl}/chat/completions`, { method: 'POST', body, headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' } }).then(async (r) => outputs.push(await r.text()));
+        fetch(`${issued.baseUrl}/chat/completions`, {
+          method: 'POST',
+          body,
+          headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+        }).then(async (r) => outputs.push(await r.text()));
       await call(issued.key);
       await call(issued.key, '{"model":"gpt-4o-mini","stream":true,"messages":[]}');
       await call(issued.key); // exhausted

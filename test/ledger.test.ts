@@ -7,7 +7,15 @@ import { existsSync, readdirSync, readFileSync, renameSync, statSync, writeFileS
 import { join } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { describe, expect, it } from 'vitest';
-import { isRefusal, keyState, Ledger, LedgerCorruptError, type KeyRecord, type Reservation, type ReserveRefusal } from '../src/core/ledger/ledger';
+import {
+  isRefusal,
+  keyState,
+  Ledger,
+  LedgerCorruptError,
+  type KeyRecord,
+  type Reservation,
+  type ReserveRefusal,
+} from '../src/core/ledger/ledger';
 import type { Policy } from '../src/core/keys/policy';
 import { runTill, spawnServe, tempHome } from './support/till';
 
@@ -141,7 +149,13 @@ describe('ledger: reservations', () => {
     expect(used(again, key.id)).toBe(3);
     expect(used(again, other.id)).toBe(20);
     expect(again.reserved(key.id)).toEqual({});
-    expect(again.get(key.id)).toMatchObject({ label: key.label, provider: 'openai', credential: 'openai', policy: { maxActivations: 3 }, hash: key.hash });
+    expect(again.get(key.id)).toMatchObject({
+      label: key.label,
+      provider: 'openai',
+      credential: 'openai',
+      policy: { maxActivations: 3 },
+      hash: key.hash,
+    });
     expect(keyState(again.get(key.id)!)).toBe('exhausted');
     expect(isRefusal(again.reserve(key.id, { activations: 1 }))).toBe(true);
     again.close();
@@ -368,7 +382,8 @@ describe('ledger: damaged files', () => {
     expect(lines.length).toBeGreaterThanOrEqual(5);
     const bytes = readFileSync(file);
     // Flip one bit in the middle of the JSON of line 3.
-    const offset = lines.slice(0, 2).reduce((n, l) => n + Buffer.byteLength(l) + 1, 0) + 9 + Math.floor(Buffer.byteLength(lines[2]!) / 2) - 4;
+    const offset =
+      lines.slice(0, 2).reduce((n, l) => n + Buffer.byteLength(l) + 1, 0) + 9 + Math.floor(Buffer.byteLength(lines[2]!) / 2) - 4;
     expect(bytes[offset]).not.toBe(0x0a);
     bytes[offset] = bytes[offset]! ^ 0x01;
     writeFileSync(file, bytes);

@@ -35,7 +35,13 @@ const fixture = (name: string): Buffer => readFileSync(join(FIXTURES, name));
 
 /** An expected usage; reportedCostUsd only when the provider reported one. */
 function u(input: number, output: number, cached = 0, cacheWrite = 0, reasoning = 0, cost?: number): Usage {
-  const usage: Usage = { inputTokens: input, outputTokens: output, cachedInputTokens: cached, cacheWriteTokens: cacheWrite, reasoningTokens: reasoning };
+  const usage: Usage = {
+    inputTokens: input,
+    outputTokens: output,
+    cachedInputTokens: cached,
+    cacheWriteTokens: cacheWrite,
+    reasoningTokens: reasoning,
+  };
   if (cost !== undefined) usage.reportedCostUsd = cost;
   return usage;
 }
@@ -58,7 +64,7 @@ function prng(seed: number): () => number {
 /** Cuts `buf` into chunks of 1..maxSize bytes at random. */
 function randomChunks(buf: Buffer, rand: () => number, maxSize: number): Buffer[] {
   const out: Buffer[] = [];
-  for (let i = 0; i < buf.length; ) {
+  for (let i = 0; i < buf.length;) {
     const n = 1 + Math.floor(rand() * maxSize);
     out.push(buf.subarray(i, i + n));
     i += n;
@@ -190,7 +196,8 @@ describe('usageFormat', () => {
       const route = main[p.id];
       if (route) expect(usageFormat(p.id, 'POST', route[0]), p.id).toBe(route[1]);
       // Chat on the provider's own base path is metered for every OpenAI-shaped provider.
-      if (route?.[1] === 'openai-chat' && p.id !== 'azure-openai') expect(usageFormat(p.id, 'POST', `${p.basePath}/chat/completions`), p.id).toBe('openai-chat');
+      if (route?.[1] === 'openai-chat' && p.id !== 'azure-openai')
+        expect(usageFormat(p.id, 'POST', `${p.basePath}/chat/completions`), p.id).toBe('openai-chat');
       for (const free of p.freeRoutes) {
         const path = free.path.replace(/\*/g, 'v1beta');
         for (const method of free.method === '*' ? ['GET', 'POST'] : [free.method]) {
@@ -248,7 +255,18 @@ describe('usageFromJson', () => {
     const event = {
       type: 'response.completed',
       sequence_number: 9,
-      response: { id: 'resp_1', object: 'response', status: 'completed', usage: { input_tokens: 900, input_tokens_details: { cached_tokens: 512 }, output_tokens: 40, output_tokens_details: { reasoning_tokens: 0 }, total_tokens: 940 } },
+      response: {
+        id: 'resp_1',
+        object: 'response',
+        status: 'completed',
+        usage: {
+          input_tokens: 900,
+          input_tokens_details: { cached_tokens: 512 },
+          output_tokens: 40,
+          output_tokens_details: { reasoning_tokens: 0 },
+          total_tokens: 940,
+        },
+      },
     };
     expect(usageFromJson('openai-responses', event)).toEqual(u(900, 40, 512));
     const perplexityResponse = {
@@ -268,20 +286,46 @@ describe('usageFromJson', () => {
   });
 
   it('reads single stream events and legacy shapes', () => {
-    expect(usageFromJson('anthropic-messages', { type: 'message_start', message: { usage: { input_tokens: 10, cache_read_input_tokens: 5, output_tokens: 1 } } })).toEqual(u(15, 1, 5));
+    expect(
+      usageFromJson('anthropic-messages', {
+        type: 'message_start',
+        message: { usage: { input_tokens: 10, cache_read_input_tokens: 5, output_tokens: 1 } },
+      }),
+    ).toEqual(u(15, 1, 5));
     // cache_creation by TTL when the total is absent; the 1-hour part bills at its own rate
-    expect(usageFromJson('anthropic-messages', { usage: { input_tokens: 3, cache_creation: { ephemeral_5m_input_tokens: 100, ephemeral_1h_input_tokens: 20 }, output_tokens: 7 } })).toEqual({ ...u(123, 7, 0, 120), cacheWrite1hTokens: 20 });
-    expect(usageFromJson('cohere-chat', { type: 'message-end', delta: { usage: { billed_units: { input_tokens: 3, output_tokens: 4 } } } })).toEqual(u(3, 4));
+    expect(
+      usageFromJson('anthropic-messages', {
+        usage: { input_tokens: 3, cache_creation: { ephemeral_5m_input_tokens: 100, ephemeral_1h_input_tokens: 20 }, output_tokens: 7 },
+      }),
+    ).toEqual({ ...u(123, 7, 0, 120), cacheWrite1hTokens: 20 });
+    expect(
+      usageFromJson('cohere-chat', { type: 'message-end', delta: { usage: { billed_units: { input_tokens: 3, output_tokens: 4 } } } }),
+    ).toEqual(u(3, 4));
     // Cohere v1 reports under meta
     expect(usageFromJson('cohere-chat', { text: 'hi', meta: { billed_units: { input_tokens: 6, output_tokens: 2 } } })).toEqual(u(6, 2));
     // raw tokens when nothing is billed separately
-    expect(usageFromJson('cohere-chat', { usage: { tokens: { input_tokens: 8, output_tokens: 1 }, cached_tokens: 4 } })).toEqual(u(8, 1, 4));
+    expect(usageFromJson('cohere-chat', { usage: { tokens: { input_tokens: 8, output_tokens: 1 }, cached_tokens: 4 } })).toEqual(
+      u(8, 1, 4),
+    );
     // Groq once answered with usage only under x_groq
-    expect(usageFromJson('openai-chat', { choices: [], x_groq: { id: 'req_1', usage: { prompt_tokens: 2, completion_tokens: 3, total_tokens: 5 } } })).toEqual(u(2, 3));
+    expect(
+      usageFromJson('openai-chat', {
+        choices: [],
+        x_groq: { id: 'req_1', usage: { prompt_tokens: 2, completion_tokens: 3, total_tokens: 5 } },
+      }),
+    ).toEqual(u(2, 3));
   });
 
   it('returns undefined for anything that reports no usage', () => {
-    const formats: UsageFormat[] = ['openai-chat', 'openai-responses', 'openai-completions', 'openai-embeddings', 'anthropic-messages', 'gemini', 'cohere-chat'];
+    const formats: UsageFormat[] = [
+      'openai-chat',
+      'openai-responses',
+      'openai-completions',
+      'openai-embeddings',
+      'anthropic-messages',
+      'gemini',
+      'cohere-chat',
+    ];
     const bodies: unknown[] = [
       null,
       undefined,
@@ -298,7 +342,8 @@ describe('usageFromJson', () => {
       { type: 'error', error: { type: 'overloaded_error', message: 'Overloaded' } },
       [{ candidates: [] }],
     ];
-    for (const format of formats) for (const body of bodies) expect(usageFromJson(format, body), `${format} ${JSON.stringify(body)}`).toBeUndefined();
+    for (const format of formats)
+      for (const body of bodies) expect(usageFromJson(format, body), `${format} ${JSON.stringify(body)}`).toBeUndefined();
   });
 });
 
@@ -315,10 +360,31 @@ interface StreamCase {
 }
 
 const STREAM_CASES: StreamCase[] = [
-  { file: 'openai-chat.sse', format: 'openai-chat', usage: tier(u(1200, 9, 1024), 'default'), text: ['Paris', ' — la Ville', ' Lumière 🌟, 巴黎'], usageChunk: true, complete: true },
+  {
+    file: 'openai-chat.sse',
+    format: 'openai-chat',
+    usage: tier(u(1200, 9, 1024), 'default'),
+    text: ['Paris', ' — la Ville', ' Lumière 🌟, 巴黎'],
+    usageChunk: true,
+    complete: true,
+  },
   // no stream_options.include_usage: text only, nothing reported
-  { file: 'openai-chat-no-usage.sse', format: 'openai-chat', usage: undefined, text: ['{"city":', '"Paris"}'], usageChunk: false, complete: false },
-  { file: 'openai-completions.sse', format: 'openai-completions', usage: u(5, 5), text: ['\n\n', 'This is', ' a test'], usageChunk: true, complete: true },
+  {
+    file: 'openai-chat-no-usage.sse',
+    format: 'openai-chat',
+    usage: undefined,
+    text: ['{"city":', '"Paris"}'],
+    usageChunk: false,
+    complete: false,
+  },
+  {
+    file: 'openai-completions.sse',
+    format: 'openai-completions',
+    usage: u(5, 5),
+    text: ['\n\n', 'This is', ' a test'],
+    usageChunk: true,
+    complete: true,
+  },
   {
     file: 'openai-responses.sse',
     format: 'openai-responses',
@@ -327,7 +393,14 @@ const STREAM_CASES: StreamCase[] = [
     usageChunk: false,
     complete: true,
   },
-  { file: 'openai-responses-incomplete.sse', format: 'openai-responses', usage: u(40, 64, 0, 0, 61), text: ['Once upon'], usageChunk: false, complete: true },
+  {
+    file: 'openai-responses-incomplete.sse',
+    format: 'openai-responses',
+    usage: u(40, 64, 0, 0, 61),
+    text: ['Once upon'],
+    usageChunk: false,
+    complete: true,
+  },
   {
     file: 'anthropic.sse',
     format: 'anthropic-messages',
@@ -360,16 +433,79 @@ const STREAM_CASES: StreamCase[] = [
     usageChunk: false,
     complete: true,
   },
-  { file: 'openrouter.sse', format: 'openai-chat', usage: u(1934, 377, 1536, 0, 256, 0.0098745), text: ['Thinking about ', 'the question.', 'Forty-two.'], usageChunk: true, complete: true },
-  { file: 'deepseek.sse', format: 'openai-chat', usage: u(64, 300, 48, 0, 220), text: ['Hmm, 9.11 vs 9.8', '9.8', ' is larger.'], usageChunk: true, complete: true },
+  {
+    file: 'openrouter.sse',
+    format: 'openai-chat',
+    usage: u(1934, 377, 1536, 0, 256, 0.0098745),
+    text: ['Thinking about ', 'the question.', 'Forty-two.'],
+    usageChunk: true,
+    complete: true,
+  },
+  {
+    file: 'deepseek.sse',
+    format: 'openai-chat',
+    usage: u(64, 300, 48, 0, 220),
+    text: ['Hmm, 9.11 vs 9.8', '9.8', ' is larger.'],
+    usageChunk: true,
+    complete: true,
+  },
   { file: 'groq.sse', format: 'openai-chat', usage: u(23, 19), text: ['Happy Starlight Day!'], usageChunk: false, complete: true },
-  { file: 'perplexity.sse', format: 'openai-chat', usage: u(14, 23, 0, 0, 0, 0.005037), text: ['There', ' are', ' about 100 billion stars.'], usageChunk: false, complete: true },
-  { file: 'xai.sse', format: 'openai-chat', usage: u(150, 4 + 147, 128, 0, 147), text: ['Greeting back.', 'Hello! 😊'], usageChunk: true, complete: true },
-  { file: 'mistral.sse', format: 'openai-chat', usage: u(167, 32), text: ['Bonjour ! Je vais', ' vérifier.', '{"transaction_id": "T1001"}'], usageChunk: false, complete: true },
-  { file: 'together.sse', format: 'openai-chat', usage: u(41, 9), text: ['Rome', " wasn't built", ' in a day.'], usageChunk: false, complete: true },
-  { file: 'fireworks.sse', format: 'openai-chat', usage: u(19, 49), text: ['Autumn moonlight—', '\na worm digs silently'], usageChunk: false, complete: true },
-  { file: 'cohere.sse', format: 'cohere-chat', usage: u(3, 25), text: ['I will look up the weather.', '{"location":"Toronto"}', 'It is', ' sunny in Toronto.'], usageChunk: false, complete: true },
-  { file: 'azure-openai.sse', format: 'openai-chat', usage: u(2150, 3, 1920), text: ['Hello', ' from Azure.'], usageChunk: true, complete: true },
+  {
+    file: 'perplexity.sse',
+    format: 'openai-chat',
+    usage: u(14, 23, 0, 0, 0, 0.005037),
+    text: ['There', ' are', ' about 100 billion stars.'],
+    usageChunk: false,
+    complete: true,
+  },
+  {
+    file: 'xai.sse',
+    format: 'openai-chat',
+    usage: u(150, 4 + 147, 128, 0, 147),
+    text: ['Greeting back.', 'Hello! 😊'],
+    usageChunk: true,
+    complete: true,
+  },
+  {
+    file: 'mistral.sse',
+    format: 'openai-chat',
+    usage: u(167, 32),
+    text: ['Bonjour ! Je vais', ' vérifier.', '{"transaction_id": "T1001"}'],
+    usageChunk: false,
+    complete: true,
+  },
+  {
+    file: 'together.sse',
+    format: 'openai-chat',
+    usage: u(41, 9),
+    text: ['Rome', " wasn't built", ' in a day.'],
+    usageChunk: false,
+    complete: true,
+  },
+  {
+    file: 'fireworks.sse',
+    format: 'openai-chat',
+    usage: u(19, 49),
+    text: ['Autumn moonlight—', '\na worm digs silently'],
+    usageChunk: false,
+    complete: true,
+  },
+  {
+    file: 'cohere.sse',
+    format: 'cohere-chat',
+    usage: u(3, 25),
+    text: ['I will look up the weather.', '{"location":"Toronto"}', 'It is', ' sunny in Toronto.'],
+    usageChunk: false,
+    complete: true,
+  },
+  {
+    file: 'azure-openai.sse',
+    format: 'openai-chat',
+    usage: u(2150, 3, 1920),
+    text: ['Hello', ' from Azure.'],
+    usageChunk: true,
+    complete: true,
+  },
 ];
 
 describe('StreamMeter on each provider stream', () => {
@@ -404,15 +540,18 @@ describe('StreamMeter on each provider stream', () => {
 
   // Every two-way split of a few fixtures: every byte, including the middle of each UTF-8
   // sequence, each CRLF and each "\n\n", lands on a chunk boundary once.
-  it.each(['openai-chat.sse', 'anthropic.sse', 'gemini.sse', 'gemini-array.json', 'cohere.sse', 'openrouter.sse'])('%s split at every byte boundary', (file) => {
-    const c = STREAM_CASES.find((s) => s.file === file)!;
-    const body = fixture(file);
-    const whole = observe(meter(c.format, body));
-    for (let k = 1; k < body.length; k++) {
-      const got = observe(meter(c.format, [body.subarray(0, k), body.subarray(k)]));
-      if (JSON.stringify(got) !== JSON.stringify(whole)) expect(got, `split at ${k}`).toEqual(whole);
-    }
-  });
+  it.each(['openai-chat.sse', 'anthropic.sse', 'gemini.sse', 'gemini-array.json', 'cohere.sse', 'openrouter.sse'])(
+    '%s split at every byte boundary',
+    (file) => {
+      const c = STREAM_CASES.find((s) => s.file === file)!;
+      const body = fixture(file);
+      const whole = observe(meter(c.format, body));
+      for (let k = 1; k < body.length; k++) {
+        const got = observe(meter(c.format, [body.subarray(0, k), body.subarray(k)]));
+        if (JSON.stringify(got) !== JSON.stringify(whole)) expect(got, `split at ${k}`).toEqual(whole);
+      }
+    },
+  );
 
   it('every CRLF fixture split at every byte boundary, including between CR and LF', () => {
     const body = toCRLF(fixture('azure-openai.sse'));
@@ -441,7 +580,11 @@ describe('cumulative usage is taken as the last value, never summed', () => {
       if (e.event === 'message_start' || e.event === 'message_delta') seen.push(m.usage());
     };
     m.push(fixture('anthropic-server-tools.sse'));
-    expect(seen).toEqual([tier(u(2679, 3), 'standard'), { ...tier(u(2679, 41), 'standard'), toolCalls: { web_search: 1 } }, { ...tier(u(10682, 510), 'standard'), toolCalls: { web_search: 1 } }]);
+    expect(seen).toEqual([
+      tier(u(2679, 3), 'standard'),
+      { ...tier(u(2679, 41), 'standard'), toolCalls: { web_search: 1 } },
+      { ...tier(u(10682, 510), 'standard'), toolCalls: { web_search: 1 } },
+    ]);
   });
 
   it('Gemini: usageMetadata in every chunk', () => {
@@ -542,7 +685,10 @@ describe('Azure OpenAI', () => {
   });
 
   it('also when usage: null is sent in the filter chunk', () => {
-    const m = meter('openai-chat', Buffer.from('data: {"choices":[],"created":0,"id":"","model":"","object":"","prompt_filter_results":[],"usage":null}\n\n'));
+    const m = meter(
+      'openai-chat',
+      Buffer.from('data: {"choices":[],"created":0,"id":"","model":"","object":"","prompt_filter_results":[],"usage":null}\n\n'),
+    );
     expect(m.sawUsageChunk).toBe(false);
     expect(m.usage()).toBeUndefined();
   });
@@ -578,7 +724,8 @@ describe('SSE framing', () => {
   });
 
   it('multi-line data is joined with newlines', () => {
-    const body = 'event: message-end\ndata: {"type":"message-end",\ndata: "delta":{"usage":{"billed_units":\ndata:{"input_tokens":5,"output_tokens":6}}}}\n\n';
+    const body =
+      'event: message-end\ndata: {"type":"message-end",\ndata: "delta":{"usage":{"billed_units":\ndata:{"input_tokens":5,"output_tokens":6}}}}\n\n';
     const events: MeterEvent[] = [];
     const m = new StreamMeter('cohere-chat');
     m.onEvent = (e) => events.push(e);
@@ -590,7 +737,8 @@ describe('SSE framing', () => {
   });
 
   it('event names stand in for a missing type field', () => {
-    const body = 'event: message_start\ndata: {"message":{"usage":{"input_tokens":9,"output_tokens":1}}}\n\nevent: message_delta\ndata: {"delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":4}}\n\n';
+    const body =
+      'event: message_start\ndata: {"message":{"usage":{"input_tokens":9,"output_tokens":1}}}\n\nevent: message_delta\ndata: {"delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":4}}\n\n';
     const m = meter('anthropic-messages', Buffer.from(body));
     expect(m.usage()).toEqual(u(9, 4));
     expect(m.complete).toBe(true);
@@ -603,7 +751,9 @@ describe('SSE framing', () => {
   });
 
   it('CR-only and mixed line endings, split anywhere', () => {
-    const body = Buffer.from(`data: {"choices":[{"delta":{"content":"ab"}}]}\r\rdata: {"choices":[{"delta":{"content":"c"}}]}\r\n\ndata: ${usageData}\n\r\n`);
+    const body = Buffer.from(
+      `data: {"choices":[{"delta":{"content":"ab"}}]}\r\rdata: {"choices":[{"delta":{"content":"c"}}]}\r\n\ndata: ${usageData}\n\r\n`,
+    );
     for (let k = 1; k < body.length; k++) {
       const m = meter('openai-chat', [body.subarray(0, k), body.subarray(k)]);
       expect(m.usage(), `split at ${k}`).toEqual(u(7, 3));
@@ -716,7 +866,9 @@ describe('bounded memory', () => {
 
   it('a 10 MiB SSE event is skipped, not buffered; the stream goes on being metered', () => {
     const huge = `data: {"choices":[{"index":0,"delta":{"content":"${'x'.repeat(10 * MiB)}"}}]}\n\n`;
-    const body = Buffer.from(`data: {"choices":[{"index":0,"delta":{"content":"before"}}]}\n\n${huge}data: {"choices":[{"index":0,"delta":{"content":"after"}}]}\n\n${usageEvent}`);
+    const body = Buffer.from(
+      `data: {"choices":[{"index":0,"delta":{"content":"before"}}]}\n\n${huge}data: {"choices":[{"index":0,"delta":{"content":"after"}}]}\n\n${usageEvent}`,
+    );
     for (const chunkSize of [64 * 1024, 1_000_003]) {
       const m = new StreamMeter('openai-chat');
       const events: string[] = [];
@@ -763,8 +915,19 @@ describe('bounded memory', () => {
   });
 
   it('a 10 MiB JSON body (embeddings) buffers only its usage', () => {
-    const vectors = Array.from({ length: 700 }, (_, i) => ({ object: 'embedding', index: i, embedding: Array.from({ length: 1536 }, (_, j) => ((i * 31 + j) % 997) / 997 - 0.5) }));
-    const body = Buffer.from(JSON.stringify({ object: 'list', data: vectors, model: 'text-embedding-3-small', usage: { prompt_tokens: 4321, total_tokens: 4321 } }));
+    const vectors = Array.from({ length: 700 }, (_, i) => ({
+      object: 'embedding',
+      index: i,
+      embedding: Array.from({ length: 1536 }, (_, j) => ((i * 31 + j) % 997) / 997 - 0.5),
+    }));
+    const body = Buffer.from(
+      JSON.stringify({
+        object: 'list',
+        data: vectors,
+        model: 'text-embedding-3-small',
+        usage: { prompt_tokens: 4321, total_tokens: 4321 },
+      }),
+    );
     expect(body.length).toBeGreaterThan(10 * MiB);
     const m = new StreamMeter('openai-embeddings');
     const peak = pushAll(m, body, 64 * 1024);
@@ -775,9 +938,20 @@ describe('bounded memory', () => {
 
   it('a 10 MiB Gemini array element (inline image) is skipped; the others are metered', () => {
     const elements = [
-      { candidates: [{ content: { parts: [{ text: 'Here:' }], role: 'model' }, index: 0 }], usageMetadata: { promptTokenCount: 5, candidatesTokenCount: 2, totalTokenCount: 7 } },
-      { candidates: [{ content: { parts: [{ inlineData: { mimeType: 'image/png', data: 'A'.repeat(10 * MiB) } }], role: 'model' }, index: 0 }], usageMetadata: { promptTokenCount: 5, candidatesTokenCount: 1290, totalTokenCount: 1295 } },
-      { candidates: [{ content: { parts: [{ text: ' done' }], role: 'model' }, finishReason: 'STOP', index: 0 }], usageMetadata: { promptTokenCount: 5, candidatesTokenCount: 1300, totalTokenCount: 1305 } },
+      {
+        candidates: [{ content: { parts: [{ text: 'Here:' }], role: 'model' }, index: 0 }],
+        usageMetadata: { promptTokenCount: 5, candidatesTokenCount: 2, totalTokenCount: 7 },
+      },
+      {
+        candidates: [
+          { content: { parts: [{ inlineData: { mimeType: 'image/png', data: 'A'.repeat(10 * MiB) } }], role: 'model' }, index: 0 },
+        ],
+        usageMetadata: { promptTokenCount: 5, candidatesTokenCount: 1290, totalTokenCount: 1295 },
+      },
+      {
+        candidates: [{ content: { parts: [{ text: ' done' }], role: 'model' }, finishReason: 'STOP', index: 0 }],
+        usageMetadata: { promptTokenCount: 5, candidatesTokenCount: 1300, totalTokenCount: 1305 },
+      },
     ];
     const body = Buffer.from(`[${elements.map((e) => JSON.stringify(e, null, 2)).join(',\r\n')}]`);
     const m = new StreamMeter('gemini');
@@ -806,7 +980,13 @@ describe('against the fake upstreams', () => {
   afterAll(() => Promise.all([openai.close(), anthropic.close(), gemini.close()]));
 
   /** POSTs `body` and feeds the response to a meter chunk by chunk, as the broker would. */
-  async function metered(provider: string, base: string, path: string, headers: Record<string, string>, body: string): Promise<StreamMeter> {
+  async function metered(
+    provider: string,
+    base: string,
+    path: string,
+    headers: Record<string, string>,
+    body: string,
+  ): Promise<StreamMeter> {
     const format = usageFormat(provider, 'POST', path);
     if (!format) throw new Error(`${provider} ${path} is not metered`);
     const res = await fetch(`${base}${path}`, { method: 'POST', headers: { 'content-type': 'application/json', ...headers }, body });
@@ -818,12 +998,24 @@ describe('against the fake upstreams', () => {
 
   it('OpenAI chat, streamed with include_usage and as JSON', async () => {
     const auth = { authorization: `Bearer ${KEY}` };
-    const streamed = JSON.stringify({ model: 'gpt-5', messages: [{ role: 'user', content: 'hi' }], stream: true, stream_options: { include_usage: true } });
+    const streamed = JSON.stringify({
+      model: 'gpt-5',
+      messages: [{ role: 'user', content: 'hi' }],
+      stream: true,
+      stream_options: { include_usage: true },
+    });
     const m = await metered('openai', openai.url, '/v1/chat/completions', auth, streamed);
     const chatTokens = (body: string) => openAIChatInputTokens(JSON.parse(body) as Record<string, unknown>);
-    expect(observe(m)).toEqual({ usage: tier(u(chatTokens(streamed), 7), 'default'), textChars: fakeAnswer(7).length, sawUsageChunk: true, complete: true });
+    expect(observe(m)).toEqual({
+      usage: tier(u(chatTokens(streamed), 7), 'default'),
+      textChars: fakeAnswer(7).length,
+      sawUsageChunk: true,
+      complete: true,
+    });
     const plain = JSON.stringify({ model: 'gpt-5', messages: [{ role: 'user', content: 'hi' }] });
-    expect((await metered('openai', openai.url, '/v1/chat/completions', auth, plain)).usage()).toEqual(tier(u(chatTokens(plain), 7), 'default'));
+    expect((await metered('openai', openai.url, '/v1/chat/completions', auth, plain)).usage()).toEqual(
+      tier(u(chatTokens(plain), 7), 'default'),
+    );
   });
 
   it('OpenAI chat streamed without include_usage: text only', async () => {
@@ -839,27 +1031,52 @@ describe('against the fake upstreams', () => {
     const body = JSON.stringify({ model: 'gpt-5', input: 'hi', stream: true });
     const m = await metered('openai', openai.url, '/v1/responses', auth, body);
     const responsesTokens = (b: string) => openAIResponsesInputTokens(JSON.parse(b) as Record<string, unknown>);
-    expect(observe(m)).toEqual({ usage: tier(u(responsesTokens(body), 7), 'default'), textChars: fakeAnswer(7).length, sawUsageChunk: false, complete: true });
+    expect(observe(m)).toEqual({
+      usage: tier(u(responsesTokens(body), 7), 'default'),
+      textChars: fakeAnswer(7).length,
+      sawUsageChunk: false,
+      complete: true,
+    });
     const limited = JSON.stringify({ model: 'gpt-5', input: 'hi', stream: true, max_output_tokens: 3 });
-    expect((await metered('openai', openai.url, '/v1/responses', auth, limited)).usage()).toEqual(tier(u(responsesTokens(limited), 3), 'default'));
+    expect((await metered('openai', openai.url, '/v1/responses', auth, limited)).usage()).toEqual(
+      tier(u(responsesTokens(limited), 3), 'default'),
+    );
   });
 
   it('Anthropic messages, streamed and as JSON', async () => {
     const headers = { 'x-api-key': KEY, 'anthropic-version': '2023-06-01' };
-    const streamed = JSON.stringify({ model: 'claude-sonnet-5', max_tokens: 64, messages: [{ role: 'user', content: 'hi' }], stream: true });
+    const streamed = JSON.stringify({
+      model: 'claude-sonnet-5',
+      max_tokens: 64,
+      messages: [{ role: 'user', content: 'hi' }],
+      stream: true,
+    });
     const m = await metered('anthropic', anthropic.url, '/v1/messages', headers, streamed);
-    expect(observe(m)).toEqual({ usage: tier(u(fakeTokenCount(streamed), 7), 'standard'), textChars: fakeAnswer(7).length, sawUsageChunk: false, complete: true });
+    expect(observe(m)).toEqual({
+      usage: tier(u(fakeTokenCount(streamed), 7), 'standard'),
+      textChars: fakeAnswer(7).length,
+      sawUsageChunk: false,
+      complete: true,
+    });
     const plain = JSON.stringify({ model: 'claude-sonnet-5', max_tokens: 4, messages: [{ role: 'user', content: 'hi' }] });
-    expect((await metered('anthropic', anthropic.url, '/v1/messages', headers, plain)).usage()).toEqual(tier(u(fakeTokenCount(plain), 4), 'standard'));
+    expect((await metered('anthropic', anthropic.url, '/v1/messages', headers, plain)).usage()).toEqual(
+      tier(u(fakeTokenCount(plain), 4), 'standard'),
+    );
   });
 
   it('Gemini, as SSE (CRLF), as a streamed JSON array and as JSON', async () => {
     const headers = { 'x-goog-api-key': KEY };
     const body = JSON.stringify({ contents: [{ role: 'user', parts: [{ text: 'hi' }] }] });
     const expected = { usage: u(fakeTokenCount(body), 7), textChars: fakeAnswer(7).length, sawUsageChunk: false, complete: true };
-    expect(observe(await metered('gemini', gemini.url, '/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse', headers, body))).toEqual(expected);
-    expect(observe(await metered('gemini', gemini.url, '/v1beta/models/gemini-2.5-flash:streamGenerateContent', headers, body))).toEqual(expected);
-    expect((await metered('gemini', gemini.url, '/v1beta/models/gemini-2.5-flash:generateContent', headers, body)).usage()).toEqual(expected.usage);
+    expect(
+      observe(await metered('gemini', gemini.url, '/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse', headers, body)),
+    ).toEqual(expected);
+    expect(observe(await metered('gemini', gemini.url, '/v1beta/models/gemini-2.5-flash:streamGenerateContent', headers, body))).toEqual(
+      expected,
+    );
+    expect((await metered('gemini', gemini.url, '/v1beta/models/gemini-2.5-flash:generateContent', headers, body)).usage()).toEqual(
+      expected.usage,
+    );
   });
 });
 
@@ -905,7 +1122,12 @@ describe('performance (smoke check, not a benchmark)', () => {
   });
 
   it('a 1 MiB JSON body scans in well under 50 ms', () => {
-    const body = Buffer.from(JSON.stringify({ data: [{ embedding: Array.from({ length: 70_000 }, (_, i) => i / 7) }], usage: { prompt_tokens: 3, total_tokens: 3 } }));
+    const body = Buffer.from(
+      JSON.stringify({
+        data: [{ embedding: Array.from({ length: 70_000 }, (_, i) => i / 7) }],
+        usage: { prompt_tokens: 3, total_tokens: 3 },
+      }),
+    );
     expect(body.length).toBeGreaterThan(1024 * 1024);
     const chunks = randomChunks(body, prng(2), 16 * 1024);
     let m = new StreamMeter('openai-embeddings');

@@ -14,8 +14,19 @@ describe('policy', () => {
   });
 
   it('builds a policy and refuses nonsense with a readable message', () => {
-    const p = buildPolicy({ uses: 50, ttl: '1h', rpm: 10, concurrency: 2, methods: ['get', 'post'], paths: ['/v1/chat/*'], models: ['gpt-4o*'] }, 1000);
-    expect(p).toEqual({ maxActivations: 50, expiresAt: 1000 + 3_600_000, rpm: 10, concurrency: 2, methods: ['GET', 'POST'], paths: ['/v1/chat/*'], models: ['gpt-4o*'] });
+    const p = buildPolicy(
+      { uses: 50, ttl: '1h', rpm: 10, concurrency: 2, methods: ['get', 'post'], paths: ['/v1/chat/*'], models: ['gpt-4o*'] },
+      1000,
+    );
+    expect(p).toEqual({
+      maxActivations: 50,
+      expiresAt: 1000 + 3_600_000,
+      rpm: 10,
+      concurrency: 2,
+      methods: ['GET', 'POST'],
+      paths: ['/v1/chat/*'],
+      models: ['gpt-4o*'],
+    });
     expect(() => buildPolicy({ uses: 0 })).toThrow(/uses must be a whole number of at least 1/);
     expect(() => buildPolicy({ uses: 1.5 })).toThrow(/uses/);
     expect(() => buildPolicy({ paths: ['v1/chat'] })).toThrow(/paths/);
@@ -36,7 +47,22 @@ describe('policy', () => {
 describe('providers', () => {
   it('cover the catalogue with base URLs, key placement and env vars', () => {
     const ids = CATALOGUE.map((p) => p.id);
-    expect(ids).toEqual(['openai', 'anthropic', 'gemini', 'openrouter', 'mistral', 'groq', 'together', 'fireworks', 'perplexity', 'deepseek', 'xai', 'cohere', 'azure-openai', 'github']);
+    expect(ids).toEqual([
+      'openai',
+      'anthropic',
+      'gemini',
+      'openrouter',
+      'mistral',
+      'groq',
+      'together',
+      'fireworks',
+      'perplexity',
+      'deepseek',
+      'xai',
+      'cohere',
+      'azure-openai',
+      'github',
+    ]);
     for (const p of CATALOGUE) {
       expect(p.baseUrl).toMatch(/^https:\/\//);
       expect(p.keyEnv.length).toBeGreaterThan(0);
@@ -50,7 +76,11 @@ describe('providers', () => {
 
   it('take upstream overrides from TILL_UPSTREAM_<ID> over the config file', () => {
     expect(upstreamEnvVar('azure-openai')).toBe('TILL_UPSTREAM_AZURE_OPENAI');
-    const reg = new ProviderRegistry([], { openai: 'http://127.0.0.1:1/v1', groq: 'http://127.0.0.1:2/openai/v1/' }, { TILL_UPSTREAM_OPENAI: 'http://127.0.0.1:9000/v1' });
+    const reg = new ProviderRegistry(
+      [],
+      { openai: 'http://127.0.0.1:1/v1', groq: 'http://127.0.0.1:2/openai/v1/' },
+      { TILL_UPSTREAM_OPENAI: 'http://127.0.0.1:9000/v1' },
+    );
     expect(reg.get('openai')!.baseUrl).toBe('http://127.0.0.1:9000/v1');
     expect(reg.get('openai')!.basePath).toBe('/v1');
     expect(reg.get('groq')!.baseUrl).toBe('http://127.0.0.1:2/openai/v1');
@@ -59,7 +89,12 @@ describe('providers', () => {
 
   it('accept custom providers and refuse clashes', () => {
     const reg = new ProviderRegistry([{ id: 'acme', baseUrl: 'https://llm.acme.test/api', auth: 'header:X-Acme-Key' }], {}, {});
-    expect(reg.get('acme')).toMatchObject({ basePath: '/api', placement: { kind: 'header', name: 'x-acme-key' }, keyEnv: ['ACME_API_KEY'], baseUrlEnv: ['ACME_BASE_URL'] });
+    expect(reg.get('acme')).toMatchObject({
+      basePath: '/api',
+      placement: { kind: 'header', name: 'x-acme-key' },
+      keyEnv: ['ACME_API_KEY'],
+      baseUrlEnv: ['ACME_BASE_URL'],
+    });
     expect(() => new ProviderRegistry([{ id: 'openai', baseUrl: 'https://x.test' }], {}, {})).toThrow(/clashes/);
     expect(() => new ProviderRegistry([{ id: 'Bad Id', baseUrl: 'https://x.test' }], {}, {})).toThrow(/lower-case/);
   });
@@ -78,7 +113,7 @@ describe('providers', () => {
   });
 });
 
-describe('upstreams changed in a running broker (the editor\'s till.upstreams setting)', () => {
+describe("upstreams changed in a running broker (the editor's till.upstreams setting)", () => {
   it('apply to the next lookup, and a malformed address changes nothing', () => {
     const reg = new ProviderRegistry([], {}, {});
     reg.setUpstreams({}, { TILL_UPSTREAM_OPENAI: 'http://127.0.0.1:9001/v1' });

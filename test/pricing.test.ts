@@ -154,15 +154,25 @@ describe('cost', () => {
 
   it('defaults cached and cache-write rates to the input price', () => {
     // sonar: $1 in, $1 out, no cache rates; plus its $0.012 request fee.
-    expect(table.cost('perplexity', 'sonar', { inputTokens: 3000, outputTokens: 1000, cachedInputTokens: 1000, cacheWriteTokens: 1000 })).toBeCloseTo(0.004 + 0.012, 12);
+    expect(
+      table.cost('perplexity', 'sonar', { inputTokens: 3000, outputTokens: 1000, cachedInputTokens: 1000, cacheWriteTokens: 1000 }),
+    ).toBeCloseTo(0.004 + 0.012, 12);
     const priced = new PriceTable({ custom: { m: { input: 2, output: 4 } } });
-    expect(priced.cost('custom', 'm', { inputTokens: 10, outputTokens: 0, cachedInputTokens: 4, cacheWriteTokens: 3 })).toBeCloseTo((3 * 2 + 4 * 2 + 3 * 2) / 1e6, 15);
+    expect(priced.cost('custom', 'm', { inputTokens: 10, outputTokens: 0, cachedInputTokens: 4, cacheWriteTokens: 3 })).toBeCloseTo(
+      (3 * 2 + 4 * 2 + 3 * 2) / 1e6,
+      15,
+    );
   });
 
   it('never bills negative plain input when cached and written exceed the reported input', () => {
     // Anthropic's raw input_tokens excludes cache reads and writes; if it slips through un-normalised,
     // the plain part floors at zero instead of going negative.
-    const cost = table.cost('anthropic', 'claude-haiku-4-5', { inputTokens: 10, outputTokens: 0, cachedInputTokens: 1000, cacheWriteTokens: 1000 });
+    const cost = table.cost('anthropic', 'claude-haiku-4-5', {
+      inputTokens: 10,
+      outputTokens: 0,
+      cachedInputTokens: 1000,
+      cacheWriteTokens: 1000,
+    });
     expect(cost).toBeCloseTo((1000 * 0.1 + 1000 * 1.25) / 1e6, 15);
     expect(table.cost('openai', 'gpt-4o', { inputTokens: -5, outputTokens: Number.NaN })).toBe(0);
   });
@@ -178,7 +188,10 @@ describe('overrides', () => {
     const t = new PriceTable({ openai: { 'GPT-4o': { input: 1, output: 2 } } });
     expect(t.price('openai', 'gpt-4o')).toEqual({ input: 1, output: 2 });
     // The whole entry is replaced: no cached rate survives from the built-in row.
-    expect(t.cost('openai', 'gpt-4o-2024-08-06', { inputTokens: 1000, outputTokens: 1000, cachedInputTokens: 1000 })).toBeCloseTo(0.003, 12);
+    expect(t.cost('openai', 'gpt-4o-2024-08-06', { inputTokens: 1000, outputTokens: 1000, cachedInputTokens: 1000 })).toBeCloseTo(
+      0.003,
+      12,
+    );
     expect(t.price('openai', 'gpt-4o-mini')).toEqual(table.price('openai', 'gpt-4o-mini'));
     expect(t.size()).toBe(table.size());
   });
@@ -210,7 +223,10 @@ describe('readPriceOverrides', () => {
 
   it('reads the models shape, notes allowed', () => {
     const file = join(dir, 'prices.json');
-    writeFileSync(file, JSON.stringify({ models: { anthropic: { 'claude-opus-5-5': { input: 3, output: 15, cacheWrite: 3.75, notes: 'negotiated' } } } }));
+    writeFileSync(
+      file,
+      JSON.stringify({ models: { anthropic: { 'claude-opus-5-5': { input: 3, output: 15, cacheWrite: 3.75, notes: 'negotiated' } } } }),
+    );
     const overrides = readPriceOverrides(file);
     expect(overrides).toEqual({ anthropic: { 'claude-opus-5-5': { input: 3, output: 15, cacheWrite: 3.75 } } });
     expect(new PriceTable(overrides).price('anthropic', 'claude-opus-5-5[1m]')).toEqual({ input: 3, output: 15, cacheWrite: 3.75 });
@@ -240,7 +256,7 @@ describe('readPriceOverrides', () => {
   });
 });
 
-describe('prices changed in a running broker (the editor\'s till.prices setting)', () => {
+describe("prices changed in a running broker (the editor's till.prices setting)", () => {
   it('apply to the next lookup, and a malformed change changes nothing', () => {
     const table = new PriceTable({});
     const before = table.price('openai', 'gpt-5-mini');

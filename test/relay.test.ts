@@ -30,7 +30,13 @@ async function startEchoUpstream(credential: string): Promise<{ url: string; hit
     const url = new URL(req.url ?? '/', 'http://x');
     const seen = JSON.stringify({ headers: req.headers, url: req.url });
     if (url.pathname.endsWith('/echo')) {
-      res.writeHead(200, { 'content-type': 'application/json', 'x-echo-authorization': req.headers.authorization ?? '', 'x-echo-url': req.url ?? '', 'x-kept': 'yes', 'content-length': Buffer.byteLength(seen) });
+      res.writeHead(200, {
+        'content-type': 'application/json',
+        'x-echo-authorization': req.headers.authorization ?? '',
+        'x-echo-url': req.url ?? '',
+        'x-kept': 'yes',
+        'content-length': Buffer.byteLength(seen),
+      });
       return res.end(seen);
     }
     if (url.pathname.endsWith('/stream')) {
@@ -44,7 +50,10 @@ async function startEchoUpstream(credential: string): Promise<{ url: string; hit
     }
     if (url.pathname.endsWith('/redirect')) {
       const self = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
-      res.writeHead(302, { location: `${self}${url.pathname.replace(/redirect$/, 'moved')}?key=${encodeURIComponent(credential)}&page=2`, 'content-length': 0 });
+      res.writeHead(302, {
+        location: `${self}${url.pathname.replace(/redirect$/, 'moved')}?key=${encodeURIComponent(credential)}&page=2`,
+        'content-length': 0,
+      });
       return res.end();
     }
     res.writeHead(404).end();
@@ -54,12 +63,16 @@ async function startEchoUpstream(credential: string): Promise<{ url: string; hit
   server.on('upgrade', (req, socket, head) => {
     if (!authorized(req) || req.url?.includes('refuse')) {
       const body = JSON.stringify({ error: { message: `refused ${req.headers.authorization ?? ''}` } });
-      socket.end(`HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\nx-echo-authorization: ${req.headers.authorization ?? ''}\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+      socket.end(
+        `HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\nx-echo-authorization: ${req.headers.authorization ?? ''}\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`,
+      );
       return;
     }
     hits++;
     wss.handleUpgrade(req, socket, head, (ws) => {
-      ws.on('message', () => ws.send(JSON.stringify({ type: 'response.created', response: { id: 'resp_1', note: `you sent ${credential}` } })));
+      ws.on('message', () =>
+        ws.send(JSON.stringify({ type: 'response.created', response: { id: 'resp_1', note: `you sent ${credential}` } })),
+      );
     });
   });
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
@@ -129,7 +142,7 @@ describe('the credential is never relayed to the client', () => {
     expect(r.text).toContain('data: [DONE]');
   });
 
-  it('takes it out of a redirect\'s Location and points the redirect back through the broker', async () => {
+  it("takes it out of a redirect's Location and points the redirect back through the broker", async () => {
     // Attack: a provider with its key in the query string redirects to `…?key=<credential>`; the
     // client would read the key, and following the redirect would take its till key to the upstream.
     const r = await get('/echo/api/redirect', echoKey);
@@ -147,7 +160,9 @@ describe('the credential is never relayed to the client', () => {
   it('never hands it back over WebSocket: not in the 101, not in a refusal, not in a message', async () => {
     // Attack: the echo in a WebSocket handshake answer (relayed headers), in an upstream's
     // refusal of the handshake, and in a message the upstream sends.
-    const ws = new WebSocket(`${broker.url.replace('http', 'ws')}/openai/v1/responses`, { headers: { authorization: `Bearer ${openaiKey}` } });
+    const ws = new WebSocket(`${broker.url.replace('http', 'ws')}/openai/v1/responses`, {
+      headers: { authorization: `Bearer ${openaiKey}` },
+    });
     let upgradeHeaders: http.IncomingHttpHeaders = {};
     ws.once('upgrade', (res) => (upgradeHeaders = res.headers));
     await new Promise<void>((resolve, reject) => {
@@ -163,7 +178,9 @@ describe('the credential is never relayed to the client', () => {
     expect(text).toContain('*'.repeat(credential.length));
     ws.close();
 
-    const refused = new WebSocket(`${broker.url.replace('http', 'ws')}/openai/v1/refuse`, { headers: { authorization: `Bearer ${openaiKey}` } });
+    const refused = new WebSocket(`${broker.url.replace('http', 'ws')}/openai/v1/refuse`, {
+      headers: { authorization: `Bearer ${openaiKey}` },
+    });
     const answer = await new Promise<{ status: number; headers: http.IncomingHttpHeaders; body: string }>((resolve) => {
       refused.once('unexpected-response', (_req, res) => {
         let body = '';

@@ -8,7 +8,14 @@ import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { TillService } from '../src/core/runtime/service';
 import { addCredential, fakeCredential, startTill, tempHome } from './support/till';
-import { fakeAnswer, startAnthropicUpstream, startGeminiUpstream, startGitHubUpstream, startOpenAIUpstream, type Upstream } from './support/upstreams';
+import {
+  fakeAnswer,
+  startAnthropicUpstream,
+  startGeminiUpstream,
+  startGitHubUpstream,
+  startOpenAIUpstream,
+  type Upstream,
+} from './support/upstreams';
 
 let service: TillService;
 let openaiUp: Upstream;
@@ -66,7 +73,12 @@ describe('openai SDK through the broker', () => {
   it('streams a chat event by event and counts one activation', async () => {
     const issued = await service.issue({ target: 'openai', uses: 5 });
     const client = new OpenAI({ apiKey: issued.key, baseURL: issued.baseUrl, maxRetries: 0 });
-    const stream = await client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }], stream: true, stream_options: { include_usage: true } });
+    const stream = await client.chat.completions.create({
+      model: 'gpt-4o-mini',
+      messages: [{ role: 'user', content: 'hi' }],
+      stream: true,
+      stream_options: { include_usage: true },
+    });
     let text = '';
     let usage: unknown;
     for await (const chunk of stream) {
@@ -90,7 +102,9 @@ describe('openai SDK through the broker', () => {
     const issued = await service.issue({ target: 'openai', uses: 1 });
     const client = new OpenAI({ apiKey: issued.key, baseURL: issued.baseUrl, maxRetries: 0 });
     await client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'one' }] });
-    const err = await client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'two' }] }).catch((e: unknown) => e);
+    const err = await client.chat.completions
+      .create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'two' }] })
+      .catch((e: unknown) => e);
     expect(err).toBeInstanceOf(OpenAI.RateLimitError);
     expect((err as Error).message).toContain('till key exhausted: 1 of 1 activations used');
   });
@@ -112,7 +126,11 @@ describe('openai SDK through the broker', () => {
     try {
       const issued = await till.issue({ target: 'openai' });
       const client = new OpenAI({ apiKey: issued.key, baseURL: issued.baseUrl, maxRetries: 0 });
-      const stream = await client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'long' }], stream: true });
+      const stream = await client.chat.completions.create({
+        model: 'gpt-4o-mini',
+        messages: [{ role: 'user', content: 'long' }],
+        stream: true,
+      });
       let chunks = 0;
       const started = Date.now();
       const consumed = (async () => {
@@ -120,7 +138,10 @@ describe('openai SDK through the broker', () => {
           if (++chunks === 2) till.keys.revoke(issued.id);
         }
       })();
-      const err = await consumed.then(() => undefined, (e: unknown) => e);
+      const err = await consumed.then(
+        () => undefined,
+        (e: unknown) => e,
+      );
       expect(err).toBeInstanceOf(Error);
       expect(String((err as Error).message)).toContain('revoked');
       expect(chunks).toBeLessThan(5);
@@ -163,10 +184,16 @@ describe('anthropic SDK through the broker', () => {
   it('refuses a model outside the key scope with a permission error', async () => {
     const issued = await service.issue({ target: 'anthropic', models: ['claude-haiku-*'] });
     const client = new Anthropic({ apiKey: issued.key, baseURL: issued.baseUrl, maxRetries: 0 });
-    const err = await client.messages.create({ model: 'claude-opus-5', max_tokens: 10, messages: [{ role: 'user', content: 'hi' }] }).catch((e: unknown) => e);
+    const err = await client.messages
+      .create({ model: 'claude-opus-5', max_tokens: 10, messages: [{ role: 'user', content: 'hi' }] })
+      .catch((e: unknown) => e);
     expect(err).toBeInstanceOf(Anthropic.PermissionDeniedError);
     expect((err as Error).message).toContain('model claude-opus-5 is not allowed');
-    const ok = await client.messages.create({ model: 'claude-haiku-4-5-20251001', max_tokens: 10, messages: [{ role: 'user', content: 'hi' }] });
+    const ok = await client.messages.create({
+      model: 'claude-haiku-4-5-20251001',
+      max_tokens: 10,
+      messages: [{ role: 'user', content: 'hi' }],
+    });
     expect(ok.type).toBe('message');
   });
 });
@@ -189,7 +216,8 @@ describe('@google/genai SDK through the broker', () => {
     const answer = await ai.models.generateContent({ model: 'gemini-2.5-flash', contents: 'hi' });
     expect(answer.text).toBe(fakeAnswer(5));
     let streamed = '';
-    for await (const chunk of await ai.models.generateContentStream({ model: 'gemini-2.5-flash', contents: 'hi' })) streamed += chunk.text ?? '';
+    for await (const chunk of await ai.models.generateContentStream({ model: 'gemini-2.5-flash', contents: 'hi' }))
+      streamed += chunk.text ?? '';
     expect(streamed).toBe(fakeAnswer(5));
     expect(geminiUp.received.at(-1)!.headers['x-goog-api-key']).toBe(secrets.gemini);
     expect(used(issued.id)).toBe(2);
@@ -208,13 +236,21 @@ describe('other providers through the broker', () => {
   it('Gemini: a key in ?key= is swapped for the credential in x-goog-api-key; the model in the path is scoped', async () => {
     const issued = await service.issue({ target: 'gemini', models: ['gemini-2.5-flash'] });
     const body = JSON.stringify({ contents: [{ parts: [{ text: 'hi' }] }] });
-    const ok = await fetch(`${issued.baseUrl}/v1beta/models/gemini-2.5-flash:generateContent?key=${issued.key}`, { method: 'POST', body, headers: { 'content-type': 'application/json' } });
+    const ok = await fetch(`${issued.baseUrl}/v1beta/models/gemini-2.5-flash:generateContent?key=${issued.key}`, {
+      method: 'POST',
+      body,
+      headers: { 'content-type': 'application/json' },
+    });
     expect(ok.status).toBe(200);
     expect(((await ok.json()) as { usageMetadata: unknown }).usageMetadata).toBeDefined();
     const seen = geminiUp.received.at(-1)!;
     expect(seen.headers['x-goog-api-key']).toBe(secrets.gemini);
     expect(seen.path).not.toContain('key=');
-    const denied = await fetch(`${issued.baseUrl}/v1beta/models/gemini-2.5-pro:generateContent`, { method: 'POST', body, headers: { 'content-type': 'application/json', 'x-goog-api-key': issued.key } });
+    const denied = await fetch(`${issued.baseUrl}/v1beta/models/gemini-2.5-pro:generateContent`, {
+      method: 'POST',
+      body,
+      headers: { 'content-type': 'application/json', 'x-goog-api-key': issued.key },
+    });
     expect(denied.status).toBe(403);
     expect(((await denied.json()) as { error: { status: string } }).error.status).toBe('PERMISSION_DENIED');
   });
@@ -225,7 +261,11 @@ describe('other providers through the broker', () => {
     const user = await fetch(`${issued.env.GITHUB_API_URL}/user`, { headers: { authorization: `token ${issued.env.GH_TOKEN}` } });
     expect(user.status).toBe(200);
     expect(githubUp.received.at(-1)!.headers.authorization).toBe(`Bearer ${secrets.github}`);
-    const post = await fetch(`${issued.baseUrl}/repos/o/r/issues`, { method: 'POST', body: '{"title":"x"}', headers: { authorization: `Bearer ${issued.key}`, 'content-type': 'application/json' } });
+    const post = await fetch(`${issued.baseUrl}/repos/o/r/issues`, {
+      method: 'POST',
+      body: '{"title":"x"}',
+      headers: { authorization: `Bearer ${issued.key}`, 'content-type': 'application/json' },
+    });
     expect(post.status).toBe(403);
     expect(((await post.json()) as { message: string }).message).toContain('method POST is not allowed');
   });
@@ -238,7 +278,9 @@ describe('retries', () => {
     await client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'one' }] });
     const before = openaiUp.received.length;
     const started = Date.now();
-    const err = await client.chat.completions.create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'two' }] }).catch((e: unknown) => e);
+    const err = await client.chat.completions
+      .create({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'two' }] })
+      .catch((e: unknown) => e);
     expect(err).toBeInstanceOf(OpenAI.RateLimitError);
     // Three retries with the SDK's backoff would take well over a second.
     expect(Date.now() - started).toBeLessThan(500);

@@ -83,7 +83,11 @@ const geminiBody = () => JSON.stringify({ contents: [{ role: 'user', parts: [{ t
 const JSON_TYPE = { 'content-type': 'application/json' };
 
 /** POST /openai/v1/chat/completions with a Bearer till key. */
-function chat(service: { url: string }, key: string, init: { model?: string; headers?: Record<string, string>; signal?: AbortSignal } = {}): Promise<Reply> {
+function chat(
+  service: { url: string },
+  key: string,
+  init: { model?: string; headers?: Record<string, string>; signal?: AbortSignal } = {},
+): Promise<Reply> {
   return send(service.url, '/openai/v1/chat/completions', {
     method: 'POST',
     headers: { ...JSON_TYPE, authorization: `Bearer ${key}`, ...init.headers },
@@ -171,7 +175,12 @@ interface World {
  * with `inProcess` (timeouts users cannot set), a TillService built with those settings.
  */
 async function world(options: { config?: object; inProcess?: ServiceOptions['broker']; hang?: boolean } = {}): Promise<World> {
-  const creds = { openai: fakeCredential('openai'), anthropic: fakeCredential('anthropic'), gemini: fakeCredential('gemini'), github: fakeCredential('github') };
+  const creds = {
+    openai: fakeCredential('openai'),
+    anthropic: fakeCredential('anthropic'),
+    gemini: fakeCredential('gemini'),
+    github: fakeCredential('github'),
+  };
   const hang = options.hang ?? false;
   const [openai, anthropic, gemini, github] = await Promise.all([
     startOpenAIUpstream({ credential: creds.openai, hang }),
@@ -224,7 +233,15 @@ describe('broker security', () => {
       const k = await w.issue({ target: 'openai', uses: 5 });
       const port = new URL(w.service.url).port;
       const before = w.openai.received.length + w.openai.rejected.length;
-      for (const host of ['evil.example', `evil.example:${port}`, `127.0.0.1.evil.example:${port}`, `localhost.evil.example:${port}`, `0.0.0.0:${port}`, `192.168.1.10:${port}`, `[::2]:${port}`]) {
+      for (const host of [
+        'evil.example',
+        `evil.example:${port}`,
+        `127.0.0.1.evil.example:${port}`,
+        `localhost.evil.example:${port}`,
+        `0.0.0.0:${port}`,
+        `192.168.1.10:${port}`,
+        `[::2]:${port}`,
+      ]) {
         const r = await chat(w.service, k.key, { headers: { host: host } });
         expect(r.status, host).toBe(403);
         expect(r.headers['x-till-denial'], host).toBe('forbidden_host');
@@ -283,14 +300,18 @@ describe('broker security', () => {
       expect((await usage(w.service, k.id)).used.activations).toBe(0);
     });
 
-    it('accepts Sec-Fetch-Mode alone, which Node\'s own fetch (and so the OpenAI SDK) sends', async () => {
+    it("accepts Sec-Fetch-Mode alone, which Node's own fetch (and so the OpenAI SDK) sends", async () => {
       // Attack: none; Node's fetch sends `Sec-Fetch-Mode: cors` on every request, without
       // Sec-Fetch-Site or Origin. Refusing it would lock out SDK clients, not browsers.
       const k = await w.issue({ target: 'openai' });
       const r = await chat(w.service, k.key, { headers: { 'sec-fetch-mode': 'cors' } });
       expect(r.status).toBe(200);
       expect(w.openai.received.at(-1)!.headers['sec-fetch-mode']).toBeUndefined();
-      const viaFetch = await fetch(`${w.service.url}/openai/v1/chat/completions`, { method: 'POST', headers: { ...JSON_TYPE, authorization: `Bearer ${k.key}` }, body: chatBody() });
+      const viaFetch = await fetch(`${w.service.url}/openai/v1/chat/completions`, {
+        method: 'POST',
+        headers: { ...JSON_TYPE, authorization: `Bearer ${k.key}` },
+        body: chatBody(),
+      });
       expect(viaFetch.status).toBe(200);
       await viaFetch.text();
     });
@@ -300,7 +321,12 @@ describe('broker security', () => {
       const before = w.openai.received.length + w.openai.rejected.length;
       const r = await send(w.service.url, '/openai/v1/chat/completions', {
         method: 'OPTIONS',
-        headers: { origin: 'https://evil.example', 'access-control-request-method': 'POST', 'access-control-request-headers': 'authorization, content-type', 'sec-fetch-mode': 'cors' },
+        headers: {
+          origin: 'https://evil.example',
+          'access-control-request-method': 'POST',
+          'access-control-request-headers': 'authorization, content-type',
+          'sec-fetch-mode': 'cors',
+        },
       });
       expect(r.status).toBe(403);
       for (const name of Object.keys(r.headers)) expect(name).not.toMatch(/^access-control-/);
@@ -326,7 +352,9 @@ describe('broker security', () => {
       const before = w.openai.received.length + w.openai.rejected.length;
       const headers = { ...JSON_TYPE, authorization: `Bearer ${k.key}`, 'content-length': String(50 * 1024 * 1024) };
       // Only a sliver of the declared 50 MiB: the answer must come without waiting for the rest.
-      const r = await send(w.service.url, '/openai/v1/chat/completions', { method: 'POST', headers }, (req) => req.write('{"model":"gpt-4o-mini","messages":['));
+      const r = await send(w.service.url, '/openai/v1/chat/completions', { method: 'POST', headers }, (req) =>
+        req.write('{"model":"gpt-4o-mini","messages":['),
+      );
       expect(r.status).toBe(413);
       expect(r.headers['x-till-denial']).toBe('too_large');
       expect(messageOf(r)).toMatch(/^till: request body of 52428800 bytes is over the broker's limit of 16384/);
@@ -444,9 +472,15 @@ describe('broker security', () => {
       const stray = fakeCredential('stray');
       const attempts: [string, RequestInit][] = [
         ['/openai/v1/chat/completions', { method: 'POST', headers: { ...JSON_TYPE, authorization: `Bearer ${stray}` }, body: chatBody() }],
-        ['/anthropic/v1/messages', { method: 'POST', headers: { ...JSON_TYPE, 'x-api-key': stray, 'anthropic-version': '2023-06-01' }, body: claudeBody() }],
+        [
+          '/anthropic/v1/messages',
+          { method: 'POST', headers: { ...JSON_TYPE, 'x-api-key': stray, 'anthropic-version': '2023-06-01' }, body: claudeBody() },
+        ],
         [`/gemini/v1beta/models/gemini-2.5-flash:generateContent?key=${stray}`, { method: 'POST', headers: JSON_TYPE, body: geminiBody() }],
-        ['/gemini/v1beta/models/gemini-2.5-flash:generateContent', { method: 'POST', headers: { ...JSON_TYPE, 'x-goog-api-key': stray }, body: geminiBody() }],
+        [
+          '/gemini/v1beta/models/gemini-2.5-flash:generateContent',
+          { method: 'POST', headers: { ...JSON_TYPE, 'x-goog-api-key': stray }, body: geminiBody() },
+        ],
         ['/github/user', { headers: { authorization: `token ${stray}` } }],
         ['/openai/v1/chat/completions', { method: 'POST', headers: { ...JSON_TYPE, 'api-key': stray }, body: chatBody() }],
       ];
@@ -493,7 +527,7 @@ describe('broker security', () => {
       expect(same.status).toBe(200);
     });
 
-    it('finds the till key wherever a provider SDK sends it, swaps in the credential in the provider\'s place, and never forwards the till key', async () => {
+    it("finds the till key wherever a provider SDK sends it, swaps in the credential in the provider's place, and never forwards the till key", async () => {
       // Attack: the till key leaking to a model provider (into their logs, and thereby to
       // anyone who reads them), and the credential landing in a place the provider ignores.
       const openai = await w.issue({ target: 'openai' });
@@ -536,7 +570,11 @@ describe('broker security', () => {
           key: anthropic,
           up: w.anthropic,
           path: '/anthropic/v1/messages',
-          init: { method: 'POST', headers: { ...JSON_TYPE, 'x-api-key': anthropic.key, 'anthropic-version': '2023-06-01' }, body: claudeBody() },
+          init: {
+            method: 'POST',
+            headers: { ...JSON_TYPE, 'x-api-key': anthropic.key, 'anthropic-version': '2023-06-01' },
+            body: claudeBody(),
+          },
           check: (r) => {
             expect(r.headers['x-api-key']).toBe(w.creds.anthropic);
             expect(r.headers.authorization).toBeUndefined();
@@ -631,7 +669,17 @@ describe('broker security', () => {
       });
       expect(r.status).toBe(200);
       const got = w.openai.received.at(-1)!.headers;
-      for (const name of ['x-hop-secret', 'keep-alive', 'proxy-authorization', 'proxy-connection', 'te', 'upgrade', 'cookie', 'referer', 'origin']) {
+      for (const name of [
+        'x-hop-secret',
+        'keep-alive',
+        'proxy-authorization',
+        'proxy-connection',
+        'te',
+        'upgrade',
+        'cookie',
+        'referer',
+        'origin',
+      ]) {
         expect(got[name], name).toBeUndefined();
       }
       expect(JSON.stringify(got)).not.toMatch(/browser-session|cHJveHk6c2VjcmV0/);
@@ -641,7 +689,7 @@ describe('broker security', () => {
   });
 
   describe('provider-shaped denials', () => {
-    it('speaks OpenAI\'s error shape, with a message a person understands', async () => {
+    it("speaks OpenAI's error shape, with a message a person understands", async () => {
       // Attack: a runaway agent; it must get a hard, clear stop in the shape its SDK understands.
       const k = await w.issue({ target: 'openai', uses: 2 });
       expect((await chat(w.service, k.key)).status).toBe(200);
@@ -651,7 +699,12 @@ describe('broker security', () => {
       expect(r.status).toBe(429);
       expect(r.headers['content-type']).toMatch(/application\/json/);
       expect(json(r)).toEqual({
-        error: { message: 'till: till key exhausted: 2 of 2 activations used', type: 'rate_limit_error', param: null, code: 'till_exhausted' },
+        error: {
+          message: 'till: till key exhausted: 2 of 2 activations used',
+          type: 'rate_limit_error',
+          param: null,
+          code: 'till_exhausted',
+        },
       });
       expect(w.openai.received.length).toBe(before);
       const s = await usage(w.service, k.id);
@@ -659,9 +712,13 @@ describe('broker security', () => {
       expect(s.remaining.activations).toBe(0);
     });
 
-    it('speaks Anthropic\'s error shape', async () => {
+    it("speaks Anthropic's error shape", async () => {
       // Attack: none; an Anthropic SDK must surface the refusal as its own error type.
-      const r = await send(w.service.url, '/anthropic/v1/messages', { method: 'POST', headers: { ...JSON_TYPE, 'anthropic-version': '2023-06-01' }, body: claudeBody() });
+      const r = await send(w.service.url, '/anthropic/v1/messages', {
+        method: 'POST',
+        headers: { ...JSON_TYPE, 'anthropic-version': '2023-06-01' },
+        body: claudeBody(),
+      });
       expect(r.status).toBe(401);
       const body = json(r) as { type: string; error: { type: string; message: string } };
       expect(body.type).toBe('error');
@@ -670,7 +727,7 @@ describe('broker security', () => {
       expect(Object.keys(body).sort()).toEqual(['error', 'type']);
     });
 
-    it('speaks Gemini\'s error shape', async () => {
+    it("speaks Gemini's error shape", async () => {
       // Attack: none; a Gemini client must surface the refusal as its own error type.
       const k = await w.issue({ target: 'gemini', models: ['gemini-2.5-flash'] });
       const r = await send(w.service.url, '/gemini/v1beta/models/gemini-2.5-pro:generateContent', {
@@ -685,7 +742,7 @@ describe('broker security', () => {
       expect(body.error.message).toBe('till: model gemini-2.5-pro is not allowed for this till key (allowed: gemini-2.5-flash)');
     });
 
-    it('speaks GitHub\'s error shape', async () => {
+    it("speaks GitHub's error shape", async () => {
       // Attack: none; gh and Octokit read `message`.
       const r = await send(w.service.url, '/github/user');
       expect(r.status).toBe(401);
@@ -696,7 +753,7 @@ describe('broker security', () => {
   });
 
   describe('routing', () => {
-    it('refuses a key for one provider on another provider\'s route with 403', async () => {
+    it("refuses a key for one provider on another provider's route with 403", async () => {
       // Attack: a key scoped to one provider used to spend another provider's credential.
       const k = await w.issue({ target: 'openai', uses: 3 });
       const before = w.everything().length;
@@ -716,20 +773,28 @@ describe('broker security', () => {
     it('answers 404 for an unknown provider', async () => {
       // Attack: probing for routes that might forward somewhere unchecked.
       const k = await w.issue({ target: 'openai' });
-      const r = await send(w.service.url, '/evil/v1/chat/completions', { method: 'POST', headers: { ...JSON_TYPE, authorization: `Bearer ${k.key}` }, body: chatBody() });
+      const r = await send(w.service.url, '/evil/v1/chat/completions', {
+        method: 'POST',
+        headers: { ...JSON_TYPE, authorization: `Bearer ${k.key}` },
+        body: chatBody(),
+      });
       expect(r.status).toBe(404);
       expect(r.headers['x-till-denial']).toBe('unknown_provider');
       expect(messageOf(r)).toContain(`${w.service.url}/openai/v1`);
       expect(r.text).not.toContain(k.key);
     });
 
-    it('answers 404 naming the right base URL for a path outside the provider\'s base path', async () => {
+    it("answers 404 naming the right base URL for a path outside the provider's base path", async () => {
       // Attack: reaching upstream paths outside the API's namespace (and a clear hint for a
       // client configured without /v1).
       const k = await w.issue({ target: 'openai', uses: 2 });
       const before = w.openai.received.length + w.openai.rejected.length;
       for (const path of ['/openai/chat/completions', '/openai/v1x/chat/completions', '/openai', '/openai/']) {
-        const r = await send(w.service.url, path, { method: 'POST', headers: { ...JSON_TYPE, authorization: `Bearer ${k.key}` }, body: chatBody() });
+        const r = await send(w.service.url, path, {
+          method: 'POST',
+          headers: { ...JSON_TYPE, authorization: `Bearer ${k.key}` },
+          body: chatBody(),
+        });
         expect(r.status, path).toBe(404);
         expect(messageOf(r), path).toContain(`use the base URL ${w.service.url}/openai/v1`);
       }
@@ -742,7 +807,13 @@ describe('broker security', () => {
       // but URL resolution turns it into `/admin` on the way upstream.
       const k = await w.issue({ target: 'github', paths: ['/repos/me/*'], uses: 5 });
       const before = w.github.received.length + w.github.rejected.length;
-      for (const path of ['/github/repos/me/../../user', '/github/repos/me/%2e%2e/%2E%2E/user', '/github/repos/me/x/..', '/github/repos/me/.%2e/.%2E/user', '/github/repos/me/..\\..\\user']) {
+      for (const path of [
+        '/github/repos/me/../../user',
+        '/github/repos/me/%2e%2e/%2E%2E/user',
+        '/github/repos/me/x/..',
+        '/github/repos/me/.%2e/.%2E/user',
+        '/github/repos/me/..\\..\\user',
+      ]) {
         const r = await send(w.service.url, path, { headers: { authorization: `Bearer ${k.key}` } });
         expect([400, 403], `${path}: ${r.status} ${r.text}`).toContain(r.status);
       }
@@ -763,7 +834,11 @@ describe('broker security', () => {
         '/gemini/v1beta/models/gemini-2.5-flash:x/../gemini-2.5-pro:generateContent',
         '/gemini/v1beta/models/gemini-2.5-flash:x/%2e%2e/gemini-2.5-pro:generateContent',
       ]) {
-        const r = await send(w.service.url, path, { method: 'POST', headers: { ...JSON_TYPE, 'x-goog-api-key': k.key }, body: geminiBody() });
+        const r = await send(w.service.url, path, {
+          method: 'POST',
+          headers: { ...JSON_TYPE, 'x-goog-api-key': k.key },
+          body: geminiBody(),
+        });
         expect([400, 403], `${path}: ${r.status} ${r.text}`).toContain(r.status);
       }
       expect(w.gemini.received.length + w.gemini.rejected.length).toBe(before);
@@ -791,7 +866,7 @@ describe('broker security', () => {
   });
 
   describe('scope', () => {
-    it('refuses methods outside the key\'s scope with 403', async () => {
+    it("refuses methods outside the key's scope with 403", async () => {
       // Attack: a read-only key used to write (e.g. create issues on GitHub).
       const k = await w.issue({ target: 'github', methods: ['GET'] });
       const before = w.github.received.length;
@@ -807,7 +882,7 @@ describe('broker security', () => {
       expect((await send(w.service.url, '/github/user', { headers: { authorization: `Bearer ${k.key}` } })).status).toBe(200);
     });
 
-    it('refuses paths outside the key\'s scope with 403', async () => {
+    it("refuses paths outside the key's scope with 403", async () => {
       // Attack: a chat-only key used for other endpoints (files, fine-tuning, batches).
       const k = await w.issue({ target: 'openai', paths: ['/v1/chat/*'] });
       const before = w.openai.received.length;
@@ -822,7 +897,7 @@ describe('broker security', () => {
       expect((await chat(w.service, k.key)).status).toBe(200);
     });
 
-    it('refuses models outside the key\'s scope, from the JSON body and from the Gemini path', async () => {
+    it("refuses models outside the key's scope, from the JSON body and from the Gemini path", async () => {
       // Attack: a key meant for a cheap model used for an expensive one.
       const k = await w.issue({ target: 'openai', models: ['gpt-4o-mini', 'gpt-4.1*'] });
       const before = w.openai.received.length;
@@ -903,7 +978,11 @@ describe('broker security', () => {
       const a = await w.issue({ target: 'anthropic', uses: 1 });
       const headers = { ...JSON_TYPE, 'x-api-key': a.key, 'anthropic-version': '2023-06-01' };
       for (let i = 0; i < 2; i++) {
-        const r = await send(w.service.url, '/anthropic/v1/messages/count_tokens', { method: 'POST', headers, body: JSON.stringify({ model: 'claude-sonnet-5', messages: [{ role: 'user', content: 'hi' }] }) });
+        const r = await send(w.service.url, '/anthropic/v1/messages/count_tokens', {
+          method: 'POST',
+          headers,
+          body: JSON.stringify({ model: 'claude-sonnet-5', messages: [{ role: 'user', content: 'hi' }] }),
+        });
         expect(r.status).toBe(200);
       }
       const warmup = await send(w.service.url, '/anthropic/', { method: 'HEAD', headers });
@@ -973,14 +1052,20 @@ describe('secrets in denials, logs and the ledger', () => {
       const g = await x.issue({ target: 'gemini' });
       const stray = fakeCredential('stray');
       const bearer = { ...JSON_TYPE, authorization: `Bearer ${k.key}` };
-      const post = (path: string, headers: Record<string, string>, body = chatBody()) => send(x.service.url, path, { method: 'POST', headers, body });
+      const post = (path: string, headers: Record<string, string>, body = chatBody()) =>
+        send(x.service.url, path, { method: 'POST', headers, body });
       replies.push(await post('/openai/v1/chat/completions', bearer)); // 200
       replies.push(await post('/openai/v1/chat/completions', bearer)); // exhausted
       replies.push(await post('/openai/v1/chat/completions', bearer, chatBody('gpt-5'))); // model out of scope
       replies.push(await post('/openai/v1/responses', bearer)); // path out of scope
       replies.push(await post('/openai/chat/completions', bearer)); // outside base path
       replies.push(await post('/anthropic/v1/messages', { ...JSON_TYPE, 'x-api-key': k.key })); // wrong provider
-      replies.push(await post('/openai/v1/chat/completions', { ...JSON_TYPE, authorization: `Bearer ${k.key.slice(0, -1)}${k.key.endsWith('Z') ? 'Y' : 'Z'}` })); // checksum
+      replies.push(
+        await post('/openai/v1/chat/completions', {
+          ...JSON_TYPE,
+          authorization: `Bearer ${k.key.slice(0, -1)}${k.key.endsWith('Z') ? 'Y' : 'Z'}`,
+        }),
+      ); // checksum
       replies.push(await post('/openai/v1/chat/completions', { ...JSON_TYPE, authorization: `Bearer ${k.key}x` })); // length
       replies.push(await post('/openai/v1/chat/completions', { ...JSON_TYPE, authorization: `Bearer ${stray}` })); // real key
       replies.push(await post(`/openai/v1/chat/completions?key=${stray}`, JSON_TYPE)); // real key in query
@@ -1007,7 +1092,9 @@ describe('secrets in denials, logs and the ledger', () => {
     }
     // Closing flushed the audit log. Nothing in the data folder holds a key or a credential.
     const secretsAfter = [...Object.values(x.creds)];
-    const files = readdirSync(x.home).map((f) => join(x.home, f)).filter((f) => statSync(f).isFile());
+    const files = readdirSync(x.home)
+      .map((f) => join(x.home, f))
+      .filter((f) => statSync(f).isFile());
     const audit = readFileSync(join(x.home, 'audit.jsonl'), 'utf8');
     expect(audit.split('\n').filter(Boolean).length).toBeGreaterThanOrEqual(12);
     expect(audit).not.toMatch(/till_[0-9A-Za-z]{10}_[0-9A-Za-z]{30}/);
@@ -1097,7 +1184,7 @@ describe('slow clients', () => {
 });
 
 describe('upstream failures', () => {
-  it('answers 502 in the provider\'s shape when the upstream is down, and gives the activation back', async () => {
+  it("answers 502 in the provider's shape when the upstream is down, and gives the activation back", async () => {
     // Attack: none; an outage must not burn a use-limited key, and must not hang the agent.
     const w = await world();
     try {
@@ -1116,7 +1203,11 @@ describe('upstream failures', () => {
       expect(so.remaining.activations).toBe(2);
       expect(so.inFlight).toBe(0);
 
-      const ra = await send(w.service.url, '/anthropic/v1/messages', { method: 'POST', headers: { ...JSON_TYPE, 'x-api-key': a.key }, body: claudeBody() });
+      const ra = await send(w.service.url, '/anthropic/v1/messages', {
+        method: 'POST',
+        headers: { ...JSON_TYPE, 'x-api-key': a.key },
+        body: claudeBody(),
+      });
       expect(ra.status).toBe(502);
       const ab = json(ra) as { type: string; error: { type: string; message: string } };
       expect(ab.type).toBe('error');
@@ -1135,7 +1226,11 @@ describe('upstream failures', () => {
     const service = await serveTill(home, { env: { TILL_UPSTREAM_GEMINI: `http://127.0.0.1:${port}` } });
     try {
       const k = await service.issue({ target: 'gemini', uses: 2 });
-      const r = await send(service.url, '/gemini/v1beta/models/gemini-2.5-flash:generateContent', { method: 'POST', headers: { ...JSON_TYPE, 'x-goog-api-key': k.key }, body: geminiBody() });
+      const r = await send(service.url, '/gemini/v1beta/models/gemini-2.5-flash:generateContent', {
+        method: 'POST',
+        headers: { ...JSON_TYPE, 'x-goog-api-key': k.key },
+        body: geminiBody(),
+      });
       expect(r.status).toBe(502);
       const body = json(r) as { error: { code: number; message: string; status: string } };
       expect(body.error.code).toBe(502);
@@ -1145,7 +1240,9 @@ describe('upstream failures', () => {
       expect(s.remaining.activations).toBe(2);
       expect(s.inFlight).toBe(0);
       // What views total (the Usage view's "today") is what the ledger counted: nothing.
-      const ended = await waitFor('the request.finished event', () => service.events().find((e) => e.type === 'request.finished' && e.request.keyId === k.id));
+      const ended = await waitFor('the request.finished event', () =>
+        service.events().find((e) => e.type === 'request.finished' && e.request.keyId === k.id),
+      );
       expect(ended).toMatchObject({ status: 502, uncounted: true });
       expect(ended).not.toHaveProperty('usage');
     } finally {
@@ -1153,7 +1250,7 @@ describe('upstream failures', () => {
     }
   });
 
-  it('aborts the upstream request when the client goes away, and frees the key\'s slot', async () => {
+  it("aborts the upstream request when the client goes away, and frees the key's slot", async () => {
     // Attack: a client that disconnects while the upstream keeps working (and billing).
     const w = await world({ hang: true });
     try {
@@ -1179,7 +1276,10 @@ describe('upstream failures', () => {
     try {
       const k = await w.issue({ target: 'openai', concurrency: 2, uses: 10 });
       const ctl = new AbortController();
-      const hanging = [chat(w.service, k.key, { signal: ctl.signal }).catch((e: Error) => e), chat(w.service, k.key, { signal: ctl.signal }).catch((e: Error) => e)];
+      const hanging = [
+        chat(w.service, k.key, { signal: ctl.signal }).catch((e: Error) => e),
+        chat(w.service, k.key, { signal: ctl.signal }).catch((e: Error) => e),
+      ];
       await w.openai.waitForRequests(2);
       expect((await usage(w.service, k.id)).inFlight).toBe(2);
       const r = await chat(w.service, k.key);

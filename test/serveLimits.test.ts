@@ -35,7 +35,11 @@ afterAll(async () => {
 });
 
 /** Posts `writeBody`'s bytes to the broker and resolves with its answer (the rest of the body may be cut). */
-function postStreaming(path: string, headers: Record<string, string>, writeBody: (req: http.ClientRequest, answered: () => boolean) => void): Promise<{ status: number; text: string }> {
+function postStreaming(
+  path: string,
+  headers: Record<string, string>,
+  writeBody: (req: http.ClientRequest, answered: () => boolean) => void,
+): Promise<{ status: number; text: string }> {
   const u = new URL(broker.url);
   return new Promise((resolve, reject) => {
     let answered = false;
@@ -135,7 +139,11 @@ describe('till serve with no settings', () => {
     const k = await broker.issue({ target: 'openai', ttl: '1s' });
     const client = new OpenAI({ apiKey: k.key, baseURL: k.baseUrl, maxRetries: 0 });
     const started = Date.now();
-    const stream = await client.chat.completions.create({ model: 'gpt-4o-mini', stream: true, messages: [{ role: 'user', content: 'a long answer' }] });
+    const stream = await client.chat.completions.create({
+      model: 'gpt-4o-mini',
+      stream: true,
+      messages: [{ role: 'user', content: 'a long answer' }],
+    });
     let chunks = 0;
     const failure = await (async () => {
       try {

@@ -19,7 +19,27 @@ beforeAll(async () => {
   const dir = tempHome();
   certFile = join(dir, 'cert.pem');
   const keyFile = join(dir, 'key.pem');
-  execFileSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', keyFile, '-out', certFile, '-days', '1', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1'], { stdio: 'ignore' });
+  execFileSync(
+    'openssl',
+    [
+      'req',
+      '-x509',
+      '-newkey',
+      'rsa:2048',
+      '-nodes',
+      '-keyout',
+      keyFile,
+      '-out',
+      certFile,
+      '-days',
+      '1',
+      '-subj',
+      '/CN=127.0.0.1',
+      '-addext',
+      'subjectAltName=IP:127.0.0.1',
+    ],
+    { stdio: 'ignore' },
+  );
   server = createServer({ key: readFileSync(keyFile), cert: readFileSync(certFile) }, (req, res) => {
     hits.push(req.url ?? '');
     res.setHeader('content-type', 'application/json');
@@ -40,7 +60,11 @@ describe('upstream TLS', () => {
     const till = await startTill({ home, env: { TILL_UPSTREAM_OPENAI: `${url}/v1` } });
     try {
       const issued = await till.issue({ target: 'openai', uses: 1 });
-      const res = await fetch(`${issued.baseUrl}/chat/completions`, { method: 'POST', body: '{"model":"gpt-4o"}', headers: { authorization: `Bearer ${issued.key}`, 'content-type': 'application/json' } });
+      const res = await fetch(`${issued.baseUrl}/chat/completions`, {
+        method: 'POST',
+        body: '{"model":"gpt-4o"}',
+        headers: { authorization: `Bearer ${issued.key}`, 'content-type': 'application/json' },
+      });
       expect(res.status).toBe(502);
       const body = (await res.json()) as { error: { message: string } };
       expect(body.error.message).toMatch(/cannot reach OpenAI .*(SELF_SIGNED|CERT)/);

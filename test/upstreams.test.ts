@@ -25,8 +25,16 @@ const lastBody = (u: Upstream): string => u.received.at(-1)?.body ?? '';
 
 /** Splits an SSE body into frames (either line ending). */
 const frames = (text: string): string[] => text.split(/\r?\n\r?\n/).filter((f) => f.trim() !== '');
-const dataOf = (frame: string): string => frame.split(/\r?\n/).find((l) => l.startsWith('data: '))?.slice(6) ?? '';
-const eventOf = (frame: string): string | undefined => frame.split(/\r?\n/).find((l) => l.startsWith('event: '))?.slice(7);
+const dataOf = (frame: string): string =>
+  frame
+    .split(/\r?\n/)
+    .find((l) => l.startsWith('data: '))
+    ?.slice(6) ?? '';
+const eventOf = (frame: string): string | undefined =>
+  frame
+    .split(/\r?\n/)
+    .find((l) => l.startsWith('event: '))
+    ?.slice(7);
 
 describe('OpenAI upstream', () => {
   let up: Upstream;
@@ -134,8 +142,14 @@ describe('OpenAI upstream', () => {
   it('bills a Responses request that continues a stored conversation for all of it, and refuses an unknown one', async () => {
     const first = await client.responses.create({ model: 'gpt-5', input: 'remember this' });
     const second = await client.responses.create({ model: 'gpt-5', input: 'and this', previous_response_id: first.id });
-    expect(second.usage?.input_tokens).toBe(first.usage!.input_tokens + first.usage!.output_tokens + openAIResponsesInputTokens(JSON.parse(lastBody(up)) as Record<string, unknown>));
-    await expect(client.responses.create({ model: 'gpt-5', input: 'x', previous_response_id: 'resp_unknown' })).rejects.toThrow(/Previous response with id 'resp_unknown' not found/);
+    expect(second.usage?.input_tokens).toBe(
+      first.usage!.input_tokens +
+        first.usage!.output_tokens +
+        openAIResponsesInputTokens(JSON.parse(lastBody(up)) as Record<string, unknown>),
+    );
+    await expect(client.responses.create({ model: 'gpt-5', input: 'x', previous_response_id: 'resp_unknown' })).rejects.toThrow(
+      /Previous response with id 'resp_unknown' not found/,
+    );
   });
 
   it('bills a stream its client left: what it streamed plus what it generated before it noticed', async () => {
@@ -177,7 +191,9 @@ describe('OpenAI upstream', () => {
   it('answers unknown paths with an OpenAI-shaped 404', async () => {
     const res = await fetch(`${up.url}/v1/nope?x=1`, { headers: { authorization: `Bearer ${KEY}` } });
     expect(res.status).toBe(404);
-    expect(await res.json()).toEqual({ error: { message: 'Invalid URL (GET /v1/nope)', type: 'invalid_request_error', param: null, code: null } });
+    expect(await res.json()).toEqual({
+      error: { message: 'Invalid URL (GET /v1/nope)', type: 'invalid_request_error', param: null, code: null },
+    });
     expect(up.received.at(-1)?.path).toBe('/v1/nope?x=1');
   });
 });
@@ -198,7 +214,12 @@ describe('Anthropic upstream', () => {
     expect(m.model).toBe(params.model);
     expect(m.content).toEqual([{ type: 'text', text: fakeAnswer(5) }]);
     expect(m.stop_reason).toBe('end_turn');
-    expect(m.usage).toMatchObject({ input_tokens: fakeTokenCount(lastBody(up)), output_tokens: 5, cache_read_input_tokens: 0, cache_creation_input_tokens: 0 });
+    expect(m.usage).toMatchObject({
+      input_tokens: fakeTokenCount(lastBody(up)),
+      output_tokens: 5,
+      cache_read_input_tokens: 0,
+      cache_creation_input_tokens: 0,
+    });
     expect(up.received.at(-1)?.headers['anthropic-version']).toBeTruthy();
   });
 
@@ -260,7 +281,11 @@ describe('Anthropic upstream', () => {
     expect(err).toBeInstanceOf(Anthropic.AuthenticationError);
     expect((err as InstanceType<typeof Anthropic.AuthenticationError>).status).toBe(401);
 
-    const res = await fetch(`${up.url}/v1/messages`, { method: 'POST', headers: { 'x-api-key': WRONG, 'anthropic-version': '2023-06-01' }, body: '{}' });
+    const res = await fetch(`${up.url}/v1/messages`, {
+      method: 'POST',
+      headers: { 'x-api-key': WRONG, 'anthropic-version': '2023-06-01' },
+      body: '{}',
+    });
     expect(res.status).toBe(401);
     expect(await res.json()).toEqual({ type: 'error', error: { type: 'authentication_error', message: 'invalid x-api-key' } });
     expect(up.rejected.at(-1)?.headers['x-api-key']).toBe(WRONG);
@@ -269,7 +294,10 @@ describe('Anthropic upstream', () => {
   it('requires anthropic-version and answers HEAD / without a key', async () => {
     const res = await fetch(`${up.url}/v1/messages`, { method: 'POST', headers: { 'x-api-key': KEY }, body: JSON.stringify(params) });
     expect(res.status).toBe(400);
-    expect(await res.json()).toMatchObject({ type: 'error', error: { type: 'invalid_request_error', message: 'anthropic-version: header is required' } });
+    expect(await res.json()).toMatchObject({
+      type: 'error',
+      error: { type: 'invalid_request_error', message: 'anthropic-version: header is required' },
+    });
     expect((await fetch(up.url, { method: 'HEAD' })).status).toBe(200);
   });
 });
@@ -288,7 +316,11 @@ describe('Gemini upstream', () => {
   it('generates content with the key in x-goog-api-key', async () => {
     const res = await post('/v1beta/models/gemini-2.5-flash:generateContent', { 'x-goog-api-key': KEY });
     expect(res.status).toBe(200);
-    const json = (await res.json()) as { candidates: { content: { parts: { text: string }[] }; finishReason: string }[]; usageMetadata: unknown; modelVersion: string };
+    const json = (await res.json()) as {
+      candidates: { content: { parts: { text: string }[] }; finishReason: string }[];
+      usageMetadata: unknown;
+      modelVersion: string;
+    };
     expect(json.candidates[0]?.content.parts[0]?.text).toBe(fakeAnswer(5));
     expect(json.candidates[0]?.finishReason).toBe('STOP');
     expect(json.modelVersion).toBe('gemini-2.5-flash');
@@ -318,7 +350,9 @@ describe('Gemini upstream', () => {
   it('refuses a wrong key with 400 INVALID_ARGUMENT and a missing one with 403', async () => {
     const wrong = await post('/v1beta/models/gemini-2.5-flash:generateContent', { 'x-goog-api-key': WRONG });
     expect(wrong.status).toBe(400);
-    expect(await wrong.json()).toMatchObject({ error: { code: 400, message: 'API key not valid. Please pass a valid API key.', status: 'INVALID_ARGUMENT' } });
+    expect(await wrong.json()).toMatchObject({
+      error: { code: 400, message: 'API key not valid. Please pass a valid API key.', status: 'INVALID_ARGUMENT' },
+    });
     const wrongQuery = await post(`/v1beta/models/gemini-2.5-flash:generateContent?key=${WRONG}`);
     expect(wrongQuery.status).toBe(400);
     const missing = await post('/v1beta/models/gemini-2.5-flash:generateContent');
@@ -357,7 +391,11 @@ describe('GitHub upstream', () => {
     });
     expect(issue.status).toBe(201);
     expect(await issue.json()).toMatchObject({ number: 1, title: 'Bug', body: 'details', state: 'open' });
-    const noTitle = await fetch(`${up.url}/repos/octo/hello/issues`, { method: 'POST', headers: { authorization: `Bearer ${KEY}` }, body: '{}' });
+    const noTitle = await fetch(`${up.url}/repos/octo/hello/issues`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${KEY}` },
+      body: '{}',
+    });
     expect(noTitle.status).toBe(422);
   });
 

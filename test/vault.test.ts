@@ -21,12 +21,10 @@ import { filesUnder } from './support/files';
 
 const ABSENT_BUS = 'unix:path=/nonexistent';
 
-
 /** Every file of a data folder, to prove a secret never landed on disk there. */
 function expectNotOnDisk(home: string, secret: string): void {
   for (const f of filesUnder(home)) expect(readFileSync(f, 'utf8'), f).not.toContain(secret);
 }
-
 
 async function rejection(p: Promise<unknown>): Promise<VaultError> {
   try {
@@ -58,14 +56,20 @@ const VAULT_JS = buildSync({
 }).outputFiles[0]!.text;
 
 type VaultOp = { op: 'get'; name: string } | { op: 'set'; name: string; secret: string } | { op: 'delete'; name: string };
-type VaultOutcome = { ok: true; value: unknown; ms: number } | { ok: false; error: string; kind?: VaultErrorKind; message: string; ms: number };
+type VaultOutcome =
+  { ok: true; value: unknown; ms: number } | { ok: false; error: string; kind?: VaultErrorKind; message: string; ms: number };
 
 /**
  * Runs vault calls in a child process with `env` (e.g. another bus). The child is not told to
  * exit: it has to end by itself once the calls are done, so a keychain call left hanging shows
  * as a timeout here. Secrets travel in the child's environment and stdout, never on disk.
  */
-async function vaultInChild(service: string, env: Record<string, string>, ops: VaultOp[], timeoutMs = 20_000): Promise<{ outcomes: VaultOutcome[]; ms: number }> {
+async function vaultInChild(
+  service: string,
+  env: Record<string, string>,
+  ops: VaultOp[],
+  timeoutMs = 20_000,
+): Promise<{ outcomes: VaultOutcome[]; ms: number }> {
   const script = `
     const module_ = { exports: {} };
     (function (module, exports) { ${VAULT_JS} })(module_, module_.exports);
@@ -85,7 +89,11 @@ async function vaultInChild(service: string, env: Record<string, string>, ops: V
       process.stdout.write(JSON.stringify(outcomes));
     })();`;
   const started = Date.now();
-  const child = spawn(process.execPath, ['-'], { cwd: ROOT, env: { ...process.env, ...env, VAULT_SERVICE: service, VAULT_OPS: JSON.stringify(ops) }, stdio: ['pipe', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, ['-'], {
+    cwd: ROOT,
+    env: { ...process.env, ...env, VAULT_SERVICE: service, VAULT_OPS: JSON.stringify(ops) },
+    stdio: ['pipe', 'pipe', 'pipe'],
+  });
   const run = collectOutput(child, 'the vault child (a keychain call hung?)', timeoutMs);
   child.stdin.end(script);
   const { code, stdout, stderr } = await run.done;
@@ -129,7 +137,11 @@ describe('KeychainVault on the real Secret Service', () => {
     expect(await other.get('openai')).toBe(second);
     expect(await vault.delete('openai')).toBe(true);
     expect(await vault.delete('openai')).toBe(false);
-    await expectVaultError(other.get('openai'), 'missing', /credential "openai" is not in the OS keychain: add it again with `till credential add`/);
+    await expectVaultError(
+      other.get('openai'),
+      'missing',
+      /credential "openai" is not in the OS keychain: add it again with `till credential add`/,
+    );
   });
 
   it('"not stored" is VaultError kind missing, distinct from locked or unavailable', async () => {
@@ -159,7 +171,11 @@ describe('KeychainVault on the real Secret Service', () => {
 
     // Removing it from one folder leaves the other folder's secret alone.
     expect((await runTill(['credential', 'rm', 'openai'], { home: homeA })).code).toBe(0);
-    await expectVaultError(new KeychainVault({ service: tillPaths(homeA).keychainService }).get('openai'), 'missing', /not in the OS keychain/);
+    await expectVaultError(
+      new KeychainVault({ service: tillPaths(homeA).keychainService }).get('openai'),
+      'missing',
+      /not in the OS keychain/,
+    );
     expect(await new KeychainVault({ service: tillPaths(homeB).keychainService }).get('openai')).toBe(secretB);
     expectNotOnDisk(homeA, secretA);
     expectNotOnDisk(homeB, secretB);
@@ -233,7 +249,12 @@ describe('a locked keychain', () => {
     // Adding a credential to a locked keychain fails and writes nothing.
     const other = fakeCredential('locked-add');
     started = Date.now();
-    const add2 = await runTill(['credential', 'add', 'openai', '--name', 'second'], { home, input: other, env: keyring.env, timeoutMs: 15_000 });
+    const add2 = await runTill(['credential', 'add', 'openai', '--name', 'second'], {
+      home,
+      input: other,
+      env: keyring.env,
+      timeoutMs: 15_000,
+    });
     expect(Date.now() - started).toBeLessThan(10_000);
     expectOneLineError(add2, undefined, /the OS keychain is locked/);
     const listed = JSON.parse((await runTill(['credential', 'ls', '--json'], { home })).stdout) as { name: string }[];
@@ -255,7 +276,8 @@ describe('no keychain at all', () => {
     ]);
     expect(ms).toBeLessThan(5_000);
     // Had the binding fallen back to the kernel keyring, the set would have succeeded.
-    for (const o of outcomes) expectFailure(o, 'unavailable', /^no OS keychain is reachable \(Secret Service over D-Bus\).*Till never falls back to a plain file/);
+    for (const o of outcomes)
+      expectFailure(o, 'unavailable', /^no OS keychain is reachable \(Secret Service over D-Bus\).*Till never falls back to a plain file/);
     for (const o of outcomes) expect(JSON.stringify(o)).not.toContain(secret);
   });
 
@@ -270,7 +292,11 @@ describe('no keychain at all', () => {
     expectNotOnDisk(home, secret);
     expect(existsSync(tillPaths(home).credentials)).toBe(false);
     // And it is not in the real (reachable) keychain either.
-    await expectVaultError(new KeychainVault({ service: tillPaths(home).keychainService }).get('openai'), 'missing', /not in the OS keychain/);
+    await expectVaultError(
+      new KeychainVault({ service: tillPaths(home).keychainService }).get('openai'),
+      'missing',
+      /not in the OS keychain/,
+    );
   });
 
   it('a broker without a keychain refuses to issue keys, clearly', async () => {

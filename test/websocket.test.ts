@@ -49,7 +49,10 @@ const WORDS = ['Hello', ' from', ' a', ' fake', ' upstream'];
 async function startWsUpstream(
   authorize: (req: IncomingMessage, url: URL, protocols: string[]) => boolean,
   serve: (ws: WebSocket, up: FakeWsUpstream, req: IncomingMessage) => void,
-  options: { chooseProtocol?: (offered: Set<string>) => string | false; http?: (req: IncomingMessage, res: import('node:http').ServerResponse) => void } = {},
+  options: {
+    chooseProtocol?: (offered: Set<string>) => string | false;
+    http?: (req: IncomingMessage, res: import('node:http').ServerResponse) => void;
+  } = {},
 ): Promise<FakeWsUpstream> {
   const server: Server = createServer((req, res) => {
     if (options.http) return options.http(req, res);
@@ -77,17 +80,24 @@ async function startWsUpstream(
   };
   server.on('upgrade', (req, socket, head) => {
     const url = new URL(req.url ?? '/', 'http://127.0.0.1');
-    const protocols = (req.headers['sec-websocket-protocol'] ?? '').split(',').map((p) => p.trim()).filter(Boolean);
+    const protocols = (req.headers['sec-websocket-protocol'] ?? '')
+      .split(',')
+      .map((p) => p.trim())
+      .filter(Boolean);
     const record: Handshake = { path: req.url ?? '/', headers: req.headers, protocols };
     const forced = req.headers['x-test-status'];
     if (typeof forced === 'string') {
       const body = JSON.stringify({ error: { message: 'WebSocket transport is not available here', type: 'invalid_request_error' } });
-      socket.end(`HTTP/1.1 ${forced} Refused\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\nx-request-id: req_fake\r\n\r\n${body}`);
+      socket.end(
+        `HTTP/1.1 ${forced} Refused\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\nx-request-id: req_fake\r\n\r\n${body}`,
+      );
       return;
     }
     if (!authorize(req, url, protocols)) {
       up.rejected.push(record);
-      const body = JSON.stringify({ error: { message: 'Incorrect API key provided', type: 'invalid_request_error', code: 'invalid_api_key' } });
+      const body = JSON.stringify({
+        error: { message: 'Incorrect API key provided', type: 'invalid_request_error', code: 'invalid_api_key' },
+      });
       socket.end(`HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\n\r\n${body}`);
       return;
     }
@@ -118,7 +128,13 @@ async function startWsUpstream(
 /** OpenAI: `/v1/responses` (Bearer) and `/v1/realtime` (Bearer or the key subprotocol, as browsers send it). */
 function startOpenAIWs(credential: string): Promise<FakeWsUpstream> {
   let n = 0;
-  const usageOf = (bytes: number, output: number) => ({ input_tokens: tokensOf(bytes), output_tokens: output, total_tokens: tokensOf(bytes) + output, input_tokens_details: { cached_tokens: 0 }, output_tokens_details: { reasoning_tokens: 0 } });
+  const usageOf = (bytes: number, output: number) => ({
+    input_tokens: tokensOf(bytes),
+    output_tokens: output,
+    total_tokens: tokensOf(bytes) + output,
+    input_tokens_details: { cached_tokens: 0 },
+    output_tokens_details: { reasoning_tokens: 0 },
+  });
   return startWsUpstream(
     (req, url, protocols) => {
       if (url.pathname === '/v1/realtime' && protocols.includes(`openai-insecure-api-key.${credential}`)) return true;
@@ -133,12 +149,20 @@ function startOpenAIWs(credential: string): Promise<FakeWsUpstream> {
         send({ type: 'response.created', ...(eventId ? { event_id: eventId } : {}), response: { id, status: 'in_progress' } });
         for (let i = 0; i < chunks; i++) {
           if (ws.readyState !== WebSocket.OPEN) return;
-          send(realtime ? { type: 'response.output_text.delta', response_id: id, delta: WORDS[i] ?? ' word' } : { type: 'response.output_text.delta', item_id: 'msg_1', output_index: 0, content_index: 0, delta: WORDS[i] ?? ' word' });
+          send(
+            realtime
+              ? { type: 'response.output_text.delta', response_id: id, delta: WORDS[i] ?? ' word' }
+              : { type: 'response.output_text.delta', item_id: 'msg_1', output_index: 0, content_index: 0, delta: WORDS[i] ?? ' word' },
+          );
           await sleep(2);
         }
         if (hang) return;
         const usage = usageOf(bytes, chunks);
-        if (realtime) send({ type: 'response.done', response: { id, status: 'completed', usage: { ...usage, input_token_details: usage.input_tokens_details } } });
+        if (realtime)
+          send({
+            type: 'response.done',
+            response: { id, status: 'completed', usage: { ...usage, input_token_details: usage.input_tokens_details } },
+          });
         else send({ type: 'response.completed', response: { id, status: 'completed', output: [], usage } });
       };
       ws.on('message', (data) => {
@@ -155,13 +179,25 @@ function startOpenAIWs(credential: string): Promise<FakeWsUpstream> {
               // Codex's prewarm: nothing generated, nothing billed.
               const id = `resp_${++n}`;
               send({ type: 'response.created', response: { id, status: 'in_progress' } });
-              send({ type: 'response.completed', response: { id, status: 'completed', output: [], usage: { input_tokens: 0, output_tokens: 0, total_tokens: 0 } } });
+              send({
+                type: 'response.completed',
+                response: { id, status: 'completed', output: [], usage: { input_tokens: 0, output_tokens: 0, total_tokens: 0 } },
+              });
               return;
             }
             if (msg.previous_response_id === 'resp_missing') {
-              return send({ type: 'error', status: 400, error: { type: 'invalid_request_error', code: 'previous_response_not_found', message: 'Previous response not found' } });
+              return send({
+                type: 'error',
+                status: 400,
+                error: { type: 'invalid_request_error', code: 'previous_response_not_found', message: 'Previous response not found' },
+              });
             }
-            void respond(raw.length, typeof msg.max_output_tokens === 'number' ? Math.min(5, msg.max_output_tokens) : 5, msg.metadata?.test === 'hang', msg.event_id);
+            void respond(
+              raw.length,
+              typeof msg.max_output_tokens === 'number' ? Math.min(5, msg.max_output_tokens) : 5,
+              msg.metadata?.test === 'hang',
+              msg.event_id,
+            );
             return;
           case 'input_audio_buffer.commit':
             // Server VAD: the upstream starts a response by itself.
@@ -202,7 +238,8 @@ const LIVE_PATH = '/ws/google.ai.generativelanguage.v1beta.GenerativeService.Bid
 /** Gemini Live: key in `?key=` or `x-goog-api-key`; answers in binary frames, as Google does. */
 function startGeminiLive(credential: string): Promise<FakeWsUpstream> {
   return startWsUpstream(
-    (req, url) => url.pathname === LIVE_PATH && (url.searchParams.get('key') === credential || req.headers['x-goog-api-key'] === credential),
+    (req, url) =>
+      url.pathname === LIVE_PATH && (url.searchParams.get('key') === credential || req.headers['x-goog-api-key'] === credential),
     (ws) => {
       const send = (m: Json) => ws.send(Buffer.from(JSON.stringify(m)), { binary: true });
       ws.on('message', (data) => {
@@ -216,7 +253,10 @@ function startGeminiLive(credential: string): Promise<FakeWsUpstream> {
               await sleep(2);
             }
             send({ serverContent: { generationComplete: true } });
-            send({ serverContent: { turnComplete: true }, usageMetadata: { promptTokenCount: tokensOf(raw.length), responseTokenCount: 4, totalTokenCount: tokensOf(raw.length) + 4 } });
+            send({
+              serverContent: { turnComplete: true },
+              usageMetadata: { promptTokenCount: tokensOf(raw.length), responseTokenCount: 4, totalTokenCount: tokensOf(raw.length) + 4 },
+            });
           })();
         }
       });
@@ -269,7 +309,9 @@ function connect(path: string, options: ConnectOptions = {}): Promise<Conn> {
     binary.push(isBinary);
     for (const w of waiters) w();
   });
-  const closed = new Promise<{ code: number; reason: string; at: number }>((resolve) => ws.on('close', (code, reason) => resolve({ code, reason: reason.toString(), at: Date.now() })));
+  const closed = new Promise<{ code: number; reason: string; at: number }>((resolve) =>
+    ws.on('close', (code, reason) => resolve({ code, reason: reason.toString(), at: Date.now() })),
+  );
   return new Promise((resolve, reject) => {
     let upgrade: IncomingHttpHeaders = {};
     ws.on('upgrade', (res) => (upgrade = res.headers));
@@ -298,7 +340,11 @@ function connect(path: string, options: ConnectOptions = {}): Promise<Conn> {
             };
             const timer = setTimeout(() => {
               waiters.delete(check);
-              rej(new Error(`no matching message within ${timeoutMs} ms; got ${JSON.stringify(messages.map((m) => m.type ?? Object.keys(m)[0]))}`));
+              rej(
+                new Error(
+                  `no matching message within ${timeoutMs} ms; got ${JSON.stringify(messages.map((m) => m.type ?? Object.keys(m)[0]))}`,
+                ),
+              );
             }, timeoutMs);
             waiters.add(check);
             check();
@@ -401,9 +447,15 @@ describe('OpenAI Responses over WebSocket (Codex CLI)', () => {
     expect(prewarm.response.usage.total_tokens).toBe(0);
     expect(summary(id).used.activations).toBe(0);
 
-    const first = await turn(conn, { instructions: 'You are Codex.', input: [{ type: 'message', role: 'user', content: [{ type: 'input_text', text: 'list the files' }] }] });
+    const first = await turn(conn, {
+      instructions: 'You are Codex.',
+      input: [{ type: 'message', role: 'user', content: [{ type: 'input_text', text: 'list the files' }] }],
+    });
     expect(first.text).toBe('Hello from a fake upstream');
-    const second = await turn(conn, { previous_response_id: first.completed.response.id, input: [{ type: 'function_call_output', call_id: 'c1', output: 'README.md' }] });
+    const second = await turn(conn, {
+      previous_response_id: first.completed.response.id,
+      input: [{ type: 'function_call_output', call_id: 'c1', output: 'README.md' }],
+    });
     const tokens = first.completed.response.usage.total_tokens + second.completed.response.usage.total_tokens;
 
     const s = summary(id);
@@ -418,7 +470,9 @@ describe('OpenAI Responses over WebSocket (Codex CLI)', () => {
     expect(creates[1]!.msg.max_output_tokens).toBeUndefined();
     expect(creates[2]!.msg.previous_response_id).toBe(first.completed.response.id);
 
-    const finished = events.filter((e): e is Extract<TillEvent, { type: 'request.finished' }> => e.type === 'request.finished' && e.request.keyId === id);
+    const finished = events.filter(
+      (e): e is Extract<TillEvent, { type: 'request.finished' }> => e.type === 'request.finished' && e.request.keyId === id,
+    );
     expect(finished.map((e) => [e.request.method, e.request.path, e.status])).toEqual([
       ['WS', '/v1/responses', 200],
       ['WS', '/v1/responses', 200],
@@ -430,7 +484,13 @@ describe('OpenAI Responses over WebSocket (Codex CLI)', () => {
     conn.ws.terminate();
     await until(() => openai.closes.length > 0 && openai.sockets.size === 0);
     // The audit log is written in batches: wait for the connection's own line.
-    const auditLines = () => readFileSync(service.paths.audit, 'utf8').trim().split('\n').filter(Boolean).map((l) => JSON.parse(l) as Json).filter((l) => l.keyId === id);
+    const auditLines = () =>
+      readFileSync(service.paths.audit, 'utf8')
+        .trim()
+        .split('\n')
+        .filter(Boolean)
+        .map((l) => JSON.parse(l) as Json)
+        .filter((l) => l.keyId === id);
     await until(() => auditLines().some((l) => l.method === 'GET' && l.status === 101));
     const audit = readFileSync(service.paths.audit, 'utf8');
     const lines = auditLines();
@@ -711,11 +771,22 @@ describe('OpenAI Responses over WebSocket (Codex CLI)', () => {
   it('still serves a plain HTTP request that asks for another upgrade (curl --http2 sends Upgrade: h2c)', async () => {
     const { key } = await issue({ target: 'openai', uses: 5 });
     const res = await new Promise<{ status: number; body: string }>((resolve, reject) => {
-      const req = httpRequest(`${service.url}/openai/v1/models`, { headers: { authorization: `Bearer ${key}`, connection: 'Upgrade, HTTP2-Settings', upgrade: 'h2c', 'http2-settings': 'AAMAAABkAAQCAAAAAAIAAAAA' } }, (r: IncomingMessage) => {
-        let body = '';
-        r.on('data', (c) => (body += c));
-        r.on('end', () => resolve({ status: r.statusCode ?? 0, body }));
-      });
+      const req = httpRequest(
+        `${service.url}/openai/v1/models`,
+        {
+          headers: {
+            authorization: `Bearer ${key}`,
+            connection: 'Upgrade, HTTP2-Settings',
+            upgrade: 'h2c',
+            'http2-settings': 'AAMAAABkAAQCAAAAAAIAAAAA',
+          },
+        },
+        (r: IncomingMessage) => {
+          let body = '';
+          r.on('data', (c) => (body += c));
+          r.on('end', () => resolve({ status: r.statusCode ?? 0, body }));
+        },
+      );
       req.on('error', reject);
       req.end();
     });
@@ -748,7 +819,9 @@ describe('other WebSocket routes', () => {
 describe('OpenAI Realtime', () => {
   it('takes the till key from the browser-style subprotocol, swaps in the credential, and answers with the subprotocol the upstream chose', async () => {
     const { id, key } = await issue({ target: 'openai', uses: 5, models: ['gpt-realtime*'] });
-    const conn = await connect('/openai/v1/realtime?model=gpt-realtime', { protocols: ['realtime', `openai-insecure-api-key.${key}`, 'openai-beta.realtime-v1'] });
+    const conn = await connect('/openai/v1/realtime?model=gpt-realtime', {
+      protocols: ['realtime', `openai-insecure-api-key.${key}`, 'openai-beta.realtime-v1'],
+    });
     expect(conn.ws.protocol).toBe('realtime');
     expect(conn.upgrade['sec-websocket-protocol']).toBe('realtime');
     expect(JSON.stringify(conn.upgrade)).not.toContain(key);
@@ -781,7 +854,9 @@ describe('OpenAI Realtime', () => {
 
   it('refuses a real key in the subprotocol without forwarding it', async () => {
     const before = openai.handshakes.length + openai.rejected.length;
-    const r = await refusal('/openai/v1/realtime?model=gpt-realtime', { protocols: ['realtime', 'openai-insecure-api-key.sk-proj-abc123'] });
+    const r = await refusal('/openai/v1/realtime?model=gpt-realtime', {
+      protocols: ['realtime', 'openai-insecure-api-key.sk-proj-abc123'],
+    });
     expect(r.status).toBe(401);
     expect(JSON.stringify(r)).not.toContain('sk-proj-abc123');
     expect(openai.handshakes.length + openai.rejected.length).toBe(before);
@@ -838,7 +913,7 @@ describe('Gemini Live', () => {
     expect(closed.reason).toContain('gemini-2.0-flash-live-001');
   });
 
-  it('refuses a wrong key at the upgrade in Google\'s error shape', async () => {
+  it("refuses a wrong key at the upgrade in Google's error shape", async () => {
     const r = await refusal(`/gemini${LIVE_PATH}?key=${makeTillKey(newKeyId())}`);
     expect(r.status).toBe(401);
     expect(r.body.error).toMatchObject({ code: 401, status: 'UNAUTHENTICATED' });
@@ -854,7 +929,9 @@ describe('broker shutdown', () => {
     const other = await startTill({ home, env: { TILL_UPSTREAM_OPENAI: `${up.url}/v1` } });
     try {
       const issued = await other.issue({ target: 'openai', uses: 5 });
-      const ws = new WebSocket(`${other.url.replace(/^http/, 'ws')}/openai/v1/responses`, { headers: { authorization: `Bearer ${issued.key}` } });
+      const ws = new WebSocket(`${other.url.replace(/^http/, 'ws')}/openai/v1/responses`, {
+        headers: { authorization: `Bearer ${issued.key}` },
+      });
       await new Promise((r, j) => {
         ws.once('open', r);
         ws.once('error', j);

@@ -12,7 +12,16 @@ import { ControlClient, NotRunningError } from '../core/runtime/control';
 import { CredentialList, CredentialStore, checkCredentialName } from '../core/credentials/credentials';
 import type { KeySummary, TillEvent } from '../core/events';
 import { defaultHome, openHome, readConfig, type TillPaths } from '../core/runtime/home';
-import { describePolicy, formatAmount, formatCount, formatDuration, formatSpent, formatUsd, limitsOf, type Amounts } from '../core/keys/policy';
+import {
+  describePolicy,
+  formatAmount,
+  formatCount,
+  formatDuration,
+  formatSpent,
+  formatUsd,
+  limitsOf,
+  type Amounts,
+} from '../core/keys/policy';
 import { holdLease, type HeldLease } from '../core/runtime/leases';
 import { providerEnvNames, ProviderRegistry } from '../core/providers/providers';
 import { TillService, type IssuedKey, type IssueInput } from '../core/runtime/service';
@@ -202,7 +211,9 @@ function eventLine(e: TillEvent): string {
   switch (e.type) {
     case 'request.finished': {
       const r = e.request;
-      const u = e.usage ? ` ${e.usage.tokens.input}+${e.usage.tokens.output} tok${e.usage.spend !== undefined ? ` ${formatUsd(e.usage.spend)}` : ''}${e.usage.estimated ? ' (estimated)' : ''}` : '';
+      const u = e.usage
+        ? ` ${e.usage.tokens.input}+${e.usage.tokens.output} tok${e.usage.spend !== undefined ? ` ${formatUsd(e.usage.spend)}` : ''}${e.usage.estimated ? ' (estimated)' : ''}`
+        : '';
       return `${t} ${e.status} ${r.method} /${r.provider}${r.path}${r.model ? ` ${r.model}` : ''} ${e.latencyMs}ms${u} key ${r.keyId} "${r.label}"${e.aborted ? ` (${e.aborted})` : ''}`;
     }
     case 'request.denied': {
@@ -298,7 +309,13 @@ async function credential(args: string[], paths: TillPaths): Promise<void> {
     if (!providerId || positionals.length > 1) throw new UsageError('usage: till credential add <provider> [--name NAME]');
     const config = readConfig(paths);
     const provider = new ProviderRegistry(config.providers, config.upstreams).get(providerId);
-    if (!provider) throw new Error(`unknown provider "${providerId}"; known: ${new ProviderRegistry(config.providers).all().map((p) => p.id).join(', ')}`);
+    if (!provider)
+      throw new Error(
+        `unknown provider "${providerId}"; known: ${new ProviderRegistry(config.providers)
+          .all()
+          .map((p) => p.id)
+          .join(', ')}`,
+      );
     const name = values.name ?? provider.id;
     checkCredentialName(name);
     const secret = await readSecret(`${provider.displayName} API key for "${name}" (input hidden): `);
@@ -333,25 +350,44 @@ async function ls(args: string[], paths: TillPaths): Promise<void> {
   const keys = (await new ControlClient(paths).request('GET', '/keys')) as KeySummary[];
   if (values.json) return out(JSON.stringify(keys));
   if (keys.length === 0) return out('no till keys: issue one with `till issue <provider>`');
-  out(`${'ID'.padEnd(11)} ${'STATE'.padEnd(9)} ${'PROVIDER'.padEnd(12)} ${'CALLS'.padEnd(9)} ${'TOKENS / SPEND'.padEnd(28)} ${'EXPIRES'.padEnd(12)} LABEL`);
-  for (const k of keys) out(`${k.id.padEnd(11)} ${k.state.padEnd(9)} ${k.provider.padEnd(12)} ${usage(k).padEnd(9)} ${spending(k).padEnd(28)} ${expiry(k).padEnd(12)} ${printable(k.label)}`);
+  out(
+    `${'ID'.padEnd(11)} ${'STATE'.padEnd(9)} ${'PROVIDER'.padEnd(12)} ${'CALLS'.padEnd(9)} ${'TOKENS / SPEND'.padEnd(28)} ${'EXPIRES'.padEnd(12)} LABEL`,
+  );
+  for (const k of keys)
+    out(
+      `${k.id.padEnd(11)} ${k.state.padEnd(9)} ${k.provider.padEnd(12)} ${usage(k).padEnd(9)} ${spending(k).padEnd(28)} ${expiry(k).padEnd(12)} ${printable(k.label)}`,
+    );
 }
 
 async function revoke(args: string[], paths: TillPaths): Promise<void> {
   const { values, positionals } = parse(args, { all: { type: 'boolean' } });
   if (values.help) return out(HELP.revoke);
-  if (Boolean(values.all) === (positionals.length > 0) || positionals.length > 1) throw new UsageError('usage: till revoke <id> | --all');
+  if (Boolean(values.all) === positionals.length > 0 || positionals.length > 1) throw new UsageError('usage: till revoke <id> | --all');
   const path = values.all ? '/keys' : `/keys/${encodeURIComponent(positionals[0]!)}`;
   const { revoked } = (await new ControlClient(paths).request('DELETE', path)) as { revoked: number };
-  out(values.all ? `revoked ${revoked} key${revoked === 1 ? '' : 's'}` : revoked ? `revoked ${positionals[0]}` : `${positionals[0]} was already revoked`);
+  out(
+    values.all
+      ? `revoked ${revoked} key${revoked === 1 ? '' : 's'}`
+      : revoked
+        ? `revoked ${positionals[0]}`
+        : `${positionals[0]} was already revoked`,
+  );
 }
 
 async function extend(args: string[], paths: TillPaths): Promise<void> {
-  const { values, positionals } = parse(args, { uses: { type: 'string' }, 'max-tokens': { type: 'string' }, 'max-spend': { type: 'string' } });
+  const { values, positionals } = parse(args, {
+    uses: { type: 'string' },
+    'max-tokens': { type: 'string' },
+    'max-spend': { type: 'string' },
+  });
   if (values.help) return out(HELP.extend);
   const [id] = positionals;
   if (!id || positionals.length > 1) throw new UsageError('usage: till extend <id> [--uses N] [--max-tokens N] [--max-spend USD]');
-  const by = { uses: int(values.uses, 'uses'), maxTokens: int(values['max-tokens'], 'max-tokens'), maxSpend: usd(values['max-spend'], 'max-spend') };
+  const by = {
+    uses: int(values.uses, 'uses'),
+    maxTokens: int(values['max-tokens'], 'max-tokens'),
+    maxSpend: usd(values['max-spend'], 'max-spend'),
+  };
   if (Object.values(by).every((v) => v === undefined)) throw new UsageError('till extend needs --uses, --max-tokens or --max-spend');
   const key = (await new ControlClient(paths).request('POST', `/keys/${encodeURIComponent(id)}/extend`, by)) as KeySummary;
   out(`extended ${key.id} "${key.label}": ${describePolicy(key.policy)}`);
@@ -377,11 +413,13 @@ async function exec(args: string[], paths: TillPaths): Promise<number> {
   if (command.length === 0) throw new UsageError('usage: till exec [<provider|credential>…] [options] -- <command…>');
   const agent = values.agent;
   if (agent !== undefined && !isAgentName(agent)) throw new UsageError(`unknown agent "${agent}": use ${Object.keys(AGENTS).join(', ')}`);
-  if (agent !== undefined && positionals.length > 0) throw new UsageError('till exec --agent picks the credentials itself: name no provider or credential');
+  if (agent !== undefined && positionals.length > 0)
+    throw new UsageError('till exec --agent picks the credentials itself: name no provider or credential');
   const credentials = new CredentialList(paths.credentials).all();
   // Read before any key is issued: a config.json that cannot be read leaves none behind.
   const inherited = providerEnvNames(new ProviderRegistry(readConfig(paths).providers));
-  const targets = agent !== undefined ? agentTargets(agent, credentials) : positionals.length > 0 ? positionals : credentials.map((c) => c.name);
+  const targets =
+    agent !== undefined ? agentTargets(agent, credentials) : positionals.length > 0 ? positionals : credentials.map((c) => c.name);
   if (targets.length === 0) throw new Error('no credentials: add one with `till credential add <provider>`');
   const client = new ControlClient(paths);
   const issued: IssuedKey[] = [];
@@ -398,7 +436,10 @@ async function exec(args: string[], paths: TillPaths): Promise<number> {
       input.lease = true;
       issued.push((await client.request('POST', '/keys', input)) as IssuedKey);
     }
-    lease = holdLease(client, issued.map((k) => k.id));
+    lease = holdLease(
+      client,
+      issued.map((k) => k.id),
+    );
     await lease.ready;
   } catch (err) {
     await revokeAll();

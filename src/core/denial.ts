@@ -86,9 +86,19 @@ export function denialBody(providerId: string | undefined, denial: Denial): obje
  * event (`{type, code, message, param, sequence_number}`, numbered after the last event sent,
  * `sequence`); elsewhere the provider's error body as a data line.
  */
-export function denialEvent(providerId: string | undefined, denial: Denial, endpoint: { responses: boolean; sequence: number } = { responses: false, sequence: 0 }): string {
+export function denialEvent(
+  providerId: string | undefined,
+  denial: Denial,
+  endpoint: { responses: boolean; sequence: number } = { responses: false, sequence: 0 },
+): string {
   if (endpoint.responses && shapeOf(providerId) === 'openai') {
-    const data = JSON.stringify({ type: 'error', code: `till_${denial.code}`, message: `till: ${denial.message}`, param: null, sequence_number: endpoint.sequence });
+    const data = JSON.stringify({
+      type: 'error',
+      code: `till_${denial.code}`,
+      message: `till: ${denial.message}`,
+      param: null,
+      sequence_number: endpoint.sequence,
+    });
     return `event: error\ndata: ${data}\n\n`;
   }
   const data = JSON.stringify(denialBody(providerId, denial));
@@ -103,7 +113,11 @@ export function denialEvent(providerId: string | undefined, denial: Denial, endp
  */
 export function denialResponse(providerId: string | undefined, denial: Denial): { body: string; headers: Record<string, string | number> } {
   const body = JSON.stringify(denialBody(providerId, denial));
-  const headers: Record<string, string | number> = { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), 'x-till-denial': denial.code };
+  const headers: Record<string, string | number> = {
+    'content-type': 'application/json',
+    'content-length': Buffer.byteLength(body),
+    'x-till-denial': denial.code,
+  };
   if (denial.retryAfter !== undefined) headers['retry-after'] = String(denial.retryAfter);
   else if (denial.status < 500) headers['x-should-retry'] = 'false';
   return { body, headers };

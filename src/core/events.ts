@@ -64,15 +64,39 @@ export type TillEvent =
   | { type: 'key.expired'; at: number; key: KeySummary }
   | { type: 'key.extended'; at: number; key: KeySummary }
   | { type: 'limit.near'; at: number; key: KeySummary; meter: Meter; used: number; limit: number; /** 50 or 80. */ percent: number }
-  | { type: 'request.started'; at: number; request: RequestInfo; /** What the request holds of its key's limits, and what bounds its input (budgeted keys). */ held?: Amounts; basis?: string }
-  /** An open stream's running usage (at most twice a second), so views can show its cost as it grows. */
-  | { type: 'request.progress'; at: number; request: RequestInfo; usage: RequestUsage; /** What the request holds of its key's limits now (it follows an open stream). */ held?: Amounts }
   | {
-      type: 'request.finished'; at: number; request: RequestInfo; status: number; latencyMs: number; aborted?: string;
+      type: 'request.started';
+      at: number;
+      request: RequestInfo;
+      /** What the request holds of its key's limits, and what bounds its input (budgeted keys). */ held?: Amounts;
+      basis?: string;
+    }
+  /** An open stream's running usage (at most twice a second), so views can show its cost as it grows. */
+  | {
+      type: 'request.progress';
+      at: number;
+      request: RequestInfo;
+      usage: RequestUsage;
+      /** What the request holds of its key's limits now (it follows an open stream). */ held?: Amounts;
+    }
+  | {
+      type: 'request.finished';
+      at: number;
+      request: RequestInfo;
+      status: number;
+      latencyMs: number;
+      aborted?: string;
       /** Tokens and spend, for metered requests. */ usage?: RequestUsage;
       /** Set when nothing was counted (the request never reached the upstream): it is not a call. */ uncounted?: true;
     }
-  | { type: 'request.denied'; at: number; request: Partial<RequestInfo> & { provider: string; method: string; path: string }; status: number; reason: string; code: DenialCode };
+  | {
+      type: 'request.denied';
+      at: number;
+      request: Partial<RequestInfo> & { provider: string; method: string; path: string };
+      status: number;
+      reason: string;
+      code: DenialCode;
+    };
 
 export type TillEventType = TillEvent['type'];
 

@@ -7,7 +7,10 @@
  */
 
 /** Every default not overridden by a defined option. Later `layers` win over earlier ones; undefined never wins. */
-export function withDefaults<O extends object, D extends { [K in keyof O]?: NonNullable<O[K]> }>(defaults: D, ...layers: (Partial<O> | undefined)[]): O & D {
+export function withDefaults<O extends object, D extends { [K in keyof O]?: NonNullable<O[K]> }>(
+  defaults: D,
+  ...layers: (Partial<O> | undefined)[]
+): O & D {
   const out: Record<string, unknown> = { ...defaults };
   for (const layer of layers) {
     if (!layer) continue;

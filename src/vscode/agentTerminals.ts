@@ -32,7 +32,8 @@ export class AgentTerminals implements vscode.Disposable {
     const policy = this.session.policySetting(SETTINGS.issuePolicy);
     const keys: IssuedKey[] = [];
     try {
-      for (const target of targets) keys.push(await this.session.connection.issue({ ...policy, target, label: name, owner: this.session.owner }));
+      for (const target of targets)
+        keys.push(await this.session.connection.issue({ ...policy, target, label: name, owner: this.session.owner }));
       return keys;
     } catch (err) {
       for (const k of keys) this.session.revokeLater(k.id);
@@ -46,12 +47,17 @@ export class AgentTerminals implements vscode.Disposable {
     if (credentials.length === 0) throw new Error('no credentials: run "Till: Add Credential" first');
     const name = `Till agent ${++this.count}`;
     const firstPerProvider = credentials.filter((c, i) => credentials.findIndex((o) => o.provider === c.provider) === i);
-    const keys = await this.issueKeys(firstPerProvider.map((c) => c.name), name);
+    const keys = await this.issueKeys(
+      firstPerProvider.map((c) => c.name),
+      name,
+    );
     return { name, env: Object.assign({}, ...keys.map((k) => k.env)) as Record<string, string>, keys };
   }
 
   /** Issues the keys an agent needs and writes its setup into a fresh folder under the data folder. */
-  private async issueForAgent(agent: AgentName): Promise<{ name: string; env: Record<string, string>; keys: IssuedKey[]; scratch: string }> {
+  private async issueForAgent(
+    agent: AgentName,
+  ): Promise<{ name: string; env: Record<string, string>; keys: IssuedKey[]; scratch: string }> {
     const targets = agentTargets(agent, this.session.credentials.all());
     const name = `Till agent ${++this.count} (${AGENTS[agent].describe})`;
     const keys = await this.issueKeys(targets, name);

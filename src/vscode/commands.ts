@@ -55,7 +55,10 @@ function numberOrUndefined(text: string): number | undefined {
 }
 
 function listOrUndefined(text: string): string[] | undefined {
-  const items = text.split(',').map((s) => s.trim()).filter(Boolean);
+  const items = text
+    .split(',')
+    .map((s) => s.trim())
+    .filter(Boolean);
   return items.length ? items : undefined;
 }
 
@@ -66,16 +69,27 @@ async function addCredential(deps: CommandDeps, args?: { provider?: string; secr
     args?.provider ??
     (await p.pick(
       'Till: Add Credential',
-      providers().all().map((pr) => ({ label: pr.displayName, description: pr.id, detail: pr.keyEnv.join(', '), value: pr.id })),
+      providers()
+        .all()
+        .map((pr) => ({ label: pr.displayName, description: pr.id, detail: pr.keyEnv.join(', '), value: pr.id })),
       'Which provider is the key for?',
     ));
   if (!provider) return undefined;
   const info = providers().get(provider);
   if (!info) throw new Error(`unknown provider "${provider}"`);
   const taken = new Set(session.credentials.all().map((c) => c.name));
-  const name = args?.name ?? (taken.has(provider) ? await p.input('Till: Credential name', { value: `${provider}-2`, prompt: `A credential named "${provider}" exists: name this one` }) : provider);
+  const name =
+    args?.name ??
+    (taken.has(provider)
+      ? await p.input('Till: Credential name', { value: `${provider}-2`, prompt: `A credential named "${provider}" exists: name this one` })
+      : provider);
   if (!name) return undefined;
-  const secret = args?.secret ?? (await p.input(`Till: ${info.displayName} API key`, { password: true, prompt: 'Stored in the OS keychain; never shown again, never put in a terminal.' }));
+  const secret =
+    args?.secret ??
+    (await p.input(`Till: ${info.displayName} API key`, {
+      password: true,
+      prompt: 'Stored in the OS keychain; never shown again, never put in a terminal.',
+    }));
   if (!secret) return undefined;
   await session.credentials.add(provider, secret.trim(), name);
   session.credentialsChanged(name);
@@ -96,10 +110,21 @@ async function removeCredential(deps: CommandDeps, arg?: RemoveArg): Promise<voi
     void session.prompter.message('info', 'Till: there are no credentials to remove.', []);
     return;
   }
-  const name = args?.name ?? fromTree ?? (await session.prompter.pick('Till: Remove Credential', all.map((c) => ({ label: c.name, description: c.provider, value: c.name }))));
+  const name =
+    args?.name ??
+    fromTree ??
+    (await session.prompter.pick(
+      'Till: Remove Credential',
+      all.map((c) => ({ label: c.name, description: c.provider, value: c.name })),
+    ));
   if (!name) return;
   if (!args?.name) {
-    const ok = await session.prompter.message('warning', `Remove "${name}" from the OS keychain? Till keys bound to it stop working.`, ['Remove'], true);
+    const ok = await session.prompter.message(
+      'warning',
+      `Remove "${name}" from the OS keychain? Till keys bound to it stop working.`,
+      ['Remove'],
+      true,
+    );
     if (ok !== 'Remove') return;
   }
   await session.credentials.remove(name);
@@ -117,19 +142,38 @@ async function askPolicy(deps: CommandDeps): Promise<PolicyInput | undefined> {
   const choice = await p.pick('Till: Issue Key: limits', options, 'How much may this key do?');
   if (choice !== 'custom') return choice;
   const wholeOrEmpty = (v: string) => (v.trim() === '' || /^\d+$/.test(v.trim()) ? undefined : 'a whole number, or empty');
-  const uses = await p.input('Till: calls allowed', { value: defaults.uses?.toString() ?? '', prompt: 'Billable calls; empty for unlimited', validate: wholeOrEmpty });
+  const uses = await p.input('Till: calls allowed', {
+    value: defaults.uses?.toString() ?? '',
+    prompt: 'Billable calls; empty for unlimited',
+    validate: wholeOrEmpty,
+  });
   if (uses === undefined) return undefined;
-  const ttl = await p.input('Till: lifetime', { value: String(defaults.ttl ?? '1h'), prompt: 'e.g. 30m, 8h, 7d; empty for no expiry', validate: (v) => { if (!v.trim()) return undefined; try { parseDuration(v); return undefined; } catch (err) { return (err as Error).message; } } });
+  const ttl = await p.input('Till: lifetime', {
+    value: String(defaults.ttl ?? '1h'),
+    prompt: 'e.g. 30m, 8h, 7d; empty for no expiry',
+    validate: (v) => {
+      if (!v.trim()) return undefined;
+      try {
+        parseDuration(v);
+        return undefined;
+      } catch (err) {
+        return (err as Error).message;
+      }
+    },
+  });
   if (ttl === undefined) return undefined;
   const rpm = await p.input('Till: requests per minute', { prompt: 'Empty for no rate limit', validate: wholeOrEmpty });
   if (rpm === undefined) return undefined;
   const tokens = await p.input('Till: token limit', { prompt: 'Input + output tokens; empty for no limit', validate: wholeOrEmpty });
   if (tokens === undefined) return undefined;
-  const spend = await p.input('Till: spend limit (US dollars)', { prompt: "e.g. 1.50, at Till's price table; empty for no limit", validate: (v) => (v.trim() === '' || /^\$?\d+(\.\d+)?$/.test(v.trim()) ? undefined : 'an amount such as 1.50, or empty') });
+  const spend = await p.input('Till: spend limit (US dollars)', {
+    prompt: "e.g. 1.50, at Till's price table; empty for no limit",
+    validate: (v) => (v.trim() === '' || /^\$?\d+(\.\d+)?$/.test(v.trim()) ? undefined : 'an amount such as 1.50, or empty'),
+  });
   if (spend === undefined) return undefined;
   const models = await p.input('Till: allowed models', { prompt: 'Comma-separated, * wildcards (e.g. gpt-4o*, claude-*); empty for any' });
   if (models === undefined) return undefined;
-  const paths = await p.input('Till: allowed paths', { prompt: "Comma-separated, * wildcards (e.g. /v1/chat/*); empty for any" });
+  const paths = await p.input('Till: allowed paths', { prompt: 'Comma-separated, * wildcards (e.g. /v1/chat/*); empty for any' });
   if (paths === undefined) return undefined;
   const policy: PolicyInput = {};
   const n = numberOrUndefined(uses);
@@ -160,19 +204,31 @@ async function issueKey(deps: CommandDeps, args?: Partial<IssueInput>): Promise<
   const p = session.prompter;
   let credentials = session.credentials.all();
   if (credentials.length === 0 && !args?.target) {
-    const go = await p.message('info', 'Till: add a credential (a real API key, kept in the OS keychain) before issuing till keys.', ['Add Credential']);
+    const go = await p.message('info', 'Till: add a credential (a real API key, kept in the OS keychain) before issuing till keys.', [
+      'Add Credential',
+    ]);
     if (go !== 'Add Credential') return undefined;
     if (!(await addCredential(deps))) return undefined;
     credentials = session.credentials.all();
   }
   const target =
     args?.target ??
-    (credentials.length === 1 ? credentials[0]!.name : await p.pick('Till: Issue Key: credential', credentials.map((c) => ({ label: c.name, description: c.provider, value: c.name })), 'Which credential does the key stand in for?'));
+    (credentials.length === 1
+      ? credentials[0]!.name
+      : await p.pick(
+          'Till: Issue Key: credential',
+          credentials.map((c) => ({ label: c.name, description: c.provider, value: c.name })),
+          'Which credential does the key stand in for?',
+        ));
   if (!target) return undefined;
   const policy = args?.target ? args : await askPolicy(deps);
   if (!policy) return undefined;
   const provider = credentials.find((c) => c.name === target)?.provider ?? target;
-  const label = args?.label ?? (args?.target ? undefined : await p.input('Till: Issue Key: label', { value: `${provider} agent`, prompt: 'A name to recognise the key by' }));
+  const label =
+    args?.label ??
+    (args?.target
+      ? undefined
+      : await p.input('Till: Issue Key: label', { value: `${provider} agent`, prompt: 'A name to recognise the key by' }));
   if (label === undefined && !args?.target) return undefined;
   const issued = await session.connection.issue({ ...policy, target, label, owner: session.owner });
   deps.tree.refresh();
@@ -196,7 +252,11 @@ async function offerCopies(deps: CommandDeps, issued: IssuedKey): Promise<void> 
   const shown = `Till key "${issued.label}" issued: ${issued.key} (base URL ${issued.baseUrl}). It is shown only now: copy what you need.`;
   let text = shown;
   for (let i = 0; i < 10; i++) {
-    const choice = await deps.session.prompter.message('info', text, COPIES.map((c) => c.button));
+    const choice = await deps.session.prompter.message(
+      'info',
+      text,
+      COPIES.map((c) => c.button),
+    );
     const copy = COPIES.find((c) => c.button === choice);
     if (!copy) return;
     await vscode.env.clipboard.writeText(copy.text(issued));
@@ -215,7 +275,10 @@ async function revokeKey(deps: CommandDeps, arg?: unknown): Promise<boolean> {
       void session.prompter.message('info', 'Till: no live keys to revoke.', []);
       return false;
     }
-    id = await session.prompter.pick('Till: Revoke Key', live.map((k) => ({ label: k.label, description: `${k.provider} · ${k.id}`, value: k.id })));
+    id = await session.prompter.pick(
+      'Till: Revoke Key',
+      live.map((k) => ({ label: k.label, description: `${k.provider} · ${k.id}`, value: k.id })),
+    );
     if (!id) return false;
   }
   const key = keys.find((k) => k.id === id);
@@ -223,7 +286,11 @@ async function revokeKey(deps: CommandDeps, arg?: unknown): Promise<boolean> {
   const revoked = await session.connection.revoke(id);
   deps.tree.refresh();
   const name = key ? `"${key.label}"` : id;
-  void session.prompter.message('info', revoked ? `Till: revoked ${name}. Requests with it are refused from now on, streams included.` : `Till: ${name} had already ended.`, []);
+  void session.prompter.message(
+    'info',
+    revoked ? `Till: revoked ${name}. Requests with it are refused from now on, streams included.` : `Till: ${name} had already ended.`,
+    [],
+  );
   return revoked;
 }
 
@@ -235,17 +302,30 @@ async function confirmRevokeInUse(deps: CommandDeps, key: KeySummary): Promise<b
   const config = vscode.workspace.getConfiguration(SETTINGS.section);
   if (key.state !== 'active' || !config.get<boolean>(SETTINGS.confirmRevokeInUse, true)) return true;
   const terminals = deps.terminals.terminalsHolding(key.id);
-  const uses = [terminals ? `${terminals} open terminal${terminals === 1 ? '' : 's'}` : '', key.inFlight ? `${key.inFlight} request${key.inFlight === 1 ? '' : 's'} in flight` : ''].filter(Boolean);
+  const uses = [
+    terminals ? `${terminals} open terminal${terminals === 1 ? '' : 's'}` : '',
+    key.inFlight ? `${key.inFlight} request${key.inFlight === 1 ? '' : 's'} in flight` : '',
+  ].filter(Boolean);
   if (uses.length === 0) return true;
   const always = "Revoke, Don't Ask Again";
-  const choice = await deps.session.prompter.message('warning', `Revoke "${key.label}"? It is in use by ${uses.join(' and ')}; they stop at once.`, ['Revoke', always], true);
+  const choice = await deps.session.prompter.message(
+    'warning',
+    `Revoke "${key.label}"? It is in use by ${uses.join(' and ')}; they stop at once.`,
+    ['Revoke', always],
+    true,
+  );
   if (choice === always) await config.update(SETTINGS.confirmRevokeInUse, false, vscode.ConfigurationTarget.Global);
   return choice === 'Revoke' || choice === always;
 }
 
 async function revokeAll(deps: CommandDeps): Promise<number> {
   const { session } = deps;
-  const ok = await session.prompter.message('warning', 'Revoke every till key now? Agents using them stop at once, streams included.', ['Revoke All'], true);
+  const ok = await session.prompter.message(
+    'warning',
+    'Revoke every till key now? Agents using them stop at once, streams included.',
+    ['Revoke All'],
+    true,
+  );
   if (ok !== 'Revoke All') return 0;
   const n = await session.connection.revokeAll();
   deps.tree.refresh();
@@ -266,7 +346,12 @@ const AGENT_PICKS: { label: string; description: string; value: AgentName | 'pla
 async function openAgentTerminal(deps: CommandDeps, args?: { agent?: string }): Promise<vscode.Terminal | undefined> {
   const choice = args?.agent ?? (await deps.session.prompter.pick('Till: Open Agent Terminal', AGENT_PICKS, 'Which agent will run in it?'));
   if (choice === undefined) return undefined;
-  if (choice !== 'plain' && !isAgentName(choice)) throw new Error(`unknown agent "${choice}": use plain, ${AGENT_PICKS.slice(1).map((p) => p.value).join(', ')}`);
+  if (choice !== 'plain' && !isAgentName(choice))
+    throw new Error(
+      `unknown agent "${choice}": use plain, ${AGENT_PICKS.slice(1)
+        .map((p) => p.value)
+        .join(', ')}`,
+    );
   const terminal = await deps.agents.open(choice === 'plain' ? undefined : choice);
   deps.tree.refresh();
   return terminal;
@@ -289,7 +374,10 @@ function commandTable(deps: CommandDeps): Record<(typeof COMMANDS)[keyof typeof 
       const node = arg as TreeArg;
       const provider = node?.kind === 'key' ? node.key.provider : undefined;
       const url = session.connection.url;
-      if (url) await vscode.env.clipboard.writeText(provider ? providerBaseUrl(url, providers().get(provider) ?? { id: provider, basePath: '' }) : url);
+      if (url)
+        await vscode.env.clipboard.writeText(
+          provider ? providerBaseUrl(url, providers().get(provider) ?? { id: provider, basePath: '' }) : url,
+        );
     },
     [COMMANDS.openAgentTerminal]: (args) => openAgentTerminal(deps, args as { agent?: string } | undefined),
     [COMMANDS.showAuditLog]: async () => {
@@ -299,7 +387,13 @@ function commandTable(deps: CommandDeps): Record<(typeof COMMANDS)[keyof typeof 
     [COMMANDS.restartBroker]: async () => {
       await session.restart();
       deps.tree.refresh();
-      void session.prompter.message('info', session.connection.role === 'host' ? `Till: broker restarted at ${session.connection.url}.` : `Till: reconnected to the broker at ${session.connection.url} (it runs in another window or \`till serve\`).`, []);
+      void session.prompter.message(
+        'info',
+        session.connection.role === 'host'
+          ? `Till: broker restarted at ${session.connection.url}.`
+          : `Till: reconnected to the broker at ${session.connection.url} (it runs in another window or \`till serve\`).`,
+        [],
+      );
     },
     [COMMANDS.showBrokerLog]: () => session.log.show(),
     [COMMANDS.refresh]: () => deps.tree.refresh(),

@@ -95,7 +95,13 @@ function wire(context: vscode.ExtensionContext, store: DisposableStore, log: vsc
     const offRole = connection.onRole((role) => {
       usage.onRole(role);
       dashboard.onRole(role);
-      log.info(role === 'host' ? `broker running in this window at ${connection.url}` : role === 'attached' ? `attached to the broker at ${connection.url}` : 'broker connection lost');
+      log.info(
+        role === 'host'
+          ? `broker running in this window at ${connection.url}`
+          : role === 'attached'
+            ? `attached to the broker at ${connection.url}`
+            : 'broker connection lost',
+      );
       refreshViews();
       status.update(tree.current());
       if (role !== 'down') void terminals.sync();
@@ -124,7 +130,11 @@ function wire(context: vscode.ExtensionContext, store: DisposableStore, log: vsc
     session.onCredentialsChanged(() => {
       usage.credentialsChanged();
       dashboard.credentialsChanged();
-      if (refreshViews()) void ready().then(() => terminals.sync(), () => undefined);
+      if (refreshViews())
+        void ready().then(
+          () => terminals.sync(),
+          () => undefined,
+        );
       else void terminals.sync();
     }),
   );
@@ -132,7 +142,8 @@ function wire(context: vscode.ExtensionContext, store: DisposableStore, log: vsc
     vscode.workspace.onDidChangeConfiguration((e) => {
       if (e.affectsConfiguration(`${SETTINGS.section}.terminal`)) void terminals.sync();
       const setting = (name: string) => e.affectsConfiguration(`${SETTINGS.section}.${name}`);
-      if (setting(SETTINGS.upstreams) || setting(SETTINGS.prices) || setting(SETTINGS.brokerPort)) applyBrokerSettings(session, setting(SETTINGS.brokerPort));
+      if (setting(SETTINGS.upstreams) || setting(SETTINGS.prices) || setting(SETTINGS.brokerPort))
+        applyBrokerSettings(session, setting(SETTINGS.brokerPort));
     }),
   );
 
@@ -166,15 +177,23 @@ function applyBrokerSettings(session: TillSession, portChanged: boolean): void {
     void vscode.window.showErrorMessage(`Till: the setting was not applied: ${(err as Error).message}`);
     return;
   }
-  session.log.info(`settings: upstreams and prices ${where === 'applied' ? 'applied to the running broker' : where === 'elsewhere' ? 'not applied: another process runs the broker' : 'kept for when the broker starts'}`);
-  if (where === 'applied' && !portChanged) vscode.window.setStatusBarMessage('$(check) Till: new upstreams and prices apply to the next requests', 5000);
+  session.log.info(
+    `settings: upstreams and prices ${where === 'applied' ? 'applied to the running broker' : where === 'elsewhere' ? 'not applied: another process runs the broker' : 'kept for when the broker starts'}`,
+  );
+  if (where === 'applied' && !portChanged)
+    vscode.window.setStatusBarMessage('$(check) Till: new upstreams and prices apply to the next requests', 5000);
   if (where === 'elsewhere') {
-    void vscode.window.showInformationMessage('Till: this window uses a broker another process runs (`till serve` or another window). It keeps its own settings until it restarts.');
+    void vscode.window.showInformationMessage(
+      'Till: this window uses a broker another process runs (`till serve` or another window). It keeps its own settings until it restarts.',
+    );
   }
   if (portChanged && where === 'applied') {
     const url = session.connection.url ?? '';
     void vscode.window
-      .showInformationMessage(`Till: the broker moves to port ${settings.port} when it restarts (now ${url}). Keys stay valid; new terminals get the new address; requests in flight end.`, 'Restart Broker')
+      .showInformationMessage(
+        `Till: the broker moves to port ${settings.port} when it restarts (now ${url}). Keys stay valid; new terminals get the new address; requests in flight end.`,
+        'Restart Broker',
+      )
       .then((choice) => choice && vscode.commands.executeCommand(COMMANDS.restartBroker));
   }
 }

@@ -22,8 +22,16 @@ function usage(key: KeySummary): string {
   const calls = key.policy.maxActivations === undefined ? `${used} calls` : `${used}/${key.policy.maxActivations}`;
   const spend = key.used.spend ?? 0;
   const spent = formatSpent(spend, { estimated: key.estimatedSpend > 0, unpriced: key.spend.unpricedRequests });
-  const dollars = key.policy.maxSpendUsd !== undefined ? ` · ${spent}/$${key.policy.maxSpendUsd.toFixed(2)}` : spend > 0 || key.spend.unpricedRequests > 0 ? ` · ${spent}` : '';
-  const tokens = key.policy.maxTokens !== undefined ? ` · ${formatAmount('tokens', key.used.tokens ?? 0)}/${key.policy.maxTokens.toLocaleString('en-US')}` : '';
+  const dollars =
+    key.policy.maxSpendUsd !== undefined
+      ? ` · ${spent}/$${key.policy.maxSpendUsd.toFixed(2)}`
+      : spend > 0 || key.spend.unpricedRequests > 0
+        ? ` · ${spent}`
+        : '';
+  const tokens =
+    key.policy.maxTokens !== undefined
+      ? ` · ${formatAmount('tokens', key.used.tokens ?? 0)}/${key.policy.maxTokens.toLocaleString('en-US')}`
+      : '';
   return calls + tokens + dollars;
 }
 
@@ -146,14 +154,20 @@ export class KeysTreeProvider implements vscode.TreeDataProvider<Node>, vscode.D
     tip.appendMarkdown(`Used ${escape(usage(key))}; ${key.reserved.activations ?? 0} reserved; ${key.inFlight} in flight\n\n`);
     const t = key.tokens;
     if (t.input + t.output > 0) {
-      tip.appendMarkdown(`Tokens: ${t.input.toLocaleString('en-US')} in (${t.cached.toLocaleString('en-US')} cached), ${t.output.toLocaleString('en-US')} out (${t.reasoning.toLocaleString('en-US')} reasoning)\n\n`);
+      tip.appendMarkdown(
+        `Tokens: ${t.input.toLocaleString('en-US')} in (${t.cached.toLocaleString('en-US')} cached), ${t.output.toLocaleString('en-US')} out (${t.reasoning.toLocaleString('en-US')} reasoning)\n\n`,
+      );
     }
     if ((key.used.spend ?? 0) > 0 || (key.reserved.spend ?? 0) > 0) {
-      tip.appendMarkdown(`Spend: ${formatUsd(key.used.spend ?? 0)}${key.estimatedSpend > 0 ? ` (${formatUsd(key.estimatedSpend)} estimated)` : ''}, ${formatUsd(key.reserved.spend ?? 0)} held by requests in flight\n\n`);
+      tip.appendMarkdown(
+        `Spend: ${formatUsd(key.used.spend ?? 0)}${key.estimatedSpend > 0 ? ` (${formatUsd(key.estimatedSpend)} estimated)` : ''}, ${formatUsd(key.reserved.spend ?? 0)} held by requests in flight\n\n`,
+      );
     }
     const unpriced = key.spend.unpricedRequests;
     if (unpriced > 0) {
-      tip.appendMarkdown(`Spend unknown for ${unpriced} request${unpriced === 1 ? '' : 's'} to a model without a price (tokens counted); add its price to prices.json in Till's data folder\n\n`);
+      tip.appendMarkdown(
+        `Spend unknown for ${unpriced} request${unpriced === 1 ? '' : 's'} to a model without a price (tokens counted); add its price to prices.json in Till's data folder\n\n`,
+      );
     }
     tip.appendMarkdown(`Issued ${new Date(key.createdAt).toLocaleString()}`);
     item.tooltip = tip;

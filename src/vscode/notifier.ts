@@ -53,11 +53,21 @@ export class Notifier {
       void this.show(text, e.key, e.meter, ['Extend', 'Revoke']);
     } else if (e.type === 'key.exhausted' && this.mine(e.key.owner)) {
       const limit = limitsOf(e.key.policy)[e.meter] ?? 0;
-      void this.show(`Till key "${e.key.label}" ran out: all ${formatAmount(e.meter, limit)} of its ${METER_NAME[e.meter]} limit used.`, e.key, e.meter, ['Extend', 'Issue Another', 'Revoke']);
+      void this.show(
+        `Till key "${e.key.label}" ran out: all ${formatAmount(e.meter, limit)} of its ${METER_NAME[e.meter]} limit used.`,
+        e.key,
+        e.meter,
+        ['Extend', 'Issue Another', 'Revoke'],
+      );
     } else if (e.type === 'request.denied' && e.code === 'out_of_scope' && e.request.keyId) {
       const key = keys().find((k) => k.id === e.request.keyId);
       if (key && this.mine(key.owner)) {
-        void this.show(`Till refused a request on key "${key.label}" that is outside its scope (possible misuse): ${e.reason}`, key, undefined, ['Revoke']);
+        void this.show(
+          `Till refused a request on key "${key.label}" that is outside its scope (possible misuse): ${e.reason}`,
+          key,
+          undefined,
+          ['Revoke'],
+        );
       }
     }
   }
@@ -71,7 +81,11 @@ export class Notifier {
 
   /** Extend, chosen in place: a pick of amounts for the limit that is running out. */
   async extend(key: KeySummary, meter: Meter): Promise<void> {
-    const by = await this.session.prompter.pick(`Till: extend "${key.label}"`, EXTENSIONS[meter].map((x) => ({ label: x.label, value: x.by })), `Raise its ${METER_NAME[meter]} limit by`);
+    const by = await this.session.prompter.pick(
+      `Till: extend "${key.label}"`,
+      EXTENSIONS[meter].map((x) => ({ label: x.label, value: x.by })),
+      `Raise its ${METER_NAME[meter]} limit by`,
+    );
     if (!by) return;
     const extended = await this.session.connection.extend(key.id, by);
     void this.session.prompter.message('info', `Till key "${extended.label}" extended.`, []);

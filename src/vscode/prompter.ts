@@ -14,7 +14,10 @@ export interface PickItem<T> {
 
 export interface Prompter {
   pick<T>(title: string, items: PickItem<T>[], placeHolder?: string): Promise<T | undefined>;
-  input(title: string, options?: { value?: string; prompt?: string; password?: boolean; placeHolder?: string; validate?: (v: string) => string | undefined }): Promise<string | undefined>;
+  input(
+    title: string,
+    options?: { value?: string; prompt?: string; password?: boolean; placeHolder?: string; validate?: (v: string) => string | undefined },
+  ): Promise<string | undefined>;
   /** A message with buttons; resolves to the button chosen. */
   message(kind: 'info' | 'warning' | 'error', text: string, buttons: string[], modal?: boolean): Promise<string | undefined>;
 }
@@ -43,7 +46,12 @@ export const vscodePrompter: Prompter = {
     );
   },
   message(kind, text, buttons, modal = false) {
-    const show = kind === 'info' ? vscode.window.showInformationMessage : kind === 'warning' ? vscode.window.showWarningMessage : vscode.window.showErrorMessage;
+    const show =
+      kind === 'info'
+        ? vscode.window.showInformationMessage
+        : kind === 'warning'
+          ? vscode.window.showWarningMessage
+          : vscode.window.showErrorMessage;
     return Promise.resolve(show(text, { modal }, ...buttons));
   },
 };

@@ -26,7 +26,8 @@ export class TillStatusBar implements vscode.Disposable {
       this.item.tooltip = `Till: no credential stored yet (${broker}, with nothing to broker). Click to add one (a real API key, kept in the OS keychain); terminals get till keys then.`;
     } else if (role === 'down') {
       this.item.text = '$(key) Till: off';
-      this.item.tooltip = 'Till: the broker is not running (it failed to start, or is starting). See "Till: Show Broker Log"; "Till: Restart Broker" tries again.';
+      this.item.tooltip =
+        'Till: the broker is not running (it failed to start, or is starting). See "Till: Show Broker Log"; "Till: Restart Broker" tries again.';
     } else {
       this.item.text = `$(key) Till: ${live} key${live === 1 ? '' : 's'}`;
       this.item.tooltip = `Till broker at ${url} (${role === 'host' ? 'in this window' : 'in another window or `till serve`'}), ${live} live key${live === 1 ? '' : 's'}. Click to open the sidebar.`;

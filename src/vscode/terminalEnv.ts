@@ -14,7 +14,6 @@ import type { IssuedKey } from '../core/runtime/service';
 import { SETTINGS, TERMINAL_AGENTS_DEFAULT } from './constants';
 import type { TillSession } from './session';
 
-
 export class TerminalEnv implements vscode.Disposable {
   /** Our terminal key per provider. */
   private readonly keys = new Map<string, IssuedKey>();
@@ -53,7 +52,10 @@ export class TerminalEnv implements vscode.Disposable {
   private watchStart(terminal: vscode.Terminal): void {
     const window: { from: number; until?: number } = { from: Date.now() };
     this.opened.set(terminal, window);
-    void Promise.resolve(terminal.processId).then(() => (window.until = Date.now()), () => {});
+    void Promise.resolve(terminal.processId).then(
+      () => (window.until = Date.now()),
+      () => {},
+    );
   }
 
   private describe(): void {
@@ -61,12 +63,14 @@ export class TerminalEnv implements vscode.Disposable {
     const agents = this.agents.length ? ` Set up for ${this.agents.map((a) => AGENTS[a].describe).join(', ')}.` : '';
     const stale = this.staleTerminals().length;
     // VS Code shows this on the terminals it flags as needing a relaunch (the collection changed).
-    const relaunch = stale ? ` ${stale} open terminal${stale === 1 ? ' holds' : 's hold'} a revoked till key: relaunch ${stale === 1 ? 'it' : 'them'} to get the new one.` : '';
+    const relaunch = stale
+      ? ` ${stale} open terminal${stale === 1 ? ' holds' : 's hold'} a revoked till key: relaunch ${stale === 1 ? 'it' : 'them'} to get the new one.`
+      : '';
     this.collection.description = providers.length
       ? `Till: till keys and the local broker's URL for ${providers.join(', ')}.${agents}${relaunch} Your real API keys never reach a terminal.`
       : this.restricted()
-      ? 'Till: no till keys in terminals of this untrusted workspace (they get one once you trust it).'
-      : `Till: no till keys in terminals (add a credential to get some).${relaunch}`;
+        ? 'Till: no till keys in terminals of this untrusted workspace (they get one once you trust it).'
+        : `Till: no till keys in terminals (add a credential to get some).${relaunch}`;
   }
 
   /**
@@ -122,7 +126,8 @@ export class TerminalEnv implements vscode.Disposable {
     }
     // Files of agents no longer set up go (agentSetup writes each agent's in a folder named after it).
     if (this.scratch && existsSync(this.scratch)) {
-      for (const name of readdirSync(this.scratch)) if (!served.includes(name as AgentName)) rmSync(join(this.scratch, name), { recursive: true, force: true });
+      for (const name of readdirSync(this.scratch))
+        if (!served.includes(name as AgentName)) rmSync(join(this.scratch, name), { recursive: true, force: true });
     }
     const providerVars = new Set(keys.flatMap((k) => Object.keys(k.env)));
     for (const name of this.agentVars) if (!(name in env) && !providerVars.has(name)) this.collection.delete(name);
@@ -138,7 +143,9 @@ export class TerminalEnv implements vscode.Disposable {
 
   /** Brings the variables in line with the credentials and settings. Serialized. */
   sync(): Promise<void> {
-    this.syncing = this.syncing.then(() => this.doSync()).catch((err: unknown) => this.session.log.error(`terminal keys: ${(err as Error).message}`));
+    this.syncing = this.syncing
+      .then(() => this.doSync())
+      .catch((err: unknown) => this.session.log.error(`terminal keys: ${(err as Error).message}`));
     return this.syncing;
   }
 
@@ -168,7 +175,12 @@ export class TerminalEnv implements vscode.Disposable {
 
   private async issue(provider: string, credential: string): Promise<void> {
     const folder = vscode.workspace.name ?? 'window';
-    const key = await this.session.connection.issue({ ...this.session.policySetting(SETTINGS.terminalPolicy), target: credential, label: `terminals · ${folder}`, owner: this.session.owner });
+    const key = await this.session.connection.issue({
+      ...this.session.policySetting(SETTINGS.terminalPolicy),
+      target: credential,
+      label: `terminals · ${folder}`,
+      owner: this.session.owner,
+    });
     this.keys.set(provider, key);
     for (const [name, value] of Object.entries(key.env)) this.collection.replace(name, value);
     this.inCollection.set(key.id, { from: Date.now() });
@@ -199,7 +211,11 @@ export class TerminalEnv implements vscode.Disposable {
     void this.sync().then(() => {
       const holding = e.type === 'key.revoked' ? this.terminalsHolding(e.key.id) : 0;
       if (holding === 0) return;
-      void this.session.prompter.message('warning', `Till: ${holding} open terminal${holding === 1 ? ' holds' : 's hold'} the revoked key "${e.key.label}". New terminals get a fresh key; relaunch ${holding === 1 ? 'that one' : 'those'} to use it.`, []);
+      void this.session.prompter.message(
+        'warning',
+        `Till: ${holding} open terminal${holding === 1 ? ' holds' : 's hold'} the revoked key "${e.key.label}". New terminals get a fresh key; relaunch ${holding === 1 ? 'that one' : 'those'} to use it.`,
+        [],
+      );
     });
   }
 

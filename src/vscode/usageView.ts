@@ -57,7 +57,15 @@ export class UsageViewProvider implements vscode.WebviewViewProvider, vscode.Dis
   credentialsChanged(): void {
     // Reading keys while down would start a broker just to say there are none.
     if (this.connection().role !== 'down') return void this.pushState();
-    this.post({ type: 'state', keys: [], recent: [...this.history], truncated: this.truncated, brokerUrl: undefined, role: 'down', hasCredential: this.hasCredential() });
+    this.post({
+      type: 'state',
+      keys: [],
+      recent: [...this.history],
+      truncated: this.truncated,
+      brokerUrl: undefined,
+      role: 'down',
+      hasCredential: this.hasCredential(),
+    });
   }
 
   /** Opens (or shows) the dashboard: this page in an editor tab. For a provider made with layout 'editor'. */
@@ -192,7 +200,16 @@ export class UsageViewProvider implements vscode.WebviewViewProvider, vscode.Dis
       error = `Till could not read its keys: ${errorText(err)}`;
     }
     if (!this.visibleView) return;
-    this.post({ type: 'state', keys, recent: [...this.history], truncated: this.truncated, brokerUrl: this.connection().url, role: this.connection().role, hasCredential: this.hasCredential(), ...(error ? { error } : {}) });
+    this.post({
+      type: 'state',
+      keys,
+      recent: [...this.history],
+      truncated: this.truncated,
+      brokerUrl: this.connection().url,
+      role: this.connection().role,
+      hasCredential: this.hasCredential(),
+      ...(error ? { error } : {}),
+    });
     // A `keys` read that started later already landed: read again so the page ends up current.
     if (seq < this.postedSeq) this.refreshKeys();
     else this.postedSeq = seq;

@@ -153,7 +153,15 @@ window.addEventListener('message', (ev) => {
  */
 function normal(k: KeySummary): KeySummary {
   const old = k as Partial<KeySummary>;
-  return { ...k, used: old.used ?? {}, reserved: old.reserved ?? {}, remaining: old.remaining ?? {}, tokens: { ...noTokens(), ...old.tokens }, estimatedSpend: old.estimatedSpend ?? 0, spend: { usd: 0, pricedUsd: 0, estimatedUsd: 0, reservedUsd: 0, unpricedRequests: 0, ...old.spend } };
+  return {
+    ...k,
+    used: old.used ?? {},
+    reserved: old.reserved ?? {},
+    remaining: old.remaining ?? {},
+    tokens: { ...noTokens(), ...old.tokens },
+    estimatedSpend: old.estimatedSpend ?? 0,
+    spend: { usd: 0, pricedUsd: 0, estimatedUsd: 0, reservedUsd: 0, unpricedRequests: 0, ...old.spend },
+  };
 }
 
 function setKeys(keys: KeySummary[]): void {
@@ -190,9 +198,11 @@ function applyEvent(e: LiveEvent): void {
       if (e.type === 'key.revoked') model.revoking.delete(e.key.id);
       const label = e.key.label;
       announcer.textContent =
-        e.type === 'key.exhausted' ? `Till key ${label} used up its ${METER_NAME[e.meter]} limit.`
-        : e.type === 'limit.near' ? `Till key ${label} has used ${e.percent}% of its ${METER_NAME[e.meter]} limit.`
-        : `Till key ${label} ${{ 'key.issued': 'issued', 'key.revoked': 'revoked', 'key.expired': 'expired', 'key.extended': 'extended' }[e.type]}.`;
+        e.type === 'key.exhausted'
+          ? `Till key ${label} used up its ${METER_NAME[e.meter]} limit.`
+          : e.type === 'limit.near'
+            ? `Till key ${label} has used ${e.percent}% of its ${METER_NAME[e.meter]} limit.`
+            : `Till key ${label} ${{ 'key.issued': 'issued', 'key.revoked': 'revoked', 'key.expired': 'expired', 'key.extended': 'extended' }[e.type]}.`;
       break;
     }
     case 'request.progress':
@@ -356,7 +366,18 @@ interface Stats {
 function stats(now: number): Stats {
   const firstMinute = Math.floor(now / MINUTE) - SPAN + 1;
   const midnight = new Date(now).setHours(0, 0, 0, 0);
-  const out: Stats = { total: series(), byKey: new Map(), servedToday: 0, deniedToday: 0, spendToday: 0, spendTodayEstimated: false, unpricedToday: 0, tokensToday: noTokens(), todayPartial: false, firstMinute };
+  const out: Stats = {
+    total: series(),
+    byKey: new Map(),
+    servedToday: 0,
+    deniedToday: 0,
+    spendToday: 0,
+    spendTodayEstimated: false,
+    unpricedToday: 0,
+    tokensToday: noTokens(),
+    todayPartial: false,
+    firstMinute,
+  };
   const since = Math.min(midnight, firstMinute * MINUTE);
   const recs = model.records;
   for (let i = recs.length - 1; i >= 0; i--) {
@@ -449,12 +470,17 @@ const RUNNING_TITLE =
   'A stream on a limited key holds a slice of its answer ahead and grows it as it goes; when its key cannot cover the next slice, Till ends it.';
 
 function runningTitle(r: Running): string {
-  return [`${RUNNING_TITLE} ${plural(r.tokens, 'token')} so far.`, ...(r.count > 1 ? r.each.map((line, i) => `Stream ${i + 1}: ${line}.`) : [])].join('\n');
+  return [
+    `${RUNNING_TITLE} ${plural(r.tokens, 'token')} so far.`,
+    ...(r.count > 1 ? r.each.map((line, i) => `Stream ${i + 1}: ${line}.`) : []),
+  ].join('\n');
 }
 
 /** A live line: a pulsing dot and a text that {@link patchLive} rewrites between full paints. */
 function liveLine(id: string, r: Running, cls: string): HtmlEl {
-  return h('div', { class: `streaming ${cls}` },
+  return h(
+    'div',
+    { class: `streaming ${cls}` },
     h('span', { class: 'pulse', 'aria-hidden': 'true' }),
     h('span', { 'data-live': id, title: runningTitle(r) }, runningText(r)),
   );
@@ -500,19 +526,40 @@ function render(): void {
   } else if (keys.length === 0 && model.records.length === 0) {
     children.push(emptyState());
   } else {
-    children.push(totals(keys.map((k) => k.state), st), chart(st));
+    children.push(
+      totals(
+        keys.map((k) => k.state),
+        st,
+      ),
+      chart(st),
+    );
     const live = keys.filter((k) => k.state !== 'revoked');
     const revoked = keys.filter((k) => k.state === 'revoked');
     children.push(
-      h('section', { class: 'section', 'aria-labelledby': 'keys-h' },
+      h(
+        'section',
+        { class: 'section', 'aria-labelledby': 'keys-h' },
         h('h2', { id: 'keys-h' }, 'Keys', h('span', { class: 'count' }, live.length)),
-        live.length > 0 ? h('ul', { class: 'cards' }, ...live.map((k) => card(k.key, k.state, st, now))) : keys.length === 0 ? emptyState() : h('p', { class: 'muted' }, 'No live keys.'),
-        revoked.length > 0 && revokedList(revoked.map((k) => k.key), st, now),
+        live.length > 0
+          ? h('ul', { class: 'cards' }, ...live.map((k) => card(k.key, k.state, st, now)))
+          : keys.length === 0
+            ? emptyState()
+            : h('p', { class: 'muted' }, 'No live keys.'),
+        revoked.length > 0 &&
+          revokedList(
+            revoked.map((k) => k.key),
+            st,
+            now,
+          ),
       ),
       requests(),
     );
   }
-  app.replaceChildren(...children.filter((c): c is El | string => c !== false && c !== null && c !== undefined).map((c) => (typeof c === 'number' ? String(c) : c)));
+  app.replaceChildren(
+    ...children
+      .filter((c): c is El | string => c !== false && c !== null && c !== undefined)
+      .map((c) => (typeof c === 'number' ? String(c) : c)),
+  );
   app.removeAttribute('aria-busy');
   app.setAttribute('data-role', model.role);
   if (focused) app.querySelector(`[data-focus="${CSS.escape(focused)}"]`)?.focus();
@@ -520,29 +567,47 @@ function render(): void {
 
 function header(anyLive: boolean): HtmlEl {
   const role = model.role;
-  const text = !model.loaded ? 'Connecting…' : role === 'host' ? 'Broker running in this window' : role === 'attached' ? 'Broker running in another window' : 'Broker not running';
-  return h('header', { class: 'top' },
-    h('div', { class: `broker ${role}` },
+  const text = !model.loaded
+    ? 'Connecting…'
+    : role === 'host'
+      ? 'Broker running in this window'
+      : role === 'attached'
+        ? 'Broker running in another window'
+        : 'Broker not running';
+  return h(
+    'header',
+    { class: 'top' },
+    h(
+      'div',
+      { class: `broker ${role}` },
       h('span', { class: 'dot', 'aria-hidden': 'true' }),
       h('span', { class: 'status-text' }, text),
-      model.brokerUrl && role !== 'down' ? h('span', { class: 'url', title: 'Broker address' }, model.brokerUrl.replace(/^https?:\/\//, '')) : null,
+      model.brokerUrl && role !== 'down'
+        ? h('span', { class: 'url', title: 'Broker address' }, model.brokerUrl.replace(/^https?:\/\//, ''))
+        : null,
     ),
-    h('button', {
-      class: 'button danger',
-      type: 'button',
-      'data-focus': 'revoke-all',
-      'aria-label': 'Revoke all till keys',
-      title: 'Revoke every till key (asks first)',
-      disabled: !anyLive,
-      onclick: () => send({ type: 'revokeAll' }),
-    }, 'Revoke All'),
+    h(
+      'button',
+      {
+        class: 'button danger',
+        type: 'button',
+        'data-focus': 'revoke-all',
+        'aria-label': 'Revoke all till keys',
+        title: 'Revoke every till key (asks first)',
+        disabled: !anyLive,
+        onclick: () => send({ type: 'revokeAll' }),
+      },
+      'Revoke All',
+    ),
   );
 }
 
 function emptyState(): HtmlEl {
   const command = (id: PageCommand) => () => send({ type: 'command', id });
   const card = (title: string, text: string, focus: string, action: PageCommand, button: string, cli: string) =>
-    h('div', { class: 'empty' },
+    h(
+      'div',
+      { class: 'empty' },
       h('div', { class: 'empty-icon', 'aria-hidden': 'true' }, keyIcon()),
       h('h2', {}, title),
       h('p', {}, text),
@@ -551,13 +616,29 @@ function emptyState(): HtmlEl {
     );
   // First run: nothing can be issued before a credential exists, so that is the one primary action.
   if (!model.hasCredential) {
-    return card('Add your first credential', 'A credential is a real API key (OpenAI, Anthropic, Gemini, GitHub, …). Till keeps it in your OS keychain and gives agents scoped, limited, revocable till keys instead.', 'add-credential', 'till.addCredential', 'Add Credential', 'till credential add openai');
+    return card(
+      'Add your first credential',
+      'A credential is a real API key (OpenAI, Anthropic, Gemini, GitHub, …). Till keeps it in your OS keychain and gives agents scoped, limited, revocable till keys instead.',
+      'add-credential',
+      'till.addCredential',
+      'Add Credential',
+      'till credential add openai',
+    );
   }
-  return card('No till keys yet', 'A till key gives an agent scoped, limited, revocable access to one of your API keys. The real key stays in your OS keychain. New integrated terminals already get one.', 'issue', 'till.issueKey', 'Issue a Till Key', 'till issue openai --uses 50 --ttl 1h');
+  return card(
+    'No till keys yet',
+    'A till key gives an agent scoped, limited, revocable access to one of your API keys. The real key stays in your OS keychain. New integrated terminals already get one.',
+    'issue',
+    'till.issueKey',
+    'Issue a Till Key',
+    'till issue openai --uses 50 --ttl 1h',
+  );
 }
 
 function keyIcon(): El {
-  return s('svg', { viewBox: '0 0 24 24', width: 32, height: 32 },
+  return s(
+    'svg',
+    { viewBox: '0 0 24 24', width: 32, height: 32 },
     s('circle', { cx: 8, cy: 12, r: 4.5, class: 'icon-stroke' }),
     s('path', { d: 'M12.5 12H21M18 12v3.5M21 12v2.5', class: 'icon-stroke' }),
   );
@@ -576,7 +657,12 @@ function totals(states: State[], st: Stats): HtmlEl {
   const partial = st.todayPartial ? '+' : '';
   const last = (xs: number[]) => xs.reduce((a, b) => a + b, 0);
   const tile = (label: string, value: string, sub: string, title: string, cls = '') =>
-    h('div', { class: `tile ${cls}`, title }, h('dt', {}, label), h('dd', {}, h('span', { class: 'value' }, value), h('span', { class: 'sub' }, sub)));
+    h(
+      'div',
+      { class: `tile ${cls}`, title },
+      h('dt', {}, label),
+      h('dd', {}, h('span', { class: 'value' }, value), h('span', { class: 'sub' }, sub)),
+    );
   const live = running();
 
   const spendTitle = [
@@ -584,22 +670,57 @@ function totals(states: State[], st: Stats): HtmlEl {
     `All keys, ever: ${formatSpent(spendTotal, { unpriced: unpricedTotal })}, from the ledger${estimatedTotal > 0 ? `, of which ${usd(estimatedTotal)} was estimated from cut streams (the upstream never reported their usage)` : ''}.`,
     unpricedTotal > 0 ? UNPRICED(unpricedTotal) : '',
     st.spendTodayEstimated ? ESTIMATED : '',
-  ].filter(Boolean).join('\n');
-  const spend = h('div', { class: 'tile spend' },
+  ]
+    .filter(Boolean)
+    .join('\n');
+  const spend = h(
+    'div',
+    { class: 'tile spend' },
     h('dt', {}, 'Spent today'),
-    h('dd', { title: spendTitle },
-      h('span', { class: st.spendTodayEstimated ? 'value est' : 'value' }, formatSpent(st.spendToday, { estimated: st.spendTodayEstimated, unpriced: st.unpricedToday }) + partial),
-      h('span', { class: 'sub' }, h('span', { class: estimatedTotal > 0 ? 'est' : '' }, formatSpent(spendTotal, { estimated: estimatedTotal > 0, unpriced: unpricedTotal })), ' total'),
+    h(
+      'dd',
+      { title: spendTitle },
+      h(
+        'span',
+        { class: st.spendTodayEstimated ? 'value est' : 'value' },
+        formatSpent(st.spendToday, { estimated: st.spendTodayEstimated, unpriced: st.unpricedToday }) + partial,
+      ),
+      h(
+        'span',
+        { class: 'sub' },
+        h(
+          'span',
+          { class: estimatedTotal > 0 ? 'est' : '' },
+          formatSpent(spendTotal, { estimated: estimatedTotal > 0, unpriced: unpricedTotal }),
+        ),
+        ' total',
+      ),
     ),
     live.count > 0 && h('dd', {}, liveLine('total', live, 'total')),
   );
-  return h('dl', { class: 'totals' },
+  return h(
+    'dl',
+    { class: 'totals' },
     spend,
-    tile('Calls today', num.format(st.servedToday) + partial, `${num.format(last(st.total.served))} in ${SPAN} min`,
-      `Requests the broker forwarded today (counted from the requests this window has seen). ${num.format(activations)} billable calls counted against keys, ever.`),
-    tile('Tokens today', short(today.input + today.output) + partial, inOut(today),
-      `Tokens today: ${tokenDetail(today)}.\nAll keys, ever: ${tokenDetail(tokensTotal)}.`),
-    tile('Denials today', num.format(st.deniedToday) + partial, `${num.format(last(st.total.denied))} in ${SPAN} min`, 'Requests the broker refused today', st.deniedToday > 0 ? 'alert' : ''),
+    tile(
+      'Calls today',
+      num.format(st.servedToday) + partial,
+      `${num.format(last(st.total.served))} in ${SPAN} min`,
+      `Requests the broker forwarded today (counted from the requests this window has seen). ${num.format(activations)} billable calls counted against keys, ever.`,
+    ),
+    tile(
+      'Tokens today',
+      short(today.input + today.output) + partial,
+      inOut(today),
+      `Tokens today: ${tokenDetail(today)}.\nAll keys, ever: ${tokenDetail(tokensTotal)}.`,
+    ),
+    tile(
+      'Denials today',
+      num.format(st.deniedToday) + partial,
+      `${num.format(last(st.total.denied))} in ${SPAN} min`,
+      'Requests the broker refused today',
+      st.deniedToday > 0 ? 'alert' : '',
+    ),
     tile('Active keys', num.format(active), `of ${num.format(states.length)}`, 'Keys that can still be used, of all keys in the ledger'),
   );
 }
@@ -610,7 +731,9 @@ function bars(series: Series, firstMinute: number, height: number, withTitles: b
   const width = SPAN * step;
   const peak = Math.max(0, ...series.served.map((v, i) => v + series.denied[i]!));
   const scale = Math.max(1, peak);
-  const svg = s('svg', { class: 'bars', viewBox: `0 0 ${width} ${height}`, preserveAspectRatio: 'none', 'aria-hidden': 'true' },
+  const svg = s(
+    'svg',
+    { class: 'bars', viewBox: `0 0 ${width} ${height}`, preserveAspectRatio: 'none', 'aria-hidden': 'true' },
     s('rect', { class: 'baseline', x: 0, y: height - 1, width, height: 1 }),
   );
   for (let i = 0; i < SPAN; i++) {
@@ -624,7 +747,17 @@ function bars(series: Series, firstMinute: number, height: number, withTitles: b
     if (denied > 0) g.append(s('rect', { class: 'denied', x, y: height - hs - hd, width: step - 2, height: hd }));
     if (withTitles) {
       // a full-height hit area so the tooltip shows over empty minutes too
-      g.append(s('rect', { class: 'hit', x: i * step, y: 0, width: step, height }, s('title', {}, `${clock((firstMinute + i) * MINUTE, false)}: ${plural(served, 'call')}${denied ? `, ${num.format(denied)} denied` : ''}`)));
+      g.append(
+        s(
+          'rect',
+          { class: 'hit', x: i * step, y: 0, width: step, height },
+          s(
+            'title',
+            {},
+            `${clock((firstMinute + i) * MINUTE, false)}: ${plural(served, 'call')}${denied ? `, ${num.format(denied)} denied` : ''}`,
+          ),
+        ),
+      );
     }
     svg.append(g);
   }
@@ -635,21 +768,33 @@ function chart(st: Stats): HtmlEl {
   const { svg, peak } = bars(st.total, st.firstMinute, 60, true);
   const served = st.total.served.reduce((a, b) => a + b, 0);
   const denied = st.total.denied.reduce((a, b) => a + b, 0);
-  return h('section', { class: 'section chart', 'aria-labelledby': 'chart-h' },
-    h('div', { class: 'chart-head' },
+  return h(
+    'section',
+    { class: 'section chart', 'aria-labelledby': 'chart-h' },
+    h(
+      'div',
+      { class: 'chart-head' },
       h('h2', { id: 'chart-h' }, 'Calls per minute'),
-      h('span', { class: 'legend' },
-        h('span', { class: 'swatch served', 'aria-hidden': 'true' }), 'served',
-        h('span', { class: 'swatch denied', 'aria-hidden': 'true' }), 'denied',
+      h(
+        'span',
+        { class: 'legend' },
+        h('span', { class: 'swatch served', 'aria-hidden': 'true' }),
+        'served',
+        h('span', { class: 'swatch denied', 'aria-hidden': 'true' }),
+        'denied',
       ),
     ),
-    h('figure', {
-      class: 'plot',
-      role: 'img',
-      'aria-label': `Last ${SPAN} minutes: ${plural(served, 'call')} served, ${num.format(denied)} denied, at most ${num.format(peak)} in one minute.`,
-    },
+    h(
+      'figure',
+      {
+        class: 'plot',
+        role: 'img',
+        'aria-label': `Last ${SPAN} minutes: ${plural(served, 'call')} served, ${num.format(denied)} denied, at most ${num.format(peak)} in one minute.`,
+      },
       svg,
-      h('figcaption', { class: 'axis', 'aria-hidden': 'true' },
+      h(
+        'figcaption',
+        { class: 'axis', 'aria-hidden': 'true' },
         h('span', {}, `${SPAN} min ago`),
         h('span', { class: 'peak' }, peak > 0 ? `peak ${num.format(peak)}/min` : 'no calls'),
         h('span', {}, 'now'),
@@ -685,20 +830,49 @@ function limitBar(k: KeySummary, meter: Meter, limit: number, state: State, live
   const usable = state === 'active' || state === 'exhausted';
   const title = [
     `${text}.`,
-    estimated ? `${formatUsd(k.estimatedSpend)} of the spend was estimated from cut streams (the upstream never reported their usage).` : '',
+    estimated
+      ? `${formatUsd(k.estimatedSpend)} of the spend was estimated from cut streams (the upstream never reported their usage).`
+      : '',
     usable ? 'A request is refused when what it may use does not fit in what is left; what is held comes back when its request ends.' : '',
-  ].filter(Boolean).join('\n');
-  return h('div', { class: `limit ${level}`, title },
-    h('div', { class: 'limit-text' },
+  ]
+    .filter(Boolean)
+    .join('\n');
+  return h(
+    'div',
+    { class: `limit ${level}`, title },
+    h(
+      'div',
+      { class: 'limit-text' },
       h('span', { class: 'limit-name' }, METER_LABEL[meter]),
-      h('span', { class: 'limit-used' }, h('strong', { class: estimated ? 'est' : '' }, `${estimated ? '~' : ''}${fmt(used)}`), ` / ${fmt(limit)}`),
-      // Only a usable (or used-up) key has something left worth showing.
-      usable && h('span', { class: 'limit-left' },
-        held > 0 && h('span', { class: 'held-text' }, h('span', { class: 'held-swatch', 'aria-hidden': 'true' }), `${fmt(held)} held`),
-        h('span', { class: left === 0 ? 'none' : '' }, `${fmt(left)} left`),
+      h(
+        'span',
+        { class: 'limit-used' },
+        h('strong', { class: estimated ? 'est' : '' }, `${estimated ? '~' : ''}${fmt(used)}`),
+        ` / ${fmt(limit)}`,
       ),
+      // Only a usable (or used-up) key has something left worth showing.
+      usable &&
+        h(
+          'span',
+          { class: 'limit-left' },
+          held > 0 && h('span', { class: 'held-text' }, h('span', { class: 'held-swatch', 'aria-hidden': 'true' }), `${fmt(held)} held`),
+          h('span', { class: left === 0 ? 'none' : '' }, `${fmt(left)} left`),
+        ),
     ),
-    h('div', { class: `meter ${level}`, role: 'meter', 'aria-label': `${METER_LABEL[meter]} used by ${k.label}`, 'aria-valuemin': 0, 'aria-valuemax': limit, 'aria-valuenow': used, 'aria-valuetext': text }, fillEl, heldEl),
+    h(
+      'div',
+      {
+        class: `meter ${level}`,
+        role: 'meter',
+        'aria-label': `${METER_LABEL[meter]} used by ${k.label}`,
+        'aria-valuemin': 0,
+        'aria-valuemax': limit,
+        'aria-valuenow': used,
+        'aria-valuetext': text,
+      },
+      fillEl,
+      heldEl,
+    ),
   );
 }
 
@@ -718,20 +892,32 @@ function keyUsage(k: KeySummary, state: State, limits: Amounts): HtmlEl | undefi
   const unlimited = Object.keys(limits).length === 0;
   if (!showSpend && !showTokens && !showCalls) return undefined;
   const held = k.reserved.spend ?? 0;
-  return h('div', { class: 'key-usage' },
-    showSpend && h('span', {
-      class: estimated ? 'spent est' : unpriced > 0 ? 'spent unknown' : 'spent',
-      title: [
-        `${formatUsd(spend)} spent${held > 0 ? `, ${formatUsd(held)} held by requests in flight` : ''}${estimated ? `, of which ${formatUsd(k.estimatedSpend)} was estimated.\n${ESTIMATED}` : '.'}`,
-        unpriced > 0 ? UNPRICED(unpriced) : '',
-      ].filter(Boolean).join('\n'),
-    }, formatSpent(spend, { estimated, unpriced })),
+  return h(
+    'div',
+    { class: 'key-usage' },
+    showSpend &&
+      h(
+        'span',
+        {
+          class: estimated ? 'spent est' : unpriced > 0 ? 'spent unknown' : 'spent',
+          title: [
+            `${formatUsd(spend)} spent${held > 0 ? `, ${formatUsd(held)} held by requests in flight` : ''}${estimated ? `, of which ${formatUsd(k.estimatedSpend)} was estimated.\n${ESTIMATED}` : '.'}`,
+            unpriced > 0 ? UNPRICED(unpriced) : '',
+          ]
+            .filter(Boolean)
+            .join('\n'),
+        },
+        formatSpent(spend, { estimated, unpriced }),
+      ),
     // One run of text, so a narrow card wraps it at a space with each "·" kept after its word.
-    (showTokens || showCalls) && h('span', { class: 'detail' },
-      showTokens && h('span', { title: `Tokens: ${tokenDetail(t)}` }, inOut(t)),
-      showTokens && showCalls && `${NBSP}· `,
-      showCalls && plural(k.used.activations ?? 0, 'call'),
-    ),
+    (showTokens || showCalls) &&
+      h(
+        'span',
+        { class: 'detail' },
+        showTokens && h('span', { title: `Tokens: ${tokenDetail(t)}` }, inOut(t)),
+        showTokens && showCalls && `${NBSP}· `,
+        showCalls && plural(k.used.activations ?? 0, 'call'),
+      ),
     unlimited && state === 'active' && h('span', { class: 'no-limit' }, 'no limit'),
   );
 }
@@ -747,16 +933,23 @@ function card(k: KeySummary, state: State, st: Stats, now: number): HtmlEl {
 
   const expires = k.policy.expiresAt;
   const time =
-    state === 'revoked' ? `revoked${k.revokedAt ? ` ${clock(k.revokedAt, false)}` : ''}` : expires === undefined ? 'no expiry' : expires > now ? `${span(expires - now)} left` : `expired ${span(now - expires)} ago`;
+    state === 'revoked'
+      ? `revoked${k.revokedAt ? ` ${clock(k.revokedAt, false)}` : ''}`
+      : expires === undefined
+        ? 'no expiry'
+        : expires > now
+          ? `${span(expires - now)} left`
+          : `expired ${span(now - expires)} ago`;
   const facts: Child[] = [h('span', { title: expires ? `Expires ${new Date(expires).toLocaleString()}` : undefined }, time)];
   if (k.inFlight > 0) facts.push(h('span', { class: 'inflight' }, `${num.format(k.inFlight)} in flight`));
 
-  return h('li', { class: `card ${state}` },
-    h('div', { class: 'card-head' },
-      h('span', { class: 'label', title: k.label }, k.label),
-      h('span', { class: `badge ${state}` }, state),
-    ),
-    h('div', { class: 'meta' },
+  return h(
+    'li',
+    { class: `card ${state}` },
+    h('div', { class: 'card-head' }, h('span', { class: 'label', title: k.label }, k.label), h('span', { class: `badge ${state}` }, state)),
+    h(
+      'div',
+      { class: 'meta' },
       h('span', { class: 'provider' }, k.provider),
       k.credential !== k.provider && h('span', { title: 'Credential' }, k.credential),
       h('span', { class: 'id', title: 'Key id' }, k.id),
@@ -764,29 +957,43 @@ function card(k: KeySummary, state: State, st: Stats, now: number): HtmlEl {
     keyUsage(k, state, limits),
     limited.length > 0 && h('div', { class: 'limits' }, ...limited.map((m) => limitBar(k, m, limits[m]!, state, live))),
     live && live.count > 0 && liveLine(`key:${k.id}`, live, 'key'),
-    state !== 'revoked' && spark.peak > 0 &&
-      h('div', { class: 'spark', title: `Calls per minute, last ${SPAN} min` }, spark.svg, h('span', {}, `${num.format(recentCalls)} / ${SPAN} min`)),
-    h('div', { class: 'card-foot' },
+    state !== 'revoked' &&
+      spark.peak > 0 &&
+      h(
+        'div',
+        { class: 'spark', title: `Calls per minute, last ${SPAN} min` },
+        spark.svg,
+        h('span', {}, `${num.format(recentCalls)} / ${SPAN} min`),
+      ),
+    h(
+      'div',
+      { class: 'card-foot' },
       h('div', { class: 'facts' }, ...facts),
       state !== 'revoked' &&
-        h('button', {
-          class: 'button secondary small',
-          type: 'button',
-          'data-focus': `revoke:${k.id}`,
-          'aria-label': `Revoke till key ${k.label}`,
-          disabled: revoking,
-          onclick: () => {
-            model.revoking.add(k.id);
-            send({ type: 'revoke', id: k.id });
-            schedule();
+        h(
+          'button',
+          {
+            class: 'button secondary small',
+            type: 'button',
+            'data-focus': `revoke:${k.id}`,
+            'aria-label': `Revoke till key ${k.label}`,
+            disabled: revoking,
+            onclick: () => {
+              model.revoking.add(k.id);
+              send({ type: 'revoke', id: k.id });
+              schedule();
+            },
           },
-        }, revoking ? 'Revoking…' : 'Revoke'),
+          revoking ? 'Revoking…' : 'Revoke',
+        ),
     ),
   );
 }
 
 function revokedList(keys: KeySummary[], st: Stats, now: number): HtmlEl {
-  const details = h('details', { class: 'revoked-list', open: model.showRevoked },
+  const details = h(
+    'details',
+    { class: 'revoked-list', open: model.showRevoked },
     h('summary', {}, `Revoked (${keys.length})`),
     h('ul', { class: 'cards' }, ...keys.map((k) => card(k, 'revoked', st, now))),
   ) as DetailsEl;
@@ -800,19 +1007,31 @@ function revokedList(keys: KeySummary[], st: Stats, now: number): HtmlEl {
 function requests(): HtmlEl {
   // The dashboard (an editor tab) shows every request the page has; the sidebar the last few.
   const rows = (document.body.classList.contains('editor') ? model.records.slice() : model.records.slice(-ROWS)).reverse();
-  const section = h('section', { class: 'section', 'aria-labelledby': 'req-h' }, h('h2', { id: 'req-h' }, 'Recent requests', h('span', { class: 'count' }, rows.length)));
+  const section = h(
+    'section',
+    { class: 'section', 'aria-labelledby': 'req-h' },
+    h('h2', { id: 'req-h' }, 'Recent requests', h('span', { class: 'count' }, rows.length)),
+  );
   if (rows.length === 0) {
     section.append(h('p', { class: 'muted' }, 'No requests yet. They show here as agents make them.'));
     return section;
   }
   section.append(
-    h('table', { class: 'requests' },
-      h('thead', {}, h('tr', {},
-        h('th', { scope: 'col', class: 'time' }, 'Time'),
-        h('th', { scope: 'col' }, 'Request'),
-        h('th', { scope: 'col', class: 'num' }, 'Status'),
-        h('th', { scope: 'col', class: 'num cost' }, 'Cost'),
-      )),
+    h(
+      'table',
+      { class: 'requests' },
+      h(
+        'thead',
+        {},
+        h(
+          'tr',
+          {},
+          h('th', { scope: 'col', class: 'time' }, 'Time'),
+          h('th', { scope: 'col' }, 'Request'),
+          h('th', { scope: 'col', class: 'num' }, 'Status'),
+          h('th', { scope: 'col', class: 'num cost' }, 'Cost'),
+        ),
+      ),
       h('tbody', {}, ...rows.map(row)),
     ),
   );
@@ -824,14 +1043,36 @@ function row(r: RequestRecord): HtmlEl {
   const denied = r.type === 'request.denied';
   const failed = !denied && (r.status >= 400 || r.aborted !== undefined);
   const detail = [q.model, q.label || (denied ? undefined : q.keyId)].filter(Boolean).join(' · ');
-  return h('tr', { class: denied ? 'denied' : failed ? 'failed' : '', title: denied ? `Denied: ${r.reason}` : r.aborted ? `Ended early: ${r.aborted}` : undefined },
-    h('td', { class: 'time' },
+  return h(
+    'tr',
+    {
+      class: denied ? 'denied' : failed ? 'failed' : '',
+      title: denied ? `Denied: ${r.reason}` : r.aborted ? `Ended early: ${r.aborted}` : undefined,
+    },
+    h(
+      'td',
+      { class: 'time' },
       h('div', { class: 'line' }, clock(r.at)),
       !denied && h('div', { class: 'detail', title: 'Latency' }, latency(r.latencyMs)),
     ),
-    h('td', { class: 'req' },
-      h('div', { class: 'line', title: `${q.method} ${q.path}` }, h('span', { class: 'method' }, q.method), ' ', h('span', { class: 'path' }, q.path)),
-      (detail || denied) && h('div', { class: 'detail' }, denied ? h('span', { class: 'reason' }, r.code.replace(/_/g, ' ')) : null, denied && detail ? ' · ' : '', detail),
+    h(
+      'td',
+      { class: 'req' },
+      h(
+        'div',
+        { class: 'line', title: `${q.method} ${q.path}` },
+        h('span', { class: 'method' }, q.method),
+        ' ',
+        h('span', { class: 'path' }, q.path),
+      ),
+      (detail || denied) &&
+        h(
+          'div',
+          { class: 'detail' },
+          denied ? h('span', { class: 'reason' }, r.code.replace(/_/g, ' ')) : null,
+          denied && detail ? ' · ' : '',
+          detail,
+        ),
     ),
     h('td', { class: 'num status' }, String(r.status)),
     cost(r),
@@ -848,9 +1089,17 @@ function cost(r: RequestRecord): HtmlEl {
     `Tokens: ${tokenDetail(t)}`,
     priced ? `Cost: ${formatUsd(u.spend!)}` : 'Cost: unknown (no price for this model)',
     u.estimated ? ESTIMATED : '',
-  ].filter(Boolean).join('\n');
-  return h('td', { class: 'num cost', title },
-    h('div', { class: 'line' }, priced ? h('span', { class: u.estimated ? 'est' : '' }, usd(u.spend!, u.estimated)) : h('span', { class: 'muted' }, '—')),
+  ]
+    .filter(Boolean)
+    .join('\n');
+  return h(
+    'td',
+    { class: 'num cost', title },
+    h(
+      'div',
+      { class: 'line' },
+      priced ? h('span', { class: u.estimated ? 'est' : '' }, usd(u.spend!, u.estimated)) : h('span', { class: 'muted' }, '—'),
+    ),
     h('div', { class: 'detail' }, `${short(t.input + t.output)} tok`),
   );
 }

@@ -18,7 +18,16 @@ export type HostMessage =
    * older requests were dropped (so "today" counts are lower bounds); `error` says why `keys`
    * could not be read.
    */
-  | { type: 'state'; keys: KeySummary[]; recent: RequestRecord[]; truncated: boolean; brokerUrl: string | undefined; role: TillRole; error?: string; /** Whether any credential is stored (first run: the page's first action is Add Credential). */ hasCredential: boolean }
+  | {
+      type: 'state';
+      keys: KeySummary[];
+      recent: RequestRecord[];
+      truncated: boolean;
+      brokerUrl: string | undefined;
+      role: TillRole;
+      error?: string;
+      /** Whether any credential is stored (first run: the page's first action is Add Credential). */ hasCredential: boolean;
+    }
   /**
    * One live event, sent only while the view is visible. `request.started` is not sent (the
    * `keys` after it carry its effect); `request.progress` comes up to twice a second per open

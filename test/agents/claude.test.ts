@@ -7,7 +7,15 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startAnthropicUpstream } from '../support/upstreams';
-import { expectNoCredential, expectOnlyBroker, expectServedWithin, expectUsage, revokeWhileStreaming, startAgentBroker, type AgentBroker } from './support/agentChecks';
+import {
+  expectNoCredential,
+  expectOnlyBroker,
+  expectServedWithin,
+  expectUsage,
+  revokeWhileStreaming,
+  startAgentBroker,
+  type AgentBroker,
+} from './support/agentChecks';
 import { waitFor } from '../support/wait';
 import { listKeys, runAgent } from './support/agentRun';
 
@@ -19,7 +27,13 @@ afterAll(() => b?.close());
 
 const messagesCalls = () => b.up.received.filter((r) => r.method === 'POST' && r.path.startsWith('/v1/messages'));
 const claude = (label: string, prompt: string, limits: string[] = []) =>
-  runAgent({ home: b.home, agent: 'claude', tillArgs: [...limits, '--label', label], args: ['-p', prompt, '--output-format', 'text'], cwd: b.dir });
+  runAgent({
+    home: b.home,
+    agent: 'claude',
+    tillArgs: [...limits, '--label', label],
+    args: ['-p', prompt, '--output-format', 'text'],
+    cwd: b.dir,
+  });
 
 describe('Claude Code through Till', () => {
   it('completes a prompt with a tool round trip, its usage counted on the key, with nothing sent around the broker', async () => {
@@ -71,7 +85,14 @@ describe('Claude Code through Till', () => {
     const pb = await startAgentBroker({ provider: 'anthropic', start: startAnthropicUpstream, upstream: { streamDelayMs: 20, gather: 2 } });
     try {
       const label = 'claude parallel';
-      const run = runAgent({ home: pb.home, agent: 'claude', tillArgs: ['--max-spend', '2', '--label', label], args: ['-p', 'Please read note.txt and tell me what it says.', '--output-format', 'text'], cwd: pb.dir, parallel: 2 });
+      const run = runAgent({
+        home: pb.home,
+        agent: 'claude',
+        tillArgs: ['--max-spend', '2', '--label', label],
+        args: ['-p', 'Please read note.txt and tell me what it says.', '--output-format', 'text'],
+        cwd: pb.dir,
+        parallel: 2,
+      });
       const r = await run.done;
       expect(r.code, run.output()).toBe(0);
       expect(r.stdout.split(`The note says ${pb.marker}.`).length - 1, run.output()).toBe(2);
@@ -86,7 +107,12 @@ describe('Claude Code through Till', () => {
   it("revoking the key mid-answer ends Claude Code with Till's message, not a hang", async () => {
     const before = messagesCalls().length;
     const run = claude('claude revoked', 'Keep talking until I stop you.');
-    const { r, afterMs } = await revokeWhileStreaming(b, run, 'claude revoked', () => messagesCalls().length > before && b.up.inFlight() > 0);
+    const { r, afterMs } = await revokeWhileStreaming(
+      b,
+      run,
+      'claude revoked',
+      () => messagesCalls().length > before && b.up.inFlight() > 0,
+    );
     expect(afterMs).toBeLessThan(30_000);
     expect(r.code, run.output()).not.toBe(0);
     expect(run.output()).toMatch(/till: till key "claude revoked" was revoked/);

@@ -9,7 +9,15 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startOpenAIUpstream } from '../support/upstreams';
-import { expectNoCredential, expectOnlyBroker, expectServedWithin, expectUsage, revokeWhileStreaming, startAgentBroker, type AgentBroker } from './support/agentChecks';
+import {
+  expectNoCredential,
+  expectOnlyBroker,
+  expectServedWithin,
+  expectUsage,
+  revokeWhileStreaming,
+  startAgentBroker,
+  type AgentBroker,
+} from './support/agentChecks';
 import { waitFor } from '../support/wait';
 import { listKeys, runAgent } from './support/agentRun';
 
@@ -25,7 +33,12 @@ notifications = false
 describe.each(['websocket', 'http'] as const)('Codex CLI through Till over %s', (transport) => {
   let b: AgentBroker;
   beforeAll(async () => {
-    b = await startAgentBroker({ provider: 'openai', start: startOpenAIUpstream, upstreamUrl: (origin) => `${origin}/v1`, upstream: { websocket: transport === 'websocket' } });
+    b = await startAgentBroker({
+      provider: 'openai',
+      start: startOpenAIUpstream,
+      upstreamUrl: (origin) => `${origin}/v1`,
+      upstream: { websocket: transport === 'websocket' },
+    });
   });
   afterAll(() => b?.close());
 
@@ -33,9 +46,18 @@ describe.each(['websocket', 'http'] as const)('Codex CLI through Till over %s', 
   const generated = () =>
     transport === 'websocket'
       ? b.up.socketMessages.filter((m) => m.type === 'response.create' && m.generate !== false)
-      : b.up.received.filter((r) => r.method === 'POST' && r.path === '/v1/responses').map((r) => JSON.parse(r.body) as Record<string, unknown>);
+      : b.up.received
+          .filter((r) => r.method === 'POST' && r.path === '/v1/responses')
+          .map((r) => JSON.parse(r.body) as Record<string, unknown>);
   const codex = (label: string, prompt: string, limits: string[] = []) =>
-    runAgent({ home: b.home, agent: 'codex', tillArgs: [...limits, '--label', label], args: ['exec', '--skip-git-repo-check', prompt], cwd: b.dir, homeFiles: { '.codex/config.toml': USER_CONFIG } });
+    runAgent({
+      home: b.home,
+      agent: 'codex',
+      tillArgs: [...limits, '--label', label],
+      args: ['exec', '--skip-git-repo-check', prompt],
+      cwd: b.dir,
+      homeFiles: { '.codex/config.toml': USER_CONFIG },
+    });
 
   it('completes a prompt with a tool round trip, its usage counted on the key, with nothing sent around the broker', async () => {
     const label = `codex ${transport} round trip`;
@@ -58,7 +80,9 @@ describe.each(['websocket', 'http'] as const)('Codex CLI through Till over %s', 
     // The round trip: Codex ran its shell tool and sent the note back as the function call's output.
     const calls = generated();
     expect(calls.length).toBeGreaterThanOrEqual(2);
-    expect(calls.some((c) => JSON.stringify(c.input).includes('function_call_output') && JSON.stringify(c.input).includes(b.marker))).toBe(true);
+    expect(calls.some((c) => JSON.stringify(c.input).includes('function_call_output') && JSON.stringify(c.input).includes(b.marker))).toBe(
+      true,
+    );
 
     // The agent was given a till key and a Codex home whose provider is the broker, never the credential.
     expect(r.env.OPENAI_API_KEY).toMatch(/^till_/);
@@ -98,13 +122,29 @@ describe.each(['websocket', 'http'] as const)('Codex CLI through Till over %s', 
     // response took the key and the other agent's were refused while it ran.
     const label = `codex ${transport} parallel`;
     // Over HTTP each response is answered once the other agent's is in flight too, so they overlap.
-    const pb = await startAgentBroker({ provider: 'openai', start: startOpenAIUpstream, upstreamUrl: (origin) => `${origin}/v1`, upstream: { websocket: transport === 'websocket', streamDelayMs: 20, gather: 2 } });
+    const pb = await startAgentBroker({
+      provider: 'openai',
+      start: startOpenAIUpstream,
+      upstreamUrl: (origin) => `${origin}/v1`,
+      upstream: { websocket: transport === 'websocket', streamDelayMs: 20, gather: 2 },
+    });
     try {
-      const run = runAgent({ home: pb.home, agent: 'codex', tillArgs: ['--max-spend', '2', '--label', label], args: ['exec', '--skip-git-repo-check', 'Please read note.txt and tell me what it says.'], cwd: pb.dir, homeFiles: { '.codex/config.toml': USER_CONFIG }, parallel: 2 });
+      const run = runAgent({
+        home: pb.home,
+        agent: 'codex',
+        tillArgs: ['--max-spend', '2', '--label', label],
+        args: ['exec', '--skip-git-repo-check', 'Please read note.txt and tell me what it says.'],
+        cwd: pb.dir,
+        homeFiles: { '.codex/config.toml': USER_CONFIG },
+        parallel: 2,
+      });
       const r = await run.done;
       expect(r.code, run.output()).toBe(0);
       expect(r.stdout.split(`The note says ${pb.marker}.`).length - 1, run.output()).toBeGreaterThanOrEqual(2);
-      const responses = transport === 'websocket' ? pb.up.socketMessages.filter((m) => m.type === 'response.create' && m.generate !== false).length : pb.up.received.filter((c) => c.method === 'POST' && c.path === '/v1/responses').length;
+      const responses =
+        transport === 'websocket'
+          ? pb.up.socketMessages.filter((m) => m.type === 'response.create' && m.generate !== false).length
+          : pb.up.received.filter((c) => c.method === 'POST' && c.path === '/v1/responses').length;
       expect(responses).toBeGreaterThanOrEqual(4);
       if (transport === 'http') expect(pb.up.peakInFlight()).toBeGreaterThanOrEqual(2);
       await expectServedWithin(pb.home, label, 2);

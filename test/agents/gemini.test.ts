@@ -15,7 +15,14 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { filesContaining } from '../support/files';
 import { CREDENTIAL_MARKER } from '../support/till';
 import { startGeminiUpstream } from '../support/upstreams';
-import { expectNoCredential, expectOnlyBroker, expectUsage, revokeWhileStreaming, startAgentBroker, type AgentBroker } from './support/agentChecks';
+import {
+  expectNoCredential,
+  expectOnlyBroker,
+  expectUsage,
+  revokeWhileStreaming,
+  startAgentBroker,
+  type AgentBroker,
+} from './support/agentChecks';
 import { waitFor } from '../support/wait';
 import { listKeys, runAgent } from './support/agentRun';
 
@@ -56,17 +63,27 @@ describe('Gemini CLI through Till', () => {
     expect(r.env.GEMINI_API_KEY).toMatch(/^till_/);
     expect(r.env.GOOGLE_GEMINI_BASE_URL).toBe(`${b.serve.url}/gemini`);
     const settings = r.files.find((f) => f.path.endsWith('gemini/system-settings.json'))?.text ?? '{}';
-    expect(JSON.parse(settings)).toMatchObject({ security: { auth: { selectedType: 'gemini-api-key' } }, privacy: { usageStatisticsEnabled: false } });
+    expect(JSON.parse(settings)).toMatchObject({
+      security: { auth: { selectedType: 'gemini-api-key' } },
+      privacy: { usageStatisticsEnabled: false },
+    });
     expectNoCredential(r);
 
-    expectUsage((await listKeys(b.home)).find((k) => k.label === 'gemini round trip'), calls.length, b.up);
+    expectUsage(
+      (await listKeys(b.home)).find((k) => k.label === 'gemini round trip'),
+      calls.length,
+      b.up,
+    );
     expectOnlyBroker(r, b); // no usage statistics to Google
   });
 
   it("revoking the key mid-answer ends Gemini CLI with Till's message, not a hang", async () => {
     const before = modelCalls().length;
     const run = gemini('gemini revoked', 'Keep talking until I stop you.');
-    const streaming = () => modelCalls().slice(before).some((c) => c.path.includes('streamGenerateContent')) && b.up.inFlight() > 0;
+    const streaming = () =>
+      modelCalls()
+        .slice(before)
+        .some((c) => c.path.includes('streamGenerateContent')) && b.up.inFlight() > 0;
     const { r, afterMs } = await revokeWhileStreaming(b, run, 'gemini revoked', streaming);
     expect(afterMs).toBeLessThan(30_000);
     expect(r.code, run.output()).not.toBe(0);

@@ -17,7 +17,13 @@ describe('the network trace of an agent', () => {
       '106 sendmmsg(20, [{msg_hdr={msg_name={sa_family=AF_INET, sin_port=htons(53), sin_addr=inet_addr("8.8.8.8")}, msg_namelen=16, msg_iov=[{iov_base="V\\23"..., iov_len=36}], msg_iovlen=1, msg_controllen=0, msg_flags=0}, msg_len=36}], 1, MSG_NOSIGNAL) = 1',
     ].join('\n');
     const found = destinations(trace);
-    expect(found.map((d) => `${d.syscall} ${d.address}:${d.port}`)).toEqual(['connect 127.0.0.1:8455', 'sendto 10.0.0.2:53', 'connect 2607:f8b0:4004::200e:443', 'sendmsg ::1:8455', 'sendmmsg 8.8.8.8:53']);
+    expect(found.map((d) => `${d.syscall} ${d.address}:${d.port}`)).toEqual([
+      'connect 127.0.0.1:8455',
+      'sendto 10.0.0.2:53',
+      'connect 2607:f8b0:4004::200e:443',
+      'sendmsg ::1:8455',
+      'sendmmsg 8.8.8.8:53',
+    ]);
     expect(found.map((d) => isLoopback(d.address))).toEqual([true, false, false, true, false]);
   });
 });

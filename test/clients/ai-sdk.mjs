@@ -9,7 +9,11 @@ const [provider, mode] = process.argv.slice(2);
 // The Google provider reads its key from GOOGLE_GENERATIVE_AI_API_KEY but no base URL variable:
 // the base URL goes in code (Till's README says so).
 const google = createGoogleGenerativeAI({ baseURL: `${process.env.GOOGLE_GEMINI_BASE_URL}/v1beta` });
-const model = { openai: () => openai('gpt-5-mini'), anthropic: () => anthropic('claude-sonnet-5'), google: () => google('gemini-2.5-flash') }[provider]();
+const model = {
+  openai: () => openai('gpt-5-mini'),
+  anthropic: () => anthropic('claude-sonnet-5'),
+  google: () => google('gemini-2.5-flash'),
+}[provider]();
 const print = (o) => process.stdout.write(`${JSON.stringify(o)}\n`);
 
 if (mode === 'text') {
@@ -20,7 +24,8 @@ if (mode === 'text') {
   let deltas = 0;
   for await (const part of r.fullStream) {
     if (part.type === 'text-delta' && ++deltas === 3) print({ streaming: true });
-    if (part.type === 'error') print({ error: { name: part.error?.name ?? typeof part.error, message: part.error?.message ?? String(part.error) } });
+    if (part.type === 'error')
+      print({ error: { name: part.error?.name ?? typeof part.error, message: part.error?.message ?? String(part.error) } });
   }
   print({ ended: true, deltas });
 }

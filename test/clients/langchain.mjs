@@ -4,7 +4,10 @@ import { ChatAnthropic } from '@langchain/anthropic';
 import { ChatOpenAI } from '@langchain/openai';
 
 const [provider, mode] = process.argv.slice(2);
-const model = provider === 'openai' ? new ChatOpenAI({ model: 'gpt-5-mini', maxRetries: 0 }) : new ChatAnthropic({ model: 'claude-sonnet-5', maxRetries: 0 });
+const model =
+  provider === 'openai'
+    ? new ChatOpenAI({ model: 'gpt-5-mini', maxRetries: 0 })
+    : new ChatAnthropic({ model: 'claude-sonnet-5', maxRetries: 0 });
 const print = (o) => process.stdout.write(`${JSON.stringify(o)}\n`);
 
 if (mode === 'text') {

@@ -6,7 +6,6 @@ import { filesContaining } from './files';
 
 const CREDENTIAL_MARKER = 'REALCRED';
 
-
 /**
  * One private keychain and one scratch root for the whole run. At the end, every file the
  * suite wrote (ledgers, audit logs, broker and CLI output) is scanned for any fake real

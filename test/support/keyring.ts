@@ -24,7 +24,9 @@ export async function startPrivateKeyring(): Promise<PrivateKeyring> {
     try {
       execFileSync('which', [bin], { stdio: 'ignore' });
     } catch {
-      throw new Error(`${bin} is not installed: the keychain tests need a real Secret Service (apt-get install gnome-keyring dbus libglib2.0-bin)`);
+      throw new Error(
+        `${bin} is not installed: the keychain tests need a real Secret Service (apt-get install gnome-keyring dbus libglib2.0-bin)`,
+      );
     }
   }
   const root = mkdtempSync(join(tmpdir(), 'till-keyring-'));
@@ -35,20 +37,39 @@ export async function startPrivateKeyring(): Promise<PrivateKeyring> {
     HOME: root,
   };
   for (const dir of ['run', 'data', 'config']) execFileSync('mkdir', ['-p', '-m', '700', join(root, dir)]);
-  const bus = await run('dbus-daemon', ['--session', '--fork', '--nopidfile', '--print-address=1', '--print-pid=1'], { env: { ...process.env, ...env } });
+  const bus = await run('dbus-daemon', ['--session', '--fork', '--nopidfile', '--print-address=1', '--print-pid=1'], {
+    env: { ...process.env, ...env },
+  });
   const [address, pid] = bus.stdout.trim().split('\n');
   if (!address || !pid) throw new Error(`dbus-daemon did not start: ${bus.stderr}`);
   env.DBUS_SESSION_BUS_ADDRESS = address;
   const fullEnv = { ...process.env, ...env };
   // --unlock with the password on stdin creates an unlocked "login" collection without a prompt.
   await new Promise<void>((resolve, reject) => {
-    const child = execFile('gnome-keyring-daemon', ['--daemonize', '--unlock', '--components=secrets'], { env: fullEnv }, (err: Error | null) => (err ? reject(err) : resolve()));
+    const child = execFile(
+      'gnome-keyring-daemon',
+      ['--daemonize', '--unlock', '--components=secrets'],
+      { env: fullEnv },
+      (err: Error | null) => (err ? reject(err) : resolve()),
+    );
     child.stdin?.end('till-test-password');
   });
   const deadline = Date.now() + 10_000;
   for (;;) {
     try {
-      const { stdout } = await run('gdbus', ['introspect', '--session', '--dest', 'org.freedesktop.secrets', '--object-path', '/org/freedesktop/secrets/collection/login', '--only-properties'], { env: fullEnv });
+      const { stdout } = await run(
+        'gdbus',
+        [
+          'introspect',
+          '--session',
+          '--dest',
+          'org.freedesktop.secrets',
+          '--object-path',
+          '/org/freedesktop/secrets/collection/login',
+          '--only-properties',
+        ],
+        { env: fullEnv },
+      );
       if (stdout.includes('Locked = false')) break;
     } catch {
       // not up yet
@@ -59,7 +80,21 @@ export async function startPrivateKeyring(): Promise<PrivateKeyring> {
   return {
     env,
     async lock() {
-      await run('gdbus', ['call', '--session', '--dest', 'org.freedesktop.secrets', '--object-path', '/org/freedesktop/secrets', '--method', 'org.freedesktop.Secret.Service.Lock', "['/org/freedesktop/secrets/collection/login']"], { env: fullEnv });
+      await run(
+        'gdbus',
+        [
+          'call',
+          '--session',
+          '--dest',
+          'org.freedesktop.secrets',
+          '--object-path',
+          '/org/freedesktop/secrets',
+          '--method',
+          'org.freedesktop.Secret.Service.Lock',
+          "['/org/freedesktop/secrets/collection/login']",
+        ],
+        { env: fullEnv },
+      );
     },
     stop() {
       try {

@@ -12,7 +12,12 @@ export interface RunResult {
  * Collects a child's stdout and stderr until it closes. After `timeoutMs` the child is killed and
  * `done` fails, naming `what` and what it printed. `onData` sees each chunk as it comes.
  */
-export function collectOutput(child: ChildProcess, what: string, timeoutMs: number, onData?: (chunk: Buffer) => void): { output(): string; done: Promise<RunResult> } {
+export function collectOutput(
+  child: ChildProcess,
+  what: string,
+  timeoutMs: number,
+  onData?: (chunk: Buffer) => void,
+): { output(): string; done: Promise<RunResult> } {
   let stdout = '';
   let stderr = '';
   child.stdout?.on('data', (c: Buffer) => {

@@ -63,7 +63,10 @@ export async function startTill(options: Partial<ServiceOptions> & { home: strin
 export type { RunResult } from './process';
 
 /** Runs the built `till` command with a data folder; output is also kept in a scanned log. */
-export async function runTill(args: string[], options: { home: string; input?: string; env?: NodeJS.ProcessEnv; timeoutMs?: number }): Promise<RunResult> {
+export async function runTill(
+  args: string[],
+  options: { home: string; input?: string; env?: NodeJS.ProcessEnv; timeoutMs?: number },
+): Promise<RunResult> {
   const child = spawn(process.execPath, [TILL_JS, ...args], {
     env: { ...process.env, ...options.env, TILL_HOME: options.home },
     stdio: ['pipe', 'pipe', 'pipe'],
@@ -89,14 +92,20 @@ export interface ServeProcess {
  * `port: 'default'` without `--port` at all, as a user runs it. `fileLimit` runs it under
  * `ulimit -n`.
  */
-export function spawnServe(home: string, options: { port?: number | 'default'; env?: NodeJS.ProcessEnv; fileLimit?: number } = {}): Promise<ServeProcess> {
+export function spawnServe(
+  home: string,
+  options: { port?: number | 'default'; env?: NodeJS.ProcessEnv; fileLimit?: number } = {},
+): Promise<ServeProcess> {
   const log = logFile('serve');
   const args = [TILL_JS, 'serve', ...(options.port === 'default' ? [] : ['--port', String(options.port ?? 0)])];
   const env = { ...process.env, ...options.env, TILL_HOME: home };
   const child =
     options.fileLimit === undefined
       ? spawn(process.execPath, args, { env, stdio: ['ignore', 'pipe', 'pipe'] })
-      : spawn('bash', ['-c', `ulimit -n ${options.fileLimit} && exec "$0" "$@"`, process.execPath, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+      : spawn('bash', ['-c', `ulimit -n ${options.fileLimit} && exec "$0" "$@"`, process.execPath, ...args], {
+          env,
+          stdio: ['ignore', 'pipe', 'pipe'],
+        });
   let text = '';
   const onData = (c: Buffer) => {
     text += c;

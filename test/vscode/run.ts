@@ -109,7 +109,10 @@ async function main(): Promise<number> {
       const second = await context!.newPage();
       recordBrowserConsole(second, sb, opts.verbose);
       const devOnly = [['extensionDevelopmentPath', `vscode-remote://remote${repoRoot}`]];
-      await second.goto(`${server!.origin}/?folder=${encodeURIComponent(secondWorkspace)}&payload=${encodeURIComponent(JSON.stringify(devOnly))}`, { waitUntil: 'domcontentloaded' });
+      await second.goto(
+        `${server!.origin}/?folder=${encodeURIComponent(secondWorkspace)}&payload=${encodeURIComponent(JSON.stringify(devOnly))}`,
+        { waitUntil: 'domcontentloaded' },
+      );
       say('second window opened');
     };
     await page.exposeFunction('codeAutomationLog', (level: string, args: unknown) => {
@@ -147,8 +150,14 @@ async function main(): Promise<number> {
     say(`screenshot: ${await screenshot(page, 'last-run')}`);
     return code;
   } catch (err) {
-    if (page) await screenshot(page, 'last-run').then((f) => say(`screenshot: ${f}`), () => {});
-    console.error(`[till-vscode ${since()}] FAILED: ${err instanceof HarnessError ? err.message : err instanceof Error ? err.stack : String(err)}`);
+    if (page)
+      await screenshot(page, 'last-run').then(
+        (f) => say(`screenshot: ${f}`),
+        () => {},
+      );
+    console.error(
+      `[till-vscode ${since()}] FAILED: ${err instanceof HarnessError ? err.message : err instanceof Error ? err.stack : String(err)}`,
+    );
     console.error(`  code-server log: ${sb.serverLog}\n  browser console: ${sb.browserLog}`);
     opts.keep = true; // keep the evidence
     return 1;

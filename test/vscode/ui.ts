@@ -96,222 +96,275 @@ interface World {
 }
 
 const steps: Array<[name: string, run: (w: World) => Promise<void>]> = [
-  ['first run in an untrusted folder: the status bar and the Usage view offer Add Credential; add an OpenAI credential', async ({ page }) => {
-    // A folder never opened before is untrusted: code-server opens it in Restricted Mode (where
-    // VS Code asks first, a careful user says no).
-    const trust = page.locator('.monaco-dialog-box', { hasText: /trust the authors/i });
-    const restricted = page.locator('.statusbar-item', { hasText: 'Restricted Mode' }).first();
-    await trust.or(restricted).first().waitFor({ timeout: EXPECT_MS });
-    if (await trust.isVisible()) await trust.getByRole('button', { name: /don.t trust/i }).click();
-    await restricted.waitFor({ timeout: EXPECT_MS });
-    // Nothing to broker yet: the one action offered everywhere is adding a credential.
-    const status = page.locator('.statusbar-item', { hasText: 'Till: add a credential' }).first();
-    await status.waitFor({ timeout: EXPECT_MS });
-    await openTillSidebar(page);
-    const usage = usageFrame(page);
-    await usage.locator('.empty h2', { hasText: 'Add your first credential' }).waitFor({ timeout: EXPECT_MS });
-    await shot(page, 'ui-first-run', SIDEBAR);
-    await usage.getByRole('button', { name: 'Add Credential' }).click({ timeout: EXPECT_MS });
-    await pick(page, 'Till: Add Credential', 'OpenAI');
-    await input(page, 'Till: OpenAI API key', SECRET, { password: true });
-    await toast(page, /Till: stored "openai" \(OpenAI\) in the OS keychain/);
-    await page.locator('.statusbar-item', { hasText: /Till: \d+ keys?/ }).first().waitFor({ timeout: EXPECT_MS });
-    await usage.locator('.empty h2', { hasText: 'No till keys yet' }).waitFor({ timeout: EXPECT_MS });
-  }],
+  [
+    'first run in an untrusted folder: the status bar and the Usage view offer Add Credential; add an OpenAI credential',
+    async ({ page }) => {
+      // A folder never opened before is untrusted: code-server opens it in Restricted Mode (where
+      // VS Code asks first, a careful user says no).
+      const trust = page.locator('.monaco-dialog-box', { hasText: /trust the authors/i });
+      const restricted = page.locator('.statusbar-item', { hasText: 'Restricted Mode' }).first();
+      await trust.or(restricted).first().waitFor({ timeout: EXPECT_MS });
+      if (await trust.isVisible()) await trust.getByRole('button', { name: /don.t trust/i }).click();
+      await restricted.waitFor({ timeout: EXPECT_MS });
+      // Nothing to broker yet: the one action offered everywhere is adding a credential.
+      const status = page.locator('.statusbar-item', { hasText: 'Till: add a credential' }).first();
+      await status.waitFor({ timeout: EXPECT_MS });
+      await openTillSidebar(page);
+      const usage = usageFrame(page);
+      await usage.locator('.empty h2', { hasText: 'Add your first credential' }).waitFor({ timeout: EXPECT_MS });
+      await shot(page, 'ui-first-run', SIDEBAR);
+      await usage.getByRole('button', { name: 'Add Credential' }).click({ timeout: EXPECT_MS });
+      await pick(page, 'Till: Add Credential', 'OpenAI');
+      await input(page, 'Till: OpenAI API key', SECRET, { password: true });
+      await toast(page, /Till: stored "openai" \(OpenAI\) in the OS keychain/);
+      await page
+        .locator('.statusbar-item', { hasText: /Till: \d+ keys?/ })
+        .first()
+        .waitFor({ timeout: EXPECT_MS });
+      await usage.locator('.empty h2', { hasText: 'No till keys yet' }).waitFor({ timeout: EXPECT_MS });
+    },
+  ],
 
-  ['issue a key (palette)', async ({ page }) => {
-    await runCommand(page, 'Till: Issue Key');
-    await pick(page, 'Till: Issue Key: limits', PRESET);
-    await input(page, 'Till: Issue Key: label', KEY_LABEL);
-    // The key itself is in the message (once), with copy buttons; a copy is confirmed.
-    const issued = page.locator('.notifications-toasts .notification-toast', { hasText: `Till key "${KEY_LABEL}" issued: till_` }).first();
-    await issued.waitFor({ timeout: EXPECT_MS });
-    await issued.getByRole('button', { name: 'Copy Key' }).click({ timeout: EXPECT_MS });
-    await toast(page, /Copied the key to the clipboard\. Till key/);
-  }],
+  [
+    'issue a key (palette)',
+    async ({ page }) => {
+      await runCommand(page, 'Till: Issue Key');
+      await pick(page, 'Till: Issue Key: limits', PRESET);
+      await input(page, 'Till: Issue Key: label', KEY_LABEL);
+      // The key itself is in the message (once), with copy buttons; a copy is confirmed.
+      const issued = page
+        .locator('.notifications-toasts .notification-toast', { hasText: `Till key "${KEY_LABEL}" issued: till_` })
+        .first();
+      await issued.waitFor({ timeout: EXPECT_MS });
+      await issued.getByRole('button', { name: 'Copy Key' }).click({ timeout: EXPECT_MS });
+      await toast(page, /Copied the key to the clipboard\. Till key/);
+    },
+  ],
 
-  ['see the key in the Keys tree', async ({ page }) => {
-    await openTillSidebar(page);
-    const keys = viewPane(page, 'Keys');
-    await keys.locator('.monaco-list-row', { hasText: KEY_LABEL }).first().waitFor({ timeout: EXPECT_MS });
-    const row = (await keys.locator('.monaco-list-row', { hasText: KEY_LABEL }).first().innerText()).replace(/\s+/g, ' ');
-    if (!/openai · 0\/50/.test(row)) throw new Error(`the key's row reads "${row}", expected "openai · 0/50 · …"`);
-    // The stored credential is listed (its name, never the secret), under a group that starts folded.
-    await keys.locator('.monaco-list-row', { hasText: 'Credentials (1)' }).first().click({ timeout: EXPECT_MS });
-    const credential = keys.locator('.monaco-list-row[aria-level="2"]', { hasText: 'openai' }).first();
-    await credential.waitFor({ timeout: EXPECT_MS });
-    if ((await page.content()).includes(SECRET)) throw new Error('the credential is on the page');
-    await keys.locator('.monaco-list-row', { hasText: 'Credentials (1)' }).first().click({ timeout: EXPECT_MS });
-    // The Usage view below it has drawn its first state (the key), so the picture is whole.
-    await usageFrame(page).locator('li.card .label', { hasText: KEY_LABEL }).waitFor({ timeout: EXPECT_MS });
-    await shot(page, 'ui-keys', SIDEBAR);
-  }],
+  [
+    'see the key in the Keys tree',
+    async ({ page }) => {
+      await openTillSidebar(page);
+      const keys = viewPane(page, 'Keys');
+      await keys.locator('.monaco-list-row', { hasText: KEY_LABEL }).first().waitFor({ timeout: EXPECT_MS });
+      const row = (await keys.locator('.monaco-list-row', { hasText: KEY_LABEL }).first().innerText()).replace(/\s+/g, ' ');
+      if (!/openai · 0\/50/.test(row)) throw new Error(`the key's row reads "${row}", expected "openai · 0/50 · …"`);
+      // The stored credential is listed (its name, never the secret), under a group that starts folded.
+      await keys.locator('.monaco-list-row', { hasText: 'Credentials (1)' }).first().click({ timeout: EXPECT_MS });
+      const credential = keys.locator('.monaco-list-row[aria-level="2"]', { hasText: 'openai' }).first();
+      await credential.waitFor({ timeout: EXPECT_MS });
+      if ((await page.content()).includes(SECRET)) throw new Error('the credential is on the page');
+      await keys.locator('.monaco-list-row', { hasText: 'Credentials (1)' }).first().click({ timeout: EXPECT_MS });
+      // The Usage view below it has drawn its first state (the key), so the picture is whole.
+      await usageFrame(page).locator('li.card .label', { hasText: KEY_LABEL }).waitFor({ timeout: EXPECT_MS });
+      await shot(page, 'ui-keys', SIDEBAR);
+    },
+  ],
 
-  ['Restricted Mode: no terminal key until the folder is trusted; trusted as a terminal opens, that terminal has one', async ({ sb, page }) => {
-    const usage = usageFrame(page);
-    const label = `terminals · ${path.basename(sb.workspace)}`;
-    if (await usage.locator('li.card .label', { hasText: label }).count()) throw new Error('a terminal key was issued in Restricted Mode');
-    // VS Code runs no terminal in an untrusted folder: opening one asks for trust first.
-    await runCommand(page, 'Terminal: Create New Terminal');
-    const ask = page.locator('.monaco-dialog-box', { hasText: /trust the authors/i });
-    await ask.waitFor({ timeout: EXPECT_MS });
-    await ask.getByRole('button', { name: /^Trust/ }).click();
-    await page.locator('.statusbar-item', { hasText: 'Restricted Mode' }).first().waitFor({ state: 'detached', timeout: EXPECT_MS });
-    await usage.locator('li.card .label', { hasText: label }).waitFor({ timeout: EXPECT_MS });
-    // The terminal that asked started once trusted, with the broker's URL and a till key.
-    const rows = page.locator('.terminal-wrapper .xterm-rows').first();
-    await rows.waitFor({ timeout: EXPECT_MS });
-    await expectSoon('a shell prompt', async () => /[$#]\s*$/.test((await screenText(rows)).trimEnd()));
-    await typeInTerminal(page, 'echo "[${OPENAI_API_KEY%%_*}] $OPENAI_BASE_URL"');
-    await expectSoon('a till key and the broker URL on the terminal', async () => /\[till\] http:\/\/127\.0\.0\.1:\d+\/openai\/v1/.test(await screenText(rows)));
-  }],
+  [
+    'Restricted Mode: no terminal key until the folder is trusted; trusted as a terminal opens, that terminal has one',
+    async ({ sb, page }) => {
+      const usage = usageFrame(page);
+      const label = `terminals · ${path.basename(sb.workspace)}`;
+      if (await usage.locator('li.card .label', { hasText: label }).count())
+        throw new Error('a terminal key was issued in Restricted Mode');
+      // VS Code runs no terminal in an untrusted folder: opening one asks for trust first.
+      await runCommand(page, 'Terminal: Create New Terminal');
+      const ask = page.locator('.monaco-dialog-box', { hasText: /trust the authors/i });
+      await ask.waitFor({ timeout: EXPECT_MS });
+      await ask.getByRole('button', { name: /^Trust/ }).click();
+      await page.locator('.statusbar-item', { hasText: 'Restricted Mode' }).first().waitFor({ state: 'detached', timeout: EXPECT_MS });
+      await usage.locator('li.card .label', { hasText: label }).waitFor({ timeout: EXPECT_MS });
+      // The terminal that asked started once trusted, with the broker's URL and a till key.
+      const rows = page.locator('.terminal-wrapper .xterm-rows').first();
+      await rows.waitFor({ timeout: EXPECT_MS });
+      await expectSoon('a shell prompt', async () => /[$#]\s*$/.test((await screenText(rows)).trimEnd()));
+      await typeInTerminal(page, 'echo "[${OPENAI_API_KEY%%_*}] $OPENAI_BASE_URL"');
+      await expectSoon('a till key and the broker URL on the terminal', async () =>
+        /\[till\] http:\/\/127\.0\.0\.1:\d+\/openai\/v1/.test(await screenText(rows)),
+      );
+    },
+  ],
 
-  ['make a request from the terminal with its own key', async ({ page, upstream }) => {
-    const before = upstream.received.length;
-    const rows = page.locator('.terminal-wrapper .xterm-rows').first();
-    await typeInTerminal(page, CURL);
-    await expectSoon('the fake upstream\'s answer on the terminal', async () => /"chat\.completion"/.test(flat(await screenText(rows))));
-    if (upstream.received.length !== before + 1) throw new Error(`the upstream received ${upstream.received.length - before} requests, expected 1`);
-    const got = upstream.received.at(-1)!;
-    if (got.method !== 'POST' || got.path !== '/v1/chat/completions') throw new Error(`the upstream received ${got.method} ${got.path}`);
-    if (got.headers.authorization !== `Bearer ${SECRET}`) throw new Error('the upstream did not receive the real credential');
-    // A model Till has no price for: served on this token-limited key, its tokens counted.
-    await typeInTerminal(page, UNPRICED);
-    await expectSoon('the second answer on the terminal', async () => flat(await screenText(rows)).split('"chat.completion"').length > 2);
-  }],
+  [
+    'make a request from the terminal with its own key',
+    async ({ page, upstream }) => {
+      const before = upstream.received.length;
+      const rows = page.locator('.terminal-wrapper .xterm-rows').first();
+      await typeInTerminal(page, CURL);
+      await expectSoon("the fake upstream's answer on the terminal", async () => /"chat\.completion"/.test(flat(await screenText(rows))));
+      if (upstream.received.length !== before + 1)
+        throw new Error(`the upstream received ${upstream.received.length - before} requests, expected 1`);
+      const got = upstream.received.at(-1)!;
+      if (got.method !== 'POST' || got.path !== '/v1/chat/completions') throw new Error(`the upstream received ${got.method} ${got.path}`);
+      if (got.headers.authorization !== `Bearer ${SECRET}`) throw new Error('the upstream did not receive the real credential');
+      // A model Till has no price for: served on this token-limited key, its tokens counted.
+      await typeInTerminal(page, UNPRICED);
+      await expectSoon('the second answer on the terminal', async () => flat(await screenText(rows)).split('"chat.completion"').length > 2);
+    },
+  ],
 
-  ['see the request in the Usage view, and a model without a price as unknown spend', async ({ sb, page }) => {
-    const usage = usageFrame(page);
-    const request = usage.locator('table.requests tbody tr', { hasText: 'POST' }).filter({ hasText: '/v1/chat/completions' });
-    await request.first().waitFor({ timeout: 10_000 });
-    const text = (await request.first().innerText()).replace(/\s+/g, ' ');
-    if (!/\b200\b/.test(text)) throw new Error(`the request's row reads "${text}", expected status 200`);
-    // The terminal key's spend: what the priced call cost, and unknown for the other, not $0.00.
-    const label = `terminals · ${path.basename(sb.workspace)}`;
-    const spent = usage.locator('li.card', { has: usage.locator('.label', { hasText: label }) }).locator('.key-usage .spent');
-    await expectSoon('the terminal key\'s spend to read unknown', async () => /unknown/.test((await spent.textContent({ timeout: EXPECT_MS })) ?? ''));
-    // Fold the Keys tree away, as a person would, so the Usage view gets the sidebar's height.
-    await viewPane(page, 'Keys').locator('.pane-header').click();
-    await viewPane(page, 'Keys').locator('.pane-header[aria-expanded="false"]').waitFor({ timeout: EXPECT_MS });
-    await request.first().scrollIntoViewIfNeeded();
-    await shot(page, 'ui-usage', SIDEBAR);
-  }],
+  [
+    'see the request in the Usage view, and a model without a price as unknown spend',
+    async ({ sb, page }) => {
+      const usage = usageFrame(page);
+      const request = usage.locator('table.requests tbody tr', { hasText: 'POST' }).filter({ hasText: '/v1/chat/completions' });
+      await request.first().waitFor({ timeout: 10_000 });
+      const text = (await request.first().innerText()).replace(/\s+/g, ' ');
+      if (!/\b200\b/.test(text)) throw new Error(`the request's row reads "${text}", expected status 200`);
+      // The terminal key's spend: what the priced call cost, and unknown for the other, not $0.00.
+      const label = `terminals · ${path.basename(sb.workspace)}`;
+      const spent = usage.locator('li.card', { has: usage.locator('.label', { hasText: label }) }).locator('.key-usage .spent');
+      await expectSoon("the terminal key's spend to read unknown", async () =>
+        /unknown/.test((await spent.textContent({ timeout: EXPECT_MS })) ?? ''),
+      );
+      // Fold the Keys tree away, as a person would, so the Usage view gets the sidebar's height.
+      await viewPane(page, 'Keys').locator('.pane-header').click();
+      await viewPane(page, 'Keys').locator('.pane-header[aria-expanded="false"]').waitFor({ timeout: EXPECT_MS });
+      await request.first().scrollIntoViewIfNeeded();
+      await shot(page, 'ui-usage', SIDEBAR);
+    },
+  ],
 
-  ["watch a stream's hold grow in the Usage view, then stop it", async ({ page }) => {
-    // The terminal's key has a token limit: its stream holds a slice of its answer ahead and
-    // grows the hold as the answer comes (3,000 tokens, one every 5 ms).
-    const rows = page.locator('.terminal-wrapper .xterm-rows').first();
-    await typeInTerminal(page, STREAM);
-    const live = usageFrame(page).locator('li.card [data-live^="key:"]').first();
-    const holding = async () => {
-      const m = /holding ([\d.]+)(K?) tokens/.exec((await live.textContent({ timeout: EXPECT_MS })) ?? '');
-      return m ? Number(m[1]) * (m[2] === 'K' ? 1000 : 1) : undefined;
-    };
-    await expectSoon('the stream and its hold in the Usage view', async () => (await holding()) !== undefined);
-    const first = await holding();
-    await expectSoon(`the stream's hold to grow from ${first} tokens`, async () => ((await holding()) ?? 0) > first!);
-    await shot(page, 'ui-stream', SIDEBAR);
-    // Ctrl+C: the client leaves mid-answer; the stream is settled and its line goes.
-    await page.locator('.terminal-wrapper .xterm').first().click();
-    await page.keyboard.press('Control+C');
-    await live.waitFor({ state: 'detached', timeout: EXPECT_MS });
-    await expectSoon('a prompt after the stopped stream', async () => /[$#]\s*$/.test((await screenText(rows)).trimEnd()));
-  }],
+  [
+    "watch a stream's hold grow in the Usage view, then stop it",
+    async ({ page }) => {
+      // The terminal's key has a token limit: its stream holds a slice of its answer ahead and
+      // grows the hold as the answer comes (3,000 tokens, one every 5 ms).
+      const rows = page.locator('.terminal-wrapper .xterm-rows').first();
+      await typeInTerminal(page, STREAM);
+      const live = usageFrame(page).locator('li.card [data-live^="key:"]').first();
+      const holding = async () => {
+        const m = /holding ([\d.]+)(K?) tokens/.exec((await live.textContent({ timeout: EXPECT_MS })) ?? '');
+        return m ? Number(m[1]) * (m[2] === 'K' ? 1000 : 1) : undefined;
+      };
+      await expectSoon('the stream and its hold in the Usage view', async () => (await holding()) !== undefined);
+      const first = await holding();
+      await expectSoon(`the stream's hold to grow from ${first} tokens`, async () => ((await holding()) ?? 0) > first!);
+      await shot(page, 'ui-stream', SIDEBAR);
+      // Ctrl+C: the client leaves mid-answer; the stream is settled and its line goes.
+      await page.locator('.terminal-wrapper .xterm').first().click();
+      await page.keyboard.press('Control+C');
+      await live.waitFor({ state: 'detached', timeout: EXPECT_MS });
+      await expectSoon('a prompt after the stopped stream', async () => /[$#]\s*$/.test((await screenText(rows)).trimEnd()));
+    },
+  ],
 
-  ['change till.upstreams: applied without a restart; an unreached request is not counted', async ({ sb, page, upstream, settings }) => {
-    const usage = usageFrame(page);
-    const rows = page.locator('.terminal-wrapper .xterm-rows').first();
-    const tiles = async () => (await usage.locator('dl.totals').innerText({ timeout: EXPECT_MS })).replace(/\s+/g, ' ');
-    // As a person edits it: the user settings JSON in an editor, replaced and saved.
-    const write = async (upstreams: Record<string, string>) => {
-      await runCommand(page, 'Preferences: Open User Settings (JSON)');
-      const editor = page.locator('.editor-instance .monaco-editor', { hasText: 'till.upstreams' }).first();
-      await editor.click({ timeout: EXPECT_MS });
-      const text = JSON.stringify({ ...settings, 'till.upstreams': upstreams });
-      // Pasted, as a person would: typed, it would be auto-closed and auto-indented.
-      await page.context().grantPermissions(['clipboard-read', 'clipboard-write'], { origin: new URL(page.url()).origin });
-      await page.evaluate((t) => (globalThis as unknown as { navigator: { clipboard: { writeText(v: string): Promise<void> } } }).navigator.clipboard.writeText(t), text);
-      await page.keyboard.press('Control+A');
-      await page.keyboard.press('Control+V');
-      await page.keyboard.press('Control+S');
-      const file = path.join(sb.userDataDir, 'User', 'settings.json');
-      await expectSoon('the settings to be saved', async () => readFileSync(file, 'utf8') === text);
-      // Settings open in a modal editor here: its close button (Escape may go to a widget first).
-      const close = page.locator('[class*="modal"] .codicon-close, [class*="modal"] [aria-label^="Close"]').first();
-      await expectSoon('the settings editor to close', async () => {
-        if (!(await editor.isVisible())) return true;
-        if (await close.isVisible()) await close.click();
-        else await page.keyboard.press('Escape');
+  [
+    'change till.upstreams: applied without a restart; an unreached request is not counted',
+    async ({ sb, page, upstream, settings }) => {
+      const usage = usageFrame(page);
+      const rows = page.locator('.terminal-wrapper .xterm-rows').first();
+      const tiles = async () => (await usage.locator('dl.totals').innerText({ timeout: EXPECT_MS })).replace(/\s+/g, ' ');
+      // As a person edits it: the user settings JSON in an editor, replaced and saved.
+      const write = async (upstreams: Record<string, string>) => {
+        await runCommand(page, 'Preferences: Open User Settings (JSON)');
+        const editor = page.locator('.editor-instance .monaco-editor', { hasText: 'till.upstreams' }).first();
+        await editor.click({ timeout: EXPECT_MS });
+        const text = JSON.stringify({ ...settings, 'till.upstreams': upstreams });
+        // Pasted, as a person would: typed, it would be auto-closed and auto-indented.
+        await page.context().grantPermissions(['clipboard-read', 'clipboard-write'], { origin: new URL(page.url()).origin });
+        await page.evaluate(
+          (t) =>
+            (globalThis as unknown as { navigator: { clipboard: { writeText(v: string): Promise<void> } } }).navigator.clipboard.writeText(
+              t,
+            ),
+          text,
+        );
+        await page.keyboard.press('Control+A');
+        await page.keyboard.press('Control+V');
+        await page.keyboard.press('Control+S');
+        const file = path.join(sb.userDataDir, 'User', 'settings.json');
+        await expectSoon('the settings to be saved', async () => readFileSync(file, 'utf8') === text);
+        // Settings open in a modal editor here: its close button (Escape may go to a widget first).
+        const close = page.locator('[class*="modal"] .codicon-close, [class*="modal"] [aria-label^="Close"]').first();
+        await expectSoon('the settings editor to close', async () => {
+          if (!(await editor.isVisible())) return true;
+          if (await close.isVisible()) await close.click();
+          else await page.keyboard.press('Escape');
+          await delay(300);
+          return !(await editor.isVisible());
+        });
+      };
+      const received = upstream.received.length;
+      // Pointed at a closed port, as a typo would: once the change lands, requests get Till's 502.
+      await write({ openai: `http://127.0.0.1:${await closedPort()}/v1` });
+      await expectSoon("Till's 502 for the unreachable upstream", async () => {
+        await typeInTerminal(page, CURL);
         await delay(300);
-        return !(await editor.isVisible());
+        return /till_upstream_unreachable/.test(flat(await screenText(rows)));
       });
-    };
-    const received = upstream.received.length;
-    // Pointed at a closed port, as a typo would: once the change lands, requests get Till's 502.
-    await write({ openai: `http://127.0.0.1:${await closedPort()}/v1` });
-    await expectSoon("Till's 502 for the unreachable upstream", async () => {
+      const unreached = usage.locator('table.requests tbody tr', { hasText: '502' });
+      await unreached.first().waitFor({ timeout: EXPECT_MS });
+      await delay(500); // the key list that follows each request has landed
+      const before = await tiles();
+      const n = await unreached.count();
       await typeInTerminal(page, CURL);
-      await delay(300);
-      return /till_upstream_unreachable/.test(flat(await screenText(rows)));
-    });
-    const unreached = usage.locator('table.requests tbody tr', { hasText: '502' });
-    await unreached.first().waitFor({ timeout: EXPECT_MS });
-    await delay(500); // the key list that follows each request has landed
-    const before = await tiles();
-    const n = await unreached.count();
-    await typeInTerminal(page, CURL);
-    await expectSoon('a second 502 row', async () => (await unreached.count()) > n);
-    await delay(500);
-    const after = await tiles();
-    if (after !== before) throw new Error(`the Usage view's totals changed with a request the ledger did not count: "${before}" → "${after}"`);
-    // Back to the upstream: served again by the same broker (no restart, same base URL).
-    await write({ openai: `${upstream.url}/v1` });
-    await expectSoon('the upstream to be reached again', async () => {
+      await expectSoon('a second 502 row', async () => (await unreached.count()) > n);
+      await delay(500);
+      const after = await tiles();
+      if (after !== before)
+        throw new Error(`the Usage view's totals changed with a request the ledger did not count: "${before}" → "${after}"`);
+      // Back to the upstream: served again by the same broker (no restart, same base URL).
+      await write({ openai: `${upstream.url}/v1` });
+      await expectSoon('the upstream to be reached again', async () => {
+        await typeInTerminal(page, CURL);
+        await delay(300);
+        return upstream.received.length > received;
+      });
+    },
+  ],
+
+  [
+    'revoke the terminal key in the Usage view; the terminal is refused',
+    async ({ sb, page, upstream }) => {
+      const usage = usageFrame(page);
+      const label = `terminals · ${path.basename(sb.workspace)}`;
+      const card = usage.locator('li.card.active', { has: usage.locator('.label', { hasText: label }) });
+      // New terminals get a fresh key under the same label at once: follow this one by its id.
+      const id = (await card.first().locator('.id').textContent({ timeout: EXPECT_MS }))?.trim();
+      if (!id) throw new Error("no key id on the terminal key's card");
+      await card.getByRole('button', { name: `Revoke till key ${label}` }).click({ timeout: EXPECT_MS });
+      // The open terminal holds it: Till asks once, in a modal.
+      const dialog = page.locator('.monaco-dialog-box', { hasText: 'It is in use by 1 open terminal' });
+      await dialog.waitFor({ timeout: EXPECT_MS });
+      await dialog.getByRole('button', { name: 'Revoke', exact: true }).click();
+      await usage
+        .locator('li.card.active', { has: usage.locator('.id', { hasText: id }) })
+        .waitFor({ state: 'detached', timeout: EXPECT_MS });
+      await toast(page, /1 open terminal holds the revoked key/);
+      await usage.locator('details.revoked-list summary', { hasText: 'Revoked (1)' }).waitFor({ timeout: EXPECT_MS });
+
+      const before = { received: upstream.received.length, rejected: upstream.rejected.length };
+      const rows = page.locator('.terminal-wrapper .xterm-rows').first();
       await typeInTerminal(page, CURL);
-      await delay(300);
-      return upstream.received.length > received;
-    });
-  }],
+      await expectSoon("Till's refusal on the terminal", async () => /"code":\s*"(till_)?revoked"/.test(flat(await screenText(rows))));
+      await delay(500); // anything that did get through would have arrived by now
+      if (upstream.received.length !== before.received || upstream.rejected.length !== before.rejected) {
+        throw new Error(
+          `the upstream received ${upstream.received.length - before.received} (+${upstream.rejected.length - before.rejected} refused) requests after the revoke`,
+        );
+      }
+      await usage.locator('table.requests tbody tr.denied', { hasText: 'revoked' }).first().waitFor({ timeout: 10_000 });
+      await shot(page, 'ui-revoked');
+    },
+  ],
 
-  ['revoke the terminal key in the Usage view; the terminal is refused', async ({ sb, page, upstream }) => {
-    const usage = usageFrame(page);
-    const label = `terminals · ${path.basename(sb.workspace)}`;
-    const card = usage.locator('li.card.active', { has: usage.locator('.label', { hasText: label }) });
-    // New terminals get a fresh key under the same label at once: follow this one by its id.
-    const id = (await card.first().locator('.id').textContent({ timeout: EXPECT_MS }))?.trim();
-    if (!id) throw new Error('no key id on the terminal key\'s card');
-    await card.getByRole('button', { name: `Revoke till key ${label}` }).click({ timeout: EXPECT_MS });
-    // The open terminal holds it: Till asks once, in a modal.
-    const dialog = page.locator('.monaco-dialog-box', { hasText: 'It is in use by 1 open terminal' });
-    await dialog.waitFor({ timeout: EXPECT_MS });
-    await dialog.getByRole('button', { name: 'Revoke', exact: true }).click();
-    await usage.locator('li.card.active', { has: usage.locator('.id', { hasText: id }) }).waitFor({ state: 'detached', timeout: EXPECT_MS });
-    await toast(page, /1 open terminal holds the revoked key/);
-    await usage.locator('details.revoked-list summary', { hasText: 'Revoked (1)' }).waitFor({ timeout: EXPECT_MS });
-
-    const before = { received: upstream.received.length, rejected: upstream.rejected.length };
-    const rows = page.locator('.terminal-wrapper .xterm-rows').first();
-    await typeInTerminal(page, CURL);
-    await expectSoon('Till\'s refusal on the terminal', async () => /"code":\s*"(till_)?revoked"/.test(flat(await screenText(rows))));
-    await delay(500); // anything that did get through would have arrived by now
-    if (upstream.received.length !== before.received || upstream.rejected.length !== before.rejected) {
-      throw new Error(`the upstream received ${upstream.received.length - before.received} (+${upstream.rejected.length - before.rejected} refused) requests after the revoke`);
-    }
-    await usage.locator('table.requests tbody tr.denied', { hasText: 'revoked' }).first().waitFor({ timeout: 10_000 });
-    await shot(page, 'ui-revoked');
-  }],
-
-  ["a new terminal gets a fresh key after the terminals' was revoked", async ({ page, upstream }) => {
-    const before = upstream.received.length;
-    await runCommand(page, 'Terminal: Create New Terminal');
-    const rows = page.locator('.terminal-wrapper .xterm-rows').last();
-    await expectSoon('a shell prompt in the new terminal', async () => /[$#]\s*$/.test((await screenText(rows)).trimEnd()));
-    await page.locator('.terminal-wrapper .xterm').last().click();
-    await page.keyboard.type(CURL);
-    await page.keyboard.press('Enter');
-    await expectSoon('the new terminal served', async () => /"chat\.completion"/.test(flat(await screenText(rows))));
-    if (upstream.received.length !== before + 1) throw new Error(`the upstream received ${upstream.received.length - before} requests, expected 1`);
-  }],
+  [
+    "a new terminal gets a fresh key after the terminals' was revoked",
+    async ({ page, upstream }) => {
+      const before = upstream.received.length;
+      await runCommand(page, 'Terminal: Create New Terminal');
+      const rows = page.locator('.terminal-wrapper .xterm-rows').last();
+      await expectSoon('a shell prompt in the new terminal', async () => /[$#]\s*$/.test((await screenText(rows)).trimEnd()));
+      await page.locator('.terminal-wrapper .xterm').last().click();
+      await page.keyboard.type(CURL);
+      await page.keyboard.press('Enter');
+      await expectSoon('the new terminal served', async () => /"chat\.completion"/.test(flat(await screenText(rows))));
+      if (upstream.received.length !== before + 1)
+        throw new Error(`the upstream received ${upstream.received.length - before} requests, expected 1`);
+    },
+  ],
 ];
 
 // ---- UI helpers --------------------------------------------------------------------------------
@@ -331,7 +384,9 @@ const quickInput = (page: Page): Locator => page.locator('.quick-input-widget');
 async function runCommand(page: Page, title: string): Promise<void> {
   const widget = quickInput(page);
   const box = widget.locator('input.input').first();
-  const row = widget.locator('.quick-input-list .monaco-list-row').filter({ has: page.locator('.label-name', { hasText: exactly(title) }) });
+  const row = widget
+    .locator('.quick-input-list .monaco-list-row')
+    .filter({ has: page.locator('.label-name', { hasText: exactly(title) }) });
   const until = Date.now() + 30_000;
   for (let attempt = 1; ; attempt++) {
     if (!(await widget.isVisible())) await page.keyboard.press('F1');
@@ -357,7 +412,9 @@ async function pick(page: Page, title: string, label: string): Promise<void> {
   const widget = quickInput(page);
   await widget.locator('.quick-input-title', { hasText: title }).waitFor({ timeout: EXPECT_MS });
   await widget.locator('input.input').first().fill(label);
-  const row = widget.locator('.quick-input-list .monaco-list-row').filter({ has: page.locator('.label-name', { hasText: exactly(label) }) });
+  const row = widget
+    .locator('.quick-input-list .monaco-list-row')
+    .filter({ has: page.locator('.label-name', { hasText: exactly(label) }) });
   await row.first().click({ timeout: EXPECT_MS });
 }
 
@@ -430,7 +487,11 @@ async function shot(page: Page, name: string, element?: string): Promise<void> {
 
 async function main(): Promise<number> {
   // The terminal step runs curl from the shell's PATH.
-  const curl = (process.env.PATH ?? '').split(path.delimiter).map((d) => path.join(d, 'curl')).find((f) => existsSync(f)) ?? 'curl';
+  const curl =
+    (process.env.PATH ?? '')
+      .split(path.delimiter)
+      .map((d) => path.join(d, 'curl'))
+      .find((f) => existsSync(f)) ?? 'curl';
   checkInstalled([
     ['the VSIX', vsix, 'run npm run package'],
     ['curl', curl, 'apt-get install curl'],
@@ -474,7 +535,10 @@ async function main(): Promise<number> {
     let mark = Date.now();
     const installed = await deadline.guard(installExtension(sb, vsix));
     if (!/successfully installed/i.test(installed)) throw new HarnessError(`code-server --install-extension said: ${installed}`);
-    if (!existsSync(path.join(sb.extensionsDir, `${pkg.publisher}.${pkg.name}-${pkg.version}-linux-x64`)) && !existsSync(path.join(sb.extensionsDir, `${pkg.publisher}.${pkg.name}-${pkg.version}`))) {
+    if (
+      !existsSync(path.join(sb.extensionsDir, `${pkg.publisher}.${pkg.name}-${pkg.version}-linux-x64`)) &&
+      !existsSync(path.join(sb.extensionsDir, `${pkg.publisher}.${pkg.name}-${pkg.version}`))
+    ) {
       throw new HarnessError(`the VSIX did not land in ${sb.extensionsDir}`);
     }
     say(`installed ${path.basename(vsix)} (${((Date.now() - mark) / 1000).toFixed(1)} s)`);
@@ -501,9 +565,19 @@ async function main(): Promise<number> {
 
     deadline.stage = 'loading the workbench';
     mark = Date.now();
-    await deadline.guard(page.goto(`${server.origin}/?folder=${encodeURIComponent(sb.workspace)}`, { waitUntil: 'domcontentloaded', timeout: deadline.remaining() }));
+    await deadline.guard(
+      page.goto(`${server.origin}/?folder=${encodeURIComponent(sb.workspace)}`, {
+        waitUntil: 'domcontentloaded',
+        timeout: deadline.remaining(),
+      }),
+    );
     // The Till icon in the activity bar: the workbench is up and knows the installed extension.
-    await deadline.guard(page.locator('.activitybar [aria-label^="Till"]').first().waitFor({ timeout: Math.min(60_000, deadline.remaining()) }));
+    await deadline.guard(
+      page
+        .locator('.activitybar [aria-label^="Till"]')
+        .first()
+        .waitFor({ timeout: Math.min(60_000, deadline.remaining()) }),
+    );
     timings.push(`workbench ready: ${((Date.now() - mark) / 1000).toFixed(1)} s`);
     say('workbench ready');
 
@@ -524,7 +598,11 @@ async function main(): Promise<number> {
     const why = (err instanceof Error ? err.message : String(err)).replace(stepName === 'setup' ? /$^/ : ` while ${deadline.stage}`, '');
     console.error(`[till-ui ${since()}] FAILED at ${stepName === 'setup' ? 'setup' : `step ${stepName}`}: ${why}`);
     if (!(err instanceof HarnessError) && err instanceof Error && err.stack) console.error(prefixLines('  ', err.stack));
-    if (page) await screenshot(page, 'ui-failure').then((f) => console.error(`  screenshot: ${f}`), () => {});
+    if (page)
+      await screenshot(page, 'ui-failure').then(
+        (f) => console.error(`  screenshot: ${f}`),
+        () => {},
+      );
     console.error(`  code-server log: ${sb.serverLog}\n  browser console: ${sb.browserLog}`);
     opts.keep = true; // keep the evidence
     return 1;

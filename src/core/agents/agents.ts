@@ -51,9 +51,16 @@ export function agentTargets(agent: AgentName, credentials: { name: string; prov
     if (found) names.push(found.name);
     else missing.push(provider);
   }
-  if (!agentServed(agent, credentials.map((c) => c.provider))) {
+  if (
+    !agentServed(
+      agent,
+      credentials.map((c) => c.provider),
+    )
+  ) {
     const wanted = info.needs === 'any' ? info.providers.join(' or ') : missing.join(' and ');
-    throw new Error(`${info.describe} needs ${/^[aeiou]/.test(wanted) ? 'an' : 'a'} ${wanted} credential: add one with \`till credential add ${missing[0] ?? info.providers[0]}\``);
+    throw new Error(
+      `${info.describe} needs ${/^[aeiou]/.test(wanted) ? 'an' : 'a'} ${wanted} credential: add one with \`till credential add ${missing[0] ?? info.providers[0]}\``,
+    );
   }
   return names;
 }
@@ -93,8 +100,15 @@ export function newAgentScratchDir(home: string, prefix = ''): string {
  */
 function userSettingsPaths(env: Record<string, string | undefined>): { codexHome: string; geminiSystemSettings: string } {
   const geminiDefault =
-    process.platform === 'darwin' ? '/Library/Application Support/GeminiCli/settings.json' : process.platform === 'win32' ? 'C:\\ProgramData\\gemini-cli\\settings.json' : '/etc/gemini-cli/settings.json';
-  return { codexHome: env.CODEX_HOME || join(homedir(), '.codex'), geminiSystemSettings: env.GEMINI_CLI_SYSTEM_SETTINGS_PATH || geminiDefault };
+    process.platform === 'darwin'
+      ? '/Library/Application Support/GeminiCli/settings.json'
+      : process.platform === 'win32'
+        ? 'C:\\ProgramData\\gemini-cli\\settings.json'
+        : '/etc/gemini-cli/settings.json';
+  return {
+    codexHome: env.CODEX_HOME || join(homedir(), '.codex'),
+    geminiSystemSettings: env.GEMINI_CLI_SYSTEM_SETTINGS_PATH || geminiDefault,
+  };
 }
 
 /**
@@ -140,9 +154,17 @@ export function agentSetup(
       const k = needKey(agent, keys, 'gemini');
       const base = existsSync(paths.geminiSystemSettings) ? readFileSync(paths.geminiSystemSettings, 'utf8') : '';
       const file = write('gemini', 'system-settings.json', geminiSettings(base));
-      Object.assign(env, { GEMINI_API_KEY: k.key, GOOGLE_API_KEY: k.key, GOOGLE_GEMINI_BASE_URL: k.baseUrl, GEMINI_CLI_SYSTEM_SETTINGS_PATH: file });
+      Object.assign(env, {
+        GEMINI_API_KEY: k.key,
+        GOOGLE_API_KEY: k.key,
+        GOOGLE_GEMINI_BASE_URL: k.baseUrl,
+        GEMINI_CLI_SYSTEM_SETTINGS_PATH: file,
+      });
       const open = writableByOthers(file);
-      if (open) warnings.push(`Gemini CLI ignores Till's settings under ${open}, which others can write to; it may then refuse the API key ("Invalid auth method selected"): keep Till's data folder (TILL_HOME) out of it`);
+      if (open)
+        warnings.push(
+          `Gemini CLI ignores Till's settings under ${open}, which others can write to; it may then refuse the API key ("Invalid auth method selected"): keep Till's data folder (TILL_HOME) out of it`,
+        );
       break;
     }
     case 'aider': {
@@ -355,7 +377,11 @@ function setTableKey(sections: Section[], table: string, key: string, value: str
   const last = sections.at(-1)!;
   trimTrailingBlank(last.body);
   if (sections.length > 1 || last.body.length > 0) last.body.push({ kind: 'other', lines: [''] });
-  sections.push({ table, header: { kind: 'header', lines: [header], name: table }, body: [{ kind: 'key', lines: [`${key} = ${value}`], name: key }] });
+  sections.push({
+    table,
+    header: { kind: 'header', lines: [header], name: table },
+    body: [{ kind: 'key', lines: [`${key} = ${value}`], name: key }],
+  });
 }
 
 /** TOML basic string (JSON's escapes are valid TOML for these values). */
@@ -396,7 +422,8 @@ export function codexConfig(userToml: string, baseUrl: string): string {
     for (const st of s.body) if (st.kind === 'key' && st.name === 'model_provider') st.lines = [provider];
   }
   for (const st of top.body) {
-    if (st.kind === 'key' && /^profiles\.[^]+\.model_provider$/.test(st.name!)) st.lines = [`${st.lines[0]!.split('=')[0]!.trimEnd()} = ${tomlString('till')}`];
+    if (st.kind === 'key' && /^profiles\.[^]+\.model_provider$/.test(st.name!))
+      st.lines = [`${st.lines[0]!.split('=')[0]!.trimEnd()} = ${tomlString('till')}`];
   }
   setTableKey(sections, 'analytics', 'enabled', 'false');
   setTableKey(sections, 'features', 'plugins', 'false');

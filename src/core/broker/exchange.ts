@@ -88,7 +88,13 @@ class AmbiguousBody extends Error {}
  * The request's model (from the path for Gemini, else the JSON body) and its parsed body. A body
  * is parsed when it is declared JSON, or when the route is metered (`parseAnyType`).
  */
-function inspectBody(provider: Provider, path: string, body: Buffer | undefined, contentType: string | undefined, parseAnyType: boolean): { model?: string; json?: Json } | Error {
+function inspectBody(
+  provider: Provider,
+  path: string,
+  body: Buffer | undefined,
+  contentType: string | undefined,
+  parseAnyType: boolean,
+): { model?: string; json?: Json } | Error {
   let json: Json | undefined;
   if (body && body.length > 0 && (parseAnyType || contentType?.includes('json'))) {
     const text = body.toString('utf8');
@@ -99,7 +105,10 @@ function inspectBody(provider: Provider, path: string, body: Buffer | undefined,
       return new Error('the request body is not valid JSON');
     }
     const twice = duplicateKey(text);
-    if (twice !== undefined) return new AmbiguousBody(`the request body has the key "${twice}" twice in one object, which the upstream may read otherwise than Till: send it once`);
+    if (twice !== undefined)
+      return new AmbiguousBody(
+        `the request body has the key "${twice}" twice in one object, which the upstream may read otherwise than Till: send it once`,
+      );
     if (parsed && typeof parsed === 'object' && !Array.isArray(parsed)) json = parsed as Json;
   }
   if (provider.modelFromPath) {
@@ -229,7 +238,15 @@ export class Exchange {
     this.provider = c.providers.get(providerId);
     this.path = apiPath(this.provider, path);
     this.query = query;
-    this.info = { requestId: String(++requestCounter), keyId: '', label: '', provider: this.provider?.id ?? providerId, method: req.method ?? 'GET', path: this.path, billable: false };
+    this.info = {
+      requestId: String(++requestCounter),
+      keyId: '',
+      label: '',
+      provider: this.provider?.id ?? providerId,
+      method: req.method ?? 'GET',
+      path: this.path,
+      billable: false,
+    };
   }
 
   // -------------------------------------------------------------------------------------------
@@ -241,7 +258,12 @@ export class Exchange {
     const refused = clientDenial(req);
     if (refused) return this.deny(refused);
     const provider = this.provider;
-    if (!provider) return this.deny({ status: 404, code: 'unknown_provider', message: `no provider "${info.provider}": use ${c.url}/<provider>/…, e.g. ${c.url}/openai/v1` });
+    if (!provider)
+      return this.deny({
+        status: 404,
+        code: 'unknown_provider',
+        message: `no provider "${info.provider}": use ${c.url}/<provider>/…, e.g. ${c.url}/openai/v1`,
+      });
     const outside = pathDenial(provider, this.path, c.baseUrlFor(provider));
     if (outside) return this.deny(outside);
     const presented = findTillKey(req, this.query);
@@ -267,7 +289,11 @@ export class Exchange {
     const declared = Number(req.headers['content-length'] ?? 0);
     if (declared > c.maxBodyBytes) {
       lingerThenClose(req, res);
-      return this.deny({ status: 413, code: 'too_large', message: `request body of ${declared} bytes is over the broker's limit of ${c.maxBodyBytes}` });
+      return this.deny({
+        status: 413,
+        code: 'too_large',
+        message: `request body of ${declared} bytes is over the broker's limit of ${c.maxBodyBytes}`,
+      });
     }
     const hasBody = req.headers['content-length'] !== undefined || req.headers['transfer-encoding'] !== undefined;
     const contentType = req.headers['content-type'];
@@ -278,7 +304,11 @@ export class Exchange {
     // A body the broker must judge is judged as sent: it cannot read a compressed one.
     const encoding = req.headers['content-encoding'];
     if (readWhole && encoding !== undefined && encoding.trim().toLowerCase() !== 'identity') {
-      return this.deny({ status: 415, code: 'bad_request', message: `request bodies must not be compressed (Content-Encoding: ${encoding}): Till checks them before forwarding` });
+      return this.deny({
+        status: 415,
+        code: 'bad_request',
+        message: `request bodies must not be compressed (Content-Encoding: ${encoding}): Till checks them before forwarding`,
+      });
     }
     if (!readWhole) {
       this.streamBody = hasBody;
@@ -316,7 +346,12 @@ export class Exchange {
     if (inspected instanceof Error) {
       if (inspected instanceof AmbiguousBody) return this.deny({ status: 400, code: 'bad_request', message: inspected.message });
       const judged = key.policy.models !== undefined || key.policy.maxTokens !== undefined || key.policy.maxSpendUsd !== undefined;
-      if (judged && info.billable) return this.deny({ status: 400, code: 'bad_request', message: `${inspected.message}, so ${key.policy.models ? 'its model' : 'what it may cost'} cannot be checked` });
+      if (judged && info.billable)
+        return this.deny({
+          status: 400,
+          code: 'bad_request',
+          message: `${inspected.message}, so ${key.policy.models ? 'its model' : 'what it may cost'} cannot be checked`,
+        });
     } else {
       this.json = inspected.json;
       if (inspected.model !== undefined) info.model = inspected.model;
@@ -360,7 +395,16 @@ export class Exchange {
       }
     }
     if (json && this.stripUsage) this.body = Buffer.from(JSON.stringify(json));
-    const request = info.billable ? { provider: provider.id, model: info.model, format, json, bodyBytes: this.body?.length ?? 0, stream: asksStream(format, this.path, json) } : undefined;
+    const request = info.billable
+      ? {
+          provider: provider.id,
+          model: info.model,
+          format,
+          json,
+          bodyBytes: this.body?.length ?? 0,
+          stream: asksStream(format, this.path, json),
+        }
+      : undefined;
     const taken = takeRequestHold(c, key, info, request, this, true);
     if ('status' in taken) return this.deny(taken);
     ({ plan: this.plan, hold: this.hold, streamHold: this.streamHold } = taken);
@@ -465,7 +509,11 @@ export class Exchange {
     this.c.log(`upstream ${where} failed: ${detail}`);
     // Never reached the upstream: give the activation back.
     if (!this.sent) this.releaseHold();
-    this.sendDenial({ status: 502, code: 'upstream_unreachable', message: `cannot reach ${this.provider!.displayName} at ${where} (${detail})` });
+    this.sendDenial({
+      status: 502,
+      code: 'upstream_unreachable',
+      message: `cannot reach ${this.provider!.displayName} at ${where} (${detail})`,
+    });
     this.finish(502, 'upstream_error');
   }
 
@@ -480,8 +528,11 @@ export class Exchange {
     this.upRes = upRes;
     const forms = c.formsOf(this.secret);
     // Never relay the credential: an upstream that echoes request headers, a Location with ?key=.
-    const locationMap = upRes.headers.location === undefined ? undefined : { requestUrl, upstreamBase: provider.baseUrl, brokerBase: c.baseUrlFor(provider) };
-    const out = relayedHeaders(upRes.headers, forms, locationMap, (name) => c.log(`dropped the upstream's ${name} response header: it held the credential`));
+    const locationMap =
+      upRes.headers.location === undefined ? undefined : { requestUrl, upstreamBase: provider.baseUrl, brokerBase: c.baseUrlFor(provider) };
+    const out = relayedHeaders(upRes.headers, forms, locationMap, (name) =>
+      c.log(`dropped the upstream's ${name} response header: it held the credential`),
+    );
     if (upRes.headers['content-length'] !== undefined) out['content-length'] = upRes.headers['content-length'];
     const scrubber = new BodyScrubber(forms);
     const type = upRes.headers['content-type'] ?? '';
@@ -522,7 +573,8 @@ export class Exchange {
       if (this.draining) return this.meter?.push(chunk);
       if (this.isSse) {
         const n = chunk.length;
-        this.sseBoundary = n >= 2 ? chunk[n - 1] === 10 && (chunk[n - 2] === 10 || chunk[n - 2] === 13) : this.sseBoundary && chunk[0] === 10;
+        this.sseBoundary =
+          n >= 2 ? chunk[n - 1] === 10 && (chunk[n - 2] === 10 || chunk[n - 2] === 13) : this.sseBoundary && chunk[0] === 10;
       }
       writable = true;
       if (this.jsonBody) this.jsonBody.push(chunk);
@@ -565,7 +617,14 @@ export class Exchange {
     if (now - this.lastProgress < 500) return;
     this.lastProgress = now;
     const s = this.settle('progress');
-    if (s?.usage) this.c.events.emit({ type: 'request.progress', at: Date.now(), request: this.info, usage: s.usage, ...(this.hold ? { held: this.hold.held() } : {}) });
+    if (s?.usage)
+      this.c.events.emit({
+        type: 'request.progress',
+        at: Date.now(),
+        request: this.info,
+        usage: s.usage,
+        ...(this.hold ? { held: this.hold.held() } : {}),
+      });
   }
 
   // -------------------------------------------------------------------------------------------
@@ -589,8 +648,21 @@ export class Exchange {
     } else usage = this.meter?.usage();
     const complete = this.jsonBody ? usage !== undefined : this.meter?.complete === true;
     if (!usage && !aborted && this.upstreamStatus >= 400) return { amounts: { activations: 1, tokens: 0, spend: 0 } };
-    if (aborted && aborted !== 'progress' && !complete) usage = cutUsage({ model: info.model, format, json: this.json, bodyBytes: this.body?.length ?? 0 }, plan, usage, this.meter?.generated, this.answering || this.sent);
-    const s = settlement(this.provider!.id, info.model, usage, { inputEstimate: plan.inputEstimate, outputChars: this.meter?.textChars ?? 0 }, c.prices);
+    if (aborted && aborted !== 'progress' && !complete)
+      usage = cutUsage(
+        { model: info.model, format, json: this.json, bodyBytes: this.body?.length ?? 0 },
+        plan,
+        usage,
+        this.meter?.generated,
+        this.answering || this.sent,
+      );
+    const s = settlement(
+      this.provider!.id,
+      info.model,
+      usage,
+      { inputEstimate: plan.inputEstimate, outputChars: this.meter?.textChars ?? 0 },
+      c.prices,
+    );
     return { amounts: s.amounts, details: s.details, usage: s.usage };
   }
 
@@ -605,7 +677,13 @@ export class Exchange {
     this.remember(spent);
     const latencyMs = Math.round((performance.now() - this.started) * 10) / 10;
     // Built field by field: spreads allocate, and this runs for every request.
-    const event: Extract<TillEvent, { type: 'request.finished' }> = { type: 'request.finished', at: Date.now(), request: info, status, latencyMs };
+    const event: Extract<TillEvent, { type: 'request.finished' }> = {
+      type: 'request.finished',
+      at: Date.now(),
+      request: info,
+      status,
+      latencyMs,
+    };
     if (aborted) event.aborted = aborted;
     if (spent?.usage) event.usage = spent.usage;
     if (info.billable && !this.hold) event.uncounted = true;
@@ -637,7 +715,13 @@ export class Exchange {
     const { res } = this;
     if (this.ended || this.draining) return;
     if (!res.headersSent) this.sendDenial(denial);
-    else if (this.isSse && this.sseBoundary && !res.writableEnded) res.end(denialEvent(this.provider?.id, denial, { responses: this.format === 'openai-responses', sequence: (this.meter?.lastSequence ?? -1) + 1 }));
+    else if (this.isSse && this.sseBoundary && !res.writableEnded)
+      res.end(
+        denialEvent(this.provider?.id, denial, {
+          responses: this.format === 'openai-responses',
+          sequence: (this.meter?.lastSequence ?? -1) + 1,
+        }),
+      );
     else res.destroy();
     this.stopUpstream(() => this.finish(res.statusCode, denial.code));
   }
@@ -688,7 +772,14 @@ export class Exchange {
     }
     this.sendDenial(denial);
     this.req.resume();
-    c.events.emit({ type: 'request.denied', at: Date.now(), request: { ...info }, status: denial.status, reason: denial.message, code: denial.code });
+    c.events.emit({
+      type: 'request.denied',
+      at: Date.now(),
+      request: { ...info },
+      status: denial.status,
+      reason: denial.message,
+      code: denial.code,
+    });
     this.audit(denial.status, denial);
   }
 
@@ -707,4 +798,3 @@ export class Exchange {
     this.c.audit?.append(auditRecord(this.info, status, this.started, denial, aborted));
   }
 }
-

@@ -56,9 +56,17 @@ export function findTillKey(req: http.IncomingMessage, query: URLSearchParams): 
   const { key, other } = found;
   if (key) return key;
   if (other) {
-    return { status: 401, code: 'missing_key', message: 'the broker accepts only till keys (till_…); this request carries some other key, which was not forwarded' };
+    return {
+      status: 401,
+      code: 'missing_key',
+      message: 'the broker accepts only till keys (till_…); this request carries some other key, which was not forwarded',
+    };
   }
-  return { status: 401, code: 'missing_key', message: 'no till key: send it the way the provider expects its API key (e.g. Authorization: Bearer till_…)' };
+  return {
+    status: 401,
+    code: 'missing_key',
+    message: 'no till key: send it the way the provider expects its API key (e.g. Authorization: Bearer till_…)',
+  };
 }
 
 const canonicalCache = new Map<string, boolean>();
@@ -135,13 +143,27 @@ export function clientDenial(req: http.IncomingMessage): Denial | undefined {
   if (!hostIsLoopback(headers.host) || countHeader(req.rawHeaders, 'host') !== 1) {
     return { status: 403, code: 'forbidden_host', message: 'the Host header is not one loopback name (DNS rebinding protection)' };
   }
-  if (headers.origin !== undefined || headers['sec-fetch-site'] !== undefined || (headers.referer !== undefined && refererIsForeign(headers.referer))) {
-    return { status: 403, code: 'browser_origin', message: 'requests from web browsers are refused: the broker serves local programs only' };
+  if (
+    headers.origin !== undefined ||
+    headers['sec-fetch-site'] !== undefined ||
+    (headers.referer !== undefined && refererIsForeign(headers.referer))
+  ) {
+    return {
+      status: 403,
+      code: 'browser_origin',
+      message: 'requests from web browsers are refused: the broker serves local programs only',
+    };
   }
   for (const name of METHOD_OVERRIDES) {
-    if (headers[name] !== undefined) return { status: 400, code: 'bad_request', message: `the ${name} header is refused: send the request with its real method` };
+    if (headers[name] !== undefined)
+      return { status: 400, code: 'bad_request', message: `the ${name} header is refused: send the request with its real method` };
   }
-  if (req.url?.includes('#')) return { status: 400, code: 'bad_request', message: 'the request URL has a fragment (#…), which the upstream would read differently: send it without one' };
+  if (req.url?.includes('#'))
+    return {
+      status: 400,
+      code: 'bad_request',
+      message: 'the request URL has a fragment (#…), which the upstream would read differently: send it without one',
+    };
   return undefined;
 }
 
@@ -152,9 +174,16 @@ export function clientDenial(req: http.IncomingMessage): Denial | undefined {
  */
 export function pathDenial(provider: Provider, path: string, baseUrl: string): Denial | undefined {
   if (!isCanonicalPath(path)) {
-    return { status: 400, code: 'bad_request', message: 'the request path has dot segments, backslashes or encoded slashes; send it in canonical form' };
+    return {
+      status: 400,
+      code: 'bad_request',
+      message: 'the request path has dot segments, backslashes or encoded slashes; send it in canonical form',
+    };
   }
-  if (!path.startsWith(provider.basePath) || (provider.basePath && path.length > provider.basePath.length && path[provider.basePath.length] !== '/')) {
+  if (
+    !path.startsWith(provider.basePath) ||
+    (provider.basePath && path.length > provider.basePath.length && path[provider.basePath.length] !== '/')
+  ) {
     return { status: 404, code: 'bad_request', message: `${path} is outside the ${provider.displayName} API: use the base URL ${baseUrl}` };
   }
   return undefined;
@@ -170,7 +199,13 @@ export function forwardedHeaders(incoming: http.IncomingHttpHeaders, provider: P
   const headers: Record<string, string | string[]> = {};
   // `keep-alive` (what most clients send) is stripped anyway.
   const connection = incoming.connection;
-  const connectionTokens = connection === undefined || connection === 'keep-alive' ? undefined : connection.toLowerCase().split(',').map((s) => s.trim());
+  const connectionTokens =
+    connection === undefined || connection === 'keep-alive'
+      ? undefined
+      : connection
+          .toLowerCase()
+          .split(',')
+          .map((s) => s.trim());
   // Object.keys, not Object.entries: one array per request, not one per header.
   for (const name of Object.keys(incoming)) {
     const value = incoming[name];
@@ -191,5 +226,9 @@ export function credentialDenial(credential: string, err: unknown, log: ((line: 
 
 /** The denial for a provider that has no upstream until the user names one (e.g. Azure). */
 export function noUpstreamDenial(provider: Provider): Denial {
-  return { status: 502, code: 'upstream_unreachable', message: `${provider.displayName} has no upstream set: set ${upstreamEnvVar(provider.id)} to your endpoint` };
+  return {
+    status: 502,
+    code: 'upstream_unreachable',
+    message: `${provider.displayName} has no upstream set: set ${upstreamEnvVar(provider.id)} to your endpoint`,
+  };
 }

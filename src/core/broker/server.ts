@@ -130,7 +130,10 @@ export class Broker {
       requestTimeout: o.requestTimeoutMs,
       // Node checks both timeouts only every connectionsCheckingInterval (default 30 s), which
       // would let a slowloris client hold a connection for up to 30 s past either limit.
-      connectionsCheckingInterval: Math.max(10, Math.floor(Math.min(4_000, ...[o.headersTimeoutMs, o.requestTimeoutMs].filter((t) => t > 0)) / 4)),
+      connectionsCheckingInterval: Math.max(
+        10,
+        Math.floor(Math.min(4_000, ...[o.headersTimeoutMs, o.requestTimeoutMs].filter((t) => t > 0)) / 4),
+      ),
       noDelay: true,
       keepAliveTimeout: 5_000,
     });
@@ -141,21 +144,35 @@ export class Broker {
     new ConnectionBudget().watch(server);
     // WebSockets (Codex's Responses transport, Realtime, Gemini Live): same checks, see ws/proxy.ts.
     const websockets = new WebSocketProxy({
-      keys: o.keys, providers: o.providers, prices: o.prices, events: o.events, audit: o.audit, log: o.log,
-      maxMessageBytes: o.maxBodyBytes, open: this.open, conversations: this.context.conversations,
-      secretFor: (name) => this.secretFor(name), formsOf: (secret) => this.formsOf(secret), baseUrlFor: (p) => this.baseUrlFor(p), http: (req, res) => this.handle(req, res),
+      keys: o.keys,
+      providers: o.providers,
+      prices: o.prices,
+      events: o.events,
+      audit: o.audit,
+      log: o.log,
+      maxMessageBytes: o.maxBodyBytes,
+      open: this.open,
+      conversations: this.context.conversations,
+      secretFor: (name) => this.secretFor(name),
+      formsOf: (secret) => this.formsOf(secret),
+      baseUrlFor: (p) => this.baseUrlFor(p),
+      http: (req, res) => this.handle(req, res),
     });
     server.on('upgrade', (req: http.IncomingMessage, socket, head: Buffer) => websockets.upgrade(req, socket, head));
     server.on('clientError', (err: NodeJS.ErrnoException, socket) => {
       if (!socket.writable) return socket.destroy();
       const status = err.code === 'HPE_HEADER_OVERFLOW' ? 431 : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400;
       const text = status === 431 ? 'till: request headers too large' : status === 408 ? 'till: request timed out' : 'till: bad request';
-      socket.end(`HTTP/1.1 ${status} ${http.STATUS_CODES[status]}\r\nContent-Type: text/plain\r\nContent-Length: ${text.length}\r\nConnection: close\r\n\r\n${text}`);
+      socket.end(
+        `HTTP/1.1 ${status} ${http.STATUS_CODES[status]}\r\nContent-Type: text/plain\r\nContent-Length: ${text.length}\r\nConnection: close\r\n\r\n${text}`,
+      );
     });
     await new Promise<void>((resolve, reject) => {
       server.once('error', (err: NodeJS.ErrnoException) => {
         if (err.code !== 'EADDRINUSE') return reject(err);
-        const inUse: NodeJS.ErrnoException = new Error(`port ${o.port} on 127.0.0.1 is already in use (another program, or another till broker): choose another with --port`);
+        const inUse: NodeJS.ErrnoException = new Error(
+          `port ${o.port} on 127.0.0.1 is already in use (another program, or another till broker): choose another with --port`,
+        );
         inUse.code = 'EADDRINUSE';
         reject(inUse);
       });

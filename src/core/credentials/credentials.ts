@@ -30,7 +30,9 @@ export class CredentialList {
       if (!Array.isArray(parsed.credentials)) throw new Error('no credentials array');
       return parsed.credentials;
     } catch (err) {
-      throw new Error(`${this.file} is damaged (${(err as Error).message}); fix or remove it, then add the credentials again`, { cause: err });
+      throw new Error(`${this.file} is damaged (${(err as Error).message}); fix or remove it, then add the credentials again`, {
+        cause: err,
+      });
     }
   }
 

@@ -68,9 +68,15 @@ const UNAVAILABLE_HINT =
 function classify(err: unknown): VaultError {
   const text = err instanceof Error ? err.message : String(err);
   if (/lock|unlock|prompt|dismissed/i.test(text)) {
-    return new VaultError('locked', 'the OS keychain is locked: unlock it (log in to the desktop session, or unlock the "login" keyring) and retry');
+    return new VaultError(
+      'locked',
+      'the OS keychain is locked: unlock it (log in to the desktop session, or unlock the "login" keyring) and retry',
+    );
   }
-  return new VaultError('unavailable', `${UNAVAILABLE_HINT}. Till never falls back to a plain file. (${text.replace(/\s+/g, ' ').slice(0, 200)})`);
+  return new VaultError(
+    'unavailable',
+    `${UNAVAILABLE_HINT}. Till never falls back to a plain file. (${text.replace(/\s+/g, ' ').slice(0, 200)})`,
+  );
 }
 
 /** Credentials in the OS keychain. One entry object per account, reused; one call at a time. */
@@ -102,7 +108,12 @@ export class KeychainVault implements Vault {
       const timeout = new Promise<never>((_, reject) => {
         timer = setTimeout(() => {
           abort.abort();
-          reject(new VaultError('timeout', `the OS keychain did not answer within ${this.timeoutMs / 1000} s: it may be locked and waiting for an unlock prompt`));
+          reject(
+            new VaultError(
+              'timeout',
+              `the OS keychain did not answer within ${this.timeoutMs / 1000} s: it may be locked and waiting for an unlock prompt`,
+            ),
+          );
         }, this.timeoutMs);
       });
       try {

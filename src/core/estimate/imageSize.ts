@@ -67,6 +67,7 @@ function webpSize(b: Buffer): ImageSize | undefined {
     const bits = b.readUInt32LE(21);
     return sized(1 + (bits & 0x3fff), 1 + ((bits >> 14) & 0x3fff));
   }
-  if (chunk === 'VP8 ' && b[23] === 0x9d && b[24] === 0x01 && b[25] === 0x2a) return sized(b.readUInt16LE(26) & 0x3fff, b.readUInt16LE(28) & 0x3fff);
+  if (chunk === 'VP8 ' && b[23] === 0x9d && b[24] === 0x01 && b[25] === 0x2a)
+    return sized(b.readUInt16LE(26) & 0x3fff, b.readUInt16LE(28) & 0x3fff);
   return undefined;
 }

@@ -119,7 +119,16 @@ function readChat(facts: RequestFacts, body: Json): void {
 // OpenAI Responses
 
 /** Responses tools the upstream runs itself, by their type in `tools`: their results are input. */
-const RESPONSES_SERVER_TOOLS = new Set(['web_search', 'web_search_preview', 'web_search_2025_08_26', 'file_search', 'code_interpreter', 'image_generation', 'mcp', 'computer_use_preview']);
+const RESPONSES_SERVER_TOOLS = new Set([
+  'web_search',
+  'web_search_preview',
+  'web_search_2025_08_26',
+  'file_search',
+  'code_interpreter',
+  'image_generation',
+  'mcp',
+  'computer_use_preview',
+]);
 
 function responsesPart(facts: RequestFacts, part: Json): void {
   switch (part.type) {
@@ -189,7 +198,8 @@ function anthropicSource(facts: RequestFacts, block: Json): void {
   }
   // A document (PDF) is billed by its pages' text and images, whatever its source; plain text
   // sources are in the body like any text.
-  if (kind !== 'text' && kind !== 'content') note(facts, kind === 'file' ? 'a file by id' : kind === 'url' ? 'a document by URL' : 'a document (PDF)');
+  if (kind !== 'text' && kind !== 'content')
+    note(facts, kind === 'file' ? 'a file by id' : kind === 'url' ? 'a document by URL' : 'a document (PDF)');
 }
 
 function anthropicBlocks(facts: RequestFacts, blocks: unknown): void {
@@ -229,7 +239,15 @@ function readAnthropic(facts: RequestFacts, body: Json): void {
 // Gemini
 
 /** Gemini tools the upstream runs itself, by their key in a `tools` entry, as priced. */
-const GEMINI_SERVER_TOOLS: Record<string, string> = { googleSearch: 'google_search', google_search: 'google_search', googleSearchRetrieval: 'google_search', urlContext: 'url_context', url_context: 'url_context', codeExecution: 'code_execution', fileSearch: 'file_search' };
+const GEMINI_SERVER_TOOLS: Record<string, string> = {
+  googleSearch: 'google_search',
+  google_search: 'google_search',
+  googleSearchRetrieval: 'google_search',
+  urlContext: 'url_context',
+  url_context: 'url_context',
+  codeExecution: 'code_execution',
+  fileSearch: 'file_search',
+};
 
 function geminiParts(facts: RequestFacts, parts: unknown): void {
   for (const p of asArray(parts)) {

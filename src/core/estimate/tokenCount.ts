@@ -66,7 +66,8 @@ function mayHaveLongRun(text: string): boolean {
   for (let i = 0; i < text.length; i++) {
     const c = text.charCodeAt(i);
     if (c < 128) {
-      const k = (c >= 97 && c <= 122) || (c >= 65 && c <= 90) ? LETTER : c === 32 || (c >= 9 && c <= 13) ? SPACE : c >= 48 && c <= 57 ? 0 : OTHER;
+      const k =
+        (c >= 97 && c <= 122) || (c >= 65 && c <= 90) ? LETTER : c === 32 || (c >= 9 && c <= 13) ? SPACE : c >= 48 && c <= 57 ? 0 : OTHER;
       if (k !== cls) {
         start = k === 0 ? i + 1 : fixed + 1;
         cls = k;
@@ -139,7 +140,8 @@ function contentTokens(count: CountTokens, content: unknown): number {
     if (type === 'text' || type === 'input_text' || type === 'output_text') n += valueTokens(count, part.text);
     else if (type === 'refusal') n += valueTokens(count, part.refusal);
     // Images and files are bound apart (requestFacts.ts); audio is billed as audio tokens, not text.
-    else if (type !== 'image_url' && type !== 'input_image' && type !== 'file' && type !== 'input_file' && type !== 'input_audio') n += valueTokens(count, part);
+    else if (type !== 'image_url' && type !== 'input_image' && type !== 'file' && type !== 'input_file' && type !== 'input_audio')
+      n += valueTokens(count, part);
   }
   return n;
 }

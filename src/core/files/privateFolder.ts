@@ -12,7 +12,21 @@
  *   create fail instead of redirecting the write) and an atomic rename.
  * Each refusal is a {@link PrivateFolderError} whose message says what is wrong and how to mend it.
  */
-import { closeSync, constants, fstatSync, fsyncSync, lstatSync, mkdirSync, openSync, readFileSync, realpathSync, renameSync, rmSync, writeSync, type Stats } from 'node:fs';
+import {
+  closeSync,
+  constants,
+  fstatSync,
+  fsyncSync,
+  lstatSync,
+  mkdirSync,
+  openSync,
+  readFileSync,
+  realpathSync,
+  renameSync,
+  rmSync,
+  writeSync,
+  type Stats,
+} from 'node:fs';
 import { dirname } from 'node:path';
 
 /** Thrown when a folder or file cannot be trusted; nothing was read from it or written to it. */
@@ -52,7 +66,8 @@ function ancestorProblem(dir: string, st: Stats): string | undefined {
 function folderProblem(dir: string, st: Stats): string | undefined {
   if (!st.isDirectory()) return 'it is not a folder';
   if (st.uid !== uid()) return `it belongs to another user (uid ${st.uid}), who could read or change what Till keeps there`;
-  if (st.mode & 0o022) return `it is writable by ${st.mode & 0o002 ? 'every user' : 'its group'} (mode ${octal(st.mode)}): run \`chmod 700 ${dir}\``;
+  if (st.mode & 0o022)
+    return `it is writable by ${st.mode & 0o002 ? 'every user' : 'its group'} (mode ${octal(st.mode)}): run \`chmod 700 ${dir}\``;
   for (let up = dirname(dir), below = dir; up !== below; below = up, up = dirname(up)) {
     const problem = ancestorProblem(up, lstatSync(up));
     if (problem) return `${problem}, so another user could replace it`;
@@ -91,7 +106,8 @@ export function claimPrivateFolder(dir: string, what = 'the folder'): void {
   const st = lstatSync(dir);
   let problem = st.isSymbolicLink() ? 'it is a link' : folderProblem(dir, st);
   if (!problem && st.mode & 0o077) problem = `it is open to other users (mode ${octal(st.mode)})`;
-  if (problem) throw new PrivateFolderError(`Till will not use ${what} ${dir}: ${problem}; remove it, or set XDG_RUNTIME_DIR to a folder of your own`);
+  if (problem)
+    throw new PrivateFolderError(`Till will not use ${what} ${dir}: ${problem}; remove it, or set XDG_RUNTIME_DIR to a folder of your own`);
 }
 
 /** Why an existing entry cannot be trusted as a file of this user's, or undefined. */
@@ -108,7 +124,8 @@ function openChecked(file: string, flags: number, mode?: number): number {
   try {
     fd = openSync(file, flags | NOFOLLOW, mode);
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ELOOP') throw new PrivateFolderError(`Till will not use ${file}: it is a symbolic link, which Till does not follow`);
+    if ((err as NodeJS.ErrnoException).code === 'ELOOP')
+      throw new PrivateFolderError(`Till will not use ${file}: it is a symbolic link, which Till does not follow`);
     throw err;
   }
   if (CHECKED) {
@@ -184,6 +201,8 @@ export function checkOwnSocket(path: string): void {
   const st = statOrUndefined(path);
   if (!st) return;
   if (!st.isSocket() || st.uid !== uid()) {
-    throw new PrivateFolderError(`Till will not talk to ${path}: it is ${st.isSocket() ? `a socket of another user (uid ${st.uid})` : 'not a socket'}, so it may be posing as your broker`);
+    throw new PrivateFolderError(
+      `Till will not talk to ${path}: it is ${st.isSocket() ? `a socket of another user (uid ${st.uid})` : 'not a socket'}, so it may be posing as your broker`,
+    );
   }
 }

@@ -33,7 +33,8 @@ export class ConversationSizes {
       this.lines++;
       try {
         const entry = JSON.parse(line) as { i?: unknown; t?: unknown };
-        if (typeof entry.i === 'string' && typeof entry.t === 'number' && Number.isSafeInteger(entry.t) && entry.t >= 0) this.remember(entry.i, entry.t);
+        if (typeof entry.i === 'string' && typeof entry.t === 'number' && Number.isSafeInteger(entry.t) && entry.t >= 0)
+          this.remember(entry.i, entry.t);
       } catch {
         // a line cut short by a crash
       }

@@ -194,7 +194,8 @@ function holdRates(price: ModelPrice, facts: RequestFacts, provider: string, inp
   // A cache write bills input above the plain rate: Anthropic when the request marks content
   // for caching (1-hour marks at the 1-hour rate), others wherever the model has a write rate.
   const writes = provider === 'anthropic' ? facts.cache !== 'none' : rates.cacheWrite !== undefined;
-  if (writes) input = Math.max(input, facts.cache === '1h' ? rates.cacheWrite1h ?? rates.cacheWrite ?? input : rates.cacheWrite ?? input);
+  if (writes)
+    input = Math.max(input, facts.cache === '1h' ? (rates.cacheWrite1h ?? rates.cacheWrite ?? input) : (rates.cacheWrite ?? input));
   return { input, output: rates.output };
 }
 
@@ -214,7 +215,10 @@ interface InputBound {
 function storedContext(facts: RequestFacts, req: HoldRequest): { tokens: number; unseen?: string; seen?: string } {
   let tokens = req.carriedContext ?? 0;
   let seen: string | undefined;
-  for (const [kind, id] of [['previous_response_id', facts.previousResponse], ['conversation', facts.conversation]] as const) {
+  for (const [kind, id] of [
+    ['previous_response_id', facts.previousResponse],
+    ['conversation', facts.conversation],
+  ] as const) {
     if (id === undefined) continue;
     const known = req.knownContext?.(id);
     if (known === undefined) return { tokens, unseen: `the stored conversation of ${kind} ${id}, which Till has not seen` };
@@ -241,11 +245,21 @@ function toolInput(tools: HeldTool[], unbounded: string | undefined): ToolInput 
  * The input bound from the body's bytes (precise: false) or its exact token count (precise: true,
  * public tokenizers only), plus the results of the server-side tool calls held.
  */
-function inputBound(req: HoldRequest, facts: RequestFacts, limits: ModelLimits, tools: ToolInput, precise: boolean): InputBound | undefined {
+function inputBound(
+  req: HoldRequest,
+  facts: RequestFacts,
+  limits: ModelLimits,
+  tools: ToolInput,
+  precise: boolean,
+): InputBound | undefined {
   const context = storedContext(facts, req);
   const window = limits.context;
   const unseen = facts.unseen[0] ?? context.unseen ?? tools.unseen;
-  if (unseen !== undefined) return { tokens: window, basis: `the context window of ${req.model ?? 'the model'} (${window.toLocaleString('en-US')} tokens): the request brings in ${unseen}` };
+  if (unseen !== undefined)
+    return {
+      tokens: window,
+      basis: `the context window of ${req.model ?? 'the model'} (${window.toLocaleString('en-US')} tokens): the request brings in ${unseen}`,
+    };
   let text: number;
   let images = 0;
   let basis: string;
@@ -266,7 +280,8 @@ function inputBound(req: HoldRequest, facts: RequestFacts, limits: ModelLimits, 
   if (context.seen) basis += `, plus ${context.seen}`;
   if (tools.tokens > 0) basis += `, plus up to ${tools.tokens.toLocaleString('en-US')} tokens of server-side tool results`;
   const tokens = text + images + context.tokens + tools.tokens;
-  if (tokens >= window) return { tokens: window, basis: `the context window of ${req.model ?? 'the model'} (${window.toLocaleString('en-US')} tokens)` };
+  if (tokens >= window)
+    return { tokens: window, basis: `the context window of ${req.model ?? 'the model'} (${window.toLocaleString('en-US')} tokens)` };
   return { tokens, basis };
 }
 
@@ -303,14 +318,24 @@ export function planHold(req: HoldRequest, policy: Policy, remaining: Amounts, h
   };
   if (!meters.tokens && !meters.spend) return base;
   const kind = meters.spend ? 'spend' : 'token';
-  if (!req.format) return { status: 403, code: 'out_of_scope', message: `this till key has a ${kind} limit and Till cannot meter this kind of request` };
+  if (!req.format)
+    return { status: 403, code: 'out_of_scope', message: `this till key has a ${kind} limit and Till cannot meter this kind of request` };
   const model = req.model;
   const price = model ? prices.price(req.provider, model) : undefined;
   if (meters.spend && !price) {
-    return { status: 403, code: 'out_of_scope', message: `model ${model ?? '(none)'} has no price in Till's table, so a spend-limited till key refuses it rather than guess; add its price to prices.json in the data folder` };
+    return {
+      status: 403,
+      code: 'out_of_scope',
+      message: `model ${model ?? '(none)'} has no price in Till's table, so a spend-limited till key refuses it rather than guess; add its price to prices.json in the data folder`,
+    };
   }
   const facts = readRequest(req.format, req.json);
-  if (facts.background) return { status: 403, code: 'out_of_scope', message: `this till key has a ${kind} limit and a background response is billed after Till has answered, so Till cannot meter it: send it without "background": true` };
+  if (facts.background)
+    return {
+      status: 403,
+      code: 'out_of_scope',
+      message: `this till key has a ${kind} limit and a background response is billed after Till has answered, so Till cannot meter it: send it without "background": true`,
+    };
 
   // Server-side tools: a fee per call, and results billed as input. Calls the request limits are
   // held in full; on a stream that shows each call as it starts, unlimited calls are followed
@@ -320,14 +345,30 @@ export function planHold(req: HoldRequest, policy: Policy, remaining: Amounts, h
   let unbounded: string | undefined;
   for (const tool of facts.serverTools) {
     const fee = prices.toolFee(req.provider, tool.type);
-    if (meters.spend && fee === undefined) return { status: 403, code: 'out_of_scope', message: `the request uses the server-side tool ${tool.type}, whose fee Till does not know, so a spend-limited till key refuses it` };
+    if (meters.spend && fee === undefined)
+      return {
+        status: 403,
+        code: 'out_of_scope',
+        message: `the request uses the server-side tool ${tool.type}, whose fee Till does not know, so a spend-limited till key refuses it`,
+      };
     if (meters.spend && fee! > 0 && tool.maxCalls === undefined && !followsCalls) {
       const knob = req.provider === 'anthropic' ? 'max_uses on the tool' : 'max_tool_calls';
-      return { status: 403, code: 'out_of_scope', message: `the request uses the server-side tool ${tool.type}, billed $${fee} per call, with no limit on its calls: set ${knob} (or stream the request) so that a spend-limited till key can bound its fees` };
+      return {
+        status: 403,
+        code: 'out_of_scope',
+        message: `the request uses the server-side tool ${tool.type}, billed $${fee} per call, with no limit on its calls: set ${knob} (or stream the request) so that a spend-limited till key can bound its fees`,
+      };
     }
     const resultTokens = prices.toolResults(req.provider, tool.type);
     if (resultTokens === undefined || (tool.maxCalls === undefined && !followsCalls)) unbounded ??= `${tool.type} results`;
-    const held: HeldTool = { type: tool.type, calls: tool.type.startsWith('web_search') ? 'web_search' : tool.type, feeMicros: Math.ceil((fee ?? 0) * MICROS), resultTokens: resultTokens ?? 0, held: 0, maxCalls: tool.maxCalls };
+    const held: HeldTool = {
+      type: tool.type,
+      calls: tool.type.startsWith('web_search') ? 'web_search' : tool.type,
+      feeMicros: Math.ceil((fee ?? 0) * MICROS),
+      resultTokens: resultTokens ?? 0,
+      held: 0,
+      maxCalls: tool.maxCalls,
+    };
     // Tools whose calls start under one name (two web search tools) are one: each call at the dearer's price.
     const same = tools.find((t) => t.calls === held.calls);
     if (same) {
@@ -355,8 +396,8 @@ export function planHold(req: HoldRequest, policy: Policy, remaining: Amounts, h
     if (meters.spend && left.spend - inputMicros - feesMicros < 0) fit = -1;
     return { bound, rates, inputMicros, perChoice: fit === Infinity ? Infinity : Math.floor(fit / n) };
   };
-  const want = embeddings ? 0 : clientCap ?? (req.stream ? limits.maxOutput : Math.min(limits.maxOutput, NON_STREAMING_DEFAULT_OUTPUT));
-  const minCap = embeddings ? 0 : MIN_CAP[req.format] ?? 1;
+  const want = embeddings ? 0 : (clientCap ?? (req.stream ? limits.maxOutput : Math.min(limits.maxOutput, NON_STREAMING_DEFAULT_OUTPUT)));
+  const minCap = embeddings ? 0 : (MIN_CAP[req.format] ?? 1);
   const coarse = inputBound(req, facts, limits, fromTools, false)!;
   let a = attempt(coarse);
   // Tokenize only when the coarse bound would refuse the request or lower its output (the
@@ -370,7 +411,14 @@ export function planHold(req: HoldRequest, policy: Policy, remaining: Amounts, h
     const limit = meter === 'tokens' ? policy.maxTokens! : Math.round(policy.maxSpendUsd! * MICROS);
     const needs = meter === 'tokens' ? a.bound.tokens + minCap * n : a.inputMicros + feesMicros + Math.ceil(minCap * n * a.rates.output);
     const used = limit - (meter === 'tokens' ? left.tokens : left.spend) - (held[meter] ?? 0);
-    return budgetRefusal(meter, limit, used, held[meter] ?? 0, needs, `input up to ${a.bound.tokens.toLocaleString('en-US')} tokens, bound by ${a.bound.basis}`);
+    return budgetRefusal(
+      meter,
+      limit,
+      used,
+      held[meter] ?? 0,
+      needs,
+      `input up to ${a.bound.tokens.toLocaleString('en-US')} tokens, bound by ${a.bound.basis}`,
+    );
   }
 
   let ceilingPerChoice = clientCap ?? limits.maxOutput;
@@ -439,7 +487,13 @@ export const CUT_MARGIN_TOKENS = 64;
  * complete) at its whole ceiling, which the upstream may have produced. Input: reported, else
  * counted the same way for OpenAI-shaped bodies, else `inputEstimate`. Marked estimated.
  */
-export function cutUsage(req: Pick<HoldRequest, 'model' | 'format' | 'json' | 'bodyBytes'>, plan: HoldPlan, reported: Usage | undefined, produced: GeneratedText | undefined, reachedUpstream: boolean): Usage {
+export function cutUsage(
+  req: Pick<HoldRequest, 'model' | 'format' | 'json' | 'bodyBytes'>,
+  plan: HoldPlan,
+  reported: Usage | undefined,
+  produced: GeneratedText | undefined,
+  reachedUpstream: boolean,
+): Usage {
   const ceiling = plan.output.ceiling || Infinity;
   const count = counter(encodingOf(req.model) ?? 'o200k_base');
   let output = reported?.outputTokens ?? 0;
@@ -466,7 +520,15 @@ export function cutUsage(req: Pick<HoldRequest, 'model' | 'format' | 'json' | 'b
     toolCalls[t.calls] = started;
     input += unreported * t.resultTokens;
   }
-  const cut: Usage = { cachedInputTokens: 0, cacheWriteTokens: 0, reasoningTokens: 0, ...reported, inputTokens: input, outputTokens: output, estimated: true };
+  const cut: Usage = {
+    cachedInputTokens: 0,
+    cacheWriteTokens: 0,
+    reasoningTokens: 0,
+    ...reported,
+    inputTokens: input,
+    outputTokens: output,
+    estimated: true,
+  };
   if (Object.keys(toolCalls).length > 0) cut.toolCalls = toolCalls;
   return cut;
 }
@@ -526,4 +588,3 @@ export function settlement(
     usage: { tokens, ...(spendKnown ? { spend: amounts.spend } : {}), estimated },
   };
 }
-

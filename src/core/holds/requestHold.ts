@@ -35,10 +35,23 @@ export interface TakenHold {
  * with what it holds and what bounds its input on a limited key. The denial when the key cannot
  * cover it.
  */
-export function takeRequestHold(c: HoldContext, key: KeyRecord, info: RequestInfo, request: HoldRequest | undefined, flight: InFlight, batch: boolean): TakenHold | Denial {
+export function takeRequestHold(
+  c: HoldContext,
+  key: KeyRecord,
+  info: RequestInfo,
+  request: HoldRequest | undefined,
+  flight: InFlight,
+  batch: boolean,
+): TakenHold | Denial {
   let plan: HoldPlan | undefined;
   if (request) {
-    const planned = planHold({ ...request, knownContext: (id) => c.conversations.get(id) }, key.policy, c.keys.remaining(key), c.keys.heldFor(key), c.prices);
+    const planned = planHold(
+      { ...request, knownContext: (id) => c.conversations.get(id) },
+      key.policy,
+      c.keys.remaining(key),
+      c.keys.heldFor(key),
+      c.prices,
+    );
     if ('status' in planned) return planned;
     plan = planned;
   }

@@ -92,14 +92,20 @@ export class StreamHold {
       if (this.inputShrank) this.resize(this.held, this.calls);
       return undefined;
     }
-    const grown = needed <= this.held ? this.held : Math.min(this.plan.output.ceiling, Math.max(needed, this.held + this.plan.output.slice));
+    const grown =
+      needed <= this.held ? this.held : Math.min(this.plan.output.ceiling, Math.max(needed, this.held + this.plan.output.slice));
     if (!this.resize(grown, calls)) return undefined;
     const refused = this.resize(needed, calls);
     if (!refused) return undefined;
     // Nothing more can be held: cover the calls already started (their results and fees are
     // being billed), and end the stream.
     if (callsGrow) this.resize(needed, this.callsFor(progress.toolCalls, 0));
-    return growthRefusal(refused, callsGrow ? 'the stream was ended: the key cannot cover another server-side tool call' : 'the stream was ended: the key cannot cover what it may produce next');
+    return growthRefusal(
+      refused,
+      callsGrow
+        ? 'the stream was ended: the key cannot cover another server-side tool call'
+        : 'the stream was ended: the key cannot cover what it may produce next',
+    );
   }
 
   /**
@@ -109,7 +115,9 @@ export class StreamHold {
   private callsFor(started: Readonly<Record<string, number>>, ahead: number): number[] {
     // Nearly every stream offers no server-side tool: nothing to follow, nothing to allocate.
     if (this.plan.tools.length === 0) return this.calls;
-    return this.plan.tools.map((t, i) => (t.maxCalls !== undefined ? this.calls[i]! : Math.max(this.calls[i]!, (started[t.calls] ?? 0) + ahead)));
+    return this.plan.tools.map((t, i) =>
+      t.maxCalls !== undefined ? this.calls[i]! : Math.max(this.calls[i]!, (started[t.calls] ?? 0) + ahead),
+    );
   }
 
   private resultTokens(calls: number[]): number {
@@ -129,7 +137,14 @@ export class StreamHold {
     const price = this.plan.price;
     this.input = usage.inputTokens;
     if (price) {
-      const exact = { inputTokens: usage.inputTokens, outputTokens: 0, cachedInputTokens: usage.cachedInputTokens, cacheWriteTokens: usage.cacheWriteTokens, cacheWrite1hTokens: usage.cacheWrite1hTokens, serviceTier: usage.serviceTier };
+      const exact = {
+        inputTokens: usage.inputTokens,
+        outputTokens: 0,
+        cachedInputTokens: usage.cachedInputTokens,
+        cacheWriteTokens: usage.cacheWriteTokens,
+        cacheWrite1hTokens: usage.cacheWrite1hTokens,
+        serviceTier: usage.serviceTier,
+      };
       this.inputMicros = Math.ceil(costAt({ ...price, requestFee: 0 }, exact) * MICROS);
       this.outputRate = ratesFor(price, usage.inputTokens, usage.serviceTier).output;
     }
@@ -138,7 +153,8 @@ export class StreamHold {
 
   private outputBound(progress: StreamProgress, usage: Usage | undefined): number {
     let bound = Math.max(progress.textBytes, usage?.outputTokens ?? 0);
-    if (this.plan.hiddenOutput) bound = Math.max(bound, Math.ceil(((performance.now() - this.started) / 1000) * this.plan.limits.tokensPerSecond));
+    if (this.plan.hiddenOutput)
+      bound = Math.max(bound, Math.ceil(((performance.now() - this.started) / 1000) * this.plan.limits.tokensPerSecond));
     return bound;
   }
 
@@ -146,7 +162,9 @@ export class StreamHold {
   private resize(output: number, calls: number[]): ReserveRefusal | undefined {
     const results = this.resultTokens(calls);
     const pricing = { meters: this.plan.meters, outputRate: this.outputRate, feesMicros: this.otherFees + this.toolFees(calls) };
-    const refused = this.hold.resize(holdAmounts(pricing, this.input + results, this.inputMicros + Math.ceil(results * this.plan.inputRate), output));
+    const refused = this.hold.resize(
+      holdAmounts(pricing, this.input + results, this.inputMicros + Math.ceil(results * this.plan.inputRate), output),
+    );
     if (!refused) {
       this.held = output;
       this.calls = calls;

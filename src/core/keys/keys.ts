@@ -4,7 +4,15 @@
  */
 import { limitRefusal, type Denial } from '../denial';
 import type { KeySummary, TillEvents } from '../events';
-import { isRefusal, keyState, type KeyRecord, type Ledger, type Reservation, type ReserveRefusal, type SettleDetails } from '../ledger/ledger';
+import {
+  isRefusal,
+  keyState,
+  type KeyRecord,
+  type Ledger,
+  type Reservation,
+  type ReserveRefusal,
+  type SettleDetails,
+} from '../ledger/ledger';
 import type { InFlightEntry } from '../broker/inFlightList';
 import { buildPolicy, formatAmount, hasLimits, limitsOf, MICROS, type Amounts, type Meter, type Policy } from './policy';
 import { InFlightList } from '../broker/inFlightList';
@@ -65,7 +73,11 @@ const MINUTE = 60_000;
 
 /** Why a hold was refused: what the request asked for (`wanted`), or `why` when said. */
 function refusal(r: ReserveRefusal, wanted: number, why?: string): Denial {
-  return limitRefusal(r.meter, { limit: r.limit, used: r.used, held: r.reserved }, why ?? `this request needs ${formatAmount(r.meter, wanted)}`);
+  return limitRefusal(
+    r.meter,
+    { limit: r.limit, used: r.used, held: r.reserved },
+    why ?? `this request needs ${formatAmount(r.meter, wanted)}`,
+  );
 }
 
 /** The denial for a growth of a hold the key could not cover ({@link Hold.resize}), and why it was needed. */
@@ -203,7 +215,12 @@ export class TillKeys {
       key = this.ledger.get(parsed.id);
       // Hash even when the id is unknown, so timing says nothing about which ids exist.
       const matches = tillKeyMatches(presented, key?.hash ?? '0'.repeat(64));
-      if (!key || !matches) return { status: 401, code: 'unknown_key', message: 'unknown till key: it was never issued by this broker, or its ledger was replaced' };
+      if (!key || !matches)
+        return {
+          status: 401,
+          code: 'unknown_key',
+          message: 'unknown till key: it was never issued by this broker, or its ledger was replaced',
+        };
       if (this.verified.size >= 10_000) this.verified.clear();
       this.verified.set(presented, key);
     }
@@ -218,7 +235,10 @@ export class TillKeys {
     const auth = this.authenticate(presented);
     if ('status' in auth) return { denial: auth };
     if (auth.provider !== provider) {
-      return { denial: { status: 403, code: 'wrong_provider', message: `till key "${auth.label}" is for ${auth.provider}, not ${provider}` }, key: auth };
+      return {
+        denial: { status: 403, code: 'wrong_provider', message: `till key "${auth.label}" is for ${auth.provider}, not ${provider}` },
+        key: auth,
+      };
     }
     return { key: auth };
   }
@@ -231,7 +251,12 @@ export class TillKeys {
    * smallest request to the same model would hold: once the key cannot cover it, its 100 % alert
    * fires at settlement. `batch` lets the hold's ledger write join the turn's others.
    */
-  admit(key: KeyRecord, amounts: Amounts | undefined, flight: InFlight, options: { batch?: boolean; smallest?: Amounts } = {}): Hold | Denial {
+  admit(
+    key: KeyRecord,
+    amounts: Amounts | undefined,
+    flight: InFlight,
+    options: { batch?: boolean; smallest?: Amounts } = {},
+  ): Hold | Denial {
     const policy = key.policy;
     const now = this.now();
     // The key was authenticated before the body was read and the credential fetched: a
@@ -240,14 +265,24 @@ export class TillKeys {
     if (ended) return ended;
     const flights = this.inFlight.get(key.id) ?? new InFlightList<InFlight>();
     if (policy.concurrency !== undefined && flights.size >= policy.concurrency) {
-      return { status: 429, code: 'concurrency', message: `till key "${key.label}" allows ${policy.concurrency} requests at once and ${flights.size} are in flight`, retryAfter: 1 };
+      return {
+        status: 429,
+        code: 'concurrency',
+        message: `till key "${key.label}" allows ${policy.concurrency} requests at once and ${flights.size} are in flight`,
+        retryAfter: 1,
+      };
     }
     if (policy.rpm !== undefined) {
       const times = this.recent.get(key.id) ?? [];
       while (times.length > 0 && times[0]! <= now - MINUTE) times.shift();
       if (times.length >= policy.rpm) {
         const retryAfter = Math.max(1, Math.ceil((times[0]! + MINUTE - now) / 1000));
-        return { status: 429, code: 'rate_limited', message: `till key "${key.label}" is limited to ${policy.rpm} requests per minute; retry in ${retryAfter} s`, retryAfter };
+        return {
+          status: 429,
+          code: 'rate_limited',
+          message: `till key "${key.label}" is limited to ${policy.rpm} requests per minute; retry in ${retryAfter} s`,
+          retryAfter,
+        };
       }
       times.push(now);
       this.recent.set(key.id, times);
@@ -342,7 +377,15 @@ export class TillKeys {
       }
       const crossed = THRESHOLDS.filter((t) => used >= limit * t).at(-1);
       if (crossed !== undefined && this.once(key.id, `${meter}:${crossed}`)) {
-        this.events.emit({ type: 'limit.near', at: this.now(), key: this.summary(key), meter, used, limit, percent: Math.round(crossed * 100) });
+        this.events.emit({
+          type: 'limit.near',
+          at: this.now(),
+          key: this.summary(key),
+          meter,
+          used,
+          limit,
+          percent: Math.round(crossed * 100),
+        });
       }
     }
   }

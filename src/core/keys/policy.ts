@@ -46,7 +46,6 @@ export function formatCount(n: number): string {
   return Math.round(n).toLocaleString('en-US');
 }
 
-
 export interface Policy {
   /** Billable requests allowed. Default: unlimited. */
   maxActivations?: number;
@@ -117,7 +116,8 @@ export function buildPolicy(input: PolicyInput, now = Date.now()): Policy {
   const tokens = positiveInt(input.maxTokens, 'max tokens');
   if (tokens !== undefined) policy.maxTokens = tokens;
   if (input.maxSpend !== undefined) {
-    if (!Number.isFinite(input.maxSpend) || input.maxSpend <= 0) throw new Error(`max spend must be a positive number of US dollars (got ${input.maxSpend})`);
+    if (!Number.isFinite(input.maxSpend) || input.maxSpend <= 0)
+      throw new Error(`max spend must be a positive number of US dollars (got ${input.maxSpend})`);
     if (input.maxSpend > 1_000_000) throw new Error('max spend is over $1,000,000: is that a typo?');
     policy.maxSpendUsd = input.maxSpend;
   }
@@ -176,13 +176,20 @@ export function pathViolation(policy: Policy, path: string): string | undefined 
  */
 export function modelViolation(models: string[] | undefined, model: string | undefined, billable: boolean): string | undefined {
   if (!models) return undefined;
-  if (model === undefined) return billable ? `this till key is limited to models ${models.join(', ')} and the request names no model` : undefined;
+  if (model === undefined)
+    return billable ? `this till key is limited to models ${models.join(', ')} and the request names no model` : undefined;
   if (!models.some((p) => matchPattern(p, model))) return `model ${model} is not allowed for this till key (allowed: ${models.join(', ')})`;
   return undefined;
 }
 
 /** Checks a request against the policy's whole scope: method, path, then model. Returns why it is out of scope, or undefined. */
-export function scopeViolation(policy: Policy, method: string, path: string, model: string | undefined, billable: boolean): string | undefined {
+export function scopeViolation(
+  policy: Policy,
+  method: string,
+  path: string,
+  model: string | undefined,
+  billable: boolean,
+): string | undefined {
   return methodViolation(policy, method) ?? pathViolation(policy, path) ?? modelViolation(policy.models, model, billable);
 }
 
@@ -192,7 +199,8 @@ export function describePolicy(policy: Policy, now = Date.now()): string {
   parts.push(policy.maxActivations === undefined ? 'unlimited calls' : `${policy.maxActivations} calls`);
   if (policy.maxTokens !== undefined) parts.push(`${policy.maxTokens.toLocaleString('en-US')} tokens`);
   if (policy.maxSpendUsd !== undefined) parts.push(`$${policy.maxSpendUsd.toFixed(2)}`);
-  if (policy.expiresAt !== undefined) parts.push(policy.expiresAt > now ? `expires in ${formatDuration(policy.expiresAt - now)}` : 'expired');
+  if (policy.expiresAt !== undefined)
+    parts.push(policy.expiresAt > now ? `expires in ${formatDuration(policy.expiresAt - now)}` : 'expired');
   if (policy.rpm !== undefined) parts.push(`${policy.rpm}/min`);
   if (policy.concurrency !== undefined) parts.push(`${policy.concurrency} at once`);
   if (policy.methods) parts.push(policy.methods.join(','));
@@ -204,7 +212,12 @@ export function describePolicy(policy: Policy, now = Date.now()): string {
 /** `1h 5m`, `42s`: the largest two units. */
 export function formatDuration(ms: number): string {
   const s = Math.max(0, Math.round(ms / 1000));
-  const units: [string, number][] = [['d', 86400], ['h', 3600], ['m', 60], ['s', 1]];
+  const units: [string, number][] = [
+    ['d', 86400],
+    ['h', 3600],
+    ['m', 60],
+    ['s', 1],
+  ];
   const parts: string[] = [];
   let rest = s;
   for (const [name, size] of units) {

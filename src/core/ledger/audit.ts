@@ -46,7 +46,14 @@ function isoNow(): string {
 /** The audit record of a request that ended: served (with how it ended) or denied. */
 export function auditRecord(info: RequestInfo, status: number, started: number, denial?: Denial, reason?: string): AuditRecord {
   // Field by field, in a fixed order (spreads would allocate on every request).
-  const record: AuditRecord = { time: isoNow(), provider: info.provider, method: info.method, path: info.path, status, latencyMs: Math.round((performance.now() - started) * 10) / 10 };
+  const record: AuditRecord = {
+    time: isoNow(),
+    provider: info.provider,
+    method: info.method,
+    path: info.path,
+    status,
+    latencyMs: Math.round((performance.now() - started) * 10) / 10,
+  };
   if (info.keyId) {
     record.keyId = info.keyId;
     record.label = info.label;

@@ -101,7 +101,9 @@ export class LedgerCorruptError extends Error {
     readonly line: number,
     detail: string,
   ) {
-    super(`the ledger ${file} is damaged at line ${line} (${detail}). Till left it untouched: restore it from a backup, or move it aside to start with no keys`);
+    super(
+      `the ledger ${file} is damaged at line ${line} (${detail}). Till left it untouched: restore it from a backup, or move it aside to start with no keys`,
+    );
     this.name = 'LedgerCorruptError';
   }
 }
@@ -511,7 +513,8 @@ export class Ledger {
     if (!this.open.has(res.id)) return undefined;
     const key = this.keysById.get(res.keyId);
     const reserved = this.reservedFor(res.keyId);
-    for (const meter of Object.keys(res.amounts) as Meter[]) if (amounts[meter] === undefined && res.amounts[meter] !== undefined) throw new Error(`a hold cannot drop its ${meter}`);
+    for (const meter of Object.keys(res.amounts) as Meter[])
+      if (amounts[meter] === undefined && res.amounts[meter] !== undefined) throw new Error(`a hold cannot drop its ${meter}`);
     // Only growths are checked against the limits: a hold may always shrink.
     const growth: Amounts = {};
     for (const meter of Object.keys(amounts) as Meter[]) {

@@ -45,16 +45,21 @@ export interface Usage {
 
 /** The usage format of a response: which fields and events carry its token counts. */
 export type UsageFormat =
-  | 'openai-chat'
-  | 'openai-responses'
-  | 'openai-completions'
-  | 'openai-embeddings'
-  | 'anthropic-messages'
-  | 'gemini'
-  | 'cohere-chat';
+  'openai-chat' | 'openai-responses' | 'openai-completions' | 'openai-embeddings' | 'anthropic-messages' | 'gemini' | 'cohere-chat';
 
 /** The catalogue providers that speak the OpenAI wire format (with their own usage quirks). */
-const OPENAI_SHAPED = new Set(['openai', 'openrouter', 'mistral', 'groq', 'together', 'fireworks', 'perplexity', 'deepseek', 'xai', 'azure-openai']);
+const OPENAI_SHAPED = new Set([
+  'openai',
+  'openrouter',
+  'mistral',
+  'groq',
+  'together',
+  'fireworks',
+  'perplexity',
+  'deepseek',
+  'xai',
+  'azure-openai',
+]);
 
 /**
  * The format of an OpenAI-shaped endpoint, by the end of its path, so that every base path works:
@@ -169,11 +174,20 @@ function fromOpenAiUsage(u: Json): Usage | undefined {
     // OpenAI counts reasoning inside completion_tokens; xAI does not (total = prompt + completion
     // + reasoning). A part larger than its whole is also a sign it is counted outside.
     const total = count(u.total_tokens);
-    const outside = total !== undefined && total !== input + output && (total === input + output + reasoning || total === input + citation + output + reasoning);
+    const outside =
+      total !== undefined &&
+      total !== input + output &&
+      (total === input + output + reasoning || total === input + citation + output + reasoning);
     if (outside || reasoning > output) output += reasoning;
   }
   return withCost(
-    { inputTokens: input + citation, outputTokens: output, cachedInputTokens: cached, cacheWriteTokens: cacheWrite, reasoningTokens: reasoning },
+    {
+      inputTokens: input + citation,
+      outputTokens: output,
+      cachedInputTokens: cached,
+      cacheWriteTokens: cacheWrite,
+      reasoningTokens: reasoning,
+    },
     reportedCost(u.cost),
   );
 }
@@ -204,11 +218,11 @@ function responsesServerTool(item: string | undefined): string | undefined {
 /** Gemini grounding: each web search query the model ran bills as a `google_search` call. */
 function withGeminiExtras(u: Usage, o: Json): Usage {
   let queries = 0;
-  if (Array.isArray(o.candidates)) for (const c of o.candidates) queries += asArray(asObj(asObj(c)?.groundingMetadata)?.webSearchQueries).length;
+  if (Array.isArray(o.candidates))
+    for (const c of o.candidates) queries += asArray(asObj(asObj(c)?.groundingMetadata)?.webSearchQueries).length;
   if (queries > 0) u.toolCalls = { google_search: queries };
   return u;
 }
-
 
 /** Anthropic's counters, kept apart because a stream updates them field by field. */
 interface AnthropicCounts {
@@ -222,7 +236,11 @@ interface AnthropicCounts {
 }
 
 /** Anthropic's `server_tool_use` counters, by the tool type they bill as. */
-const ANTHROPIC_TOOL_COUNTS: Record<string, string> = { web_search_requests: 'web_search', web_fetch_requests: 'web_fetch', code_execution_requests: 'code_execution' };
+const ANTHROPIC_TOOL_COUNTS: Record<string, string> = {
+  web_search_requests: 'web_search',
+  web_fetch_requests: 'web_fetch',
+  code_execution_requests: 'code_execution',
+};
 
 /** Overwrites the counters present in `u`: Anthropic's counts are cumulative, so the latest wins. */
 function mergeAnthropic(into: AnthropicCounts, u: Json): void {
@@ -254,7 +272,13 @@ function fromAnthropicCounts(c: AnthropicCounts): Usage | undefined {
   const cacheRead = c.cacheRead ?? 0;
   const cacheWrite = c.cacheWrite ?? 0;
   // Anthropic's input_tokens excludes both cache fields; add them for the total.
-  const u: Usage = { inputTokens: (c.input ?? 0) + cacheRead + cacheWrite, outputTokens: c.output ?? 0, cachedInputTokens: cacheRead, cacheWriteTokens: cacheWrite, reasoningTokens: 0 };
+  const u: Usage = {
+    inputTokens: (c.input ?? 0) + cacheRead + cacheWrite,
+    outputTokens: c.output ?? 0,
+    cachedInputTokens: cacheRead,
+    cacheWriteTokens: cacheWrite,
+    reasoningTokens: 0,
+  };
   if (c.cacheWrite1h) u.cacheWrite1hTokens = c.cacheWrite1h;
   if (c.serviceTier !== undefined) u.serviceTier = c.serviceTier;
   if (c.toolCalls && Object.keys(c.toolCalls).length > 0) u.toolCalls = { ...c.toolCalls };
@@ -285,7 +309,13 @@ function fromCohereUsage(u: Json): Usage | undefined {
   const input = count(billed?.input_tokens) ?? count(tokens?.input_tokens);
   const output = count(billed?.output_tokens) ?? count(tokens?.output_tokens);
   if (input === undefined && output === undefined) return undefined;
-  return { inputTokens: input ?? 0, outputTokens: output ?? 0, cachedInputTokens: count(u.cached_tokens) ?? 0, cacheWriteTokens: 0, reasoningTokens: 0 };
+  return {
+    inputTokens: input ?? 0,
+    outputTokens: output ?? 0,
+    cachedInputTokens: count(u.cached_tokens) ?? 0,
+    cacheWriteTokens: 0,
+    reasoningTokens: 0,
+  };
 }
 
 /**
@@ -607,8 +637,21 @@ export class StreamMeter {
     const u = this.usage();
     if (u && this.complete) return u;
     const output = estimateTokens(this.generated.chars);
-    if (!u) return { inputTokens: estimateTokens(requestChars), outputTokens: output, cachedInputTokens: 0, cacheWriteTokens: 0, reasoningTokens: 0, estimated: true };
-    return { ...u, inputTokens: u.inputTokens > 0 ? u.inputTokens : estimateTokens(requestChars), outputTokens: Math.max(u.outputTokens, output), estimated: true };
+    if (!u)
+      return {
+        inputTokens: estimateTokens(requestChars),
+        outputTokens: output,
+        cachedInputTokens: 0,
+        cacheWriteTokens: 0,
+        reasoningTokens: 0,
+        estimated: true,
+      };
+    return {
+      ...u,
+      inputTokens: u.inputTokens > 0 ? u.inputTokens : estimateTokens(requestChars),
+      outputTokens: Math.max(u.outputTokens, output),
+      estimated: true,
+    };
   }
 
   /** Feeds the next bytes of the response body. Never keeps a reference to `chunk`. */

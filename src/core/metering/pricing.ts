@@ -111,12 +111,14 @@ function checkPrice(value: unknown, where: string): ModelPrice {
   const v = value as Record<string, unknown>;
   if (v.longContext !== undefined) {
     const above = isRecord(v.longContext) ? v.longContext.above : undefined;
-    if (typeof above !== 'number' || !Number.isSafeInteger(above) || above < 1) throw new Error(`${where}.longContext.above must be a whole number of input tokens`);
+    if (typeof above !== 'number' || !Number.isSafeInteger(above) || above < 1)
+      throw new Error(`${where}.longContext.above must be a whole number of input tokens`);
     price.longContext = { ...checkRates(v.longContext, `${where}.longContext`, ['above']), above };
   }
   if (v.priority !== undefined) price.priority = checkRates(v.priority, `${where}.priority`, []);
   if (v.requestFee !== undefined) {
-    if (typeof v.requestFee !== 'number' || !Number.isFinite(v.requestFee) || v.requestFee < 0) throw new Error(`${where}.requestFee must be a number of at least 0 (USD per request)`);
+    if (typeof v.requestFee !== 'number' || !Number.isFinite(v.requestFee) || v.requestFee < 0)
+      throw new Error(`${where}.requestFee must be a number of at least 0 (USD per request)`);
     price.requestFee = v.requestFee;
   }
   return price;
@@ -166,7 +168,12 @@ interface PriceFile {
 /** `*` in a limits row matches any run of characters. */
 function globMatch(pattern: string, value: string): boolean {
   if (!pattern.includes('*')) return pattern === value;
-  return new RegExp(`^${pattern.split('*').map((p) => p.replace(/[.+?^${}()|[\]\\]/g, '\\$&')).join('.*')}$`).test(value);
+  return new RegExp(
+    `^${pattern
+      .split('*')
+      .map((p) => p.replace(/[.+?^${}()|[\]\\]/g, '\\$&'))
+      .join('.*')}$`,
+  ).test(value);
 }
 
 /**
@@ -198,7 +205,8 @@ export class PriceTable {
     }
     this.limitRows = file.limits;
     for (const [provider, fees] of Object.entries(file.toolFees ?? {})) if (typeof fees === 'object') this.fees[provider] = fees;
-    for (const [provider, tokens] of Object.entries(file.toolResults ?? {})) if (typeof tokens === 'object') this.results[provider] = tokens;
+    for (const [provider, tokens] of Object.entries(file.toolResults ?? {}))
+      if (typeof tokens === 'object') this.results[provider] = tokens;
   }
 
   /**
@@ -213,20 +221,26 @@ export class PriceTable {
     if (hit) return hit;
     const rows = this.limitRows;
     const p = key(provider);
-    const base = (SHARED_TABLE[p] ?? p);
+    const base = SHARED_TABLE[p] ?? p;
     const m = model === undefined ? '' : key(model).replace(/^models\//, '');
     const slash = m.indexOf('/');
     const vendor = VENDOR_FALLBACK.has(p) && slash > 0 ? VENDORS[m.slice(0, slash)] : undefined;
     const found: Partial<ModelLimits> = {};
     const take = (row: LimitsRow | undefined) => {
       if (!row) return;
-      for (const field of ['context', 'maxOutput', 'hiddenOutput', 'tokensPerSecond'] as const) if (found[field] === undefined && row[field] !== undefined) (found as Record<string, unknown>)[field] = row[field];
+      for (const field of ['context', 'maxOutput', 'hiddenOutput', 'tokensPerSecond'] as const)
+        if (found[field] === undefined && row[field] !== undefined) (found as Record<string, unknown>)[field] = row[field];
     };
     take(rows?.models[base]?.find((r) => r.models !== undefined && globMatch(r.models, m)));
     if (vendor) take(rows?.models[vendor]?.find((r) => r.models !== undefined && globMatch(r.models, m.slice(slash + 1))));
     take(rows?.providers[base]);
     take(rows?.providers['*']);
-    const limits: ModelLimits = { context: found.context ?? 2_000_000, maxOutput: found.maxOutput ?? 131_072, hiddenOutput: found.hiddenOutput ?? true, tokensPerSecond: found.tokensPerSecond ?? 5000 };
+    const limits: ModelLimits = {
+      context: found.context ?? 2_000_000,
+      maxOutput: found.maxOutput ?? 131_072,
+      hiddenOutput: found.hiddenOutput ?? true,
+      tokensPerSecond: found.tokensPerSecond ?? 5000,
+    };
     if (this.limitsMemo.size >= 10_000) this.limitsMemo.clear();
     this.limitsMemo.set(memo, limits);
     return limits;

@@ -4,10 +4,7 @@
  */
 
 /** Where a provider expects its key. */
-export type KeyPlacement =
-  | { kind: 'bearer' }
-  | { kind: 'header'; name: string }
-  | { kind: 'query'; name: string };
+export type KeyPlacement = { kind: 'bearer' } | { kind: 'header'; name: string } | { kind: 'query'; name: string };
 
 /** A route matcher: an HTTP method (or `*`) and a path pattern (see {@link matchPattern}). */
 export interface Route {
@@ -151,7 +148,13 @@ export const CATALOGUE: readonly Provider[] = [
   openAiCompatible('groq', 'Groq', 'https://api.groq.com/openai/v1', ['GROQ_API_KEY'], ['GROQ_BASE_URL']),
   openAiCompatible('together', 'Together AI', 'https://api.together.xyz/v1', ['TOGETHER_API_KEY'], ['TOGETHER_BASE_URL']),
   openAiCompatible('fireworks', 'Fireworks AI', 'https://api.fireworks.ai/inference/v1', ['FIREWORKS_API_KEY'], ['FIREWORKS_BASE_URL']),
-  openAiCompatible('perplexity', 'Perplexity', 'https://api.perplexity.ai', ['PERPLEXITY_API_KEY', 'PPLX_API_KEY'], ['PERPLEXITY_BASE_URL']),
+  openAiCompatible(
+    'perplexity',
+    'Perplexity',
+    'https://api.perplexity.ai',
+    ['PERPLEXITY_API_KEY', 'PPLX_API_KEY'],
+    ['PERPLEXITY_BASE_URL'],
+  ),
   openAiCompatible('deepseek', 'DeepSeek', 'https://api.deepseek.com', ['DEEPSEEK_API_KEY'], ['DEEPSEEK_BASE_URL']),
   openAiCompatible('xai', 'xAI', 'https://api.x.ai/v1', ['XAI_API_KEY'], ['XAI_BASE_URL']),
   {
@@ -324,7 +327,12 @@ function compiled(pattern: string, star: string): RegExp {
   const cacheKey = star + pattern;
   let re = patternCache.get(cacheKey);
   if (!re) {
-    re = new RegExp(`^${pattern.split('*').map((s) => s.replace(/[.+?^${}()|[\]\\]/g, '\\$&')).join(star)}$`);
+    re = new RegExp(
+      `^${pattern
+        .split('*')
+        .map((s) => s.replace(/[.+?^${}()|[\]\\]/g, '\\$&'))
+        .join(star)}$`,
+    );
     if (patternCache.size > 1000) patternCache.clear();
     patternCache.set(cacheKey, re);
   }

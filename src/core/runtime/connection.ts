@@ -102,7 +102,10 @@ export class TillConnection {
     this.stopStream = abort;
     const ended = this.client.stream('/events', (e) => this.deliver(e as TillEvent), abort.signal);
     this.setRole('attached');
-    void ended.then(() => this.lost(abort), () => this.lost(abort));
+    void ended.then(
+      () => this.lost(abort),
+      () => this.lost(abort),
+    );
   }
 
   /** The host went away (or we stopped listening): take over or re-attach. */

@@ -197,7 +197,10 @@ export class ControlClient {
     // The token goes only to a socket this user bound: anything else may be posing as the broker.
     checkOwnSocket(this.paths.socket);
     return new Promise((resolve, reject) => {
-      const req = http.request({ socketPath: this.paths.socket, method, path, headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' } }, resolve);
+      const req = http.request(
+        { socketPath: this.paths.socket, method, path, headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' } },
+        resolve,
+      );
       req.on('error', (err: NodeJS.ErrnoException) => {
         reject(err.code === 'ENOENT' || err.code === 'ECONNREFUSED' ? new NotRunningError(this.paths.home) : err);
       });
@@ -211,7 +214,8 @@ export class ControlClient {
     let text = '';
     for await (const chunk of res) text += chunk;
     const value = (text ? JSON.parse(text) : {}) as { error?: string };
-    if ((res.statusCode ?? 500) >= 400) throw new ControlError(res.statusCode ?? 500, value.error ?? `control request failed (${res.statusCode})`);
+    if ((res.statusCode ?? 500) >= 400)
+      throw new ControlError(res.statusCode ?? 500, value.error ?? `control request failed (${res.statusCode})`);
     return value;
   }
 

@@ -117,8 +117,10 @@ export interface TillConfig {
 /** Why a config field has the wrong type, or undefined. */
 function configProblem(config: Record<string, unknown>): string | undefined {
   const { port, maxBodyBytes, upstreams, providers } = config;
-  if (port !== undefined && !(Number.isInteger(port) && (port as number) >= 0 && (port as number) <= 65535)) return '"port" must be a whole number from 0 to 65535';
-  if (maxBodyBytes !== undefined && !(Number.isSafeInteger(maxBodyBytes) && (maxBodyBytes as number) > 0)) return '"maxBodyBytes" must be a whole number of bytes above 0';
+  if (port !== undefined && !(Number.isInteger(port) && (port as number) >= 0 && (port as number) <= 65535))
+    return '"port" must be a whole number from 0 to 65535';
+  if (maxBodyBytes !== undefined && !(Number.isSafeInteger(maxBodyBytes) && (maxBodyBytes as number) > 0))
+    return '"maxBodyBytes" must be a whole number of bytes above 0';
   if (upstreams !== undefined && (!isRecord(upstreams) || Object.values(upstreams).some((u) => typeof u !== 'string'))) {
     return '"upstreams" must map provider ids to URLs';
   }

@@ -36,7 +36,9 @@ export interface ServiceOptions {
 }
 
 /** The broker's settings a service layers: `options`, then `broker`, then config.json, then the broker's defaults. */
-type BrokerSettings = Partial<Pick<BrokerOptions, 'port' | 'maxBodyBytes' | 'maxHeaderBytes' | 'headersTimeoutMs' | 'requestTimeoutMs' | 'upstreamIdleTimeoutMs'>>;
+type BrokerSettings = Partial<
+  Pick<BrokerOptions, 'port' | 'maxBodyBytes' | 'maxHeaderBytes' | 'headersTimeoutMs' | 'requestTimeoutMs' | 'upstreamIdleTimeoutMs'>
+>;
 
 /** What a control client sends to issue a key. */
 export interface IssueInput extends PolicyInput {
@@ -128,11 +130,28 @@ export class TillService {
       const keys = new TillKeys(ledger, events);
       const prices = new PriceTable(priceOverrides(paths, options.prices));
       // Layered: a setting not given (undefined) never replaces the one below it or the broker's default.
-      const settings = withDefaults<BrokerSettings, object>({}, { port: config.port, maxBodyBytes: config.maxBodyBytes }, options.broker, { port: options.port });
+      const settings = withDefaults<BrokerSettings, object>({}, { port: config.port, maxBodyBytes: config.maxBodyBytes }, options.broker, {
+        port: options.port,
+      });
       conversations = new ConversationSizes(paths.contexts);
       const broker = new Broker({ keys, vault, providers, prices, events, audit, conversations, log: options.log, ...settings });
       await broker.start();
-      const service = new TillService(paths, events, broker, keys, providers, prices, config.upstreams, new CredentialList(paths.credentials), ledger, audit, conversations, control, vault, options.leaseGraceMs);
+      const service = new TillService(
+        paths,
+        events,
+        broker,
+        keys,
+        providers,
+        prices,
+        config.upstreams,
+        new CredentialList(paths.credentials),
+        ledger,
+        audit,
+        conversations,
+        control,
+        vault,
+        options.leaseGraceMs,
+      );
       control.serve(service.controlRoutes());
       return service;
     } catch (err) {
@@ -169,7 +188,8 @@ export class TillService {
     }
     const all = this.credentials.forProvider(target);
     if (all.length === 0) throw new ControlError(404, `no credential for ${target}: add one with \`till credential add ${target}\``);
-    if (all.length > 1) throw new ControlError(409, `${target} has ${all.length} credentials (${all.map((c) => c.name).join(', ')}): name one`);
+    if (all.length > 1)
+      throw new ControlError(409, `${target} has ${all.length} credentials (${all.map((c) => c.name).join(', ')}): name one`);
     return all[0]!;
   }
 
@@ -189,10 +209,26 @@ export class TillService {
     } catch (err) {
       throw new ControlError(503, err instanceof VaultError ? err.message : `the keychain failed: ${(err as Error).message}`);
     }
-    const { key, record } = this.keys.issue({ provider: provider.id, credential: credential.name, label: input.label, owner: input.owner, policy, lease: input.lease === true });
+    const { key, record } = this.keys.issue({
+      provider: provider.id,
+      credential: credential.name,
+      label: input.label,
+      owner: input.owner,
+      policy,
+      lease: input.lease === true,
+    });
     if (record.leased) this.leases.awaitHolder(record.id);
     const baseUrl = this.broker.baseUrlFor(provider);
-    return { id: record.id, key, provider: provider.id, credential: credential.name, label: record.label, baseUrl, env: envFor(provider, key, baseUrl), policy };
+    return {
+      id: record.id,
+      key,
+      provider: provider.id,
+      credential: credential.name,
+      label: record.label,
+      baseUrl,
+      env: envFor(provider, key, baseUrl),
+      policy,
+    };
   }
 
   list(): KeySummary[] {
@@ -202,7 +238,12 @@ export class TillService {
   private controlRoutes() {
     return {
       routes: {
-        'GET /status': () => ({ url: this.url, pid: process.pid, home: this.paths.home, keys: this.list().filter((k) => k.state === 'active').length }),
+        'GET /status': () => ({
+          url: this.url,
+          pid: process.pid,
+          home: this.paths.home,
+          keys: this.list().filter((k) => k.state === 'active').length,
+        }),
         'POST /keys': (body: unknown, params: string[]) => {
           const [id, action] = params;
           if (id === undefined) return this.issue(body as IssueInput);

@@ -96,7 +96,12 @@ export function expectOnlyBroker(r: AgentResult, broker: AgentBroker): void {
  * with `till revoke`, and returns how the agent ended, how long after the revocation, and how
  * many requests the key had in flight when it was revoked.
  */
-export async function revokeWhileStreaming(broker: AgentBroker, run: AgentRun, label: string, streaming: () => boolean): Promise<{ r: AgentResult; afterMs: number; inFlight: number }> {
+export async function revokeWhileStreaming(
+  broker: AgentBroker,
+  run: AgentRun,
+  label: string,
+  streaming: () => boolean,
+): Promise<{ r: AgentResult; afterMs: number; inFlight: number }> {
   await waitFor('the answer to stream', streaming, { timeoutMs: 60_000 });
   const key = (await listKeys(broker.home)).find((k) => k.label === label && k.state === 'active');
   expect(key, `an active key labelled "${label}"`).toBeDefined();

@@ -27,7 +27,8 @@ export type AgentCli = 'claude' | 'codex' | 'gemini';
 /** The installed binary of an agent package; a clear error when it is missing. */
 export function agentBinary(name: AgentCli): string {
   const bin = join(AGENTS_DIR, 'node_modules', '.bin', name);
-  if (!existsSync(bin)) throw new Error(`${name} is not installed in ${AGENTS_DIR}: run \`bash scripts/install-agents.sh\` (npm test does)`);
+  if (!existsSync(bin))
+    throw new Error(`${name} is not installed in ${AGENTS_DIR}: run \`bash scripts/install-agents.sh\` (npm test does)`);
   return bin;
 }
 
@@ -71,7 +72,10 @@ export function workspace(marker: string): string {
  */
 export function noteReader(dir: string, marker: string): (turn: Turn) => Reply {
   return (turn) => {
-    if (turn.toolResult !== undefined) return { text: turn.toolResult.includes(marker) ? `The note says ${marker}.` : `The tool gave no note: ${turn.toolResult.slice(0, 200)}` };
+    if (turn.toolResult !== undefined)
+      return {
+        text: turn.toolResult.includes(marker) ? `The note says ${marker}.` : `The tool gave no note: ${turn.toolResult.slice(0, 200)}`,
+      };
     if (/keep talking/i.test(turn.userText)) return { text: 'Talking and talking', hold: true };
     if (/read note\.txt/i.test(turn.userText)) {
       if (turn.tools.includes('Read')) return { tool: 'Read', input: { file_path: join(dir, 'note.txt') } };
@@ -148,11 +152,15 @@ export function runAgent(options: {
   delete env.CODEX_HOME;
   const agent = [agentBinary(options.agent), ...options.args];
   const command = (options.parallel ?? 1) > 1 ? ['/bin/sh', '-c', fanOut(options.parallel!), 'fan-out', ...agent] : agent;
-  const child = spawn(process.execPath, [TILL_JS, 'exec', '--agent', options.agent, ...(options.tillArgs ?? []), '--', wrapper, ...command], {
-    cwd: options.cwd,
-    env,
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
+  const child = spawn(
+    process.execPath,
+    [TILL_JS, 'exec', '--agent', options.agent, ...(options.tillArgs ?? []), '--', wrapper, ...command],
+    {
+      cwd: options.cwd,
+      env,
+      stdio: ['ignore', 'pipe', 'pipe'],
+    },
+  );
   const run = collectOutput(child, options.agent, options.timeoutMs ?? 120_000, (c) => appendFileSync(log, c));
   const done = run.done.then((result): AgentResult => {
     const read = (file: string) => (existsSync(join(trace, file)) ? readFileSync(join(trace, file), 'utf8') : '');

@@ -29,7 +29,11 @@ const SECRET = `sk-REALCRED-vscode-${Date.now().toString(36)}`;
 /** The environment a new integrated terminal starts with: a shell that writes it out and exits. */
 async function terminalEnv(): Promise<string> {
   const file = join(mkdtempSync(join(tmpdir(), 'till-term-')), 'env.txt');
-  const terminal = vscode.window.createTerminal({ name: 'till env check', shellPath: '/bin/sh', shellArgs: ['-c', `env > ${file}.tmp && mv ${file}.tmp ${file}`] });
+  const terminal = vscode.window.createTerminal({
+    name: 'till env check',
+    shellPath: '/bin/sh',
+    shellArgs: ['-c', `env > ${file}.tmp && mv ${file}.tmp ${file}`],
+  });
   try {
     await poll(() => existsSync(file), Boolean, 'the terminal to write its env');
     return readFileSync(file, 'utf8');
@@ -92,7 +96,8 @@ async function treeKeys(): Promise<{ label: string; description: string; context
   const walk = async (node?: unknown) => {
     for (const child of (await api.tree.getChildren(node)) ?? []) {
       const item = await api.tree.getTreeItem(child);
-      if (item.contextValue?.startsWith('till.key')) out.push({ label: String(item.label), description: String(item.description), contextValue: item.contextValue });
+      if (item.contextValue?.startsWith('till.key'))
+        out.push({ label: String(item.label), description: String(item.description), contextValue: item.contextValue });
       else await walk(child);
     }
   };
@@ -137,17 +142,27 @@ describe('Till in VS Code', function () {
     prompter.answer('openai', SECRET);
     const name = await vscode.commands.executeCommand<string>(COMMANDS.addCredential);
     assert.equal(name, 'openai');
-    assert.deepEqual(api.session.credentials.all().map((c) => c.provider), ['openai']);
+    assert.deepEqual(
+      api.session.credentials.all().map((c) => c.provider),
+      ['openai'],
+    );
     await api.ready();
     assert.equal(api.connection().role, 'host');
     // The tree lists it (name and provider, never the secret), with Remove on the item.
-    const credentials = await poll(async () => {
-      for (const node of (await api.tree.getChildren(undefined)) ?? []) {
-        const item = await api.tree.getTreeItem(node);
-        if (item.contextValue === 'till.credentials') return Promise.all(((await api.tree.getChildren(node as never)) ?? []).map(async (c) => await api.tree.getTreeItem(c as never)));
-      }
-      return [];
-    }, (items) => items.length === 1, 'the credential in the tree');
+    const credentials = await poll(
+      async () => {
+        for (const node of (await api.tree.getChildren(undefined)) ?? []) {
+          const item = await api.tree.getTreeItem(node);
+          if (item.contextValue === 'till.credentials')
+            return Promise.all(
+              ((await api.tree.getChildren(node as never)) ?? []).map(async (c) => await api.tree.getTreeItem(c as never)),
+            );
+        }
+        return [];
+      },
+      (items) => items.length === 1,
+      'the credential in the tree',
+    );
     assert.equal(credentials[0]!.label, 'openai');
     assert.equal(credentials[0]!.contextValue, 'till.credential');
     const removeInline = pkg.contributes.menus['view/item/context'].find((m) => m.command === COMMANDS.removeCredential);
@@ -161,8 +176,16 @@ describe('Till in VS Code', function () {
     assert.ok(issued.key.startsWith('till_'));
     assert.equal(issued.policy.maxActivations, 50);
     assert.equal(issued.label, 'vscode test key');
-    await poll(() => prompter.messages.at(-1) ?? '', (m) => /shown only now/.test(m), 'the key to be shown once');
-    await poll(async () => vscode.env.clipboard.readText(), (t) => t === issued.baseUrl, 'the base URL on the clipboard');
+    await poll(
+      () => prompter.messages.at(-1) ?? '',
+      (m) => /shown only now/.test(m),
+      'the key to be shown once',
+    );
+    await poll(
+      async () => vscode.env.clipboard.readText(),
+      (t) => t === issued.baseUrl,
+      'the base URL on the clipboard',
+    );
     // The key itself is in the message, and the message that comes back says what was copied.
     const shown = prompter.messages.filter((m) => m.includes(issued.key));
     assert.equal(shown.length, 2, prompter.messages.join('\n'));
@@ -175,7 +198,10 @@ describe('Till in VS Code', function () {
 
   it('Open Dashboard: the usage page in an editor tab, beside the sidebar view', async () => {
     await vscode.commands.executeCommand(COMMANDS.openDashboard);
-    const tabs = () => vscode.window.tabGroups.all.flatMap((g) => g.tabs).filter((t) => t.input instanceof vscode.TabInputWebview && t.label === 'Till Dashboard');
+    const tabs = () =>
+      vscode.window.tabGroups.all
+        .flatMap((g) => g.tabs)
+        .filter((t) => t.input instanceof vscode.TabInputWebview && t.label === 'Till Dashboard');
     await poll(tabs, (ts) => ts.length === 1, 'the dashboard tab');
     await vscode.commands.executeCommand(COMMANDS.openDashboard); // shown again, not opened twice
     assert.equal(tabs().length, 1);
@@ -186,31 +212,49 @@ describe('Till in VS Code', function () {
     const answer = await chat(issued);
     assert.equal(answer.object, 'chat.completion');
     assert.equal(up.received.at(-1)?.headers.authorization, `Bearer ${SECRET}`);
-    await poll(treeKeys, (ks) => ks.some((k) => k.label === 'vscode test key' && /1\/50/.test(k.description)), 'the tree to count the call');
+    await poll(
+      treeKeys,
+      (ks) => ks.some((k) => k.label === 'vscode test key' && /1\/50/.test(k.description)),
+      'the tree to count the call',
+    );
   });
 
   it('a model without a price: its tokens counted, its spend shown as unknown in the tree, not as $0.00', async () => {
     const client = new OpenAI({ apiKey: issued.key, baseURL: issued.baseUrl, maxRetries: 0 });
     await client.chat.completions.create({ model: 'no-such-model-vscode', messages: [{ role: 'user', content: 'hi' }] });
-    const key = await poll(treeKeys, (ks) => ks.some((k) => k.label === 'vscode test key' && /2\/50/.test(k.description)), 'the tree to count the call');
+    const key = await poll(
+      treeKeys,
+      (ks) => ks.some((k) => k.label === 'vscode test key' && /2\/50/.test(k.description)),
+      'the tree to count the call',
+    );
     assert.match(key.find((k) => k.label === 'vscode test key')!.description, /· (<?\$[\d.]+ \+ )?unknown\b/);
   });
 
-  it('the window\'s own broker keeps the default limits: a 34 MiB body and a browser\'s request are refused before the upstream', async () => {
+  it("the window's own broker keeps the default limits: a 34 MiB body and a browser's request are refused before the upstream", async () => {
     // The same wiring users run (settings → TillConnection → TillService → Broker): a default
     // lost on the way (undefined over the 32 MiB limit) would show here.
     const before = up.received.length + up.rejected.length;
     const url = new URL(issued.baseUrl);
     const answer = (headers: Record<string, string>, sliver: string) =>
       new Promise<{ status: number; text: string }>((resolve, reject) => {
-        const req = http.request({ host: url.hostname, port: url.port, method: 'POST', path: `${url.pathname}/chat/completions`, agent: false, headers: { 'content-type': 'application/json', authorization: `Bearer ${issued.key}`, ...headers } }, (res) => {
-          let text = '';
-          res.on('data', (c: Buffer) => (text += c));
-          res.on('end', () => {
-            req.destroy();
-            resolve({ status: res.statusCode ?? 0, text });
-          });
-        });
+        const req = http.request(
+          {
+            host: url.hostname,
+            port: url.port,
+            method: 'POST',
+            path: `${url.pathname}/chat/completions`,
+            agent: false,
+            headers: { 'content-type': 'application/json', authorization: `Bearer ${issued.key}`, ...headers },
+          },
+          (res) => {
+            let text = '';
+            res.on('data', (c: Buffer) => (text += c));
+            res.on('end', () => {
+              req.destroy();
+              resolve({ status: res.statusCode ?? 0, text });
+            });
+          },
+        );
         req.on('error', reject);
         req.write(sliver);
       });
@@ -225,16 +269,26 @@ describe('Till in VS Code', function () {
   it('a change to till.upstreams applies at once: same broker, same key and base URL, the next request goes to the new upstream', async () => {
     const second = await startOpenAIUpstream({ credential: SECRET });
     const url = api.connection().url;
-    const key = (await vscode.commands.executeCommand<IssuedKey>(COMMANDS.issueKey, { target: 'openai', uses: 100, label: 'settings key' }));
+    const key = await vscode.commands.executeCommand<IssuedKey>(COMMANDS.issueKey, { target: 'openai', uses: 100, label: 'settings key' });
     try {
-      await vscode.workspace.getConfiguration('till').update('upstreams', { openai: `${second.url}/v1` }, vscode.ConfigurationTarget.Global);
-      await poll(async () => (await chat(key), second.received.length), (n) => n > 0, 'a request to reach the new upstream');
+      await vscode.workspace
+        .getConfiguration('till')
+        .update('upstreams', { openai: `${second.url}/v1` }, vscode.ConfigurationTarget.Global);
+      await poll(
+        async () => (await chat(key), second.received.length),
+        (n) => n > 0,
+        'a request to reach the new upstream',
+      );
       assert.equal(api.connection().url, url, 'the broker was restarted');
       assert.equal(second.received.at(-1)?.headers.authorization, `Bearer ${SECRET}`);
     } finally {
       await vscode.workspace.getConfiguration('till').update('upstreams', { openai: `${up.url}/v1` }, vscode.ConfigurationTarget.Global);
       const before = up.received.length;
-      await poll(async () => (await chat(key), up.received.length), (n) => n > before, 'requests to go to the first upstream again');
+      await poll(
+        async () => (await chat(key), up.received.length),
+        (n) => n > before,
+        'requests to go to the first upstream again',
+      );
       await second.close();
     }
   });
@@ -245,12 +299,16 @@ describe('Till in VS Code', function () {
     const revoked = await vscode.commands.executeCommand<boolean>(COMMANDS.revokeKey, { kind: 'key', key });
     assert.equal(revoked, true);
     await assert.rejects(chat(issued), (err: Error) => /revoked/.test(err.message));
-    await poll(treeKeys, (ks) => ks.some((k) => k.label === 'vscode test key' && k.contextValue === 'till.key.ended'), 'the key among ended ones');
+    await poll(
+      treeKeys,
+      (ks) => ks.some((k) => k.label === 'vscode test key' && k.contextValue === 'till.key.ended'),
+      'the key among ended ones',
+    );
   });
 
   it('Issue Key, custom limits: uses, lifetime, rate, models, paths', async () => {
     prompter.answer('Custom…', '7', '30m', '', '', '2.50', 'gpt-5*', '/v1/chat/*', 'custom key');
-    const key = (await vscode.commands.executeCommand<IssuedKey>(COMMANDS.issueKey));
+    const key = await vscode.commands.executeCommand<IssuedKey>(COMMANDS.issueKey);
     assert.equal(key.policy.maxActivations, 7);
     assert.equal(key.policy.maxSpendUsd, 2.5);
     assert.deepEqual(key.policy.models, ['gpt-5*']);
@@ -262,17 +320,25 @@ describe('Till in VS Code', function () {
   });
 
   it('an exhausted key is announced with Extend, which raises the limit in place', async () => {
-    const key = (await vscode.commands.executeCommand<IssuedKey>(COMMANDS.issueKey, { target: 'openai', uses: 1, label: 'extend me' }));
+    const key = await vscode.commands.executeCommand<IssuedKey>(COMMANDS.issueKey, { target: 'openai', uses: 1, label: 'extend me' });
     prompter.answer('button:Extend', '+50 calls');
     await chat(key);
     await poll(() => prompter.messages.find((m) => m.includes('"extend me" ran out')), Boolean, 'the exhaustion notification');
-    const after = await poll(async () => (await api.connection().list()).find((k) => k.id === key.id)!, (k) => k.policy.maxActivations === 51, 'the key to be extended');
+    const after = await poll(
+      async () => (await api.connection().list()).find((k) => k.id === key.id)!,
+      (k) => k.policy.maxActivations === 51,
+      'the key to be extended',
+    );
     assert.equal(after.state, 'active');
     await chat(key);
   });
 
   it('new terminals get a till key and the broker URL, never the credential', async () => {
-    await poll(() => api.terminalKeyIds(), (ids) => ids.length === 1, 'a terminal key');
+    await poll(
+      () => api.terminalKeyIds(),
+      (ids) => ids.length === 1,
+      'a terminal key',
+    );
     const env = await terminalEnv();
     assert.match(env, /^OPENAI_API_KEY=till_/m);
     assert.match(env, new RegExp(`^OPENAI_BASE_URL=${api.connection().url!.replace(/\./g, '\\.')}/openai/v1$`, 'm'));
@@ -287,26 +353,51 @@ describe('Till in VS Code', function () {
     assert.ok(old);
     const holder = vscode.window.createTerminal({ name: 'holds the old key', shellPath: '/bin/sh' });
     // VS Code reports an opened terminal a moment after it starts: wait until Till has seen it.
-    await poll(() => vscode.window.terminals.length === 1 && api.terminalsHolding(old), (n) => n === 1, 'Till to see the terminal open (and the last check\'s close)');
+    await poll(
+      () => vscode.window.terminals.length === 1 && api.terminalsHolding(old),
+      (n) => n === 1,
+      "Till to see the terminal open (and the last check's close)",
+    );
     const asked = prompter.messages.length;
     prompter.answer('button:Revoke');
     assert.equal(await vscode.commands.executeCommand<boolean>(COMMANDS.revokeKey, old), true);
     const questions = prompter.messages.slice(asked).filter((m) => /^Revoke ".*"\? It is in use by 1 open terminal/.test(m));
     assert.equal(questions.length, 1, prompter.messages.slice(asked).join('\n'));
-    assert.ok(prompter.messages.slice(asked).some((m) => /^Till: revoked "terminals/.test(m)), 'no feedback after revoking');
-    const [fresh] = await poll(() => api.terminalKeyIds(), (ids) => ids.length === 1 && ids[0] !== old, 'a fresh terminal key');
+    assert.ok(
+      prompter.messages.slice(asked).some((m) => /^Till: revoked "terminals/.test(m)),
+      'no feedback after revoking',
+    );
+    const [fresh] = await poll(
+      () => api.terminalKeyIds(),
+      (ids) => ids.length === 1 && ids[0] !== old,
+      'a fresh terminal key',
+    );
     assert.match(await terminalEnv(), /^OPENAI_API_KEY=till_/m);
     assert.equal((await api.connection().list()).find((k) => k.id === fresh)?.state, 'active');
     assert.deepEqual(api.staleTerminals(), ['holds the old key']);
-    await poll(() => prompter.messages.slice(asked), (ms) => ms.some((m) => /1 open terminal holds the revoked key/.test(m)), 'the warning about the old terminal');
+    await poll(
+      () => prompter.messages.slice(asked),
+      (ms) => ms.some((m) => /1 open terminal holds the revoked key/.test(m)),
+      'the warning about the old terminal',
+    );
     holder.dispose();
-    await poll(() => api.staleTerminals(), (names) => names.length === 0, 'the marked terminal to go');
+    await poll(
+      () => api.staleTerminals(),
+      (names) => names.length === 0,
+      'the marked terminal to go',
+    );
   });
 
-  it('till.terminal.agents sets new terminals up for the agents their keys serve (Codex: a CODEX_HOME of Till\'s)', async () => {
+  it("till.terminal.agents sets new terminals up for the agents their keys serve (Codex: a CODEX_HOME of Till's)", async () => {
     const config = vscode.workspace.getConfiguration('till');
     const agentsDir = join(api.session.paths.home, 'agents');
-    const codexConfigs = () => (existsSync(agentsDir) ? readdirSync(agentsDir).filter((d) => d.startsWith('terminals-')).map((d) => join(agentsDir, d, 'codex', 'config.toml')).filter((f) => existsSync(f)) : []);
+    const codexConfigs = () =>
+      existsSync(agentsDir)
+        ? readdirSync(agentsDir)
+            .filter((d) => d.startsWith('terminals-'))
+            .map((d) => join(agentsDir, d, 'codex', 'config.toml'))
+            .filter((f) => existsSync(f))
+        : [];
     await config.update('terminal.agents', ['codex', 'aider', 'claude'], vscode.ConfigurationTarget.Global);
     try {
       const [file] = await poll(codexConfigs, (files) => files.length === 1, "Codex's terminal config");
@@ -333,7 +424,11 @@ describe('Till in VS Code', function () {
     assert.match(fresh[0]!.label, /^Till agent/);
     assert.ok((terminal.creationOptions as vscode.TerminalOptions).env?.OPENAI_API_KEY?.startsWith('till_'));
     terminal.dispose();
-    await poll(async () => (await api.connection().list()).find((k) => k.id === fresh[0]!.id)?.state, (s) => s === 'revoked', 'the agent key to be revoked');
+    await poll(
+      async () => (await api.connection().list()).find((k) => k.id === fresh[0]!.id)?.state,
+      (s) => s === 'revoked',
+      'the agent key to be revoked',
+    );
   });
 
   it('Open Agent Terminal for Codex CLI: a CODEX_HOME with a till provider, removed with its key when the terminal closes', async () => {
@@ -351,8 +446,16 @@ describe('Till in VS Code', function () {
     const fresh = (await api.connection().list()).filter((k) => !before.has(k.id));
     assert.equal(fresh.length, 1);
     terminal.dispose();
-    await poll(async () => (await api.connection().list()).find((k) => k.id === fresh[0]!.id)?.state, (s) => s === 'revoked', 'the Codex terminal key to be revoked');
-    await poll(async () => existsSync(codexHome), (exists) => !exists, 'the Codex folder to be removed');
+    await poll(
+      async () => (await api.connection().list()).find((k) => k.id === fresh[0]!.id)?.state,
+      (s) => s === 'revoked',
+      'the Codex terminal key to be revoked',
+    );
+    await poll(
+      async () => existsSync(codexHome),
+      (exists) => !exists,
+      'the Codex folder to be removed',
+    );
   });
 
   it('Revoke All asks first, then ends every key', async () => {
@@ -362,21 +465,40 @@ describe('Till in VS Code', function () {
     assert.ok((n ?? 0) >= 1);
     const live = (await api.connection().list()).filter((k: KeySummary) => k.state === 'active');
     // Every key there was has ended; new terminals get a fresh key (old terminals keep the dead one).
-    assert.deepEqual(live.filter((k) => before.has(k.id)), []);
-    assert.ok(live.every((k) => k.label.startsWith('terminals')), JSON.stringify(live.map((k) => k.label)));
+    assert.deepEqual(
+      live.filter((k) => before.has(k.id)),
+      [],
+    );
+    assert.ok(
+      live.every((k) => k.label.startsWith('terminals')),
+      JSON.stringify(live.map((k) => k.label)),
+    );
   });
 
   it('a second real VS Code window shares this broker, and takes it over when this window lets go', async () => {
     // The runner opens another workbench window (its own extension host) on the same machine.
     console.log('[till-test] open a second window');
     const control = new ControlClient(api.session.paths);
-    const status = () => control.request('GET', '/status').then((s) => s as { pid: number }, () => undefined);
+    const status = () =>
+      control.request('GET', '/status').then(
+        (s) => s as { pid: number },
+        () => undefined,
+      );
     // Its terminals get a key from the broker this window hosts, and this window's tree shows it.
-    const theirs = await poll(async () => (await api.connection().list()).find((k) => k.label === 'terminals · window-two' && k.state === 'active'), Boolean, "the second window's terminal key", 60_000);
+    const theirs = await poll(
+      async () => (await api.connection().list()).find((k) => k.label === 'terminals · window-two' && k.state === 'active'),
+      Boolean,
+      "the second window's terminal key",
+      60_000,
+    );
     assert.equal((await status())?.pid, process.pid);
     assert.equal(api.connection().role, 'host');
     await poll(treeKeys, (ks) => ks.some((k) => k.label === 'terminals · window-two'), "the second window's key in this tree");
-    const key = (await vscode.commands.executeCommand<IssuedKey>(COMMANDS.issueKey, { target: 'openai', uses: 3, label: 'before the takeover' }));
+    const key = await vscode.commands.executeCommand<IssuedKey>(COMMANDS.issueKey, {
+      target: 'openai',
+      uses: 3,
+      label: 'before the takeover',
+    });
     await chat(key);
 
     // This window lets go: the other window's extension host takes the broker over, from the same ledger.

@@ -31,7 +31,11 @@ export function mapStack(stack: string): string {
     .split('\n')
     .map((line) =>
       line.replace(frame, (whole, l: string, c: string) => {
-        const entry = sm.findEntry(Number(l) - 1, Number(c) - 1) as Partial<{ originalSource: string; originalLine: number; originalColumn: number }>;
+        const entry = sm.findEntry(Number(l) - 1, Number(c) - 1) as Partial<{
+          originalSource: string;
+          originalLine: number;
+          originalColumn: number;
+        }>;
         if (!entry.originalSource || entry.originalLine === undefined || entry.originalColumn === undefined) return whole;
         const source = path.relative(repoRoot, path.resolve(__dirname, entry.originalSource.replace(/^file:\/\//, '')));
         return `${source}:${entry.originalLine + 1}:${entry.originalColumn + 1}`;

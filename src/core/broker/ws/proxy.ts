@@ -30,7 +30,16 @@ import { denialBody, denialResponse, type Denial } from '../../denial';
 import type { RequestInfo, RequestUsage, TillEvents } from '../../events';
 import type { Hold, TillKeys } from '../../keys/keys';
 import type { KeyRecord, SettleDetails } from '../../ledger/ledger';
-import { GeneratedText, isTextDelta, RESPONSES_FINAL, serverToolCall, usageFormat, usageFromJson, type Usage, type UsageFormat } from '../../metering/metering';
+import {
+  GeneratedText,
+  isTextDelta,
+  RESPONSES_FINAL,
+  serverToolCall,
+  usageFormat,
+  usageFromJson,
+  type Usage,
+  type UsageFormat,
+} from '../../metering/metering';
 import { formatAmount, formatUsd, limitsOf, METERS, modelViolation, pathViolation, scopeViolation, type Amounts } from '../../keys/policy';
 import type { PriceTable } from '../../metering/pricing';
 import { apiPath, isFreeRoute, KEY_HEADERS, KEY_QUERY_PARAMS, type Provider, type ProviderRegistry } from '../../providers/providers';
@@ -69,7 +78,17 @@ const WS_KEY = /^[+/0-9A-Za-z]{22}==$/;
  * Upstream handshake headers not relayed to the client: the broker answers its own handshake, and
  * a client following an upstream redirect would take its till key to another host.
  */
-const NOT_RELAYED = new Set(['connection', 'upgrade', 'keep-alive', 'transfer-encoding', 'content-length', 'set-cookie', 'proxy-authenticate', 'trailer', 'location']);
+const NOT_RELAYED = new Set([
+  'connection',
+  'upgrade',
+  'keep-alive',
+  'transfer-encoding',
+  'content-length',
+  'set-cookie',
+  'proxy-authenticate',
+  'trailer',
+  'location',
+]);
 /** Largest upstream refusal body relayed to a client. */
 const MAX_REFUSAL_BODY = 64 * 1024;
 
@@ -172,7 +191,10 @@ function writeResponse(socket: Duplex, status: number, headers: Record<string, s
     socket.destroy();
     return;
   }
-  const head = [`HTTP/1.1 ${status} ${http.STATUS_CODES[status] ?? 'Unknown'}`, ...Object.entries(headers).map(([k, v]) => `${k}: ${v}`)].join('\r\n');
+  const head = [
+    `HTTP/1.1 ${status} ${http.STATUS_CODES[status] ?? 'Unknown'}`,
+    ...Object.entries(headers).map(([k, v]) => `${k}: ${v}`),
+  ].join('\r\n');
   socket.once('finish', () => socket.destroy());
   socket.end(Buffer.concat([Buffer.from(`${head}\r\n\r\n`), Buffer.isBuffer(body) ? body : Buffer.from(body)]));
 }
@@ -204,7 +226,15 @@ export class WebSocketProxy {
   readonly answers = new WeakMap<http.IncomingMessage, { protocol: string | false; headers: string[] }>();
 
   constructor(options: WebSocketProxyOptions) {
-    this.options = withDefaults({ maxMessageBytes: 32 * 1024 * 1024, maxUpstreamMessageBytes: 64 * 1024 * 1024, handshakeTimeoutMs: 30_000, highWaterBytes: 1024 * 1024 }, options);
+    this.options = withDefaults(
+      {
+        maxMessageBytes: 32 * 1024 * 1024,
+        maxUpstreamMessageBytes: 64 * 1024 * 1024,
+        handshakeTimeoutMs: 30_000,
+        highWaterBytes: 1024 * 1024,
+      },
+      options,
+    );
     this.server = new WebSocketServer({
       noServer: true,
       clientTracking: false,
@@ -228,7 +258,15 @@ export class WebSocketProxy {
     const { providerId, path: sent, query } = splitUrl(req.url);
     const provider = this.options.providers.get(providerId);
     const path = apiPath(provider, sent);
-    const info: RequestInfo = { requestId: `ws${++connectionCounter}`, keyId: '', label: '', provider: provider?.id ?? providerId, method: req.method ?? 'GET', path, billable: false };
+    const info: RequestInfo = {
+      requestId: `ws${++connectionCounter}`,
+      keyId: '',
+      label: '',
+      provider: provider?.id ?? providerId,
+      method: req.method ?? 'GET',
+      path,
+      billable: false,
+    };
     const deny = (denial: Denial, key?: KeyRecord) => {
       if (key) {
         info.keyId = key.id;
@@ -241,21 +279,36 @@ export class WebSocketProxy {
     const refused = clientDenial(req);
     if (refused) return deny(refused);
     if (!provider) {
-      return deny({ status: 404, code: 'unknown_provider', message: `no provider "${providerId}": use ws://127.0.0.1:<port>/<provider>/…, e.g. /openai/v1/responses` });
+      return deny({
+        status: 404,
+        code: 'unknown_provider',
+        message: `no provider "${providerId}": use ws://127.0.0.1:<port>/<provider>/…, e.g. /openai/v1/responses`,
+      });
     }
     const outside = pathDenial(provider, path, this.options.baseUrlFor(provider));
     if (outside) return deny(outside);
     // `/v1/realtime/` or `/v1/realtime;x` may be Realtime to an upstream that normalises paths,
     // while to the broker it would be a generic socket whose model and turns go unchecked.
     if (path.includes(';') || (path.length > 1 && path.endsWith('/'))) {
-      return deny({ status: 400, code: 'bad_request', message: `the WebSocket path ${path} is not in canonical form (no trailing slash, no ";")` });
+      return deny({
+        status: 400,
+        code: 'bad_request',
+        message: `the WebSocket path ${path} is not in canonical form (no trailing slash, no ";")`,
+      });
     }
     // Checked here (ws would too) so that a malformed handshake never reaches the upstream.
     const wsKey = req.headers['sec-websocket-key'];
     if (req.method !== 'GET' || req.headers['sec-websocket-version'] !== '13' || typeof wsKey !== 'string' || !WS_KEY.test(wsKey.trim())) {
-      return deny({ status: 400, code: 'bad_request', message: 'not a valid WebSocket handshake (GET, Sec-WebSocket-Version: 13, a Sec-WebSocket-Key)' });
+      return deny({
+        status: 400,
+        code: 'bad_request',
+        message: 'not a valid WebSocket handshake (GET, Sec-WebSocket-Version: 13, a Sec-WebSocket-Key)',
+      });
     }
-    const offered = (req.headers['sec-websocket-protocol'] ?? '').split(',').map((p) => p.trim()).filter((p) => p !== '');
+    const offered = (req.headers['sec-websocket-protocol'] ?? '')
+      .split(',')
+      .map((p) => p.trim())
+      .filter((p) => p !== '');
     if (offered.some((p) => !TOKEN.test(p)) || new Set(offered).size !== offered.length) {
       return deny({ status: 400, code: 'bad_request', message: 'the Sec-WebSocket-Protocol header is not a list of distinct tokens' });
     }
@@ -270,12 +323,14 @@ export class WebSocketProxy {
     const dialect = dialectOf(provider, path);
     // Methods are checked per request made over the socket (a response is a POST); the upgrade
     // itself is checked for its path and, for Realtime, the model named in the URL.
-    const model = dialect === 'realtime' ? query.get('model') ?? undefined : undefined;
+    const model = dialect === 'realtime' ? (query.get('model') ?? undefined) : undefined;
     if (model !== undefined) info.model = model;
     const scope =
       pathViolation(key.policy, path) ??
       (dialect === 'realtime' ? modelViolation(key.policy.models, model, true) : undefined) ??
-      (dialect === 'generic' && key.policy.models ? `this till key is limited to models ${key.policy.models.join(', ')} and Till cannot see the model used over ${path}` : undefined);
+      (dialect === 'generic' && key.policy.models
+        ? `this till key is limited to models ${key.policy.models.join(', ')} and Till cannot see the model used over ${path}`
+        : undefined);
     if (scope) return deny({ status: 403, code: 'out_of_scope', message: scope }, key);
     const spent = exhaustion(key);
     if (spent) return deny(spent, key);
@@ -290,13 +345,20 @@ export class WebSocketProxy {
     const inProtocol = [...new Set(offered.filter((p) => p.startsWith(KEY_PROTOCOL)).map((p) => p.slice(KEY_PROTOCOL.length)))];
     const found = findTillKey(req, query);
     if (inProtocol.length === 0) return found;
-    if (inProtocol.length > 1) return { status: 400, code: 'malformed_key', message: 'the handshake carries two different keys in its subprotocols' };
+    if (inProtocol.length > 1)
+      return { status: 400, code: 'malformed_key', message: 'the handshake carries two different keys in its subprotocols' };
     const fromProtocol = inProtocol[0]!;
     if (!looksLikeTillKey(fromProtocol)) {
-      return { status: 401, code: 'missing_key', message: 'the broker accepts only till keys (till_…); this handshake carries some other key, which was not forwarded' };
+      return {
+        status: 401,
+        code: 'missing_key',
+        message: 'the broker accepts only till keys (till_…); this handshake carries some other key, which was not forwarded',
+      };
     }
     if (typeof found === 'string') {
-      return found === fromProtocol ? found : { status: 400, code: 'malformed_key', message: 'the handshake carries two different till keys' };
+      return found === fromProtocol
+        ? found
+        : { status: 400, code: 'malformed_key', message: 'the handshake carries two different till keys' };
     }
     // No key anywhere else: the subprotocol's is the one. Another key elsewhere: refuse as HTTP does.
     const elsewhere = KEY_HEADERS.some((h) => req.headers[h] !== undefined) || KEY_QUERY_PARAMS.some((p) => query.has(p));
@@ -308,7 +370,12 @@ export class WebSocketProxy {
     const length = req.headers['content-length'];
     if (req.headers['transfer-encoding'] !== undefined || (length !== undefined && length !== '0')) {
       const text = 'till: only WebSocket upgrades are supported; send this request without an Upgrade header';
-      return writeResponse(socket, 400, { 'content-type': 'text/plain', 'content-length': Buffer.byteLength(text), connection: 'close' }, text);
+      return writeResponse(
+        socket,
+        400,
+        { 'content-type': 'text/plain', 'content-length': Buffer.byteLength(text), connection: 'close' },
+        text,
+      );
     }
     const res = new http.ServerResponse(req);
     res.shouldKeepAlive = false;
@@ -325,7 +392,14 @@ export class WebSocketProxy {
     const { body, headers } = denialResponse(info.provider, denial);
     writeResponse(socket, denial.status, { ...headers, connection: 'close' }, body);
     if (!denied) return this.audit(info, denial.status, started, undefined, denial.code);
-    this.options.events.emit({ type: 'request.denied', at: Date.now(), request: { ...info }, status: denial.status, reason: denial.message, code: denial.code });
+    this.options.events.emit({
+      type: 'request.denied',
+      at: Date.now(),
+      request: { ...info },
+      status: denial.status,
+      reason: denial.message,
+      code: denial.code,
+    });
     this.audit(info, denial.status, started, denial);
   }
 
@@ -420,7 +494,13 @@ class Session {
       info.billable = billable;
       let amounts: Amounts | undefined;
       if (billable) {
-        const planned = planHold({ provider: provider.id, model: undefined, format: undefined, json: undefined, bodyBytes: 0, stream: true }, key.policy, this.o.keys.remaining(key), this.o.keys.heldFor(key), this.o.prices);
+        const planned = planHold(
+          { provider: provider.id, model: undefined, format: undefined, json: undefined, bodyBytes: 0, stream: true },
+          key.policy,
+          this.o.keys.remaining(key),
+          this.o.keys.heldFor(key),
+          this.o.prices,
+        );
         if ('status' in planned) return this.refuse(planned);
         amounts = planned.amounts;
       }
@@ -477,7 +557,7 @@ class Session {
     this.upstream = upstream;
     let relayed: string[] = [];
     upstream.on('upgrade', (res) => {
-      (res.socket).setKeepAlive(true, 30_000);
+      res.socket.setKeepAlive(true, 30_000);
       relayed = [];
       for (const [name, value] of Object.entries(relayedHeaders(res.headers, this.forms!, undefined, this.dropped, NOT_RELAYED))) {
         if (value === undefined || name.startsWith('sec-websocket-')) continue;
@@ -611,12 +691,22 @@ class Session {
     const text = data.toString('utf8');
     const msg = parseMessage(text);
     if (msg === null) {
-      return this.refuseMessage({ status: 400, code: 'bad_request', message: 'messages on this WebSocket must be JSON, so that Till can check them' }, undefined);
+      return this.refuseMessage(
+        { status: 400, code: 'bad_request', message: 'messages on this WebSocket must be JSON, so that Till can check them' },
+        undefined,
+      );
     }
     // `{"type":"session.update","type":"response.create"}`: the broker would judge one, the upstream may act on the other.
     const twice = duplicateKey(text);
     if (twice !== undefined) {
-      return this.refuseMessage({ status: 400, code: 'bad_request', message: `the message has the key "${twice}" twice in one object, which the upstream may read otherwise than Till: send it once` }, asStr(msg?.event_id));
+      return this.refuseMessage(
+        {
+          status: 400,
+          code: 'bad_request',
+          message: `the message has the key "${twice}" twice in one object, which the upstream may read otherwise than Till: send it once`,
+        },
+        asStr(msg?.event_id),
+      );
     }
     if (msg === undefined) return this.send(0, data, binary);
     if (this.s.dialect === 'gemini') return this.fromGeminiClient(msg, data, binary);
@@ -637,7 +727,7 @@ class Session {
   private createResponse(msg: Json, data: Buffer, binary: boolean): void {
     const { key, provider, path, dialect } = this.s;
     const prewarm = dialect === 'responses' && msg.generate === false;
-    const model = dialect === 'responses' ? asStr(msg.model) ?? this.model : this.model;
+    const model = dialect === 'responses' ? (asStr(msg.model) ?? this.model) : this.model;
     if (dialect === 'responses' && model !== undefined) this.model = model;
     const eventId = asStr(msg.event_id);
     const streamId = asStr(msg.stream_id);
@@ -652,7 +742,15 @@ class Session {
     const existing = dialect === 'realtime' ? asObj(msg.response) : msg;
     const target = existing ?? {};
     const turn = this.newTurn(model, true, streamId, eventId);
-    const request: HoldRequest = { provider: provider.id, model, format: 'openai-responses', json: target, bodyBytes: data.length, stream: true, ...(dialect === 'realtime' ? { carriedContext: this.lastTotal } : {}) };
+    const request: HoldRequest = {
+      provider: provider.id,
+      model,
+      format: 'openai-responses',
+      json: target,
+      bodyBytes: data.length,
+      stream: true,
+      ...(dialect === 'realtime' ? { carriedContext: this.lastTotal } : {}),
+    };
     const planned = this.holdTurn(turn, request);
     if ('status' in planned) return this.refuseMessage(planned, eventId, false, model);
     if (planned.bodyChanged && !existing) msg.response = target;
@@ -685,7 +783,13 @@ class Session {
       this.model = model;
       // Budgeted keys: each turn's output is capped to what was left when the session began.
       if (key.policy.maxTokens !== undefined || key.policy.maxSpendUsd !== undefined) {
-        const planned = planHold({ provider: provider.id, model, format: 'gemini', json: setup, bodyBytes: data.length, stream: true }, key.policy, this.o.keys.remaining(key), this.o.keys.heldFor(key), this.o.prices);
+        const planned = planHold(
+          { provider: provider.id, model, format: 'gemini', json: setup, bodyBytes: data.length, stream: true },
+          key.policy,
+          this.o.keys.remaining(key),
+          this.o.keys.heldFor(key),
+          this.o.prices,
+        );
         if ('status' in planned) return this.refuseMessage(planned, undefined, true, model);
         if (planned.bodyChanged) return this.send(0, JSON.stringify(msg), false);
       }
@@ -694,7 +798,15 @@ class Session {
     const content = asObj(msg.clientContent) ?? asObj(msg.client_content);
     if (content && (content.turnComplete === true || content.turn_complete === true)) {
       const turn = this.newTurn(this.model, true);
-      const planned = this.holdTurn(turn, { provider: provider.id, model: this.model, format: 'gemini', json: undefined, bodyBytes: data.length, stream: true, carriedContext: this.lastTotal });
+      const planned = this.holdTurn(turn, {
+        provider: provider.id,
+        model: this.model,
+        format: 'gemini',
+        json: undefined,
+        bodyBytes: data.length,
+        stream: true,
+        carriedContext: this.lastTotal,
+      });
       if ('status' in planned) return this.refuseMessage(planned, undefined, true);
       return this.send(0, data, binary, () => this.reached(turn));
     }
@@ -718,7 +830,12 @@ class Session {
       type = asStr(ev?.type);
       if (type === undefined) return;
     }
-    const interesting = type === 'response.created' || type === 'error' || RESPONSES_FINAL.has(type) || isTextDelta(type) || type === 'response.output_item.added';
+    const interesting =
+      type === 'response.created' ||
+      type === 'error' ||
+      RESPONSES_FINAL.has(type) ||
+      isTextDelta(type) ||
+      type === 'response.output_item.added';
     if (!interesting) return;
     ev ??= parseMessage(data);
     if (!ev) return;
@@ -734,7 +851,10 @@ class Session {
       // An error before a response began is that request's answer; later ones end with the response.
       const error = asObj(ev.error);
       const eventId = asStr(error?.event_id);
-      const turn = this.s.dialect === 'realtime' ? this.turns.find((t) => !t.begun && t.eventId !== undefined && t.eventId === eventId) : this.turns.find((t) => !t.begun && (streamId === undefined || t.streamId === streamId));
+      const turn =
+        this.s.dialect === 'realtime'
+          ? this.turns.find((t) => !t.begun && t.eventId !== undefined && t.eventId === eventId)
+          : this.turns.find((t) => !t.begun && (streamId === undefined || t.streamId === streamId));
       const status = typeof ev.status === 'number' ? ev.status : 400;
       if (turn) this.finishTurn(turn, status >= 400 ? status : 400, undefined);
     } else if (type === 'response.output_item.added') {
@@ -756,7 +876,8 @@ class Session {
     const msg = parseMessage(data);
     if (!msg) return;
     const content = asObj(msg.serverContent);
-    const producing = asObj(content?.modelTurn) !== undefined || msg.toolCall !== undefined || asObj(content?.outputTranscription) !== undefined;
+    const producing =
+      asObj(content?.modelTurn) !== undefined || msg.toolCall !== undefined || asObj(content?.outputTranscription) !== undefined;
     let turn = this.turns.find((t) => t.begun);
     if (producing && !turn) turn = this.begin(undefined, undefined);
     if (!turn) turn = this.turns[0];
@@ -776,9 +897,26 @@ class Session {
 
   private newTurn(model: string | undefined, billable: boolean, streamId?: string, eventId?: string): Turn {
     const { info } = this.s;
-    const turnInfo: RequestInfo = { requestId: `${info.requestId}.${this.turnCount++}`, keyId: info.keyId, label: info.label, provider: info.provider, method: 'WS', path: info.path, billable };
+    const turnInfo: RequestInfo = {
+      requestId: `${info.requestId}.${this.turnCount++}`,
+      keyId: info.keyId,
+      label: info.label,
+      provider: info.provider,
+      method: 'WS',
+      path: info.path,
+      billable,
+    };
     if (model !== undefined) turnInfo.model = model;
-    return { info: turnInfo, started: performance.now(), reached: false, begun: false, streamId, eventId, generated: new GeneratedText(), lastProgress: 0 };
+    return {
+      info: turnInfo,
+      started: performance.now(),
+      reached: false,
+      begun: false,
+      streamId,
+      eventId,
+      generated: new GeneratedText(),
+      lastProgress: 0,
+    };
   }
   private turnCount = 1;
 
@@ -797,7 +935,15 @@ class Session {
     let turn = this.turns.find((t) => !t.begun && (streamId === undefined || t.streamId === undefined || t.streamId === streamId));
     if (!turn && (this.s.dialect === 'realtime' || this.s.dialect === 'gemini')) {
       const fresh = this.newTurn(this.model, true, streamId);
-      const planned = this.holdTurn(fresh, { provider: this.s.provider.id, model: this.model, format: this.format, json: undefined, bodyBytes: 0, stream: true, carriedContext: this.lastTotal });
+      const planned = this.holdTurn(fresh, {
+        provider: this.s.provider.id,
+        model: this.model,
+        format: this.format,
+        json: undefined,
+        bodyBytes: 0,
+        stream: true,
+        carriedContext: this.lastTotal,
+      });
       if ('status' in planned) {
         this.cut(planned);
         return undefined;
@@ -817,7 +963,9 @@ class Session {
       const byId = this.turns.find((t) => t.responseId === responseId);
       if (byId) return byId;
     }
-    return this.turns.find((t) => (!begunOnly || t.begun) && (streamId === undefined || t.streamId === undefined || t.streamId === streamId));
+    return this.turns.find(
+      (t) => (!begunOnly || t.begun) && (streamId === undefined || t.streamId === undefined || t.streamId === streamId),
+    );
   }
 
   /** A turn produced `text`: its hold follows it (the session ends if the key cannot cover it), and views hear of it. */
@@ -825,14 +973,30 @@ class Session {
     turn.generated.add(text);
     if (!turn.info.billable) return;
     if (turn.streamHold) {
-      const denial = turn.streamHold.follow({ textBytes: turn.generated.bytes, toolCalls: turn.generated.toolCalls, usage: () => usage ?? turn.usage });
+      const denial = turn.streamHold.follow({
+        textBytes: turn.generated.bytes,
+        toolCalls: turn.generated.toolCalls,
+        usage: () => usage ?? turn.usage,
+      });
       if (denial) return this.cut(denial);
     }
     const now = performance.now();
     if (now - turn.lastProgress < 500) return;
     turn.lastProgress = now;
-    const s = settlement(this.s.provider.id, turn.info.model, undefined, { inputEstimate: turn.plan?.inputEstimate ?? 0, outputChars: turn.generated.chars }, this.o.prices);
-    this.o.events.emit({ type: 'request.progress', at: Date.now(), request: turn.info, usage: s.usage, ...(turn.hold ? { held: turn.hold.held() } : {}) });
+    const s = settlement(
+      this.s.provider.id,
+      turn.info.model,
+      undefined,
+      { inputEstimate: turn.plan?.inputEstimate ?? 0, outputChars: turn.generated.chars },
+      this.o.prices,
+    );
+    this.o.events.emit({
+      type: 'request.progress',
+      at: Date.now(),
+      request: turn.info,
+      usage: s.usage,
+      ...(turn.hold ? { held: turn.hold.held() } : {}),
+    });
   }
 
   /**
@@ -858,14 +1022,28 @@ class Session {
       amounts = { activations: 1, tokens: 0, spend: 0 };
     } else if (turn.reached) {
       const settled = aborted && turn.plan && turn.request ? cutUsage(turn.request, turn.plan, usage, turn.generated, true) : usage;
-      const s = settlement(this.s.provider.id, turn.info.model, settled, { inputEstimate: turn.plan?.inputEstimate ?? 0, outputChars: turn.generated.chars }, this.o.prices);
+      const s = settlement(
+        this.s.provider.id,
+        turn.info.model,
+        settled,
+        { inputEstimate: turn.plan?.inputEstimate ?? 0, outputChars: turn.generated.chars },
+        this.o.prices,
+      );
       amounts = s.amounts;
       details = s.details;
       used = s.usage;
     }
     turn.hold.done(amounts, details);
     const latencyMs = Math.round((performance.now() - turn.started) * 10) / 10;
-    this.o.events.emit({ type: 'request.finished', at: Date.now(), request: turn.info, status, latencyMs, ...(aborted ? { aborted } : {}), ...(used ? { usage: used } : {}) });
+    this.o.events.emit({
+      type: 'request.finished',
+      at: Date.now(),
+      request: turn.info,
+      status,
+      latencyMs,
+      ...(aborted ? { aborted } : {}),
+      ...(used ? { usage: used } : {}),
+    });
     this.proxy.audit(turn.info, status, turn.started, undefined, aborted);
   }
 
@@ -878,7 +1056,14 @@ class Session {
     const info: RequestInfo = { ...this.s.info, method: 'WS', billable: true };
     if (model !== undefined) info.model = model;
     else delete info.model;
-    this.o.events.emit({ type: 'request.denied', at: Date.now(), request: info, status: denial.status, reason: denial.message, code: denial.code });
+    this.o.events.emit({
+      type: 'request.denied',
+      at: Date.now(),
+      request: info,
+      status: denial.status,
+      reason: denial.message,
+      code: denial.code,
+    });
     this.proxy.audit(info, denial.status, performance.now(), denial);
     const fatal = denial.code === 'revoked' || denial.code === 'expired' || denial.code === 'exhausted' || denial.code === 'unknown_key';
     if (gemini || this.s.dialect === 'gemini' || fatal) return this.cut(denial, eventId);
@@ -947,7 +1132,8 @@ class Session {
       }
     }
     if (side === 'client') {
-      if (this.upstream && this.upstream.readyState !== WebSocket.CLOSED && this.upstream.readyState !== WebSocket.CLOSING) this.upstream.terminate();
+      if (this.upstream && this.upstream.readyState !== WebSocket.CLOSED && this.upstream.readyState !== WebSocket.CLOSING)
+        this.upstream.terminate();
       this.finalize(101);
     }
   }
@@ -984,7 +1170,14 @@ class Session {
     this.admission = undefined;
     admission.done();
     const latencyMs = Math.round((performance.now() - this.s.started) * 10) / 10;
-    this.o.events.emit({ type: 'request.finished', at: Date.now(), request: this.s.info, status, latencyMs, ...(aborted ? { aborted } : {}) });
+    this.o.events.emit({
+      type: 'request.finished',
+      at: Date.now(),
+      request: this.s.info,
+      status,
+      latencyMs,
+      ...(aborted ? { aborted } : {}),
+    });
   }
 
   /** Unregisters the session and writes its connection's audit line (once). */
@@ -994,6 +1187,7 @@ class Session {
     this.untrack();
     this.o.open.delete(this.stop);
     this.finishConnection(status, this.endNote);
-    if (!audited) this.proxy.audit(this.s.info, status, this.s.started, undefined, this.endNote ? `websocket: ${this.endNote}` : 'websocket closed');
+    if (!audited)
+      this.proxy.audit(this.s.info, status, this.s.started, undefined, this.endNote ? `websocket: ${this.endNote}` : 'websocket closed');
   }
 }
