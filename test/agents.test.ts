@@ -5,7 +5,9 @@
 import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { AGENTS, agentServed, agentSetup, agentTargets, codexConfig, geminiSettings } from '../src/core/agents/agents';
+import { AGENTS, agentServed, agentSetup, agentTargets } from '../src/core/agents/agents';
+import { codexConfig } from '../src/core/agents/codexConfig';
+import { geminiSettings } from '../src/core/agents/geminiSettings';
 import type { KeySummary } from '../src/core/events';
 import type { IssuedKey } from '../src/core/runtime/service';
 import { addCredential, fakeCredential, runTill, spawnServe, tempHome, type ServeProcess, expectOneLineError } from './support/till';
