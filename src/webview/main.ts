@@ -13,54 +13,16 @@ import { formatAmount, formatSpent, formatUsd, limitsOf, METERS, type Amounts, t
 import type { RequestRecord } from '../core/runtime/service';
 import { mergeRecords, type HostMessage, type LiveEvent, type PageCommand, type PageMessage } from './messages';
 
-// ---- the browser APIs this page uses ---------------------------------------------------------
-// Declared here, module-scoped, rather than through `/// <reference lib="dom" />`: that directive
-// adds the DOM types to the whole program (tsconfig checks everything as Node code) and changed
-// type inference in other files. These are the few members the page touches.
+type El = Element;
+type HtmlEl = HTMLElement;
+type DetailsEl = HTMLDetailsElement;
+type PageEvent = Event;
 
-interface PageEvent {
-  readonly type: string;
+/** What the page keeps across reloads (VS Code holds it while the view is hidden). */
+interface PageState {
+  showRevoked?: boolean;
 }
-interface PageMessageEvent extends PageEvent {
-  readonly data: unknown;
-}
-interface El {
-  textContent: string | null;
-  readonly dataset: Record<string, string | undefined>;
-  setAttribute(name: string, value: string): void;
-  removeAttribute(name: string): void;
-  addEventListener(type: string, listener: (ev: PageEvent) => void): void;
-  append(...nodes: (El | string)[]): void;
-  replaceChildren(...nodes: (El | string)[]): void;
-  querySelector(selectors: string): El | null;
-  querySelectorAll(selectors: string): Iterable<El>;
-  focus(): void;
-}
-interface HtmlEl extends El {
-  readonly style: { width: string };
-}
-interface DetailsEl extends HtmlEl {
-  open: boolean;
-}
-declare const document: {
-  readonly activeElement: El | null;
-  readonly body: { readonly classList: { contains(name: string): boolean } };
-  getElementById(id: string): HtmlEl | null;
-  createElement(tag: string): HtmlEl;
-  createElementNS(namespace: string, tag: string): El;
-};
-declare const window: { addEventListener(type: 'message', listener: (ev: PageMessageEvent) => void): void };
-declare const CSS: { escape(value: string): string };
-declare function requestAnimationFrame(callback: () => void): number;
-
-interface VsCodeApi {
-  postMessage(message: PageMessage): void;
-  getState(): unknown;
-  setState(state: unknown): void;
-}
-declare function acquireVsCodeApi(): VsCodeApi;
-
-const vscode = acquireVsCodeApi();
+const vscode = acquireVsCodeApi<PageState>();
 const MINUTE = 60_000;
 /** Minutes the charts cover. */
 const SPAN = 30;
@@ -94,7 +56,7 @@ const model = {
   revoking: new Set<string>(),
   /** Open streams by request id, until their `request.finished`. */
   streams: new Map<string, Stream>(),
-  showRevoked: (vscode.getState() as { showRevoked?: boolean } | undefined)?.showRevoked === true,
+  showRevoked: vscode.getState()?.showRevoked === true,
 };
 
 const app = document.getElementById('app')!;
@@ -499,7 +461,7 @@ function patchLive(): boolean {
     // As card() draws them: a revoked key's card has no live line.
     if (!wanted.has(id) && (model.keys.get(st.keyId)?.state ?? 'revoked') !== 'revoked') wanted.set(id, running(st.keyId));
   }
-  const found = [...app.querySelectorAll('[data-live]')];
+  const found = [...app.querySelectorAll<HTMLElement>('[data-live]')];
   if (found.length !== wanted.size) return false;
   for (const el of found) if (!wanted.has(el.dataset.live ?? '')) return false;
   for (const el of found) {
@@ -514,7 +476,7 @@ function patchLive(): boolean {
 
 function render(): void {
   const now = Date.now();
-  const focused = document.activeElement?.dataset.focus;
+  const focused = document.activeElement instanceof HTMLElement ? document.activeElement.dataset.focus : undefined;
   const keys = [...model.keys.values()].map((k) => ({ key: k, state: stateOf(k, now) }));
   keys.sort((a, b) => STATE_ORDER[a.state] - STATE_ORDER[b.state] || b.key.createdAt - a.key.createdAt);
   const st = stats(now);
@@ -562,7 +524,7 @@ function render(): void {
   );
   app.removeAttribute('aria-busy');
   app.setAttribute('data-role', model.role);
-  if (focused) app.querySelector(`[data-focus="${CSS.escape(focused)}"]`)?.focus();
+  if (focused) app.querySelector<HTMLElement>(`[data-focus="${CSS.escape(focused)}"]`)?.focus();
 }
 
 function header(anyLive: boolean): HtmlEl {
