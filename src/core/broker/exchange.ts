@@ -9,7 +9,7 @@
  *            awaited between planning and taking, so what is left cannot move
  *   forward  once the hold is on disk: the credential in place, upstream
  *   relay    the answer back unbuffered, scrubbed of the credential (scrub.ts), metered
- *            (metering/metering.ts); a stream's hold follows it (holds/streamHold.ts)
+ *            (metering/streamMeter.ts); a stream's hold follows it (holds/streamHold.ts)
  *   finish   settle from the reported usage (or an estimate for a cut stream), events, audit
  *
  * Anything refused ends in `deny` with an answer in the provider's error shape. Revocation,
@@ -27,7 +27,8 @@ import { clientDenial, credentialDenial, findTillKey, forwardedHeaders, noUpstre
 import type { InFlightEntry, InFlightList } from './inFlightList';
 import type { Hold, TillKeys } from '../keys/keys';
 import type { KeyRecord, SettleDetails } from '../ledger/ledger';
-import { StreamMeter, usageFormat, usageFromJson, type Usage, type UsageFormat } from '../metering/metering';
+import { usageFormat, usageFromJson, type Usage, type UsageFormat } from '../metering/usage';
+import { StreamMeter } from '../metering/streamMeter';
 import { methodViolation, modelViolation, pathViolation, type Amounts } from '../keys/policy';
 import type { PriceTable } from '../metering/pricing';
 import { apiPath, isFreeRoute, KEY_QUERY_PARAMS, type Provider, type ProviderRegistry } from '../providers/providers';

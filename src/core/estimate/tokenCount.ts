@@ -10,7 +10,7 @@
  * need it (see holds/plan.ts).
  */
 import { asArray, asObj, type Json } from '../json';
-import type { UsageFormat } from '../metering/metering';
+import type { UsageFormat } from '../metering/usage';
 
 /** A public tokenizer: how many tokens `text` encodes to, special-token text counted as text. */
 export type CountTokens = (text: string) => number;

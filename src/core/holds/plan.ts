@@ -27,7 +27,8 @@ import { limitRefusal, type Denial } from '../denial';
 import type { RequestUsage } from '../events';
 import { maxImageTokens, imageTokens } from '../estimate/imageTokens';
 import type { SettleDetails, TokenCounts } from '../ledger/ledger';
-import { estimateTokens, type GeneratedText, type Usage, type UsageFormat } from '../metering/metering';
+import { estimateTokens, type Usage, type UsageFormat } from '../metering/usage';
+import { type GeneratedText } from '../metering/streamMeter';
 import { formatAmount, MICROS, type Amounts, type Policy } from '../keys/policy';
 import { costAt, ratesFor, type ModelLimits, type ModelPrice, type PriceTable } from '../metering/pricing';
 import { readRequest, type RequestFacts } from '../estimate/requestFacts';
@@ -102,7 +103,7 @@ export interface HeldTool {
   maxCalls: number | undefined;
 }
 
-/** Formats whose streams show each server-side tool call as it starts (metering.ts serverToolCall). */
+/** Formats whose streams show each server-side tool call as it starts (streamMeter.ts serverToolCall). */
 const TOOL_CALLS_SHOWN: ReadonlySet<UsageFormat> = new Set(['openai-responses', 'anthropic-messages']);
 
 /** What the broker knows about a request to plan its hold. */

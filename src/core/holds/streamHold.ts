@@ -33,7 +33,7 @@ import { CUT_MARGIN_TOKENS, holdAmounts, type HoldPlan } from './plan';
 import type { Denial } from '../denial';
 import { growthRefusal, type Hold } from '../keys/keys';
 import type { ReserveRefusal } from '../ledger/ledger';
-import type { Usage } from '../metering/metering';
+import type { Usage } from '../metering/usage';
 import { costAt, ratesFor } from '../metering/pricing';
 import { MICROS } from '../keys/policy';
 

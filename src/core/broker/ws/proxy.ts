@@ -30,16 +30,8 @@ import { denialBody, denialResponse, type Denial } from '../../denial';
 import type { RequestInfo, RequestUsage, TillEvents } from '../../events';
 import type { Hold, TillKeys } from '../../keys/keys';
 import type { KeyRecord, SettleDetails } from '../../ledger/ledger';
-import {
-  GeneratedText,
-  isTextDelta,
-  RESPONSES_FINAL,
-  serverToolCall,
-  usageFormat,
-  usageFromJson,
-  type Usage,
-  type UsageFormat,
-} from '../../metering/metering';
+import { usageFormat, usageFromJson, type Usage, type UsageFormat } from '../../metering/usage';
+import { GeneratedText, isTextDelta, RESPONSES_FINAL, serverToolCall } from '../../metering/streamMeter';
 import { formatAmount, formatUsd, limitsOf, METERS, modelViolation, pathViolation, scopeViolation, type Amounts } from '../../keys/policy';
 import type { PriceTable } from '../../metering/pricing';
 import { apiPath, isFreeRoute, KEY_HEADERS, KEY_QUERY_PARAMS, type Provider, type ProviderRegistry } from '../../providers/providers';
