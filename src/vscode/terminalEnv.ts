@@ -14,6 +14,12 @@ import type { IssuedKey } from '../core/runtime/service';
 import { SETTINGS, TERMINAL_AGENTS_DEFAULT } from './constants';
 import type { TillSession } from './session';
 
+/** A stretch of time (ms since the epoch); open-ended until `until` is set. */
+interface Span {
+  from: number;
+  until?: number;
+}
+
 export class TerminalEnv implements vscode.Disposable {
   /** Our terminal key per provider. */
   private readonly keys = new Map<string, IssuedKey>();
@@ -29,9 +35,9 @@ export class TerminalEnv implements vscode.Disposable {
    * terminal open to when its process id arrived (until then, any time from now on). A terminal
    * opened in an untrusted folder waits for trust, so its process can start well after it opened.
    */
-  private readonly opened = new Map<vscode.Terminal, { from: number; until?: number }>();
+  private readonly opened = new Map<vscode.Terminal, Span>();
   /** When each terminal key went into the collection and, once replaced, came out. */
-  private readonly inCollection = new Map<string, { from: number; until?: number }>();
+  private readonly inCollection = new Map<string, Span>();
   /** Terminal keys revoked (terminals opened while they were in the collection hold them). */
   private readonly revoked = new Set<string>();
   private readonly listeners: vscode.Disposable[];
@@ -50,7 +56,7 @@ export class TerminalEnv implements vscode.Disposable {
   }
 
   private watchStart(terminal: vscode.Terminal): void {
-    const window: { from: number; until?: number } = { from: Date.now() };
+    const window: Span = { from: Date.now() };
     this.opened.set(terminal, window);
     void Promise.resolve(terminal.processId).then(
       () => (window.until = Date.now()),

@@ -13,11 +13,6 @@ import { formatAmount, formatSpent, formatUsd, limitsOf, METERS, type Amounts, t
 import type { RequestRecord } from '../core/runtime/service';
 import { mergeRecords, type HostMessage, type LiveEvent, type PageCommand, type PageMessage } from './messages';
 
-type El = Element;
-type HtmlEl = HTMLElement;
-type DetailsEl = HTMLDetailsElement;
-type PageEvent = Event;
-
 /** What the page keeps across reloads (VS Code holds it while the view is hidden). */
 interface PageState {
   showRevoked?: boolean;
@@ -200,20 +195,20 @@ setInterval(schedule, 15_000);
 
 // ---- DOM helpers ----------------------------------------------------------------------------
 
-type Child = El | string | number | false | null | undefined;
-type Attrs = Record<string, string | number | boolean | undefined | ((ev: PageEvent) => void)>;
+type Child = Element | string | number | false | null | undefined;
+type Attrs = Record<string, string | number | boolean | undefined | ((ev: Event) => void)>;
 
 /** An HTML element with attributes (`onclick` and the like become listeners) and children. */
-function h(tag: string, attrs: Attrs = {}, ...children: Child[]): HtmlEl {
+function h(tag: string, attrs: Attrs = {}, ...children: Child[]): HTMLElement {
   return fill(document.createElement(tag), attrs, children);
 }
 
 /** The same for SVG. */
-function s(tag: string, attrs: Attrs = {}, ...children: Child[]): El {
+function s(tag: string, attrs: Attrs = {}, ...children: Child[]): Element {
   return fill(document.createElementNS('http://www.w3.org/2000/svg', tag), attrs, children);
 }
 
-function fill<E extends El>(el: E, attrs: Attrs, children: Child[]): E {
+function fill<E extends Element>(el: E, attrs: Attrs, children: Child[]): E {
   for (const [name, value] of Object.entries(attrs)) {
     if (value === undefined || value === false) continue;
     if (typeof value === 'function') el.addEventListener(name.slice(2), value);
@@ -439,7 +434,7 @@ function runningTitle(r: Running): string {
 }
 
 /** A live line: a pulsing dot and a text that {@link patchLive} rewrites between full paints. */
-function liveLine(id: string, r: Running, cls: string): HtmlEl {
+function liveLine(id: string, r: Running, cls: string): HTMLElement {
   return h(
     'div',
     { class: `streaming ${cls}` },
@@ -519,7 +514,7 @@ function render(): void {
   }
   app.replaceChildren(
     ...children
-      .filter((c): c is El | string => c !== false && c !== null && c !== undefined)
+      .filter((c): c is Element | string => c !== false && c !== null && c !== undefined)
       .map((c) => (typeof c === 'number' ? String(c) : c)),
   );
   app.removeAttribute('aria-busy');
@@ -527,7 +522,7 @@ function render(): void {
   if (focused) app.querySelector<HTMLElement>(`[data-focus="${CSS.escape(focused)}"]`)?.focus();
 }
 
-function header(anyLive: boolean): HtmlEl {
+function header(anyLive: boolean): HTMLElement {
   const role = model.role;
   const text = !model.loaded
     ? 'Connecting…'
@@ -564,7 +559,7 @@ function header(anyLive: boolean): HtmlEl {
   );
 }
 
-function emptyState(): HtmlEl {
+function emptyState(): HTMLElement {
   const command = (id: PageCommand) => () => send({ type: 'command', id });
   const card = (title: string, text: string, focus: string, action: PageCommand, button: string, cli: string) =>
     h(
@@ -597,7 +592,7 @@ function emptyState(): HtmlEl {
   );
 }
 
-function keyIcon(): El {
+function keyIcon(): Element {
   return s(
     'svg',
     { viewBox: '0 0 24 24', width: 32, height: 32 },
@@ -606,7 +601,7 @@ function keyIcon(): El {
   );
 }
 
-function totals(states: State[], st: Stats): HtmlEl {
+function totals(states: State[], st: Stats): HTMLElement {
   const active = states.filter((x) => x === 'active').length;
   const all = [...model.keys.values()];
   const activations = all.reduce((sum, k) => sum + (k.used.activations ?? 0), 0);
@@ -688,7 +683,7 @@ function totals(states: State[], st: Stats): HtmlEl {
 }
 
 /** Bars per minute, served stacked under denied; `height` in viewBox units. */
-function bars(series: Series, firstMinute: number, height: number, withTitles: boolean): { svg: El; peak: number } {
+function bars(series: Series, firstMinute: number, height: number, withTitles: boolean): { svg: Element; peak: number } {
   const step = 10;
   const width = SPAN * step;
   const peak = Math.max(0, ...series.served.map((v, i) => v + series.denied[i]!));
@@ -726,7 +721,7 @@ function bars(series: Series, firstMinute: number, height: number, withTitles: b
   return { svg, peak };
 }
 
-function chart(st: Stats): HtmlEl {
+function chart(st: Stats): HTMLElement {
   const { svg, peak } = bars(st.total, st.firstMinute, 60, true);
   const served = st.total.served.reduce((a, b) => a + b, 0);
   const denied = st.total.denied.reduce((a, b) => a + b, 0);
@@ -772,7 +767,7 @@ const METER_SHORT: Record<Meter, (n: number) => string> = { activations: (n) => 
  * One limit: spent, then held by requests in flight (lighter, striped), then what is left. A
  * request is refused when what it may use does not fit in what is left, so this is the why.
  */
-function limitBar(k: KeySummary, meter: Meter, limit: number, state: State, live: Running | undefined): HtmlEl {
+function limitBar(k: KeySummary, meter: Meter, limit: number, state: State, live: Running | undefined): HTMLElement {
   const used = k.used[meter] ?? 0;
   // The key list comes with changes of its counters; an open stream's hold grows in between,
   // and its progress (`live`) says so sooner.
@@ -842,7 +837,7 @@ function limitBar(k: KeySummary, meter: Meter, limit: number, state: State, live
  * What a key has used: dollars, tokens (cached and reasoning in the tooltip) and calls, the last
  * only when no Calls bar shows them. Undefined when there is nothing to add to the bars.
  */
-function keyUsage(k: KeySummary, state: State, limits: Amounts): HtmlEl | undefined {
+function keyUsage(k: KeySummary, state: State, limits: Amounts): HTMLElement | undefined {
   const spend = k.used.spend ?? 0;
   const t = k.tokens;
   const estimated = k.estimatedSpend > 0;
@@ -884,7 +879,7 @@ function keyUsage(k: KeySummary, state: State, limits: Amounts): HtmlEl | undefi
   );
 }
 
-function card(k: KeySummary, state: State, st: Stats, now: number): HtmlEl {
+function card(k: KeySummary, state: State, st: Stats, now: number): HTMLElement {
   const revoking = model.revoking.has(k.id);
   const keySeries = st.byKey.get(k.id) ?? series();
   const spark = bars(keySeries, st.firstMinute, 20, false);
@@ -952,13 +947,13 @@ function card(k: KeySummary, state: State, st: Stats, now: number): HtmlEl {
   );
 }
 
-function revokedList(keys: KeySummary[], st: Stats, now: number): HtmlEl {
+function revokedList(keys: KeySummary[], st: Stats, now: number): HTMLElement {
   const details = h(
     'details',
     { class: 'revoked-list', open: model.showRevoked },
     h('summary', {}, `Revoked (${keys.length})`),
     h('ul', { class: 'cards' }, ...keys.map((k) => card(k, 'revoked', st, now))),
-  ) as DetailsEl;
+  ) as HTMLDetailsElement;
   details.addEventListener('toggle', () => {
     model.showRevoked = details.open;
     vscode.setState({ showRevoked: model.showRevoked });
@@ -966,7 +961,7 @@ function revokedList(keys: KeySummary[], st: Stats, now: number): HtmlEl {
   return details;
 }
 
-function requests(): HtmlEl {
+function requests(): HTMLElement {
   // The dashboard (an editor tab) shows every request the page has; the sidebar the last few.
   const rows = (document.body.classList.contains('editor') ? model.records.slice() : model.records.slice(-ROWS)).reverse();
   const section = h(
@@ -1000,7 +995,7 @@ function requests(): HtmlEl {
   return section;
 }
 
-function row(r: RequestRecord): HtmlEl {
+function row(r: RequestRecord): HTMLElement {
   const q = r.request;
   const denied = r.type === 'request.denied';
   const failed = !denied && (r.status >= 400 || r.aborted !== undefined);
@@ -1042,7 +1037,7 @@ function row(r: RequestRecord): HtmlEl {
 }
 
 /** A request's cost and tokens, when it was metered. */
-function cost(r: RequestRecord): HtmlEl {
+function cost(r: RequestRecord): HTMLElement {
   const u = r.type === 'request.finished' ? r.usage : undefined;
   if (!u) return h('td', { class: 'num cost' }, h('span', { class: 'muted' }, '—'));
   const t = u.tokens;

@@ -371,10 +371,13 @@ export class Exchange {
     // The cached secret is used synchronously: no await between the hold and forwarding.
     const cached = this.c.cachedSecret(key.credential);
     if (cached !== undefined) return this.takeHold(cached);
-    this.c.secretFor(key.credential).then(
-      (secret) => this.takeHold(secret),
-      (err: unknown) => this.deny(credentialDenial(key.credential, err, (line) => this.c.log(line))),
-    );
+    this.c
+      .secretFor(key.credential)
+      .then(
+        (secret) => this.takeHold(secret),
+        (err: unknown) => this.deny(credentialDenial(key.credential, err, (line) => this.c.log(line))),
+      )
+      .catch((err: unknown) => this.fail(err));
   }
 
   // -------------------------------------------------------------------------------------------
@@ -764,6 +767,17 @@ export class Exchange {
     this.res.destroy();
     this.finish(this.res.statusCode, 'broker_closed');
   };
+
+  /**
+   * A fault of Till's own (a bug, not a refusal): logged, and the request answered with a 500
+   * (ended as a cut once it holds or was forwarded), never an uncaught exception in the broker.
+   */
+  fail(err: unknown): void {
+    this.c.log(`request ${this.info.method} ${this.path}: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
+    const denial: Denial = { status: 500, code: 'internal_error', message: 'Till failed to handle this request (see the broker log)' };
+    if (this.hold || this.upstreamReq) this.cut(denial);
+    else this.deny(denial);
+  }
 
   private deny(denial: Denial, key: KeyRecord | undefined = this.key): void {
     const { info, c } = this;

@@ -242,6 +242,11 @@ export class Broker {
   }
 
   private handle(req: http.IncomingMessage, res: http.ServerResponse): void {
-    new Exchange(this.context, req, res).start();
+    const exchange = new Exchange(this.context, req, res);
+    try {
+      exchange.start();
+    } catch (err) {
+      exchange.fail(err);
+    }
   }
 }

@@ -1086,7 +1086,7 @@ class Session {
 
   /** A fault of Till's while connecting: logged, and the handshake refused with a 500. */
   fail(err: unknown): void {
-    this.o.log?.(`websocket: ${(err as Error)?.message ?? String(err)}`);
+    this.o.log?.(`websocket ${this.s.path}: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
     this.refuse({ status: 500, code: 'internal_error', message: 'Till failed to open the WebSocket (see the broker log)' });
   }
 
