@@ -6,8 +6,10 @@
  * count is an upper bound of what the upstream bills for the text: parts OpenAI renders more
  * compactly than their JSON (tool definitions, a response schema) are counted as their JSON.
  *
- * The tokenizer is loaded on first use: most requests are held by their body's bytes and never
- * need it (see holds/plan.ts).
+ * The tokenizer is loaded by the first request that needs it (some 200 ms and 70 MB, once): one
+ * whose input must be counted exactly, or the first stream held in slices, which is settled by
+ * counting its text if it is cut (see holds/plan.ts). Keys without token or spend limits load it
+ * only when a stream of theirs is cut: no limit can be overrun while it loads.
  */
 import { asArray, asObj, type Json } from '../json';
 import type { UsageFormat } from '../metering/usage';

@@ -444,6 +444,11 @@ export function planHold(req: HoldRequest, policy: Policy, remaining: Amounts, h
   const fits = a.perChoice === Infinity ? Infinity : a.perChoice * n;
   const slice = Math.min(OUTPUT_SLICE, Math.max(MIN_SLICE, Math.floor(fits / 32)));
   const heldOutput = req.stream ? Math.min(ceiling, slice) : ceiling;
+  // A stream held in slices is settled by counting its text if it is cut (cutUsage). Loading the
+  // tokenizer takes this one thread some 200 ms (more on a busy machine): done at the first cut,
+  // it would leave every other stream unread and unchecked that long, generating past its hold.
+  // Loaded now, before this stream is forwarded, no followed stream is in flight while it loads.
+  if (heldOutput < ceiling) counter(encodingOf(req.model) ?? 'o200k_base');
   // Filled in, not spread: this runs for every request on a limited key.
   const plan = base;
   plan.input = { tokens: a.bound.tokens, basis: a.bound.basis, micros: a.inputMicros };

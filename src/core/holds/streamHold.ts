@@ -14,11 +14,18 @@
  * What it generates after a cut: providers notice a dropped connection at their next write after
  * the reset reaches them, about one round trip (under 100 ms) plus their write interval; at the
  * fastest frontier speeds (about 300–600 tokens a second) that is some 30 to 60 tokens; the test
- * upstreams generate 50 (test/support/upstreams.ts). The hold keeps a margin above that,
- * {@link CUT_MARGIN_TOKENS} (64), and is kept at min(ceiling, bound + margin), checked at every
- * chunk and, for hidden output, every {@link TICK_MS}; it grows by its plan's slice (holds/plan.ts:
- * fewer ledger writes), or by what is left when less is. A growth is on disk before the stream goes on
- * (ledger.ts), so a crash counts the grown hold. If even the bound and the margin cannot be
+ * upstreams generate 50 (test/support/upstreams.ts). What it generates before Till's next check
+ * sees it: Till reads a stream only when its event loop gets to it, and a starved machine or a
+ * garbage collection can make that read 100 to 200 ms late, while the upstream goes on writing into
+ * the socket's buffers. So the hold is kept at min(ceiling, bound + margin), where the margin is
+ * {@link CUT_MARGIN_TOKENS} (64, above the after-cut output) plus one check's worth: the largest
+ * growth of the bound seen between two checks, or the generation speed bound times the event
+ * loop's recent lateness (holds/loopLag.ts, never less than {@link LATE_FLOOR_MS}), whichever is
+ * more. It is checked at every chunk and, for hidden output, every {@link TICK_MS}; it grows by
+ * its plan's slice (holds/plan.ts: fewer ledger writes), or by what is left when less is. A growth
+ * is on disk before the stream goes on (ledger.ts), so a crash counts the grown hold. Nothing of
+ * Till's own may stall the thread long while followed streams are in flight (the tokenizer is
+ * loaded before the first is forwarded, holds/plan.ts). If even the bound and the margin cannot be
  * covered, the stream is cut then: the upstream can bill at most what the hold covers. A cut
  * stream settles at what it produced (reported, or counted from its text) plus AFTER_CUT_TOKENS
  * (50, holds/plan.ts), marked estimated: the best estimate of the bill, where the margin is its bound.
@@ -36,9 +43,16 @@ import type { ReserveRefusal } from '../ledger/ledger';
 import type { Usage } from '../metering/usage';
 import { costAt, ratesFor } from '../metering/pricing';
 import { MICROS } from '../keys/policy';
+import { recentLoopLagMs } from './loopLag';
 
 /** How often a stream that may produce hidden output is re-checked between chunks. */
 export const TICK_MS = 250;
+
+/**
+ * How late Till may read a stream's data even when its event loop kept time lately: a process
+ * is descheduled, or collects garbage, without warning.
+ */
+export const LATE_FLOOR_MS = 100;
 
 /** What follows a stream needs from the stream: what arrived so far. */
 export interface StreamProgress {
@@ -63,6 +77,9 @@ export class StreamHold {
   private readonly otherFees: number;
   private inputReported = false;
   private readonly started = performance.now();
+  /** The output bound at the last check, and the most it has grown between two checks. */
+  private lastBound = 0;
+  private largestStep = 0;
 
   constructor(
     private readonly plan: HoldPlan,
@@ -85,7 +102,7 @@ export class StreamHold {
     const usage = progress.usage();
     this.takeReportedInput(usage);
     const bound = this.outputBound(progress, usage);
-    const needed = Math.min(this.plan.output.ceiling, bound + CUT_MARGIN_TOKENS);
+    const needed = Math.min(this.plan.output.ceiling, bound + this.margin(bound));
     const calls = this.callsFor(progress.toolCalls, 1);
     const callsGrow = calls.some((n, i) => n > this.calls[i]!);
     if (needed <= this.held && !callsGrow) {
@@ -149,6 +166,19 @@ export class StreamHold {
       this.outputRate = ratesFor(price, usage.inputTokens, usage.serviceTier).output;
     }
     this.inputShrank = this.input < this.plan.input.tokens;
+  }
+
+  /**
+   * Output to hold beyond the bound: what the upstream generates after a cut, plus what it can
+   * generate before the next check sees it: the largest step seen between two checks (an
+   * upstream that sends in bursts), or its speed over the event loop's recent lateness
+   * (holds/loopLag.ts), whichever is more.
+   */
+  private margin(bound: number): number {
+    this.largestStep = Math.max(this.largestStep, bound - this.lastBound);
+    this.lastBound = bound;
+    const late = Math.ceil((Math.max(LATE_FLOOR_MS, recentLoopLagMs()) / 1000) * this.plan.limits.tokensPerSecond);
+    return CUT_MARGIN_TOKENS + Math.max(this.largestStep, late);
   }
 
   private outputBound(progress: StreamProgress, usage: Usage | undefined): number {
