@@ -8,7 +8,8 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { estimateTokens, usageFormat, usageFromJson, type Usage, type UsageFormat } from '../src/core/metering/usage';
+import { estimateTokens, usageFormat, usageFromJson, type Usage } from '../src/core/metering/usage';
+import type { UsageFormat } from '../src/core/providers/wire';
 import { DEFAULT_MAX_EVENT_BYTES, StreamMeter, type MeterEvent } from '../src/core/metering/streamMeter';
 import { CATALOGUE } from '../src/core/providers/providers';
 import {

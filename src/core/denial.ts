@@ -4,6 +4,8 @@
  */
 import type { DenialCode } from './events';
 import { formatCount, formatUsd, type Meter } from './keys/policy';
+import { builtInProvider } from './providers/providers';
+import type { ErrorShape } from './providers/wire';
 
 /** A refusal with its HTTP status, reason code and message. */
 export interface Denial {
@@ -30,10 +32,6 @@ export function limitRefusal(meter: Meter, state: { limit: number; used: number;
   return { status: 429, code: 'exhausted', message };
 }
 
-type Shape = 'openai' | 'anthropic' | 'google' | 'github' | 'cohere';
-
-const SHAPES: Record<string, Shape> = { anthropic: 'anthropic', gemini: 'google', github: 'github', cohere: 'cohere' };
-
 const ANTHROPIC_TYPES: Record<number, string> = {
   400: 'invalid_request_error',
   401: 'authentication_error',
@@ -59,8 +57,9 @@ const OPENAI_TYPES: Record<number, string> = {
   429: 'rate_limit_error',
 };
 
-function shapeOf(providerId: string | undefined): Shape {
-  return (providerId && SHAPES[providerId]) || 'openai';
+/** The error shape of a provider's API (providers/wire.ts); custom providers and unknown ids get OpenAI's. */
+function shapeOf(providerId: string | undefined): ErrorShape {
+  return (providerId && builtInProvider(providerId)?.wire.errorShape) || 'openai';
 }
 
 /** The JSON body of a denial for a provider. */

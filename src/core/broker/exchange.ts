@@ -27,7 +27,8 @@ import { clientDenial, credentialDenial, findTillKey, forwardedHeaders, noUpstre
 import type { InFlightEntry, InFlightList } from './inFlightList';
 import type { Hold, TillKeys } from '../keys/keys';
 import type { KeyRecord, SettleDetails } from '../ledger/ledger';
-import { usageFormat, usageFromJson, type Usage, type UsageFormat } from '../metering/usage';
+import { usageFormat, usageFromJson, type Usage } from '../metering/usage';
+import type { UsageFormat } from '../providers/wire';
 import { StreamMeter } from '../metering/streamMeter';
 import { methodViolation, modelViolation, pathViolation, type Amounts } from '../keys/policy';
 import type { PriceTable } from '../metering/pricing';
@@ -180,12 +181,6 @@ function withoutNullUsage(raw: Buffer): Buffer {
   else if (raw[to] === 0x2c) to++;
   return Buffer.concat([raw.subarray(0, from), raw.subarray(to)]);
 }
-
-/**
- * OpenAI-shaped providers that accept `stream_options.include_usage`: when a streaming client
- * did not ask for usage, Till asks for it (to meter) and removes the extra chunk it did not expect.
- */
-const USAGE_INJECTABLE = new Set(['openai', 'azure-openai', 'deepseek', 'groq', 'together', 'fireworks', 'xai']);
 
 /** A streaming request by its body (`stream: true`) or route (Gemini's `streamGenerateContent`). */
 function asksStream(format: UsageFormat | undefined, path: string, json: Json | undefined): boolean {
@@ -391,7 +386,7 @@ export class Exchange {
     this.secret = secret;
     const format = this.format;
     const json = this.json;
-    if (format === 'openai-chat' && json?.stream === true && USAGE_INJECTABLE.has(provider.id)) {
+    if (format === 'openai-chat' && json?.stream === true && provider.wire.asksStreamUsage) {
       const options = (json.stream_options ?? {}) as Json;
       if (options.include_usage !== true) {
         json.stream_options = { ...options, include_usage: true };

@@ -8,7 +8,7 @@
  * request body". holds/plan.ts turns these facts into a hold.
  */
 import { asArray, asObj, asStr, type Json } from '../json';
-import type { UsageFormat } from '../metering/usage';
+import type { UsageFormat } from '../providers/wire';
 
 /** An image in the request: its base64 data when inline (its size can be read), else none. */
 export interface ImagePart {

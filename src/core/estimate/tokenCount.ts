@@ -12,7 +12,7 @@
  * only when a stream of theirs is cut: no limit can be overrun while it loads.
  */
 import { asArray, asObj, type Json } from '../json';
-import type { UsageFormat } from '../metering/usage';
+import type { UsageFormat } from '../providers/wire';
 
 /** A public tokenizer: how many tokens `text` encodes to, special-token text counted as text. */
 export type CountTokens = (text: string) => number;

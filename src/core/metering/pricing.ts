@@ -5,6 +5,7 @@
  */
 import { isRecord } from '../json';
 import { readPrivateFile } from '../files/privateFolder';
+import { builtInProvider, CATALOGUE } from '../providers/providers';
 import builtIn from './prices.json';
 
 /** One set of rates, in USD per 1M tokens. */
@@ -65,22 +66,18 @@ export interface TokenUsage {
   feesUsd?: number;
 }
 
-// Providers without a table of their own that bill as another (Azure resells OpenAI's models).
-const SHARED_TABLE: Record<string, string> = { 'azure-openai': 'openai' };
+/** The table a provider bills by: its own, or the one it shares (providers.ts `pricing.table`). */
+function tableOf(provider: string): string {
+  return builtInProvider(provider)?.pricing?.table ?? provider;
+}
 
-// Aggregators whose `vendor/model` ids fall back to the vendor's own table when they have no
-// row: OpenRouter passes provider prices through, Perplexity's Agent API bills at them.
-const VENDOR_FALLBACK = new Set(['openrouter', 'perplexity']);
-const VENDORS: Record<string, string> = {
-  openai: 'openai',
-  anthropic: 'anthropic',
-  google: 'gemini',
-  'x-ai': 'xai',
-  xai: 'xai',
-  mistralai: 'mistral',
-  deepseek: 'deepseek',
-  cohere: 'cohere',
-};
+/** An aggregator whose `vendor/model` ids fall back to the vendor's own table when they have no row. */
+function resellsVendors(provider: string): boolean {
+  return builtInProvider(provider)?.pricing?.resellsVendors === true;
+}
+
+// The providers by the vendor names aggregators put in front of their models (`google/…`).
+const VENDORS = new Map(CATALOGUE.flatMap((p) => (p.pricing?.vendorNames ?? []).map((name) => [name, p.id] as const)));
 
 const RATE_FIELDS = ['input', 'output', 'cachedInput', 'cacheWrite', 'cacheWrite1h'] as const;
 const OPTIONAL_RATES = new Set(['cachedInput', 'cacheWrite', 'cacheWrite1h']);
@@ -148,9 +145,8 @@ function candidates(provider: string, model: string): string[] {
   const undated = base.replace(/[-@](\d{4}-\d{2}-\d{2}|\d{8})$/, '');
   if (undated !== base) out.push(undated);
   for (const id of [...out]) if (id.endsWith('-latest')) out.push(id.slice(0, -'-latest'.length));
-  // OpenRouter-style `claude-opus-4.8` names the same model as Anthropic's `claude-opus-4-8`.
-  if (provider === 'anthropic') for (const id of [...out]) if (id.includes('.')) out.push(id.replace(/\./g, '-'));
-  if (provider === 'fireworks') for (const id of [...out]) if (!id.startsWith('accounts/')) out.push(`accounts/fireworks/models/${id}`);
+  const others = builtInProvider(provider)?.pricing?.modelIds;
+  if (others) for (const id of [...out]) out.push(...others(id));
   return out;
 }
 
@@ -221,10 +217,10 @@ export class PriceTable {
     if (hit) return hit;
     const rows = this.limitRows;
     const p = key(provider);
-    const base = SHARED_TABLE[p] ?? p;
+    const base = tableOf(p);
     const m = model === undefined ? '' : key(model).replace(/^models\//, '');
     const slash = m.indexOf('/');
-    const vendor = VENDOR_FALLBACK.has(p) && slash > 0 ? VENDORS[m.slice(0, slash)] : undefined;
+    const vendor = resellsVendors(p) && slash > 0 ? VENDORS.get(m.slice(0, slash)) : undefined;
     const found: Partial<ModelLimits> = {};
     const take = (row: LimitsRow | undefined) => {
       if (!row) return;
@@ -248,12 +244,12 @@ export class PriceTable {
 
   /** Input tokens one call of a provider's server-side tool adds at most (its results), or undefined when Till cannot bound them. */
   toolResults(provider: string, tool: string): number | undefined {
-    return this.results[SHARED_TABLE[provider] ?? provider]?.[tool];
+    return this.results[tableOf(provider)]?.[tool];
   }
 
   /** USD per call of a provider's server-side tool, or undefined when Till does not know its fee. */
   toolFee(provider: string, tool: string): number | undefined {
-    return this.fees[SHARED_TABLE[provider] ?? provider]?.[tool];
+    return this.fees[tableOf(provider)]?.[tool];
   }
 
   /**
@@ -299,14 +295,14 @@ export class PriceTable {
   }
 
   private resolve(provider: string, model: string, viaVendor: boolean): ModelPrice | undefined {
-    const shared = SHARED_TABLE[provider];
-    for (const name of shared ? [provider, shared] : [provider]) {
+    const shared = tableOf(provider);
+    for (const name of shared !== provider ? [provider, shared] : [provider]) {
       const found = this.inTable(name, model);
       if (found) return found;
     }
     const slash = model.indexOf('/');
-    if (viaVendor && VENDOR_FALLBACK.has(provider) && slash > 0) {
-      const vendor = VENDORS[model.slice(0, slash)];
+    if (viaVendor && resellsVendors(provider) && slash > 0) {
+      const vendor = VENDORS.get(model.slice(0, slash));
       if (vendor && vendor !== provider) return this.resolve(vendor, model.slice(slash + 1), false);
     }
     return undefined;

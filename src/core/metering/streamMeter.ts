@@ -4,10 +4,10 @@
  * stream. No I/O here: the broker feeds bytes in and reads numbers out.
  */
 import { asObj, asStr, type Json } from '../json';
+import type { UsageFormat } from '../providers/wire';
 import {
   type AnthropicCounts,
   type Usage,
-  type UsageFormat,
   estimateTokens,
   fromAnthropicCounts,
   fromCohereUsage,

@@ -18,6 +18,8 @@
  *   usage in every chunk) are taken as the LAST value seen, never summed.
  */
 import { asArray, asObj, asStr, type Json } from '../json';
+import { builtInProvider } from '../providers/providers';
+import type { UsageFormat } from '../providers/wire';
 
 /** Tokens one request used, normalised across providers (see the module comment for the convention). */
 export interface Usage {
@@ -43,43 +45,6 @@ export interface Usage {
   estimated?: boolean;
 }
 
-/** The usage format of a response: which fields and events carry its token counts. */
-export type UsageFormat =
-  'openai-chat' | 'openai-responses' | 'openai-completions' | 'openai-embeddings' | 'anthropic-messages' | 'gemini' | 'cohere-chat';
-
-/** The catalogue providers that speak the OpenAI wire format (with their own usage quirks). */
-const OPENAI_SHAPED = new Set([
-  'openai',
-  'openrouter',
-  'mistral',
-  'groq',
-  'together',
-  'fireworks',
-  'perplexity',
-  'deepseek',
-  'xai',
-  'azure-openai',
-]);
-
-/**
- * The format of an OpenAI-shaped endpoint, by the end of its path, so that every base path works:
- * `/v1/…`, Groq's `/openai/v1/…`, Perplexity's and DeepSeek's bare `/…`, Azure's
- * `/openai/deployments/{d}/…` and `/openai/v1/…`.
- */
-function openAiShapedFormat(path: string): UsageFormat | undefined {
-  // Mistral's FIM and agents endpoints answer in the chat shape.
-  if (/\/(?:chat|fim|agents)\/completions$/.test(path)) return 'openai-chat';
-  if (/\/completions$/.test(path)) return 'openai-completions';
-  if (/\/responses$/.test(path)) return 'openai-responses';
-  if (/\/embeddings$/.test(path)) return 'openai-embeddings';
-  // Anthropic-compatible endpoints: OpenRouter for Anthropic-SDK clients, DeepSeek's /anthropic.
-  if (/\/v1\/messages$/.test(path)) return 'anthropic-messages';
-  return undefined;
-}
-
-const GEMINI_GENERATE = /^\/v1(?:alpha|beta)?\/(?:models|tunedModels)\/[^/:]+:(?:generateContent|streamGenerateContent)$/;
-const GEMINI_OPENAI = /^\/v1(?:alpha|beta)?\/openai(\/.*)$/;
-
 /**
  * Which usage format a request's response has, from provider id + method + path (the path in the
  * provider's own namespace, e.g. `/v1/chat/completions`; a query string is ignored).
@@ -104,28 +69,12 @@ export function usageFormat(provider: string, method: string, path: string): Usa
 }
 
 // usageFormat's answers by provider, then path (null: not metered). A broker sees few distinct
-// routes, and the regular expressions below ran on every request.
+// routes, and the providers' route patterns (providers/wire.ts) ran on every request.
 const formatCache = new Map<string, Map<string, UsageFormat | null>>();
 
+/** The format a built-in provider's wire gives the route; custom providers are not metered. */
 function postFormat(provider: string, path: string): UsageFormat | undefined {
-  const p = path.replace(/[?#].*$/, '').replace(/\/+$/, '');
-  switch (provider) {
-    case 'anthropic':
-      // /v1/messages/count_tokens and /v1/messages/batches are not metered here.
-      return p === '/v1/messages' ? 'anthropic-messages' : undefined;
-    case 'gemini': {
-      if (GEMINI_GENERATE.test(p)) return 'gemini';
-      const compat = GEMINI_OPENAI.exec(p);
-      return compat ? openAiShapedFormat(compat[1]!) : undefined;
-    }
-    case 'cohere': {
-      if (p === '/v2/chat') return 'cohere-chat';
-      const compat = /^\/compatibility\/v1(\/(?:chat\/completions|embeddings))$/.exec(p);
-      return compat ? openAiShapedFormat(compat[1]!) : undefined;
-    }
-    default:
-      return OPENAI_SHAPED.has(provider) ? openAiShapedFormat(p) : undefined;
-  }
+  return builtInProvider(provider)?.wire.usageFormat(path.replace(/[?#].*$/, '').replace(/\/+$/, ''));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 /**
  * The provider catalogue: where each upstream API lives, where its key goes, which env vars
- * its SDKs and agents read, and which routes cost nothing. Facts: ../shared/PROVIDERS.md.
+ * its SDKs and agents read, which routes cost nothing, how it behaves on the wire (wire.ts) and
+ * where its prices are. Everything Till knows about a provider is on its entry: a new provider is
+ * one entry here and its rows in metering/prices.json. Facts: ../shared/PROVIDERS.md.
  */
+import { ANTHROPIC_WIRE, COHERE_WIRE, GEMINI_WIRE, openAiWire, unmeteredWire, type Wire } from './wire';
 
 /** Where a provider expects its key. */
 export type KeyPlacement = { kind: 'bearer' } | { kind: 'header'; name: string } | { kind: 'query'; name: string };
@@ -10,6 +13,18 @@ export type KeyPlacement = { kind: 'bearer' } | { kind: 'header'; name: string }
 export interface Route {
   method: string;
   path: string;
+}
+
+/** Where a provider's prices are found in prices.json (metering/pricing.ts reads them). */
+export interface PriceFacts {
+  /** The table it bills by, when not its own (Azure resells OpenAI's models at OpenAI's prices). */
+  table?: string;
+  /** The names aggregators give its models' vendor in `vendor/model` ids (`google/gemini-2.5-pro`). */
+  vendorNames?: string[];
+  /** An aggregator: a `vendor/model` id without a row of its own is priced by the vendor's table. */
+  resellsVendors?: boolean;
+  /** Other ids its clients give a model (`claude-opus-4.8` for `claude-opus-4-8`), tried after the id itself. */
+  modelIds?: (id: string) => string[];
 }
 
 export interface Provider {
@@ -55,6 +70,10 @@ export interface Provider {
    * the same path with it (see {@link apiPath}).
    */
   versionPrefix?: string;
+  /** How its API behaves on the wire: usage, errors, streams, WebSockets. */
+  wire: Wire;
+  /** Where its prices are, when not simply in its own table. */
+  pricing?: PriceFacts;
 }
 
 /**
@@ -78,16 +97,17 @@ function pathOf(url: string): string {
   return new URL(url).pathname.replace(/\/+$/, '');
 }
 
-function openAiCompatible(id: string, displayName: string, baseUrl: string, keyEnv: string[], baseUrlEnv: string[]): Provider {
-  const basePath = pathOf(baseUrl);
+/** A provider that speaks the OpenAI API under its own base URL. */
+function openAiCompatible(
+  entry: Pick<Provider, 'id' | 'displayName' | 'baseUrl' | 'keyEnv' | 'baseUrlEnv' | 'pricing'> & { asksStreamUsage: boolean },
+): Provider {
+  const { asksStreamUsage, ...fields } = entry;
+  const basePath = pathOf(entry.baseUrl);
   return {
-    id,
-    displayName,
-    baseUrl,
+    ...fields,
     basePath,
     placement: bearer,
-    keyEnv,
-    baseUrlEnv,
+    wire: openAiWire(asksStreamUsage),
     freeRoutes: [
       { method: 'GET', path: `${basePath}/models` },
       { method: 'GET', path: `${basePath}/models/*` },
@@ -108,6 +128,8 @@ export const CATALOGUE: readonly Provider[] = [
     quietEnv: { OPENAI_AGENTS_DISABLE_TRACING: '1' },
     otherEnv: ['OPENAI_ADMIN_KEY', 'CODEX_API_KEY'],
     freeRoutes: openAiFree,
+    wire: openAiWire(true),
+    pricing: { vendorNames: ['openai'] },
   },
   {
     id: 'anthropic',
@@ -125,6 +147,9 @@ export const CATALOGUE: readonly Provider[] = [
       { method: 'POST', path: '/v1/messages/count_tokens' },
     ],
     defaultHeaders: { 'anthropic-version': '2023-06-01' },
+    wire: ANTHROPIC_WIRE,
+    // OpenRouter-style `claude-opus-4.8` names the same model as Anthropic's `claude-opus-4-8`.
+    pricing: { vendorNames: ['anthropic'], modelIds: (id) => (id.includes('.') ? [id.replace(/\./g, '-')] : []) },
   },
   {
     id: 'gemini',
@@ -142,21 +167,84 @@ export const CATALOGUE: readonly Provider[] = [
       { method: 'POST', path: '/*/models/*:countTokens' },
     ],
     modelFromPath: /\/models\/([^/:]+)(?::|$)/,
+    wire: GEMINI_WIRE,
+    pricing: { vendorNames: ['google'] },
   },
-  openAiCompatible('openrouter', 'OpenRouter', 'https://openrouter.ai/api/v1', ['OPENROUTER_API_KEY'], ['OPENROUTER_BASE_URL']),
-  openAiCompatible('mistral', 'Mistral', 'https://api.mistral.ai/v1', ['MISTRAL_API_KEY'], ['MISTRAL_BASE_URL']),
-  openAiCompatible('groq', 'Groq', 'https://api.groq.com/openai/v1', ['GROQ_API_KEY'], ['GROQ_BASE_URL']),
-  openAiCompatible('together', 'Together AI', 'https://api.together.xyz/v1', ['TOGETHER_API_KEY'], ['TOGETHER_BASE_URL']),
-  openAiCompatible('fireworks', 'Fireworks AI', 'https://api.fireworks.ai/inference/v1', ['FIREWORKS_API_KEY'], ['FIREWORKS_BASE_URL']),
-  openAiCompatible(
-    'perplexity',
-    'Perplexity',
-    'https://api.perplexity.ai',
-    ['PERPLEXITY_API_KEY', 'PPLX_API_KEY'],
-    ['PERPLEXITY_BASE_URL'],
-  ),
-  openAiCompatible('deepseek', 'DeepSeek', 'https://api.deepseek.com', ['DEEPSEEK_API_KEY'], ['DEEPSEEK_BASE_URL']),
-  openAiCompatible('xai', 'xAI', 'https://api.x.ai/v1', ['XAI_API_KEY'], ['XAI_BASE_URL']),
+  openAiCompatible({
+    id: 'openrouter',
+    displayName: 'OpenRouter',
+    baseUrl: 'https://openrouter.ai/api/v1',
+    keyEnv: ['OPENROUTER_API_KEY'],
+    baseUrlEnv: ['OPENROUTER_BASE_URL'],
+    // It always sends usage in the final chunk (`include_usage` is deprecated there), and passes
+    // the vendors' prices through.
+    asksStreamUsage: false,
+    pricing: { resellsVendors: true },
+  }),
+  openAiCompatible({
+    id: 'mistral',
+    displayName: 'Mistral',
+    baseUrl: 'https://api.mistral.ai/v1',
+    keyEnv: ['MISTRAL_API_KEY'],
+    baseUrlEnv: ['MISTRAL_BASE_URL'],
+    // It sends usage in every stream's final chunk.
+    asksStreamUsage: false,
+    pricing: { vendorNames: ['mistralai'] },
+  }),
+  openAiCompatible({
+    id: 'groq',
+    displayName: 'Groq',
+    baseUrl: 'https://api.groq.com/openai/v1',
+    keyEnv: ['GROQ_API_KEY'],
+    baseUrlEnv: ['GROQ_BASE_URL'],
+    asksStreamUsage: true,
+  }),
+  openAiCompatible({
+    id: 'together',
+    displayName: 'Together AI',
+    baseUrl: 'https://api.together.xyz/v1',
+    keyEnv: ['TOGETHER_API_KEY'],
+    baseUrlEnv: ['TOGETHER_BASE_URL'],
+    asksStreamUsage: true,
+  }),
+  openAiCompatible({
+    id: 'fireworks',
+    displayName: 'Fireworks AI',
+    baseUrl: 'https://api.fireworks.ai/inference/v1',
+    keyEnv: ['FIREWORKS_API_KEY'],
+    baseUrlEnv: ['FIREWORKS_BASE_URL'],
+    asksStreamUsage: true,
+    // Its API names models `accounts/fireworks/models/<id>`; clients often give the bare id.
+    pricing: { modelIds: (id) => (id.startsWith('accounts/') ? [] : [`accounts/fireworks/models/${id}`]) },
+  }),
+  openAiCompatible({
+    id: 'perplexity',
+    displayName: 'Perplexity',
+    baseUrl: 'https://api.perplexity.ai',
+    keyEnv: ['PERPLEXITY_API_KEY', 'PPLX_API_KEY'],
+    baseUrlEnv: ['PERPLEXITY_BASE_URL'],
+    // It sends usage (and its cost) in the final chunk; its Agent API bills vendors' models at their prices.
+    asksStreamUsage: false,
+    pricing: { resellsVendors: true },
+  }),
+  openAiCompatible({
+    id: 'deepseek',
+    displayName: 'DeepSeek',
+    baseUrl: 'https://api.deepseek.com',
+    keyEnv: ['DEEPSEEK_API_KEY'],
+    baseUrlEnv: ['DEEPSEEK_BASE_URL'],
+    asksStreamUsage: true,
+    pricing: { vendorNames: ['deepseek'] },
+  }),
+  openAiCompatible({
+    id: 'xai',
+    displayName: 'xAI',
+    baseUrl: 'https://api.x.ai/v1',
+    keyEnv: ['XAI_API_KEY'],
+    baseUrlEnv: ['XAI_BASE_URL'],
+    asksStreamUsage: true,
+    pricing: { vendorNames: ['x-ai', 'xai'] },
+  }),
   {
     id: 'cohere',
     displayName: 'Cohere',
@@ -171,6 +259,8 @@ export const CATALOGUE: readonly Provider[] = [
       { method: 'POST', path: '/*/tokenize' },
       { method: 'POST', path: '/*/detokenize' },
     ],
+    wire: COHERE_WIRE,
+    pricing: { vendorNames: ['cohere'] },
   },
   {
     id: 'azure-openai',
@@ -188,6 +278,8 @@ export const CATALOGUE: readonly Provider[] = [
       { method: 'GET', path: '/openai/deployments' },
     ],
     needsUpstream: true,
+    wire: openAiWire(true),
+    pricing: { table: 'openai' },
   },
   {
     id: 'github',
@@ -200,6 +292,7 @@ export const CATALOGUE: readonly Provider[] = [
     otherEnv: ['GH_ENTERPRISE_TOKEN', 'GITHUB_ENTERPRISE_TOKEN', 'GH_HOST'],
     freeRoutes: [{ method: 'GET', path: '/rate_limit' }],
     defaultHeaders: { 'user-agent': 'till' },
+    wire: unmeteredWire('github'),
   },
 ];
 
@@ -219,6 +312,14 @@ export interface CustomProviderConfig {
 }
 
 const PROVIDER_ID = /^[a-z][a-z0-9-]{0,31}$/;
+const CUSTOM_WIRE = unmeteredWire('openai');
+
+const BUILT_IN = new Map(CATALOGUE.map((p) => [p.id, p]));
+
+/** The catalogue entry of a built-in provider; undefined for a custom one. */
+export function builtInProvider(id: string): Provider | undefined {
+  return BUILT_IN.get(id);
+}
 
 /** Parses `bearer`, `header:<name>` or `query:<name>`. */
 export function parsePlacement(auth: string | undefined): KeyPlacement {
@@ -301,6 +402,8 @@ export class ProviderRegistry {
         keyEnv: c.keyEnv ?? [`${envName(c.id)}_API_KEY`],
         baseUrlEnv: c.baseUrlEnv ?? [`${envName(c.id)}_BASE_URL`],
         freeRoutes: c.freeRoutes ?? [],
+        // Till does not know its answers: counted in calls, refused in the OpenAI shape.
+        wire: CUSTOM_WIRE,
       });
     }
     for (const [id, provider] of byId) {

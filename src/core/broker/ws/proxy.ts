@@ -30,7 +30,8 @@ import { denialBody, denialResponse, type Denial } from '../../denial';
 import type { RequestInfo, RequestUsage, TillEvents } from '../../events';
 import type { Hold, TillKeys } from '../../keys/keys';
 import type { KeyRecord, SettleDetails } from '../../ledger/ledger';
-import { usageFormat, usageFromJson, type Usage, type UsageFormat } from '../../metering/usage';
+import { usageFromJson, type Usage } from '../../metering/usage';
+import type { SocketDialect, UsageFormat } from '../../providers/wire';
 import { GeneratedText, isTextDelta, RESPONSES_FINAL, serverToolCall } from '../../metering/streamMeter';
 import { formatAmount, formatUsd, limitsOf, METERS, modelViolation, pathViolation, scopeViolation, type Amounts } from '../../keys/policy';
 import type { PriceTable } from '../../metering/pricing';
@@ -84,8 +85,6 @@ const NOT_RELAYED = new Set([
 /** Largest upstream refusal body relayed to a client. */
 const MAX_REFUSAL_BODY = 64 * 1024;
 
-type Dialect = 'responses' | 'realtime' | 'gemini' | 'generic';
-
 export interface WebSocketProxyOptions {
   keys: TillKeys;
   providers: ProviderRegistry;
@@ -120,16 +119,7 @@ type Options = Required<Omit<WebSocketProxyOptions, 'audit' | 'log'>> & Pick<Web
 
 let connectionCounter = 0;
 
-/** The dialect of a WebSocket route: how its requests and usage are found in its messages. */
-function dialectOf(provider: Provider, path: string): Dialect {
-  const openAiShaped = usageFormat(provider.id, 'POST', '/v1/responses') === 'openai-responses';
-  if (openAiShaped && usageFormat(provider.id, 'POST', path) === 'openai-responses') return 'responses';
-  if (openAiShaped && /\/realtime$/.test(path)) return 'realtime';
-  if (provider.id === 'gemini' && /\.BidiGenerateContent(?:Constrained)?$/.test(path)) return 'gemini';
-  return 'generic';
-}
-
-function formatOf(dialect: Dialect): UsageFormat | undefined {
+function formatOf(dialect: SocketDialect): UsageFormat | undefined {
   return dialect === 'gemini' ? 'gemini' : dialect === 'generic' ? undefined : 'openai-responses';
 }
 
@@ -312,7 +302,7 @@ export class WebSocketProxy {
     const key = auth.key;
     info.keyId = key.id;
     info.label = key.label;
-    const dialect = dialectOf(provider, path);
+    const dialect = provider.wire.socketDialect(path);
     // Methods are checked per request made over the socket (a response is a POST); the upgrade
     // itself is checked for its path and, for Realtime, the model named in the URL.
     const model = dialect === 'realtime' ? (query.get('model') ?? undefined) : undefined;
@@ -430,7 +420,7 @@ interface SessionSetup {
   provider: Provider;
   key: KeyRecord;
   info: RequestInfo;
-  dialect: Dialect;
+  dialect: SocketDialect;
   offered: string[];
   query: URLSearchParams;
   path: string;
