@@ -1,10 +1,13 @@
 /**
- * Metering a streamed answer as it passes: SSE events or Gemini's streamed JSON array, parsed
- * byte by byte, the usage in them read (usage.ts), the generated text kept for counting a cut
- * stream. No I/O here: the broker feeds bytes in and reads numbers out.
+ * Metering a streamed answer as it passes: SSE events (sseParser.ts) or Gemini's streamed JSON
+ * array and plain JSON bodies (jsonScanner.ts), the usage in them read per format (usage.ts), the
+ * generated text kept for counting a cut stream. No I/O here: the broker feeds bytes in and reads
+ * numbers out.
  */
 import { asObj, asStr, type Json } from '../json';
 import type { UsageFormat } from '../providers/wire';
+import { JsonScanner, type JsonCapture, type JsonScanListener } from './jsonScanner';
+import { SseParser } from './sseParser';
 import {
   type AnthropicCounts,
   type Usage,
@@ -99,24 +102,20 @@ export interface MeterEvent {
   raw: Buffer;
 }
 
-const LF = 0x0a;
-const CR = 0x0d;
-const QUOTE = 0x22;
-const BACKSLASH = 0x5c;
-const COLON = 0x3a;
-const COMMA = 0x2c;
 const LBRACE = 0x7b;
-const RBRACE = 0x7d;
 const LBRACKET = 0x5b;
-const RBRACKET = 0x5d;
-const isSpace = (b: number): boolean => b === 0x20 || b === 0x09 || b === LF || b === CR;
+const isSpace = (b: number): boolean => b === 0x20 || b === 0x09 || b === 0x0a || b === 0x0d;
 /** UTF-8 byte-order mark bytes: skipped while sniffing the body's kind. */
 const isBomByte = (b: number): boolean => b === 0xef || b === 0xbb || b === 0xbf;
 
-/** Top-level keys of a plain JSON body whose values carry usage; only these are buffered. */
-const USAGE_KEYS = new Set(['usage', 'usageMetadata', 'meta', 'x_groq']);
-/** Top-level string values that price the usage (the tier the answer ran in). */
-const USAGE_STRING_KEYS = new Set(['service_tier']);
+/**
+ * The top-level values of a plain JSON body that carry usage (objects), or price it (the tier the
+ * answer ran in, a string); only these are buffered.
+ */
+const USAGE_VALUES: JsonCapture = {
+  objects: new Set(['usage', 'usageMetadata', 'meta', 'x_groq']),
+  strings: new Set(['service_tier']),
+};
 
 /** Responses API events that end a response (HTTP stream and WebSocket alike). */
 export const RESPONSES_FINAL = new Set(['response.completed', 'response.incomplete', 'response.failed', 'response.done']);
@@ -124,32 +123,11 @@ export const RESPONSES_FINAL = new Set(['response.completed', 'response.incomple
 /** A Responses or Realtime event that carries generated text (audio deltas are base64, not text). */
 export const isTextDelta = (type: string): boolean => type.endsWith('.delta') && !type.endsWith('audio.delta');
 
-// States of the top-level object scanner (plain JSON bodies).
-const KEY_EXPECTED = 0;
-const IN_KEY = 1;
-const COLON_EXPECTED = 2;
-const VALUE_EXPECTED = 3;
-const IN_VALUE = 4;
-
-/** The value of an event that is exactly one `data:` line and its line endings, else undefined. */
-function singleDataLine(raw: Buffer): string | undefined {
-  // "data:"
-  if (raw.length < 6 || raw[0] !== 0x64 || raw[1] !== 0x61 || raw[2] !== 0x74 || raw[3] !== 0x61 || raw[4] !== COLON) return undefined;
-  const lf = raw.indexOf(LF, 5);
-  const cr = raw.indexOf(CR, 5);
-  const end = lf < 0 ? cr : cr < 0 ? lf : Math.min(lf, cr);
-  if (end < 0) return undefined;
-  for (let i = end; i < raw.length; i++) if (raw[i] !== LF && raw[i] !== CR) return undefined;
-  return raw.toString('utf8', raw[5] === 0x20 ? 6 : 5, end);
-}
-
 /**
- * Incremental SSE parser + meter: feed raw chunks as they pass (never holding them back), read
- * usage at any time. Bounded memory: keeps at most one partial event (capped by
- * `maxEventBytes`, default 1 MiB; an event larger than that is skipped for metering, not
- * buffered). Handles `\n`, `\r\n` and `\r` line endings, multi-line `data:`, comments, `event:`
- * names, chunk boundaries anywhere (even inside a UTF-8 sequence: bytes are split into events
- * before any decoding).
+ * A streamed answer's meter: feed raw chunks as they pass (never holding them back), read usage
+ * at any time. Bounded memory: keeps at most one partial event (capped by `maxEventBytes`,
+ * default 1 MiB; an event larger than that is skipped for metering, not buffered). Events are
+ * framed by sseParser.ts and jsonScanner.ts; this reads each format's events.
  *
  * The body's kind is sniffed from its first byte, so one meter serves every response of a format:
  * `[` is Gemini's streamed JSON array (`streamGenerateContent` without `alt=sse`), whose elements
@@ -166,7 +144,8 @@ export class StreamMeter {
   onEvent?: (e: MeterEvent) => void;
 
   private readonly maxEventBytes: number;
-  private mode: 'sniff' | 'sse' | 'json' = 'sniff';
+  /** Frames the body once its first byte tells its kind. */
+  private framing: SseParser | JsonScanner | undefined;
 
   // Metering state
   private reported: Usage | undefined;
@@ -180,28 +159,6 @@ export class StreamMeter {
   private finished = false;
   private listenerError: { error: unknown } | undefined;
 
-  // The event (SSE) or JSON value being buffered: copies of its bytes so far, capped.
-  private parts: Buffer[] = [];
-  private partsLength = 0;
-  private oversized = false;
-
-  // SSE line state
-  /** The previous chunk ended with CR: a leading LF in the next chunk completes that CRLF. */
-  private pendingCR = false;
-  /** Bytes of the current line have been seen (in an earlier chunk), so it is not blank. */
-  private lineOpen = false;
-  private firstEvent = true;
-
-  // JSON scanner state
-  private depth = 0;
-  private inString = false;
-  private escaped = false;
-  private topIsArray = false;
-  private keyState = KEY_EXPECTED;
-  private key = '';
-  private capturing = false;
-  private capturingString = false;
-  private captureKey = '';
   private readonly topValues: Json = {};
 
   constructor(
@@ -257,7 +214,7 @@ export class StreamMeter {
 
   /** Bytes held for the event being parsed: never more than `maxEventBytes`. */
   get bufferedBytes(): number {
-    return this.partsLength;
+    return this.framing?.bufferedBytes ?? 0;
   }
 
   /**
@@ -299,15 +256,17 @@ export class StreamMeter {
   /** Feeds the next bytes of the response body. Never keeps a reference to `chunk`. */
   push(chunk: Buffer): void {
     if (chunk.length === 0) return;
-    if (this.mode === 'sniff') {
+    if (this.framing) this.framing.push(chunk);
+    else {
       let i = 0;
       while (i < chunk.length && (isSpace(chunk[i]!) || isBomByte(chunk[i]!))) i++;
       if (i === chunk.length) return; // blank so far: meaningless in every kind
       const b = chunk[i]!;
-      this.mode = b === LBRACE || b === LBRACKET ? 'json' : 'sse';
-      this.scan(chunk, i);
-    } else {
-      this.scan(chunk, 0);
+      this.framing =
+        b === LBRACE || b === LBRACKET
+          ? new JsonScanner(this.maxEventBytes, USAGE_VALUES, this.jsonListener)
+          : new SseParser(this.maxEventBytes, this.sseEvent);
+      this.framing.push(chunk, i);
     }
     // A throwing listener must not leave the parser half way through a chunk: rethrow after.
     const failure = this.listenerError;
@@ -317,111 +276,10 @@ export class StreamMeter {
     }
   }
 
-  private scan(chunk: Buffer, from: number): void {
-    if (this.mode === 'sse') this.scanSse(chunk, from);
-    else this.scanJson(chunk, from);
-  }
-
-  // -------------------------------------------------------------------------------------------
-  // Buffering one event / value, capped
-
-  private keep(part: Buffer): void {
-    if (this.oversized || part.length === 0) return;
-    if (this.partsLength + part.length > this.maxEventBytes) {
-      this.oversized = true;
-      this.parts = [];
-      this.partsLength = 0;
-      return;
-    }
-    this.parts.push(Buffer.from(part)); // a copy: the caller's chunk is not ours to hold
-    this.partsLength += part.length;
-  }
-
-  /** The buffered bytes plus `last`, or undefined when the whole is over the cap. Resets the buffer. */
-  private take(last: Buffer): Buffer | undefined {
-    const over = this.oversized || this.partsLength + last.length > this.maxEventBytes;
-    const whole = over ? undefined : this.parts.length === 0 ? last : Buffer.concat([...this.parts, last]);
-    this.parts = [];
-    this.partsLength = 0;
-    this.oversized = false;
-    return whole;
-  }
-
-  // -------------------------------------------------------------------------------------------
-  // SSE
-
-  private scanSse(chunk: Buffer, from: number): void {
-    const len = chunk.length;
-    let pos = from;
-    // Where the next event's raw bytes begin. A LF completing a CRLF split across chunks is not a
-    // line of its own; if that CR ended an event, the LF goes to the next event's raw, so that
-    // the raws of all events still add up to the stream.
-    let eventStart = from;
-    if (this.pendingCR) {
-      this.pendingCR = false;
-      if (chunk[pos] === LF) pos++;
-    }
-    // Next LF / CR at or after pos; -2 = not looked up yet, -1 = none left in this chunk. Kept
-    // across lines so a stream with no CR at all is not rescanned for one on every line.
-    let nextLF = -2;
-    let nextCR = -2;
-    while (pos < len) {
-      if (nextLF !== -1 && nextLF < pos) nextLF = chunk.indexOf(LF, pos);
-      if (nextCR !== -1 && nextCR < pos) nextCR = chunk.indexOf(CR, pos);
-      const t = nextLF === -1 ? nextCR : nextCR === -1 ? nextLF : Math.min(nextLF, nextCR);
-      if (t === -1) {
-        this.lineOpen = true;
-        break;
-      }
-      const blank = t === pos && !this.lineOpen;
-      this.lineOpen = false;
-      let end = t + 1;
-      if (chunk[t] === CR) {
-        if (end < len) {
-          if (chunk[end] === LF) end++;
-        } else this.pendingCR = true;
-      }
-      pos = end;
-      if (blank) {
-        const raw = this.take(chunk.subarray(eventStart, pos));
-        if (raw) this.parseEvent(raw);
-        eventStart = pos;
-      }
-    }
-    if (eventStart < len) this.keep(chunk.subarray(eventStart, len));
-  }
-
-  private parseEvent(raw: Buffer): void {
-    if (!this.firstEvent) {
-      // Most events are one `data:` line: decode just its value, no line splitting.
-      const data = singleDataLine(raw);
-      if (data !== undefined) {
-        this.handleData(undefined, data);
-        this.emit({ data, raw });
-        return;
-      }
-    }
-    let text = raw.toString('utf8');
-    if (this.firstEvent) {
-      this.firstEvent = false;
-      if (text.charCodeAt(0) === 0xfeff) text = text.slice(1);
-    }
-    let event: string | undefined;
-    let data: string | undefined;
-    for (const line of text.split(/\r\n|\r|\n/)) {
-      if (line === '' || line.charCodeAt(0) === 0x3a /* ':' comment */) continue;
-      const colon = line.indexOf(':');
-      const field = colon < 0 ? line : line.slice(0, colon);
-      let value = colon < 0 ? '' : line.slice(colon + 1);
-      if (value.charCodeAt(0) === 0x20) value = value.slice(1);
-      if (field === 'data') data = data === undefined ? value : `${data}\n${value}`;
-      else if (field === 'event') event = value;
-    }
-    // Per the SSE spec an event without data is not dispatched (a comment-only keep-alive).
-    if (data === undefined) return;
-    this.handleData(event || undefined, data);
-    this.emit({ ...(event ? { event } : {}), data, raw });
-  }
+  private readonly sseEvent = (event: string | undefined, data: string, raw: Buffer): void => {
+    this.handleData(event, data);
+    this.emit(event ? { event, data, raw } : { data, raw });
+  };
 
   private emit(e: MeterEvent): void {
     if (!this.onEvent) return;
@@ -617,112 +475,28 @@ export class StreamMeter {
   // -------------------------------------------------------------------------------------------
   // JSON bodies: Gemini's streamed array, or one plain object
 
-  private scanJson(chunk: Buffer, from: number): void {
-    const len = chunk.length;
-    let captureStart = this.capturing || this.capturingString ? from : -1;
-    for (let i = from; i < len; i++) {
-      const b = chunk[i]!;
-      if (this.inString) {
-        if (this.escaped) {
-          this.escaped = false;
-          // Keys are compared as raw text: keep escapes so `"us\"age"` is not taken for `usage`.
-          if (this.keyState === IN_KEY && this.key.length < 64) this.key += `\\${String.fromCharCode(b)}`;
-        } else if (b === BACKSLASH) this.escaped = true;
-        else if (b === QUOTE) {
-          this.inString = false;
-          if (this.keyState === IN_KEY) this.keyState = COLON_EXPECTED;
-          else if (this.capturingString) {
-            this.capturingString = false;
-            const whole = this.take(chunk.subarray(captureStart, i + 1));
-            captureStart = -1;
-            if (whole) this.captured(whole);
-          }
-        } else if (this.keyState === IN_KEY && this.key.length < 64) this.key += String.fromCharCode(b);
-        continue;
-      }
-      const topObject = this.depth === 1 && !this.topIsArray;
-      switch (b) {
-        case QUOTE:
-          this.inString = true;
-          if (topObject) {
-            if (this.keyState === KEY_EXPECTED) {
-              this.keyState = IN_KEY;
-              this.key = '';
-            } else if (this.keyState === VALUE_EXPECTED) {
-              this.keyState = IN_VALUE;
-              if (USAGE_STRING_KEYS.has(this.key)) {
-                this.capturingString = true;
-                this.captureKey = this.key;
-                captureStart = i;
-              }
-            }
-          }
-          break;
-        case LBRACE:
-        case LBRACKET:
-          if (this.depth === 0) {
-            this.topIsArray = b === LBRACKET;
-            this.keyState = KEY_EXPECTED;
-          } else if (this.depth === 1) {
-            if (this.topIsArray) {
-              this.capturing = true;
-              this.captureKey = '';
-              captureStart = i;
-            } else if (this.keyState === VALUE_EXPECTED) {
-              this.keyState = IN_VALUE;
-              if (USAGE_KEYS.has(this.key)) {
-                this.capturing = true;
-                this.captureKey = this.key;
-                captureStart = i;
-              }
-            }
-          }
-          this.depth++;
-          break;
-        case RBRACE:
-        case RBRACKET:
-          if (this.depth > 0) this.depth--;
-          if (this.depth === 1 && this.capturing) {
-            this.capturing = false;
-            const whole = this.take(chunk.subarray(captureStart, i + 1));
-            captureStart = -1;
-            if (whole) this.captured(whole);
-          } else if (this.depth === 0) {
-            // The body is complete. NDJSON-like bodies may carry another value: start afresh.
-            this.finished = true;
-            this.keyState = KEY_EXPECTED;
-          }
-          break;
-        case COLON:
-          if (topObject && this.keyState === COLON_EXPECTED) this.keyState = VALUE_EXPECTED;
-          break;
-        case COMMA:
-          if (topObject) this.keyState = KEY_EXPECTED;
-          break;
-        default:
-          if (topObject && this.keyState === VALUE_EXPECTED && !isSpace(b)) this.keyState = IN_VALUE;
-      }
-    }
-    if ((this.capturing || this.capturingString) && captureStart >= 0) this.keep(chunk.subarray(captureStart, len));
-  }
-
-  private captured(whole: Buffer): void {
-    const text = whole.toString('utf8');
-    if (this.topIsArray) {
-      // An element of Gemini's streamed array: metered exactly like an SSE event.
+  private readonly jsonListener: JsonScanListener = {
+    // An element of Gemini's streamed array: metered exactly like an SSE event.
+    element: (raw) => {
+      const text = raw.toString('utf8');
       this.handleData(undefined, text);
-      this.emit({ data: text, raw: whole });
-      return;
-    }
-    try {
-      this.topValues[this.captureKey] = JSON.parse(text) as unknown;
-    } catch {
-      return;
-    }
-    const u = usageFromJson(this.format, this.topValues);
-    if (u) {
-      this.reported = u;
-      if (this.format === 'anthropic-messages') mergeAnthropic(this.anthropic, asObj(this.topValues.usage) ?? {});
-    }
-  }
+      this.emit({ data: text, raw });
+    },
+    value: (key, raw) => {
+      try {
+        this.topValues[key] = JSON.parse(raw.toString('utf8')) as unknown;
+      } catch {
+        return;
+      }
+      const u = usageFromJson(this.format, this.topValues);
+      if (u) {
+        this.reported = u;
+        if (this.format === 'anthropic-messages') mergeAnthropic(this.anthropic, asObj(this.topValues.usage) ?? {});
+      }
+    },
+    // The body is complete.
+    end: () => {
+      this.finished = true;
+    },
+  };
 }
