@@ -17,6 +17,19 @@ export interface Denial {
 }
 
 /**
+ * Tells a refusal from what a check returns when it passes (a plan, a hold, a key): every check
+ * returns `T | Denial`, and this is the one way to tell them apart.
+ */
+export function isDenial<T extends object>(value: T | Denial): value is Denial {
+  return 'status' in value && 'code' in value && 'message' in value;
+}
+
+/** The refusal of a request outside its key's scope (keys/policy.ts says why), or undefined when it is within. */
+export function outOfScope(why: string | undefined): Denial | undefined {
+  return why === undefined ? undefined : { status: 403, code: 'out_of_scope', message: why };
+}
+
+/**
  * The refusal of a request a limit cannot cover, in one set of words everywhere: which limit,
  * what is used, held by requests in flight and left ("0 held" included), then `asked` (what the
  * request needed, and why).

@@ -20,7 +20,7 @@ import * as https from 'node:https';
 import { auditRecord, type AuditLog } from '../ledger/audit';
 import { cutUsage, settlement, type HoldPlan } from '../holds/plan';
 import type { ConversationSizes } from '../holds/contexts';
-import { denialEvent, denialResponse, type Denial } from '../denial';
+import { denialEvent, denialResponse, isDenial, outOfScope, type Denial } from '../denial';
 import { duplicateKey } from './duplicateKeys';
 import type { RequestInfo, RequestUsage, TillEvent, TillEvents } from '../events';
 import { clientDenial, credentialDenial, findTillKey, forwardedHeaders, noUpstreamDenial, pathDenial, splitUrl } from './frontDoor';
@@ -271,8 +271,8 @@ export class Exchange {
     info.label = key.label;
     info.billable = !isFreeRoute(provider, info.method, this.path);
     // Methods and paths now; models once the body is read.
-    const early = methodViolation(key.policy, info.method) ?? pathViolation(key.policy, this.path);
-    if (early) return this.deny({ status: 403, code: 'out_of_scope', message: early });
+    const early = outOfScope(methodViolation(key.policy, info.method) ?? pathViolation(key.policy, this.path));
+    if (early) return this.deny(early);
     this.format = info.billable ? usageFormat(provider.id, info.method, this.path) : undefined;
     this.read();
   }
@@ -352,8 +352,8 @@ export class Exchange {
       this.json = inspected.json;
       if (inspected.model !== undefined) info.model = inspected.model;
     }
-    const late = modelViolation(key.policy.models, info.model, info.billable);
-    if (late) return this.deny({ status: 403, code: 'out_of_scope', message: late });
+    const late = outOfScope(modelViolation(key.policy.models, info.model, info.billable));
+    if (late) return this.deny(late);
     if (provider.needsUpstream) return this.deny(noUpstreamDenial(provider));
     this.credential();
   }
@@ -405,7 +405,7 @@ export class Exchange {
         }
       : undefined;
     const taken = takeRequestHold(c, key, info, request, this, true);
-    if ('status' in taken) return this.deny(taken);
+    if (isDenial(taken)) return this.deny(taken);
     ({ plan: this.plan, hold: this.hold, streamHold: this.streamHold } = taken);
     // The plan may have capped the answer in the body: send that body.
     if (json && this.plan?.bodyChanged) this.body = Buffer.from(JSON.stringify(json));

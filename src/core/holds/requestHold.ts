@@ -6,7 +6,7 @@
  */
 import { planHold, type HoldPlan, type HoldRequest } from './plan';
 import type { ConversationSizes } from './contexts';
-import type { Denial } from '../denial';
+import { isDenial, type Denial } from '../denial';
 import type { RequestInfo, TillEvent, TillEvents } from '../events';
 import type { Hold, InFlight, TillKeys } from '../keys/keys';
 import type { KeyRecord } from '../ledger/ledger';
@@ -52,11 +52,11 @@ export function takeRequestHold(
       c.keys.heldFor(key),
       c.prices,
     );
-    if ('status' in planned) return planned;
+    if (isDenial(planned)) return planned;
     plan = planned;
   }
   const hold = c.keys.admit(key, plan?.amounts, flight, { batch, smallest: plan?.smallest });
-  if ('status' in hold) return hold;
+  if (isDenial(hold)) return hold;
   const limited = plan !== undefined && (plan.meters.tokens || plan.meters.spend);
   // Built field by field: spreads allocate, and this runs for every request.
   const started: Extract<TillEvent, { type: 'request.started' }> = { type: 'request.started', at: Date.now(), request: info };

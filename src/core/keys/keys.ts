@@ -2,7 +2,7 @@
  * Till keys at run time: issue, authenticate, rate and concurrency limits, reservations,
  * revocation of in-flight requests, and the key events. The HTTP broker asks; this decides.
  */
-import { limitRefusal, type Denial } from '../denial';
+import { isDenial, limitRefusal, type Denial } from '../denial';
 import type { KeySummary, TillEvents } from '../events';
 import {
   isRefusal,
@@ -233,7 +233,7 @@ export class TillKeys {
    */
   authenticateFor(presented: string, provider: string): { key: KeyRecord } | { denial: Denial; key?: KeyRecord } {
     const auth = this.authenticate(presented);
-    if ('status' in auth) return { denial: auth };
+    if (isDenial(auth)) return { denial: auth };
     if (auth.provider !== provider) {
       return {
         denial: { status: 403, code: 'wrong_provider', message: `till key "${auth.label}" is for ${auth.provider}, not ${provider}` },

@@ -17,7 +17,7 @@ import type { Duplex } from 'node:stream';
 import { WebSocketServer } from 'ws';
 import { auditRecord } from '../../ledger/audit';
 import { clientDenial, findTillKey, noUpstreamDenial, pathDenial, splitUrl } from '../frontDoor';
-import { denialResponse, type Denial } from '../../denial';
+import { denialResponse, outOfScope, type Denial } from '../../denial';
 import type { RequestInfo } from '../../events';
 import type { KeyRecord } from '../../ledger/ledger';
 import { formatAmount, formatUsd, limitsOf, METERS, modelViolation, pathViolation } from '../../keys/policy';
@@ -163,7 +163,8 @@ export class WebSocketProxy implements SessionHost {
       (dialect === 'generic' && key.policy.models
         ? `this till key is limited to models ${key.policy.models.join(', ')} and Till cannot see the model used over ${path}`
         : undefined);
-    if (scope) return deny({ status: 403, code: 'out_of_scope', message: scope }, key);
+    const outOfKeyScope = outOfScope(scope);
+    if (outOfKeyScope) return deny(outOfKeyScope, key);
     const spent = exhaustion(key);
     if (spent) return deny(spent, key);
     if (provider.needsUpstream) return deny(noUpstreamDenial(provider), key);

@@ -14,7 +14,7 @@ import type { Duplex } from 'node:stream';
 import WebSocket, { WebSocketServer, type RawData } from 'ws';
 import { cutUsage, planHold, settlement, type HoldPlan, type HoldRequest } from '../../holds/plan';
 import { credentialDenial, forwardedHeaders } from '../frontDoor';
-import { denialBody, type Denial } from '../../denial';
+import { denialBody, isDenial, outOfScope, type Denial } from '../../denial';
 import type { RequestInfo, RequestUsage } from '../../events';
 import type { Hold } from '../../keys/keys';
 import type { KeyRecord, SettleDetails } from '../../ledger/ledger';
@@ -219,11 +219,11 @@ export class Session {
           this.o.keys.heldFor(key),
           this.o.prices,
         );
-        if ('status' in planned) return this.refuse(planned);
+        if (isDenial(planned)) return this.refuse(planned);
         amounts = planned.amounts;
       }
       const admitted = this.o.keys.admit(key, amounts, { cut: (d) => this.cut(d) });
-      if ('status' in admitted) return this.refuse(admitted);
+      if (isDenial(admitted)) return this.refuse(admitted);
       this.admission = admitted;
       this.o.events.emit({ type: 'request.started', at: Date.now(), request: info });
     }
@@ -433,8 +433,8 @@ export class Session {
     if (type === 'session.update' && this.s.dialect === 'realtime') {
       const model = asStr(asObj(msg.session)?.model);
       if (model !== undefined) {
-        const violation = modelViolation(this.s.key.policy.models, model, true);
-        if (violation) return this.refuseMessage({ status: 403, code: 'out_of_scope', message: violation }, asStr(msg.event_id));
+        const outside = outOfScope(modelViolation(this.s.key.policy.models, model, true));
+        if (outside) return this.refuseMessage(outside, asStr(msg.event_id));
         this.model = model;
       }
     }
@@ -449,8 +449,8 @@ export class Session {
     if (dialect === 'responses' && model !== undefined) this.model = model;
     const eventId = asStr(msg.event_id);
     const streamId = asStr(msg.stream_id);
-    const violation = scopeViolation(key.policy, 'POST', path, model, !prewarm);
-    if (violation) return this.refuseMessage({ status: 403, code: 'out_of_scope', message: violation }, eventId, false, model);
+    const outside = outOfScope(scopeViolation(key.policy, 'POST', path, model, !prewarm));
+    if (outside) return this.refuseMessage(outside, eventId, false, model);
     if (prewarm) {
       this.turns.push(this.newTurn(model, false, streamId, eventId));
       return this.send(0, data, binary);
@@ -470,7 +470,7 @@ export class Session {
       ...(dialect === 'realtime' ? { carriedContext: this.lastTotal } : {}),
     };
     const planned = this.holdTurn(turn, request);
-    if ('status' in planned) return this.refuseMessage(planned, eventId, false, model);
+    if (isDenial(planned)) return this.refuseMessage(planned, eventId, false, model);
     if (planned.bodyChanged && !existing) msg.response = target;
     this.send(0, planned.bodyChanged ? JSON.stringify(msg) : data, binary && !planned.bodyChanged, () => this.reached(turn));
   }
@@ -481,7 +481,7 @@ export class Session {
    */
   private holdTurn(turn: Turn, request: HoldRequest): HoldPlan | Denial {
     const taken = takeRequestHold(this.o, this.s.key, turn.info, request, { cut: (d) => this.cut(d) }, false);
-    if ('status' in taken) return taken;
+    if (isDenial(taken)) return taken;
     turn.hold = taken.hold;
     turn.plan = taken.plan;
     turn.streamHold = taken.streamHold;
@@ -496,8 +496,8 @@ export class Session {
     if (setup) {
       const named = asStr(setup.model);
       const model = named?.replace(/^models\//, '');
-      const violation = modelViolation(key.policy.models, model, true);
-      if (violation) return this.refuseMessage({ status: 403, code: 'out_of_scope', message: violation }, undefined, true, model);
+      const outside = outOfScope(modelViolation(key.policy.models, model, true));
+      if (outside) return this.refuseMessage(outside, undefined, true, model);
       this.model = model;
       // Budgeted keys: each turn's output is capped to what was left when the session began.
       if (key.policy.maxTokens !== undefined || key.policy.maxSpendUsd !== undefined) {
@@ -508,7 +508,7 @@ export class Session {
           this.o.keys.heldFor(key),
           this.o.prices,
         );
-        if ('status' in planned) return this.refuseMessage(planned, undefined, true, model);
+        if (isDenial(planned)) return this.refuseMessage(planned, undefined, true, model);
         if (planned.bodyChanged) return this.send(0, JSON.stringify(msg), false);
       }
       return this.send(0, data, binary);
@@ -525,7 +525,7 @@ export class Session {
         stream: true,
         carriedContext: this.lastTotal,
       });
-      if ('status' in planned) return this.refuseMessage(planned, undefined, true);
+      if (isDenial(planned)) return this.refuseMessage(planned, undefined, true);
       return this.send(0, data, binary, () => this.reached(turn));
     }
     this.send(0, data, binary);
@@ -662,7 +662,7 @@ export class Session {
         stream: true,
         carriedContext: this.lastTotal,
       });
-      if ('status' in planned) {
+      if (isDenial(planned)) {
         this.cut(planned);
         return undefined;
       }
