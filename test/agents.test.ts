@@ -9,7 +9,7 @@ import { AGENTS, agentServed, agentSetup, agentTargets } from '../src/core/agent
 import { codexConfig } from '../src/core/agents/codexConfig';
 import { geminiSettings } from '../src/core/agents/geminiSettings';
 import type { KeySummary } from '../src/core/events';
-import type { IssuedKey } from '../src/core/runtime/service';
+import type { IssuedKey } from '../src/core/runtime/controlApi';
 import { addCredential, fakeCredential, runTill, spawnServe, tempHome, type ServeProcess, expectOneLineError } from './support/till';
 
 // ---- a tiny TOML reader: enough to prove structure (tables, dotted keys, duplicates) -----------

@@ -10,7 +10,7 @@ import { basename } from 'node:path';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { KeySummary, TillEvent } from '../src/core/events';
-import type { IssuedKey } from '../src/core/runtime/service';
+import type { IssuedKey } from '../src/core/runtime/controlApi';
 import { tillPaths } from '../src/core/runtime/home';
 import { KeychainVault, VaultError } from '../src/core/credentials/vault';
 import {

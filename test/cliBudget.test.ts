@@ -6,7 +6,7 @@
 import { spawn } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { KeySummary, TillEvent } from '../src/core/events';
-import type { IssuedKey } from '../src/core/runtime/service';
+import type { IssuedKey } from '../src/core/runtime/controlApi';
 import { addCredential, fakeCredential, runTill, spawnServe, tempHome, TILL_JS, type ServeProcess } from './support/till';
 import { startOpenAIUpstream, type Upstream } from './support/upstreams';
 

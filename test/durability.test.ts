@@ -8,7 +8,7 @@ import * as http from 'node:http';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { KeySummary } from '../src/core/events';
-import type { IssuedKey } from '../src/core/runtime/service';
+import type { IssuedKey } from '../src/core/runtime/controlApi';
 import { addCredential, fakeCredential, runTill, spawnServe, startTill, tempHome, type ServeProcess } from './support/till';
 import { startOpenAIUpstream, type Upstream } from './support/upstreams';
 import { waitFor } from './support/wait';

@@ -24,7 +24,8 @@ import {
 } from '../core/keys/policy';
 import { holdLease, type HeldLease } from '../core/runtime/leases';
 import { providerEnvNames, ProviderRegistry } from '../core/providers/providers';
-import { TillService, type IssuedKey, type IssueInput } from '../core/runtime/service';
+import { TillService } from '../core/runtime/service';
+import { ControlApi, type IssuedKey, type IssueInput } from '../core/runtime/controlApi';
 import { KeychainVault } from '../core/credentials/vault';
 import { readSecret } from './secretInput';
 
@@ -284,9 +285,14 @@ async function serve(args: string[], paths: TillPaths): Promise<void> {
   flush();
 }
 
+/** The typed control API of the broker serving `paths`. */
+function control(paths: TillPaths): ControlApi {
+  return new ControlApi(new ControlClient(paths));
+}
+
 async function notifyBroker(paths: TillPaths, name: string): Promise<void> {
   try {
-    await new ControlClient(paths).request('POST', '/credentials', { name });
+    await control(paths).credentialChanged(name);
   } catch (err) {
     if (!(err instanceof NotRunningError)) throw err;
   }
@@ -339,7 +345,7 @@ async function issue(args: string[], paths: TillPaths): Promise<void> {
   if (values.help) return out(HELP.issue);
   const [target] = positionals;
   if (!target || positionals.length > 1) throw new UsageError('usage: till issue <provider|credential> [options]');
-  const issued = (await new ControlClient(paths).request('POST', '/keys', issueInput(target, values))) as IssuedKey;
+  const issued = await control(paths).issue(issueInput(target, values));
   if (values.json) return out(JSON.stringify(issued));
   printIssued(issued);
 }
@@ -347,7 +353,7 @@ async function issue(args: string[], paths: TillPaths): Promise<void> {
 async function ls(args: string[], paths: TillPaths): Promise<void> {
   const { values } = parse(args, { json: { type: 'boolean' } });
   if (values.help) return out(HELP.ls);
-  const keys = (await new ControlClient(paths).request('GET', '/keys')) as KeySummary[];
+  const keys = await control(paths).list();
   if (values.json) return out(JSON.stringify(keys));
   if (keys.length === 0) return out('no till keys: issue one with `till issue <provider>`');
   out(
@@ -363,8 +369,8 @@ async function revoke(args: string[], paths: TillPaths): Promise<void> {
   const { values, positionals } = parse(args, { all: { type: 'boolean' } });
   if (values.help) return out(HELP.revoke);
   if (Boolean(values.all) === positionals.length > 0 || positionals.length > 1) throw new UsageError('usage: till revoke <id> | --all');
-  const path = values.all ? '/keys' : `/keys/${encodeURIComponent(positionals[0]!)}`;
-  const { revoked } = (await new ControlClient(paths).request('DELETE', path)) as { revoked: number };
+  const api = control(paths);
+  const revoked = values.all ? await api.revokeAll() : Number(await api.revoke(positionals[0]!));
   out(
     values.all
       ? `revoked ${revoked} key${revoked === 1 ? '' : 's'}`
@@ -389,7 +395,7 @@ async function extend(args: string[], paths: TillPaths): Promise<void> {
     maxSpend: usd(values['max-spend'], 'max-spend'),
   };
   if (Object.values(by).every((v) => v === undefined)) throw new UsageError('till extend needs --uses, --max-tokens or --max-spend');
-  const key = (await new ControlClient(paths).request('POST', `/keys/${encodeURIComponent(id)}/extend`, by)) as KeySummary;
+  const key = await control(paths).extend(id, by);
   out(`extended ${key.id} "${key.label}": ${describePolicy(key.policy)}`);
 }
 
@@ -399,7 +405,7 @@ async function watch(args: string[], paths: TillPaths): Promise<void> {
   const abort = new AbortController();
   process.once('SIGINT', () => abort.abort());
   process.once('SIGTERM', () => abort.abort());
-  await new ControlClient(paths).stream('/events', (e) => out(values.json ? JSON.stringify(e) : formatEvent(e as TillEvent)), abort.signal);
+  await control(paths).events((e) => out(values.json ? JSON.stringify(e) : formatEvent(e)), abort.signal);
 }
 
 async function exec(args: string[], paths: TillPaths): Promise<number> {
@@ -421,11 +427,11 @@ async function exec(args: string[], paths: TillPaths): Promise<number> {
   const targets =
     agent !== undefined ? agentTargets(agent, credentials) : positionals.length > 0 ? positionals : credentials.map((c) => c.name);
   if (targets.length === 0) throw new Error('no credentials: add one with `till credential add <provider>`');
-  const client = new ControlClient(paths);
+  const api = control(paths);
   const issued: IssuedKey[] = [];
   let lease: HeldLease | undefined;
   const revokeAll = async () => {
-    await Promise.allSettled(issued.map((k) => client.request('DELETE', `/keys/${k.id}`)));
+    await Promise.allSettled(issued.map((k) => api.revoke(k.id)));
     lease?.stop();
   };
   try {
@@ -434,10 +440,10 @@ async function exec(args: string[], paths: TillPaths): Promise<number> {
       input.label ??= `exec ${basename(command[0]!)}`;
       // Tied to this process: if it dies (even by kill -9), the broker revokes the keys at once.
       input.lease = true;
-      issued.push((await client.request('POST', '/keys', input)) as IssuedKey);
+      issued.push(await api.issue(input));
     }
     lease = holdLease(
-      client,
+      api.client,
       issued.map((k) => k.id),
     );
     await lease.ready;

@@ -157,3 +157,6 @@ export class TillEvents {
     };
   }
 }
+
+/** A request that ended (served or denied), as kept for views that open later. */
+export type RequestRecord = Extract<TillEvent, { type: 'request.finished' | 'request.denied' }>;

@@ -7,7 +7,7 @@
 import { rmSync } from 'node:fs';
 import * as vscode from 'vscode';
 import { AGENTS, agentSetup, agentTargets, newAgentScratchDir, type AgentName } from '../core/agents/agents';
-import type { IssuedKey } from '../core/runtime/service';
+import type { IssuedKey } from '../core/runtime/controlApi';
 import { SETTINGS } from './constants';
 import type { TillSession } from './session';
 

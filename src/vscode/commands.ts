@@ -10,7 +10,7 @@ import { isAgentName, type AgentName } from '../core/agents/agents';
 import type { KeySummary } from '../core/events';
 import { parseDuration, type PolicyInput } from '../core/keys/policy';
 import { providerBaseUrl, ProviderRegistry } from '../core/providers/providers';
-import type { IssuedKey, IssueInput } from '../core/runtime/service';
+import type { IssuedKey, IssueInput } from '../core/runtime/controlApi';
 import type { AgentTerminals } from './agentTerminals';
 import { COMMANDS, SETTINGS, VIEW_CONTAINER } from './constants';
 import type { KeysTreeProvider } from './keysTree';

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import * as vscode from 'vscode';
 import { AGENTS, agentServed, agentSetup, isAgentName, newAgentScratchDir, type AgentName } from '../core/agents/agents';
 import type { TillEvent } from '../core/events';
-import type { IssuedKey } from '../core/runtime/service';
+import type { IssuedKey } from '../core/runtime/controlApi';
 import { SETTINGS, TERMINAL_AGENTS_DEFAULT } from './constants';
 import type { TillSession } from './session';
 

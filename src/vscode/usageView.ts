@@ -15,7 +15,8 @@ import { randomBytes } from 'node:crypto';
 import * as vscode from 'vscode';
 import type { TillConnection, TillRole } from '../core/runtime/connection';
 import { changesKeys, type KeySummary, type TillEvent } from '../core/events';
-import { RECENT_REQUESTS, type RequestRecord } from '../core/runtime/service';
+import { RECENT_REQUESTS } from '../core/runtime/service';
+import type { RequestRecord } from '../core/events';
 import { mergeRecords, recordKey, type HostMessage, type PageCommand, type PageMessage } from '../webview/messages';
 import { COMMANDS } from './constants';
 

@@ -10,7 +10,7 @@ import type { TillRole } from '../core/runtime/connection';
 import type { KeySummary, RequestUsage } from '../core/events';
 import type { TokenCounts } from '../core/ledger/ledger';
 import { formatAmount, formatSpent, formatUsd, limitsOf, METERS, type Amounts, type Meter } from '../core/keys/policy';
-import type { RequestRecord } from '../core/runtime/service';
+import type { RequestRecord } from '../core/events';
 import { mergeRecords, type HostMessage, type LiveEvent, type PageCommand, type PageMessage } from './messages';
 
 /** What the page keeps across reloads (VS Code holds it while the view is hidden). */

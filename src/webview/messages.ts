@@ -7,7 +7,7 @@
  */
 import type { TillRole } from '../core/runtime/connection';
 import type { KeySummary, TillEvent } from '../core/events';
-import type { RequestRecord } from '../core/runtime/service';
+import type { RequestRecord } from '../core/events';
 import type { COMMANDS } from '../vscode/constants';
 
 /** Host → page. */

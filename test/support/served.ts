@@ -8,7 +8,8 @@ import { appendFileSync } from 'node:fs';
 import { ControlClient } from '../../src/core/runtime/control';
 import type { KeySummary, TillEvent } from '../../src/core/events';
 import { tillPaths } from '../../src/core/runtime/home';
-import type { IssuedKey, IssueInput, ServiceOptions, TillService } from '../../src/core/runtime/service';
+import type { ServiceOptions, TillService } from '../../src/core/runtime/service';
+import type { IssuedKey, IssueInput } from '../../src/core/runtime/controlApi';
 import { logFile, spawnServe, startTill, type ServeProcess } from './till';
 
 export interface Broker {

@@ -8,7 +8,7 @@ import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'no
 import { homedir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { ensurePrivateFolder } from '../files/privateFolder';
-import type { IssuedKey } from '../runtime/service';
+import type { IssuedKey } from '../runtime/controlApi';
 import { codexConfig } from './codexConfig';
 import { geminiSettings } from './geminiSettings';
 

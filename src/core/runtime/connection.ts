@@ -7,10 +7,13 @@
  * VS Code windows use this; so could any other long-lived front end.
  */
 import { AlreadyRunningError, ControlClient, NotRunningError } from './control';
+import { ControlApi } from './controlApi';
 import type { KeySummary, TillEvent } from '../events';
 import type { Extension } from '../keys/keys';
 import { openHome, tillPaths, type TillPaths } from './home';
-import { TillService, type IssuedKey, type IssueInput, type RequestRecord, type ServiceOptions } from './service';
+import { TillService, type ServiceOptions } from './service';
+import type { IssuedKey, IssueInput } from './controlApi';
+import type { RequestRecord } from '../events';
 
 /** Whether this process hosts the broker, uses another's, or has none (yet). */
 export type TillRole = 'host' | 'attached' | 'down';
@@ -25,7 +28,7 @@ export interface ConnectionOptions extends ServiceOptions {
 /** A live link to this user's broker, hosted here or elsewhere. */
 export class TillConnection {
   private service: TillService | undefined;
-  private readonly client: ControlClient;
+  private readonly api: ControlApi;
   private readonly paths: TillPaths;
   private readonly eventListeners = new Set<(e: TillEvent) => void>();
   private readonly roleListeners = new Set<(role: TillRole) => void>();
@@ -39,7 +42,7 @@ export class TillConnection {
 
   constructor(private options: ConnectionOptions) {
     this.paths = tillPaths(options.home);
-    this.client = new ControlClient(this.paths);
+    this.api = new ControlApi(new ControlClient(this.paths));
   }
 
   /**
@@ -96,11 +99,11 @@ export class TillConnection {
   }
 
   private async attach(): Promise<void> {
-    const status = (await this.client.request('GET', '/status')) as { url: string };
+    const status = await this.api.status();
     this.url = status.url;
     const abort = new AbortController();
     this.stopStream = abort;
-    const ended = this.client.stream('/events', (e) => this.deliver(e as TillEvent), abort.signal);
+    const ended = this.api.events((e) => this.deliver(e), abort.signal);
     this.setRole('attached');
     void ended.then(
       () => this.lost(abort),
@@ -156,40 +159,40 @@ export class TillConnection {
   async issue(input: IssueInput): Promise<IssuedKey> {
     await this.connect();
     if (this.service) return this.service.issue(input);
-    return (await this.client.request('POST', '/keys', input)) as IssuedKey;
+    return this.api.issue(input);
   }
 
   async list(): Promise<KeySummary[]> {
     await this.connect();
     if (this.service) return this.service.list();
-    return (await this.client.request('GET', '/keys')) as KeySummary[];
+    return this.api.list();
   }
 
   /** The last ended requests, oldest first (for views that open after they happened). */
   async recent(): Promise<RequestRecord[]> {
     await this.connect();
     if (this.service) return this.service.recent();
-    return (await this.client.request('GET', '/requests')) as RequestRecord[];
+    return this.api.recent();
   }
 
   /** Raises a key's limits. */
   async extend(id: string, by: Extension): Promise<KeySummary> {
     await this.connect();
     if (this.service) return this.service.keys.extend(id, by);
-    return (await this.client.request('POST', `/keys/${encodeURIComponent(id)}/extend`, by)) as KeySummary;
+    return this.api.extend(id, by);
   }
 
   /** Revokes one key; returns whether it was live. */
   async revoke(id: string): Promise<boolean> {
     await this.connect();
     if (this.service) return this.service.keys.revoke(id);
-    return ((await this.client.request('DELETE', `/keys/${encodeURIComponent(id)}`)) as { revoked: number }).revoked > 0;
+    return this.api.revoke(id);
   }
 
   async revokeAll(): Promise<number> {
     await this.connect();
     if (this.service) return this.service.keys.revokeAll();
-    return ((await this.client.request('DELETE', '/keys')) as { revoked: number }).revoked;
+    return this.api.revokeAll();
   }
 
   /**
@@ -208,7 +211,7 @@ export class TillConnection {
   async credentialChanged(name: string): Promise<void> {
     if (this.role === 'down') return;
     if (this.service) return this.service.broker.forgetCredential(name);
-    await this.client.request('POST', '/credentials', { name });
+    await this.api.credentialChanged(name);
   }
 
   async dispose(): Promise<void> {

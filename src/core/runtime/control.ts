@@ -153,9 +153,16 @@ export class ControlServer {
       text += chunk;
       if (text.length > 1_000_000) return reply(413, { error: 'control request too large' });
     }
+    let body: unknown;
+    let decoded: string[];
     try {
-      const body: unknown = text ? JSON.parse(text) : undefined;
-      reply(200, (await handler(body, params.map(decodeURIComponent))) ?? {});
+      body = text ? JSON.parse(text) : undefined;
+      decoded = params.map(decodeURIComponent);
+    } catch {
+      return reply(400, { error: `control request ${route}: its body must be JSON and its path percent-encoded` });
+    }
+    try {
+      reply(200, (await handler(body, decoded)) ?? {});
     } catch (err) {
       reply(err instanceof ControlError ? err.status : 500, { error: (err as Error).message });
     }

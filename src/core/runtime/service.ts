@@ -6,15 +6,16 @@
 import { AuditLog } from '../ledger/audit';
 import { Broker, type BrokerOptions } from '../broker/server';
 import { ControlError, ControlServer } from './control';
+import { readCredentialName, readExtension, readIssueInput, type BrokerStatus, type IssuedKey, type IssueInput } from './controlApi';
 import { CredentialList, type CredentialInfo } from '../credentials/credentials';
-import { TillEvents, type KeySummary, type TillEvent } from '../events';
+import { TillEvents, type KeySummary, type RequestRecord } from '../events';
 import { openHome, readConfig, type TillPaths } from './home';
 import { withDefaults } from '../options';
-import { TillKeys, type Extension } from '../keys/keys';
+import { TillKeys } from '../keys/keys';
 import { ConversationSizes } from '../holds/contexts';
 import { Leases } from './leases';
 import { Ledger } from '../ledger/ledger';
-import { buildPolicy, type Policy, type PolicyInput } from '../keys/policy';
+import { buildPolicy, type Policy } from '../keys/policy';
 import { ProviderRegistry, type Provider } from '../providers/providers';
 import { KeychainVault, VaultError, type Vault } from '../credentials/vault';
 import { PriceTable, readPriceOverrides, type PriceOverrides } from '../metering/pricing';
@@ -41,28 +42,6 @@ type BrokerSettings = Partial<
 >;
 
 /** What a control client sends to issue a key. */
-export interface IssueInput extends PolicyInput {
-  /** A provider id (when it has exactly one credential) or a credential name. */
-  target: string;
-  label?: string;
-  /** Who asks (`vscode:<session>`, `cli`, …). */
-  owner?: string;
-  /** Revoke the key when the process holding its lease (`GET /leases/<ids>`) goes away. */
-  lease?: boolean;
-}
-
-/** What issuing a key returns: the only time the full key is given out. */
-export interface IssuedKey {
-  id: string;
-  key: string;
-  provider: string;
-  credential: string;
-  label: string;
-  baseUrl: string;
-  env: Record<string, string>;
-  policy: Policy;
-}
-
 /** The env vars that point a provider's SDKs and agents at the broker with a till key. */
 export function envFor(provider: Provider, key: string, baseUrl: string): Record<string, string> {
   const env: Record<string, string> = {};
@@ -71,9 +50,6 @@ export function envFor(provider: Provider, key: string, baseUrl: string): Record
   Object.assign(env, provider.quietEnv);
   return env;
 }
-
-/** A request that ended (served or denied), as kept for views that open later. */
-export type RequestRecord = Extract<TillEvent, { type: 'request.finished' | 'request.denied' }>;
 
 /** How many ended requests the service remembers for late-opening views. */
 export const RECENT_REQUESTS = 200;
@@ -194,7 +170,9 @@ export class TillService {
   }
 
   /** Issues a key. Checks first that the credential can be read, so a locked keychain shows now, not at the first request. */
-  async issue(input: IssueInput): Promise<IssuedKey> {
+  /** Issues a key; `input` is checked as the control API checks it, wherever it comes from. */
+  async issue(request: IssueInput): Promise<IssuedKey> {
+    const input = readIssueInput(request);
     const credential = this.resolveCredential(input.target);
     const provider = this.providers.get(credential.provider);
     if (!provider) throw new ControlError(404, `credential ${credential.name} is for unknown provider ${credential.provider}`);
@@ -238,7 +216,7 @@ export class TillService {
   private controlRoutes() {
     return {
       routes: {
-        'GET /status': () => ({
+        'GET /status': (): BrokerStatus => ({
           url: this.url,
           pid: process.pid,
           home: this.paths.home,
@@ -248,8 +226,9 @@ export class TillService {
           const [id, action] = params;
           if (id === undefined) return this.issue(body as IssueInput);
           if (action !== 'extend') throw new ControlError(404, `no control route POST /keys/${id}/${action ?? ''}`);
+          const by = readExtension(body);
           try {
-            return this.keys.extend(id, body as Extension);
+            return this.keys.extend(id, by);
           } catch (err) {
             throw new ControlError(400, (err as Error).message);
           }
@@ -263,7 +242,7 @@ export class TillService {
           return { revoked: this.keys.revoke(id) ? 1 : 0 };
         },
         'POST /credentials': (body: unknown) => {
-          this.broker.forgetCredential((body as { name?: string } | undefined)?.name);
+          this.broker.forgetCredential(readCredentialName(body));
           return {};
         },
       },

@@ -17,7 +17,7 @@ import * as vscode from 'vscode';
 import pkg from '../../../package.json';
 import { ControlClient } from '../../../src/core/runtime/control';
 import type { KeySummary } from '../../../src/core/events';
-import type { IssuedKey } from '../../../src/core/runtime/service';
+import type { IssuedKey } from '../../../src/core/runtime/controlApi';
 import { COMMANDS } from '../../../src/vscode/constants';
 import type { TillApi } from '../../../src/vscode/extension';
 import type { PickItem, Prompter } from '../../../src/vscode/prompter';
