@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { buildPolicy, describePolicy, parseDuration, scopeViolation } from '../src/core/keys/policy';
+import { buildPolicy, parseDuration, scopeViolation } from '../src/core/keys/policy';
+import { describePolicy } from '../src/core/keys/present';
 import { CATALOGUE, isFreeRoute, matchPattern, ProviderRegistry, upstreamEnvVar } from '../src/core/providers/providers';
 
 describe('policy', () => {

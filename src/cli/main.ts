@@ -12,16 +12,8 @@ import { ControlClient, NotRunningError } from '../core/runtime/control';
 import { CredentialList, CredentialStore, checkCredentialName } from '../core/credentials/credentials';
 import type { KeySummary, TillEvent } from '../core/events';
 import { defaultHome, openHome, readConfig, type TillPaths } from '../core/runtime/home';
-import {
-  describePolicy,
-  formatAmount,
-  formatCount,
-  formatDuration,
-  formatSpent,
-  formatUsd,
-  limitsOf,
-  type Amounts,
-} from '../core/keys/policy';
+import { limitsOf, type Amounts } from '../core/keys/policy';
+import { callsUsed, describePolicy, formatAmount, formatCount, formatUsd, spendUsed, timeLeft } from '../core/keys/present';
 import { holdLease, type HeldLease } from '../core/runtime/leases';
 import { providerEnvNames, ProviderRegistry } from '../core/providers/providers';
 import { TillService } from '../core/runtime/service';
@@ -170,26 +162,18 @@ function time(at: number): string {
   return clock.text;
 }
 
-function usage(key: KeySummary): string {
-  const used = key.used.activations ?? 0;
-  return key.policy.maxActivations === undefined ? `${used}` : `${used}/${key.policy.maxActivations}`;
-}
-
 /** Tokens and dollars, used / limit, for `till ls`. */
 function spending(key: KeySummary): string {
   const tokens = key.used.tokens ?? 0;
   const tokensHeld = (key.reserved.tokens ?? 0) > 0 ? ` (+${formatCount(key.reserved.tokens!)} held)` : '';
   const t = `${formatCount(tokens)}${key.policy.maxTokens !== undefined ? `/${key.policy.maxTokens}` : ''}${tokensHeld}`;
-  const spent = formatSpent(key.used.spend ?? 0, { estimated: key.estimatedSpend > 0, unpriced: key.spend.unpricedRequests });
-  const s = `${spent}${key.policy.maxSpendUsd !== undefined ? `/$${key.policy.maxSpendUsd.toFixed(2)}` : ''}`;
   const held = (key.reserved.spend ?? 0) > 0 ? ` (+${formatUsd(key.reserved.spend!)} held)` : '';
-  return `${t} tok ${s}${held}`;
+  return `${t} tok ${spendUsed(key)}${held}`;
 }
 
 function expiry(key: KeySummary): string {
-  if (key.policy.expiresAt === undefined) return 'never';
-  const left = key.policy.expiresAt - Date.now();
-  return left > 0 ? `in ${formatDuration(left)}` : 'expired';
+  const left = timeLeft(key, Date.now());
+  return left === undefined ? 'never' : left === 'expired' ? left : `in ${left}`;
 }
 
 /**
@@ -233,7 +217,7 @@ function eventLine(e: TillEvent): string {
       return `${t} key exhausted: ${e.key.id} "${e.key.label}" has no ${e.meter} left for another request${figures}`;
     }
     default:
-      return `${t} ${e.type.replace('key.', 'key ')}: ${e.key.id} "${e.key.label}" (${e.key.provider}, ${usage(e.key)} calls)`;
+      return `${t} ${e.type.replace('key.', 'key ')}: ${e.key.id} "${e.key.label}" (${e.key.provider}, ${callsUsed(e.key)} calls)`;
   }
 }
 
@@ -361,7 +345,7 @@ async function ls(args: string[], paths: TillPaths): Promise<void> {
   );
   for (const k of keys)
     out(
-      `${k.id.padEnd(11)} ${k.state.padEnd(9)} ${k.provider.padEnd(12)} ${usage(k).padEnd(9)} ${spending(k).padEnd(28)} ${expiry(k).padEnd(12)} ${printable(k.label)}`,
+      `${k.id.padEnd(11)} ${k.state.padEnd(9)} ${k.provider.padEnd(12)} ${callsUsed(k).padEnd(9)} ${spending(k).padEnd(28)} ${expiry(k).padEnd(12)} ${printable(k.label)}`,
     );
 }
 

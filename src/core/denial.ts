@@ -3,7 +3,8 @@
  * the usual error type, with a message a person understands. A message never holds a key.
  */
 import type { DenialCode } from './events';
-import { formatCount, formatUsd, type Meter } from './keys/policy';
+import { type Meter } from './keys/policy';
+import { formatCount, formatUsd } from './keys/present';
 import { builtInProvider } from './providers/providers';
 import type { ErrorShape } from './providers/wire';
 

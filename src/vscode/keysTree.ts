@@ -6,7 +6,7 @@
 import * as vscode from 'vscode';
 import type { CredentialInfo } from '../core/credentials/credentials';
 import type { KeySummary } from '../core/events';
-import { describePolicy, formatAmount, formatDuration, formatSpent, formatUsd } from '../core/keys/policy';
+import { callsUsed, describePolicy, formatAmount, formatUsd, spendUsed, timeLeft } from '../core/keys/present';
 import { COMMANDS, CONTEXT } from './constants';
 import type { TillSession } from './session';
 
@@ -18,28 +18,14 @@ type Node =
   | { kind: 'noKeys' };
 
 function usage(key: KeySummary): string {
-  const used = key.used.activations ?? 0;
-  const calls = key.policy.maxActivations === undefined ? `${used} calls` : `${used}/${key.policy.maxActivations}`;
-  const spend = key.used.spend ?? 0;
-  const spent = formatSpent(spend, { estimated: key.estimatedSpend > 0, unpriced: key.spend.unpricedRequests });
+  const calls = key.policy.maxActivations === undefined ? `${callsUsed(key)} calls` : callsUsed(key);
   const dollars =
-    key.policy.maxSpendUsd !== undefined
-      ? ` · ${spent}/$${key.policy.maxSpendUsd.toFixed(2)}`
-      : spend > 0 || key.spend.unpricedRequests > 0
-        ? ` · ${spent}`
-        : '';
+    key.policy.maxSpendUsd !== undefined || (key.used.spend ?? 0) > 0 || key.spend.unpricedRequests > 0 ? ` · ${spendUsed(key)}` : '';
   const tokens =
     key.policy.maxTokens !== undefined
       ? ` · ${formatAmount('tokens', key.used.tokens ?? 0)}/${key.policy.maxTokens.toLocaleString('en-US')}`
       : '';
   return calls + tokens + dollars;
-}
-
-function timeLeft(key: KeySummary, now: number): string | undefined {
-  if (key.policy.expiresAt === undefined) return undefined;
-  const left = key.policy.expiresAt - now;
-  // Whole minutes: the tree refreshes every 30 s, so seconds would always be stale.
-  return left > 0 ? `${formatDuration(Math.ceil(left / 60_000) * 60_000)} left` : 'expired';
 }
 
 const STATE_ICON: Record<KeySummary['state'], [string, string]> = {
@@ -140,8 +126,9 @@ export class KeysTreeProvider implements vscode.TreeDataProvider<Node>, vscode.D
     const item = new vscode.TreeItem(key.label, vscode.TreeItemCollapsibleState.None);
     item.id = key.id;
     const parts = [key.provider, usage(key)];
-    const left = timeLeft(key, now);
-    if (key.state === 'active' && left) parts.push(left);
+    // Whole minutes: the tree refreshes every 30 s, so seconds would always be stale.
+    const left = timeLeft(key, now, true);
+    if (key.state === 'active' && left) parts.push(left === 'expired' ? left : `${left} left`);
     if (key.state !== 'active') parts.push(key.state);
     item.description = parts.join(' · ');
     const [icon, color] = STATE_ICON[key.state];

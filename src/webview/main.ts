@@ -9,7 +9,8 @@
 import type { TillRole } from '../core/runtime/connection';
 import type { KeySummary, RequestUsage } from '../core/events';
 import type { TokenCounts } from '../core/ledger/ledger';
-import { formatAmount, formatSpent, formatUsd, limitsOf, METERS, type Amounts, type Meter } from '../core/keys/policy';
+import { limitsOf, METERS, type Amounts, type Meter } from '../core/keys/policy';
+import { formatAmount, formatSpent, formatUsd } from '../core/keys/present';
 import type { RequestRecord } from '../core/events';
 import { mergeRecords, type HostMessage, type LiveEvent, type PageCommand, type PageMessage } from './messages';
 

@@ -14,7 +14,8 @@ import {
   type SettleDetails,
 } from '../ledger/ledger';
 import type { InFlightEntry } from '../broker/inFlightList';
-import { buildPolicy, formatAmount, hasLimits, limitsOf, MICROS, type Amounts, type Meter, type Policy } from './policy';
+import { buildPolicy, hasLimits, limitsOf, MICROS, type Amounts, type Meter, type Policy } from './policy';
+import { formatAmount } from './present';
 import { InFlightList } from '../broker/inFlightList';
 import { hashTillKey, makeTillKey, newKeyId, parseTillKey, tillKeyMatches } from './tillKey';
 

@@ -20,7 +20,8 @@ import { clientDenial, findTillKey, noUpstreamDenial, pathDenial, splitUrl } fro
 import { denialResponse, outOfScope, type Denial } from '../../denial';
 import type { RequestInfo } from '../../events';
 import type { KeyRecord } from '../../ledger/ledger';
-import { formatAmount, formatUsd, limitsOf, METERS, modelViolation, pathViolation } from '../../keys/policy';
+import { limitsOf, METERS, modelViolation, pathViolation } from '../../keys/policy';
+import { formatAmount, formatUsd } from '../../keys/present';
 import { apiPath, KEY_HEADERS, KEY_QUERY_PARAMS } from '../../providers/providers';
 import { withDefaults } from '../../options';
 import { looksLikeTillKey } from '../../keys/tillKey';
