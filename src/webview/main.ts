@@ -1,59 +1,43 @@
 /**
- * The Usage view's page: plain DOM, no framework. Host messages only update the model; one
- * repaint per animation frame draws it, so a burst of requests costs one paint. A frame with
- * nothing new but open streams' running usage (`request.progress`) only rewrites those few
- * texts when they are already on the page. Everything is
- * built with createElement/textContent (never innerHTML), and styles come from media/usage.css
- * (the CSP allows no inline style; bar widths are set through CSSOM, which it allows).
+ * The Usage view's page: plain DOM, no framework. Host messages only update the model (state.ts,
+ * which also computes the figures); one repaint per animation frame draws it, so a burst of
+ * requests costs one paint. A frame with nothing new but open streams' running usage
+ * (`request.progress`) only rewrites those few texts when they are already on the page.
+ * Everything is built with createElement/textContent (never innerHTML), and styles come from
+ * media/usage.css (the CSP allows no inline style; bar widths are set through CSSOM, which it allows).
  */
-import type { TillRole } from '../core/runtime/connection';
-import type { KeySummary, RequestUsage } from '../core/events';
+import type { KeySummary } from '../core/events';
 import type { TokenCounts } from '../core/ledger/ledger';
 import { limitsOf, METERS, type Amounts, type Meter } from '../core/keys/policy';
 import { formatAmount, formatSpent, formatUsd } from '../core/keys/present';
 import type { RequestRecord } from '../core/events';
-import { mergeRecords, type HostMessage, type LiveEvent, type PageCommand, type PageMessage } from './messages';
+import type { HostMessage, PageCommand, PageMessage } from './messages';
+import {
+  addTokens,
+  MINUTE,
+  newModel,
+  noTokens,
+  receive,
+  running,
+  series,
+  sortedKeys,
+  SPAN,
+  stats,
+  type Running,
+  type Series,
+  type State,
+  type Stats,
+  type Stream,
+} from './state';
 
 /** What the page keeps across reloads (VS Code holds it while the view is hidden). */
 interface PageState {
   showRevoked?: boolean;
 }
 const vscode = acquireVsCodeApi<PageState>();
-const MINUTE = 60_000;
-/** Minutes the charts cover. */
-const SPAN = 30;
+const model = newModel(vscode.getState()?.showRevoked === true);
 /** Rows in the requests table. */
 const ROWS = 50;
-
-type State = KeySummary['state'];
-
-/** An open stream's latest running usage, from `request.progress`. */
-interface Stream {
-  keyId: string;
-  usage: RequestUsage;
-  /** What it holds of its key's limits now (a budgeted key's hold follows the stream). */
-  held: Amounts | undefined;
-  /** When its last progress came (page clock). */
-  seen: number;
-}
-const STATE_ORDER: Record<State, number> = { active: 0, exhausted: 1, expired: 2, revoked: 3 };
-
-const model = {
-  loaded: false,
-  keys: new Map<string, KeySummary>(),
-  records: [] as RequestRecord[],
-  seen: new Set<string>(),
-  truncated: false,
-  role: 'down' as TillRole,
-  brokerUrl: undefined as string | undefined,
-  hasCredential: true,
-  error: undefined as string | undefined,
-  /** Keys whose revoke was asked for and not yet seen through. */
-  revoking: new Set<string>(),
-  /** Open streams by request id, until their `request.finished`. */
-  streams: new Map<string, Stream>(),
-  showRevoked: vscode.getState()?.showRevoked === true,
-};
 
 const app = document.getElementById('app')!;
 const announcer = document.getElementById('announce')!;
@@ -67,111 +51,11 @@ function send(message: PageMessage): void {
 window.addEventListener('message', (ev) => {
   const msg = ev.data as HostMessage | null;
   if (typeof msg !== 'object' || msg === null || typeof msg.type !== 'string') return;
-  switch (msg.type) {
-    case 'state':
-      model.loaded = true;
-      // A fresh start (after a revoke, a broker change, or the view hidden while events were not
-      // sent): keep only streams heard from just now; others still open report again within half a second.
-      forgetStreams(undefined, Date.now() - 2000);
-      setKeys(msg.keys);
-      model.records = [];
-      model.seen.clear();
-      model.truncated = msg.truncated;
-      addRecords(msg.recent);
-      model.role = msg.role;
-      model.brokerUrl = msg.brokerUrl;
-      model.hasCredential = msg.hasCredential;
-      model.error = msg.error;
-      model.revoking.clear();
-      break;
-    case 'keys':
-      setKeys(msg.keys);
-      break;
-    case 'event':
-      if (msg.event.type === 'request.progress') {
-        const { request, usage, held } = msg.event;
-        model.streams.set(request.requestId, { keyId: request.keyId, usage, held, seen: Date.now() });
-        scheduleLive();
-        return;
-      }
-      applyEvent(msg.event);
-      break;
-    case 'role':
-      model.role = msg.role;
-      model.brokerUrl = msg.brokerUrl;
-      if (msg.role === 'down') model.streams.clear();
-      break;
-  }
-  schedule();
+  const change = receive(model, msg, Date.now());
+  if (change.announce !== undefined) announcer.textContent = change.announce;
+  if (change.repaint === 'all') schedule();
+  else if (change.repaint === 'live') scheduleLive();
 });
-
-/**
- * Fills what a broker from an older Till (running in another window) does not send, so the page
- * draws its keys without tokens or dollars rather than failing.
- */
-function normal(k: KeySummary): KeySummary {
-  const old = k as Partial<KeySummary>;
-  return {
-    ...k,
-    used: old.used ?? {},
-    reserved: old.reserved ?? {},
-    remaining: old.remaining ?? {},
-    tokens: { ...noTokens(), ...old.tokens },
-    estimatedSpend: old.estimatedSpend ?? 0,
-    spend: { usd: 0, pricedUsd: 0, estimatedUsd: 0, reservedUsd: 0, unpricedRequests: 0, ...old.spend },
-  };
-}
-
-function setKeys(keys: KeySummary[]): void {
-  model.keys = new Map(keys.map((k) => [k.id, normal(k)]));
-  for (const id of model.revoking) if ((model.keys.get(id)?.state ?? 'revoked') === 'revoked') model.revoking.delete(id);
-  // A key with nothing in flight has no open stream: drop any whose `request.finished` was missed.
-  // Not the freshest ones: this list may have been read before their stream started.
-  forgetStreams((st) => (model.keys.get(st.keyId)?.inFlight ?? 0) === 0, Date.now() - 2000);
-}
-
-/** Drops the streams last heard from before `before` (and matching `which`, if given). */
-function forgetStreams(which: ((st: Stream) => boolean) | undefined, before: number): void {
-  for (const [id, st] of model.streams) if (st.seen < before && (!which || which(st))) model.streams.delete(id);
-}
-
-const METER_NAME: Record<Meter, string> = { activations: 'call', tokens: 'token', spend: 'spend' };
-
-function applyEvent(e: LiveEvent): void {
-  switch (e.type) {
-    case 'request.finished':
-      model.streams.delete(e.request.requestId);
-      addRecords([e]);
-      break;
-    case 'request.denied':
-      addRecords([e]);
-      break;
-    case 'key.issued':
-    case 'key.revoked':
-    case 'key.exhausted':
-    case 'key.expired':
-    case 'key.extended':
-    case 'limit.near': {
-      model.keys.set(e.key.id, normal(e.key));
-      if (e.type === 'key.revoked') model.revoking.delete(e.key.id);
-      const label = e.key.label;
-      announcer.textContent =
-        e.type === 'key.exhausted'
-          ? `Till key ${label} used up its ${METER_NAME[e.meter]} limit.`
-          : e.type === 'limit.near'
-            ? `Till key ${label} has used ${e.percent}% of its ${METER_NAME[e.meter]} limit.`
-            : `Till key ${label} ${{ 'key.issued': 'issued', 'key.revoked': 'revoked', 'key.expired': 'expired', 'key.extended': 'extended' }[e.type]}.`;
-      break;
-    }
-    case 'request.progress':
-      break;
-  }
-}
-
-/** Adds requests once each, keeping them oldest first and at most HISTORY. */
-function addRecords(records: RequestRecord[]): void {
-  if (mergeRecords(model.records, model.seen, records)) model.truncated = true;
-}
 
 // ---- scheduling -----------------------------------------------------------------------------
 
@@ -281,110 +165,7 @@ function tokenDetail(t: TokenCounts): string {
   return `${f(t.input)} in${t.cached ? ` (${f(t.cached)} cached)` : ''} · ${f(t.output)} out${t.reasoning ? ` (${f(t.reasoning)} reasoning)` : ''}`;
 }
 
-function noTokens(): TokenCounts {
-  return { input: 0, output: 0, cached: 0, reasoning: 0 };
-}
-function addTokens(into: TokenCounts, t: TokenCounts): void {
-  into.input += t.input;
-  into.output += t.output;
-  into.cached += t.cached;
-  into.reasoning += t.reasoning;
-}
-
-/** The state to show: an active key past its expiry is expired even before the broker says so. */
-function stateOf(k: KeySummary, now: number): State {
-  return k.state === 'active' && k.policy.expiresAt !== undefined && k.policy.expiresAt <= now ? 'expired' : k.state;
-}
-
-// ---- numbers --------------------------------------------------------------------------------
-
-interface Series {
-  served: number[];
-  denied: number[];
-}
-const series = (): Series => ({ served: new Array<number>(SPAN).fill(0), denied: new Array<number>(SPAN).fill(0) });
-
-interface Stats {
-  total: Series;
-  byKey: Map<string, Series>;
-  servedToday: number;
-  deniedToday: number;
-  /** Micro-dollars settled today, from the requests seen. */
-  spendToday: number;
-  /** Some of today's spend was estimated. */
-  spendTodayEstimated: boolean;
-  /** Requests today to a model without a price (their dollars are unknown). */
-  unpricedToday: number;
-  tokensToday: TokenCounts;
-  /** Today's counts may miss requests older than what is kept. */
-  todayPartial: boolean;
-  firstMinute: number;
-}
-
-function stats(now: number): Stats {
-  const firstMinute = Math.floor(now / MINUTE) - SPAN + 1;
-  const midnight = new Date(now).setHours(0, 0, 0, 0);
-  const out: Stats = {
-    total: series(),
-    byKey: new Map(),
-    servedToday: 0,
-    deniedToday: 0,
-    spendToday: 0,
-    spendTodayEstimated: false,
-    unpricedToday: 0,
-    tokensToday: noTokens(),
-    todayPartial: false,
-    firstMinute,
-  };
-  const since = Math.min(midnight, firstMinute * MINUTE);
-  const recs = model.records;
-  for (let i = recs.length - 1; i >= 0; i--) {
-    const r = recs[i]!;
-    if (r.at < since) break;
-    const denied = r.type === 'request.denied';
-    // Never reached the upstream: not a call (the ledger counted nothing); its row still shows.
-    if (!denied && r.uncounted) continue;
-    if (r.at >= midnight) {
-      if (r.type === 'request.denied') out.deniedToday++;
-      else {
-        out.servedToday++;
-        if (r.usage) {
-          addTokens(out.tokensToday, r.usage.tokens);
-          out.spendToday += r.usage.spend ?? 0;
-          if (r.usage.spend === undefined) out.unpricedToday++;
-          if (r.usage.estimated && (r.usage.spend ?? 0) > 0) out.spendTodayEstimated = true;
-        }
-      }
-    }
-    const slot = Math.floor(r.at / MINUTE) - firstMinute;
-    if (slot < 0 || slot >= SPAN) continue;
-    const field = denied ? 'denied' : 'served';
-    out.total[field][slot]!++;
-    const keyId = r.request.keyId;
-    if (keyId) {
-      let ks = out.byKey.get(keyId);
-      if (!ks) out.byKey.set(keyId, (ks = series()));
-      ks[field][slot]!++;
-    }
-  }
-  const oldest = recs[0];
-  out.todayPartial = model.truncated && oldest !== undefined && oldest.at >= midnight;
-  return out;
-}
-
 // ---- open streams ---------------------------------------------------------------------------
-
-interface Running {
-  count: number;
-  /** Micro-dollars so far, of the streams whose model has a price. */
-  spend: number;
-  priced: boolean;
-  tokens: number;
-  /** What the streams hold of their keys' limits, summed (budgeted keys only). */
-  held: Amounts;
-  /** One line per stream: what it used so far and what it holds. */
-  each: string[];
-}
 
 /** What one stream used so far, and holds. */
 function streamLine(st: Stream): string {
@@ -397,24 +178,6 @@ function heldText(held: Amounts | undefined): string {
   if (held?.spend !== undefined) return `, holding ${usd(held.spend)}`;
   if (held?.tokens !== undefined) return `, holding ${short(held.tokens)} tokens`;
   return '';
-}
-
-/** The running usage of the open streams of one key, or of all keys. */
-function running(keyId?: string): Running {
-  const out: Running = { count: 0, spend: 0, priced: false, tokens: 0, held: {}, each: [] };
-  for (const st of model.streams.values()) {
-    if (keyId !== undefined && st.keyId !== keyId) continue;
-    out.count++;
-    out.tokens += st.usage.tokens.input + st.usage.tokens.output;
-    if (st.usage.spend !== undefined) {
-      out.spend += st.usage.spend;
-      out.priced = true;
-    }
-    if (st.held?.spend !== undefined) out.held.spend = (out.held.spend ?? 0) + st.held.spend;
-    if (st.held?.tokens !== undefined) out.held.tokens = (out.held.tokens ?? 0) + st.held.tokens;
-    out.each.push(streamLine(st));
-  }
-  return out;
 }
 
 /** `streaming… $0.004 so far, holding $0.12`, `2 streams… $0.012 so far`, `streaming… 1.2K tokens so far`. */
@@ -430,7 +193,7 @@ const RUNNING_TITLE =
 function runningTitle(r: Running): string {
   return [
     `${RUNNING_TITLE} ${plural(r.tokens, 'token')} so far.`,
-    ...(r.count > 1 ? r.each.map((line, i) => `Stream ${i + 1}: ${line}.`) : []),
+    ...(r.count > 1 ? r.each.map((st, i) => `Stream ${i + 1}: ${streamLine(st)}.`) : []),
   ].join('\n');
 }
 
@@ -451,11 +214,11 @@ function liveLine(id: string, r: Running, cls: string): HTMLElement {
 function patchLive(): boolean {
   if (!model.loaded) return false;
   const wanted = new Map<string, Running>();
-  if (model.streams.size > 0) wanted.set('total', running());
+  if (model.streams.size > 0) wanted.set('total', running(model));
   for (const st of model.streams.values()) {
     const id = `key:${st.keyId}`;
     // As card() draws them: a revoked key's card has no live line.
-    if (!wanted.has(id) && (model.keys.get(st.keyId)?.state ?? 'revoked') !== 'revoked') wanted.set(id, running(st.keyId));
+    if (!wanted.has(id) && (model.keys.get(st.keyId)?.state ?? 'revoked') !== 'revoked') wanted.set(id, running(model, st.keyId));
   }
   const found = [...app.querySelectorAll<HTMLElement>('[data-live]')];
   if (found.length !== wanted.size) return false;
@@ -473,9 +236,8 @@ function patchLive(): boolean {
 function render(): void {
   const now = Date.now();
   const focused = document.activeElement instanceof HTMLElement ? document.activeElement.dataset.focus : undefined;
-  const keys = [...model.keys.values()].map((k) => ({ key: k, state: stateOf(k, now) }));
-  keys.sort((a, b) => STATE_ORDER[a.state] - STATE_ORDER[b.state] || b.key.createdAt - a.key.createdAt);
-  const st = stats(now);
+  const keys = sortedKeys(model, now);
+  const st = stats(model, now);
 
   const children: Child[] = [header(keys.some((k) => k.state !== 'revoked'))];
   if (model.error) children.push(h('p', { class: 'banner error', role: 'alert' }, model.error));
@@ -621,7 +383,7 @@ function totals(states: State[], st: Stats): HTMLElement {
       h('dt', {}, label),
       h('dd', {}, h('span', { class: 'value' }, value), h('span', { class: 'sub' }, sub)),
     );
-  const live = running();
+  const live = running(model);
 
   const spendTitle = [
     `Spent today: ${formatSpent(st.spendToday, { unpriced: st.unpricedToday })}${partial ? ' or more' : ''}, from the requests this window has seen.`,
@@ -887,7 +649,7 @@ function card(k: KeySummary, state: State, st: Stats, now: number): HTMLElement 
   const recentCalls = keySeries.served.reduce((a, b) => a + b, 0);
   const limits = limitsOf(k.policy);
   const limited = METERS.filter((m) => limits[m] !== undefined);
-  const live = state === 'revoked' ? undefined : running(k.id);
+  const live = state === 'revoked' ? undefined : running(model, k.id);
 
   const expires = k.policy.expiresAt;
   const time =
