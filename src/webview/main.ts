@@ -11,6 +11,7 @@ import type { TokenCounts } from '../core/ledger/ledger';
 import { limitsOf, METERS, type Amounts, type Meter } from '../core/keys/policy';
 import { formatAmount, formatSpent, formatUsd } from '../core/keys/present';
 import type { RequestRecord } from '../core/events';
+import morphdom from 'morphdom';
 import type { HostMessage, PageCommand, PageMessage } from './messages';
 import {
   addTokens,
@@ -83,6 +84,35 @@ setInterval(schedule, 15_000);
 type Child = Element | string | number | false | null | undefined;
 type Attrs = Record<string, string | number | boolean | undefined | ((ev: Event) => void)>;
 
+/**
+ * Listeners by event of the elements on the page. A repaint builds a new tree and patches the
+ * page to match it (morphdom), keeping the elements that stay (focus, hover, selection, an open
+ * `<details>`); their listeners are moved over from the new tree with {@link keepListeners}.
+ */
+const listeners = new WeakMap<Element, Map<string, (ev: Event) => void>>();
+
+function listen(el: Element, event: string, fn: (ev: Event) => void): void {
+  let byEvent = listeners.get(el);
+  if (!byEvent) listeners.set(el, (byEvent = new Map<string, (ev: Event) => void>()));
+  if (!byEvent.has(event)) el.addEventListener(event, (ev) => listeners.get(el)?.get(event)?.(ev));
+  byEvent.set(event, fn);
+}
+
+/** Before `from` is patched to look like `to`: its listeners become `to`'s, and so do its inline styles (set through CSSOM, as the CSP allows). */
+function keepListeners(from: Element, to: Element): boolean {
+  const wanted = listeners.get(to);
+  const had = listeners.get(from);
+  if (had) for (const event of had.keys()) if (!wanted?.has(event)) had.delete(event);
+  if (wanted) for (const [event, fn] of wanted) listen(from, event, fn);
+  if (from instanceof HTMLElement && to instanceof HTMLElement) {
+    for (const name of [...from.style]) if (!to.style.getPropertyValue(name)) from.style.removeProperty(name);
+    for (const name of [...to.style]) from.style.setProperty(name, to.style.getPropertyValue(name));
+  }
+  // The page's own state wins: a `<details>` the user just opened stays open (the model follows on `toggle`).
+  if (from instanceof HTMLDetailsElement && to instanceof HTMLDetailsElement) to.open = from.open;
+  return !from.isEqualNode(to);
+}
+
 /** An HTML element with attributes (`onclick` and the like become listeners) and children. */
 function h(tag: string, attrs: Attrs = {}, ...children: Child[]): HTMLElement {
   return fill(document.createElement(tag), attrs, children);
@@ -96,7 +126,7 @@ function s(tag: string, attrs: Attrs = {}, ...children: Child[]): Element {
 function fill<E extends Element>(el: E, attrs: Attrs, children: Child[]): E {
   for (const [name, value] of Object.entries(attrs)) {
     if (value === undefined || value === false) continue;
-    if (typeof value === 'function') el.addEventListener(name.slice(2), value);
+    if (typeof value === 'function') listen(el, name.slice(2), value);
     else el.setAttribute(name, value === true ? '' : String(value));
   }
   for (const c of children) if (c !== false && c !== null && c !== undefined) el.append(typeof c === 'number' ? String(c) : c);
@@ -235,7 +265,6 @@ function patchLive(): boolean {
 
 function render(): void {
   const now = Date.now();
-  const focused = document.activeElement instanceof HTMLElement ? document.activeElement.dataset.focus : undefined;
   const keys = sortedKeys(model, now);
   const st = stats(model, now);
 
@@ -275,14 +304,10 @@ function render(): void {
       requests(),
     );
   }
-  app.replaceChildren(
-    ...children
-      .filter((c): c is Element | string => c !== false && c !== null && c !== undefined)
-      .map((c) => (typeof c === 'number' ? String(c) : c)),
-  );
+  const next = h('main', {}, ...children);
+  morphdom(app, next, { childrenOnly: true, onBeforeElUpdated: keepListeners });
   app.removeAttribute('aria-busy');
   app.setAttribute('data-role', model.role);
-  if (focused) app.querySelector<HTMLElement>(`[data-focus="${CSS.escape(focused)}"]`)?.focus();
 }
 
 function header(anyLive: boolean): HTMLElement {
@@ -311,7 +336,6 @@ function header(anyLive: boolean): HTMLElement {
       {
         class: 'button danger',
         type: 'button',
-        'data-focus': 'revoke-all',
         'aria-label': 'Revoke all till keys',
         title: 'Revoke every till key (asks first)',
         disabled: !anyLive,
@@ -324,14 +348,14 @@ function header(anyLive: boolean): HTMLElement {
 
 function emptyState(): HTMLElement {
   const command = (id: PageCommand) => () => send({ type: 'command', id });
-  const card = (title: string, text: string, focus: string, action: PageCommand, button: string, cli: string) =>
+  const card = (title: string, text: string, action: PageCommand, button: string, cli: string) =>
     h(
       'div',
       { class: 'empty' },
       h('div', { class: 'empty-icon', 'aria-hidden': 'true' }, keyIcon()),
       h('h2', {}, title),
       h('p', {}, text),
-      h('button', { class: 'button primary', type: 'button', 'data-focus': focus, onclick: command(action) }, button),
+      h('button', { class: 'button primary', type: 'button', onclick: command(action) }, button),
       h('p', { class: 'muted small' }, 'From a terminal:', h('br'), h('code', {}, cli)),
     );
   // First run: nothing can be issued before a credential exists, so that is the one primary action.
@@ -339,7 +363,6 @@ function emptyState(): HTMLElement {
     return card(
       'Add your first credential',
       'A credential is a real API key (OpenAI, Anthropic, Gemini, GitHub, …). Till keeps it in your OS keychain and gives agents scoped, limited, revocable till keys instead.',
-      'add-credential',
       'till.addCredential',
       'Add Credential',
       'till credential add openai',
@@ -348,7 +371,6 @@ function emptyState(): HTMLElement {
   return card(
     'No till keys yet',
     'A till key gives an agent scoped, limited, revocable access to one of your API keys. The real key stays in your OS keychain. New integrated terminals already get one.',
-    'issue',
     'till.issueKey',
     'Issue a Till Key',
     'till issue openai --uses 50 --ttl 1h',
@@ -665,7 +687,8 @@ function card(k: KeySummary, state: State, st: Stats, now: number): HTMLElement 
 
   return h(
     'li',
-    { class: `card ${state}` },
+    // Its id keeps its element (and a focused Revoke button) when the cards above it change.
+    { class: `card ${state}`, id: `key-${k.id}` },
     h('div', { class: 'card-head' }, h('span', { class: 'label', title: k.label }, k.label), h('span', { class: `badge ${state}` }, state)),
     h(
       'div',
@@ -695,7 +718,6 @@ function card(k: KeySummary, state: State, st: Stats, now: number): HTMLElement 
           {
             class: 'button secondary small',
             type: 'button',
-            'data-focus': `revoke:${k.id}`,
             'aria-label': `Revoke till key ${k.label}`,
             disabled: revoking,
             onclick: () => {
@@ -711,17 +733,19 @@ function card(k: KeySummary, state: State, st: Stats, now: number): HTMLElement 
 }
 
 function revokedList(keys: KeySummary[], st: Stats, now: number): HTMLElement {
-  const details = h(
+  return h(
     'details',
-    { class: 'revoked-list', open: model.showRevoked },
+    {
+      class: 'revoked-list',
+      open: model.showRevoked,
+      ontoggle: (ev) => {
+        model.showRevoked = (ev.currentTarget as HTMLDetailsElement).open;
+        vscode.setState({ showRevoked: model.showRevoked });
+      },
+    },
     h('summary', {}, `Revoked (${keys.length})`),
     h('ul', { class: 'cards' }, ...keys.map((k) => card(k, 'revoked', st, now))),
-  ) as HTMLDetailsElement;
-  details.addEventListener('toggle', () => {
-    model.showRevoked = details.open;
-    vscode.setState({ showRevoked: model.showRevoked });
-  });
-  return details;
+  );
 }
 
 function requests(): HTMLElement {
