@@ -43,10 +43,8 @@ export class ConversationSizes {
     this.fd = openPrivateAppend(file);
   }
 
-  /** The tokens a stored conversation carries, when Till saw it. */
-  get(id: string): number | undefined {
-    return this.sizes.get(id);
-  }
+  /** The tokens a stored conversation carries, when Till saw it. Bound: a request's plan is given it as is. */
+  readonly get = (id: string): number | undefined => this.sizes.get(id);
 
   /** Remembers that `id` now carries `tokens`. */
   record(id: string, tokens: number): void {

@@ -45,8 +45,10 @@ export function takeRequestHold(
 ): TakenHold | Denial {
   let plan: HoldPlan | undefined;
   if (request) {
+    // Set, not spread into a copy with a new closure: this runs for every billable request.
+    request.knownContext = c.conversations.get;
     const planned = planHold(
-      { ...request, knownContext: (id) => c.conversations.get(id) },
+      request,
       key.policy,
       c.keys.remaining(key),
       c.keys.heldFor(key),
