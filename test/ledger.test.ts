@@ -13,8 +13,8 @@ import {
   Ledger,
   LedgerCorruptError,
   type KeyRecord,
-  type Reservation,
-  type ReserveRefusal,
+  type LedgerHold,
+  type HoldRefusal,
 } from '../src/core/ledger/ledger';
 import type { Policy } from '../src/core/keys/policy';
 import { runTill, spawnServe, tempHome } from './support/till';
@@ -39,14 +39,14 @@ function ledgerFile(): string {
   return join(tempHome(), 'ledger.jsonl');
 }
 
-function reserveOk(ledger: Ledger, keyId: string, n = 1): Reservation {
-  const r = ledger.reserve(keyId, { activations: n });
+function reserveOk(ledger: Ledger, keyId: string, n = 1): LedgerHold {
+  const r = ledger.hold(keyId, { activations: n });
   if (isRefusal(r)) throw new Error(`expected a reservation, got a refusal: ${JSON.stringify(r)}`);
   return r;
 }
 
-function reserveRefused(ledger: Ledger, keyId: string, n = 1): ReserveRefusal {
-  const r = ledger.reserve(keyId, { activations: n });
+function reserveRefused(ledger: Ledger, keyId: string, n = 1): HoldRefusal {
+  const r = ledger.hold(keyId, { activations: n });
   if (!isRefusal(r)) throw new Error(`expected a refusal, got reservation ${r.id}`);
   return r;
 }
@@ -141,7 +141,7 @@ describe('ledger: reservations', () => {
     // A key without a limit never runs out.
     for (let i = 0; i < 20; i++) ledger.settle(reserveOk(ledger, other.id));
     expect(used(ledger, other.id)).toBe(20);
-    expect(() => ledger.reserve('nope', { activations: 1 })).toThrow(/unknown key/);
+    expect(() => ledger.hold('nope', { activations: 1 })).toThrow(/unknown key/);
     ledger.close();
 
     const again = Ledger.open(file);
@@ -157,7 +157,7 @@ describe('ledger: reservations', () => {
       hash: key.hash,
     });
     expect(keyState(again.get(key.id)!)).toBe('exhausted');
-    expect(isRefusal(again.reserve(key.id, { activations: 1 }))).toBe(true);
+    expect(isRefusal(again.hold(key.id, { activations: 1 }))).toBe(true);
     again.close();
   });
 
@@ -293,7 +293,7 @@ describe('ledger: compaction', () => {
     const key = record({ maxActivations: 50 });
     ledger.addKey(key);
     // Every 3rd write compacts, whichever write it is: a reserve, a settle or a release.
-    const open: Reservation[] = [];
+    const open: LedgerHold[] = [];
     for (let i = 0; i < 12; i++) open.push(reserveOk(ledger, key.id));
     for (let i = 0; i < 4; i++) ledger.settle(open.shift()!);
     for (let i = 0; i < 3; i++) ledger.release(open.shift()!);

@@ -672,7 +672,7 @@ export class Exchange {
     const { c, info } = this;
     if (this.registered) c.requests.delete(this.registered);
     const spent = this.settle(aborted);
-    this.hold?.done(spent?.amounts, spent?.details);
+    this.hold?.settle(spent?.amounts, spent?.details);
     this.remember(spent);
     const latencyMs = Math.round((performance.now() - this.started) * 10) / 10;
     // Built field by field: spreads allocate, and this runs for every request.
@@ -702,7 +702,7 @@ export class Exchange {
   }
 
   private releaseHold(): void {
-    this.hold?.done();
+    this.hold?.settle();
     this.hold = undefined;
   }
 

@@ -76,7 +76,7 @@ export class Broker {
   private readonly credentialForms = new Map<string, CredentialForms>();
   private readonly options: BrokerOptions & { [K in keyof typeof BROKER_DEFAULTS]: number };
   private port = 0;
-  /** Ends each admitted request still open; close() runs them so no reservation outlives the ledger. */
+  /** Ends each admitted request still open; close() runs them so no hold outlives the ledger. */
   private readonly requests = new InFlightList<() => void>();
   /** The same for WebSocket sessions (few and long-lived, so a Set does: see inFlightList.ts). */
   private readonly open = new Set<() => void>();

@@ -47,17 +47,11 @@ export function takeRequestHold(
   if (request) {
     // Set, not spread into a copy with a new closure: this runs for every billable request.
     request.knownContext = c.conversations.get;
-    const planned = planHold(
-      request,
-      key.policy,
-      c.keys.remaining(key),
-      c.keys.heldFor(key),
-      c.prices,
-    );
+    const planned = planHold(request, key.policy, c.keys.remaining(key), c.keys.heldFor(key), c.prices);
     if (isDenial(planned)) return planned;
     plan = planned;
   }
-  const hold = c.keys.admit(key, plan?.amounts, flight, { batch, smallest: plan?.smallest });
+  const hold = c.keys.hold(key, plan?.amounts, flight, { batch, smallest: plan?.smallest });
   if (isDenial(hold)) return hold;
   const limited = plan !== undefined && (plan.meters.tokens || plan.meters.spend);
   // Built field by field: spreads allocate, and this runs for every request.

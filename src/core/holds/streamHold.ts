@@ -39,7 +39,7 @@
 import { CUT_MARGIN_TOKENS, holdAmounts, type HoldPlan } from './plan';
 import type { Denial } from '../denial';
 import { growthRefusal, type Hold } from '../keys/keys';
-import type { ReserveRefusal } from '../ledger/ledger';
+import type { HoldRefusal } from '../ledger/ledger';
 import type { Usage } from '../metering/usage';
 import { costAt, ratesFor } from '../metering/pricing';
 import { MICROS } from '../keys/policy';
@@ -189,7 +189,7 @@ export class StreamHold {
   }
 
   /** Holds `output` tokens and `calls` from now on; the meter that is short when the key cannot cover it. */
-  private resize(output: number, calls: number[]): ReserveRefusal | undefined {
+  private resize(output: number, calls: number[]): HoldRefusal | undefined {
     const results = this.resultTokens(calls);
     const pricing = { meters: this.plan.meters, outputRate: this.outputRate, feesMicros: this.otherFees + this.toolFees(calls) };
     const refused = this.hold.resize(

@@ -1,18 +1,10 @@
 /**
- * Till keys at run time: issue, authenticate, rate and concurrency limits, reservations,
+ * Till keys at run time: issue, authenticate, rate and concurrency limits, holds,
  * revocation of in-flight requests, and the key events. The HTTP broker asks; this decides.
  */
 import { isDenial, limitRefusal, type Denial } from '../denial';
 import type { KeySummary, TillEvents } from '../events';
-import {
-  isRefusal,
-  keyState,
-  type KeyRecord,
-  type Ledger,
-  type Reservation,
-  type ReserveRefusal,
-  type SettleDetails,
-} from '../ledger/ledger';
+import { isRefusal, keyState, type KeyRecord, type Ledger, type LedgerHold, type HoldRefusal, type SettleDetails } from '../ledger/ledger';
 import type { InFlightEntry } from '../broker/inFlightList';
 import { buildPolicy, hasLimits, limitsOf, MICROS, type Amounts, type Meter, type Policy } from './policy';
 import { formatAmount } from './present';
@@ -39,14 +31,14 @@ export interface Hold {
    * before this returns). When the key cannot cover a growth, nothing changes and the meter that
    * is short is returned (see {@link growthRefusal}).
    */
-  resize(amounts: Amounts): ReserveRefusal | undefined;
+  resize(amounts: Amounts): HoldRefusal | undefined;
   /** What it holds now. */
   held(): Amounts;
   /**
    * Ends the request's hold on the key, and frees its concurrency slot: settles to `actual`
    * (default: what it holds) if it reached the upstream, else releases.
    */
-  done(actual?: Amounts, details?: SettleDetails): void;
+  settle(actual?: Amounts, details?: SettleDetails): void;
 }
 
 /** What `extend` adds to a key's limits (a limit the key does not have stays unlimited). */
@@ -73,7 +65,7 @@ const THRESHOLDS = [0.5, 0.8] as const;
 const MINUTE = 60_000;
 
 /** Why a hold was refused: what the request asked for (`wanted`), or `why` when said. */
-function refusal(r: ReserveRefusal, wanted: number, why?: string): Denial {
+function refusal(r: HoldRefusal, wanted: number, why?: string): Denial {
   return limitRefusal(
     r.meter,
     { limit: r.limit, used: r.used, held: r.reserved },
@@ -82,7 +74,7 @@ function refusal(r: ReserveRefusal, wanted: number, why?: string): Denial {
 }
 
 /** The denial for a growth of a hold the key could not cover ({@link Hold.resize}), and why it was needed. */
-export function growthRefusal(r: ReserveRefusal, why: string): Denial {
+export function growthRefusal(r: HoldRefusal, why: string): Denial {
   return refusal(r, 0, why);
 }
 
@@ -252,7 +244,7 @@ export class TillKeys {
    * smallest request to the same model would hold: once the key cannot cover it, its 100 % alert
    * fires at settlement. `batch` lets the hold's ledger write join the turn's others.
    */
-  admit(
+  hold(
     key: KeyRecord,
     amounts: Amounts | undefined,
     flight: InFlight,
@@ -288,14 +280,14 @@ export class TillKeys {
       times.push(now);
       this.recent.set(key.id, times);
     }
-    let reservation: Reservation | undefined;
+    let taken: LedgerHold | undefined;
     if (amounts) {
-      const result = this.ledger.reserve(key.id, amounts, options.batch === true);
+      const result = this.ledger.hold(key.id, amounts, options.batch === true);
       if (isRefusal(result)) return refusal(result, amounts[result.meter] ?? 0);
-      reservation = result;
+      taken = result;
     }
     this.inFlight.set(key.id, flights);
-    return new KeyHold(this, this.ledger, key, reservation, flights, flights.add(flight), options.smallest);
+    return new KeyHold(this, this.ledger, key, taken, flights, flights.add(flight), options.smallest);
   }
 
   /** After a settlement: the alerts it may call for (see {@link afterSpend}). */
@@ -305,7 +297,7 @@ export class TillKeys {
 
   /**
    * Registers a long-lived connection of a key (a WebSocket) so that revocation cuts it. It
-   * holds no concurrency slot or reservation: each request made over it is admitted on its own.
+   * holds no concurrency slot or hold: each request made over it takes its own.
    * Returns the function that unregisters it.
    */
   track(key: KeyRecord, session: InFlight): () => void {
@@ -318,7 +310,7 @@ export class TillKeys {
     };
   }
 
-  /** Runs `then` once every reservation made so far is written to the ledger. */
+  /** Runs `then` once every hold taken so far is written to the ledger. */
   whenDurable(then: () => void): void {
     this.ledger.whenDurable(then);
   }
@@ -443,7 +435,8 @@ class KeyHold implements Hold {
     private readonly keys: TillKeys,
     private readonly ledger: Ledger,
     private readonly key: KeyRecord,
-    private readonly reservation: Reservation | undefined,
+    /** Its hold in the ledger (none: the request is free). */
+    private readonly ledgerHold: LedgerHold | undefined,
     private readonly flights: InFlightList<InFlight>,
     private readonly entry: InFlightEntry<InFlight>,
     private readonly smallest: Amounts | undefined,
@@ -454,25 +447,25 @@ class KeyHold implements Hold {
   }
 
   held(): Amounts {
-    return { ...(this.reservation?.amounts ?? {}) };
+    return { ...(this.ledgerHold?.amounts ?? {}) };
   }
 
-  resize(amounts: Amounts): ReserveRefusal | undefined {
-    // An ended hold holds nothing more (the ledger says the same of a reservation no longer open).
-    if (this.finished || !this.reservation) return undefined;
-    return this.ledger.adjust(this.reservation, amounts);
+  resize(amounts: Amounts): HoldRefusal | undefined {
+    // An ended hold holds nothing more (the ledger says the same of a hold no longer open).
+    if (this.finished || !this.ledgerHold) return undefined;
+    return this.ledger.resize(this.ledgerHold, amounts);
   }
 
-  done(actual?: Amounts, details?: SettleDetails): void {
+  settle(actual?: Amounts, details?: SettleDetails): void {
     if (this.finished) return;
     this.finished = true;
     this.flights.delete(this.entry);
-    if (!this.reservation) return;
+    if (!this.ledgerHold) return;
     if (this.reached) {
-      this.ledger.settle(this.reservation, actual ?? this.reservation.amounts, details);
+      this.ledger.settle(this.ledgerHold, actual ?? this.ledgerHold.amounts, details);
       this.keys.settled(this.key, this.smallest);
     } else {
-      this.ledger.release(this.reservation);
+      this.ledger.release(this.ledgerHold);
     }
   }
 }

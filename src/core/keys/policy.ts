@@ -1,6 +1,6 @@
 /**
  * A till key's policy: its limits and its scope. Limits that are spent (activations now,
- * tokens and spend later) are "meters" so that one reservation mechanism covers them all.
+ * tokens and spend later) are "meters" so that one mechanism of holds covers them all.
  */
 import { matchPattern } from '../providers/providers';
 

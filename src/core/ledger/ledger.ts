@@ -4,7 +4,7 @@
  * One append-only journal file of checksummed JSON lines, replayed at open and compacted
  * into a fresh file by atomic rename. Every change is written (one `write(2)`) before it is
  * acknowledged, so `kill -9` at any moment loses nothing acknowledged: the OS already holds
- * the bytes. A hold (reservation) that was open when the process died may have reached the
+ * the bytes. A hold that was open when the process died may have reached the
  * upstream, so at the next open it counts as spent at the amounts it last held: after a crash a
  * key can lose what a request never used, but it can never serve more than its limit.
  *
@@ -80,14 +80,14 @@ export function keyState(key: KeyRecord, now = Date.now()): KeyState {
  * A hold on part of a key's limits for one request in flight: the object the ledger keeps while
  * it is open, so its amounts are what it holds now (changed only by {@link Ledger.adjust}).
  */
-export interface Reservation {
+export interface LedgerHold {
   readonly id: number;
   readonly keyId: string;
   amounts: Amounts;
 }
 
-/** Why a reservation was refused: the meter, and how much is used and held. */
-export interface ReserveRefusal {
+/** Why a hold was refused: the meter, and how much is used and held. */
+export interface HoldRefusal {
   meter: Meter;
   limit: number;
   used: number;
@@ -123,7 +123,7 @@ function encode(entry: Entry): string {
   return `${crc32(json).toString(16).padStart(8, '0')} ${json}\n`;
 }
 
-// Keys of the number-only objects in reservations and settlements (amounts, token counts).
+// Keys of the number-only objects in holds and settlements (amounts, token counts).
 const NUMBER_FIELDS = new Set(['activations', 'tokens', 'spend', 'input', 'output', 'cached', 'reasoning']);
 
 /** A flat object of numbers as JSON.stringify writes it; undefined for anything else. */
@@ -159,7 +159,7 @@ function detailsJson(d: SettleDetails): string | undefined {
 const PLAIN_ID = /^[0-9A-Za-z]+$/;
 
 /**
- * The JSON of the entries written on every request (reservations, settlements, releases),
+ * The JSON of the entries written on every request (holds, settlements, releases),
  * built from their known shape: the same text as JSON.stringify, which on a busy broker cost
  * several microseconds per entry (it looks up `toJSON` on every object and escapes strings
  * character by character). Undefined for any other entry, or one with unexpected contents.
@@ -206,7 +206,7 @@ function encodeInto(out: PendingBytes, entry: Entry): void {
 }
 
 /** The first meter on which `extra` more would take `key` past its limit, with the figures; undefined when it fits. */
-function overLimit(key: KeyRecord, reserved: Amounts, extra: Amounts): ReserveRefusal | undefined {
+function overLimit(key: KeyRecord, reserved: Amounts, extra: Amounts): HoldRefusal | undefined {
   if (!hasLimits(key.policy)) return undefined;
   const limits = limitsOf(key.policy);
   for (const meter of Object.keys(extra) as Meter[]) {
@@ -258,9 +258,9 @@ export interface LedgerOptions {
 /** The durable store of keys and counters. Single writer: the broker process. */
 export class Ledger {
   private readonly keysById = new Map<string, KeyRecord>();
-  private readonly reservedByKey = new Map<string, Amounts>();
-  private readonly open = new Map<number, Reservation>();
-  private nextReservation = 1;
+  private readonly heldByKey = new Map<string, Amounts>();
+  private readonly open = new Map<number, LedgerHold>();
+  private nextHold = 1;
   /** Entries not yet written, in order (see {@link defer}). */
   private readonly deferred = new PendingBytes();
   private durable: (() => void)[] = [];
@@ -283,13 +283,13 @@ export class Ledger {
     ensurePrivateFolder(dirname(file), 'the ledger folder');
     const text = readPrivateFile(file);
     if (text !== undefined) ledger.replay(text);
-    // Reservations open at the last stop may have reached the upstream: count them as spent.
+    // Holds open at the last stop may have reached the upstream: count them as spent.
     for (const res of ledger.open.values()) {
       const key = ledger.keysById.get(res.keyId);
       if (key) add(key.used, res.amounts, 1);
     }
     ledger.open.clear();
-    ledger.reservedByKey.clear();
+    ledger.heldByKey.clear();
     ledger.compact();
     return ledger;
   }
@@ -340,7 +340,7 @@ export class Ledger {
       case 'res': {
         const res = { id: entry.r, keyId: entry.k, amounts: entry.a };
         this.open.set(res.id, res);
-        this.nextReservation = Math.max(this.nextReservation, res.id + 1);
+        this.nextHold = Math.max(this.nextHold, res.id + 1);
         add(this.reservedFor(res.keyId), res.amounts, 1);
         return;
       }
@@ -367,13 +367,13 @@ export class Ledger {
   }
 
   private reservedFor(keyId: string): Amounts {
-    let r = this.reservedByKey.get(keyId);
-    if (!r) this.reservedByKey.set(keyId, (r = {}));
+    let r = this.heldByKey.get(keyId);
+    if (!r) this.heldByKey.set(keyId, (r = {}));
     return r;
   }
 
   /**
-   * Writes an entry now, with any deferred ones before it (order is kept). Reservations,
+   * Writes an entry now, with any deferred ones before it (order is kept). Holds,
    * keys, revocations and policies are written before they are acknowledged.
    */
   private write(entry: Entry, sync = false): void {
@@ -385,7 +385,7 @@ export class Ledger {
 
   /**
    * Defers an entry to the next write or the end of this event-loop turn: settlements and
-   * releases only ever lower what a crash would count (an open reservation counts as spent,
+   * releases only ever lower what a crash would count (an open hold counts as spent,
    * and it is the worst case), so a busy broker saves a write per request.
    */
   private defer(entry: Entry): void {
@@ -407,8 +407,8 @@ export class Ledger {
   }
 
   /**
-   * Runs `then` once everything reserved so far is written (at once when it is). Group commit:
-   * a busy broker writes the reservations of many requests in one write before forwarding any.
+   * Runs `then` once every hold taken so far is written (at once when it is). Group commit:
+   * a busy broker writes the holds of many requests in one write before forwarding any.
    */
   whenDurable(then: () => void): void {
     if (this.deferred.length === 0) return then();
@@ -422,7 +422,7 @@ export class Ledger {
   /**
    * Compacts when the journal is long. Called by each change only once its in-memory state is
    * updated: compacting inside `write` would snapshot the state from before the entry just
-   * written (a settle's spending, a new reservation) and lose it from the file.
+   * written (a settle's spending, a new hold) and lose it from the file.
    */
   private compactIfDue(): void {
     if (this.entries >= this.compactAfter) this.compact();
@@ -452,7 +452,7 @@ export class Ledger {
 
   /** Amounts held by requests in flight. */
   reserved(id: string): Amounts {
-    return this.reservedByKey.get(id) ?? {};
+    return this.heldByKey.get(id) ?? {};
   }
 
   /** Records a newly issued key (synced to disk: an issued key must survive a power cut too). */
@@ -483,17 +483,17 @@ export class Ledger {
   }
 
   /**
-   * Atomically holds `amounts` against the key's limits. Returns the reservation, or why not.
+   * Atomically holds `amounts` against the key's limits. Returns the hold, or why not.
    * Synchronous on purpose: no other request can run between the check and the hold.
    */
-  reserve(keyId: string, amounts: Amounts, batch = false): Reservation | ReserveRefusal {
+  hold(keyId: string, amounts: Amounts, batch = false): LedgerHold | HoldRefusal {
     const key = this.keysById.get(keyId);
     if (!key) throw new Error(`unknown key ${keyId}`);
     const reserved = this.reservedFor(keyId);
     const refused = overLimit(key, reserved, amounts);
     if (refused) return refused;
-    const res: Reservation = { id: this.nextReservation++, keyId, amounts };
-    // Batched: written with every other reservation of this turn, in one write, before any of
+    const res: LedgerHold = { id: this.nextHold++, keyId, amounts };
+    // Batched: written with every other hold of this turn, in one write, before any of
     // them is acted on (the caller waits for {@link whenDurable}).
     if (batch) this.defer({ t: 'res', r: res.id, k: keyId, a: amounts });
     else this.write({ t: 'res', r: res.id, k: keyId, a: amounts });
@@ -509,7 +509,7 @@ export class Ledger {
    * before the caller lets the request use it; a shrink with the next write. Returns the refusal,
    * or undefined when the hold now holds `amounts` (also when the hold is no longer open).
    */
-  adjust(res: Reservation, amounts: Amounts): ReserveRefusal | undefined {
+  resize(res: LedgerHold, amounts: Amounts): HoldRefusal | undefined {
     if (!this.open.has(res.id)) return undefined;
     const key = this.keysById.get(res.keyId);
     const reserved = this.reservedFor(res.keyId);
@@ -534,8 +534,8 @@ export class Ledger {
     return undefined;
   }
 
-  /** Turns a reservation into spending of `actual` (by default, what it holds now). */
-  settle(res: Reservation, actual: Amounts = res.amounts, details?: SettleDetails): void {
+  /** Settles a hold: it becomes spending of `actual` (by default, what it holds now). */
+  settle(res: LedgerHold, actual: Amounts = res.amounts, details?: SettleDetails): void {
     if (!this.open.delete(res.id)) return;
     this.defer(details ? { t: 'set', r: res.id, u: actual, d: details } : { t: 'set', r: res.id, u: actual });
     add(this.reservedFor(res.keyId), res.amounts, -1);
@@ -544,8 +544,8 @@ export class Ledger {
     this.compactIfDue();
   }
 
-  /** Gives a reservation back: the request never reached the upstream. */
-  release(res: Reservation): void {
+  /** Releases a hold: the request never reached the upstream. */
+  release(res: LedgerHold): void {
     if (!this.open.delete(res.id)) return;
     this.defer({ t: 'rel', r: res.id });
     add(this.reservedFor(res.keyId), res.amounts, -1);
@@ -559,7 +559,7 @@ export class Ledger {
   }
 }
 
-/** True when a value is a refusal rather than a reservation. */
-export function isRefusal(value: Reservation | ReserveRefusal): value is ReserveRefusal {
+/** True when a value is a refusal rather than a hold. */
+export function isRefusal(value: LedgerHold | HoldRefusal): value is HoldRefusal {
   return 'meter' in value && 'limit' in value;
 }

@@ -222,7 +222,7 @@ export class Session {
         if (isDenial(planned)) return this.refuse(planned);
         amounts = planned.amounts;
       }
-      const admitted = this.o.keys.admit(key, amounts, { cut: (d) => this.cut(d) });
+      const admitted = this.o.keys.hold(key, amounts, { cut: (d) => this.cut(d) });
       if (isDenial(admitted)) return this.refuse(admitted);
       this.admission = admitted;
       this.o.events.emit({ type: 'request.started', at: Date.now(), request: info });
@@ -751,7 +751,7 @@ export class Session {
       details = s.details;
       used = s.usage;
     }
-    turn.hold.done(amounts, details);
+    turn.hold.settle(amounts, details);
     const latencyMs = Math.round((performance.now() - turn.started) * 10) / 10;
     this.o.events.emit({
       type: 'request.finished',
@@ -886,7 +886,7 @@ export class Session {
     const admission = this.admission;
     if (!admission) return;
     this.admission = undefined;
-    admission.done();
+    admission.settle();
     const latencyMs = Math.round((performance.now() - this.s.started) * 10) / 10;
     this.o.events.emit({
       type: 'request.finished',
