@@ -16,7 +16,7 @@ import {
   type LedgerHold,
   type HoldRefusal,
 } from '../src/core/ledger/ledger';
-import type { Policy } from '../src/core/keys/policy';
+import type { Policy } from '../src/core/policy/policy';
 import { runTill, spawnServe, tempHome } from './support/till';
 
 let nextId = 0;

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { buildPolicy, parseDuration, scopeViolation } from '../src/core/keys/policy';
+import { buildPolicy, parseDuration, scopeViolation } from '../src/core/policy/policy';
 import { describePolicy } from '../src/core/keys/present';
 import { CATALOGUE, isFreeRoute, matchPattern, ProviderRegistry, upstreamEnvVar } from '../src/core/providers/providers';
 

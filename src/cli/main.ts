@@ -12,7 +12,7 @@ import { ControlClient, NotRunningError } from '../core/runtime/control';
 import { CredentialList, CredentialStore, checkCredentialName } from '../core/credentials/credentials';
 import type { KeySummary, TillEvent } from '../core/events';
 import { defaultHome, openHome, readConfig, type TillPaths } from '../core/runtime/home';
-import { limitsOf, type Amounts } from '../core/keys/policy';
+import { limitsOf, type Amounts } from '../core/policy/policy';
 import { callsUsed, describePolicy, formatAmount, formatCount, formatUsd, spendUsed, timeLeft } from '../core/keys/present';
 import { holdLease, type HeldLease } from '../core/runtime/leases';
 import { providerEnvNames, ProviderRegistry } from '../core/providers/providers';

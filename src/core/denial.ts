@@ -3,8 +3,6 @@
  * the usual error type, with a message a person understands. A message never holds a key.
  */
 import type { DenialCode } from './events';
-import { type Meter } from './keys/policy';
-import { formatCount, formatUsd } from './keys/present';
 import { builtInProvider } from './providers/providers';
 import type { ErrorShape } from './providers/wire';
 
@@ -25,25 +23,9 @@ export function isDenial<T extends object>(value: T | Denial): value is Denial {
   return 'status' in value && 'code' in value && 'message' in value;
 }
 
-/** The refusal of a request outside its key's scope (keys/policy.ts says why), or undefined when it is within. */
+/** The refusal of a request outside its key's scope (policy/policy.ts says why), or undefined when it is within. */
 export function outOfScope(why: string | undefined): Denial | undefined {
   return why === undefined ? undefined : { status: 403, code: 'out_of_scope', message: why };
-}
-
-/**
- * The refusal of a request a limit cannot cover, in one set of words everywhere: which limit,
- * what is used, held by requests in flight and left ("0 held" included), then `asked` (what the
- * request needed, and why).
- */
-export function limitRefusal(meter: Meter, state: { limit: number; used: number; held: number }, asked: string): Denial {
-  const { limit, used, held } = state;
-  const left = Math.max(0, limit - used - held);
-  const n = (amount: number) => (meter === 'spend' ? formatUsd(amount) : formatCount(amount));
-  const message =
-    meter === 'activations'
-      ? `till key exhausted: ${n(used)} of ${n(limit)} activations used${held > 0 ? ` (${n(held)} more in flight)` : ''}`
-      : `${meter === 'tokens' ? 'till key out of tokens' : 'till key over budget'}: ${n(used)} of ${meter === 'tokens' ? `${n(limit)} tokens used` : `${n(limit)} spent`}, ${n(held)} held by requests in flight, ${n(left)} left; ${asked}`;
-  return { status: 429, code: 'exhausted', message };
 }
 
 const ANTHROPIC_TYPES: Record<number, string> = {

@@ -3,7 +3,7 @@
  * Events carry ids, labels and numbers; never a key or a credential.
  */
 import { EventEmitter } from 'node:events';
-import type { Amounts, Meter } from './keys/policy';
+import type { Amounts, Meter } from './policy/policy';
 import type { KeyState } from './ledger/ledger';
 
 /** A key as shown to people and tools: everything but its hash. */
@@ -14,7 +14,7 @@ export interface KeySummary {
   credential: string;
   createdAt: number;
   state: KeyState;
-  policy: import('./keys/policy').Policy;
+  policy: import('./policy/policy').Policy;
   used: Amounts;
   reserved: Amounts;
   /** What is left of each limited meter. */

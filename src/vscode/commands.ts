@@ -8,7 +8,7 @@
 import * as vscode from 'vscode';
 import { isAgentName, type AgentName } from '../core/agents/agents';
 import type { KeySummary } from '../core/events';
-import { parseDuration, type PolicyInput } from '../core/keys/policy';
+import { parseDuration, type PolicyInput } from '../core/policy/policy';
 import { providerBaseUrl, ProviderRegistry } from '../core/providers/providers';
 import type { IssuedKey, IssueInput } from '../core/runtime/controlApi';
 import type { AgentTerminals } from './agentTerminals';

@@ -7,7 +7,7 @@
 import * as vscode from 'vscode';
 import type { KeySummary, TillEvent } from '../core/events';
 import type { Extension } from '../core/keys/keys';
-import { limitsOf, type Meter } from '../core/keys/policy';
+import { limitsOf, type Meter } from '../core/policy/policy';
 import { formatAmount } from '../core/keys/present';
 import { COMMANDS, SETTINGS } from './constants';
 import type { TillSession } from './session';

@@ -6,7 +6,7 @@ import * as vscode from 'vscode';
 import { TillConnection } from '../core/runtime/connection';
 import { CredentialStore } from '../core/credentials/credentials';
 import { defaultHome, tillPaths, type TillPaths } from '../core/runtime/home';
-import { buildPolicy, type PolicyInput } from '../core/keys/policy';
+import { buildPolicy, type PolicyInput } from '../core/policy/policy';
 import { upstreamEnvVar } from '../core/providers/providers';
 import { DEFAULT_PORT } from '../core/broker/server';
 import { KeychainVault } from '../core/credentials/vault';

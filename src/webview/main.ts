@@ -8,7 +8,7 @@
  */
 import type { KeySummary } from '../core/events';
 import type { TokenCounts } from '../core/ledger/ledger';
-import { limitsOf, METERS, type Amounts, type Meter } from '../core/keys/policy';
+import { limitsOf, METERS, type Amounts, type Meter } from '../core/policy/policy';
 import { formatAmount, formatSpent, formatUsd } from '../core/keys/present';
 import type { RequestRecord } from '../core/events';
 import morphdom from 'morphdom';

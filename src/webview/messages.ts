@@ -8,7 +8,6 @@
 import type { TillRole } from '../core/runtime/connection';
 import type { KeySummary, TillEvent } from '../core/events';
 import type { RequestRecord } from '../core/events';
-import type { COMMANDS } from '../vscode/constants';
 
 /** Host → page. */
 export type HostMessage =
@@ -43,8 +42,11 @@ export type HostMessage =
 /** The events the host relays to the page. */
 export type LiveEvent = Exclude<TillEvent, { type: 'request.started' }>;
 
-/** The only commands the page may ask the host to run; the host checks again against its own list. */
-export type PageCommand = typeof COMMANDS.issueKey | typeof COMMANDS.addCredential | typeof COMMANDS.openDashboard;
+/**
+ * The only commands the page may ask the host to run; the host checks again against its own list
+ * (usageView.ts builds it from vscode/constants.ts, a type error if the two differ).
+ */
+export type PageCommand = 'till.issueKey' | 'till.addCredential' | 'till.openDashboard';
 
 /** Page → host. The host treats every field as untrusted input. */
 export type PageMessage =

@@ -7,7 +7,7 @@
 import type { TillRole } from '../core/runtime/connection';
 import type { KeySummary, RequestRecord, RequestUsage } from '../core/events';
 import type { TokenCounts } from '../core/ledger/ledger';
-import type { Amounts, Meter } from '../core/keys/policy';
+import type { Amounts, Meter } from '../core/policy/policy';
 import { mergeRecords, type HostMessage, type LiveEvent } from './messages';
 
 export const MINUTE = 60_000;

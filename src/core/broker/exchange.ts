@@ -17,20 +17,20 @@
  */
 import * as http from 'node:http';
 import * as https from 'node:https';
-import { auditRecord, type AuditLog } from '../ledger/audit';
+import { auditRecord, type AuditLog } from '../audit/audit';
 import { cutUsage, settlement, type HoldPlan } from '../holds/plan';
 import type { ConversationSizes } from '../holds/contexts';
 import { denialEvent, denialResponse, isDenial, outOfScope, type Denial } from '../denial';
 import { duplicateKey } from './duplicateKeys';
 import type { RequestInfo, RequestUsage, TillEvent, TillEvents } from '../events';
 import { clientDenial, credentialDenial, findTillKey, forwardedHeaders, noUpstreamDenial, pathDenial, splitUrl } from './frontDoor';
-import type { InFlightEntry, InFlightList } from './inFlightList';
+import type { InFlightEntry, InFlightList } from '../keys/inFlightList';
 import type { Hold, TillKeys } from '../keys/keys';
 import type { KeyRecord, SettleDetails } from '../ledger/ledger';
 import { usageFormat, usageFromJson, type Usage } from '../metering/usage';
 import type { UsageFormat } from '../providers/wire';
 import { StreamMeter } from '../metering/streamMeter';
-import { methodViolation, modelViolation, pathViolation, type Amounts } from '../keys/policy';
+import { methodViolation, modelViolation, pathViolation, type Amounts } from '../policy/policy';
 import type { PriceTable } from '../metering/pricing';
 import { apiPath, isFreeRoute, KEY_QUERY_PARAMS, type Provider, type ProviderRegistry } from '../providers/providers';
 import { takeRequestHold } from '../holds/requestHold';

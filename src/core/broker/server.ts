@@ -8,13 +8,13 @@
 import * as http from 'node:http';
 import * as https from 'node:https';
 import type { AddressInfo } from 'node:net';
-import type { AuditLog } from '../ledger/audit';
+import type { AuditLog } from '../audit/audit';
 import { ConnectionBudget } from './connectionBudget';
 import { ConversationSizes } from '../holds/contexts';
 import type { TillEvents } from '../events';
 import { Exchange, type ExchangeContext } from './exchange';
 import { MAX_HEADERS } from './frontDoor';
-import { InFlightList } from './inFlightList';
+import { InFlightList } from '../keys/inFlightList';
 import type { TillKeys } from '../keys/keys';
 import { withDefaults } from '../options';
 import type { PriceTable } from '../metering/pricing';

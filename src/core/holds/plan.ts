@@ -23,15 +23,15 @@
  *   could cover it; otherwise it is lowered to what the key can cover now, a ceiling for that
  *   request alone.
  */
-import { limitRefusal, type Denial } from '../denial';
+import type { Denial } from '../denial';
 import type { RequestUsage } from '../events';
 import { maxImageTokens, imageTokens } from '../estimate/imageTokens';
 import type { SettleDetails, TokenCounts } from '../ledger/ledger';
 import { estimateTokens, type Usage } from '../metering/usage';
 import type { UsageFormat } from '../providers/wire';
 import { type GeneratedText } from '../metering/streamMeter';
-import { MICROS, type Amounts, type Policy } from '../keys/policy';
-import { formatAmount } from '../keys/present';
+import { MICROS, type Amounts, type Policy } from '../policy/policy';
+import { formatAmount, limitRefusal } from '../keys/present';
 import { costAt, ratesFor, type ModelLimits, type ModelPrice, type PriceTable } from '../metering/pricing';
 import { readRequest, type RequestFacts } from '../estimate/requestFacts';
 import { counter, encodingOf, requestTokens } from '../estimate/tokenCount';

@@ -42,7 +42,7 @@ import { growthRefusal, type Hold } from '../keys/keys';
 import type { HoldRefusal } from '../ledger/ledger';
 import type { Usage } from '../metering/usage';
 import { costAt, ratesFor } from '../metering/pricing';
-import { MICROS } from '../keys/policy';
+import { MICROS } from '../policy/policy';
 import { recentLoopLagMs } from './loopLag';
 
 /** How often a stream that may produce hidden output is re-checked between chunks. */

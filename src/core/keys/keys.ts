@@ -2,13 +2,13 @@
  * Till keys at run time: issue, authenticate, rate and concurrency limits, holds,
  * revocation of in-flight requests, and the key events. The HTTP broker asks; this decides.
  */
-import { isDenial, limitRefusal, type Denial } from '../denial';
+import { isDenial, type Denial } from '../denial';
 import type { KeySummary, TillEvents } from '../events';
 import { isRefusal, keyState, type KeyRecord, type Ledger, type LedgerHold, type HoldRefusal, type SettleDetails } from '../ledger/ledger';
-import type { InFlightEntry } from '../broker/inFlightList';
-import { buildPolicy, hasLimits, limitsOf, MICROS, type Amounts, type Meter, type Policy } from './policy';
-import { formatAmount } from './present';
-import { InFlightList } from '../broker/inFlightList';
+import type { InFlightEntry } from './inFlightList';
+import { buildPolicy, hasLimits, limitsOf, MICROS, type Amounts, type Meter, type Policy } from '../policy/policy';
+import { formatAmount, limitRefusal } from './present';
+import { InFlightList } from './inFlightList';
 import { hashTillKey, makeTillKey, newKeyId, parseTillKey, tillKeyMatches } from './tillKey';
 
 /** Something in flight for a key that revocation must end. */

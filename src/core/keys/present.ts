@@ -2,8 +2,9 @@
  * How Till writes amounts, durations, policies and key summaries for people: one set of words in
  * the `till` command, the Keys tree, the Usage view, alerts and refusals.
  */
+import type { Denial } from '../denial';
 import type { KeySummary } from '../events';
-import { MICROS, type Meter, type Policy } from './policy';
+import { MICROS, type Meter, type Policy } from '../policy/policy';
 
 /** `$1.50`, `$0.0042`: enough digits to see small spends. */
 export function formatUsd(micros: number): string {
@@ -89,4 +90,20 @@ export function timeLeft(key: KeySummary, now: number, minutes = false): string 
   const left = key.policy.expiresAt - now;
   if (left <= 0) return 'expired';
   return formatDuration(minutes ? Math.ceil(left / 60_000) * 60_000 : left);
+}
+
+/**
+ * The refusal of a request a limit cannot cover, in one set of words everywhere: which limit,
+ * what is used, held by requests in flight and left ("0 held" included), then `asked` (what the
+ * request needed, and why).
+ */
+export function limitRefusal(meter: Meter, state: { limit: number; used: number; held: number }, asked: string): Denial {
+  const { limit, used, held } = state;
+  const left = Math.max(0, limit - used - held);
+  const n = (amount: number) => (meter === 'spend' ? formatUsd(amount) : formatCount(amount));
+  const message =
+    meter === 'activations'
+      ? `till key exhausted: ${n(used)} of ${n(limit)} activations used${held > 0 ? ` (${n(held)} more in flight)` : ''}`
+      : `${meter === 'tokens' ? 'till key out of tokens' : 'till key over budget'}: ${n(used)} of ${meter === 'tokens' ? `${n(limit)} tokens used` : `${n(limit)} spent`}, ${n(held)} held by requests in flight, ${n(left)} left; ${asked}`;
+  return { status: 429, code: 'exhausted', message };
 }

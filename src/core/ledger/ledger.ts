@@ -18,7 +18,7 @@ import { dirname } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { PendingBytes } from '../files/pendingBytes';
 import { ensurePrivateFolder, openPrivateAppend, readPrivateFile, writePrivateFile } from '../files/privateFolder';
-import { hasLimits, limitsOf, type Amounts, type Meter, type Policy } from '../keys/policy';
+import { hasLimits, limitsOf, type Amounts, type Meter, type Policy } from '../policy/policy';
 
 /** A till key as stored. Never holds the key itself, only its hash. */
 export interface KeyRecord {

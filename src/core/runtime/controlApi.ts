@@ -7,7 +7,7 @@
  */
 import type { KeySummary, RequestRecord, TillEvent } from '../events';
 import type { Extension } from '../keys/keys';
-import type { Policy, PolicyInput } from '../keys/policy';
+import type { Policy, PolicyInput } from '../policy/policy';
 import { ControlError, type ControlClient } from './control';
 
 /** What issuing a key is asked with: a policy, and who it is for. */

@@ -3,7 +3,7 @@
  * data folder. `till serve` runs it in the foreground; the VS Code extension hosts it in its
  * extension host.
  */
-import { AuditLog } from '../ledger/audit';
+import { AuditLog } from '../audit/audit';
 import { Broker, type BrokerOptions } from '../broker/server';
 import { ControlError, ControlServer } from './control';
 import { readCredentialName, readExtension, readIssueInput, type BrokerStatus, type IssuedKey, type IssueInput } from './controlApi';
@@ -15,7 +15,7 @@ import { TillKeys } from '../keys/keys';
 import { ConversationSizes } from '../holds/contexts';
 import { Leases } from './leases';
 import { Ledger } from '../ledger/ledger';
-import { buildPolicy, type Policy } from '../keys/policy';
+import { buildPolicy, type Policy } from '../policy/policy';
 import { ProviderRegistry, type Provider } from '../providers/providers';
 import { KeychainVault, VaultError, type Vault } from '../credentials/vault';
 import { PriceTable, readPriceOverrides, type PriceOverrides } from '../metering/pricing';

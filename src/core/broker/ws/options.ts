@@ -1,6 +1,6 @@
 /** What the WebSocket proxy and its sessions are given by the broker. */
 import type * as http from 'node:http';
-import type { AuditLog } from '../../ledger/audit';
+import type { AuditLog } from '../../audit/audit';
 import type { ConversationSizes } from '../../holds/contexts';
 import type { TillEvents } from '../../events';
 import type { TillKeys } from '../../keys/keys';

@@ -21,7 +21,7 @@ import type { KeyRecord, SettleDetails } from '../../ledger/ledger';
 import { usageFromJson, type Usage } from '../../metering/usage';
 import type { SocketDialect, UsageFormat } from '../../providers/wire';
 import { GeneratedText, isTextDelta, RESPONSES_FINAL, serverToolCall } from '../../metering/streamMeter';
-import { modelViolation, scopeViolation, type Amounts } from '../../keys/policy';
+import { modelViolation, scopeViolation, type Amounts } from '../../policy/policy';
 import { isFreeRoute, KEY_QUERY_PARAMS, type Provider } from '../../providers/providers';
 import { duplicateKey } from '../duplicateKeys';
 import { asObj, asStr, type Json } from '../../json';
