@@ -55,6 +55,20 @@ function denied(requestId: string, keyId: string, at: number): RequestRecord {
   return { type: 'request.denied', at, request: info(requestId, keyId), status: 429, reason: 'till key exhausted', code: 'exhausted' };
 }
 
+/** A stream's running usage, as the host relays it. */
+function progress(requestId: string, keyId: string, spend?: number, held?: { spend: number }): HostMessage {
+  return {
+    type: 'event',
+    event: {
+      type: 'request.progress',
+      at: NOW,
+      request: info(requestId, keyId),
+      usage: { tokens: { input: 100, output: 50, cached: 0, reasoning: 0 }, ...(spend === undefined ? {} : { spend }), estimated: true },
+      held,
+    },
+  };
+}
+
 function state(over: Partial<Extract<HostMessage, { type: 'state' }>> = {}): HostMessage {
   return {
     type: 'state',
@@ -110,18 +124,8 @@ describe('the Usage view state', () => {
 
   it('keeps open streams apart: progress repaints only their lines, their end repaints all', () => {
     const model = loaded({ keys: [key('a', { inFlight: 1 }), key('b', { inFlight: 1 })] });
-    const progress = (requestId: string, keyId: string, spend: number): HostMessage => ({
-      type: 'event',
-      event: {
-        type: 'request.progress',
-        at: NOW,
-        request: info(requestId, keyId),
-        usage: { tokens: { input: 100, output: 50, cached: 0, reasoning: 0 }, spend, estimated: true },
-        held: { spend: 20_000 },
-      },
-    });
-    expect(receive(model, progress('s1', 'a', 1000), NOW)).toEqual({ repaint: 'live' });
-    receive(model, progress('s2', 'b', 3000), NOW);
+    expect(receive(model, progress('s1', 'a', 1000, { spend: 20_000 }), NOW)).toEqual({ repaint: 'live' });
+    receive(model, progress('s2', 'b', 3000, { spend: 20_000 }), NOW);
     expect(running(model)).toMatchObject({ count: 2, spend: 4000, priced: true, tokens: 300, held: { spend: 40_000 } });
     expect(running(model, 'a')).toMatchObject({ count: 1, spend: 1000 });
     expect(receive(model, { type: 'event', event: finished('s1', 'a', NOW, 1200) }, NOW)).toEqual({ repaint: 'all' });
@@ -130,17 +134,7 @@ describe('the Usage view state', () => {
 
   it('forgets a stream whose end was missed once its key has nothing in flight, but not one that just started', () => {
     const model = loaded({ keys: [key('a', { inFlight: 1 })] });
-    const event: HostMessage = {
-      type: 'event',
-      event: {
-        type: 'request.progress',
-        at: NOW,
-        request: info('s1', 'a'),
-        usage: { tokens: { input: 1, output: 1, cached: 0, reasoning: 0 }, estimated: true },
-        held: undefined,
-      },
-    };
-    receive(model, event, NOW);
+    receive(model, progress('s1', 'a'), NOW);
     // A key list read before the stream started says nothing is in flight: the fresh stream stays.
     receive(model, { type: 'keys', keys: [key('a', { inFlight: 0 })] }, NOW + 1000);
     expect(model.streams.size).toBe(1);
@@ -151,20 +145,7 @@ describe('the Usage view state', () => {
 
   it('drops every open stream when the broker goes away', () => {
     const model = loaded({ keys: [key('a', { inFlight: 1 })] });
-    receive(
-      model,
-      {
-        type: 'event',
-        event: {
-          type: 'request.progress',
-          at: NOW,
-          request: info('s1', 'a'),
-          usage: { tokens: { input: 1, output: 1, cached: 0, reasoning: 0 }, estimated: true },
-          held: undefined,
-        },
-      },
-      NOW,
-    );
+    receive(model, progress('s1', 'a'), NOW);
     receive(model, { type: 'role', role: 'down', brokerUrl: undefined }, NOW);
     expect(model.streams.size).toBe(0);
     expect(model.role).toBe('down');

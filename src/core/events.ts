@@ -130,6 +130,30 @@ export function changesKeys(e: TillEvent): boolean {
   return e.type !== 'request.denied' && e.type !== 'request.progress';
 }
 
+/** How often an open request's running usage is announced (`request.progress`), at most. */
+export const PROGRESS_MS = 500;
+
+/**
+ * The `request.progress` of an open request (HTTP stream or WebSocket turn): what it used so far
+ * and what it holds, or undefined when its last was under {@link PROGRESS_MS} ago. `last` is the
+ * request's own clock, moved on when an event is due.
+ */
+export function progressEvent(
+  last: { at: number },
+  request: RequestInfo,
+  usage: () => RequestUsage | undefined,
+  held: (() => Amounts) | undefined,
+): Extract<TillEvent, { type: 'request.progress' }> | undefined {
+  const now = performance.now();
+  if (now - last.at < PROGRESS_MS) return undefined;
+  last.at = now;
+  const used = usage();
+  if (!used) return undefined;
+  const event: Extract<TillEvent, { type: 'request.progress' }> = { type: 'request.progress', at: Date.now(), request, usage: used };
+  if (held) event.held = held();
+  return event;
+}
+
 /** A typed event bus. Listeners that throw do not break the broker. */
 export class TillEvents {
   private readonly emitter = new EventEmitter();

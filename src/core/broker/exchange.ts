@@ -22,7 +22,7 @@ import { cutUsage, settlement, type HoldPlan } from '../holds/plan';
 import type { ConversationSizes } from '../holds/contexts';
 import { denialEvent, denialResponse, isDenial, outOfScope, type Denial } from '../denial';
 import { duplicateKey } from './duplicateKeys';
-import type { RequestInfo, RequestUsage, TillEvent, TillEvents } from '../events';
+import { progressEvent, type RequestInfo, type RequestUsage, type TillEvent, type TillEvents } from '../events';
 import { clientDenial, credentialDenial, findTillKey, forwardedHeaders, noUpstreamDenial, pathDenial, splitUrl } from './frontDoor';
 import type { InFlightEntry, InFlightList } from '../keys/inFlightList';
 import type { Hold, TillKeys } from '../keys/keys';
@@ -219,7 +219,7 @@ export class Exchange {
   /** The answer began (its head came): what it produced from then on is billed. */
   private answering = false;
   private stripUsage = false;
-  private lastProgress = 0;
+  private readonly lastProgress = { at: 0 };
   private tick: NodeJS.Timeout | undefined;
   private upRes: http.IncomingMessage | undefined;
   /** Cut short: the upstream's answer is read for the count, no longer relayed. */
@@ -612,18 +612,9 @@ export class Exchange {
 
   /** An open stream's running usage and hold, at most twice a second, for views. */
   private progress(): void {
-    const now = performance.now();
-    if (now - this.lastProgress < 500) return;
-    this.lastProgress = now;
-    const s = this.settle('progress');
-    if (s?.usage)
-      this.c.events.emit({
-        type: 'request.progress',
-        at: Date.now(),
-        request: this.info,
-        usage: s.usage,
-        ...(this.hold ? { held: this.hold.held() } : {}),
-      });
+    const hold = this.hold;
+    const event = progressEvent(this.lastProgress, this.info, () => this.settle('progress')?.usage, hold && (() => hold.held()));
+    if (event) this.c.events.emit(event);
   }
 
   // -------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import WebSocket, { WebSocketServer, type RawData } from 'ws';
 import { cutUsage, planHold, settlement, type HoldPlan, type HoldRequest } from '../../holds/plan';
 import { credentialDenial, forwardedHeaders } from '../frontDoor';
 import { denialBody, isDenial, outOfScope, type Denial } from '../../denial';
-import type { RequestInfo, RequestUsage } from '../../events';
+import { progressEvent, type RequestInfo, type RequestUsage } from '../../events';
 import type { Hold } from '../../keys/keys';
 import type { KeyRecord, SettleDetails } from '../../ledger/ledger';
 import { usageFromJson, type Usage } from '../../metering/usage';
@@ -146,7 +146,8 @@ interface Turn {
   eventId?: string;
   generated: GeneratedText;
   usage?: Usage;
-  lastProgress: number;
+  /** When its last `request.progress` went out (performance clock). */
+  lastProgress: { at: number };
 }
 
 export interface SessionSetup {
@@ -633,7 +634,7 @@ export class Session {
       streamId,
       eventId,
       generated: new GeneratedText(),
-      lastProgress: 0,
+      lastProgress: { at: 0 },
     };
   }
   private turnCount = 1;
@@ -698,23 +699,15 @@ export class Session {
       });
       if (denial) return this.cut(denial);
     }
-    const now = performance.now();
-    if (now - turn.lastProgress < 500) return;
-    turn.lastProgress = now;
-    const s = settlement(
-      this.s.provider.id,
-      turn.info.model,
-      undefined,
-      { inputEstimate: turn.plan?.inputEstimate ?? 0, outputChars: turn.generated.chars },
-      this.o.prices,
-    );
-    this.o.events.emit({
-      type: 'request.progress',
-      at: Date.now(),
-      request: turn.info,
-      usage: s.usage,
-      ...(turn.hold ? { held: turn.hold.held() } : {}),
-    });
+    const hold = turn.hold;
+    const event = progressEvent(turn.lastProgress, turn.info, () => this.settleTurn(turn, undefined).usage, hold && (() => hold.held()));
+    if (event) this.o.events.emit(event);
+  }
+
+  /** What a turn has spent, priced, from `usage` (undefined: estimated from what it produced so far). */
+  private settleTurn(turn: Turn, usage: Usage | undefined): ReturnType<typeof settlement> {
+    const estimates = { inputEstimate: turn.plan?.inputEstimate ?? 0, outputChars: turn.generated.chars };
+    return settlement(this.s.provider.id, turn.info.model, usage, estimates, this.o.prices);
   }
 
   /**
@@ -740,13 +733,7 @@ export class Session {
       amounts = { activations: 1, tokens: 0, spend: 0 };
     } else if (turn.reached) {
       const settled = aborted && turn.plan && turn.request ? cutUsage(turn.request, turn.plan, usage, turn.generated, true) : usage;
-      const s = settlement(
-        this.s.provider.id,
-        turn.info.model,
-        settled,
-        { inputEstimate: turn.plan?.inputEstimate ?? 0, outputChars: turn.generated.chars },
-        this.o.prices,
-      );
+      const s = this.settleTurn(turn, settled);
       amounts = s.amounts;
       details = s.details;
       used = s.usage;
