@@ -134,23 +134,21 @@ export function changesKeys(e: TillEvent): boolean {
 export const PROGRESS_MS = 500;
 
 /**
- * The `request.progress` of an open request (HTTP stream or WebSocket turn): what it used so far
- * and what it holds, or undefined when its last was under {@link PROGRESS_MS} ago. `last` is the
- * request's own clock, moved on when an event is due.
+ * Whether an open request (HTTP stream or WebSocket turn) is due to announce its running usage:
+ * its last `request.progress` was {@link PROGRESS_MS} ago or more. `last` is the request's own
+ * clock, moved on when it is due. Checked before anything is built: it runs for every chunk.
  */
-export function progressEvent(
-  last: { at: number },
-  request: RequestInfo,
-  usage: () => RequestUsage | undefined,
-  held: (() => Amounts) | undefined,
-): Extract<TillEvent, { type: 'request.progress' }> | undefined {
+export function progressDue(last: { at: number }): boolean {
   const now = performance.now();
-  if (now - last.at < PROGRESS_MS) return undefined;
+  if (now - last.at < PROGRESS_MS) return false;
   last.at = now;
-  const used = usage();
-  if (!used) return undefined;
-  const event: Extract<TillEvent, { type: 'request.progress' }> = { type: 'request.progress', at: Date.now(), request, usage: used };
-  if (held) event.held = held();
+  return true;
+}
+
+/** The `request.progress` of an open request: what it used so far, and what it holds of its key's limits. */
+export function progressEvent(request: RequestInfo, usage: RequestUsage, held: Amounts | undefined): TillEvent {
+  const event: Extract<TillEvent, { type: 'request.progress' }> = { type: 'request.progress', at: Date.now(), request, usage };
+  if (held) event.held = held;
   return event;
 }
 

@@ -22,7 +22,7 @@ import { cutUsage, settlement, type HoldPlan } from '../holds/plan';
 import type { ConversationSizes } from '../holds/contexts';
 import { denialEvent, denialResponse, isDenial, outOfScope, type Denial } from '../denial';
 import { duplicateKey } from './duplicateKeys';
-import { progressEvent, type RequestInfo, type RequestUsage, type TillEvent, type TillEvents } from '../events';
+import { progressDue, progressEvent, type RequestInfo, type RequestUsage, type TillEvent, type TillEvents } from '../events';
 import { clientDenial, credentialDenial, findTillKey, forwardedHeaders, noUpstreamDenial, pathDenial, splitUrl } from './frontDoor';
 import type { InFlightEntry, InFlightList } from '../keys/inFlightList';
 import type { Hold, TillKeys } from '../keys/keys';
@@ -612,9 +612,9 @@ export class Exchange {
 
   /** An open stream's running usage and hold, at most twice a second, for views. */
   private progress(): void {
-    const hold = this.hold;
-    const event = progressEvent(this.lastProgress, this.info, () => this.settle('progress')?.usage, hold && (() => hold.held()));
-    if (event) this.c.events.emit(event);
+    if (!progressDue(this.lastProgress)) return;
+    const usage = this.settle('progress')?.usage;
+    if (usage) this.c.events.emit(progressEvent(this.info, usage, this.hold?.held()));
   }
 
   // -------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import WebSocket, { WebSocketServer, type RawData } from 'ws';
 import { cutUsage, planHold, settlement, type HoldPlan, type HoldRequest } from '../../holds/plan';
 import { credentialDenial, forwardedHeaders } from '../frontDoor';
 import { denialBody, isDenial, outOfScope, type Denial } from '../../denial';
-import { progressEvent, type RequestInfo, type RequestUsage } from '../../events';
+import { progressDue, progressEvent, type RequestInfo, type RequestUsage } from '../../events';
 import type { Hold } from '../../keys/keys';
 import type { KeyRecord, SettleDetails } from '../../ledger/ledger';
 import { usageFromJson, type Usage } from '../../metering/usage';
@@ -699,9 +699,8 @@ export class Session {
       });
       if (denial) return this.cut(denial);
     }
-    const hold = turn.hold;
-    const event = progressEvent(turn.lastProgress, turn.info, () => this.settleTurn(turn, undefined).usage, hold && (() => hold.held()));
-    if (event) this.o.events.emit(event);
+    if (!progressDue(turn.lastProgress)) return;
+    this.o.events.emit(progressEvent(turn.info, this.settleTurn(turn, undefined).usage, turn.hold?.held()));
   }
 
   /** What a turn has spent, priced, from `usage` (undefined: estimated from what it produced so far). */
