@@ -14,22 +14,24 @@ import type { Duplex } from 'node:stream';
 import WebSocket, { WebSocketServer, type RawData } from 'ws';
 import { cutUsage, planHold, settlement, type HoldPlan, type HoldRequest } from '../../holds/plan';
 import { credentialDenial, forwardedHeaders } from '../frontDoor';
-import { denialBody, isDenial, outOfScope, type Denial } from '../../denial';
+import { denialBody, isDenial, type Denial } from '../../denial';
 import { progressDue, progressEvent, type RequestInfo, type RequestUsage } from '../../events';
 import type { Hold } from '../../keys/keys';
 import type { KeyRecord, SettleDetails } from '../../ledger/ledger';
-import { usageFromJson, type Usage } from '../../metering/usage';
+import { type Usage } from '../../metering/usage';
 import type { SocketDialect, UsageFormat } from '../../providers/wire';
-import { GeneratedText, isTextDelta, RESPONSES_FINAL, serverToolCall } from '../../metering/streamMeter';
-import { modelViolation, scopeViolation, type Amounts } from '../../policy/policy';
+import { GeneratedText } from '../../metering/streamMeter';
+import { type Amounts } from '../../policy/policy';
 import { isFreeRoute, KEY_QUERY_PARAMS, type Provider } from '../../providers/providers';
 import { duplicateKey } from '../duplicateKeys';
-import { asObj, asStr, type Json } from '../../json';
+import { asObj, asStr } from '../../json';
 import { takeRequestHold } from '../../holds/requestHold';
-import type { StreamHold } from '../../holds/streamHold';
 import { relayedHeaders, type CredentialForms } from '../scrub';
 import { KEY_PROTOCOL, TOKEN, writeResponse } from './handshake';
 import type { ProxyOptions } from './options';
+import { parseMessage, type Dialect, type DialectSession, type Turn } from './dialect';
+import { GEMINI_DIALECT } from './geminiDialect';
+import { OPENAI_DIALECT } from './openAiDialect';
 
 /**
  * Close codes the broker sends when it ends a WebSocket itself (4000–4999 are for applications).
@@ -101,21 +103,6 @@ function toBuffer(data: RawData): Buffer {
   return Buffer.from(data);
 }
 
-/** A message's JSON object; `null` when it is not JSON at all, undefined when it is JSON but not an object. */
-function parseMessage(data: Buffer | string): Json | null | undefined {
-  try {
-    return asObj(JSON.parse(typeof data === 'string' ? data : data.toString('utf8')));
-  } catch {
-    return null;
-  }
-}
-
-/** The `type` of an upstream event without parsing it all: OpenAI puts it first. */
-function quickType(data: Buffer): string | undefined {
-  const m = /^\s*\{\s*"type"\s*:\s*"([^"\\]{1,100})"/.exec(data.toString('latin1', 0, Math.min(data.length, 160)));
-  return m?.[1];
-}
-
 /** What a session needs of the proxy that accepted its upgrade. */
 export interface SessionHost {
   readonly options: ProxyOptions;
@@ -125,29 +112,6 @@ export interface SessionHost {
   readonly answers: WeakMap<http.IncomingMessage, { protocol: string | false; headers: string[] }>;
   refuse(socket: Duplex, info: RequestInfo, denial: Denial, started: number, denied?: boolean): void;
   audit(info: RequestInfo, status: number, started: number, denial?: Denial, reason?: string): void;
-}
-
-interface Turn {
-  /** Its model, and `billable`: false for a prewarm (`generate: false`), tracked only to match its events. */
-  info: RequestInfo;
-  started: number;
-  hold?: Hold;
-  plan?: HoldPlan;
-  /** The hold following its output (budgeted keys). */
-  streamHold?: StreamHold;
-  /** What its plan was made from, for counting a cut turn's input. */
-  request?: Pick<HoldRequest, 'model' | 'format' | 'json' | 'bodyBytes'>;
-  reached: boolean;
-  /** Set once the upstream has started it (`response.created`, Gemini's first content). */
-  begun: boolean;
-  responseId?: string;
-  streamId?: string;
-  /** The client event id (Realtime), which upstream errors name. */
-  eventId?: string;
-  generated: GeneratedText;
-  usage?: Usage;
-  /** When its last `request.progress` went out (performance clock). */
-  lastProgress: { at: number };
 }
 
 export interface SessionSetup {
@@ -165,12 +129,20 @@ export interface SessionSetup {
   started: number;
 }
 
+/** How each dialect's messages are read; a generic socket's are not (the connection is the request). */
+const READERS: Record<SocketDialect, Dialect | undefined> = {
+  responses: OPENAI_DIALECT,
+  realtime: OPENAI_DIALECT,
+  gemini: GEMINI_DIALECT,
+  generic: undefined,
+};
+
 /** One proxied WebSocket: its upstream, its requests, its end. */
-export class Session {
+export class Session implements DialectSession {
   private phase: 'connecting' | 'open' | 'ended' = 'connecting';
   private client: WebSocket | undefined;
   private upstream: WebSocket | undefined;
-  private readonly turns: Turn[] = [];
+  readonly turns: Turn[] = [];
   private untrack: () => void = () => undefined;
   /** The connection's own hold, for routes whose requests Till cannot see (generic). */
   private admission: Hold | undefined;
@@ -180,9 +152,10 @@ export class Session {
   /** Reading of [client, upstream] paused while the other side's queue drains. */
   private readonly paused = [false, false];
   /** Tokens of the last response (Realtime, Gemini): the conversation the next one carries. */
-  private lastTotal = 0;
-  private model: string | undefined;
+  lastTotal = 0;
+  model: string | undefined;
   private readonly format: UsageFormat | undefined;
+  private readonly reader: Dialect | undefined;
   private readonly o: ProxyOptions;
   private readonly stop = () => this.shutdown();
   /** The credential's forms, to scrub from what the upstream sends (set once it is read). */
@@ -196,10 +169,34 @@ export class Session {
     this.o = proxy.options;
     this.model = s.model;
     this.format = formatOf(s.dialect);
+    this.reader = READERS[s.dialect];
   }
 
   private get openAi(): boolean {
     return this.s.dialect === 'responses' || this.s.dialect === 'realtime';
+  }
+
+  // What a dialect sees of its session (dialect.ts).
+  get options(): ProxyOptions {
+    return this.o;
+  }
+  get key(): KeyRecord {
+    return this.s.key;
+  }
+  get provider(): Provider {
+    return this.s.provider;
+  }
+  get path(): string {
+    return this.s.path;
+  }
+  get dialect(): SocketDialect {
+    return this.s.dialect;
+  }
+  get isOpen(): boolean {
+    return this.phase === 'open';
+  }
+  addTurn(turn: Turn): void {
+    this.turns.push(turn);
   }
 
   async connect(): Promise<void> {
@@ -386,7 +383,7 @@ export class Session {
   // Messages
 
   /** Sends towards one side; stops reading the other while this side's queue is over the high-water mark. */
-  private send(direction: 0 | 1, data: Buffer | string, binary: boolean, sent?: () => void): void {
+  send(direction: 0 | 1, data: Buffer | string, binary: boolean, sent?: () => void): void {
     const to = direction === 0 ? this.upstream : this.client;
     const from = direction === 0 ? this.client : this.upstream;
     if (!to || !from || to.readyState !== WebSocket.OPEN) return;
@@ -427,60 +424,15 @@ export class Session {
         asStr(msg?.event_id),
       );
     }
-    if (msg === undefined) return this.send(0, data, binary);
-    if (this.s.dialect === 'gemini') return this.fromGeminiClient(msg, data, binary);
-    const type = msg.type;
-    if (type === 'response.create') return this.createResponse(msg, data, binary);
-    if (type === 'session.update' && this.s.dialect === 'realtime') {
-      const model = asStr(asObj(msg.session)?.model);
-      if (model !== undefined) {
-        const outside = outOfScope(modelViolation(this.s.key.policy.models, model, true));
-        if (outside) return this.refuseMessage(outside, asStr(msg.event_id));
-        this.model = model;
-      }
-    }
-    this.send(0, data, binary);
-  }
-
-  /** A `response.create`: a prewarm passes; anything that generates is admitted first. */
-  private createResponse(msg: Json, data: Buffer, binary: boolean): void {
-    const { key, provider, path, dialect } = this.s;
-    const prewarm = dialect === 'responses' && msg.generate === false;
-    const model = dialect === 'responses' ? (asStr(msg.model) ?? this.model) : this.model;
-    if (dialect === 'responses' && model !== undefined) this.model = model;
-    const eventId = asStr(msg.event_id);
-    const streamId = asStr(msg.stream_id);
-    const outside = outOfScope(scopeViolation(key.policy, 'POST', path, model, !prewarm));
-    if (outside) return this.refuseMessage(outside, eventId, false, model);
-    if (prewarm) {
-      this.turns.push(this.newTurn(model, false, streamId, eventId));
-      return this.send(0, data, binary);
-    }
-    // Realtime caps a response's output in `response.max_output_tokens`; the conversation it
-    // continues is what the last response carried.
-    const existing = dialect === 'realtime' ? asObj(msg.response) : msg;
-    const target = existing ?? {};
-    const turn = this.newTurn(model, true, streamId, eventId);
-    const request: HoldRequest = {
-      provider: provider.id,
-      model,
-      format: 'openai-responses',
-      json: target,
-      bodyBytes: data.length,
-      stream: true,
-      ...(dialect === 'realtime' ? { carriedContext: this.lastTotal } : {}),
-    };
-    const planned = this.holdTurn(turn, request);
-    if (isDenial(planned)) return this.refuseMessage(planned, eventId, false, model);
-    if (planned.bodyChanged && !existing) msg.response = target;
-    this.send(0, planned.bodyChanged ? JSON.stringify(msg) : data, binary && !planned.bodyChanged, () => this.reached(turn));
+    if (msg === undefined || !this.reader) return this.send(0, data, binary);
+    this.reader.fromClient(this, msg, data, binary);
   }
 
   /**
    * Plans and takes the hold of a turn (the one place every dialect does), and starts it; the
    * denial when the key cannot cover it. Known conversations come from the shared store.
    */
-  private holdTurn(turn: Turn, request: HoldRequest): HoldPlan | Denial {
+  holdTurn(turn: Turn, request: HoldRequest): HoldPlan | Denial {
     const taken = takeRequestHold(this.o, this.s.key, turn.info, request, { cut: (d) => this.cut(d) }, false);
     if (isDenial(taken)) return taken;
     turn.hold = taken.hold;
@@ -491,130 +443,18 @@ export class Session {
     return taken.plan!;
   }
 
-  private fromGeminiClient(msg: Json, data: Buffer, binary: boolean): void {
-    const { key, provider } = this.s;
-    const setup = asObj(msg.setup);
-    if (setup) {
-      const named = asStr(setup.model);
-      const model = named?.replace(/^models\//, '');
-      const outside = outOfScope(modelViolation(key.policy.models, model, true));
-      if (outside) return this.refuseMessage(outside, undefined, true, model);
-      this.model = model;
-      // Budgeted keys: each turn's output is capped to what was left when the session began.
-      if (key.policy.maxTokens !== undefined || key.policy.maxSpendUsd !== undefined) {
-        const planned = planHold(
-          { provider: provider.id, model, format: 'gemini', json: setup, bodyBytes: data.length, stream: true },
-          key.policy,
-          this.o.keys.remaining(key),
-          this.o.keys.heldFor(key),
-          this.o.prices,
-        );
-        if (isDenial(planned)) return this.refuseMessage(planned, undefined, true, model);
-        if (planned.bodyChanged) return this.send(0, JSON.stringify(msg), false);
-      }
-      return this.send(0, data, binary);
-    }
-    const content = asObj(msg.clientContent) ?? asObj(msg.client_content);
-    if (content && (content.turnComplete === true || content.turn_complete === true)) {
-      const turn = this.newTurn(this.model, true);
-      const planned = this.holdTurn(turn, {
-        provider: provider.id,
-        model: this.model,
-        format: 'gemini',
-        json: undefined,
-        bodyBytes: data.length,
-        stream: true,
-        carriedContext: this.lastTotal,
-      });
-      if (isDenial(planned)) return this.refuseMessage(planned, undefined, true);
-      return this.send(0, data, binary, () => this.reached(turn));
-    }
-    this.send(0, data, binary);
-  }
-
   private fromUpstream(data: Buffer, binary: boolean): void {
     if (this.phase !== 'open') return;
     // Never relay the credential, even in a message that echoes it (masked in place: same length).
     this.forms!.maskBytes(data);
-    if (this.s.dialect === 'gemini') this.meterGemini(data);
-    else if (this.openAi) this.meterOpenAi(data);
+    this.reader?.fromUpstream(this, data);
     if (this.phase === 'open') this.send(1, data, binary);
-  }
-
-  private meterOpenAi(data: Buffer): void {
-    let type = quickType(data);
-    let ev: Json | null | undefined;
-    if (type === undefined) {
-      ev = parseMessage(data);
-      type = asStr(ev?.type);
-      if (type === undefined) return;
-    }
-    const interesting =
-      type === 'response.created' ||
-      type === 'error' ||
-      RESPONSES_FINAL.has(type) ||
-      isTextDelta(type) ||
-      type === 'response.output_item.added';
-    if (!interesting) return;
-    ev ??= parseMessage(data);
-    if (!ev) return;
-    const response = asObj(ev.response);
-    const responseId = asStr(response?.id) ?? asStr(ev.response_id);
-    const streamId = asStr(ev.stream_id);
-    if (type === 'response.created') {
-      this.begin(responseId, streamId);
-    } else if (RESPONSES_FINAL.has(type)) {
-      const turn = this.turnFor(responseId, streamId);
-      if (turn) this.finishTurn(turn, 200, usageFromJson('openai-responses', ev));
-    } else if (type === 'error') {
-      // An error before a response began is that request's answer; later ones end with the response.
-      const error = asObj(ev.error);
-      const eventId = asStr(error?.event_id);
-      const turn =
-        this.s.dialect === 'realtime'
-          ? this.turns.find((t) => !t.begun && t.eventId !== undefined && t.eventId === eventId)
-          : this.turns.find((t) => !t.begun && (streamId === undefined || t.streamId === streamId));
-      const status = typeof ev.status === 'number' ? ev.status : 400;
-      if (turn) this.finishTurn(turn, status >= 400 ? status : 400, undefined);
-    } else if (type === 'response.output_item.added') {
-      // A server-side tool call (a web search) bills its fee and results: the hold follows it.
-      const tool = serverToolCall('openai-responses', type, ev);
-      const turn = tool === undefined ? undefined : this.turnFor(responseId, streamId, true);
-      if (turn) {
-        turn.generated.toolCall(tool);
-        this.progress(turn, undefined);
-      }
-    } else {
-      const delta = asStr(ev.delta);
-      const turn = this.turnFor(responseId, streamId, true);
-      if (turn && delta) this.progress(turn, delta);
-    }
-  }
-
-  private meterGemini(data: Buffer): void {
-    const msg = parseMessage(data);
-    if (!msg) return;
-    const content = asObj(msg.serverContent);
-    const producing =
-      asObj(content?.modelTurn) !== undefined || msg.toolCall !== undefined || asObj(content?.outputTranscription) !== undefined;
-    let turn = this.turns.find((t) => t.begun);
-    if (producing && !turn) turn = this.begin(undefined, undefined);
-    if (!turn) turn = this.turns[0];
-    if (!turn) return;
-    const usage = usageFromJson('gemini', msg);
-    if (usage) turn.usage = usage;
-    let text = asStr(asObj(content?.outputTranscription)?.text) ?? '';
-    const parts = asObj(content?.modelTurn)?.parts;
-    if (Array.isArray(parts)) for (const p of parts) text += asStr(asObj(p)?.text) ?? '';
-    // Live reports usage as it goes: the hold follows that too (its input shrinks at once).
-    if (text.length > 0 || usage) this.progress(turn, text, usage);
-    if (this.phase === 'open' && content?.turnComplete === true) this.finishTurn(turn, 200, turn.usage);
   }
 
   // -------------------------------------------------------------------------------------------
   // Requests (turns)
 
-  private newTurn(model: string | undefined, billable: boolean, streamId?: string, eventId?: string): Turn {
+  newTurn(model: string | undefined, billable: boolean, streamId?: string, eventId?: string): Turn {
     const { info } = this.s;
     const turnInfo: RequestInfo = {
       requestId: `${info.requestId}.${this.turnCount++}`,
@@ -639,7 +479,7 @@ export class Session {
   }
   private turnCount = 1;
 
-  private reached(turn: Turn): void {
+  reached(turn: Turn): void {
     if (turn.reached) return;
     turn.reached = true;
     turn.hold?.reachedUpstream();
@@ -650,7 +490,7 @@ export class Session {
    * upstream started by itself (Realtime server VAD, a Gemini turn after audio input or a tool
    * response) is admitted now; if the key cannot afford it the session ends.
    */
-  private begin(responseId: string | undefined, streamId: string | undefined): Turn | undefined {
+  begin(responseId: string | undefined, streamId: string | undefined): Turn | undefined {
     let turn = this.turns.find((t) => !t.begun && (streamId === undefined || t.streamId === undefined || t.streamId === streamId));
     if (!turn && (this.s.dialect === 'realtime' || this.s.dialect === 'gemini')) {
       const fresh = this.newTurn(this.model, true, streamId);
@@ -677,7 +517,7 @@ export class Session {
   }
 
   /** The request an upstream event belongs to: by response id, else the oldest (started, when `begunOnly`). */
-  private turnFor(responseId: string | undefined, streamId: string | undefined, begunOnly = false): Turn | undefined {
+  turnFor(responseId: string | undefined, streamId: string | undefined, begunOnly = false): Turn | undefined {
     if (responseId !== undefined) {
       const byId = this.turns.find((t) => t.responseId === responseId);
       if (byId) return byId;
@@ -688,7 +528,7 @@ export class Session {
   }
 
   /** A turn produced `text`: its hold follows it (the session ends if the key cannot cover it), and views hear of it. */
-  private progress(turn: Turn, text: string | undefined, usage?: Usage): void {
+  progress(turn: Turn, text: string | undefined, usage?: Usage): void {
     turn.generated.add(text);
     if (!turn.info.billable) return;
     if (turn.streamHold) {
@@ -713,7 +553,7 @@ export class Session {
    * Ends a request: settles what it spent (reported usage; for one cut before it ended, what it
    * produced plus what the upstream may still generate, marked estimated), events, audit.
    */
-  private finishTurn(turn: Turn, status: number, usage: Usage | undefined, aborted?: string): void {
+  finishTurn(turn: Turn, status: number, usage: Usage | undefined, aborted?: string): void {
     const i = this.turns.indexOf(turn);
     if (i < 0) return;
     this.turns.splice(i, 1);
@@ -756,7 +596,7 @@ export class Session {
    * shape and the message is not forwarded; Gemini Live has no error event, so its session ends.
    * A revoked, expired or used-up key ends the session either way.
    */
-  private refuseMessage(denial: Denial, eventId: string | undefined, gemini = false, model?: string): void {
+  refuseMessage(denial: Denial, eventId: string | undefined, gemini = false, model?: string): void {
     const info: RequestInfo = { ...this.s.info, method: 'WS', billable: true };
     if (model !== undefined) info.model = model;
     else delete info.model;
