@@ -132,14 +132,14 @@ export class ControlServer {
     const url = new URL(req.url ?? '/', 'http://control');
     const [, first = '', ...params] = url.pathname.split('/');
     const route = `${req.method} /${first}`;
+    let decoded: string[];
+    try {
+      decoded = params.map(decodeURIComponent);
+    } catch {
+      return reply(400, { error: 'bad percent-encoding in the control path' });
+    }
     const stream = this.handlers.streams[route];
     if (stream) {
-      let decoded: string[];
-      try {
-        decoded = params.map(decodeURIComponent);
-      } catch {
-        return reply(400, { error: 'bad percent-encoding in the control path' });
-      }
       res.writeHead(200, { 'content-type': 'application/x-ndjson' });
       res.flushHeaders();
       const stop = stream((value) => res.write(JSON.stringify(value) + '\n'), decoded);
@@ -154,10 +154,8 @@ export class ControlServer {
       if (text.length > 1_000_000) return reply(413, { error: 'control request too large' });
     }
     let body: unknown;
-    let decoded: string[];
     try {
       body = text ? JSON.parse(text) : undefined;
-      decoded = params.map(decodeURIComponent);
     } catch {
       return reply(400, { error: `control request ${route}: its body must be JSON and its path percent-encoded` });
     }

@@ -72,8 +72,8 @@ export interface DialectSession {
   finishTurn(turn: Turn, status: number, usage: Usage | undefined): void;
   /** Sends a message on: 0 to the upstream, 1 to the client; `sent` once it is written. */
   send(direction: 0 | 1, data: Buffer | string, binary: boolean, sent?: () => void): void;
-  /** Refuses one client message with an error event in the dialect's shape; the session goes on. */
-  refuseMessage(denial: Denial, eventId: string | undefined, gemini?: boolean, model?: string): void;
+  /** Refuses one client message with an error event in the dialect's shape (the session goes on), or ends the session where the dialect has none. */
+  refuseMessage(denial: Denial, eventId: string | undefined, model?: string): void;
 }
 
 /** What a dialect reads. */

@@ -20,7 +20,7 @@ function fromClient(s: DialectSession, msg: Json, data: Buffer, binary: boolean)
     const named = asStr(setup.model);
     const model = named?.replace(/^models\//, '');
     const outside = outOfScope(modelViolation(key.policy.models, model, true));
-    if (outside) return s.refuseMessage(outside, undefined, true, model);
+    if (outside) return s.refuseMessage(outside, undefined, model);
     s.model = model;
     // Budgeted keys: each turn's output is capped to what was left when the session began.
     if (key.policy.maxTokens !== undefined || key.policy.maxSpendUsd !== undefined) {
@@ -31,7 +31,7 @@ function fromClient(s: DialectSession, msg: Json, data: Buffer, binary: boolean)
         s.options.keys.heldFor(key),
         s.options.prices,
       );
-      if (isDenial(planned)) return s.refuseMessage(planned, undefined, true, model);
+      if (isDenial(planned)) return s.refuseMessage(planned, undefined, model);
       if (planned.bodyChanged) return s.send(0, JSON.stringify(msg), false);
     }
     return s.send(0, data, binary);
@@ -48,7 +48,7 @@ function fromClient(s: DialectSession, msg: Json, data: Buffer, binary: boolean)
       stream: true,
       carriedContext: s.lastTotal,
     });
-    if (isDenial(planned)) return s.refuseMessage(planned, undefined, true);
+    if (isDenial(planned)) return s.refuseMessage(planned, undefined);
     return s.send(0, data, binary, () => s.reached(turn));
   }
   s.send(0, data, binary);

@@ -38,7 +38,7 @@ function createResponse(s: DialectSession, msg: Json, data: Buffer, binary: bool
   const eventId = asStr(msg.event_id);
   const streamId = asStr(msg.stream_id);
   const outside = outOfScope(scopeViolation(key.policy, 'POST', path, model, !prewarm));
-  if (outside) return s.refuseMessage(outside, eventId, false, model);
+  if (outside) return s.refuseMessage(outside, eventId, model);
   if (prewarm) {
     s.addTurn(s.newTurn(model, false, streamId, eventId));
     return s.send(0, data, binary);
@@ -58,7 +58,7 @@ function createResponse(s: DialectSession, msg: Json, data: Buffer, binary: bool
     ...(dialect === 'realtime' ? { carriedContext: s.lastTotal } : {}),
   };
   const planned = s.holdTurn(turn, request);
-  if (isDenial(planned)) return s.refuseMessage(planned, eventId, false, model);
+  if (isDenial(planned)) return s.refuseMessage(planned, eventId, model);
   if (planned.bodyChanged && !existing) msg.response = target;
   s.send(0, planned.bodyChanged ? JSON.stringify(msg) : data, binary && !planned.bodyChanged, () => s.reached(turn));
 }

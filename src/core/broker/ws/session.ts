@@ -156,17 +156,18 @@ export class Session implements DialectSession {
   model: string | undefined;
   private readonly format: UsageFormat | undefined;
   private readonly reader: Dialect | undefined;
-  private readonly o: ProxyOptions;
+  readonly options: ProxyOptions;
   private readonly stop = () => this.shutdown();
   /** The credential's forms, to scrub from what the upstream sends (set once it is read). */
   private forms: CredentialForms | undefined;
-  private readonly dropped = (name: string) => this.o.log?.(`dropped the upstream's ${name} handshake header: it held the credential`);
+  private readonly dropped = (name: string) =>
+    this.options.log?.(`dropped the upstream's ${name} handshake header: it held the credential`);
 
   constructor(
     private readonly proxy: SessionHost,
     private readonly s: SessionSetup,
   ) {
-    this.o = proxy.options;
+    this.options = proxy.options;
     this.model = s.model;
     this.format = formatOf(s.dialect);
     this.reader = READERS[s.dialect];
@@ -177,9 +178,6 @@ export class Session implements DialectSession {
   }
 
   // What a dialect sees of its session (dialect.ts).
-  get options(): ProxyOptions {
-    return this.o;
-  }
   get key(): KeyRecord {
     return this.s.key;
   }
@@ -201,8 +199,8 @@ export class Session implements DialectSession {
 
   async connect(): Promise<void> {
     const { key, socket, info, provider } = this.s;
-    this.untrack = this.o.keys.track(key, { cut: (d) => this.cut(d) });
-    this.o.open.add(this.stop);
+    this.untrack = this.options.keys.track(key, { cut: (d) => this.cut(d) });
+    this.options.open.add(this.stop);
     socket.once('close', this.earlyClose);
     if (this.s.dialect === 'generic') {
       // Till cannot see requests inside this protocol: the connection is the request.
@@ -213,23 +211,23 @@ export class Session implements DialectSession {
         const planned = planHold(
           { provider: provider.id, model: undefined, format: undefined, json: undefined, bodyBytes: 0, stream: true },
           key.policy,
-          this.o.keys.remaining(key),
-          this.o.keys.heldFor(key),
-          this.o.prices,
+          this.options.keys.remaining(key),
+          this.options.keys.heldFor(key),
+          this.options.prices,
         );
         if (isDenial(planned)) return this.refuse(planned);
         amounts = planned.amounts;
       }
-      const admitted = this.o.keys.hold(key, amounts, { cut: (d) => this.cut(d) });
+      const admitted = this.options.keys.hold(key, amounts, { cut: (d) => this.cut(d) });
       if (isDenial(admitted)) return this.refuse(admitted);
       this.admission = admitted;
-      this.o.events.emit({ type: 'request.started', at: Date.now(), request: info });
+      this.options.events.emit({ type: 'request.started', at: Date.now(), request: info });
     }
     let secret: string;
     try {
-      secret = await this.o.secretFor(key.credential);
+      secret = await this.options.secretFor(key.credential);
     } catch (err) {
-      return this.refuse(credentialDenial(key.credential, err, this.o.log));
+      return this.refuse(credentialDenial(key.credential, err, this.options.log));
     }
     if (this.phase !== 'connecting') return;
     this.open(secret);
@@ -238,7 +236,7 @@ export class Session implements DialectSession {
   /** Opens the upstream WebSocket with the credential where the provider expects it. */
   private open(secret: string): void {
     const { provider, req, query, path, offered } = this.s;
-    this.forms = this.o.formsOf(secret);
+    this.forms = this.options.formsOf(secret);
     const target = new URL(provider.baseUrl + path.slice(provider.basePath.length));
     target.protocol = target.protocol === 'https:' ? 'wss:' : 'ws:';
     const search = new URLSearchParams(query);
@@ -261,8 +259,8 @@ export class Session implements DialectSession {
     try {
       upstream = new WebSocket(target, protocols, {
         headers,
-        handshakeTimeout: this.o.handshakeTimeoutMs,
-        maxPayload: this.o.maxUpstreamMessageBytes,
+        handshakeTimeout: this.options.handshakeTimeoutMs,
+        maxPayload: this.options.maxUpstreamMessageBytes,
         perMessageDeflate: false,
         followRedirects: false,
         autoPong: false,
@@ -285,7 +283,7 @@ export class Session implements DialectSession {
     upstream.on('error', (err: NodeJS.ErrnoException) => {
       if (this.phase !== 'connecting') return;
       const detail = err.code ?? err.message;
-      this.o.log?.(`upstream WebSocket ${where} failed: ${detail}`);
+      this.options.log?.(`upstream WebSocket ${where} failed: ${detail}`);
       this.refuse({ status: 502, code: 'upstream_unreachable', message: `cannot reach ${provider.displayName} at ${where} (${detail})` });
     });
   }
@@ -342,7 +340,7 @@ export class Session implements DialectSession {
     let protocol: string | false = false;
     if (chosen && !chosen.startsWith(KEY_PROTOCOL) && offered.includes(chosen)) protocol = chosen;
     // Never echo a key: an upstream that picked the key subprotocol gets none named back.
-    else if (chosen) this.o.log?.(`upstream WebSocket chose a subprotocol the client cannot be answered with; answering none`);
+    else if (chosen) this.options.log?.(`upstream WebSocket chose a subprotocol the client cannot be answered with; answering none`);
     this.proxy.answers.set(req, { protocol, headers: relayed });
     socket.off('close', this.earlyClose);
     let attached = false;
@@ -389,12 +387,12 @@ export class Session implements DialectSession {
     if (!to || !from || to.readyState !== WebSocket.OPEN) return;
     to.send(data, { binary }, (err) => {
       if (!err) sent?.();
-      if (this.paused[direction] && to.bufferedAmount <= this.o.highWaterBytes / 2) {
+      if (this.paused[direction] && to.bufferedAmount <= this.options.highWaterBytes / 2) {
         this.paused[direction] = false;
         from.resume();
       }
     });
-    if (!this.paused[direction] && to.bufferedAmount > this.o.highWaterBytes) {
+    if (!this.paused[direction] && to.bufferedAmount > this.options.highWaterBytes) {
       this.paused[direction] = true;
       from.pause();
     }
@@ -433,7 +431,7 @@ export class Session implements DialectSession {
    * denial when the key cannot cover it. Known conversations come from the shared store.
    */
   holdTurn(turn: Turn, request: HoldRequest): HoldPlan | Denial {
-    const taken = takeRequestHold(this.o, this.s.key, turn.info, request, { cut: (d) => this.cut(d) }, false);
+    const taken = takeRequestHold(this.options, this.s.key, turn.info, request, { cut: (d) => this.cut(d) }, false);
     if (isDenial(taken)) return taken;
     turn.hold = taken.hold;
     turn.plan = taken.plan;
@@ -540,13 +538,13 @@ export class Session implements DialectSession {
       if (denial) return this.cut(denial);
     }
     if (!progressDue(turn.lastProgress)) return;
-    this.o.events.emit(progressEvent(turn.info, this.settleTurn(turn, undefined).usage, turn.hold?.held()));
+    this.options.events.emit(progressEvent(turn.info, this.settleTurn(turn, undefined).usage, turn.hold?.held()));
   }
 
   /** What a turn has spent, priced, from `usage` (undefined: estimated from what it produced so far). */
   private settleTurn(turn: Turn, usage: Usage | undefined): ReturnType<typeof settlement> {
     const estimates = { inputEstimate: turn.plan?.inputEstimate ?? 0, outputChars: turn.generated.chars };
-    return settlement(this.s.provider.id, turn.info.model, usage, estimates, this.o.prices);
+    return settlement(this.s.provider.id, turn.info.model, usage, estimates, this.options.prices);
   }
 
   /**
@@ -561,7 +559,7 @@ export class Session implements DialectSession {
       const total = usage.inputTokens + usage.outputTokens;
       this.lastTotal = total;
       // What the next response continuing this one (previous_response_id) carries, for HTTP too.
-      if (turn.responseId !== undefined && this.s.dialect === 'responses') this.o.conversations.record(turn.responseId, total);
+      if (turn.responseId !== undefined && this.s.dialect === 'responses') this.options.conversations.record(turn.responseId, total);
     }
     if (!turn.hold) return;
     let amounts: Amounts | undefined;
@@ -579,7 +577,7 @@ export class Session implements DialectSession {
     }
     turn.hold.settle(amounts, details);
     const latencyMs = Math.round((performance.now() - turn.started) * 10) / 10;
-    this.o.events.emit({
+    this.options.events.emit({
       type: 'request.finished',
       at: Date.now(),
       request: turn.info,
@@ -596,11 +594,11 @@ export class Session implements DialectSession {
    * shape and the message is not forwarded; Gemini Live has no error event, so its session ends.
    * A revoked, expired or used-up key ends the session either way.
    */
-  refuseMessage(denial: Denial, eventId: string | undefined, gemini = false, model?: string): void {
+  refuseMessage(denial: Denial, eventId: string | undefined, model?: string): void {
     const info: RequestInfo = { ...this.s.info, method: 'WS', billable: true };
     if (model !== undefined) info.model = model;
     else delete info.model;
-    this.o.events.emit({
+    this.options.events.emit({
       type: 'request.denied',
       at: Date.now(),
       request: info,
@@ -610,7 +608,8 @@ export class Session implements DialectSession {
     });
     this.proxy.audit(info, denial.status, performance.now(), denial);
     const fatal = denial.code === 'revoked' || denial.code === 'expired' || denial.code === 'exhausted' || denial.code === 'unknown_key';
-    if (gemini || this.s.dialect === 'gemini' || fatal) return this.cut(denial, eventId);
+    // Gemini Live has no error event: a refused message ends the session.
+    if (this.s.dialect === 'gemini' || fatal) return this.cut(denial, eventId);
     this.sendError(denial, eventId);
   }
 
@@ -638,7 +637,7 @@ export class Session implements DialectSession {
 
   /** A fault of Till's while connecting: logged, and the handshake refused with a 500. */
   fail(err: unknown): void {
-    this.o.log?.(`websocket ${this.s.path}: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
+    this.options.log?.(`websocket ${this.s.path}: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
     this.refuse({ status: 500, code: 'internal_error', message: 'Till failed to open the WebSocket (see the broker log)' });
   }
 
@@ -714,7 +713,7 @@ export class Session implements DialectSession {
     this.admission = undefined;
     admission.settle();
     const latencyMs = Math.round((performance.now() - this.s.started) * 10) / 10;
-    this.o.events.emit({
+    this.options.events.emit({
       type: 'request.finished',
       at: Date.now(),
       request: this.s.info,
@@ -729,7 +728,7 @@ export class Session implements DialectSession {
     if (this.finalized) return;
     this.finalized = true;
     this.untrack();
-    this.o.open.delete(this.stop);
+    this.options.open.delete(this.stop);
     this.finishConnection(status, this.endNote);
     if (!audited)
       this.proxy.audit(this.s.info, status, this.s.started, undefined, this.endNote ? `websocket: ${this.endNote}` : 'websocket closed');
