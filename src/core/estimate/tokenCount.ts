@@ -6,12 +6,15 @@
  * count is an upper bound of what the upstream bills for the text: parts OpenAI renders more
  * compactly than their JSON (tool definitions, a response schema) are counted as their JSON.
  *
- * The tokenizer is loaded by the first request that needs it (some 200 ms and 70 MB, once): one
+ * The tokenizer is loaded by the first request that needs it (some 60 ms and 10 MB, once): one
  * whose input must be counted exactly, or the first stream held in slices, which is settled by
  * counting its text if it is cut (see holds/plan.ts). Keys without token or spend limits load it
  * only when a stream of theirs is cut: no limit can be overrun while it loads.
  */
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
 import { asArray, asObj, type Json } from '../json';
+import { BpeRanks, bpeCounter } from './bpe';
 import type { UsageFormat } from '../providers/wire';
 
 /** A public tokenizer: how many tokens `text` encodes to, special-token text counted as text. */
@@ -85,33 +88,34 @@ function mayHaveLongRun(text: string): boolean {
 /** Tokens no tokenizer merges across: cutting a run out may split its neighbours once on each side. */
 const RUN_BOUNDARY_TOKENS = 2;
 /**
- * Text counted between clearings of the tokenizer's cache of word pieces. Full, that cache evicts
- * at great cost (unseen text, ids or base64 ran 5 to 10 times slower): cleared this often, and
- * sized above what this much text can fill, it never evicts.
+ * How o200k_base cuts text into word pieces before merging each (tiktoken's pattern, with its
+ * case-insensitive contractions spelled out: JavaScript has no inline `(?i:)`).
  */
-const CACHE_CLEAR_CHARS = 1_000_000;
+const CONTRACTION = String.raw`(?:'(?:[sS]|[dD]|[mM]|[tT]|[lL][lL]|[vV][eE]|[rR][eE]))?`;
+const O200K_SPLIT = new RegExp(
+  [
+    String.raw`[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+${CONTRACTION}`,
+    String.raw`[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*${CONTRACTION}`,
+    String.raw`\p{N}{1,3}`,
+    String.raw` ?[^\s\p{L}\p{N}]+[\r\n/]*`,
+    String.raw`\s*[\r\n]+`,
+    String.raw`\s+(?!\S)`,
+    String.raw`\s+`,
+  ].join('|'),
+  'gu',
+);
 
-function loadCounter(_encoding: Encoding): CountTokens {
-  // Required lazily (esbuild leaves the encoding in a file of its own): loading it costs tens of
-  // milliseconds and some megabytes, paid only by a broker that needs it.
-  // eslint-disable-next-line @typescript-eslint/no-require-imports
-  const lib = require('gpt-tokenizer/encoding/o200k_base') as {
-    countTokens(text: string, options?: object): number;
-    setMergeCacheSize(size: number): void;
-    clearMergeCache(): void;
-  };
-  lib.setMergeCacheSize(CACHE_CLEAR_CHARS);
-  let sinceClear = 0;
-  // Text that looks like a special token (`<|endoftext|>`) is billed as text: count it so.
-  const options = { disallowedSpecial: new Set<string>(), allowedSpecial: new Set<string>() };
-  const count = (text: string): number => {
-    sinceClear += text.length;
-    if (sinceClear > CACHE_CLEAR_CHARS) {
-      lib.clearMergeCache();
-      sinceClear = text.length;
-    }
-    return lib.countTokens(text, options);
-  };
+/**
+ * The encoding's rank file (tiktoken's, as published): beside the bundle (dist/tokenizers/, copied
+ * there by the build), or in the tokenizer package when Till runs from its sources.
+ */
+function rankFile(encoding: Encoding): string {
+  const beside = join(__dirname, 'tokenizers', `${encoding}.tiktoken`);
+  return existsSync(beside) ? beside : require.resolve(`gpt-tokenizer/data/${encoding}.tiktoken`);
+}
+
+function loadCounter(encoding: Encoding): CountTokens {
+  const count = bpeCounter(BpeRanks.read(rankFile(encoding)), O200K_SPLIT);
   return (text) => {
     if (text.length === 0) return 0;
     if (text.length < RUN || !mayHaveLongRun(text)) return count(text);
