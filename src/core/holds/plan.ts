@@ -447,7 +447,7 @@ export function planHold(req: HoldRequest, policy: Policy, remaining: Amounts, h
   const slice = Math.min(OUTPUT_SLICE, Math.max(MIN_SLICE, Math.floor(fits / 32)));
   const heldOutput = req.stream ? Math.min(ceiling, slice) : ceiling;
   // A stream held in slices is settled by counting its text if it is cut (cutUsage). Loading the
-  // tokenizer takes this one thread some 200 ms (more on a busy machine): done at the first cut,
+  // tokenizer takes this one thread some 50 ms (more on a busy machine): done at the first cut,
   // it would leave every other stream unread and unchecked that long, generating past its hold.
   // Loaded now, before this stream is forwarded, no followed stream is in flight while it loads.
   if (heldOutput < ceiling) counter(encodingOf(req.model) ?? 'o200k_base');
