@@ -16,7 +16,6 @@
  * expiry, a hold that cannot grow and the broker closing end the exchange through `cut`/`stop`.
  */
 import * as http from 'node:http';
-import * as https from 'node:https';
 import { auditRecord, type AuditLog } from '../audit/audit';
 import { cutUsage, settlement, type HoldPlan } from '../holds/plan';
 import type { ConversationSizes } from '../holds/contexts';
@@ -36,6 +35,7 @@ import { apiPath, isFreeRoute, KEY_QUERY_PARAMS, type Provider, type ProviderReg
 import { takeRequestHold } from '../holds/requestHold';
 import { BodyScrubber, CredentialForms, relayedHeaders } from './scrub';
 import { TICK_MS, type StreamHold } from '../holds/streamHold';
+import { callUpstream, type AnswerHandler, type UpstreamCall, type UpstreamClients, type UpstreamHandler } from './upstream';
 
 type Json = Record<string, unknown>;
 
@@ -52,7 +52,7 @@ export interface ExchangeContext {
   /** `http://127.0.0.1:<port>`. */
   url: string;
   baseUrlFor(provider: Provider): string;
-  agents: { 'http:': http.Agent; 'https:': https.Agent };
+  upstream: UpstreamClients;
   /** A credential's secret when cached (synchronous), else undefined. */
   cachedSecret(name: string): string | undefined;
   secretFor(name: string): Promise<string>;
@@ -188,7 +188,7 @@ function asksStream(format: UsageFormat | undefined, path: string, json: Json | 
 }
 
 /** One HTTP request through the broker (see the module comment for its steps). */
-export class Exchange {
+export class Exchange implements UpstreamHandler {
   private readonly started = performance.now();
   private readonly info: RequestInfo;
   private provider: Provider | undefined;
@@ -204,11 +204,13 @@ export class Exchange {
   private hold: Hold | undefined;
   private streamHold: StreamHold | undefined;
   private secret = '';
-  private upstreamReq: http.ClientRequest | undefined;
+  private upstream: UpstreamCall | undefined;
+  /** The upstream URL asked (origin and path), for rewriting a `Location` it answers with. */
+  private requestUrl = '';
   private registered: InFlightEntry<() => void> | undefined;
   private ended = false;
   /** The whole request is on the upstream's wire: it may bill it. */
-  private sent = false;
+  private onWire = false;
   private upstreamStatus = 0;
   private isSse = false;
   /** The last byte relayed ended an SSE event: an error event can be appended cleanly. */
@@ -221,7 +223,6 @@ export class Exchange {
   private stripUsage = false;
   private readonly lastProgress = { at: 0 };
   private tick: NodeJS.Timeout | undefined;
-  private upRes: http.IncomingMessage | undefined;
   /** Cut short: the upstream's answer is read for the count, no longer relayed. */
   private draining = false;
 
@@ -437,51 +438,47 @@ export class Exchange {
     if (this.body) headers['content-length'] = this.body.length;
     else if (this.streamBody && req.headers['content-length'] !== undefined) headers['content-length'] = req.headers['content-length'];
 
-    const transport = target.protocol === 'https:' ? https : http;
-    let upstream: http.ClientRequest;
+    let upstream: UpstreamCall;
     try {
-      upstream = transport.request({
-        protocol: target.protocol,
-        hostname: target.hostname,
-        port: target.port,
-        method: info.method,
-        path: targetPath + (search ? `?${search}` : ''),
-        headers,
-        agent: c.agents[target.protocol as 'http:' | 'https:'],
-        timeout: c.upstreamIdleTimeoutMs,
-      });
+      upstream = callUpstream(
+        c.upstream,
+        {
+          target,
+          method: info.method,
+          path: targetPath + (search ? `?${search}` : ''),
+          headers,
+          body: this.body ?? (this.streamBody ? req : undefined),
+          idleTimeoutMs: c.upstreamIdleTimeoutMs,
+          // Pooled unless the answer may be a stream Till meters (whose cut needs node:http, upstream.ts).
+          streamed:
+            this.body === undefined ||
+            (this.format !== undefined && (this.json === undefined || asksStream(this.format, this.path, this.json))),
+        },
+        this,
+      );
     } catch (err) {
       // A header Node will not send (it was accepted on the way in, but not valid on the way out).
       this.releaseHold();
       return this.deny({ status: 400, code: 'bad_request', message: `the request cannot be forwarded: ${(err as Error).message}` });
     }
-    this.upstreamReq = upstream;
+    this.upstream = upstream;
+    this.requestUrl = `${target.origin}${targetPath}`;
     this.registered = c.requests.add(this.stop);
-    // Once connected and the whole request is on the wire, the upstream may bill it.
-    let connected = false;
-    upstream.on('socket', (socket) => {
-      if (socket.connecting) socket.once('connect', () => (connected = true));
-      else connected = true;
-    });
-    upstream.on('finish', () => {
-      if (!connected) return;
-      this.sent = true;
-      this.hold?.reachedUpstream();
-    });
-    upstream.on('timeout', () => upstream.destroy(new Error(`the upstream sent nothing for ${c.upstreamIdleTimeoutMs / 1000} s`)));
-    upstream.on('error', (err: NodeJS.ErrnoException) => this.upstreamFailed(err, `${target.protocol}//${target.host}`));
-    upstream.on('response', (upRes) => this.relay(upRes, `${target.origin}${targetPath}`));
     // The client went away: stop the upstream (and its bill) too.
     res.on('close', () => {
       if (!res.writableFinished && !this.ended) this.stopUpstream(() => this.finish(res.statusCode, 'client_closed'));
     });
-    if (this.body) upstream.end(this.body);
-    else if (this.streamBody) this.pipeUpload(upstream);
-    else upstream.end();
+    if (this.streamBody) this.limitUpload(upstream);
   }
 
-  /** Streams an upload on, cutting it (413, unbilled) if it grows past the limit. */
-  private pipeUpload(upstream: http.ClientRequest): void {
+  /** The whole request is on the upstream's wire (an {@link UpstreamHandler} event). */
+  sent(): void {
+    this.onWire = true;
+    this.hold?.reachedUpstream();
+  }
+
+  /** Cuts an upload streaming on (413, unbilled) if it grows past the limit. */
+  private limitUpload(upstream: UpstreamCall): void {
     const { req, res, c } = this;
     let size = 0;
     req.on('data', (chunk: Buffer) => {
@@ -495,11 +492,13 @@ export class Exchange {
         this.finish(413, 'too_large');
       }
     });
-    req.pipe(upstream);
   }
 
-  private upstreamFailed(err: NodeJS.ErrnoException, where: string): void {
+  /** No answer came (an {@link UpstreamHandler} event). */
+  failed(err: NodeJS.ErrnoException): void {
     if (this.ended) return;
+    const target = upstreamOf(this.provider!.baseUrl).url;
+    const where = `${target.protocol}//${target.host}`;
     if (this.res.headersSent) {
       this.res.destroy();
       return this.finish(this.res.statusCode, 'upstream_error');
@@ -507,7 +506,7 @@ export class Exchange {
     const detail = err.code ?? err.message;
     this.c.log(`upstream ${where} failed: ${detail}`);
     // Never reached the upstream: give the activation back.
-    if (!this.sent) this.releaseHold();
+    if (!this.onWire) this.releaseHold();
     this.sendDenial({
       status: 502,
       code: 'upstream_unreachable',
@@ -519,28 +518,31 @@ export class Exchange {
   // -------------------------------------------------------------------------------------------
   // relay
 
-  private relay(upRes: http.IncomingMessage, requestUrl: string): void {
+  /** The answer's head (an {@link UpstreamHandler} event): relays it, and returns what relays its body. */
+  response(status: number, upHeaders: http.IncomingHttpHeaders): AnswerHandler {
     const { res, c } = this;
     const provider = this.provider!;
+    const upstream = this.upstream!;
     this.hold?.reachedUpstream();
     this.answering = true;
-    this.upRes = upRes;
     const forms = c.formsOf(this.secret);
     // Never relay the credential: an upstream that echoes request headers, a Location with ?key=.
     const locationMap =
-      upRes.headers.location === undefined ? undefined : { requestUrl, upstreamBase: provider.baseUrl, brokerBase: c.baseUrlFor(provider) };
-    const out = relayedHeaders(upRes.headers, forms, locationMap, (name) =>
+      upHeaders.location === undefined
+        ? undefined
+        : { requestUrl: this.requestUrl, upstreamBase: provider.baseUrl, brokerBase: c.baseUrlFor(provider) };
+    const out = relayedHeaders(upHeaders, forms, locationMap, (name) =>
       c.log(`dropped the upstream's ${name} response header: it held the credential`),
     );
-    if (upRes.headers['content-length'] !== undefined) out['content-length'] = upRes.headers['content-length'];
+    if (upHeaders['content-length'] !== undefined) out['content-length'] = upHeaders['content-length'];
     const scrubber = new BodyScrubber(forms);
-    const type = upRes.headers['content-type'] ?? '';
+    const type = upHeaders['content-type'] ?? '';
     this.isSse = type.includes('text/event-stream');
-    this.upstreamStatus = upRes.statusCode ?? 502;
+    this.upstreamStatus = status;
     const format = this.format;
-    if (format && !upRes.headers['content-encoding']) {
+    if (format && !upHeaders['content-encoding']) {
       // A small JSON answer is cheaper to parse once at the end than to scan byte by byte.
-      const length = Number(upRes.headers['content-length'] ?? NaN);
+      const length = Number(upHeaders['content-length'] ?? NaN);
       if (!this.isSse && length <= SMALL_JSON && type.includes('json')) this.jsonBody = [];
       else this.meter = new StreamMeter(format);
     }
@@ -567,38 +569,40 @@ export class Exchange {
       this.tick = setInterval(() => this.followStream(), TICK_MS);
       this.tick.unref();
     }
-    upRes.on('data', (chunk: Buffer) => {
-      if (this.ended) return;
-      if (this.draining) return this.meter?.push(chunk);
-      if (this.isSse) {
-        const n = chunk.length;
-        this.sseBoundary =
-          n >= 2 ? chunk[n - 1] === 10 && (chunk[n - 2] === 10 || chunk[n - 2] === 13) : this.sseBoundary && chunk[0] === 10;
-      }
-      writable = true;
-      if (this.jsonBody) this.jsonBody.push(chunk);
-      else this.meter?.push(chunk);
-      if (this.meter && this.isSse && this.plan) {
-        if (!this.followStream()) return;
-        this.progress();
-      }
-      if (!strip) writable = res.write(scrubber.push(chunk));
-      // Backpressure: a slow client pauses the upstream. Not a stream whose hold follows it, up to
-      // a point: paused, the upstream would go on generating into its buffers where Till cannot
-      // count it, so Till keeps reading (and holding) and queues the answer for the client.
-      if (!writable && (!this.streamHold || res.writableLength > FOLLOWED_BUFFER_BYTES)) upRes.pause();
-    });
-    res.on('drain', () => upRes.resume());
-    upRes.on('end', () => {
-      if (this.draining) return;
-      res.end(scrubber.end());
-      this.finish(upRes.statusCode ?? 502);
-    });
-    upRes.on('error', () => {
-      if (this.draining) return;
-      res.destroy();
-      this.finish(upRes.statusCode ?? 502, 'upstream_error');
-    });
+    res.on('drain', () => upstream.resume());
+    return {
+      data: (chunk) => {
+        if (this.ended) return;
+        if (this.draining) return this.meter?.push(chunk);
+        if (this.isSse) {
+          const n = chunk.length;
+          this.sseBoundary =
+            n >= 2 ? chunk[n - 1] === 10 && (chunk[n - 2] === 10 || chunk[n - 2] === 13) : this.sseBoundary && chunk[0] === 10;
+        }
+        writable = true;
+        if (this.jsonBody) this.jsonBody.push(chunk);
+        else this.meter?.push(chunk);
+        if (this.meter && this.isSse && this.plan) {
+          if (!this.followStream()) return;
+          this.progress();
+        }
+        if (!strip) writable = res.write(scrubber.push(chunk));
+        // Backpressure: a slow client pauses the upstream. Not a stream whose hold follows it, up to
+        // a point: paused, the upstream would go on generating into its buffers where Till cannot
+        // count it, so Till keeps reading (and holding) and queues the answer for the client.
+        if (!writable && (!this.streamHold || res.writableLength > FOLLOWED_BUFFER_BYTES)) upstream.pause();
+      },
+      end: () => {
+        if (this.draining) return;
+        res.end(scrubber.end());
+        this.finish(status);
+      },
+      error: () => {
+        if (this.draining) return;
+        res.destroy();
+        this.finish(status, 'upstream_error');
+      },
+    };
   }
 
   /** Keeps a stream's hold in step with it; false when the key could not cover it and the stream was cut. */
@@ -644,7 +648,7 @@ export class Exchange {
         plan,
         usage,
         this.meter?.generated,
-        this.answering || this.sent,
+        this.answering || this.onWire,
       );
     const s = settlement(
       this.provider!.id,
@@ -724,32 +728,20 @@ export class Exchange {
    * connection is destroyed. Nothing more reaches the client.
    */
   private stopUpstream(then: () => void): void {
-    const upstream = this.upstreamReq;
-    const upRes = this.upRes;
-    if (!upstream || !upRes || upRes.complete || upRes.destroyed || !this.meter) {
+    // Already stopping (a cut, then the client's close): the first stop settles.
+    if (this.draining) return;
+    const upstream = this.upstream;
+    if (!upstream || !this.meter) {
       upstream?.destroy();
       return then();
     }
     this.draining = true;
-    let done = false;
-    const finish = () => {
-      if (done) return;
-      done = true;
-      clearTimeout(timer);
-      upstream.destroy();
-      then();
-    };
-    const timer = setTimeout(finish, CUT_DRAIN_MS);
-    upRes.once('end', finish);
-    upRes.once('close', finish);
-    upRes.once('error', finish);
-    upRes.resume();
-    upstream.socket?.end();
+    upstream.drain(CUT_DRAIN_MS, then);
   }
 
   /** The broker is closing: end now, settling while the ledger is still open. */
   private readonly stop = (): void => {
-    this.upstreamReq?.destroy();
+    this.upstream?.destroy();
     this.res.destroy();
     this.finish(this.res.statusCode, 'broker_closed');
   };
@@ -761,7 +753,7 @@ export class Exchange {
   fail(err: unknown): void {
     this.c.log(`request ${this.info.method} ${this.path}: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
     const denial: Denial = { status: 500, code: 'internal_error', message: 'Till failed to handle this request (see the broker log)' };
-    if (this.hold || this.upstreamReq) this.cut(denial);
+    if (this.hold || this.upstream) this.cut(denial);
     else this.deny(denial);
   }
 

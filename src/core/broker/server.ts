@@ -6,7 +6,6 @@
  * provider id is in the provider's own namespace (see {@link Provider.basePath}).
  */
 import * as http from 'node:http';
-import * as https from 'node:https';
 import type { AddressInfo } from 'node:net';
 import type { AuditLog } from '../audit/audit';
 import { ConnectionBudget } from './connectionBudget';
@@ -22,6 +21,7 @@ import { providerBaseUrl, type Provider, type ProviderRegistry } from '../provid
 import { CredentialForms } from './scrub';
 import type { Vault } from '../credentials/vault';
 import { WebSocketProxy } from './ws/proxy';
+import { UpstreamClients } from './upstream';
 
 /** The broker's default port: T-I-L-L on a phone keypad. */
 export const DEFAULT_PORT = 8455;
@@ -65,10 +65,7 @@ export interface BrokerOptions {
 /** The local broker. */
 export class Broker {
   private server: http.Server | undefined;
-  private readonly agents = {
-    'http:': new http.Agent({ keepAlive: true, maxSockets: 256, noDelay: true }),
-    'https:': new https.Agent({ keepAlive: true, maxSockets: 256, noDelay: true }),
-  };
+  private readonly upstream = new UpstreamClients();
   /** Credential reads, shared by every request that needs one (a burst reads the keychain once). */
   private readonly secrets = new Map<string, Promise<string>>();
   private readonly cachedSecrets = new Map<string, string>();
@@ -102,7 +99,7 @@ export class Broker {
         return broker.url;
       },
       baseUrlFor: (p) => this.baseUrlFor(p),
-      agents: this.agents,
+      upstream: this.upstream,
       cachedSecret: (name) => this.cachedSecrets.get(name),
       secretFor: (name) => this.secretFor(name),
       formsOf: (secret) => this.formsOf(secret),
@@ -206,8 +203,7 @@ export class Broker {
       server.close(() => resolve());
       server.closeAllConnections();
     });
-    this.agents['http:'].destroy();
-    this.agents['https:'].destroy();
+    this.upstream.close();
   }
 
   private log(line: string): void {
