@@ -291,7 +291,7 @@ async function credential(args: string[], paths: TillPaths): Promise<void> {
   const [sub, ...rest] = args;
   const { values, positionals } = parse(rest, { name: { type: 'string' }, json: { type: 'boolean' } });
   if (values.help || !sub || sub === '--help' || sub === '-h') return out(HELP.credential);
-  const store = new CredentialStore(paths.credentials, new KeychainVault({ service: paths.keychainService }));
+  const store = new CredentialStore(paths.credentials, { keychain: new KeychainVault({ service: paths.keychainService }) });
   if (sub === 'ls') {
     const all = store.all();
     if (values.json) return out(JSON.stringify(all));

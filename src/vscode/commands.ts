@@ -9,6 +9,7 @@ import * as vscode from 'vscode';
 import { isAgentName, type AgentName } from '../core/agents/agents';
 import type { KeySummary } from '../core/events';
 import { parseDuration, type PolicyInput } from '../core/policy/policy';
+import { VaultError } from '../core/credentials/vault';
 import { providerBaseUrl, ProviderRegistry } from '../core/providers/providers';
 import type { IssuedKey, IssueInput } from '../core/runtime/controlApi';
 import type { AgentTerminals } from './agentTerminals';
@@ -84,17 +85,41 @@ async function addCredential(deps: CommandDeps, args?: { provider?: string; secr
       ? await p.input('Till: Credential name', { value: `${provider}-2`, prompt: `A credential named "${provider}" exists: name this one` })
       : provider);
   if (!name) return undefined;
+  let store = session.newCredentialStore();
   const secret =
     args?.secret ??
     (await p.input(`Till: ${info.displayName} API key`, {
       password: true,
-      prompt: 'Stored in the OS keychain; never shown again, never put in a terminal.',
+      prompt: `Stored in ${session.describeStore(store)}; never shown again, never put in a terminal.`,
     }));
   if (!secret) return undefined;
-  await session.credentials.add(provider, secret.trim(), name);
+  try {
+    await session.credentials.add(provider, secret.trim(), name, store);
+  } catch (err) {
+    if (store !== 'keychain' || !(err instanceof VaultError) || err.kind === 'missing') throw err;
+    // No keychain to keep it (missing, locked, not answering): the user chooses, once; nothing is stored before.
+    const other = "Use VS Code's Secret Storage";
+    const choice = await p.message(
+      'warning',
+      `Till: the OS keychain cannot keep "${name}" (${err.message}). VS Code's secret storage can: on the desktop it is encrypted with the OS keychain's key when VS Code can reach one; in code-server and VS Code for the Web it is the browser's storage, which is weaker. Till never writes a key to a plain file.`,
+      [other],
+      true,
+    );
+    if (choice !== other) {
+      void p.message(
+        'info',
+        `Till: nothing was stored. Unlock or start your OS keychain and run "Till: Add Credential" again, or set "till.${SETTINGS.credentialStore}" to "vscode".`,
+        [],
+      );
+      return undefined;
+    }
+    await vscode.workspace.getConfiguration(SETTINGS.section).update(SETTINGS.credentialStore, 'vscode', vscode.ConfigurationTarget.Global);
+    store = 'editor';
+    await session.credentials.add(provider, secret.trim(), name, store);
+  }
   session.credentialsChanged(name);
   await session.connection.connect();
-  void p.message('info', `Till: stored "${name}" (${info.displayName}) in the OS keychain.`, []);
+  void p.message('info', `Till: stored "${name}" (${info.displayName}) in ${session.describeStore(store)}.`, []);
   return name;
 }
 
@@ -121,15 +146,16 @@ async function removeCredential(deps: CommandDeps, arg?: RemoveArg): Promise<voi
   if (!args?.name) {
     const ok = await session.prompter.message(
       'warning',
-      `Remove "${name}" from the OS keychain? Till keys bound to it stop working.`,
+      `Remove "${name}" from ${session.describeStore(session.credentials.storeOf(name))}? Till keys bound to it stop working.`,
       ['Remove'],
       true,
     );
     if (ok !== 'Remove') return;
   }
+  const store = session.credentials.storeOf(name);
   await session.credentials.remove(name);
   session.credentialsChanged(name);
-  void session.prompter.message('info', `Till: removed "${name}" from the OS keychain.`, []);
+  void session.prompter.message('info', `Till: removed "${name}" from ${session.describeStore(store)}.`, []);
 }
 
 async function askPolicy(deps: CommandDeps): Promise<PolicyInput | undefined> {

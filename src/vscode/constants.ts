@@ -41,6 +41,7 @@ export const SETTINGS = {
   prices: 'prices',
   notifications: 'notifications.enabled',
   confirmRevokeInUse: 'revoke.confirmInUse',
+  credentialStore: 'credentials.store',
 } as const;
 
 /**

@@ -57,7 +57,7 @@ export function activate(context: vscode.ExtensionContext): TillApi {
 
 function wire(context: vscode.ExtensionContext, store: DisposableStore, log: vscode.LogOutputChannel, started: number): TillApi {
   // Kept at module level too, for deactivate().
-  const session = (activeSession = store.add(new TillSession(log)));
+  const session = (activeSession = store.add(new TillSession(log, context.secrets)));
   const tree = store.add(new KeysTreeProvider(session));
   store.add(vscode.window.createTreeView(KEYS_VIEW, { treeDataProvider: tree, showCollapseAll: false }));
   const status = store.add(new TillStatusBar(session));

@@ -4,7 +4,7 @@
  */
 import * as vscode from 'vscode';
 import { TillConnection } from '../core/runtime/connection';
-import { CredentialStore } from '../core/credentials/credentials';
+import { CredentialStore, storeName, type SecretStoreId } from '../core/credentials/credentials';
 import { defaultHome, tillPaths, type TillPaths } from '../core/runtime/home';
 import { buildPolicy, type PolicyInput } from '../core/policy/policy';
 import { upstreamEnvVar } from '../core/providers/providers';
@@ -12,6 +12,7 @@ import { DEFAULT_PORT } from '../core/broker/server';
 import { KeychainVault } from '../core/credentials/vault';
 import type { PriceOverrides } from '../core/metering/pricing';
 import { SETTINGS } from './constants';
+import { SecretStorageVault } from './secretStorageVault';
 import { vscodePrompter, type Prompter } from './prompter';
 
 export class TillSession implements vscode.Disposable {
@@ -27,10 +28,40 @@ export class TillSession implements vscode.Disposable {
   closed: Promise<void> = Promise.resolve();
   private readonly connectionListeners = new Set<(c: TillConnection) => void>();
 
-  constructor(readonly log: vscode.LogOutputChannel) {
+  constructor(
+    readonly log: vscode.LogOutputChannel,
+    secrets: vscode.SecretStorage,
+  ) {
     this.paths = tillPaths(defaultHome());
-    this.credentials = new CredentialStore(this.paths.credentials, new KeychainVault({ service: this.paths.keychainService }));
+    this.credentials = new CredentialStore(this.paths.credentials, {
+      keychain: new KeychainVault({ service: this.paths.keychainService }),
+      editor: new SecretStorageVault(secrets),
+    });
     this.connection = this.newConnection();
+  }
+
+  /**
+   * Where a credential added now is kept: as the user set it, else VS Code's secret storage in a
+   * remote window (a container, WSL or SSH host seldom has an OS keychain, and VS Code keeps these
+   * on the user's own machine), else the OS keychain.
+   */
+  newCredentialStore(): SecretStoreId {
+    const setting = vscode.workspace.getConfiguration(SETTINGS.section).inspect<string>(SETTINGS.credentialStore)?.globalValue;
+    if (setting === 'vscode') return 'editor';
+    if (setting === 'keychain') return 'keychain';
+    return vscode.env.remoteName ? 'editor' : 'keychain';
+  }
+
+  /** Where a store keeps secrets, in the user's words (for messages, the status bar, the sidebar). */
+  describeStore(store: SecretStoreId): string {
+    if (store === 'keychain') return vscode.env.remoteName ? `the OS keychain of ${this.whereBrokerRuns()}` : 'the OS keychain';
+    return vscode.env.remoteName ? "VS Code's secret storage, kept on your local machine" : storeName(store);
+  }
+
+  /** Where this window's extension (and a broker it hosts) runs: this machine, or the remote's name. */
+  whereBrokerRuns(): string {
+    const remote = vscode.env.remoteName;
+    return remote ? `the remote (${remote})` : 'this machine';
   }
 
   /** The broker settings as the user set them (user settings only: see below). */
@@ -47,7 +78,13 @@ export class TillSession implements vscode.Disposable {
   }
 
   private newConnection(): TillConnection {
-    return new TillConnection({ home: this.paths.home, ...this.brokerSettings(), log: (line) => this.log.info(line) });
+    // A broker this window hosts reads each credential from the store that keeps it.
+    return new TillConnection({
+      home: this.paths.home,
+      ...this.brokerSettings(),
+      vault: this.credentials.vault,
+      log: (line) => this.log.info(line),
+    });
   }
 
   /** Stops this window's broker (if it hosts one) and connects again with fresh settings. */

@@ -17,20 +17,24 @@ export class TillStatusBar implements vscode.Disposable {
   update(keys: KeySummary[]): void {
     const { role, url } = this.session.connection;
     const live = keys.filter((k) => k.state === 'active').length;
-    const credentials = this.session.credentials.all().length;
+    const all = this.session.credentials.all();
+    const credentials = all.length;
+    const stores = [...new Set(all.map((c) => c.store ?? 'keychain'))];
+    const kept = `Real keys: in ${(stores.length > 0 ? stores : [this.session.newCredentialStore()]).map((s) => this.session.describeStore(s)).join(' and ')}.`;
     // With nothing to broker, the one useful step is adding a credential: the click does that.
     this.item.command = credentials === 0 ? COMMANDS.addCredential : COMMANDS.focusSidebar;
     if (credentials === 0) {
       this.item.text = '$(key) Till: add a credential';
       const broker = role === 'down' ? 'the broker is not running' : `the broker runs at ${url}`;
-      this.item.tooltip = `Till: no credential stored yet (${broker}, with nothing to broker). Click to add one (a real API key, kept in the OS keychain); terminals get till keys then.`;
+      this.item.tooltip = `Till: no credential stored yet (${broker}, with nothing to broker). Click to add one (a real API key, kept in ${this.session.describeStore(this.session.newCredentialStore())}); terminals get till keys then.`;
     } else if (role === 'down') {
       this.item.text = '$(key) Till: off';
       this.item.tooltip =
         'Till: the broker is not running (it failed to start, or is starting). See "Till: Show Broker Log"; "Till: Restart Broker" tries again.';
     } else {
       this.item.text = `$(key) Till: ${live} key${live === 1 ? '' : 's'}`;
-      this.item.tooltip = `Till broker at ${url} (${role === 'host' ? 'in this window' : 'in another window or `till serve`'}), ${live} live key${live === 1 ? '' : 's'}. Click to open the sidebar.`;
+      const where = role === 'host' ? `in this window, on ${this.session.whereBrokerRuns()}` : 'in another window or `till serve`';
+      this.item.tooltip = `Till broker at ${url} (${where}), ${live} live key${live === 1 ? '' : 's'}. ${kept} Click to open the sidebar.`;
     }
   }
 

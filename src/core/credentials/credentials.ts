@@ -1,15 +1,39 @@
 /**
- * The list of credentials: names and providers only, in `credentials.json` in the data
- * folder. The secrets themselves live in the {@link Vault}; this file holds nothing secret.
+ * The list of credentials: names, providers and which store keeps each, in `credentials.json`
+ * in the data folder. The secrets themselves live in a {@link Vault}; this file holds nothing
+ * secret.
+ *
+ * Two stores can keep secrets: the OS keychain (every process of this user on this machine can
+ * ask it) and the editor's secret storage (VS Code's, kept on the machine VS Code runs on, even
+ * for a remote window; only that editor's extension can read it). A credential stays in the
+ * store it was added to: nothing copies it to the other, and a process without its store says so
+ * instead of looking in the wrong place.
  */
 import { dirname } from 'node:path';
 import { ensurePrivateFolder, readPrivateFile, writePrivateFile } from '../files/privateFolder';
+import { VaultError, type Vault } from './vault';
+
+/** Where a credential's secret is kept. */
+export type SecretStoreId = 'keychain' | 'editor';
 
 export interface CredentialInfo {
   /** Unique name, also the keychain account. Default: the provider id. */
   name: string;
   provider: string;
   addedAt: number;
+  /** Where its secret is kept. Absent: the OS keychain (credentials added before there was a choice). */
+  store?: SecretStoreId;
+}
+
+/** The stores one process can reach: the keychain always (it may fail when asked), the editor's only inside it. */
+export interface SecretStores {
+  keychain: Vault;
+  editor?: Vault;
+}
+
+/** How a store is named to the user. */
+export function storeName(store: SecretStoreId): string {
+  return store === 'editor' ? "VS Code's secret storage" : 'the OS keychain';
 }
 
 const NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
@@ -74,33 +98,62 @@ export function checkSecret(secret: string): void {
 
 /**
  * Adding and removing credentials, for the `till` command and the editor alike: the secret
- * goes to the vault, the name to the list. The broker must be told afterwards (it caches).
+ * goes to its store, the name (and the store) to the list. The broker must be told afterwards
+ * (it caches). {@link vault} is what a broker reads secrets through.
  */
 export class CredentialStore {
   readonly list: CredentialList;
+  /** Each credential's secret from the store the list says keeps it. */
+  readonly vault: Vault;
 
   constructor(
     file: string,
-    private readonly vault: import('./vault').Vault,
+    private readonly stores: SecretStores,
   ) {
     this.list = new CredentialList(file);
+    this.vault = {
+      get: async (name) => this.storeFor(name).get(name),
+      set: async (name, secret) => this.storeFor(name).set(name, secret),
+      delete: async (name) => this.storeFor(name).delete(name),
+    };
   }
 
   all(): CredentialInfo[] {
     return this.list.all();
   }
 
-  /** Stores a credential for a provider under `name` (default: the provider id). */
-  async add(provider: string, secret: string, name = provider): Promise<CredentialInfo> {
+  /** Where a credential is kept (the keychain for one not listed). */
+  storeOf(name: string): SecretStoreId {
+    return this.list.get(name)?.store ?? 'keychain';
+  }
+
+  private storeFor(name: string): Vault {
+    const store = this.storeOf(name);
+    const vault = this.stores[store];
+    if (vault) return vault;
+    throw new VaultError(
+      'unavailable',
+      `credential "${name}" is kept in ${storeName(store)}, which only VS Code's Till extension can read: let a VS Code window run the broker (close \`till serve\`, then "Till: Restart Broker"), or add the credential to this machine's keychain with \`till credential add\``,
+    );
+  }
+
+  /** Stores a credential for a provider under `name` (default: the provider id), in `store` (default: the keychain). */
+  async add(provider: string, secret: string, name = provider, store: SecretStoreId = 'keychain'): Promise<CredentialInfo> {
     checkCredentialName(name);
     checkSecret(secret);
-    await this.vault.set(name, secret);
-    const info = { name, provider, addedAt: Date.now() };
+    const vault = this.stores[store];
+    if (!vault) throw new VaultError('unavailable', `${storeName(store)} cannot be reached from this process`);
+    // Added again in another store: the old secret goes, so no store keeps one the list forgot.
+    const before = this.list.get(name);
+    await vault.set(name, secret);
+    const info: CredentialInfo = { name, provider, addedAt: Date.now() };
+    if (store !== 'keychain') info.store = store;
     this.list.put(info);
+    if (before && (before.store ?? 'keychain') !== store) await this.stores[before.store ?? 'keychain']?.delete(name).catch(() => false);
     return info;
   }
 
-  /** Removes a credential from the vault and the list; keys bound to it stop working. */
+  /** Removes a credential from its store and the list; keys bound to it stop working. */
   async remove(name: string): Promise<void> {
     if (!this.list.get(name)) throw new Error(`no credential named "${name}"`);
     await this.vault.delete(name);

@@ -62,7 +62,7 @@ export interface KeychainVaultOptions {
 
 const UNAVAILABLE_HINT =
   process.platform === 'linux'
-    ? 'no OS keychain is reachable (Secret Service over D-Bus). Start one (gnome-keyring, or KeePassXC with Secret Service on) in this session and retry'
+    ? 'no OS keychain is reachable (Secret Service over D-Bus). Start one (gnome-keyring, or KeePassXC with Secret Service on) in this session and retry; in a container or on a remote machine, open it in a VS Code window with Till instead, whose broker keeps the real keys in VS Code on your own machine'
     : 'the OS keychain is not reachable from this process';
 
 function classify(err: unknown): VaultError {

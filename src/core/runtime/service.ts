@@ -7,7 +7,7 @@ import { AuditLog } from '../audit/audit';
 import { Broker, type BrokerOptions } from '../broker/server';
 import { ControlError, ControlServer } from './control';
 import { readCredentialName, readExtension, readIssueInput, type BrokerStatus, type IssuedKey, type IssueInput } from './controlApi';
-import { CredentialList, type CredentialInfo } from '../credentials/credentials';
+import { CredentialList, CredentialStore, type CredentialInfo } from '../credentials/credentials';
 import { TillEvents, type KeySummary, type RequestRecord } from '../events';
 import { openHome, readConfig, type TillPaths } from './home';
 import { withDefaults } from '../options';
@@ -101,7 +101,9 @@ export class TillService {
     try {
       ledger = Ledger.open(paths.ledger);
       audit = new AuditLog(paths.audit);
-      const vault = options.vault ?? new KeychainVault({ service: paths.keychainService });
+      // Each credential from its own store; a credential another process's store keeps (VS Code's) says so.
+      const vault =
+        options.vault ?? new CredentialStore(paths.credentials, { keychain: new KeychainVault({ service: paths.keychainService }) }).vault;
       const events = new TillEvents();
       const keys = new TillKeys(ledger, events);
       const prices = new PriceTable(priceOverrides(paths, options.prices));

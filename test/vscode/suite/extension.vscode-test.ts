@@ -16,6 +16,7 @@ import OpenAI from 'openai';
 import * as vscode from 'vscode';
 import pkg from '../../../package.json';
 import { ControlClient } from '../../../src/core/runtime/control';
+import { KeychainVault } from '../../../src/core/credentials/vault';
 import type { KeySummary } from '../../../src/core/events';
 import type { IssuedKey } from '../../../src/core/runtime/controlApi';
 import { COMMANDS } from '../../../src/vscode/constants';
@@ -456,6 +457,37 @@ describe('Till in VS Code', function () {
       (exists) => !exists,
       'the Codex folder to be removed',
     );
+  });
+
+  it("Add Credential with till.credentials.store = vscode keeps the key in VS Code's secret storage, never in the keychain, and the broker uses it", async () => {
+    const config = vscode.workspace.getConfiguration('till');
+    await config.update('credentials.store', 'vscode', vscode.ConfigurationTarget.Global);
+    try {
+      prompter.answer('openai', 'openai-vscode', SECRET);
+      const name = await vscode.commands.executeCommand<string>(COMMANDS.addCredential);
+      assert.equal(name, 'openai-vscode');
+      assert.equal(api.session.credentials.storeOf('openai-vscode'), 'editor');
+      assert.match(prompter.messages.at(-1) ?? '', /stored "openai-vscode" \(OpenAI\) in VS Code's secret storage/);
+      // Not in the OS keychain: the keychain was never asked to keep it.
+      await assert.rejects(
+        new KeychainVault({ service: api.session.paths.keychainService }).get('openai-vscode'),
+        /not in the OS keychain/,
+      );
+      // The broker reads it from VS Code's store: the real key reaches the upstream.
+      const key = await api.connection().issue({ target: 'openai-vscode', label: 'from secret storage' });
+      const answer = await chat(key);
+      assert.ok(answer.choices.length > 0);
+      // Remove takes it out of VS Code's store.
+      prompter.answer('button:Remove');
+      await vscode.commands.executeCommand(COMMANDS.removeCredential, { kind: 'credential', credential: { name: 'openai-vscode' } });
+      assert.equal(
+        api.session.credentials.all().some((c) => c.name === 'openai-vscode'),
+        false,
+      );
+      assert.match(prompter.messages.at(-1) ?? '', /removed "openai-vscode" from VS Code's secret storage/);
+    } finally {
+      await config.update('credentials.store', undefined, vscode.ConfigurationTarget.Global);
+    }
   });
 
   it('Revoke All asks first, then ends every key', async () => {
