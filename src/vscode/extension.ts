@@ -3,6 +3,7 @@
  * when a credential exists or a key is issued. The extension adapts VS Code to the core and
  * shows what the core emits; it holds no policy logic.
  */
+import { join } from 'node:path';
 import * as vscode from 'vscode';
 import type { TillConnection } from '../core/runtime/connection';
 import { changesKeys } from '../core/events';
@@ -16,6 +17,7 @@ import type { Prompter } from './prompter';
 import { TillSession } from './session';
 import { TillStatusBar } from './statusBar';
 import { TerminalEnv } from './terminalEnv';
+import { writeTillLauncher } from './tillOnPath';
 import { UsageViewProvider } from './usageView';
 
 /** What `activate` returns: for other extensions and for the extension-host tests. */
@@ -61,7 +63,7 @@ function wire(context: vscode.ExtensionContext, store: DisposableStore, log: vsc
   const tree = store.add(new KeysTreeProvider(session));
   store.add(vscode.window.createTreeView(KEYS_VIEW, { treeDataProvider: tree, showCollapseAll: false }));
   const status = store.add(new TillStatusBar(session));
-  const terminals = store.add(new TerminalEnv(session, context.environmentVariableCollection));
+  const terminals = store.add(new TerminalEnv(session, context.environmentVariableCollection, tillLauncher(context, session)));
   const agents = store.add(new AgentTerminals(session));
   const notifier = new Notifier(session);
   const hasCredential = () => session.credentials.all().length > 0;
@@ -199,6 +201,20 @@ function applyBrokerSettings(session: TillSession, portChanged: boolean): void {
 }
 
 /** Revokes this window's terminal keys, then stops (or detaches from) the broker. */
+/** The folder of the `till` launcher for terminals, or undefined (logged) when it cannot be written. */
+function tillLauncher(context: vscode.ExtensionContext, session: TillSession): string | undefined {
+  try {
+    return writeTillLauncher(
+      join(context.globalStorageUri.fsPath, 'bin'),
+      join(context.extensionPath, 'dist', 'till.js'),
+      session.paths.home,
+    );
+  } catch (err) {
+    session.log.warn(`the \`till\` command is not on the terminals' PATH: ${(err as Error).message}`);
+    return undefined;
+  }
+}
+
 export async function deactivate(): Promise<void> {
   const closing = store;
   store = undefined;

@@ -6,7 +6,7 @@
  * persisted: the keys die with the window.
  */
 import { existsSync, readdirSync, rmSync } from 'node:fs';
-import { join } from 'node:path';
+import { delimiter, join } from 'node:path';
 import * as vscode from 'vscode';
 import { AGENTS, agentServed, agentSetup, isAgentName, newAgentScratchDir, type AgentName } from '../core/agents/agents';
 import type { TillEvent } from '../core/events';
@@ -42,9 +42,14 @@ export class TerminalEnv implements vscode.Disposable {
   private readonly revoked = new Set<string>();
   private readonly listeners: vscode.Disposable[];
 
+  /** Whether the launcher's folder is on the terminals' PATH now. */
+  private onPath = false;
+
+  /** `tillBin`: the folder holding the `till` launcher (tillOnPath.ts), put first on PATH while terminals get keys. */
   constructor(
     private readonly session: TillSession,
     private readonly collection: vscode.GlobalEnvironmentVariableCollection,
+    private readonly tillBin?: string,
   ) {
     collection.persistent = false;
     this.listeners = [
@@ -73,7 +78,7 @@ export class TerminalEnv implements vscode.Disposable {
       ? ` ${stale} open terminal${stale === 1 ? ' holds' : 's hold'} a revoked till key: relaunch ${stale === 1 ? 'it' : 'them'} to get the new one.`
       : '';
     this.collection.description = providers.length
-      ? `Till: till keys and the local broker's URL for ${providers.join(', ')}.${agents}${relaunch} Your real API keys never reach a terminal.`
+      ? `Till: till keys and the local broker's URL for ${providers.join(', ')}.${agents}${this.onPath ? ' The `till` command is on PATH.' : ''}${relaunch} Your real API keys never reach a terminal.`
       : this.restricted()
         ? 'Till: no till keys in terminals of this untrusted workspace (they get one once you trust it).'
         : `Till: no till keys in terminals (add a credential to get some).${relaunch}`;
@@ -155,10 +160,24 @@ export class TerminalEnv implements vscode.Disposable {
     return this.syncing;
   }
 
+  /** Whether Till puts anything in terminals: injection on, in a trusted workspace. */
+  private injecting(): boolean {
+    return vscode.workspace.getConfiguration(SETTINGS.section).get<boolean>(SETTINGS.terminalInject, true) && !this.restricted();
+  }
+
+  /** The `till` command first on PATH while Till puts anything in terminals. */
+  private applyPath(): void {
+    const want = this.tillBin !== undefined && this.injecting();
+    if (want === this.onPath) return;
+    if (want) this.collection.prepend('PATH', this.tillBin + delimiter);
+    else this.collection.delete('PATH');
+    this.onPath = want;
+  }
+
   private wanted(): Map<string, string> {
     const config = vscode.workspace.getConfiguration(SETTINGS.section);
     const byProvider = new Map<string, string>();
-    if (!config.get<boolean>(SETTINGS.terminalInject, true) || this.restricted()) return byProvider;
+    if (!this.injecting()) return byProvider;
     const only = config.get<string[]>(SETTINGS.terminalProviders, []);
     for (const c of this.session.credentials.all()) {
       if (only.length > 0 && !only.includes(c.provider)) continue;
@@ -176,6 +195,7 @@ export class TerminalEnv implements vscode.Disposable {
       if (!this.keys.has(provider)) await this.issue(provider, credential);
     }
     this.applyAgents();
+    this.applyPath();
     this.describe();
   }
 

@@ -349,6 +349,33 @@ describe('Till in VS Code', function () {
     assert.match(terminalKey?.label ?? '', /^terminals/);
   });
 
+  it("the bundled `till` is on every terminal's PATH: `till ls` shows this window's keys, `till exec -- env` a fresh key revoked at exit", async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'till-cli-'));
+    const terminal = vscode.window.createTerminal({
+      name: 'till command check',
+      shellPath: '/bin/sh',
+      shellArgs: ['-c', `command -v till > ${dir}/which; till ls > ${dir}/ls 2>&1; till exec -- env > ${dir}/env 2>&1; touch ${dir}/done`],
+    });
+    try {
+      await poll(() => existsSync(join(dir, 'done')), Boolean, 'the terminal to run till', 30_000);
+    } finally {
+      terminal.dispose();
+    }
+    assert.match(readFileSync(join(dir, 'which'), 'utf8'), /\/bin\/till$/m);
+    const ls = readFileSync(join(dir, 'ls'), 'utf8');
+    assert.match(ls, /terminals · /, ls);
+    const env = readFileSync(join(dir, 'env'), 'utf8');
+    assert.match(env, /^OPENAI_API_KEY=till_/m, env);
+    assert.ok(!env.includes(SECRET), 'the credential reached a terminal');
+    const execKey = env.match(/^OPENAI_API_KEY=(till_\S+)$/m)![1]!;
+    const keys = await api.connection().list();
+    const theirs = keys.filter((k) => k.label === 'exec env');
+    assert.equal(theirs.length, 1, JSON.stringify(keys.map((k) => k.label)));
+    assert.notEqual(theirs[0]!.state, 'active');
+    assert.ok(!api.terminalKeyIds().includes(theirs[0]!.id));
+    assert.ok(execKey.length > 10);
+  });
+
   it("revoking the terminals' key asks once (a terminal uses it); new terminals then get a fresh key and the old one is marked", async () => {
     const [old] = api.terminalKeyIds();
     assert.ok(old);
