@@ -97,14 +97,17 @@ async function addCredential(deps: CommandDeps, args?: { provider?: string; secr
     await session.credentials.add(provider, secret.trim(), name, store);
   } catch (err) {
     if (store !== 'keychain' || !(err instanceof VaultError) || err.kind === 'missing') throw err;
+    session.log.warn(`the OS keychain cannot keep "${name}": ${err.message}`);
     // No keychain to keep it (missing, locked, not answering): the user chooses, once; nothing is stored before.
     const other = "Use VS Code's Secret Storage";
-    const choice = await p.message(
-      'warning',
-      `Till: the OS keychain cannot keep "${name}" (${err.message}). VS Code's secret storage can: on the desktop it is encrypted with the OS keychain's key when VS Code can reach one; in code-server and VS Code for the Web it is the browser's storage, which is weaker. Till never writes a key to a plain file.`,
-      [other],
-      true,
-    );
+    const choice = session.fallsBackToEditor()
+      ? other
+      : await p.message(
+          'warning',
+          `Till: the OS keychain cannot keep "${name}" (${err.message}). VS Code's secret storage can: on the desktop it is encrypted with the OS keychain's key when VS Code can reach one; in code-server and VS Code for the Web it is the browser's storage, which is weaker. Till never writes a key to a plain file.`,
+          [other],
+          true,
+        );
     if (choice !== other) {
       void p.message(
         'info',
@@ -113,7 +116,10 @@ async function addCredential(deps: CommandDeps, args?: { provider?: string; secr
       );
       return undefined;
     }
-    await vscode.workspace.getConfiguration(SETTINGS.section).update(SETTINGS.credentialStore, 'vscode', vscode.ConfigurationTarget.Global);
+    if (!session.fallsBackToEditor())
+      await vscode.workspace
+        .getConfiguration(SETTINGS.section)
+        .update(SETTINGS.credentialStore, 'vscode', vscode.ConfigurationTarget.Global);
     store = 'editor';
     await session.credentials.add(provider, secret.trim(), name, store);
   }

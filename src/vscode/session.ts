@@ -41,21 +41,48 @@ export class TillSession implements vscode.Disposable {
   }
 
   /**
-   * Where a credential added now is kept: as the user set it, else VS Code's secret storage in a
-   * remote window (a container, WSL or SSH host seldom has an OS keychain, and VS Code keeps these
-   * on the user's own machine), else the OS keychain.
+   * Where this window's UI is, seen from its extension host (where Till, its broker and the
+   * terminals run): the same machine; a desktop window on another machine (Dev Containers, WSL,
+   * SSH, Codespaces); or a browser (code-server, VS Code for the Web), whose extension host runs
+   * on the server.
+   */
+  private ui(): 'local' | 'remote' | 'web' {
+    if (!vscode.env.remoteName) return 'local';
+    return vscode.env.uiKind === vscode.UIKind.Web ? 'web' : 'remote';
+  }
+
+  /** The user's choice of store, or undefined for the default (`auto`). */
+  private storeSetting(): SecretStoreId | undefined {
+    const setting = vscode.workspace.getConfiguration(SETTINGS.section).inspect<string>(SETTINGS.credentialStore)?.globalValue;
+    return setting === 'vscode' ? 'editor' : setting === 'keychain' ? 'keychain' : undefined;
+  }
+
+  /**
+   * Where a credential added now is kept: as the user set it; else VS Code's secret storage for a
+   * desktop window on a remote (a container, WSL or SSH host seldom has an OS keychain, and VS Code
+   * keeps these secrets on the user's own machine, never on the remote's disk); else the OS
+   * keychain of the machine the extension runs on.
    */
   newCredentialStore(): SecretStoreId {
-    const setting = vscode.workspace.getConfiguration(SETTINGS.section).inspect<string>(SETTINGS.credentialStore)?.globalValue;
-    if (setting === 'vscode') return 'editor';
-    if (setting === 'keychain') return 'keychain';
-    return vscode.env.remoteName ? 'editor' : 'keychain';
+    return this.storeSetting() ?? (this.ui() === 'remote' ? 'editor' : 'keychain');
+  }
+
+  /**
+   * Whether a key the keychain cannot keep goes to VS Code's secret storage without asking: in a
+   * browser window left to the default, where the server has no keychain (a container, as a dev
+   * container is) and the browser's storage is the one place left. A local window asks first.
+   */
+  fallsBackToEditor(): boolean {
+    return this.storeSetting() === undefined && this.ui() === 'web';
   }
 
   /** Where a store keeps secrets, in the user's words (for messages, the status bar, the sidebar). */
   describeStore(store: SecretStoreId): string {
-    if (store === 'keychain') return vscode.env.remoteName ? `the OS keychain of ${this.whereBrokerRuns()}` : 'the OS keychain';
-    return vscode.env.remoteName ? "VS Code's secret storage, kept on your local machine" : storeName(store);
+    const ui = this.ui();
+    if (store === 'keychain') return ui === 'local' ? 'the OS keychain' : `the OS keychain of ${this.whereBrokerRuns()}`;
+    if (ui === 'remote') return "VS Code's secret storage, kept on your local machine";
+    if (ui === 'web') return "VS Code's secret storage (this browser's storage, encrypted with a key the server keeps)";
+    return storeName(store);
   }
 
   /** Where this window's extension (and a broker it hosts) runs: this machine, or the remote's name. */

@@ -43,6 +43,8 @@ const { values: opts } = parseArgs({
     grep: { type: 'string' },
     timeout: { type: 'string' },
     keep: { type: 'boolean', default: false },
+    // No Secret Service on the server side (no D-Bus session), as in a dev container: the no-keychain suite.
+    'no-keychain': { type: 'boolean', default: false },
     verbose: { type: 'boolean', default: false },
   },
 });
@@ -69,13 +71,15 @@ async function main(): Promise<number> {
   };
   process.on('exit', onExit);
 
-  const keyring = await startPrivateKeyring();
-  process.on('exit', () => keyring.stop());
+  const keyring = opts['no-keychain'] ? undefined : await startPrivateKeyring();
+  process.on('exit', () => keyring?.stop());
   try {
     server = await spawnCodeServer(sb, {
       env: {
-        // The extension's keychain: a private Secret Service, never the developer's own.
-        DBUS_SESSION_BUS_ADDRESS: keyring.env.DBUS_SESSION_BUS_ADDRESS!,
+        // The extension's keychain: a private Secret Service, never the developer's own; or, with
+        // --no-keychain, a session bus address where nothing listens (none inherited from here).
+        DBUS_SESSION_BUS_ADDRESS: keyring ? keyring.env.DBUS_SESSION_BUS_ADDRESS! : `unix:path=${path.join(sb.tmp, 'no-dbus')}`,
+        ...(keyring ? {} : { TILL_TEST_SUITE: 'no-keychain' }),
         ...(opts.grep ? { TILL_TEST_GREP: opts.grep } : {}),
       },
       onOutput: opts.verbose ? (text) => process.stdout.write(prefixLines('[code-server] ', text)) : undefined,

@@ -21,76 +21,14 @@ import type { KeySummary } from '../../../src/core/events';
 import type { IssuedKey } from '../../../src/core/runtime/controlApi';
 import { COMMANDS } from '../../../src/vscode/constants';
 import type { TillApi } from '../../../src/vscode/extension';
-import type { PickItem, Prompter } from '../../../src/vscode/prompter';
 import { startOpenAIUpstream, type Upstream } from '../../support/upstreams';
-import { waitFor } from '../../support/wait';
+import { poll, ScriptedPrompter, terminalEnv } from './helpers';
 
 const SECRET = `sk-REALCRED-vscode-${Date.now().toString(36)}`;
-
-/** The environment a new integrated terminal starts with: a shell that writes it out and exits. */
-async function terminalEnv(): Promise<string> {
-  const file = join(mkdtempSync(join(tmpdir(), 'till-term-')), 'env.txt');
-  const terminal = vscode.window.createTerminal({
-    name: 'till env check',
-    shellPath: '/bin/sh',
-    shellArgs: ['-c', `env > ${file}.tmp && mv ${file}.tmp ${file}`],
-  });
-  try {
-    await poll(() => existsSync(file), Boolean, 'the terminal to write its env');
-    return readFileSync(file, 'utf8');
-  } finally {
-    terminal.dispose();
-  }
-}
-
-/** Answers the extension's questions from a queue; records every message it was shown. */
-class ScriptedPrompter implements Prompter {
-  readonly answers: (string | undefined)[] = [];
-  readonly messages: string[] = [];
-  readonly asked: string[] = [];
-
-  answer(...values: (string | undefined)[]): this {
-    this.answers.push(...values);
-    return this;
-  }
-
-  private next(question: string): string | undefined {
-    this.asked.push(question);
-    if (this.answers.length === 0) throw new Error(`unexpected question: ${question}`);
-    return this.answers.shift();
-  }
-
-  async pick<T>(title: string, items: PickItem<T>[]): Promise<T | undefined> {
-    const wanted = this.next(title);
-    if (wanted === undefined) return undefined;
-    const item = items.find((i) => i.label === wanted || String(i.value) === wanted);
-    if (!item) throw new Error(`"${wanted}" is not among ${items.map((i) => i.label).join(', ')} for ${title}`);
-    return item.value;
-  }
-
-  async input(title: string): Promise<string | undefined> {
-    return this.next(title);
-  }
-
-  async message(_kind: string, text: string, buttons: string[]): Promise<string | undefined> {
-    this.messages.push(text);
-    // Messages with buttons wait for a person; the script dismisses them unless told otherwise.
-    return buttons.length > 0 && this.answers[0]?.startsWith('button:') ? this.answers.shift()!.slice(7) : undefined;
-  }
-}
 
 let api: TillApi;
 let up: Upstream;
 const prompter = new ScriptedPrompter();
-
-async function poll<T>(read: () => T | Promise<T>, ok: (v: T) => boolean, what: string, ms = 10_000): Promise<T> {
-  let last: T | undefined;
-  const check = async () => {
-    last = await read();
-    return ok(last) ? { value: last } : undefined;
-  };
-  return (await waitFor(what, check, { timeoutMs: ms, everyMs: 100, describe: () => `last: ${JSON.stringify(last)}` })).value;
-}
 
 async function treeKeys(): Promise<{ label: string; description: string; contextValue: string }[]> {
   const out: { label: string; description: string; contextValue: string }[] = [];
@@ -147,6 +85,9 @@ describe('Till in VS Code', function () {
       api.session.credentials.all().map((c) => c.provider),
       ['openai'],
     );
+    // With a keychain on the server, the keychain keeps it (VS Code's secret storage is for where there is none).
+    assert.equal(api.session.credentials.storeOf('openai'), 'keychain');
+    assert.equal(await new KeychainVault({ service: api.session.paths.keychainService }).get('openai'), SECRET);
     await api.ready();
     assert.equal(api.connection().role, 'host');
     // The tree lists it (name and provider, never the secret), with Remove on the item.

@@ -1,0 +1,69 @@
+/** What the extension-host test files share: a scripted prompter, polling, a new terminal's environment. */
+import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import * as vscode from 'vscode';
+import type { PickItem, Prompter } from '../../../src/vscode/prompter';
+import { waitFor } from '../../support/wait';
+
+/** The environment a new integrated terminal starts with: a shell that writes it out and exits. */
+export async function terminalEnv(): Promise<string> {
+  const file = join(mkdtempSync(join(tmpdir(), 'till-term-')), 'env.txt');
+  const terminal = vscode.window.createTerminal({
+    name: 'till env check',
+    shellPath: '/bin/sh',
+    shellArgs: ['-c', `env > ${file}.tmp && mv ${file}.tmp ${file}`],
+  });
+  try {
+    await poll(() => existsSync(file), Boolean, 'the terminal to write its env');
+    return readFileSync(file, 'utf8');
+  } finally {
+    terminal.dispose();
+  }
+}
+
+/** Answers the extension's questions from a queue; records every message it was shown. */
+export class ScriptedPrompter implements Prompter {
+  readonly answers: (string | undefined)[] = [];
+  readonly messages: string[] = [];
+  readonly asked: string[] = [];
+
+  answer(...values: (string | undefined)[]): this {
+    this.answers.push(...values);
+    return this;
+  }
+
+  private next(question: string): string | undefined {
+    this.asked.push(question);
+    if (this.answers.length === 0) throw new Error(`unexpected question: ${question}`);
+    return this.answers.shift();
+  }
+
+  async pick<T>(title: string, items: PickItem<T>[]): Promise<T | undefined> {
+    const wanted = this.next(title);
+    if (wanted === undefined) return undefined;
+    const item = items.find((i) => i.label === wanted || String(i.value) === wanted);
+    if (!item) throw new Error(`"${wanted}" is not among ${items.map((i) => i.label).join(', ')} for ${title}`);
+    return item.value;
+  }
+
+  async input(title: string): Promise<string | undefined> {
+    return this.next(title);
+  }
+
+  async message(_kind: string, text: string, buttons: string[]): Promise<string | undefined> {
+    this.messages.push(text);
+    // Messages with buttons wait for a person; the script dismisses them unless told otherwise.
+    return buttons.length > 0 && this.answers[0]?.startsWith('button:') ? this.answers.shift()!.slice(7) : undefined;
+  }
+}
+
+/** Reads until `ok`, failing after `ms` with what was last read. */
+export async function poll<T>(read: () => T | Promise<T>, ok: (v: T) => boolean, what: string, ms = 10_000): Promise<T> {
+  let last: T | undefined;
+  const check = async () => {
+    last = await read();
+    return ok(last) ? { value: last } : undefined;
+  };
+  return (await waitFor(what, check, { timeoutMs: ms, everyMs: 100, describe: () => `last: ${JSON.stringify(last)}` })).value;
+}

@@ -1,0 +1,119 @@
+/**
+ * Till where the extension host's machine has no OS keychain (no D-Bus session, no Secret
+ * Service), as in a dev container: run by `node dist/test/run.js --no-keychain`. The real key is
+ * kept by VS Code's secret storage on the client side (here, the browser), and a scan of the
+ * server side finds it nowhere: not in code-server's data, Till's data folder, HOME, temp files,
+ * code-server's log or a terminal's environment.
+ */
+import * as assert from 'node:assert/strict';
+import { readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { homedir, tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { after, before, describe, it } from 'mocha';
+import OpenAI from 'openai';
+import * as vscode from 'vscode';
+import { KeychainVault } from '../../../src/core/credentials/vault';
+import { COMMANDS } from '../../../src/vscode/constants';
+import type { TillApi } from '../../../src/vscode/extension';
+import { startOpenAIUpstream, type Upstream } from '../../support/upstreams';
+import { poll, ScriptedPrompter, terminalEnv } from './helpers';
+
+const SECRET = `sk-REALCRED-nokeychain-${Date.now().toString(36)}`;
+
+/** Files under `root` holding `needle`, leaving out `skip` (folder names). */
+function filesHolding(root: string, needle: string, skip: Set<string>): string[] {
+  const found: string[] = [];
+  const bytes = Buffer.from(needle);
+  const walk = (dir: string) => {
+    let entries: string[];
+    try {
+      entries = readdirSync(dir);
+    } catch {
+      return; // gone meanwhile, or a socket's folder
+    }
+    for (const name of entries) {
+      if (skip.has(name)) continue;
+      const path = join(dir, name);
+      let info;
+      try {
+        info = statSync(path);
+      } catch {
+        continue;
+      }
+      if (info.isDirectory()) walk(path);
+      else if (info.isFile() && info.size < 64 * 1024 * 1024 && readFileSync(path).includes(bytes)) found.push(path);
+    }
+  };
+  walk(root);
+  return found;
+}
+
+describe('Till on a server with no OS keychain (a dev container)', function () {
+  this.timeout(60_000);
+  let api: TillApi;
+  let up: Upstream;
+  const prompter = new ScriptedPrompter();
+
+  before(async () => {
+    const ext = vscode.extensions.getExtension<TillApi>('till.till');
+    assert.ok(ext);
+    api = await ext.activate();
+    api.setPrompter(prompter);
+    up = await startOpenAIUpstream({ credential: SECRET, streamDelayMs: 1 });
+    await vscode.workspace.getConfiguration('till').update('upstreams', { openai: `${up.url}/v1` }, vscode.ConfigurationTarget.Global);
+  });
+
+  after(async () => {
+    await up?.close();
+  });
+
+  it('has no keychain to use: the keychain store fails at once', async () => {
+    await assert.rejects(new KeychainVault({ service: api.session.paths.keychainService }).get('probe'), /no OS keychain is reachable/);
+  });
+
+  it("Add Credential keeps the key in VS Code's secret storage, without a question, and says where", async () => {
+    prompter.answer('openai', SECRET);
+    const name = await vscode.commands.executeCommand<string>(COMMANDS.addCredential);
+    assert.equal(name, 'openai');
+    assert.equal(api.session.credentials.storeOf('openai'), 'editor');
+    assert.ok(!prompter.messages.some((m) => /cannot keep/.test(m) && /Use VS Code/.test(m)), 'it asked');
+    assert.match(prompter.messages.at(-1) ?? '', /stored "openai" \(OpenAI\) in VS Code's secret storage/);
+    await api.ready();
+    assert.equal(api.connection().role, 'host');
+  });
+
+  it('terminals get till keys; a request through the broker reaches the upstream with the real key; revoke ends the key', async () => {
+    await poll(
+      () => api.terminalKeyIds(),
+      (ids) => ids.length === 1,
+      'a terminal key',
+    );
+    const env = await terminalEnv();
+    assert.match(env, /^OPENAI_API_KEY=till_/m);
+    assert.ok(!env.includes(SECRET), 'the credential reached a terminal');
+    const key = await api.connection().issue({ target: 'openai', label: 'container agent' });
+    const client = new OpenAI({ apiKey: key.key, baseURL: key.baseUrl, maxRetries: 0 });
+    const answer = await client.chat.completions.create({ model: 'gpt-5-mini', messages: [{ role: 'user', content: 'hi' }] });
+    assert.ok(answer.choices.length > 0);
+    assert.equal(await api.connection().revoke(key.id), true);
+    await assert.rejects(
+      client.chat.completions.create({ model: 'gpt-5-mini', messages: [{ role: 'user', content: 'hi' }] }),
+      (err: { status?: number }) => err.status === 401 || err.status === 403,
+    );
+  });
+
+  it('the real key is nowhere on the server side', async () => {
+    // The runner's sandbox holds everything the server writes (HOME, code-server's user data and
+    // extensions, Till's data folder, TMPDIR, code-server's log); the browser's profile is the
+    // client side, where VS Code keeps the secret (encrypted), as a desktop keeps it on your machine.
+    const sandbox = dirname(homedir());
+    assert.ok(process.env.TILL_HOME?.startsWith(sandbox), `Till's data folder ${process.env.TILL_HOME} is outside ${sandbox}`);
+    // The scan finds a file that holds it (a control), then none.
+    const control = join(tmpdir(), 'scan-control.txt');
+    writeFileSync(control, `x${SECRET}x`);
+    assert.deepEqual(filesHolding(sandbox, SECRET, new Set(['chromium-profile'])), [control]);
+    rmSync(control);
+    assert.deepEqual(filesHolding(sandbox, SECRET, new Set(['chromium-profile'])), []);
+    assert.ok(!(await terminalEnv()).includes(SECRET));
+  });
+});
