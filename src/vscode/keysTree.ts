@@ -100,17 +100,18 @@ export class KeysTreeProvider implements vscode.TreeDataProvider<Node>, vscode.D
       item.id = 'till.credentials';
       item.contextValue = 'till.credentials';
       item.iconPath = new vscode.ThemeIcon('lock');
-      item.tooltip = 'Your real API keys, kept in the OS keychain. Till keys stand in for them; they are never shown.';
+      const stores = [...new Set(node.credentials.map((c) => c.store ?? 'keychain'))].map((st) => this.session.describeStore(st));
+      item.tooltip = `Your real API keys${stores.length ? `, kept in ${stores.join(' and ')}` : ''}. Till keys stand in for them; they are never shown. The broker runs on ${this.session.whereBrokerRuns()}.`;
       return item;
     }
     if (node.kind === 'credential') {
-      const { name, provider } = node.credential;
+      const { name, provider, store = 'keychain' } = node.credential;
       const item = new vscode.TreeItem(name, vscode.TreeItemCollapsibleState.None);
       item.id = `till.credential.${name}`;
-      item.description = provider;
+      item.description = store === 'editor' ? `${provider} · VS Code` : provider;
       item.contextValue = 'till.credential';
       item.iconPath = new vscode.ThemeIcon('lock-small');
-      item.tooltip = `Credential "${name}" for ${provider}, in the OS keychain. Remove it to stop every till key bound to it.`;
+      item.tooltip = `Credential "${name}" for ${provider}, in ${this.session.describeStore(store)}. Remove it to stop every till key bound to it.`;
       return item;
     }
     if (node.kind === 'noKeys') {
