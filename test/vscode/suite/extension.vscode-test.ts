@@ -22,7 +22,7 @@ import type { IssuedKey } from '../../../src/core/runtime/controlApi';
 import { COMMANDS } from '../../../src/vscode/constants';
 import type { TillApi } from '../../../src/vscode/extension';
 import { startOpenAIUpstream, type Upstream } from '../../support/upstreams';
-import { poll, ScriptedPrompter, terminalEnv } from './helpers';
+import { keyedTerminalEnv, poll, ScriptedPrompter, startTill, terminalEnv } from './helpers';
 
 const SECRET = `sk-REALCRED-vscode-${Date.now().toString(36)}`;
 
@@ -53,12 +53,7 @@ describe('Till in VS Code', function () {
   this.timeout(60_000);
 
   before(async () => {
-    const ext = vscode.extensions.getExtension<TillApi>('till.till');
-    assert.ok(ext);
-    api = await ext.activate();
-    api.setPrompter(prompter);
-    up = await startOpenAIUpstream({ credential: SECRET, streamDelayMs: 1 });
-    await vscode.workspace.getConfiguration('till').update('upstreams', { openai: `${up.url}/v1` }, vscode.ConfigurationTarget.Global);
+    ({ api, up } = await startTill(prompter, SECRET));
   });
 
   after(async () => {
@@ -276,15 +271,8 @@ describe('Till in VS Code', function () {
   });
 
   it('new terminals get a till key and the broker URL, never the credential', async () => {
-    await poll(
-      () => api.terminalKeyIds(),
-      (ids) => ids.length === 1,
-      'a terminal key',
-    );
-    const env = await terminalEnv();
-    assert.match(env, /^OPENAI_API_KEY=till_/m);
+    const env = await keyedTerminalEnv(api, SECRET);
     assert.match(env, new RegExp(`^OPENAI_BASE_URL=${api.connection().url!.replace(/\./g, '\\.')}/openai/v1$`, 'm'));
-    assert.ok(!env.includes(SECRET), 'the credential reached a terminal');
     const keys = await api.connection().list();
     const terminalKey = keys.find((k) => k.id === api.terminalKeyIds()[0]);
     assert.match(terminalKey?.label ?? '', /^terminals/);

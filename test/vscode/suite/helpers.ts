@@ -1,9 +1,12 @@
 /** What the extension-host test files share: a scripted prompter, polling, a new terminal's environment. */
+import * as assert from 'node:assert/strict';
 import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as vscode from 'vscode';
+import type { TillApi } from '../../../src/vscode/extension';
 import type { PickItem, Prompter } from '../../../src/vscode/prompter';
+import { startOpenAIUpstream, type Upstream } from '../../support/upstreams';
 import { waitFor } from '../../support/wait';
 
 /** The environment a new integrated terminal starts with: a shell that writes it out and exits. */
@@ -66,4 +69,28 @@ export async function poll<T>(read: () => T | Promise<T>, ok: (v: T) => boolean,
     return ok(last) ? { value: last } : undefined;
   };
   return (await waitFor(what, check, { timeoutMs: ms, everyMs: 100, describe: () => `last: ${JSON.stringify(last)}` })).value;
+}
+
+/** Activates Till with `prompter` answering it, and points it at a fake OpenAI that takes only `secret`. */
+export async function startTill(prompter: Prompter, secret: string): Promise<{ api: TillApi; up: Upstream }> {
+  const ext = vscode.extensions.getExtension<TillApi>('till.till');
+  assert.ok(ext);
+  const api = await ext.activate();
+  api.setPrompter(prompter);
+  const up = await startOpenAIUpstream({ credential: secret, streamDelayMs: 1 });
+  await vscode.workspace.getConfiguration('till').update('upstreams', { openai: `${up.url}/v1` }, vscode.ConfigurationTarget.Global);
+  return { api, up };
+}
+
+/** Once Till has a terminal key: a new terminal's environment, checked to hold a till key and never `secret`. */
+export async function keyedTerminalEnv(api: TillApi, secret: string): Promise<string> {
+  await poll(
+    () => api.terminalKeyIds(),
+    (ids) => ids.length === 1,
+    'a terminal key',
+  );
+  const env = await terminalEnv();
+  assert.match(env, /^OPENAI_API_KEY=till_/m);
+  assert.ok(!env.includes(secret), 'the credential reached a terminal');
+  return env;
 }

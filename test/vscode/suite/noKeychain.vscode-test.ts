@@ -15,8 +15,8 @@ import * as vscode from 'vscode';
 import { KeychainVault } from '../../../src/core/credentials/vault';
 import { COMMANDS } from '../../../src/vscode/constants';
 import type { TillApi } from '../../../src/vscode/extension';
-import { startOpenAIUpstream, type Upstream } from '../../support/upstreams';
-import { poll, ScriptedPrompter, terminalEnv } from './helpers';
+import type { Upstream } from '../../support/upstreams';
+import { keyedTerminalEnv, ScriptedPrompter, startTill, terminalEnv } from './helpers';
 
 const SECRET = `sk-REALCRED-nokeychain-${Date.now().toString(36)}`;
 
@@ -55,12 +55,7 @@ describe('Till on a server with no OS keychain (a dev container)', function () {
   const prompter = new ScriptedPrompter();
 
   before(async () => {
-    const ext = vscode.extensions.getExtension<TillApi>('till.till');
-    assert.ok(ext);
-    api = await ext.activate();
-    api.setPrompter(prompter);
-    up = await startOpenAIUpstream({ credential: SECRET, streamDelayMs: 1 });
-    await vscode.workspace.getConfiguration('till').update('upstreams', { openai: `${up.url}/v1` }, vscode.ConfigurationTarget.Global);
+    ({ api, up } = await startTill(prompter, SECRET));
   });
 
   after(async () => {
@@ -83,14 +78,7 @@ describe('Till on a server with no OS keychain (a dev container)', function () {
   });
 
   it('terminals get till keys; a request through the broker reaches the upstream with the real key; revoke ends the key', async () => {
-    await poll(
-      () => api.terminalKeyIds(),
-      (ids) => ids.length === 1,
-      'a terminal key',
-    );
-    const env = await terminalEnv();
-    assert.match(env, /^OPENAI_API_KEY=till_/m);
-    assert.ok(!env.includes(SECRET), 'the credential reached a terminal');
+    await keyedTerminalEnv(api, SECRET);
     const key = await api.connection().issue({ target: 'openai', label: 'container agent' });
     const client = new OpenAI({ apiKey: key.key, baseURL: key.baseUrl, maxRetries: 0 });
     const answer = await client.chat.completions.create({ model: 'gpt-5-mini', messages: [{ role: 'user', content: 'hi' }] });
