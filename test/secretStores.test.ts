@@ -62,6 +62,19 @@ describe('two secret stores', () => {
     expect(store.storeOf('openai')).toBe('editor');
   });
 
+  it('moves a credential only when asked, and then from one store to the other', async () => {
+    const { keychain, editor, store } = stores();
+    await store.add('openai', 'sk-to-be-moved-0001');
+    await store.move('openai', 'editor');
+    expect(keychain.secrets.size).toBe(0);
+    expect(editor.secrets.get('openai')).toBe('sk-to-be-moved-0001');
+    expect(store.storeOf('openai')).toBe('editor');
+    await store.move('openai', 'keychain');
+    expect(editor.secrets.size).toBe(0);
+    expect(await store.vault.get('openai')).toBe('sk-to-be-moved-0001');
+    await expect(store.move('nope', 'editor')).rejects.toThrow(/no credential named "nope"/);
+  });
+
   it('a process without the editor store says where the credential is, and stores nothing', async () => {
     const keychain = new MemoryVault();
     const file = join(tempHome(), 'credentials.json');

@@ -164,6 +164,36 @@ async function removeCredential(deps: CommandDeps, arg?: RemoveArg): Promise<voi
   void session.prompter.message('info', `Till: removed "${name}" from ${session.describeStore(store)}.`, []);
 }
 
+/** Move Credential: one credential to the other store (the OS keychain, VS Code's secret storage), after asking. */
+async function moveCredential(deps: CommandDeps, arg?: RemoveArg): Promise<string | undefined> {
+  const { session } = deps;
+  const p = session.prompter;
+  const fromTree = arg && 'kind' in arg ? arg.credential.name : undefined;
+  const all = session.credentials.all();
+  const name =
+    (arg && !('kind' in arg) ? arg.name : fromTree) ??
+    (all.length === 0
+      ? undefined
+      : await p.pick(
+          'Till: Move Credential',
+          all.map((c) => ({ label: c.name, description: session.describeStore(c.store ?? 'keychain'), value: c.name })),
+        ));
+  if (!name) return undefined;
+  const from = session.credentials.storeOf(name);
+  const to = from === 'editor' ? 'keychain' : 'editor';
+  const ok = await p.message(
+    'info',
+    `Move "${name}" from ${session.describeStore(from)} to ${session.describeStore(to)}? Its till keys keep working.`,
+    ['Move'],
+    true,
+  );
+  if (ok !== 'Move') return undefined;
+  await session.credentials.move(name, to);
+  session.credentialsChanged(name);
+  void p.message('info', `Till: "${name}" is now kept in ${session.describeStore(to)}.`, []);
+  return to;
+}
+
 async function askPolicy(deps: CommandDeps): Promise<PolicyInput | undefined> {
   const p = deps.session.prompter;
   const defaults = deps.session.policySetting(SETTINGS.issuePolicy);
@@ -395,6 +425,7 @@ function commandTable(deps: CommandDeps): Record<(typeof COMMANDS)[keyof typeof 
   return {
     [COMMANDS.addCredential]: (args) => addCredential(deps, args as Parameters<typeof addCredential>[1]),
     [COMMANDS.removeCredential]: (arg) => removeCredential(deps, arg as RemoveArg),
+    [COMMANDS.moveCredential]: (arg) => moveCredential(deps, arg as RemoveArg),
     [COMMANDS.issueKey]: (args) => issueKey(deps, args as Partial<IssueInput> | undefined),
     [COMMANDS.revokeKey]: (arg) => revokeKey(deps, arg),
     [COMMANDS.revokeAll]: () => revokeAll(deps),

@@ -9,6 +9,7 @@ export const AGENT_TERMINAL_PROFILE = 'till.agentTerminal';
 export const COMMANDS = {
   addCredential: 'till.addCredential',
   removeCredential: 'till.removeCredential',
+  moveCredential: 'till.moveCredential',
   issueKey: 'till.issueKey',
   revokeKey: 'till.revokeKey',
   revokeAll: 'till.revokeAll',

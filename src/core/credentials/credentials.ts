@@ -153,6 +153,17 @@ export class CredentialStore {
     return info;
   }
 
+  /**
+   * Moves a credential to another store (the one explicit way a secret changes stores): read from
+   * where it is, written to `to`, then gone from the first. Keys bound to it keep working.
+   */
+  async move(name: string, to: SecretStoreId): Promise<CredentialInfo> {
+    const info = this.list.get(name);
+    if (!info) throw new Error(`no credential named "${name}"`);
+    if ((info.store ?? 'keychain') === to) return info;
+    return this.add(info.provider, await this.vault.get(name), name, to);
+  }
+
   /** Removes a credential from its store and the list; keys bound to it stop working. */
   async remove(name: string): Promise<void> {
     if (!this.list.get(name)) throw new Error(`no credential named "${name}"`);

@@ -433,6 +433,21 @@ describe('Till in VS Code', function () {
       const key = await api.connection().issue({ target: 'openai-vscode', label: 'from secret storage' });
       const answer = await chat(key);
       assert.ok(answer.choices.length > 0);
+      // Moved to the keychain when asked (and only then): the same key goes on working.
+      prompter.answer('button:Move');
+      assert.equal(
+        await vscode.commands.executeCommand(COMMANDS.moveCredential, { kind: 'credential', credential: { name: 'openai-vscode' } }),
+        'keychain',
+      );
+      assert.equal(await new KeychainVault({ service: api.session.paths.keychainService }).get('openai-vscode'), SECRET);
+      await vscode.commands.executeCommand(COMMANDS.restartBroker); // a fresh broker: no cached secret
+      assert.ok((await chat(key)).choices.length > 0);
+      prompter.answer('button:Move');
+      await vscode.commands.executeCommand(COMMANDS.moveCredential, { kind: 'credential', credential: { name: 'openai-vscode' } });
+      await assert.rejects(
+        new KeychainVault({ service: api.session.paths.keychainService }).get('openai-vscode'),
+        /not in the OS keychain/,
+      );
       // Remove takes it out of VS Code's store.
       prompter.answer('button:Remove');
       await vscode.commands.executeCommand(COMMANDS.removeCredential, { kind: 'credential', credential: { name: 'openai-vscode' } });
