@@ -438,6 +438,8 @@ export class Exchange implements UpstreamHandler {
     if (this.body) headers['content-length'] = this.body.length;
     else if (this.streamBody && req.headers['content-length'] !== undefined) headers['content-length'] = req.headers['content-length'];
 
+    // Watched before the body is piped on: the chunk that crosses the limit is not forwarded.
+    if (this.streamBody) this.limitUpload();
     let upstream: UpstreamCall;
     try {
       upstream = callUpstream(
@@ -468,7 +470,6 @@ export class Exchange implements UpstreamHandler {
     res.on('close', () => {
       if (!res.writableFinished && !this.ended) this.stopUpstream(() => this.finish(res.statusCode, 'client_closed'));
     });
-    if (this.streamBody) this.limitUpload(upstream);
   }
 
   /** The whole request is on the upstream's wire (an {@link UpstreamHandler} event). */
@@ -478,14 +479,14 @@ export class Exchange implements UpstreamHandler {
   }
 
   /** Cuts an upload streaming on (413, unbilled) if it grows past the limit. */
-  private limitUpload(upstream: UpstreamCall): void {
+  private limitUpload(): void {
     const { req, res, c } = this;
     let size = 0;
     req.on('data', (chunk: Buffer) => {
       size += chunk.length;
       if (size > c.maxBodyBytes && !this.ended) {
         // Cut before the upstream had the whole request: it cannot bill it, and neither does Till.
-        upstream.destroy();
+        this.upstream?.destroy();
         this.releaseHold();
         lingerThenClose(req, res);
         this.sendDenial({ status: 413, code: 'too_large', message: `request body is over the broker's limit of ${c.maxBodyBytes} bytes` });

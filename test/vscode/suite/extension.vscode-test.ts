@@ -440,7 +440,7 @@ describe('Till in VS Code', function () {
         'keychain',
       );
       assert.equal(await new KeychainVault({ service: api.session.paths.keychainService }).get('openai-vscode'), SECRET);
-      await vscode.commands.executeCommand(COMMANDS.restartBroker); // a fresh broker: no cached secret
+      // The move told the broker (it drops its cached secret): the next request reads the keychain.
       assert.ok((await chat(key)).choices.length > 0);
       prompter.answer('button:Move');
       await vscode.commands.executeCommand(COMMANDS.moveCredential, { kind: 'credential', credential: { name: 'openai-vscode' } });
