@@ -722,11 +722,11 @@ export class Exchange implements UpstreamHandler {
   }
 
   /**
-   * Stops the upstream of a request cut short, then runs `then` (which settles it). Our end of
-   * the connection is closed at once, which the upstream notices; what it had already sent
-   * (waiting in buffers Till had not read yet) is still read and metered for up to
-   * {@link CUT_DRAIN_MS}, so that a cut request is counted for all it produced, and then the
-   * connection is destroyed. Nothing more reaches the client.
+   * Stops the upstream of a request cut short, then runs `then` (which settles it). For a
+   * metered answer, the call drains (upstream.ts): a stream's connection is half-closed at once,
+   * which the upstream notices, and what it had already sent (waiting in buffers Till had not read
+   * yet) is still read and metered for up to {@link CUT_DRAIN_MS}, so that a cut request is counted
+   * for all it produced; then the connection is destroyed. Nothing more reaches the client.
    */
   private stopUpstream(then: () => void): void {
     // Already stopping (a cut, then the client's close): the first stop settles.
