@@ -78,6 +78,7 @@ function state(over: Partial<Extract<HostMessage, { type: 'state' }>> = {}): Hos
     brokerUrl: 'http://127.0.0.1:8455',
     role: 'host',
     hasCredential: true,
+    placement: 'The broker runs in this window, on this machine. Real keys: in the OS keychain.',
     ...over,
   };
 }
@@ -97,6 +98,7 @@ describe('the Usage view state', () => {
     expect([...model.keys.keys()]).toEqual(['a']);
     expect(model.records.map((r) => r.request.requestId)).toEqual(['r1']);
     expect(model.role).toBe('host');
+    expect(model.placement).toMatch(/^The broker runs in this window, on this machine\. Real keys: in the OS keychain\.$/);
   });
 
   it('fills what a key from an older broker lacks, so its card draws without tokens or dollars', () => {

@@ -67,8 +67,9 @@ function wire(context: vscode.ExtensionContext, store: DisposableStore, log: vsc
   const agents = store.add(new AgentTerminals(session));
   const notifier = new Notifier(session);
   const hasCredential = () => session.credentials.all().length > 0;
-  const usage = store.add(new UsageViewProvider(context.extensionUri, () => session.connection, hasCredential));
-  const dashboard = store.add(new UsageViewProvider(context.extensionUri, () => session.connection, hasCredential, 'editor'));
+  const facts = { hasCredential, placement: () => session.placement() };
+  const usage = store.add(new UsageViewProvider(context.extensionUri, () => session.connection, facts));
+  const dashboard = store.add(new UsageViewProvider(context.extensionUri, () => session.connection, facts, 'editor'));
   store.add(vscode.window.registerWebviewViewProvider(USAGE_VIEW, usage, { webviewOptions: { retainContextWhenHidden: false } }));
   store.add(vscode.window.registerTerminalProfileProvider(AGENT_TERMINAL_PROFILE, { provideTerminalProfile: () => agents.profile() }));
   registerCommands(store, { session, tree, agents, terminals, dashboard });

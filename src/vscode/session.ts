@@ -85,6 +85,24 @@ export class TillSession implements vscode.Disposable {
     return storeName(store);
   }
 
+  /** Where the real keys are, in the user's words: the stores of the credentials there are, else where a new one would go. */
+  keysKeptIn(): string {
+    const stores = [...new Set(this.credentials.all().map((c) => c.store ?? 'keychain'))];
+    return (stores.length > 0 ? stores : [this.newCredentialStore()]).map((st) => this.describeStore(st)).join(' and ');
+  }
+
+  /** Where this window's broker runs and where the real keys are, in a sentence (tooltips). */
+  placement(): string {
+    const role = this.connection.role;
+    const broker =
+      role === 'host'
+        ? `The broker runs in this window, on ${this.whereBrokerRuns()}.`
+        : role === 'attached'
+          ? 'The broker runs in another window or `till serve`.'
+          : 'The broker is not running.';
+    return `${broker} Real keys: in ${this.keysKeptIn()}.`;
+  }
+
   /** Where this window's extension (and a broker it hosts) runs: this machine, or the remote's name. */
   whereBrokerRuns(): string {
     const remote = vscode.env.remoteName;

@@ -17,10 +17,7 @@ export class TillStatusBar implements vscode.Disposable {
   update(keys: KeySummary[]): void {
     const { role, url } = this.session.connection;
     const live = keys.filter((k) => k.state === 'active').length;
-    const all = this.session.credentials.all();
-    const credentials = all.length;
-    const stores = [...new Set(all.map((c) => c.store ?? 'keychain'))];
-    const kept = `Real keys: in ${(stores.length > 0 ? stores : [this.session.newCredentialStore()]).map((s) => this.session.describeStore(s)).join(' and ')}.`;
+    const credentials = this.session.credentials.all().length;
     // With nothing to broker, the one useful step is adding a credential: the click does that.
     this.item.command = credentials === 0 ? COMMANDS.addCredential : COMMANDS.focusSidebar;
     if (credentials === 0) {
@@ -33,8 +30,7 @@ export class TillStatusBar implements vscode.Disposable {
         'Till: the broker is not running (it failed to start, or is starting). See "Till: Show Broker Log"; "Till: Restart Broker" tries again.';
     } else {
       this.item.text = `$(key) Till: ${live} key${live === 1 ? '' : 's'}`;
-      const where = role === 'host' ? `in this window, on ${this.session.whereBrokerRuns()}` : 'in another window or `till serve`';
-      this.item.tooltip = `Till broker at ${url} (${where}), ${live} live key${live === 1 ? '' : 's'}. ${kept} Click to open the sidebar.`;
+      this.item.tooltip = `Till broker at ${url}, ${live} live key${live === 1 ? '' : 's'}. ${this.session.placement()} Click to open the sidebar.`;
     }
   }
 

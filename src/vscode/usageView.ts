@@ -28,6 +28,13 @@ const REVOKE_ALL = 'Revoke All';
 /** The dashboard's webview panel type. */
 const DASHBOARD_PANEL = 'till.dashboard';
 
+/** What the page shows beside keys and requests. */
+export interface PageFacts {
+  hasCredential(): boolean;
+  /** Where the broker runs and where the real keys are (session.ts). */
+  placement(): string;
+}
+
 export class UsageViewProvider implements vscode.WebviewViewProvider, vscode.Disposable {
   private view: vscode.WebviewView | undefined;
   private viewDisposables: vscode.Disposable[] = [];
@@ -47,10 +54,11 @@ export class UsageViewProvider implements vscode.WebviewViewProvider, vscode.Dis
    * @param layout 'sidebar' for the Usage view; 'editor' for the dashboard in an editor tab
    *   (the same page, laid out wide).
    */
+  /** `facts`: what the page says beside the keys (whether there is a credential; where the broker and keys are). */
   constructor(
     private readonly extensionUri: vscode.Uri,
     private readonly connection: UsageSource,
-    private readonly hasCredential: () => boolean,
+    private readonly facts: PageFacts,
     private readonly layout: 'sidebar' | 'editor' = 'sidebar',
   ) {}
 
@@ -65,7 +73,8 @@ export class UsageViewProvider implements vscode.WebviewViewProvider, vscode.Dis
       truncated: this.truncated,
       brokerUrl: undefined,
       role: 'down',
-      hasCredential: this.hasCredential(),
+      hasCredential: this.facts.hasCredential(),
+      placement: this.facts.placement(),
     });
   }
 
@@ -208,7 +217,8 @@ export class UsageViewProvider implements vscode.WebviewViewProvider, vscode.Dis
       truncated: this.truncated,
       brokerUrl: this.connection().url,
       role: this.connection().role,
-      hasCredential: this.hasCredential(),
+      hasCredential: this.facts.hasCredential(),
+      placement: this.facts.placement(),
       ...(error ? { error } : {}),
     });
     // A `keys` read that started later already landed: read again so the page ends up current.

@@ -328,7 +328,7 @@ function header(anyLive: boolean): HTMLElement {
       'div',
       { class: `broker ${role}` },
       h('span', { class: 'dot', 'aria-hidden': 'true' }),
-      h('span', { class: 'status-text' }, text),
+      h('span', { class: 'status-text', ...(model.placement ? { title: model.placement } : {}) }, text),
       model.brokerUrl && role !== 'down'
         ? h('span', { class: 'url', title: 'Broker address' }, model.brokerUrl.replace(/^https?:\/\//, ''))
         : null,

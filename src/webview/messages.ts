@@ -26,6 +26,8 @@ export type HostMessage =
       role: TillRole;
       error?: string;
       /** Whether any credential is stored (first run: the page's first action is Add Credential). */ hasCredential: boolean;
+      /** Where the broker runs and where the real keys are, in a sentence. */
+      placement: string;
     }
   /**
    * One live event, sent only while the view is visible. `request.started` is not sent (the

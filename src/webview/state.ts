@@ -39,6 +39,8 @@ export interface PageModel {
   truncated: boolean;
   role: TillRole;
   brokerUrl: string | undefined;
+  /** Where the broker runs and where the real keys are (the host's words). */
+  placement: string;
   hasCredential: boolean;
   error: string | undefined;
   /** Keys whose revoke was asked for and not yet seen through. */
@@ -58,6 +60,7 @@ export function newModel(showRevoked = false): PageModel {
     truncated: false,
     role: 'down',
     brokerUrl: undefined,
+    placement: '',
     hasCredential: true,
     error: undefined,
     revoking: new Set(),
@@ -87,6 +90,7 @@ export function receive(model: PageModel, msg: HostMessage, now: number): Change
       addRecords(model, msg.recent);
       model.role = msg.role;
       model.brokerUrl = msg.brokerUrl;
+      model.placement = msg.placement;
       model.hasCredential = msg.hasCredential;
       model.error = msg.error;
       model.revoking.clear();

@@ -75,6 +75,11 @@ describe('Till on a server with no OS keychain (a dev container)', function () {
     assert.match(prompter.messages.at(-1) ?? '', /stored "openai" \(OpenAI\) in VS Code's secret storage/);
     await api.ready();
     assert.equal(api.connection().role, 'host');
+    // What the status bar's tooltip and the Usage view say: where the broker runs, where the keys are.
+    assert.match(
+      api.session.placement(),
+      /runs in this window, on the remote \(.+\)\. Real keys: in VS Code's secret storage \(this browser's storage/,
+    );
   });
 
   it('terminals get till keys; a request through the broker reaches the upstream with the real key; revoke ends the key', async () => {
