@@ -56,8 +56,7 @@ const DATA = ['dist/tokenizers/o200k_base.tiktoken'];
 const DOCS = ['README.md', 'CHANGELOG.md', 'LICENSE'];
 /** Bare imports a bundle may leave to run time: vscode, the keychain binding, ws's optional speedups. */
 const EXTERNAL_OK = new Set(['vscode', KEYRING, `${KEYRING}-win32-x64-msvc`]);
-// node:sqlite: undici's probe of the runtime's features names it, loaded only by a cache store Till never uses.
-const EXTERNAL_OPTIONAL = new Set(['bufferutil', 'utf-8-validate', 'node:sqlite']);
+const EXTERNAL_OPTIONAL = new Set(['bufferutil', 'utf-8-validate']);
 
 const say = (msg) => console.log(`[package] ${msg}`);
 const fail = (msg) => {

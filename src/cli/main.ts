@@ -7,7 +7,6 @@ import { rmSync } from 'node:fs';
 import { constants } from 'node:os';
 import { basename } from 'node:path';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
-import { setFlagsFromString } from 'node:v8';
 import { AGENTS, agentSetup, agentTargets, isAgentName, newAgentScratchDir } from '../core/agents/agents';
 import { ControlClient, NotRunningError } from '../core/runtime/control';
 import { CredentialList, CredentialStore, checkCredentialName } from '../core/credentials/credentials';
@@ -243,10 +242,6 @@ async function serve(args: string[], paths: TillPaths): Promise<void> {
   const { values } = parse(args, { port: { type: 'string' }, verbose: { type: 'boolean', short: 'v' } });
   if (values.help) return out(HELP.serve);
   const port = int(values.port, 'port');
-  // This process is Till's own (the editor's extension host is not, and is left as it is): V8's
-  // optimizing compiler took some 27 MB at its peak compiling undici's HTTP parser (WebAssembly),
-  // for no CPU per request the bench could tell; its baseline compiler alone takes a few.
-  setFlagsFromString('--liftoff-only');
   const service = await TillService.start({ home: paths.home, port, log: (line) => process.stderr.write(`till: ${line}\n`) });
   out(`Till broker listening on ${service.url}`);
   out(`data folder: ${paths.home}`);
