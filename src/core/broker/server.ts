@@ -219,7 +219,11 @@ export class Broker {
     return forms;
   }
 
-  private secretFor(name: string): Promise<string> {
+  /**
+   * A credential's secret, read from the vault once and kept until {@link forgetCredential}
+   * (concurrent asks share one read; a failed read is not kept).
+   */
+  secretFor(name: string): Promise<string> {
     let pending = this.secrets.get(name);
     if (!pending) {
       pending = this.options.vault.get(name);
