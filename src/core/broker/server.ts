@@ -219,11 +219,7 @@ export class Broker {
     return forms;
   }
 
-  /**
-   * A credential's secret, read from the vault once and kept until {@link forgetCredential}
-   * (concurrent asks share one read; a failed read is not kept).
-   */
-  secretFor(name: string): Promise<string> {
+  private secretFor(name: string): Promise<string> {
     let pending = this.secrets.get(name);
     if (!pending) {
       pending = this.options.vault.get(name);

@@ -71,6 +71,7 @@ export class TillService {
     private readonly audit: AuditLog,
     private readonly conversations: ConversationSizes,
     private readonly control: ControlServer,
+    private readonly vault: Vault,
     leaseGraceMs: number | undefined,
   ) {
     this.leases = new Leases(keys, leaseGraceMs);
@@ -126,6 +127,7 @@ export class TillService {
         audit,
         conversations,
         control,
+        vault,
         options.leaseGraceMs,
       );
       control.serve(service.controlRoutes());
@@ -182,10 +184,8 @@ export class TillService {
     } catch (err) {
       throw new ControlError(400, (err as Error).message);
     }
-    // Read through the broker's cache: a key is issued without a round trip to a store that is slow
-    // to answer (VS Code's secret storage lives on the client side), so a terminal opened at once has it.
     try {
-      await this.broker.secretFor(credential.name);
+      await this.vault.get(credential.name);
     } catch (err) {
       throw new ControlError(503, err instanceof VaultError ? err.message : `the keychain failed: ${(err as Error).message}`);
     }
