@@ -18,6 +18,7 @@ import { vscodePrompter, type Prompter } from './prompter';
 export class TillSession implements vscode.Disposable {
   readonly paths: TillPaths;
   readonly credentials: CredentialStore;
+  private readonly editorSecrets: SecretStorageVault;
   /** This window, as the owner recorded on the keys it issues. */
   readonly owner = `vscode:${vscode.env.sessionId}`;
   prompter: Prompter = vscodePrompter;
@@ -33,9 +34,10 @@ export class TillSession implements vscode.Disposable {
     secrets: vscode.SecretStorage,
   ) {
     this.paths = tillPaths(defaultHome());
+    this.editorSecrets = new SecretStorageVault(secrets);
     this.credentials = new CredentialStore(this.paths.credentials, {
       keychain: new KeychainVault({ service: this.paths.keychainService }),
-      editor: new SecretStorageVault(secrets),
+      editor: this.editorSecrets,
     });
     this.connection = this.newConnection();
   }
@@ -174,5 +176,6 @@ export class TillSession implements vscode.Disposable {
   dispose(): void {
     const connection = this.connection;
     this.closed = Promise.allSettled([...this.pending]).then(() => connection.dispose());
+    this.editorSecrets.dispose();
   }
 }
