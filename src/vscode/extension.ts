@@ -66,8 +66,11 @@ function wire(context: vscode.ExtensionContext, store: DisposableStore, log: vsc
   const terminals = store.add(new TerminalEnv(session, context.environmentVariableCollection, tillLauncher(context, session)));
   const agents = store.add(new AgentTerminals(session));
   const notifier = new Notifier(session);
-  const hasCredential = () => session.credentials.all().length > 0;
-  const facts = { hasCredential, placement: () => session.placement() };
+  // One read of the credential list per state the page is sent.
+  const facts = () => {
+    const all = session.credentials.all();
+    return { hasCredential: all.length > 0, placement: session.placement(all) };
+  };
   const usage = store.add(new UsageViewProvider(context.extensionUri, () => session.connection, facts));
   const dashboard = store.add(new UsageViewProvider(context.extensionUri, () => session.connection, facts, 'editor'));
   store.add(vscode.window.registerWebviewViewProvider(USAGE_VIEW, usage, { webviewOptions: { retainContextWhenHidden: false } }));

@@ -4,7 +4,7 @@
  */
 import * as vscode from 'vscode';
 import { TillConnection } from '../core/runtime/connection';
-import { CredentialStore, storeName, type SecretStoreId } from '../core/credentials/credentials';
+import { CredentialStore, storeName, type CredentialInfo, type SecretStoreId } from '../core/credentials/credentials';
 import { defaultHome, tillPaths, type TillPaths } from '../core/runtime/home';
 import { buildPolicy, type PolicyInput } from '../core/policy/policy';
 import { upstreamEnvVar } from '../core/providers/providers';
@@ -88,13 +88,13 @@ export class TillSession implements vscode.Disposable {
   }
 
   /** Where the real keys are, in the user's words: the stores of the credentials there are, else where a new one would go. */
-  keysKeptIn(): string {
-    const stores = [...new Set(this.credentials.all().map((c) => c.store ?? 'keychain'))];
+  keysKeptIn(credentials: CredentialInfo[] = this.credentials.all()): string {
+    const stores = [...new Set(credentials.map((c) => c.store ?? 'keychain'))];
     return (stores.length > 0 ? stores : [this.newCredentialStore()]).map((st) => this.describeStore(st)).join(' and ');
   }
 
   /** Where this window's broker runs and where the real keys are, in a sentence (tooltips). */
-  placement(): string {
+  placement(credentials?: CredentialInfo[]): string {
     const role = this.connection.role;
     const broker =
       role === 'host'
@@ -102,7 +102,7 @@ export class TillSession implements vscode.Disposable {
         : role === 'attached'
           ? 'The broker runs in another window or `till serve`.'
           : 'The broker is not running.';
-    return `${broker} Real keys: in ${this.keysKeptIn()}.`;
+    return `${broker} Real keys: in ${this.keysKeptIn(credentials)}.`;
   }
 
   /** Where this window's extension (and a broker it hosts) runs: this machine, or the remote's name. */

@@ -17,7 +17,9 @@ export class TillStatusBar implements vscode.Disposable {
   update(keys: KeySummary[]): void {
     const { role, url } = this.session.connection;
     const live = keys.filter((k) => k.state === 'active').length;
-    const credentials = this.session.credentials.all().length;
+    // One read of the list per update: the count and the tooltip's stores both come from it.
+    const all = this.session.credentials.all();
+    const credentials = all.length;
     // With nothing to broker, the one useful step is adding a credential: the click does that.
     this.item.command = credentials === 0 ? COMMANDS.addCredential : COMMANDS.focusSidebar;
     if (credentials === 0) {
@@ -30,7 +32,7 @@ export class TillStatusBar implements vscode.Disposable {
         'Till: the broker is not running (it failed to start, or is starting). See "Till: Show Broker Log"; "Till: Restart Broker" tries again.';
     } else {
       this.item.text = `$(key) Till: ${live} key${live === 1 ? '' : 's'}`;
-      this.item.tooltip = `Till broker at ${url}, ${live} live key${live === 1 ? '' : 's'}. ${this.session.placement()} Click to open the sidebar.`;
+      this.item.tooltip = `Till broker at ${url}, ${live} live key${live === 1 ? '' : 's'}. ${this.session.placement(all)} Click to open the sidebar.`;
     }
   }
 

@@ -30,9 +30,10 @@ const DASHBOARD_PANEL = 'till.dashboard';
 
 /** What the page shows beside keys and requests. */
 export interface PageFacts {
-  hasCredential(): boolean;
+  /** Whether any credential is stored (first run: the page's first action is Add Credential). */
+  hasCredential: boolean;
   /** Where the broker runs and where the real keys are (session.ts). */
-  placement(): string;
+  placement: string;
 }
 
 export class UsageViewProvider implements vscode.WebviewViewProvider, vscode.Disposable {
@@ -54,11 +55,11 @@ export class UsageViewProvider implements vscode.WebviewViewProvider, vscode.Dis
    * @param layout 'sidebar' for the Usage view; 'editor' for the dashboard in an editor tab
    *   (the same page, laid out wide).
    */
-  /** `facts`: what the page says beside the keys (whether there is a credential; where the broker and keys are). */
+  /** `facts`: what the page says beside the keys, read when a state is sent. */
   constructor(
     private readonly extensionUri: vscode.Uri,
     private readonly connection: UsageSource,
-    private readonly facts: PageFacts,
+    private readonly facts: () => PageFacts,
     private readonly layout: 'sidebar' | 'editor' = 'sidebar',
   ) {}
 
@@ -73,8 +74,7 @@ export class UsageViewProvider implements vscode.WebviewViewProvider, vscode.Dis
       truncated: this.truncated,
       brokerUrl: undefined,
       role: 'down',
-      hasCredential: this.facts.hasCredential(),
-      placement: this.facts.placement(),
+      ...this.facts(),
     });
   }
 
@@ -217,8 +217,7 @@ export class UsageViewProvider implements vscode.WebviewViewProvider, vscode.Dis
       truncated: this.truncated,
       brokerUrl: this.connection().url,
       role: this.connection().role,
-      hasCredential: this.facts.hasCredential(),
-      placement: this.facts.placement(),
+      ...this.facts(),
       ...(error ? { error } : {}),
     });
     // A `keys` read that started later already landed: read again so the page ends up current.

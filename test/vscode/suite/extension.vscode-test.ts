@@ -15,14 +15,13 @@ import { after, before, describe, it } from 'mocha';
 import OpenAI from 'openai';
 import * as vscode from 'vscode';
 import pkg from '../../../package.json';
-import { ControlClient } from '../../../src/core/runtime/control';
 import { KeychainVault } from '../../../src/core/credentials/vault';
 import type { KeySummary } from '../../../src/core/events';
 import type { IssuedKey } from '../../../src/core/runtime/controlApi';
 import { COMMANDS } from '../../../src/vscode/constants';
 import type { TillApi } from '../../../src/vscode/extension';
 import { startOpenAIUpstream, type Upstream } from '../../support/upstreams';
-import { keyedTerminalEnv, poll, ScriptedPrompter, startTill, terminalEnv } from './helpers';
+import { brokerHost, handBrokerOver, keyedTerminalEnv, openSecondWindow, poll, ScriptedPrompter, startTill, terminalEnv } from './helpers';
 
 const SECRET = `sk-REALCRED-vscode-${Date.now().toString(36)}`;
 
@@ -480,21 +479,9 @@ describe('Till in VS Code', function () {
 
   it('a second real VS Code window shares this broker, and takes it over when this window lets go', async () => {
     // The runner opens another workbench window (its own extension host) on the same machine.
-    console.log('[till-test] open a second window');
-    const control = new ControlClient(api.session.paths);
-    const status = () =>
-      control.request('GET', '/status').then(
-        (s) => s as { pid: number },
-        () => undefined,
-      );
     // Its terminals get a key from the broker this window hosts, and this window's tree shows it.
-    const theirs = await poll(
-      async () => (await api.connection().list()).find((k) => k.label === 'terminals · window-two' && k.state === 'active'),
-      Boolean,
-      "the second window's terminal key",
-      60_000,
-    );
-    assert.equal((await status())?.pid, process.pid);
+    const theirs = await openSecondWindow(api);
+    assert.equal((await brokerHost(api))?.pid, process.pid);
     assert.equal(api.connection().role, 'host');
     await poll(treeKeys, (ks) => ks.some((k) => k.label === 'terminals · window-two'), "the second window's key in this tree");
     const key = await vscode.commands.executeCommand<IssuedKey>(COMMANDS.issueKey, {
@@ -505,12 +492,10 @@ describe('Till in VS Code', function () {
     await chat(key);
 
     // This window lets go: the other window's extension host takes the broker over, from the same ledger.
-    await api.connection().dispose();
-    await poll(status, (s) => s !== undefined && s.pid !== process.pid, 'the second window to host the broker', 20_000);
-    await vscode.commands.executeCommand(COMMANDS.restartBroker);
+    await handBrokerOver(api);
     assert.equal(api.connection().role, 'attached');
     const keys = await api.connection().list();
-    assert.ok(keys.some((k) => k.id === theirs!.id));
+    assert.ok(keys.some((k) => k.id === theirs.id));
     assert.equal(keys.find((k) => k.id === key.id)?.used.activations, 1);
     await chat(key); // served by the other window's broker
     assert.equal((await api.connection().list()).find((k) => k.id === key.id)?.used.activations, 2);

@@ -4,6 +4,9 @@ import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as vscode from 'vscode';
+import type { KeySummary } from '../../../src/core/events';
+import { ControlClient } from '../../../src/core/runtime/control';
+import { COMMANDS } from '../../../src/vscode/constants';
 import type { TillApi } from '../../../src/vscode/extension';
 import type { PickItem, Prompter } from '../../../src/vscode/prompter';
 import { startOpenAIUpstream, type Upstream } from '../../support/upstreams';
@@ -93,4 +96,35 @@ export async function keyedTerminalEnv(api: TillApi, secret: string): Promise<st
   assert.match(env, /^OPENAI_API_KEY=till_/m);
   assert.ok(!env.includes(secret), 'the credential reached a terminal');
   return env;
+}
+
+/** The process hosting the broker, as its control channel says (undefined while none answers). */
+export function brokerHost(api: TillApi): Promise<{ pid: number } | undefined> {
+  return new ControlClient(api.session.paths).request('GET', '/status').then(
+    (st) => st as { pid: number },
+    () => undefined,
+  );
+}
+
+/** Has the runner open a second window (its own extension host) and waits for its terminals' key from the broker. */
+export async function openSecondWindow(api: TillApi): Promise<KeySummary> {
+  console.log('[till-test] open a second window');
+  return (await poll(
+    async () => (await api.connection().list()).find((k) => k.label === 'terminals · window-two' && k.state === 'active'),
+    Boolean,
+    "the second window's terminal key",
+    60_000,
+  ))!;
+}
+
+/** This window lets its broker go: waits for the other window to host it, then attaches to it. */
+export async function handBrokerOver(api: TillApi): Promise<void> {
+  await api.connection().dispose();
+  await poll(
+    () => brokerHost(api),
+    (st) => st !== undefined && st.pid !== process.pid,
+    'the second window to host the broker',
+    20_000,
+  );
+  await vscode.commands.executeCommand(COMMANDS.restartBroker);
 }

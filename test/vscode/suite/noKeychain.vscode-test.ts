@@ -13,11 +13,10 @@ import { after, before, describe, it } from 'mocha';
 import OpenAI from 'openai';
 import * as vscode from 'vscode';
 import { KeychainVault } from '../../../src/core/credentials/vault';
-import { ControlClient } from '../../../src/core/runtime/control';
 import { COMMANDS } from '../../../src/vscode/constants';
 import type { TillApi } from '../../../src/vscode/extension';
 import type { Upstream } from '../../support/upstreams';
-import { keyedTerminalEnv, poll, ScriptedPrompter, startTill, terminalEnv } from './helpers';
+import { handBrokerOver, keyedTerminalEnv, openSecondWindow, ScriptedPrompter, startTill, terminalEnv } from './helpers';
 
 const SECRET = `sk-REALCRED-nokeychain-${Date.now().toString(36)}`;
 
@@ -97,29 +96,15 @@ describe('Till on a server with no OS keychain (a dev container)', function () {
   });
 
   it("a second window on the same remote shares the broker, and serves with the key from VS Code's store when it takes over", async () => {
-    console.log('[till-test] open a second window');
-    const control = new ControlClient(api.session.paths);
-    const status = () =>
-      control.request('GET', '/status').then(
-        (st) => st as { pid: number },
-        () => undefined,
-      );
     // The other window attaches: its terminals get a key from this window's broker.
-    await poll(
-      async () => (await api.connection().list()).find((k) => k.label === 'terminals · window-two' && k.state === 'active'),
-      Boolean,
-      "the second window's terminal key",
-      60_000,
-    );
+    await openSecondWindow(api);
     const key = await api.connection().issue({ target: 'openai', label: 'before the takeover' });
     const client = new OpenAI({ apiKey: key.key, baseURL: key.baseUrl, maxRetries: 0 });
     const ask = () => client.chat.completions.create({ model: 'gpt-5-mini', messages: [{ role: 'user', content: 'hi' }] });
     await ask();
     // This window lets go; the other hosts, reading the real key from its own extension host's
     // view of VS Code's secret storage (nothing cached there yet).
-    await api.connection().dispose();
-    await poll(status, (st) => st !== undefined && st.pid !== process.pid, 'the second window to host the broker', 20_000);
-    await vscode.commands.executeCommand(COMMANDS.restartBroker);
+    await handBrokerOver(api);
     assert.equal(api.connection().role, 'attached');
     assert.ok((await ask()).choices.length > 0);
   });
