@@ -19,7 +19,7 @@ const common = {
   target: 'node20',
   format: 'cjs',
   sourcemap: true,
-  external: ['vscode', '@napi-rs/keyring', '@napi-rs/keyring-*', 'bufferutil', 'utf-8-validate'],
+  external: ['vscode', '@napi-rs/keyring', '@napi-rs/keyring-*', 'bufferutil', 'utf-8-validate', 'pg-native'],
   logLevel: 'warning',
   // The rank file's fallback when running from source (src/core/estimate/tokenCount.ts).
   logOverride: { 'require-resolve-not-external': 'silent' },

@@ -1,0 +1,466 @@
+/**
+ * The team ledger: till keys and their counters in PostgreSQL, shared by any number of brokers.
+ *
+ * Guarantees, across brokers:
+ * - **A limit is never overrun.** A hold is checked and taken in one statement: a conditional
+ *   `UPDATE` of the key's row (used + held + wanted <= limit) that inserts the hold only when it
+ *   matched. PostgreSQL re-checks the condition against the row as the last committer left it, so
+ *   two brokers can never both take the last activation. A hold's growth is checked the same way;
+ *   shrinks, settlements and releases are single statements too. Nothing is read, then written
+ *   over the network.
+ * - **A dead broker neither blocks a key nor lets it overrun.** Every hold carries its broker and
+ *   an expiry that the broker renews while it runs ({@link PostgresLedgerOptions.holdTtlMs}). Any
+ *   broker reclaims expired holds by counting them as spent, as the local ledger does with holds
+ *   open at a crash (they may have reached the upstream). A settlement or release of a hold that
+ *   was reclaimed changes nothing: it is never counted twice.
+ * - **What was acknowledged is committed.** Each statement commits before its promise resolves
+ *   (PostgreSQL's synchronous commit: on disk). A statement that fails leaves the database as it
+ *   was, and the broker refuses the request (fail closed).
+ *
+ * Each broker keeps the rows it has seen in memory (authentication and the Usage view read them
+ * without a round trip), refreshed by every statement's result and by a notification
+ * (`LISTEN till_keys`) when another broker changes a key, so a revocation reaches every broker.
+ * The real credentials are never here: the database holds key hashes, policies and counters.
+ */
+import { randomBytes } from 'node:crypto';
+import pg from 'pg';
+import type { HoldRefusal, KeyRecord, LedgerHold, SettleDetails, TokenCounts } from './ledger';
+import { limitsOf, METERS, type Amounts, type Meter, type Policy } from '../policy/policy';
+
+export interface PostgresLedgerOptions {
+  /** How long a hold lives without renewal: a dead broker's holds are reclaimed after it. Default 15 s. */
+  holdTtlMs?: number;
+  /** This broker's name in the holds it takes. Default: random, new at every start. */
+  brokerId?: string;
+  /** Connections in the pool. Default 8. */
+  poolSize?: number;
+}
+
+/** Thrown when the database cannot be reached or refused a statement: the request is refused, nothing changed. */
+export class LedgerUnavailableError extends Error {
+  constructor(override readonly cause: unknown) {
+    super(`the team ledger (PostgreSQL) is unavailable: ${cause instanceof Error ? cause.message : String(cause)}`);
+    this.name = 'LedgerUnavailableError';
+  }
+}
+
+const SCHEMA = `
+create table if not exists till_keys (
+  id text primary key,
+  record jsonb not null,
+  policy jsonb not null,
+  lim_activations bigint, lim_tokens bigint, lim_spend bigint,
+  used_activations bigint not null default 0, used_tokens bigint not null default 0, used_spend bigint not null default 0,
+  held_activations bigint not null default 0, held_tokens bigint not null default 0, held_spend bigint not null default 0,
+  tok_input bigint not null default 0, tok_output bigint not null default 0,
+  tok_cached bigint not null default 0, tok_reasoning bigint not null default 0,
+  estimated_spend bigint not null default 0, unpriced bigint not null default 0,
+  revoked_at bigint
+);
+create table if not exists till_holds (
+  id bigserial primary key,
+  key_id text not null references till_keys(id),
+  broker text not null,
+  activations bigint not null, tokens bigint not null, spend bigint not null,
+  expires_at timestamptz not null
+);
+create index if not exists till_holds_expiry on till_holds (expires_at);
+create index if not exists till_holds_broker on till_holds (broker);
+`;
+
+// The columns a key's row is read with.
+const KEY_COLUMNS = `id, record, policy, used_activations, used_tokens, used_spend, held_activations, held_tokens, held_spend,
+  tok_input, tok_output, tok_cached, tok_reasoning, estimated_spend, unpriced, revoked_at`;
+
+/** A limit clause: the meter fits when it is unlimited, not asked for, or used + held + wanted is within the limit. */
+const fits = (meter: Meter, wanted: string) =>
+  `(lim_${meter} is null or ${wanted} <= 0 or used_${meter} + held_${meter} + ${wanted} <= lim_${meter})`;
+
+// $1 key, $2..$4 activations/tokens/spend, $5 broker, $6 ttl ms.
+const HOLD = `with k as (
+  update till_keys set held_activations = held_activations + $2, held_tokens = held_tokens + $3, held_spend = held_spend + $4
+  where id = $1 and revoked_at is null and ${fits('activations', '$2')} and ${fits('tokens', '$3')} and ${fits('spend', '$4')}
+  returning id, held_activations, held_tokens, held_spend)
+insert into till_holds (key_id, broker, activations, tokens, spend, expires_at)
+  select id, $5, $2, $3, $4, now() + $6 * interval '1 millisecond' from k
+  returning id, (select held_activations from k) as ha, (select held_tokens from k) as ht, (select held_spend from k) as hs`;
+
+// $1 hold, $2..$4 new amounts, $5 broker, $6 ttl ms. Growths are checked; shrinks always pass.
+const RESIZE = `with h as (select id, key_id, activations, tokens, spend from till_holds where id = $1 and broker = $5 for update),
+k as (
+  update till_keys t set held_activations = held_activations + ($2 - h.activations), held_tokens = held_tokens + ($3 - h.tokens),
+    held_spend = held_spend + ($4 - h.spend)
+  from h where t.id = h.key_id
+    and ${fits('activations', '($2 - h.activations)')} and ${fits('tokens', '($3 - h.tokens)')} and ${fits('spend', '($4 - h.spend)')}
+  returning t.id, t.held_activations, t.held_tokens, t.held_spend),
+u as (update till_holds set activations = $2, tokens = $3, spend = $4, expires_at = now() + $6 * interval '1 millisecond'
+  where id = $1 and exists (select 1 from k) returning id)
+select (select count(*) from h) as found, (select count(*) from u) as changed,
+  (select held_activations from k) as ha, (select held_tokens from k) as ht, (select held_spend from k) as hs`;
+
+// $1 hold, $2 broker, $3..$5 used, $6..$9 tokens by kind, $10 estimated spend, $11 unpriced (0/1).
+const SETTLE = `with h as (delete from till_holds where id = $1 and broker = $2 returning key_id, activations, tokens, spend)
+update till_keys t set held_activations = held_activations - h.activations, held_tokens = held_tokens - h.tokens,
+  held_spend = held_spend - h.spend,
+  used_activations = used_activations + $3, used_tokens = used_tokens + $4, used_spend = used_spend + $5,
+  tok_input = tok_input + $6, tok_output = tok_output + $7, tok_cached = tok_cached + $8, tok_reasoning = tok_reasoning + $9,
+  estimated_spend = estimated_spend + $10, unpriced = unpriced + $11
+from h where t.id = h.key_id
+returning ${KEY_COLUMNS.replace(/(\w+)/g, 't.$1')}`;
+
+const RELEASE = `with h as (delete from till_holds where id = $1 and broker = $2 returning key_id, activations, tokens, spend)
+update till_keys t set held_activations = held_activations - h.activations, held_tokens = held_tokens - h.tokens,
+  held_spend = held_spend - h.spend
+from h where t.id = h.key_id
+returning ${KEY_COLUMNS.replace(/(\w+)/g, 't.$1')}`;
+
+// Expired holds (their broker stopped renewing them) count as spent, at what they held.
+const RECLAIM = `with h as (delete from till_holds where expires_at < now() returning key_id, activations, tokens, spend),
+s as (select key_id, sum(activations) as a, sum(tokens) as t, sum(spend) as s from h group by key_id)
+update till_keys k set held_activations = held_activations - s.a, held_tokens = held_tokens - s.t, held_spend = held_spend - s.s,
+  used_activations = used_activations + s.a, used_tokens = used_tokens + s.t, used_spend = used_spend + s.s
+from s where k.id = s.key_id returning k.id`;
+
+const RENEW = `update till_holds set expires_at = now() + $2 * interval '1 millisecond' where broker = $1`;
+
+type Row = Record<string, unknown>;
+
+const num = (v: unknown): number => (v === null || v === undefined ? 0 : Number(v));
+
+/** The three meters of amounts as whole numbers (a meter not asked for is 0). */
+function meters(amounts: Amounts): [number, number, number] {
+  return [Math.ceil(amounts.activations ?? 0), Math.ceil(amounts.tokens ?? 0), Math.ceil(amounts.spend ?? 0)];
+}
+
+/** A key's row as the record the broker works with. */
+function recordOf(row: Row): { key: KeyRecord; held: Amounts } {
+  const stored = row.record as Omit<KeyRecord, 'policy' | 'used'>;
+  const key: KeyRecord = { ...stored, policy: row.policy as Policy, used: {} };
+  const held: Amounts = {};
+  for (const meter of METERS) {
+    const used = num(row[`used_${meter}`]);
+    if (used !== 0) key.used[meter] = used;
+    const h = num(row[`held_${meter}`]);
+    if (h !== 0) held[meter] = h;
+  }
+  const tokens: TokenCounts = {
+    input: num(row.tok_input),
+    output: num(row.tok_output),
+    cached: num(row.tok_cached),
+    reasoning: num(row.tok_reasoning),
+  };
+  if (tokens.input + tokens.output + tokens.cached + tokens.reasoning > 0) key.tokens = tokens;
+  if (num(row.estimated_spend) > 0) key.estimatedSpend = num(row.estimated_spend);
+  if (num(row.unpriced) > 0) key.unpriced = num(row.unpriced);
+  if (row.revoked_at !== null && row.revoked_at !== undefined) key.revokedAt = num(row.revoked_at);
+  return { key, held };
+}
+
+/** The columns of a key that do not change with use (the record without policy, counters and state). */
+function storedPart(key: KeyRecord): object {
+  const { policy: _policy, used: _used, tokens: _tokens, estimatedSpend: _e, unpriced: _u, revokedAt: _r, ...stored } = key;
+  return stored;
+}
+
+function limitColumns(policy: Policy): [number | null, number | null, number | null] {
+  const limits = limitsOf(policy);
+  return [limits.activations ?? null, limits.tokens ?? null, limits.spend ?? null];
+}
+
+/** The team ledger over one PostgreSQL database. See the guarantees at the top of this file. */
+export class PostgresLedger {
+  private readonly keysById = new Map<string, KeyRecord>();
+  private readonly heldByKey = new Map<string, Amounts>();
+  private readonly listeners = new Set<(key: KeyRecord) => void>();
+  private listener: pg.Client | undefined;
+  private timer: NodeJS.Timeout | undefined;
+  private closed = false;
+  /** Settlements and releases the database was away for, retried in order by {@link maintain}. */
+  private unsettled: { text: string; values: unknown[] }[] = [];
+  readonly brokerId: string;
+  readonly holdTtlMs: number;
+
+  private constructor(
+    private readonly pool: pg.Pool,
+    private readonly url: string,
+    options: PostgresLedgerOptions,
+  ) {
+    this.brokerId = options.brokerId ?? `broker-${randomBytes(6).toString('hex')}`;
+    this.holdTtlMs = options.holdTtlMs ?? 15_000;
+  }
+
+  /** Connects, creates the tables when they are missing, and loads the keys. */
+  static async open(url: string, options: PostgresLedgerOptions = {}): Promise<PostgresLedger> {
+    const pool = new pg.Pool({ connectionString: url, max: options.poolSize ?? 8, connectionTimeoutMillis: 5_000 });
+    // An idle connection the server dropped is replaced at the next query; the pool must not crash the broker.
+    pool.on('error', () => undefined);
+    const ledger = new PostgresLedger(pool, url, options);
+    try {
+      // One broker creates the tables at a time (an advisory lock held for the transaction).
+      const client = await pool.connect();
+      try {
+        await client.query('begin');
+        await client.query('select pg_advisory_xact_lock(7419)');
+        await client.query(SCHEMA);
+        await client.query('commit');
+      } catch (err) {
+        await client.query('rollback').catch(() => undefined);
+        throw err;
+      } finally {
+        client.release();
+      }
+      await ledger.reload();
+      await ledger.listen();
+    } catch (err) {
+      await pool.end().catch(() => undefined);
+      throw new LedgerUnavailableError(err);
+    }
+    ledger.timer = setInterval(() => void ledger.maintain(), Math.max(50, Math.floor(ledger.holdTtlMs / 3)));
+    ledger.timer.unref();
+    return ledger;
+  }
+
+  keys(): KeyRecord[] {
+    return [...this.keysById.values()];
+  }
+
+  get(id: string): KeyRecord | undefined {
+    return this.keysById.get(id);
+  }
+
+  /** Amounts held by requests in flight on every broker, as of the last statement that touched the key. */
+  reserved(id: string): Amounts {
+    return this.heldByKey.get(id) ?? {};
+  }
+
+  /** Calls `listener` with a key another broker (or this one) changed: revoked, extended, issued. */
+  onKeyChanged(listener: (key: KeyRecord) => void): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+
+  async addKey(key: KeyRecord): Promise<void> {
+    const rows = await this.query(
+      `insert into till_keys (id, record, policy, lim_activations, lim_tokens, lim_spend) values ($1, $2, $3, $4, $5, $6)
+       returning ${KEY_COLUMNS}`,
+      [key.id, storedPart(key), key.policy, ...limitColumns(key.policy)],
+    );
+    this.take(rows[0]!);
+    await this.notify(key.id);
+  }
+
+  async updatePolicy(id: string, policy: Policy): Promise<void> {
+    const rows = await this.query(
+      `update till_keys set policy = $2, lim_activations = $3, lim_tokens = $4, lim_spend = $5 where id = $1 returning ${KEY_COLUMNS}`,
+      [id, policy, ...limitColumns(policy)],
+    );
+    if (!rows[0]) throw new Error(`unknown key ${id}`);
+    this.take(rows[0]);
+    await this.notify(id);
+  }
+
+  /** Revokes a key on every broker. False when it was already revoked or is unknown. */
+  async revoke(id: string, at = Date.now()): Promise<boolean> {
+    const rows = await this.query(`update till_keys set revoked_at = $2 where id = $1 and revoked_at is null returning ${KEY_COLUMNS}`, [
+      id,
+      at,
+    ]);
+    if (!rows[0]) return false;
+    this.take(rows[0]);
+    await this.notify(id);
+    return true;
+  }
+
+  /** Holds `amounts` against the key's limits in one statement. Returns the hold, or why not. */
+  async hold(keyId: string, amounts: Amounts): Promise<LedgerHold | HoldRefusal> {
+    const rows = await this.query(HOLD, [keyId, ...meters(amounts), this.brokerId, this.holdTtlMs]);
+    const row = rows[0];
+    if (!row) return this.refusal(keyId, amounts);
+    this.heldByKey.set(keyId, { activations: num(row.ha), tokens: num(row.ht), spend: num(row.hs) });
+    return { id: Number(row.id), keyId, amounts: { ...amounts } };
+  }
+
+  /**
+   * Holds `amounts` instead, in one statement: a growth is refused (nothing changes) when the key
+   * cannot cover it. Undefined when done, or when the hold is no longer open (reclaimed).
+   */
+  async resize(hold: LedgerHold, amounts: Amounts): Promise<HoldRefusal | undefined> {
+    const rows = await this.query(RESIZE, [hold.id, ...meters(amounts), this.brokerId, this.holdTtlMs]);
+    const row = rows[0]!;
+    if (num(row.found) === 0) return undefined;
+    if (num(row.changed) === 0) {
+      const growth: Amounts = {};
+      for (const meter of METERS) {
+        const more = (amounts[meter] ?? 0) - (hold.amounts[meter] ?? 0);
+        if (more > 0) growth[meter] = more;
+      }
+      return this.refusal(hold.keyId, growth);
+    }
+    this.heldByKey.set(hold.keyId, { activations: num(row.ha), tokens: num(row.ht), spend: num(row.hs) });
+    hold.amounts = { ...amounts };
+    return undefined;
+  }
+
+  /**
+   * Settles a hold: it becomes spending of `actual`. False when the hold was no longer open (its
+   * broker was taken for dead and it was reclaimed, counted at what it held): nothing is added.
+   * Never throws: with the database away it waits in order and is retried (see {@link end}).
+   */
+  async settle(hold: LedgerHold, actual: Amounts = hold.amounts, details?: SettleDetails): Promise<boolean> {
+    const t = details?.tokens;
+    const spend = Math.ceil(actual.spend ?? 0);
+    return this.end(SETTLE, [
+      hold.id,
+      this.brokerId,
+      ...meters(actual),
+      t?.input ?? 0,
+      t?.output ?? 0,
+      t?.cached ?? 0,
+      t?.reasoning ?? 0,
+      details?.estimated ? spend : 0,
+      details?.unpriced ? 1 : 0,
+    ]);
+  }
+
+  /** Releases a hold (the request never reached the upstream). False when it was no longer open. */
+  async release(hold: LedgerHold): Promise<boolean> {
+    return this.end(RELEASE, [hold.id, this.brokerId]);
+  }
+
+  /**
+   * Ends a hold (settles or releases it). With the database away, it is queued and retried:
+   * meanwhile the hold stays in the database, renewed, counting as held (never less than spent).
+   */
+  private async end(text: string, values: unknown[]): Promise<boolean> {
+    if (this.unsettled.length > 0) {
+      this.unsettled.push({ text, values });
+      return false;
+    }
+    try {
+      const rows = await this.query(text, values);
+      if (!rows[0]) return false;
+      this.take(rows[0]);
+      return true;
+    } catch {
+      this.unsettled.push({ text, values });
+      return false;
+    }
+  }
+
+  /** Holds whose settlement waits for the database. */
+  get waiting(): number {
+    return this.unsettled.length;
+  }
+
+  /** Renews this broker's holds, retries waiting settlements, reclaims expired holds (every third of the expiry). */
+  async maintain(): Promise<void> {
+    if (this.closed) return;
+    try {
+      await this.query(RENEW, [this.brokerId, this.holdTtlMs]);
+      while (this.unsettled.length > 0) {
+        const { text, values } = this.unsettled[0]!;
+        const rows = await this.query(text, values);
+        this.unsettled.shift();
+        if (rows[0]) this.take(rows[0]);
+      }
+      const reclaimed = await this.query(RECLAIM, []);
+      for (const row of reclaimed) await this.refresh(String(row.id));
+      for (const row of reclaimed) await this.notify(String(row.id));
+    } catch {
+      // The database is away: holds cannot be renewed, requests are refused; retried at the next tick.
+    }
+  }
+
+  /** Stops renewing this broker's holds (any still open expire and are reclaimed by another) and disconnects. */
+  async close(): Promise<void> {
+    // A last try for waiting settlements: else their holds are counted at what they held.
+    if (this.unsettled.length > 0) await this.maintain();
+    this.closed = true;
+    if (this.timer) clearInterval(this.timer);
+    await this.listener?.end().catch(() => undefined);
+    await this.pool.end().catch(() => undefined);
+  }
+
+  // -------------------------------------------------------------------------------------------
+
+  private async query(text: string, values: unknown[]): Promise<Row[]> {
+    try {
+      return (await this.pool.query(text, values)).rows as Row[];
+    } catch (err) {
+      throw new LedgerUnavailableError(err);
+    }
+  }
+
+  /** Why `amounts` does not fit the key now (read after the refusing statement, for the message only). */
+  private async refusal(keyId: string, amounts: Amounts): Promise<HoldRefusal> {
+    const rows = await this.query(`select ${KEY_COLUMNS}, lim_activations, lim_tokens, lim_spend from till_keys where id = $1`, [keyId]);
+    const row = rows[0];
+    if (!row) throw new Error(`unknown key ${keyId}`);
+    const { held } = this.take(row);
+    for (const meter of METERS) {
+      const limit = row[`lim_${meter}`];
+      const wanted = amounts[meter] ?? 0;
+      if (limit === null || wanted <= 0) continue;
+      const used = num(row[`used_${meter}`]);
+      if (used + (held[meter] ?? 0) + wanted > num(limit)) return { meter, limit: num(limit), used, reserved: held[meter] ?? 0 };
+    }
+    // It fitted a moment later (another request settled): say what was short when it was refused.
+    const meter = METERS.find((m) => (amounts[m] ?? 0) > 0) ?? 'activations';
+    return { meter, limit: num(row[`lim_${meter}`]), used: num(row[`used_${meter}`]), reserved: held[meter] ?? 0 };
+  }
+
+  private take(row: Row): { key: KeyRecord; held: Amounts } {
+    const taken = recordOf(row);
+    const known = this.keysById.get(taken.key.id);
+    // Keep the object the broker holds (its requests refer to it): update it in place.
+    if (known) {
+      for (const field of Object.keys(known) as (keyof KeyRecord)[]) if (!(field in taken.key)) delete known[field];
+      Object.assign(known, taken.key);
+    } else this.keysById.set(taken.key.id, taken.key);
+    this.heldByKey.set(taken.key.id, taken.held);
+    return taken;
+  }
+
+  private async reload(): Promise<void> {
+    for (const row of await this.query(`select ${KEY_COLUMNS} from till_keys`, [])) this.take(row);
+  }
+
+  private async refresh(id: string): Promise<KeyRecord | undefined> {
+    const rows = await this.query(`select ${KEY_COLUMNS} from till_keys where id = $1`, [id]);
+    if (!rows[0]) return undefined;
+    return this.take(rows[0]).key;
+  }
+
+  private async notify(id: string): Promise<void> {
+    await this.query(`select pg_notify('till_keys', $1)`, [id]);
+  }
+
+  /** One connection that hears about changed keys; reconnected when it drops, with a full reload. */
+  private async listen(): Promise<void> {
+    const client = new pg.Client({ connectionString: this.url });
+    client.on('error', () => undefined);
+    client.on('notification', (message) => {
+      if (!message.payload) return;
+      void this.refresh(message.payload).then(
+        (key) => {
+          if (key) for (const listener of this.listeners) listener(key);
+        },
+        () => undefined,
+      );
+    });
+    client.on('end', () => {
+      if (this.closed) return;
+      this.listener = undefined;
+      const retry = () => {
+        if (this.closed) return;
+        this.listen()
+          .then(() => this.reload())
+          .catch(() => setTimeout(retry, 500).unref());
+      };
+      setTimeout(retry, 200).unref();
+    });
+    await client.connect();
+    await client.query('listen till_keys');
+    this.listener = client;
+  }
+}
