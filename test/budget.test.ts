@@ -274,7 +274,7 @@ describe('limits that cannot be overrun', () => {
       .filter((e): e is Extract<TillEvent, { type: 'limit.near' }> => e.type === 'limit.near')
       .map((e) => `${e.meter}:${e.percent}`);
     expect(near).toEqual(['tokens:50', 'tokens:80']);
-    const extended = till.keys.extend(issued.id, { maxTokens: 1000 });
+    const extended = await till.keys.extend(issued.id, { maxTokens: 1000 });
     expect(extended.policy.maxTokens).toBe(2000);
     expect(extended.state).toBe('active');
   });
@@ -297,7 +297,7 @@ describe('interrupted streams', () => {
       });
       let n = 0;
       await (async () => {
-        for await (const _ of stream) if (++n === 3) t.keys.revoke(issued.id);
+        for await (const _ of stream) if (++n === 3) await t.keys.revoke(issued.id);
       })().catch(() => undefined);
       // Settled once the upstream has dropped the cut stream and what it had sent is read.
       await expect.poll(() => t.keys.list().find((x) => x.id === issued.id)!.inFlight).toBe(0);

@@ -112,7 +112,7 @@ describe('openai SDK through the broker', () => {
   it('raises an authentication error after revocation', async () => {
     const issued = await service.issue({ target: 'openai' });
     const client = new OpenAI({ apiKey: issued.key, baseURL: issued.baseUrl, maxRetries: 0 });
-    service.keys.revoke(issued.id);
+    await service.keys.revoke(issued.id);
     const err = await client.models.list().catch((e: unknown) => e);
     expect(err).toBeInstanceOf(OpenAI.AuthenticationError);
     expect((err as Error).message).toContain('revoked');
@@ -135,7 +135,7 @@ describe('openai SDK through the broker', () => {
       const started = Date.now();
       const consumed = (async () => {
         for await (const _ of stream) {
-          if (++chunks === 2) till.keys.revoke(issued.id);
+          if (++chunks === 2) await till.keys.revoke(issued.id);
         }
       })();
       const err = await consumed.then(
@@ -224,7 +224,7 @@ describe('@google/genai SDK through the broker', () => {
     const key = service.keys.list().find((k) => k.id === issued.id)!;
     expect(key.tokens.output).toBe(10); // five tokens each, from the cumulative usageMetadata
 
-    service.keys.revoke(issued.id);
+    await service.keys.revoke(issued.id);
     const refused = await ai.models.generateContent({ model: 'gemini-2.5-flash', contents: 'hi' }).catch((err: unknown) => err);
     expect(refused).toBeInstanceOf(ApiError);
     expect((refused as ApiError).status).toBe(401);

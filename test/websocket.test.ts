@@ -514,7 +514,7 @@ describe('OpenAI Responses over WebSocket (Codex CLI)', () => {
 
   it('refuses bad keys at the upgrade with the right status and an OpenAI-shaped body, before reaching the upstream', async () => {
     const revoked = await issue({ target: 'openai', uses: 5 });
-    service.keys.revoke(revoked.id);
+    await service.keys.revoke(revoked.id);
     const geminiKey = await issue({ target: 'gemini', uses: 5 });
     const scoped = await issue({ target: 'openai', uses: 5, paths: ['/v1/chat/*'] });
     const good = await issue({ target: 'openai', uses: 5 });
@@ -565,7 +565,7 @@ describe('OpenAI Responses over WebSocket (Codex CLI)', () => {
     await conn.next((e) => e.type === 'response.output_text.delta');
     const upstreamSockets = openai.sockets.size;
     const revokedAt = Date.now();
-    service.keys.revoke(id);
+    await service.keys.revoke(id);
     const closed = await conn.closed;
     expect(closed.code).toBe(4001);
     expect(closed.reason).toContain('revoked');
@@ -589,7 +589,7 @@ describe('OpenAI Responses over WebSocket (Codex CLI)', () => {
     const conn = await connect(RESPONSES, { key });
     await turn(conn, { input: 'hi' });
     const revokedAt = Date.now();
-    service.keys.revoke(id);
+    await service.keys.revoke(id);
     const closed = await conn.closed;
     expect(closed.code).toBe(4001);
     expect(closed.at - revokedAt).toBeLessThan(1_000);

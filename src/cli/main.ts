@@ -11,7 +11,7 @@ import { AGENTS, agentSetup, agentTargets, isAgentName, newAgentScratchDir } fro
 import { ControlClient, NotRunningError } from '../core/runtime/control';
 import { CredentialList, CredentialStore, checkCredentialName } from '../core/credentials/credentials';
 import type { KeySummary, TillEvent } from '../core/events';
-import { defaultHome, openHome, readConfig, type TillPaths } from '../core/runtime/home';
+import { defaultHome, isLedgerUrl, openHome, readConfig, type TillPaths } from '../core/runtime/home';
 import { limitsOf, type Amounts } from '../core/policy/policy';
 import { callsUsed, describePolicy, formatAmount, formatCount, formatUsd, spendUsed, timeLeft } from '../core/keys/present';
 import { holdLease, type HeldLease } from '../core/runtime/leases';
@@ -65,12 +65,15 @@ Commands:
   exec                  run a command with fresh till keys, revoked when it exits
 
 Run \`till <command> --help\` for a command's options. TILL_HOME selects the data folder.`,
-  serve: `Usage: till serve [--port N] [--verbose]
+  serve: `Usage: till serve [--port N] [--ledger postgres://…] [--verbose]
 
 Runs the broker on 127.0.0.1 in the foreground and prints its URL, then key events, limits and
 refused requests. Stop it with Ctrl-C. \`till watch\` shows every request live.
-  --port N       port to listen on (default: config.json's port, else 8455)
-  -v, --verbose  also print a line for every request served`,
+  --port N        port to listen on (default: config.json's port, else 8455)
+  --ledger URL    keep keys and limits in a team ledger on PostgreSQL, shared by every broker
+                  given the same URL (default: TILL_LEDGER, else config.json's "ledger", else
+                  the data folder's own ledger)
+  -v, --verbose   also print a line for every request served`,
   credential: `Usage:
   till credential add <provider> [--name NAME]   the secret is read from stdin or a hidden prompt, never from arguments
   till credential ls [--json]
@@ -239,12 +242,22 @@ function printIssued(k: IssuedKey): void {
 }
 
 async function serve(args: string[], paths: TillPaths): Promise<void> {
-  const { values } = parse(args, { port: { type: 'string' }, verbose: { type: 'boolean', short: 'v' } });
+  const { values } = parse(args, { port: { type: 'string' }, ledger: { type: 'string' }, verbose: { type: 'boolean', short: 'v' } });
   if (values.help) return out(HELP.serve);
   const port = int(values.port, 'port');
-  const service = await TillService.start({ home: paths.home, port, log: (line) => process.stderr.write(`till: ${line}\n`) });
+  const ledger = values.ledger ?? (process.env.TILL_LEDGER || undefined);
+  if (ledger !== undefined && !isLedgerUrl(ledger)) throw new UsageError('--ledger must be a postgres:// URL');
+  const holdTtl = process.env.TILL_LEDGER_HOLD_TTL_MS ? int(process.env.TILL_LEDGER_HOLD_TTL_MS, 'TILL_LEDGER_HOLD_TTL_MS') : undefined;
+  const service = await TillService.start({
+    home: paths.home,
+    port,
+    ledger,
+    ledgerHoldTtlMs: holdTtl,
+    log: (line) => process.stderr.write(`till: ${line}\n`),
+  });
   out(`Till broker listening on ${service.url}`);
   out(`data folder: ${paths.home}`);
+  if (service.ledgerName) out(`team ledger: ${service.ledgerName}`);
   // One write per 50 ms however busy the broker is: a line per request would cost a write each.
   let lines = '';
   const flush = () => {

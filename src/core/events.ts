@@ -108,6 +108,8 @@ export type DenialCode =
   | 'revoked'
   | 'expired'
   | 'exhausted'
+  /** A team ledger's database could not be reached: refused, nothing held or sent. */
+  | 'ledger_unavailable'
   | 'rate_limited'
   | 'concurrency'
   | 'out_of_scope'

@@ -86,7 +86,7 @@ export async function startInProcess(options: Partial<ServiceOptions> & { home: 
       return k;
     },
     revoke: async (id) => {
-      service.keys.revoke(id);
+      await service.keys.revoke(id);
     },
     events: () => events,
     log: () => logged,

@@ -32,7 +32,7 @@ import { StreamMeter } from '../metering/streamMeter';
 import { methodViolation, modelViolation, pathViolation, type Amounts } from '../policy/policy';
 import type { PriceTable } from '../metering/pricing';
 import { apiPath, isFreeRoute, KEY_QUERY_PARAMS, type Provider, type ProviderRegistry } from '../providers/providers';
-import { takeRequestHold } from '../holds/requestHold';
+import { takeRequestHold, type TakenHold } from '../holds/requestHold';
 import { BodyScrubber, CredentialForms, relayedHeaders } from './scrub';
 import { TICK_MS, type StreamHold } from '../holds/streamHold';
 import { callUpstream, type AnswerHandler, type UpstreamCall, type UpstreamClients, type UpstreamHandler } from './upstream';
@@ -406,6 +406,22 @@ export class Exchange implements UpstreamHandler {
         }
       : undefined;
     const taken = takeRequestHold(c, key, info, request, this, true);
+    if (!(taken instanceof Promise)) return this.held(taken);
+    // A team ledger: its answer arrives after a round trip to the database.
+    void taken.then(
+      (answer) => {
+        // A client gone meanwhile is told apart at forwarding, which ends the hold with the request.
+        if (!this.ended) return this.held(answer);
+        if (!isDenial(answer)) answer.hold.settle();
+      },
+      (err: unknown) => this.fail(err),
+    );
+  }
+
+  /** The hold was taken (or refused): forward the request once it is durable. */
+  private held(taken: TakenHold | Denial): void {
+    const { c } = this;
+    const json = this.json;
     if (isDenial(taken)) return this.deny(taken);
     ({ plan: this.plan, hold: this.hold, streamHold: this.streamHold } = taken);
     // The plan may have capped the answer in the body: send that body.

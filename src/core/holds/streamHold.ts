@@ -99,6 +99,7 @@ export class StreamHold {
    * or the denial to cut it with when it cannot.
    */
   follow(progress: StreamProgress): Denial | undefined {
+    if (this.lateDenial) return this.lateDenial;
     const usage = progress.usage();
     this.takeReportedInput(usage);
     const bound = this.outputBound(progress, usage);
@@ -188,6 +189,9 @@ export class StreamHold {
     return bound;
   }
 
+  /** A team ledger's refusal of a change, which ends the stream at the next check. */
+  private lateDenial: Denial | undefined;
+
   /** Holds `output` tokens and `calls` from now on; the meter that is short when the key cannot cover it. */
   private resize(output: number, calls: number[]): HoldRefusal | undefined {
     const results = this.resultTokens(calls);
@@ -195,11 +199,26 @@ export class StreamHold {
     const refused = this.hold.resize(
       holdAmounts(pricing, this.input + results, this.inputMicros + Math.ceil(results * this.plan.inputRate), output),
     );
-    if (!refused) {
-      this.held = output;
-      this.calls = calls;
-      this.inputShrank = false;
-    }
-    return refused;
+    if (refused instanceof Promise) {
+      // A team ledger holds a stream's whole output at once (plan.ts heldWhole): what changes
+      // here is its input (a shrink) and server-side tool calls. The change counts at once; a
+      // refusal, or a database that is away, ends the stream at the next check.
+      void refused.then(
+        (r) => {
+          if (r) this.lateDenial ??= growthRefusal(r, 'the stream was ended: the key cannot cover another server-side tool call');
+        },
+        (err: unknown) => {
+          this.lateDenial ??= {
+            status: 503,
+            code: 'ledger_unavailable',
+            message: `the stream was ended: Till could not check this key's limits (${err instanceof Error ? err.message : String(err)})`,
+          };
+        },
+      );
+    } else if (refused) return refused;
+    this.held = output;
+    this.calls = calls;
+    this.inputShrank = false;
+    return undefined;
   }
 }

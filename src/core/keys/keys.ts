@@ -4,7 +4,9 @@
  */
 import { isDenial, type Denial } from '../denial';
 import type { KeySummary, TillEvents } from '../events';
-import { isRefusal, keyState, type KeyRecord, type Ledger, type LedgerHold, type HoldRefusal, type SettleDetails } from '../ledger/ledger';
+import { isRefusal, keyState, type KeyRecord, type LedgerHold, type HoldRefusal, type SettleDetails } from '../ledger/ledger';
+import type { KeyLedger } from '../ledger/keyLedger';
+import { andThen, type Maybe } from '../maybe';
 import type { InFlightEntry } from './inFlightList';
 import { buildPolicy, hasLimits, limitsOf, MICROS, type Amounts, type Meter, type Policy } from '../policy/policy';
 import { formatAmount, limitRefusal } from './present';
@@ -31,7 +33,7 @@ export interface Hold {
    * before this returns). When the key cannot cover a growth, nothing changes and the meter that
    * is short is returned (see {@link growthRefusal}).
    */
-  resize(amounts: Amounts): HoldRefusal | undefined;
+  resize(amounts: Amounts): Maybe<HoldRefusal | undefined>;
   /** What it holds now. */
   held(): Amounts;
   /**
@@ -90,7 +92,10 @@ export function endedDenial(key: KeyRecord, now: number): Denial | undefined {
   return undefined;
 }
 
-/** Issues, checks and limits till keys over a {@link Ledger}. */
+/**
+ * Issues, checks and limits till keys over a ledger: the local one, whose answers come at once
+ * (and so do these), or a team's, whose changes and holds answer after a round trip ({@link Maybe}).
+ */
 export class TillKeys {
   /** Requests in flight by key (a list, not a Set: see inFlightList.ts). */
   private readonly inFlight = new Map<string, InFlightList<InFlight>>();
@@ -101,17 +106,35 @@ export class TillKeys {
   private readonly verified = new Map<string, KeyRecord>();
   private readonly announced = new Map<string, Set<string>>();
   private expiryTimer: NodeJS.Timeout | undefined;
+  private readonly unsubscribe: (() => void) | undefined;
 
   constructor(
-    private readonly ledger: Ledger,
+    private readonly ledger: KeyLedger,
     private readonly events: TillEvents,
     private readonly now: () => number = Date.now,
   ) {
     this.scheduleExpiry();
+    // A team ledger: another broker revoked, extended or issued a key.
+    this.unsubscribe = ledger.onKeyChanged?.((key) => this.changedElsewhere(key));
+  }
+
+  /** True when holds answer after a round trip (a team ledger): streams are then held whole. */
+  get shared(): boolean {
+    return this.ledger.shared === true;
+  }
+
+  /** A key changed on another broker: a revocation ends its requests here too; an expiry is rescheduled. */
+  private changedElsewhere(key: KeyRecord): void {
+    this.verified.clear();
+    if (key.revokedAt !== undefined && this.once(key.id, 'revoked')) {
+      this.cutAll(key);
+      this.events.emit({ type: 'key.revoked', at: this.now(), key: this.summary(key) });
+    }
+    this.scheduleExpiry();
   }
 
   /** Issues a key. Returns the full key: the only time it exists outside the client. */
-  issue(request: IssueRequest): { key: string; record: KeyRecord } {
+  issue(request: IssueRequest): Maybe<{ key: string; record: KeyRecord }> {
     const id = newKeyId();
     const key = makeTillKey(id);
     const record: KeyRecord = {
@@ -126,19 +149,23 @@ export class TillKeys {
     };
     if (request.owner) record.owner = request.owner;
     if (request.lease) record.leased = true;
-    this.ledger.addKey(record);
-    this.events.emit({ type: 'key.issued', at: record.createdAt, key: this.summary(record) });
-    this.scheduleExpiry();
-    return { key, record };
+    return andThen(this.ledger.addKey(record), () => {
+      this.events.emit({ type: 'key.issued', at: record.createdAt, key: this.summary(record) });
+      this.scheduleExpiry();
+      return { key, record };
+    });
   }
 
-  /** Revokes a key and ends its in-flight requests and streams. */
-  revoke(id: string): boolean {
-    if (!this.ledger.revoke(id, this.now())) return false;
-    const record = this.ledger.get(id)!;
-    this.cutAll(record);
-    this.events.emit({ type: 'key.revoked', at: this.now(), key: this.summary(record) });
-    return true;
+  /** Revokes a key and ends its in-flight requests and streams (on every broker of a team ledger). */
+  revoke(id: string): Maybe<boolean> {
+    return andThen(this.ledger.revoke(id, this.now()), (revoked) => {
+      if (!revoked) return false;
+      const record = this.ledger.get(id)!;
+      this.once(id, 'revoked');
+      this.cutAll(record);
+      this.events.emit({ type: 'key.revoked', at: this.now(), key: this.summary(record) });
+      return true;
+    });
   }
 
   /** Ends every request and stream in flight for a key that has ended (revoked or expired). */
@@ -149,10 +176,11 @@ export class TillKeys {
   }
 
   /** Revokes every key that is not revoked yet; returns how many. */
-  revokeAll(): number {
-    let n = 0;
-    for (const key of this.ledger.keys()) if (this.revoke(key.id)) n++;
-    return n;
+  revokeAll(): Maybe<number> {
+    const results = this.ledger.keys().map((key) => this.revoke(key.id));
+    const count = (done: boolean[]) => done.filter(Boolean).length;
+    if (!results.some((r) => r instanceof Promise)) return count(results as boolean[]);
+    return Promise.all(results.map(async (r) => r)).then(count);
   }
 
   get(id: string): KeyRecord | undefined {
@@ -249,7 +277,7 @@ export class TillKeys {
     amounts: Amounts | undefined,
     flight: InFlight,
     options: { batch?: boolean; smallest?: Amounts } = {},
-  ): Hold | Denial {
+  ): Maybe<Hold | Denial> {
     const policy = key.policy;
     const now = this.now();
     // The key was authenticated before the body was read and the credential fetched: a
@@ -280,14 +308,22 @@ export class TillKeys {
       times.push(now);
       this.recent.set(key.id, times);
     }
-    let taken: LedgerHold | undefined;
-    if (amounts) {
-      const result = this.ledger.hold(key.id, amounts, options.batch === true);
-      if (isRefusal(result)) return refusal(result, amounts[result.meter] ?? 0);
-      taken = result;
-    }
+    // The request's concurrency slot is taken now, before a team ledger's round trip, so that
+    // requests arriving meanwhile count it.
     this.inFlight.set(key.id, flights);
-    return new KeyHold(this, this.ledger, key, taken, flights, flights.add(flight), options.smallest);
+    const entry = flights.add(flight);
+    if (!amounts) return new KeyHold(this, this.ledger, key, undefined, flights, entry, options.smallest);
+    const admit = (result: LedgerHold | HoldRefusal): Hold | Denial => {
+      if (!isRefusal(result)) return new KeyHold(this, this.ledger, key, result, flights, entry, options.smallest);
+      flights.delete(entry);
+      return refusal(result, amounts[result.meter] ?? 0);
+    };
+    const result = this.ledger.hold(key.id, amounts, options.batch === true);
+    if (!(result instanceof Promise)) return admit(result);
+    return result.then(admit, (err: unknown) => {
+      flights.delete(entry);
+      return ledgerDenial(err);
+    });
   }
 
   /** After a settlement: the alerts it may call for (see {@link afterSpend}). */
@@ -333,7 +369,7 @@ export class TillKeys {
   }
 
   /** Raises a live key's limits; announcements start over for the raised limits. */
-  extend(id: string, by: Extension): KeySummary {
+  extend(id: string, by: Extension): Maybe<KeySummary> {
     const key = this.ledger.get(id);
     if (!key) throw new Error(`no till key with id ${id}`);
     if (key.revokedAt !== undefined) throw new Error(`till key "${key.label}" is revoked`);
@@ -344,11 +380,12 @@ export class TillKeys {
     if (by.maxSpend !== undefined) next.maxSpendUsd = Math.round(((p.maxSpendUsd ?? 0) + by.maxSpend) * MICROS) / MICROS;
     // Validates the amounts the same way as at issue.
     buildPolicy({ uses: next.maxActivations, maxTokens: next.maxTokens, maxSpend: next.maxSpendUsd });
-    this.ledger.updatePolicy(id, next);
-    this.announced.delete(id);
-    const summary = this.summary(key);
-    this.events.emit({ type: 'key.extended', at: this.now(), key: summary });
-    return summary;
+    return andThen(this.ledger.updatePolicy(id, next), () => {
+      this.announced.delete(id);
+      const summary = this.summary(key);
+      this.events.emit({ type: 'key.extended', at: this.now(), key: summary });
+      return summary;
+    });
   }
 
   /**
@@ -420,7 +457,18 @@ export class TillKeys {
 
   close(): void {
     clearTimeout(this.expiryTimer);
+    this.unsubscribe?.();
   }
+}
+
+/** The denial for a request the ledger could not answer (a team ledger whose database is away): refused, nothing held. */
+function ledgerDenial(err: unknown): Denial {
+  return {
+    status: 503,
+    code: 'ledger_unavailable',
+    message: `Till could not check this key's limits: ${err instanceof Error ? err.message : String(err)}; nothing was sent or counted, retry shortly`,
+    retryAfter: 1,
+  };
 }
 
 /**
@@ -433,7 +481,7 @@ class KeyHold implements Hold {
 
   constructor(
     private readonly keys: TillKeys,
-    private readonly ledger: Ledger,
+    private readonly ledger: KeyLedger,
     private readonly key: KeyRecord,
     /** Its hold in the ledger (none: the request is free). */
     private readonly ledgerHold: LedgerHold | undefined,
@@ -450,7 +498,7 @@ class KeyHold implements Hold {
     return { ...(this.ledgerHold?.amounts ?? {}) };
   }
 
-  resize(amounts: Amounts): HoldRefusal | undefined {
+  resize(amounts: Amounts): Maybe<HoldRefusal | undefined> {
     // An ended hold holds nothing more (the ledger says the same of a hold no longer open).
     if (this.finished || !this.ledgerHold) return undefined;
     return this.ledger.resize(this.ledgerHold, amounts);
@@ -462,10 +510,12 @@ class KeyHold implements Hold {
     this.flights.delete(this.entry);
     if (!this.ledgerHold) return;
     if (this.reached) {
-      this.ledger.settle(this.ledgerHold, actual ?? this.ledgerHold.amounts, details);
-      this.keys.settled(this.key, this.smallest);
+      // A team ledger's settlement never fails (it waits for the database, see postgres.ts).
+      const settled = this.ledger.settle(this.ledgerHold, actual ?? this.ledgerHold.amounts, details);
+      if (settled instanceof Promise) void settled.then(() => this.keys.settled(this.key, this.smallest));
+      else this.keys.settled(this.key, this.smallest);
     } else {
-      this.ledger.release(this.ledgerHold);
+      void this.ledger.release(this.ledgerHold);
     }
   }
 }

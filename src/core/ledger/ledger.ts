@@ -18,6 +18,7 @@ import { dirname } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { PendingBytes } from '../files/pendingBytes';
 import { ensurePrivateFolder, openPrivateAppend, readPrivateFile, writePrivateFile } from '../files/privateFolder';
+import type { KeyLedger } from './keyLedger';
 import { hasLimits, limitsOf, type Amounts, type Meter, type Policy } from '../policy/policy';
 
 /** A till key as stored. Never holds the key itself, only its hash. */
@@ -256,7 +257,7 @@ export interface LedgerOptions {
 }
 
 /** The durable store of keys and counters. Single writer: the broker process. */
-export class Ledger {
+export class Ledger implements KeyLedger {
   private readonly keysById = new Map<string, KeyRecord>();
   private readonly heldByKey = new Map<string, Amounts>();
   private readonly open = new Map<number, LedgerHold>();

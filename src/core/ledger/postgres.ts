@@ -24,6 +24,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import pg from 'pg';
+import type { KeyLedger } from './keyLedger';
 import type { HoldRefusal, KeyRecord, LedgerHold, SettleDetails, TokenCounts } from './ledger';
 import { limitsOf, METERS, type Amounts, type Meter, type Policy } from '../policy/policy';
 
@@ -167,8 +168,21 @@ function limitColumns(policy: Policy): [number | null, number | null, number | n
   return [limits.activations ?? null, limits.tokens ?? null, limits.spend ?? null];
 }
 
+/** `url` without its password (and without query parameters, which may carry one). */
+export function withoutPassword(url: string): string {
+  try {
+    const u = new URL(url);
+    u.password = '';
+    u.search = '';
+    return u.toString();
+  } catch {
+    return 'postgres://(unreadable URL)';
+  }
+}
+
 /** The team ledger over one PostgreSQL database. See the guarantees at the top of this file. */
-export class PostgresLedger {
+export class PostgresLedger implements KeyLedger {
+  readonly shared = true;
   private readonly keysById = new Map<string, KeyRecord>();
   private readonly heldByKey = new Map<string, Amounts>();
   private readonly listeners = new Set<(key: KeyRecord) => void>();
@@ -179,6 +193,8 @@ export class PostgresLedger {
   private unsettled: { text: string; values: unknown[] }[] = [];
   readonly brokerId: string;
   readonly holdTtlMs: number;
+  /** The database, as it may be shown: its URL without the password. */
+  readonly name: string;
 
   private constructor(
     private readonly pool: pg.Pool,
@@ -187,6 +203,7 @@ export class PostgresLedger {
   ) {
     this.brokerId = options.brokerId ?? `broker-${randomBytes(6).toString('hex')}`;
     this.holdTtlMs = options.holdTtlMs ?? 15_000;
+    this.name = withoutPassword(url);
   }
 
   /** Connects, creates the tables when they are missing, and loads the keys. */
@@ -269,6 +286,11 @@ export class PostgresLedger {
     this.take(rows[0]);
     await this.notify(id);
     return true;
+  }
+
+  /** Every statement commits before it answers: nothing waits for a later write. */
+  whenDurable(then: () => void): void {
+    then();
   }
 
   /** Holds `amounts` against the key's limits in one statement. Returns the hold, or why not. */

@@ -112,11 +112,19 @@ export interface TillConfig {
   providers?: CustomProviderConfig[];
   /** Largest request body in bytes. Default: 32 MiB. */
   maxBodyBytes?: number;
+  /** A team ledger: `postgres://user:password@host/db`. Default: the data folder's own ledger. */
+  ledger?: string;
+}
+
+/** True for a URL the team ledger can open (postgres:// or postgresql://). */
+export function isLedgerUrl(text: string): boolean {
+  return /^postgres(ql)?:\/\/./.test(text);
 }
 
 /** Why a config field has the wrong type, or undefined. */
 function configProblem(config: Record<string, unknown>): string | undefined {
-  const { port, maxBodyBytes, upstreams, providers } = config;
+  const { port, maxBodyBytes, upstreams, providers, ledger } = config;
+  if (ledger !== undefined && !(typeof ledger === 'string' && isLedgerUrl(ledger))) return '"ledger" must be a postgres:// URL';
   if (port !== undefined && !(Number.isInteger(port) && (port as number) >= 0 && (port as number) <= 65535))
     return '"port" must be a whole number from 0 to 65535';
   if (maxBodyBytes !== undefined && !(Number.isSafeInteger(maxBodyBytes) && (maxBodyBytes as number) > 0))

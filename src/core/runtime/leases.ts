@@ -78,7 +78,7 @@ export class Leases {
   private lapse(id: string): void {
     this.unclaimed.delete(id);
     if (this.closing || this.holders.has(id)) return;
-    this.keys.revoke(id);
+    void this.keys.revoke(id);
   }
 
   /** The broker is closing: holders that drop off now are not gone, only waiting for the next broker. */

@@ -9,12 +9,14 @@ import { ControlError, ControlServer } from './control';
 import { readCredentialName, readExtension, readIssueInput, type BrokerStatus, type IssuedKey, type IssueInput } from './controlApi';
 import { CredentialList, CredentialStore, type CredentialInfo } from '../credentials/credentials';
 import { TillEvents, type KeySummary, type RequestRecord } from '../events';
-import { openHome, readConfig, type TillPaths } from './home';
+import { isLedgerUrl, openHome, readConfig, type TillPaths } from './home';
 import { withDefaults } from '../options';
 import { TillKeys } from '../keys/keys';
 import { ConversationSizes } from '../holds/contexts';
 import { Leases } from './leases';
 import { Ledger } from '../ledger/ledger';
+import type { KeyLedger } from '../ledger/keyLedger';
+import { PostgresLedger } from '../ledger/postgres';
 import { buildPolicy, type Policy } from '../policy/policy';
 import { ProviderRegistry, type Provider } from '../providers/providers';
 import { KeychainVault, VaultError, type Vault } from '../credentials/vault';
@@ -34,6 +36,10 @@ export interface ServiceOptions {
   leaseGraceMs?: number;
   /** Broker limits and timeouts, for tests and the settings. */
   broker?: Omit<BrokerSettings, 'port'>;
+  /** A team ledger's URL (`postgres://…`), over config.json's `ledger`. Default: the data folder's ledger. */
+  ledger?: string;
+  /** A team ledger's hold expiry (ms): a dead broker's holds are reclaimed after it. Default: postgres.ts's. */
+  ledgerHoldTtlMs?: number;
 }
 
 /** The broker's settings a service layers: `options`, then `broker`, then config.json, then the broker's defaults. */
@@ -67,7 +73,7 @@ export class TillService {
     private readonly prices: PriceTable,
     private readonly configUpstreams: Record<string, string> | undefined,
     readonly credentials: CredentialList,
-    private readonly ledger: Ledger,
+    private readonly ledger: KeyLedger,
     private readonly audit: AuditLog,
     private readonly conversations: ConversationSizes,
     private readonly control: ControlServer,
@@ -83,6 +89,11 @@ export class TillService {
     });
   }
 
+  /** The team ledger's database, without its password; undefined on the data folder's own ledger. */
+  get ledgerName(): string | undefined {
+    return this.ledger instanceof PostgresLedger ? this.ledger.name : undefined;
+  }
+
   /** The last ended requests, oldest first. */
   recent(): RequestRecord[] {
     return [...this.recentRequests];
@@ -95,11 +106,13 @@ export class TillService {
     const providers = new ProviderRegistry(config.providers, config.upstreams, options.env);
     const control = new ControlServer(paths);
     await control.claim();
-    let ledger: Ledger | undefined;
+    let ledger: KeyLedger | undefined;
     let audit: AuditLog | undefined;
     let conversations: ConversationSizes | undefined;
     try {
-      ledger = Ledger.open(paths.ledger);
+      const team = options.ledger ?? config.ledger;
+      if (team !== undefined && !isLedgerUrl(team)) throw new Error('the ledger must be a postgres:// URL');
+      ledger = team ? await PostgresLedger.open(team, { holdTtlMs: options.ledgerHoldTtlMs }) : Ledger.open(paths.ledger);
       audit = new AuditLog(paths.audit);
       // Each credential from its own store; a credential another process's store keeps (VS Code's) says so.
       const vault =
@@ -133,7 +146,7 @@ export class TillService {
       control.serve(service.controlRoutes());
       return service;
     } catch (err) {
-      ledger?.close();
+      await ledger?.close();
       audit?.close();
       conversations?.close();
       await control.close();
@@ -189,7 +202,7 @@ export class TillService {
     } catch (err) {
       throw new ControlError(503, err instanceof VaultError ? err.message : `the keychain failed: ${(err as Error).message}`);
     }
-    const { key, record } = this.keys.issue({
+    const { key, record } = await this.keys.issue({
       provider: provider.id,
       credential: credential.name,
       label: input.label,
@@ -229,19 +242,19 @@ export class TillService {
           if (id === undefined) return this.issue(body as IssueInput);
           if (action !== 'extend') throw new ControlError(404, `no control route POST /keys/${id}/${action ?? ''}`);
           const by = readExtension(body);
-          try {
-            return this.keys.extend(id, by);
-          } catch (err) {
-            throw new ControlError(400, (err as Error).message);
-          }
+          return Promise.resolve()
+            .then(() => this.keys.extend(id, by))
+            .catch((err: unknown) => {
+              throw new ControlError(400, (err as Error).message);
+            });
         },
         'GET /keys': () => this.list(),
         'GET /requests': () => this.recent(),
-        'DELETE /keys': (_: unknown, params: string[]) => {
+        'DELETE /keys': async (_: unknown, params: string[]) => {
           const [id] = params;
-          if (id === undefined || id === '') return { revoked: this.keys.revokeAll() };
+          if (id === undefined || id === '') return { revoked: await this.keys.revokeAll() };
           if (!this.keys.get(id)) throw new ControlError(404, `no till key with id ${id}`);
-          return { revoked: this.keys.revoke(id) ? 1 : 0 };
+          return { revoked: (await this.keys.revoke(id)) ? 1 : 0 };
         },
         'POST /credentials': (body: unknown) => {
           this.broker.forgetCredential(readCredentialName(body));
@@ -267,7 +280,7 @@ export class TillService {
     await this.broker.close();
     this.audit.close();
     this.conversations.close();
-    this.ledger.close();
+    await this.ledger.close();
   }
 }
 

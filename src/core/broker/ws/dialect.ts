@@ -30,6 +30,8 @@ export interface Turn {
   /** What its plan was made from, for counting a cut turn's input. */
   request?: Pick<HoldRequest, 'model' | 'format' | 'json' | 'bodyBytes'>;
   reached: boolean;
+  /** Started by the upstream and running before a team ledger answered for its hold (see Session.begin). */
+  early?: true;
   /** Set once the upstream has started it (`response.created`, Gemini's first content). */
   begun: boolean;
   responseId?: string;
@@ -61,7 +63,8 @@ export interface DialectSession {
   /** Tracks a turn that holds nothing (a prewarm), to match its events. */
   addTurn(turn: Turn): void;
   /** Plans and takes a turn's hold, and starts it; the refusal when the key cannot cover it. */
-  holdTurn(turn: Turn, request: HoldRequest): HoldPlan | Denial;
+  /** Takes a turn's hold and calls `then` with its plan or denial: at once on the local ledger, after a round trip on a team's. */
+  holdTurn(turn: Turn, request: HoldRequest, then: (planned: HoldPlan | Denial) => void): void;
   /** The upstream has the turn's request: it may bill it. */
   reached(turn: Turn): void;
   /** The upstream started a turn (`response.created`, Gemini's first content). */

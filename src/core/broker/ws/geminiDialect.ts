@@ -39,17 +39,19 @@ function fromClient(s: DialectSession, msg: Json, data: Buffer, binary: boolean)
   const content = asObj(msg.clientContent) ?? asObj(msg.client_content);
   if (content && (content.turnComplete === true || content.turn_complete === true)) {
     const turn = s.newTurn(s.model, true);
-    const planned = s.holdTurn(turn, {
+    const request = {
       provider: provider.id,
       model: s.model,
-      format: 'gemini',
+      format: 'gemini' as const,
       json: undefined,
       bodyBytes: data.length,
       stream: true,
       carriedContext: s.lastTotal,
+    };
+    return s.holdTurn(turn, request, (planned) => {
+      if (isDenial(planned)) return s.refuseMessage(planned, undefined);
+      s.send(0, data, binary, () => s.reached(turn));
     });
-    if (isDenial(planned)) return s.refuseMessage(planned, undefined);
-    return s.send(0, data, binary, () => s.reached(turn));
   }
   s.send(0, data, binary);
 }

@@ -57,10 +57,11 @@ function createResponse(s: DialectSession, msg: Json, data: Buffer, binary: bool
     stream: true,
     ...(dialect === 'realtime' ? { carriedContext: s.lastTotal } : {}),
   };
-  const planned = s.holdTurn(turn, request);
-  if (isDenial(planned)) return s.refuseMessage(planned, eventId, model);
-  if (planned.bodyChanged && !existing) msg.response = target;
-  s.send(0, planned.bodyChanged ? JSON.stringify(msg) : data, binary && !planned.bodyChanged, () => s.reached(turn));
+  s.holdTurn(turn, request, (planned) => {
+    if (isDenial(planned)) return s.refuseMessage(planned, eventId, model);
+    if (planned.bodyChanged && !existing) msg.response = target;
+    s.send(0, planned.bodyChanged ? JSON.stringify(msg) : data, binary && !planned.bodyChanged, () => s.reached(turn));
+  });
 }
 
 function meterOpenAi(s: DialectSession, data: Buffer): void {

@@ -25,7 +25,7 @@ import { type Amounts } from '../../policy/policy';
 import { isFreeRoute, KEY_QUERY_PARAMS, type Provider } from '../../providers/providers';
 import { duplicateKey } from '../duplicateKeys';
 import { asObj, asStr } from '../../json';
-import { takeRequestHold } from '../../holds/requestHold';
+import { takeRequestHold, type TakenHold } from '../../holds/requestHold';
 import { relayedHeaders, type CredentialForms } from '../scrub';
 import { KEY_PROTOCOL, TOKEN, writeResponse } from './handshake';
 import type { ProxyOptions } from './options';
@@ -151,6 +151,8 @@ export class Session implements DialectSession {
   private endNote: string | undefined;
   /** Reading of [client, upstream] paused while the other side's queue drains. */
   private readonly paused = [false, false];
+  /** Client messages that arrived while a turn's hold was on its way from a team ledger. */
+  private held: [Buffer, boolean][] | undefined;
   /** Tokens of the last response (Realtime, Gemini): the conversation the next one carries. */
   lastTotal = 0;
   model: string | undefined;
@@ -218,7 +220,15 @@ export class Session implements DialectSession {
         if (isDenial(planned)) return this.refuse(planned);
         amounts = planned.amounts;
       }
-      const admitted = this.options.keys.hold(key, amounts, { cut: (d) => this.cut(d) });
+      let admitted = this.options.keys.hold(key, amounts, { cut: (d) => this.cut(d) });
+      if (admitted instanceof Promise) {
+        // A team ledger answers after a round trip: the session may have ended meanwhile.
+        admitted = await admitted;
+        if (this.phase !== 'connecting') {
+          if (!isDenial(admitted)) admitted.settle();
+          return;
+        }
+      }
       if (isDenial(admitted)) return this.refuse(admitted);
       this.admission = admitted;
       this.options.events.emit({ type: 'request.started', at: Date.now(), request: info });
@@ -400,6 +410,8 @@ export class Session implements DialectSession {
 
   private fromClient(data: Buffer, binary: boolean): void {
     if (this.phase !== 'open') return;
+    // A turn's hold is on its way from a team ledger: what follows it waits, in order.
+    if (this.held) return void this.held.push([data, binary]);
     if (this.s.dialect === 'generic') return this.send(0, data, binary);
     // Every message is read: a request hidden in one Till did not read would go unmetered.
     const text = data.toString('utf8');
@@ -430,9 +442,41 @@ export class Session implements DialectSession {
    * Plans and takes the hold of a turn (the one place every dialect does), and starts it; the
    * denial when the key cannot cover it. Known conversations come from the shared store.
    */
-  holdTurn(turn: Turn, request: HoldRequest): HoldPlan | Denial {
+  holdTurn(turn: Turn, request: HoldRequest, then: (planned: HoldPlan | Denial) => void): void {
     const taken = takeRequestHold(this.options, this.s.key, turn.info, request, { cut: (d) => this.cut(d) }, false);
+    if (!(taken instanceof Promise)) return then(this.startTurn(turn, request, taken));
+    this.held = [];
+    taken
+      .then((answer) => {
+        if (this.phase !== 'open') {
+          if (!isDenial(answer)) answer.hold.settle();
+          return;
+        }
+        then(this.startTurn(turn, request, answer));
+        const waiting = this.held ?? [];
+        this.held = undefined;
+        for (const [data, binary] of waiting) this.fromClient(data, binary);
+      })
+      .catch((err: unknown) => this.fail(err));
+  }
+
+  /** A turn's hold was taken: the turn starts. */
+  private startTurn(turn: Turn, request: HoldRequest, taken: TakenHold | Denial): HoldPlan | Denial {
     if (isDenial(taken)) return taken;
+    if (turn.early) {
+      // Already running (or ended) before its hold arrived: it reached the upstream; one that
+      // ended is settled at once at what it holds (its usage was settled without a hold).
+      taken.hold.reachedUpstream();
+      if (!this.turns.includes(turn)) {
+        taken.hold.settle();
+        return taken.plan!;
+      }
+      turn.hold = taken.hold;
+      turn.plan = taken.plan;
+      turn.streamHold = taken.streamHold;
+      turn.request = { model: request.model, format: request.format, json: request.json, bodyBytes: request.bodyBytes };
+      return taken.plan!;
+    }
     turn.hold = taken.hold;
     turn.plan = taken.plan;
     turn.streamHold = taken.streamHold;
@@ -492,7 +536,9 @@ export class Session implements DialectSession {
     let turn = this.turns.find((t) => !t.begun && (streamId === undefined || t.streamId === undefined || t.streamId === streamId));
     if (!turn && (this.s.dialect === 'realtime' || this.s.dialect === 'gemini')) {
       const fresh = this.newTurn(this.model, true, streamId);
-      const planned = this.holdTurn(fresh, {
+      let answered = false;
+      let refused = false;
+      const request = {
         provider: this.s.provider.id,
         model: this.model,
         format: this.format,
@@ -500,10 +546,18 @@ export class Session implements DialectSession {
         bodyBytes: 0,
         stream: true,
         carriedContext: this.lastTotal,
-      });
-      if (isDenial(planned)) {
+      };
+      this.holdTurn(fresh, request, (planned) => {
+        answered = true;
+        if (!isDenial(planned)) return;
+        refused = true;
         this.cut(planned);
-        return undefined;
+      });
+      if (refused) return undefined;
+      if (!answered) {
+        // A team ledger's answer is on its way: the turn runs meanwhile (the upstream started it).
+        fresh.early = true;
+        this.turns.push(fresh);
       }
       turn = fresh;
     }

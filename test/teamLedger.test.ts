@@ -1,0 +1,159 @@
+/**
+ * Three `till serve` brokers on one team ledger (a throw-away PostgreSQL server), as a team runs
+ * them: `TILL_LEDGER=postgres://…`, each with its own data folder and its own copy of the real
+ * credential. Limits hold across them; a revocation on one ends streams on another.
+ */
+import * as http from 'node:http';
+import { readFileSync } from 'node:fs';
+import OpenAI from 'openai';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { serveTill, type Broker } from './support/served';
+import { startPostgres, type TestPostgres } from './support/postgres';
+import { addCredential, fakeCredential, tempHome } from './support/till';
+import { startOpenAIUpstream, type Upstream } from './support/upstreams';
+import { waitFor } from './support/wait';
+
+let db: TestPostgres;
+let credential: string;
+let openai: Upstream;
+let brokers: (Broker & { process: { output(): string } })[] = [];
+
+beforeAll(async () => {
+  db = await startPostgres();
+  credential = fakeCredential('openai');
+  openai = await startOpenAIUpstream({ credential, streamChunks: 100, streamDelayMs: 50 });
+  brokers = await Promise.all(
+    [1, 2, 3].map(async () => {
+      const home = tempHome();
+      await addCredential(home, 'openai', 'openai', credential);
+      return serveTill(home, { env: { TILL_UPSTREAM_OPENAI: `${openai.url}/v1`, TILL_LEDGER: db.url } });
+    }),
+  );
+}, 60_000);
+afterAll(async () => {
+  await Promise.all(brokers.map((b) => b.close()));
+  await openai?.close();
+  db?.destroy();
+});
+
+/** Waits until every broker knows the key (a notification from the database tells them). */
+async function everywhere(id: string): Promise<void> {
+  for (const b of brokers) await waitFor(`broker to know key ${id}`, async () => (await b.key(id).catch(() => undefined)) !== undefined);
+}
+
+/** A small chat request through `broker`; its status and body. */
+function chat(broker: Broker, key: string, agent: http.Agent): Promise<{ status: number; body: string }> {
+  const u = new URL(broker.url);
+  const body = JSON.stringify({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }] });
+  return new Promise((resolve, reject) => {
+    const req = http.request(
+      {
+        host: u.hostname,
+        port: u.port,
+        method: 'POST',
+        path: '/openai/v1/chat/completions',
+        agent,
+        headers: { 'content-type': 'application/json', authorization: `Bearer ${key}`, 'content-length': Buffer.byteLength(body) },
+      },
+      (res) => {
+        let text = '';
+        res.on('data', (c: Buffer) => (text += c));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text }));
+      },
+    );
+    req.on('error', reject);
+    req.end(body);
+  });
+}
+
+describe('a team ledger on PostgreSQL, through till serve', () => {
+  it('lets exactly 100 of 900 parallel requests through three brokers use a key with 100 activations', async () => {
+    const k = await brokers[0]!.issue({ target: 'openai', uses: 100 });
+    await everywhere(k.id);
+    const before = openai.received.length;
+    const agents = brokers.map(() => new http.Agent({ keepAlive: true, maxSockets: 50 }));
+    try {
+      const answers = await Promise.all(brokers.flatMap((b, i) => Array.from({ length: 300 }, () => chat(b, k.key, agents[i]!))));
+      const ok = answers.filter((a) => a.status === 200);
+      expect(ok).toHaveLength(100);
+      expect(openai.received.length - before).toBe(100);
+      const refused = answers.filter((a) => a.status !== 200);
+      expect(new Set(refused.map((a) => a.status))).toEqual(new Set([429]));
+      expect(refused[0]!.body).toMatch(/100/);
+    } finally {
+      for (const a of agents) a.destroy();
+    }
+    // Every broker sees the key spent: 100 used, nothing held.
+    for (const b of brokers) {
+      await waitFor('the key to settle everywhere', async () => (await b.key(k.id)).used.activations === 100);
+      expect((await b.key(k.id)).state).toBe('exhausted');
+    }
+    expect(db.psql(`select used_activations, held_activations from till_keys where id = '${k.id}'`)).toBe('100|0');
+  });
+
+  it('ends a stream on broker 3 within a second of a revocation through broker 1', async () => {
+    const k = await brokers[0]!.issue({ target: 'openai' });
+    await everywhere(k.id);
+    const client = new OpenAI({ apiKey: k.key, baseURL: `${brokers[2]!.url}/openai/v1`, maxRetries: 0 });
+    const stream = await client.chat.completions.create({
+      model: 'gpt-4o-mini',
+      stream: true,
+      messages: [{ role: 'user', content: 'go' }],
+    });
+    let chunks = 0;
+    let revokedAt = 0;
+    let endedAt = 0;
+    try {
+      for await (const _ of stream) {
+        if (++chunks === 3) {
+          revokedAt = Date.now();
+          await brokers[0]!.revoke(k.id);
+        }
+      }
+    } catch {
+      // The broker ends the stream with an error event: the SDK throws.
+    }
+    endedAt = Date.now();
+    expect(revokedAt).toBeGreaterThan(0);
+    // 100 chunks 50 ms apart would take 5 s: it ended well before.
+    expect(chunks).toBeLessThan(30);
+    expect(endedAt - revokedAt).toBeLessThan(1_000);
+    expect((await brokers[2]!.key(k.id)).state).toBe('revoked');
+  });
+
+  it('answers 503 in the provider error shape while the database is down, and serves again when it is back', async () => {
+    const k = await brokers[0]!.issue({ target: 'openai', uses: 10 });
+    await everywhere(k.id);
+    const agent = new http.Agent({ keepAlive: false });
+    expect((await chat(brokers[1]!, k.key, agent)).status).toBe(200);
+    const before = openai.received.length;
+    db.stop();
+    try {
+      const down = await chat(brokers[1]!, k.key, agent);
+      expect(down.status).toBe(503);
+      expect(JSON.parse(down.body)).toMatchObject({
+        error: { message: expect.stringMatching(/team ledger \(PostgreSQL\) is unavailable/) },
+      });
+      expect(openai.received.length).toBe(before);
+    } finally {
+      db.start();
+    }
+    // No broker was restarted.
+    await waitFor('the brokers to serve again', async () => (await chat(brokers[1]!, k.key, agent)).status === 200);
+    await waitFor('the key to count both', async () => (await brokers[0]!.key(k.id)).used.activations === 2);
+    agent.destroy();
+  });
+
+  it('keeps the real credential out of the database and the logs', () => {
+    const dump = db.psql(`select coalesce(string_agg(record::text || policy::text, ''), '') from till_keys`);
+    expect(dump.length).toBeGreaterThan(0);
+    expect(dump).not.toContain(credential);
+    for (const b of brokers) {
+      expect(b.process.output()).not.toContain(credential);
+      // The database's password is not printed either: the broker names the database without it.
+      expect(b.process.output()).toContain('team ledger: postgres://till@127.0.0.1');
+      expect(b.process.output()).not.toContain(new URL(db.url).password);
+    }
+    expect(readFileSync(`${brokers[0]!.home}/ledger.jsonl`, { encoding: 'utf8', flag: 'a+' })).toBe('');
+  });
+});
