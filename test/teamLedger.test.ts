@@ -91,6 +91,57 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
     expect(db.psql(`select used_activations, held_activations from till_keys where id = '${k.id}'`)).toBe('100|0');
   });
 
+  it('never lets 600 parallel streams through three brokers bill more than $1 on a $1 key', async () => {
+    const up = await startOpenAIUpstream({ credential, streamChunks: 20, streamDelayMs: 5 });
+    const homes = await Promise.all(
+      [1, 2, 3].map(async () => {
+        const home = tempHome();
+        await addCredential(home, 'openai', 'openai', credential);
+        return serveTill(home, { env: { TILL_UPSTREAM_OPENAI: `${up.url}/v1`, TILL_LEDGER: db.url } });
+      }),
+    );
+    try {
+      const k = await homes[0]!.issue({ target: 'openai', maxSpend: 1 });
+      for (const b of homes)
+        await waitFor('the broker to know the key', async () => (await b.key(k.id).catch(() => undefined)) !== undefined);
+      const outcomes = await Promise.all(
+        homes.flatMap((b) =>
+          Array.from({ length: 200 }, async () => {
+            const client = new OpenAI({ apiKey: k.key, baseURL: `${b.url}/openai/v1`, maxRetries: 0 });
+            try {
+              const stream = await client.chat.completions.create({
+                model: 'gpt-4o',
+                stream: true,
+                max_tokens: 1000,
+                messages: [{ role: 'user', content: 'tell me everything' }],
+              });
+              for await (const _ of stream) void _;
+              return 'served';
+            } catch (err) {
+              return String((err as { status?: number }).status ?? (err as Error).message);
+            }
+          }),
+        ),
+      );
+      await waitFor('every stream to settle', async () => (await homes[0]!.key(k.id)).inFlight === 0 && up.inFlight() === 0);
+      // gpt-4o: $2.50 input, $10 output per million tokens, in micro-dollars.
+      const billed = Math.ceil(up.billed.inputTokens * 2.5 + up.billed.outputTokens * 10);
+      const counted = Number(db.psql(`select used_spend from till_keys where id = '${k.id}'`));
+      expect(billed).toBeLessThanOrEqual(1_000_000);
+      expect(counted).toBeLessThanOrEqual(1_000_000);
+      expect(Math.abs(counted - billed)).toBeLessThanOrEqual(Math.max(10, billed * 0.03));
+      const served = outcomes.filter((o) => o === 'served').length;
+      expect(served).toBeGreaterThan(0);
+      expect(outcomes.filter((o) => o !== 'served' && o !== '429')).toEqual([]);
+      console.log(
+        `team ledger, 600 streams on $1: ${served} served, billed $${(billed / 1e6).toFixed(4)}, counted $${(counted / 1e6).toFixed(4)}`,
+      );
+    } finally {
+      await Promise.all(homes.map((b) => b.close()));
+      await up.close();
+    }
+  });
+
   it('ends a stream on broker 3 within a second of a revocation through broker 1', async () => {
     const k = await brokers[0]!.issue({ target: 'openai' });
     await everywhere(k.id);
@@ -102,7 +153,6 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
     });
     let chunks = 0;
     let revokedAt = 0;
-    let endedAt = 0;
     try {
       for await (const _ of stream) {
         if (++chunks === 3) {
@@ -113,12 +163,50 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
     } catch {
       // The broker ends the stream with an error event: the SDK throws.
     }
-    endedAt = Date.now();
+    const endedAt = Date.now();
     expect(revokedAt).toBeGreaterThan(0);
     // 100 chunks 50 ms apart would take 5 s: it ended well before.
     expect(chunks).toBeLessThan(30);
     expect(endedAt - revokedAt).toBeLessThan(1_000);
     expect((await brokers[2]!.key(k.id)).state).toBe('revoked');
+  });
+
+  it("reclaims a broker's holds within their expiry when it is killed with streams open, and the key never overruns", async () => {
+    const home = tempHome();
+    await addCredential(home, 'openai', 'openai', credential);
+    const doomed = await serveTill(home, {
+      env: { TILL_UPSTREAM_OPENAI: `${openai.url}/v1`, TILL_LEDGER: db.url, TILL_LEDGER_HOLD_TTL_MS: '1000' },
+    });
+    const k = await brokers[0]!.issue({ target: 'openai', uses: 5 });
+    await waitFor('the new broker to know the key', async () => (await doomed.key(k.id).catch(() => undefined)) !== undefined);
+    const client = new OpenAI({ apiKey: k.key, baseURL: `${doomed.url}/openai/v1`, maxRetries: 0 });
+    const streams = await Promise.all(
+      [1, 2, 3].map(() =>
+        client.chat.completions.create({ model: 'gpt-4o-mini', stream: true, messages: [{ role: 'user', content: 'go' }] }),
+      ),
+    );
+    const reading = streams.map(async (s) => {
+      try {
+        for await (const _ of s) void _;
+        return 'ended';
+      } catch (err) {
+        return (err as Error).name;
+      }
+    });
+    expect(db.psql(`select held_activations from till_keys where id = '${k.id}'`)).toBe('3');
+    const killedAt = Date.now();
+    await doomed.close('kill');
+    // Its clients see the connection go (no clean end of the stream).
+    for (const r of await Promise.all(reading)) expect(r).not.toBe('ended');
+    // Reclaimed by the brokers still running, counted as spent: they may have reached the upstream.
+    await waitFor('the holds to be reclaimed', async () => db.psql(`select held_activations from till_keys where id = '${k.id}'`) === '0');
+    expect(Date.now() - killedAt).toBeLessThan(3_000);
+    expect(db.psql(`select used_activations from till_keys where id = '${k.id}'`)).toBe('3');
+    // What is left is still usable, and no more.
+    const agent = new http.Agent({ keepAlive: false });
+    const answers = await Promise.all([1, 2, 3, 4].map((i) => chat(brokers[i % 3]!, k.key, agent)));
+    expect(answers.filter((a) => a.status === 200)).toHaveLength(2);
+    agent.destroy();
   });
 
   it('answers 503 in the provider error shape while the database is down, and serves again when it is back', async () => {

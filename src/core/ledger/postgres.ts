@@ -56,7 +56,8 @@ create table if not exists till_keys (
   tok_input bigint not null default 0, tok_output bigint not null default 0,
   tok_cached bigint not null default 0, tok_reasoning bigint not null default 0,
   estimated_spend bigint not null default 0, unpriced bigint not null default 0,
-  revoked_at bigint
+  revoked_at bigint,
+  v bigint not null default 0
 );
 create table if not exists till_holds (
   id bigserial primary key,
@@ -65,13 +66,38 @@ create table if not exists till_holds (
   activations bigint not null, tokens bigint not null, spend bigint not null,
   expires_at timestamptz not null
 );
+alter table till_keys add column if not exists v bigint not null default 0;
 create index if not exists till_holds_expiry on till_holds (expires_at);
 create index if not exists till_holds_broker on till_holds (broker);
 `;
 
 // The columns a key's row is read with.
-const KEY_COLUMNS = `id, record, policy, used_activations, used_tokens, used_spend, held_activations, held_tokens, held_spend,
-  tok_input, tok_output, tok_cached, tok_reasoning, estimated_spend, unpriced, revoked_at`;
+const COUNTER_COLUMNS = [
+  'id',
+  'v',
+  'used_activations',
+  'used_tokens',
+  'used_spend',
+  'held_activations',
+  'held_tokens',
+  'held_spend',
+  'tok_input',
+  'tok_output',
+  'tok_cached',
+  'tok_reasoning',
+  'estimated_spend',
+  'unpriced',
+  'revoked_at',
+];
+const KEY_COLUMNS = `record, policy, ${COUNTER_COLUMNS.join(', ')}`;
+
+/**
+ * The statement's row of the key, and a notification of its counters to every broker (in the
+ * same statement: no round trip of its own). Counters only, so the payload stays far below
+ * PostgreSQL's 8,000 bytes whatever the key's label and policy.
+ */
+const RETURN_AND_TELL = `select ${KEY_COLUMNS.replace(/(\w+)/g, 't.$1')},
+  pg_notify('till_use', json_build_object(${COUNTER_COLUMNS.map((c) => `'${c}', t.${c}`).join(', ')})::text) from t`;
 
 /** A limit clause: the meter fits when it is unlimited, not asked for, or used + held + wanted is within the limit. */
 const fits = (meter: Meter, wanted: string) =>
@@ -79,7 +105,8 @@ const fits = (meter: Meter, wanted: string) =>
 
 // $1 key, $2..$4 activations/tokens/spend, $5 broker, $6 ttl ms.
 const HOLD = `with k as (
-  update till_keys set held_activations = held_activations + $2, held_tokens = held_tokens + $3, held_spend = held_spend + $4
+  update till_keys set held_activations = held_activations + $2, held_tokens = held_tokens + $3, held_spend = held_spend + $4,
+    v = v + 1
   where id = $1 and revoked_at is null and ${fits('activations', '$2')} and ${fits('tokens', '$3')} and ${fits('spend', '$4')}
   returning id, held_activations, held_tokens, held_spend)
 insert into till_holds (key_id, broker, activations, tokens, spend, expires_at)
@@ -90,7 +117,7 @@ insert into till_holds (key_id, broker, activations, tokens, spend, expires_at)
 const RESIZE = `with h as (select id, key_id, activations, tokens, spend from till_holds where id = $1 and broker = $5 for update),
 k as (
   update till_keys t set held_activations = held_activations + ($2 - h.activations), held_tokens = held_tokens + ($3 - h.tokens),
-    held_spend = held_spend + ($4 - h.spend)
+    held_spend = held_spend + ($4 - h.spend), v = v + 1
   from h where t.id = h.key_id
     and ${fits('activations', '($2 - h.activations)')} and ${fits('tokens', '($3 - h.tokens)')} and ${fits('spend', '($4 - h.spend)')}
   returning t.id, t.held_activations, t.held_tokens, t.held_spend),
@@ -100,26 +127,26 @@ select (select count(*) from h) as found, (select count(*) from u) as changed,
   (select held_activations from k) as ha, (select held_tokens from k) as ht, (select held_spend from k) as hs`;
 
 // $1 hold, $2 broker, $3..$5 used, $6..$9 tokens by kind, $10 estimated spend, $11 unpriced (0/1).
-const SETTLE = `with h as (delete from till_holds where id = $1 and broker = $2 returning key_id, activations, tokens, spend)
-update till_keys t set held_activations = held_activations - h.activations, held_tokens = held_tokens - h.tokens,
+const SETTLE = `with h as (delete from till_holds where id = $1 and broker = $2 returning key_id, activations, tokens, spend),
+t as (update till_keys t set v = v + 1, held_activations = held_activations - h.activations, held_tokens = held_tokens - h.tokens,
   held_spend = held_spend - h.spend,
   used_activations = used_activations + $3, used_tokens = used_tokens + $4, used_spend = used_spend + $5,
   tok_input = tok_input + $6, tok_output = tok_output + $7, tok_cached = tok_cached + $8, tok_reasoning = tok_reasoning + $9,
   estimated_spend = estimated_spend + $10, unpriced = unpriced + $11
-from h where t.id = h.key_id
-returning ${KEY_COLUMNS.replace(/(\w+)/g, 't.$1')}`;
+from h where t.id = h.key_id returning t.*)
+${RETURN_AND_TELL}`;
 
-const RELEASE = `with h as (delete from till_holds where id = $1 and broker = $2 returning key_id, activations, tokens, spend)
-update till_keys t set held_activations = held_activations - h.activations, held_tokens = held_tokens - h.tokens,
-  held_spend = held_spend - h.spend
-from h where t.id = h.key_id
-returning ${KEY_COLUMNS.replace(/(\w+)/g, 't.$1')}`;
+const RELEASE = `with h as (delete from till_holds where id = $1 and broker = $2 returning key_id, activations, tokens, spend),
+t as (update till_keys t set held_activations = held_activations - h.activations, held_tokens = held_tokens - h.tokens,
+  held_spend = held_spend - h.spend, v = v + 1
+from h where t.id = h.key_id returning t.*)
+${RETURN_AND_TELL}`;
 
 // Expired holds (their broker stopped renewing them) count as spent, at what they held.
 const RECLAIM = `with h as (delete from till_holds where expires_at < now() returning key_id, activations, tokens, spend),
 s as (select key_id, sum(activations) as a, sum(tokens) as t, sum(spend) as s from h group by key_id)
 update till_keys k set held_activations = held_activations - s.a, held_tokens = held_tokens - s.t, held_spend = held_spend - s.s,
-  used_activations = used_activations + s.a, used_tokens = used_tokens + s.t, used_spend = used_spend + s.s
+  used_activations = used_activations + s.a, used_tokens = used_tokens + s.t, used_spend = used_spend + s.s, v = v + 1
 from s where k.id = s.key_id returning k.id`;
 
 const RENEW = `update till_holds set expires_at = now() + $2 * interval '1 millisecond' where broker = $1`;
@@ -133,10 +160,10 @@ function meters(amounts: Amounts): [number, number, number] {
   return [Math.ceil(amounts.activations ?? 0), Math.ceil(amounts.tokens ?? 0), Math.ceil(amounts.spend ?? 0)];
 }
 
-/** A key's row as the record the broker works with. */
-function recordOf(row: Row): { key: KeyRecord; held: Amounts } {
-  const stored = row.record as Omit<KeyRecord, 'policy' | 'used'>;
-  const key: KeyRecord = { ...stored, policy: row.policy as Policy, used: {} };
+/** A key's row (or its counters, with the record known before) as the record the broker works with. */
+function recordOf(row: Row, known: KeyRecord | undefined): { key: KeyRecord; held: Amounts } {
+  const stored = (row.record ?? storedPart(known!)) as Omit<KeyRecord, 'policy' | 'used'>;
+  const key: KeyRecord = { ...stored, policy: row.policy ?? known!.policy, used: {} };
   const held: Amounts = {};
   for (const meter of METERS) {
     const used = num(row[`used_${meter}`]);
@@ -185,6 +212,8 @@ export class PostgresLedger implements KeyLedger {
   readonly shared = true;
   private readonly keysById = new Map<string, KeyRecord>();
   private readonly heldByKey = new Map<string, Amounts>();
+  /** The row version (`v`) of each key as last kept. */
+  private readonly versions = new Map<string, number>();
   private readonly listeners = new Set<(key: KeyRecord) => void>();
   private listener: pg.Client | undefined;
   private timer: NodeJS.Timeout | undefined;
@@ -232,7 +261,8 @@ export class PostgresLedger implements KeyLedger {
       await pool.end().catch(() => undefined);
       throw new LedgerUnavailableError(err);
     }
-    ledger.timer = setInterval(() => void ledger.maintain(), Math.max(50, Math.floor(ledger.holdTtlMs / 3)));
+    // At least every second: expired holds of a dead broker are reclaimed within a second of their expiry.
+    ledger.timer = setInterval(() => void ledger.maintain(), Math.max(50, Math.min(1_000, Math.floor(ledger.holdTtlMs / 3))));
     ledger.timer.unref();
     return ledger;
   }
@@ -268,7 +298,7 @@ export class PostgresLedger implements KeyLedger {
 
   async updatePolicy(id: string, policy: Policy): Promise<void> {
     const rows = await this.query(
-      `update till_keys set policy = $2, lim_activations = $3, lim_tokens = $4, lim_spend = $5 where id = $1 returning ${KEY_COLUMNS}`,
+      `update till_keys set policy = $2, lim_activations = $3, lim_tokens = $4, lim_spend = $5, v = v + 1 where id = $1 returning ${KEY_COLUMNS}`,
       [id, policy, ...limitColumns(policy)],
     );
     if (!rows[0]) throw new Error(`unknown key ${id}`);
@@ -278,10 +308,10 @@ export class PostgresLedger implements KeyLedger {
 
   /** Revokes a key on every broker. False when it was already revoked or is unknown. */
   async revoke(id: string, at = Date.now()): Promise<boolean> {
-    const rows = await this.query(`update till_keys set revoked_at = $2 where id = $1 and revoked_at is null returning ${KEY_COLUMNS}`, [
-      id,
-      at,
-    ]);
+    const rows = await this.query(
+      `update till_keys set revoked_at = $2, v = v + 1 where id = $1 and revoked_at is null returning ${KEY_COLUMNS}`,
+      [id, at],
+    );
     if (!rows[0]) return false;
     this.take(rows[0]);
     await this.notify(id);
@@ -418,7 +448,7 @@ export class PostgresLedger implements KeyLedger {
     const rows = await this.query(`select ${KEY_COLUMNS}, lim_activations, lim_tokens, lim_spend from till_keys where id = $1`, [keyId]);
     const row = rows[0];
     if (!row) throw new Error(`unknown key ${keyId}`);
-    const { held } = this.take(row);
+    const { held } = this.take(row)!;
     for (const meter of METERS) {
       const limit = row[`lim_${meter}`];
       const wanted = amounts[meter] ?? 0;
@@ -431,9 +461,23 @@ export class PostgresLedger implements KeyLedger {
     return { meter, limit: num(row[`lim_${meter}`]), used: num(row[`used_${meter}`]), reserved: held[meter] ?? 0 };
   }
 
-  private take(row: Row): { key: KeyRecord; held: Amounts } {
-    const taken = recordOf(row);
-    const known = this.keysById.get(taken.key.id);
+  /**
+   * Keeps a key's row (or counters) when it is newer than what this broker has seen: statements'
+   * results and other brokers' notifications can arrive out of order.
+   */
+  private take(row: Row): { key: KeyRecord; held: Amounts } | undefined {
+    const id = String(row.id);
+    let known = this.keysById.get(id);
+    const version = num(row.v);
+    if (known && (this.versions.get(id) ?? -1) > version) return { key: known, held: this.reserved(id) };
+    if (!known && row.record === undefined) {
+      // Counters of a key this broker has not seen yet: read it whole.
+      void this.refresh(id).catch(() => undefined);
+      return undefined;
+    }
+    this.versions.set(id, version);
+    const taken = recordOf(row, known);
+    known = this.keysById.get(taken.key.id);
     // Keep the object the broker holds (its requests refer to it): update it in place.
     if (known) {
       for (const field of Object.keys(known) as (keyof KeyRecord)[]) if (!(field in taken.key)) delete known[field];
@@ -443,14 +487,23 @@ export class PostgresLedger implements KeyLedger {
     return taken;
   }
 
-  private async reload(): Promise<void> {
-    for (const row of await this.query(`select ${KEY_COLUMNS} from till_keys`, [])) this.take(row);
+  /** Reads every key; `tell`: after the notifications were away, announce what changed meanwhile. */
+  private async reload(tell = false): Promise<void> {
+    for (const row of await this.query(`select ${KEY_COLUMNS} from till_keys`, [])) {
+      const before = this.keysById.get(String(row.id));
+      const revokedBefore = before?.revokedAt;
+      const policyBefore = JSON.stringify(before?.policy);
+      const key = this.take(row)?.key;
+      if (!tell || !key) continue;
+      if (!before || key.revokedAt !== revokedBefore || JSON.stringify(key.policy) !== policyBefore)
+        for (const listener of this.listeners) listener(key);
+    }
   }
 
   private async refresh(id: string): Promise<KeyRecord | undefined> {
     const rows = await this.query(`select ${KEY_COLUMNS} from till_keys where id = $1`, [id]);
     if (!rows[0]) return undefined;
-    return this.take(rows[0]).key;
+    return this.take(rows[0])?.key;
   }
 
   private async notify(id: string): Promise<void> {
@@ -463,6 +516,7 @@ export class PostgresLedger implements KeyLedger {
     client.on('error', () => undefined);
     client.on('notification', (message) => {
       if (!message.payload) return;
+      if (message.channel === 'till_use') return this.heardUse(message.payload);
       void this.refresh(message.payload).then(
         (key) => {
           if (key) for (const listener of this.listeners) listener(key);
@@ -476,13 +530,22 @@ export class PostgresLedger implements KeyLedger {
       const retry = () => {
         if (this.closed) return;
         this.listen()
-          .then(() => this.reload())
+          .then(() => this.reload(true))
           .catch(() => setTimeout(retry, 500).unref());
       };
       setTimeout(retry, 200).unref();
     });
     await client.connect();
-    await client.query('listen till_keys');
+    await client.query('listen till_keys; listen till_use');
     this.listener = client;
+  }
+
+  /** Another broker (or this one) settled or released a hold: the key's counters, as JSON. */
+  private heardUse(payload: string): void {
+    try {
+      this.take(JSON.parse(payload) as Row);
+    } catch {
+      // Not ours to read: a notification on the channel from something else.
+    }
   }
 }
