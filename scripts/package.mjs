@@ -54,9 +54,12 @@ const BUNDLES = ['dist/extension.js', 'dist/till.js', 'dist/webview.js'];
 /** Data the bundles read at run time: the tokenizer's rank file (esbuild.mjs copies it). */
 const DATA = ['dist/tokenizers/o200k_base.tiktoken'];
 const DOCS = ['README.md', 'CHANGELOG.md', 'LICENSE'];
-/** Bare imports a bundle may leave to run time: vscode, the keychain binding, ws's optional speedups. */
+/**
+ * Bare imports a bundle may leave to run time: vscode, the keychain binding, ws's optional speedups,
+ * pg's optional native client (loaded only when `pg.native` is asked for, which Till never does).
+ */
 const EXTERNAL_OK = new Set(['vscode', KEYRING, `${KEYRING}-win32-x64-msvc`]);
-const EXTERNAL_OPTIONAL = new Set(['bufferutil', 'utf-8-validate']);
+const EXTERNAL_OPTIONAL = new Set(['bufferutil', 'utf-8-validate', 'pg-native']);
 
 const say = (msg) => console.log(`[package] ${msg}`);
 const fail = (msg) => {

@@ -92,7 +92,9 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
   });
 
   it('never lets 600 parallel streams through three brokers bill more than $1 on a $1 key', async () => {
-    const up = await startOpenAIUpstream({ credential, streamChunks: 20, streamDelayMs: 5 });
+    // Each stream would produce 1,500 tokens ($0.015 at gpt-4o's $10 per million): their holds
+    // start at a slice and grow as they go, each growth checked in the database.
+    const up = await startOpenAIUpstream({ credential, streamChunks: 1500, streamDelayMs: 2, afterDisconnectTokens: 50 });
     const homes = await Promise.all(
       [1, 2, 3].map(async () => {
         const home = tempHome();
@@ -112,7 +114,7 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
               const stream = await client.chat.completions.create({
                 model: 'gpt-4o',
                 stream: true,
-                max_tokens: 1000,
+                max_tokens: 3000,
                 messages: [{ role: 'user', content: 'tell me everything' }],
               });
               for await (const _ of stream) void _;
@@ -130,11 +132,11 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
       expect(billed).toBeLessThanOrEqual(1_000_000);
       expect(counted).toBeLessThanOrEqual(1_000_000);
       expect(Math.abs(counted - billed)).toBeLessThanOrEqual(Math.max(10, billed * 0.03));
+      expect(billed).toBeGreaterThan(0);
       const served = outcomes.filter((o) => o === 'served').length;
-      expect(served).toBeGreaterThan(0);
-      expect(outcomes.filter((o) => o !== 'served' && o !== '429')).toEqual([]);
+      const refused = outcomes.filter((o) => o === '429').length;
       console.log(
-        `team ledger, 600 streams on $1: ${served} served, billed $${(billed / 1e6).toFixed(4)}, counted $${(counted / 1e6).toFixed(4)}`,
+        `team ledger, 600 streams on $1: ${served} served whole, ${refused} refused, ${600 - served - refused} cut; billed $${(billed / 1e6).toFixed(4)}, counted $${(counted / 1e6).toFixed(4)}`,
       );
     } finally {
       await Promise.all(homes.map((b) => b.close()));

@@ -126,11 +126,6 @@ export interface HoldRequest {
   knownContext?: (id: string) => number | undefined;
   /** Tokens of context the upstream adds that the caller already knows (a WebSocket's conversation). */
   carriedContext?: number;
-  /**
-   * Hold a stream's whole ceiling at once rather than a slice that grows: a team ledger's growth
-   * waits a round trip to its database, during which the stream would run past its hold.
-   */
-  heldWhole?: boolean;
 }
 
 /** What a hold is made of, and how to reprice it as the request goes. */
@@ -450,7 +445,7 @@ export function planHold(req: HoldRequest, policy: Policy, remaining: Amounts, h
   const ceiling = embeddings ? 0 : ceilingPerChoice * n;
   const fits = a.perChoice === Infinity ? Infinity : a.perChoice * n;
   const slice = Math.min(OUTPUT_SLICE, Math.max(MIN_SLICE, Math.floor(fits / 32)));
-  const heldOutput = req.stream && !req.heldWhole ? Math.min(ceiling, slice) : ceiling;
+  const heldOutput = req.stream ? Math.min(ceiling, slice) : ceiling;
   // A stream held in slices is settled by counting its text if it is cut (cutUsage). Loading the
   // tokenizer takes this one thread some 50 ms (more on a busy machine): done at the first cut,
   // it would leave every other stream unread and unchecked that long, generating past its hold.

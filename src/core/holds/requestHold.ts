@@ -49,7 +49,6 @@ export function takeRequestHold(
   if (request) {
     // Set, not spread into a copy with a new closure: this runs for every billable request.
     request.knownContext = c.conversations.get;
-    if (c.keys.shared) request.heldWhole = true;
     const planned = planHold(request, key.policy, c.keys.remaining(key), c.keys.heldFor(key), c.prices);
     if (isDenial(planned)) return planned;
     plan = planned;
@@ -70,5 +69,5 @@ function started(c: HoldContext, info: RequestInfo, plan: HoldPlan | undefined, 
     started.basis = plan.input.basis;
   }
   c.events.emit(started);
-  return { plan, hold, streamHold: limited && plan.stream ? new StreamHold(plan, hold) : undefined };
+  return { plan, hold, streamHold: limited && plan.stream ? new StreamHold(plan, hold, c.keys.shared) : undefined };
 }

@@ -30,6 +30,15 @@
  * stream settles at what it produced (reported, or counted from its text) plus AFTER_CUT_TOKENS
  * (50, holds/plan.ts), marked estimated: the best estimate of the bill, where the margin is its bound.
  *
+ * On a team ledger (ledger/postgres.ts) a growth answers after a round trip to the database, so
+ * the hold grows ahead: a growth starts once what the stream needs comes within half a slice of
+ * what it holds, and the stream goes on meanwhile. The slice (at least 128 tokens) is far more
+ * than a stream produces in one round trip (a few milliseconds); should a stream outrun it anyway
+ * (a burst), it goes on while the hold still covers what was seen (only the margin is thinner
+ * until the growth lands), and is cut the moment it does not.
+ * A growth refused (the key cannot cover it) is tried again at exactly what is needed; refused
+ * again, the stream is cut once it needs more than it holds.
+ *
  * Server-side tool calls (a web search) bill a fee and their results as input. A tool whose calls
  * the request limits is held for all of them from the start; one whose calls are not limited is
  * held for one call ahead of those the stream has started: a call starts upstream before Till
@@ -42,7 +51,7 @@ import { growthRefusal, type Hold } from '../keys/keys';
 import type { HoldRefusal } from '../ledger/ledger';
 import type { Usage } from '../metering/usage';
 import { costAt, ratesFor } from '../metering/pricing';
-import { MICROS } from '../policy/policy';
+import { MICROS, type Amounts } from '../policy/policy';
 import { recentLoopLagMs } from './loopLag';
 
 /** How often a stream that may produce hidden output is re-checked between chunks. */
@@ -53,6 +62,15 @@ export const TICK_MS = 250;
  * is descheduled, or collects garbage, without warning.
  */
 export const LATE_FLOOR_MS = 100;
+
+/** The denial that ends a stream whose hold could not be changed because the team ledger's database is away. */
+function ledgerAwayDenial(err: unknown): Denial {
+  return {
+    status: 503,
+    code: 'ledger_unavailable',
+    message: `the stream was ended: Till could not check this key's limits (${err instanceof Error ? err.message : String(err)})`,
+  };
+}
 
 /** What follows a stream needs from the stream: what arrived so far. */
 export interface StreamProgress {
@@ -81,9 +99,16 @@ export class StreamHold {
   private lastBound = 0;
   private largestStep = 0;
 
+  /** A team ledger's growth on its way (see the top of this file). */
+  private growing = false;
+  /** The team ledger refused to grow the hold: the stream is cut when it needs more. */
+  private refusedGrowth: HoldRefusal | undefined;
+
   constructor(
     private readonly plan: HoldPlan,
     private readonly hold: Hold,
+    /** The hold is on a team ledger: changes answer after a round trip. */
+    private readonly shared = false,
   ) {
     this.calls = plan.tools.map((t) => t.held);
     const results = this.resultTokens(this.calls);
@@ -106,6 +131,7 @@ export class StreamHold {
     const needed = Math.min(this.plan.output.ceiling, bound + this.margin(bound));
     const calls = this.callsFor(progress.toolCalls, 1);
     const callsGrow = calls.some((n, i) => n > this.calls[i]!);
+    if (this.shared) return this.followAhead(bound, needed, calls, callsGrow);
     if (needed <= this.held && !callsGrow) {
       if (this.inputShrank) this.resize(this.held, this.calls);
       return undefined;
@@ -123,6 +149,52 @@ export class StreamHold {
       callsGrow
         ? 'the stream was ended: the key cannot cover another server-side tool call'
         : 'the stream was ended: the key cannot cover what it may produce next',
+    );
+  }
+
+  /** {@link follow} on a team ledger: grows ahead, asynchronously; cuts once a refused growth is needed. */
+  private followAhead(bound: number, needed: number, calls: number[], callsGrow: boolean): Denial | undefined {
+    if (needed > this.held && this.refusedGrowth) {
+      return growthRefusal(this.refusedGrowth, 'the stream was ended: the key cannot cover what it may produce next');
+    }
+    // Outran its hold while a growth was on its way: what was seen is no longer covered. Cut now.
+    if (bound > this.held) {
+      return {
+        status: 429,
+        code: 'exhausted',
+        message: 'the stream was ended: it produced more than its hold before the team ledger could grow it',
+      };
+    }
+    const ceiling = this.plan.output.ceiling;
+    const near = needed + Math.floor(this.plan.output.slice / 2) > this.held && this.held < ceiling;
+    if (this.growing || this.refusedGrowth || (!near && !callsGrow)) return undefined;
+    const target = Math.min(ceiling, Math.max(needed, this.held + this.plan.output.slice));
+    this.growTo(target, calls, needed);
+    return undefined;
+  }
+
+  /** Asks the team ledger for `output` tokens and `calls`; refused, for `fallback` (what was needed) once more. */
+  private growTo(output: number, calls: number[], fallback: number): void {
+    this.growing = true;
+    const answer = this.hold.resize(this.amountsFor(output, calls));
+    void Promise.resolve(answer).then(
+      (refused) => {
+        this.growing = false;
+        if (!refused) {
+          this.held = Math.max(this.held, output);
+          this.calls = calls;
+          return;
+        }
+        if (fallback > this.held && fallback < output) return this.growTo(fallback, calls, fallback);
+        this.refusedGrowth = refused;
+        if (calls.some((n, i) => n > this.calls[i]!)) {
+          this.lateDenial ??= growthRefusal(refused, 'the stream was ended: the key cannot cover another server-side tool call');
+        }
+      },
+      (err: unknown) => {
+        this.growing = false;
+        this.lateDenial ??= ledgerAwayDenial(err);
+      },
     );
   }
 
@@ -192,29 +264,19 @@ export class StreamHold {
   /** A team ledger's refusal of a change, which ends the stream at the next check. */
   private lateDenial: Denial | undefined;
 
-  /** Holds `output` tokens and `calls` from now on; the meter that is short when the key cannot cover it. */
-  private resize(output: number, calls: number[]): HoldRefusal | undefined {
+  /** What the hold must be to cover `output` tokens and `calls`, at the stream's input and rates now. */
+  private amountsFor(output: number, calls: number[]): Amounts {
     const results = this.resultTokens(calls);
     const pricing = { meters: this.plan.meters, outputRate: this.outputRate, feesMicros: this.otherFees + this.toolFees(calls) };
-    const refused = this.hold.resize(
-      holdAmounts(pricing, this.input + results, this.inputMicros + Math.ceil(results * this.plan.inputRate), output),
-    );
+    return holdAmounts(pricing, this.input + results, this.inputMicros + Math.ceil(results * this.plan.inputRate), output);
+  }
+
+  /** Holds `output` tokens and `calls` from now on; the meter that is short when the key cannot cover it. */
+  private resize(output: number, calls: number[]): HoldRefusal | undefined {
+    const refused = this.hold.resize(this.amountsFor(output, calls));
     if (refused instanceof Promise) {
-      // A team ledger holds a stream's whole output at once (plan.ts heldWhole): what changes
-      // here is its input (a shrink) and server-side tool calls. The change counts at once; a
-      // refusal, or a database that is away, ends the stream at the next check.
-      void refused.then(
-        (r) => {
-          if (r) this.lateDenial ??= growthRefusal(r, 'the stream was ended: the key cannot cover another server-side tool call');
-        },
-        (err: unknown) => {
-          this.lateDenial ??= {
-            status: 503,
-            code: 'ledger_unavailable',
-            message: `the stream was ended: Till could not check this key's limits (${err instanceof Error ? err.message : String(err)})`,
-          };
-        },
-      );
+      // A team ledger: a shrink of its input (reported by the upstream). It cannot be refused.
+      void refused.catch(() => undefined);
     } else if (refused) return refused;
     this.held = output;
     this.calls = calls;
