@@ -5,8 +5,67 @@
  * was acknowledged survives a crash; a hold open at a crash counts as spent.
  */
 import type { Maybe } from '../maybe';
-import type { Amounts, Policy } from '../policy/policy';
-import type { HoldRefusal, KeyRecord, LedgerHold, SettleDetails } from './ledger';
+import type { Amounts, Meter, Policy } from '../policy/policy';
+
+/** A till key as stored. Never holds the key itself, only its hash. */
+export interface KeyRecord {
+  id: string;
+  hash: string;
+  label: string;
+  provider: string;
+  /** Name of the credential the key is bound to. */
+  credential: string;
+  createdAt: number;
+  /** Who asked for the key (`vscode:<session>`, `cli`, …). */
+  owner?: string;
+  policy: Policy;
+  revokedAt?: number;
+  /** Spent amounts, settled from finished requests. */
+  used: Amounts;
+  /** Tokens by kind, from the upstreams' usage reports (or estimates). */
+  tokens?: TokenCounts;
+  /** The part of `used.spend` (micro-dollars) that was estimated, not reported. */
+  estimatedSpend?: number;
+  /** Settled requests to a model without a price: their tokens are counted, their dollars unknown. */
+  unpriced?: number;
+  /** Tied to the life of the process that holds its lease (`till exec`): see leases.ts. */
+  leased?: true;
+}
+
+/** Tokens by kind. Input includes cached; output includes reasoning. */
+export interface TokenCounts {
+  input: number;
+  output: number;
+  cached: number;
+  reasoning: number;
+}
+
+/** What a settled request adds to a key besides its meters. */
+export interface SettleDetails {
+  tokens?: TokenCounts;
+  /** The spend was estimated (an interrupted stream with no usage report). */
+  estimated?: boolean;
+  /** The model has no price: the request's dollars are unknown (not zero). */
+  unpriced?: boolean;
+}
+
+/**
+ * A hold on part of a key's limits for one request in flight: the object the ledger keeps while
+ * it is open, so its amounts are what it holds now (changed only by {@link Ledger.adjust}).
+ */
+export interface LedgerHold {
+  readonly id: number;
+  readonly keyId: string;
+  amounts: Amounts;
+}
+
+/** Why a hold was refused: the meter, and how much is used and held. */
+export interface HoldRefusal {
+  meter: Meter;
+  limit: number;
+  used: number;
+  reserved: number;
+}
 
 export interface KeyLedger {
   /** The keys, as last seen (a shared ledger's other brokers' changes arrive by notification). */

@@ -24,8 +24,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import pg from 'pg';
-import type { KeyLedger } from './keyLedger';
-import type { HoldRefusal, KeyRecord, LedgerHold, SettleDetails, TokenCounts } from './ledger';
+import type { HoldRefusal, KeyLedger, KeyRecord, LedgerHold, SettleDetails, TokenCounts } from './keyLedger';
 import { limitsOf, METERS, type Amounts, type Meter, type Policy } from '../policy/policy';
 
 export interface PostgresLedgerOptions {
