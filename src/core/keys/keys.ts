@@ -118,7 +118,7 @@ export class TillKeys {
     this.unsubscribe = ledger.onKeyChanged?.((key) => this.changedElsewhere(key));
   }
 
-  /** True when holds answer after a round trip (a team ledger): streams are then held whole. */
+  /** True when holds answer after a round trip (a team ledger): streams then grow their holds ahead (streamHold.ts). */
   get shared(): boolean {
     return this.ledger.shared === true;
   }

@@ -86,7 +86,7 @@ export interface KeyLedger {
   whenDurable(then: () => void): void;
   /** Keys changed elsewhere (another broker revoked or extended one). Only a shared ledger has them. */
   onKeyChanged?(listener: (key: KeyRecord) => void): () => void;
-  /** True when holds are answered after a round trip: streams are held whole rather than grown in slices. */
+  /** True when holds are answered after a round trip: streams grow their holds ahead (streamHold.ts). */
   readonly shared?: boolean;
   close(): Maybe<void>;
 }
