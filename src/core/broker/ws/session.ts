@@ -464,24 +464,19 @@ export class Session implements DialectSession {
   private startTurn(turn: Turn, request: HoldRequest, taken: TakenHold | Denial): HoldPlan | Denial {
     if (isDenial(taken)) return taken;
     if (turn.early) {
-      // Already running (or ended) before its hold arrived: it reached the upstream; one that
-      // ended is settled at once at what it holds (its usage was settled without a hold).
+      // Running before its hold arrived (the upstream started it): it reached the upstream. One
+      // that already ended, its usage come before its hold, is settled at what the hold holds.
       taken.hold.reachedUpstream();
       if (!this.turns.includes(turn)) {
         taken.hold.settle();
         return taken.plan!;
       }
-      turn.hold = taken.hold;
-      turn.plan = taken.plan;
-      turn.streamHold = taken.streamHold;
-      turn.request = { model: request.model, format: request.format, json: request.json, bodyBytes: request.bodyBytes };
-      return taken.plan!;
     }
     turn.hold = taken.hold;
     turn.plan = taken.plan;
     turn.streamHold = taken.streamHold;
     turn.request = { model: request.model, format: request.format, json: request.json, bodyBytes: request.bodyBytes };
-    this.turns.push(turn);
+    if (!turn.early) this.turns.push(turn);
     return taken.plan!;
   }
 
