@@ -6,6 +6,7 @@
 import * as http from 'node:http';
 import { readFileSync } from 'node:fs';
 import OpenAI from 'openai';
+import WebSocket from 'ws';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { serveTill, type Broker } from './support/served';
 import { startPostgres, type TestPostgres } from './support/postgres';
@@ -140,6 +141,39 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
       );
     } finally {
       await Promise.all(homes.map((b) => b.close()));
+      await up.close();
+    }
+  });
+
+  it('keeps WebSocket turns in order while their holds go to the database, and refuses the one past the limit', async () => {
+    const up = await startOpenAIUpstream({ credential, websocket: true });
+    const home = tempHome();
+    await addCredential(home, 'openai', 'openai', credential);
+    const b = await serveTill(home, { env: { TILL_UPSTREAM_OPENAI: `${up.url}/v1`, TILL_LEDGER: db.url } });
+    try {
+      const k = await b.issue({ target: 'openai', uses: 2 });
+      const ws = new WebSocket(`${b.url.replace(/^http/, 'ws')}/openai/v1/responses`, { headers: { authorization: `Bearer ${k.key}` } });
+      const received: { type?: string; error?: { message?: string } }[] = [];
+      ws.on('message', (data: Buffer) => received.push(JSON.parse(data.toString()) as (typeof received)[number]));
+      await new Promise((r, j) => {
+        ws.once('open', r);
+        ws.once('error', j);
+      });
+      // Three turns sent at once: each waits for the one before it, as a local ledger keeps them.
+      for (const input of ['first', 'second', 'third']) ws.send(JSON.stringify({ type: 'response.create', model: 'gpt-4o-mini', input }));
+      await waitFor('the third turn to be refused', async () => received.some((m) => m.type === 'error'));
+      await waitFor('two turns upstream', async () => up.socketMessages.length >= 2);
+      // The first two reached the upstream, in the order sent; the third was refused by the limit.
+      const sent = up.socketMessages.filter((m) => m.type === 'response.create').map((m) => m.input);
+      expect(sent).toEqual(['first', 'second']);
+      expect(received.find((m) => m.type === 'error')?.error?.message).toMatch(/of 2 activations/);
+      ws.close();
+      await waitFor(
+        'both turns to settle',
+        async () => db.psql(`select used_activations, held_activations from till_keys where id = '${k.id}'`) === '2|0',
+      );
+    } finally {
+      await b.close();
       await up.close();
     }
   });
