@@ -32,10 +32,21 @@ beforeAll(async () => {
   );
 }, 60_000);
 afterAll(async () => {
-  await Promise.all(brokers.map((b) => b.close()));
+  // A broker that does not exit within 15 s of SIGTERM (a connection left open keeps it alive)
+  // is killed, and the suite fails naming it.
+  const hung: string[] = [];
+  await Promise.all(
+    brokers.map(async (b) => {
+      const stopped = await Promise.race([b.close().then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 15_000))]);
+      if (stopped) return;
+      hung.push(`${b.url}: ${b.process.output().slice(-500)}`);
+      await b.close('kill');
+    }),
+  );
   await openai?.close();
   db?.destroy();
-});
+  if (hung.length > 0) throw new Error(`till serve did not stop on SIGTERM:\n${hung.join('\n')}`);
+}, 60_000);
 
 /** Waits until every broker knows the key (a notification from the database tells them). */
 async function everywhere(id: string): Promise<void> {

@@ -523,6 +523,18 @@ export class PostgresLedger implements KeyLedger {
         () => undefined,
       );
     });
+    try {
+      await client.connect();
+      // Closed while this connection was being made (a reconnection after an outage): it must
+      // not outlive the ledger, or it keeps the process from exiting.
+      if (this.closed) throw new Error('the ledger is closed');
+      await client.query('listen till_keys; listen till_use');
+    } catch (err) {
+      await client.end().catch(() => undefined);
+      throw err;
+    }
+    this.listener = client;
+    // Only a connection that listens is followed: one lost later is made again, with a reload.
     client.on('end', () => {
       if (this.closed) return;
       this.listener = undefined;
@@ -534,9 +546,6 @@ export class PostgresLedger implements KeyLedger {
       };
       setTimeout(retry, 200).unref();
     });
-    await client.connect();
-    await client.query('listen till_keys; listen till_use');
-    this.listener = client;
   }
 
   /** Another broker (or this one) settled or released a hold: the key's counters, as JSON. */
