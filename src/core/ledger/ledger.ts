@@ -18,6 +18,7 @@ import { dirname } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { PendingBytes } from '../files/pendingBytes';
 import { ensurePrivateFolder, openPrivateAppend, readPrivateFile, writePrivateFile } from '../files/privateFolder';
+import { KnownKeys } from './knownKeys';
 import type { HoldRefusal, KeyLedger, KeyRecord, LedgerHold, SettleDetails } from './keyLedger';
 
 export type { HoldRefusal, KeyRecord, LedgerHold, SettleDetails, TokenCounts } from './keyLedger';
@@ -199,9 +200,7 @@ export interface LedgerOptions {
 }
 
 /** The durable store of keys and counters. Single writer: the broker process. */
-export class Ledger implements KeyLedger {
-  private readonly keysById = new Map<string, KeyRecord>();
-  private readonly heldByKey = new Map<string, Amounts>();
+export class Ledger extends KnownKeys implements KeyLedger {
   private readonly open = new Map<number, LedgerHold>();
   private nextHold = 1;
   /** Entries not yet written, in order (see {@link defer}). */
@@ -216,6 +215,7 @@ export class Ledger implements KeyLedger {
     readonly file: string,
     options: LedgerOptions,
   ) {
+    super();
     this.compactAfter = options.compactAfter ?? 50_000;
     this.fd = -1;
   }
@@ -383,19 +383,6 @@ export class Ledger implements KeyLedger {
     if (this.fd >= 0) closeSync(this.fd);
     this.fd = openPrivateAppend(this.file);
     this.entries = 0;
-  }
-
-  keys(): KeyRecord[] {
-    return [...this.keysById.values()];
-  }
-
-  get(id: string): KeyRecord | undefined {
-    return this.keysById.get(id);
-  }
-
-  /** Amounts held by requests in flight. */
-  reserved(id: string): Amounts {
-    return this.heldByKey.get(id) ?? {};
   }
 
   /** Records a newly issued key (synced to disk: an issued key must survive a power cut too). */

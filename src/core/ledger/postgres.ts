@@ -24,6 +24,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import pg from 'pg';
+import { KnownKeys } from './knownKeys';
 import type { HoldRefusal, KeyLedger, KeyRecord, LedgerHold, SettleDetails, TokenCounts } from './keyLedger';
 import { limitsOf, METERS, type Amounts, type Meter, type Policy } from '../policy/policy';
 
@@ -207,10 +208,8 @@ export function withoutPassword(url: string): string {
 }
 
 /** The team ledger over one PostgreSQL database. See the guarantees at the top of this file. */
-export class PostgresLedger implements KeyLedger {
+export class PostgresLedger extends KnownKeys implements KeyLedger {
   readonly shared = true;
-  private readonly keysById = new Map<string, KeyRecord>();
-  private readonly heldByKey = new Map<string, Amounts>();
   /** The row version (`v`) of each key as last kept. */
   private readonly versions = new Map<string, number>();
   private readonly listeners = new Set<(key: KeyRecord) => void>();
@@ -229,6 +228,7 @@ export class PostgresLedger implements KeyLedger {
     private readonly url: string,
     options: PostgresLedgerOptions,
   ) {
+    super();
     this.brokerId = options.brokerId ?? `broker-${randomBytes(6).toString('hex')}`;
     this.holdTtlMs = options.holdTtlMs ?? 15_000;
     this.name = withoutPassword(url);
@@ -264,19 +264,6 @@ export class PostgresLedger implements KeyLedger {
     ledger.timer = setInterval(() => void ledger.maintain(), Math.max(50, Math.min(1_000, Math.floor(ledger.holdTtlMs / 3))));
     ledger.timer.unref();
     return ledger;
-  }
-
-  keys(): KeyRecord[] {
-    return [...this.keysById.values()];
-  }
-
-  get(id: string): KeyRecord | undefined {
-    return this.keysById.get(id);
-  }
-
-  /** Amounts held by requests in flight on every broker, as of the last statement that touched the key. */
-  reserved(id: string): Amounts {
-    return this.heldByKey.get(id) ?? {};
   }
 
   /** Calls `listener` with a key another broker (or this one) changed: revoked, extended, issued. */
