@@ -47,7 +47,7 @@
  */
 import { CUT_MARGIN_TOKENS, holdAmounts, type HoldPlan } from './plan';
 import type { Denial } from '../denial';
-import { growthRefusal, type Hold } from '../keys/keys';
+import { growthRefusal, ledgerDenial, type Hold } from '../keys/keys';
 import type { HoldRefusal } from '../ledger/ledger';
 import type { Usage } from '../metering/usage';
 import { costAt, ratesFor } from '../metering/pricing';
@@ -62,15 +62,6 @@ export const TICK_MS = 250;
  * is descheduled, or collects garbage, without warning.
  */
 export const LATE_FLOOR_MS = 100;
-
-/** The denial that ends a stream whose hold could not be changed because the team ledger's database is away. */
-function ledgerAwayDenial(err: unknown): Denial {
-  return {
-    status: 503,
-    code: 'ledger_unavailable',
-    message: `the stream was ended: Till could not check this key's limits (${err instanceof Error ? err.message : String(err)})`,
-  };
-}
 
 /** What follows a stream needs from the stream: what arrived so far. */
 export interface StreamProgress {
@@ -193,7 +184,7 @@ export class StreamHold {
       },
       (err: unknown) => {
         this.growing = false;
-        this.lateDenial ??= ledgerAwayDenial(err);
+        this.lateDenial ??= ledgerDenial(err, true);
       },
     );
   }

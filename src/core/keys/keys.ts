@@ -313,17 +313,30 @@ export class TillKeys {
     this.inFlight.set(key.id, flights);
     const entry = flights.add(flight);
     if (!amounts) return new KeyHold(this, this.ledger, key, undefined, flights, entry, options.smallest);
-    const admit = (result: LedgerHold | HoldRefusal): Hold | Denial => {
-      if (!isRefusal(result)) return new KeyHold(this, this.ledger, key, result, flights, entry, options.smallest);
-      flights.delete(entry);
-      return refusal(result, amounts[result.meter] ?? 0);
-    };
     const result = this.ledger.hold(key.id, amounts, options.batch === true);
-    if (!(result instanceof Promise)) return admit(result);
-    return result.then(admit, (err: unknown) => {
-      flights.delete(entry);
-      return ledgerDenial(err);
-    });
+    // No closure on the local ledger's path: this runs for every billable request.
+    if (!(result instanceof Promise)) return this.admitted(key, amounts, result, flights, entry, options.smallest);
+    return result.then(
+      (answer) => this.admitted(key, amounts, answer, flights, entry, options.smallest),
+      (err: unknown) => {
+        flights.delete(entry);
+        return ledgerDenial(err);
+      },
+    );
+  }
+
+  /** The ledger answered for a request's hold: the request's {@link Hold}, or the refusal (its slot freed). */
+  private admitted(
+    key: KeyRecord,
+    amounts: Amounts,
+    result: LedgerHold | HoldRefusal,
+    flights: InFlightList<InFlight>,
+    entry: InFlightEntry<InFlight>,
+    smallest: Amounts | undefined,
+  ): Hold | Denial {
+    if (!isRefusal(result)) return new KeyHold(this, this.ledger, key, result, flights, entry, smallest);
+    flights.delete(entry);
+    return refusal(result, amounts[result.meter] ?? 0);
   }
 
   /** After a settlement: the alerts it may call for (see {@link afterSpend}). */
@@ -461,12 +474,19 @@ export class TillKeys {
   }
 }
 
-/** The denial for a request the ledger could not answer (a team ledger whose database is away): refused, nothing held. */
-function ledgerDenial(err: unknown): Denial {
+/**
+ * The denial when a team ledger's database could not answer: for a request (refused before
+ * anything was held or sent), or for a stream whose hold could not change (`streamEnded`).
+ */
+export function ledgerDenial(err: unknown, streamEnded = false): Denial {
+  const why = err instanceof Error ? err.message : String(err);
+  if (streamEnded) {
+    return { status: 503, code: 'ledger_unavailable', message: `the stream was ended: Till could not check this key's limits (${why})` };
+  }
   return {
     status: 503,
     code: 'ledger_unavailable',
-    message: `Till could not check this key's limits: ${err instanceof Error ? err.message : String(err)}; nothing was sent or counted, retry shortly`,
+    message: `Till could not check this key's limits: ${why}; nothing was sent or counted, retry shortly`,
     retryAfter: 1,
   };
 }

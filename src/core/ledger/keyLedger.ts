@@ -5,7 +5,7 @@
  * was acknowledged survives a crash; a hold open at a crash counts as spent.
  */
 import type { Maybe } from '../maybe';
-import type { Amounts, Meter, Policy } from '../policy/policy';
+import { hasLimits, limitsOf, type Amounts, type Meter, type Policy } from '../policy/policy';
 
 /** A till key as stored. Never holds the key itself, only its hash. */
 export interface KeyRecord {
@@ -65,6 +65,20 @@ export interface HoldRefusal {
   limit: number;
   used: number;
   reserved: number;
+}
+
+/** The first meter on which `extra` more would take `key` past its limit, with the figures; undefined when it fits. */
+export function overLimit(key: KeyRecord, reserved: Amounts, extra: Amounts): HoldRefusal | undefined {
+  if (!hasLimits(key.policy)) return undefined;
+  const limits = limitsOf(key.policy);
+  for (const meter of Object.keys(extra) as Meter[]) {
+    const limit = limits[meter];
+    if (limit === undefined) continue;
+    const used = key.used[meter] ?? 0;
+    const held = reserved[meter] ?? 0;
+    if (used + held + extra[meter]! > limit) return { meter, limit, used, reserved: held };
+  }
+  return undefined;
 }
 
 export interface KeyLedger {

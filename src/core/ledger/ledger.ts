@@ -19,7 +19,7 @@ import { crc32 } from 'node:zlib';
 import { PendingBytes } from '../files/pendingBytes';
 import { ensurePrivateFolder, openPrivateAppend, readPrivateFile, writePrivateFile } from '../files/privateFolder';
 import { KnownKeys } from './knownKeys';
-import type { HoldRefusal, KeyLedger, KeyRecord, LedgerHold, SettleDetails } from './keyLedger';
+import { overLimit, type HoldRefusal, type KeyLedger, type KeyRecord, type LedgerHold, type SettleDetails } from './keyLedger';
 
 export type { HoldRefusal, KeyRecord, LedgerHold, SettleDetails, TokenCounts } from './keyLedger';
 import { hasLimits, limitsOf, type Amounts, type Meter, type Policy } from '../policy/policy';
@@ -147,20 +147,6 @@ function encodeInto(out: PendingBytes, entry: Entry): void {
   }
   bytes[start - 1] = 0x20;
   bytes[end] = 0x0a;
-}
-
-/** The first meter on which `extra` more would take `key` past its limit, with the figures; undefined when it fits. */
-function overLimit(key: KeyRecord, reserved: Amounts, extra: Amounts): HoldRefusal | undefined {
-  if (!hasLimits(key.policy)) return undefined;
-  const limits = limitsOf(key.policy);
-  for (const meter of Object.keys(extra) as Meter[]) {
-    const limit = limits[meter];
-    if (limit === undefined) continue;
-    const used = key.used[meter] ?? 0;
-    const held = reserved[meter] ?? 0;
-    if (used + held + extra[meter]! > limit) return { meter, limit, used, reserved: held };
-  }
-  return undefined;
 }
 
 /** Adds a settled request's spending and details to its key. */

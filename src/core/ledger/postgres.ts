@@ -25,7 +25,15 @@
 import { randomBytes } from 'node:crypto';
 import pg from 'pg';
 import { KnownKeys } from './knownKeys';
-import type { HoldRefusal, KeyLedger, KeyRecord, LedgerHold, SettleDetails, TokenCounts } from './keyLedger';
+import {
+  overLimit,
+  type HoldRefusal,
+  type KeyLedger,
+  type KeyRecord,
+  type LedgerHold,
+  type SettleDetails,
+  type TokenCounts,
+} from './keyLedger';
 import { limitsOf, METERS, type Amounts, type Meter, type Policy } from '../policy/policy';
 
 export interface PostgresLedgerOptions {
@@ -154,6 +162,11 @@ const RENEW = `update till_holds set expires_at = now() + $2 * interval '1 milli
 type Row = Record<string, unknown>;
 
 const num = (v: unknown): number => (v === null || v === undefined ? 0 : Number(v));
+
+/** What a key holds, from a hold statement's `ha`, `ht`, `hs` (its held columns after the change). */
+function heldOf(row: Row): Amounts {
+  return { activations: num(row.ha), tokens: num(row.ht), spend: num(row.hs) };
+}
 
 /** The three meters of amounts as whole numbers (a meter not asked for is 0). */
 function meters(amounts: Amounts): [number, number, number] {
@@ -314,7 +327,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
     const rows = await this.query(HOLD, [keyId, ...meters(amounts), this.brokerId, this.holdTtlMs]);
     const row = rows[0];
     if (!row) return this.refusal(keyId, amounts);
-    this.heldByKey.set(keyId, { activations: num(row.ha), tokens: num(row.ht), spend: num(row.hs) });
+    this.heldByKey.set(keyId, heldOf(row));
     return { id: Number(row.id), keyId, amounts: { ...amounts } };
   }
 
@@ -334,7 +347,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
       }
       return this.refusal(hold.keyId, growth);
     }
-    this.heldByKey.set(hold.keyId, { activations: num(row.ha), tokens: num(row.ht), spend: num(row.hs) });
+    this.heldByKey.set(hold.keyId, heldOf(row));
     hold.amounts = { ...amounts };
     return undefined;
   }
@@ -434,14 +447,9 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
     const rows = await this.query(`select ${KEY_COLUMNS}, lim_activations, lim_tokens, lim_spend from till_keys where id = $1`, [keyId]);
     const row = rows[0];
     if (!row) throw new Error(`unknown key ${keyId}`);
-    const { held } = this.take(row)!;
-    for (const meter of METERS) {
-      const limit = row[`lim_${meter}`];
-      const wanted = amounts[meter] ?? 0;
-      if (limit === null || wanted <= 0) continue;
-      const used = num(row[`used_${meter}`]);
-      if (used + (held[meter] ?? 0) + wanted > num(limit)) return { meter, limit: num(limit), used, reserved: held[meter] ?? 0 };
-    }
+    const { key, held } = this.take(row)!;
+    const over = overLimit(key, held, amounts);
+    if (over) return over;
     // It fitted a moment later (another request settled): say what was short when it was refused.
     const meter = METERS.find((m) => (amounts[m] ?? 0) > 0) ?? 'activations';
     return { meter, limit: num(row[`lim_${meter}`]), used: num(row[`used_${meter}`]), reserved: held[meter] ?? 0 };
