@@ -11,6 +11,7 @@
  */
 import { readFileSync } from 'node:fs';
 import type * as http from 'node:http';
+import * as https from 'node:https';
 import type { Socket } from 'node:net';
 
 /** The soft limit on open files of this process (Linux: /proc/self/limits; elsewhere a common value). */
@@ -47,7 +48,8 @@ export class ConnectionBudget {
 
   /** Follows `server`'s connections, requests and upgrades. */
   watch(server: http.Server): void {
-    server.on('connection', (socket: Socket) => this.opened(socket));
+    // Over TLS, requests come on the TLS socket, which exists once the handshake is done.
+    server.on(server instanceof https.Server ? 'secureConnection' : 'connection', (socket: Socket) => this.opened(socket));
     server.on('request', (req: http.IncomingMessage, res: http.ServerResponse) => {
       const socket = req.socket;
       this.idle.delete(socket);

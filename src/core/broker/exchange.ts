@@ -48,6 +48,8 @@ export interface ExchangeContext {
   audit: AuditLog | undefined;
   conversations: ConversationSizes;
   maxBodyBytes: number;
+  /** Non-loopback names the Host header may carry (listener.ts); undefined: loopback names only. */
+  allowedHosts: ReadonlySet<string> | undefined;
   upstreamIdleTimeoutMs: number;
   /** `http://127.0.0.1:<port>`. */
   url: string;
@@ -252,7 +254,7 @@ export class Exchange implements UpstreamHandler {
   /** Runs the exchange: the front door, then each step in turn. */
   start(): void {
     const { req, c, info } = this;
-    const refused = clientDenial(req);
+    const refused = clientDenial(req, c.allowedHosts);
     if (refused) return this.deny(refused);
     const provider = this.provider;
     if (!provider)

@@ -96,6 +96,17 @@ export function hostIsLoopback(host: string | undefined): boolean {
   return m !== null && (m[1] === undefined || Number(m[1]) <= 65535);
 }
 
+// A Host header that is a name or an address and at most a valid port, parsed whole.
+const HOST_HEADER = /^([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::(\d{1,5}))?$/i;
+
+/** True when a Host header names this machine's loopback interface, or one of a listener's allowed names (listener.ts). */
+function hostAllowed(host: string | undefined, allowed: ReadonlySet<string> | undefined): boolean {
+  if (hostIsLoopback(host)) return true;
+  if (!allowed || !host) return false;
+  const m = HOST_HEADER.exec(host);
+  return m !== null && (m[2] === undefined || Number(m[2]) <= 65535) && allowed.has(m[1]!.toLowerCase());
+}
+
 /** Headers with which a client asks the upstream to read the request as another method. */
 const METHOD_OVERRIDES = ['x-http-method-override', 'x-http-method', 'x-method-override'] as const;
 
@@ -135,13 +146,19 @@ function countHeader(raw: string[], name: string): number {
  * override header, or one with a fragment (`/v2/chat#/tokenize` is a chat to an upstream that
  * drops the fragment, and looks like a free route to a broker that does not).
  */
-export function clientDenial(req: http.IncomingMessage): Denial | undefined {
+export function clientDenial(req: http.IncomingMessage, allowedHosts?: ReadonlySet<string>): Denial | undefined {
   const headers = req.headers;
   if (req.rawHeaders.length > 2 * MAX_HEADERS) {
     return { status: 431, code: 'too_large', message: `the request has more than ${MAX_HEADERS} headers` };
   }
-  if (!hostIsLoopback(headers.host) || countHeader(req.rawHeaders, 'host') !== 1) {
-    return { status: 403, code: 'forbidden_host', message: 'the Host header is not one loopback name (DNS rebinding protection)' };
+  if (!hostAllowed(headers.host, allowedHosts) || countHeader(req.rawHeaders, 'host') !== 1) {
+    return {
+      status: 403,
+      code: 'forbidden_host',
+      message: allowedHosts
+        ? "the Host header is not one of the broker's names (DNS rebinding protection): add it with --allow-host"
+        : 'the Host header is not one loopback name (DNS rebinding protection)',
+    };
   }
   if (
     headers.origin !== undefined ||

@@ -1,19 +1,23 @@
 /**
- * The broker: an HTTP server on 127.0.0.1 that takes requests carrying a till key, checks
- * them, swaps in the real credential and streams the upstream's answer back unbuffered.
+ * The broker: an HTTP server on 127.0.0.1 (or, with TLS, another address: listener.ts) that
+ * takes requests carrying a till key, checks them, swaps in the real credential and streams the
+ * upstream's answer back unbuffered.
  *
  * Routes: `/<provider><path>`, e.g. `/openai/v1/chat/completions`. The path after the
- * provider id is in the provider's own namespace (see {@link Provider.basePath}).
+ * provider id is in the provider's own namespace (see {@link Provider.basePath}). `/_till/…` is
+ * the control API for remote admins (runtime/remoteControl.ts), when the service offers it.
  */
 import * as http from 'node:http';
+import * as https from 'node:https';
 import type { AddressInfo } from 'node:net';
 import type { AuditLog } from '../audit/audit';
 import { ConnectionBudget } from './connectionBudget';
 import { ConversationSizes } from '../holds/contexts';
 import type { TillEvents } from '../events';
 import { Exchange, type ExchangeContext } from './exchange';
-import { MAX_HEADERS } from './frontDoor';
+import { clientDenial, MAX_HEADERS } from './frontDoor';
 import { InFlightList } from '../keys/inFlightList';
+import { listener, type Listener, type ListenOptions } from './listener';
 import type { TillKeys } from '../keys/keys';
 import { withDefaults } from '../options';
 import type { PriceTable } from '../metering/pricing';
@@ -46,8 +50,15 @@ export interface BrokerOptions {
   audit?: AuditLog;
   /** What the upstream's stored conversations weigh (contexts.ts). Default: remembered in memory only. */
   conversations?: ConversationSizes;
-  /** Port on 127.0.0.1; 0 picks a free one. Default: {@link DEFAULT_PORT}. */
+  /** Port; 0 picks a free one. Default: {@link DEFAULT_PORT}. */
   port?: number;
+  /** Address, TLS and host names. Default: 127.0.0.1, plain HTTP, loopback names only. */
+  listen?: ListenOptions;
+  /**
+   * Answers `/_till/…` (the control API over the network), after the front door's checks.
+   * Default: none (404).
+   */
+  control?: (req: http.IncomingMessage, res: http.ServerResponse) => void;
   /** Largest request body accepted. Default: 32 MiB (the largest provider limit for JSON requests). */
   maxBodyBytes?: number;
   /** Largest request head (request line + headers). Default: 32 KiB. */
@@ -65,6 +76,7 @@ export interface BrokerOptions {
 /** The local broker. */
 export class Broker {
   private server: http.Server | undefined;
+  private readonly listener: Listener;
   private readonly upstream = new UpstreamClients();
   /** Credential reads, shared by every request that needs one (a burst reads the keychain once). */
   private readonly secrets = new Map<string, Promise<string>>();
@@ -84,6 +96,7 @@ export class Broker {
   constructor(options: BrokerOptions) {
     this.options = withDefaults(BROKER_DEFAULTS, options);
     const o = this.options;
+    this.listener = listener(o.listen);
     // eslint-disable-next-line @typescript-eslint/no-this-alias
     const broker = this;
     this.context = {
@@ -94,6 +107,7 @@ export class Broker {
       audit: o.audit,
       conversations: o.conversations ?? new ConversationSizes(undefined),
       maxBodyBytes: o.maxBodyBytes,
+      allowedHosts: this.listener.allowedHosts,
       upstreamIdleTimeoutMs: o.upstreamIdleTimeoutMs,
       get url() {
         return broker.url;
@@ -108,9 +122,9 @@ export class Broker {
     };
   }
 
-  /** `http://127.0.0.1:<port>` once listening. */
+  /** `http://127.0.0.1:<port>` once listening (`https://<name>:<port>` on a TLS listener). */
   get url(): string {
-    return `http://127.0.0.1:${this.port}`;
+    return `${this.listener.tls ? 'https' : 'http'}://${this.listener.publicName}:${this.port}`;
   }
 
   /** The base URL a client of `provider` should use, e.g. `http://127.0.0.1:8455/openai/v1`. */
@@ -118,10 +132,11 @@ export class Broker {
     return providerBaseUrl(this.url, provider);
   }
 
-  /** Starts listening on 127.0.0.1. Rejects with a clear message when the port is taken. */
+  /** Starts listening. Rejects with a clear message when the port is taken. */
   async start(): Promise<string> {
     const o = this.options;
-    const server = http.createServer({
+    const { host, tls } = this.listener;
+    const settings: http.ServerOptions = {
       maxHeaderSize: o.maxHeaderBytes,
       headersTimeout: o.headersTimeoutMs,
       requestTimeout: o.requestTimeoutMs,
@@ -133,7 +148,8 @@ export class Broker {
       ),
       noDelay: true,
       keepAliveTimeout: 5_000,
-    });
+    };
+    const server = tls ? https.createServer({ ...settings, cert: tls.cert, key: tls.key }) : http.createServer(settings);
     // One past the limit, so a request over it is seen and refused rather than cut short (clientDenial).
     server.maxHeadersCount = MAX_HEADERS + 1;
     server.on('request', (req, res) => this.handle(req, res));
@@ -154,6 +170,7 @@ export class Broker {
       formsOf: (secret) => this.formsOf(secret),
       baseUrlFor: (p) => this.baseUrlFor(p),
       http: (req, res) => this.handle(req, res),
+      allowedHosts: this.listener.allowedHosts,
     });
     server.on('upgrade', (req: http.IncomingMessage, socket, head: Buffer) => websockets.upgrade(req, socket, head));
     server.on('clientError', (err: NodeJS.ErrnoException, socket) => {
@@ -168,16 +185,30 @@ export class Broker {
       server.once('error', (err: NodeJS.ErrnoException) => {
         if (err.code !== 'EADDRINUSE') return reject(err);
         const inUse: NodeJS.ErrnoException = new Error(
-          `port ${o.port} on 127.0.0.1 is already in use (another program, or another till broker): choose another with --port`,
+          `port ${o.port} on ${host} is already in use (another program, or another till broker): choose another with --port`,
         );
         inUse.code = 'EADDRINUSE';
         reject(inUse);
       });
-      server.listen(o.port, '127.0.0.1', () => resolve());
+      server.listen(o.port, host, () => resolve());
     });
     this.server = server;
     this.port = (server.address() as AddressInfo).port;
     return this.url;
+  }
+
+  /** The control API over the network: the same front door as every request, then the service's handler. */
+  private control(req: http.IncomingMessage, res: http.ServerResponse): void {
+    const refused = clientDenial(req, this.listener.allowedHosts);
+    if (!refused) return this.options.control!(req, res);
+    const body = JSON.stringify({ error: refused.message });
+    res.writeHead(refused.status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
+    res.end(body);
+  }
+
+  /** Whether `/_till/…` is answered (the service gave a control handler). */
+  get servesControl(): boolean {
+    return this.options.control !== undefined;
   }
 
   /** Forgets cached secrets (after a credential was replaced or removed). */
@@ -238,6 +269,8 @@ export class Broker {
   }
 
   private handle(req: http.IncomingMessage, res: http.ServerResponse): void {
+    // `/_` is no provider's: one character compare keeps the control route off the hot path.
+    if (req.url?.charCodeAt(1) === 95 && req.url.startsWith('/_till/') && this.options.control) return this.control(req, res);
     const exchange = new Exchange(this.context, req, res);
     try {
       exchange.start();

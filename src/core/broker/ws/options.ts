@@ -26,6 +26,8 @@ export interface WebSocketProxyOptions {
   conversations: ConversationSizes;
   /** Serves an upgrade request that is not a WebSocket (e.g. `Upgrade: h2c`) as plain HTTP/1.1. */
   http(req: http.IncomingMessage, res: http.ServerResponse): void;
+  /** Non-loopback names the Host header may carry (listener.ts); undefined: loopback names only. */
+  allowedHosts: ReadonlySet<string> | undefined;
   /** Largest message a client may send. Default: 32 MiB (the HTTP body limit). */
   maxMessageBytes?: number;
   /** Largest message an upstream may send. Default: 64 MiB. */
@@ -39,4 +41,5 @@ export interface WebSocketProxyOptions {
 }
 
 /** The options with their defaults filled in. */
-export type ProxyOptions = Required<Omit<WebSocketProxyOptions, 'audit' | 'log'>> & Pick<WebSocketProxyOptions, 'audit' | 'log'>;
+export type ProxyOptions = Required<Omit<WebSocketProxyOptions, 'audit' | 'log' | 'allowedHosts'>> &
+  Pick<WebSocketProxyOptions, 'audit' | 'log' | 'allowedHosts'>;

@@ -109,7 +109,7 @@ export class WebSocketProxy implements SessionHost {
     };
 
     // The same checks as HTTP, in the same order.
-    const refused = clientDenial(req);
+    const refused = clientDenial(req, this.options.allowedHosts);
     if (refused) return deny(refused);
     if (!provider) {
       return deny({
