@@ -8,13 +8,23 @@
  * for a remote window; only that editor's extension can read it). A credential stays in the
  * store it was added to: nothing copies it to the other, and a process without its store says so
  * instead of looking in the wrong place.
+ *
+ * On a server, credentials can also be named in config.json (`"credentials"`): each is read from
+ * where the service manager put it (secretSource.ts), listed with the others, and never stored.
  */
 import { dirname } from 'node:path';
 import { ensurePrivateFolder, readPrivateFile, writePrivateFile } from '../files/privateFolder';
 import { VaultError, type Vault } from './vault';
+import { describeSource, readSecretSource, type SecretSource } from './secretSource';
 
-/** Where a credential's secret is kept. */
-export type SecretStoreId = 'keychain' | 'editor';
+/** Where a credential's secret is kept: the keychain, the editor's secret storage, or a source config.json names. */
+export type SecretStoreId = 'keychain' | 'editor' | 'config';
+
+/** A credential config.json names: its provider, and where the service manager keeps its secret. */
+export type ConfiguredCredential = SecretSource & { provider: string };
+
+/** config.json's `"credentials"`: credential name → {@link ConfiguredCredential}. */
+export type ConfiguredCredentials = Record<string, ConfiguredCredential>;
 
 export interface CredentialInfo {
   /** Unique name, also the keychain account. Default: the provider id. */
@@ -29,11 +39,31 @@ export interface CredentialInfo {
 export interface SecretStores {
   keychain: Vault;
   editor?: Vault;
+  config?: Vault;
 }
 
 /** How a store is named to the user. */
 export function storeName(store: SecretStoreId): string {
-  return store === 'editor' ? "VS Code's secret storage" : 'the OS keychain';
+  return store === 'editor' ? "VS Code's secret storage" : store === 'config' ? "the broker's configuration" : 'the OS keychain';
+}
+
+/** The secrets of the credentials config.json names, read from their sources at each call; never written. */
+export function configuredVault(configured: ConfiguredCredentials, env: NodeJS.ProcessEnv = process.env): Vault {
+  const sourceOf = (name: string): ConfiguredCredential => {
+    const source = Object.hasOwn(configured, name) ? configured[name] : undefined;
+    if (!source) throw new VaultError('missing', `credential "${name}" is not in config.json's "credentials"`);
+    return source;
+  };
+  const readOnly = (name: string) =>
+    new VaultError(
+      'unavailable',
+      `credential "${name}" comes from ${describeSource(sourceOf(name))}, as config.json says: change it there, not through Till`,
+    );
+  return {
+    get: (name) => Promise.resolve().then(() => readSecretSource(sourceOf(name), env)),
+    set: (name) => Promise.reject(readOnly(name)),
+    delete: (name) => Promise.reject(readOnly(name)),
+  };
 }
 
 const NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
@@ -44,9 +74,25 @@ export function checkCredentialName(name: string): void {
 }
 
 export class CredentialList {
-  constructor(readonly file: string) {}
+  private readonly configured: CredentialInfo[];
+
+  /** `configured`: config.json's credentials, listed first; a name there hides the same name in the file. */
+  constructor(
+    readonly file: string,
+    configured: ConfiguredCredentials = {},
+  ) {
+    this.configured = Object.entries(configured).map(([name, c]) => ({ name, provider: c.provider, addedAt: 0, store: 'config' }));
+  }
 
   all(): CredentialInfo[] {
+    const stored = this.stored();
+    if (this.configured.length === 0) return stored;
+    const names = new Set(this.configured.map((c) => c.name));
+    return [...this.configured, ...stored.filter((c) => !names.has(c.name))];
+  }
+
+  /** The credentials credentials.json lists. */
+  private stored(): CredentialInfo[] {
     const text = readPrivateFile(this.file);
     if (text === undefined) return [];
     try {
@@ -71,11 +117,11 @@ export class CredentialList {
 
   put(info: CredentialInfo): void {
     checkCredentialName(info.name);
-    this.save([...this.all().filter((c) => c.name !== info.name), info]);
+    this.save([...this.stored().filter((c) => c.name !== info.name), info]);
   }
 
   remove(name: string): boolean {
-    const all = this.all();
+    const all = this.stored();
     const rest = all.filter((c) => c.name !== name);
     if (rest.length === all.length) return false;
     this.save(rest);
@@ -109,8 +155,9 @@ export class CredentialStore {
   constructor(
     file: string,
     private readonly stores: SecretStores,
+    configured?: ConfiguredCredentials,
   ) {
-    this.list = new CredentialList(file);
+    this.list = new CredentialList(file, configured);
     this.vault = {
       get: async (name) => this.storeFor(name).get(name),
       set: async (name, secret) => this.storeFor(name).set(name, secret),
@@ -131,6 +178,7 @@ export class CredentialStore {
     const store = this.storeOf(name);
     const vault = this.stores[store];
     if (vault) return vault;
+    if (store === 'config') throw new VaultError('unavailable', `credential "${name}" comes from config.json, which only the broker reads`);
     throw new VaultError(
       'unavailable',
       `credential "${name}" is kept in ${storeName(store)}, which only VS Code's Till extension can read: let a VS Code window run the broker (close \`till serve\`, then "Till: Restart Broker"), or add the credential to this machine's keychain with \`till credential add\``,
@@ -141,6 +189,7 @@ export class CredentialStore {
   async add(provider: string, secret: string, name = provider, store: SecretStoreId = 'keychain'): Promise<CredentialInfo> {
     checkCredentialName(name);
     checkSecret(secret);
+    if (this.storeOf(name) === 'config') await this.vault.set(name, secret); // refused, saying where it comes from
     const vault = this.stores[store];
     if (!vault) throw new VaultError('unavailable', `${storeName(store)} cannot be reached from this process`);
     // Added again in another store: the old secret goes, so no store keeps one the list forgot.
@@ -167,6 +216,7 @@ export class CredentialStore {
   /** Removes a credential from its store and the list; keys bound to it stop working. */
   async remove(name: string): Promise<void> {
     if (!this.list.get(name)) throw new Error(`no credential named "${name}"`);
+    // Refused for one config.json names (its source is the service manager's, not Till's).
     await this.vault.delete(name);
     this.list.remove(name);
   }

@@ -10,6 +10,8 @@ import { isAbsolute, join } from 'node:path';
 import { isRecord } from '../json';
 import { ensurePrivateFolder, readPrivateFile } from '../files/privateFolder';
 import type { CustomProviderConfig } from '../providers/providers';
+import { checkCredentialName, type ConfiguredCredentials } from '../credentials/credentials';
+import { secretSourceProblem, type SecretSource } from '../credentials/secretSource';
 
 export interface TillPaths {
   home: string;
@@ -114,6 +116,18 @@ export interface TillConfig {
   maxBodyBytes?: number;
   /** A team ledger: `postgres://user:password@host/db`. Default: the data folder's own ledger. */
   ledger?: string;
+  /** Address to listen on (listener.ts). Default: 127.0.0.1. Any other needs `tlsCert` and `tlsKey`. */
+  listen?: string;
+  /** PEM certificate chain file for a TLS listener. */
+  tlsCert?: string;
+  /** PEM private key file for a TLS listener (a systemd credential or a secret file, usually). */
+  tlsKey?: string;
+  /** Host names clients reach the broker by, besides loopback names. */
+  allowedHosts?: string[];
+  /** Where the admin token of the control API over the network comes from. Default: `TILL_ADMIN_TOKEN`, when set. */
+  adminToken?: SecretSource;
+  /** Credentials a server's service manager provides (secretSource.ts), by name. */
+  credentials?: ConfiguredCredentials;
 }
 
 /** True for a URL the team ledger can open (postgres:// or postgresql://). */
@@ -123,7 +137,32 @@ export function isLedgerUrl(text: string): boolean {
 
 /** Why a config field has the wrong type, or undefined. */
 function configProblem(config: Record<string, unknown>): string | undefined {
-  const { port, maxBodyBytes, upstreams, providers, ledger } = config;
+  const { port, maxBodyBytes, upstreams, providers, ledger, listen, tlsCert, tlsKey, allowedHosts, adminToken, credentials } = config;
+  if (listen !== undefined && typeof listen !== 'string') return '"listen" must be an IP address';
+  for (const [name, file] of [
+    ['tlsCert', tlsCert],
+    ['tlsKey', tlsKey],
+  ] as const) {
+    if (file !== undefined && !(typeof file === 'string' && isAbsolute(file))) return `"${name}" must be an absolute path`;
+  }
+  if (allowedHosts !== undefined && !(Array.isArray(allowedHosts) && allowedHosts.every((h) => typeof h === 'string')))
+    return '"allowedHosts" must be a list of host names';
+  const tokenProblem = adminToken === undefined ? undefined : secretSourceProblem(adminToken);
+  if (tokenProblem) return `"adminToken" ${tokenProblem}`;
+  if (credentials !== undefined) {
+    if (!isRecord(credentials)) return '"credentials" must map credential names to {"provider", and "env", "file" or "systemd"}';
+    for (const [name, c] of Object.entries(credentials)) {
+      try {
+        checkCredentialName(name);
+      } catch (err) {
+        return `"credentials": ${(err as Error).message}`;
+      }
+      if (!isRecord(c) || typeof c.provider !== 'string') return `"credentials"."${name}" needs a "provider"`;
+      const { provider: _, ...source } = c;
+      const problem = secretSourceProblem(source);
+      if (problem) return `"credentials"."${name}" ${problem}`;
+    }
+  }
   if (ledger !== undefined && !(typeof ledger === 'string' && isLedgerUrl(ledger))) return '"ledger" must be a postgres:// URL';
   if (port !== undefined && !(Number.isInteger(port) && (port as number) >= 0 && (port as number) <= 65535))
     return '"port" must be a whole number from 0 to 65535';
