@@ -2,7 +2,8 @@
  * The audit log: one JSON line per request, no secrets, bounded in size.
  *
  * Lines are buffered and written every 100 ms (and at close), so a busy broker makes one
- * write for many requests; a crash loses at most the last 100 ms of lines. The file rotates to `<name>.1` at `maxBytes`; two generations are kept.
+ * write for many requests; a crash loses at most the last 100 ms of lines. With a team ledger,
+ * each batch is also copied to its database. The file rotates to `<name>.1` at `maxBytes`; two generations are kept.
  */
 import { closeSync, fstatSync, renameSync } from 'node:fs';
 import { dirname } from 'node:path';
@@ -71,6 +72,8 @@ export function auditRecord(info: RequestInfo, status: number, started: number, 
 export interface AuditOptions {
   /** Size at which the file rotates. Default: 10 MiB. */
   maxBytes?: number;
+  /** Also hands each batch of records to this (a team ledger's `till_audit`), when the file is written. */
+  copyTo?: (records: AuditRecord[]) => void;
 }
 
 export class AuditLog {
@@ -82,12 +85,16 @@ export class AuditLog {
   private pendingChars = 0;
   private scheduled = false;
   private readonly maxBytes: number;
+  private readonly copyTo: ((records: AuditRecord[]) => void) | undefined;
+  /** Records for {@link AuditOptions.copyTo} since the last write. */
+  private copies: AuditRecord[] = [];
 
   constructor(
     readonly file: string,
     options: AuditOptions = {},
   ) {
     this.maxBytes = options.maxBytes ?? 10 * 1024 * 1024;
+    this.copyTo = options.copyTo;
     ensurePrivateFolder(dirname(file), 'the audit log folder');
     // Never through a link planted where the log goes: lines would be appended to its target.
     this.fd = openPrivateAppend(file);
@@ -99,6 +106,7 @@ export class AuditLog {
     const { end } = this.pending.append(json, 0, 1);
     this.pending.bytes[end] = 0x0a;
     this.pendingChars += json.length + 1;
+    if (this.copyTo) this.copies.push(record);
     if (!this.scheduled) {
       this.scheduled = true;
       setTimeout(() => this.flush(), 100).unref();
@@ -107,6 +115,11 @@ export class AuditLog {
 
   flush(): void {
     this.scheduled = false;
+    if (this.copies.length > 0) {
+      const copies = this.copies;
+      this.copies = [];
+      this.copyTo!(copies);
+    }
     if (this.pending.length === 0 || this.fd < 0) return;
     if (this.size + this.pendingChars > this.maxBytes && this.size > 0) this.rotate();
     this.size += this.pending.length;

@@ -20,7 +20,8 @@
  * Each broker keeps the rows it has seen in memory (authentication and the Usage view read them
  * without a round trip), refreshed by every statement's result and by a notification
  * (`LISTEN till_keys`) when another broker changes a key, so a revocation reaches every broker.
- * The real credentials are never here: the database holds key hashes, policies and counters.
+ * The real credentials are never here: the database holds key hashes, policies and counters,
+ * and (`till_audit`) each broker's audit records, written in batches (audit.ts's, every 100 ms).
  */
 import { randomBytes } from 'node:crypto';
 import pg from 'pg';
@@ -34,6 +35,7 @@ import {
   type SettleDetails,
   type TokenCounts,
 } from './keyLedger';
+import type { AuditRecord } from '../audit/audit';
 import { limitsOf, METERS, type Amounts, type Meter, type Policy } from '../policy/policy';
 
 export interface PostgresLedgerOptions {
@@ -74,6 +76,13 @@ create table if not exists till_holds (
   activations bigint not null, tokens bigint not null, spend bigint not null,
   expires_at timestamptz not null
 );
+create table if not exists till_audit (
+  id bigserial primary key,
+  at timestamptz not null, broker text not null, key_id text, label text,
+  provider text not null, method text not null, path text not null, model text,
+  status int not null, latency_ms real not null, denial text, reason text
+);
+create index if not exists till_audit_key on till_audit (key_id, at);
 alter table till_keys add column if not exists v bigint not null default 0;
 create index if not exists till_holds_expiry on till_holds (expires_at);
 create index if not exists till_holds_broker on till_holds (broker);
@@ -157,6 +166,15 @@ update till_keys k set held_activations = held_activations - s.a, held_tokens = 
   used_activations = used_activations + s.a, used_tokens = used_tokens + s.t, used_spend = used_spend + s.s, v = v + 1
 from s where k.id = s.key_id returning k.id`;
 
+// $1 a JSON array of audit records (audit.ts), $2 broker: one statement per batch.
+const AUDIT = `insert into till_audit (at, broker, key_id, label, provider, method, path, model, status, latency_ms, denial, reason)
+  select r.time::timestamptz, $2, r."keyId", r.label, r.provider, r.method, r.path, r.model, r.status, r."latencyMs", r.denial, r.reason
+  from jsonb_to_recordset($1::jsonb) as r(time text, "keyId" text, label text, provider text, method text, path text, model text,
+    status int, "latencyMs" real, denial text, reason text)`;
+
+/** Audit records kept for the database while it is away; older ones are only in each broker's own audit file. */
+const AUDIT_BACKLOG = 50_000;
+
 const RENEW = `update till_holds set expires_at = now() + $2 * interval '1 millisecond' where broker = $1`;
 
 type Row = Record<string, unknown>;
@@ -231,6 +249,11 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
   private closed = false;
   /** Settlements and releases the database was away for, retried in order by {@link maintain}. */
   private unsettled: { text: string; values: unknown[] }[] = [];
+  /** Audit records not yet written, and whether a write is on its way. */
+  private auditBacklog: AuditRecord[] = [];
+  private auditing = false;
+  /** Audit records dropped from the backlog while the database was away (they remain in the audit file). */
+  auditDropped = 0;
   readonly brokerId: string;
   readonly holdTtlMs: number;
   /** The database, as it may be shown: its URL without the password. */
@@ -398,6 +421,37 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
     }
   }
 
+  /**
+   * Copies audit records to `till_audit` (one statement per batch). With the database away they
+   * wait, up to {@link AUDIT_BACKLOG}, and are written when it returns; each broker's audit file
+   * keeps them all regardless.
+   */
+  recordAudit(records: AuditRecord[]): void {
+    for (const r of records) this.auditBacklog.push(r);
+    const over = this.auditBacklog.length - AUDIT_BACKLOG;
+    if (over > 0) {
+      this.auditBacklog.splice(0, over);
+      this.auditDropped += over;
+    }
+    void this.writeAudit();
+  }
+
+  private async writeAudit(): Promise<void> {
+    if (this.auditing || this.closed) return;
+    this.auditing = true;
+    try {
+      while (this.auditBacklog.length > 0) {
+        const batch = this.auditBacklog.slice(0, 1_000);
+        await this.query(AUDIT, [JSON.stringify(batch), this.brokerId]);
+        this.auditBacklog.splice(0, batch.length);
+      }
+    } catch {
+      // The database is away: retried at the next maintenance.
+    } finally {
+      this.auditing = false;
+    }
+  }
+
   /** Holds whose settlement waits for the database. */
   get waiting(): number {
     return this.unsettled.length;
@@ -414,6 +468,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
         this.unsettled.shift();
         if (rows[0]) this.take(rows[0]);
       }
+      if (this.auditBacklog.length > 0) void this.writeAudit();
       const reclaimed = await this.query(RECLAIM, []);
       for (const row of reclaimed) await this.refresh(String(row.id));
       for (const row of reclaimed) await this.notify(String(row.id));
@@ -426,6 +481,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
   async close(): Promise<void> {
     // A last try for waiting settlements: else their holds are counted at what they held.
     if (this.unsettled.length > 0) await this.maintain();
+    await this.writeAudit();
     this.closed = true;
     if (this.timer) clearInterval(this.timer);
     await this.listener?.end().catch(() => undefined);
