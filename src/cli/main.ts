@@ -9,7 +9,8 @@ import { basename } from 'node:path';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { AGENTS, agentSetup, agentTargets, isAgentName, newAgentScratchDir } from '../core/agents/agents';
 import { ControlClient, NotRunningError } from '../core/runtime/control';
-import { CredentialList, CredentialStore, checkCredentialName } from '../core/credentials/credentials';
+import { CredentialList, CredentialStore, checkCredentialName, configuredVault } from '../core/credentials/credentials';
+import { describeSource } from '../core/credentials/secretSource';
 import type { KeySummary, TillEvent } from '../core/events';
 import { defaultHome, isLedgerUrl, openHome, readConfig, type TillPaths } from '../core/runtime/home';
 import { limitsOf, type Amounts } from '../core/policy/policy';
@@ -20,6 +21,8 @@ import { TillService } from '../core/runtime/service';
 import { ControlApi, type IssuedKey, type IssueInput } from '../core/runtime/controlApi';
 import { KeychainVault } from '../core/credentials/vault';
 import { readSecret } from './secretInput';
+import { RemoteControlClient } from '../core/runtime/remoteControl';
+import { readFileSync } from 'node:fs';
 
 class UsageError extends Error {}
 
@@ -64,16 +67,27 @@ Commands:
   watch                 print live events
   exec                  run a command with fresh till keys, revoked when it exits
 
-Run \`till <command> --help\` for a command's options. TILL_HOME selects the data folder.`,
-  serve: `Usage: till serve [--port N] [--ledger postgres://…] [--verbose]
+Run \`till <command> --help\` for a command's options. TILL_HOME selects the data folder.
+
+A team broker on another machine (issue, ls, revoke, extend, watch, exec):
+  till --broker https://till.example.com:8455 [--ca FILE] [--admin-token-file FILE] <command> …
+  (or TILL_BROKER and TILL_CA; the admin token from TILL_ADMIN_TOKEN or --admin-token-file)`,
+  serve: `Usage: till serve [--port N] [--ledger postgres://…] [--listen ADDR --tls-cert F --tls-key F --allow-host NAME] [--verbose]
 
 Runs the broker on 127.0.0.1 in the foreground and prints its URL, then key events, limits and
 refused requests. Stop it with Ctrl-C. \`till watch\` shows every request live.
-  --port N        port to listen on (default: config.json's port, else 8455)
-  --ledger URL    keep keys and limits in a team ledger on PostgreSQL, shared by every broker
-                  given the same URL (default: TILL_LEDGER, else config.json's "ledger", else
-                  the data folder's own ledger)
-  -v, --verbose   also print a line for every request served`,
+  --port N          port to listen on (default: config.json's port, else 8455)
+  --ledger URL      keep keys and limits in a team ledger on PostgreSQL, shared by every broker
+                    given the same URL (default: TILL_LEDGER, else config.json's "ledger", else
+                    the data folder's own ledger)
+  --listen ADDR     address to listen on (default: 127.0.0.1); any other needs TLS
+  --tls-cert FILE   PEM certificate chain: serve HTTPS
+  --tls-key FILE    its PEM private key
+  --allow-host NAME a name clients reach the broker by (repeat for more); the first is the one
+                    in the base URLs it hands out
+  -v, --verbose     also print a line for every request served
+With an admin token (TILL_ADMIN_TOKEN, or config.json's "adminToken"), admins elsewhere can run
+\`till --broker https://NAME:PORT issue …\` (and ls, revoke, extend, watch, exec).`,
   credential: `Usage:
   till credential add <provider> [--name NAME]   the secret is read from stdin or a hidden prompt, never from arguments
   till credential ls [--json]
@@ -242,7 +256,15 @@ function printIssued(k: IssuedKey): void {
 }
 
 async function serve(args: string[], paths: TillPaths): Promise<void> {
-  const { values } = parse(args, { port: { type: 'string' }, ledger: { type: 'string' }, verbose: { type: 'boolean', short: 'v' } });
+  const { values } = parse(args, {
+    port: { type: 'string' },
+    ledger: { type: 'string' },
+    listen: { type: 'string' },
+    'tls-cert': { type: 'string' },
+    'tls-key': { type: 'string' },
+    'allow-host': { type: 'string', multiple: true },
+    verbose: { type: 'boolean', short: 'v' },
+  });
   if (values.help) return out(HELP.serve);
   const port = int(values.port, 'port');
   const ledger = values.ledger ?? (process.env.TILL_LEDGER || undefined);
@@ -253,11 +275,13 @@ async function serve(args: string[], paths: TillPaths): Promise<void> {
     port,
     ledger,
     ledgerHoldTtlMs: holdTtl,
+    listen: { host: values.listen, tlsCert: values['tls-cert'], tlsKey: values['tls-key'], allowedHosts: values['allow-host'] },
     log: (line) => process.stderr.write(`till: ${line}\n`),
   });
   out(`Till broker listening on ${service.url}`);
   out(`data folder: ${paths.home}`);
   if (service.ledgerName) out(`team ledger: ${service.ledgerName}`);
+  if (service.remoteAdmin) out(`remote admin: till --broker ${service.url} … (with the admin token)`);
   // One write per 50 ms however busy the broker is: a line per request would cost a write each.
   let lines = '';
   const flush = () => {
@@ -282,9 +306,43 @@ async function serve(args: string[], paths: TillPaths): Promise<void> {
   flush();
 }
 
-/** The typed control API of the broker serving `paths`. */
+/** A team broker elsewhere, from `till --broker URL …` or TILL_BROKER. */
+interface RemoteBroker {
+  url: string;
+  ca?: string;
+  tokenFile?: string;
+}
+
+let remoteBroker: RemoteBroker | undefined;
+
+/** The typed control API of the broker: the one serving `paths`, or the team broker given with --broker. */
 function control(paths: TillPaths): ControlApi {
-  return new ControlApi(new ControlClient(paths));
+  if (!remoteBroker) return new ControlApi(new ControlClient(paths));
+  const { url, ca, tokenFile } = remoteBroker;
+  const token = tokenFile !== undefined ? readFileSync(tokenFile, 'utf8').trim() : process.env.TILL_ADMIN_TOKEN;
+  if (!token) throw new UsageError('--broker needs the admin token: set TILL_ADMIN_TOKEN or give --admin-token-file FILE');
+  return new ControlApi(new RemoteControlClient({ url, token, ca: ca === undefined ? undefined : readFileSync(ca) }));
+}
+
+/** Takes `--broker URL`, `--ca FILE` and `--admin-token-file FILE` off the front of argv. */
+function takeBrokerOptions(argv: string[]): string[] {
+  const rest = [...argv];
+  const found: Partial<RemoteBroker> = {};
+  const names = { '--broker': 'url', '--ca': 'ca', '--admin-token-file': 'tokenFile' } as const;
+  for (;;) {
+    const [flag, value] = (rest[0] ?? '').split(/=(.*)/s, 2);
+    const field = names[flag as keyof typeof names];
+    if (!field) break;
+    rest.shift();
+    const given = value ?? rest.shift();
+    if (!given) throw new UsageError(`${flag} needs a value`);
+    found[field] = given;
+  }
+  const url = found.url ?? (process.env.TILL_BROKER || undefined);
+  if (url === undefined && (found.ca !== undefined || found.tokenFile !== undefined))
+    throw new UsageError('--ca and --admin-token-file go with --broker URL');
+  if (url !== undefined) remoteBroker = { url, ca: found.ca ?? (process.env.TILL_CA || undefined), tokenFile: found.tokenFile };
+  return rest;
 }
 
 async function notifyBroker(paths: TillPaths, name: string): Promise<void> {
@@ -299,12 +357,21 @@ async function credential(args: string[], paths: TillPaths): Promise<void> {
   const [sub, ...rest] = args;
   const { values, positionals } = parse(rest, { name: { type: 'string' }, json: { type: 'boolean' } });
   if (values.help || !sub || sub === '--help' || sub === '-h') return out(HELP.credential);
-  const store = new CredentialStore(paths.credentials, { keychain: new KeychainVault({ service: paths.keychainService }) });
+  const configured = readConfig(paths).credentials ?? {};
+  const store = new CredentialStore(
+    paths.credentials,
+    { keychain: new KeychainVault({ service: paths.keychainService }), config: configuredVault(configured) },
+    configured,
+  );
   if (sub === 'ls') {
     const all = store.all();
     if (values.json) return out(JSON.stringify(all));
     if (all.length === 0) return out('no credentials: add one with `till credential add <provider>`');
-    for (const c of all) out(`${c.name.padEnd(20)} ${c.provider.padEnd(14)} added ${new Date(c.addedAt).toISOString().slice(0, 10)}`);
+    for (const c of all) {
+      const from =
+        c.store === 'config' ? `from ${describeSource(configured[c.name]!)}` : `added ${new Date(c.addedAt).toISOString().slice(0, 10)}`;
+      out(`${c.name.padEnd(20)} ${c.provider.padEnd(14)} ${from}`);
+    }
     return;
   }
   if (sub === 'add') {
@@ -418,13 +485,14 @@ async function exec(args: string[], paths: TillPaths): Promise<number> {
   if (agent !== undefined && !isAgentName(agent)) throw new UsageError(`unknown agent "${agent}": use ${Object.keys(AGENTS).join(', ')}`);
   if (agent !== undefined && positionals.length > 0)
     throw new UsageError('till exec --agent picks the credentials itself: name no provider or credential');
-  const credentials = new CredentialList(paths.credentials).all();
+  const api = control(paths);
+  // A team broker's credentials are its own; a local broker's are listed in this data folder.
+  const credentials = remoteBroker ? await api.credentials() : new CredentialList(paths.credentials, readConfig(paths).credentials).all();
   // Read before any key is issued: a config.json that cannot be read leaves none behind.
   const inherited = providerEnvNames(new ProviderRegistry(readConfig(paths).providers));
   const targets =
     agent !== undefined ? agentTargets(agent, credentials) : positionals.length > 0 ? positionals : credentials.map((c) => c.name);
   if (targets.length === 0) throw new Error('no credentials: add one with `till credential add <provider>`');
-  const api = control(paths);
   const issued: IssuedKey[] = [];
   let lease: HeldLease | undefined;
   const revokeAll = async () => {
@@ -481,8 +549,9 @@ async function exec(args: string[], paths: TillPaths): Promise<number> {
 }
 
 export async function main(argv: string[]): Promise<number> {
-  const [command, ...rest] = argv;
+  remoteBroker = undefined;
   try {
+    const [command, ...rest] = takeBrokerOptions(argv);
     switch (command) {
       case undefined:
       case 'help':
@@ -497,6 +566,8 @@ export async function main(argv: string[]): Promise<number> {
     }
     // Refused, with the reason, when another user could change the folder (privateFolder.ts).
     const paths = openHome(defaultHome());
+    if (remoteBroker && (command === 'serve' || command === 'credential' || command === 'credentials'))
+      throw new UsageError(`till ${command} runs on the broker's machine, not with --broker`);
     switch (command) {
       case 'serve':
         await serve(rest, paths);

@@ -90,14 +90,14 @@ export interface ServeProcess {
 /**
  * Runs `till serve` in a child process and waits for its URL: on a free port, on `port`, or with
  * `port: 'default'` without `--port` at all, as a user runs it. `fileLimit` runs it under
- * `ulimit -n`.
+ * `ulimit -n`; `args` are more of `till serve`'s options.
  */
 export function spawnServe(
   home: string,
-  options: { port?: number | 'default'; env?: NodeJS.ProcessEnv; fileLimit?: number } = {},
+  options: { port?: number | 'default'; env?: NodeJS.ProcessEnv; fileLimit?: number; args?: string[] } = {},
 ): Promise<ServeProcess> {
   const log = logFile('serve');
-  const args = [TILL_JS, 'serve', ...(options.port === 'default' ? [] : ['--port', String(options.port ?? 0)])];
+  const args = [TILL_JS, 'serve', ...(options.port === 'default' ? [] : ['--port', String(options.port ?? 0)]), ...(options.args ?? [])];
   const env = { ...process.env, ...options.env, TILL_HOME: home };
   const child =
     options.fileLimit === undefined
@@ -117,7 +117,7 @@ export function spawnServe(
   return new Promise((resolvePromise, reject) => {
     const timer = setTimeout(() => reject(new Error(`till serve did not start within 10 s: ${text}`)), 10_000);
     const check = () => {
-      const m = /listening on (http:\/\/127\.0\.0\.1:\d+)/.exec(text);
+      const m = /listening on (https?:\/\/[^\s/]+:\d+)/.exec(text);
       if (m) {
         clearTimeout(timer);
         child.stdout.off('data', check);

@@ -38,8 +38,14 @@ export class ControlError extends Error {
   }
 }
 
+/** How a control request arrived: over the network (remoteControl.ts), the origin its client used. */
+export interface ControlVia {
+  /** `https://<host>`, as the client reached the broker; absent on the local socket. */
+  origin?: string;
+}
+
 /** Handles one control request; throw {@link ControlError} for a refusal. */
-export type ControlRoute = (body: unknown, params: string[]) => unknown;
+export type ControlRoute = (body: unknown, params: string[], via: ControlVia) => unknown;
 
 /** Streams server-sent lines to a client until it leaves; returns the cleanup, run when it has gone. */
 export type ControlStream = (send: (value: unknown) => void, params: string[]) => () => void;
@@ -50,7 +56,7 @@ export interface ControlRoutes {
 }
 
 /** Compares a presented `Bearer <token>` with the token in constant time. */
-function tokenMatches(presented: string | undefined, token: string): boolean {
+export function tokenMatches(presented: string | undefined, token: string): boolean {
   const expected = Buffer.from(`Bearer ${token}`);
   const given = Buffer.from(presented ?? '');
   return given.length === expected.length && timingSafeEqual(given, expected);
@@ -65,6 +71,61 @@ function isAlive(socketPath: string): Promise<boolean> {
     });
     s.once('error', () => resolve(false));
   });
+}
+
+function reply(res: http.ServerResponse, status: number, value: unknown): void {
+  const body = JSON.stringify(value);
+  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
+  res.end(body);
+}
+
+/**
+ * Answers one authenticated control request (`path` is the route and its parameters, e.g.
+ * `/keys/k_1/extend`), on the local socket and over the network alike.
+ */
+export async function answerControl(
+  req: http.IncomingMessage,
+  res: http.ServerResponse,
+  handlers: ControlRoutes | undefined,
+  path: string,
+  via: ControlVia,
+): Promise<void> {
+  if (!handlers) return reply(res, 503, { error: 'the broker is starting' });
+  const url = new URL(path, 'http://control');
+  const [, first = '', ...params] = url.pathname.split('/');
+  const route = `${req.method} /${first}`;
+  let decoded: string[];
+  try {
+    decoded = params.map(decodeURIComponent);
+  } catch {
+    return reply(res, 400, { error: 'bad percent-encoding in the control path' });
+  }
+  const stream = handlers.streams[route];
+  if (stream) {
+    res.writeHead(200, { 'content-type': 'application/x-ndjson' });
+    res.flushHeaders();
+    const stop = stream((value) => res.write(JSON.stringify(value) + '\n'), decoded);
+    res.on('close', stop);
+    return;
+  }
+  const handler = handlers.routes[route];
+  if (!handler) return reply(res, 404, { error: `no control route ${route}` });
+  let text = '';
+  for await (const chunk of req) {
+    text += chunk;
+    if (text.length > 1_000_000) return reply(res, 413, { error: 'control request too large' });
+  }
+  let body: unknown;
+  try {
+    body = text ? JSON.parse(text) : undefined;
+  } catch {
+    return reply(res, 400, { error: `control request ${route}: its body must be JSON and its path percent-encoded` });
+  }
+  try {
+    reply(res, 200, (await handler(body, decoded, via)) ?? {});
+  } catch (err) {
+    reply(res, err instanceof ControlError ? err.status : 500, { error: (err as Error).message });
+  }
 }
 
 /** The broker side. `claim()` first (it is the lock), `serve()` once the broker is up. */
@@ -121,49 +182,9 @@ export class ControlServer {
     this.handlers = handlers;
   }
 
-  private async handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
-    const reply = (status: number, value: unknown) => {
-      const body = JSON.stringify(value);
-      res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
-      res.end(body);
-    };
-    if (!tokenMatches(req.headers.authorization, this.token)) return reply(401, { error: 'bad control token' });
-    if (!this.handlers) return reply(503, { error: 'the broker is starting' });
-    const url = new URL(req.url ?? '/', 'http://control');
-    const [, first = '', ...params] = url.pathname.split('/');
-    const route = `${req.method} /${first}`;
-    let decoded: string[];
-    try {
-      decoded = params.map(decodeURIComponent);
-    } catch {
-      return reply(400, { error: 'bad percent-encoding in the control path' });
-    }
-    const stream = this.handlers.streams[route];
-    if (stream) {
-      res.writeHead(200, { 'content-type': 'application/x-ndjson' });
-      res.flushHeaders();
-      const stop = stream((value) => res.write(JSON.stringify(value) + '\n'), decoded);
-      res.on('close', stop);
-      return;
-    }
-    const handler = this.handlers.routes[route];
-    if (!handler) return reply(404, { error: `no control route ${route}` });
-    let text = '';
-    for await (const chunk of req) {
-      text += chunk;
-      if (text.length > 1_000_000) return reply(413, { error: 'control request too large' });
-    }
-    let body: unknown;
-    try {
-      body = text ? JSON.parse(text) : undefined;
-    } catch {
-      return reply(400, { error: `control request ${route}: its body must be JSON and its path percent-encoded` });
-    }
-    try {
-      reply(200, (await handler(body, decoded)) ?? {});
-    } catch (err) {
-      reply(err instanceof ControlError ? err.status : 500, { error: (err as Error).message });
-    }
+  private handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+    if (!tokenMatches(req.headers.authorization, this.token)) return Promise.resolve(reply(res, 401, { error: 'bad control token' }));
+    return answerControl(req, res, this.handlers, req.url ?? '/', {});
   }
 
   async close(): Promise<void> {
@@ -182,36 +203,13 @@ export class ControlServer {
   }
 }
 
-/** The client side, for the `till` command and other VS Code windows. */
-export class ControlClient {
-  constructor(private readonly paths: TillPaths) {}
-
-  private token(): string {
-    let token: string | undefined;
-    try {
-      token = readPrivateFile(this.paths.token);
-    } catch (err) {
-      if (err instanceof PrivateFolderError) throw err;
-    }
-    if (token === undefined) throw new NotRunningError(this.paths.home);
-    return token.trim();
-  }
-
-  private open(method: string, path: string, body?: unknown): Promise<http.IncomingMessage> {
-    const token = this.token();
-    // The token goes only to a socket this user bound: anything else may be posing as the broker.
-    checkOwnSocket(this.paths.socket);
-    return new Promise((resolve, reject) => {
-      const req = http.request(
-        { socketPath: this.paths.socket, method, path, headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' } },
-        resolve,
-      );
-      req.on('error', (err: NodeJS.ErrnoException) => {
-        reject(err.code === 'ENOENT' || err.code === 'ECONNREFUSED' ? new NotRunningError(this.paths.home) : err);
-      });
-      req.end(body === undefined ? undefined : JSON.stringify(body));
-    });
-  }
+/**
+ * A control client's calls, whatever carries them: the local socket ({@link ControlClient}) or
+ * HTTPS to a team broker (remoteControl.ts).
+ */
+export abstract class ControlChannel {
+  /** Sends one request; resolves with the answer's head (its body still to read). */
+  protected abstract open(method: string, path: string, body?: unknown): Promise<http.IncomingMessage>;
 
   /** One request; resolves with the parsed answer or rejects with {@link ControlError}. */
   async request(method: string, path: string, body?: unknown): Promise<unknown> {
@@ -246,6 +244,41 @@ export class ControlClient {
       });
       res.on('close', () => resolve());
       res.on('error', () => resolve());
+    });
+  }
+}
+
+/** The client side on this machine, for the `till` command and other VS Code windows. */
+export class ControlClient extends ControlChannel {
+  constructor(private readonly paths: TillPaths) {
+    super();
+  }
+
+  private token(): string {
+    let token: string | undefined;
+    try {
+      token = readPrivateFile(this.paths.token);
+    } catch (err) {
+      if (err instanceof PrivateFolderError) throw err;
+    }
+    if (token === undefined) throw new NotRunningError(this.paths.home);
+    return token.trim();
+  }
+
+  protected open(method: string, path: string, body?: unknown): Promise<http.IncomingMessage> {
+    const paths = this.paths;
+    const token = this.token();
+    // The token goes only to a socket this user bound: anything else may be posing as the broker.
+    checkOwnSocket(paths.socket);
+    return new Promise((resolve, reject) => {
+      const req = http.request(
+        { socketPath: paths.socket, method, path, headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' } },
+        resolve,
+      );
+      req.on('error', (err: NodeJS.ErrnoException) => {
+        reject(err.code === 'ENOENT' || err.code === 'ECONNREFUSED' ? new NotRunningError(paths.home) : err);
+      });
+      req.end(body === undefined ? undefined : JSON.stringify(body));
     });
   }
 }

@@ -8,7 +8,7 @@
 import type { KeySummary, RequestRecord, TillEvent } from '../events';
 import type { Extension } from '../keys/keys';
 import type { Policy, PolicyInput } from '../policy/policy';
-import { ControlError, type ControlClient } from './control';
+import { ControlError, type ControlChannel } from './control';
 
 /** What issuing a key is asked with: a policy, and who it is for. */
 export interface IssueInput extends PolicyInput {
@@ -42,9 +42,9 @@ export interface BrokerStatus {
   keys: number;
 }
 
-/** The control calls, typed, over a {@link ControlClient}. */
+/** The control calls, typed, over a {@link ControlChannel}. */
 export class ControlApi {
-  constructor(readonly client: ControlClient) {}
+  constructor(readonly client: ControlChannel) {}
 
   status(): Promise<BrokerStatus> {
     return this.call('GET', '/status');
@@ -76,6 +76,11 @@ export class ControlApi {
   /** Revokes every key; how many were live. */
   async revokeAll(): Promise<number> {
     return (await this.call<{ revoked: number }>('DELETE', '/keys')).revoked;
+  }
+
+  /** The credentials the broker can use: names and providers, never secrets. */
+  credentials(): Promise<{ name: string; provider: string }[]> {
+    return this.call('GET', '/credentials');
   }
 
   /** Tells the broker a credential changed, so it drops what it cached. */

@@ -11,7 +11,7 @@
  *   key whose holder died while no broker ran is revoked within the grace period.
  * - A broker that is closing revokes nothing: its holders will reattach to the next one.
  */
-import type { ControlClient } from './control';
+import type { ControlChannel } from './control';
 import type { TillKeys } from '../keys/keys';
 
 /** How long a leased key waits for its holder after a broker starts. Default of {@link Leases}. */
@@ -100,7 +100,7 @@ export interface HeldLease {
  * `client`'s control channel. When the broker goes away (a restart, a window handing over) the
  * holder reattaches to the next one, within its grace period.
  */
-export function holdLease(client: ControlClient, ids: string[], retryMs = 250): HeldLease {
+export function holdLease(client: ControlChannel, ids: string[], retryMs = 250): HeldLease {
   const abort = new AbortController();
   let confirm: (() => void) | undefined;
   let fail: ((err: Error) => void) | undefined;

@@ -5,7 +5,14 @@
  */
 import { AuditLog } from '../audit/audit';
 import { Broker, type BrokerOptions } from '../broker/server';
-import { ControlError, ControlServer } from './control';
+import { ControlError, ControlServer, type ControlVia } from './control';
+import { readFileSync } from 'node:fs';
+import type * as http from 'node:http';
+import { listener, type ListenOptions } from '../broker/listener';
+import { checkAdminToken, remoteControlHandler } from './remoteControl';
+import { readSecretSource } from '../credentials/secretSource';
+import { configuredVault } from '../credentials/credentials';
+import { providerBaseUrl } from '../providers/providers';
 import { readCredentialName, readExtension, readIssueInput, type BrokerStatus, type IssuedKey, type IssueInput } from './controlApi';
 import { CredentialList, CredentialStore, type CredentialInfo } from '../credentials/credentials';
 import { TillEvents, type KeySummary, type RequestRecord } from '../events';
@@ -40,6 +47,20 @@ export interface ServiceOptions {
   ledger?: string;
   /** A team ledger's hold expiry (ms): a dead broker's holds are reclaimed after it. Default: postgres.ts's. */
   ledgerHoldTtlMs?: number;
+  /** Where the broker listens, over config.json's `listen`, `tlsCert`, `tlsKey` and `allowedHosts`. Default: 127.0.0.1. */
+  listen?: ServiceListen;
+  /** The admin token of the control API over the network, over config.json's `adminToken` and `TILL_ADMIN_TOKEN`. */
+  adminToken?: string;
+}
+
+/** A listener as `till serve` and config.json give it: files, not their contents. */
+export interface ServiceListen {
+  host?: string;
+  /** PEM certificate chain file. */
+  tlsCert?: string;
+  /** PEM private key file. */
+  tlsKey?: string;
+  allowedHosts?: string[];
 }
 
 /** The broker's settings a service layers: `options`, then `broker`, then config.json, then the broker's defaults. */
@@ -89,6 +110,11 @@ export class TillService {
     });
   }
 
+  /** Whether admins elsewhere may call the control API over the network (`/_till/`, an admin token is set). */
+  get remoteAdmin(): boolean {
+    return this.broker.servesControl;
+  }
+
   /** The team ledger's database, without its password; undefined on the data folder's own ledger. */
   get ledgerName(): string | undefined {
     return this.ledger instanceof PostgresLedger ? this.ledger.name : undefined;
@@ -103,7 +129,20 @@ export class TillService {
   static async start(options: ServiceOptions): Promise<TillService> {
     const paths = openHome(options.home);
     const config = readConfig(paths);
+    const env = options.env ?? process.env;
     const providers = new ProviderRegistry(config.providers, config.upstreams, options.env);
+    // Read before anything is claimed: a listener or token that cannot be used stops the start here.
+    const listen = listenOptions(
+      withDefaults<ServiceListen, object>(
+        {},
+        { host: config.listen, tlsCert: config.tlsCert, tlsKey: config.tlsKey, allowedHosts: config.allowedHosts },
+        options.listen,
+      ),
+    );
+    const adminToken =
+      options.adminToken ?? (config.adminToken ? readSecretSource(config.adminToken, env) : env.TILL_ADMIN_TOKEN || undefined);
+    if (adminToken !== undefined) checkAdminToken(adminToken);
+    listener(listen);
     const control = new ControlServer(paths);
     await control.claim();
     let ledger: KeyLedger | undefined;
@@ -113,10 +152,17 @@ export class TillService {
       const team = options.ledger ?? config.ledger;
       if (team !== undefined && !isLedgerUrl(team)) throw new Error('the ledger must be a postgres:// URL');
       ledger = team ? await PostgresLedger.open(team, { holdTtlMs: options.ledgerHoldTtlMs }) : Ledger.open(paths.ledger);
-      audit = new AuditLog(paths.audit);
+      const teamLedger = ledger instanceof PostgresLedger ? ledger : undefined;
+      audit = new AuditLog(paths.audit, { copyTo: teamLedger && ((records) => teamLedger.recordAudit(records)) });
       // Each credential from its own store; a credential another process's store keeps (VS Code's) says so.
+      const configured = config.credentials ?? {};
       const vault =
-        options.vault ?? new CredentialStore(paths.credentials, { keychain: new KeychainVault({ service: paths.keychainService }) }).vault;
+        options.vault ??
+        new CredentialStore(
+          paths.credentials,
+          { keychain: new KeychainVault({ service: paths.keychainService }), config: configuredVault(configured, env) },
+          configured,
+        ).vault;
       const events = new TillEvents();
       const keys = new TillKeys(ledger, events);
       const prices = new PriceTable(priceOverrides(paths, options.prices));
@@ -125,7 +171,23 @@ export class TillService {
         port: options.port,
       });
       conversations = new ConversationSizes(paths.contexts);
-      const broker = new Broker({ keys, vault, providers, prices, events, audit, conversations, log: options.log, ...settings });
+      // The service answers `/_till/…` once it exists (the broker is built first).
+      let remote: ((req: http.IncomingMessage, res: http.ServerResponse) => void) | undefined;
+      const remoteControl =
+        adminToken === undefined ? undefined : (req: http.IncomingMessage, res: http.ServerResponse) => remote?.(req, res);
+      const broker = new Broker({
+        keys,
+        vault,
+        providers,
+        prices,
+        events,
+        audit,
+        conversations,
+        log: options.log,
+        listen,
+        control: remoteControl,
+        ...settings,
+      });
       await broker.start();
       const service = new TillService(
         paths,
@@ -135,7 +197,7 @@ export class TillService {
         providers,
         prices,
         config.upstreams,
-        new CredentialList(paths.credentials),
+        new CredentialList(paths.credentials, configured),
         ledger,
         audit,
         conversations,
@@ -143,7 +205,9 @@ export class TillService {
         vault,
         options.leaseGraceMs,
       );
-      control.serve(service.controlRoutes());
+      const routes = service.controlRoutes();
+      control.serve(routes);
+      if (adminToken !== undefined) remote = remoteControlHandler(routes, adminToken, listen.tls ? 'https' : 'http');
       return service;
     } catch (err) {
       await ledger?.close();
@@ -184,9 +248,12 @@ export class TillService {
     return all[0]!;
   }
 
-  /** Issues a key. Checks first that the credential can be read, so a locked keychain shows now, not at the first request. */
-  /** Issues a key; `input` is checked as the control API checks it, wherever it comes from. */
-  async issue(request: IssueInput): Promise<IssuedKey> {
+  /**
+   * Issues a key; `input` is checked as the control API checks it, wherever it comes from. Checks
+   * first that the credential can be read, so a locked keychain shows now, not at the first request.
+   * `origin`: the broker as the client reached it over the network, for the key's base URL.
+   */
+  async issue(request: IssueInput, origin?: string): Promise<IssuedKey> {
     const input = readIssueInput(request);
     const credential = this.resolveCredential(input.target);
     const provider = this.providers.get(credential.provider);
@@ -211,7 +278,7 @@ export class TillService {
       lease: input.lease === true,
     });
     if (record.leased) this.leases.awaitHolder(record.id);
-    const baseUrl = this.broker.baseUrlFor(provider);
+    const baseUrl = origin === undefined ? this.broker.baseUrlFor(provider) : providerBaseUrl(origin, provider);
     return {
       id: record.id,
       key,
@@ -231,15 +298,15 @@ export class TillService {
   private controlRoutes() {
     return {
       routes: {
-        'GET /status': (): BrokerStatus => ({
-          url: this.url,
+        'GET /status': (_: unknown, __: string[], via: ControlVia): BrokerStatus => ({
+          url: via.origin ?? this.url,
           pid: process.pid,
           home: this.paths.home,
           keys: this.list().filter((k) => k.state === 'active').length,
         }),
-        'POST /keys': (body: unknown, params: string[]) => {
+        'POST /keys': (body: unknown, params: string[], via: ControlVia) => {
           const [id, action] = params;
-          if (id === undefined) return this.issue(body as IssueInput);
+          if (id === undefined) return this.issue(body as IssueInput, via.origin);
           if (action !== 'extend') throw new ControlError(404, `no control route POST /keys/${id}/${action ?? ''}`);
           const by = readExtension(body);
           return Promise.resolve()
@@ -256,6 +323,8 @@ export class TillService {
           if (!this.keys.get(id)) throw new ControlError(404, `no till key with id ${id}`);
           return { revoked: (await this.keys.revoke(id)) ? 1 : 0 };
         },
+        // Names and providers only: what `till exec` on another machine picks keys for.
+        'GET /credentials': () => this.credentials.all().map(({ name, provider }) => ({ name, provider })),
         'POST /credentials': (body: unknown) => {
           this.broker.forgetCredential(readCredentialName(body));
           return {};
@@ -282,6 +351,24 @@ export class TillService {
     this.conversations.close();
     await this.ledger.close();
   }
+}
+
+/** The listener with its certificate and key read (each named in the error when it cannot be). */
+function listenOptions(listen: ServiceListen): ListenOptions {
+  const { host, tlsCert, tlsKey, allowedHosts } = listen;
+  if ((tlsCert === undefined) !== (tlsKey === undefined)) throw new Error('a TLS listener needs both --tls-cert and --tls-key');
+  const read = (file: string, what: string) => {
+    try {
+      return readFileSync(file);
+    } catch (err) {
+      throw new Error(`cannot read the TLS ${what} ${file} (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`, {
+        cause: err,
+      });
+    }
+  };
+  const options: ListenOptions = { host, allowedHosts };
+  if (tlsCert !== undefined && tlsKey !== undefined) options.tls = { cert: read(tlsCert, 'certificate'), key: read(tlsKey, 'key') };
+  return options;
 }
 
 /** The data folder's prices.json with the editor's price settings over it. */

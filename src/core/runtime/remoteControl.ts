@@ -1,0 +1,105 @@
+/**
+ * The control API over the network, for a team broker: the same routes as the local socket
+ * (control.ts), under `/_till/` on the broker's own listener, for `till --broker https://… issue`
+ * from a laptop or a CI runner.
+ *
+ * Guarantees: every call carries the admin token (`Authorization: Bearer …`, compared in constant
+ * time) and passes the broker's front door first (Host names, browser origins refused); the
+ * broker answers these routes only when an admin token is configured; the client sends the token
+ * only over TLS, or to this machine's loopback address.
+ */
+import * as http from 'node:http';
+import * as https from 'node:https';
+import { answerControl, ControlChannel, ControlError, tokenMatches, type ControlRoutes } from './control';
+import { isLoopbackAddress } from '../broker/listener';
+
+/** The prefix of the control routes on the broker's listener. */
+export const REMOTE_CONTROL_PREFIX = '/_till';
+
+/** Shortest admin token accepted: a guessable token would hand out keys to anyone who can connect. */
+export const MIN_ADMIN_TOKEN = 32;
+
+/** Checks an admin token's strength; throws saying how to make one. */
+export function checkAdminToken(token: string): void {
+  if (token.length < MIN_ADMIN_TOKEN || /\s/.test(token)) {
+    throw new Error(
+      `the admin token must be at least ${MIN_ADMIN_TOKEN} characters with no spaces: make one with \`openssl rand -hex 32\``,
+    );
+  }
+}
+
+/**
+ * The broker's handler for `/_till/…`: the admin token, then the control route. `scheme` is the
+ * listener's, for the origin keys are issued with (the Host the client used, which the front door
+ * has already checked).
+ */
+export function remoteControlHandler(
+  routes: ControlRoutes,
+  token: string,
+  scheme: 'http' | 'https',
+): (req: http.IncomingMessage, res: http.ServerResponse) => void {
+  return (req, res) => {
+    if (!tokenMatches(req.headers.authorization, token)) {
+      const body = JSON.stringify({ error: 'bad admin token' });
+      res.writeHead(401, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), 'www-authenticate': 'Bearer' });
+      res.end(body);
+      return;
+    }
+    const path = req.url!.slice(REMOTE_CONTROL_PREFIX.length);
+    void answerControl(req, res, routes, path, { origin: `${scheme}://${req.headers.host}` });
+  };
+}
+
+/** Options of a {@link RemoteControlClient}. */
+export interface RemoteControlOptions {
+  /** The broker, e.g. `https://till.example.com:8455`. */
+  url: string;
+  /** The admin token. */
+  token: string;
+  /** PEM certificates to trust besides the system's (a team's own CA or a self-signed certificate). */
+  ca?: string | Buffer;
+}
+
+/** The control channel to a team broker over HTTPS. */
+export class RemoteControlClient extends ControlChannel {
+  private readonly base: URL;
+
+  constructor(private readonly options: RemoteControlOptions) {
+    super();
+    let base: URL;
+    try {
+      base = new URL(options.url);
+    } catch {
+      throw new ControlError(400, `--broker needs a URL such as https://till.example.com:8455, not "${options.url}"`);
+    }
+    if (base.protocol !== 'https:' && !(base.protocol === 'http:' && isLoopbackAddress(base.hostname))) {
+      throw new ControlError(400, `the admin token goes only over https (or to this machine): use https://${base.host}`);
+    }
+    this.base = base;
+  }
+
+  protected open(method: string, path: string, body?: unknown): Promise<http.IncomingMessage> {
+    const url = new URL(REMOTE_CONTROL_PREFIX + path, this.base);
+    const options: https.RequestOptions = {
+      method,
+      headers: { authorization: `Bearer ${this.options.token}`, 'content-type': 'application/json' },
+    };
+    if (this.options.ca !== undefined) options.ca = this.options.ca;
+    const transport = url.protocol === 'https:' ? https : http;
+    return new Promise((resolve, reject) => {
+      const req = transport.request(url, options, resolve);
+      req.on('error', (err: NodeJS.ErrnoException) => reject(new Error(reachError(this.base, err), { cause: err })));
+      req.end(body === undefined ? undefined : JSON.stringify(body));
+    });
+  }
+}
+
+/** What to tell the user when the team broker cannot be reached. */
+function reachError(base: URL, err: NodeJS.ErrnoException): string {
+  const code = err.code ?? '';
+  if (code === 'ECONNREFUSED' || code === 'ENOTFOUND' || code === 'EHOSTUNREACH' || code === 'ETIMEDOUT')
+    return `no Till broker answers at ${base.origin} (${code})`;
+  if (code.includes('CERT') || code.includes('SELF_SIGNED') || code === 'ERR_TLS_CERT_ALTNAME_INVALID')
+    return `the broker at ${base.origin} has a certificate this machine does not trust (${code}): give its CA with --ca FILE (or TILL_CA)`;
+  return `the broker at ${base.origin} could not be reached: ${err.message}`;
+}
