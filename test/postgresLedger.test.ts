@@ -147,4 +147,18 @@ describe('the team ledger on PostgreSQL', () => {
     expect(JSON.parse(row)).toMatchObject({ id: key.id, hash: key.hash, label: key.label, credential: 'openai' });
     await ledger!.close();
   });
+
+  it('finds a key another broker issued before its notification arrives, and says so once for a key that does not exist', async () => {
+    const [a, b] = await brokers(2);
+    const key = keyRecord({ maxActivations: 1 });
+    // Written straight to the table, as another broker's insert whose notification is still on its way.
+    db.psql(
+      `insert into till_keys (id, record, policy, lim_activations) values ('${key.id}', '${JSON.stringify({ ...key, policy: undefined, used: undefined })}', '{"maxActivations":1}', 1)`,
+    );
+    expect(b!.get(key.id)).toBeUndefined();
+    expect(await b!.find(key.id)).toMatchObject({ id: key.id, label: key.label, policy: { maxActivations: 1 } });
+    expect(b!.get(key.id)?.id).toBe(key.id);
+    expect(await b!.find('k_doesnotexist')).toBeUndefined();
+    await Promise.all([a!.close(), b!.close()]);
+  });
 });

@@ -103,6 +103,17 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
     expect(db.psql(`select used_activations, held_activations from till_keys where id = '${k.id}'`)).toBe('100|0');
   });
 
+  it('serves a key issued through broker 1 at once through broker 3, without waiting for the notification', async () => {
+    const k = await brokers[0]!.issue({ target: 'openai', uses: 2 });
+    const agent = new http.Agent({ keepAlive: false });
+    try {
+      const answer = await chat(brokers[2]!, k.key, agent);
+      expect(answer.status, answer.body).toBe(200);
+    } finally {
+      agent.destroy();
+    }
+  });
+
   it('never lets 600 parallel streams through three brokers bill more than $1 on a $1 key', async () => {
     // Each stream would produce 1,500 tokens ($0.015 at gpt-4o's $10 per million): their holds
     // start at a slice and grow as they go, each growth checked in the database.

@@ -251,8 +251,11 @@ export class Exchange implements UpstreamHandler {
   // -------------------------------------------------------------------------------------------
   // check
 
-  /** Runs the exchange: the front door, then each step in turn. */
-  start(): void {
+  /**
+   * Runs the exchange: the front door, then each step in turn. `again`: after a shared ledger was
+   * asked for a key this broker had not heard of (issued through another broker a moment ago).
+   */
+  start(again = false): void {
     const { req, c, info } = this;
     const refused = clientDenial(req, c.allowedHosts);
     if (refused) return this.deny(refused);
@@ -268,7 +271,10 @@ export class Exchange implements UpstreamHandler {
     const presented = findTillKey(req, this.query);
     if (typeof presented !== 'string') return this.deny(presented);
     const auth = c.keys.authenticateFor(presented, provider.id);
-    if ('denial' in auth) return this.deny(auth.denial, auth.key);
+    if ('denial' in auth) {
+      if (auth.denial.code === 'unknown_key' && !again && c.keys.shared) return this.askLedger(presented, auth.denial);
+      return this.deny(auth.denial, auth.key);
+    }
     const key = (this.key = auth.key);
     info.keyId = key.id;
     info.label = key.label;
@@ -278,6 +284,18 @@ export class Exchange implements UpstreamHandler {
     if (early) return this.deny(early);
     this.format = info.billable ? usageFormat(provider.id, info.method, this.path) : undefined;
     this.read();
+  }
+
+  /** Starts again once the shared ledger has the key, else refuses as before. */
+  private askLedger(presented: string, denial: Denial): void {
+    void this.c.keys.findElsewhere(presented).then((found) => {
+      try {
+        if (found) this.start(true);
+        else this.deny(denial);
+      } catch (err) {
+        this.fail(err);
+      }
+    });
   }
 
   // -------------------------------------------------------------------------------------------

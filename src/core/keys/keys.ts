@@ -249,6 +249,21 @@ export class TillKeys {
   }
 
   /**
+   * On a shared ledger, asks it for a key this broker has not heard of (issued through another
+   * broker a moment ago): true when the key now exists here, so authenticating again may pass.
+   * False at once on the local ledger, and for a string that is no till key.
+   */
+  async findElsewhere(presented: string): Promise<boolean> {
+    const parsed = parseTillKey(presented);
+    if (!parsed.ok || !this.ledger.find || this.ledger.get(parsed.id)) return false;
+    try {
+      return (await this.ledger.find(parsed.id)) !== undefined;
+    } catch {
+      return false;
+    }
+  }
+
+  /**
    * Authenticates a presented key and checks it is bound to `provider`: the check every route
    * into the broker (HTTP and WebSocket) starts with. A denial after the lookup names the key.
    */

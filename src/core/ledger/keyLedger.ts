@@ -98,6 +98,11 @@ export interface KeyLedger {
   release(hold: LedgerHold): Maybe<unknown>;
   /** Runs `then` once every hold taken so far is durable. */
   whenDurable(then: () => void): void;
+  /**
+   * Reads a key this broker has not heard of yet (issued through another broker a moment ago).
+   * Only a shared ledger has it; undefined when the key does not exist.
+   */
+  find?(id: string): Promise<KeyRecord | undefined>;
   /** Keys changed elsewhere (another broker revoked or extended one). Only a shared ledger has them. */
   onKeyChanged?(listener: (key: KeyRecord) => void): () => void;
   /** True when holds are answered after a round trip: streams grow their holds ahead (streamHold.ts). */

@@ -249,6 +249,9 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
   private closed = false;
   /** Settlements and releases the database was away for, retried in order by {@link maintain}. */
   private unsettled: { text: string; values: unknown[] }[] = [];
+  /** Lookups of unknown keys on their way ({@link find}), and ids found missing, until when. */
+  private readonly finding = new Map<string, Promise<KeyRecord | undefined>>();
+  private readonly missing = new Map<string, number>();
   /** Audit records not yet written, and whether a write is on its way. */
   private auditBacklog: AuditRecord[] = [];
   private auditing = false;
@@ -300,6 +303,32 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
     ledger.timer = setInterval(() => void ledger.maintain(), Math.max(50, Math.min(1_000, Math.floor(ledger.holdTtlMs / 3))));
     ledger.timer.unref();
     return ledger;
+  }
+
+  /**
+   * A key not seen yet, read from the database: issued through another broker a moment ago, its
+   * notification still on its way. Ids found missing are not asked again for a second, so a
+   * client presenting made-up keys costs the database one query per id per second at most.
+   */
+  find(id: string): Promise<KeyRecord | undefined> {
+    const known = this.keysById.get(id);
+    if (known) return Promise.resolve(known);
+    const missingUntil = this.missing.get(id);
+    if (missingUntil !== undefined && missingUntil > Date.now()) return Promise.resolve(undefined);
+    let pending = this.finding.get(id);
+    if (!pending) {
+      pending = this.refresh(id)
+        .then((key) => {
+          if (!key) {
+            if (this.missing.size >= 10_000) this.missing.clear();
+            this.missing.set(id, Date.now() + 1_000);
+          }
+          return key;
+        })
+        .finally(() => this.finding.delete(id));
+      this.finding.set(id, pending);
+    }
+    return pending;
   }
 
   /** Calls `listener` with a key another broker (or this one) changed: revoked, extended, issued. */

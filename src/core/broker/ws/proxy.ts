@@ -83,8 +83,8 @@ export class WebSocketProxy implements SessionHost {
     });
   }
 
-  /** Handles one `upgrade` event of the broker's HTTP server. */
-  upgrade(req: http.IncomingMessage, socket: Duplex, head: Buffer): void {
+  /** Handles one `upgrade` event of the broker's HTTP server (`again`: after asking a shared ledger for its key). */
+  upgrade(req: http.IncomingMessage, socket: Duplex, head: Buffer, again = false): void {
     socket.on('error', () => undefined);
     if ((req.headers.upgrade ?? '').toLowerCase() !== 'websocket') return this.plainHttp(req, socket);
     const started = performance.now();
@@ -149,7 +149,16 @@ export class WebSocketProxy implements SessionHost {
     const presented = this.presentedKey(req, query, offered);
     if (typeof presented !== 'string') return deny(presented);
     const auth = this.options.keys.authenticateFor(presented, provider.id);
-    if ('denial' in auth) return deny(auth.denial, auth.key);
+    if ('denial' in auth) {
+      // A key issued through another broker a moment ago: asked of the shared ledger, then checked again.
+      if (auth.denial.code === 'unknown_key' && !again && this.options.keys.shared) {
+        void this.options.keys
+          .findElsewhere(presented)
+          .then((found) => (found ? this.upgrade(req, socket, head, true) : deny(auth.denial)));
+        return;
+      }
+      return deny(auth.denial, auth.key);
+    }
     const key = auth.key;
     info.keyId = key.id;
     info.label = key.label;
