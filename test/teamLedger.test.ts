@@ -267,11 +267,23 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
     agent.destroy();
   });
 
-  it('answers 503 in the provider error shape while the database is down, and serves again when it is back', async () => {
+  it('answers 503 in the provider error shape while the database is down, loses none of the streams it had admitted, and serves again when it is back', async () => {
     const k = await brokers[0]!.issue({ target: 'openai', uses: 10 });
     await everywhere(k.id);
     const agent = new http.Agent({ keepAlive: false });
     expect((await chat(brokers[1]!, k.key, agent)).status).toBe(200);
+    // Three streams (5 s each) admitted before the database goes away; they end while it is away.
+    const client = new OpenAI({ apiKey: k.key, baseURL: `${brokers[1]!.url}/openai/v1`, maxRetries: 0 });
+    const streams = await Promise.all(
+      [1, 2, 3].map(() =>
+        client.chat.completions.create({ model: 'gpt-4o-mini', stream: true, messages: [{ role: 'user', content: 'go' }] }),
+      ),
+    );
+    const reading = streams.map(async (stream) => {
+      let text = '';
+      for await (const chunk of stream) text += chunk.choices[0]?.delta.content ?? '';
+      return text.length;
+    });
     const before = openai.received.length;
     db.stop();
     try {
@@ -281,12 +293,15 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
         error: { message: expect.stringMatching(/team ledger \(PostgreSQL\) is unavailable/) },
       });
       expect(openai.received.length).toBe(before);
+      for (const length of await Promise.all(reading)) expect(length).toBeGreaterThan(0);
     } finally {
       db.start();
     }
-    // No broker was restarted.
+    // No broker was restarted; the streams' settlements, acknowledged to their clients while the
+    // database was away, are written once it is back.
     await waitFor('the brokers to serve again', async () => (await chat(brokers[1]!, k.key, agent)).status === 200);
-    await waitFor('the key to count both', async () => (await brokers[0]!.key(k.id)).used.activations === 2);
+    await waitFor('the key to count all five', async () => (await brokers[0]!.key(k.id)).used.activations === 5);
+    expect(db.psql(`select used_activations, held_activations from till_keys where id = '${k.id}'`)).toBe('5|0');
     agent.destroy();
   });
 
