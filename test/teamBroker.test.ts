@@ -6,6 +6,7 @@
  * (Every request in these tests goes to 127.0.0.1.)
  */
 import { spawn } from 'node:child_process';
+import WebSocket from 'ws';
 import * as http from 'node:http';
 import * as https from 'node:https';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -43,7 +44,7 @@ beforeAll(async () => {
   tls = makeCertificate(['till.test']);
   openaiKey = fakeCredential('openai');
   anthropicKey = fakeCredential('anthropic');
-  openai = await startOpenAIUpstream({ credential: openaiKey });
+  openai = await startOpenAIUpstream({ credential: openaiKey, websocket: true });
   anthropic = await startAnthropicUpstream({ credential: anthropicKey });
   serverHome = tempHome();
   // What systemd's LoadCredential= and a Docker secret leave for the service: outside the test
@@ -216,6 +217,28 @@ describe('till serve as a team broker', () => {
     });
     expect(answer.status, answer.body).toBe(200);
     expect(anthropic.received.at(-1)!.headers['x-api-key']).toBe(anthropicKey);
+  });
+
+  it('carries WebSockets over TLS (wss://), checked and counted like HTTP', async () => {
+    const key = JSON.parse((await admin(['issue', 'openai', '--uses', '1', '--json'])).stdout) as IssuedKey;
+    const ws = new WebSocket(`wss://127.0.0.1:${port}/openai/v1/responses`, {
+      ca: tls.cert,
+      servername: 'till.test',
+      headers: { authorization: `Bearer ${key.key}` },
+    });
+    const types: string[] = [];
+    ws.on('message', (data: Buffer) => types.push((JSON.parse(data.toString()) as { type: string }).type));
+    await new Promise((resolve, reject) => {
+      ws.once('open', resolve);
+      ws.once('error', reject);
+    });
+    ws.send(JSON.stringify({ type: 'response.create', model: 'gpt-4o-mini', input: 'hi' }));
+    await waitFor('the turn to complete', async () => types.includes('response.completed'));
+    ws.close();
+    await waitFor('the turn to be counted', async () => {
+      const keys = JSON.parse((await admin(['ls', '--json'])).stdout) as KeySummary[];
+      return keys.find((k) => k.id === key.id)?.used.activations === 1;
+    });
   });
 
   it('runs a CI job with `till --broker … exec`: the official SDK goes through the team broker, the key is revoked at exit', async () => {
