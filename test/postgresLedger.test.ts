@@ -161,4 +161,26 @@ describe('the team ledger on PostgreSQL', () => {
     expect(await b!.find('k_doesnotexist')).toBeUndefined();
     await Promise.all([a!.close(), b!.close()]);
   });
+
+  it('takes holds asked together in order, each against what the ones before it left, as one statement per hold would', async () => {
+    const [a] = await brokers(1);
+    const key = keyRecord({ maxSpendUsd: 1 });
+    await a!.addKey(key);
+    // Asked in one turn, so they travel in one batch: $0.60 fits, the next $0.60 does not, $0.30 still does.
+    const results = await Promise.all([600_000, 600_000, 300_000, 200_000].map((spend) => a!.hold(key.id, { activations: 1, spend })));
+    expect(results.map((r) => (isRefusal(r) ? 'refused' : 'held'))).toEqual(['held', 'refused', 'held', 'refused']);
+    expect(results[1]).toMatchObject({ meter: 'spend', limit: 1_000_000 });
+    expect(
+      db.psql(
+        `select held_activations, held_spend, count(h.id) from till_keys k left join till_holds h on h.key_id = k.id where k.id = '${key.id}' group by k.id`,
+      ),
+    ).toBe('2|900000|2');
+    // Ended together too: one settled at what it used, one released.
+    const [first, , third] = results as LedgerHold[];
+    expect(await Promise.all([a!.settle(first!, { activations: 1, spend: 250_000 }), a!.release(third!)])).toEqual([true, true]);
+    expect(db.psql(`select used_activations, used_spend, held_activations, held_spend from till_keys where id = '${key.id}'`)).toBe(
+      '1|250000|0|0',
+    );
+    await a!.close();
+  });
 });

@@ -223,7 +223,6 @@ describe('till serve as a team broker', () => {
     const key = JSON.parse((await admin(['issue', 'openai', '--uses', '1', '--json'])).stdout) as IssuedKey;
     const ws = new WebSocket(`wss://127.0.0.1:${port}/openai/v1/responses`, {
       ca: tls.cert,
-      servername: 'till.test',
       headers: { authorization: `Bearer ${key.key}` },
     });
     const types: string[] = [];

@@ -109,26 +109,62 @@ const COUNTER_COLUMNS = [
 const KEY_COLUMNS = `record, policy, ${COUNTER_COLUMNS.join(', ')}`;
 
 /**
- * The statement's row of the key, and a notification of its counters to every broker (in the
- * same statement: no round trip of its own). Counters only, so the payload stays far below
+ * The columns of a changed key's row `t`, and a notification of its counters to every broker (in
+ * the same statement: no round trip of its own). Counters only, so the payload stays far below
  * PostgreSQL's 8,000 bytes whatever the key's label and policy.
  */
-const RETURN_AND_TELL = `select ${KEY_COLUMNS.replace(/(\w+)/g, 't.$1')},
-  pg_notify('till_use', json_build_object(${COUNTER_COLUMNS.map((c) => `'${c}', t.${c}`).join(', ')})::text) from t`;
+const RETURN_AND_TELL = `${KEY_COLUMNS.replace(/(\w+)/g, 't.$1')},
+  pg_notify('till_use', json_build_object(${COUNTER_COLUMNS.map((c) => `'${c}', t.${c}`).join(', ')})::text)`;
 
 /** A limit clause: the meter fits when it is unlimited, not asked for, or used + held + wanted is within the limit. */
 const fits = (meter: Meter, wanted: string) =>
   `(lim_${meter} is null or ${wanted} <= 0 or used_${meter} + held_${meter} + ${wanted} <= lim_${meter})`;
 
-// $1 key, $2..$4 activations/tokens/spend, $5 broker, $6 ttl ms.
-const HOLD = `with k as (
-  update till_keys set held_activations = held_activations + $2, held_tokens = held_tokens + $3, held_spend = held_spend + $4,
-    v = v + 1
-  where id = $1 and revoked_at is null and ${fits('activations', '$2')} and ${fits('tokens', '$3')} and ${fits('spend', '$4')}
-  returning id, held_activations, held_tokens, held_spend)
-insert into till_holds (key_id, broker, activations, tokens, spend, expires_at)
-  select id, $5, $2, $3, $4, now() + $6 * interval '1 millisecond' from k
-  returning id, (select held_activations from k) as ha, (select held_tokens from k) as ht, (select held_spend from k) as hs`;
+/**
+ * Takes a batch of holds on one key, in order, as one statement: the key's row is locked (PostgreSQL
+ * hands it over as the last committer left it), each hold is checked against what the ones before
+ * it left, exactly as one statement per hold would (a later, smaller hold can fit where an earlier
+ * one did not), and the row is written once. Returns one row per hold taken: its place in the batch
+ * (1-based), its id, and what the key holds afterwards.
+ */
+const HOLD_FUNCTION = `
+create or replace function till_take_holds(p_key text, p_amounts jsonb, p_broker text, p_ttl_ms bigint)
+returns table (n int, hold_id bigint, ha bigint, ht bigint, hs bigint) language plpgsql as $fn$
+declare
+  k record;
+  a bigint; t bigint; s bigint;
+  ns int[] := '{}';
+  ids bigint[] := '{}';
+  hid bigint;
+begin
+  select lim_activations, lim_tokens, lim_spend, used_activations, used_tokens, used_spend,
+         held_activations, held_tokens, held_spend
+    into k from till_keys where till_keys.id = p_key and revoked_at is null for update;
+  if not found then return; end if;
+  for i in 0 .. jsonb_array_length(p_amounts) - 1 loop
+    a := (p_amounts->i->>0)::bigint; t := (p_amounts->i->>1)::bigint; s := (p_amounts->i->>2)::bigint;
+    if (k.lim_activations is null or a <= 0 or k.used_activations + k.held_activations + a <= k.lim_activations)
+       and (k.lim_tokens is null or t <= 0 or k.used_tokens + k.held_tokens + t <= k.lim_tokens)
+       and (k.lim_spend is null or s <= 0 or k.used_spend + k.held_spend + s <= k.lim_spend) then
+      k.held_activations := k.held_activations + a;
+      k.held_tokens := k.held_tokens + t;
+      k.held_spend := k.held_spend + s;
+      insert into till_holds (key_id, broker, activations, tokens, spend, expires_at)
+        values (p_key, p_broker, a, t, s, now() + p_ttl_ms * interval '1 millisecond') returning till_holds.id into hid;
+      ns := ns || (i + 1);
+      ids := ids || hid;
+    end if;
+  end loop;
+  if array_length(ids, 1) is not null then
+    update till_keys set held_activations = k.held_activations, held_tokens = k.held_tokens, held_spend = k.held_spend, v = v + 1
+      where till_keys.id = p_key;
+  end if;
+  return query select u.n, u.id, k.held_activations, k.held_tokens, k.held_spend from unnest(ns, ids) as u(n, id);
+end $fn$;
+`;
+
+// $1 key, $2 JSON [[activations, tokens, spend], …], $3 broker, $4 ttl ms.
+const HOLD = `select n, hold_id, ha, ht, hs from till_take_holds($1, $2::jsonb, $3, $4)`;
 
 // $1 hold, $2..$4 new amounts, $5 broker, $6 ttl ms. Growths are checked; shrinks always pass.
 const RESIZE = `with h as (select id, key_id, activations, tokens, spend from till_holds where id = $1 and broker = $5 for update),
@@ -143,21 +179,50 @@ u as (update till_holds set activations = $2, tokens = $3, spend = $4, expires_a
 select (select count(*) from h) as found, (select count(*) from u) as changed,
   (select held_activations from k) as ha, (select held_tokens from k) as ht, (select held_spend from k) as hs`;
 
-// $1 hold, $2 broker, $3..$5 used, $6..$9 tokens by kind, $10 estimated spend, $11 unpriced (0/1).
-const SETTLE = `with h as (delete from till_holds where id = $1 and broker = $2 returning key_id, activations, tokens, spend),
-t as (update till_keys t set v = v + 1, held_activations = held_activations - h.activations, held_tokens = held_tokens - h.tokens,
-  held_spend = held_spend - h.spend,
-  used_activations = used_activations + $3, used_tokens = used_tokens + $4, used_spend = used_spend + $5,
-  tok_input = tok_input + $6, tok_output = tok_output + $7, tok_cached = tok_cached + $8, tok_reasoning = tok_reasoning + $9,
-  estimated_spend = estimated_spend + $10, unpriced = unpriced + $11
-from h where t.id = h.key_id returning t.*)
-${RETURN_AND_TELL}`;
+/**
+ * Ends a batch of holds in one statement: settles each (its amounts become spending of what it
+ * used) or releases it (it used nothing); the keys' rows are written once each, and their counters
+ * told to every broker. `ended` lists the holds that were still open: one reclaimed meanwhile (its
+ * broker taken for dead) matches no row and changes nothing. $1 JSON of {@link Ending}s, $2 broker.
+ */
+const END = `with s as (select * from jsonb_to_recordset($1::jsonb)
+    as x(id bigint, a bigint, t bigint, sp bigint, ti bigint, tout bigint, tc bigint, tr bigint, e bigint, u bigint)),
+h as (delete from till_holds d using s where d.id = s.id and d.broker = $2 returning d.id, d.key_id, d.activations, d.tokens, d.spend),
+j as (select h.key_id, sum(h.activations) as ha, sum(h.tokens) as ht, sum(h.spend) as hs,
+    sum(s.a) as ua, sum(s.t) as ut, sum(s.sp) as us, sum(s.ti) as ti, sum(s.tout) as tout, sum(s.tc) as tc, sum(s.tr) as tr,
+    sum(s.e) as e, sum(s.u) as u
+  from h join s on s.id = h.id group by h.key_id),
+t as (update till_keys t set v = v + 1, held_activations = held_activations - j.ha, held_tokens = held_tokens - j.ht,
+  held_spend = held_spend - j.hs,
+  used_activations = used_activations + j.ua, used_tokens = used_tokens + j.ut, used_spend = used_spend + j.us,
+  tok_input = tok_input + j.ti, tok_output = tok_output + j.tout, tok_cached = tok_cached + j.tc, tok_reasoning = tok_reasoning + j.tr,
+  estimated_spend = estimated_spend + j.e, unpriced = unpriced + j.u
+from j where t.id = j.key_id returning t.*)
+select ${RETURN_AND_TELL}, (select json_agg(id) from h) as ended from t`;
 
-const RELEASE = `with h as (delete from till_holds where id = $1 and broker = $2 returning key_id, activations, tokens, spend),
-t as (update till_keys t set held_activations = held_activations - h.activations, held_tokens = held_tokens - h.tokens,
-  held_spend = held_spend - h.spend, v = v + 1
-from h where t.id = h.key_id returning t.*)
-${RETURN_AND_TELL}`;
+/** One hold to end, as {@link END} reads it: what it used (all 0 for a release). */
+interface Ending {
+  id: number;
+  a: number;
+  t: number;
+  sp: number;
+  ti: number;
+  tout: number;
+  tc: number;
+  tr: number;
+  e: number;
+  u: number;
+}
+
+/** A hold asked for, waiting for its key's next statement. */
+interface WaitingHold {
+  amounts: Amounts;
+  resolve(result: LedgerHold | HoldRefusal): void;
+  reject(err: unknown): void;
+}
+
+/** Most holds taken or ended in one statement. */
+const BATCH = 500;
 
 // Expired holds (their broker stopped renewing them) count as spent, at what they held.
 const RECLAIM = `with h as (delete from till_holds where expires_at < now() returning key_id, activations, tokens, spend),
@@ -248,7 +313,12 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
   private timer: NodeJS.Timeout | undefined;
   private closed = false;
   /** Settlements and releases the database was away for, retried in order by {@link maintain}. */
-  private unsettled: { text: string; values: unknown[] }[] = [];
+  private unsettled: Ending[] = [];
+  /** Holds waiting for the statement of their key, by key (see {@link hold}). */
+  private readonly holdQueues = new Map<string, WaitingHold[]>();
+  /** Settlements and releases waiting for the next statement, and the run sending them. */
+  private readonly endQueue: { ending: Ending; resolve(ended: boolean): void }[] = [];
+  private ending: Promise<void> | undefined;
   /** Lookups of unknown keys on their way ({@link find}), and ids found missing, until when. */
   private readonly finding = new Map<string, Promise<KeyRecord | undefined>>();
   private readonly missing = new Map<string, number>();
@@ -286,6 +356,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
         await client.query('begin');
         await client.query('select pg_advisory_xact_lock(7419)');
         await client.query(SCHEMA);
+        await client.query(HOLD_FUNCTION);
         await client.query('commit');
       } catch (err) {
         await client.query('rollback').catch(() => undefined);
@@ -374,13 +445,50 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
     then();
   }
 
-  /** Holds `amounts` against the key's limits in one statement. Returns the hold, or why not. */
-  async hold(keyId: string, amounts: Amounts): Promise<LedgerHold | HoldRefusal> {
-    const rows = await this.query(HOLD, [keyId, ...meters(amounts), this.brokerId, this.holdTtlMs]);
-    const row = rows[0];
-    if (!row) return this.refusal(keyId, amounts);
-    this.heldByKey.set(keyId, heldOf(row));
-    return { id: Number(row.id), keyId, amounts: { ...amounts } };
+  /**
+   * Holds `amounts` against the key's limits. Returns the hold, or why not. Holds asked for while
+   * this broker's statement for the same key is on its way go together in the next one, in order
+   * ({@link HOLD_FUNCTION}): a busy key costs one row lock and one commit per batch, not per request.
+   */
+  hold(keyId: string, amounts: Amounts): Promise<LedgerHold | HoldRefusal> {
+    return new Promise((resolve, reject) => {
+      let queue = this.holdQueues.get(keyId);
+      if (!queue) {
+        queue = [];
+        this.holdQueues.set(keyId, queue);
+        void this.takeHolds(keyId, queue);
+      }
+      queue.push({ amounts, resolve, reject });
+    });
+  }
+
+  /** Sends the key's waiting holds, a batch per statement, until none is left. */
+  private async takeHolds(keyId: string, queue: WaitingHold[]): Promise<void> {
+    // Started in the same turn as the first hold: others asked in this turn join its batch.
+    await Promise.resolve();
+    while (queue.length > 0) {
+      const batch = queue.splice(0, BATCH);
+      try {
+        const rows = await this.query(HOLD, [keyId, JSON.stringify(batch.map((w) => meters(w.amounts))), this.brokerId, this.holdTtlMs]);
+        const taken = new Map(rows.map((row) => [num(row.n), row]));
+        if (rows[0]) this.heldByKey.set(keyId, heldOf(rows[0]));
+        const refused = batch.filter((_, i) => !taken.has(i + 1));
+        const refusals =
+          refused.length > 0
+            ? await this.refusals(
+                keyId,
+                refused.map((w) => w.amounts),
+              )
+            : [];
+        batch.forEach((w, i) => {
+          const row = taken.get(i + 1);
+          w.resolve(row ? { id: Number(row.hold_id), keyId, amounts: { ...w.amounts } } : refusals[refused.indexOf(w)]!);
+        });
+      } catch (err) {
+        for (const w of batch) w.reject(err);
+      }
+    }
+    this.holdQueues.delete(keyId);
   }
 
   /**
@@ -409,45 +517,65 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
    * broker was taken for dead and it was reclaimed, counted at what it held): nothing is added.
    * Never throws: with the database away it waits in order and is retried (see {@link end}).
    */
-  async settle(hold: LedgerHold, actual: Amounts = hold.amounts, details?: SettleDetails): Promise<boolean> {
+  settle(hold: LedgerHold, actual: Amounts = hold.amounts, details?: SettleDetails): Promise<boolean> {
     const t = details?.tokens;
-    const spend = Math.ceil(actual.spend ?? 0);
-    return this.end(SETTLE, [
-      hold.id,
-      this.brokerId,
-      ...meters(actual),
-      t?.input ?? 0,
-      t?.output ?? 0,
-      t?.cached ?? 0,
-      t?.reasoning ?? 0,
-      details?.estimated ? spend : 0,
-      details?.unpriced ? 1 : 0,
-    ]);
+    const [a, tokens, sp] = meters(actual);
+    return this.end({
+      id: hold.id,
+      a,
+      t: tokens,
+      sp,
+      ti: t?.input ?? 0,
+      tout: t?.output ?? 0,
+      tc: t?.cached ?? 0,
+      tr: t?.reasoning ?? 0,
+      e: details?.estimated ? sp : 0,
+      u: details?.unpriced ? 1 : 0,
+    });
   }
 
   /** Releases a hold (the request never reached the upstream). False when it was no longer open. */
-  async release(hold: LedgerHold): Promise<boolean> {
-    return this.end(RELEASE, [hold.id, this.brokerId]);
+  release(hold: LedgerHold): Promise<boolean> {
+    return this.end({ id: hold.id, a: 0, t: 0, sp: 0, ti: 0, tout: 0, tc: 0, tr: 0, e: 0, u: 0 });
   }
 
   /**
-   * Ends a hold (settles or releases it). With the database away, it is queued and retried:
-   * meanwhile the hold stays in the database, renewed, counting as held (never less than spent).
+   * Ends a hold (settles or releases it), with the others that end meanwhile in one statement. With
+   * the database away, it is queued and retried: meanwhile the hold stays in the database,
+   * renewed, counting as held (never less than spent).
    */
-  private async end(text: string, values: unknown[]): Promise<boolean> {
+  private end(ending: Ending): Promise<boolean> {
     if (this.unsettled.length > 0) {
-      this.unsettled.push({ text, values });
-      return false;
+      this.unsettled.push(ending);
+      return Promise.resolve(false);
     }
-    try {
-      const rows = await this.query(text, values);
-      if (!rows[0]) return false;
-      this.take(rows[0]);
-      return true;
-    } catch {
-      this.unsettled.push({ text, values });
-      return false;
+    return new Promise((resolve) => {
+      this.endQueue.push({ ending, resolve });
+      this.ending ??= this.endBatches().finally(() => (this.ending = undefined));
+    });
+  }
+
+  private async endBatches(): Promise<void> {
+    await Promise.resolve();
+    while (this.endQueue.length > 0) {
+      const batch = this.endQueue.splice(0, BATCH);
+      try {
+        const ended = await this.endNow(batch.map((b) => b.ending));
+        for (const b of batch) b.resolve(ended.has(b.ending.id));
+      } catch {
+        for (const b of batch) {
+          this.unsettled.push(b.ending);
+          b.resolve(false);
+        }
+      }
     }
+  }
+
+  /** Ends `endings` in one statement; the ids of the holds that were still open. */
+  private async endNow(endings: Ending[]): Promise<Set<number>> {
+    const rows = await this.query(END, [JSON.stringify(endings), this.brokerId]);
+    for (const row of rows) this.take(row);
+    return new Set(((rows[0]?.ended as number[] | null) ?? []).map(Number));
   }
 
   /**
@@ -492,10 +620,9 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
     try {
       await this.query(RENEW, [this.brokerId, this.holdTtlMs]);
       while (this.unsettled.length > 0) {
-        const { text, values } = this.unsettled[0]!;
-        const rows = await this.query(text, values);
-        this.unsettled.shift();
-        if (rows[0]) this.take(rows[0]);
+        const batch = this.unsettled.slice(0, BATCH);
+        await this.endNow(batch);
+        this.unsettled.splice(0, batch.length);
       }
       if (this.auditBacklog.length > 0) void this.writeAudit();
       const reclaimed = await this.query(RECLAIM, []);
@@ -509,6 +636,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
   /** Stops renewing this broker's holds (any still open expire and are reclaimed by another) and disconnects. */
   async close(): Promise<void> {
     // A last try for waiting settlements: else their holds are counted at what they held.
+    await this.ending;
     if (this.unsettled.length > 0) await this.maintain();
     await this.writeAudit();
     this.closed = true;
@@ -529,15 +657,22 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
 
   /** Why `amounts` does not fit the key now (read after the refusing statement, for the message only). */
   private async refusal(keyId: string, amounts: Amounts): Promise<HoldRefusal> {
+    return (await this.refusals(keyId, [amounts]))[0]!;
+  }
+
+  /** Why each of `asked` did not fit the key (one read of its row for all). */
+  private async refusals(keyId: string, asked: Amounts[]): Promise<HoldRefusal[]> {
     const rows = await this.query(`select ${KEY_COLUMNS}, lim_activations, lim_tokens, lim_spend from till_keys where id = $1`, [keyId]);
     const row = rows[0];
     if (!row) throw new Error(`unknown key ${keyId}`);
     const { key, held } = this.take(row)!;
-    const over = overLimit(key, held, amounts);
-    if (over) return over;
-    // It fitted a moment later (another request settled): say what was short when it was refused.
-    const meter = METERS.find((m) => (amounts[m] ?? 0) > 0) ?? 'activations';
-    return { meter, limit: num(row[`lim_${meter}`]), used: num(row[`used_${meter}`]), reserved: held[meter] ?? 0 };
+    return asked.map((amounts) => {
+      const over = overLimit(key, held, amounts);
+      if (over) return over;
+      // It fitted a moment later (another request settled): say what was short when it was refused.
+      const meter = METERS.find((m) => (amounts[m] ?? 0) > 0) ?? 'activations';
+      return { meter, limit: num(row[`lim_${meter}`]), used: num(row[`used_${meter}`]), reserved: held[meter] ?? 0 };
+    });
   }
 
   /**
