@@ -293,6 +293,20 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
         error: { message: expect.stringMatching(/team ledger \(PostgreSQL\) is unavailable/) },
       });
       expect(openai.received.length).toBe(before);
+      // A free route holds nothing, so it still passes.
+      const models = await new Promise<number>((resolve, reject) => {
+        const u = new URL(brokers[1]!.url);
+        http
+          .get(
+            { host: u.hostname, port: u.port, path: '/openai/v1/models', agent, headers: { authorization: `Bearer ${k.key}` } },
+            (res) => {
+              res.resume();
+              resolve(res.statusCode ?? 0);
+            },
+          )
+          .on('error', reject);
+      });
+      expect(models).toBe(200);
       for (const length of await Promise.all(reading)) expect(length).toBeGreaterThan(0);
     } finally {
       db.start();
