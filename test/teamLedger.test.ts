@@ -10,7 +10,7 @@ import WebSocket from 'ws';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { serveTill, type Broker } from './support/served';
 import { startPostgres, type TestPostgres } from './support/postgres';
-import { addCredential, fakeCredential, tempHome } from './support/till';
+import { addCredential, fakeCredential, runTill, tempHome } from './support/till';
 import { startOpenAIUpstream, type Upstream } from './support/upstreams';
 import { waitFor } from './support/wait';
 
@@ -197,6 +197,24 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
     } finally {
       await b.close();
       await up.close();
+    }
+  });
+
+  it('serves an extension made through broker 1 on broker 3 within a second', async () => {
+    const k = await brokers[0]!.issue({ target: 'openai', uses: 1 });
+    await everywhere(k.id);
+    const agent = new http.Agent({ keepAlive: false });
+    try {
+      expect((await chat(brokers[2]!, k.key, agent)).status).toBe(200);
+      expect((await chat(brokers[2]!, k.key, agent)).status).toBe(429);
+      const extended = await runTill(['extend', k.id, '--uses', '1'], { home: brokers[0]!.home });
+      expect(extended.code, extended.stderr).toBe(0);
+      const at = Date.now();
+      await waitFor('broker 3 to see the new limit', async () => (await brokers[2]!.key(k.id)).policy.maxActivations === 2);
+      expect(Date.now() - at).toBeLessThan(1_000);
+      expect((await chat(brokers[2]!, k.key, agent)).status).toBe(200);
+    } finally {
+      agent.destroy();
     }
   });
 
