@@ -25,6 +25,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import pg from 'pg';
+import { KeyBatches } from './keyBatches';
 import { KnownKeys } from './knownKeys';
 import {
   overLimit,
@@ -180,8 +181,8 @@ select (select count(*) from h) as found, (select count(*) from u) as changed,
   (select held_activations from k) as ha, (select held_tokens from k) as ht, (select held_spend from k) as hs`;
 
 /**
- * Ends a batch of holds in one statement: settles each (its amounts become spending of what it
- * used) or releases it (it used nothing); the keys' rows are written once each, and their counters
+ * Ends a batch of one key's holds in one statement: settles each (its amounts become spending of
+ * what it used) or releases it (it used nothing); the key's row is written once, and its counters
  * told to every broker. `ended` lists the holds that were still open: one reclaimed meanwhile (its
  * broker taken for dead) matches no row and changes nothing. $1 JSON of {@link Ending}s, $2 broker.
  */
@@ -212,13 +213,6 @@ interface Ending {
   tr: number;
   e: number;
   u: number;
-}
-
-/** A hold asked for, waiting for its key's next statement. */
-interface WaitingHold {
-  amounts: Amounts;
-  resolve(result: LedgerHold | HoldRefusal): void;
-  reject(err: unknown): void;
 }
 
 /** Most holds taken or ended in one statement. */
@@ -313,12 +307,10 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
   private timer: NodeJS.Timeout | undefined;
   private closed = false;
   /** Settlements and releases the database was away for, retried in order by {@link maintain}. */
-  private unsettled: Ending[] = [];
-  /** Holds waiting for the statement of their key, by key (see {@link hold}). */
-  private readonly holdQueues = new Map<string, WaitingHold[]>();
-  /** Settlements and releases waiting for the next statement, and the run sending them. */
-  private readonly endQueue: { ending: Ending; resolve(ended: boolean): void }[] = [];
-  private ending: Promise<void> | undefined;
+  private unsettled: { keyId: string; ending: Ending }[] = [];
+  /** Holds, and settlements and releases, sent a batch per key per statement (keyBatches.ts). */
+  private readonly holds = new KeyBatches<Amounts, LedgerHold | HoldRefusal>((key, asked) => this.takeHolds(key, asked), BATCH);
+  private readonly endings = new KeyBatches<Ending, boolean>((key, endings) => this.endHolds(key, endings), BATCH);
   /** Lookups of unknown keys on their way ({@link find}), and ids found missing, until when. */
   private readonly finding = new Map<string, Promise<KeyRecord | undefined>>();
   private readonly missing = new Map<string, number>();
@@ -448,47 +440,24 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
   /**
    * Holds `amounts` against the key's limits. Returns the hold, or why not. Holds asked for while
    * this broker's statement for the same key is on its way go together in the next one, in order
-   * ({@link HOLD_FUNCTION}): a busy key costs one row lock and one commit per batch, not per request.
+   * (keyBatches.ts, {@link HOLD_FUNCTION}).
    */
   hold(keyId: string, amounts: Amounts): Promise<LedgerHold | HoldRefusal> {
-    return new Promise((resolve, reject) => {
-      let queue = this.holdQueues.get(keyId);
-      if (!queue) {
-        queue = [];
-        this.holdQueues.set(keyId, queue);
-        void this.takeHolds(keyId, queue);
-      }
-      queue.push({ amounts, resolve, reject });
-    });
+    return this.holds.add(keyId, amounts);
   }
 
-  /** Sends the key's waiting holds, a batch per statement, until none is left. */
-  private async takeHolds(keyId: string, queue: WaitingHold[]): Promise<void> {
-    // Started in the same turn as the first hold: others asked in this turn join its batch.
-    await Promise.resolve();
-    while (queue.length > 0) {
-      const batch = queue.splice(0, BATCH);
-      try {
-        const rows = await this.query(HOLD, [keyId, JSON.stringify(batch.map((w) => meters(w.amounts))), this.brokerId, this.holdTtlMs]);
-        const taken = new Map(rows.map((row) => [num(row.n), row]));
-        if (rows[0]) this.heldByKey.set(keyId, heldOf(rows[0]));
-        const refused = batch.filter((_, i) => !taken.has(i + 1));
-        const refusals =
-          refused.length > 0
-            ? await this.refusals(
-                keyId,
-                refused.map((w) => w.amounts),
-              )
-            : [];
-        batch.forEach((w, i) => {
-          const row = taken.get(i + 1);
-          w.resolve(row ? { id: Number(row.hold_id), keyId, amounts: { ...w.amounts } } : refusals[refused.indexOf(w)]!);
-        });
-      } catch (err) {
-        for (const w of batch) w.reject(err);
-      }
-    }
-    this.holdQueues.delete(keyId);
+  /** Takes a batch of holds on one key in one statement ({@link HOLD_FUNCTION}); each one's hold or refusal. */
+  private async takeHolds(keyId: string, asked: Amounts[]): Promise<(LedgerHold | HoldRefusal)[]> {
+    const rows = await this.query(HOLD, [keyId, JSON.stringify(asked.map(meters)), this.brokerId, this.holdTtlMs]);
+    const taken = new Map(rows.map((row) => [num(row.n), row]));
+    if (rows[0]) this.heldByKey.set(keyId, heldOf(rows[0]));
+    const refused = asked.filter((_, i) => !taken.has(i + 1));
+    const refusals = refused.length > 0 ? await this.refusals(keyId, refused) : [];
+    let next = 0;
+    return asked.map((amounts, i) => {
+      const row = taken.get(i + 1);
+      return row ? { id: Number(row.hold_id), keyId, amounts: { ...amounts } } : refusals[next++]!;
+    });
   }
 
   /**
@@ -520,7 +489,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
   settle(hold: LedgerHold, actual: Amounts = hold.amounts, details?: SettleDetails): Promise<boolean> {
     const t = details?.tokens;
     const [a, tokens, sp] = meters(actual);
-    return this.end({
+    return this.end(hold.keyId, {
       id: hold.id,
       a,
       t: tokens,
@@ -536,42 +505,34 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
 
   /** Releases a hold (the request never reached the upstream). False when it was no longer open. */
   release(hold: LedgerHold): Promise<boolean> {
-    return this.end({ id: hold.id, a: 0, t: 0, sp: 0, ti: 0, tout: 0, tc: 0, tr: 0, e: 0, u: 0 });
+    return this.end(hold.keyId, { id: hold.id, a: 0, t: 0, sp: 0, ti: 0, tout: 0, tc: 0, tr: 0, e: 0, u: 0 });
   }
 
   /**
-   * Ends a hold (settles or releases it), with the others that end meanwhile in one statement. With
-   * the database away, it is queued and retried: meanwhile the hold stays in the database,
-   * renewed, counting as held (never less than spent).
+   * Ends a hold (settles or releases it), with the others of its key that end meanwhile in one
+   * statement. With the database away, it is queued and retried: meanwhile the hold stays in the
+   * database, renewed, counting as held (never less than spent).
    */
-  private end(ending: Ending): Promise<boolean> {
+  private end(keyId: string, ending: Ending): Promise<boolean> {
     if (this.unsettled.length > 0) {
-      this.unsettled.push(ending);
+      this.unsettled.push({ keyId, ending });
       return Promise.resolve(false);
     }
-    return new Promise((resolve) => {
-      this.endQueue.push({ ending, resolve });
-      this.ending ??= this.endBatches().finally(() => (this.ending = undefined));
-    });
+    return this.endings.add(keyId, ending);
   }
 
-  private async endBatches(): Promise<void> {
-    await Promise.resolve();
-    while (this.endQueue.length > 0) {
-      const batch = this.endQueue.splice(0, BATCH);
-      try {
-        const ended = await this.endNow(batch.map((b) => b.ending));
-        for (const b of batch) b.resolve(ended.has(b.ending.id));
-      } catch {
-        for (const b of batch) {
-          this.unsettled.push(b.ending);
-          b.resolve(false);
-        }
-      }
+  /** Ends a batch of one key's holds; whether each was still open. Never throws: a batch the database missed waits. */
+  private async endHolds(keyId: string, endings: Ending[]): Promise<boolean[]> {
+    try {
+      const ended = await this.endNow(endings);
+      return endings.map((e) => ended.has(e.id));
+    } catch {
+      for (const ending of endings) this.unsettled.push({ keyId, ending });
+      return endings.map(() => false);
     }
   }
 
-  /** Ends `endings` in one statement; the ids of the holds that were still open. */
+  /** Ends `endings` (of one key) in one statement; the ids of the holds that were still open. */
   private async endNow(endings: Ending[]): Promise<Set<number>> {
     const rows = await this.query(END, [JSON.stringify(endings), this.brokerId]);
     for (const row of rows) this.take(row);
@@ -619,10 +580,12 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
     if (this.closed) return;
     try {
       await this.query(RENEW, [this.brokerId, this.holdTtlMs]);
+      // In order, a batch of one key at a time (the first waiting one's).
       while (this.unsettled.length > 0) {
-        const batch = this.unsettled.slice(0, BATCH);
-        await this.endNow(batch);
-        this.unsettled.splice(0, batch.length);
+        const keyId = this.unsettled[0]!.keyId;
+        const batch = this.unsettled.filter((u) => u.keyId === keyId).slice(0, BATCH);
+        await this.endNow(batch.map((u) => u.ending));
+        this.unsettled = this.unsettled.filter((u) => !batch.includes(u));
       }
       if (this.auditBacklog.length > 0) void this.writeAudit();
       const reclaimed = await this.query(RECLAIM, []);
@@ -636,7 +599,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
   /** Stops renewing this broker's holds (any still open expire and are reclaimed by another) and disconnects. */
   async close(): Promise<void> {
     // A last try for waiting settlements: else their holds are counted at what they held.
-    await this.ending;
+    await this.endings.idle();
     if (this.unsettled.length > 0) await this.maintain();
     await this.writeAudit();
     this.closed = true;
