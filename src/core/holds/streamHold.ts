@@ -32,12 +32,13 @@
  *
  * On a team ledger (ledger/postgres.ts) a growth answers after a round trip to the database, so
  * the hold grows ahead: a growth starts once what the stream needs comes within half a slice of
- * what it holds, and the stream goes on meanwhile. The slice (at least 128 tokens) is far more
- * than a stream produces in one round trip (a few milliseconds); should a stream outrun it anyway
+ * what it holds (or within what the stream produces in two of its last growth's round trips, when
+ * the database is slow), and the stream goes on meanwhile. Should a stream outrun it anyway
  * (a burst), it goes on while the hold still covers what was seen (only the margin is thinner
  * until the growth lands), and is cut the moment it does not.
- * A growth refused (the key cannot cover it) is tried again at exactly what is needed; refused
- * again, the stream is cut once it needs more than it holds.
+ * A growth refused while the stream already needs more than it holds is tried again at exactly
+ * what it needs; refused again, the stream is cut, as on the local ledger. A growth refused ahead
+ * of need is tried again a quarter slice later: other streams of the key end and leave room.
  *
  * Server-side tool calls (a web search) bill a fee and their results as input. A tool whose calls
  * the request limits is held for all of them from the start; one whose calls are not limited is
@@ -92,8 +93,12 @@ export class StreamHold {
 
   /** A team ledger's growth on its way (see the top of this file). */
   private growing = false;
-  /** The team ledger refused to grow the hold: the stream is cut when it needs more. */
-  private refusedGrowth: HoldRefusal | undefined;
+  /** What the stream needed held at the last check (a team ledger's growth is answered later). */
+  private needed = 0;
+  /** After a growth ahead of need was refused: the output bound at which to try again. */
+  private retryAheadAt = 0;
+  /** How long the team ledger took to answer this stream's last growth. */
+  private roundTripMs = 0;
 
   constructor(
     private readonly plan: HoldPlan,
@@ -143,11 +148,9 @@ export class StreamHold {
     );
   }
 
-  /** {@link follow} on a team ledger: grows ahead, asynchronously; cuts once a refused growth is needed. */
+  /** {@link follow} on a team ledger: grows ahead, asynchronously; cuts once what is needed is refused. */
   private followAhead(bound: number, needed: number, calls: number[], callsGrow: boolean): Denial | undefined {
-    if (needed > this.held && this.refusedGrowth) {
-      return growthRefusal(this.refusedGrowth, 'the stream was ended: the key cannot cover what it may produce next');
-    }
+    this.needed = needed;
     // Outran its hold while a growth was on its way: what was seen is no longer covered. Cut now.
     if (bound > this.held) {
       return {
@@ -156,31 +159,53 @@ export class StreamHold {
         message: 'the stream was ended: it produced more than its hold before the team ledger could grow it',
       };
     }
+    if (this.growing) return undefined;
     const ceiling = this.plan.output.ceiling;
-    const near = needed + Math.floor(this.plan.output.slice / 2) > this.held && this.held < ceiling;
-    if (this.growing || this.refusedGrowth || (!near && !callsGrow)) return undefined;
-    const target = Math.min(ceiling, Math.max(needed, this.held + this.plan.output.slice));
-    this.growTo(target, calls, needed);
+    // Ahead by half a slice, or by what the stream produces in two of the ledger's round trips, if more.
+    const elapsed = performance.now() - this.started;
+    const lead = elapsed > 0 ? Math.ceil((bound / elapsed) * 2 * this.roundTripMs) : 0;
+    const near = needed + Math.max(Math.floor(this.plan.output.slice / 2), lead) > this.held && this.held < ceiling;
+    // A growth refused ahead of need is tried again once the stream has come a quarter slice further.
+    const due = needed > this.held || callsGrow || (near && bound >= this.retryAheadAt);
+    if (!due) return undefined;
+    // Once room was short, only what is needed is asked for: one round trip to the answer.
+    const short = needed > this.held && this.retryAheadAt > 0;
+    this.growTo(short ? needed : Math.min(ceiling, Math.max(needed, this.held + this.plan.output.slice)), calls);
     return undefined;
   }
 
-  /** Asks the team ledger for `output` tokens and `calls`; refused, for `fallback` (what was needed) once more. */
-  private growTo(output: number, calls: number[], fallback: number): void {
+  /**
+   * Asks the team ledger for `output` tokens and `calls`. Refused: when the stream already needs
+   * more than it holds, asked again for exactly that, and refused again the stream is ended, as on
+   * the local ledger; refused ahead of need, it is only tried again later (other streams of the key
+   * may have ended meanwhile and left room).
+   */
+  private growTo(output: number, calls: number[]): void {
     this.growing = true;
+    const asked = performance.now();
     const answer = this.hold.resize(this.amountsFor(output, calls));
     void Promise.resolve(answer).then(
       (refused) => {
         this.growing = false;
+        this.roundTripMs = performance.now() - asked;
         if (!refused) {
           this.held = Math.max(this.held, output);
           this.calls = calls;
+          this.retryAheadAt = 0;
           return;
         }
-        if (fallback > this.held && fallback < output) return this.growTo(fallback, calls, fallback);
-        this.refusedGrowth = refused;
-        if (calls.some((n, i) => n > this.calls[i]!)) {
-          this.lateDenial ??= growthRefusal(refused, 'the stream was ended: the key cannot cover another server-side tool call');
+        const callsGrow = calls.some((n, i) => n > this.calls[i]!);
+        if (this.needed > this.held || callsGrow) {
+          if (this.needed < output && this.needed > this.held) return this.growTo(this.needed, calls);
+          this.lateDenial ??= growthRefusal(
+            refused,
+            callsGrow
+              ? 'the stream was ended: the key cannot cover another server-side tool call'
+              : 'the stream was ended: the key cannot cover what it may produce next',
+          );
+          return;
         }
+        this.retryAheadAt = this.lastBound + Math.max(1, Math.floor(this.plan.output.slice / 4));
       },
       (err: unknown) => {
         this.growing = false;

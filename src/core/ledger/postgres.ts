@@ -37,7 +37,7 @@ import {
   type TokenCounts,
 } from './keyLedger';
 import type { AuditRecord } from '../audit/audit';
-import { limitsOf, METERS, type Amounts, type Meter, type Policy } from '../policy/policy';
+import { limitsOf, METERS, type Amounts, type Policy } from '../policy/policy';
 
 export interface PostgresLedgerOptions {
   /** How long a hold lives without renewal: a dead broker's holds are reclaimed after it. Default 15 s. */
@@ -117,18 +117,20 @@ const KEY_COLUMNS = `record, policy, ${COUNTER_COLUMNS.join(', ')}`;
 const RETURN_AND_TELL = `${KEY_COLUMNS.replace(/(\w+)/g, 't.$1')},
   pg_notify('till_use', json_build_object(${COUNTER_COLUMNS.map((c) => `'${c}', t.${c}`).join(', ')})::text)`;
 
-/** A limit clause: the meter fits when it is unlimited, not asked for, or used + held + wanted is within the limit. */
-const fits = (meter: Meter, wanted: string) =>
-  `(lim_${meter} is null or ${wanted} <= 0 or used_${meter} + held_${meter} + ${wanted} <= lim_${meter})`;
-
 /**
- * Takes a batch of holds on one key, in order, as one statement: the key's row is locked (PostgreSQL
+ * The two functions a batch runs in (one statement each, one key's row locked for it).
+ *
+ * `till_take_holds` takes a batch of holds on one key, in order: the key's row is locked (PostgreSQL
  * hands it over as the last committer left it), each hold is checked against what the ones before
  * it left, exactly as one statement per hold would (a later, smaller hold can fit where an earlier
  * one did not), and the row is written once. Returns one row per hold taken: its place in the batch
  * (1-based), its id, and what the key holds afterwards.
+ *
+ * `till_resize_holds` changes a batch of one key's holds the same way: a growth is checked against
+ * what the key has left after the ones before it, a shrink always passes. One row per item: its
+ * place, `held` (changed), `refused` (nothing changed) or `gone` (no longer open: reclaimed).
  */
-const HOLD_FUNCTION = `
+const HOLD_FUNCTIONS = `
 create or replace function till_take_holds(p_key text, p_amounts jsonb, p_broker text, p_ttl_ms bigint)
 returns table (n int, hold_id bigint, ha bigint, ht bigint, hs bigint) language plpgsql as $fn$
 declare
@@ -162,23 +164,59 @@ begin
   end if;
   return query select u.n, u.id, k.held_activations, k.held_tokens, k.held_spend from unnest(ns, ids) as u(n, id);
 end $fn$;
+
+create or replace function till_resize_holds(p_key text, p_items jsonb, p_broker text, p_ttl_ms bigint)
+returns table (n int, state text, ha bigint, ht bigint, hs bigint) language plpgsql as $fn$
+declare
+  k record;
+  h record;
+  a bigint; t bigint; s bigint;
+  da bigint; dt bigint; ds bigint;
+  ns int[] := '{}';
+  states text[] := '{}';
+  changed boolean := false;
+begin
+  select lim_activations, lim_tokens, lim_spend, used_activations, used_tokens, used_spend,
+         held_activations, held_tokens, held_spend
+    into k from till_keys where till_keys.id = p_key for update;
+  if not found then return; end if;
+  for i in 0 .. jsonb_array_length(p_items) - 1 loop
+    a := (p_items->i->>1)::bigint; t := (p_items->i->>2)::bigint; s := (p_items->i->>3)::bigint;
+    select activations, tokens, spend into h from till_holds
+      where till_holds.id = (p_items->i->>0)::bigint and broker = p_broker and key_id = p_key for update;
+    ns := ns || (i + 1);
+    if not found then
+      states := states || 'gone'::text;
+      continue;
+    end if;
+    da := a - h.activations; dt := t - h.tokens; ds := s - h.spend;
+    if (k.lim_activations is null or da <= 0 or k.used_activations + k.held_activations + da <= k.lim_activations)
+       and (k.lim_tokens is null or dt <= 0 or k.used_tokens + k.held_tokens + dt <= k.lim_tokens)
+       and (k.lim_spend is null or ds <= 0 or k.used_spend + k.held_spend + ds <= k.lim_spend) then
+      k.held_activations := k.held_activations + da;
+      k.held_tokens := k.held_tokens + dt;
+      k.held_spend := k.held_spend + ds;
+      update till_holds set activations = a, tokens = t, spend = s, expires_at = now() + p_ttl_ms * interval '1 millisecond'
+        where till_holds.id = (p_items->i->>0)::bigint;
+      states := states || 'held'::text;
+      changed := true;
+    else
+      states := states || 'refused'::text;
+    end if;
+  end loop;
+  if changed then
+    update till_keys set held_activations = k.held_activations, held_tokens = k.held_tokens, held_spend = k.held_spend, v = v + 1
+      where till_keys.id = p_key;
+  end if;
+  return query select u.n, u.state, k.held_activations, k.held_tokens, k.held_spend from unnest(ns, states) as u(n, state);
+end $fn$;
 `;
 
 // $1 key, $2 JSON [[activations, tokens, spend], …], $3 broker, $4 ttl ms.
 const HOLD = `select n, hold_id, ha, ht, hs from till_take_holds($1, $2::jsonb, $3, $4)`;
 
-// $1 hold, $2..$4 new amounts, $5 broker, $6 ttl ms. Growths are checked; shrinks always pass.
-const RESIZE = `with h as (select id, key_id, activations, tokens, spend from till_holds where id = $1 and broker = $5 for update),
-k as (
-  update till_keys t set held_activations = held_activations + ($2 - h.activations), held_tokens = held_tokens + ($3 - h.tokens),
-    held_spend = held_spend + ($4 - h.spend), v = v + 1
-  from h where t.id = h.key_id
-    and ${fits('activations', '($2 - h.activations)')} and ${fits('tokens', '($3 - h.tokens)')} and ${fits('spend', '($4 - h.spend)')}
-  returning t.id, t.held_activations, t.held_tokens, t.held_spend),
-u as (update till_holds set activations = $2, tokens = $3, spend = $4, expires_at = now() + $6 * interval '1 millisecond'
-  where id = $1 and exists (select 1 from k) returning id)
-select (select count(*) from h) as found, (select count(*) from u) as changed,
-  (select held_activations from k) as ha, (select held_tokens from k) as ht, (select held_spend from k) as hs`;
+// $1 key, $2 JSON [[hold, activations, tokens, spend], …], $3 broker, $4 ttl ms.
+const RESIZE = `select n, state, ha, ht, hs from till_resize_holds($1, $2::jsonb, $3, $4)`;
 
 /**
  * Ends a batch of one key's holds in one statement: settles each (its amounts become spending of
@@ -213,6 +251,12 @@ interface Ending {
   tr: number;
   e: number;
   u: number;
+}
+
+/** A hold to resize, as {@link RESIZE} takes it. */
+interface Resize {
+  hold: LedgerHold;
+  amounts: Amounts;
 }
 
 /** Most holds taken or ended in one statement. */
@@ -308,9 +352,10 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
   private closed = false;
   /** Settlements and releases the database was away for, retried in order by {@link maintain}. */
   private unsettled: { keyId: string; ending: Ending }[] = [];
-  /** Holds, and settlements and releases, sent a batch per key per statement (keyBatches.ts). */
+  /** Holds, their growths and shrinks, and settlements and releases, sent a batch per key per statement (keyBatches.ts). */
   private readonly holds = new KeyBatches<Amounts, LedgerHold | HoldRefusal>((key, asked) => this.takeHolds(key, asked), BATCH);
   private readonly endings = new KeyBatches<Ending, boolean>((key, endings) => this.endHolds(key, endings), BATCH);
+  private readonly resizes = new KeyBatches<Resize, HoldRefusal | undefined>((key, asked) => this.resizeHolds(key, asked), BATCH);
   /** Lookups of unknown keys on their way ({@link find}), and ids found missing, until when. */
   private readonly finding = new Map<string, Promise<KeyRecord | undefined>>();
   private readonly missing = new Map<string, number>();
@@ -348,7 +393,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
         await client.query('begin');
         await client.query('select pg_advisory_xact_lock(7419)');
         await client.query(SCHEMA);
-        await client.query(HOLD_FUNCTION);
+        await client.query(HOLD_FUNCTIONS);
         await client.query('commit');
       } catch (err) {
         await client.query('rollback').catch(() => undefined);
@@ -440,13 +485,13 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
   /**
    * Holds `amounts` against the key's limits. Returns the hold, or why not. Holds asked for while
    * this broker's statement for the same key is on its way go together in the next one, in order
-   * (keyBatches.ts, {@link HOLD_FUNCTION}).
+   * (keyBatches.ts, {@link HOLD_FUNCTIONS}).
    */
   hold(keyId: string, amounts: Amounts): Promise<LedgerHold | HoldRefusal> {
     return this.holds.add(keyId, amounts);
   }
 
-  /** Takes a batch of holds on one key in one statement ({@link HOLD_FUNCTION}); each one's hold or refusal. */
+  /** Takes a batch of holds on one key in one statement ({@link HOLD_FUNCTIONS}); each one's hold or refusal. */
   private async takeHolds(keyId: string, asked: Amounts[]): Promise<(LedgerHold | HoldRefusal)[]> {
     const rows = await this.query(HOLD, [keyId, JSON.stringify(asked.map(meters)), this.brokerId, this.holdTtlMs]);
     const taken = new Map(rows.map((row) => [num(row.n), row]));
@@ -464,21 +509,31 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
    * Holds `amounts` instead, in one statement: a growth is refused (nothing changes) when the key
    * cannot cover it. Undefined when done, or when the hold is no longer open (reclaimed).
    */
-  async resize(hold: LedgerHold, amounts: Amounts): Promise<HoldRefusal | undefined> {
-    const rows = await this.query(RESIZE, [hold.id, ...meters(amounts), this.brokerId, this.holdTtlMs]);
-    const row = rows[0]!;
-    if (num(row.found) === 0) return undefined;
-    if (num(row.changed) === 0) {
+  resize(hold: LedgerHold, amounts: Amounts): Promise<HoldRefusal | undefined> {
+    return this.resizes.add(hold.keyId, { hold, amounts });
+  }
+
+  /** Resizes a batch of one key's holds in one statement; each one's refusal, or undefined. */
+  private async resizeHolds(keyId: string, asked: Resize[]): Promise<(HoldRefusal | undefined)[]> {
+    const items = asked.map(({ hold, amounts }) => [hold.id, ...meters(amounts)]);
+    const rows = await this.query(RESIZE, [keyId, JSON.stringify(items), this.brokerId, this.holdTtlMs]);
+    const states = new Map(rows.map((row) => [num(row.n), String(row.state)]));
+    if (rows[0]) this.heldByKey.set(keyId, heldOf(rows[0]));
+    const growths: Amounts[] = [];
+    asked.forEach(({ hold, amounts }, i) => {
+      const state = states.get(i + 1);
+      if (state === 'held') hold.amounts = { ...amounts };
+      if (state !== 'refused') return;
       const growth: Amounts = {};
       for (const meter of METERS) {
         const more = (amounts[meter] ?? 0) - (hold.amounts[meter] ?? 0);
         if (more > 0) growth[meter] = more;
       }
-      return this.refusal(hold.keyId, growth);
-    }
-    this.heldByKey.set(hold.keyId, heldOf(row));
-    hold.amounts = { ...amounts };
-    return undefined;
+      growths.push(growth);
+    });
+    const refusals = growths.length > 0 ? await this.refusals(keyId, growths) : [];
+    let next = 0;
+    return asked.map((_, i) => (states.get(i + 1) === 'refused' ? refusals[next++] : undefined));
   }
 
   /**
@@ -616,11 +671,6 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
     } catch (err) {
       throw new LedgerUnavailableError(err);
     }
-  }
-
-  /** Why `amounts` does not fit the key now (read after the refusing statement, for the message only). */
-  private async refusal(keyId: string, amounts: Amounts): Promise<HoldRefusal> {
-    return (await this.refusals(keyId, [amounts]))[0]!;
   }
 
   /** Why each of `asked` did not fit the key (one read of its row for all). */
