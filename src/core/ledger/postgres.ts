@@ -118,105 +118,83 @@ const RETURN_AND_TELL = `${KEY_COLUMNS.replace(/(\w+)/g, 't.$1')},
   pg_notify('till_use', json_build_object(${COUNTER_COLUMNS.map((c) => `'${c}', t.${c}`).join(', ')})::text)`;
 
 /**
- * The two functions a batch runs in (one statement each, one key's row locked for it).
- *
- * `till_take_holds` takes a batch of holds on one key, in order: the key's row is locked (PostgreSQL
- * hands it over as the last committer left it), each hold is checked against what the ones before
- * it left, exactly as one statement per hold would (a later, smaller hold can fit where an earlier
- * one did not), and the row is written once. Returns one row per hold taken: its place in the batch
- * (1-based), its id, and what the key holds afterwards.
- *
- * `till_resize_holds` changes a batch of one key's holds the same way: a growth is checked against
- * what the key has left after the ones before it, a shrink always passes. One row per item: its
- * place, `held` (changed), `refused` (nothing changed) or `gone` (no longer open: reclaimed).
+ * Takes, grows and shrinks a batch of holds on one key, in order, as one statement: the key's row
+ * is locked (PostgreSQL hands it over as the last committer left it), each change is checked
+ * against what the ones before it left, exactly as one statement per change would (a later,
+ * smaller hold can fit where an earlier one did not), and the row is written once. A new hold (no
+ * id) or a growth must fit the key's limits (a revoked key takes no new hold); a shrink always
+ * passes. One row per change: its place in the batch (1-based), `held` (done), `refused` (nothing
+ * changed) or `gone` (the hold is no longer open: reclaimed), the hold's id, and what the key holds
+ * afterwards.
  */
-const HOLD_FUNCTIONS = `
-create or replace function till_take_holds(p_key text, p_amounts jsonb, p_broker text, p_ttl_ms bigint)
-returns table (n int, hold_id bigint, ha bigint, ht bigint, hs bigint) language plpgsql as $fn$
-declare
-  k record;
-  a bigint; t bigint; s bigint;
-  ns int[] := '{}';
-  ids bigint[] := '{}';
-  hid bigint;
-begin
-  select lim_activations, lim_tokens, lim_spend, used_activations, used_tokens, used_spend,
-         held_activations, held_tokens, held_spend
-    into k from till_keys where till_keys.id = p_key and revoked_at is null for update;
-  if not found then return; end if;
-  for i in 0 .. jsonb_array_length(p_amounts) - 1 loop
-    a := (p_amounts->i->>0)::bigint; t := (p_amounts->i->>1)::bigint; s := (p_amounts->i->>2)::bigint;
-    if (k.lim_activations is null or a <= 0 or k.used_activations + k.held_activations + a <= k.lim_activations)
-       and (k.lim_tokens is null or t <= 0 or k.used_tokens + k.held_tokens + t <= k.lim_tokens)
-       and (k.lim_spend is null or s <= 0 or k.used_spend + k.held_spend + s <= k.lim_spend) then
-      k.held_activations := k.held_activations + a;
-      k.held_tokens := k.held_tokens + t;
-      k.held_spend := k.held_spend + s;
-      insert into till_holds (key_id, broker, activations, tokens, spend, expires_at)
-        values (p_key, p_broker, a, t, s, now() + p_ttl_ms * interval '1 millisecond') returning till_holds.id into hid;
-      ns := ns || (i + 1);
-      ids := ids || hid;
-    end if;
-  end loop;
-  if array_length(ids, 1) is not null then
-    update till_keys set held_activations = k.held_activations, held_tokens = k.held_tokens, held_spend = k.held_spend, v = v + 1
-      where till_keys.id = p_key;
-  end if;
-  return query select u.n, u.id, k.held_activations, k.held_tokens, k.held_spend from unnest(ns, ids) as u(n, id);
-end $fn$;
-
-create or replace function till_resize_holds(p_key text, p_items jsonb, p_broker text, p_ttl_ms bigint)
-returns table (n int, state text, ha bigint, ht bigint, hs bigint) language plpgsql as $fn$
+const CHANGE_HOLDS_FUNCTION = `
+drop function if exists till_take_holds(text, jsonb, text, bigint);
+drop function if exists till_resize_holds(text, jsonb, text, bigint);
+create or replace function till_change_holds(p_key text, p_items jsonb, p_broker text, p_ttl_ms bigint)
+returns table (n int, state text, hold_id bigint, ha bigint, ht bigint, hs bigint) language plpgsql as $fn$
 declare
   k record;
   h record;
+  hid bigint;
   a bigint; t bigint; s bigint;
   da bigint; dt bigint; ds bigint;
+  outcome text;
   ns int[] := '{}';
   states text[] := '{}';
+  ids bigint[] := '{}';
   changed boolean := false;
 begin
   select lim_activations, lim_tokens, lim_spend, used_activations, used_tokens, used_spend,
-         held_activations, held_tokens, held_spend
+         held_activations, held_tokens, held_spend, revoked_at
     into k from till_keys where till_keys.id = p_key for update;
   if not found then return; end if;
   for i in 0 .. jsonb_array_length(p_items) - 1 loop
+    hid := (p_items->i->>0)::bigint;
     a := (p_items->i->>1)::bigint; t := (p_items->i->>2)::bigint; s := (p_items->i->>3)::bigint;
-    select activations, tokens, spend into h from till_holds
-      where till_holds.id = (p_items->i->>0)::bigint and broker = p_broker and key_id = p_key for update;
-    ns := ns || (i + 1);
-    if not found then
-      states := states || 'gone'::text;
-      continue;
+    outcome := 'held';
+    if hid is null then
+      da := a; dt := t; ds := s;
+      if k.revoked_at is not null then outcome := 'refused'; end if;
+    else
+      select activations, tokens, spend into h from till_holds
+        where till_holds.id = hid and broker = p_broker and key_id = p_key for update;
+      if not found then outcome := 'gone';
+      else da := a - h.activations; dt := t - h.tokens; ds := s - h.spend;
+      end if;
     end if;
-    da := a - h.activations; dt := t - h.tokens; ds := s - h.spend;
-    if (k.lim_activations is null or da <= 0 or k.used_activations + k.held_activations + da <= k.lim_activations)
-       and (k.lim_tokens is null or dt <= 0 or k.used_tokens + k.held_tokens + dt <= k.lim_tokens)
-       and (k.lim_spend is null or ds <= 0 or k.used_spend + k.held_spend + ds <= k.lim_spend) then
+    if outcome = 'held' and not (
+         (k.lim_activations is null or da <= 0 or k.used_activations + k.held_activations + da <= k.lim_activations)
+         and (k.lim_tokens is null or dt <= 0 or k.used_tokens + k.held_tokens + dt <= k.lim_tokens)
+         and (k.lim_spend is null or ds <= 0 or k.used_spend + k.held_spend + ds <= k.lim_spend)) then
+      outcome := 'refused';
+    end if;
+    if outcome = 'held' then
       k.held_activations := k.held_activations + da;
       k.held_tokens := k.held_tokens + dt;
       k.held_spend := k.held_spend + ds;
-      update till_holds set activations = a, tokens = t, spend = s, expires_at = now() + p_ttl_ms * interval '1 millisecond'
-        where till_holds.id = (p_items->i->>0)::bigint;
-      states := states || 'held'::text;
+      if hid is null then
+        insert into till_holds (key_id, broker, activations, tokens, spend, expires_at)
+          values (p_key, p_broker, a, t, s, now() + p_ttl_ms * interval '1 millisecond') returning till_holds.id into hid;
+      else
+        update till_holds set activations = a, tokens = t, spend = s, expires_at = now() + p_ttl_ms * interval '1 millisecond'
+          where till_holds.id = hid;
+      end if;
       changed := true;
-    else
-      states := states || 'refused'::text;
     end if;
+    ns := ns || (i + 1);
+    states := states || outcome;
+    ids := array_append(ids, hid);
   end loop;
   if changed then
     update till_keys set held_activations = k.held_activations, held_tokens = k.held_tokens, held_spend = k.held_spend, v = v + 1
       where till_keys.id = p_key;
   end if;
-  return query select u.n, u.state, k.held_activations, k.held_tokens, k.held_spend from unnest(ns, states) as u(n, state);
+  return query select u.n, u.state, u.id, k.held_activations, k.held_tokens, k.held_spend from unnest(ns, states, ids) as u(n, state, id);
 end $fn$;
 `;
 
-// $1 key, $2 JSON [[activations, tokens, spend], …], $3 broker, $4 ttl ms.
-const HOLD = `select n, hold_id, ha, ht, hs from till_take_holds($1, $2::jsonb, $3, $4)`;
-
-// $1 key, $2 JSON [[hold, activations, tokens, spend], …], $3 broker, $4 ttl ms.
-const RESIZE = `select n, state, ha, ht, hs from till_resize_holds($1, $2::jsonb, $3, $4)`;
+// $1 key, $2 JSON [[hold id or null, activations, tokens, spend], …], $3 broker, $4 ttl ms.
+const CHANGE_HOLDS = `select n, state, hold_id, ha, ht, hs from till_change_holds($1, $2::jsonb, $3, $4)`;
 
 /**
  * Ends a batch of one key's holds in one statement: settles each (its amounts become spending of
@@ -253,10 +231,25 @@ interface Ending {
   u: number;
 }
 
-/** A hold to resize, as {@link RESIZE} takes it. */
-interface Resize {
-  hold: LedgerHold;
+/** A hold to take or resize, as {@link CHANGE_HOLDS} takes it. */
+interface Change {
+  /** The hold to grow or shrink; absent: a new hold. */
+  hold?: LedgerHold;
   amounts: Amounts;
+}
+
+/** What became of a {@link Change}. */
+type Changed = { state: 'held'; id: number } | { state: 'refused'; refusal: HoldRefusal } | { state: 'gone' };
+
+/** What a change asks for beyond what its hold held (all of it, for a new hold). */
+function growthOf({ hold, amounts }: Change): Amounts {
+  if (!hold) return amounts;
+  const growth: Amounts = {};
+  for (const meter of METERS) {
+    const more = (amounts[meter] ?? 0) - (hold.amounts[meter] ?? 0);
+    if (more > 0) growth[meter] = more;
+  }
+  return growth;
 }
 
 /** Most holds taken or ended in one statement. */
@@ -352,10 +345,9 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
   private closed = false;
   /** Settlements and releases the database was away for, retried in order by {@link maintain}. */
   private unsettled: { keyId: string; ending: Ending }[] = [];
-  /** Holds, their growths and shrinks, and settlements and releases, sent a batch per key per statement (keyBatches.ts). */
-  private readonly holds = new KeyBatches<Amounts, LedgerHold | HoldRefusal>((key, asked) => this.takeHolds(key, asked), BATCH);
+  /** New holds, growths and shrinks, and settlements and releases, sent a batch per key per statement (keyBatches.ts). */
+  private readonly changes = new KeyBatches<Change, Changed>((key, asked) => this.changeHolds(key, asked), BATCH);
   private readonly endings = new KeyBatches<Ending, boolean>((key, endings) => this.endHolds(key, endings), BATCH);
-  private readonly resizes = new KeyBatches<Resize, HoldRefusal | undefined>((key, asked) => this.resizeHolds(key, asked), BATCH);
   /** Lookups of unknown keys on their way ({@link find}), and ids found missing, until when. */
   private readonly finding = new Map<string, Promise<KeyRecord | undefined>>();
   private readonly missing = new Map<string, number>();
@@ -393,7 +385,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
         await client.query('begin');
         await client.query('select pg_advisory_xact_lock(7419)');
         await client.query(SCHEMA);
-        await client.query(HOLD_FUNCTIONS);
+        await client.query(CHANGE_HOLDS_FUNCTION);
         await client.query('commit');
       } catch (err) {
         await client.query('rollback').catch(() => undefined);
@@ -485,55 +477,42 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
   /**
    * Holds `amounts` against the key's limits. Returns the hold, or why not. Holds asked for while
    * this broker's statement for the same key is on its way go together in the next one, in order
-   * (keyBatches.ts, {@link HOLD_FUNCTIONS}).
+   * (keyBatches.ts, {@link CHANGE_HOLDS_FUNCTION}).
    */
-  hold(keyId: string, amounts: Amounts): Promise<LedgerHold | HoldRefusal> {
-    return this.holds.add(keyId, amounts);
-  }
-
-  /** Takes a batch of holds on one key in one statement ({@link HOLD_FUNCTIONS}); each one's hold or refusal. */
-  private async takeHolds(keyId: string, asked: Amounts[]): Promise<(LedgerHold | HoldRefusal)[]> {
-    const rows = await this.query(HOLD, [keyId, JSON.stringify(asked.map(meters)), this.brokerId, this.holdTtlMs]);
-    const taken = new Map(rows.map((row) => [num(row.n), row]));
-    if (rows[0]) this.heldByKey.set(keyId, heldOf(rows[0]));
-    const refused = asked.filter((_, i) => !taken.has(i + 1));
-    const refusals = refused.length > 0 ? await this.refusals(keyId, refused) : [];
-    let next = 0;
-    return asked.map((amounts, i) => {
-      const row = taken.get(i + 1);
-      return row ? { id: Number(row.hold_id), keyId, amounts: { ...amounts } } : refusals[next++]!;
-    });
+  async hold(keyId: string, amounts: Amounts): Promise<LedgerHold | HoldRefusal> {
+    const changed = await this.changes.add(keyId, { amounts });
+    if (changed.state === 'held') return { id: changed.id, keyId, amounts: { ...amounts } };
+    if (changed.state === 'refused') return changed.refusal;
+    throw new Error(`a new hold on key ${keyId} was reported gone`);
   }
 
   /**
-   * Holds `amounts` instead, in one statement: a growth is refused (nothing changes) when the key
-   * cannot cover it. Undefined when done, or when the hold is no longer open (reclaimed).
+   * Holds `amounts` instead, with the key's other changes of the moment in one statement: a growth
+   * is refused (nothing changes) when the key cannot cover it. Undefined when done, or when the
+   * hold is no longer open (reclaimed).
    */
-  resize(hold: LedgerHold, amounts: Amounts): Promise<HoldRefusal | undefined> {
-    return this.resizes.add(hold.keyId, { hold, amounts });
+  async resize(hold: LedgerHold, amounts: Amounts): Promise<HoldRefusal | undefined> {
+    const changed = await this.changes.add(hold.keyId, { hold, amounts });
+    if (changed.state === 'held') hold.amounts = { ...amounts };
+    return changed.state === 'refused' ? changed.refusal : undefined;
   }
 
-  /** Resizes a batch of one key's holds in one statement; each one's refusal, or undefined. */
-  private async resizeHolds(keyId: string, asked: Resize[]): Promise<(HoldRefusal | undefined)[]> {
-    const items = asked.map(({ hold, amounts }) => [hold.id, ...meters(amounts)]);
-    const rows = await this.query(RESIZE, [keyId, JSON.stringify(items), this.brokerId, this.holdTtlMs]);
-    const states = new Map(rows.map((row) => [num(row.n), String(row.state)]));
+  /** Takes and resizes a batch of one key's holds in one statement ({@link CHANGE_HOLDS_FUNCTION}). */
+  private async changeHolds(keyId: string, asked: Change[]): Promise<Changed[]> {
+    const items = asked.map(({ hold, amounts }) => [hold?.id ?? null, ...meters(amounts)]);
+    const rows = await this.query(CHANGE_HOLDS, [keyId, JSON.stringify(items), this.brokerId, this.holdTtlMs]);
     if (rows[0]) this.heldByKey.set(keyId, heldOf(rows[0]));
-    const growths: Amounts[] = [];
-    asked.forEach(({ hold, amounts }, i) => {
-      const state = states.get(i + 1);
-      if (state === 'held') hold.amounts = { ...amounts };
-      if (state !== 'refused') return;
-      const growth: Amounts = {};
-      for (const meter of METERS) {
-        const more = (amounts[meter] ?? 0) - (hold.amounts[meter] ?? 0);
-        if (more > 0) growth[meter] = more;
-      }
-      growths.push(growth);
-    });
-    const refusals = growths.length > 0 ? await this.refusals(keyId, growths) : [];
+    const byPlace = new Map(rows.map((row) => [num(row.n), row]));
+    // What each refused change asked for beyond what it held, for the refusal's figures (one read for all).
+    const refused = asked.filter((_, i) => byPlace.get(i + 1)?.state !== 'held' && byPlace.get(i + 1)?.state !== 'gone');
+    const refusals = refused.length > 0 ? await this.refusals(keyId, refused.map(growthOf)) : [];
     let next = 0;
-    return asked.map((_, i) => (states.get(i + 1) === 'refused' ? refusals[next++] : undefined));
+    return asked.map((_, i): Changed => {
+      const row = byPlace.get(i + 1);
+      if (row?.state === 'held') return { state: 'held', id: Number(row.hold_id) };
+      if (row?.state === 'gone') return { state: 'gone' };
+      return { state: 'refused', refusal: refusals[next++]! };
+    });
   }
 
   /**
