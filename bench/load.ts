@@ -14,6 +14,16 @@ export interface Target {
   path: string;
   /** Authorization header the client sends (the real key, a placeholder, or a till key). */
   authorization: string;
+  /**
+   * Several brokers behind one ledger: request i goes to ports[i % ports.length] (round-robin),
+   * instead of `port`.
+   */
+  ports?: readonly number[];
+}
+
+/** The port request `i` of a phase goes to. */
+function portOf(target: Target, i: number): number {
+  return target.ports ? target.ports[i % target.ports.length]! : target.port;
 }
 
 export const CHAT_BODY = Buffer.from(
@@ -49,12 +59,12 @@ function percentile(sorted: Float64Array, p: number): number {
   return sorted[i]!;
 }
 
-function post(agent: http.Agent, target: Target, body: Buffer): Promise<void> {
+function post(agent: http.Agent, target: Target, port: number, body: Buffer): Promise<void> {
   return new Promise((resolve, reject) => {
     const req = http.request(
       {
         host: '127.0.0.1',
-        port: target.port,
+        port,
         method: 'POST',
         path: target.path,
         agent,
@@ -107,8 +117,9 @@ export function summarize(runs: PhaseRun[]): PhaseResult {
   };
 }
 
-/** Sends `total` requests with `concurrency` in flight. */
+/** Sends `total` requests with `concurrency` in flight (over all of the target's ports). */
 export async function runPhase(target: Target, concurrency: number, total: number): Promise<PhaseRun> {
+  // maxSockets is per port: `concurrency` workers never open more than `concurrency` in all.
   const agent = new http.Agent({ keepAlive: true, maxSockets: concurrency, noDelay: true });
   const latencies = new Float64Array(total);
   let next = 0;
@@ -116,7 +127,7 @@ export async function runPhase(target: Target, concurrency: number, total: numbe
     while (next < total) {
       const i = next++;
       const t0 = performance.now();
-      await post(agent, target, CHAT_BODY);
+      await post(agent, target, portOf(target, i), CHAT_BODY);
       latencies[i] = performance.now() - t0;
     }
   };
@@ -141,7 +152,7 @@ export interface StreamTiming {
 }
 
 /** Opens one SSE stream and times it. */
-function stream(agent: http.Agent, target: Target): Promise<StreamTiming> {
+function stream(agent: http.Agent, target: Target, port: number): Promise<StreamTiming> {
   return new Promise((resolve, reject) => {
     const t0 = performance.now();
     let ttfbMs = -1;
@@ -151,7 +162,7 @@ function stream(agent: http.Agent, target: Target): Promise<StreamTiming> {
     const req = http.request(
       {
         host: '127.0.0.1',
-        port: target.port,
+        port,
         method: 'POST',
         path: target.path,
         agent,
@@ -257,12 +268,12 @@ function median(values: number[]): number {
   return s[Math.floor((s.length - 1) / 2)]!;
 }
 
-/** Times `count` SSE streams one after another. */
+/** Times `count` SSE streams one after another (round-robin over the target's ports). */
 export async function runSse(target: Target, count: number): Promise<SseResult> {
   const agent = new http.Agent({ keepAlive: true, maxSockets: 1, noDelay: true });
   const timings: StreamTiming[] = [];
   try {
-    for (let i = 0; i < count; i++) timings.push(await stream(agent, target));
+    for (let i = 0; i < count; i++) timings.push(await stream(agent, target, portOf(target, i)));
   } finally {
     agent.destroy();
   }

@@ -4,7 +4,7 @@
  * enough that this resolution is under a few percent.
  */
 import { execFileSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 
 let ticksPerSecond: number | undefined;
 
@@ -19,14 +19,41 @@ function clockTicks(): number {
   return ticksPerSecond;
 }
 
+/** The fields of /proc/<pid>/stat after the command name (which may hold spaces): [0] is field 3 (state). */
+function statFields(pid: number | string): string[] {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  return stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+}
+
 /** Total CPU time (user + system, all threads) of a process, in µs. */
 export function cpuMicros(pid: number): number {
-  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  // Fields after the command name (which may hold spaces), starting at field 3 (state).
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  const fields = statFields(pid);
   const utime = Number(fields[11]);
   const stime = Number(fields[12]);
   return ((utime + stime) * 1e6) / clockTicks();
+}
+
+/**
+ * CPU time (µs) of a process and its children: its own, that of the children it has reaped
+ * (cutime + cstime), and that of its children running now. For a server that forks a process
+ * per connection and helpers beside them (PostgreSQL's postmaster): the delta over a phase is
+ * what the whole server spent, whether a child lived through the phase, started or ended in it.
+ */
+export function familyCpuMicros(pid: number): number {
+  const own = statFields(pid);
+  let ticks = Number(own[11]) + Number(own[12]) + Number(own[13]) + Number(own[14]);
+  const parent = String(pid);
+  for (const name of readdirSync('/proc')) {
+    if (name.charCodeAt(0) > 57 || name.charCodeAt(0) < 48) continue;
+    let fields: string[];
+    try {
+      fields = statFields(name);
+    } catch {
+      continue; // ended meanwhile (then counted in its parent's cutime, if it was a child)
+    }
+    if (fields[1] === parent) ticks += Number(fields[11]) + Number(fields[12]);
+  }
+  return (ticks * 1e6) / clockTicks();
 }
 
 /** CPU time (µs) the whole machine spent busy since boot, all cores: user, nice, system, irq, softirq, steal. */
