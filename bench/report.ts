@@ -11,8 +11,11 @@ export interface TargetResult {
   cpuC32?: number;
   /** Share of the machine's CPU that other processes used during the load phases (0–1). */
   otherLoad: number;
-  /** Peak RSS of the proxy process in KiB. */
+  /** Peak RSS of the proxy process in KiB (of several brokers: the largest). */
   peakRssKiB?: number;
+  /** PostgreSQL's CPU per request in µs (team ledger only): every process of its cluster. */
+  dbCpuC1?: number;
+  dbCpuC32?: number;
 }
 
 export interface Goal {
@@ -49,6 +52,10 @@ export function figuresTable(results: TargetResult[]): string {
   add('p50 / p99 latency, c=32 (ms)', (r) => `${ms(r.c32.p50Ms)} / ${ms(r.c32.p99Ms)}`);
   add('proxy CPU per request, c=1 (µs)', (r) => us(r.cpuC1));
   add('proxy CPU per request, c=32 (µs)', (r) => us(r.cpuC32));
+  if (results.some((r) => r.dbCpuC1 !== undefined)) {
+    add('PostgreSQL CPU per request, c=1 (µs)', (r) => us(r.dbCpuC1));
+    add('PostgreSQL CPU per request, c=32 (µs)', (r) => us(r.dbCpuC32));
+  }
   add('SSE time to first event, median / max (ms)', (r) => `${ms(r.sse.ttfbMedianMs)} / ${ms(r.sse.ttfbMaxMs)}`);
   add('SSE stream end, median (ms)', (r) => ms(r.sse.endMedianMs));
   add('SSE first event ahead of stream end, min (ms)', (r) => ms(r.sse.minLeadMs));

@@ -7,17 +7,26 @@
  *   till          `till serve` (dist/till.js) with a credential in a private keychain and a till key;
  *   till, limits  the same broker with a key limited in tokens and dollars: every request is
  *                 planned and held, and settled (holds/plan.ts), every stream's hold follows it;
+ *   till, team ledger
+ *                 `till serve --ledger postgres://…` on a throw-away PostgreSQL cluster
+ *                 (test/support/postgres.ts), with a key like the till column's: every billable
+ *                 request's hold and settlement are statements on the database;
+ *   till, team ledger, 3 brokers
+ *                 three such brokers, each with its own data folder, on one database and one key
+ *                 (issued through the first, known to the others through the database); the
+ *                 load goes round-robin over the three, also at c=96 (32 per broker);
  *   baseline      with BENCH_BASELINE=<an older build's till.js>: that build's `till serve`, so that
  *                 this build's cost is compared with it in the same run.
  * Then long streams (4,000 events each) through the pass-through and both till keys: the CPU a
  * stream costs, and how often a budgeted stream's hold grows. Then, in this process, the
  * tokenizer a hold uses when a body's bytes would not fit (bench/tokenizer.ts).
  * Upstream, pass-through and Till each run in their own child process, so the CPU time of each
- * proxy is read from /proc before and after each phase. The load generator runs here.
+ * proxy is read from /proc before and after each phase, and so is PostgreSQL's (its postmaster
+ * and every child of it) for the team-ledger columns. The load generator runs here.
  *
  * Prints a Markdown table to stdout (progress goes to stderr) and writes it to bench/RESULTS.md.
- * Every child process, the private keychain and the temp folder go away at the end, on error
- * and on Ctrl-C.
+ * Every child process, the private keychain, the PostgreSQL cluster and the temp folders go away
+ * at the end, on error and on Ctrl-C.
  */
 import { fork, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -25,11 +34,14 @@ import { closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, 
 import { availableParallelism, tmpdir } from 'node:os';
 import { basename, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import pg from 'pg';
 import { startPrivateKeyring, type PrivateKeyring } from '../test/support/keyring';
+import type { TestPostgres } from '../test/support/postgres';
 import { LONG_STREAM_EVENTS, runLongStreams, runPhase, runSse, summarize, type PhaseRun, type Target } from './load';
 import { runPassThrough } from './passthrough';
 import { cpuMicros, cpuModel, machineBusyMicros, peakRssKiB } from './proc';
 import { markdown, type Goal, type TargetResult } from './report';
+import { startTeamLedgerDb, type TeamLedgerDb } from './team';
 import { measureTokenizer } from './tokenizer';
 import { runUpstream, SSE_EVENTS, SSE_GAP_MS, type Orphans } from './upstream';
 
@@ -43,6 +55,17 @@ const ROUNDS = 4;
 const SSE_STREAMS = 50;
 const SSE_WARMUP_STREAMS = 5;
 const LONG_STREAMS = 20;
+// The team-ledger (PostgreSQL) columns: fewer requests, in the same rounds, so that they add
+// about half a minute to the run (they serve some 300 to 500 requests a second on 2 cores).
+// Counts divisible by ROUNDS.
+const TEAM_WARMUP_REQUESTS = 500;
+const TEAM_C1_REQUESTS = 1_000;
+const TEAM_C32_REQUESTS = 2_000;
+const TEAM_SSE_STREAMS = 20;
+const TEAM_BROKERS = 3;
+/** The three brokers' extra phase: 32 in flight on each. */
+const TEAM_WIDE_CONCURRENCY = 32 * TEAM_BROKERS;
+const TEAM_WIDE_REQUESTS = 2_000;
 
 // The targets Till is held to (issue 12).
 const MAX_CPU_RATIO = 1.1;
@@ -71,6 +94,7 @@ const RESULTS_MD = resolve(__dirname, '..', 'bench', 'RESULTS.md');
 const children: ChildProcess[] = [];
 let keyring: PrivateKeyring | undefined;
 let scratch: string | undefined;
+let teamDb: TestPostgres | undefined;
 
 const sum = (values: number[]) => values.reduce((a, b) => a + b, 0);
 
@@ -94,6 +118,13 @@ function cleanup(): void {
     }
   }
   children.length = 0;
+  // After the brokers: a fast shutdown (pg_ctl, synchronous), then its folder goes.
+  try {
+    teamDb?.destroy();
+  } catch (err) {
+    progress(`could not stop the PostgreSQL cluster: ${(err as Error).message}`);
+  }
+  teamDb = undefined;
   keyring?.stop();
   keyring = undefined;
   if (scratch) rmSync(scratch, { recursive: true, force: true });
@@ -150,9 +181,15 @@ function till(args: string[], env: NodeJS.ProcessEnv, input = '', js = TILL_JS):
  * Starts `till serve` with its output in a file (as a terminal or a log file would take it;
  * nothing here reads it during the load) and waits for its URL.
  */
-async function startServe(env: NodeJS.ProcessEnv, logFile: string, js = TILL_JS): Promise<{ child: ChildProcess; port: number }> {
+async function startServe(
+  env: NodeJS.ProcessEnv,
+  logFile: string,
+  js = TILL_JS,
+  serveArgs: string[] = [],
+): Promise<{ child: ChildProcess; port: number }> {
   const fd = openSync(logFile, 'w', 0o600);
-  const child = spawn(process.execPath, [...(js === TILL_JS ? profileArgs(basename(logFile, '.log')) : []), js, 'serve', '--port', '0'], {
+  const node = js === TILL_JS ? profileArgs(basename(logFile, '.log')) : [];
+  const child = spawn(process.execPath, [...node, js, 'serve', '--port', '0', ...serveArgs], {
     cwd: scratch,
     env,
     stdio: ['ignore', fd, fd],
@@ -181,19 +218,47 @@ async function stopChild(child: ChildProcess, signal: NodeJS.Signals = 'SIGTERM'
   }
 }
 
+/** What a team ledger's database holds: keys, activations used and held over them, holds open. */
+async function ledgerCounts(url: string): Promise<{ keys: number; used: number; held: number; holds: number }> {
+  const client = new pg.Client({ connectionString: url, connectionTimeoutMillis: 5_000, query_timeout: 5_000 });
+  client.on('error', () => undefined);
+  await client.connect();
+  try {
+    const k = await client.query<{ keys: string; used: string; held: string }>(
+      'select count(*) as keys, coalesce(sum(used_activations), 0) as used, coalesce(sum(held_activations), 0) as held from till_keys',
+    );
+    const h = await client.query<{ holds: string }>('select count(*) as holds from till_holds');
+    const row = k.rows[0]!;
+    return { keys: Number(row.keys), used: Number(row.used), held: Number(row.held), holds: Number(h.rows[0]!.holds) };
+  } finally {
+    await client.end().catch(() => undefined);
+  }
+}
+
 // Share of the machine's CPU that other processes may take during the load phases before the
 // figures are flagged as unreliable.
 const MAX_OTHER_LOAD = 0.1;
 
 interface Path {
   target: Target;
-  /** The proxy's process (none for the direct path). */
-  pid: number | undefined;
+  /** The proxy's processes: none for the direct path, three for three brokers (their CPU is summed). */
+  pids: number[];
+  /** Requests over the whole run (c1 and c32 spread evenly over the rounds), and SSE streams. */
+  counts: { warmup: number; c1: number; c32: number; sse: number };
+  /** Long streams through it too (the local ledger's columns). */
+  longStreams: boolean;
+  /** The team ledger's cluster, whose CPU is read beside the proxy's. */
+  db?: TeamLedgerDb;
   c1: PhaseRun[];
   c32: PhaseRun[];
   /** Proxy CPU (µs) per round, at c=1 and c=32. */
   cpuC1: number[];
   cpuC32: number[];
+  /** PostgreSQL's CPU (µs) per round, at c=1 and c=32 (team ledger only). */
+  dbCpuC1: number[];
+  dbCpuC32: number[];
+  /** A third phase in each round, after c=32: the three brokers at 32 each. */
+  wide?: { concurrency: number; requests: number; runs: PhaseRun[]; cpu: number[]; dbCpu: number[] };
   /** CPU time other processes took while this path was loaded, and the wall time (µs). */
   otherCpu: number;
   wall: number;
@@ -205,10 +270,11 @@ interface Path {
  * every path alike.
  */
 async function load(paths: Path[], upstreamPid: number): Promise<void> {
-  const cpu = (p: Path) => (p.pid === undefined ? 0 : cpuMicros(p.pid));
+  const cpu = (p: Path) => sum(p.pids.map(cpuMicros));
+  const dbCpu = (p: Path) => p.db?.cpuMicros() ?? 0;
   const ours = (p: Path) => {
     const self = process.cpuUsage();
-    return cpu(p) + cpuMicros(upstreamPid) + self.user + self.system;
+    return cpu(p) + dbCpu(p) + cpuMicros(upstreamPid) + self.user + self.system;
   };
   for (let round = 0; round < ROUNDS; round++) {
     for (let i = 0; i < paths.length; i++) {
@@ -217,14 +283,24 @@ async function load(paths: Path[], upstreamPid: number): Promise<void> {
       const ours0 = ours(p);
       const t0 = performance.now();
       const cpu0 = cpu(p);
-      p.c1.push(await runPhase(p.target, 1, C1_REQUESTS / ROUNDS));
+      const db0 = dbCpu(p);
+      p.c1.push(await runPhase(p.target, 1, p.counts.c1 / ROUNDS));
       const cpu1 = cpu(p);
-      p.c32.push(await runPhase(p.target, 32, C32_REQUESTS / ROUNDS));
+      const db1 = dbCpu(p);
+      p.c32.push(await runPhase(p.target, 32, p.counts.c32 / ROUNDS));
       const cpu2 = cpu(p);
+      const db2 = dbCpu(p);
+      if (p.wide) {
+        p.wide.runs.push(await runPhase(p.target, p.wide.concurrency, p.wide.requests / ROUNDS));
+        p.wide.cpu.push(cpu(p) - cpu2);
+        p.wide.dbCpu.push(dbCpu(p) - db2);
+      }
       p.otherCpu += Math.max(0, machineBusyMicros() - machine0 - (ours(p) - ours0));
       p.wall += (performance.now() - t0) * 1000;
       p.cpuC1.push(cpu1 - cpu0);
       p.cpuC32.push(cpu2 - cpu1);
+      p.dbCpuC1.push(db1 - db0);
+      p.dbCpuC32.push(db2 - db1);
     }
     progress(`load round ${round + 1}/${ROUNDS} done`);
   }
@@ -267,19 +343,34 @@ async function main(): Promise<void> {
   });
   const orphans: Orphans = { pids: [], keyringHome: keychain.env.HOME, dirs: [scratch, keychain.env.HOME!] };
   const serves: ChildProcess[] = [];
-  const startTill = async (home: string, issueArgs: string[], js = TILL_JS) => {
+  /** Adds the credential and starts `till serve` (`ledger`: on that team ledger). */
+  const startBroker = async (home: string, js = TILL_JS, ledger?: string) => {
     const env = tillEnvOf(home);
     await till(['credential', 'add', 'openai'], env, `${secret}\n`, js);
-    const started = await startServe(env, join(scratch!, `serve-${home}.log`), js);
+    const log = join(scratch!, `serve-${home}.log`);
+    const started = await startServe(env, log, js, ledger ? ['--ledger', ledger] : []);
     serves.push(started.child);
     orphans.pids.push(started.child.pid!);
     upstream.child.send({ reap: orphans });
-    const issued = JSON.parse(await till(['issue', 'openai', '--json', ...issueArgs], env, '', js)) as {
+    // It names its team ledger just after its URL.
+    for (let waited = 0; ledger && !readFileSync(log, 'utf8').includes('team ledger: postgres://'); waited += 50) {
+      if (waited >= 2_000)
+        throw new Error(`${home}: till serve does not say it is on the team ledger: ${readFileSync(log, 'utf8').trim()}`);
+      await sleep(50);
+    }
+    return { ...started, env };
+  };
+  const issueKey = async (env: NodeJS.ProcessEnv, issueArgs: string[], js = TILL_JS) =>
+    JSON.parse(await till(['issue', 'openai', '--json', ...issueArgs], env, '', js)) as {
+      id: string;
       key: string;
       baseUrl: string;
-      policy: { maxActivations?: number };
+      policy: { maxActivations?: number; maxTokens?: number; maxSpendUsd?: number };
     };
-    return { ...started, env, issued };
+  /** A broker and a key issued through it with `issueArgs`. */
+  const startTill = async (home: string, issueArgs: string[], js = TILL_JS, ledger?: string) => {
+    const started = await startBroker(home, js, ledger);
+    return { ...started, issued: await issueKey(started.env, issueArgs, js) };
   };
   progress('starting till serve (one per Till column)');
   const serve = await startTill('home', ['--label', 'bench']);
@@ -298,13 +389,49 @@ async function main(): Promise<void> {
     baseline = { ...started, key: started.issued.key };
   }
 
+  // The team ledger: one cluster, a database for each of its two columns.
+  progress('starting PostgreSQL and the team-ledger brokers');
+  const team = await startTeamLedgerDb(['till_three'], (db) => {
+    teamDb = db;
+  });
+  orphans.postmaster = team.postmaster;
+  orphans.dirs.push(team.folder);
+  upstream.child.send({ reap: orphans });
+  // A key like the till column's (no limits): every billable request is still held and settled
+  // on the database (one activation), as on a key with a uses limit.
+  const teamServe = await startTill('home-team', ['--label', 'bench team'], TILL_JS, team.urlOf('till'));
+  const threes = await Promise.all(
+    Array.from({ length: TEAM_BROKERS }, (_, i) => startBroker(`home-team3-${i + 1}`, TILL_JS, team.urlOf('till_three'))),
+  );
+  // One key, issued through the first broker: the others learn it from the database (a notification).
+  const shared = await issueKey(threes[0]!.env, ['--label', 'bench team, 3 brokers']);
+  for (const b of threes.slice(1)) {
+    const deadline = Date.now() + 10_000;
+    while (!(JSON.parse(await till(['ls', '--json'], b.env)) as { id: string }[]).some((k) => k.id === shared.id)) {
+      if (Date.now() > deadline) throw new Error(`a broker on the team ledger did not learn key ${shared.id} within 10 s`);
+      await sleep(100);
+    }
+  }
+  for (const k of [teamServe.issued, shared]) {
+    const { maxActivations, maxTokens, maxSpendUsd } = k.policy;
+    if (maxActivations !== undefined || maxTokens !== undefined || maxSpendUsd !== undefined)
+      throw new Error('the team keys must have no limits');
+  }
+  const teamCounts = { warmup: TEAM_WARMUP_REQUESTS, c1: TEAM_C1_REQUESTS, c32: TEAM_C32_REQUESTS, sse: TEAM_SSE_STREAMS };
+  const counts = { warmup: WARMUP_REQUESTS, c1: C1_REQUESTS, c32: C32_REQUESTS, sse: SSE_STREAMS };
+
   const paths: Path[] = [
-    { target: { name: 'direct', port: upstream.port, path: '/v1/chat/completions', authorization: `Bearer ${secret}` }, pid: undefined },
+    { target: { name: 'direct', port: upstream.port, path: '/v1/chat/completions', authorization: `Bearer ${secret}` }, pids: [] },
     {
       target: { name: 'pass-through', port: pass.port, path: '/v1/chat/completions', authorization: 'Bearer sk-placeholder' },
-      pid: pass.child.pid,
+      pids: [pass.child.pid!],
+      longStreams: true,
     },
-    { target: { name: 'till', port: serve.port, path: tillPath, authorization: `Bearer ${issued.key}` }, pid: serve.child.pid },
+    {
+      target: { name: 'till', port: serve.port, path: tillPath, authorization: `Bearer ${issued.key}` },
+      pids: [serve.child.pid!],
+      longStreams: true,
+    },
     // The same broker on a billable route Till does not meter: the difference is metering's cost.
     {
       target: {
@@ -313,26 +440,59 @@ async function main(): Promise<void> {
         path: `${new URL(unmeteredServe.issued.baseUrl).pathname}/audio/speech`,
         authorization: `Bearer ${unmeteredServe.issued.key}`,
       },
-      pid: unmeteredServe.child.pid,
+      pids: [unmeteredServe.child.pid!],
     },
     {
       target: { name: 'till, limits', port: limitsServe.port, path: tillPath, authorization: `Bearer ${budgeted.key}` },
-      pid: limitsServe.child.pid,
+      pids: [limitsServe.child.pid!],
+      longStreams: true,
     },
     ...(baseline
       ? [
           {
             target: { name: 'baseline', port: baseline.port, path: tillPath, authorization: `Bearer ${baseline.key}` },
-            pid: baseline.child.pid,
+            pids: [baseline.child.pid!],
           },
         ]
       : []),
-  ].map((p) => ({ ...p, c1: [], c32: [], cpuC1: [], cpuC32: [], otherCpu: 0, wall: 0 }));
+    {
+      target: { name: 'till, team ledger', port: teamServe.port, path: tillPath, authorization: `Bearer ${teamServe.issued.key}` },
+      pids: [teamServe.child.pid!],
+      counts: teamCounts,
+      db: team,
+    },
+    {
+      target: {
+        name: `till, team ledger, ${TEAM_BROKERS} brokers`,
+        port: threes[0]!.port,
+        ports: threes.map((b) => b.port),
+        path: tillPath,
+        authorization: `Bearer ${shared.key}`,
+      },
+      pids: threes.map((b) => b.child.pid!),
+      counts: teamCounts,
+      db: team,
+      wide: { concurrency: TEAM_WIDE_CONCURRENCY, requests: TEAM_WIDE_REQUESTS, runs: [], cpu: [], dbCpu: [] },
+    },
+  ].map((p): Path => ({
+    counts,
+    longStreams: false,
+    ...p,
+    c1: [],
+    c32: [],
+    cpuC1: [],
+    cpuC32: [],
+    dbCpuC1: [],
+    dbCpuC32: [],
+    otherCpu: 0,
+    wall: 0,
+  }));
+  const [teamPath, threePath] = paths.filter((x) => x.db !== undefined) as [Path, Path];
 
   const metered = (p: Path) => p.target.name !== 'till, unmetered route';
   for (const p of paths) {
     progress(`${p.target.name}: warm-up`);
-    await runPhase(p.target, WARMUP_CONCURRENCY, WARMUP_REQUESTS);
+    await runPhase(p.target, WARMUP_CONCURRENCY, p.counts.warmup);
     if (metered(p)) await runSse(p.target, SSE_WARMUP_STREAMS);
   }
   await load(paths, upstream.child.pid!);
@@ -340,10 +500,10 @@ async function main(): Promise<void> {
   let unmetered: { c1: number; c32: number } | undefined;
   for (const p of paths) {
     if (!metered(p)) {
-      unmetered = { c1: sum(p.cpuC1) / C1_REQUESTS, c32: sum(p.cpuC32) / C32_REQUESTS };
+      unmetered = { c1: sum(p.cpuC1) / p.counts.c1, c32: sum(p.cpuC32) / p.counts.c32 };
       continue;
     }
-    const sse = await runSse(p.target, SSE_STREAMS);
+    const sse = await runSse(p.target, p.counts.sse);
     progress(`${p.target.name}: SSE first event ${sse.ttfbMedianMs.toFixed(2)} ms, end ${sse.endMedianMs.toFixed(1)} ms`);
     const result: TargetResult = {
       name: p.target.name,
@@ -352,10 +512,15 @@ async function main(): Promise<void> {
       sse,
       otherLoad: p.otherCpu / (p.wall * availableParallelism()),
     };
-    if (p.pid !== undefined) {
-      result.cpuC1 = sum(p.cpuC1) / C1_REQUESTS;
-      result.cpuC32 = sum(p.cpuC32) / C32_REQUESTS;
-      result.peakRssKiB = peakRssKiB(p.pid);
+    if (p.pids.length > 0) {
+      result.cpuC1 = sum(p.cpuC1) / p.counts.c1;
+      result.cpuC32 = sum(p.cpuC32) / p.counts.c32;
+      // Three brokers: the largest of the three.
+      result.peakRssKiB = Math.max(...p.pids.map(peakRssKiB));
+    }
+    if (p.db) {
+      result.dbCpuC1 = sum(p.dbCpuC1) / p.counts.c1;
+      result.dbCpuC32 = sum(p.dbCpuC32) / p.counts.c32;
     }
     results.push(result);
   }
@@ -363,11 +528,11 @@ async function main(): Promise<void> {
   const ledgerFile = join(limitsServe.env.TILL_HOME!, 'ledger.jsonl');
   const growths = () => (readFileSync(ledgerFile, 'utf8').match(/"t":"adj"/g) ?? []).length;
   const long: { name: string; cpuPerStream: number; msPerStream: number; growthsPerStream?: number }[] = [];
-  for (const p of paths.filter((x) => x.pid !== undefined && x.target.name !== 'till, unmetered route' && x.target.name !== 'baseline')) {
+  for (const p of paths.filter((x) => x.longStreams)) {
     const adj0 = growths();
-    const cpu0 = cpuMicros(p.pid!);
+    const cpu0 = cpuMicros(p.pids[0]!);
     const ms = await runLongStreams(p.target, LONG_STREAMS);
-    const cpuPerStream = (cpuMicros(p.pid!) - cpu0) / LONG_STREAMS;
+    const cpuPerStream = (cpuMicros(p.pids[0]!) - cpu0) / LONG_STREAMS;
     long.push({
       name: p.target.name,
       cpuPerStream,
@@ -388,6 +553,22 @@ async function main(): Promise<void> {
   for (const child of serves) {
     await stopChild(child);
     if (child.exitCode !== 0) progress(`a till serve exited with ${child.exitCode ?? child.signalCode}`);
+  }
+  const pgVersion = team.db.psql('show server_version').split(' ')[0];
+  // What the team ledger counted, once its brokers are stopped (every settlement written): one
+  // activation for each billable request sent, nothing left held.
+  const ledgerChecks: string[] = [];
+  for (const [p, database] of [
+    [teamPath, 'till'],
+    [threePath, 'till_three'],
+  ] as const) {
+    const sent = p.counts.warmup + SSE_WARMUP_STREAMS + p.counts.c1 + p.counts.c32 + (p.wide?.requests ?? 0) + p.counts.sse;
+    const c = await ledgerCounts(team.urlOf(database));
+    const fine = c.keys === 1 && c.used === sent && c.held === 0 && c.holds === 0;
+    if (!fine) progress(`warning: ${p.target.name}: ${JSON.stringify(c)} for ${sent} requests sent`);
+    ledgerChecks.push(
+      `${p.target.name}: ${c.used.toLocaleString('en-US')} activations used of ${sent.toLocaleString('en-US')} requests sent, ${c.held} held, ${c.holds} holds open${fine ? '' : ` (**not what was sent**: ${c.keys} keys)`}`,
+    );
   }
   upstream.child.send({ reap: { ...orphans, pids: [] } });
   await stopChild(pass.child);
@@ -465,6 +646,9 @@ async function main(): Promise<void> {
     },
   ];
 
+  const teamResults = results.filter((r) => r.dbCpuC1 !== undefined);
+  const wide = threePath.wide!;
+  const wideRun = summarize(wide.runs);
   const seconds = (performance.now() - began) / 1000;
   const busiest = Math.max(...results.map((r) => r.otherLoad));
   const warnings: string[] = [];
@@ -481,7 +665,7 @@ async function main(): Promise<void> {
       cpu: cpuModel(),
       cores: availableParallelism(),
       platform: `${process.platform} ${process.arch}`,
-      counts: `Per path: ${WARMUP_REQUESTS.toLocaleString('en-US')} warm-up requests, then ${C1_REQUESTS.toLocaleString('en-US')} at concurrency 1 and ${C32_REQUESTS.toLocaleString('en-US')} at concurrency 32 (POST of a small JSON chat-completions body over keep-alive), in ${ROUNDS} rounds that alternate the paths, then ${SSE_STREAMS} SSE streams one at a time.`,
+      counts: `Per path: ${WARMUP_REQUESTS.toLocaleString('en-US')} warm-up requests, then ${C1_REQUESTS.toLocaleString('en-US')} at concurrency 1 and ${C32_REQUESTS.toLocaleString('en-US')} at concurrency 32 (POST of a small JSON chat-completions body over keep-alive), in ${ROUNDS} rounds that alternate the paths, then ${SSE_STREAMS} SSE streams one at a time. The team-ledger columns, in the same rounds, fewer to bound the run (each request is two statements on the database): ${TEAM_WARMUP_REQUESTS.toLocaleString('en-US')} warm-up, ${TEAM_C1_REQUESTS.toLocaleString('en-US')} at c=1, ${TEAM_C32_REQUESTS.toLocaleString('en-US')} at c=32 (the three brokers: then ${TEAM_WIDE_REQUESTS.toLocaleString('en-US')} at c=${TEAM_WIDE_CONCURRENCY}), ${TEAM_SSE_STREAMS} SSE streams.`,
     },
     results,
     goals,
@@ -496,6 +680,9 @@ async function main(): Promise<void> {
             `Metering's cost: the same till key on a billable route Till does not meter (\`/audio/speech\`) used ${Math.round(unmetered.c1)} µs at c=1 and ${Math.round(unmetered.c32)} µs at c=32, so reading usage from the answer and settling tokens and spend costs ${Math.round(t.cpuC1! - unmetered.c1)} µs and ${Math.round(t.cpuC32! - unmetered.c32)} µs per request (${(unmetered.c1 / p.cpuC1!).toFixed(2)}× and ${(unmetered.c32 / p.cpuC32!).toFixed(2)}× the pass-through without it).`,
           ]
         : []),
+      `Team ledger: \`till serve --ledger postgres://…\` on a throw-away PostgreSQL ${pgVersion} cluster on this machine (fsync on, synchronous commit; the broker's default pool of 8 connections), each column on a database of its own, with an unlimited key like the till column's. Every billable request is a hold statement (a conditional UPDATE of the key's row that inserts a hold row) and, once answered, a settlement statement (deletes the hold, adds to the row's counters, notifies every broker of the database), each committed on its own; all requests use one key, so they take turns on its one row. A key with a uses limit is held alike: an unlimited key's request holds one activation too, only the UPDATE's limit test differs. Proxy CPU counts the broker processes only (three brokers: their CPU summed, over all requests; peak RSS: the largest of the three); PostgreSQL's CPU (postmaster, backends, WAL writer, checkpointer, autovacuum: every process of the cluster, from /proc) is its own row and is not in the proxy CPU. At c=32 the broker(s) and PostgreSQL kept ${teamResults.map((r) => `${((r.c32.reqPerSec * (r.cpuC32! + r.dbCpuC32!)) / 1e6).toFixed(1)}`).join(' and ')} of the ${availableParallelism()} cores busy (one broker, three), beside the upstream and the load generator. No targets apply to these columns: issue 12's are the local ledger's.`,
+      `${threePath.target.name}: the load goes round-robin over the three; the key was issued through the first and learnt by the others from the database. At c=${wide.concurrency} (${wide.concurrency / TEAM_BROKERS} per broker): ${Math.round(wideRun.reqPerSec).toLocaleString('en-US')} req/s, p50 / p99 ${wideRun.p50Ms.toFixed(2)} / ${wideRun.p99Ms.toFixed(2)} ms, proxy CPU ${Math.round(sum(wide.cpu) / wide.requests)} µs per request (three summed), PostgreSQL ${Math.round(sum(wide.dbCpu) / wide.requests)} µs.`,
+      `What the team ledger counted after the run, its brokers stopped: ${ledgerChecks.join('; ')}.`,
       `Long streams (${LONG_STREAM_EVENTS.toLocaleString('en-US')} events each, as fast as read, ${LONG_STREAMS} one after another), proxy CPU per stream: ${long.map((l) => `${l.name} ${(l.cpuPerStream / 1000).toFixed(1)} ms`).join(', ')}. The limited key's hold grew ${long.find((l) => l.growthsPerStream !== undefined)?.growthsPerStream?.toFixed(1) ?? '?'} times per stream (a ledger write each), which costs ${((long.find((l) => l.name === 'till, limits')!.cpuPerStream - long.find((l) => l.name === 'till')!.cpuPerStream) / 1000).toFixed(1)} ms per stream over the unlimited key.`,
       `Tokenizer (o200k_base: Till's counter over tiktoken's rank file, in this process; loaded by a broker's first stream on a key with token or spend limits, whose text it counts if the stream is cut, and by a body whose bytes would refuse a request or lower its output): loading it ${tokenizer.loadMs.toFixed(0)} ms and ${tokenizer.loadRssMiB.toFixed(0)} MiB; counting ${tokenizer.sizes.map((z) => `a ${z.label} (${(z.bytes / 1000).toFixed(0)} kB, ${z.tokens.toLocaleString('en-US')} tokens) ${z.ms.toFixed(1)} ms`).join('; ')}. The requests above are held by their bytes; the limited column's first stream loads it, which the peak RSS shows.`,
       ...(base ? [`Baseline: ${BASELINE_JS}, its \`till serve\` run alongside in the same rounds.`] : []),

@@ -63,11 +63,13 @@ function longStream(res: http.ServerResponse, events: number, usage: boolean): v
   write();
 }
 
-/** What to clean up if the bench dies: `till serve`, the private keychain's daemons, folders. */
+/** What to clean up if the bench dies: `till serve`, the private keychain's daemons, the team ledger's PostgreSQL, folders. */
 export interface Orphans {
   pids: number[];
   /** HOME of the private keychain: its dbus-daemon and gnome-keyring-daemon run with it. */
   keyringHome?: string;
+  /** The team ledger's postmaster: stopped (immediate shutdown) before its folder, in `dirs`, goes. */
+  postmaster?: number;
   dirs: string[];
 }
 
@@ -87,6 +89,18 @@ function reap(orphans: Orphans): void {
     }
   };
   for (const pid of orphans.pids) if (read(`/proc/${pid}/cmdline`).includes('till.js')) kill(pid);
+  const postmaster = orphans.postmaster;
+  if (postmaster !== undefined && read(`/proc/${postmaster}/cmdline`).includes('postgres')) {
+    try {
+      // Immediate shutdown: the postmaster ends its backends and exits without a checkpoint.
+      process.kill(postmaster, 'SIGQUIT');
+    } catch {
+      // already gone
+    }
+    // Up to 5 s for it to go, so that it writes nothing into the folder once removed.
+    const pause = new Int32Array(new SharedArrayBuffer(4));
+    for (let i = 0; i < 100 && read(`/proc/${postmaster}/cmdline`) !== ''; i++) Atomics.wait(pause, 0, 0, 50);
+  }
   if (orphans.keyringHome) {
     const mark = `\0HOME=${orphans.keyringHome}\0`;
     for (const name of readdirSync('/proc')) {
