@@ -500,7 +500,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
   /** Takes and resizes a batch of one key's holds in one statement ({@link CHANGE_HOLDS_FUNCTION}). */
   private async changeHolds(keyId: string, asked: Change[]): Promise<Changed[]> {
     const items = asked.map(({ hold, amounts }) => [hold?.id ?? null, ...meters(amounts)]);
-    const rows = await this.query(CHANGE_HOLDS, [keyId, JSON.stringify(items), this.brokerId, this.holdTtlMs]);
+    const rows = await this.query(CHANGE_HOLDS, [keyId, JSON.stringify(items), this.brokerId, this.holdTtlMs], 'till_change_holds');
     if (rows[0]) this.heldByKey.set(keyId, heldOf(rows[0]));
     const byPlace = new Map(rows.map((row) => [num(row.n), row]));
     // What each refused change asked for beyond what it held, for the refusal's figures (one read for all).
@@ -568,7 +568,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
 
   /** Ends `endings` (of one key) in one statement; the ids of the holds that were still open. */
   private async endNow(endings: Ending[]): Promise<Set<number>> {
-    const rows = await this.query(END, [JSON.stringify(endings), this.brokerId]);
+    const rows = await this.query(END, [JSON.stringify(endings), this.brokerId], 'till_end');
     for (const row of rows) this.take(row);
     return new Set(((rows[0]?.ended as number[] | null) ?? []).map(Number));
   }
@@ -594,7 +594,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
     try {
       while (this.auditBacklog.length > 0) {
         const batch = this.auditBacklog.slice(0, 1_000);
-        await this.query(AUDIT, [JSON.stringify(batch), this.brokerId]);
+        await this.query(AUDIT, [JSON.stringify(batch), this.brokerId], 'till_audit');
         this.auditBacklog.splice(0, batch.length);
       }
     } catch {
@@ -613,7 +613,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
   async maintain(): Promise<void> {
     if (this.closed) return;
     try {
-      await this.query(RENEW, [this.brokerId, this.holdTtlMs]);
+      await this.query(RENEW, [this.brokerId, this.holdTtlMs], 'till_renew');
       // In order, a batch of one key at a time (the first waiting one's).
       while (this.unsettled.length > 0) {
         const keyId = this.unsettled[0]!.keyId;
@@ -622,7 +622,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
         this.unsettled = this.unsettled.filter((u) => !batch.includes(u));
       }
       if (this.auditBacklog.length > 0) void this.writeAudit();
-      const reclaimed = await this.query(RECLAIM, []);
+      const reclaimed = await this.query(RECLAIM, [], 'till_reclaim');
       for (const row of reclaimed) await this.refresh(String(row.id));
       for (const row of reclaimed) await this.notify(String(row.id));
     } catch {
@@ -644,9 +644,10 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
 
   // -------------------------------------------------------------------------------------------
 
-  private async query(text: string, values: unknown[]): Promise<Row[]> {
+  /** Runs one statement; `name` makes it a prepared one (parsed and planned once per connection: the hot ones). */
+  private async query(text: string, values: unknown[], name?: string): Promise<Row[]> {
     try {
-      return (await this.pool.query(text, values)).rows as Row[];
+      return (await this.pool.query({ text, values, name })).rows as Row[];
     } catch (err) {
       throw new LedgerUnavailableError(err);
     }
