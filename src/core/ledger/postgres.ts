@@ -110,11 +110,11 @@ const COUNTER_COLUMNS = [
 const KEY_COLUMNS = `record, policy, ${COUNTER_COLUMNS.join(', ')}`;
 
 /**
- * The columns of a changed key's row `t`, and a notification of its counters to every broker (in
- * the same statement: no round trip of its own). Counters only, so the payload stays far below
+ * The counters of a changed key's row `t`, and a notification of them to every broker (in the
+ * same statement: no round trip of its own). Counters only, so the payload stays far below
  * PostgreSQL's 8,000 bytes whatever the key's label and policy.
  */
-const RETURN_AND_TELL = `${KEY_COLUMNS.replace(/(\w+)/g, 't.$1')},
+const RETURN_AND_TELL = `${COUNTER_COLUMNS.map((c) => `t.${c}`).join(', ')},
   pg_notify('till_use', json_build_object(${COUNTER_COLUMNS.map((c) => `'${c}', t.${c}`).join(', ')})::text)`;
 
 /**
@@ -288,16 +288,25 @@ function meters(amounts: Amounts): [number, number, number] {
 }
 
 /** A key's row (or its counters, with the record known before) as the record the broker works with. */
-function recordOf(row: Row, known: KeyRecord | undefined): { key: KeyRecord; held: Amounts } {
-  const stored = (row.record ?? storedPart(known!)) as Omit<KeyRecord, 'policy' | 'used'>;
-  const key: KeyRecord = { ...stored, policy: row.policy ?? known!.policy, used: {} };
+function recordOf(row: Row): { key: KeyRecord; held: Amounts } {
+  const key = { ...(row.record as object), policy: row.policy, used: {} } as KeyRecord;
+  return { key, held: countersInto(key, row) };
+}
+
+/**
+ * A row's counters written into `key` in place (used, tokens by kind, estimated spend, unpriced,
+ * revocation), as a settlement or a notification brings them; returns what the key holds.
+ */
+function countersInto(key: KeyRecord, row: Row): Amounts {
   const held: Amounts = {};
+  const used: Amounts = {};
   for (const meter of METERS) {
-    const used = num(row[`used_${meter}`]);
-    if (used !== 0) key.used[meter] = used;
+    const u = num(row[`used_${meter}`]);
+    if (u !== 0) used[meter] = u;
     const h = num(row[`held_${meter}`]);
     if (h !== 0) held[meter] = h;
   }
+  key.used = used;
   const tokens: TokenCounts = {
     input: num(row.tok_input),
     output: num(row.tok_output),
@@ -305,10 +314,14 @@ function recordOf(row: Row, known: KeyRecord | undefined): { key: KeyRecord; hel
     reasoning: num(row.tok_reasoning),
   };
   if (tokens.input + tokens.output + tokens.cached + tokens.reasoning > 0) key.tokens = tokens;
+  else delete key.tokens;
   if (num(row.estimated_spend) > 0) key.estimatedSpend = num(row.estimated_spend);
+  else delete key.estimatedSpend;
   if (num(row.unpriced) > 0) key.unpriced = num(row.unpriced);
+  else delete key.unpriced;
   if (row.revoked_at !== null && row.revoked_at !== undefined) key.revokedAt = num(row.revoked_at);
-  return { key, held };
+  else delete key.revokedAt;
+  return held;
 }
 
 /** The columns of a key that do not change with use (the record without policy, counters and state). */
@@ -674,7 +687,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
    */
   private take(row: Row): { key: KeyRecord; held: Amounts } | undefined {
     const id = String(row.id);
-    let known = this.keysById.get(id);
+    const known = this.keysById.get(id);
     const version = num(row.v);
     if (known && (this.versions.get(id) ?? -1) > version) return { key: known, held: this.reserved(id) };
     if (!known && row.record === undefined) {
@@ -683,8 +696,13 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
       return undefined;
     }
     this.versions.set(id, version);
-    const taken = recordOf(row, known);
-    known = this.keysById.get(taken.key.id);
+    // Counters only (a settlement's result, a notification): written into the record the broker holds.
+    if (known && row.record === undefined) {
+      const held = countersInto(known, row);
+      this.heldByKey.set(id, held);
+      return { key: known, held };
+    }
+    const taken = recordOf(row);
     // Keep the object the broker holds (its requests refer to it): update it in place.
     if (known) {
       for (const field of Object.keys(known) as (keyof KeyRecord)[]) if (!(field in taken.key)) delete known[field];
