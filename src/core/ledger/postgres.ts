@@ -36,7 +36,6 @@ import {
   type SettleDetails,
   type TokenCounts,
 } from './keyLedger';
-import type { AuditRecord } from '../audit/audit';
 import { limitsOf, METERS, type Amounts, type Policy } from '../policy/policy';
 
 export interface PostgresLedgerOptions {
@@ -365,7 +364,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
   private readonly finding = new Map<string, Promise<KeyRecord | undefined>>();
   private readonly missing = new Map<string, number>();
   /** Audit records not yet written, and whether a write is on its way. */
-  private auditBacklog: AuditRecord[] = [];
+  private auditBacklog: object[] = [];
   private auditing = false;
   /** Audit records dropped from the backlog while the database was away (they remain in the audit file). */
   auditDropped = 0;
@@ -587,11 +586,12 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
   }
 
   /**
-   * Copies audit records to `till_audit` (one statement per batch). With the database away they
+   * Copies audit records (audit.ts's `AuditRecord`s; the ledger sits below the audit log, so it
+   * takes them as plain objects) to `till_audit` (one statement per batch). With the database away they
    * wait, up to {@link AUDIT_BACKLOG}, and are written when it returns; each broker's audit file
    * keeps them all regardless.
    */
-  recordAudit(records: AuditRecord[]): void {
+  recordAudit(records: readonly object[]): void {
     for (const r of records) this.auditBacklog.push(r);
     const over = this.auditBacklog.length - AUDIT_BACKLOG;
     if (over > 0) {
