@@ -218,6 +218,33 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
     }
   });
 
+  it('closes a WebSocket on another broker within a second of a revocation through broker 1', async () => {
+    const up = await startOpenAIUpstream({ credential, websocket: true });
+    const home = tempHome();
+    await addCredential(home, 'openai', 'openai', credential);
+    const b = await serveTill(home, { env: { TILL_UPSTREAM_OPENAI: `${up.url}/v1`, TILL_LEDGER: db.url } });
+    try {
+      const k = await brokers[0]!.issue({ target: 'openai' });
+      await waitFor('the broker to know the key', async () => (await b.key(k.id).catch(() => undefined)) !== undefined);
+      const ws = new WebSocket(`${b.url.replace(/^http/, 'ws')}/openai/v1/responses`, { headers: { authorization: `Bearer ${k.key}` } });
+      const closed = new Promise<number>((resolve) => ws.once('close', () => resolve(Date.now())));
+      const types: string[] = [];
+      ws.on('message', (data: Buffer) => types.push((JSON.parse(data.toString()) as { type: string }).type));
+      await new Promise((resolve, reject) => {
+        ws.once('open', resolve);
+        ws.once('error', reject);
+      });
+      ws.send(JSON.stringify({ type: 'response.create', model: 'gpt-4o-mini', input: 'hi' }));
+      await waitFor('a turn to complete', async () => types.includes('response.completed'));
+      const revokedAt = Date.now();
+      await brokers[0]!.revoke(k.id);
+      expect((await closed) - revokedAt).toBeLessThan(1_000);
+    } finally {
+      await b.close();
+      await up.close();
+    }
+  });
+
   it('ends a stream on broker 3 within a second of a revocation through broker 1', async () => {
     const k = await brokers[0]!.issue({ target: 'openai' });
     await everywhere(k.id);
