@@ -276,6 +276,7 @@ async function serve(args: string[], paths: TillPaths): Promise<void> {
     ledger,
     ledgerHoldTtlMs: holdTtl,
     listen: { host: values.listen, tlsCert: values['tls-cert'], tlsKey: values['tls-key'], allowedHosts: values['allow-host'] },
+    adminToken: process.env.TILL_ADMIN_TOKEN || undefined,
     log: (line) => process.stderr.write(`till: ${line}\n`),
   });
   out(`Till broker listening on ${service.url}`);

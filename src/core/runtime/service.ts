@@ -49,7 +49,11 @@ export interface ServiceOptions {
   ledgerHoldTtlMs?: number;
   /** Where the broker listens, over config.json's `listen`, `tlsCert`, `tlsKey` and `allowedHosts`. Default: 127.0.0.1. */
   listen?: ServiceListen;
-  /** The admin token of the control API over the network, over config.json's `adminToken` and `TILL_ADMIN_TOKEN`. */
+  /**
+   * The admin token of the control API over the network, over config.json's `adminToken`. Not read
+   * from the environment here: `till serve` passes TILL_ADMIN_TOKEN, while a VS Code window, whose
+   * environment may hold a teammate's token for a team broker, never serves admins.
+   */
   adminToken?: string;
 }
 
@@ -139,8 +143,7 @@ export class TillService {
         options.listen,
       ),
     );
-    const adminToken =
-      options.adminToken ?? (config.adminToken ? readSecretSource(config.adminToken, env) : env.TILL_ADMIN_TOKEN || undefined);
+    const adminToken = options.adminToken ?? (config.adminToken ? readSecretSource(config.adminToken, env) : undefined);
     if (adminToken !== undefined) checkAdminToken(adminToken);
     listener(listen);
     const control = new ControlServer(paths);
