@@ -110,6 +110,8 @@ function call(options: {
         // The certificate's name, whatever Host is sent: these tests are about the broker's checks.
         servername: 'till.test',
         ca: tls.cert,
+        // A fresh connection each: one the broker closed (after a 413) is never reused.
+        agent: false,
         method: options.method ?? 'GET',
         path: options.path,
         headers: { host, ...options.headers },
@@ -165,6 +167,35 @@ describe('till serve as a team broker', () => {
     const browser = await call({ path: '/_till/status', host: `till.test:${port}`, headers: { ...auth, origin: 'https://evil.example' } });
     expect(browser.status).toBe(403);
     expect(browser.body).toMatch(/web browsers are refused/);
+  });
+
+  it('survives admin requests cut off mid-body and refuses oversized ones', async () => {
+    const auth = { authorization: `Bearer ${ADMIN_TOKEN}`, 'content-type': 'application/json' };
+    for (let i = 0; i < 3; i++) {
+      await new Promise<void>((resolve) => {
+        const req = https.request({ host: '127.0.0.1', port, ca: tls.cert, servername: 'till.test', method: 'POST', path: '/_till/keys' });
+        req.setHeader('authorization', auth.authorization);
+        req.setHeader('content-length', '1000');
+        req.on('error', () => resolve());
+        req.write('{"target": "ope');
+        setTimeout(() => {
+          req.destroy();
+          resolve();
+        }, 50);
+      });
+    }
+    // Refused as soon as it is past 1 MB: the client sees the 413 or its connection cut, and nothing is issued.
+    const huge = await call({
+      path: '/_till/keys',
+      method: 'POST',
+      headers: auth,
+      body: JSON.stringify({ target: 'x'.repeat(1_100_000) }),
+    }).then(
+      (r) => String(r.status),
+      (err: NodeJS.ErrnoException) => err.code ?? err.message,
+    );
+    expect(['413', 'ECONNRESET', 'EPIPE']).toContain(huge);
+    expect((await call({ path: '/_till/status', headers: auth })).status).toBe(200);
   });
 
   it('refuses the control API without the right admin token, and sends the token only over TLS', async () => {

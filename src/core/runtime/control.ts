@@ -111,9 +111,14 @@ export async function answerControl(
   const handler = handlers.routes[route];
   if (!handler) return reply(res, 404, { error: `no control route ${route}` });
   let text = '';
-  for await (const chunk of req) {
-    text += chunk;
-    if (text.length > 1_000_000) return reply(res, 413, { error: 'control request too large' });
+  try {
+    for await (const chunk of req) {
+      text += chunk;
+      if (text.length > 1_000_000) return reply(res, 413, { error: 'control request too large' });
+    }
+  } catch {
+    // The client went away mid-request (over the network, a dropped connection): nothing to answer.
+    return;
   }
   let body: unknown;
   try {
