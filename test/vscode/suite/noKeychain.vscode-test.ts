@@ -123,4 +123,37 @@ describe('Till on a server with no OS keychain (a dev container)', function () {
     assert.deepEqual(filesHolding(sandbox, SECRET, new Set(['chromium-profile'])), []);
     assert.ok(!(await terminalEnv()).includes(SECRET));
   });
+
+  it("with till.credentials.store set to keychain, a keychain that cannot keep the key asks once: Cancel stores nothing and says how to come back; VS Code's storage then keeps it", async () => {
+    const other = `sk-ant-REALCRED-asked-${Date.now().toString(36)}`;
+    const settings = () => vscode.workspace.getConfiguration('till');
+    await settings().update('credentials.store', 'keychain', vscode.ConfigurationTarget.Global);
+    try {
+      const before = api.session.credentials.all().map((c) => c.name);
+      const seen = prompter.messages.length;
+      // The question is dismissed (no button answered): Cancel.
+      prompter.answer('anthropic', other);
+      assert.equal(await vscode.commands.executeCommand<string | undefined>(COMMANDS.addCredential), undefined);
+      const said = prompter.messages.slice(seen);
+      assert.equal(said.filter((m) => /cannot keep "anthropic"/.test(m)).length, 1, said.join('\n'));
+      assert.match(
+        said.find((m) => /cannot keep/.test(m))!,
+        /VS Code's secret storage can/,
+      );
+      assert.match(said.at(-1)!, /nothing was stored.*"Till: Add Credential" again/);
+      assert.deepEqual(
+        api.session.credentials.all().map((c) => c.name),
+        before,
+      );
+      assert.equal(settings().inspect('credentials.store')?.globalValue, 'keychain');
+      // Asked again, and this time VS Code's secret storage is chosen.
+      prompter.answer('anthropic', other, "button:Use VS Code's Secret Storage");
+      assert.equal(await vscode.commands.executeCommand<string>(COMMANDS.addCredential), 'anthropic');
+      assert.equal(api.session.credentials.storeOf('anthropic'), 'editor');
+      assert.equal(settings().inspect('credentials.store')?.globalValue, 'vscode');
+      assert.ok(!(await terminalEnv()).includes(other));
+    } finally {
+      await settings().update('credentials.store', undefined, vscode.ConfigurationTarget.Global);
+    }
+  });
 });
