@@ -7,6 +7,7 @@
  * private Secret Service.
  */
 import * as assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, readFileSync } from 'node:fs';
 import * as http from 'node:http';
 import { tmpdir } from 'node:os';
@@ -499,5 +500,39 @@ describe('Till in VS Code', function () {
     assert.equal(keys.find((k) => k.id === key.id)?.used.activations, 1);
     await chat(key); // served by the other window's broker
     assert.equal((await api.connection().list()).find((k) => k.id === key.id)?.used.activations, 2);
+  });
+
+  // Last: it leaves the runner's keychain locked.
+  it('a locked keychain (with the keychain chosen): Add Credential asks once; Cancel stores nothing and says how to come back', async () => {
+    const other = `sk-ant-REALCRED-locked-${Date.now().toString(36)}`;
+    const settings = () => vscode.workspace.getConfiguration('till');
+    // As a screen lock or a timeout would.
+    execFileSync('gdbus', [
+      'call',
+      '--session',
+      '--dest',
+      'org.freedesktop.secrets',
+      '--object-path',
+      '/org/freedesktop/secrets',
+      '--method',
+      'org.freedesktop.Secret.Service.Lock',
+      "['/org/freedesktop/secrets/collection/login']",
+    ]);
+    await settings().update('credentials.store', 'keychain', vscode.ConfigurationTarget.Global);
+    try {
+      const before = api.session.credentials.all().map((c) => c.name);
+      const seen = prompter.messages.length;
+      prompter.answer('anthropic', other);
+      assert.equal(await vscode.commands.executeCommand<string | undefined>(COMMANDS.addCredential), undefined);
+      const said = prompter.messages.slice(seen);
+      assert.equal(said.filter((m) => /the OS keychain cannot keep "anthropic"/.test(m)).length, 1, said.join('\n'));
+      assert.match(said.at(-1)!, /nothing was stored\. Unlock or start your OS keychain/);
+      assert.deepEqual(
+        api.session.credentials.all().map((c) => c.name),
+        before,
+      );
+    } finally {
+      await settings().update('credentials.store', undefined, vscode.ConfigurationTarget.Global);
+    }
   });
 });
