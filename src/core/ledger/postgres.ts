@@ -24,7 +24,20 @@
  * and (`till_audit`) each broker's audit records, written in batches (audit.ts's, every 100 ms).
  */
 import { randomBytes } from 'node:crypto';
-import pg from 'pg';
+import type { Client, Pool } from 'pg';
+
+type Pg = typeof import('pg');
+let pgModule: Pg | undefined;
+
+/**
+ * The PostgreSQL client, loaded when a team ledger is first opened: required at startup it
+ * would cost every broker on the local ledger (and every VS Code window) some 14 MiB.
+ */
+function pg(): Pg {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  pgModule ??= require('pg') as Pg;
+  return pgModule;
+}
 import { KeyBatches } from './keyBatches';
 import { KnownKeys } from './knownKeys';
 import {
@@ -352,7 +365,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
   /** The row version (`v`) of each key as last kept. */
   private readonly versions = new Map<string, number>();
   private readonly listeners = new Set<(key: KeyRecord) => void>();
-  private listener: pg.Client | undefined;
+  private listener: Client | undefined;
   private timer: NodeJS.Timeout | undefined;
   private closed = false;
   /** Settlements and releases the database was away for, retried in order by {@link maintain}. */
@@ -374,7 +387,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
   readonly name: string;
 
   private constructor(
-    private readonly pool: pg.Pool,
+    private readonly pool: Pool,
     private readonly url: string,
     options: PostgresLedgerOptions,
   ) {
@@ -386,7 +399,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
 
   /** Connects, creates the tables when they are missing, and loads the keys. */
   static async open(url: string, options: PostgresLedgerOptions = {}): Promise<PostgresLedger> {
-    const pool = new pg.Pool({ connectionString: url, max: options.poolSize ?? 8, connectionTimeoutMillis: 5_000 });
+    const pool = new (pg().Pool)({ connectionString: url, max: options.poolSize ?? 8, connectionTimeoutMillis: 5_000 });
     // An idle connection the server dropped is replaced at the next query; the pool must not crash the broker.
     pool.on('error', () => undefined);
     const ledger = new PostgresLedger(pool, url, options);
@@ -737,7 +750,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
 
   /** One connection that hears about changed keys; reconnected when it drops, with a full reload. */
   private async listen(): Promise<void> {
-    const client = new pg.Client({ connectionString: this.url });
+    const client = new (pg().Client)({ connectionString: this.url });
     client.on('error', () => undefined);
     client.on('notification', (message) => {
       if (!message.payload) return;
