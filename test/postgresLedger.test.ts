@@ -183,4 +183,27 @@ describe('the team ledger on PostgreSQL', () => {
     );
     await a!.close();
   });
+
+  it('grows and ends the same holds at once without a deadlock: every settlement lands at once, nothing waits', async () => {
+    const [a] = await brokers(1);
+    const key = keyRecord({ maxSpendUsd: 100 });
+    await a!.addKey(key);
+    const holds = (await Promise.all(Array.from({ length: 200 }, () => a!.hold(key.id, { activations: 1, spend: 1_000 })))) as LedgerHold[];
+    expect(holds.every((h) => !isRefusal(h))).toBe(true);
+    // Each stream's last growth still on its way when it ends (a cut while growing), in waves.
+    const results = await Promise.all(
+      holds.map(async (h, i) => {
+        if (i % 2) await new Promise((r) => setTimeout(r, i % 7));
+        const [grown, settled] = await Promise.all([
+          a!.resize(h, { activations: 1, spend: 5_000 }),
+          a!.settle(h, { activations: 1, spend: 800 }),
+        ]);
+        return { grown, settled };
+      }),
+    );
+    expect(results.every((r) => r.settled)).toBe(true);
+    expect(a!.waiting).toBe(0);
+    expect(db.psql(`select used_activations, held_activations, held_spend from till_keys where id = '${key.id}'`)).toBe('200|0|0');
+    await a!.close();
+  });
 });

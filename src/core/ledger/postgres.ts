@@ -212,11 +212,19 @@ const CHANGE_HOLDS = `select n, state, hold_id, ha, ht, hs from till_change_hold
  * Ends a batch of one key's holds in one statement: settles each (its amounts become spending of
  * what it used) or releases it (it used nothing); the key's row is written once, and its counters
  * told to every broker. `ended` lists the holds that were still open: one reclaimed meanwhile (its
- * broker taken for dead) matches no row and changes nothing. $1 JSON of {@link Ending}s, $2 broker.
+ * broker taken for dead) matches no row and changes nothing. $1 JSON of {@link Ending}s, $2
+ * broker, $3 key.
+ *
+ * Every statement that changes holds locks the key's row before any of its holds: here (`k`:
+ * no hold row can be deleted before the join has it), in {@link CHANGE_HOLDS_FUNCTION}, and in
+ * {@link RECLAIM} (keys in id order). A hold is then only ever waited for by a statement that
+ * already holds its key, so none of them can deadlock with another.
  */
-const END = `with s as (select * from jsonb_to_recordset($1::jsonb)
+const END = `with k as (select id from till_keys where id = $3 for update),
+s as (select * from jsonb_to_recordset($1::jsonb)
     as x(id bigint, a bigint, t bigint, sp bigint, ti bigint, tout bigint, tc bigint, tr bigint, e bigint, u bigint)),
-h as (delete from till_holds d using s where d.id = s.id and d.broker = $2 returning d.id, d.key_id, d.activations, d.tokens, d.spend),
+h as (delete from till_holds d using s, k where d.id = s.id and d.broker = $2 and d.key_id = k.id
+  returning d.id, d.key_id, d.activations, d.tokens, d.spend),
 j as (select h.key_id, sum(h.activations) as ha, sum(h.tokens) as ht, sum(h.spend) as hs,
     sum(s.a) as ua, sum(s.t) as ut, sum(s.sp) as us, sum(s.ti) as ti, sum(s.tout) as tout, sum(s.tc) as tc, sum(s.tr) as tr,
     sum(s.e) as e, sum(s.u) as u
@@ -267,8 +275,10 @@ function growthOf({ hold, amounts }: Change): Amounts {
 /** Most holds taken or ended in one statement. */
 const BATCH = 500;
 
-// Expired holds (their broker stopped renewing them) count as spent, at what they held.
-const RECLAIM = `with h as (delete from till_holds where expires_at < now() returning key_id, activations, tokens, spend),
+// Expired holds (their broker stopped renewing them) count as spent, at what they held. Their keys
+// are locked first, in id order (see END).
+const RECLAIM = `with k as (select id from till_keys where id in (select key_id from till_holds where expires_at < now()) order by id for update),
+h as (delete from till_holds d using k where d.key_id = k.id and d.expires_at < now() returning d.key_id, d.activations, d.tokens, d.spend),
 s as (select key_id, sum(activations) as a, sum(tokens) as t, sum(spend) as s from h group by key_id)
 update till_keys k set held_activations = held_activations - s.a, held_tokens = held_tokens - s.t, held_spend = held_spend - s.s,
   used_activations = used_activations + s.a, used_tokens = used_tokens + s.t, used_spend = used_spend + s.s, v = v + 1
@@ -583,7 +593,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
   /** Ends a batch of one key's holds; whether each was still open. Never throws: a batch the database missed waits. */
   private async endHolds(keyId: string, endings: Ending[]): Promise<boolean[]> {
     try {
-      const ended = await this.endNow(endings);
+      const ended = await this.endNow(keyId, endings);
       return endings.map((e) => ended.has(e.id));
     } catch {
       for (const ending of endings) this.unsettled.push({ keyId, ending });
@@ -592,8 +602,8 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
   }
 
   /** Ends `endings` (of one key) in one statement; the ids of the holds that were still open. */
-  private async endNow(endings: Ending[]): Promise<Set<number>> {
-    const rows = await this.query(END, [JSON.stringify(endings), this.brokerId], 'till_end');
+  private async endNow(keyId: string, endings: Ending[]): Promise<Set<number>> {
+    const rows = await this.query(END, [JSON.stringify(endings), this.brokerId, keyId], 'till_end');
     for (const row of rows) this.take(row);
     return new Set(((rows[0]?.ended as number[] | null) ?? []).map(Number));
   }
@@ -644,7 +654,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
       while (this.unsettled.length > 0) {
         const keyId = this.unsettled[0]!.keyId;
         const batch = this.unsettled.filter((u) => u.keyId === keyId).slice(0, BATCH);
-        await this.endNow(batch.map((u) => u.ending));
+        await this.endNow(keyId, batch.map((u) => u.ending));
         this.unsettled = this.unsettled.filter((u) => !batch.includes(u));
       }
       if (this.auditBacklog.length > 0) void this.writeAudit();
