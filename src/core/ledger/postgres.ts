@@ -654,7 +654,10 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
       while (this.unsettled.length > 0) {
         const keyId = this.unsettled[0]!.keyId;
         const batch = this.unsettled.filter((u) => u.keyId === keyId).slice(0, BATCH);
-        await this.endNow(keyId, batch.map((u) => u.ending));
+        await this.endNow(
+          keyId,
+          batch.map((u) => u.ending),
+        );
         this.unsettled = this.unsettled.filter((u) => !batch.includes(u));
       }
       if (this.auditBacklog.length > 0) void this.writeAudit();
