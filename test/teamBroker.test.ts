@@ -9,6 +9,7 @@ import { spawn } from 'node:child_process';
 import WebSocket from 'ws';
 import * as http from 'node:http';
 import * as https from 'node:https';
+import * as net from 'node:net';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -197,6 +198,18 @@ describe('till serve as a team broker', () => {
     expect(['413', 'ECONNRESET', 'EPIPE']).toContain(huge);
     expect((await call({ path: '/_till/status', headers: auth })).status).toBe(200);
   });
+
+  it('drops a connection that never finishes its TLS handshake once the header timeout passes (10 s)', async () => {
+    const started = Date.now();
+    const closedAfter = await new Promise<number>((resolve, reject) => {
+      const socket = net.connect(port, '127.0.0.1');
+      socket.on('error', () => undefined);
+      socket.on('close', () => resolve(Date.now() - started));
+      setTimeout(() => reject(new Error('the connection was still open after 14 s')), 14_000).unref();
+    });
+    expect(closedAfter).toBeGreaterThan(5_000);
+    expect(closedAfter).toBeLessThan(14_000);
+  }, 20_000);
 
   it('refuses the control API without the right admin token, and sends the token only over TLS', async () => {
     const wrong = await admin(['ls'], { TILL_ADMIN_TOKEN: 'b'.repeat(64) });

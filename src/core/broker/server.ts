@@ -149,7 +149,11 @@ export class Broker {
       noDelay: true,
       keepAliveTimeout: 5_000,
     };
-    const server = tls ? https.createServer({ ...settings, cert: tls.cert, key: tls.key }) : http.createServer(settings);
+    // A client that connects and never finishes the TLS handshake is dropped as one that never
+    // sends its headers is (Node's default waits 120 s, time enough to pile up descriptors).
+    const server = tls
+      ? https.createServer({ ...settings, cert: tls.cert, key: tls.key, handshakeTimeout: o.headersTimeoutMs })
+      : http.createServer(settings);
     // One past the limit, so a request over it is seen and refused rather than cut short (clientDenial).
     server.maxHeadersCount = MAX_HEADERS + 1;
     server.on('request', (req, res) => this.handle(req, res));
@@ -174,7 +178,9 @@ export class Broker {
     });
     server.on('upgrade', (req: http.IncomingMessage, socket, head: Buffer) => websockets.upgrade(req, socket, head));
     server.on('clientError', (err: NodeJS.ErrnoException, socket) => {
-      if (!socket.writable) return socket.destroy();
+      // A TLS handshake that failed or timed out has no HTTP to answer in: an answer written to
+      // it would wait there, keeping the connection open.
+      if (!socket.writable || err.code?.startsWith('ERR_TLS') || err.code?.startsWith('ERR_SSL')) return socket.destroy();
       const status = err.code === 'HPE_HEADER_OVERFLOW' ? 431 : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400;
       const text = status === 431 ? 'till: request headers too large' : status === 408 ? 'till: request timed out' : 'till: bad request';
       socket.end(
