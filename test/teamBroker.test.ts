@@ -145,6 +145,8 @@ describe('till serve as a team broker', () => {
     expectOneLineError(halfTls, 1, /both --tls-cert and --tls-key/);
     const weak = await runTill(['serve', '--port', '0'], { home, env: { TILL_ADMIN_TOKEN: 'hunter2' } });
     expectOneLineError(weak, 1, /admin token must be at least 32 characters/);
+    const remote = await runTill(['--broker', `https://127.0.0.1:${port}`, 'serve'], { home });
+    expectOneLineError(remote, 2, /till serve runs on the broker's machine/);
   });
 
   it('serves HTTPS on its names only: plaintext, other Host names and browser origins are refused', async () => {
@@ -347,7 +349,8 @@ describe('till serve as a team broker', () => {
   });
 
   it('shows configured credentials in `till credential ls` and refuses to change them through Till', async () => {
-    const env = { TEAM_ANTHROPIC_KEY: anthropicKey, ...NO_KEYCHAIN };
+    // TILL_BROKER in the environment (a teammate's shell) leaves this machine's own commands alone.
+    const env = { TEAM_ANTHROPIC_KEY: anthropicKey, TILL_BROKER: `https://127.0.0.1:${port}`, ...NO_KEYCHAIN };
     const ls = await runTill(['credential', 'ls'], { home: serverHome, env });
     expect(ls.stdout).toMatch(/openai\s+openai\s+from the file \//);
     expect(ls.stdout).toMatch(/anthropic\s+anthropic\s+from the environment variable TEAM_ANTHROPIC_KEY/);

@@ -343,6 +343,10 @@ function takeBrokerOptions(argv: string[]): string[] {
   if (url === undefined && (found.ca !== undefined || found.tokenFile !== undefined))
     throw new UsageError('--ca and --admin-token-file go with --broker URL');
   if (url !== undefined) remoteBroker = { url, ca: found.ca ?? (process.env.TILL_CA || undefined), tokenFile: found.tokenFile };
+  // `till serve` and `till credential` are this machine's: TILL_BROKER in the environment leaves
+  // them alone (only an explicit --broker is refused for them).
+  const command = rest[0];
+  if (found.url === undefined && (command === 'serve' || command === 'credential' || command === 'credentials')) remoteBroker = undefined;
   return rest;
 }
 
