@@ -114,6 +114,51 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
     }
   });
 
+  it('serves whole 30 parallel streams through three brokers that fit a $1 key (text bytes past max_tokens included)', async () => {
+    // 1,500 tokens of 4 to 5 bytes each: more bytes than the 3,000-token cap, which is as far as a hold goes.
+    const up = await startOpenAIUpstream({ credential, streamChunks: 1500, streamDelayMs: 2 });
+    const homes = await Promise.all(
+      [1, 2, 3].map(async () => {
+        const home = tempHome();
+        await addCredential(home, 'openai', 'openai', credential);
+        return serveTill(home, { env: { TILL_UPSTREAM_OPENAI: `${up.url}/v1`, TILL_LEDGER: db.url } });
+      }),
+    );
+    try {
+      const k = await homes[0]!.issue({ target: 'openai', maxSpend: 1 });
+      const outcomes = await Promise.all(
+        Array.from({ length: 30 }, async (_, i) => {
+          const client = new OpenAI({ apiKey: k.key, baseURL: `${homes[i % 3]!.url}/openai/v1`, maxRetries: 0 });
+          try {
+            const stream = await client.chat.completions.create({
+              model: 'gpt-4o',
+              stream: true,
+              max_tokens: 3000,
+              messages: [{ role: 'user', content: 'tell me everything' }],
+            });
+            let text = '';
+            for await (const chunk of stream) text += chunk.choices[0]?.delta.content ?? '';
+            return text.length > 3000 ? 'whole' : `short: ${text.length}`;
+          } catch (err) {
+            return (err as Error).message;
+          }
+        }),
+      );
+      expect(
+        outcomes.filter((o) => o !== 'whole'),
+        outcomes.join('\n'),
+      ).toEqual([]);
+      const billed = Math.ceil(up.billed.inputTokens * 2.5 + up.billed.outputTokens * 10);
+      await waitFor(
+        'the key to count every stream',
+        async () => Number(db.psql(`select used_spend from till_keys where id = '${k.id}'`)) === billed,
+      );
+    } finally {
+      await Promise.all(homes.map((b) => b.close()));
+      await up.close();
+    }
+  });
+
   it('never lets 600 parallel streams through three brokers bill more than $1 on a $1 key', async () => {
     // Each stream would produce 1,500 tokens ($0.015 at gpt-4o's $10 per million): their holds
     // start at a slice and grow as they go, each growth checked in the database.

@@ -151,8 +151,11 @@ export class StreamHold {
   /** {@link follow} on a team ledger: grows ahead, asynchronously; cuts once what is needed is refused. */
   private followAhead(bound: number, needed: number, calls: number[], callsGrow: boolean): Denial | undefined {
     this.needed = needed;
+    const ceiling = this.plan.output.ceiling;
     // Outran its hold while a growth was on its way: what was seen is no longer covered. Cut now.
-    if (bound > this.held) {
+    // (The bound counts text bytes, which run ahead of tokens, but never past the ceiling, which the
+    // upstream enforces: a hold at the ceiling covers the stream however many bytes it sends.)
+    if (Math.min(bound, ceiling) > this.held) {
       return {
         status: 429,
         code: 'exhausted',
@@ -160,7 +163,6 @@ export class StreamHold {
       };
     }
     if (this.growing) return undefined;
-    const ceiling = this.plan.output.ceiling;
     // Ahead by half a slice, or by what the stream produces in two of the ledger's round trips, if more.
     const elapsed = performance.now() - this.started;
     const lead = elapsed > 0 ? Math.ceil((bound / elapsed) * 2 * this.roundTripMs) : 0;
