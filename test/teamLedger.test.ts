@@ -253,6 +253,43 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
     }
   });
 
+  it('keeps a concurrency limit across brokers: 12 parallel streams through three on a key allowing 2, exactly 2 run', async () => {
+    const k = await brokers[0]!.issue({ target: 'openai', concurrency: 2 });
+    await everywhere(k.id);
+    const before = openai.received.length;
+    const outcomes = await Promise.all(
+      Array.from({ length: 12 }, async (_, i) => {
+        const client = new OpenAI({ apiKey: k.key, baseURL: `${brokers[i % 3]!.url}/openai/v1`, maxRetries: 0 });
+        try {
+          const stream = await client.chat.completions.create({
+            model: 'gpt-4o-mini',
+            stream: true,
+            messages: [{ role: 'user', content: 'go' }],
+          });
+          for await (const _ of stream) void _;
+          return 'served';
+        } catch (err) {
+          return `${(err as { status?: number }).status ?? ''} ${(err as Error).message}`;
+        }
+      }),
+    );
+    expect(outcomes.filter((o) => o === 'served')).toHaveLength(2);
+    expect(openai.received.length - before).toBe(2);
+    const refused = outcomes.filter((o) => o !== 'served');
+    expect(
+      refused.every((o) => o.startsWith('429') && /allows 2 requests at once/.test(o)),
+      refused.join('\n'),
+    ).toBe(true);
+    // Once they ended, the slots are free again, on any broker; a free route takes one too.
+    await waitFor('the slots to be free', async () => db.psql(`select count(*) from till_holds where key_id = '${k.id}'`) === '0');
+    const agent = new http.Agent({ keepAlive: false });
+    try {
+      expect((await chat(brokers[1]!, k.key, agent)).status).toBe(200);
+    } finally {
+      agent.destroy();
+    }
+  });
+
   it('serves an extension made through broker 1 on broker 3 within a second', async () => {
     const k = await brokers[0]!.issue({ target: 'openai', uses: 1 });
     await everywhere(k.id);

@@ -5,7 +5,7 @@
 import { isDenial, type Denial } from '../denial';
 import type { KeySummary, TillEvents } from '../events';
 import { isRefusal, keyState, type KeyRecord, type LedgerHold, type HoldRefusal, type SettleDetails } from '../ledger/ledger';
-import type { KeyLedger } from '../ledger/keyLedger';
+import type { BusyRefusal, KeyLedger } from '../ledger/keyLedger';
 import { andThen, type Maybe } from '../maybe';
 import type { InFlightEntry } from './inFlightList';
 import { buildPolicy, hasLimits, limitsOf, MICROS, type Amounts, type Meter, type Policy } from '../policy/policy';
@@ -301,12 +301,7 @@ export class TillKeys {
     if (ended) return ended;
     const flights = this.inFlight.get(key.id) ?? new InFlightList<InFlight>();
     if (policy.concurrency !== undefined && flights.size >= policy.concurrency) {
-      return {
-        status: 429,
-        code: 'concurrency',
-        message: `till key "${key.label}" allows ${policy.concurrency} requests at once and ${flights.size} are in flight`,
-        retryAfter: 1,
-      };
+      return concurrencyDenial(key, policy.concurrency, `${flights.size} are in flight`);
     }
     if (policy.rpm !== undefined) {
       const times = this.recent.get(key.id) ?? [];
@@ -327,7 +322,13 @@ export class TillKeys {
     // requests arriving meanwhile count it.
     this.inFlight.set(key.id, flights);
     const entry = flights.add(flight);
-    if (!amounts) return new KeyHold(this, this.ledger, key, undefined, flights, entry, options.smallest);
+    if (!amounts) {
+      if (!this.shared || policy.concurrency === undefined)
+        return new KeyHold(this, this.ledger, key, undefined, flights, entry, options.smallest);
+      // On a team ledger a free request still takes a slot there (a hold of nothing): the key's
+      // concurrency counts every broker's requests.
+      amounts = {};
+    }
     const result = this.ledger.hold(key.id, amounts, options.batch === true);
     // No closure on the local ledger's path: this runs for every billable request.
     if (!(result instanceof Promise)) return this.admitted(key, amounts, result, flights, entry, options.smallest);
@@ -344,11 +345,15 @@ export class TillKeys {
   private admitted(
     key: KeyRecord,
     amounts: Amounts,
-    result: LedgerHold | HoldRefusal,
+    result: LedgerHold | HoldRefusal | BusyRefusal,
     flights: InFlightList<InFlight>,
     entry: InFlightEntry<InFlight>,
     smallest: Amounts | undefined,
   ): Hold | Denial {
+    if ('concurrency' in result) {
+      flights.delete(entry);
+      return concurrencyDenial(key, result.concurrency, `${result.concurrency} are in flight across its brokers`);
+    }
     if (!isRefusal(result)) return new KeyHold(this, this.ledger, key, result, flights, entry, smallest);
     flights.delete(entry);
     return refusal(result, amounts[result.meter] ?? 0);
@@ -553,4 +558,14 @@ class KeyHold implements Hold {
       void this.ledger.release(this.ledgerHold);
     }
   }
+}
+
+/** A request over its key's concurrency limit; `inFlight` says how many are, and where. */
+function concurrencyDenial(key: KeyRecord, limit: number, inFlight: string): Denial {
+  return {
+    status: 429,
+    code: 'concurrency',
+    message: `till key "${key.label}" allows ${limit} requests at once and ${inFlight}`,
+    retryAfter: 1,
+  };
 }

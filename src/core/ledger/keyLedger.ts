@@ -67,6 +67,14 @@ export interface HoldRefusal {
   reserved: number;
 }
 
+/**
+ * A hold refused because the key's requests in flight, across every broker of a shared ledger,
+ * are at its concurrency limit (the local ledger leaves concurrency to the broker's own count).
+ */
+export interface BusyRefusal {
+  concurrency: number;
+}
+
 /** The first meter on which `extra` more would take `key` past its limit, with the figures; undefined when it fits. */
 export function overLimit(key: KeyRecord, reserved: Amounts, extra: Amounts): HoldRefusal | undefined {
   if (!hasLimits(key.policy)) return undefined;
@@ -92,7 +100,7 @@ export interface KeyLedger {
   /** False when it was already revoked or is unknown. */
   revoke(id: string, at?: number): Maybe<boolean>;
   /** `batch`: the local ledger may write the hold with the turn's others (see {@link whenDurable}). */
-  hold(keyId: string, amounts: Amounts, batch?: boolean): Maybe<LedgerHold | HoldRefusal>;
+  hold(keyId: string, amounts: Amounts, batch?: boolean): Maybe<LedgerHold | HoldRefusal | BusyRefusal>;
   resize(hold: LedgerHold, amounts: Amounts): Maybe<HoldRefusal | undefined>;
   settle(hold: LedgerHold, actual?: Amounts, details?: SettleDetails): Maybe<unknown>;
   release(hold: LedgerHold): Maybe<unknown>;

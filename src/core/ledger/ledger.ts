@@ -19,7 +19,15 @@ import { crc32 } from 'node:zlib';
 import { PendingBytes } from '../files/pendingBytes';
 import { ensurePrivateFolder, openPrivateAppend, readPrivateFile, writePrivateFile } from '../files/privateFolder';
 import { KnownKeys } from './knownKeys';
-import { overLimit, type HoldRefusal, type KeyLedger, type KeyRecord, type LedgerHold, type SettleDetails } from './keyLedger';
+import {
+  overLimit,
+  type BusyRefusal,
+  type HoldRefusal,
+  type KeyLedger,
+  type KeyRecord,
+  type LedgerHold,
+  type SettleDetails,
+} from './keyLedger';
 
 export type { HoldRefusal, KeyRecord, LedgerHold, SettleDetails, TokenCounts } from './keyLedger';
 import { hasLimits, limitsOf, type Amounts, type Meter, type Policy } from '../policy/policy';
@@ -476,6 +484,6 @@ export class Ledger extends KnownKeys implements KeyLedger {
 }
 
 /** True when a value is a refusal rather than a hold. */
-export function isRefusal(value: LedgerHold | HoldRefusal): value is HoldRefusal {
+export function isRefusal(value: LedgerHold | HoldRefusal | BusyRefusal): value is HoldRefusal {
   return 'meter' in value && 'limit' in value;
 }

@@ -42,6 +42,7 @@ import { KeyBatches } from './keyBatches';
 import { KnownKeys } from './knownKeys';
 import {
   overLimit,
+  type BusyRefusal,
   type HoldRefusal,
   type KeyLedger,
   type KeyRecord,
@@ -97,6 +98,9 @@ create table if not exists till_audit (
 );
 create index if not exists till_audit_key on till_audit (key_id, at);
 alter table till_keys add column if not exists v bigint not null default 0;
+alter table till_keys add column if not exists lim_concurrency bigint;
+update till_keys set lim_concurrency = (policy->>'concurrency')::bigint where lim_concurrency is null and policy ? 'concurrency';
+create index if not exists till_holds_key on till_holds (key_id);
 create index if not exists till_holds_expiry on till_holds (expires_at);
 create index if not exists till_holds_broker on till_holds (broker);
 `;
@@ -134,10 +138,11 @@ const RETURN_AND_TELL = `${COUNTER_COLUMNS.map((c) => `t.${c}`).join(', ')},
  * is locked (PostgreSQL hands it over as the last committer left it), each change is checked
  * against what the ones before it left, exactly as one statement per change would (a later,
  * smaller hold can fit where an earlier one did not), and the row is written once. A new hold (no
- * id) or a growth must fit the key's limits (a revoked key takes no new hold); a shrink always
- * passes. One row per change: its place in the batch (1-based), `held` (done), `refused` (nothing
- * changed) or `gone` (the hold is no longer open: reclaimed), the hold's id, and what the key holds
- * afterwards.
+ * id) or a growth must fit the key's limits (a revoked key takes no new hold), and a new hold
+ * must find the key's requests in flight, on every broker (its holds), under its concurrency
+ * limit; a shrink always passes. One row per change: its place in the batch (1-based), `held`
+ * (done), `refused` (a limit: nothing changed), `busy` (the concurrency limit) or `gone` (the hold
+ * is no longer open: reclaimed), the hold's id, and what the key holds afterwards.
  */
 const CHANGE_HOLDS_FUNCTION = `
 drop function if exists till_take_holds(text, jsonb, text, bigint);
@@ -155,18 +160,25 @@ declare
   states text[] := '{}';
   ids bigint[] := '{}';
   changed boolean := false;
+  slots bigint;
 begin
-  select lim_activations, lim_tokens, lim_spend, used_activations, used_tokens, used_spend,
+  select lim_activations, lim_tokens, lim_spend, lim_concurrency, used_activations, used_tokens, used_spend,
          held_activations, held_tokens, held_spend, revoked_at
     into k from till_keys where till_keys.id = p_key for update;
   if not found then return; end if;
+  -- Requests in flight on every broker: one hold each (the key's row lock keeps the count still).
+  if k.lim_concurrency is not null then
+    select count(*) into slots from till_holds where key_id = p_key;
+  end if;
   for i in 0 .. jsonb_array_length(p_items) - 1 loop
     hid := (p_items->i->>0)::bigint;
     a := (p_items->i->>1)::bigint; t := (p_items->i->>2)::bigint; s := (p_items->i->>3)::bigint;
     outcome := 'held';
     if hid is null then
       da := a; dt := t; ds := s;
-      if k.revoked_at is not null then outcome := 'refused'; end if;
+      if k.revoked_at is not null then outcome := 'refused';
+      elsif k.lim_concurrency is not null and slots >= k.lim_concurrency then outcome := 'busy';
+      end if;
     else
       select activations, tokens, spend into h from till_holds
         where till_holds.id = hid and broker = p_broker and key_id = p_key for update;
@@ -185,6 +197,7 @@ begin
       k.held_tokens := k.held_tokens + dt;
       k.held_spend := k.held_spend + ds;
       if hid is null then
+        slots := slots + 1;
         insert into till_holds (key_id, broker, activations, tokens, spend, expires_at)
           values (p_key, p_broker, a, t, s, now() + p_ttl_ms * interval '1 millisecond') returning till_holds.id into hid;
       else
@@ -259,7 +272,7 @@ interface Change {
 }
 
 /** What became of a {@link Change}. */
-type Changed = { state: 'held'; id: number } | { state: 'refused'; refusal: HoldRefusal } | { state: 'gone' };
+type Changed = { state: 'held'; id: number } | { state: 'refused'; refusal: HoldRefusal } | { state: 'busy' } | { state: 'gone' };
 
 /** What a change asks for beyond what its hold held (all of it, for a new hold). */
 function growthOf({ hold, amounts }: Change): Amounts {
@@ -352,9 +365,9 @@ function storedPart(key: KeyRecord): object {
   return stored;
 }
 
-function limitColumns(policy: Policy): [number | null, number | null, number | null] {
+function limitColumns(policy: Policy): [number | null, number | null, number | null, number | null] {
   const limits = limitsOf(policy);
-  return [limits.activations ?? null, limits.tokens ?? null, limits.spend ?? null];
+  return [limits.activations ?? null, limits.tokens ?? null, limits.spend ?? null, policy.concurrency ?? null];
 }
 
 /** `url` without its password (and without query parameters, which may carry one). */
@@ -474,7 +487,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
 
   async addKey(key: KeyRecord): Promise<void> {
     const rows = await this.query(
-      `insert into till_keys (id, record, policy, lim_activations, lim_tokens, lim_spend) values ($1, $2, $3, $4, $5, $6)
+      `insert into till_keys (id, record, policy, lim_activations, lim_tokens, lim_spend, lim_concurrency) values ($1, $2, $3, $4, $5, $6, $7)
        returning ${KEY_COLUMNS}`,
       [key.id, storedPart(key), key.policy, ...limitColumns(key.policy)],
     );
@@ -484,7 +497,8 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
 
   async updatePolicy(id: string, policy: Policy): Promise<void> {
     const rows = await this.query(
-      `update till_keys set policy = $2, lim_activations = $3, lim_tokens = $4, lim_spend = $5, v = v + 1 where id = $1 returning ${KEY_COLUMNS}`,
+      `update till_keys set policy = $2, lim_activations = $3, lim_tokens = $4, lim_spend = $5, lim_concurrency = $6, v = v + 1
+       where id = $1 returning ${KEY_COLUMNS}`,
       [id, policy, ...limitColumns(policy)],
     );
     if (!rows[0]) throw new Error(`unknown key ${id}`);
@@ -514,10 +528,11 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
    * this broker's statement for the same key is on its way go together in the next one, in order
    * (keyBatches.ts, {@link CHANGE_HOLDS_FUNCTION}).
    */
-  async hold(keyId: string, amounts: Amounts): Promise<LedgerHold | HoldRefusal> {
+  async hold(keyId: string, amounts: Amounts): Promise<LedgerHold | HoldRefusal | BusyRefusal> {
     const changed = await this.changes.add(keyId, { amounts });
     if (changed.state === 'held') return { id: changed.id, keyId, amounts: { ...amounts } };
     if (changed.state === 'refused') return changed.refusal;
+    if (changed.state === 'busy') return { concurrency: this.keysById.get(keyId)?.policy.concurrency ?? 0 };
     throw new Error(`a new hold on key ${keyId} was reported gone`);
   }
 
@@ -539,13 +554,14 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
     if (rows[0]) this.heldByKey.set(keyId, heldOf(rows[0]));
     const byPlace = new Map(rows.map((row) => [num(row.n), row]));
     // What each refused change asked for beyond what it held, for the refusal's figures (one read for all).
-    const refused = asked.filter((_, i) => byPlace.get(i + 1)?.state !== 'held' && byPlace.get(i + 1)?.state !== 'gone');
+    const refused = asked.filter((_, i) => !['held', 'gone', 'busy'].includes(String(byPlace.get(i + 1)?.state)));
     const refusals = refused.length > 0 ? await this.refusals(keyId, refused.map(growthOf)) : [];
     let next = 0;
     return asked.map((_, i): Changed => {
       const row = byPlace.get(i + 1);
       if (row?.state === 'held') return { state: 'held', id: Number(row.hold_id) };
       if (row?.state === 'gone') return { state: 'gone' };
+      if (row?.state === 'busy') return { state: 'busy' };
       return { state: 'refused', refusal: refusals[next++]! };
     });
   }
