@@ -4,7 +4,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { LedgerUnavailableError, PostgresLedger } from '../src/core/ledger/postgres';
-import { isRefusal, type KeyRecord, type LedgerHold } from '../src/core/ledger/ledger';
+import { isHeld, isRefusal, type KeyRecord, type LedgerHold } from '../src/core/ledger/ledger';
 import { startPostgres, type TestPostgres } from './support/postgres';
 
 let db: TestPostgres;
@@ -60,7 +60,7 @@ describe('the team ledger on PostgreSQL', () => {
       ledgers.flatMap((ledger) =>
         Array.from({ length: 200 }, async () => {
           const hold = await ledger.hold(key.id, { activations: 1, spend: 10_000 });
-          if (isRefusal(hold) || 'concurrency' in hold) return 0;
+          if (!isHeld(hold)) return 0;
           const grown = await ledger.resize(hold, { activations: 1, spend: 30_000 });
           await ledger.settle(hold);
           return grown ? 10_000 : 30_000;

@@ -290,6 +290,21 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
     }
   });
 
+  it('keeps a rate limit across brokers: 9 requests through three on a key allowing 5 a minute, exactly 5 pass', async () => {
+    const k = await brokers[0]!.issue({ target: 'openai', rpm: 5 });
+    await everywhere(k.id);
+    const agent = new http.Agent({ keepAlive: false });
+    try {
+      const answers = await Promise.all(Array.from({ length: 9 }, (_, i) => chat(brokers[i % 3]!, k.key, agent)));
+      expect(answers.filter((a) => a.status === 200)).toHaveLength(5);
+      const refused = answers.filter((a) => a.status !== 200);
+      expect(new Set(refused.map((a) => a.status))).toEqual(new Set([429]));
+      expect(refused[0]!.body).toMatch(/limited to 5 requests per minute; retry in \d+ s/);
+    } finally {
+      agent.destroy();
+    }
+  });
+
   it('serves an extension made through broker 1 on broker 3 within a second', async () => {
     const k = await brokers[0]!.issue({ target: 'openai', uses: 1 });
     await everywhere(k.id);

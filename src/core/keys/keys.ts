@@ -5,7 +5,7 @@
 import { isDenial, type Denial } from '../denial';
 import type { KeySummary, TillEvents } from '../events';
 import { isRefusal, keyState, type KeyRecord, type LedgerHold, type HoldRefusal, type SettleDetails } from '../ledger/ledger';
-import type { BusyRefusal, KeyLedger } from '../ledger/keyLedger';
+import type { BusyRefusal, KeyLedger, RateRefusal } from '../ledger/keyLedger';
 import { andThen, type Maybe } from '../maybe';
 import type { InFlightEntry } from './inFlightList';
 import { buildPolicy, hasLimits, limitsOf, MICROS, type Amounts, type Meter, type Policy } from '../policy/policy';
@@ -307,13 +307,7 @@ export class TillKeys {
       const times = this.recent.get(key.id) ?? [];
       while (times.length > 0 && times[0]! <= now - MINUTE) times.shift();
       if (times.length >= policy.rpm) {
-        const retryAfter = Math.max(1, Math.ceil((times[0]! + MINUTE - now) / 1000));
-        return {
-          status: 429,
-          code: 'rate_limited',
-          message: `till key "${key.label}" is limited to ${policy.rpm} requests per minute; retry in ${retryAfter} s`,
-          retryAfter,
-        };
+        return rateDenial(key, policy.rpm, Math.max(1, Math.ceil((times[0]! + MINUTE - now) / 1000)));
       }
       times.push(now);
       this.recent.set(key.id, times);
@@ -323,10 +317,10 @@ export class TillKeys {
     this.inFlight.set(key.id, flights);
     const entry = flights.add(flight);
     if (!amounts) {
-      if (!this.shared || policy.concurrency === undefined)
+      if (!this.shared || (policy.concurrency === undefined && policy.rpm === undefined))
         return new KeyHold(this, this.ledger, key, undefined, flights, entry, options.smallest);
       // On a team ledger a free request still takes a slot there (a hold of nothing): the key's
-      // concurrency counts every broker's requests.
+      // concurrency and rate count every broker's requests.
       amounts = {};
     }
     const result = this.ledger.hold(key.id, amounts, options.batch === true);
@@ -345,7 +339,7 @@ export class TillKeys {
   private admitted(
     key: KeyRecord,
     amounts: Amounts,
-    result: LedgerHold | HoldRefusal | BusyRefusal,
+    result: LedgerHold | HoldRefusal | BusyRefusal | RateRefusal,
     flights: InFlightList<InFlight>,
     entry: InFlightEntry<InFlight>,
     smallest: Amounts | undefined,
@@ -353,6 +347,10 @@ export class TillKeys {
     if ('concurrency' in result) {
       flights.delete(entry);
       return concurrencyDenial(key, result.concurrency, `${result.concurrency} are in flight across its brokers`);
+    }
+    if ('rpm' in result) {
+      flights.delete(entry);
+      return rateDenial(key, result.rpm, result.retryAfter);
     }
     if (!isRefusal(result)) return new KeyHold(this, this.ledger, key, result, flights, entry, smallest);
     flights.delete(entry);
@@ -567,5 +565,15 @@ function concurrencyDenial(key: KeyRecord, limit: number, inFlight: string): Den
     code: 'concurrency',
     message: `till key "${key.label}" allows ${limit} requests at once and ${inFlight}`,
     retryAfter: 1,
+  };
+}
+
+/** A request over its key's rate limit, which frees a place in `retryAfter` seconds. */
+function rateDenial(key: KeyRecord, rpm: number, retryAfter: number): Denial {
+  return {
+    status: 429,
+    code: 'rate_limited',
+    message: `till key "${key.label}" is limited to ${rpm} requests per minute; retry in ${retryAfter} s`,
+    retryAfter,
   };
 }

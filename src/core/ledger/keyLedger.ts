@@ -75,6 +75,13 @@ export interface BusyRefusal {
   concurrency: number;
 }
 
+/** A hold refused because the key's requests of the last minute, across every broker, are at its rate limit. */
+export interface RateRefusal {
+  rpm: number;
+  /** Seconds until the oldest of them leaves the minute. */
+  retryAfter: number;
+}
+
 /** The first meter on which `extra` more would take `key` past its limit, with the figures; undefined when it fits. */
 export function overLimit(key: KeyRecord, reserved: Amounts, extra: Amounts): HoldRefusal | undefined {
   if (!hasLimits(key.policy)) return undefined;
@@ -100,7 +107,7 @@ export interface KeyLedger {
   /** False when it was already revoked or is unknown. */
   revoke(id: string, at?: number): Maybe<boolean>;
   /** `batch`: the local ledger may write the hold with the turn's others (see {@link whenDurable}). */
-  hold(keyId: string, amounts: Amounts, batch?: boolean): Maybe<LedgerHold | HoldRefusal | BusyRefusal>;
+  hold(keyId: string, amounts: Amounts, batch?: boolean): Maybe<LedgerHold | HoldRefusal | BusyRefusal | RateRefusal>;
   resize(hold: LedgerHold, amounts: Amounts): Maybe<HoldRefusal | undefined>;
   settle(hold: LedgerHold, actual?: Amounts, details?: SettleDetails): Maybe<unknown>;
   release(hold: LedgerHold): Maybe<unknown>;

@@ -23,6 +23,7 @@ import {
   overLimit,
   type BusyRefusal,
   type HoldRefusal,
+  type RateRefusal,
   type KeyLedger,
   type KeyRecord,
   type LedgerHold,
@@ -483,7 +484,12 @@ export class Ledger extends KnownKeys implements KeyLedger {
   }
 }
 
-/** True when a value is a refusal rather than a hold. */
-export function isRefusal(value: LedgerHold | HoldRefusal | BusyRefusal): value is HoldRefusal {
+/** True for a hold taken (not a refusal of any kind). */
+export function isHeld(value: LedgerHold | HoldRefusal | BusyRefusal | RateRefusal): value is LedgerHold {
+  return 'id' in value && 'keyId' in value;
+}
+
+/** True when a value is a refusal of a limit (calls, tokens, dollars) rather than a hold. */
+export function isRefusal(value: LedgerHold | HoldRefusal | BusyRefusal | RateRefusal): value is HoldRefusal {
   return 'meter' in value && 'limit' in value;
 }

@@ -45,6 +45,7 @@ import {
   type BusyRefusal,
   type HoldRefusal,
   type KeyLedger,
+  type RateRefusal,
   type KeyRecord,
   type LedgerHold,
   type SettleDetails,
@@ -100,7 +101,17 @@ create index if not exists till_audit_key on till_audit (key_id, at);
 alter table till_keys add column if not exists v bigint not null default 0;
 alter table till_keys add column if not exists lim_concurrency bigint;
 update till_keys set lim_concurrency = (policy->>'concurrency')::bigint where lim_concurrency is null and policy ? 'concurrency';
+alter table till_keys add column if not exists lim_rpm bigint;
+update till_keys set lim_rpm = (policy->>'rpm')::bigint where lim_rpm is null and policy ? 'rpm';
 create index if not exists till_holds_key on till_holds (key_id);
+create table if not exists till_rate (key_id text not null, at timestamptz not null);
+create index if not exists till_rate_key on till_rate (key_id, at);
+do $$ begin
+  -- Made by an earlier build without the rate's retry column: its result type cannot be replaced in place.
+  if exists (select 1 from pg_proc where proname = 'till_change_holds' and not ('retry_s' = any(proargnames))) then
+    drop function till_change_holds(text, jsonb, text, bigint);
+  end if;
+end $$;
 create index if not exists till_holds_expiry on till_holds (expires_at);
 create index if not exists till_holds_broker on till_holds (broker);
 `;
@@ -141,14 +152,16 @@ const RETURN_AND_TELL = `${COUNTER_COLUMNS.map((c) => `t.${c}`).join(', ')},
  * id) or a growth must fit the key's limits (a revoked key takes no new hold), and a new hold
  * must find the key's requests in flight, on every broker (its holds), under its concurrency
  * limit; a shrink always passes. One row per change: its place in the batch (1-based), `held`
- * (done), `refused` (a limit: nothing changed), `busy` (the concurrency limit) or `gone` (the hold
- * is no longer open: reclaimed), the hold's id, and what the key holds afterwards.
+ * (done), `refused` (a limit: nothing changed), `busy` (the concurrency limit), `rated` (the
+ * rate limit: `retry_s` says when a place frees; every broker's new holds of the last minute are
+ * in `till_rate`) or `gone` (the hold is no longer open: reclaimed), the hold's id, and what the
+ * key holds afterwards.
  */
 const CHANGE_HOLDS_FUNCTION = `
 drop function if exists till_take_holds(text, jsonb, text, bigint);
 drop function if exists till_resize_holds(text, jsonb, text, bigint);
 create or replace function till_change_holds(p_key text, p_items jsonb, p_broker text, p_ttl_ms bigint)
-returns table (n int, state text, hold_id bigint, ha bigint, ht bigint, hs bigint) language plpgsql as $fn$
+returns table (n int, state text, hold_id bigint, ha bigint, ht bigint, hs bigint, retry_s int) language plpgsql as $fn$
 declare
   k record;
   h record;
@@ -161,8 +174,12 @@ declare
   ids bigint[] := '{}';
   changed boolean := false;
   slots bigint;
+  recent bigint;
+  oldest timestamptz;
+  waits int[] := '{}';
+  wait int;
 begin
-  select lim_activations, lim_tokens, lim_spend, lim_concurrency, used_activations, used_tokens, used_spend,
+  select lim_activations, lim_tokens, lim_spend, lim_concurrency, lim_rpm, used_activations, used_tokens, used_spend,
          held_activations, held_tokens, held_spend, revoked_at
     into k from till_keys where till_keys.id = p_key for update;
   if not found then return; end if;
@@ -170,14 +187,22 @@ begin
   if k.lim_concurrency is not null then
     select count(*) into slots from till_holds where key_id = p_key;
   end if;
+  -- Requests of the last minute on every broker, for the rate limit.
+  if k.lim_rpm is not null then
+    select count(*), min(at) into recent, oldest from till_rate where key_id = p_key and at > now() - interval '1 minute';
+  end if;
   for i in 0 .. jsonb_array_length(p_items) - 1 loop
     hid := (p_items->i->>0)::bigint;
     a := (p_items->i->>1)::bigint; t := (p_items->i->>2)::bigint; s := (p_items->i->>3)::bigint;
     outcome := 'held';
+    wait := null;
     if hid is null then
       da := a; dt := t; ds := s;
       if k.revoked_at is not null then outcome := 'refused';
       elsif k.lim_concurrency is not null and slots >= k.lim_concurrency then outcome := 'busy';
+      elsif k.lim_rpm is not null and recent >= k.lim_rpm then
+        outcome := 'rated';
+        wait := greatest(1, ceil(extract(epoch from (coalesce(oldest, now()) + interval '1 minute' - now()))))::int;
       end if;
     else
       select activations, tokens, spend into h from till_holds
@@ -198,6 +223,11 @@ begin
       k.held_spend := k.held_spend + ds;
       if hid is null then
         slots := slots + 1;
+        if k.lim_rpm is not null then
+          recent := recent + 1;
+          oldest := coalesce(oldest, now());
+          insert into till_rate (key_id, at) values (p_key, now());
+        end if;
         insert into till_holds (key_id, broker, activations, tokens, spend, expires_at)
           values (p_key, p_broker, a, t, s, now() + p_ttl_ms * interval '1 millisecond') returning till_holds.id into hid;
       else
@@ -209,17 +239,19 @@ begin
     ns := ns || (i + 1);
     states := states || outcome;
     ids := array_append(ids, hid);
+    waits := array_append(waits, wait);
   end loop;
   if changed then
     update till_keys set held_activations = k.held_activations, held_tokens = k.held_tokens, held_spend = k.held_spend, v = v + 1
       where till_keys.id = p_key;
   end if;
-  return query select u.n, u.state, u.id, k.held_activations, k.held_tokens, k.held_spend from unnest(ns, states, ids) as u(n, state, id);
+  return query select u.n, u.state, u.id, k.held_activations, k.held_tokens, k.held_spend, u.w
+    from unnest(ns, states, ids, waits) as u(n, state, id, w);
 end $fn$;
 `;
 
 // $1 key, $2 JSON [[hold id or null, activations, tokens, spend], …], $3 broker, $4 ttl ms.
-const CHANGE_HOLDS = `select n, state, hold_id, ha, ht, hs from till_change_holds($1, $2::jsonb, $3, $4)`;
+const CHANGE_HOLDS = `select n, state, hold_id, ha, ht, hs, retry_s from till_change_holds($1, $2::jsonb, $3, $4)`;
 
 /**
  * Ends a batch of one key's holds in one statement: settles each (its amounts become spending of
@@ -272,7 +304,12 @@ interface Change {
 }
 
 /** What became of a {@link Change}. */
-type Changed = { state: 'held'; id: number } | { state: 'refused'; refusal: HoldRefusal } | { state: 'busy' } | { state: 'gone' };
+type Changed =
+  | { state: 'held'; id: number }
+  | { state: 'refused'; refusal: HoldRefusal }
+  | { state: 'busy' }
+  | { state: 'rated'; retryAfter: number }
+  | { state: 'gone' };
 
 /** What a change asks for beyond what its hold held (all of it, for a new hold). */
 function growthOf({ hold, amounts }: Change): Amounts {
@@ -365,9 +402,9 @@ function storedPart(key: KeyRecord): object {
   return stored;
 }
 
-function limitColumns(policy: Policy): [number | null, number | null, number | null, number | null] {
+function limitColumns(policy: Policy): [number | null, number | null, number | null, number | null, number | null] {
   const limits = limitsOf(policy);
-  return [limits.activations ?? null, limits.tokens ?? null, limits.spend ?? null, policy.concurrency ?? null];
+  return [limits.activations ?? null, limits.tokens ?? null, limits.spend ?? null, policy.concurrency ?? null, policy.rpm ?? null];
 }
 
 /** `url` without its password (and without query parameters, which may carry one). */
@@ -487,7 +524,8 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
 
   async addKey(key: KeyRecord): Promise<void> {
     const rows = await this.query(
-      `insert into till_keys (id, record, policy, lim_activations, lim_tokens, lim_spend, lim_concurrency) values ($1, $2, $3, $4, $5, $6, $7)
+      `insert into till_keys (id, record, policy, lim_activations, lim_tokens, lim_spend, lim_concurrency, lim_rpm)
+       values ($1, $2, $3, $4, $5, $6, $7, $8)
        returning ${KEY_COLUMNS}`,
       [key.id, storedPart(key), key.policy, ...limitColumns(key.policy)],
     );
@@ -497,7 +535,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
 
   async updatePolicy(id: string, policy: Policy): Promise<void> {
     const rows = await this.query(
-      `update till_keys set policy = $2, lim_activations = $3, lim_tokens = $4, lim_spend = $5, lim_concurrency = $6, v = v + 1
+      `update till_keys set policy = $2, lim_activations = $3, lim_tokens = $4, lim_spend = $5, lim_concurrency = $6, lim_rpm = $7, v = v + 1
        where id = $1 returning ${KEY_COLUMNS}`,
       [id, policy, ...limitColumns(policy)],
     );
@@ -528,11 +566,12 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
    * this broker's statement for the same key is on its way go together in the next one, in order
    * (keyBatches.ts, {@link CHANGE_HOLDS_FUNCTION}).
    */
-  async hold(keyId: string, amounts: Amounts): Promise<LedgerHold | HoldRefusal | BusyRefusal> {
+  async hold(keyId: string, amounts: Amounts): Promise<LedgerHold | HoldRefusal | BusyRefusal | RateRefusal> {
     const changed = await this.changes.add(keyId, { amounts });
     if (changed.state === 'held') return { id: changed.id, keyId, amounts: { ...amounts } };
     if (changed.state === 'refused') return changed.refusal;
     if (changed.state === 'busy') return { concurrency: this.keysById.get(keyId)?.policy.concurrency ?? 0 };
+    if (changed.state === 'rated') return { rpm: this.keysById.get(keyId)?.policy.rpm ?? 0, retryAfter: changed.retryAfter };
     throw new Error(`a new hold on key ${keyId} was reported gone`);
   }
 
@@ -554,7 +593,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
     if (rows[0]) this.heldByKey.set(keyId, heldOf(rows[0]));
     const byPlace = new Map(rows.map((row) => [num(row.n), row]));
     // What each refused change asked for beyond what it held, for the refusal's figures (one read for all).
-    const refused = asked.filter((_, i) => !['held', 'gone', 'busy'].includes(String(byPlace.get(i + 1)?.state)));
+    const refused = asked.filter((_, i) => !['held', 'gone', 'busy', 'rated'].includes(String(byPlace.get(i + 1)?.state)));
     const refusals = refused.length > 0 ? await this.refusals(keyId, refused.map(growthOf)) : [];
     let next = 0;
     return asked.map((_, i): Changed => {
@@ -562,6 +601,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
       if (row?.state === 'held') return { state: 'held', id: Number(row.hold_id) };
       if (row?.state === 'gone') return { state: 'gone' };
       if (row?.state === 'busy') return { state: 'busy' };
+      if (row?.state === 'rated') return { state: 'rated', retryAfter: num(row.retry_s) };
       return { state: 'refused', refusal: refusals[next++]! };
     });
   }
@@ -677,6 +717,8 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
         this.unsettled = this.unsettled.filter((u) => !batch.includes(u));
       }
       if (this.auditBacklog.length > 0) void this.writeAudit();
+      // The rate limit looks one minute back; older rows are nobody's.
+      await this.query(`delete from till_rate where at < now() - interval '2 minutes'`, [], 'till_rate_prune');
       const reclaimed = await this.query(RECLAIM, [], 'till_reclaim');
       for (const row of reclaimed) await this.refresh(String(row.id));
       for (const row of reclaimed) await this.notify(String(row.id));
