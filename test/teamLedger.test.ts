@@ -53,8 +53,8 @@ async function everywhere(id: string): Promise<void> {
   for (const b of brokers) await waitFor(`broker to know key ${id}`, async () => (await b.key(id).catch(() => undefined)) !== undefined);
 }
 
-/** A small chat request through `broker`; its status and body. */
-function chat(broker: Broker, key: string, agent: http.Agent): Promise<{ status: number; body: string }> {
+/** A small chat request through `broker` (on a connection of its own unless `agent` is given); its status and body. */
+function chat(broker: Broker, key: string, agent: http.Agent | false = false): Promise<{ status: number; body: string }> {
   const u = new URL(broker.url);
   const body = JSON.stringify({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }] });
   return new Promise((resolve, reject) => {
@@ -85,7 +85,7 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
     const before = openai.received.length;
     const agents = brokers.map(() => new http.Agent({ keepAlive: true, maxSockets: 50 }));
     try {
-      const answers = await Promise.all(brokers.flatMap((b, i) => Array.from({ length: 300 }, () => chat(b, k.key, agents[i]!))));
+      const answers = await Promise.all(brokers.flatMap((b, i) => Array.from({ length: 300 }, () => chat(b, k.key, agents[i]))));
       const ok = answers.filter((a) => a.status === 200);
       expect(ok).toHaveLength(100);
       expect(openai.received.length - before).toBe(100);
@@ -105,13 +105,8 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
 
   it('serves a key issued through broker 1 at once through broker 3, without waiting for the notification', async () => {
     const k = await brokers[0]!.issue({ target: 'openai', uses: 2 });
-    const agent = new http.Agent({ keepAlive: false });
-    try {
-      const answer = await chat(brokers[2]!, k.key, agent);
-      expect(answer.status, answer.body).toBe(200);
-    } finally {
-      agent.destroy();
-    }
+    const answer = await chat(brokers[2]!, k.key);
+    expect(answer.status, answer.body).toBe(200);
   });
 
   it('serves whole 30 parallel streams through three brokers that fit a $1 key (text bytes past max_tokens included)', async () => {
@@ -282,45 +277,30 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
     ).toBe(true);
     // Once they ended, the slots are free again, on any broker; a free route takes one too.
     await waitFor('the slots to be free', async () => db.psql(`select count(*) from till_holds where key_id = '${k.id}'`) === '0');
-    const agent = new http.Agent({ keepAlive: false });
-    try {
-      expect((await chat(brokers[1]!, k.key, agent)).status).toBe(200);
-    } finally {
-      agent.destroy();
-    }
+    expect((await chat(brokers[1]!, k.key)).status).toBe(200);
   });
 
   it('keeps a rate limit across brokers: 9 requests through three on a key allowing 5 a minute, exactly 5 pass', async () => {
     const k = await brokers[0]!.issue({ target: 'openai', rpm: 5 });
     await everywhere(k.id);
-    const agent = new http.Agent({ keepAlive: false });
-    try {
-      const answers = await Promise.all(Array.from({ length: 9 }, (_, i) => chat(brokers[i % 3]!, k.key, agent)));
-      expect(answers.filter((a) => a.status === 200)).toHaveLength(5);
-      const refused = answers.filter((a) => a.status !== 200);
-      expect(new Set(refused.map((a) => a.status))).toEqual(new Set([429]));
-      expect(refused[0]!.body).toMatch(/limited to 5 requests per minute; retry in \d+ s/);
-    } finally {
-      agent.destroy();
-    }
+    const answers = await Promise.all(Array.from({ length: 9 }, (_, i) => chat(brokers[i % 3]!, k.key)));
+    expect(answers.filter((a) => a.status === 200)).toHaveLength(5);
+    const refused = answers.filter((a) => a.status !== 200);
+    expect(new Set(refused.map((a) => a.status))).toEqual(new Set([429]));
+    expect(refused[0]!.body).toMatch(/limited to 5 requests per minute; retry in \d+ s/);
   });
 
   it('serves an extension made through broker 1 on broker 3 within a second', async () => {
     const k = await brokers[0]!.issue({ target: 'openai', uses: 1 });
     await everywhere(k.id);
-    const agent = new http.Agent({ keepAlive: false });
-    try {
-      expect((await chat(brokers[2]!, k.key, agent)).status).toBe(200);
-      expect((await chat(brokers[2]!, k.key, agent)).status).toBe(429);
-      const extended = await runTill(['extend', k.id, '--uses', '1'], { home: brokers[0]!.home });
-      expect(extended.code, extended.stderr).toBe(0);
-      const at = Date.now();
-      await waitFor('broker 3 to see the new limit', async () => (await brokers[2]!.key(k.id)).policy.maxActivations === 2);
-      expect(Date.now() - at).toBeLessThan(1_000);
-      expect((await chat(brokers[2]!, k.key, agent)).status).toBe(200);
-    } finally {
-      agent.destroy();
-    }
+    expect((await chat(brokers[2]!, k.key)).status).toBe(200);
+    expect((await chat(brokers[2]!, k.key)).status).toBe(429);
+    const extended = await runTill(['extend', k.id, '--uses', '1'], { home: brokers[0]!.home });
+    expect(extended.code, extended.stderr).toBe(0);
+    const at = Date.now();
+    await waitFor('broker 3 to see the new limit', async () => (await brokers[2]!.key(k.id)).policy.maxActivations === 2);
+    expect(Date.now() - at).toBeLessThan(1_000);
+    expect((await chat(brokers[2]!, k.key)).status).toBe(200);
   });
 
   it('closes a WebSocket on another broker within a second of a revocation through broker 1', async () => {
@@ -411,17 +391,14 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
     expect(Date.now() - killedAt).toBeLessThan(3_000);
     expect(db.psql(`select used_activations from till_keys where id = '${k.id}'`)).toBe('3');
     // What is left is still usable, and no more.
-    const agent = new http.Agent({ keepAlive: false });
-    const answers = await Promise.all([1, 2, 3, 4].map((i) => chat(brokers[i % 3]!, k.key, agent)));
+    const answers = await Promise.all([1, 2, 3, 4].map((i) => chat(brokers[i % 3]!, k.key)));
     expect(answers.filter((a) => a.status === 200)).toHaveLength(2);
-    agent.destroy();
   });
 
   it('answers 503 in the provider error shape while the database is down, loses none of the streams it had admitted, and serves again when it is back', async () => {
     const k = await brokers[0]!.issue({ target: 'openai', uses: 10 });
     await everywhere(k.id);
-    const agent = new http.Agent({ keepAlive: false });
-    expect((await chat(brokers[1]!, k.key, agent)).status).toBe(200);
+    expect((await chat(brokers[1]!, k.key)).status).toBe(200);
     // Three streams (5 s each) admitted before the database goes away; they end while it is away.
     const client = new OpenAI({ apiKey: k.key, baseURL: `${brokers[1]!.url}/openai/v1`, maxRetries: 0 });
     const streams = await Promise.all(
@@ -437,7 +414,7 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
     const before = openai.received.length;
     db.stop();
     try {
-      const down = await chat(brokers[1]!, k.key, agent);
+      const down = await chat(brokers[1]!, k.key);
       expect(down.status).toBe(503);
       expect(JSON.parse(down.body)).toMatchObject({
         error: { message: expect.stringMatching(/team ledger \(PostgreSQL\) is unavailable/) },
@@ -448,7 +425,7 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
         const u = new URL(brokers[1]!.url);
         http
           .get(
-            { host: u.hostname, port: u.port, path: '/openai/v1/models', agent, headers: { authorization: `Bearer ${k.key}` } },
+            { host: u.hostname, port: u.port, path: '/openai/v1/models', agent: false, headers: { authorization: `Bearer ${k.key}` } },
             (res) => {
               res.resume();
               resolve(res.statusCode ?? 0);
@@ -463,10 +440,9 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
     }
     // No broker was restarted; the streams' settlements, acknowledged to their clients while the
     // database was away, are written once it is back.
-    await waitFor('the brokers to serve again', async () => (await chat(brokers[1]!, k.key, agent)).status === 200);
+    await waitFor('the brokers to serve again', async () => (await chat(brokers[1]!, k.key)).status === 200);
     await waitFor('the key to count all five', async () => (await brokers[0]!.key(k.id)).used.activations === 5);
     expect(db.psql(`select used_activations, held_activations from till_keys where id = '${k.id}'`)).toBe('5|0');
-    agent.destroy();
   });
 
   it('keeps the real credential out of the database and the logs', () => {

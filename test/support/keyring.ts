@@ -11,6 +11,19 @@ import { promisify } from 'node:util';
 
 const run = promisify(execFile);
 
+/** `gdbus` arguments that lock the session's login collection, as a screen lock or a timeout would. */
+export const LOCK_LOGIN_COLLECTION = [
+  'call',
+  '--session',
+  '--dest',
+  'org.freedesktop.secrets',
+  '--object-path',
+  '/org/freedesktop/secrets',
+  '--method',
+  'org.freedesktop.Secret.Service.Lock',
+  "['/org/freedesktop/secrets/collection/login']",
+];
+
 export interface PrivateKeyring {
   /** Environment a process needs to reach this keychain (bus address and XDG folders). */
   env: Record<string, string>;
@@ -80,21 +93,7 @@ export async function startPrivateKeyring(): Promise<PrivateKeyring> {
   return {
     env,
     async lock() {
-      await run(
-        'gdbus',
-        [
-          'call',
-          '--session',
-          '--dest',
-          'org.freedesktop.secrets',
-          '--object-path',
-          '/org/freedesktop/secrets',
-          '--method',
-          'org.freedesktop.Secret.Service.Lock',
-          "['/org/freedesktop/secrets/collection/login']",
-        ],
-        { env: fullEnv },
-      );
+      await run('gdbus', LOCK_LOGIN_COLLECTION, { env: fullEnv });
     },
     stop() {
       try {

@@ -21,8 +21,20 @@ import type { KeySummary } from '../../../src/core/events';
 import type { IssuedKey } from '../../../src/core/runtime/controlApi';
 import { COMMANDS } from '../../../src/vscode/constants';
 import type { TillApi } from '../../../src/vscode/extension';
+import { LOCK_LOGIN_COLLECTION } from '../../support/keyring';
 import { startOpenAIUpstream, type Upstream } from '../../support/upstreams';
-import { brokerHost, handBrokerOver, keyedTerminalEnv, openSecondWindow, poll, ScriptedPrompter, startTill, terminalEnv } from './helpers';
+import {
+  brokerHost,
+  cancelledAddCredential,
+  handBrokerOver,
+  keyedTerminalEnv,
+  openSecondWindow,
+  poll,
+  ScriptedPrompter,
+  startTill,
+  terminalEnv,
+  withKeychainChosen,
+} from './helpers';
 
 const SECRET = `sk-REALCRED-vscode-${Date.now().toString(36)}`;
 
@@ -504,35 +516,11 @@ describe('Till in VS Code', function () {
 
   // Last: it leaves the runner's keychain locked.
   it('a locked keychain (with the keychain chosen): Add Credential asks once; Cancel stores nothing and says how to come back', async () => {
-    const other = `sk-ant-REALCRED-locked-${Date.now().toString(36)}`;
-    const settings = () => vscode.workspace.getConfiguration('till');
     // As a screen lock or a timeout would.
-    execFileSync('gdbus', [
-      'call',
-      '--session',
-      '--dest',
-      'org.freedesktop.secrets',
-      '--object-path',
-      '/org/freedesktop/secrets',
-      '--method',
-      'org.freedesktop.Secret.Service.Lock',
-      "['/org/freedesktop/secrets/collection/login']",
-    ]);
-    await settings().update('credentials.store', 'keychain', vscode.ConfigurationTarget.Global);
-    try {
-      const before = api.session.credentials.all().map((c) => c.name);
-      const seen = prompter.messages.length;
-      prompter.answer('anthropic', other);
-      assert.equal(await vscode.commands.executeCommand<string | undefined>(COMMANDS.addCredential), undefined);
-      const said = prompter.messages.slice(seen);
-      assert.equal(said.filter((m) => /the OS keychain cannot keep "anthropic"/.test(m)).length, 1, said.join('\n'));
+    execFileSync('gdbus', LOCK_LOGIN_COLLECTION);
+    await withKeychainChosen(async () => {
+      const said = await cancelledAddCredential(api, prompter, 'anthropic', `sk-ant-REALCRED-locked-${Date.now().toString(36)}`);
       assert.match(said.at(-1)!, /nothing was stored\. Unlock or start your OS keychain/);
-      assert.deepEqual(
-        api.session.credentials.all().map((c) => c.name),
-        before,
-      );
-    } finally {
-      await settings().update('credentials.store', undefined, vscode.ConfigurationTarget.Global);
-    }
+    });
   });
 });

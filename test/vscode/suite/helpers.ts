@@ -128,3 +128,37 @@ export async function handBrokerOver(api: TillApi): Promise<void> {
   );
   await vscode.commands.executeCommand(COMMANDS.restartBroker);
 }
+
+/** Runs `use` with `till.credentials.store` set to `keychain`, as a user who chose the OS keychain; then unset. */
+export async function withKeychainChosen(use: () => Promise<void>): Promise<void> {
+  const settings = vscode.workspace.getConfiguration('till');
+  await settings.update('credentials.store', 'keychain', vscode.ConfigurationTarget.Global);
+  try {
+    await use();
+  } finally {
+    await vscode.workspace.getConfiguration('till').update('credentials.store', undefined, vscode.ConfigurationTarget.Global);
+  }
+}
+
+/**
+ * Add Credential for `provider` when the keychain cannot keep it, the question dismissed (Cancel):
+ * checks it was asked once and nothing was stored; returns what Till said.
+ */
+export async function cancelledAddCredential(
+  api: TillApi,
+  prompter: ScriptedPrompter,
+  provider: string,
+  secret: string,
+): Promise<string[]> {
+  const before = api.session.credentials.all().map((c) => c.name);
+  const seen = prompter.messages.length;
+  prompter.answer(provider, secret);
+  assert.equal(await vscode.commands.executeCommand<string | undefined>(COMMANDS.addCredential), undefined);
+  const said = prompter.messages.slice(seen);
+  assert.equal(said.filter((m) => new RegExp(`the OS keychain cannot keep "${provider}"`).test(m)).length, 1, said.join('\n'));
+  assert.deepEqual(
+    api.session.credentials.all().map((c) => c.name),
+    before,
+  );
+  return said;
+}

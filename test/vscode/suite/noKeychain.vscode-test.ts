@@ -16,7 +16,16 @@ import { KeychainVault } from '../../../src/core/credentials/vault';
 import { COMMANDS } from '../../../src/vscode/constants';
 import type { TillApi } from '../../../src/vscode/extension';
 import type { Upstream } from '../../support/upstreams';
-import { handBrokerOver, keyedTerminalEnv, openSecondWindow, ScriptedPrompter, startTill, terminalEnv } from './helpers';
+import {
+  cancelledAddCredential,
+  handBrokerOver,
+  keyedTerminalEnv,
+  openSecondWindow,
+  ScriptedPrompter,
+  startTill,
+  terminalEnv,
+  withKeychainChosen,
+} from './helpers';
 
 const SECRET = `sk-REALCRED-nokeychain-${Date.now().toString(36)}`;
 
@@ -126,34 +135,21 @@ describe('Till on a server with no OS keychain (a dev container)', function () {
 
   it("with till.credentials.store set to keychain, a keychain that cannot keep the key asks once: Cancel stores nothing and says how to come back; VS Code's storage then keeps it", async () => {
     const other = `sk-ant-REALCRED-asked-${Date.now().toString(36)}`;
-    const settings = () => vscode.workspace.getConfiguration('till');
-    await settings().update('credentials.store', 'keychain', vscode.ConfigurationTarget.Global);
-    try {
-      const before = api.session.credentials.all().map((c) => c.name);
-      const seen = prompter.messages.length;
-      // The question is dismissed (no button answered): Cancel.
-      prompter.answer('anthropic', other);
-      assert.equal(await vscode.commands.executeCommand<string | undefined>(COMMANDS.addCredential), undefined);
-      const said = prompter.messages.slice(seen);
-      assert.equal(said.filter((m) => /cannot keep "anthropic"/.test(m)).length, 1, said.join('\n'));
+    await withKeychainChosen(async () => {
+      const said = await cancelledAddCredential(api, prompter, 'anthropic', other);
       assert.match(
         said.find((m) => /cannot keep/.test(m))!,
         /VS Code's secret storage can/,
       );
       assert.match(said.at(-1)!, /nothing was stored.*"Till: Add Credential" again/);
-      assert.deepEqual(
-        api.session.credentials.all().map((c) => c.name),
-        before,
-      );
-      assert.equal(settings().inspect('credentials.store')?.globalValue, 'keychain');
+      const setting = () => vscode.workspace.getConfiguration('till').inspect('credentials.store')?.globalValue;
+      assert.equal(setting(), 'keychain');
       // Asked again, and this time VS Code's secret storage is chosen.
       prompter.answer('anthropic', other, "button:Use VS Code's Secret Storage");
       assert.equal(await vscode.commands.executeCommand<string>(COMMANDS.addCredential), 'anthropic');
       assert.equal(api.session.credentials.storeOf('anthropic'), 'editor');
-      assert.equal(settings().inspect('credentials.store')?.globalValue, 'vscode');
+      assert.equal(setting(), 'vscode');
       assert.ok(!(await terminalEnv()).includes(other));
-    } finally {
-      await settings().update('credentials.store', undefined, vscode.ConfigurationTarget.Global);
-    }
+    });
   });
 });
