@@ -23,13 +23,7 @@ beforeAll(async () => {
   db = await startPostgres();
   credential = fakeCredential('openai');
   openai = await startOpenAIUpstream({ credential, streamChunks: 100, streamDelayMs: 50 });
-  brokers = await Promise.all(
-    [1, 2, 3].map(async () => {
-      const home = tempHome();
-      await addCredential(home, 'openai', 'openai', credential);
-      return serveTill(home, { env: { TILL_UPSTREAM_OPENAI: `${openai.url}/v1`, TILL_LEDGER: db.url } });
-    }),
-  );
+  brokers = await brokersOn(openai, 3);
 }, 60_000);
 afterAll(async () => {
   // A broker that does not exit within 15 s of SIGTERM (a connection left open keeps it alive)
@@ -47,6 +41,17 @@ afterAll(async () => {
   db?.destroy();
   if (hung.length > 0) throw new Error(`till serve did not stop on SIGTERM:\n${hung.join('\n')}`);
 }, 60_000);
+
+/** `count` brokers as a team runs them: each its own data folder and copy of the credential, on the team ledger. */
+function brokersOn(up: Upstream, count: number): Promise<(Broker & { process: { output(): string } })[]> {
+  return Promise.all(
+    Array.from({ length: count }, async () => {
+      const home = tempHome();
+      await addCredential(home, 'openai', 'openai', credential);
+      return serveTill(home, { env: { TILL_UPSTREAM_OPENAI: `${up.url}/v1`, TILL_LEDGER: db.url } });
+    }),
+  );
+}
 
 /** Waits until every broker knows the key (a notification from the database tells them). */
 async function everywhere(id: string): Promise<void> {
@@ -112,13 +117,7 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
   it('serves whole 30 parallel streams through three brokers that fit a $1 key (text bytes past max_tokens included)', async () => {
     // 1,500 tokens of 4 to 5 bytes each: more bytes than the 3,000-token cap, which is as far as a hold goes.
     const up = await startOpenAIUpstream({ credential, streamChunks: 1500, streamDelayMs: 2 });
-    const homes = await Promise.all(
-      [1, 2, 3].map(async () => {
-        const home = tempHome();
-        await addCredential(home, 'openai', 'openai', credential);
-        return serveTill(home, { env: { TILL_UPSTREAM_OPENAI: `${up.url}/v1`, TILL_LEDGER: db.url } });
-      }),
-    );
+    const homes = await brokersOn(up, 3);
     try {
       const k = await homes[0]!.issue({ target: 'openai', maxSpend: 1 });
       const outcomes = await Promise.all(
@@ -158,13 +157,7 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
     // Each stream would produce 1,500 tokens ($0.015 at gpt-4o's $10 per million): their holds
     // start at a slice and grow as they go, each growth checked in the database.
     const up = await startOpenAIUpstream({ credential, streamChunks: 1500, streamDelayMs: 2, afterDisconnectTokens: 50 });
-    const homes = await Promise.all(
-      [1, 2, 3].map(async () => {
-        const home = tempHome();
-        await addCredential(home, 'openai', 'openai', credential);
-        return serveTill(home, { env: { TILL_UPSTREAM_OPENAI: `${up.url}/v1`, TILL_LEDGER: db.url } });
-      }),
-    );
+    const homes = await brokersOn(up, 3);
     try {
       const k = await homes[0]!.issue({ target: 'openai', maxSpend: 1 });
       for (const b of homes)
@@ -217,9 +210,7 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
 
   it('keeps WebSocket turns in order while their holds go to the database, and refuses the one past the limit', async () => {
     const up = await startOpenAIUpstream({ credential, websocket: true });
-    const home = tempHome();
-    await addCredential(home, 'openai', 'openai', credential);
-    const b = await serveTill(home, { env: { TILL_UPSTREAM_OPENAI: `${up.url}/v1`, TILL_LEDGER: db.url } });
+    const b = (await brokersOn(up, 1))[0]!;
     try {
       const k = await b.issue({ target: 'openai', uses: 2 });
       const ws = new WebSocket(`${b.url.replace(/^http/, 'ws')}/openai/v1/responses`, { headers: { authorization: `Bearer ${k.key}` } });
@@ -305,9 +296,7 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
 
   it('closes a WebSocket on another broker within a second of a revocation through broker 1', async () => {
     const up = await startOpenAIUpstream({ credential, websocket: true });
-    const home = tempHome();
-    await addCredential(home, 'openai', 'openai', credential);
-    const b = await serveTill(home, { env: { TILL_UPSTREAM_OPENAI: `${up.url}/v1`, TILL_LEDGER: db.url } });
+    const b = (await brokersOn(up, 1))[0]!;
     try {
       const k = await brokers[0]!.issue({ target: 'openai' });
       await waitFor('the broker to know the key', async () => (await b.key(k.id).catch(() => undefined)) !== undefined);
