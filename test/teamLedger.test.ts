@@ -53,6 +53,31 @@ function brokersOn(up: Upstream, count: number): Promise<(Broker & { process: { 
   );
 }
 
+/**
+ * One streamed chat through `broker` with the official SDK, read to its end: its text, or how it
+ * failed (`429 <message>`, or the message of a stream ended by the broker).
+ */
+async function stream(
+  broker: Broker,
+  key: string,
+  request: { model: string; max_tokens?: number; content: string },
+): Promise<{ text?: string; failed?: string }> {
+  const client = new OpenAI({ apiKey: key, baseURL: `${broker.url}/openai/v1`, maxRetries: 0 });
+  try {
+    const answer = await client.chat.completions.create({
+      model: request.model,
+      stream: true,
+      max_tokens: request.max_tokens,
+      messages: [{ role: 'user', content: request.content }],
+    });
+    let text = '';
+    for await (const chunk of answer) text += chunk.choices[0]?.delta.content ?? '';
+    return { text };
+  } catch (err) {
+    return { failed: `${(err as { status?: number }).status ?? ''} ${(err as Error).message}`.trim() };
+  }
+}
+
 /** Waits until every broker knows the key (a notification from the database tells them). */
 async function everywhere(id: string): Promise<void> {
   for (const b of brokers) await waitFor(`broker to know key ${id}`, async () => (await b.key(id).catch(() => undefined)) !== undefined);
@@ -122,20 +147,8 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
       const k = await homes[0]!.issue({ target: 'openai', maxSpend: 1 });
       const outcomes = await Promise.all(
         Array.from({ length: 30 }, async (_, i) => {
-          const client = new OpenAI({ apiKey: k.key, baseURL: `${homes[i % 3]!.url}/openai/v1`, maxRetries: 0 });
-          try {
-            const stream = await client.chat.completions.create({
-              model: 'gpt-4o',
-              stream: true,
-              max_tokens: 3000,
-              messages: [{ role: 'user', content: 'tell me everything' }],
-            });
-            let text = '';
-            for await (const chunk of stream) text += chunk.choices[0]?.delta.content ?? '';
-            return text.length > 3000 ? 'whole' : `short: ${text.length}`;
-          } catch (err) {
-            return (err as Error).message;
-          }
+          const { text, failed } = await stream(homes[i % 3]!, k.key, { model: 'gpt-4o', max_tokens: 3000, content: 'tell me everything' });
+          return failed ?? (text!.length > 3000 ? 'whole' : `short: ${text!.length}`);
         }),
       );
       expect(
@@ -165,19 +178,8 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
       const outcomes = await Promise.all(
         homes.flatMap((b) =>
           Array.from({ length: 200 }, async () => {
-            const client = new OpenAI({ apiKey: k.key, baseURL: `${b.url}/openai/v1`, maxRetries: 0 });
-            try {
-              const stream = await client.chat.completions.create({
-                model: 'gpt-4o',
-                stream: true,
-                max_tokens: 3000,
-                messages: [{ role: 'user', content: 'tell me everything' }],
-              });
-              for await (const _ of stream) void _;
-              return 'served';
-            } catch (err) {
-              return String((err as { status?: number }).status ?? (err as Error).message);
-            }
+            const { failed } = await stream(b, k.key, { model: 'gpt-4o', max_tokens: 3000, content: 'tell me everything' });
+            return failed === undefined ? 'served' : failed.split(' ')[0]!;
           }),
         ),
       );
@@ -244,20 +246,10 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
     await everywhere(k.id);
     const before = openai.received.length;
     const outcomes = await Promise.all(
-      Array.from({ length: 12 }, async (_, i) => {
-        const client = new OpenAI({ apiKey: k.key, baseURL: `${brokers[i % 3]!.url}/openai/v1`, maxRetries: 0 });
-        try {
-          const stream = await client.chat.completions.create({
-            model: 'gpt-4o-mini',
-            stream: true,
-            messages: [{ role: 'user', content: 'go' }],
-          });
-          for await (const _ of stream) void _;
-          return 'served';
-        } catch (err) {
-          return `${(err as { status?: number }).status ?? ''} ${(err as Error).message}`;
-        }
-      }),
+      Array.from(
+        { length: 12 },
+        async (_, i) => (await stream(brokers[i % 3]!, k.key, { model: 'gpt-4o-mini', content: 'go' })).failed ?? 'served',
+      ),
     );
     expect(outcomes.filter((o) => o === 'served')).toHaveLength(2);
     expect(openai.received.length - before).toBe(2);
