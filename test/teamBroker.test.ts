@@ -6,7 +6,6 @@
  * (Every request in these tests goes to 127.0.0.1.)
  */
 import { spawn } from 'node:child_process';
-import WebSocket from 'ws';
 import * as http from 'node:http';
 import * as https from 'node:https';
 import * as net from 'node:net';
@@ -18,6 +17,7 @@ import type { KeySummary } from '../src/core/events';
 import type { IssuedKey } from '../src/core/runtime/controlApi';
 import { startPostgres, type TestPostgres } from './support/postgres';
 import { expectOneLineError, fakeCredential, runTill, spawnServe, tempHome, TILL_JS, writeConfig, type ServeProcess } from './support/till';
+import { openResponsesSocket } from './support/responsesSocket';
 import { makeCertificate, type TestCertificate } from './support/tls';
 import { startAnthropicUpstream, startOpenAIUpstream, type Upstream } from './support/upstreams';
 import { waitFor } from './support/wait';
@@ -267,19 +267,9 @@ describe('till serve as a team broker', () => {
 
   it('carries WebSockets over TLS (wss://), checked and counted like HTTP', async () => {
     const key = JSON.parse((await admin(['issue', 'openai', '--uses', '1', '--json'])).stdout) as IssuedKey;
-    const ws = new WebSocket(`wss://127.0.0.1:${port}/openai/v1/responses`, {
-      ca: tls.cert,
-      headers: { authorization: `Bearer ${key.key}` },
-    });
-    const types: string[] = [];
-    ws.on('message', (data: Buffer) => types.push((JSON.parse(data.toString()) as { type: string }).type));
-    await new Promise((resolve, reject) => {
-      ws.once('open', resolve);
-      ws.once('error', reject);
-    });
-    ws.send(JSON.stringify({ type: 'response.create', model: 'gpt-4o-mini', input: 'hi' }));
-    await waitFor('the turn to complete', async () => types.includes('response.completed'));
-    ws.close();
+    const socket = await openResponsesSocket(`wss://127.0.0.1:${port}/openai/v1/responses`, key.key, tls.cert);
+    await socket.turn('hi');
+    socket.ws.close();
     await waitFor('the turn to be counted', async () => {
       const keys = JSON.parse((await admin(['ls', '--json'])).stdout) as KeySummary[];
       return keys.find((k) => k.id === key.id)?.used.activations === 1;

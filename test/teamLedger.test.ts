@@ -12,6 +12,7 @@ import { serveTill, type Broker } from './support/served';
 import { startPostgres, type TestPostgres } from './support/postgres';
 import { addCredential, fakeCredential, runTill, tempHome } from './support/till';
 import { startOpenAIUpstream, type Upstream } from './support/upstreams';
+import { openResponsesSocket } from './support/responsesSocket';
 import { waitFor } from './support/wait';
 
 let db: TestPostgres;
@@ -292,16 +293,9 @@ describe('a team ledger on PostgreSQL, through till serve', () => {
     try {
       const k = await brokers[0]!.issue({ target: 'openai' });
       await waitFor('the broker to know the key', async () => (await b.key(k.id).catch(() => undefined)) !== undefined);
-      const ws = new WebSocket(`${b.url.replace(/^http/, 'ws')}/openai/v1/responses`, { headers: { authorization: `Bearer ${k.key}` } });
-      const closed = new Promise<number>((resolve) => ws.once('close', () => resolve(Date.now())));
-      const types: string[] = [];
-      ws.on('message', (data: Buffer) => types.push((JSON.parse(data.toString()) as { type: string }).type));
-      await new Promise((resolve, reject) => {
-        ws.once('open', resolve);
-        ws.once('error', reject);
-      });
-      ws.send(JSON.stringify({ type: 'response.create', model: 'gpt-4o-mini', input: 'hi' }));
-      await waitFor('a turn to complete', async () => types.includes('response.completed'));
+      const socket = await openResponsesSocket(`${b.url.replace(/^http/, 'ws')}/openai/v1/responses`, k.key);
+      const closed = new Promise<number>((resolve) => socket.ws.once('close', () => resolve(Date.now())));
+      await socket.turn('hi');
       const revokedAt = Date.now();
       await brokers[0]!.revoke(k.id);
       expect((await closed) - revokedAt).toBeLessThan(1_000);
