@@ -5,7 +5,7 @@
 import { spawn } from 'node:child_process';
 import { rmSync } from 'node:fs';
 import { constants } from 'node:os';
-import { basename } from 'node:path';
+import { basename, join, resolve as resolvePath } from 'node:path';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { AGENTS, agentSetup, agentTargets, isAgentName, newAgentScratchDir } from '../core/agents/agents';
 import { ControlClient, NotRunningError } from '../core/runtime/control';
@@ -22,7 +22,7 @@ import { ControlApi, type IssuedKey, type IssueInput } from '../core/runtime/con
 import { KeychainVault } from '../core/credentials/vault';
 import { readSecret } from './secretInput';
 import { RemoteControlClient } from '../core/runtime/remoteControl';
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 
 class UsageError extends Error {}
 
@@ -525,12 +525,16 @@ async function exec(args: string[], paths: TillPaths): Promise<number> {
   // from this shell (OPENAI_API_KEY=sk-…) would reach it otherwise.
   const env = { ...process.env };
   for (const name of inherited) delete env[name];
+  const ca = remoteBroker?.ca;
   let scratch: string | undefined;
   try {
+    if (agent !== undefined || ca !== undefined) scratch = newAgentScratchDir(paths.home);
+    // A team broker's own CA, given with --ca, is what the command's Node programs (the agents, the
+    // SDKs) must trust to reach it: added to the certificates they trust, never instead of them.
+    if (ca !== undefined) env.NODE_EXTRA_CA_CERTS = extraCertificates(ca, env.NODE_EXTRA_CA_CERTS, scratch!);
     if (agent !== undefined) {
       for (const name of AGENTS[agent].unset ?? []) delete env[name];
-      scratch = newAgentScratchDir(paths.home);
-      const setup = agentSetup(agent, issued, { scratchDir: scratch });
+      const setup = agentSetup(agent, issued, { scratchDir: scratch! });
       for (const warning of setup.warnings) process.stderr.write(`till: warning: ${warning}\n`);
       Object.assign(env, setup.env);
     } else {
@@ -551,6 +555,20 @@ async function exec(args: string[], paths: TillPaths): Promise<number> {
     if (scratch) rmSync(scratch, { recursive: true, force: true });
     await revokeAll();
   }
+}
+
+/** NODE_EXTRA_CA_CERTS for a command that must trust `ca` too: `ca` itself, or both in one file in `dir` when one was set already. */
+function extraCertificates(ca: string, already: string | undefined, dir: string): string {
+  if (already === undefined || already === '') return resolvePath(ca);
+  const both = join(dir, 'ca-certificates.pem');
+  let before = '';
+  try {
+    before = readFileSync(already, 'utf8');
+  } catch {
+    // Node would skip an unreadable file with a warning: so does this.
+  }
+  writeFileSync(both, `${before.trimEnd()}\n${readFileSync(ca, 'utf8')}`);
+  return both;
 }
 
 export async function main(argv: string[]): Promise<number> {
