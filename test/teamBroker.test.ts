@@ -213,6 +213,17 @@ describe('till serve as a team broker', () => {
     expect(closedAfter).toBeLessThan(14_000);
   }, 20_000);
 
+  it('stops at once on SIGTERM with a connection still in its TLS handshake', async () => {
+    const broker = await spawnServe(tempHome(), { args: ['--listen', '127.0.0.1', '--tls-cert', tls.certFile, '--tls-key', tls.keyFile] });
+    const socket = net.connect(Number(new URL(broker.url).port), '127.0.0.1');
+    socket.on('error', () => undefined);
+    await new Promise((resolve) => socket.once('connect', resolve));
+    const asked = Date.now();
+    await broker.stop();
+    expect(Date.now() - asked).toBeLessThan(3_000);
+    socket.destroy();
+  });
+
   it('refuses the control API without the right admin token, and sends the token only over TLS', async () => {
     const wrong = await admin(['ls'], { TILL_ADMIN_TOKEN: 'b'.repeat(64) });
     expectOneLineError(wrong, 1, /bad admin token/);

@@ -9,7 +9,7 @@
  */
 import * as http from 'node:http';
 import * as https from 'node:https';
-import type { AddressInfo } from 'node:net';
+import type { AddressInfo, Socket } from 'node:net';
 import type { AuditLog } from '../audit/audit';
 import { ConnectionBudget } from './connectionBudget';
 import { ConversationSizes } from '../holds/contexts';
@@ -77,6 +77,8 @@ export interface BrokerOptions {
 export class Broker {
   private server: http.Server | undefined;
   private readonly listener: Listener;
+  /** A TLS listener's connections, handshakes included (plain HTTP: the server's own list does). */
+  private readonly connections = new Set<Socket>();
   private readonly upstream = new UpstreamClients();
   /** Credential reads, shared by every request that needs one (a burst reads the keychain once). */
   private readonly secrets = new Map<string, Promise<string>>();
@@ -154,6 +156,13 @@ export class Broker {
     const server = tls
       ? https.createServer({ ...settings, cert: tls.cert, key: tls.key, handshakeTimeout: o.headersTimeoutMs })
       : http.createServer(settings);
+    // Over TLS, every connection from its first byte (see close()).
+    if (tls) {
+      server.on('connection', (socket: Socket) => {
+        this.connections.add(socket);
+        socket.once('close', () => this.connections.delete(socket));
+      });
+    }
     // One past the limit, so a request over it is seen and refused rather than cut short (clientDenial).
     server.maxHeadersCount = MAX_HEADERS + 1;
     server.on('request', (req, res) => this.handle(req, res));
@@ -239,6 +248,9 @@ export class Broker {
     await new Promise<void>((resolve) => {
       server.close(() => resolve());
       server.closeAllConnections();
+      // Connections still in their TLS handshake are no HTTP server's yet: closeAllConnections
+      // leaves them, and close() would wait for them (a `till serve` that SIGTERM did not stop).
+      for (const socket of this.connections) socket.destroy();
     });
     this.upstream.close();
   }
