@@ -362,7 +362,8 @@ async function credential(args: string[], paths: TillPaths): Promise<void> {
   const [sub, ...rest] = args;
   const { values, positionals } = parse(rest, { name: { type: 'string' }, json: { type: 'boolean' } });
   if (values.help || !sub || sub === '--help' || sub === '-h') return out(HELP.credential);
-  const configured = readConfig(paths).credentials ?? {};
+  const config = readConfig(paths);
+  const configured = config.credentials ?? {};
   const store = new CredentialStore(
     paths.credentials,
     { keychain: new KeychainVault({ service: paths.keychainService }), config: configuredVault(configured) },
@@ -382,7 +383,6 @@ async function credential(args: string[], paths: TillPaths): Promise<void> {
   if (sub === 'add') {
     const [providerId] = positionals;
     if (!providerId || positionals.length > 1) throw new UsageError('usage: till credential add <provider> [--name NAME]');
-    const config = readConfig(paths);
     const provider = new ProviderRegistry(config.providers, config.upstreams).get(providerId);
     if (!provider)
       throw new Error(
@@ -491,10 +491,11 @@ async function exec(args: string[], paths: TillPaths): Promise<number> {
   if (agent !== undefined && positionals.length > 0)
     throw new UsageError('till exec --agent picks the credentials itself: name no provider or credential');
   const api = control(paths);
-  // A team broker's credentials are its own; a local broker's are listed in this data folder.
-  const credentials = remoteBroker ? await api.credentials() : new CredentialList(paths.credentials, readConfig(paths).credentials).all();
   // Read before any key is issued: a config.json that cannot be read leaves none behind.
-  const inherited = providerEnvNames(new ProviderRegistry(readConfig(paths).providers));
+  const config = readConfig(paths);
+  // A team broker's credentials are its own; a local broker's are listed in this data folder.
+  const credentials = remoteBroker ? await api.credentials() : new CredentialList(paths.credentials, config.credentials).all();
+  const inherited = providerEnvNames(new ProviderRegistry(config.providers));
   const targets =
     agent !== undefined ? agentTargets(agent, credentials) : positionals.length > 0 ? positionals : credentials.map((c) => c.name);
   if (targets.length === 0) throw new Error('no credentials: add one with `till credential add <provider>`');

@@ -24,7 +24,7 @@ import { duplicateKey } from './duplicateKeys';
 import { progressDue, progressEvent, type RequestInfo, type RequestUsage, type TillEvent, type TillEvents } from '../events';
 import { clientDenial, credentialDenial, findTillKey, forwardedHeaders, noUpstreamDenial, pathDenial, splitUrl } from './frontDoor';
 import type { InFlightEntry, InFlightList } from '../keys/inFlightList';
-import type { Hold, TillKeys } from '../keys/keys';
+import type { Authentication, Hold, TillKeys } from '../keys/keys';
 import type { KeyRecord, SettleDetails } from '../ledger/ledger';
 import { usageFormat, usageFromJson, type Usage } from '../metering/usage';
 import type { UsageFormat } from '../providers/wire';
@@ -251,11 +251,8 @@ export class Exchange implements UpstreamHandler {
   // -------------------------------------------------------------------------------------------
   // check
 
-  /**
-   * Runs the exchange: the front door, then each step in turn. `again`: after a shared ledger was
-   * asked for a key this broker had not heard of (issued through another broker a moment ago).
-   */
-  start(again = false): void {
+  /** Runs the exchange: the front door, then each step in turn. */
+  start(): void {
     const { req, c, info } = this;
     const refused = clientDenial(req, c.allowedHosts);
     if (refused) return this.deny(refused);
@@ -270,11 +267,23 @@ export class Exchange implements UpstreamHandler {
     if (outside) return this.deny(outside);
     const presented = findTillKey(req, this.query);
     if (typeof presented !== 'string') return this.deny(presented);
-    const auth = c.keys.authenticateFor(presented, provider.id);
-    if ('denial' in auth) {
-      if (auth.denial.code === 'unknown_key' && !again && c.keys.shared) return this.askLedger(presented, auth.denial);
-      return this.deny(auth.denial, auth.key);
-    }
+    const auth = c.keys.authenticateAnywhere(presented, provider.id);
+    if (!(auth instanceof Promise)) return this.authenticated(auth);
+    // A team ledger asked for a key this broker had not heard of.
+    void auth.then((answer) => {
+      try {
+        this.authenticated(answer);
+      } catch (err) {
+        this.fail(err);
+      }
+    });
+  }
+
+  /** The key checked: its scope so far (method, path), then the body. */
+  private authenticated(auth: Authentication): void {
+    const { info } = this;
+    const provider = this.provider!;
+    if ('denial' in auth) return this.deny(auth.denial, auth.key);
     const key = (this.key = auth.key);
     info.keyId = key.id;
     info.label = key.label;
@@ -284,18 +293,6 @@ export class Exchange implements UpstreamHandler {
     if (early) return this.deny(early);
     this.format = info.billable ? usageFormat(provider.id, info.method, this.path) : undefined;
     this.read();
-  }
-
-  /** Starts again once the shared ledger has the key, else refuses as before. */
-  private askLedger(presented: string, denial: Denial): void {
-    void this.c.keys.findElsewhere(presented).then((found) => {
-      try {
-        if (found) this.start(true);
-        else this.deny(denial);
-      } catch (err) {
-        this.fail(err);
-      }
-    });
   }
 
   // -------------------------------------------------------------------------------------------

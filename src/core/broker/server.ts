@@ -27,6 +27,9 @@ import type { Vault } from '../credentials/vault';
 import { WebSocketProxy } from './ws/proxy';
 import { UpstreamClients } from './upstream';
 
+/** Answers one HTTP request. */
+type RequestHandler = (req: http.IncomingMessage, res: http.ServerResponse) => void;
+
 /** The broker's default port: T-I-L-L on a phone keypad. */
 export const DEFAULT_PORT = 8455;
 
@@ -54,11 +57,6 @@ export interface BrokerOptions {
   port?: number;
   /** Address, TLS and host names. Default: 127.0.0.1, plain HTTP, loopback names only. */
   listen?: ListenOptions;
-  /**
-   * Answers `/_till/…` (the control API over the network), after the front door's checks.
-   * Default: none (404).
-   */
-  control?: (req: http.IncomingMessage, res: http.ServerResponse) => void;
   /** Largest request body accepted. Default: 32 MiB (the largest provider limit for JSON requests). */
   maxBodyBytes?: number;
   /** Largest request head (request line + headers). Default: 32 KiB. */
@@ -79,6 +77,8 @@ export class Broker {
   private readonly listener: Listener;
   /** A TLS listener's connections, handshakes included (plain HTTP: the server's own list does). */
   private readonly connections = new Set<Socket>();
+  /** The control API over the network, once the service offers it. */
+  private controlHandler: RequestHandler | undefined;
   private readonly upstream = new UpstreamClients();
   /** Credential reads, shared by every request that needs one (a burst reads the keychain once). */
   private readonly secrets = new Map<string, Promise<string>>();
@@ -212,18 +212,25 @@ export class Broker {
     return this.url;
   }
 
-  /** The control API over the network: the same front door as every request, then the service's handler. */
-  private control(req: http.IncomingMessage, res: http.ServerResponse): void {
+  /**
+   * Answers `/_till/…` (the control API over the network) with `handler`, after the front door's
+   * checks. Until then (and without it) those paths are no provider's: 404.
+   */
+  serveControl(handler: RequestHandler): void {
+    this.controlHandler = handler;
+  }
+
+  private control(handler: RequestHandler, req: http.IncomingMessage, res: http.ServerResponse): void {
     const refused = clientDenial(req, this.listener.allowedHosts);
-    if (!refused) return this.options.control!(req, res);
+    if (!refused) return handler(req, res);
     const body = JSON.stringify({ error: refused.message });
     res.writeHead(refused.status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
     res.end(body);
   }
 
-  /** Whether `/_till/…` is answered (the service gave a control handler). */
+  /** Whether `/_till/…` is answered (see {@link serveControl}). */
   get servesControl(): boolean {
-    return this.options.control !== undefined;
+    return this.controlHandler !== undefined;
   }
 
   /** Forgets cached secrets (after a credential was replaced or removed). */
@@ -288,7 +295,8 @@ export class Broker {
 
   private handle(req: http.IncomingMessage, res: http.ServerResponse): void {
     // `/_` is no provider's: one character compare keeps the control route off the hot path.
-    if (req.url?.charCodeAt(1) === 95 && req.url.startsWith('/_till/') && this.options.control) return this.control(req, res);
+    const control = this.controlHandler;
+    if (control && req.url?.charCodeAt(1) === 95 && req.url.startsWith('/_till/')) return this.control(control, req, res);
     const exchange = new Exchange(this.context, req, res);
     try {
       exchange.start();

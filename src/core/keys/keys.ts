@@ -5,7 +5,7 @@
 import { isDenial, type Denial } from '../denial';
 import type { KeySummary, TillEvents } from '../events';
 import { isRefusal, keyState, type KeyRecord, type LedgerHold, type HoldRefusal, type SettleDetails } from '../ledger/ledger';
-import type { BusyRefusal, KeyLedger, RateRefusal } from '../ledger/keyLedger';
+import type { HoldAnswer, KeyLedger } from '../ledger/keyLedger';
 import { andThen, type Maybe } from '../maybe';
 import type { InFlightEntry } from './inFlightList';
 import { buildPolicy, hasLimits, limitsOf, MICROS, type Amounts, type Meter, type Policy } from '../policy/policy';
@@ -249,25 +249,10 @@ export class TillKeys {
   }
 
   /**
-   * On a shared ledger, asks it for a key this broker has not heard of (issued through another
-   * broker a moment ago): true when the key now exists here, so authenticating again may pass.
-   * False at once on the local ledger, and for a string that is no till key.
-   */
-  async findElsewhere(presented: string): Promise<boolean> {
-    const parsed = parseTillKey(presented);
-    if (!parsed.ok || !this.ledger.find || this.ledger.get(parsed.id)) return false;
-    try {
-      return (await this.ledger.find(parsed.id)) !== undefined;
-    } catch {
-      return false;
-    }
-  }
-
-  /**
    * Authenticates a presented key and checks it is bound to `provider`: the check every route
    * into the broker (HTTP and WebSocket) starts with. A denial after the lookup names the key.
    */
-  authenticateFor(presented: string, provider: string): { key: KeyRecord } | { denial: Denial; key?: KeyRecord } {
+  authenticateFor(presented: string, provider: string): Authentication {
     const auth = this.authenticate(presented);
     if (isDenial(auth)) return { denial: auth };
     if (auth.provider !== provider) {
@@ -277,6 +262,28 @@ export class TillKeys {
       };
     }
     return { key: auth };
+  }
+
+  /**
+   * {@link authenticateFor}, except that on a shared ledger a key this broker has not heard of
+   * (issued through another broker a moment ago, its notification still on its way) is asked of the
+   * ledger before it is refused. Synchronous, unless it must ask.
+   */
+  authenticateAnywhere(presented: string, provider: string): Maybe<Authentication> {
+    const auth = this.authenticateFor(presented, provider);
+    if (!('denial' in auth) || auth.denial.code !== 'unknown_key' || !this.shared) return auth;
+    return this.findElsewhere(presented).then((found) => (found ? this.authenticateFor(presented, provider) : auth));
+  }
+
+  /** Asks the shared ledger for a key this broker has not heard of: true when it now exists here. */
+  private async findElsewhere(presented: string): Promise<boolean> {
+    const parsed = parseTillKey(presented);
+    if (!parsed.ok || !this.ledger.find || this.ledger.get(parsed.id)) return false;
+    try {
+      return (await this.ledger.find(parsed.id)) !== undefined;
+    } catch {
+      return false;
+    }
   }
 
   /**
@@ -339,7 +346,7 @@ export class TillKeys {
   private admitted(
     key: KeyRecord,
     amounts: Amounts,
-    result: LedgerHold | HoldRefusal | BusyRefusal | RateRefusal,
+    result: HoldAnswer,
     flights: InFlightList<InFlight>,
     entry: InFlightEntry<InFlight>,
     smallest: Amounts | undefined,
@@ -557,6 +564,9 @@ class KeyHold implements Hold {
     }
   }
 }
+
+/** A presented key, authenticated for a provider, or why not (naming the key once it was found). */
+export type Authentication = { key: KeyRecord } | { denial: Denial; key?: KeyRecord };
 
 /** A request over its key's concurrency limit; `inFlight` says how many are, and where. */
 function concurrencyDenial(key: KeyRecord, limit: number, inFlight: string): Denial {

@@ -82,6 +82,19 @@ export interface RateRefusal {
   retryAfter: number;
 }
 
+/** What a ledger answers a hold with: the hold, or why not. */
+export type HoldAnswer = LedgerHold | HoldRefusal | BusyRefusal | RateRefusal;
+
+/** True for a hold taken (not a refusal of any kind). */
+export function isHeld(value: HoldAnswer): value is LedgerHold {
+  return 'id' in value && 'keyId' in value;
+}
+
+/** True when a value is a refusal of a limit (calls, tokens, dollars) rather than a hold. */
+export function isRefusal(value: HoldAnswer): value is HoldRefusal {
+  return 'meter' in value && 'limit' in value;
+}
+
 /** The first meter on which `extra` more would take `key` past its limit, with the figures; undefined when it fits. */
 export function overLimit(key: KeyRecord, reserved: Amounts, extra: Amounts): HoldRefusal | undefined {
   if (!hasLimits(key.policy)) return undefined;
@@ -107,7 +120,7 @@ export interface KeyLedger {
   /** False when it was already revoked or is unknown. */
   revoke(id: string, at?: number): Maybe<boolean>;
   /** `batch`: the local ledger may write the hold with the turn's others (see {@link whenDurable}). */
-  hold(keyId: string, amounts: Amounts, batch?: boolean): Maybe<LedgerHold | HoldRefusal | BusyRefusal | RateRefusal>;
+  hold(keyId: string, amounts: Amounts, batch?: boolean): Maybe<HoldAnswer>;
   resize(hold: LedgerHold, amounts: Amounts): Maybe<HoldRefusal | undefined>;
   settle(hold: LedgerHold, actual?: Amounts, details?: SettleDetails): Maybe<unknown>;
   release(hold: LedgerHold): Maybe<unknown>;

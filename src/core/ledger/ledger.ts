@@ -19,18 +19,10 @@ import { crc32 } from 'node:zlib';
 import { PendingBytes } from '../files/pendingBytes';
 import { ensurePrivateFolder, openPrivateAppend, readPrivateFile, writePrivateFile } from '../files/privateFolder';
 import { KnownKeys } from './knownKeys';
-import {
-  overLimit,
-  type BusyRefusal,
-  type HoldRefusal,
-  type RateRefusal,
-  type KeyLedger,
-  type KeyRecord,
-  type LedgerHold,
-  type SettleDetails,
-} from './keyLedger';
+import { overLimit, type HoldRefusal, type KeyLedger, type KeyRecord, type LedgerHold, type SettleDetails } from './keyLedger';
 
 export type { HoldRefusal, KeyRecord, LedgerHold, SettleDetails, TokenCounts } from './keyLedger';
+export { isHeld, isRefusal } from './keyLedger';
 import { hasLimits, limitsOf, type Amounts, type Meter, type Policy } from '../policy/policy';
 
 /** Derived, never stored: what a person would call the key's state. */
@@ -482,14 +474,4 @@ export class Ledger extends KnownKeys implements KeyLedger {
     if (this.fd >= 0) closeSync(this.fd);
     this.fd = -1;
   }
-}
-
-/** True for a hold taken (not a refusal of any kind). */
-export function isHeld(value: LedgerHold | HoldRefusal | BusyRefusal | RateRefusal): value is LedgerHold {
-  return 'id' in value && 'keyId' in value;
-}
-
-/** True when a value is a refusal of a limit (calls, tokens, dollars) rather than a hold. */
-export function isRefusal(value: LedgerHold | HoldRefusal | BusyRefusal | RateRefusal): value is HoldRefusal {
-  return 'meter' in value && 'limit' in value;
 }

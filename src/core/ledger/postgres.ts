@@ -42,10 +42,9 @@ import { KeyBatches } from './keyBatches';
 import { KnownKeys } from './knownKeys';
 import {
   overLimit,
-  type BusyRefusal,
+  type HoldAnswer,
   type HoldRefusal,
   type KeyLedger,
-  type RateRefusal,
   type KeyRecord,
   type LedgerHold,
   type SettleDetails,
@@ -329,10 +328,13 @@ const BATCH = 500;
 // are locked first, in id order (see END).
 const RECLAIM = `with k as (select id from till_keys where id in (select key_id from till_holds where expires_at < now()) order by id for update),
 h as (delete from till_holds d using k where d.key_id = k.id and d.expires_at < now() returning d.key_id, d.activations, d.tokens, d.spend),
-s as (select key_id, sum(activations) as a, sum(tokens) as t, sum(spend) as s from h group by key_id)
-update till_keys k set held_activations = held_activations - s.a, held_tokens = held_tokens - s.t, held_spend = held_spend - s.s,
+s as (select key_id, sum(activations) as a, sum(tokens) as t, sum(spend) as s from h group by key_id),
+t as (update till_keys k set held_activations = held_activations - s.a, held_tokens = held_tokens - s.t, held_spend = held_spend - s.s,
   used_activations = used_activations + s.a, used_tokens = used_tokens + s.t, used_spend = used_spend + s.s, v = v + 1
-from s where k.id = s.key_id returning k.id`;
+  from s where k.id = s.key_id returning k.*),
+-- The rate limit looks one minute back: older rows are nobody's (pruned here, in the same round trip).
+r as (delete from till_rate where at < now() - interval '2 minutes')
+select ${RETURN_AND_TELL} from t`;
 
 // $1 a JSON array of audit records (audit.ts), $2 broker: one statement per batch.
 const AUDIT = `insert into till_audit (at, broker, key_id, label, provider, method, path, model, status, latency_ms, denial, reason)
@@ -359,7 +361,7 @@ function meters(amounts: Amounts): [number, number, number] {
   return [Math.ceil(amounts.activations ?? 0), Math.ceil(amounts.tokens ?? 0), Math.ceil(amounts.spend ?? 0)];
 }
 
-/** A key's row (or its counters, with the record known before) as the record the broker works with. */
+/** A key's whole row as the record the broker works with, and what it holds. */
 function recordOf(row: Row): { key: KeyRecord; held: Amounts } {
   const key = { ...(row.record as object), policy: row.policy, used: {} } as KeyRecord;
   return { key, held: countersInto(key, row) };
@@ -439,8 +441,6 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
   /** Audit records not yet written, and whether a write is on its way. */
   private auditBacklog: object[] = [];
   private auditing = false;
-  /** Audit records dropped from the backlog while the database was away (they remain in the audit file). */
-  auditDropped = 0;
   readonly brokerId: string;
   readonly holdTtlMs: number;
   /** The database, as it may be shown: its URL without the password. */
@@ -566,7 +566,7 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
    * this broker's statement for the same key is on its way go together in the next one, in order
    * (keyBatches.ts, {@link CHANGE_HOLDS_FUNCTION}).
    */
-  async hold(keyId: string, amounts: Amounts): Promise<LedgerHold | HoldRefusal | BusyRefusal | RateRefusal> {
+  async hold(keyId: string, amounts: Amounts): Promise<HoldAnswer> {
     const changed = await this.changes.add(keyId, { amounts });
     if (changed.state === 'held') return { id: changed.id, keyId, amounts: { ...amounts } };
     if (changed.state === 'refused') return changed.refusal;
@@ -592,8 +592,10 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
     const rows = await this.query(CHANGE_HOLDS, [keyId, JSON.stringify(items), this.brokerId, this.holdTtlMs], 'till_change_holds');
     if (rows[0]) this.heldByKey.set(keyId, heldOf(rows[0]));
     const byPlace = new Map(rows.map((row) => [num(row.n), row]));
-    // What each refused change asked for beyond what it held, for the refusal's figures (one read for all).
-    const refused = asked.filter((_, i) => !['held', 'gone', 'busy', 'rated'].includes(String(byPlace.get(i + 1)?.state)));
+    // What each refused change asked for beyond what it held, for the refusal's figures (one read for
+    // all). A change with no row was refused too: the key is gone (and the read says so).
+    const isRefused = (i: number) => (byPlace.get(i + 1)?.state ?? 'refused') === 'refused';
+    const refused = asked.filter((_, i) => isRefused(i));
     const refusals = refused.length > 0 ? await this.refusals(keyId, refused.map(growthOf)) : [];
     let next = 0;
     return asked.map((_, i): Changed => {
@@ -672,11 +674,9 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
    */
   recordAudit(records: readonly object[]): void {
     for (const r of records) this.auditBacklog.push(r);
+    // The oldest go first past the backlog's bound: they stay in each broker's audit file.
     const over = this.auditBacklog.length - AUDIT_BACKLOG;
-    if (over > 0) {
-      this.auditBacklog.splice(0, over);
-      this.auditDropped += over;
-    }
+    if (over > 0) this.auditBacklog.splice(0, over);
     void this.writeAudit();
   }
 
@@ -717,11 +717,8 @@ export class PostgresLedger extends KnownKeys implements KeyLedger {
         this.unsettled = this.unsettled.filter((u) => !batch.includes(u));
       }
       if (this.auditBacklog.length > 0) void this.writeAudit();
-      // The rate limit looks one minute back; older rows are nobody's.
-      await this.query(`delete from till_rate where at < now() - interval '2 minutes'`, [], 'till_rate_prune');
-      const reclaimed = await this.query(RECLAIM, [], 'till_reclaim');
-      for (const row of reclaimed) await this.refresh(String(row.id));
-      for (const row of reclaimed) await this.notify(String(row.id));
+      // Their counters, told to every broker in the same statement.
+      for (const row of await this.query(RECLAIM, [], 'till_reclaim')) this.take(row);
     } catch {
       // The database is away: holds cannot be renewed, requests are refused; retried at the next tick.
     }

@@ -7,7 +7,6 @@ import { AuditLog } from '../audit/audit';
 import { Broker, type BrokerOptions } from '../broker/server';
 import { ControlError, ControlServer, type ControlVia } from './control';
 import { readFileSync } from 'node:fs';
-import type * as http from 'node:http';
 import { listener, type ListenOptions } from '../broker/listener';
 import { checkAdminToken, remoteControlHandler } from './remoteControl';
 import { readSecretSource } from '../credentials/secretSource';
@@ -174,10 +173,6 @@ export class TillService {
         port: options.port,
       });
       conversations = new ConversationSizes(paths.contexts);
-      // The service answers `/_till/…` once it exists (the broker is built first).
-      let remote: ((req: http.IncomingMessage, res: http.ServerResponse) => void) | undefined;
-      const remoteControl =
-        adminToken === undefined ? undefined : (req: http.IncomingMessage, res: http.ServerResponse) => remote?.(req, res);
       const broker = new Broker({
         keys,
         vault,
@@ -188,7 +183,6 @@ export class TillService {
         conversations,
         log: options.log,
         listen,
-        control: remoteControl,
         ...settings,
       });
       await broker.start();
@@ -210,7 +204,7 @@ export class TillService {
       );
       const routes = service.controlRoutes();
       control.serve(routes);
-      if (adminToken !== undefined) remote = remoteControlHandler(routes, adminToken, listen.tls ? 'https' : 'http');
+      if (adminToken !== undefined) broker.serveControl(remoteControlHandler(routes, adminToken, listen.tls ? 'https' : 'http'));
       return service;
     } catch (err) {
       await ledger?.close();

@@ -24,6 +24,7 @@ import { limitsOf, METERS, modelViolation, pathViolation } from '../../policy/po
 import { formatAmount, formatUsd } from '../../keys/present';
 import { apiPath, KEY_HEADERS, KEY_QUERY_PARAMS } from '../../providers/providers';
 import { withDefaults } from '../../options';
+import { andThen } from '../../maybe';
 import { looksLikeTillKey } from '../../keys/tillKey';
 import { KEY_PROTOCOL, TOKEN, writeResponse } from './handshake';
 import type { ProxyOptions, WebSocketProxyOptions } from './options';
@@ -83,8 +84,8 @@ export class WebSocketProxy implements SessionHost {
     });
   }
 
-  /** Handles one `upgrade` event of the broker's HTTP server (`again`: after asking a shared ledger for its key). */
-  upgrade(req: http.IncomingMessage, socket: Duplex, head: Buffer, again = false): void {
+  /** Handles one `upgrade` event of the broker's HTTP server. */
+  upgrade(req: http.IncomingMessage, socket: Duplex, head: Buffer): void {
     socket.on('error', () => undefined);
     if ((req.headers.upgrade ?? '').toLowerCase() !== 'websocket') return this.plainHttp(req, socket);
     const started = performance.now();
@@ -148,39 +149,33 @@ export class WebSocketProxy implements SessionHost {
 
     const presented = this.presentedKey(req, query, offered);
     if (typeof presented !== 'string') return deny(presented);
-    const auth = this.options.keys.authenticateFor(presented, provider.id);
-    if ('denial' in auth) {
-      // A key issued through another broker a moment ago: asked of the shared ledger, then checked again.
-      if (auth.denial.code === 'unknown_key' && !again && this.options.keys.shared) {
-        void this.options.keys
-          .findElsewhere(presented)
-          .then((found) => (found ? this.upgrade(req, socket, head, true) : deny(auth.denial)));
-        return;
-      }
-      return deny(auth.denial, auth.key);
-    }
-    const key = auth.key;
-    info.keyId = key.id;
-    info.label = key.label;
-    const dialect = provider.wire.socketDialect(path);
-    // Methods are checked per request made over the socket (a response is a POST); the upgrade
-    // itself is checked for its path and, for Realtime, the model named in the URL.
-    const model = dialect === 'realtime' ? (query.get('model') ?? undefined) : undefined;
-    if (model !== undefined) info.model = model;
-    const scope =
-      pathViolation(key.policy, path) ??
-      (dialect === 'realtime' ? modelViolation(key.policy.models, model, true) : undefined) ??
-      (dialect === 'generic' && key.policy.models
-        ? `this till key is limited to models ${key.policy.models.join(', ')} and Till cannot see the model used over ${path}`
-        : undefined);
-    const outOfKeyScope = outOfScope(scope);
-    if (outOfKeyScope) return deny(outOfKeyScope, key);
-    const spent = exhaustion(key);
-    if (spent) return deny(spent, key);
-    if (provider.needsUpstream) return deny(noUpstreamDenial(provider), key);
-    const session = new Session(this, { req, socket, head, provider, key, info, dialect, offered, query, path, model, started });
-    // A fault of Till's while connecting answers the handshake with a 500, never an unhandled rejection.
-    session.connect().catch((err: unknown) => session.fail(err));
+    // Asked of a team ledger first when this broker has not heard of the key (issued elsewhere a moment ago).
+    const answered = andThen(this.options.keys.authenticateAnywhere(presented, provider.id), (auth) => {
+      if ('denial' in auth) return deny(auth.denial, auth.key);
+      const key = auth.key;
+      info.keyId = key.id;
+      info.label = key.label;
+      const dialect = provider.wire.socketDialect(path);
+      // Methods are checked per request made over the socket (a response is a POST); the upgrade
+      // itself is checked for its path and, for Realtime, the model named in the URL.
+      const model = dialect === 'realtime' ? (query.get('model') ?? undefined) : undefined;
+      if (model !== undefined) info.model = model;
+      const scope =
+        pathViolation(key.policy, path) ??
+        (dialect === 'realtime' ? modelViolation(key.policy.models, model, true) : undefined) ??
+        (dialect === 'generic' && key.policy.models
+          ? `this till key is limited to models ${key.policy.models.join(', ')} and Till cannot see the model used over ${path}`
+          : undefined);
+      const outOfKeyScope = outOfScope(scope);
+      if (outOfKeyScope) return deny(outOfKeyScope, key);
+      const spent = exhaustion(key);
+      if (spent) return deny(spent, key);
+      if (provider.needsUpstream) return deny(noUpstreamDenial(provider), key);
+      const session = new Session(this, { req, socket, head, provider, key, info, dialect, offered, query, path, model, started });
+      // A fault of Till's while connecting answers the handshake with a 500, never an unhandled rejection.
+      session.connect().catch((err: unknown) => session.fail(err));
+    });
+    if (answered instanceof Promise) answered.catch(() => socket.destroy());
   }
 
   /** The till key of a handshake: where HTTP looks for it, or the Realtime key subprotocol. */
