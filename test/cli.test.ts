@@ -199,6 +199,22 @@ describe('help and usage (no broker needed)', () => {
   });
 });
 
+describe('output piped into a program that stops reading', () => {
+  it('ends quietly, as `till --help | head -1` expects', async () => {
+    const child = spawn(process.execPath, [TILL_JS, '--help'], {
+      env: { ...process.env, TILL_HOME: tempHome() },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stderr = '';
+    child.stderr.on('data', (c: Buffer) => (stderr += c));
+    // The reader goes away before the first byte: every write fails.
+    child.stdout.destroy();
+    const code = await new Promise<number | null>((resolve) => child.on('exit', (c) => resolve(c)));
+    expect(stderr).not.toMatch(/EPIPE|Unhandled|at /);
+    expect(code).toBe(0);
+  });
+});
+
 describe('without a broker', () => {
   const home = tempHome();
   const cases: string[][] = [
