@@ -11,6 +11,7 @@ import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
 import type { KeySummary, TillEvent } from '../src/core/events';
+import { openResponsesSocket } from './support/responsesSocket';
 import { serveTill, type Broker } from './support/served';
 import { addCredential, fakeCredential, tempHome } from './support/till';
 import {
@@ -213,6 +214,44 @@ describe('what the provider adds from its own state', () => {
     expect(started.basis).toMatch(/tokens of the conversation .* continues/);
     const key = await broker.key(k.id);
     expect(key.used.tokens).toBe(r.usage!.input_tokens + r.usage!.output_tokens);
+  });
+
+  it('carries a WebSocket prewarm into the response that continues it: held for its input, never over', async () => {
+    // Codex prewarms (generate: false) with its instructions and tools, then continues from the
+    // prewarm with previous_response_id: the prewarm bills nothing, the continuation its input.
+    // Remembered as the prewarm's zero tokens, the continuation was held for its few bytes only.
+    const instructions = `You are Codex. ${'Read the code before you change it, and run the tests. '.repeat(2_500)}`;
+    const prewarmTokens = openAIResponsesInputTokens({ model: 'gpt-5', instructions, input: [] });
+    expect(prewarmTokens).toBeGreaterThan(25_000);
+    const url = `${broker.url.replace('http', 'ws')}/openai/v1/responses`;
+    const chain = async (maxTokens: number) => {
+      const k = await broker.issue({ target: 'openai', maxTokens });
+      const socket = await openResponsesSocket(url, k.key);
+      const prewarm = await socket.create({ model: 'gpt-5', generate: false, instructions, input: [] });
+      expect(prewarm.type).toBe('response.completed');
+      const next = await socket.create({
+        model: 'gpt-5',
+        previous_response_id: (prewarm.response as { id: string }).id,
+        input: [{ type: 'message', role: 'user', content: [{ type: 'input_text', text: 'go on' }] }],
+      });
+      socket.ws.close();
+      return { k, next };
+    };
+
+    const small = await chain(20_000);
+    expect(small.next.type).toBe('error');
+    expect(JSON.stringify(small.next)).toMatch(/till key out of tokens: 0 of 20,000 tokens used.*tokens of the conversation/);
+    expect((await broker.key(small.k.id)).used.tokens ?? 0).toBe(0);
+
+    const large = await chain(100_000);
+    expect(large.next.type).toBe('response.completed');
+    const usage = (large.next.response as { usage: { input_tokens: number; total_tokens: number } }).usage;
+    expect(usage.input_tokens).toBeGreaterThan(prewarmTokens);
+    const started = broker
+      .events()
+      .find((e): e is Extract<TillEvent, { type: 'request.started' }> => e.type === 'request.started' && e.request.keyId === large.k.id)!;
+    expect(started.held!.tokens!).toBeGreaterThanOrEqual(usage.total_tokens);
+    expect((await broker.key(large.k.id)).used.tokens).toBe(usage.total_tokens);
   });
 
   it('bounds an image by URL by the most an image can cost; refuses a file by id and cached content on a small key', async () => {

@@ -795,7 +795,8 @@ async function* replyText(reply: { text: string; hold?: boolean }, alive: () => 
 
 /**
  * The events of a scripted Responses answer (HTTP stream and WebSocket alike). A prewarm
- * (`generate: false`) is created and completed at once with no output and no usage.
+ * (`generate: false`) is created and completed at once with no output and no usage; it is stored,
+ * so that a response continuing it carries (and is billed for) its input.
  */
 async function* scriptedResponseEvents(
   body: Json,
@@ -811,6 +812,8 @@ async function* scriptedResponseEvents(
   const event = (e: TypedEvent): TypedEvent => ({ ...e, sequence_number: sequence_number++ });
   yield event({ type: 'response.created', response: response('in_progress', [], null) });
   if (body.generate === false) {
+    // It bills nothing, but a response continuing it (previous_response_id) is billed for its input.
+    ex.stored.set(id, { tokens: inputTokens, items: conversation });
     yield event({ type: 'response.completed', response: response('completed', [], responsesUsage(0, 0)) });
     return;
   }

@@ -288,6 +288,22 @@ function inputBound(
   return { tokens, basis };
 }
 
+/**
+ * The most input tokens a request brings in: its body (counted with the model's public tokenizer
+ * when `precise`, else one token per byte) plus the stored conversation it continues; undefined
+ * when it brings in what Till cannot bound. What a prewarm (`generate: false`), which bills
+ * nothing, leaves to the response that continues it.
+ */
+export function inputTokensAtMost(req: HoldRequest, prices: PriceTable, precise: boolean): number | undefined {
+  if (!req.format) return undefined;
+  const facts = readRequest(req.format, req.json);
+  if (facts.unseen.length > 0 || storedContext(facts, req).unseen !== undefined) return undefined;
+  const limits = prices.limits(req.provider, req.model);
+  const noTools = toolInput([], undefined);
+  const counted = precise && req.bodyBytes <= PRECISE_MAX_BYTES ? inputBound(req, facts, limits, noTools, true) : undefined;
+  return (counted ?? inputBound(req, facts, limits, noTools, false)!).tokens;
+}
+
 /** The words of a budget refusal: used, held and left, then what this request needs and why. */
 function budgetRefusal(meter: 'tokens' | 'spend', limit: number, used: number, held: number, needs: number, why: string): Denial {
   return limitRefusal(meter, { limit, used, held }, `this request needs at least ${formatAmount(meter, needs)} (${why})`);

@@ -35,6 +35,11 @@ export interface Turn {
   /** Set once the upstream has started it (`response.created`, Gemini's first content). */
   begun: boolean;
   responseId?: string;
+  /**
+   * A prewarm's input, in tokens at most (with the conversation it continues): it bills nothing,
+   * but a response continuing it is billed for it. Undefined: Till cannot bound it.
+   */
+  carries?: number;
   streamId?: string;
   /** The client event id (Realtime), which upstream errors name. */
   eventId?: string;

@@ -4,7 +4,7 @@
  * false`, passes and holds nothing); its events are followed by response or stream id, and its
  * final event (`response.completed`, `response.done`, …) settles it.
  */
-import type { HoldRequest } from '../../holds/plan';
+import { inputTokensAtMost, type HoldRequest } from '../../holds/plan';
 import { isDenial, outOfScope } from '../../denial';
 import { asObj, asStr, type Json } from '../../json';
 import { isTextDelta, RESPONSES_FINAL, serverToolCall } from '../../metering/streamMeter';
@@ -40,7 +40,22 @@ function createResponse(s: DialectSession, msg: Json, data: Buffer, binary: bool
   const outside = outOfScope(scopeViolation(key.policy, 'POST', path, model, !prewarm));
   if (outside) return s.refuseMessage(outside, eventId, model);
   if (prewarm) {
-    s.addTurn(s.newTurn(model, false, streamId, eventId));
+    const turn = s.newTurn(model, false, streamId, eventId);
+    // It bills nothing, but the response continuing it is billed for its input: counted (on a
+    // limited key, where the hold depends on it), it is what that response carries.
+    const request: HoldRequest = {
+      provider: provider.id,
+      model,
+      format: 'openai-responses',
+      json: msg,
+      bodyBytes: data.length,
+      stream: true,
+    };
+    request.knownContext = s.options.conversations.get;
+    const limited = key.policy.maxTokens !== undefined || key.policy.maxSpendUsd !== undefined;
+    const carries = inputTokensAtMost(request, s.options.prices, limited);
+    if (carries !== undefined) turn.carries = carries;
+    s.addTurn(turn);
     return s.send(0, data, binary);
   }
   // Realtime caps a response's output in `response.max_output_tokens`; the conversation it

@@ -604,12 +604,13 @@ export class Session implements DialectSession {
     const i = this.turns.indexOf(turn);
     if (i < 0) return;
     this.turns.splice(i, 1);
-    if (usage && !usage.estimated) {
-      const total = usage.inputTokens + usage.outputTokens;
-      this.lastTotal = total;
-      // What the next response continuing this one (previous_response_id) carries, for HTTP too.
-      if (turn.responseId !== undefined && this.s.dialect === 'responses') this.options.conversations.record(turn.responseId, total);
-    }
+    const reported = usage && !usage.estimated ? usage.inputTokens + usage.outputTokens : undefined;
+    if (reported !== undefined) this.lastTotal = reported;
+    // What the next response continuing this one (previous_response_id) carries, for HTTP too. A
+    // prewarm reports no tokens, yet leaves its input to the next: that is what it carries.
+    const carries = turn.info.billable ? reported : turn.carries === undefined ? undefined : Math.max(turn.carries, reported ?? 0);
+    if (carries !== undefined && turn.responseId !== undefined && this.s.dialect === 'responses')
+      this.options.conversations.record(turn.responseId, carries);
     if (!turn.hold) return;
     let amounts: Amounts | undefined;
     let details: SettleDetails | undefined;
