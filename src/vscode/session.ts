@@ -18,7 +18,8 @@ import { vscodePrompter, type Prompter } from './prompter';
 export class TillSession implements vscode.Disposable {
   readonly paths: TillPaths;
   readonly credentials: CredentialStore;
-  private readonly editorSecrets: SecretStorageVault;
+  /** VS Code's secret storage, as one of the credential stores (see {@link newCredentialStore}). */
+  readonly editorSecrets: SecretStorageVault;
   /** This window, as the owner recorded on the keys it issues. */
   readonly owner = `vscode:${vscode.env.sessionId}`;
   prompter: Prompter = vscodePrompter;

@@ -97,6 +97,8 @@ describe('Till in VS Code', function () {
     assert.equal(await new KeychainVault({ service: api.session.paths.keychainService }).get('openai'), SECRET);
     await api.ready();
     assert.equal(api.connection().role, 'host');
+    // VS Code's secret storage was not given a copy.
+    await assert.rejects(api.session.editorSecrets.get('openai'), /not in VS Code's secret storage/);
     // The tree lists it (name and provider, never the secret), with Remove on the item.
     const credentials = await poll(
       async () => {
@@ -161,6 +163,8 @@ describe('Till in VS Code', function () {
     const answer = await chat(issued);
     assert.equal(answer.object, 'chat.completion');
     assert.equal(up.received.at(-1)?.headers.authorization, `Bearer ${SECRET}`);
+    // Read from the keychain, where it is kept: VS Code's secret storage still holds nothing of it.
+    await assert.rejects(api.session.editorSecrets.get('openai'), /not in VS Code's secret storage/);
     await poll(
       treeKeys,
       (ks) => ks.some((k) => k.label === 'vscode test key' && /1\/50/.test(k.description)),
