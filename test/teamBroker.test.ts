@@ -349,6 +349,61 @@ describe('till serve as a team broker', () => {
     }
   });
 
+  it('behind a TLS-terminating proxy on its machine (nginx, Caddy): admins reach it through the proxy, keys are issued with https', async () => {
+    // Till on loopback, plain HTTP; the proxy terminates TLS and says so in X-Forwarded-Proto.
+    const home = tempHome();
+    writeConfig(home, { credentials: { openai: { provider: 'openai', env: 'PROXIED_OPENAI_KEY' } } });
+    const behind = await spawnServe(home, {
+      env: { ...NO_KEYCHAIN, TILL_ADMIN_TOKEN: ADMIN_TOKEN, PROXIED_OPENAI_KEY: openaiKey, TILL_UPSTREAM_OPENAI: `${openai.url}/v1` },
+    });
+    const target = new URL(behind.url);
+    const proxy = https.createServer({ cert: tls.cert, key: readFileSync(tls.keyFile) }, (req, res) => {
+      const headers = { ...req.headers, 'x-forwarded-proto': 'https' };
+      const up = http.request({ host: '127.0.0.1', port: Number(target.port), method: req.method, path: req.url, headers }, (answer) => {
+        res.writeHead(answer.statusCode ?? 502, answer.headers);
+        answer.pipe(res);
+      });
+      up.on('error', () => res.destroy());
+      req.pipe(up);
+    });
+    await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve));
+    const proxied = `https://127.0.0.1:${(proxy.address() as net.AddressInfo).port}`;
+    try {
+      const issued = await runTill(['--broker', proxied, '--ca', tls.certFile, 'issue', 'openai', '--uses', '1', '--json'], {
+        home: laptop,
+        env: { TILL_ADMIN_TOKEN: ADMIN_TOKEN, ...NO_KEYCHAIN },
+      });
+      expect(issued.code, issued.stderr).toBe(0);
+      const key = JSON.parse(issued.stdout) as IssuedKey;
+      expect(key.baseUrl).toBe(`${proxied}/openai/v1`);
+      // The key works through the proxy, with the real key swapped in behind it.
+      const answer = await new Promise<number>((resolve, reject) => {
+        const req = https.request(
+          `${key.baseUrl}/chat/completions`,
+          { method: 'POST', ca: tls.cert, headers: { authorization: `Bearer ${key.key}`, 'content-type': 'application/json' } },
+          (res) => {
+            res.resume();
+            res.on('end', () => resolve(res.statusCode ?? 0));
+          },
+        );
+        req.on('error', reject);
+        req.end(chatBody());
+      });
+      expect(answer).toBe(200);
+      expect(openai.received.at(-1)!.headers.authorization).toBe(`Bearer ${openaiKey}`);
+      // Asked directly (no proxy, no header), the same broker names its own plain-HTTP address.
+      const direct = await runTill(['--broker', behind.url, 'issue', 'openai', '--json'], {
+        home: laptop,
+        env: { TILL_ADMIN_TOKEN: ADMIN_TOKEN, ...NO_KEYCHAIN },
+      });
+      expect(direct.code, direct.stderr).toBe(0);
+      expect((JSON.parse(direct.stdout) as IssuedKey).baseUrl).toBe(`${behind.url}/openai/v1`);
+    } finally {
+      await new Promise((resolve) => proxy.close(resolve));
+      await behind.stop();
+    }
+  });
+
   it('shows configured credentials in `till credential ls` and refuses to change them through Till', async () => {
     // TILL_BROKER in the environment (a teammate's shell) leaves this machine's own commands alone.
     const env = { TEAM_ANTHROPIC_KEY: anthropicKey, TILL_BROKER: `https://127.0.0.1:${port}`, ...NO_KEYCHAIN };

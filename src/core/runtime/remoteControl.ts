@@ -31,7 +31,9 @@ export function checkAdminToken(token: string): void {
 /**
  * The broker's handler for `/_till/…`: the admin token, then the control route. `scheme` is the
  * listener's, for the origin keys are issued with (the Host the client used, which the front door
- * has already checked).
+ * has already checked). A plain-HTTP listener is on loopback: a request there saying
+ * `X-Forwarded-Proto: https` came through a TLS-terminating proxy on this machine (nginx, Caddy),
+ * and the client reaches the broker over https.
  */
 export function remoteControlHandler(
   routes: ControlRoutes,
@@ -46,7 +48,8 @@ export function remoteControlHandler(
       return;
     }
     const path = req.url!.slice(REMOTE_CONTROL_PREFIX.length);
-    void answerControl(req, res, routes, path, { origin: `${scheme}://${req.headers.host}` });
+    const used = scheme === 'http' && req.headers['x-forwarded-proto'] === 'https' ? 'https' : scheme;
+    void answerControl(req, res, routes, path, { origin: `${used}://${req.headers.host}` });
   };
 }
 
