@@ -404,6 +404,32 @@ describe('till serve as a team broker', () => {
     }
   });
 
+  it('refuses admin requests from an address that sent ten wrong admin tokens within a minute, even with the right one, and says so', async () => {
+    // A broker of its own: the lockout is per client address, and every client here is 127.0.0.1.
+    const home = tempHome();
+    const guarded = await spawnServe(home, { env: { ...NO_KEYCHAIN, TILL_ADMIN_TOKEN: ADMIN_TOKEN } });
+    try {
+      const ask = (token: string) =>
+        runTill(['--broker', guarded.url, 'ls'], { home: laptop, env: { TILL_ADMIN_TOKEN: token, ...NO_KEYCHAIN } });
+      expect((await ask(ADMIN_TOKEN)).code).toBe(0);
+      for (let i = 0; i < 10; i++) expectOneLineError(await ask(`${'b'.repeat(40)}${i}`), 1, /bad admin token/);
+      expectOneLineError(await ask(ADMIN_TOKEN), 1, /too many wrong admin tokens from 127\.0\.0\.1: try again in \d+ s/);
+      expect(guarded.output()).toContain('admin requests from 127.0.0.1 refused for a minute: 10 wrong admin tokens');
+      // Till keys are not admin requests: one is still judged for what it is (here malformed: 400), not locked out.
+      const status = await new Promise<number>((resolve, reject) =>
+        http
+          .get(`${guarded.url}/openai/v1/models`, { headers: { authorization: 'Bearer till_nope' } }, (res) => {
+            res.resume();
+            resolve(res.statusCode ?? 0);
+          })
+          .on('error', reject),
+      );
+      expect(status).toBe(400);
+    } finally {
+      await guarded.stop();
+    }
+  });
+
   it('shows configured credentials in `till credential ls` and refuses to change them through Till', async () => {
     // TILL_BROKER in the environment (a teammate's shell) leaves this machine's own commands alone.
     const env = { TEAM_ANTHROPIC_KEY: anthropicKey, TILL_BROKER: `https://127.0.0.1:${port}`, ...NO_KEYCHAIN };

@@ -5,13 +5,15 @@
  *
  * Guarantees: every call carries the admin token (`Authorization: Bearer …`, compared in constant
  * time) and passes the broker's front door first (Host names, browser origins refused); the
- * broker answers these routes only when an admin token is configured; the client sends the token
- * only over TLS, or to this machine's loopback address.
+ * broker answers these routes only when an admin token is configured; an address that sent ten
+ * wrong tokens within a minute is refused until that minute is over (adminLockout.ts); the client
+ * sends the token only over TLS, or to this machine's loopback address.
  */
 import * as http from 'node:http';
 import * as https from 'node:https';
 import { answerControl, ControlChannel, ControlError, tokenMatches, type ControlRoutes } from './control';
 import { isLoopbackAddress } from '../broker/listener';
+import { ADMIN_FAILURES, AdminLockout } from './adminLockout';
 
 /** The prefix of the control routes on the broker's listener. */
 export const REMOTE_CONTROL_PREFIX = '/_till';
@@ -39,18 +41,29 @@ export function remoteControlHandler(
   routes: ControlRoutes,
   token: string,
   scheme: 'http' | 'https',
+  log?: (line: string) => void,
 ): (req: http.IncomingMessage, res: http.ServerResponse) => void {
+  const lockout = new AdminLockout();
   return (req, res) => {
+    const address = req.socket.remoteAddress ?? 'unknown';
+    const wait = lockout.retryAfter(address);
+    if (wait > 0) {
+      return refuse(res, 429, `too many wrong admin tokens from ${address}: try again in ${wait} s`, { 'retry-after': String(wait) });
+    }
     if (!tokenMatches(req.headers.authorization, token)) {
-      const body = JSON.stringify({ error: 'bad admin token' });
-      res.writeHead(401, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), 'www-authenticate': 'Bearer' });
-      res.end(body);
-      return;
+      if (lockout.failed(address)) log?.(`admin requests from ${address} refused for a minute: ${ADMIN_FAILURES} wrong admin tokens`);
+      return refuse(res, 401, 'bad admin token', { 'www-authenticate': 'Bearer' });
     }
     const path = req.url!.slice(REMOTE_CONTROL_PREFIX.length);
     const used = scheme === 'http' && req.headers['x-forwarded-proto'] === 'https' ? 'https' : scheme;
     void answerControl(req, res, routes, path, { origin: `${used}://${req.headers.host}` });
   };
+}
+
+function refuse(res: http.ServerResponse, status: number, error: string, headers: http.OutgoingHttpHeaders): void {
+  const body = JSON.stringify({ error });
+  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), ...headers });
+  res.end(body);
 }
 
 /** Options of a {@link RemoteControlClient}. */
