@@ -204,7 +204,8 @@ export class TillService {
       );
       const routes = service.controlRoutes();
       control.serve(routes);
-      if (adminToken !== undefined) broker.serveControl(remoteControlHandler(routes, adminToken, listen.tls ? 'https' : 'http', options.log));
+      if (adminToken !== undefined)
+        broker.serveControl(remoteControlHandler(routes, adminToken, listen.tls ? 'https' : 'http', options.log));
       return service;
     } catch (err) {
       await ledger?.close();
