@@ -39,30 +39,10 @@ function createResponse(s: DialectSession, msg: Json, data: Buffer, binary: bool
   const streamId = asStr(msg.stream_id);
   const outside = outOfScope(scopeViolation(key.policy, 'POST', path, model, !prewarm));
   if (outside) return s.refuseMessage(outside, eventId, model);
-  if (prewarm) {
-    const turn = s.newTurn(model, false, streamId, eventId);
-    // It bills nothing, but the response continuing it is billed for its input: counted (on a
-    // limited key, where the hold depends on it), it is what that response carries.
-    const request: HoldRequest = {
-      provider: provider.id,
-      model,
-      format: 'openai-responses',
-      json: msg,
-      bodyBytes: data.length,
-      stream: true,
-    };
-    request.knownContext = s.options.conversations.get;
-    const limited = key.policy.maxTokens !== undefined || key.policy.maxSpendUsd !== undefined;
-    const carries = inputTokensAtMost(request, s.options.prices, limited);
-    if (carries !== undefined) turn.carries = carries;
-    s.addTurn(turn);
-    return s.send(0, data, binary);
-  }
   // Realtime caps a response's output in `response.max_output_tokens`; the conversation it
   // continues is what the last response carried.
   const existing = dialect === 'realtime' ? asObj(msg.response) : msg;
   const target = existing ?? {};
-  const turn = s.newTurn(model, true, streamId, eventId);
   const request: HoldRequest = {
     provider: provider.id,
     model,
@@ -72,6 +52,18 @@ function createResponse(s: DialectSession, msg: Json, data: Buffer, binary: bool
     stream: true,
     ...(dialect === 'realtime' ? { carriedContext: s.lastTotal } : {}),
   };
+  if (prewarm) {
+    const turn = s.newTurn(model, false, streamId, eventId);
+    // It bills nothing, but the response continuing it is billed for its input: counted (on a
+    // limited key, where the hold depends on it), it is what that response carries.
+    request.knownContext = s.options.conversations.get;
+    const limited = key.policy.maxTokens !== undefined || key.policy.maxSpendUsd !== undefined;
+    const carries = inputTokensAtMost(request, s.options.prices, limited);
+    if (carries !== undefined) turn.carries = carries;
+    s.addTurn(turn);
+    return s.send(0, data, binary);
+  }
+  const turn = s.newTurn(model, true, streamId, eventId);
   s.holdTurn(turn, request, (planned) => {
     if (isDenial(planned)) return s.refuseMessage(planned, eventId, model);
     if (planned.bodyChanged && !existing) msg.response = target;
