@@ -73,9 +73,10 @@ function isAlive(socketPath: string): Promise<boolean> {
   });
 }
 
-function reply(res: http.ServerResponse, status: number, value: unknown): void {
+/** Answers a control request with `value` as JSON (and `headers`, when given). */
+export function reply(res: http.ServerResponse, status: number, value: unknown, headers?: http.OutgoingHttpHeaders): void {
   const body = JSON.stringify(value);
-  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
+  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), ...headers });
   res.end(body);
 }
 

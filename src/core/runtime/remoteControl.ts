@@ -11,7 +11,7 @@
  */
 import * as http from 'node:http';
 import * as https from 'node:https';
-import { answerControl, ControlChannel, ControlError, tokenMatches, type ControlRoutes } from './control';
+import { answerControl, ControlChannel, ControlError, reply, tokenMatches, type ControlRoutes } from './control';
 import { isLoopbackAddress } from '../broker/listener';
 import { ADMIN_FAILURES, AdminLockout } from './adminLockout';
 
@@ -48,22 +48,21 @@ export function remoteControlHandler(
     const address = req.socket.remoteAddress ?? 'unknown';
     const wait = lockout.retryAfter(address);
     if (wait > 0) {
-      return refuse(res, 429, `too many wrong admin tokens from ${address}: try again in ${wait} s`, { 'retry-after': String(wait) });
+      return reply(
+        res,
+        429,
+        { error: `too many wrong admin tokens from ${address}: try again in ${wait} s` },
+        { 'retry-after': String(wait) },
+      );
     }
     if (!tokenMatches(req.headers.authorization, token)) {
       if (lockout.failed(address)) log?.(`admin requests from ${address} refused for a minute: ${ADMIN_FAILURES} wrong admin tokens`);
-      return refuse(res, 401, 'bad admin token', { 'www-authenticate': 'Bearer' });
+      return reply(res, 401, { error: 'bad admin token' }, { 'www-authenticate': 'Bearer' });
     }
     const path = req.url!.slice(REMOTE_CONTROL_PREFIX.length);
     const used = scheme === 'http' && req.headers['x-forwarded-proto'] === 'https' ? 'https' : scheme;
     void answerControl(req, res, routes, path, { origin: `${used}://${req.headers.host}` });
   };
-}
-
-function refuse(res: http.ServerResponse, status: number, error: string, headers: http.OutgoingHttpHeaders): void {
-  const body = JSON.stringify({ error });
-  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), ...headers });
-  res.end(body);
 }
 
 /** Options of a {@link RemoteControlClient}. */
