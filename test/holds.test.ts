@@ -120,6 +120,71 @@ describe('parallel agents on a dollar key', () => {
     expect(key.reserved.spend ?? 0).toBe(0);
   });
 
+  it('asks a request refused for what others hold to retry, and serves it once they end (the SDK retries on its own)', async () => {
+    // Parallel agents on one budget: what the others hold is at its most and settles at what they
+    // used. A request refused for it used to be told not to retry, though it fits once they end.
+    const gathered = await startOpenAIUpstream({ credential: creds.openai, gather: 2 });
+    const b = await serveWith({ openai: gathered, anthropic, gemini });
+    try {
+      const k = await b.issue({ target: 'openai', maxTokens: 3_000 });
+      const other = await b.issue({ target: 'openai' });
+      const ask = (key: typeof k, maxTokens: number, maxRetries: number, content = 'hi') =>
+        new OpenAI({ apiKey: key.key, baseURL: key.baseUrl, maxRetries }).chat.completions.create({
+          model: 'gpt-5',
+          max_tokens: maxTokens,
+          messages: [{ role: 'user', content }],
+        });
+      // About 200 tokens of input: more than the first leaves, a fraction of the key.
+      const context = 'look at the tests '.repeat(50);
+      // The first holds its whole cap: nearly all of the key, until the upstream answers.
+      const first = ask(k, 2_950, 0);
+      await gathered.waitForRequests(1);
+      // The second does not fit beside it, not even with its output lowered: refused at once with
+      // Retry-After (the SDK waits and tries again).
+      const raw = await fetch(`${k.baseUrl}/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${k.key}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ model: 'gpt-5', max_tokens: 100, messages: [{ role: 'user', content: context }] }),
+      });
+      expect(raw.status).toBe(429);
+      expect(raw.headers.get('retry-after')).toBe('1');
+      expect(raw.headers.get('x-should-retry')).toBeNull();
+      expect(await raw.text()).toMatch(/held by requests in flight.*it may fit once the requests in flight end: retry/);
+      const denied = () => b.events().filter((e) => e.type === 'request.denied' && e.request.keyId === k.id).length;
+      const second = ask(k, 100, 2, context);
+      await waitFor('the second to be refused once', async () => denied() === 2);
+      // Another key's request lets the upstream answer both in flight: the first settles small.
+      await ask(other, 10, 0);
+      const a = await first;
+      // The retry reached the upstream (which answers it beside another request).
+      await gathered.waitForRequests(3);
+      await ask(other, 10, 0);
+      const c = await second;
+      expect(a.choices.length).toBe(1);
+      expect(c.choices.length).toBe(1);
+      const key = await b.key(k.id);
+      expect(key.used.activations).toBe(2);
+      expect(key.used.tokens).toBe(a.usage!.total_tokens + c.usage!.total_tokens);
+      expect(key.reserved.tokens ?? 0).toBe(0);
+    } finally {
+      await b.close();
+      await gathered.close();
+    }
+  });
+
+  it('tells a request the key can no longer cover, with nothing in flight, not to retry', async () => {
+    const k = await broker.issue({ target: 'openai', maxTokens: 40 });
+    const r = await fetch(`${k.baseUrl}/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${k.key}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'gpt-5', messages: [{ role: 'user', content: 'hi '.repeat(200) }] }),
+    });
+    expect(r.status).toBe(429);
+    expect(r.headers.get('x-should-retry')).toBe('false');
+    expect(r.headers.get('retry-after')).toBeNull();
+    expect(await r.text()).toMatch(/0 held by requests in flight/);
+  });
+
   it('holds a stream at its input and a first slice of output, and the hold follows it', async () => {
     // Held whole, a 128,000-token cap on a $2 key left room for nothing else.
     const slow = await startAnthropicUpstream({ credential: creds.anthropic, streamChunks: 3000, streamDelayMs: 1 });

@@ -85,8 +85,9 @@ export interface UpstreamOptions {
   /** Tokens a stream goes on generating (and billing) after its client left (default 50). */
   afterDisconnectTokens?: number;
   /**
-   * A POST waits (up to 5 s) until this many requests are in flight before it is answered, so
-   * that parallel clients' calls overlap as they do against a model slower than this one.
+   * A POST waits (up to 5 s) until this many requests are (or have been, since it came) in flight
+   * before it is answered, so that parallel clients' calls overlap as they do against a model
+   * slower than this one.
    */
   gather?: number;
 }
@@ -414,6 +415,8 @@ async function startUpstream(options: UpstreamOptions, provider: Provider): Prom
   const waiters = new Set<{ n: number; resolve(): void; reject(err: Error): void }>();
   let inFlight = 0;
   let peak = 0;
+  /** Times `gather` requests were in flight at once. */
+  let gatherings = 0;
   let aborted = 0;
   let closing = false;
 
@@ -467,7 +470,12 @@ async function startUpstream(options: UpstreamOptions, provider: Provider): Prom
     if (opts.hang) return; // accepted, never answered
     if (!found) return sendRefusal(ex, provider.notFound(ex));
     if (opts.gather !== undefined && method === 'POST') {
-      for (const until = Date.now() + 5_000; inFlight < opts.gather && Date.now() < until && !res.destroyed;) await sleep(10);
+      // Once that many are in flight, every one waiting goes on (the last may be answered, and
+      // gone, before the others look again).
+      if (inFlight >= opts.gather) gatherings++;
+      const seen = gatherings;
+      for (const until = Date.now() + 5_000; gatherings === seen && inFlight < opts.gather && Date.now() < until && !res.destroyed;)
+        await sleep(10);
     }
     await found.route.handle(ex, found.match);
   }

@@ -306,7 +306,7 @@ export function inputTokensAtMost(req: HoldRequest, prices: PriceTable, precise:
 
 /** The words of a budget refusal: used, held and left, then what this request needs and why. */
 function budgetRefusal(meter: 'tokens' | 'spend', limit: number, used: number, held: number, needs: number, why: string): Denial {
-  return limitRefusal(meter, { limit, used, held }, `this request needs at least ${formatAmount(meter, needs)} (${why})`);
+  return limitRefusal(meter, { limit, used, held }, `this request needs at least ${formatAmount(meter, needs)} (${why})`, needs);
 }
 
 /**

@@ -66,18 +66,19 @@ export interface IssueRequest {
 const THRESHOLDS = [0.5, 0.8] as const;
 const MINUTE = 60_000;
 
-/** Why a hold was refused: what the request asked for (`wanted`), or `why` when said. */
-function refusal(r: HoldRefusal, wanted: number, why?: string): Denial {
+/** Why a request's hold was refused: what it asked for (`wanted`). */
+function refusal(r: HoldRefusal, wanted: number): Denial {
   return limitRefusal(
     r.meter,
     { limit: r.limit, used: r.used, held: r.reserved },
-    why ?? `this request needs ${formatAmount(r.meter, wanted)}`,
+    `this request needs ${formatAmount(r.meter, wanted)}`,
+    wanted,
   );
 }
 
 /** The denial for a growth of a hold the key could not cover ({@link Hold.resize}), and why it was needed. */
 export function growthRefusal(r: HoldRefusal, why: string): Denial {
-  return refusal(r, 0, why);
+  return limitRefusal(r.meter, { limit: r.limit, used: r.used, held: r.reserved }, why);
 }
 
 /**

@@ -92,18 +92,33 @@ export function timeLeft(key: KeySummary, now: number, minutes = false): string 
   return formatDuration(minutes ? Math.ceil(left / 60_000) * 60_000 : left);
 }
 
+/** Seconds a client is asked to wait when requests in flight hold what a refused request needs. */
+export const RETRY_WHEN_HELD_S = 1;
+
 /**
  * The refusal of a request a limit cannot cover, in one set of words everywhere: which limit,
  * what is used, held by requests in flight and left ("0 held" included), then `asked` (what the
- * request needed, and why).
+ * request needed, and why). With `needs` (a request being admitted): when it would fit in what the
+ * requests in flight hold, it may fit once they end (they are held at their most and settle at
+ * what they used), so the client is asked to retry (`Retry-After`) rather than told the key is
+ * spent. An activation in flight is used once it reaches the upstream: that refusal stands.
  */
-export function limitRefusal(meter: Meter, state: { limit: number; used: number; held: number }, asked: string): Denial {
+export function limitRefusal(meter: Meter, state: { limit: number; used: number; held: number }, asked: string, needs?: number): Denial {
   const { limit, used, held } = state;
   const left = Math.max(0, limit - used - held);
   const n = (amount: number) => (meter === 'spend' ? formatUsd(amount) : formatCount(amount));
-  const message =
-    meter === 'activations'
-      ? `till key exhausted: ${n(used)} of ${n(limit)} activations used${held > 0 ? ` (${n(held)} more in flight)` : ''}`
-      : `${meter === 'tokens' ? 'till key out of tokens' : 'till key over budget'}: ${n(used)} of ${meter === 'tokens' ? `${n(limit)} tokens used` : `${n(limit)} spent`}, ${n(held)} held by requests in flight, ${n(left)} left; ${asked}`;
-  return { status: 429, code: 'exhausted', message };
+  if (meter === 'activations')
+    return {
+      status: 429,
+      code: 'exhausted',
+      message: `till key exhausted: ${n(used)} of ${n(limit)} activations used${held > 0 ? ` (${n(held)} more in flight)` : ''}`,
+    };
+  const message = `${meter === 'tokens' ? 'till key out of tokens' : 'till key over budget'}: ${n(used)} of ${meter === 'tokens' ? `${n(limit)} tokens used` : `${n(limit)} spent`}, ${n(held)} held by requests in flight, ${n(left)} left; ${asked}`;
+  if (needs === undefined || held === 0 || needs > limit - used) return { status: 429, code: 'exhausted', message };
+  return {
+    status: 429,
+    code: 'exhausted',
+    message: `${message}; it may fit once the requests in flight end: retry`,
+    retryAfter: RETRY_WHEN_HELD_S,
+  };
 }
