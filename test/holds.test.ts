@@ -172,6 +172,32 @@ describe('parallel agents on a dollar key', () => {
     }
   });
 
+  it('over a WebSocket, refuses only the turn that what others hold leaves no room for: the session goes on', async () => {
+    const gathered = await startOpenAIUpstream({ credential: creds.openai, gather: 2, websocket: true });
+    const b = await serveWith({ openai: gathered, anthropic, gemini });
+    try {
+      const k = await b.issue({ target: 'openai', maxTokens: 3_000 });
+      const other = await b.issue({ target: 'openai' });
+      const client = (key: typeof k) => new OpenAI({ apiKey: key.key, baseURL: key.baseUrl, maxRetries: 0 });
+      const first = client(k).chat.completions.create({ model: 'gpt-5', max_tokens: 2_950, messages: [{ role: 'user', content: 'hi' }] });
+      await gathered.waitForRequests(1);
+      const socket = await openResponsesSocket(`${b.url.replace('http', 'ws')}/openai/v1/responses`, k.key);
+      const turn = () => socket.create({ model: 'gpt-5', input: 'look at the tests '.repeat(50) });
+      const refused = await turn();
+      expect(refused.type).toBe('error');
+      expect(JSON.stringify(refused)).toMatch(/held by requests in flight.*it may fit once the requests in flight end: retry/);
+      expect(socket.ws.readyState).toBe(WebSocket.OPEN);
+      // The other request ends (another key's request lets the upstream answer both): the next turn goes through.
+      await client(other).chat.completions.create({ model: 'gpt-5', max_tokens: 10, messages: [{ role: 'user', content: 'hi' }] });
+      await first;
+      expect((await turn()).type).toBe('response.completed');
+      socket.ws.close();
+    } finally {
+      await b.close();
+      await gathered.close();
+    }
+  });
+
   it('tells a request the key can no longer cover, with nothing in flight, not to retry', async () => {
     const k = await broker.issue({ target: 'openai', maxTokens: 40 });
     const r = await fetch(`${k.baseUrl}/chat/completions`, {

@@ -657,7 +657,10 @@ export class Session implements DialectSession {
       code: denial.code,
     });
     this.proxy.audit(info, denial.status, performance.now(), denial);
-    const fatal = denial.code === 'revoked' || denial.code === 'expired' || denial.code === 'exhausted' || denial.code === 'unknown_key';
+    // A key that is spent ends the session; one whose budget is held by requests in flight
+    // (retry once they end) refuses this turn only, as a rate limit does.
+    const ended = denial.code === 'revoked' || denial.code === 'expired' || denial.code === 'exhausted' || denial.code === 'unknown_key';
+    const fatal = ended && denial.retryAfter === undefined;
     // Gemini Live has no error event: a refused message ends the session.
     if (this.s.dialect === 'gemini' || fatal) return this.cut(denial, eventId);
     this.sendError(denial, eventId);
