@@ -71,6 +71,8 @@ describe.each(['websocket', 'http'] as const)('Codex CLI through Till over %s', 
       expect(b.up.upgrades.length).toBeGreaterThanOrEqual(1);
       for (const u of b.up.upgrades) expect(u.headers.authorization).toBe(`Bearer ${b.credential}`);
       expect(b.up.socketMessages.some((m) => m.generate === false)).toBe(true); // Codex's prewarm
+      // Its turns chain from the prewarm or from each other, on one socket: none was refused.
+      expect(run.output()).not.toMatch(/Reconnecting|previous_response_not_found/);
     } else {
       expect(b.up.upgrades).toHaveLength(0);
       for (const c of b.up.received) expect(c.headers.authorization).toBe(`Bearer ${b.credential}`);
