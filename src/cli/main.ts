@@ -3,13 +3,13 @@
  * Exit 0 on success; otherwise a one-line error on stderr and exit 1 (2 for usage errors).
  */
 import { spawn } from 'node:child_process';
-import { rmSync } from 'node:fs';
+import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { constants } from 'node:os';
 import { basename, join, resolve as resolvePath } from 'node:path';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { AGENTS, agentSetup, agentTargets, isAgentName, newAgentScratchDir } from '../core/agents/agents';
 import { ControlClient, NotRunningError } from '../core/runtime/control';
-import { CredentialList, CredentialStore, checkCredentialName, configuredVault } from '../core/credentials/credentials';
+import { CredentialList, CredentialStore, checkCredentialName } from '../core/credentials/credentials';
 import { describeSource } from '../core/credentials/secretSource';
 import type { KeySummary, TillEvent } from '../core/events';
 import { defaultHome, isLedgerUrl, openHome, readConfig, type TillPaths } from '../core/runtime/home';
@@ -19,10 +19,8 @@ import { holdLease, type HeldLease } from '../core/runtime/leases';
 import { providerEnvNames, ProviderRegistry } from '../core/providers/providers';
 import { TillService } from '../core/runtime/service';
 import { ControlApi, type IssuedKey, type IssueInput } from '../core/runtime/controlApi';
-import { KeychainVault } from '../core/credentials/vault';
 import { readSecret } from './secretInput';
 import { RemoteControlClient } from '../core/runtime/remoteControl';
-import { readFileSync, writeFileSync } from 'node:fs';
 
 class UsageError extends Error {}
 
@@ -364,11 +362,7 @@ async function credential(args: string[], paths: TillPaths): Promise<void> {
   if (values.help || !sub || sub === '--help' || sub === '-h') return out(HELP.credential);
   const config = readConfig(paths);
   const configured = config.credentials ?? {};
-  const store = new CredentialStore(
-    paths.credentials,
-    { keychain: new KeychainVault({ service: paths.keychainService }), config: configuredVault(configured) },
-    configured,
-  );
+  const store = CredentialStore.outsideEditor(paths.credentials, paths.keychainService, configured);
   if (sub === 'ls') {
     const all = store.all();
     if (values.json) return out(JSON.stringify(all));

@@ -14,7 +14,7 @@
  */
 import { dirname } from 'node:path';
 import { ensurePrivateFolder, readPrivateFile, writePrivateFile } from '../files/privateFolder';
-import { VaultError, type Vault } from './vault';
+import { KeychainVault, VaultError, type Vault } from './vault';
 import { describeSource, readSecretSource, type SecretSource } from './secretSource';
 
 /** Where a credential's secret is kept: the keychain, the editor's secret storage, or a source config.json names. */
@@ -163,6 +163,23 @@ export class CredentialStore {
       set: async (name, secret) => this.storeFor(name).set(name, secret),
       delete: async (name) => this.storeFor(name).delete(name),
     };
+  }
+
+  /**
+   * The credentials of a process without VS Code (`till serve`, `till credential`): the OS
+   * keychain's (`keychainService`) and those config.json names, read from `env` and their files.
+   */
+  static outsideEditor(
+    file: string,
+    keychainService: string,
+    configured: ConfiguredCredentials,
+    env: NodeJS.ProcessEnv = process.env,
+  ): CredentialStore {
+    return new CredentialStore(
+      file,
+      { keychain: new KeychainVault({ service: keychainService }), config: configuredVault(configured, env) },
+      configured,
+    );
   }
 
   all(): CredentialInfo[] {

@@ -26,18 +26,6 @@
 import { randomBytes } from 'node:crypto';
 import type { Client, Pool } from 'pg';
 
-type Pg = typeof import('pg');
-let pgModule: Pg | undefined;
-
-/**
- * The PostgreSQL client, loaded when a team ledger is first opened: required at startup it
- * would cost every broker on the local ledger (and every VS Code window) some 14 MiB.
- */
-function pg(): Pg {
-  // eslint-disable-next-line @typescript-eslint/no-require-imports
-  pgModule ??= require('pg') as Pg;
-  return pgModule;
-}
 import { KeyBatches } from './keyBatches';
 import { KnownKeys } from './knownKeys';
 import {
@@ -51,6 +39,19 @@ import {
   type TokenCounts,
 } from './keyLedger';
 import { limitsOf, METERS, type Amounts, type Policy } from '../policy/policy';
+
+type Pg = typeof import('pg');
+let pgModule: Pg | undefined;
+
+/**
+ * The PostgreSQL client, loaded when a team ledger is first opened: required at startup it
+ * would cost every broker on the local ledger (and every VS Code window) some 14 MiB.
+ */
+function pg(): Pg {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  pgModule ??= require('pg') as Pg;
+  return pgModule;
+}
 
 export interface PostgresLedgerOptions {
   /** How long a hold lives without renewal: a dead broker's holds are reclaimed after it. Default 15 s. */

@@ -10,7 +10,6 @@ import { readFileSync } from 'node:fs';
 import { listener, type ListenOptions } from '../broker/listener';
 import { checkAdminToken, remoteControlHandler } from './remoteControl';
 import { readSecretSource } from '../credentials/secretSource';
-import { configuredVault } from '../credentials/credentials';
 import { providerBaseUrl } from '../providers/providers';
 import { readCredentialName, readExtension, readIssueInput, type BrokerStatus, type IssuedKey, type IssueInput } from './controlApi';
 import { CredentialList, CredentialStore, type CredentialInfo } from '../credentials/credentials';
@@ -25,7 +24,7 @@ import type { KeyLedger } from '../ledger/keyLedger';
 import { PostgresLedger } from '../ledger/postgres';
 import { buildPolicy, type Policy } from '../policy/policy';
 import { ProviderRegistry, type Provider } from '../providers/providers';
-import { KeychainVault, VaultError, type Vault } from '../credentials/vault';
+import { VaultError, type Vault } from '../credentials/vault';
 import { PriceTable, readPriceOverrides, type PriceOverrides } from '../metering/pricing';
 
 export interface ServiceOptions {
@@ -158,13 +157,7 @@ export class TillService {
       audit = new AuditLog(paths.audit, { copyTo: teamLedger && ((records) => teamLedger.recordAudit(records)) });
       // Each credential from its own store; a credential another process's store keeps (VS Code's) says so.
       const configured = config.credentials ?? {};
-      const vault =
-        options.vault ??
-        new CredentialStore(
-          paths.credentials,
-          { keychain: new KeychainVault({ service: paths.keychainService }), config: configuredVault(configured, env) },
-          configured,
-        ).vault;
+      const vault = options.vault ?? CredentialStore.outsideEditor(paths.credentials, paths.keychainService, configured, env).vault;
       const events = new TillEvents();
       const keys = new TillKeys(ledger, events);
       const prices = new PriceTable(priceOverrides(paths, options.prices));
