@@ -20,6 +20,7 @@ import { providerEnvNames, ProviderRegistry } from '../core/providers/providers'
 import { TillService } from '../core/runtime/service';
 import { ControlApi, type IssuedKey, type IssueInput } from '../core/runtime/controlApi';
 import { readSecret } from './secretInput';
+import { capYoungGeneration } from './youngGeneration';
 import { RemoteControlClient } from '../core/runtime/remoteControl';
 
 class UsageError extends Error {}
@@ -268,6 +269,7 @@ async function serve(args: string[], paths: TillPaths): Promise<void> {
   const ledger = values.ledger ?? (process.env.TILL_LEDGER || undefined);
   if (ledger !== undefined && !isLedgerUrl(ledger)) throw new UsageError('--ledger must be a postgres:// URL');
   const holdTtl = process.env.TILL_LEDGER_HOLD_TTL_MS ? int(process.env.TILL_LEDGER_HOLD_TTL_MS, 'TILL_LEDGER_HOLD_TTL_MS') : undefined;
+  capYoungGeneration();
   const service = await TillService.start({
     home: paths.home,
     port,
@@ -282,25 +284,28 @@ async function serve(args: string[], paths: TillPaths): Promise<void> {
   if (service.ledgerName) out(`team ledger: ${service.ledgerName}`);
   if (service.remoteAdmin) out(`remote admin: till --broker ${service.url} … (with the admin token)`);
   // One write per 50 ms however busy the broker is: a line per request would cost a write each.
+  // The timer runs only while lines wait: an idle broker is not woken up 20 times a second.
   let lines = '';
+  let timer: NodeJS.Timeout | undefined;
   const flush = () => {
+    timer = undefined;
     if (lines) process.stdout.write(lines);
     lines = '';
   };
-  const timer = setInterval(flush, 50);
   // Keys, limits and refusals always; every served request only with --verbose (`till watch`
   // shows them live, and a line per request costs a busy broker several percent of its CPU).
   service.events.on((e) => {
     if (e.type === 'request.started' || e.type === 'request.progress') return;
     if (e.type === 'request.finished' && !values.verbose) return;
     lines += formatEvent(e) + '\n';
+    timer ??= setTimeout(flush, 50);
   });
   await new Promise<void>((resolve) => {
     const stop = () => resolve();
     process.once('SIGINT', stop);
     process.once('SIGTERM', stop);
   });
-  clearInterval(timer);
+  clearTimeout(timer);
   await service.close();
   flush();
 }

@@ -1,0 +1,59 @@
+/**
+ * What `till serve` costs a machine when it is not doing much: its memory under load and its
+ * wakeups when idle, checked on `till serve` as users start it (plain `node dist/till.js`).
+ */
+import { spawn } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { describe, expect, it } from 'vitest';
+import { spawnServe, tempHome } from './support/till';
+
+const SURVIVORS = join(__dirname, 'fixtures', 'footprint', 'survivors.cjs');
+const MIB = 1024 * 1024;
+
+/** Runs until the preloaded survivors.cjs reports the largest new space it saw. */
+async function newSpaceMax(output: () => string): Promise<number> {
+  for (let waited = 0; waited < 15_000; waited += 50) {
+    const m = /new_space_max (\d+)/.exec(output());
+    if (m) return Number(m[1]);
+    await sleep(50);
+  }
+  throw new Error(`no new_space_max reported: ${output()}`);
+}
+
+describe.runIf(process.platform === 'linux')("till serve's footprint", () => {
+  it("keeps V8's young generation at 16 MiB where a plain node process grows it to 32", async () => {
+    const env = { NODE_OPTIONS: `--require ${SURVIVORS}` };
+    const serve = await spawnServe(tempHome(), { env });
+    try {
+      expect(await newSpaceMax(serve.output)).toBeLessThanOrEqual(16 * MIB);
+    } finally {
+      await serve.stop();
+    }
+    // The same allocations in a process that is not Till's: V8 grows its new space past the cap.
+    const plain = spawn(process.execPath, ['-e', 'setTimeout(() => {}, 3000)'], { env: { ...process.env, ...env } });
+    let text = '';
+    plain.stderr.on('data', (c) => (text += c));
+    try {
+      expect(await newSpaceMax(() => text)).toBeGreaterThan(16 * MIB);
+    } finally {
+      plain.kill();
+    }
+  }, 30_000);
+
+  it('sleeps when idle: a few wakeups a second, not a timer every 50 ms', async () => {
+    const serve = await spawnServe(tempHome());
+    try {
+      const switches = () => Number(/voluntary_ctxt_switches:\s+(\d+)/.exec(readFileSync(`/proc/${serve.child.pid}/status`, 'utf8'))![1]);
+      await sleep(1_000);
+      const before = switches();
+      await sleep(3_000);
+      const wakeups = switches() - before;
+      console.info(`idle till serve: ${wakeups} wakeups of its main thread in 3 s`);
+      expect(wakeups).toBeLessThanOrEqual(12);
+    } finally {
+      await serve.stop();
+    }
+  }, 30_000);
+});
