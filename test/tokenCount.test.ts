@@ -84,5 +84,11 @@ describe('counting tokens', () => {
     expect(ranks.size).toBe(3);
     expect(ranks.rank(Buffer.from('!"'), 0, 2)).toBe(2);
     expect(ranks.rank(Buffer.from('"!'), 0, 2)).toBe(-1);
+    // Ranks that are not their line's index are kept as given, the last line without its newline too.
+    const shuffled = new BpeRanks(Buffer.from('IQ== 0\nIg== 7\n\nISI= 3'));
+    expect(shuffled.size).toBe(3);
+    expect([shuffled.rank(Buffer.from('!'), 0, 1), shuffled.rank(Buffer.from('"'), 0, 1), shuffled.rank(Buffer.from('!"'), 0, 2)]).toEqual([
+      0, 7, 3,
+    ]);
   });
 });

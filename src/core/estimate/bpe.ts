@@ -6,11 +6,15 @@
  * Why not a tokenizer package: the JavaScript ones keep every token as a string in a map and as
  * an array of bytes (some 55 MB for o200k_base, in the broker's own process, and 200 ms to
  * build); counting needs neither. Here the ranks stay one buffer of bytes and one open-addressing
- * table of integers over it (about 5 MB), read from the rank file tiktoken publishes
- * (`base64-token rank` per line), and a word piece is merged the way tiktoken merges it: the
+ * table of integers over it (about 4 MB), decoded a chunk at a time from the rank file tiktoken
+ * publishes (`base64-token rank` per line: the file is never whole in memory, whose 3.6 MB the
+ * process would keep until a collection freed it), and a word piece is merged the way tiktoken merges it: the
  * adjacent pair with the lowest rank first, until no pair is a token.
  */
-import { readFileSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, readSync } from 'node:fs';
+
+/** How much of a rank file is read at a time: the file (3.6 MB for o200k_base) is never whole in memory. */
+const CHUNK = 64 * 1024;
 
 /** The ranks of one encoding: token bytes to their rank, looked up without building strings. */
 export class BpeRanks {
@@ -18,59 +22,38 @@ export class BpeRanks {
   private readonly bytes: Buffer;
   /** Where token i starts in {@link bytes}; token i ends where token i + 1 starts. */
   private readonly starts: Uint32Array;
-  private readonly ranks: Int32Array;
+  /** Token i's rank; undefined while every rank is its line's index (tiktoken's files are so). */
+  private readonly ranks: Int32Array | undefined;
   /** Open addressing: token index + 1 at its hash's slot or the next free one; 0 is empty. */
   private readonly table: Int32Array;
   private readonly mask: number;
   private readonly count: number;
 
-  /** Reads a tiktoken rank file. */
+  /** Reads a tiktoken rank file, a chunk at a time. */
   static read(file: string): BpeRanks {
-    return new BpeRanks(readFileSync(file));
+    const fd = openSync(file, 'r');
+    try {
+      const decoder = new RankFileDecoder(fstatSync(fd).size);
+      const chunk = Buffer.allocUnsafe(CHUNK);
+      for (let n: number; (n = readSync(fd, chunk, 0, CHUNK, null)) > 0;) decoder.push(chunk, n);
+      return new BpeRanks(decoder);
+    } finally {
+      closeSync(fd);
+    }
   }
 
-  /** Ranks from a tiktoken rank file's bytes, decoded in place (no string per token, no line array). */
-  constructor(rankFile: Buffer) {
-    let lines = 1;
-    for (let at = rankFile.indexOf(NEWLINE); at >= 0; at = rankFile.indexOf(NEWLINE, at + 1)) lines++;
-    this.bytes = Buffer.allocUnsafeSlow(Math.ceil((rankFile.length * 3) / 4));
-    this.starts = new Uint32Array(lines + 1);
-    this.ranks = new Int32Array(lines);
-    let used = 0;
-    let n = 0;
-    let at = 0;
-    while (at < rankFile.length) {
-      if (rankFile[at] === NEWLINE) {
-        at++;
-        continue;
-      }
-      this.starts[n] = used;
-      // base64, four characters to three bytes, `=` padding at the end
-      let bits = 0;
-      let count = 0;
-      for (; at < rankFile.length && rankFile[at] !== SPACE && rankFile[at] !== NEWLINE; at++) {
-        const v = BASE64[rankFile[at]!]!;
-        if (v === PAD) continue;
-        if (v < 0) throw new Error(`rank file line ${n + 1}: not base64`);
-        bits = (bits << 6) | v;
-        count += 6;
-        if (count >= 8) {
-          count -= 8;
-          this.bytes[used++] = (bits >> count) & 0xff;
-        }
-      }
-      if (rankFile[at] !== SPACE || this.starts[n] === used) throw new Error(`rank file line ${n + 1} is not "base64-token rank"`);
-      let rank = 0;
-      let digits = 0;
-      for (at++; at < rankFile.length && rankFile[at] !== NEWLINE; at++, digits++) {
-        const digit = rankFile[at]! - 0x30;
-        if (digit < 0 || digit > 9) digits = -Infinity;
-        rank = rank * 10 + digit;
-      }
-      if (!(digits > 0)) throw new Error(`rank file line ${n + 1} is not "base64-token rank"`);
-      this.ranks[n++] = rank;
+  /** Ranks from a tiktoken rank file's bytes (`base64-token rank` per line), or from a decoder that read one. */
+  constructor(rankFile: Buffer | RankFileDecoder) {
+    let decoder: RankFileDecoder;
+    if (rankFile instanceof RankFileDecoder) decoder = rankFile;
+    else {
+      decoder = new RankFileDecoder(rankFile.length);
+      decoder.push(rankFile, rankFile.length);
     }
-    this.starts[n] = used;
+    const n = decoder.end();
+    this.bytes = decoder.bytes;
+    this.starts = decoder.starts;
+    this.ranks = decoder.ranks;
     this.count = n;
     let size = 1;
     while (size < n * 2) size *= 2;
@@ -96,7 +79,8 @@ export class BpeRanks {
       const entry = this.table[slot]!;
       if (entry === 0) return -1;
       const start = this.starts[entry - 1]!;
-      if (this.starts[entry]! - start === length && this.same(start, bytes, from, length)) return this.ranks[entry - 1]!;
+      if (this.starts[entry]! - start === length && this.same(start, bytes, from, length))
+        return this.ranks ? this.ranks[entry - 1]! : entry - 1;
       slot = (slot + 1) & this.mask;
     }
   }
@@ -118,6 +102,96 @@ const BASE64 = (() => {
   table[0x3d] = PAD;
   return table;
 })();
+
+/** The shortest line a rank file can have: one byte's token in base64 (4), a space, one digit, a newline. */
+const SHORTEST_LINE = 7;
+
+/**
+ * Decodes a rank file pushed in chunks, in place: base64 into one buffer of bytes, no string per
+ * token and no line array. Its arrays are sized for the most lines the file could hold: what is
+ * never written of them is never touched, so it takes no memory.
+ */
+class RankFileDecoder {
+  readonly bytes: Buffer;
+  readonly starts: Uint32Array;
+  ranks: Int32Array | undefined;
+  private used = 0;
+  /** Tokens (lines with one) so far. */
+  private n = 0;
+  /** Within a line: 0 none begun, 1 its token, 2 its rank. */
+  private part = 0;
+  private bits = 0;
+  private bitCount = 0;
+  private rank = 0;
+  private digits = 0;
+
+  constructor(fileSize: number) {
+    this.bytes = Buffer.allocUnsafeSlow(Math.ceil((fileSize * 3) / 4));
+    this.starts = new Uint32Array(Math.ceil(fileSize / SHORTEST_LINE) + 2);
+  }
+
+  /** Decodes `chunk[0, length)`. Throws naming the line when it is not `base64-token rank`. */
+  push(chunk: Buffer, length: number): void {
+    for (let at = 0; at < length; at++) {
+      const c = chunk[at]!;
+      if (c === NEWLINE) {
+        if (this.part !== 0) this.endLine();
+        continue;
+      }
+      if (this.part === 0) {
+        this.starts[this.n] = this.used;
+        this.part = 1;
+      }
+      if (this.part === 2) {
+        const digit = c - 0x30;
+        if (digit < 0 || digit > 9) this.digits = -Infinity;
+        this.rank = this.rank * 10 + digit;
+        this.digits++;
+      } else if (c === SPACE) {
+        if (this.starts[this.n] === this.used) this.malformed();
+        this.part = 2;
+      } else {
+        // base64, four characters to three bytes, `=` padding at the end
+        const v = BASE64[c]!;
+        if (v === PAD) continue;
+        if (v < 0) throw new Error(`rank file line ${this.n + 1}: not base64`);
+        this.bits = (this.bits << 6) | v;
+        this.bitCount += 6;
+        if (this.bitCount >= 8) {
+          this.bitCount -= 8;
+          this.bytes[this.used++] = (this.bits >> this.bitCount) & 0xff;
+        }
+      }
+    }
+  }
+
+  /** Ends the file; returns the number of tokens. */
+  end(): number {
+    if (this.part !== 0) this.endLine();
+    this.starts[this.n] = this.used;
+    return this.n;
+  }
+
+  private endLine(): void {
+    if (this.part !== 2 || !(this.digits > 0)) this.malformed();
+    if (this.ranks === undefined && this.rank !== this.n) {
+      // The first rank that is not its line's index: from now on they are kept.
+      this.ranks = new Int32Array(this.starts.length);
+      for (let i = 0; i < this.n; i++) this.ranks[i] = i;
+    }
+    if (this.ranks) this.ranks[this.n] = this.rank;
+    this.n++;
+    this.part = 0;
+    this.bits = 0;
+    this.bitCount = 0;
+    this.rank = 0;
+    this.digits = 0;
+  }
+
+  private malformed(): never {
+    throw new Error(`rank file line ${this.n + 1} is not "base64-token rank"`);
+  }
+}
 
 /** FNV-1a over a slice of bytes. */
 function hash(bytes: Uint8Array, from: number, to: number): number {
