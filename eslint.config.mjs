@@ -33,6 +33,16 @@ export default tseslint.config(
       'no-control-regex': 'off',
     },
   },
+  // Scripts a test preloads into node (NODE_OPTIONS=--require): plain CommonJS, outside the TypeScript project.
+  { files: ['test/fixtures/**/*.cjs'], ...tseslint.configs.disableTypeChecked },
+  {
+    files: ['test/fixtures/**/*.cjs'],
+    languageOptions: {
+      sourceType: 'commonjs',
+      globals: { require: 'readonly', process: 'readonly', setTimeout: 'readonly', setImmediate: 'readonly' },
+    },
+    rules: { '@typescript-eslint/no-require-imports': 'off' },
+  },
   // Vitest configs are CommonJS on purpose (see their comment).
   { files: ['vitest*.config.ts'], rules: { '@typescript-eslint/no-require-imports': 'off' } },
   {

@@ -12,14 +12,14 @@ import { spawnServe, tempHome } from './support/till';
 const SURVIVORS = join(__dirname, 'fixtures', 'footprint', 'survivors.cjs');
 const MIB = 1024 * 1024;
 
-/** Runs until the preloaded survivors.cjs reports the largest new space it saw. */
-async function newSpaceMax(output: () => string): Promise<number> {
-  for (let waited = 0; waited < 15_000; waited += 50) {
-    const m = /new_space_max (\d+)/.exec(output());
+/** Waits for the preloaded survivors.cjs to report `what` (`new_space_max`, …): its number of bytes, or NaN for `none`. */
+async function reported(output: () => string, what = 'new_space_max', withinMs = 15_000): Promise<number> {
+  for (let waited = 0; waited < withinMs; waited += 50) {
+    const m = new RegExp(`${what} (\\d+|none)`).exec(output());
     if (m) return Number(m[1]);
     await sleep(50);
   }
-  throw new Error(`no new_space_max reported: ${output()}`);
+  throw new Error(`no ${what} reported: ${output()}`);
 }
 
 describe.runIf(process.platform === 'linux')("till serve's footprint", () => {
@@ -27,7 +27,7 @@ describe.runIf(process.platform === 'linux')("till serve's footprint", () => {
     const env = { NODE_OPTIONS: `--require ${SURVIVORS}` };
     const serve = await spawnServe(tempHome(), { env });
     try {
-      expect(await newSpaceMax(serve.output)).toBeLessThanOrEqual(16 * MIB);
+      expect(await reported(serve.output)).toBeLessThanOrEqual(16 * MIB);
     } finally {
       await serve.stop();
     }
@@ -36,11 +36,24 @@ describe.runIf(process.platform === 'linux')("till serve's footprint", () => {
     let text = '';
     plain.stderr.on('data', (c) => (text += c));
     try {
-      expect(await newSpaceMax(() => text)).toBeGreaterThan(16 * MIB);
+      expect(await reported(() => text)).toBeGreaterThan(16 * MIB);
     } finally {
       plain.kill();
     }
   }, 30_000);
+
+  it('grows its young generation back to 16 MiB once busy again, after V8 shrank it while idle', async () => {
+    const serve = await spawnServe(tempHome(), { env: { NODE_OPTIONS: `--require ${SURVIVORS}`, SURVIVORS_AGAIN: '1' } });
+    try {
+      expect(await reported(serve.output)).toBe(16 * MIB);
+      // V8 shrinks an idle process's new space after some seconds (its memory reducer).
+      const shrunk = await reported(serve.output, 'new_space_shrunk', 40_000);
+      expect(shrunk).toBeLessThan(16 * MIB);
+      expect(await reported(serve.output, 'new_space_again')).toBe(16 * MIB);
+    } finally {
+      await serve.stop();
+    }
+  }, 60_000);
 
   it('sleeps when idle: a few wakeups a second, not a timer every 50 ms', async () => {
     const serve = await spawnServe(tempHome());

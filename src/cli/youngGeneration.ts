@@ -10,9 +10,11 @@
  * for no CPU saved (a collection's cost is what survives it, not the space's size).
  *
  * V8 sizes its heap when the process starts (`--max-semi-space-size`), before Till runs, and
- * people start `till serve` with plain `node`. So once the new space has reached the cap, the
- * factor it grows by is set to 1, which V8 reads at each growth: it stays where it is. Only
- * this process: the extension's broker runs in VS Code's extension host, whose heap is not Till's.
+ * people start `till serve` with plain `node`. So the factor the new space grows by, which V8
+ * reads at each growth, is set to 1 once growing would pass the cap (it stays where it is) and back
+ * to V8's 2 below that: V8 shrinks the new space of an idle process, and a broker busy again must be able
+ * to grow it back to the cap. Checked after each collection (a `gc` performance entry). Only this
+ * process: the extension's broker runs in VS Code's extension host, whose heap is not Till's.
  */
 import { PerformanceObserver } from 'node:perf_hooks';
 import * as v8 from 'node:v8';
@@ -20,20 +22,23 @@ import * as v8 from 'node:v8';
 /** Two semi-spaces of 8 MiB: where a plain node:http proxy's new space settles under load. */
 export const NEW_SPACE_CAP = 16 * 1024 * 1024;
 
+/** V8's own growth factor (`--semi-space-growth-factor`). */
+const V8_GROWTH_FACTOR = 2;
+
 function newSpaceBytes(): number {
   return v8.getHeapSpaceStatistics().find((s) => s.space_name === 'new_space')?.space_size ?? 0;
 }
 
-/** Starts watching collections; stops growth (and watching) once the new space reaches the cap. */
+/** Keeps the new space at most `cap` bytes from now on, for the life of the process. */
 export function capYoungGeneration(cap = NEW_SPACE_CAP): void {
-  const check = (): boolean => {
-    if (newSpaceBytes() < cap) return false;
-    v8.setFlagsFromString('--semi-space-growth-factor=1');
-    return true;
+  let held = false;
+  const check = (): void => {
+    // Held once a growth would pass the cap (V8 may have shrunk it to a size that doubles past it).
+    const hold = newSpaceBytes() * V8_GROWTH_FACTOR > cap;
+    if (hold === held) return;
+    held = hold;
+    v8.setFlagsFromString(`--semi-space-growth-factor=${hold ? 1 : V8_GROWTH_FACTOR}`);
   };
-  if (check()) return;
-  const observer = new PerformanceObserver(() => {
-    if (check()) observer.disconnect();
-  });
-  observer.observe({ entryTypes: ['gc'] });
+  check();
+  new PerformanceObserver(check).observe({ entryTypes: ['gc'] });
 }
