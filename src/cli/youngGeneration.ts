@@ -11,10 +11,10 @@
  *
  * V8 sizes its heap when the process starts (`--max-semi-space-size`), before Till runs, and
  * people start `till serve` with plain `node`. So the factor the new space grows by, which V8
- * reads at each growth, is set to 1 once growing would pass the cap (it stays where it is) and back
- * to V8's 2 below that: V8 shrinks the new space of an idle process, and a broker busy again must be able
- * to grow it back to the cap. Checked after each collection (a `gc` performance entry). Only this
- * process: the extension's broker runs in VS Code's extension host, whose heap is not Till's.
+ * reads at each growth, is set to 1 once growing would pass the cap (it stays where it is) and
+ * back to V8's 2 below that: V8 shrinks the new space of an idle process, and a broker busy again
+ * must grow it back to the cap. Checked after each collection (a `gc` performance entry). Only
+ * this process: the extension's broker runs in VS Code's extension host, whose heap is not Till's.
  */
 import { PerformanceObserver } from 'node:perf_hooks';
 import * as v8 from 'node:v8';

@@ -7,9 +7,9 @@
  * an array of bytes (some 55 MB for o200k_base, in the broker's own process, and 200 ms to
  * build); counting needs neither. Here the ranks stay one buffer of bytes and one open-addressing
  * table of integers over it (about 4 MB), decoded a chunk at a time from the rank file tiktoken
- * publishes (`base64-token rank` per line: the file is never whole in memory, whose 3.6 MB the
- * process would keep until a collection freed it), and a word piece is merged the way tiktoken merges it: the
- * adjacent pair with the lowest rank first, until no pair is a token.
+ * publishes (`base64-token rank` per line; whole, its 3.6 MB would stay in the process until a
+ * collection freed them), and a word piece is merged the way tiktoken merges it: the adjacent
+ * pair with the lowest rank first, until no pair is a token.
  */
 import { closeSync, fstatSync, openSync, readSync } from 'node:fs';
 
