@@ -23,7 +23,7 @@ async function reported(output: () => string, what = 'new_space_max', withinMs =
 }
 
 describe.runIf(process.platform === 'linux')("till serve's footprint", () => {
-  it("keeps V8's young generation at 16 MiB where a plain node process grows it to 32", async () => {
+  it("keeps V8's young generation at 16 MiB where a plain node process grows it past that", async () => {
     const env = { NODE_OPTIONS: `--require ${SURVIVORS}` };
     const serve = await spawnServe(tempHome(), { env });
     try {
@@ -31,7 +31,8 @@ describe.runIf(process.platform === 'linux')("till serve's footprint", () => {
     } finally {
       await serve.stop();
     }
-    // The same allocations in a process that is not Till's: V8 grows its new space past the cap.
+    // The same allocations in a process that is not Till's: V8 grows its new space past the cap
+    // (to 32 MiB on Node 20, 128 MiB on Node 24).
     const plain = spawn(process.execPath, ['-e', 'setTimeout(() => {}, 3000)'], { env: { ...process.env, ...env } });
     let text = '';
     plain.stderr.on('data', (c) => (text += c));
@@ -46,8 +47,10 @@ describe.runIf(process.platform === 'linux')("till serve's footprint", () => {
     const serve = await spawnServe(tempHome(), { env: { NODE_OPTIONS: `--require ${SURVIVORS}`, SURVIVORS_AGAIN: '1' } });
     try {
       expect(await reported(serve.output)).toBe(16 * MIB);
-      // V8 shrinks an idle process's new space after some seconds (its memory reducer).
+      // Node 20's V8 shrinks an idle process's new space after some seconds (its memory
+      // reducer); Node 24's kept it for the fixture's 30 s: then there is nothing to grow back.
       const shrunk = await reported(serve.output, 'new_space_shrunk', 40_000);
+      if (Number.isNaN(shrunk)) return console.info(`V8 ${process.versions.v8} did not shrink the idle new space within 30 s`);
       expect(shrunk).toBeLessThan(16 * MIB);
       expect(await reported(serve.output, 'new_space_again')).toBe(16 * MIB);
     } finally {
