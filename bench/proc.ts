@@ -70,6 +70,19 @@ export function peakRssKiB(pid: number): number {
   return Number(m[1]);
 }
 
+/**
+ * Pins every thread of `pid` to `cores` (a taskset list: `1`, `0-2`); threads it starts later
+ * inherit it. False when it could not (no taskset, or not permitted).
+ */
+export function pinToCores(pid: number, cores: string): boolean {
+  try {
+    execFileSync('taskset', ['-a', '-p', '-c', cores, String(pid)], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 /** The CPU model, for the report. */
 export function cpuModel(): string {
   try {

@@ -39,15 +39,17 @@ import { startPrivateKeyring, type PrivateKeyring } from '../test/support/keyrin
 import type { TestPostgres } from '../test/support/postgres';
 import { LONG_STREAM_EVENTS, runLongStreams, runPhase, runSse, summarize, type PhaseRun, type Target } from './load';
 import { runPassThrough } from './passthrough';
-import { cpuMicros, cpuModel, machineBusyMicros, peakRssKiB } from './proc';
+import { cpuMicros, cpuModel, machineBusyMicros, peakRssKiB, pinToCores } from './proc';
 import { markdown, type Goal, type TargetResult } from './report';
 import { startTeamLedgerDb, type TeamLedgerDb } from './team';
 import { measureTokenizer } from './tokenizer';
 import { runUpstream, SSE_EVENTS, SSE_GAP_MS, type Orphans } from './upstream';
 
 // Bounded work per target: a warm-up, then fixed request counts.
-const WARMUP_REQUESTS = 2_000;
-const WARMUP_CONCURRENCY = 8;
+// Long enough that V8 has grown each proxy's heap and optimized its code before the first round:
+// after 2,000 at concurrency 8, Till's first round at c=32 still cost 2.1x the pass-through's.
+const WARMUP_REQUESTS = 8_000;
+const WARMUP_CONCURRENCY = 32;
 const C1_REQUESTS = 3_000;
 const C32_REQUESTS = 10_000;
 // The load phases run in this many interleaved rounds (it divides both counts).
@@ -489,6 +491,18 @@ async function main(): Promise<void> {
   }));
   const [teamPath, threePath] = paths.filter((x) => x.db !== undefined) as [Path, Path];
 
+  // The local ledger's proxies (the pass-through and each `till serve` compared with it) get a core
+  // of their own, the load generator and the upstream the others: unpinned, the scheduler's lasting
+  // choices of where each process runs beside them made two identical `till serve`s of one run read
+  // up to 7 % apart. The team-ledger brokers and PostgreSQL run anywhere (they are loaded alone).
+  const cores = availableParallelism();
+  const pinnedProxies = paths.filter((p) => p.db === undefined && p.pids.length > 0);
+  const pinned =
+    cores >= 2 &&
+    [process.pid, upstream.child.pid!].every((pid) => pinToCores(pid, cores === 2 ? '0' : `0-${cores - 2}`)) &&
+    pinnedProxies.every((p) => p.pids.every((pid) => pinToCores(pid, String(cores - 1))));
+  if (!pinned) progress('could not pin the proxies to a core of their own (taskset): the CPU figures are noisier');
+
   const metered = (p: Path) => p.target.name !== 'till, unmetered route';
   for (const p of paths) {
     progress(`${p.target.name}: warm-up`);
@@ -665,7 +679,7 @@ async function main(): Promise<void> {
       cpu: cpuModel(),
       cores: availableParallelism(),
       platform: `${process.platform} ${process.arch}`,
-      counts: `Per path: ${WARMUP_REQUESTS.toLocaleString('en-US')} warm-up requests, then ${C1_REQUESTS.toLocaleString('en-US')} at concurrency 1 and ${C32_REQUESTS.toLocaleString('en-US')} at concurrency 32 (POST of a small JSON chat-completions body over keep-alive), in ${ROUNDS} rounds that alternate the paths, then ${SSE_STREAMS} SSE streams one at a time. The team-ledger columns, in the same rounds, fewer to bound the run (each request is two statements on the database): ${TEAM_WARMUP_REQUESTS.toLocaleString('en-US')} warm-up, ${TEAM_C1_REQUESTS.toLocaleString('en-US')} at c=1, ${TEAM_C32_REQUESTS.toLocaleString('en-US')} at c=32 (the three brokers: then ${TEAM_WIDE_REQUESTS.toLocaleString('en-US')} at c=${TEAM_WIDE_CONCURRENCY}), ${TEAM_SSE_STREAMS} SSE streams.`,
+      counts: `Per path: ${WARMUP_REQUESTS.toLocaleString('en-US')} warm-up requests at concurrency ${WARMUP_CONCURRENCY}, then ${C1_REQUESTS.toLocaleString('en-US')} at concurrency 1 and ${C32_REQUESTS.toLocaleString('en-US')} at concurrency 32 (POST of a small JSON chat-completions body over keep-alive), in ${ROUNDS} rounds that alternate the paths, then ${SSE_STREAMS} SSE streams one at a time. The team-ledger columns, in the same rounds, fewer to bound the run (each request is two statements on the database): ${TEAM_WARMUP_REQUESTS.toLocaleString('en-US')} warm-up, ${TEAM_C1_REQUESTS.toLocaleString('en-US')} at c=1, ${TEAM_C32_REQUESTS.toLocaleString('en-US')} at c=32 (the three brokers: then ${TEAM_WIDE_REQUESTS.toLocaleString('en-US')} at c=${TEAM_WIDE_CONCURRENCY}), ${TEAM_SSE_STREAMS} SSE streams.`,
     },
     results,
     goals,
@@ -673,6 +687,9 @@ async function main(): Promise<void> {
       ...warnings,
       `Latency: request start to the last byte of the answer, measured by the load generator, which shares the machine (${availableParallelism()} cores) with the upstream and the proxy.`,
       `Proxy CPU: user + system time of the proxy process (/proc/<pid>/stat) over the phase, divided by its requests; the upstream and the load generator are not counted. Till ÷ pass-through in each round (µs per request, till/pass-through): c=1 ${roundsC1}; c=32 ${roundsC32}.`,
+      pinned
+        ? `Cores: the pass-through and the local ledger's \`till serve\`s ran on core ${cores - 1}, the load generator and the upstream on ${cores === 2 ? 'core 0' : `cores 0-${cores - 2}`} (taskset); the team-ledger brokers and PostgreSQL on any. The direct column's load generator and upstream had only their own ${cores === 2 ? 'core' : 'cores'}, so a proxy's column can serve more than it.`
+        : 'Cores: not pinned (taskset missing, not permitted, or one core): the proxies shared cores with the load generator and the upstream as the scheduler chose, which moves CPU figures by several percent.',
       `SSE: the upstream sends headers and the first event at once, then ${SSE_EVENTS - 1} more events ${SSE_GAP_MS} ms apart. "Ahead of stream end" is the smallest gap, over all streams, between the first event and the end: a buffering path would show about 0. Unbuffered = median first event under ${SSE_GAP_MS} ms, first read holding the first event alone in ≥ 90 % of streams, and every first event ≥ ${((SSE_EVENTS - 1) * SSE_GAP_MS) / 2} ms ahead of its end.`,
       '`till serve` runs as shipped: it checks and counts every request in its ledger, meters it and appends the audit log; its console shows key events and refusals (a file here).',
       ...(unmetered
