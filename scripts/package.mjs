@@ -56,10 +56,12 @@ const DATA = ['dist/tokenizers/o200k_base.tiktoken'];
 const DOCS = ['README.md', 'CHANGELOG.md', 'LICENSE'];
 /**
  * Bare imports a bundle may leave to run time: vscode, the keychain binding, ws's optional speedups,
- * pg's optional native client (loaded only when `pg.native` is asked for, which Till never does).
+ * pg's optional native client (loaded only when `pg.native` is asked for, which Till never does),
+ * node:sqlite (undici's probe of the runtime's features names it, loaded only by a cache store Till
+ * never uses).
  */
 const EXTERNAL_OK = new Set(['vscode', KEYRING, `${KEYRING}-win32-x64-msvc`]);
-const EXTERNAL_OPTIONAL = new Set(['bufferutil', 'utf-8-validate', 'pg-native']);
+const EXTERNAL_OPTIONAL = new Set(['bufferutil', 'utf-8-validate', 'pg-native', 'node:sqlite']);
 
 const say = (msg) => console.log(`[package] ${msg}`);
 const fail = (msg) => {

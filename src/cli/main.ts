@@ -7,6 +7,7 @@ import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { constants } from 'node:os';
 import { basename, join, resolve as resolvePath } from 'node:path';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { setFlagsFromString } from 'node:v8';
 import { AGENTS, agentSetup, agentTargets, isAgentName, newAgentScratchDir } from '../core/agents/agents';
 import { ControlClient, NotRunningError } from '../core/runtime/control';
 import { CredentialList, CredentialStore, checkCredentialName } from '../core/credentials/credentials';
@@ -270,6 +271,10 @@ async function serve(args: string[], paths: TillPaths): Promise<void> {
   if (ledger !== undefined && !isLedgerUrl(ledger)) throw new UsageError('--ledger must be a postgres:// URL');
   const holdTtl = process.env.TILL_LEDGER_HOLD_TTL_MS ? int(process.env.TILL_LEDGER_HOLD_TTL_MS, 'TILL_LEDGER_HOLD_TTL_MS') : undefined;
   capYoungGeneration();
+  // This process is Till's own (the editor's extension host is not, and is left as it is): V8's
+  // optimizing compiler took some 27 MB at its peak compiling undici's HTTP parser (WebAssembly),
+  // for no CPU per request the bench could tell; its baseline compiler alone takes a few.
+  setFlagsFromString('--liftoff-only');
   const service = await TillService.start({
     home: paths.home,
     port,

@@ -484,6 +484,10 @@ export class Exchange implements UpstreamHandler {
           headers,
           body: this.body ?? (this.streamBody ? req : undefined),
           idleTimeoutMs: c.upstreamIdleTimeoutMs,
+          // Pooled unless the answer may be a stream Till meters (whose cut needs node:http, upstream.ts).
+          streamed:
+            this.body === undefined ||
+            (this.format !== undefined && (this.json === undefined || asksStream(this.format, this.path, this.json))),
         },
         this,
       );
@@ -752,7 +756,7 @@ export class Exchange implements UpstreamHandler {
 
   /**
    * Stops the upstream of a request cut short, then runs `then` (which settles it). For a
-   * metered answer, the call drains (upstream.ts): the connection is half-closed at once,
+   * metered answer, the call drains (upstream.ts): a stream's connection is half-closed at once,
    * which the upstream notices, and what it had already sent (waiting in buffers Till had not read
    * yet) is still read and metered for up to {@link CUT_DRAIN_MS}, so that a cut request is counted
    * for all it produced; then the connection is destroyed. Nothing more reaches the client.

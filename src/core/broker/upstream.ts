@@ -1,28 +1,49 @@
 /**
- * The upstream side of one HTTP exchange: one request through `node:http`'s keep-alive agents,
- * seen by the exchange as a few calls and events (no client objects in exchange.ts).
+ * The upstream side of one HTTP exchange, over the one of two clients that suits it:
  *
- * `node:http` because a cut stream needs what it alone can do: close the request side of the
- * connection (the upstream notices and stops) and read on, so that what the upstream had sent by
- * then is still counted ({@link UpstreamCall.drain}). undici's pooled client was tried for answers
- * read whole: 27 % less CPU in a bare proxy, but no difference the bench could tell in the
- * broker (0.94x to 1.03x in two runs beside the node:http build), for 8 MiB more memory and 350 KB
- * more bundle; left out.
+ * - **pooled** (undici's Agent): a request whose body is whole and whose answer is not a stream
+ *   it asked for. Measured with the broker's processes pinned to a core of their own, beside the
+ *   same broker on `node:http` alone: 8 % less CPU per request at c=1 and 13 % at c=32 (1.20× and
+ *   1.08× a bare pass-through's, against 1.30× and 1.24×), for some 10 MiB more memory (undici's
+ *   code and its WebAssembly HTTP parser) and 355 KB of bundle. An earlier measurement, unpinned,
+ *   could not tell the two apart (0.94× to 1.03×).
+ * - **streamed** (`node:http`): streams and uploads. Only it can close the request side of a
+ *   connection and read on, which a cut stream needs: the upstream notices and stops, and what it
+ *   had sent by then is still read and counted (see {@link UpstreamCall.drain}).
+ *
+ * Both give the exchange the same calls and events, so it does not know which client it has.
+ * Header values travel as latin1, byte for byte, as `node:http` hands them over.
  */
 import * as http from 'node:http';
 import * as https from 'node:https';
+import type { Agent as UndiciAgent, Dispatcher } from 'undici';
 
-/** The keep-alive agents of one broker, closed with it. */
+type Agent = UndiciAgent;
+
+/**
+ * undici's dispatcher, required when a broker first needs it (a window that only attaches to
+ * another's broker never runs it), and only it, not undici's index (fetch, caches, WebSocket,
+ * mocks): the bundles stay some 400 KB smaller.
+ */
+function newAgent(): Agent {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const AgentClass = require('undici/lib/dispatcher/agent') as typeof UndiciAgent;
+  return new AgentClass({ connections: 256, keepAliveTimeout: 4_000, pipelining: 1 });
+}
+
+/** The clients of one broker, closed with it. */
 export class UpstreamClients {
-  readonly agents = {
+  readonly pooled = newAgent();
+  readonly streamed = {
     'http:': new http.Agent({ keepAlive: true, maxSockets: 256, noDelay: true }),
     'https:': new https.Agent({ keepAlive: true, maxSockets: 256, noDelay: true }),
   };
 
   /** Drops every connection. */
   close(): void {
-    this.agents['http:'].destroy();
-    this.agents['https:'].destroy();
+    void this.pooled.destroy().catch(() => undefined);
+    this.streamed['http:'].destroy();
+    this.streamed['https:'].destroy();
   }
 }
 
@@ -37,6 +58,8 @@ export interface UpstreamRequest {
   body: Buffer | http.IncomingMessage | undefined;
   /** How long the upstream may send nothing before the call fails. */
   idleTimeoutMs: number;
+  /** The answer is expected to be a stream (or the body is an upload): the streamed client carries it. */
+  streamed: boolean;
 }
 
 /** What the exchange hears from a call, in this order: sent, then response and its answer, or failed. */
@@ -66,14 +89,17 @@ export interface UpstreamCall {
   destroy(): void;
   /**
    * Ends the call but reads on for up to `ms` (delivering data, not `end`), then destroys it and
-   * runs `then`: our end of the connection is closed at once, which the upstream notices.
+   * runs `then`. The streamed client closes its end of the connection at once, which the upstream
+   * notices; the pooled one cannot, and reads its (whole, held) answer on.
    */
   drain(ms: number, then: () => void): void;
 }
 
-/** Sends `request`. Throws when a header cannot be sent. */
+/** Sends `request` with the client that suits it. Throws when a header cannot be sent. */
 export function callUpstream(clients: UpstreamClients, request: UpstreamRequest, handler: UpstreamHandler): UpstreamCall {
-  return new NodeHttpCall(clients, request, handler);
+  return request.streamed || !(request.body === undefined || Buffer.isBuffer(request.body))
+    ? new StreamedCall(clients, request, handler)
+    : new PooledCall(clients.pooled, request, handler);
 }
 
 function idleError(ms: number): Error {
@@ -81,7 +107,7 @@ function idleError(ms: number): Error {
 }
 
 /** A call through `node:http`. */
-class NodeHttpCall implements UpstreamCall {
+class StreamedCall implements UpstreamCall {
   private readonly req: http.ClientRequest;
   private res: http.IncomingMessage | undefined;
 
@@ -95,7 +121,7 @@ class NodeHttpCall implements UpstreamCall {
       method: r.method,
       path: r.path,
       headers: r.headers,
-      agent: clients.agents[target.protocol as 'http:' | 'https:'],
+      agent: clients.streamed[target.protocol as 'http:' | 'https:'],
       timeout: r.idleTimeoutMs,
     });
     this.req = req;
@@ -161,4 +187,144 @@ class NodeHttpCall implements UpstreamCall {
     res.resume();
     this.req.socket?.end();
   }
+}
+
+/** A call through undici's pooled client (its handler interface: no stream objects per request). */
+class PooledCall implements UpstreamCall, Dispatcher.DispatchHandler {
+  private abortCall: ((err?: Error) => void) | undefined;
+  private resumeCall: (() => void) | undefined;
+  private paused = false;
+  private answer: AnswerHandler | undefined;
+  private ended = false;
+  /** Set while draining: runs once the answer ends or fails. */
+  private drained: (() => void) | undefined;
+  /** An error the dispatch reported before it returned (an argument undici refused). */
+  private early: Error | undefined;
+  private dispatching = true;
+  private readonly idleTimeoutMs: number;
+
+  constructor(
+    pooled: Agent,
+    r: UpstreamRequest,
+    private readonly handler: UpstreamHandler,
+  ) {
+    this.idleTimeoutMs = r.idleTimeoutMs;
+    const headers: Record<string, string | string[]> = {};
+    for (const name of Object.keys(r.headers)) {
+      const value = r.headers[name];
+      // A whole body is sent at once: there is nothing to wait for a 100 Continue for (undici refuses the header).
+      if (value === undefined || name === 'expect') continue;
+      headers[name] = typeof value === 'number' ? String(value) : value;
+    }
+    pooled.dispatch(
+      {
+        origin: r.target.origin,
+        method: r.method,
+        path: r.path,
+        headers,
+        body: r.body,
+        headersTimeout: r.idleTimeoutMs,
+        bodyTimeout: r.idleTimeoutMs,
+      },
+      this,
+    );
+    this.dispatching = false;
+    if (this.early) throw this.early;
+  }
+
+  // --- undici's handler
+
+  onConnect(abort: (err?: Error) => void): void {
+    this.abortCall = abort;
+  }
+
+  onRequestSent(): void {
+    this.handler.sent();
+  }
+
+  onHeaders(status: number, raw: Buffer[], resume: () => void): boolean {
+    this.resumeCall = resume;
+    this.answer = this.handler.response(status, parseHeaders(raw));
+    return !this.paused;
+  }
+
+  onData(chunk: Buffer): boolean {
+    if (!this.ended) this.answer?.data(chunk);
+    return !this.paused;
+  }
+
+  onComplete(): void {
+    if (this.ended) return;
+    if (this.drained) return this.finishDrain();
+    this.ended = true;
+    this.answer?.end();
+  }
+
+  onError(err: Error): void {
+    if (this.dispatching) {
+      this.early = err;
+      return;
+    }
+    if (this.ended) return;
+    if (this.drained) return this.finishDrain();
+    this.ended = true;
+    if (!this.answer) return this.handler.failed(isTimeout(err) ? idleError(this.idleTimeoutMs) : err);
+    this.answer.error();
+  }
+
+  // --- the call
+
+  pause(): void {
+    this.paused = true;
+  }
+
+  resume(): void {
+    if (!this.paused) return;
+    this.paused = false;
+    this.resumeCall?.();
+  }
+
+  destroy(): void {
+    if (this.ended) return;
+    this.ended = true;
+    this.abortCall?.(new Error('the exchange ended'));
+  }
+
+  drain(ms: number, then: () => void): void {
+    if (this.ended || !this.answer) {
+      this.destroy();
+      return then();
+    }
+    const timer = setTimeout(() => this.finishDrain(), ms);
+    this.drained = () => {
+      clearTimeout(timer);
+      then();
+    };
+    this.resume();
+  }
+
+  private finishDrain(): void {
+    const then = this.drained;
+    this.drained = undefined;
+    this.destroy();
+    then?.();
+  }
+}
+
+/** One of undici's timeouts (worded as the streamed client's idle timeout is, {@link idleError}). */
+function isTimeout(err: Error & { code?: string }): boolean {
+  return err.code === 'UND_ERR_HEADERS_TIMEOUT' || err.code === 'UND_ERR_BODY_TIMEOUT';
+}
+
+/** Raw header pairs as `node:http` gives them: lower-case names, `set-cookie` a list, repeats joined. */
+function parseHeaders(raw: Buffer[]): http.IncomingHttpHeaders {
+  const headers: http.IncomingHttpHeaders = {};
+  for (let i = 0; i + 1 < raw.length; i += 2) {
+    const name = raw[i]!.toString('latin1').toLowerCase();
+    const value = raw[i + 1]!.toString('latin1');
+    const had = headers[name];
+    if (name === 'set-cookie') (headers['set-cookie'] ??= []).push(value);
+    else headers[name] = had === undefined ? value : `${had as string}, ${value}`;
+  }
+  return headers;
 }
