@@ -79,6 +79,9 @@ const MAX_PEAK_RSS_MIB = 80;
 const MAX_BASELINE_RATIO = 1.05;
 const BASELINE_JS = process.env.BENCH_BASELINE ? resolve(process.env.BENCH_BASELINE) : undefined;
 
+/** The machine's cores, read before the bench pins itself to some of them (which narrows what availableParallelism() says). */
+const CORES = availableParallelism();
+
 // The whole run must end by itself.
 const WATCHDOG_MS = 5 * 60_000;
 
@@ -495,7 +498,7 @@ async function main(): Promise<void> {
   // of their own, the load generator and the upstream the others: unpinned, the scheduler's lasting
   // choices of where each process runs beside them made two identical `till serve`s of one run read
   // up to 7 % apart. The team-ledger brokers and PostgreSQL run anywhere (they are loaded alone).
-  const cores = availableParallelism();
+  const cores = CORES;
   const pinnedProxies = paths.filter((p) => p.db === undefined && p.pids.length > 0);
   const pinned =
     cores >= 2 &&
@@ -524,7 +527,7 @@ async function main(): Promise<void> {
       c1: summarize(p.c1),
       c32: summarize(p.c32),
       sse,
-      otherLoad: p.otherCpu / (p.wall * availableParallelism()),
+      otherLoad: p.otherCpu / (p.wall * CORES),
     };
     if (p.pids.length > 0) {
       result.cpuC1 = sum(p.cpuC1) / p.counts.c1;
@@ -677,7 +680,7 @@ async function main(): Promise<void> {
       date: new Date().toISOString().replace(/\.\d+Z$/, 'Z'),
       node: process.version,
       cpu: cpuModel(),
-      cores: availableParallelism(),
+      cores: CORES,
       platform: `${process.platform} ${process.arch}`,
       counts: `Per path: ${WARMUP_REQUESTS.toLocaleString('en-US')} warm-up requests at concurrency ${WARMUP_CONCURRENCY}, then ${C1_REQUESTS.toLocaleString('en-US')} at concurrency 1 and ${C32_REQUESTS.toLocaleString('en-US')} at concurrency 32 (POST of a small JSON chat-completions body over keep-alive), in ${ROUNDS} rounds that alternate the paths, then ${SSE_STREAMS} SSE streams one at a time. The team-ledger columns, in the same rounds, fewer to bound the run (each request is two statements on the database): ${TEAM_WARMUP_REQUESTS.toLocaleString('en-US')} warm-up, ${TEAM_C1_REQUESTS.toLocaleString('en-US')} at c=1, ${TEAM_C32_REQUESTS.toLocaleString('en-US')} at c=32 (the three brokers: then ${TEAM_WIDE_REQUESTS.toLocaleString('en-US')} at c=${TEAM_WIDE_CONCURRENCY}), ${TEAM_SSE_STREAMS} SSE streams.`,
     },
@@ -685,7 +688,7 @@ async function main(): Promise<void> {
     goals,
     [
       ...warnings,
-      `Latency: request start to the last byte of the answer, measured by the load generator, which shares the machine (${availableParallelism()} cores) with the upstream and the proxy.`,
+      `Latency: request start to the last byte of the answer, measured by the load generator, which shares the machine (${CORES} cores) with the upstream and the proxy.`,
       `Proxy CPU: user + system time of the proxy process (/proc/<pid>/stat) over the phase, divided by its requests; the upstream and the load generator are not counted. Till ÷ pass-through in each round (µs per request, till/pass-through): c=1 ${roundsC1}; c=32 ${roundsC32}.`,
       pinned
         ? `Cores: the pass-through and the local ledger's \`till serve\`s ran on core ${cores - 1}, the load generator and the upstream on ${cores === 2 ? 'core 0' : `cores 0-${cores - 2}`} (taskset); the team-ledger brokers and PostgreSQL on any. The direct column's load generator and upstream had only their own ${cores === 2 ? 'core' : 'cores'}, so a proxy's column can serve more than it.`
@@ -697,7 +700,7 @@ async function main(): Promise<void> {
             `Metering's cost: the same till key on a billable route Till does not meter (\`/audio/speech\`) used ${Math.round(unmetered.c1)} µs at c=1 and ${Math.round(unmetered.c32)} µs at c=32, so reading usage from the answer and settling tokens and spend costs ${Math.round(t.cpuC1! - unmetered.c1)} µs and ${Math.round(t.cpuC32! - unmetered.c32)} µs per request (${(unmetered.c1 / p.cpuC1!).toFixed(2)}× and ${(unmetered.c32 / p.cpuC32!).toFixed(2)}× the pass-through without it).`,
           ]
         : []),
-      `Team ledger: \`till serve --ledger postgres://…\` on a throw-away PostgreSQL ${pgVersion} cluster on this machine (fsync on, synchronous commit; the broker's default pool of 8 connections), each column on a database of its own, with an unlimited key like the till column's. Every billable request is a hold statement (a conditional UPDATE of the key's row that inserts a hold row) and, once answered, a settlement statement (deletes the hold, adds to the row's counters, notifies every broker of the database), each committed on its own; all requests use one key, so they take turns on its one row. A key with a uses limit is held alike: an unlimited key's request holds one activation too, only the UPDATE's limit test differs. Proxy CPU counts the broker processes only (three brokers: their CPU summed, over all requests; peak RSS: the largest of the three); PostgreSQL's CPU (postmaster, backends, WAL writer, checkpointer, autovacuum: every process of the cluster, from /proc) is its own row and is not in the proxy CPU. At c=32 the broker(s) and PostgreSQL kept ${teamResults.map((r) => `${((r.c32.reqPerSec * (r.cpuC32! + r.dbCpuC32!)) / 1e6).toFixed(1)}`).join(' and ')} of the ${availableParallelism()} cores busy (one broker, three), beside the upstream and the load generator. No targets apply to these columns: issue 12's are the local ledger's.`,
+      `Team ledger: \`till serve --ledger postgres://…\` on a throw-away PostgreSQL ${pgVersion} cluster on this machine (fsync on, synchronous commit; the broker's default pool of 8 connections), each column on a database of its own, with an unlimited key like the till column's. Every billable request is a hold statement (a conditional UPDATE of the key's row that inserts a hold row) and, once answered, a settlement statement (deletes the hold, adds to the row's counters, notifies every broker of the database), each committed on its own; all requests use one key, so they take turns on its one row. A key with a uses limit is held alike: an unlimited key's request holds one activation too, only the UPDATE's limit test differs. Proxy CPU counts the broker processes only (three brokers: their CPU summed, over all requests; peak RSS: the largest of the three); PostgreSQL's CPU (postmaster, backends, WAL writer, checkpointer, autovacuum: every process of the cluster, from /proc) is its own row and is not in the proxy CPU. At c=32 the broker(s) and PostgreSQL kept ${teamResults.map((r) => `${((r.c32.reqPerSec * (r.cpuC32! + r.dbCpuC32!)) / 1e6).toFixed(1)}`).join(' and ')} of the ${CORES} cores busy (one broker, three), beside the upstream and the load generator. No targets apply to these columns: issue 12's are the local ledger's.`,
       `${threePath.target.name}: the load goes round-robin over the three; the key was issued through the first and learnt by the others from the database. At c=${wide.concurrency} (${wide.concurrency / TEAM_BROKERS} per broker): ${Math.round(wideRun.reqPerSec).toLocaleString('en-US')} req/s, p50 / p99 ${wideRun.p50Ms.toFixed(2)} / ${wideRun.p99Ms.toFixed(2)} ms, proxy CPU ${Math.round(sum(wide.cpu) / wide.requests)} µs per request (three summed), PostgreSQL ${Math.round(sum(wide.dbCpu) / wide.requests)} µs.`,
       `What the team ledger counted after the run, its brokers stopped: ${ledgerChecks.join('; ')}.`,
       `Long streams (${LONG_STREAM_EVENTS.toLocaleString('en-US')} events each, as fast as read, ${LONG_STREAMS} one after another), proxy CPU per stream: ${long.map((l) => `${l.name} ${(l.cpuPerStream / 1000).toFixed(1)} ms`).join(', ')}. The limited key's hold grew ${long.find((l) => l.growthsPerStream !== undefined)?.growthsPerStream?.toFixed(1) ?? '?'} times per stream (a ledger write each), which costs ${((long.find((l) => l.name === 'till, limits')!.cpuPerStream - long.find((l) => l.name === 'till')!.cpuPerStream) / 1000).toFixed(1)} ms per stream over the unlimited key.`,

@@ -4,9 +4,9 @@
  * - **pooled** (undici's Agent): a request whose body is whole and whose answer is not a stream
  *   it asked for. Measured with the broker's processes pinned to a core of their own, beside the
  *   same broker on `node:http` alone: 8 % less CPU per request at c=1 and 13 % at c=32 (1.20× and
- *   1.08× a bare pass-through's, against 1.30× and 1.24×), for some 10 MiB more memory (undici's
- *   code and its WebAssembly HTTP parser) and 355 KB of bundle. An earlier measurement, unpinned,
- *   could not tell the two apart (0.94× to 1.03×).
+ *   1.08× a bare pass-through's, against 1.30× and 1.24×; 4 % and 1 % in one bench run with that
+ *   build as its baseline), for 4 to 10 MiB more memory (undici's code and its WebAssembly HTTP
+ *   parser) and 355 KB of bundle. An earlier measurement, unpinned, could not tell the two apart.
  * - **streamed** (`node:http`): streams and uploads. Only it can close the request side of a
  *   connection and read on, which a cut stream needs: the upstream notices and stops, and what it
  *   had sent by then is still read and counted (see {@link UpstreamCall.drain}).
