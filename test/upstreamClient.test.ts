@@ -1,7 +1,8 @@
 /**
  * The two upstream clients (src/core/broker/upstream.ts) behave as one, tried through `till serve`
  * against a raw 127.0.0.1 upstream: answers read whole go through the pooled client, streams
- * through `node:http`. What a client sees must not depend on which one carried its request.
+ * through `node:http`. What a client sees must not depend on which one carried its request, nor on
+ * whether the broker has the pooled client at all (the extension's, in VS Code's process, does not).
  */
 import * as http from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
@@ -79,12 +80,12 @@ afterAll(async () => {
 });
 
 /** A raw POST, so the test sees the wire (repeated headers, a broken answer) as a client would. */
-function post(path: string, body: string, headers: http.OutgoingHttpHeaders = {}) {
+function post(path: string, body: string, headers: http.OutgoingHttpHeaders = {}, to = { url: broker.url, key: key.key }) {
   return new Promise<{ status: number; headers: http.IncomingHttpHeaders; text: string }>((resolve, reject) => {
-    const url = new URL(`${broker.url}/openai/v1${path}`);
+    const url = new URL(`${to.url}/openai/v1${path}`);
     const req = http.request(
       url,
-      { method: 'POST', headers: { authorization: `Bearer ${key.key}`, 'content-type': 'application/json', ...headers } },
+      { method: 'POST', headers: { authorization: `Bearer ${to.key}`, 'content-type': 'application/json', ...headers } },
       (res) => {
         let text = '';
         res.setEncoding('utf8');
@@ -144,7 +145,7 @@ describe('an upstream that never answers', () => {
     await addCredential(home, 'openai', 'openai', credential);
     const inProcess = await startInProcess({
       home,
-      broker: { upstreamIdleTimeoutMs: 300 },
+      broker: { upstreamIdleTimeoutMs: 300, pooledUpstream: true },
       env: { ...process.env, TILL_UPSTREAM_OPENAI: `${upstream.url}/v1` },
     });
     try {
@@ -158,6 +159,32 @@ describe('an upstream that never answers', () => {
         expect(res.status).toBe(502);
         expect(await res.text()).toMatch(/the upstream sent nothing for 0\.3 s/);
       }
+    } finally {
+      await inProcess.close();
+    }
+  });
+});
+
+describe("the extension's broker, on node:http alone", () => {
+  it('answers a client as till serve does: repeated headers, Expect: 100-continue, a broken answer', async () => {
+    const home = tempHome();
+    await addCredential(home, 'openai', 'openai', credential);
+    // As the extension starts it: no pooledUpstream.
+    const inProcess = await startInProcess({ home, env: { ...process.env, TILL_UPSTREAM_OPENAI: `${upstream.url}/v1` } });
+    try {
+      const to = { url: inProcess.url, key: (await inProcess.issue({ target: 'openai' })).key };
+      const repeated = await post('/headers/chat/completions', CHAT, {}, to);
+      expect(repeated.status).toBe(200);
+      expect(repeated.headers['set-cookie']).toEqual(['a=1', 'b=2']);
+      expect(repeated.headers['x-many']).toBe('one, two');
+      expect(JSON.parse(repeated.text)).toMatchObject({ usage: { total_tokens: 9 } });
+      const big = JSON.stringify({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'x'.repeat(4000) }] });
+      const echoed = await post('/echo/chat/completions', big, { expect: '100-continue' }, to);
+      expect(echoed.status).toBe(200);
+      const got = (JSON.parse(echoed.text) as { got: Record<string, string> }).got;
+      expect(got.authorization).toBe(`Bearer ${'*'.repeat(credential.length)}`);
+      await expect(post('/dies/chat/completions', CHAT, {}, to)).rejects.toThrow();
+      expect((await post('/chat/completions', CHAT, {}, to)).status).toBe(200);
     } finally {
       await inProcess.close();
     }

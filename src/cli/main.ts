@@ -272,8 +272,9 @@ async function serve(args: string[], paths: TillPaths): Promise<void> {
   const holdTtl = process.env.TILL_LEDGER_HOLD_TTL_MS ? int(process.env.TILL_LEDGER_HOLD_TTL_MS, 'TILL_LEDGER_HOLD_TTL_MS') : undefined;
   capYoungGeneration();
   // This process is Till's own (the editor's extension host is not, and is left as it is): V8's
-  // optimizing compiler took some 27 MB at its peak compiling undici's HTTP parser (WebAssembly),
-  // for no CPU per request the bench could tell; its baseline compiler alone takes a few.
+  // optimizing compiler took some 27 MB at its peak compiling undici's HTTP parser (WebAssembly,
+  // used here: `pooledUpstream`), for no CPU per request the bench could tell; its baseline
+  // compiler alone takes a few.
   setFlagsFromString('--liftoff-only');
   const service = await TillService.start({
     home: paths.home,
@@ -283,6 +284,8 @@ async function serve(args: string[], paths: TillPaths): Promise<void> {
     listen: { host: values.listen, tlsCert: values['tls-cert'], tlsKey: values['tls-key'], allowedHosts: values['allow-host'] },
     adminToken: process.env.TILL_ADMIN_TOKEN || undefined,
     log: (line) => process.stderr.write(`till: ${line}\n`),
+    // Answers read whole through undici's pooled client: this process is Till's alone (upstream.ts).
+    broker: { pooledUpstream: true },
   });
   out(`Till broker listening on ${service.url}`);
   out(`data folder: ${paths.home}`);

@@ -67,6 +67,12 @@ export interface BrokerOptions {
   requestTimeoutMs?: number;
   /** Time an upstream may stay silent (before or during a response). Default: 10 min: long reasoning is slow. */
   upstreamIdleTimeoutMs?: number;
+  /**
+   * Answers read whole go through undici's pooled client (less CPU per request, a few MiB more
+   * memory; upstream.ts), streams and uploads through `node:http`. Default: false, `node:http` for
+   * all (the extension's broker, in VS Code's shared extension host); `till serve` sets it.
+   */
+  pooledUpstream?: boolean;
   /** Where diagnostic lines go. Never given a secret. */
   log?: (line: string) => void;
 }
@@ -79,7 +85,7 @@ export class Broker {
   private readonly connections = new Set<Socket>();
   /** The control API over the network, once the service offers it. */
   private controlHandler: RequestHandler | undefined;
-  private readonly upstream = new UpstreamClients();
+  private readonly upstream: UpstreamClients;
   /** Credential reads, shared by every request that needs one (a burst reads the keychain once). */
   private readonly secrets = new Map<string, Promise<string>>();
   private readonly cachedSecrets = new Map<string, string>();
@@ -99,6 +105,7 @@ export class Broker {
     this.options = withDefaults(BROKER_DEFAULTS, options);
     const o = this.options;
     this.listener = listener(o.listen);
+    this.upstream = new UpstreamClients(o.pooledUpstream === true);
     // eslint-disable-next-line @typescript-eslint/no-this-alias
     const broker = this;
     this.context = {

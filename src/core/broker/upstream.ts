@@ -7,6 +7,9 @@
  *   1.08× a bare pass-through's, against 1.30× and 1.24×; 4 % and 1 % in one bench run with that
  *   build as its baseline), for 4 to 10 MiB more memory (undici's code and its WebAssembly HTTP
  *   parser) and 355 KB of bundle. An earlier measurement, unpinned, could not tell the two apart.
+ *   Only in `till serve` ({@link BrokerOptions.pooledUpstream}): the extension's broker runs in VS
+ *   Code's extension host, shared with other extensions, where V8's optimizing compiler would take
+ *   some 27 MB at its peak compiling that parser, and `till serve` keeps it to the baseline compiler.
  * - **streamed** (`node:http`): streams and uploads. Only it can close the request side of a
  *   connection and read on, which a cut stream needs: the upstream notices and stops, and what it
  *   had sent by then is still read and counted (see {@link UpstreamCall.drain}).
@@ -33,15 +36,20 @@ function newAgent(): Agent {
 
 /** The clients of one broker, closed with it. */
 export class UpstreamClients {
-  readonly pooled = newAgent();
+  /** undici's, when the broker asked for it (`till serve`); else every call goes through `node:http`. */
+  readonly pooled: Agent | undefined;
   readonly streamed = {
     'http:': new http.Agent({ keepAlive: true, maxSockets: 256, noDelay: true }),
     'https:': new https.Agent({ keepAlive: true, maxSockets: 256, noDelay: true }),
   };
 
+  constructor(pooled: boolean) {
+    this.pooled = pooled ? newAgent() : undefined;
+  }
+
   /** Drops every connection. */
   close(): void {
-    void this.pooled.destroy().catch(() => undefined);
+    void this.pooled?.destroy().catch(() => undefined);
     this.streamed['http:'].destroy();
     this.streamed['https:'].destroy();
   }
@@ -97,9 +105,10 @@ export interface UpstreamCall {
 
 /** Sends `request` with the client that suits it. Throws when a header cannot be sent. */
 export function callUpstream(clients: UpstreamClients, request: UpstreamRequest, handler: UpstreamHandler): UpstreamCall {
-  return request.streamed || !(request.body === undefined || Buffer.isBuffer(request.body))
+  const pooled = clients.pooled;
+  return !pooled || request.streamed || !(request.body === undefined || Buffer.isBuffer(request.body))
     ? new StreamedCall(clients, request, handler)
-    : new PooledCall(clients.pooled, request, handler);
+    : new PooledCall(pooled, request, handler);
 }
 
 function idleError(ms: number): Error {

@@ -67,7 +67,10 @@ export interface ServiceListen {
 
 /** The broker's settings a service layers: `options`, then `broker`, then config.json, then the broker's defaults. */
 type BrokerSettings = Partial<
-  Pick<BrokerOptions, 'port' | 'maxBodyBytes' | 'maxHeaderBytes' | 'headersTimeoutMs' | 'requestTimeoutMs' | 'upstreamIdleTimeoutMs'>
+  Pick<
+    BrokerOptions,
+    'port' | 'maxBodyBytes' | 'maxHeaderBytes' | 'headersTimeoutMs' | 'requestTimeoutMs' | 'upstreamIdleTimeoutMs' | 'pooledUpstream'
+  >
 >;
 
 /** What a control client sends to issue a key. */
