@@ -24,9 +24,9 @@ import type { Agent as UndiciAgent, Dispatcher } from 'undici';
 type Agent = UndiciAgent;
 
 /**
- * undici's dispatcher, required when a broker first needs it (a window that only attaches to
- * another's broker never runs it), and only it, not undici's index (fetch, caches, WebSocket,
- * mocks): the bundles stay some 400 KB smaller.
+ * undici's dispatcher, required only by a broker that asks for it (`till serve`: the extension's
+ * never loads it), and only it, not undici's index (fetch, caches, WebSocket, mocks): the bundles
+ * stay some 400 KB smaller.
  */
 function newAgent(): Agent {
   // eslint-disable-next-line @typescript-eslint/no-require-imports
