@@ -274,7 +274,7 @@ interface Path {
  * path, in a rotating order, so a machine that slows down or speeds up over the run weighs on
  * every path alike.
  */
-async function load(paths: Path[], upstreamPid: number): Promise<void> {
+async function load(paths: Path[], upstreamPid: number, warmUp: (p: Path) => Promise<void>): Promise<void> {
   const cpu = (p: Path) => sum(p.pids.map(cpuMicros));
   const dbCpu = (p: Path) => p.db?.cpuMicros() ?? 0;
   const ours = (p: Path) => {
@@ -284,6 +284,9 @@ async function load(paths: Path[], upstreamPid: number): Promise<void> {
   for (let round = 0; round < ROUNDS; round++) {
     for (let i = 0; i < paths.length; i++) {
       const p = paths[(i + round) % paths.length]!;
+      // Each path's warm-up right before its first measured turn: warmed before the others' warm-ups,
+      // a proxy idled long enough for V8 to shrink its heap again (its memory reducer).
+      if (round === 0) await warmUp(p);
       const machine0 = machineBusyMicros();
       const ours0 = ours(p);
       const t0 = performance.now();
@@ -507,12 +510,11 @@ async function main(): Promise<void> {
   if (!pinned) progress('could not pin the proxies to a core of their own (taskset): the CPU figures are noisier');
 
   const metered = (p: Path) => p.target.name !== 'till, unmetered route';
-  for (const p of paths) {
+  await load(paths, upstream.child.pid!, async (p) => {
     progress(`${p.target.name}: warm-up`);
-    await runPhase(p.target, WARMUP_CONCURRENCY, p.counts.warmup);
     if (metered(p)) await runSse(p.target, SSE_WARMUP_STREAMS);
-  }
-  await load(paths, upstream.child.pid!);
+    await runPhase(p.target, WARMUP_CONCURRENCY, p.counts.warmup);
+  });
   const results: TargetResult[] = [];
   let unmetered: { c1: number; c32: number } | undefined;
   for (const p of paths) {
