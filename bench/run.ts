@@ -501,12 +501,13 @@ async function main(): Promise<void> {
   // of their own, the load generator and the upstream the others: unpinned, the scheduler's lasting
   // choices of where each process runs beside them made two identical `till serve`s of one run read
   // up to 7 % apart. The team-ledger brokers and PostgreSQL run anywhere (they are loaded alone).
-  const cores = CORES;
+  const proxyCore = String(CORES - 1);
+  const loadCores = CORES === 2 ? '0' : `0-${CORES - 2}`;
   const pinnedProxies = paths.filter((p) => p.db === undefined && p.pids.length > 0);
   const pinned =
-    cores >= 2 &&
-    [process.pid, upstream.child.pid!].every((pid) => pinToCores(pid, cores === 2 ? '0' : `0-${cores - 2}`)) &&
-    pinnedProxies.every((p) => p.pids.every((pid) => pinToCores(pid, String(cores - 1))));
+    CORES >= 2 &&
+    [process.pid, upstream.child.pid!].every((pid) => pinToCores(pid, loadCores)) &&
+    pinnedProxies.every((p) => p.pids.every((pid) => pinToCores(pid, proxyCore)));
   if (!pinned) progress('could not pin the proxies to a core of their own (taskset): the CPU figures are noisier');
 
   const metered = (p: Path) => p.target.name !== 'till, unmetered route';
@@ -693,7 +694,7 @@ async function main(): Promise<void> {
       `Latency: request start to the last byte of the answer, measured by the load generator, which shares the machine (${CORES} cores) with the upstream and the proxy.`,
       `Proxy CPU: user + system time of the proxy process (/proc/<pid>/stat) over the phase, divided by its requests; the upstream and the load generator are not counted. Till ÷ pass-through in each round (µs per request, till/pass-through): c=1 ${roundsC1}; c=32 ${roundsC32}.`,
       pinned
-        ? `Cores: the pass-through and the local ledger's \`till serve\`s ran on core ${cores - 1}, the load generator and the upstream on ${cores === 2 ? 'core 0' : `cores 0-${cores - 2}`} (taskset); the team-ledger brokers and PostgreSQL on any. The direct column's load generator and upstream had only their own ${cores === 2 ? 'core' : 'cores'}, so a proxy's column can serve more than it.`
+        ? `Cores: the pass-through and the local ledger's \`till serve\`s ran on core ${proxyCore}, the load generator and the upstream on ${CORES === 2 ? 'core' : 'cores'} ${loadCores} (taskset); the team-ledger brokers and PostgreSQL on any. The direct column's load generator and upstream had only their own ${CORES === 2 ? 'core' : 'cores'}, so a proxy's column can serve more than it.`
         : 'Cores: not pinned (taskset missing, not permitted, or one core): the proxies shared cores with the load generator and the upstream as the scheduler chose, which moves CPU figures by several percent.',
       `SSE: the upstream sends headers and the first event at once, then ${SSE_EVENTS - 1} more events ${SSE_GAP_MS} ms apart. "Ahead of stream end" is the smallest gap, over all streams, between the first event and the end: a buffering path would show about 0. Unbuffered = median first event under ${SSE_GAP_MS} ms, first read holding the first event alone in ≥ 90 % of streams, and every first event ≥ ${((SSE_EVENTS - 1) * SSE_GAP_MS) / 2} ms ahead of its end.`,
       '`till serve` runs as shipped: it checks and counts every request in its ledger, meters it and appends the audit log; its console shows key events and refusals (a file here).',

@@ -223,6 +223,8 @@ export class Exchange implements UpstreamHandler {
   /** The answer began (its head came): what it produced from then on is billed. */
   private answering = false;
   private stripUsage = false;
+  /** The answer may be a stream Till meters (a metered request that asks for one, or whose body it could not read as JSON). */
+  private meteredStream = false;
   private readonly lastProgress = { at: 0 };
   private tick: NodeJS.Timeout | undefined;
   /** Cut short: the upstream's answer is read for the count, no longer relayed. */
@@ -412,15 +414,10 @@ export class Exchange implements UpstreamHandler {
       }
     }
     if (json && this.stripUsage) this.body = Buffer.from(JSON.stringify(json));
+    const stream = asksStream(format, this.path, json);
+    this.meteredStream = format !== undefined && (json === undefined || stream);
     const request = info.billable
-      ? {
-          provider: provider.id,
-          model: info.model,
-          format,
-          json,
-          bodyBytes: this.body?.length ?? 0,
-          stream: asksStream(format, this.path, json),
-        }
+      ? { provider: provider.id, model: info.model, format, json, bodyBytes: this.body?.length ?? 0, stream }
       : undefined;
     const taken = takeRequestHold(c, key, info, request, this, true);
     if (!(taken instanceof Promise)) return this.held(taken);
@@ -485,9 +482,7 @@ export class Exchange implements UpstreamHandler {
           body: this.body ?? (this.streamBody ? req : undefined),
           idleTimeoutMs: c.upstreamIdleTimeoutMs,
           // Pooled unless the answer may be a stream Till meters (whose cut needs node:http, upstream.ts).
-          streamed:
-            this.body === undefined ||
-            (this.format !== undefined && (this.json === undefined || asksStream(this.format, this.path, this.json))),
+          streamed: this.body === undefined || this.meteredStream,
         },
         this,
       );

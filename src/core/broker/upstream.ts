@@ -19,9 +19,7 @@
  */
 import * as http from 'node:http';
 import * as https from 'node:https';
-import type { Agent as UndiciAgent, Dispatcher } from 'undici';
-
-type Agent = UndiciAgent;
+import type { Agent, Dispatcher } from 'undici';
 
 /**
  * undici's dispatcher, required only by a broker that asks for it (`till serve`: the extension's
@@ -30,7 +28,7 @@ type Agent = UndiciAgent;
  */
 function newAgent(): Agent {
   // eslint-disable-next-line @typescript-eslint/no-require-imports
-  const AgentClass = require('undici/lib/dispatcher/agent') as typeof UndiciAgent;
+  const AgentClass = require('undici/lib/dispatcher/agent') as typeof Agent;
   return new AgentClass({ connections: 256, keepAliveTimeout: 4_000, pipelining: 1 });
 }
 
